@@ -1,0 +1,40 @@
+"""Internal configuration: frozen dataclasses, each passed whole to the component that needs it.
+
+Outside input (YAML, CLI, HTTP) is validated with pydantic at its boundary and turned into these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str  # local HF directory: config.json + *.safetensors (+ tokenizer files)
+    # "auto": bfloat16 on CUDA and on CPUs with native bf16 (avx512_bf16 / amx_bf16), float32 elsewhere.
+    dtype: str = "auto"
+    device: str = "cpu"
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings (capped by the KV pool)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int | None = None  # None: as many as fit in memory_bytes
+    memory_bytes: int = 1 << 30  # KV memory when num_blocks is None
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    # Tokens computed per step across all sequences (decode tokens + prefill chunks). Larger raises matmul
+    # efficiency and TTFT under load; smaller bounds the step time that running decodes wait for.
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64  # sequences running at once
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

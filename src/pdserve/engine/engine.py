@@ -1,0 +1,246 @@
+"""One replica's inference engine: the three entry points disaggregation needs, and the step loop.
+
+- colocated: `add_request(req)`, then `step()` until it finishes;
+- prefill only: `add_request(req, prefill_only=True)`; its last output carries the first token and the blocks
+  holding the prompt's KV (`kv_block_ids`), kept until `release(request_id)`;
+- decode from outside KV: `reserve(req)` returns blocks to write the prompt's KV into, `commit(request_id,
+  first_token_id)` starts decoding it.
+`abort(request_id)` frees whatever a request holds, at any stage. Not thread-safe: one loop drives an engine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import torch
+
+from pdserve.config import EngineConfig
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.model import CausalLM
+from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.request import (
+    EngineRequest,
+    EngineStats,
+    FinishReason,
+    KVReservation,
+    RequestOutput,
+)
+from pdserve.engine.sampler import SampleResult
+from pdserve.engine.scheduler import Scheduler, SchedulerOutput
+from pdserve.engine.sequence import Sequence, SequenceStatus
+from pdserve.engine.weights import CheckpointReader, eos_token_ids, load_hf_config, resolve_dtype
+from pdserve.kvcache import BlockPool, KVCache, KVEventBatch, KVLayout
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        device = torch.device(config.model.device)
+        hf_config = load_hf_config(config.model.path)
+        dtype = resolve_dtype(config.model.dtype, device)
+        self.model = CausalLM(hf_config, dtype, device)
+        self.model.load(CheckpointReader(config.model.path, dtype, device), hf_config.tie_word_embeddings)
+        self.eos_token_ids = eos_token_ids(config.model.path, hf_config)
+        self.layout = self._kv_layout(dtype)
+        self.max_model_len = self._max_model_len(hf_config)
+        self.kv = KVCache(self.layout, device)
+        self.pool = BlockPool(self.layout.num_blocks, config.cache.enable_prefix_caching)
+        self.blocks = BlockManager(self.pool, self.layout.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self.runner = ModelRunner(self.model, self.kv, self.layout.block_size, self.eos_token_ids)
+        self._seqs: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+        logger.info(
+            "engine ready: %s %s, %d KV blocks of %d tokens",
+            hf_config.architectures[0],
+            dtype,
+            self.layout.num_blocks,
+            self.layout.block_size,
+        )
+
+    # ---- entry points ----------------------------------------------------------------------------------------
+
+    def add_request(self, request: EngineRequest, prefill_only: bool = False) -> None:
+        """Queue a request. ValueError (nothing allocated) on an invalid request or a duplicate id."""
+        self._validate(request)
+        seq = Sequence(request, next(self._arrivals), is_prefill_only=prefill_only)
+        self._seqs[request.request_id] = seq
+        self.scheduler.add(seq)
+
+    def reserve(self, request: EngineRequest) -> KVReservation | None:
+        """Hold blocks for `request`'s prompt, reusing cached prefix blocks; None when the pool lacks room.
+        The caller writes the KV of every block past `num_cached_tokens`, then calls `commit`."""
+        self._validate(request)
+        seq = Sequence(request, next(self._arrivals))
+        num_prompt = seq.num_prompt_tokens
+        cached = self.blocks.match_prefix(seq, max_tokens=num_prompt)
+        if not self.blocks.admit(seq, cached, num_prompt):
+            return None
+        seq.num_cached_tokens = seq.num_computed_tokens = len(cached) * self.layout.block_size
+        seq.status = SequenceStatus.HELD
+        self._seqs[request.request_id] = seq
+        return KVReservation(request.request_id, tuple(seq.block_ids), seq.num_cached_tokens)
+
+    def commit(self, request_id: str, first_token_id: int, first_logprob: float | None = None) -> RequestOutput | None:
+        """Start decoding a reserved request whose prompt KV is now in its blocks, continuing after
+        `first_token_id`. Returns a final output if that token already ends the request, else None."""
+        seq = self._seqs[request_id]
+        if seq.status is not SequenceStatus.HELD or seq.is_prefill_only or seq.num_output_tokens:
+            raise ValueError(f"request {request_id!r} has no open reservation")
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.blocks.register_computed(seq)
+        self._append_token(seq, first_token_id, first_logprob)
+        if seq.finish_reason is not None:
+            return self._finish(seq)
+        self.scheduler.add_running(seq)
+        return None
+
+    def release(self, request_id: str) -> None:
+        """Free the blocks a finished prefill-only request holds (they stay in the prefix cache)."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status is not SequenceStatus.HELD:
+            raise ValueError(f"request {request_id!r} holds no blocks")
+        self._free(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request at any stage and free everything it holds; False if it is unknown or already done."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        seq.finish_reason = FinishReason.ABORT
+        self._free(seq)
+        return True
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, and report every request that produced a token or finished."""
+        batch = self.scheduler.schedule()
+        if not batch.chunks:
+            return []
+        sampled = self.runner.run(batch)
+        return self._postprocess(batch, sampled)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting)
+
+    def stats(self) -> EngineStats:
+        pool = self.pool.stats()
+        held = sum(s.status is SequenceStatus.HELD for s in self._seqs.values())
+        return EngineStats(
+            pool.num_blocks,
+            pool.num_used_blocks,
+            pool.num_cached_blocks,
+            pool.num_free_blocks,
+            len(self.scheduler.running),
+            len(self.scheduler.waiting),
+            held,
+        )
+
+    def kv_events_since(self, seq: int, incarnation: str | None = None) -> KVEventBatch:
+        return self.pool.events_since(seq, incarnation)
+
+    # ---- internals -------------------------------------------------------------------------------------------
+
+    def _postprocess(self, batch: SchedulerOutput, sampled: SampleResult) -> list[RequestOutput]:
+        outputs = []
+        samples = iter(range(len(sampled.token_ids)))
+        for chunk in batch.chunks:
+            is_last = chunk.is_last  # read before num_computed_tokens moves
+            seq = chunk.seq
+            seq.num_computed_tokens += chunk.num_new_tokens
+            self.blocks.register_computed(seq)
+            if not is_last:
+                continue
+            i = next(samples)
+            logprob = sampled.logprobs[i] if sampled.logprobs is not None else None
+            self._append_token(seq, sampled.token_ids[i], logprob)
+            outputs.append(self._output_after_token(seq))
+        return outputs
+
+    def _output_after_token(self, seq: Sequence) -> RequestOutput:
+        if seq.finish_reason is not None:
+            return self._finish(seq, num_new=1)
+        if seq.is_prefill_only:
+            self.scheduler.remove(seq)
+            seq.status = SequenceStatus.HELD
+            return self._output(seq, 1, kv_block_ids=tuple(seq.block_ids))
+        return self._output(seq, 1)
+
+    def _append_token(self, seq: Sequence, token_id: int, logprob: float | None) -> None:
+        seq.token_ids.append(token_id)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        params = seq.sampling
+        is_stop = token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids)
+        if is_stop and seq.num_output_tokens >= params.min_tokens:
+            seq.finish_reason = FinishReason.STOP
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = FinishReason.LENGTH
+
+    def _finish(self, seq: Sequence, num_new: int = 1) -> RequestOutput:
+        """Final output of a request; a prefill-only one keeps its blocks for the caller to read and release."""
+        if seq.is_prefill_only:
+            self.scheduler.remove(seq)
+            seq.status = SequenceStatus.HELD
+            return self._output(seq, num_new, kv_block_ids=tuple(seq.block_ids))
+        self.scheduler.remove(seq)
+        self._free(seq)
+        return self._output(seq, num_new)
+
+    def _output(self, seq: Sequence, num_new: int, kv_block_ids: tuple[int, ...] | None = None) -> RequestOutput:
+        new_ids = seq.token_ids[seq.num_tokens - num_new :]
+        logprobs = seq.logprobs[len(seq.logprobs) - num_new :] if seq.sampling.logprobs else None
+        return RequestOutput(
+            seq.request_id,
+            new_ids,
+            logprobs,
+            seq.finish_reason,
+            seq.num_prompt_tokens,
+            max(seq.num_cached_tokens, 0),
+            kv_block_ids,
+        )
+
+    def _free(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        del self._seqs[seq.request_id]
+
+    def _validate(self, request: EngineRequest) -> None:
+        if request.request_id in self._seqs:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        num_prompt = len(request.prompt_token_ids)
+        if num_prompt == 0:
+            raise ValueError("prompt is empty")
+        if num_prompt >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {num_prompt} tokens; this model's context is {self.max_model_len} tokens "
+                "and at least one must be left for output"
+            )
+        vocab = self.model.shape.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        request.sampling.validate()
+        if any(t >= vocab for t in request.sampling.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
+
+    def _kv_layout(self, dtype: torch.dtype) -> KVLayout:
+        cache, shape = self.config.cache, self.model.shape
+        one = KVLayout(shape.num_layers, 1, cache.block_size, shape.num_kv_heads, shape.head_dim, dtype)
+        num_blocks = cache.num_blocks or cache.memory_bytes // one.bytes_per_block
+        if num_blocks < 1:
+            raise ValueError("the KV cache has room for no block; raise cache memory_bytes or num_blocks")
+        return KVLayout(shape.num_layers, num_blocks, cache.block_size, shape.num_kv_heads, shape.head_dim, dtype)
+
+    def _max_model_len(self, hf_config: object) -> int:
+        limit = self.model.shape.max_position_embeddings
+        window = getattr(hf_config, "sliding_window", None)
+        if window and getattr(hf_config, "use_sliding_window", True):
+            limit = min(limit, window)  # within the window, sliding-window attention equals full attention
+        asked = self.config.model.max_model_len
+        if asked is not None and asked > limit:
+            raise ValueError(f"max_model_len {asked} exceeds the model's limit of {limit}")
+        pool_tokens = self.layout.num_blocks * self.layout.block_size
+        return min(asked or limit, pool_tokens)

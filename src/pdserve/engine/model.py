@@ -1,0 +1,181 @@
+"""Forward pass of Llama-family decoders (Llama, Mistral, Qwen2, Qwen3) over a flattened, paged batch.
+
+Weights are plain tensors, loaded straight from safetensors; Q/K/V and gate/up projections are fused so each
+layer runs three big matmuls instead of seven.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PretrainedConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from pdserve.engine.attention import AttentionMetadata, paged_attention
+from pdserve.engine.weights import CheckpointReader
+from pdserve.kvcache import KVCache
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_UNSUPPORTED_ROPE_TYPES = ("dynamic", "longrope")  # scale with the sequence length; not implemented
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    has_qk_norm: bool
+
+    @classmethod
+    def from_hf(cls, config: PretrainedConfig) -> ModelShape:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(
+            num_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=head_dim,
+            vocab_size=config.vocab_size,
+            rms_norm_eps=config.rms_norm_eps,
+            max_position_embeddings=config.max_position_embeddings,
+            has_qk_norm=config.architectures[0] == "Qwen3ForCausalLM",
+        )
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [(H + 2 H_kv) D, hidden]
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None  # [D], Qwen3
+    k_norm: torch.Tensor | None
+    o: torch.Tensor  # [hidden, H D]
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # [2 intermediate, hidden]
+    down: torch.Tensor  # [hidden, intermediate]
+
+
+def check_supported(config: PretrainedConfig) -> None:
+    """Raise ValueError unless the checkpoint is a Llama-family decoder this forward computes exactly."""
+    arch = (config.architectures or ["<none>"])[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {arch!r}; pdserve supports {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; only silu is implemented")
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type in _UNSUPPORTED_ROPE_TYPES:
+        raise ValueError(f"unsupported rope_type {rope_type!r}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As transformers computes it: the variance in float32, the weight applied in the input dtype.
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, D]; cos, sin: [T, 1, D]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class CausalLM:
+    """Weights and forward of one Llama-family checkpoint."""
+
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, device: torch.device) -> None:
+        check_supported(config)
+        self.shape = ModelShape.from_hf(config)
+        self.dtype, self.device = dtype, device
+        self.scale = self.shape.head_dim**-0.5
+        self.cos, self.sin = _rope_tables(config, self.shape.max_position_embeddings, dtype, device)
+        self.embed = torch.empty(0)
+        self.lm_head = torch.empty(0)
+        self.norm = torch.empty(0)
+        self.layers: list[LayerWeights] = []
+
+    def load(self, reader: CheckpointReader, tie_word_embeddings: bool) -> None:
+        get = reader.get
+        self.embed = get("model.embed_tokens.weight")
+        self.norm = get("model.norm.weight")
+        self.lm_head = self.embed if tie_word_embeddings else get("lm_head.weight")
+        self.layers = [self._load_layer(reader, f"model.layers.{i}.") for i in range(self.shape.num_layers)]
+
+    def _load_layer(self, reader: CheckpointReader, prefix: str) -> LayerWeights:
+        get, attn, mlp = reader.get, prefix + "self_attn.", prefix + "mlp."
+        qkv_bias = None
+        if reader.has(attn + "q_proj.bias"):
+            qkv_bias = torch.cat([get(attn + f"{p}_proj.bias") for p in "qkv"])
+        has_norm = self.shape.has_qk_norm
+        return LayerWeights(
+            input_norm=get(prefix + "input_layernorm.weight"),
+            qkv=torch.cat([get(attn + f"{p}_proj.weight") for p in "qkv"]),
+            qkv_bias=qkv_bias,
+            q_norm=get(attn + "q_norm.weight") if has_norm else None,
+            k_norm=get(attn + "k_norm.weight") if has_norm else None,
+            o=get(attn + "o_proj.weight"),
+            post_norm=get(prefix + "post_attention_layernorm.weight"),
+            gate_up=torch.cat([get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")]),
+            down=get(mlp + "down_proj.weight"),
+        )
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Hidden states `[T, hidden]` after the final norm; writes each row's K/V into `kv` at its slot."""
+        x = self.embed[input_ids]  # [T, hidden]
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
+        sin = self.sin[positions].unsqueeze(1)
+        for i, layer in enumerate(self.layers):
+            x = x + self._attention(
+                layer, rms_norm(x, layer.input_norm, self.shape.rms_norm_eps), cos, sin, kv, i, meta
+            )
+            h = rms_norm(x, layer.post_norm, self.shape.rms_norm_eps)
+            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down)
+        return rms_norm(x, self.norm, self.shape.rms_norm_eps)
+
+    def _attention(
+        self,
+        layer: LayerWeights,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: KVCache,
+        layer_idx: int,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        s, num_tokens = self.shape, h.shape[0]
+        qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+        q, k, v = qkv.split([s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim], -1)
+        q = q.view(num_tokens, s.num_heads, s.head_dim)
+        k = k.view(num_tokens, s.num_kv_heads, s.head_dim)
+        v = v.view(num_tokens, s.num_kv_heads, s.head_dim)
+        if layer.q_norm is not None and layer.k_norm is not None:
+            q, k = rms_norm(q, layer.q_norm, s.rms_norm_eps), rms_norm(k, layer.k_norm, s.rms_norm_eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = paged_attention(q, k, v, kv.k[layer_idx], kv.v[layer_idx], meta, self.scale)
+        return F.linear(out.view(num_tokens, s.num_heads * s.head_dim), layer.o)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits `[rows, vocab]` for the given rows only (the ones that sample)."""
+        return F.linear(hidden, self.lm_head)
+
+
+def _rope_tables(
+    config: PretrainedConfig, max_positions: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for every position `[max_positions, D]`, computed by transformers' own rotary module so that every
+    rope_type it supports (default, linear, llama3, yarn) matches it bit for bit."""
+    rotary = LlamaRotaryEmbedding(config)
+    positions = torch.arange(max_positions).unsqueeze(0)
+    cos, sin = rotary(torch.empty(0, dtype=dtype), positions)
+    return cos[0].to(device), sin[0].to(device)

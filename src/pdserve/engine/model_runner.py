@@ -1,0 +1,115 @@
+"""Turns a scheduled step into tensors, runs the model, samples the rows that end their known tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.engine.attention import AttentionMetadata, PrefillSpan
+from pdserve.engine.model import CausalLM
+from pdserve.engine.sampler import SampleResult, SampleRow, sample
+from pdserve.engine.scheduler import ScheduledChunk, SchedulerOutput
+from pdserve.kvcache import KVCache
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    input_ids: torch.Tensor  # [T] long
+    positions: torch.Tensor  # [T] long
+    meta: AttentionMetadata
+    sample_rows: torch.Tensor  # [S] long: rows whose logits are sampled
+    sampled_chunks: list[ScheduledChunk]  # parallel to sample_rows
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, kv: KVCache, block_size: int, eos_token_ids: tuple[int, ...]) -> None:
+        self.model = model
+        self.kv = kv
+        self.block_size = block_size
+        self.eos_token_ids = eos_token_ids
+
+    @torch.inference_mode()
+    def run(self, batch: SchedulerOutput) -> SampleResult:
+        """Compute every scheduled chunk's KV; sample one token per chunk that is_last, in chunk order."""
+        inputs = self.prepare(batch)
+        hidden = self.model.forward(inputs.input_ids, inputs.positions, self.kv, inputs.meta)
+        if not inputs.sampled_chunks:
+            return SampleResult([], None)
+        logits = self.model.logits(hidden[inputs.sample_rows])
+        return sample(logits, [self._sample_row(c) for c in inputs.sampled_chunks])
+
+    def prepare(self, batch: SchedulerOutput) -> StepInputs:
+        decodes = [c for c in batch.chunks if c.num_new_tokens == 1]
+        prefills = [c for c in batch.chunks if c.num_new_tokens > 1]
+        chunks = decodes + prefills
+        token_ids: list[int] = []
+        positions: list[int] = []
+        for c in chunks:
+            start = c.seq.num_computed_tokens
+            token_ids.extend(c.seq.token_ids[start : start + c.num_new_tokens])
+            positions.extend(range(start, start + c.num_new_tokens))
+        device = self.model.device
+        pos = torch.tensor(positions, dtype=torch.long)
+        block_tables = [torch.tensor(c.seq.block_ids, dtype=torch.long) for c in chunks]
+        slot_mapping = torch.cat(
+            [
+                self._slots(table, pos_c)
+                for table, pos_c in zip(block_tables, pos.split([c.num_new_tokens for c in chunks]), strict=True)
+            ]
+        )
+        decode_slots, decode_mask = self._decode_context(decodes, block_tables[: len(decodes)])
+        spans = self._prefill_spans(prefills, block_tables[len(decodes) :], len(decodes))
+        meta = AttentionMetadata(
+            slot_mapping=slot_mapping.to(device),
+            num_decodes=len(decodes),
+            decode_slots=None if decode_slots is None else decode_slots.to(device),
+            decode_mask=None if decode_mask is None else decode_mask.to(device),
+            prefills=spans,
+        )
+        ends = torch.tensor([c.num_new_tokens for c in chunks]).cumsum(0) - 1
+        is_last = torch.tensor([c.is_last for c in chunks], dtype=torch.bool)
+        return StepInputs(
+            input_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
+            positions=pos.to(device),
+            meta=meta,
+            sample_rows=ends[is_last].to(device),
+            sampled_chunks=[c for c in chunks if c.is_last],
+        )
+
+    def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return block_table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def _decode_context(
+        self, decodes: list[ScheduledChunk], tables: list[torch.Tensor]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Slots `[B, L_max]` of each decode's whole context (itself included) and the mask of real ones."""
+        if not decodes:
+            return None, None
+        lengths = torch.tensor([c.seq.num_computed_tokens + 1 for c in decodes])
+        max_len = int(lengths.max())
+        positions = torch.arange(max_len)
+        mask = positions.unsqueeze(0) < lengths.unsqueeze(1)  # [B, L_max]
+        slots = torch.stack([self._slots(t, positions.clamp(max=len(t) * self.block_size - 1)) for t in tables])
+        return slots.masked_fill(~mask, 0), mask[:, None, None, :]
+
+    def _prefill_spans(
+        self, prefills: list[ScheduledChunk], tables: list[torch.Tensor], start: int
+    ) -> list[PrefillSpan]:
+        spans = []
+        for c, table in zip(prefills, tables, strict=True):
+            context = c.seq.num_computed_tokens
+            kv_slots = mask = None
+            if context:
+                total = context + c.num_new_tokens
+                kv_slots = self._slots(table, torch.arange(total)).to(self.model.device)
+                query_pos = torch.arange(context, total).unsqueeze(1)
+                mask = (torch.arange(total).unsqueeze(0) <= query_pos).to(self.model.device)
+            spans.append(PrefillSpan(start, c.num_new_tokens, context, kv_slots, mask))
+            start += c.num_new_tokens
+        return spans
+
+    def _sample_row(self, chunk: ScheduledChunk) -> SampleRow:
+        seq = chunk.seq
+        eos = () if seq.sampling.ignore_eos else self.eos_token_ids
+        return SampleRow(seq.sampling, seq.num_output_tokens, eos + seq.sampling.stop_token_ids)

@@ -1,0 +1,92 @@
+"""What goes into the engine and what comes out of it."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # a stop token (EOS or stop_token_ids) was sampled
+    LENGTH = "length"  # max_tokens reached, or the context is full
+    ABORT = "abort"  # aborted by the caller
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    seed: int | None = None  # reproducible sampling: the same seed gives the same tokens in every mode
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False  # keep going past EOS (benchmarks); stop_token_ids still stop
+    min_tokens: int = 0  # stop tokens are masked until this many tokens were generated
+    logprobs: bool = False  # return the log-probability of each chosen token (raw model distribution)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field."""
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be non-negative token ids")
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    cache_salt: str | None = None  # tenants with different salts never share prefix-cache blocks
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One request's progress in one engine step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[float] | None  # parallel to new_token_ids when logprobs were asked for
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens served from the prefix cache at admission
+    # Prefill-only requests: the blocks holding the prompt's KV, held until `release()`. None otherwise.
+    kv_block_ids: tuple[int, ...] | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None or self.kv_block_ids is not None
+
+
+@dataclass(frozen=True)
+class KVReservation:
+    """Blocks reserved for a prompt whose KV will be written from outside (the decode side of a handoff)."""
+
+    request_id: str
+    block_ids: tuple[int, ...]  # one per block of the prompt, in order; the first num_cached_tokens // block_size
+    # are prefix-cache hits that already hold the right KV, the rest must be written before commit()
+    num_cached_tokens: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_blocks: int
+    num_used_blocks: int
+    num_cached_blocks: int
+    num_free_blocks: int
+    num_running: int
+    num_waiting: int
+    num_held: int  # prefill-only results and reservations holding blocks

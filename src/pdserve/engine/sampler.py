@@ -1,0 +1,76 @@
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds, min_tokens, logprobs.
+
+Seeded sampling draws each token from a generator seeded by (seed, output index), so a request's tokens do not
+depend on what else shares its batch, on preemption, or on which replica samples which token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.engine.request import SamplingParams
+
+_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) pairs over the seed space
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    """What the sampler needs to know about one row of logits."""
+
+    sampling: SamplingParams
+    num_output_tokens: int  # tokens generated so far (the index of the token being sampled)
+    stop_token_ids: tuple[int, ...]  # ids that end the request (EOS unless ignore_eos, plus stop_token_ids)
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float] | None  # None when no row asked for logprobs
+
+
+def sample(logits: torch.Tensor, rows: Seq[SampleRow]) -> SampleResult:
+    """Pick one token per row of `logits` ([num_rows, vocab], any float dtype)."""
+    logits = logits.float()
+    _mask_early_stops(logits, rows)
+    token_ids = logits.argmax(dim=-1)
+    for i, row in enumerate(rows):
+        if not row.sampling.is_greedy:
+            token_ids[i] = _sample_row(logits[i], row)
+    logprobs = None
+    if any(row.sampling.logprobs for row in rows):
+        chosen = logits.gather(1, token_ids.unsqueeze(1))
+        logprobs = (chosen - logits.logsumexp(dim=-1, keepdim=True)).squeeze(1).tolist()
+    return SampleResult(token_ids.tolist(), logprobs)
+
+
+def _mask_early_stops(logits: torch.Tensor, rows: Seq[SampleRow]) -> None:
+    for i, row in enumerate(rows):
+        if row.num_output_tokens < row.sampling.min_tokens and row.stop_token_ids:
+            logits[i, list(row.stop_token_ids)] = float("-inf")
+
+
+def _sample_row(logits: torch.Tensor, row: SampleRow) -> int:
+    params = row.sampling
+    scaled = logits / params.temperature
+    if params.top_k > 0 and params.top_k < scaled.numel():
+        kth = scaled.topk(params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = scaled.softmax(dim=-1)
+    if params.top_p < 1.0:
+        probs = _top_p(probs, params.top_p)
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=probs.device)
+        generator.manual_seed((params.seed * _SEED_MIX + row.num_output_tokens) % (1 << 63))
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (always at least one)."""
+    sorted_probs, order = probs.sort(descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(0, order, sorted_probs)

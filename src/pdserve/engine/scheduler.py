@@ -1,0 +1,114 @@
+"""Continuous batching: one token budget per step, decode first, chunked prefill, preemption by recompute."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pdserve.config import SchedulerConfig
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    seq: Sequence
+    num_new_tokens: int  # computes tokens [num_computed_tokens, num_computed_tokens + num_new_tokens)
+
+    @property
+    def is_last(self) -> bool:
+        """The chunk reaches the end of the known tokens: its last row samples the next token."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]  # single-token chunks (decodes) first, then prefill chunks
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """Join a sequence that already holds its blocks (a committed KV reservation)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of the queues; the caller frees its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Sequence] = []
+        # Decode first: a sequence with one token left to compute never waits behind a prefill chunk.
+        for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if self._make_room(seq, seq.num_computed_tokens + num_new, chunks, preempted):
+                chunks.append(ScheduledChunk(seq, num_new))
+                budget -= num_new
+        if not preempted:
+            chunks.extend(self._admit(budget))
+        return SchedulerOutput(chunks, preempted)
+
+    def _make_room(
+        self, seq: Sequence, num_tokens: int, chunks: list[ScheduledChunk], preempted: list[Sequence]
+    ) -> bool:
+        """Grow `seq` to `num_tokens`, preempting the latest-arrived unscheduled sequences as needed."""
+        scheduled = {id(c.seq) for c in chunks}
+        while not self.blocks.grow(seq, num_tokens):
+            victims = [s for s in self.running if id(s) not in scheduled and s is not seq]
+            victim = max(victims, key=lambda s: s.arrival) if victims else seq
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _admit(self, budget: int) -> list[ScheduledChunk]:
+        """Admit waiting sequences in arrival order while the budget, seq limit and pool allow."""
+        chunks = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            # At least one token must be computed to get logits, so a full hit leaves the last token out.
+            cached = self.blocks.match_prefix(seq, max_tokens=seq.num_tokens - 1)
+            num_cached = len(cached) * self.blocks.block_size
+            num_new = min(seq.num_tokens - num_cached, budget)
+            if not self.blocks.admit(seq, cached, num_cached + num_new):
+                break
+            self.waiting.popleft()
+            seq.num_computed_tokens = num_cached
+            if seq.num_cached_tokens < 0:
+                seq.num_cached_tokens = num_cached
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, num_new))
+            budget -= num_new
+        return chunks

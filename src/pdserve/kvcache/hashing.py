@@ -1,0 +1,42 @@
+"""Chained block hashes: the identity of a full block of KV, shared by engine, router and KV events.
+
+hash(block i) = xxh3_128(parent_hash || salt || token ids of block i), parent of block 0 = ROOT_HASH.
+Stable across processes and machines (never Python's `hash()`), so a router can compute a prompt's chain and
+compare it with the hashes replicas report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import xxhash
+
+BlockHash = int
+ROOT_HASH: BlockHash = 0
+
+
+def hash_block(parent_hash: BlockHash, token_ids: Sequence[int], cache_salt: str | None = None) -> BlockHash:
+    """Hash of one full block given its parent's hash, its token ids and the tenant's cache salt."""
+    h = xxhash.xxh3_128()
+    h.update(parent_hash.to_bytes(16, "little"))
+    salt = (cache_salt or "").encode()
+    h.update(len(salt).to_bytes(4, "little"))
+    h.update(salt)
+    h.update(np.asarray(token_ids, dtype="<i8").tobytes())
+    return h.intdigest()
+
+
+def hash_block_chain(
+    token_ids: Sequence[int],
+    block_size: int,
+    cache_salt: str | None = None,
+    parent_hashes: Sequence[BlockHash] = (),
+) -> list[BlockHash]:
+    """Hashes of every full block of `token_ids`; `parent_hashes` (a prefix of the chain) is extended, not redone."""
+    hashes = list(parent_hashes)
+    parent = hashes[-1] if hashes else ROOT_HASH
+    for start in range(len(hashes) * block_size, len(token_ids) - block_size + 1, block_size):
+        parent = hash_block(parent, token_ids[start : start + block_size], cache_salt)
+        hashes.append(parent)
+    return hashes
