@@ -53,6 +53,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv, self.layout.block_size, self.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
+        self.num_preemptions = 0  # total, for stats and tests
         logger.info(
             "engine ready: %s %s, %d KV blocks of %d tokens",
             hf_config.architectures[0],
@@ -118,6 +119,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and report every request that produced a token or finished."""
         batch = self.scheduler.schedule()
+        self.num_preemptions += len(batch.preempted)
         if not batch.chunks:
             return []
         sampled = self.runner.run(batch)
@@ -130,13 +132,14 @@ class LLMEngine:
         pool = self.pool.stats()
         held = sum(s.status is SequenceStatus.HELD for s in self._seqs.values())
         return EngineStats(
-            pool.num_blocks,
-            pool.num_used_blocks,
-            pool.num_cached_blocks,
-            pool.num_free_blocks,
-            len(self.scheduler.running),
-            len(self.scheduler.waiting),
-            held,
+            num_blocks=pool.num_blocks,
+            num_used_blocks=pool.num_used_blocks,
+            num_cached_blocks=pool.num_cached_blocks,
+            num_free_blocks=pool.num_free_blocks,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_held=held,
+            num_preemptions=self.num_preemptions,
         )
 
     def kv_events_since(self, seq: int, incarnation: str | None = None) -> KVEventBatch:

@@ -58,12 +58,12 @@ class ModelRunner:
                 for table, pos_c in zip(block_tables, pos.split([c.num_new_tokens for c in chunks]), strict=True)
             ]
         )
-        decode_slots, decode_mask = self._decode_context(decodes, block_tables[: len(decodes)])
+        decode_block_ids, decode_mask = self._decode_context(decodes, block_tables[: len(decodes)])
         spans = self._prefill_spans(prefills, block_tables[len(decodes) :], len(decodes))
         meta = AttentionMetadata(
             slot_mapping=slot_mapping.to(device),
             num_decodes=len(decodes),
-            decode_slots=None if decode_slots is None else decode_slots.to(device),
+            decode_block_ids=None if decode_block_ids is None else decode_block_ids.to(device),
             decode_mask=None if decode_mask is None else decode_mask.to(device),
             prefills=spans,
         )
@@ -83,29 +83,34 @@ class ModelRunner:
     def _decode_context(
         self, decodes: list[ScheduledChunk], tables: list[torch.Tensor]
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Slots `[B, L_max]` of each decode's whole context (itself included) and the mask of real ones."""
+        """Block ids `[B, max_blocks]` (0-padded) of each decode's context, itself included, and the mask
+        `[B, 1, 1, max_blocks * block_size]` of its real tokens."""
         if not decodes:
             return None, None
         lengths = torch.tensor([c.seq.num_computed_tokens + 1 for c in decodes])
-        max_len = int(lengths.max())
-        positions = torch.arange(max_len)
-        mask = positions.unsqueeze(0) < lengths.unsqueeze(1)  # [B, L_max]
-        slots = torch.stack([self._slots(t, positions.clamp(max=len(t) * self.block_size - 1)) for t in tables])
-        return slots.masked_fill(~mask, 0), mask[:, None, None, :]
+        num_blocks = -(-lengths // self.block_size)
+        max_blocks = int(num_blocks.max())
+        block_ids = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
+        for i, (table, n) in enumerate(zip(tables, num_blocks.tolist(), strict=True)):
+            block_ids[i, :n] = table[:n]
+        mask = torch.arange(max_blocks * self.block_size).unsqueeze(0) < lengths.unsqueeze(1)
+        return block_ids, mask[:, None, None, :]
 
     def _prefill_spans(
         self, prefills: list[ScheduledChunk], tables: list[torch.Tensor], start: int
     ) -> list[PrefillSpan]:
         spans = []
+        device = self.model.device
         for c, table in zip(prefills, tables, strict=True):
             context = c.seq.num_computed_tokens
-            kv_slots = mask = None
+            block_ids = mask = None
             if context:
                 total = context + c.num_new_tokens
-                kv_slots = self._slots(table, torch.arange(total)).to(self.model.device)
+                num_blocks = -(-total // self.block_size)
+                block_ids = table[:num_blocks].to(device)
                 query_pos = torch.arange(context, total).unsqueeze(1)
-                mask = (torch.arange(total).unsqueeze(0) <= query_pos).to(self.model.device)
-            spans.append(PrefillSpan(start, c.num_new_tokens, context, kv_slots, mask))
+                mask = (torch.arange(num_blocks * self.block_size).unsqueeze(0) <= query_pos).to(device)
+            spans.append(PrefillSpan(start, c.num_new_tokens, context, block_ids, mask))
             start += c.num_new_tokens
         return spans
 

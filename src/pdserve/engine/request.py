@@ -90,3 +90,4 @@ class EngineStats:
     num_running: int
     num_waiting: int
     num_held: int  # prefill-only results and reservations holding blocks
+    num_preemptions: int  # since start: sequences preempted (recomputed later) for lack of blocks

@@ -1,0 +1,21 @@
+"""One replica's inference engine. Knows nothing about Ray or HTTP."""
+
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.request import (
+    EngineRequest,
+    EngineStats,
+    FinishReason,
+    KVReservation,
+    RequestOutput,
+    SamplingParams,
+)
+
+__all__ = [
+    "EngineRequest",
+    "EngineStats",
+    "FinishReason",
+    "KVReservation",
+    "LLMEngine",
+    "RequestOutput",
+    "SamplingParams",
+]

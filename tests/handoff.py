@@ -1,0 +1,49 @@
+"""The disaggregated path inside one process: prefill-only on engine P, copy blocks, decode on engine D."""
+
+from __future__ import annotations
+
+from pdserve.engine import EngineRequest, LLMEngine, RequestOutput
+
+
+def copy_missing_blocks(
+    src: LLMEngine, src_block_ids: tuple[int, ...], dst: LLMEngine, dst_block_ids: tuple[int, ...], num_cached: int
+) -> int:
+    """Copy every block the destination lacks (past its `num_cached` tokens), layer by layer; returns blocks sent."""
+    first = num_cached // dst.layout.block_size
+    src_ids, dst_ids = list(src_block_ids[first:]), list(dst_block_ids[first:])
+    for layer in range(src.layout.num_layers):
+        if src_ids:
+            k, v = src.kv.read_blocks(layer, src_ids)
+            dst.kv.write_blocks(layer, dst_ids, k, v)
+    return len(src_ids)
+
+
+def prefill_then_decode(prefill: LLMEngine, decode: LLMEngine, request: EngineRequest) -> tuple[list[int], int]:
+    """Run `request` split across two engines; returns (output tokens, blocks transferred)."""
+    reservation = decode.reserve(request)
+    assert reservation is not None, "decode engine has no room"
+    prefill.add_request(request, prefill_only=True)
+    first = _run_until_held(prefill, request.request_id)
+    assert first.kv_block_ids is not None
+    sent = copy_missing_blocks(
+        prefill, first.kv_block_ids, decode, reservation.block_ids, reservation.num_cached_tokens
+    )
+    prefill.release(request.request_id)
+    tokens = list(first.new_token_ids)
+    logprob = first.new_logprobs[0] if first.new_logprobs else None
+    final = decode.commit(request.request_id, tokens[0], logprob)
+    if final is not None or first.finish_reason is not None:
+        if final is None:
+            decode.abort(request.request_id)
+        return tokens, sent
+    while decode.has_unfinished():
+        for out in decode.step():
+            tokens.extend(out.new_token_ids)
+    return tokens, sent
+
+
+def _run_until_held(engine: LLMEngine, request_id: str) -> RequestOutput:
+    while True:
+        for out in engine.step():
+            if out.request_id == request_id and out.kv_block_ids is not None:
+                return out

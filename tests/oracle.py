@@ -1,0 +1,88 @@
+"""The correctness oracle: transformers' greedy generate(), and the one allowed exception to exactness.
+
+Batching changes matmul shapes and so the last bits of fp32 sums; on a near-tie a greedy token can then flip
+(DESIGN.md §6). Where our tokens first differ from the reference, the reference's top-2 logit gap there must be
+below NEAR_TIE and the comparison stops at that position. Anything else fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from pdserve.engine import EngineRequest, LLMEngine, RequestOutput, SamplingParams
+
+NEAR_TIE = 1e-3
+
+
+@dataclass(frozen=True)
+class Reference:
+    token_ids: list[int]
+    top2_gaps: list[float]  # logit gap between the best and second-best token at each generated position
+
+
+def load_reference_model(path: object) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.inference_mode()
+def reference_greedy(model: PreTrainedModel, prompt: list[int], max_tokens: int) -> Reference:
+    ids = torch.tensor([prompt])
+    # Like ignore_eos: run to max_tokens with EOS unmasked (min_new_tokens would mask it and change the argmax).
+    eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None
+    try:
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+            return_dict_in_generate=True, output_logits=True, pad_token_id=0,
+        )
+    finally:
+        model.generation_config.eos_token_id = eos
+    gaps = []
+    for step_logits in out.logits:
+        top2 = step_logits[0].float().topk(2).values
+        gaps.append(float(top2[0] - top2[1]))
+    return Reference(out.sequences[0, len(prompt) :].tolist(), gaps)
+
+
+def assert_matches(reference: Reference, got: list[int], label: str = "") -> int:
+    """Assert `got` equals the reference up to its length, or up to a first difference at a near-tie.
+    Returns the number of tokens compared."""
+    assert len(got) == len(reference.token_ids), f"{label}: {len(got)} tokens, expected {len(reference.token_ids)}"
+    for i, (want, have) in enumerate(zip(reference.token_ids, got, strict=True)):
+        if want != have:
+            gap = reference.top2_gaps[i]
+            assert gap < NEAR_TIE, f"{label}: token {i} is {have}, expected {want} (top-2 gap {gap:.4g})"
+            print(f"{label}: near-tie at token {i} (gap {gap:.2e}); compared {i} tokens")
+            return i
+    return len(got)
+
+
+def greedy(max_tokens: int, **kwargs: object) -> SamplingParams:
+    """Greedy, ignoring EOS unless told otherwise (the reference runs to max_tokens too)."""
+    params: dict[str, object] = {"ignore_eos": True, **kwargs}
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **params)  # type: ignore[arg-type]
+
+
+def run_staggered(engine: LLMEngine, arrivals: list[tuple[int, EngineRequest]]) -> dict[str, list[int]]:
+    """Add each request at its step number, step until all finish; returns each request's output tokens."""
+    tokens: dict[str, list[int]] = {r.request_id: [] for _, r in arrivals}
+    pending = sorted(arrivals, key=lambda a: a[0])
+    step = 0
+    while pending or engine.has_unfinished():
+        while pending and pending[0][0] <= step:
+            engine.add_request(pending.pop(0)[1])
+        collect(engine.step(), tokens)
+        step += 1
+    return tokens
+
+
+def collect(outputs: list[RequestOutput], tokens: dict[str, list[int]]) -> None:
+    for out in outputs:
+        tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+
+
+def random_prompts(lengths: list[int], vocab: int, seed: int = 0, low: int = 3) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(low, vocab, (n,), generator=g).tolist() for n in lengths]
