@@ -75,8 +75,14 @@ def run_transformers(model: torch.nn.Module, prompts: list[list[int]], max_token
     ids = torch.tensor(prompts)
     start = time.perf_counter()
     with torch.inference_mode():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                       min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
     wall = time.perf_counter() - start
     return RunResult(wall, ids.shape[0] * max_tokens, [], [])
 
@@ -106,11 +112,13 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
     dtype_name = str(dtype).removeprefix("torch.")
     path = str(resolve_model(args.model, "bfloat16" if dtype == torch.bfloat16 else "float32"))
-    engine = LLMEngine(EngineConfig(
-        ModelConfig(path, dtype=dtype_name),
-        CacheConfig(memory_bytes=2 << 30),
-        SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=256),
-    ))
+    engine = LLMEngine(
+        EngineConfig(
+            ModelConfig(path, dtype=dtype_name),
+            CacheConfig(memory_bytes=2 << 30),
+            SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=256),
+        )
+    )
     vocab = engine.model.shape.vocab_size
     prompts = make_prompts(args.num_requests, args.prompt_len, vocab)
     warm = make_prompts(2, 32, vocab, seed=1)
@@ -118,8 +126,10 @@ def main() -> None:
 
     print(f"# CPU: {cpu_description()}")
     print(f"# model: {path} dtype={dtype_name} torch={torch.__version__}")
-    print(f"# workload: {args.num_requests} x ({args.prompt_len} prompt -> {args.output_len} output), greedy, "
-          f"ignore_eos; pdserve max_num_batched_tokens={args.max_num_batched_tokens}")
+    print(
+        f"# workload: {args.num_requests} x ({args.prompt_len} prompt -> {args.output_len} output), greedy, "
+        f"ignore_eos; pdserve max_num_batched_tokens={args.max_num_batched_tokens}"
+    )
     ours = run_engine(engine, prompts, args.output_len)
     single = run_engine(engine, make_prompts(1, 16, vocab, seed=2), 128)
     prefill = engine_prefill_s(engine, make_prompts(1, 512, vocab, seed=3)[0])
@@ -133,7 +143,7 @@ def main() -> None:
         hf_single = run_transformers(model, make_prompts(1, 16, vocab, seed=2), 128)
         hf_prefill = hf_prefill_s(model, make_prompts(1, 512, vocab, seed=3)[0])
 
-    print(f"\n| system | output tok/s | wall s | median TTFT s | median TPOT ms |\n|---|---|---|---|---|")
+    print("\n| system | output tok/s | wall s | median TTFT s | median TPOT ms |\n|---|---|---|---|---|")
     for name, r in rows:
         ttft = f"{statistics.median(r.ttft_s):.2f}" if r.ttft_s else "-"
         tpot = f"{1000 * statistics.median(r.tpot_s):.1f}" if r.tpot_s else "-"
@@ -141,8 +151,9 @@ def main() -> None:
     if len(rows) == 2:
         print(f"\npdserve / transformers output tok/s: {ours.tok_per_s / rows[1][1].tok_per_s:.2f}x")
     print("\n| single sequence | pdserve | transformers |\n|---|---|---|")
-    print(f"| decode tok/s (128 tokens) | {single.tok_per_s:.1f} | {hf_single.tok_per_s if hf_single else float('nan'):.1f} |")
-    print(f"| prefill 512 tokens, s | {prefill:.3f} | {hf_prefill if hf_prefill else float('nan'):.3f} |")
+    hf_decode = hf_single.tok_per_s if hf_single else float("nan")
+    print(f"| decode tok/s (128 tokens) | {single.tok_per_s:.1f} | {hf_decode:.1f} |")
+    print(f"| prefill 512 tokens, s | {prefill:.3f} | {hf_prefill or float('nan'):.3f} |")
 
 
 if __name__ == "__main__":

@@ -34,8 +34,13 @@ def reference_greedy(model: PreTrainedModel, prompt: list[int], max_tokens: int)
     eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None
     try:
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
-            return_dict_in_generate=True, output_logits=True, pad_token_id=0,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=0,
         )
     finally:
         model.generation_config.eos_token_id = eos

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from conftest import FAMILIES
 from handoff import prefill_then_decode
 from oracle import (
@@ -15,7 +16,6 @@ from oracle import (
     reference_greedy,
     run_staggered,
 )
-
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine import EngineRequest, LLMEngine
 

@@ -23,7 +23,7 @@ def test_hash_is_chained_salted_and_stable() -> None:
     assert a != hash_block(ROOT_HASH, [1, 2, 3, 4], cache_salt="tenant-a")
     assert hash_block(a, [5, 6, 7, 8]) != hash_block(ROOT_HASH, [5, 6, 7, 8])
     # A fixed value: the chain must be identical in every process, machine and version (never Python's hash()).
-    assert a == 0x1ad1861b86f9e8f91f1ccb3310eefc55
+    assert a == 0x1AD1861B86F9E8F91F1CCB3310EEFC55
 
 
 def test_chain_covers_full_blocks_only_and_extends() -> None:

@@ -2,9 +2,9 @@
 
 Each step's tokens are flattened into one `[num_tokens, ...]` batch: single-token rows (decodes) first, then
 prefill chunks. Decodes are attended in one batched SDPA call over their blocks gathered (padded and masked) to
-`[B, H_kv, L_max, D]` (whole blocks via index_select: 4x faster than a per-slot gather); each prefill chunk is one SDPA call, causal over its cached context plus itself.
-Gather + SDPA measured on CPU against FlexAttention/PagedAttention (see DESIGN.md §8): simplest, exact, and fast
-enough while the matmuls dominate.
+`[B, H_kv, L_max, D]` (whole blocks via index_select: 4x faster than a per-slot gather); each prefill chunk is
+one SDPA call, causal over its cached context plus itself. Gather + SDPA is the simple, exact route of
+DESIGN.md §8; the matmuls dominate a step on CPU.
 """
 
 from __future__ import annotations

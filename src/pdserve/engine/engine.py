@@ -56,7 +56,7 @@ class LLMEngine:
         self.num_preemptions = 0  # total, for stats and tests
         logger.info(
             "engine ready: %s %s, %d KV blocks of %d tokens",
-            hf_config.architectures[0],
+            (hf_config.architectures or ["?"])[0],
             dtype,
             self.layout.num_blocks,
             self.layout.block_size,

@@ -45,7 +45,7 @@ class ModelShape:
             vocab_size=config.vocab_size,
             rms_norm_eps=config.rms_norm_eps,
             max_position_embeddings=config.max_position_embeddings,
-            has_qk_norm=config.architectures[0] == "Qwen3ForCausalLM",
+            has_qk_norm=(config.architectures or [""])[0] == "Qwen3ForCausalLM",
         )
 
 
@@ -175,7 +175,7 @@ def _rope_tables(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin for every position `[max_positions, D]`, computed by transformers' own rotary module so that every
     rope_type it supports (default, linear, llama3, yarn) matches it bit for bit."""
-    rotary = LlamaRotaryEmbedding(config)
+    rotary = LlamaRotaryEmbedding(config)  # type: ignore[arg-type]
     positions = torch.arange(max_positions).unsqueeze(0)
     cos, sin = rotary(torch.empty(0, dtype=dtype), positions)
     return cos[0].to(device), sin[0].to(device)

