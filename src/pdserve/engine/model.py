@@ -14,6 +14,7 @@ from transformers import PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from pdserve.engine.attention import AttentionMetadata, paged_attention
+from pdserve.engine.linear import Linear
 from pdserve.engine.weights import CheckpointReader
 from pdserve.kvcache import KVCache
 
@@ -52,14 +53,13 @@ class ModelShape:
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [(H + 2 H_kv) D, hidden]
-    qkv_bias: torch.Tensor | None
+    qkv: Linear  # hidden -> (H + 2 H_kv) D, with the bias where the checkpoint has one (Qwen2)
     q_norm: torch.Tensor | None  # [D], Qwen3
     k_norm: torch.Tensor | None
-    o: torch.Tensor  # [hidden, H D]
+    o: Linear  # H D -> hidden
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 intermediate, hidden]
-    down: torch.Tensor  # [hidden, intermediate]
+    gate_up: Linear  # hidden -> 2 intermediate
+    down: Linear  # intermediate -> hidden
 
 
 def check_supported(config: PretrainedConfig) -> None:
@@ -98,7 +98,7 @@ class CausalLM:
         self.scale = self.shape.head_dim**-0.5
         self.cos, self.sin = _rope_tables(config, self.shape.max_position_embeddings, dtype, device)
         self.embed = torch.empty(0)
-        self.lm_head = torch.empty(0)
+        self.lm_head: Linear | None = None
         self.norm = torch.empty(0)
         self.layers: list[LayerWeights] = []
 
@@ -106,7 +106,7 @@ class CausalLM:
         get = reader.get
         self.embed = get("model.embed_tokens.weight")
         self.norm = get("model.norm.weight")
-        self.lm_head = self.embed if tie_word_embeddings else get("lm_head.weight")
+        self.lm_head = Linear(self.embed if tie_word_embeddings else get("lm_head.weight"))
         self.layers = [self._load_layer(reader, f"model.layers.{i}.") for i in range(self.shape.num_layers)]
 
     def _load_layer(self, reader: CheckpointReader, prefix: str) -> LayerWeights:
@@ -117,14 +117,13 @@ class CausalLM:
         has_norm = self.shape.has_qk_norm
         return LayerWeights(
             input_norm=get(prefix + "input_layernorm.weight"),
-            qkv=torch.cat([get(attn + f"{p}_proj.weight") for p in "qkv"]),
-            qkv_bias=qkv_bias,
+            qkv=Linear(torch.cat([get(attn + f"{p}_proj.weight") for p in "qkv"]), qkv_bias),
             q_norm=get(attn + "q_norm.weight") if has_norm else None,
             k_norm=get(attn + "k_norm.weight") if has_norm else None,
-            o=get(attn + "o_proj.weight"),
+            o=Linear(get(attn + "o_proj.weight")),
             post_norm=get(prefix + "post_attention_layernorm.weight"),
-            gate_up=torch.cat([get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")]),
-            down=get(mlp + "down_proj.weight"),
+            gate_up=Linear(torch.cat([get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")])),
+            down=Linear(get(mlp + "down_proj.weight")),
         )
 
     def forward(
@@ -139,8 +138,8 @@ class CausalLM:
                 layer, rms_norm(x, layer.input_norm, self.shape.rms_norm_eps), cos, sin, kv, i, meta
             )
             h = rms_norm(x, layer.post_norm, self.shape.rms_norm_eps)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
         return rms_norm(x, self.norm, self.shape.rms_norm_eps)
 
     def _attention(
@@ -154,20 +153,19 @@ class CausalLM:
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         s, num_tokens = self.shape, h.shape[0]
-        qkv = F.linear(h, layer.qkv, layer.qkv_bias)
-        q, k, v = qkv.split([s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim], -1)
-        q = q.view(num_tokens, s.num_heads, s.head_dim)
-        k = k.view(num_tokens, s.num_kv_heads, s.head_dim)
-        v = v.view(num_tokens, s.num_kv_heads, s.head_dim)
+        qkv = layer.qkv(h).view(num_tokens, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
+        qk, v = qkv.split([s.num_heads + s.num_kv_heads, s.num_kv_heads], dim=1)
         if layer.q_norm is not None and layer.k_norm is not None:
-            q, k = rms_norm(q, layer.q_norm, s.rms_norm_eps), rms_norm(k, layer.k_norm, s.rms_norm_eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = qk.split([s.num_heads, s.num_kv_heads], dim=1)
+            qk = torch.cat([rms_norm(q, layer.q_norm, s.rms_norm_eps), rms_norm(k, layer.k_norm, s.rms_norm_eps)], 1)
+        q, k = apply_rope(qk, cos, sin).split([s.num_heads, s.num_kv_heads], dim=1)  # one rope for Q and K
         out = paged_attention(q, k, v, kv.k[layer_idx], kv.v[layer_idx], meta, self.scale)
-        return F.linear(out.view(num_tokens, s.num_heads * s.head_dim), layer.o)
+        return layer.o(out.reshape(num_tokens, s.num_heads * s.head_dim))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits `[rows, vocab]` for the given rows only (the ones that sample)."""
-        return F.linear(hidden, self.lm_head)
+        assert self.lm_head is not None
+        return self.lm_head(hidden)
 
 
 def _rope_tables(
