@@ -45,14 +45,11 @@ def paged_attention(
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    if not meta.prefills:  # a pure decode step: no output buffer to assemble
+        return _decode_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     if meta.num_decodes:
-        assert meta.decode_block_ids is not None
-        qd = q[: meta.num_decodes].unsqueeze(2)  # [B, H, 1, D]
-        kd = _gather(k_cache, meta.decode_block_ids)  # [B, H_kv, max_blocks * block_size, D]
-        vd = _gather(v_cache, meta.decode_block_ids)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
-        out[: meta.num_decodes] = od.squeeze(2)
+        out[: meta.num_decodes] = _decode_attention(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_tokens)
         qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
@@ -67,6 +64,18 @@ def paged_attention(
         )
         out[rows] = op.squeeze(0).transpose(0, 1)
     return out
+
+
+def _decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:  # [B, H, D]
+    assert meta.decode_block_ids is not None
+    k = _gather(k_cache, meta.decode_block_ids)  # [B, H_kv, max_blocks * block_size, D]
+    v = _gather(v_cache, meta.decode_block_ids)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+    )  # [B, H, 1, D]
+    return out.squeeze(2)
 
 
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:

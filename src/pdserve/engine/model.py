@@ -134,12 +134,11 @@ class CausalLM:
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(
-                layer, rms_norm(x, layer.input_norm, self.shape.rms_norm_eps), cos, sin, kv, i, meta
-            )
+            # In place where the tensor is ours alone (x is a fresh copy from the embedding lookup).
+            x += self._attention(layer, rms_norm(x, layer.input_norm, self.shape.rms_norm_eps), cos, sin, kv, i, meta)
             h = rms_norm(x, layer.post_norm, self.shape.rms_norm_eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            x += layer.down(F.silu(gate, inplace=True).mul_(up))
         return rms_norm(x, self.norm, self.shape.rms_norm_eps)
 
     def _attention(
