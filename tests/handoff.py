@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from pdserve.engine import EngineRequest, LLMEngine, RequestOutput
+from pdserve.engine import EngineRequest, KVReservation, LLMEngine, RequestOutput
 
 
-def copy_missing_blocks(
-    src: LLMEngine, src_block_ids: tuple[int, ...], dst: LLMEngine, dst_block_ids: tuple[int, ...], num_cached: int
-) -> int:
-    """Copy every block the destination lacks (past its `num_cached` tokens), layer by layer; returns blocks sent."""
-    first = num_cached // dst.layout.block_size
-    src_ids, dst_ids = list(src_block_ids[first:]), list(dst_block_ids[first:])
+def copy_missing_blocks(src: LLMEngine, src_block_ids: tuple[int, ...], dst: LLMEngine, reservation: KVReservation) -> int:
+    """Copy every block the destination lacks (past its cached tokens), layer by layer, then stamp the
+    reservation's epoch on them as a transport does; returns blocks sent."""
+    first = reservation.num_cached_tokens // dst.layout.block_size
+    src_ids, dst_ids = list(src_block_ids[first:]), list(reservation.block_ids[first:])
     for layer in range(src.layout.num_layers):
         if src_ids:
             k, v = src.kv.read_blocks(layer, src_ids)
             dst.kv.write_blocks(layer, dst_ids, k, v)
+    dst.kv.block_epochs[dst_ids] = reservation.epoch
     return len(src_ids)
 
 
@@ -25,9 +25,7 @@ def prefill_then_decode(prefill: LLMEngine, decode: LLMEngine, request: EngineRe
     prefill.add_request(request, prefill_only=True)
     first = _run_until_held(prefill, request.request_id)
     assert first.kv_block_ids is not None
-    sent = copy_missing_blocks(
-        prefill, first.kv_block_ids, decode, reservation.block_ids, reservation.num_cached_tokens
-    )
+    sent = copy_missing_blocks(prefill, first.kv_block_ids, decode, reservation)
     prefill.release(request.request_id)
     tokens = list(first.new_token_ids)
     logprob = first.new_logprobs[0] if first.new_logprobs else None

@@ -12,7 +12,7 @@ import torch
 from handoff import prefill_then_decode
 from oracle import greedy, load_reference_model, random_prompts, run_staggered
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from pdserve.engine import EngineRequest, FinishReason, LLMEngine, SamplingParams
+from pdserve.engine import EngineRequest, FinishReason, KVReservation, LLMEngine, SamplingParams
 from pdserve.engine.weights import resolve_dtype
 from pdserve.kvcache import KVEventKind, hash_block_chain
 
@@ -39,6 +39,12 @@ def engine(llama: Path) -> LLMEngine:
 
 def req(rid: str, prompt: list[int], params: SamplingParams) -> EngineRequest:
     return EngineRequest(rid, tuple(prompt), params)
+
+
+def stamp(engine: LLMEngine, reservation: KVReservation | None) -> None:
+    """Mark the reserved blocks past the cached prefix as fully written, as a KV transport does."""
+    assert reservation is not None
+    engine.kv.block_epochs[list(reservation.block_ids[reservation.num_cached_tokens // 16 :])] = reservation.epoch
 
 
 def assert_idle(engine: LLMEngine) -> None:
@@ -127,10 +133,26 @@ def test_reservation_reuses_cached_prefix_and_commit_registers_blocks(llama: Pat
     assert reservation is not None
     assert reservation.num_cached_tokens == 32 and len(reservation.block_ids) == 3
     assert engine.stats().num_held == 1
+    with pytest.raises(ValueError, match="KV transfer incomplete"):
+        engine.commit("d", first_token_id=9)  # block 2 was never written
+    stamp(engine, reservation)
     assert engine.commit("d", first_token_id=9) is None
     with pytest.raises(ValueError, match="no open reservation"):
         engine.commit("d", first_token_id=9)
     run_staggered(engine, [])
+    assert_idle(engine)
+
+
+def test_stale_epoch_does_not_commit(llama: Path) -> None:
+    engine = make_engine(llama, num_blocks=2)
+    first = engine.reserve(req("a", [5] * 20, greedy(2)))
+    stamp(engine, first)
+    engine.abort("a")
+    second = engine.reserve(req("b", [6] * 20, greedy(2)))  # the same blocks, a new epoch
+    assert first is not None and second is not None and set(second.block_ids) == set(first.block_ids)
+    with pytest.raises(ValueError, match="incomplete"):
+        engine.commit("b", first_token_id=3)
+    engine.abort("b")
     assert_idle(engine)
 
 
@@ -144,7 +166,7 @@ def test_reserve_returns_none_without_room(llama: Path) -> None:
 
 
 def test_commit_of_a_final_first_token_finishes_at_once(engine: LLMEngine) -> None:
-    assert engine.reserve(req("one", [5, 6, 7], SamplingParams(max_tokens=1, temperature=0))) is not None
+    stamp(engine, engine.reserve(req("one", [5, 6, 7], SamplingParams(max_tokens=1, temperature=0))))
     out = engine.commit("one", first_token_id=11)
     assert out is not None and out.finish_reason is FinishReason.LENGTH and out.new_token_ids == [11]
     assert_idle(engine)
@@ -171,10 +193,10 @@ def test_eos_stops_unless_ignored(llama: Path) -> None:
     engine = make_engine(llama)
     eos = engine.eos_token_ids[0]
     # An EOS first token (committed from "outside", as a prefill replica would) ends the request unless ignored.
-    assert engine.reserve(req("x", [5, 6, 7], greedy(5, ignore_eos=False))) is not None
+    stamp(engine, engine.reserve(req("x", [5, 6, 7], greedy(5, ignore_eos=False))))
     out = engine.commit("x", first_token_id=eos)
     assert out is not None and out.finish_reason is FinishReason.STOP
-    assert engine.reserve(req("y", [5, 6, 7], greedy(5, ignore_eos=True))) is not None
+    stamp(engine, engine.reserve(req("y", [5, 6, 7], greedy(5, ignore_eos=True))))
     assert engine.commit("y", first_token_id=eos) is None
     outputs = [out for _ in range(10) for out in engine.step()]
     assert sum(len(o.new_token_ids) for o in outputs) == 4 and outputs[-1].finish_reason is FinishReason.LENGTH

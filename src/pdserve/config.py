@@ -23,6 +23,8 @@ class CacheConfig:
     num_blocks: int | None = None  # None: as many as fit in memory_bytes
     memory_bytes: int = 1 << 30  # KV memory when num_blocks is None
     enable_prefix_caching: bool = True
+    # Allocate the KV tensors in this shared-memory file so same-node peers can write blocks into them directly.
+    shared_path: str | None = None
 
 
 @dataclass(frozen=True)

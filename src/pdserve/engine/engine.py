@@ -46,7 +46,7 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(config.model.path, hf_config)
         self.layout = self._kv_layout(dtype)
         self.max_model_len = self._max_model_len(hf_config)
-        self.kv = KVCache(self.layout, device)
+        self.kv = KVCache(self.layout, device, shared_path=config.cache.shared_path)
         self.pool = BlockPool(self.layout.num_blocks, config.cache.enable_prefix_caching)
         self.blocks = BlockManager(self.pool, self.layout.block_size)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
@@ -54,6 +54,8 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self.num_preemptions = 0  # total, for stats and tests
+        self._epochs = itertools.count(1)
+        self._reservation_epochs: dict[str, int] = {}
         logger.info(
             "engine ready: %s %s, %d KV blocks of %d tokens",
             (hf_config.architectures or ["?"])[0],
@@ -83,14 +85,22 @@ class LLMEngine:
         seq.num_cached_tokens = seq.num_computed_tokens = len(cached) * self.layout.block_size
         seq.status = SequenceStatus.HELD
         self._seqs[request.request_id] = seq
-        return KVReservation(request.request_id, tuple(seq.block_ids), seq.num_cached_tokens)
+        epoch = self._reservation_epochs[request.request_id] = next(self._epochs)
+        return KVReservation(request.request_id, tuple(seq.block_ids), seq.num_cached_tokens, epoch)
 
     def commit(self, request_id: str, first_token_id: int, first_logprob: float | None = None) -> RequestOutput | None:
         """Start decoding a reserved request whose prompt KV is now in its blocks, continuing after
-        `first_token_id`. Returns a final output if that token already ends the request, else None."""
-        seq = self._seqs[request_id]
-        if seq.status is not SequenceStatus.HELD or seq.is_prefill_only or seq.num_output_tokens:
+        `first_token_id`. Returns a final output if that token already ends the request, else None.
+        Raises ValueError if there is no such reservation, or if a block past the cached prefix does not carry
+        the reservation's epoch (its KV never fully arrived): the reservation stays, for the caller to abort."""
+        seq = self._seqs.get(request_id)
+        if seq is None or request_id not in self._reservation_epochs:
             raise ValueError(f"request {request_id!r} has no open reservation")
+        epoch = self._reservation_epochs[request_id]
+        missing = seq.block_ids[seq.num_cached_tokens // self.layout.block_size :]
+        if missing and not bool((self.kv.block_epochs[missing] == epoch).all()):
+            raise ValueError(f"request {request_id!r}: KV transfer incomplete (epoch {epoch} not on every block)")
+        del self._reservation_epochs[request_id]
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.blocks.register_computed(seq)
         self._append_token(seq, first_token_id, first_logprob)
@@ -207,6 +217,7 @@ class LLMEngine:
         )
 
     def _free(self, seq: Sequence) -> None:
+        self._reservation_epochs.pop(seq.request_id, None)
         self.blocks.free(seq)
         seq.status = SequenceStatus.FINISHED
         del self._seqs[seq.request_id]

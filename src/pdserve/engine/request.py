@@ -79,6 +79,7 @@ class KVReservation:
     block_ids: tuple[int, ...]  # one per block of the prompt, in order; the first num_cached_tokens // block_size
     # are prefix-cache hits that already hold the right KV, the rest must be written before commit()
     num_cached_tokens: int
+    epoch: int  # a writer stamps it on each block it completes (KVCache.block_epochs); commit() checks every one
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,183 @@
+"""Drives an `LLMEngine` from one dedicated thread, for callers on an asyncio event loop.
+
+The engine is not thread-safe, so every call into it runs on the engine thread: the event loop submits commands
+that run between two steps, and each step's outputs are handed back to per-request asyncio queues. A step can
+take ~100 ms on CPU; nothing here blocks the event loop for that long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.request import EngineRequest, EngineStats, KVReservation, RequestOutput
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+_IDLE_WAIT_S = 0.05
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread failed; every open and future request errors out."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._commands: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._stopped = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
+
+    # ---- called from the event loop ---------------------------------------------------------------------------
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the engine thread between two steps and return its result."""
+        loop = self._ensure_started()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn(*args)
+            except BaseException as e:  # handed to the caller, not swallowed
+                loop.call_soon_threadsafe(_set_exception, future, e)
+            else:
+                loop.call_soon_threadsafe(_set_result, future, result)
+
+        self._submit(run)
+        return await future
+
+    async def generate(self, request: EngineRequest, prefill_only: bool = False) -> AsyncIterator[RequestOutput]:
+        """Add a request and stream its outputs. Closing the iterator before the last output aborts the request."""
+        stream = self._open_stream(request.request_id)
+        try:
+            await self.call(self.engine.add_request, request, prefill_only)
+        except BaseException:
+            self._streams.pop(request.request_id, None)
+            raise
+        async for out in self._drain(request.request_id, stream):
+            yield out
+
+    async def commit(
+        self, request_id: str, first_token_id: int, first_logprob: float | None
+    ) -> AsyncIterator[RequestOutput]:
+        """Commit a reservation and stream the decoded tokens that follow `first_token_id`."""
+        stream = self._open_stream(request_id)
+        try:
+            final = await self.call(self.engine.commit, request_id, first_token_id, first_logprob)
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        if final is not None:
+            self._streams.pop(request_id, None)
+            yield final
+            return
+        async for out in self._drain(request_id, stream):
+            yield out
+
+    async def reserve(self, request: EngineRequest) -> KVReservation | None:
+        return await self.call(self.engine.reserve, request)
+
+    async def release(self, request_id: str) -> None:
+        await self.call(self.engine.release, request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort without waiting (safe from `finally` blocks of cancelled tasks)."""
+        self._submit(lambda: self.engine.abort(request_id))
+
+    async def stats(self) -> EngineStats:
+        return await self.call(self.engine.stats)
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wakeup.set()
+
+    # ---- internals --------------------------------------------------------------------------------------------
+
+    def _ensure_started(self) -> asyncio.AbstractEventLoop:
+        if self._error is not None:
+            raise EngineDeadError("the engine thread has failed") from self._error
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread.start()
+        return self._loop
+
+    def _submit(self, command: Callable[[], object]) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    def _open_stream(self, request_id: str) -> asyncio.Queue[RequestOutput | BaseException]:
+        self._ensure_started()
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = stream
+        return stream
+
+    async def _drain(
+        self, request_id: str, stream: asyncio.Queue[RequestOutput | BaseException]
+    ) -> AsyncIterator[RequestOutput]:
+        is_finished = False
+        try:
+            while not is_finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                is_finished = item.is_finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not is_finished:
+                self.abort(request_id)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped:
+                self._run_commands()
+                if self.engine.has_unfinished():
+                    self._publish(self.engine.step())
+                else:
+                    self._wakeup.wait(_IDLE_WAIT_S)
+                    self._wakeup.clear()
+        except BaseException as e:
+            logger.exception("engine thread failed")
+            self._error = e
+            self._fail_all(e)
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        assert self._loop is not None
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                self._loop.call_soon_threadsafe(stream.put_nowait, out)
+
+    def _fail_all(self, error: BaseException) -> None:
+        assert self._loop is not None
+        for stream in list(self._streams.values()):
+            self._loop.call_soon_threadsafe(stream.put_nowait, EngineDeadError(str(error)))
+
+
+def _set_result(future: asyncio.Future[T], result: T) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
