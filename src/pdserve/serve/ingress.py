@@ -1,0 +1,130 @@
+"""The HTTP entry: an OpenAI-compatible API (pdserve.api) over the prefill/decode (or colocated) deployments."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from transformers import AutoTokenizer
+
+from pdserve.api import create_app
+from pdserve.api.backend import GenerationDelta, GenerationRequest
+from pdserve.engine import EngineRequest, RequestOutput, SamplingParams
+from pdserve.serve.config import ServeConfig
+from pdserve.serve.handoff import HandoffStats, colocated_generate, disaggregated_generate
+from pdserve.serve.messages import ModelInfo, ReplicaStats
+from pdserve.serve.metrics import IngressMetrics
+
+logger = logging.getLogger(__name__)
+_STATS_REFRESH_S = 1.0
+
+
+@serve.ingress()
+class Ingress:
+    """Implements `pdserve.api.backend.Backend` for the routes `create_app` defines."""
+
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
+        self,
+        config: ServeConfig,
+        model_path: str,
+        prefill: DeploymentHandle | None = None,
+        decode: DeploymentHandle | None = None,
+        engine: DeploymentHandle | None = None,
+    ) -> None:
+        self.config = config
+        self.prefill, self.decode, self.engine = prefill, decode, engine
+        self.mode = "colocated" if engine is not None else "disaggregated"
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        info: ModelInfo = await self._any_engine().model_info.remote()
+        self.model_name = config.served_model_name or Path(model_path).name
+        self.max_model_len = info.max_model_len
+        self.eos_token_ids = info.eos_token_ids
+        self.metrics = IngressMetrics()
+        self._stats_task = asyncio.get_running_loop().create_task(self._refresh_stats())
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return create_app(self, max_body_bytes=self.config.max_body_bytes)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        engine_request = to_engine_request(request)
+        start = time.perf_counter()
+        first_at: float | None = None
+        num_tokens = 0
+        handoffs: list[HandoffStats] = []
+        if self.engine is not None:
+            outputs = colocated_generate(engine_request, self.engine)
+        else:
+            assert self.prefill is not None and self.decode is not None
+            outputs = disaggregated_generate(engine_request, self.prefill, self.decode, handoffs)
+        async for out in outputs:
+            if first_at is None:
+                first_at = time.perf_counter()
+                self.metrics.ttft.labels(self.mode).observe(first_at - start)
+            num_tokens += len(out.new_token_ids)
+            if out.finish_reason is not None:
+                self._observe_end(first_at, num_tokens, out.finish_reason.value)
+            yield to_delta(out)
+
+    async def is_healthy(self) -> bool:
+        return True
+
+    def render_metrics(self) -> tuple[bytes, str]:
+        return self.metrics.render()
+
+    async def replica_stats(self) -> list[ReplicaStats]:
+        """Every engine replica's stats, fresh (used by /metrics refresh and by tests)."""
+        handles = [h for h in (self.prefill, self.decode, self.engine) if h is not None]
+        stats: list[ReplicaStats] = []
+        for handle in handles:
+            results = await handle.broadcast("stats").results_async(return_exceptions=True)
+            stats.extend(r for r in results if isinstance(r, ReplicaStats))
+        return stats
+
+    def _observe_end(self, first_at: float | None, num_tokens: int, finish_reason: str) -> None:
+        self.metrics.requests.labels(self.mode, finish_reason).inc()
+        if first_at is not None and num_tokens > 1:
+            self.metrics.tpot.labels(self.mode).observe((time.perf_counter() - first_at) / (num_tokens - 1))
+
+    def _any_engine(self) -> DeploymentHandle:
+        handle = self.engine or self.decode
+        assert handle is not None
+        return handle
+
+    async def _refresh_stats(self) -> None:
+        while True:
+            try:
+                self.metrics.replicas.snapshot = await self.replica_stats()
+            except Exception:
+                logger.exception("refreshing replica stats failed")
+            await asyncio.sleep(_STATS_REFRESH_S)
+
+
+def to_engine_request(request: GenerationRequest) -> EngineRequest:
+    sampling = SamplingParams(
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        seed=request.seed,
+        stop_token_ids=tuple(request.stop_token_ids),
+        ignore_eos=request.ignore_eos,
+        min_tokens=request.min_tokens,
+        logprobs=request.logprobs,
+    )
+    return EngineRequest(request.request_id, tuple(request.prompt_token_ids), sampling, request.cache_salt)
+
+
+def to_delta(out: RequestOutput) -> GenerationDelta:
+    return GenerationDelta(
+        token_ids=list(out.new_token_ids),
+        logprobs=out.new_logprobs,
+        finish_reason=out.finish_reason.value if out.finish_reason else None,
+        num_prompt_tokens=out.num_prompt_tokens,
+        num_cached_tokens=out.num_cached_tokens,
+    )

@@ -1,0 +1,58 @@
+"""Typed messages between the ingress and the prefill/decode replicas (small: ids and counts, never tensors)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.transfer import KVEndpoint
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Decode replica -> ingress -> prefill replica: where the prompt's KV must go."""
+
+    request_id: str
+    replica_id: str  # the decode replica holding the blocks; later calls are pinned to it
+    epoch: int  # stamped on every block the transfer writes; commit checks it
+    block_ids: tuple[int, ...]  # one per prompt block, in order
+    num_cached_tokens: int  # prompt tokens the decode replica already holds: only later blocks move
+    endpoint: KVEndpoint  # how to reach the decode replica's KV cache
+    lease_deadline: float  # time.time() after which an uncommitted reservation is freed
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """Prefill replica -> ingress."""
+
+    first_token_id: int
+    first_logprob: float | None
+    finish_reason: str | None  # set when the first token already ends the request
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prefill replica's own prefix-cache hit
+    num_blocks_sent: int
+    num_bytes_sent: int
+    transfer_s: float
+    prefill_s: float
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_path: str
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    block_size: int
+
+
+@dataclass(frozen=True)
+class ReplicaStats:
+    replica_id: str
+    role: str  # "prefill" | "decode" | "engine"
+    num_blocks: int
+    num_used_blocks: int
+    num_cached_blocks: int
+    num_running: int
+    num_waiting: int
+    num_held: int
+    prefix_cache_hit_tokens: int  # since start
+    kv_transfer_bytes: int  # since start, sent (prefill) or received (decode)
+    kv_transfer_blocks: int

@@ -1,0 +1,71 @@
+"""Prometheus metrics served at the ingress's /metrics: ingress-measured latencies, and each replica's KV state
+and counters labelled by replica and role (refreshed from the replicas' stats in the background)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from pdserve.serve.messages import ReplicaStats
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ReplicaStatsCollector(Collector):
+    """Renders the latest `ReplicaStats` of every replica; the ingress replaces the snapshot as it refreshes."""
+
+    def __init__(self) -> None:
+        self.snapshot: list[ReplicaStats] = []
+
+    def collect(self) -> Iterable[Metric]:
+        labels = ["replica", "role"]
+        families = {
+            "kv_blocks_total": (GaugeMetricFamily, "KV blocks in the replica's pool", "num_blocks"),
+            "kv_blocks_used": (GaugeMetricFamily, "KV blocks referenced by requests", "num_used_blocks"),
+            "kv_blocks_cached": (GaugeMetricFamily, "KV blocks in the prefix cache", "num_cached_blocks"),
+            "requests_running": (GaugeMetricFamily, "requests being computed", "num_running"),
+            "requests_waiting": (GaugeMetricFamily, "requests queued in the engine", "num_waiting"),
+            "kv_transfer_bytes": (CounterMetricFamily, "KV bytes pushed to decode replicas", "kv_transfer_bytes"),
+            "kv_transfer_blocks": (CounterMetricFamily, "KV blocks pushed to decode replicas", "kv_transfer_blocks"),
+            "prefix_cache_hit_tokens": (
+                CounterMetricFamily,
+                "prompt tokens served from the prefix cache",
+                "prefix_cache_hit_tokens",
+            ),
+        }
+        for name, (family_cls, doc, field) in families.items():
+            family = family_cls(f"pdserve_{name}", doc, labels=labels)
+            for s in self.snapshot:
+                family.add_metric([s.replica_id, s.role], float(getattr(s, field)))
+            yield family
+
+
+class IngressMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.replicas = ReplicaStatsCollector()
+        self.registry.register(self.replicas)
+        self.requests = Counter(
+            "pdserve_requests", "finished requests", ["mode", "finish_reason"], registry=self.registry
+        )
+        self.ttft = Histogram(
+            "pdserve_time_to_first_token_seconds",
+            "time to first token",
+            ["mode"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tpot = Histogram(
+            "pdserve_time_per_output_token_seconds",
+            "decode time per output token after the first",
+            ["mode"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,207 @@
+"""The engine-holding deployments: PrefillServer, DecodeServer, and EngineServer (colocated baseline).
+
+Each replica runs one `LLMEngine` on its own thread (`AsyncEngine`); blocking KV transfers run in worker threads.
+Methods accept `target_replica_id` so the ingress can pin a call to a replica (see routing.py); it is unused here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import ray
+import torch
+from ray import serve
+
+from pdserve.engine import EngineRequest, LLMEngine, RequestOutput
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.serve.config import ServeConfig
+from pdserve.serve.messages import ModelInfo, PrefillResult, ReplicaStats, Reservation
+from pdserve.transfer import KVEndpoint, TransferSpec, TransferStats, make_receiver, make_sender
+
+logger = logging.getLogger(__name__)
+_LEASE_CHECK_S = 1.0
+
+
+class _EngineReplica:
+    """What every engine-holding replica shares: the engine, its thread, identity and counters."""
+
+    role = "engine"
+
+    def __init__(self, config: ServeConfig, model_path: str, shared_kv: bool = False) -> None:
+        self.config = config
+        num_threads = getattr(config, self.role).num_threads
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.node_id = ray.get_runtime_context().get_node_id()
+        engine_config = config.engine_config(model_path)
+        if shared_kv:
+            path = os.path.join(_shm_dir(), f"pdserve-kv-{self.replica_id}-{os.getpid()}")
+            engine_config = replace(engine_config, cache=replace(engine_config.cache, shared_path=path))
+        self.llm = LLMEngine(engine_config)
+        self.engine = AsyncEngine(self.llm)
+        self.model_path = model_path
+        self.prefix_hit_tokens = 0
+        self.transfer_bytes = 0
+        self.transfer_blocks = 0
+
+    async def model_info(self) -> ModelInfo:
+        return ModelInfo(self.model_path, self.llm.max_model_len, self.llm.eos_token_ids, self.llm.layout.block_size)
+
+    async def stats(self) -> ReplicaStats:
+        s = await self.engine.stats()
+        return ReplicaStats(
+            self.replica_id,
+            self.role,
+            s.num_blocks,
+            s.num_used_blocks,
+            s.num_cached_blocks,
+            s.num_running,
+            s.num_waiting,
+            s.num_held,
+            self.prefix_hit_tokens,
+            self.transfer_bytes,
+            self.transfer_blocks,
+        )
+
+    def _count_hits(self, out: RequestOutput) -> None:
+        self.prefix_hit_tokens += out.num_cached_tokens
+
+
+class EngineServer(_EngineReplica):
+    """Colocated: prefill and decode on one replica (the baseline, and conditional disaggregation's target)."""
+
+    role = "engine"
+
+    async def generate(
+        self, request: EngineRequest, target_replica_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        is_first = True
+        async for out in self.engine.generate(request):
+            if is_first:
+                self._count_hits(out)
+                is_first = False
+            yield out
+
+    async def abort(self, request_id: str, target_replica_id: str | None = None) -> None:
+        self.engine.abort(request_id)
+
+
+class PrefillServer(_EngineReplica):
+    """Computes a prompt's KV and first token, pushes the blocks the decode replica lacks, releases its own."""
+
+    role = "prefill"
+
+    def __init__(self, config: ServeConfig, model_path: str) -> None:
+        super().__init__(config, model_path)
+        self.sender = make_sender(config.kv_transport, model_path, self.node_id)
+
+    async def prefill(
+        self, request: EngineRequest, reservation: Reservation, target_replica_id: str | None = None
+    ) -> PrefillResult:
+        start = time.perf_counter()
+        first: RequestOutput | None = None
+        async for out in self.engine.generate(request, prefill_only=True):
+            first = out
+        assert first is not None and first.kv_block_ids is not None
+        self._count_hits(first)
+        prefill_s = time.perf_counter() - start
+        try:
+            stats = await asyncio.to_thread(self._push, first.kv_block_ids, reservation)
+        finally:
+            await self.engine.release(request.request_id)
+        self.transfer_bytes += stats.num_bytes
+        self.transfer_blocks += stats.num_blocks
+        return PrefillResult(
+            first_token_id=first.new_token_ids[0],
+            first_logprob=first.new_logprobs[0] if first.new_logprobs else None,
+            finish_reason=first.finish_reason.value if first.finish_reason else None,
+            num_prompt_tokens=first.num_prompt_tokens,
+            num_cached_tokens=first.num_cached_tokens,
+            num_blocks_sent=stats.num_blocks,
+            num_bytes_sent=stats.num_bytes,
+            transfer_s=stats.seconds,
+            prefill_s=prefill_s,
+        )
+
+    def _push(self, src_block_ids: tuple[int, ...], reservation: Reservation) -> TransferStats:
+        """Send the blocks past the decode replica's cached prefix (runs in a worker thread)."""
+        skip = reservation.num_cached_tokens // self.llm.layout.block_size
+        spec = TransferSpec(
+            epoch=reservation.epoch,
+            src_block_ids=list(src_block_ids[skip:]),
+            dst_block_ids=list(reservation.block_ids[skip:]),
+            transfer_id=reservation.request_id,
+        )
+        return self.sender.send(reservation.endpoint, spec, self.llm.kv, self.config.kv_transfer_timeout_s)
+
+
+class DecodeServer(_EngineReplica):
+    """Reserves blocks for prompts whose KV arrives from a prefill replica, then decodes them."""
+
+    role = "decode"
+
+    def __init__(self, config: ServeConfig, model_path: str) -> None:
+        super().__init__(config, model_path, shared_kv=config.kv_transport != "tcp")
+        self.receiver = make_receiver(config.kv_transport, self.llm.kv, model_path, self.node_id)
+        self.endpoint: KVEndpoint = self.receiver.endpoint
+        self._leases: dict[str, float] = {}  # request_id -> deadline of an uncommitted reservation
+        self._lease_task: asyncio.Task[None] | None = None
+
+    async def reserve(self, request: EngineRequest, target_replica_id: str | None = None) -> Reservation | None:
+        """Hold blocks for the prompt (reusing cached ones); None when this replica has no room."""
+        self._ensure_lease_task()
+        held = await self.engine.reserve(request)
+        if held is None:
+            return None
+        deadline = time.time() + self.config.reservation_lease_s
+        self._leases[request.request_id] = deadline
+        return Reservation(
+            request.request_id,
+            self.replica_id,
+            held.epoch,
+            held.block_ids,
+            held.num_cached_tokens,
+            self.endpoint,
+            deadline,
+        )
+
+    async def decode(
+        self, request_id: str, first_token_id: int, first_logprob: float | None, target_replica_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Commit the reservation (ValueError if it expired or its KV is incomplete) and stream the tokens."""
+        if self._leases.pop(request_id, None) is None:
+            raise ValueError(f"request {request_id!r} has no open reservation on replica {self.replica_id}")
+        try:
+            stream = self.engine.commit(request_id, first_token_id, first_logprob)
+            async for out in stream:
+                yield out
+        except ValueError:
+            self.engine.abort(request_id)
+            raise
+
+    async def abort(self, request_id: str, target_replica_id: str | None = None) -> None:
+        self._leases.pop(request_id, None)
+        self.engine.abort(request_id)
+
+    def _ensure_lease_task(self) -> None:
+        if self._lease_task is None:
+            self._lease_task = asyncio.get_running_loop().create_task(self._expire_leases())
+
+    async def _expire_leases(self) -> None:
+        while True:
+            await asyncio.sleep(_LEASE_CHECK_S)
+            now = time.time()
+            for request_id in [r for r, deadline in self._leases.items() if deadline < now]:
+                logger.warning("reservation %s expired uncommitted; freeing its blocks", request_id)
+                await self.abort(request_id)
+
+
+def _shm_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()

@@ -1,0 +1,176 @@
+"""End to end on a real local Ray cluster: HTTP + the official openai client, 1 prefill + 1 decode, and the
+colocated baseline, against transformers' generate() on SmolLM2-135M-Instruct (float32)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from oracle import load_reference_model, random_prompts, reference_greedy
+from serving import Served, free_port, ray_serve
+from transformers import AutoTokenizer
+
+pytestmark = pytest.mark.slow
+MAX_TOKENS = 24
+SYSTEM = "You are a helpful assistant who answers briefly. " * 6  # long shared prefix: several KV blocks
+
+
+@pytest.fixture(scope="module")
+def apps(smollm2_dir: Path) -> Iterator[tuple[Served, Served]]:
+    """The disaggregated app at /, the colocated one at /colocated, both float32 on one Ray cluster."""
+    from ray import serve
+
+    from pdserve.serve.app import build_app
+    from pdserve.serve.config import ServeConfig
+
+    port = free_port()
+    common = {"model": str(smollm2_dir), "dtype": "float32", "served_model_name": "smollm2", "num_kv_blocks": 512}
+    with ray_serve(port):
+        serve.run(build_app(ServeConfig(**common)), name="disagg", route_prefix="/")
+        serve.run(build_app(ServeConfig(**common, colocated=True)), name="colocated", route_prefix="/colocated")
+        yield Served(f"http://127.0.0.1:{port}/v1"), Served(f"http://127.0.0.1:{port}/colocated/v1")
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_dir: Path):  # type: ignore[no-untyped-def]
+    return load_reference_model(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir: Path):  # type: ignore[no-untyped-def]
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def client(served: Served) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served.base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def complete_ids(served: Served, prompt: list[int], max_tokens: int = MAX_TOKENS, **extra: object) -> str:
+    out = client(served).completions.create(
+        model="smollm2", prompt=prompt, max_tokens=max_tokens, temperature=0,
+        extra_body={"ignore_eos": True, **extra},
+    )
+    assert out.usage is not None and out.usage.completion_tokens == max_tokens
+    return out.choices[0].text
+
+
+def test_completions_match_transformers_in_both_modes(apps, reference, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    disagg, colocated = apps
+    for prompt in random_prompts([1, 17, 100, 300], 49152, seed=31, low=100):
+        want = tokenizer.decode(reference_greedy(reference, prompt, MAX_TOKENS).token_ids, skip_special_tokens=True)
+        assert complete_ids(disagg, prompt) == want
+        assert complete_ids(colocated, prompt) == want
+
+
+def test_chat_matches_transformers_and_streams_the_same_text(apps, reference, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    disagg, _ = apps
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ref = reference.generate(__import__("torch").tensor([list(ids)]), max_new_tokens=32, do_sample=False)
+    want = tokenizer.decode(ref[0, len(ids):], skip_special_tokens=True)
+    chat = client(disagg).chat.completions.create(model="smollm2", messages=messages, max_tokens=32, temperature=0)
+    assert chat.choices[0].message.content == want and "Paris" in want
+    stream = client(disagg).chat.completions.create(
+        model="smollm2", messages=messages, max_tokens=32, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+
+def test_sixteen_concurrent_requests_are_all_exact(apps, reference, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    disagg, _ = apps
+    prompts = random_prompts([20 + 13 * i for i in range(16)], 49152, seed=32, low=100)
+    wants = [tokenizer.decode(reference_greedy(reference, p, 16).token_ids, skip_special_tokens=True) for p in prompts]
+
+    async def run_all() -> list[str]:
+        aclient = openai.AsyncOpenAI(base_url=disagg.base_url, api_key="unused", max_retries=0, timeout=300)
+        outs = await asyncio.gather(*[
+            aclient.completions.create(model="smollm2", prompt=p, max_tokens=16, temperature=0,
+                                       extra_body={"ignore_eos": True})
+            for p in prompts
+        ])
+        return [o.choices[0].text for o in outs]
+
+    assert asyncio.run(run_all()) == wants
+    assert disagg.wait_blocks_used(0) == 0
+
+
+def test_delta_transfer_moves_fewer_blocks_and_stays_exact(apps, reference, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    disagg, _ = apps
+    shared = tokenizer(SYSTEM)["input_ids"]
+    assert len(shared) >= 64
+    first, second = [shared + s for s in random_prompts([10, 12], 49152, seed=33, low=100)]
+
+    def blocks_sent() -> float:
+        return sum(disagg.metrics().get("pdserve_kv_transfer_blocks_total", {}).values())
+
+    before = blocks_sent()
+    assert complete_ids(disagg, first) == tokenizer.decode(reference_greedy(reference, first, MAX_TOKENS).token_ids)
+    sent_first = blocks_sent() - before
+    assert complete_ids(disagg, second) == tokenizer.decode(reference_greedy(reference, second, MAX_TOKENS).token_ids)
+    sent_second = blocks_sent() - before - sent_first
+    assert sent_first == -(-len(first) // 16)
+    assert sent_second <= sent_first - len(shared) // 16, (sent_first, sent_second)
+
+
+def test_client_disconnect_and_aborted_burst_free_every_block(apps) -> None:  # type: ignore[no-untyped-def]
+    disagg, colocated = apps
+    prompt = random_prompts([200], 49152, seed=34, low=100)[0]
+    for served in (disagg, colocated):
+        idle = served.wait_blocks_used(0)
+        with httpx.stream("POST", f"{served.base_url}/completions", timeout=60, json={
+            "model": "smollm2", "prompt": prompt, "max_tokens": 500, "stream": True, "ignore_eos": True,
+        }) as response:
+            for i, _ in enumerate(response.iter_lines()):
+                if i > 5:
+                    break  # hang up mid-stream
+        assert served.wait_blocks_used(idle) == idle
+
+    def one(i: int) -> None:
+        body = {"model": "smollm2", "prompt": prompt[: 50 + i], "max_tokens": 40, "stream": True, "ignore_eos": True}
+        try:
+            with httpx.stream("POST", f"{disagg.base_url}/completions", json=body, timeout=120) as response:
+                for j, _ in enumerate(response.iter_lines()):
+                    if i % 2 and j > i % 7:
+                        break
+        except httpx.HTTPError:
+            pass
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert disagg.wait_blocks_used(0, timeout_s=20) == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ("{not json", 400, None),
+        ({"model": "smollm2", "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"model": "smollm2", "prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+        ({"model": "smollm2", "prompt": "hi", "temperature": -0.5}, 400, "temperature"),
+        ({"model": "smollm2", "prompt": [5] * 9000}, 400, None),
+        ({"model": "nope", "prompt": "hi"}, 404, None),
+    ],
+)
+def test_bad_input_gets_openai_errors_and_changes_nothing(apps, body, status, param) -> None:  # type: ignore[no-untyped-def]
+    disagg, _ = apps
+    used = disagg.wait_blocks_used(0)
+    kwargs = {"content": body} if isinstance(body, str) else {"json": body}
+    response = httpx.post(f"{disagg.base_url}/completions", timeout=30,
+                          headers={"content-type": "application/json"}, **kwargs)  # type: ignore[arg-type]
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and "Traceback" not in response.text
+    if param:
+        assert error["param"] == param
+    assert disagg.blocks_used() == used
