@@ -18,10 +18,9 @@ import uuid
 import torch
 
 sys.path.insert(0, "tests")
-from kv_peer import kv_peer  # noqa: E402
-
-from pdserve.kvcache import KVCache, KVLayout  # noqa: E402
-from pdserve.transfer import SharedMemorySender, TcpSender, TransferSpec  # noqa: E402
+from kv_peer import kv_peer
+from pdserve.kvcache import KVCache, KVLayout
+from pdserve.transfer import SharedMemorySender, TcpSender, TransferSpec
 
 TOKENS = (256, 2048, 8192)
 
@@ -34,6 +33,23 @@ def best_seconds(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def row(tokens: int, layout: KVLayout, src: KVCache, endpoint, shm, tcp, repeats: int) -> str:  # type: ignore[no-untyped-def]
+    n = tokens // 16
+    spec = TransferSpec("bench", 1, list(range(n)), list(range(4, 4 + n)))
+    nbytes = n * layout.bytes_per_block
+    buffers = [torch.empty_like(t[:n]) for t in src.k + src.v]
+
+    def ceiling() -> None:
+        for buf, t in zip(buffers, src.k + src.v, strict=True):
+            buf.copy_(t[:n])
+
+    c, s, t = (
+        nbytes / best_seconds(fn, repeats) / 1e9
+        for fn in (ceiling, lambda: shm.send(endpoint, spec, src, 60), lambda: tcp.send(endpoint, spec, src, 60))
+    )
+    return f"| {tokens} | {nbytes / 1e6:.1f} | {c:.2f} | {s:.2f} | {s / c:.0%} | {t:.2f} | {t / c:.0%} |"
 
 
 def main() -> None:
@@ -56,24 +72,7 @@ def main() -> None:
     with kv_peer(layout, f"/dev/shm/pdserve-bench-{uuid.uuid4().hex}") as endpoint:
         shm, tcp = SharedMemorySender("m"), TcpSender("m")
         for tokens in TOKENS:
-            n = tokens // 16
-            ids = list(range(n))
-            spec = TransferSpec("bench", 1, ids, list(range(4, 4 + n)))
-            nbytes = n * layout.bytes_per_block
-            buffers = [torch.empty_like(t[:n]) for t in src.k + src.v]
-
-            def ceiling() -> None:
-                for buf, t in zip(buffers, src.k + src.v, strict=True):
-                    buf.copy_(t[:n])
-
-            gbps = {name: nbytes / best_seconds(fn, args.repeats) / 1e9 for name, fn in (
-                ("ceiling", ceiling),
-                ("shm", lambda: shm.send(endpoint, spec, src, 60)),
-                ("tcp", lambda: tcp.send(endpoint, spec, src, 60)),
-            )}
-            c = gbps["ceiling"]
-            print(f"| {tokens} | {nbytes / 1e6:.1f} | {c:.2f} | {gbps['shm']:.2f} | {gbps['shm'] / c:.0%} | "
-                  f"{gbps['tcp']:.2f} | {gbps['tcp'] / c:.0%} |")
+            print(row(tokens, layout, src, endpoint, shm, tcp, args.repeats))
         tcp.close()
 
 

@@ -4,7 +4,8 @@ N concurrent streaming completions of P random prompt tokens -> O output tokens 
 with the official openai client; prints TTFT and TPOT medians (and p90) per system.
 
     python load_tests/serving_latency.py                                  # SmolLM2, dtype auto
-    python load_tests/serving_latency.py --peer vllm=http://127.0.0.1:8100/v1 --peer-model SmolLM2-135M-Instruct-bfloat16
+    python load_tests/serving_latency.py --peer vllm=http://127.0.0.1:8100/v1 \
+        --peer-model SmolLM2-135M-Instruct-bfloat16
 (start the peer first: ../shared/peers/vllm-cpu.sh "$(python -m pdserve.hub --dtype bfloat16)" 8100)
 """
 
@@ -22,10 +23,9 @@ import openai
 import torch
 
 sys.path.insert(0, "tests")  # reuse the test harness's cluster helpers
-from serving import free_port, ray_serve  # noqa: E402
-
-from pdserve.engine.weights import resolve_dtype  # noqa: E402
-from pdserve.hub import resolve_model  # noqa: E402
+from pdserve.engine.weights import resolve_dtype
+from pdserve.hub import resolve_model
+from serving import free_port, ray_serve
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,9 @@ async def one(client: openai.AsyncOpenAI, model: str, prompt: list[int], max_tok
     start = time.perf_counter()
     first = last = 0.0
     count = 0
-    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                             stream=True, extra_body={"ignore_eos": True})
+    stream = await client.completions.create(
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
             last = time.perf_counter()
@@ -62,8 +63,10 @@ def row(name: str, samples: list[Sample], wall_s: float) -> str:
     tpot = sorted(s.tpot_s for s in samples)
     p90 = lambda xs: xs[int(0.9 * (len(xs) - 1))]  # noqa: E731
     tokens = sum(s.num_tokens for s in samples)
-    return (f"| {name} | {statistics.median(ttft):.2f} | {p90(ttft):.2f} | {1000 * statistics.median(tpot):.1f} | "
-            f"{1000 * p90(tpot):.1f} | {tokens / wall_s:.1f} |")
+    return (
+        f"| {name} | {statistics.median(ttft):.2f} | {p90(ttft):.2f} | {1000 * statistics.median(tpot):.1f} | "
+        f"{1000 * p90(tpot):.1f} | {tokens / wall_s:.1f} |"
+    )
 
 
 def main() -> None:
@@ -89,8 +92,10 @@ def main() -> None:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
     model_line = next((line for line in lscpu.splitlines() if line.startswith("Model name")), "?")
     flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in lscpu]
-    print(f"# {model_line.strip()}; flags: {' '.join(flags)}; dtype {dtype}; {args.num_requests} x "
-          f"({args.prompt_len} -> {args.output_len}) concurrent, streaming")
+    print(
+        f"# {model_line.strip()}; flags: {' '.join(flags)}; dtype {dtype}; {args.num_requests} x "
+        f"({args.prompt_len} -> {args.output_len}) concurrent, streaming"
+    )
     results = []
     port = free_port()
     with ray_serve(port):

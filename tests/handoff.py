@@ -5,7 +5,9 @@ from __future__ import annotations
 from pdserve.engine import EngineRequest, KVReservation, LLMEngine, RequestOutput
 
 
-def copy_missing_blocks(src: LLMEngine, src_block_ids: tuple[int, ...], dst: LLMEngine, reservation: KVReservation) -> int:
+def copy_missing_blocks(
+    src: LLMEngine, src_block_ids: tuple[int, ...], dst: LLMEngine, reservation: KVReservation
+) -> int:
     """Copy every block the destination lacks (past its cached tokens), layer by layer, then stamp the
     reservation's epoch on them as a transport does; returns blocks sent."""
     first = reservation.num_cached_tokens // dst.layout.block_size

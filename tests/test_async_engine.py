@@ -6,8 +6,8 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from oracle import greedy, random_prompts, run_staggered
 
+from oracle import greedy, random_prompts, run_staggered
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig
 from pdserve.engine import EngineRequest, LLMEngine
 from pdserve.engine.async_engine import AsyncEngine

@@ -11,13 +11,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from transformers import AutoTokenizer
+
 from oracle import load_reference_model, random_prompts, reference_greedy
 from serving import Served, free_port, ray_serve
-from transformers import AutoTokenizer
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 24
-SYSTEM = "You are a helpful assistant who answers briefly. " * 6  # long shared prefix: several KV blocks
+SYSTEM = "You are a helpful assistant who answers briefly and precisely. " * 12  # long shared prefix: several KV blocks
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +53,25 @@ def client(served: Served) -> openai.OpenAI:
 
 def complete_ids(served: Served, prompt: list[int], max_tokens: int = MAX_TOKENS, **extra: object) -> str:
     out = client(served).completions.create(
-        model="smollm2", prompt=prompt, max_tokens=max_tokens, temperature=0,
+        model="smollm2",
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
         extra_body={"ignore_eos": True, **extra},
     )
     assert out.usage is not None and out.usage.completion_tokens == max_tokens
     return out.choices[0].text
 
 
+def ref_text(reference, tokenizer, prompt: list[int], max_tokens: int = MAX_TOKENS) -> str:  # type: ignore[no-untyped-def]
+    ids = reference_greedy(reference, prompt, max_tokens).token_ids
+    return str(tokenizer.decode(ids, skip_special_tokens=True))
+
+
 def test_completions_match_transformers_in_both_modes(apps, reference, tokenizer) -> None:  # type: ignore[no-untyped-def]
     disagg, colocated = apps
     for prompt in random_prompts([1, 17, 100, 300], 49152, seed=31, low=100):
-        want = tokenizer.decode(reference_greedy(reference, prompt, MAX_TOKENS).token_ids, skip_special_tokens=True)
+        want = ref_text(reference, tokenizer, prompt)
         assert complete_ids(disagg, prompt) == want
         assert complete_ids(colocated, prompt) == want
 
@@ -72,11 +81,15 @@ def test_chat_matches_transformers_and_streams_the_same_text(apps, reference, to
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     ref = reference.generate(__import__("torch").tensor([list(ids)]), max_new_tokens=32, do_sample=False)
-    want = tokenizer.decode(ref[0, len(ids):], skip_special_tokens=True)
+    want = tokenizer.decode(ref[0, len(ids) :], skip_special_tokens=True)
     chat = client(disagg).chat.completions.create(model="smollm2", messages=messages, max_tokens=32, temperature=0)
     assert chat.choices[0].message.content == want and "Paris" in want
     stream = client(disagg).chat.completions.create(
-        model="smollm2", messages=messages, max_tokens=32, temperature=0, stream=True,
+        model="smollm2",
+        messages=messages,
+        max_tokens=32,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -87,15 +100,18 @@ def test_chat_matches_transformers_and_streams_the_same_text(apps, reference, to
 def test_sixteen_concurrent_requests_are_all_exact(apps, reference, tokenizer) -> None:  # type: ignore[no-untyped-def]
     disagg, _ = apps
     prompts = random_prompts([20 + 13 * i for i in range(16)], 49152, seed=32, low=100)
-    wants = [tokenizer.decode(reference_greedy(reference, p, 16).token_ids, skip_special_tokens=True) for p in prompts]
+    wants = [ref_text(reference, tokenizer, p, 16) for p in prompts]
 
     async def run_all() -> list[str]:
         aclient = openai.AsyncOpenAI(base_url=disagg.base_url, api_key="unused", max_retries=0, timeout=300)
-        outs = await asyncio.gather(*[
-            aclient.completions.create(model="smollm2", prompt=p, max_tokens=16, temperature=0,
-                                       extra_body={"ignore_eos": True})
-            for p in prompts
-        ])
+        outs = await asyncio.gather(
+            *[
+                aclient.completions.create(
+                    model="smollm2", prompt=p, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
+                )
+                for p in prompts
+            ]
+        )
         return [o.choices[0].text for o in outs]
 
     assert asyncio.run(run_all()) == wants
@@ -112,12 +128,13 @@ def test_delta_transfer_moves_fewer_blocks_and_stays_exact(apps, reference, toke
         return sum(disagg.metrics().get("pdserve_kv_transfer_blocks_total", {}).values())
 
     before = blocks_sent()
-    assert complete_ids(disagg, first) == tokenizer.decode(reference_greedy(reference, first, MAX_TOKENS).token_ids)
+    assert complete_ids(disagg, first) == ref_text(reference, tokenizer, first)
     sent_first = blocks_sent() - before
-    assert complete_ids(disagg, second) == tokenizer.decode(reference_greedy(reference, second, MAX_TOKENS).token_ids)
+    assert complete_ids(disagg, second) == ref_text(reference, tokenizer, second)
     sent_second = blocks_sent() - before - sent_first
-    assert sent_first == -(-len(first) // 16)
-    assert sent_second <= sent_first - len(shared) // 16, (sent_first, sent_second)
+    assert sent_first == -(-len(first) // 16)  # nothing cached on the decode replica yet
+    # The decode replica already holds the shared prefix's full blocks: only the rest moves.
+    assert sent_second == -(-len(second) // 16) - len(shared) // 16 < sent_first
 
 
 def test_client_disconnect_and_aborted_burst_free_every_block(apps) -> None:  # type: ignore[no-untyped-def]
@@ -125,9 +142,18 @@ def test_client_disconnect_and_aborted_burst_free_every_block(apps) -> None:  # 
     prompt = random_prompts([200], 49152, seed=34, low=100)[0]
     for served in (disagg, colocated):
         idle = served.wait_blocks_used(0)
-        with httpx.stream("POST", f"{served.base_url}/completions", timeout=60, json={
-            "model": "smollm2", "prompt": prompt, "max_tokens": 500, "stream": True, "ignore_eos": True,
-        }) as response:
+        with httpx.stream(
+            "POST",
+            f"{served.base_url}/completions",
+            timeout=60,
+            json={
+                "model": "smollm2",
+                "prompt": prompt,
+                "max_tokens": 500,
+                "stream": True,
+                "ignore_eos": True,
+            },
+        ) as response:
             for i, _ in enumerate(response.iter_lines()):
                 if i > 5:
                     break  # hang up mid-stream
@@ -166,8 +192,9 @@ def test_bad_input_gets_openai_errors_and_changes_nothing(apps, body, status, pa
     disagg, _ = apps
     used = disagg.wait_blocks_used(0)
     kwargs = {"content": body} if isinstance(body, str) else {"json": body}
-    response = httpx.post(f"{disagg.base_url}/completions", timeout=30,
-                          headers={"content-type": "application/json"}, **kwargs)  # type: ignore[arg-type]
+    response = httpx.post(
+        f"{disagg.base_url}/completions", timeout=30, headers={"content-type": "application/json"}, **kwargs
+    )  # type: ignore[arg-type]
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"] and "Traceback" not in response.text

@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from kv_peer import kv_peer
 
+from kv_peer import kv_peer
 from pdserve.kvcache import KVCache, KVLayout
 from pdserve.transfer import (
     KVEndpoint,
@@ -64,8 +64,11 @@ def test_incompatible_peers_are_refused_before_any_byte_moves() -> None:
     src = random_cache(torch.float32)
     path = shm_path()
     with kv_peer(layout(torch.float32), path) as endpoint:
-        for bad in (replace(endpoint.spec, dtype="bfloat16"), replace(endpoint.spec, model_id="other"),
-                    replace(endpoint.spec, num_kv_heads=4)):
+        for bad in (
+            replace(endpoint.spec, dtype="bfloat16"),
+            replace(endpoint.spec, model_id="other"),
+            replace(endpoint.spec, num_kv_heads=4),
+        ):
             for sender in (SharedMemorySender("m"), TcpSender("m")):
                 with pytest.raises(TransferError, match="incompatible"):
                     sender.send(replace(endpoint, spec=bad), TransferSpec("r", 1, [0], [0]), src, timeout_s=5)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -204,7 +205,8 @@ async def _respond(backend: Backend, run: _Run, body: _Request, fmt: _Format) ->
         try:
             text = "".join([run.absorb(d) async for d in _until_done(deltas, run)])
         finally:
-            await deltas.aclose()  # type: ignore[attr-defined]
+            with anyio.CancelScope(shield=True):
+                await deltas.aclose()  # type: ignore[attr-defined]
         return JSONResponse(fmt.whole(text))
     first = await anext(deltas)  # errors before the first token still get a proper status
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -238,7 +240,8 @@ async def _sse(
             yield _event(fmt.usage_chunk())
         yield "data: [DONE]\n\n"
     finally:
-        await deltas.aclose()  # type: ignore[attr-defined]  # the client may be gone: free the request's blocks
+        with anyio.CancelScope(shield=True):  # the client may be gone (scope cancelled): still free the blocks
+            await deltas.aclose()  # type: ignore[attr-defined]
 
 
 def _event(payload: dict[str, Any]) -> str:

@@ -39,7 +39,15 @@ class IncrementalDetokenizer:
         return self._emit(len(self.text) - self._holdback())
 
     def flush(self) -> str:
-        """The rest of the text, at the end of generation."""
+        """The rest of the text, at the end of generation (a trailing partial character decodes as U+FFFD, as a
+        one-shot decode of the same tokens would)."""
+        if not self.is_stopped and self._read_offset < len(self.token_ids):
+            prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+            self.text += self._decode(self.token_ids[self._prefix_offset :])[len(prefix) :]
+            self._read_offset = len(self.token_ids)
+            stop_at = self._find_stop()
+            if stop_at is not None:
+                self.text, self.is_stopped = self.text[:stop_at], True
         return self._emit(len(self.text))
 
     def _decode_new(self) -> str:

@@ -3,6 +3,10 @@
 reserve on a decode replica -> prefill (which pushes only the blocks the decode replica lacks) -> commit and stream
 from the same decode replica. Whatever happens after the reservation, it is released exactly once: by the
 stream's end, by commit failure, or by an explicit abort (client gone, prefill failed).
+
+The reserve and the prefill are shielded from the client's cancellation: a reservation the ingress never learned
+of would leak until its lease, and a prefill replica may still be writing into reserved blocks — freeing them
+before it returns could let a stale writer overwrite blocks already handed to another request.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import anyio
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from pdserve.api.backend import CapacityError
@@ -34,13 +39,15 @@ class HandoffStats:
 async def disaggregated_generate(
     request: EngineRequest, prefill: DeploymentHandle, decode: DeploymentHandle, on_handoff: list[HandoffStats]
 ) -> AsyncIterator[RequestOutput]:
-    reservation: Reservation | None = await decode.reserve.remote(request)
+    with anyio.CancelScope(shield=True):
+        reservation: Reservation | None = await decode.reserve.remote(request)
     if reservation is None:
         raise CapacityError("no decode replica has room for this request now", retry_after_s=1.0)
     pinned = {"target_replica_id": reservation.replica_id}
     is_done = False
     try:
-        result: PrefillResult = await prefill.prefill.remote(request, reservation)
+        with anyio.CancelScope(shield=True):
+            result: PrefillResult = await prefill.prefill.remote(request, reservation)
         on_handoff.append(HandoffStats(reservation.replica_id, reservation.num_cached_tokens, result))
         first = RequestOutput(
             request.request_id,
@@ -66,7 +73,8 @@ async def disaggregated_generate(
                 stream.cancel()
     finally:
         if not is_done:
-            await _abort(decode, request.request_id, pinned)
+            with anyio.CancelScope(shield=True):  # runs even when the client's request was cancelled
+                await _abort(decode, request.request_id, pinned)
 
 
 async def _abort(decode: DeploymentHandle, request_id: str, pinned: dict[str, str]) -> None:

@@ -22,10 +22,11 @@ from pdserve.engine import EngineRequest, LLMEngine, RequestOutput
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.serve.config import ServeConfig
 from pdserve.serve.messages import ModelInfo, PrefillResult, ReplicaStats, Reservation
-from pdserve.transfer import KVEndpoint, TransferSpec, TransferStats, make_receiver, make_sender
+from pdserve.transfer import KVEndpoint, TransferError, TransferSpec, TransferStats, make_receiver, make_sender
 
 logger = logging.getLogger(__name__)
 _LEASE_CHECK_S = 1.0
+_LEASE_MARGIN_S = 5.0  # a prefill replica stops writing into a reservation this long before its lease ends
 
 
 class _EngineReplica:
@@ -132,6 +133,9 @@ class PrefillServer(_EngineReplica):
 
     def _push(self, src_block_ids: tuple[int, ...], reservation: Reservation) -> TransferStats:
         """Send the blocks past the decode replica's cached prefix (runs in a worker thread)."""
+        remaining_s = reservation.lease_deadline - time.time() - _LEASE_MARGIN_S
+        if remaining_s <= 0:  # the decode replica may free these blocks any moment: never write into them
+            raise TransferError(f"reservation {reservation.request_id} is past its lease")
         skip = reservation.num_cached_tokens // self.llm.layout.block_size
         spec = TransferSpec(
             epoch=reservation.epoch,
@@ -139,7 +143,8 @@ class PrefillServer(_EngineReplica):
             dst_block_ids=list(reservation.block_ids[skip:]),
             transfer_id=reservation.request_id,
         )
-        return self.sender.send(reservation.endpoint, spec, self.llm.kv, self.config.kv_transfer_timeout_s)
+        timeout_s = min(self.config.kv_transfer_timeout_s, remaining_s)
+        return self.sender.send(reservation.endpoint, spec, self.llm.kv, timeout_s)
 
 
 class DecodeServer(_EngineReplica):
