@@ -23,6 +23,7 @@ from pdserve.serve.metrics import IngressMetrics
 
 logger = logging.getLogger(__name__)
 _STATS_REFRESH_S = 1.0
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 @serve.ingress()
@@ -42,7 +43,7 @@ class Ingress:
         self.mode = "colocated" if engine is not None else "disaggregated"
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         info: ModelInfo = await self._any_engine().model_info.remote()
-        self.model_name = config.served_model_name or Path(model_path).name
+        self.model_name = config.served_model_name or Path(config.model or DEFAULT_MODEL_NAME).name
         self.max_model_len = info.max_model_len
         self.eos_token_ids = info.eos_token_ids
         self.metrics = IngressMetrics()
