@@ -7,6 +7,7 @@ Methods accept `target_replica_id` so the ingress can pin a call to a replica (s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import tempfile
@@ -43,6 +44,7 @@ class _EngineReplica:
         self.node_id = ray.get_runtime_context().get_node_id()
         engine_config = config.engine_config(model_path)
         if shared_kv:
+            _remove_orphaned_kv_files(_shm_dir())
             path = os.path.join(_shm_dir(), f"pdserve-kv-{self.replica_id}-{os.getpid()}")
             engine_config = replace(engine_config, cache=replace(engine_config.cache, shared_path=path))
         self.llm = LLMEngine(engine_config)
@@ -165,6 +167,7 @@ class DecodeServer(_EngineReplica):
         held = await self.engine.reserve(request)
         if held is None:
             return None
+        self.prefix_hit_tokens += held.num_cached_tokens
         deadline = time.time() + self.config.reservation_lease_s
         self._leases[request.request_id] = deadline
         return Reservation(
@@ -195,6 +198,11 @@ class DecodeServer(_EngineReplica):
         self._leases.pop(request_id, None)
         self.engine.abort(request_id)
 
+    def __del__(self) -> None:
+        """Serve calls this at replica shutdown: stop receiving and remove the shared-memory KV files."""
+        self.receiver.close()
+        self.llm.kv.close()
+
     def _ensure_lease_task(self) -> None:
         if self._lease_task is None:
             self._lease_task = asyncio.get_running_loop().create_task(self._expire_leases())
@@ -210,3 +218,24 @@ class DecodeServer(_EngineReplica):
 
 def _shm_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def _remove_orphaned_kv_files(directory: str) -> None:
+    """Shared KV files of replicas that died without cleaning up (`pdserve-kv-<replica>-<pid>`): free their RAM."""
+    for name in os.listdir(directory):
+        if not name.startswith("pdserve-kv-"):
+            continue
+        pid = name.removesuffix(".epochs").rsplit("-", 1)[-1]
+        if pid.isdigit() and not _is_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

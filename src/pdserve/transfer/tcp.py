@@ -54,6 +54,7 @@ class TcpReceiver(KVReceiver):
     def close(self) -> None:
         self._closed = True
         self._server.close()
+        self.kv.close()
 
     def _accept(self) -> None:
         while not self._closed:
