@@ -1,160 +1,513 @@
-"""The HTTP layer over a fake backend: errors, limits, stop strings, streaming (no Ray, no model)."""
+"""The HTTP layer over real HTTP (uvicorn on a free port) and a fake backend: the official openai client for what
+works, httpx for raw errors and disconnects. No Ray, no model; a real byte-level BPE tokenizer (tiny_models)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
+import httpx
+import openai
 import pytest
-from fastapi.testclient import TestClient
+import uvicorn
+from fastapi import FastAPI
 
-from pdserve.api import CapacityError, GenerationDelta, GenerationRequest, create_app
-from pdserve.api.detokenizer import IncrementalDetokenizer
-from tiny_models import build_tokenizer
+from pdserve.api import CapacityError, GenerationDelta, GenerationRequest, IncrementalDetokenizer, create_app
+from tiny_models import EOS_ID, build_tokenizer
+
+TEXT = "The quick brown fox jumps over the lazy dog. Héllo wörld 😀 ok."  # é, ö and 😀 span several tokens
+MAX_MODEL_LEN = 128
+MAX_BODY_BYTES = 4096
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def logprob_of(token_id: int) -> float:
+    return -token_id / 1000
 
 
 class FakeBackend:
-    """Streams a fixed text's tokens, one per delta; records what it was asked and what was closed."""
+    """Streams TEXT's tokens then EOS, `tokens_per_delta` at a time; records requests, tokens yielded and closes."""
 
-    model_name = "fake"
-    max_model_len = 64
-    eos_token_ids = (2,)
+    model_name = "org/fake-model"
+    max_model_len = MAX_MODEL_LEN
+    eos_token_ids: tuple[int, ...] = (EOS_ID,)
 
-    def __init__(self, tokenizer: object, text: str) -> None:
+    def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self.tokens = list(tokenizer(text, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
+        self.script = [*tokenizer(TEXT, add_special_tokens=False)["input_ids"], EOS_ID]
+        self.reset()
+
+    def reset(self, tokens_per_delta: int = 1, delay_s: float = 0.0, error: Exception | None = None) -> None:
+        self.tokens_per_delta, self.delay_s, self.error = tokens_per_delta, delay_s, error
+        self.error_after: Exception | None = None  # raised after the first delta
+        self.finish_override: str | None = None  # replaces the finish reason of the second delta
+        self.is_healthy_now = True
         self.requests: list[GenerationRequest] = []
-        self.closed = 0
-        self.full = False
+        self.num_yielded = 0
+        self.num_closed = 0
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
-        if self.full:
-            raise CapacityError("no room", retry_after_s=2.0)
         self.requests.append(request)
+        if self.error is not None:
+            raise self.error
         try:
-            tokens = self.tokens[: request.max_tokens]
-            for i, t in enumerate(tokens):
-                reason = "length" if i == len(tokens) - 1 else None
-                yield GenerationDelta(
-                    [t], [-0.5] if request.logprobs else None, reason, len(request.prompt_token_ids), 0
-                )
+            tokens = self.script[: request.max_tokens]
+            for start in range(0, len(tokens), self.tokens_per_delta):
+                await asyncio.sleep(self.delay_s)
+                yield self._delta(request, tokens, start)
+                if self.error_after is not None:
+                    raise self.error_after
         finally:
-            self.closed += 1
+            self.num_closed += 1
+
+    def _delta(self, request: GenerationRequest, tokens: list[int], start: int) -> GenerationDelta:
+        chunk = tokens[start : start + self.tokens_per_delta]
+        is_last = start + len(chunk) == len(tokens)
+        finish = ("stop" if chunk[-1] == EOS_ID else "length") if is_last else None
+        if self.finish_override is not None and start > 0:
+            finish = self.finish_override
+        self.num_yielded += len(chunk)
+        logprobs = [logprob_of(t) for t in chunk] if request.logprobs else None
+        return GenerationDelta(chunk, logprobs, finish, len(request.prompt_token_ids), num_cached_tokens=1)
 
     async def is_healthy(self) -> bool:
-        return True
+        return self.is_healthy_now
 
     def render_metrics(self) -> tuple[bytes, str]:
-        return b"pdserve_up 1\n", "text/plain"
+        return b"pdserve_up 1\n", "text/plain; version=0.0.4; charset=utf-8"
+
+
+@contextmanager
+def serve(app: FastAPI) -> Iterator[str]:
+    """Run `app` with uvicorn on a free port in a thread; yield its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> object:
-    return build_tokenizer(tmp_path_factory.mktemp("tok"))
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer: Any) -> Iterator[tuple[str, FakeBackend]]:
+    backend = FakeBackend(tokenizer)
+    with serve(create_app(backend, max_body_bytes=MAX_BODY_BYTES)) as url:
+        yield url, backend
 
 
 @pytest.fixture
-def backend(tokenizer: object) -> FakeBackend:
-    return FakeBackend(tokenizer, "The quick brown fox jumps over the lazy dog. The end.")
+def backend(server: tuple[str, FakeBackend]) -> FakeBackend:
+    server[1].reset()
+    return server[1]
 
 
 @pytest.fixture
-def client(backend: FakeBackend) -> TestClient:
-    return TestClient(create_app(backend, max_body_bytes=4096))  # type: ignore[arg-type]
+def http(server: tuple[str, FakeBackend], backend: FakeBackend) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server[0], timeout=5) as client:
+        yield client
 
 
-def test_streamed_text_equals_whole_text_and_usage(client: TestClient, backend: FakeBackend) -> None:
-    body = {"model": "fake", "prompt": "hi", "max_tokens": 40, "stream_options": {"include_usage": True}}
-    whole = client.post("/v1/completions", json=body).json()
-    assert whole["choices"][0]["text"] == "The quick brown fox jumps over the lazy dog. The end."
-    events = [
-        line[6:]
-        for line in client.post("/v1/completions", json={**body, "stream": True}).text.splitlines()
-        if line.startswith("data: ")
+@pytest.fixture
+def client(server: tuple[str, FakeBackend], backend: FakeBackend) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="x", max_retries=0, timeout=5)
+
+
+def sse_payloads(response: httpx.Response) -> list[str]:
+    return [line[len("data: ") :] for line in response.text.splitlines() if line.startswith("data: ")]
+
+
+# --- generation: streamed == whole, usage, ids, request mapping ---------------------------------------------------
+
+
+@pytest.mark.parametrize("tokens_per_delta", [1, 3])
+def test_completion_stream_equals_whole(client: openai.OpenAI, backend: FakeBackend, tokens_per_delta: int) -> None:
+    backend.reset(tokens_per_delta=tokens_per_delta)
+    args: dict[str, Any] = {"model": "fake-model", "prompt": "hi", "max_tokens": 60, "temperature": 0}
+    whole = client.completions.create(**args)
+    assert whole.id.startswith("cmpl-") and whole.object == "text_completion" and whole.created > 0
+    assert whole.choices[0].text == TEXT and whole.choices[0].finish_reason == "stop"
+    assert whole.usage is not None and whole.usage.prompt_tokens_details is not None
+    assert whole.usage.prompt_tokens_details.cached_tokens == 1
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (2, len(backend.script))
+    chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(texts) == TEXT and not any("\ufffd" in t for t in texts)  # no broken UTF-8 piece
+    assert chunks[-2].choices[0].finish_reason == "stop" and chunks[-1].choices == []
+    assert chunks[-1].usage == whole.usage
+    assert backend.num_closed == 2
+
+
+def test_chat_stream_equals_whole(client: openai.OpenAI, backend: FakeBackend, tokenizer: Any) -> None:
+    messages: list[Any] = [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]},
     ]
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
-    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == whole["choices"][0]["text"]
-    assert chunks[-1]["usage"] == whole["usage"] and whole["usage"]["completion_tokens"] == len(backend.tokens)
+    whole = client.chat.completions.create(model="org/fake-model", messages=messages)
+    assert whole.id.startswith("chatcmpl-") and whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content == TEXT and whole.choices[0].finish_reason == "stop"
+    expected = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi\nthere"}]
+    prompt = tokenizer.apply_chat_template(expected, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert backend.requests[0].prompt_token_ids == prompt
+    assert backend.requests[0].max_tokens == MAX_MODEL_LEN - len(prompt)  # no limit given: fill the context
+    chunks = list(
+        client.chat.completions.create(
+            model="fake-model", messages=messages, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == TEXT
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+
+
+def test_generation_request_carries_parameters(client: openai.OpenAI, backend: FakeBackend) -> None:
+    client.completions.create(
+        model="fake-model",
+        prompt=[5, 6, 7],
+        max_tokens=4,
+        temperature=0.5,
+        top_p=0.9,
+        seed=7,
+        extra_body={"top_k": -1, "stop_token_ids": [9], "ignore_eos": True, "min_tokens": 2, "cache_salt": "t1"},
+        extra_headers={"traceparent": TRACEPARENT},
+    )
+    request = backend.requests[0]
+    assert request.request_id.startswith("cmpl-") and len(request.request_id) == len("cmpl-") + 32
+    assert request == GenerationRequest(
+        request_id=request.request_id,
+        prompt_token_ids=[5, 6, 7],
+        max_tokens=4,
+        temperature=0.5,
+        top_p=0.9,
+        top_k=0,
+        seed=7,
+        stop_token_ids=[9],
+        ignore_eos=True,
+        min_tokens=2,
+        logprobs=False,
+        cache_salt="t1",
+        traceparent=TRACEPARENT,
+    )
+
+
+def test_defaults_and_length_finish(client: openai.OpenAI, backend: FakeBackend) -> None:
+    completion = client.completions.create(model="fake-model", prompt=["hi"])  # a batch of one prompt
+    assert completion.choices[0].finish_reason == "length" and completion.usage is not None
+    assert completion.usage.completion_tokens == 16  # OpenAI's default max_tokens
+    request = backend.requests[0]
+    assert (request.temperature, request.top_p, request.top_k, request.stop_token_ids) == (1.0, 1.0, 0, [])
+
+
+# --- stop strings and the detokenizer -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_stop_string_split_across_tokens_never_leaks(client: TestClient, backend: FakeBackend, stream: bool) -> None:
-    body = {"model": "fake", "prompt": "hi", "max_tokens": 40, "stop": ["lazy dog"], "stream": stream}
-    response = client.post("/v1/completions", json=body)
+def test_stop_string_split_across_tokens_never_leaks(client: openai.OpenAI, backend: FakeBackend, stream: bool) -> None:
+    args: dict[str, Any] = {"model": "fake-model", "prompt": "hi", "max_tokens": 60, "stop": ["zzz", "lazy dog"]}
     if stream:
-        chunks = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
-        text = "".join(c["choices"][0]["text"] for c in chunks)
-        reason = chunks[-1]["choices"][0]["finish_reason"]
+        chunks = list(client.completions.create(**args, stream=True))
+        text, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
     else:
-        text, reason = response.json()["choices"][0]["text"], response.json()["choices"][0]["finish_reason"]
+        choice = client.completions.create(**args).choices[0]
+        text, reason = choice.text, choice.finish_reason
     assert text == "The quick brown fox jumps over the " and reason == "stop"
-    assert backend.closed == 1  # the backend's stream was closed: the request's blocks are freed
+    # The stream was closed as soon as the stop string matched: the backend aborts and frees the request's blocks.
+    wait_until(lambda: backend.num_closed == 1)
+    assert backend.num_yielded < len(backend.script)
 
 
-def test_detokenizer_holds_back_possible_stop_prefixes(tokenizer: object) -> None:
-    ids = list(tokenizer("abc def ghi", add_special_tokens=False)["input_ids"])  # type: ignore[operator]
-    d = IncrementalDetokenizer(tokenizer, stop=["f g"])
-    out = "".join(d.add([t]) for t in ids) + d.flush()
-    assert out == "abc de" and d.is_stopped
-    plain = IncrementalDetokenizer(tokenizer, stop=[])
-    assert "".join(plain.add([t]) for t in ids) + plain.flush() == "abc def ghi"
+def detokenize(tokenizer: Any, text: str, stop: list[str]) -> tuple[list[str], IncrementalDetokenizer]:
+    d = IncrementalDetokenizer(tokenizer, stop)
+    deltas = [d.add([t]) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    return [*deltas, d.flush()], d
+
+
+def test_detokenizer_emits_whole_characters_only(tokenizer: Any) -> None:
+    deltas, d = detokenize(tokenizer, TEXT, [])
+    assert "".join(deltas) == TEXT and not d.is_stopped
+    assert not any("\ufffd" in delta for delta in deltas) and "😀" in deltas
+
+
+def test_detokenizer_holds_back_possible_stop_prefixes(tokenizer: Any) -> None:
+    deltas, d = detokenize(tokenizer, "abc def ghi", ["f g"])
+    assert "".join(deltas) == "abc de" and d.is_stopped
+    assert not any(delta.endswith("f") or delta.endswith("f ") for delta in deltas)
+    # A held-back prefix that never completes its stop string is released at the end.
+    deltas, d = detokenize(tokenizer, "the lazy do", ["lazy dog"])
+    assert "".join(deltas) == "the lazy do" and deltas[-1] != "" and not d.is_stopped
+
+
+def test_detokenizer_cuts_at_the_earliest_stop(tokenizer: Any) -> None:
+    assert "".join(detokenize(tokenizer, TEXT, ["dog", "quick"])[0]) == "The "
+    assert (
+        "".join(detokenize(tokenizer, TEXT, ["😀"])[0]) == "The quick brown fox jumps over the lazy dog. Héllo wörld "
+    )
+    assert detokenize(tokenizer, TEXT, ["The"])[0] == [""] * (len(tokenizer(TEXT)["input_ids"]) + 1)
+
+
+# --- logprobs -------------------------------------------------------------------------------------------------------
+
+
+def test_completion_logprobs_streamed_equal_whole(client: openai.OpenAI, backend: FakeBackend) -> None:
+    args: dict[str, Any] = {"model": "fake-model", "prompt": "hi", "max_tokens": 30, "logprobs": 0, "stop": "wör"}
+    whole = client.completions.create(**args).choices[0].logprobs
+    assert whole is not None and whole.tokens and whole.token_logprobs and whole.text_offset
+    ids = backend.script[: len(whole.tokens)]
+    assert whole.token_logprobs == [logprob_of(t) for t in ids]
+    assert whole.tokens[:3] == ["The", " qui", "ck"] and whole.text_offset[:4] == [0, 3, 7, 9]
+    chunks = list(client.completions.create(**args, stream=True))
+    pieces = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs is not None]
+    assert [t for p in pieces for t in p.tokens or []] == whole.tokens
+    assert [lp for p in pieces for lp in p.token_logprobs or []] == whole.token_logprobs
+    assert [o for p in pieces for o in p.text_offset or []] == whole.text_offset
+
+
+def test_chat_logprobs_streamed_equal_whole(client: openai.OpenAI, backend: FakeBackend) -> None:
+    args: dict[str, Any] = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}
+    whole = client.chat.completions.create(**args, max_completion_tokens=5).choices[0].logprobs
+    assert whole is not None and whole.content is not None
+    assert [(t.token, t.logprob) for t in whole.content] == [
+        ("The", logprob_of(backend.script[0])),
+        (" qui", logprob_of(backend.script[1])),
+        ("ck", logprob_of(backend.script[2])),
+        (" b", logprob_of(backend.script[3])),
+        ("row", logprob_of(backend.script[4])),
+    ]
+    assert whole.content[1].bytes == list(b" qui") and backend.requests[0].max_tokens == 5
+    chunks = list(client.chat.completions.create(**args, max_completion_tokens=5, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content or []]
+    assert streamed == whole.content
+
+
+# --- errors ---------------------------------------------------------------------------------------------------------
+
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+USER_HI = [{"role": "user", "content": "hi"}]
+CONTEXT = "context_length_exceeded"
+
+
+def completion(**fields: Any) -> tuple[str, dict[str, Any]]:
+    return COMPLETIONS, {"model": "fake-model", "prompt": "hi", **fields}
+
+
+def chat(**fields: Any) -> tuple[str, dict[str, Any]]:
+    return CHAT, {"model": "fake-model", "messages": USER_HI, **fields}
 
 
 @pytest.mark.parametrize(
-    ("body", "status", "param", "code"),
+    ("request_", "status", "param", "code"),
     [
-        ({"model": "fake", "prompt": "hi", "max_tokens": -1}, 400, "max_tokens", None),
-        ({"model": "fake", "prompt": "hi", "max_tokens": "x"}, 400, "max_tokens", None),
-        ({"model": "fake", "prompt": "hi", "temperature": -1}, 400, "temperature", None),
-        ({"model": "fake", "prompt": "hi", "n": 2}, 400, "n", None),
-        ({"model": "fake", "prompt": ""}, 400, "prompt", None),
-        ({"model": "fake", "prompt": [5] * 64}, 400, "prompt", "context_length_exceeded"),
-        ({"model": "fake", "prompt": [5] * 60, "max_tokens": 10}, 400, "max_tokens", "context_length_exceeded"),
-        ({"model": "other", "prompt": "hi"}, 404, "model", "model_not_found"),
-        ({"prompt": "hi"}, 400, "model", None),
+        ((COMPLETIONS, {"prompt": "hi"}), 400, "model", None),
+        (completion(model="other"), 404, "model", "model_not_found"),
+        ((COMPLETIONS, {"model": "fake-model"}), 400, "prompt", None),
+        (completion(prompt=""), 400, "prompt", None),
+        (completion(prompt=[]), 400, "prompt", None),
+        (completion(prompt=["a", "b"]), 400, "prompt", None),
+        (completion(prompt=[[1], [2]]), 400, "prompt", None),
+        (completion(prompt={"text": "hi"}), 400, "prompt", None),
+        (completion(prompt=[1, 512]), 400, "prompt", None),  # the vocabulary has 512 tokens
+        (completion(prompt=[-1]), 400, "prompt", None),
+        (completion(prompt=[5] * MAX_MODEL_LEN), 400, "prompt", CONTEXT),
+        (completion(prompt=[5] * 120, max_tokens=9), 400, "max_tokens", CONTEXT),
+        (completion(max_tokens=0), 400, "max_tokens", None),
+        (completion(max_tokens="16"), 400, "max_tokens", None),
+        (completion(temperature=2.5), 400, "temperature", None),
+        (completion(top_p=0), 400, "top_p", None),
+        (completion(top_k=-2), 400, "top_k", None),
+        (completion(n=2), 400, "n", None),
+        (completion(stop=["a", "b", "c", "d", "e"]), 400, "stop", None),
+        (completion(logprobs=3), 400, "logprobs", None),
+        (completion(echo=True), 400, "echo", None),
+        (completion(presence_penalty=1), 400, "presence_penalty", None),
+        (completion(stream_options={"include_usage": True}), 400, "stream_options", None),
+        (completion(stream="yes"), 400, "stream", None),
+        (completion(min_tokens=20), 400, "min_tokens", None),
+        (completion(stop_token_ids=[999]), 400, "stop_token_ids", None),
+        (chat(messages=[]), 400, "messages", None),
+        (chat(messages=[{"role": "robot", "content": "hi"}]), 400, "messages[0].role", None),
+        (chat(messages=[{"role": "user"}]), 400, "messages[0]", None),
+        (
+            chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]),
+            400,
+            "messages[0].content[0].type",
+            None,
+        ),
+        (chat(logprobs=True, top_logprobs=2), 400, "top_logprobs", None),
+        (chat(max_completion_tokens=200), 400, "max_completion_tokens", CONTEXT),
+        (chat(messages=[{"role": "user", "content": "x " * 200}]), 400, "messages", CONTEXT),
     ],
 )
 def test_invalid_requests_never_reach_the_backend(
-    client: TestClient, backend: FakeBackend, body: dict, status: int, param: str, code: str | None
+    http: httpx.Client,
+    backend: FakeBackend,
+    request_: tuple[str, dict[str, Any]],
+    status: int,
+    param: str,
+    code: str | None,
 ) -> None:
-    response = client.post("/v1/completions", json=body)
-    assert response.status_code == status
+    response = http.post(request_[0], json=request_[1])
+    assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert error["param"] == param and error["code"] == code and "Traceback" not in response.text
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
+    assert error["message"] and "Traceback" not in response.text and "pydantic" not in response.text
     assert backend.requests == []
 
 
-def test_malformed_json_too_large_and_no_capacity(client: TestClient, backend: FakeBackend) -> None:
-    bad = client.post("/v1/completions", content=b"{nope", headers={"content-type": "application/json"})
-    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
-    huge = client.post("/v1/completions", json={"model": "fake", "prompt": "x" * 10_000})
-    assert huge.status_code == 413
-    backend.full = True
-    busy = client.post("/v1/completions", json={"model": "fake", "prompt": "hi"})
-    assert busy.status_code == 429 and busy.headers["retry-after"] == "2"
-    assert client.get("/nope").status_code == 404 and client.get("/nope").json()["error"]
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"{nope", "the request body is not valid JSON"),
+        (b"[1, 2]", "the request body must be a JSON object, sent with Content-Type: application/json"),
+        (b"", "the request body is missing"),
+    ],
+)
+def test_malformed_bodies(http: httpx.Client, content: bytes, message: str) -> None:
+    response = http.post(COMPLETIONS, content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["message"] == message
 
 
-def test_chat_models_health_metrics(client: TestClient, backend: FakeBackend) -> None:
-    chat = client.post(
-        "/v1/chat/completions",
-        json={
-            "model": "fake",
-            "messages": [{"role": "user", "content": "hi"}],
-            "max_completion_tokens": 3,
-            "logprobs": True,
-        },
-    ).json()
-    assert chat["choices"][0]["message"]["role"] == "assistant"
-    assert [c["logprob"] for c in chat["choices"][0]["logprobs"]["content"]] == [-0.5] * 3
-    assert backend.requests[0].max_tokens == 3
-    assert client.get("/v1/models").json()["data"][0]["id"] == "fake"
-    assert client.get("/health").status_code == 200
-    assert client.get("/metrics").text == "pdserve_up 1\n"
+def test_body_size_limit(http: httpx.Client) -> None:
+    big = json.dumps({"model": "fake-model", "prompt": "x" * MAX_BODY_BYTES}).encode()
+    assert http.post(COMPLETIONS, content=big).status_code == 413  # by Content-Length
+    response = http.post(COMPLETIONS, content=iter([big[:1000], big[1000:]]))  # chunked: counted while reading
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    small = json.dumps({"model": "fake-model", "prompt": "hi", "max_tokens": 2}).encode()
+    assert http.post(COMPLETIONS, content=iter([small[:10], small[10:]])).status_code == 200
 
 
-def test_traceparent_is_carried(client: TestClient, backend: FakeBackend) -> None:
-    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-    client.post("/v1/completions", json={"model": "fake", "prompt": "hi"}, headers={"traceparent": tp})
-    assert backend.requests[0].traceparent == tp
+def test_unknown_route_and_method(http: httpx.Client) -> None:
+    missing = http.post("/v1/nope", json={})
+    assert missing.status_code == 404 and missing.json()["error"]["message"] == "Not Found: POST /v1/nope"
+    assert http.get(COMPLETIONS).status_code == 405 and http.get(COMPLETIONS).json()["error"]["type"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_no_capacity_is_429_or_503_with_retry_after(
+    client: openai.OpenAI, http: httpx.Client, backend: FakeBackend, stream: bool
+) -> None:
+    backend.reset(error=CapacityError("all replicas are full", retry_after_s=1.5))
+    with pytest.raises(openai.RateLimitError) as raised:
+        client.completions.create(model="fake-model", prompt="hi", stream=stream)
+    assert raised.value.response.headers["retry-after"] == "2"
+    error = {
+        "message": "all replicas are full",
+        "type": "rate_limit_error",
+        "param": None,
+        "code": "rate_limit_exceeded",
+    }
+    assert raised.value.body == error
+    backend.reset(error=CapacityError("no replica is up", status_code=503))
+    response = http.post(CHAT, json={"model": "fake-model", "messages": USER_HI, "stream": stream})
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_backend_errors(http: httpx.Client, backend: FakeBackend, stream: bool) -> None:
+    body = {"model": "fake-model", "prompt": "hi", "stream": stream}
+    backend.reset(error=ValueError("prompt has a token the engine rejects"))
+    rejected = http.post(COMPLETIONS, json=body)
+    assert (
+        rejected.status_code == 400 and rejected.json()["error"]["message"] == "prompt has a token the engine rejects"
+    )
+    backend.reset(error=RuntimeError("secret internals"))
+    failed = http.post(COMPLETIONS, json=body)
+    error = {"message": "internal server error", "type": "server_error", "param": None, "code": None}
+    assert failed.status_code == 500 and failed.json()["error"] == error
+
+
+def test_error_after_the_headers_is_an_error_event(
+    client: openai.OpenAI, http: httpx.Client, backend: FakeBackend
+) -> None:
+    backend.error_after = RuntimeError("replica died")
+    events = sse_payloads(http.post(COMPLETIONS, json={"model": "fake-model", "prompt": "hi", "stream": True}))
+    assert json.loads(events[0])["choices"][0]["text"] == "The"
+    assert json.loads(events[1])["error"]["type"] == "server_error" and events[2:] == ["[DONE]"]
+    with pytest.raises(openai.APIError):
+        list(client.completions.create(model="fake-model", prompt="hi", stream=True))
+    assert backend.num_closed == 2
+
+
+def test_abort_by_the_backend_is_not_a_success(http: httpx.Client, backend: FakeBackend) -> None:
+    backend.finish_override = "abort"
+    response = http.post(COMPLETIONS, json={"model": "fake-model", "prompt": "hi"})
+    assert response.status_code == 503 and response.json()["error"]["type"] == "server_error"
+
+
+# --- disconnects free the backend's request -------------------------------------------------------------------------
+
+
+def test_client_gone_mid_stream_closes_the_backend_stream(http: httpx.Client, backend: FakeBackend) -> None:
+    backend.reset(delay_s=0.02)
+    body = {"model": "fake-model", "prompt": "hi", "max_tokens": 40, "stream": True}
+    with http.stream("POST", COMPLETIONS, json=body) as response:
+        assert next(response.iter_lines()).startswith("data: ")
+    wait_until(lambda: backend.num_closed == 1)
+    assert backend.num_yielded < 40
+
+
+def test_client_gone_before_a_whole_response_closes_the_backend_stream(server: tuple[str, FakeBackend]) -> None:
+    backend = server[1]
+    backend.reset(delay_s=0.02)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server[0]}{COMPLETIONS}", json=completion(max_tokens=40)[1], timeout=0.2)
+    wait_until(lambda: backend.num_closed == 1)
+    assert backend.num_yielded < 40
+
+
+# --- models, health, metrics ----------------------------------------------------------------------------------------
+
+
+def test_models_health_metrics(client: openai.OpenAI, http: httpx.Client, backend: FakeBackend) -> None:
+    [card] = client.models.list().data
+    assert (card.id, card.object, card.owned_by) == ("org/fake-model", "model", "pdserve")
+    assert card.model_dump()["max_model_len"] == MAX_MODEL_LEN
+    assert client.models.retrieve("fake-model").id == "org/fake-model"
+    assert http.get("/v1/models/other").status_code == 404
+    assert http.get("/health").status_code == 200 and http.get("/health").json() == {}
+    backend.is_healthy_now = False
+    assert http.get("/health").status_code == 503
+    metrics = http.get("/metrics")
+    assert metrics.text == "pdserve_up 1\n" and metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+
+
+# --- a real chat template -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_chat_template(smollm2_dir: Any) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    backend = FakeBackend(tokenizer)
+    messages: list[Any] = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a fox."}]
+    with serve(create_app(backend)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=5)
+        whole = client.chat.completions.create(model="fake-model", messages=messages, max_tokens=60)
+        chunks = client.chat.completions.create(model="fake-model", messages=messages, max_tokens=60, stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert backend.requests[0].prompt_token_ids == prompt
+    assert whole.choices[0].message.content == streamed == TEXT

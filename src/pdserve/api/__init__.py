@@ -2,5 +2,15 @@
 
 from pdserve.api.app import create_app
 from pdserve.api.backend import Backend, CapacityError, GenerationDelta, GenerationRequest
+from pdserve.api.detokenizer import IncrementalDetokenizer
+from pdserve.api.errors import APIError
 
-__all__ = ["Backend", "CapacityError", "GenerationDelta", "GenerationRequest", "create_app"]
+__all__ = [
+    "APIError",
+    "Backend",
+    "CapacityError",
+    "GenerationDelta",
+    "GenerationRequest",
+    "IncrementalDetokenizer",
+    "create_app",
+]

@@ -1,329 +1,168 @@
-"""The OpenAI-compatible routes, over any `Backend` (see backend.py).
+"""The OpenAI-compatible routes over any `Backend` (see backend.py).
 
-Every request is validated and tokenized here; only a `GenerationRequest` that passed reaches the backend.
+Each generation request is parsed (protocol.py), checked and tokenized (intake.py) before the backend sees it; its
+output is detokenized with stop strings (generation.py) and shaped as a whole body or SSE chunks (formats.py, sse.py).
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import time
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
-import anyio
-from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
-from pdserve.api.backend import Backend, GenerationDelta, GenerationRequest
-from pdserve.api.detokenizer import IncrementalDetokenizer
-from pdserve.api.errors import APIError, BodySizeLimit, install_error_handlers
-from pdserve.api.protocol import ChatCompletionRequest, CompletionRequest, Usage, _Request
+from pdserve.api.backend import Backend
+from pdserve.api.errors import SERVER_ERROR, APIError, error_response, install_error_handlers
+from pdserve.api.formats import ChatFormat, CompletionFormat, ResponseFormat, ResponseMeta
+from pdserve.api.generation import Generation, collect, first_delta
+from pdserve.api.intake import Tokenization, check_model, context_max_tokens, generation_request
+from pdserve.api.middleware import BodySizeLimit, UnhandledErrors
+from pdserve.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields
+from pdserve.api.sse import EventStreamResponse, stream_events
 
-TRACEPARENT = "traceparent"
+TRACEPARENT = "traceparent"  # W3C trace context header, handed to the backend as is
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class APIState:
+    """What the routes share, kept on `app.state`."""
+
+    backend: Backend
+    tokenization: Tokenization
+    created: int  # unix seconds, reported as the model's creation time
 
 
 def create_app(backend: Backend, *, max_body_bytes: int = 1 << 20) -> FastAPI:
-    app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
+    """The OpenAI-compatible app over `backend`: /v1/completions, /v1/chat/completions, /v1/models, /health,
+    /metrics. Bodies over `max_body_bytes` are refused with 413."""
+    # Bodies without a Content-Type are read as JSON, as OpenAI does (FastAPI's strict default refuses them).
+    app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None, strict_content_type=False)
+    app.state.pdserve = APIState(backend, Tokenization(backend.tokenizer), int(time.time()))
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.add_middleware(UnhandledErrors)  # added last, so outermost
     install_error_handlers(app)
-
-    @app.get("/health")
-    async def health() -> Response:
-        """200 when the backend can serve, else 503."""
-        ok = await backend.is_healthy()
-        return JSONResponse({}, status_code=200 if ok else 503)
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        card = {
-            "id": backend.model_name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "pdserve",
-            "max_model_len": backend.max_model_len,
-        }
-        return {"object": "list", "data": [card]}
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        body, content_type = backend.render_metrics()
-        return Response(body, media_type=content_type)
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        """Text completion of a string or token-id prompt; streams SSE when `stream` is set."""
-        _check_common(backend, body)
-        if body.echo:
-            raise APIError(400, "echo is not supported", "echo")
-        prompt = _completion_prompt(backend, body)
-        run = _prepare(backend, body, prompt, body.max_tokens, bool(body.logprobs), request, "cmpl")
-        return await _respond(backend, run, body, _CompletionFormat(run))
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        """Chat completion through the model's chat template; streams SSE when `stream` is set."""
-        _check_common(backend, body)
-        prompt = _chat_prompt(backend, body)
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        run = _prepare(backend, body, prompt, max_tokens, body.logprobs, request, "chatcmpl")
-        return await _respond(backend, run, body, _ChatFormat(run))
-
+    app.include_router(router)
     return app
 
 
-@dataclass
-class _Run:
-    """One request's generation state, shared by the streaming and non-streaming paths."""
-
-    request: GenerationRequest
-    detokenizer: IncrementalDetokenizer
-    created: int = field(default_factory=lambda: int(time.time()))
-    model: str = ""
-    num_tokens: int = 0
-    num_cached_tokens: int = 0
-    finish_reason: str | None = None
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-
-    def usage(self) -> Usage:
-        n = len(self.request.prompt_token_ids)
-        return Usage(
-            prompt_tokens=n,
-            completion_tokens=self.num_tokens,
-            total_tokens=n + self.num_tokens,
-            prompt_tokens_details={"cached_tokens": self.num_cached_tokens},
-        )
-
-    def absorb(self, delta: GenerationDelta) -> str:
-        """Take one backend delta; return the text it made final."""
-        self.num_tokens += len(delta.token_ids)
-        self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
-        self.token_ids.extend(delta.token_ids)
-        self.logprobs.extend(delta.logprobs or [])
-        text = self.detokenizer.add(delta.token_ids)
-        if self.detokenizer.is_stopped:
-            self.finish_reason = "stop"
-        elif delta.finish_reason is not None:
-            self.finish_reason = delta.finish_reason
-            text += self.detokenizer.flush()
-        return text
+def _state(request: Request) -> APIState:
+    state: APIState = request.app.state.pdserve
+    return state
 
 
-def _check_common(backend: Backend, body: _Request) -> None:
-    if body.model not in (backend.model_name, backend.model_name.rsplit("/", 1)[-1]):
-        raise APIError(
-            404,
-            f"the model {body.model!r} does not exist; this server serves {backend.model_name!r}",
-            "model",
-            "model_not_found",
-        )
-    if body.n != 1:
-        raise APIError(400, "only n=1 is supported", "n")
-    if len(body.stop_strings()) > 4:
-        raise APIError(400, "at most 4 stop sequences are allowed", "stop")
+State = Annotated[APIState, Depends(_state)]
+router = APIRouter()
 
 
-def _completion_prompt(backend: Backend, body: CompletionRequest) -> list[int]:
-    prompt: Any = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-        if len(prompt) != 1:
-            raise APIError(400, "batched prompts are not supported; send one prompt per request", "prompt")
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return list(backend.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    vocab = len(backend.tokenizer)
-    if any(not 0 <= t < vocab for t in prompt):
-        raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
-    return list(prompt)
+@router.get("/health")
+async def health(state: State) -> Response:
+    """200 `{}` while the backend can serve, else 503."""
+    if await state.backend.is_healthy():
+        return JSONResponse({})
+    return error_response(APIError(503, "the backend is not ready", SERVER_ERROR))
 
 
-def _chat_prompt(backend: Backend, body: ChatCompletionRequest) -> list[int]:
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    try:
-        ids = backend.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-    except Exception as e:  # a template that refuses the conversation (roles out of order, ...)
-        raise APIError(400, f"the chat template rejected the messages: {e}", "messages") from e
-    return list(ids)
+@router.get("/v1/models")
+async def list_models(state: State) -> Response:
+    """The one served model."""
+    return _json(ModelList(data=[_model_card(state)]))
 
 
-def _prepare(
-    backend: Backend,
-    body: _Request,
-    prompt: list[int],
-    max_tokens: int | None,
-    logprobs: bool,
+@router.get("/v1/models/{model:path}")
+async def get_model(model: str, state: State) -> Response:
+    """The served model by name; 404 for any other."""
+    check_model(state.backend, model)
+    return _json(_model_card(state))
+
+
+@router.get("/metrics")
+async def metrics(state: State) -> Response:
+    """The backend's Prometheus exposition."""
+    body, content_type = state.backend.render_metrics()
+    return Response(body, media_type=content_type)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request, state: State) -> Response:
+    """Completion of a text or token-id prompt; SSE when `stream` is set. 400 for invalid input, 404 for an
+    unknown model, 429/503 when the backend has no room."""
+    check_model(state.backend, body.model)
+    prompt_ids = await state.tokenization.completion_prompt(body.prompt)
+    limit = state.backend.max_model_len
+    max_tokens = context_max_tokens(len(prompt_ids), limit, body.max_tokens, "prompt", "max_tokens")
+    meta = ResponseMeta.new("cmpl", body.model)
+    fmt = CompletionFormat(meta, state.backend.tokenizer, with_logprobs=body.logprobs is not None)
+    return await _serve(state, body, request, prompt_ids, max_tokens, fmt)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: State) -> Response:
+    """Chat completion through the model's chat template; SSE when `stream` is set. Without a token limit the
+    reply may fill the context. Errors as for /v1/completions."""
+    check_model(state.backend, body.model)
+    prompt_ids = await state.tokenization.chat_prompt(body.messages)
+    asked, param = body.output_limit()
+    max_tokens = context_max_tokens(len(prompt_ids), state.backend.max_model_len, asked, "messages", param)
+    meta = ResponseMeta.new("chatcmpl", body.model)
+    fmt = ChatFormat(meta, state.backend.tokenizer, with_logprobs=body.logprobs)
+    return await _serve(state, body, request, prompt_ids, max_tokens, fmt)
+
+
+async def _serve(
+    state: APIState,
+    body: SamplingFields,
     request: Request,
-    prefix: str,
-) -> _Run:
-    limit = backend.max_model_len
-    if not prompt:
-        raise APIError(400, "the prompt is empty", "prompt")
-    if len(prompt) >= limit:
-        raise APIError(
-            400,
-            f"this model's maximum context length is {limit} tokens; the prompt has {len(prompt)}",
-            "prompt",
-            "context_length_exceeded",
-        )
-    max_tokens = max_tokens if max_tokens is not None else limit - len(prompt)
-    if len(prompt) + max_tokens > limit:
-        raise APIError(
-            400,
-            f"this model's maximum context length is {limit} tokens; the prompt has {len(prompt)} "
-            f"and max_tokens is {max_tokens}",
-            "max_tokens",
-            "context_length_exceeded",
-        )
-    if body.min_tokens > max_tokens:
-        raise APIError(400, "min_tokens must not exceed max_tokens", "min_tokens")
-    generation = GenerationRequest(
-        request_id=f"{prefix}-{uuid.uuid4().hex}",
-        prompt_token_ids=prompt,
-        max_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=max(body.top_k, 0),
-        seed=body.seed,
-        stop_token_ids=list(body.stop_token_ids or []),
-        ignore_eos=body.ignore_eos,
-        min_tokens=body.min_tokens,
-        logprobs=logprobs,
-        cache_salt=body.cache_salt,
-        traceparent=request.headers.get(TRACEPARENT),
+    prompt_ids: list[int],
+    max_tokens: int,
+    fmt: ResponseFormat,
+) -> Response:
+    """Hand the request to the backend and answer with the whole output, or stream it."""
+    traceparent = request.headers.get(TRACEPARENT)
+    vocab_size = state.tokenization.vocab_size
+    gen_request = generation_request(
+        body, vocab_size, fmt.meta.id, prompt_ids, max_tokens, fmt.with_logprobs, traceparent
     )
-    detokenizer = IncrementalDetokenizer(backend.tokenizer, body.stop_strings())
-    return _Run(generation, detokenizer, model=body.model)
+    generation = Generation(gen_request, state.backend.tokenizer, body.stop_strings())
+    deltas = state.backend.generate(gen_request)
+    if body.stream:
+        first = await first_delta(deltas)  # before the headers, so that "no room" is still a 429
+        return EventStreamResponse(stream_events(deltas, first, generation, fmt, body.include_usage()), deltas)
+    piece = await _unless_disconnected(request, collect(deltas, generation))
+    if piece is None:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody is left to read it
+    return _json(fmt.whole(piece, generation.usage()))
 
 
-async def _respond(backend: Backend, run: _Run, body: _Request, fmt: _Format) -> Response:
-    deltas = backend.generate(run.request)
-    if not body.stream:
-        try:
-            text = "".join([run.absorb(d) async for d in _until_done(deltas, run)])
-        finally:
-            with anyio.CancelScope(shield=True):
-                await deltas.aclose()  # type: ignore[attr-defined]
-        return JSONResponse(fmt.whole(text))
-    first = await anext(deltas)  # errors before the first token still get a proper status
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return StreamingResponse(_sse(deltas, first, run, fmt, include_usage), media_type="text/event-stream")
-
-
-async def _until_done(deltas: AsyncIterator[GenerationDelta], run: _Run) -> AsyncIterator[GenerationDelta]:
-    async for delta in deltas:
-        yield delta
-        if run.detokenizer.is_stopped or delta.finish_reason is not None:
-            return
-
-
-async def _sse(
-    deltas: AsyncIterator[GenerationDelta], first: GenerationDelta, run: _Run, fmt: _Format, include_usage: bool
-) -> AsyncIterator[str]:
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T | None:
+    """Run `work`, cancelling it if the client hangs up first (None then). Cancelled, `collect` closes the backend
+    stream, which aborts the request and frees its blocks instead of generating for nobody."""
+    task = asyncio.ensure_future(work)
+    hangup = asyncio.ensure_future(_hangup(request))
     try:
-        opening = fmt.opening()
-        if opening is not None:
-            yield _event(opening)
-        delta: GenerationDelta | None = first
-        while delta is not None:
-            start = len(run.token_ids)
-            text = run.absorb(delta)
-            if text or run.finish_reason is not None:
-                yield _event(fmt.chunk(text, start, run.finish_reason))
-            if run.finish_reason is not None:
-                break
-            delta = await anext(deltas, None)
-        if include_usage:
-            yield _event(fmt.usage_chunk())
-        yield "data: [DONE]\n\n"
+        await asyncio.wait((task, hangup), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        with anyio.CancelScope(shield=True):  # the client may be gone (scope cancelled): still free the blocks
-            await deltas.aclose()  # type: ignore[attr-defined]
+        hangup.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait((task,))
+    return None if task.cancelled() else task.result()
 
 
-def _event(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
+async def _hangup(request: Request) -> None:
+    # The body was read in full, so the next message the server sends is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
-class _Format:
-    def __init__(self, run: _Run) -> None:
-        self.run = run
-
-    def base(self, kind: str) -> dict[str, Any]:
-        return {"id": self.run.request.request_id, "object": kind, "created": self.run.created, "model": self.run.model}
-
-    def opening(self) -> dict[str, Any] | None:
-        return None
-
-    def whole(self, text: str) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def chunk(self, text: str, start: int, finish_reason: str | None) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def usage_chunk(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def tokens(self, start: int = 0) -> list[str]:
-        return [str(t) for t in self.run.detokenizer.tokenizer.convert_ids_to_tokens(self.run.token_ids[start:])]
+def _model_card(state: APIState) -> ModelCard:
+    return ModelCard(id=state.backend.model_name, created=state.created, max_model_len=state.backend.max_model_len)
 
 
-class _CompletionFormat(_Format):
-    def whole(self, text: str) -> dict[str, Any]:
-        choice = {"index": 0, "text": text, "finish_reason": self.run.finish_reason, "logprobs": self.logprobs(0)}
-        return {**self.base("text_completion"), "choices": [choice], "usage": self.run.usage().model_dump()}
-
-    def chunk(self, text: str, start: int, finish_reason: str | None) -> dict[str, Any]:
-        choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": self.logprobs(start)}
-        return {**self.base("text_completion"), "choices": [choice]}
-
-    def usage_chunk(self) -> dict[str, Any]:
-        return {**self.base("text_completion"), "choices": [], "usage": self.run.usage().model_dump()}
-
-    def logprobs(self, start: int) -> dict[str, Any] | None:
-        if not self.run.request.logprobs:
-            return None
-        return {
-            "tokens": self.tokens(start),
-            "token_logprobs": self.run.logprobs[start:],
-            "top_logprobs": None,
-            "text_offset": None,
-        }
-
-
-class _ChatFormat(_Format):
-    def whole(self, text: str) -> dict[str, Any]:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": self.run.finish_reason,
-            "logprobs": self.logprobs(0),
-        }
-        return {**self.base("chat.completion"), "choices": [choice], "usage": self.run.usage().model_dump()}
-
-    def opening(self) -> dict[str, Any]:
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-        return {**self.base("chat.completion.chunk"), "choices": [choice]}
-
-    def chunk(self, text: str, start: int, finish_reason: str | None) -> dict[str, Any]:
-        choice = {
-            "index": 0,
-            "delta": {"content": text} if text else {},
-            "finish_reason": finish_reason,
-            "logprobs": self.logprobs(start),
-        }
-        return {**self.base("chat.completion.chunk"), "choices": [choice]}
-
-    def usage_chunk(self) -> dict[str, Any]:
-        return {**self.base("chat.completion.chunk"), "choices": [], "usage": self.run.usage().model_dump()}
-
-    def logprobs(self, start: int) -> dict[str, Any] | None:
-        if not self.run.request.logprobs:
-            return None
-        pairs = zip(self.tokens(start), self.run.logprobs[start:], strict=False)
-        return {
-            "content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []} for t, lp in pairs]
-        }
+def _json(body: BaseModel) -> Response:
+    return Response(body.model_dump_json(), media_type="application/json")

@@ -1,114 +1,112 @@
-"""Errors as OpenAI error JSON with the right status; HTTP concerns live here and nowhere else."""
+"""Errors as OpenAI error bodies with the right status; HTTP errors live in api/ and nowhere else.
+
+Every failure a client can see is `{"error": {"message", "type", "param", "code"}}`: validation problems are 400
+`invalid_request_error` naming the parameter (never a 422 or pydantic's internals), unknown routes 404, no capacity
+429/503 with Retry-After. Anything unexpected becomes a generic 500 in `UnhandledErrors` (middleware.py).
+"""
 
 from __future__ import annotations
 
-import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.exceptions import HTTPException
 
 from pdserve.api.backend import CapacityError
 from pdserve.api.protocol import ErrorBody, ErrorResponse
 
-logger = logging.getLogger(__name__)
+INVALID_REQUEST = "invalid_request_error"
+SERVER_ERROR = "server_error"
+# pydantic names union members in error locations ("prompt", "list[int]", 0); these are not parameter names.
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "bytes", "none"})
+_IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
+_NOT_AN_OBJECT = "the request body must be a JSON object, sent with Content-Type: application/json"
 
 
 class APIError(Exception):
+    """An error answered as OpenAI error JSON with `status`; raise it anywhere in api/."""
+
     def __init__(
         self,
         status: int,
         message: str,
+        type: str = INVALID_REQUEST,
         param: str | None = None,
         code: str | None = None,
-        type: str = "invalid_request_error",
     ) -> None:
         super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
 
 
-def error_response(
-    status: int,
-    message: str,
-    type: str,
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body = ErrorResponse(error=ErrorBody(message=message, type=type, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+def error_response(error: APIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error.body().model_dump(), status_code=error.status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Answer validation errors, HTTP errors (unknown route, wrong method), APIError and CapacityError as JSON."""
+
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
-        return error_response(e.status, e.message, e.type, e.param, e.code)
+        return error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        message, param = describe_validation_error(e)
-        return error_response(400, message, "invalid_request_error", param)
+        message, param = describe_validation_errors(e.errors())
+        return error_response(APIError(400, message, param=param))
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return error_response(e.status_code, str(e.detail), kind)
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        message = f"{e.detail}: {request.method} {request.url.path}"
+        return error_response(APIError(e.status_code, message), headers=e.headers)
 
     @app.exception_handler(CapacityError)
     async def no_capacity(_: Request, e: CapacityError) -> JSONResponse:
-        headers = {"Retry-After": str(max(1, round(e.retry_after_s)))}
-        return error_response(
-            e.status_code, str(e), "rate_limit_error" if e.status_code == 429 else "server_error", headers=headers
-        )
-
-    @app.exception_handler(ValueError)
-    async def rejected(_: Request, e: ValueError) -> JSONResponse:
-        return error_response(400, str(e), "invalid_request_error")
-
-    @app.exception_handler(Exception)
-    async def internal(_: Request, e: Exception) -> JSONResponse:
-        logger.exception("request failed")
-        return error_response(500, "internal server error", "server_error")
+        return error_response(capacity_error(e), headers={"Retry-After": str(max(1, math.ceil(e.retry_after_s)))})
 
 
-def describe_validation_error(e: RequestValidationError) -> tuple[str, str | None]:
-    """A one-line message and the offending parameter, without pydantic's internals."""
-    first = e.errors()[0]
-    if first.get("type") == "json_invalid":
+def capacity_error(e: CapacityError) -> APIError:
+    if e.status_code == 429:
+        return APIError(429, str(e), "rate_limit_error", code="rate_limit_exceeded")
+    return APIError(e.status_code, str(e), SERVER_ERROR, code="service_unavailable")
+
+
+def describe_validation_errors(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """A one-line message and the offending parameter (e.g. `messages[0].role`), without pydantic's internals."""
+    # The deepest error is the most specific: for a union it names the member that came closest.
+    depth = max(len(e.get("loc", ())) for e in errors)
+    deepest = [e for e in errors if len(e.get("loc", ())) == depth]
+    error, kind = deepest[0], deepest[0].get("type")
+    if kind == "json_invalid":
         return "the request body is not valid JSON", None
-    fields = [str(part) for part in first.get("loc", ()) if part != "body" and not isinstance(part, int)]
-    param = fields[0] if fields else None
-    return f"invalid value for {param or 'the request body'}: {first.get('msg', 'invalid')}", param
+    param = _param_path(error.get("loc", ()))
+    if param is None:
+        return ("the request body is missing", None) if kind == "missing" else (_NOT_AN_OBJECT, None)
+    if kind == "missing":
+        return f"'{param}' is required", param
+    # Union members that failed alike ("a valid string", "a valid list") are all worth naming.
+    causes = dict.fromkeys(_cause(e) for e in deepest if _param_path(e.get("loc", ())) == param)
+    return f"invalid '{param}': {' or '.join(causes)}", param
 
 
-class BodySizeLimit:
-    """Refuses bodies over `max_bytes` with 413, by Content-Length or while reading."""
+def _cause(error: Any) -> str:
+    if error.get("type") == "value_error":  # our validators' messages, without pydantic's "Value error, " prefix
+        return str(error.get("ctx", {}).get("error"))
+    return str(error.get("msg", "invalid value"))
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
-            return
-        received = 0
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise APIError(413, f"request body exceeds {self.max_bytes} bytes")
-            return message
-
-        await self.app(scope, counting_receive, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, f"request body exceeds {self.max_bytes} bytes", "invalid_request_error")
-        await response(scope, receive, send)
+def _param_path(loc: Sequence[int | str]) -> str | None:
+    path = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif _IDENTIFIER.fullmatch(part) and part not in _TYPE_TAGS:
+            path += f".{part}" if path else part
+    return path or None

@@ -1,0 +1,114 @@
+"""One request's output as the backend streams it: final text, tokens and logprobs to report, finish reason.
+
+The streaming and non-streaming paths share this state, so the same greedy request yields the same text either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from pdserve.api.backend import GenerationDelta, GenerationRequest
+from pdserve.api.detokenizer import IncrementalDetokenizer
+from pdserve.api.errors import SERVER_ERROR, APIError
+from pdserve.api.protocol import PromptTokensDetails, Usage
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Output that became final: text, the tokens not reported before (with their logprobs), finish reason."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None
+
+
+class Generation:
+    def __init__(self, request: GenerationRequest, tokenizer: Any, stop: list[str]) -> None:
+        self.request = request
+        self.detokenizer = IncrementalDetokenizer(tokenizer, stop)
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.num_reported = 0  # tokens already handed out in a Piece
+        self.num_cached_tokens = 0
+        self.finish_reason: str | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def absorb(self, delta: GenerationDelta) -> Piece | None:
+        """Take one backend delta; return what it made final, or None when nothing did (text still held back).
+        Raises APIError when the backend aborted the request on its own: a truncated answer is not a success."""
+        assert not self.is_finished, "delta after the finish"
+        if delta.finish_reason == "abort":
+            raise APIError(503, "the server aborted the request; retry it", SERVER_ERROR)
+        self.token_ids.extend(delta.token_ids)
+        self.logprobs.extend(delta.logprobs or [])
+        self.num_cached_tokens = delta.num_cached_tokens
+        text = self.detokenizer.add(delta.token_ids)
+        if not self.detokenizer.is_stopped and delta.finish_reason is not None:
+            text += self.detokenizer.flush()
+            self.finish_reason = delta.finish_reason
+        if self.detokenizer.is_stopped:
+            self.finish_reason = "stop"  # a stop string matched, whatever ended the backend's stream
+        return self._piece(text) if text or self.is_finished else None
+
+    def whole(self) -> Piece:
+        """All the output, for a non-streaming response."""
+        assert self.is_finished
+        return Piece(self.detokenizer.text, self.token_ids, self.logprobs, self.finish_reason)
+
+    def usage(self) -> Usage:
+        num_prompt_tokens = len(self.request.prompt_token_ids)
+        return Usage(
+            prompt_tokens=num_prompt_tokens,
+            completion_tokens=len(self.token_ids),
+            total_tokens=num_prompt_tokens + len(self.token_ids),
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=self.num_cached_tokens),
+        )
+
+    def _piece(self, text: str) -> Piece:
+        start, self.num_reported = self.num_reported, len(self.token_ids)
+        return Piece(text, self.token_ids[start:], self.logprobs[start:], self.finish_reason)
+
+
+async def first_delta(deltas: AsyncIterator[GenerationDelta]) -> GenerationDelta | None:
+    """The backend's first delta, pulled before any response header is sent so that its errors get a status:
+    CapacityError propagates (429/503), ValueError becomes a 400. Closes the stream when it raises."""
+    try:
+        return await anext(deltas, None)
+    except ValueError as e:
+        await close_stream(deltas)
+        raise APIError(400, str(e)) from e
+    except BaseException:
+        await close_stream(deltas)
+        raise
+
+
+async def collect(deltas: AsyncIterator[GenerationDelta], generation: Generation) -> Piece:
+    """Run a request to its end (or its stop string) and return all its output. Always closes the stream."""
+    try:
+        delta = await first_delta(deltas)
+        while delta is not None:
+            generation.absorb(delta)
+            if generation.is_finished:
+                break
+            delta = await anext(deltas, None)
+    finally:
+        await close_stream(deltas)
+    if not generation.is_finished:
+        raise RuntimeError("the backend's stream ended without a finish reason")
+    return generation.whole()
+
+
+async def close_stream(deltas: AsyncIterator[GenerationDelta]) -> None:
+    """Close a backend stream, even from a task being cancelled: closing is what aborts the request in the
+    backend and frees its KV blocks, so it must not be skipped when the client is gone."""
+    if isinstance(deltas, AsyncGenerator):
+        with anyio.CancelScope(shield=True):
+            await deltas.aclose()

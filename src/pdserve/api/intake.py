@@ -1,0 +1,120 @@
+"""From a parsed OpenAI body to a `GenerationRequest`: model check, tokenization, context-length and cross-field
+checks. Everything here raises APIError (400/404) before the backend sees anything."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from jinja2 import TemplateError
+
+from pdserve.api.backend import Backend, GenerationRequest
+from pdserve.api.errors import APIError
+from pdserve.api.protocol import ChatMessage, SamplingFields
+
+T = TypeVar("T")
+
+
+class Tokenization:
+    """Turns prompts into token ids on one worker thread: a long prompt must not stall the event loop (and the
+    streams of every other request), and one thread keeps the tokenizer out of concurrent use."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-tokenize")
+
+    async def completion_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a completion prompt given as a string or as token ids."""
+        if not prompt:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        if isinstance(prompt, str):
+            return await self._run(lambda: list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"]))
+        check_token_ids(prompt, self.vocab_size, "prompt")
+        return list(prompt)
+
+    async def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        """Token ids of a conversation through the model's chat template, ready for the assistant's turn."""
+        conversation = [m.to_template() for m in messages]
+        try:
+            ids = await self._run(lambda: self._apply_chat_template(conversation))
+        except TemplateError as e:  # templates reject conversations they cannot render (roles out of order, ...)
+            raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from e
+        if not ids:
+            raise APIError(400, "the messages render to an empty prompt", param="messages")
+        return ids
+
+    def _apply_chat_template(self, conversation: list[dict[str, str]]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return [int(t) for t in ids]
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+
+def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
+    if any(not 0 <= t < vocab_size for t in token_ids):
+        raise APIError(400, f"token ids must be in [0, {vocab_size})", param=param)
+
+
+def check_model(backend: Backend, model: str) -> None:
+    """404 unless `model` names the served model (its full name or the last path part of it)."""
+    if model not in (backend.model_name, backend.model_name.rsplit("/", 1)[-1]):
+        message = f"the model '{model}' does not exist; this server serves '{backend.model_name}'"
+        raise APIError(404, message, param="model", code="model_not_found")
+
+
+def context_max_tokens(
+    num_prompt_tokens: int, max_model_len: int, max_tokens: int | None, prompt_param: str, max_tokens_param: str
+) -> int:
+    """The number of tokens to generate: as asked, or what the context has left. Prompt and output must fit in the
+    context together (as in vLLM, an oversized max_tokens is an error, not silently capped)."""
+    if num_prompt_tokens >= max_model_len:
+        message = f"this model's maximum context length is {max_model_len} tokens; the prompt has {num_prompt_tokens}"
+        raise APIError(400, message, param=prompt_param, code="context_length_exceeded")
+    if max_tokens is None:
+        return max_model_len - num_prompt_tokens
+    if num_prompt_tokens + max_tokens > max_model_len:
+        message = (
+            f"this model's maximum context length is {max_model_len} tokens; the prompt has {num_prompt_tokens} and "
+            f"{max_tokens_param} is {max_tokens}: lower it to at most {max_model_len - num_prompt_tokens}"
+        )
+        raise APIError(400, message, param=max_tokens_param, code="context_length_exceeded")
+    return max_tokens
+
+
+def generation_request(
+    body: SamplingFields,
+    vocab_size: int,
+    request_id: str,
+    prompt_ids: list[int],
+    max_tokens: int,
+    with_logprobs: bool,
+    traceparent: str | None,
+) -> GenerationRequest:
+    """The backend's request, after the checks that span several fields."""
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    if body.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens must not exceed the {max_tokens} tokens to generate", param="min_tokens")
+    stop_token_ids = list(body.stop_token_ids or [])
+    check_token_ids(stop_token_ids, vocab_size, "stop_token_ids")
+    return GenerationRequest(
+        request_id=request_id,
+        prompt_token_ids=prompt_ids,
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=max(body.top_k, 0),
+        seed=body.seed,
+        stop_token_ids=stop_token_ids,
+        ignore_eos=body.ignore_eos,
+        min_tokens=body.min_tokens,
+        logprobs=with_logprobs,
+        cache_salt=body.cache_salt,
+        traceparent=traceparent,
+    )

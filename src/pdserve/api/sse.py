@@ -1,0 +1,86 @@
+"""Server-sent events: the chunks of one streamed response, framed as OpenAI streams them, ending in [DONE]."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+
+import anyio
+from pydantic import BaseModel
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from pdserve.api.backend import CapacityError, GenerationDelta
+from pdserve.api.errors import SERVER_ERROR, APIError, capacity_error
+from pdserve.api.formats import ResponseFormat
+from pdserve.api.generation import Generation, close_stream
+
+logger = logging.getLogger(__name__)
+DONE = "data: [DONE]\n\n"
+
+
+def sse_event(body: BaseModel) -> str:
+    return f"data: {body.model_dump_json()}\n\n"
+
+
+async def stream_events(
+    deltas: AsyncIterator[GenerationDelta],
+    first: GenerationDelta | None,
+    generation: Generation,
+    fmt: ResponseFormat,
+    include_usage: bool,
+) -> AsyncGenerator[str, None]:
+    """Yield the events of one streamed response; `first` is the delta pulled before the headers went out.
+    An error after the headers cannot change the status, so it is sent as an error event (as vLLM does), then
+    [DONE]. The backend stream is closed as soon as output ends (a stop string aborts the request) or in `finally`
+    when the client is gone."""
+    try:
+        for chunk in fmt.opening():
+            yield sse_event(chunk)
+        delta = first
+        while delta is not None:
+            piece = generation.absorb(delta)
+            if piece is not None:
+                yield sse_event(fmt.chunk(piece))
+            if generation.is_finished:
+                break
+            delta = await anext(deltas, None)
+        await close_stream(deltas)
+        if not generation.is_finished:
+            raise RuntimeError("the backend's stream ended without a finish reason")
+        if include_usage:
+            yield sse_event(fmt.usage_chunk(generation.usage()))
+    except Exception as e:
+        yield sse_event(_stream_error(e).body())
+    finally:
+        await close_stream(deltas)
+    yield DONE
+
+
+def _stream_error(e: Exception) -> APIError:
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, CapacityError):
+        return capacity_error(e)
+    if isinstance(e, ValueError):
+        return APIError(400, str(e))
+    logger.exception("streamed generation failed")
+    return APIError(500, "internal server error", SERVER_ERROR)
+
+
+class EventStreamResponse(StreamingResponse):
+    """An SSE response that, however it ends (done, client disconnect, error), closes its event generator and the
+    backend stream. Starlette only stops iterating on disconnect; and a generator cancelled before its first step
+    never runs its `finally`, so the backend stream is closed here too."""
+
+    def __init__(self, events: AsyncGenerator[str, None], deltas: AsyncIterator[GenerationDelta]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._events, self._deltas = events, deltas
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._events.aclose()
+            await close_stream(self._deltas)
