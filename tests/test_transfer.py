@@ -1,10 +1,18 @@
-"""KV transports between two processes: exact blocks, epochs stamped, incompatible peers refused."""
+"""KV transports between two processes: exact blocks, epochs stamped last, incompatible or stale peers refused before
+any byte moves, deadlines kept, nothing left in /dev/shm."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import struct
+import threading
+import time
 import uuid
-from dataclasses import replace
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -12,24 +20,33 @@ import torch
 from kv_peer import kv_peer
 from pdserve.kvcache import KVCache, KVLayout
 from pdserve.transfer import (
+    AutoSender,
     KVEndpoint,
+    KVSender,
     SharedMemorySender,
+    TcpReceiver,
     TcpSender,
     TransferError,
     TransferSpec,
+    choose_transport,
     layout_spec,
-    make_sender,
+    make_receiver,
+    wire,
 )
-from pdserve.transfer.base import runs
+from pdserve.transfer.base import paired_runs, runs
+
+DTYPES = (torch.float32, torch.bfloat16)
+NUM_BLOCKS = 12
+Peers = dict[torch.dtype, KVEndpoint]
 
 
-def layout(dtype: torch.dtype, num_blocks: int = 12) -> KVLayout:
+def layout(dtype: torch.dtype, num_blocks: int = NUM_BLOCKS) -> KVLayout:
     return KVLayout(num_layers=3, num_blocks=num_blocks, block_size=4, num_kv_heads=2, head_dim=8, dtype=dtype)
 
 
-def random_cache(dtype: torch.dtype) -> KVCache:
+def random_cache(dtype: torch.dtype, seed: int = 0) -> KVCache:
     kv = KVCache(layout(dtype))
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     for t in kv.k + kv.v:
         t.copy_(torch.randn(t.shape, generator=g).to(dtype))
     return kv
@@ -39,65 +56,261 @@ def shm_path() -> str:
     return f"/dev/shm/pdserve-test-{uuid.uuid4().hex}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def snapshot(kv: KVCache) -> list[torch.Tensor]:
+    return [t.clone() for t in [*kv.k, *kv.v, kv.block_epochs]]
+
+
+def assert_unchanged(kv: KVCache, before: list[torch.Tensor]) -> None:
+    for now, then in zip([*kv.k, *kv.v, kv.block_epochs], before, strict=True):
+        assert torch.equal(now, then)
+
+
+@pytest.fixture(scope="module")
+def peers() -> Iterator[Peers]:
+    """One receiver process per dtype (shared-memory cache + TCP listener), alive for the whole module."""
+    with ExitStack() as stack:
+        yield {dtype: stack.enter_context(kv_peer(layout(dtype), shm_path())) for dtype in DTYPES}
+
+
+def open_peer(endpoint: KVEndpoint) -> KVCache:
+    assert endpoint.shm_path is not None
+    return KVCache.open_shared(endpoint.layout(), endpoint.shm_path)
+
+
+# ---- the shared-memory cache itself ----------------------------------------------------------------------------
+
+
+def test_shared_cache_keeps_the_layout_and_leaves_no_file() -> None:
+    path = shm_path()
+    kv = KVCache(layout(torch.bfloat16), shared_path=path)
+    assert not os.path.exists(path)  # unlinked at creation: a crashed owner leaves nothing in /dev/shm
+    assert kv.shared_address is not None
+    for t in kv.k + kv.v:
+        assert t.shape == (NUM_BLOCKS, 4, 2, 8) and t.is_contiguous() and t.data_ptr() % 64 == 0
+    peer = KVCache.open_shared(layout(torch.bfloat16), kv.shared_address)
+    peer.v[2][5].fill_(3.0)
+    peer.block_epochs[5] = 4
+    assert kv.v[2][5].eq(3.0).all() and kv.block_epochs.tolist() == [4 if b == 5 else 0 for b in range(NUM_BLOCKS)]
+    assert kv.v[2].sum() == 3.0 * 4 * 2 * 8 and kv.k[2].abs().sum() == 0  # exactly that block of that tensor
+    with pytest.raises(ValueError, match=r"num_blocks: 12 != 13; dtype: bfloat16 != float32"):
+        KVCache.open_shared(layout(torch.float32, num_blocks=13), kv.shared_address)
+    kv.close()
+    with pytest.raises(OSError):
+        KVCache.open_shared(layout(torch.bfloat16), kv.shared_address)  # no new peer after close
+    peer.k[0][0].fill_(1.0)  # mappings already open stay valid
+    assert kv.k[0][0].eq(1.0).all()
+
+
+def test_shared_cache_without_room_is_a_clear_error() -> None:
+    huge = KVLayout(num_layers=1, num_blocks=1 << 40, block_size=1, num_kv_heads=1, head_dim=1, dtype=torch.float32)
+    path = shm_path()
+    with pytest.raises(ValueError, match="no room"):
+        KVCache(huge, shared_path=path)
+    assert not os.path.exists(path)
+
+
+# ---- moving blocks between processes ---------------------------------------------------------------------------
+
+
+def assert_moved(src: KVCache, dst: KVCache, spec: TransferSpec, before: list[torch.Tensor]) -> None:
+    """The spec's blocks arrived exactly, every layer, K and V, and got the epoch; nothing else changed."""
+    expected = [t.clone() for t in before]
+    num_layers = src.layout.num_layers
+    for i, t in enumerate(src.k + src.v):
+        expected[i][list(spec.dst_block_ids)] = t[list(spec.src_block_ids)]
+    expected[2 * num_layers][list(spec.dst_block_ids)] = spec.epoch
+    for now, want in zip([*dst.k, *dst.v, dst.block_epochs], expected, strict=True):
+        assert torch.equal(now, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sender_cls", [SharedMemorySender, TcpSender])
-def test_blocks_arrive_exactly_and_are_stamped(dtype: torch.dtype, sender_cls: type) -> None:
-    src = random_cache(dtype)
-    path = shm_path()
-    with kv_peer(layout(dtype), path) as endpoint:
-        sender = sender_cls("m")
-        spec = TransferSpec("r1", epoch=7, src_block_ids=[1, 2, 3, 9], dst_block_ids=[5, 6, 7, 0])
+def test_blocks_arrive_exactly_and_are_stamped(peers: Peers, dtype: torch.dtype, sender_cls: type[KVSender]) -> None:
+    endpoint = peers[dtype]
+    src, dst = random_cache(dtype, seed=1 if sender_cls is SharedMemorySender else 2), open_peer(endpoint)
+    sender = sender_cls("m")  # type: ignore[call-arg]
+    # Short runs on both sides (3 blocks and 1): gathered and scattered in one indexed copy per layer's K and V.
+    scattered = TransferSpec(epoch=7, src_block_ids=[1, 2, 3, 9], dst_block_ids=[5, 6, 7, 0], transfer_id="r1")
+    # One run on both sides: copied (or sent and received) in place.
+    consecutive = TransferSpec(
+        epoch=8, src_block_ids=list(range(8)), dst_block_ids=list(range(4, 12)), transfer_id="r2"
+    )
+    for spec in (scattered, consecutive):  # the second reuses the pooled TCP connection
+        before = snapshot(dst)
         stats = sender.send(endpoint, spec, src, timeout_s=10)
-        dst = KVCache.open_shared(layout(dtype), path)
-        for layer in range(3):
-            for s, d in zip(spec.src_block_ids, spec.dst_block_ids, strict=True):
-                assert torch.equal(dst.k[layer][d], src.k[layer][s]) and torch.equal(dst.v[layer][d], src.v[layer][s])
-            untouched = [b for b in range(12) if b not in spec.dst_block_ids]
-            assert dst.k[layer][untouched].abs().sum() == 0
-        assert dst.block_epochs.tolist() == [7 if b in spec.dst_block_ids else 0 for b in range(12)]
-        assert stats.num_blocks == 4 and stats.num_bytes == 4 * src.layout.bytes_per_block
-        sender.close()
-    assert not os.path.exists(path)  # the owner unlinked its shared files
+        assert_moved(src, dst, spec, before)
+        num = len(spec.dst_block_ids)
+        assert stats.num_blocks == num and stats.num_bytes == num * src.layout.bytes_per_block
+        assert stats.transport == ("shm" if sender_cls is SharedMemorySender else "tcp")
+    sender.close()
 
 
-def test_incompatible_peers_are_refused_before_any_byte_moves() -> None:
-    src = random_cache(torch.float32)
-    path = shm_path()
-    with kv_peer(layout(torch.float32), path) as endpoint:
-        for bad in (
-            replace(endpoint.spec, dtype="bfloat16"),
-            replace(endpoint.spec, model_id="other"),
-            replace(endpoint.spec, num_kv_heads=4),
-        ):
-            for sender in (SharedMemorySender("m"), TcpSender("m")):
-                with pytest.raises(TransferError, match="incompatible"):
-                    sender.send(replace(endpoint, spec=bad), TransferSpec("r", 1, [0], [0]), src, timeout_s=5)
-        dst = KVCache.open_shared(layout(torch.float32), path)
-        assert dst.block_epochs.sum() == 0 and dst.k[0].abs().sum() == 0
+@pytest.mark.parametrize(
+    ("field", "value"), [("dtype", "bfloat16"), ("model_id", "other"), ("num_kv_heads", 4), ("num_layers", 2)]
+)
+def test_incompatible_layouts_are_refused_before_any_byte_moves(peers: Peers, field: str, value: object) -> None:
+    endpoint, src = peers[torch.float32], random_cache(torch.float32)
+    dst = open_peer(endpoint)
+    before = snapshot(dst)
+    bad = replace(endpoint, spec=replace(endpoint.spec, **{field: value}))
+    for sender in (SharedMemorySender("m"), TcpSender("m")):
+        with pytest.raises(TransferError, match=f"incompatible KV layouts \\({field}: "):
+            sender.send(bad, TransferSpec(1, [0], [0], "r"), src, timeout_s=5)
+    assert_unchanged(dst, before)
 
 
-def test_dead_receiver_fails_within_the_deadline() -> None:
+def test_a_lying_endpoint_is_caught_by_the_receiver(peers: Peers) -> None:
+    """The endpoint says bfloat16 and the sender is bfloat16, but the cache behind it is float32."""
+    endpoint, src = peers[torch.float32], random_cache(torch.bfloat16)
+    dst = open_peer(endpoint)
+    before = snapshot(dst)
+    lying = replace(endpoint, spec=replace(endpoint.spec, dtype="bfloat16"))
+    with pytest.raises(TransferError, match=r"refused it: incompatible KV layouts \(dtype: bfloat16 != float32"):
+        TcpSender("m").send(replace(lying, shm_path=None), TransferSpec(1, [0], [0], "r"), src, timeout_s=5)
+    with pytest.raises(TransferError, match=r"another layout \(dtype: float32 != bfloat16"):
+        SharedMemorySender("m").send(lying, TransferSpec(1, [0], [0], "r"), src, timeout_s=5)
+    stale = replace(endpoint, cache_id="0123456789abcdef")  # e.g. a recycled port or pid
+    with pytest.raises(TransferError, match="stale endpoint"):
+        TcpSender("m").send(stale, TransferSpec(1, [0], [0], "r"), random_cache(torch.float32), timeout_s=5)
+    with pytest.raises(TransferError, match="no longer the KV cache"):
+        SharedMemorySender("m").send(stale, TransferSpec(1, [0], [0], "r"), random_cache(torch.float32), 5)
+    assert_unchanged(dst, before)
+
+
+def test_block_ids_and_time_are_checked_before_any_byte_moves(peers: Peers) -> None:
+    endpoint, src = peers[torch.float32], random_cache(torch.float32)
+    dst = open_peer(endpoint)
+    before = snapshot(dst)
+    with pytest.raises(ValueError, match="repeat"):
+        TransferSpec(1, [0, 1], [3, 3], "r")
+    with pytest.raises(ValueError, match="2 source blocks for 1"):
+        TransferSpec(1, [0, 1], [3], "r")
+    for sender in (SharedMemorySender("m"), TcpSender("m")):
+        with pytest.raises(TransferError, match=r"destination block ids must lie in \[0, 12\)"):
+            sender.send(endpoint, TransferSpec(1, [0, 1], [11, 12], "r"), src, timeout_s=5)
+        with pytest.raises(TransferError, match="deadline passed before"):
+            sender.send(endpoint, TransferSpec(1, [0, 1], [10, 11], "r"), src, timeout_s=0)
+    assert_unchanged(dst, before)
+
+
+def test_a_dead_receiver_fails_within_the_deadline() -> None:
     src = random_cache(torch.float32)
     with kv_peer(layout(torch.float32), shm_path()) as endpoint:
-        pass  # the receiver is gone now
-    with pytest.raises(TransferError):
-        TcpSender("m").send(endpoint, TransferSpec("r", 1, [0], [0]), src, timeout_s=2)
-
-
-def test_auto_sender_picks_shm_on_the_same_node_and_tcp_elsewhere() -> None:
-    src = random_cache(torch.float32)
-    path = shm_path()
-    with kv_peer(layout(torch.float32), path) as endpoint:
-        spec = TransferSpec("r", 3, [0, 1], [2, 3])
-        assert make_sender("auto", "m", "node-a").send(endpoint, spec, src, 10).transport == "shm"
-        assert make_sender("auto", "m", "node-b").send(endpoint, spec, src, 10).transport == "tcp"
-        assert make_sender("tcp", "m", "node-a").send(endpoint, spec, src, 10).transport == "tcp"
-        no_tcp: KVEndpoint = replace(endpoint, tcp_address=None)
+        tcp = TcpSender("m")
+        tcp.send(endpoint, TransferSpec(1, [0], [0], "warm"), src, timeout_s=10)  # leaves a pooled connection
+    # The receiver process is gone: its pooled connection, a reconnect and its /proc address all fail, fast.
+    for sender in (tcp, TcpSender("m"), SharedMemorySender("m")):
+        start = time.monotonic()
         with pytest.raises(TransferError):
-            make_sender("auto", "m", "node-b").send(no_tcp, spec, src, 10)
-    assert layout_spec(src.layout, "m").dtype == "float32"
+            sender.send(endpoint, TransferSpec(2, [0], [0], "r"), src, timeout_s=2)
+        assert time.monotonic() - start < 2.5
+
+
+def test_a_hung_receiver_fails_at_the_deadline() -> None:
+    """A peer that accepts connections into its backlog but never answers."""
+    src = random_cache(torch.float32)
+    with socket.create_server(("127.0.0.1", 0)) as hung:
+        address = f"127.0.0.1:{hung.getsockname()[1]}"
+        endpoint = KVEndpoint("node-b", layout_spec(src.layout, "m"), NUM_BLOCKS, "id", tcp_address=address)
+        start = time.monotonic()
+        with pytest.raises(TransferError, match=r"deadline|timed out"):
+            TcpSender("m").send(endpoint, TransferSpec(1, [0, 1], [0, 1], "r"), src, timeout_s=1)
+        assert 0.9 < time.monotonic() - start < 2
+
+
+# ---- in one process: the receiver's own guards, concurrency, transport choice ---------------------------------
+
+
+@pytest.fixture()
+def receiver() -> Iterator[tuple[KVCache, KVEndpoint]]:
+    kv = KVCache(layout(torch.float32), shared_path=shm_path())
+    rx = make_receiver("auto", kv, "m", "node-a")
+    yield kv, rx.endpoint
+    rx.close()
+
+
+def test_the_receiver_drops_a_transfer_past_its_deadline(receiver: tuple[KVCache, KVEndpoint]) -> None:
+    """A layer that would start after the sender's deadline is never written: the blocks may be freed by then."""
+    kv, endpoint = receiver
+    assert endpoint.tcp_address is not None
+    host, port = endpoint.tcp_address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        hello = json.dumps({"cache_id": endpoint.cache_id, "spec": asdict(endpoint.spec)}).encode()
+        conn.sendall(wire.HELLO.pack(b"PDKV", 1, len(hello)) + hello)
+        assert wire.REPLY.unpack(conn.recv(wire.REPLY.size)) == (0, 0)
+        block_bytes = 4 * 2 * 8 * 4
+        header = wire.LAYER.pack(3, 0.0, 0, 1, block_bytes)  # no time left
+        conn.sendall(header + struct.pack("<q", 2) + b"\x01" * 2 * block_bytes)
+        try:
+            reply = conn.recv(64)
+        except ConnectionResetError:  # it hung up on the unread payload
+            reply = b""
+        assert reply == b""  # no ack
+    assert kv.k[0].abs().sum() == 0 and kv.block_epochs.sum() == 0
+
+
+def test_concurrent_sends_to_one_endpoint(receiver: tuple[KVCache, KVEndpoint]) -> None:
+    kv, endpoint = receiver
+    src = random_cache(torch.float32)
+    senders: list[KVSender] = [TcpSender("m"), SharedMemorySender("m")]
+    errors: list[BaseException] = []
+
+    def push(sender: KVSender, i: int) -> None:
+        try:
+            sender.send(endpoint, TransferSpec(10 + i, [i], [i], f"r{i}"), src, timeout_s=10)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=push, args=(senders[i % 2], i)) for i in range(NUM_BLOCKS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert torch.equal(kv.k[1], src.k[1]) and torch.equal(kv.v[2], src.v[2])
+    assert kv.block_epochs.tolist() == [10 + i for i in range(NUM_BLOCKS)]
+
+
+def test_choose_transport() -> None:
+    spec = layout_spec(layout(torch.float32), "m")
+    both = KVEndpoint("node-a", spec, NUM_BLOCKS, "id", shm_path="/proc/1/fd/3", tcp_address="10.0.0.1:5000")
+    assert choose_transport(both, "node-a") == "shm"
+    assert choose_transport(both, "node-b") == "tcp"
+    assert choose_transport(both, "node-a", prefer="tcp") == "tcp"
+    with pytest.raises(TransferError, match="node-a from node node-b"):
+        choose_transport(both, "node-b", prefer="shm")
+    with pytest.raises(TransferError, match=r"serves KV over \('shm',\), not tcp"):
+        choose_transport(replace(both, tcp_address=None), "node-b")
+    assert choose_transport(replace(both, shm_path=None), "node-a") == "tcp"
+    with pytest.raises(ValueError, match="one of auto, shm, tcp"):
+        choose_transport(both, "node-a", prefer="nccl")
+
+
+def test_auto_sender_uses_tcp_when_shared_memory_cannot_be_mapped(receiver: tuple[KVCache, KVEndpoint]) -> None:
+    kv, endpoint = receiver
+    src = random_cache(torch.float32)
+    sender = AutoSender("m", "node-a")
+    assert sender.send(endpoint, TransferSpec(5, [0], [1], "r"), src, 5).transport == "shm"
+    assert AutoSender("m", "node-b").send(endpoint, TransferSpec(5, [0], [2], "r"), src, 5).transport == "tcp"
+    unmappable = replace(endpoint, shm_path="/proc/1/fd/999999", cache_id=endpoint.cache_id)
+    assert sender.send(unmappable, TransferSpec(6, [0], [3], "r"), src, 5).transport == "tcp"
+    assert kv.block_epochs[1:4].tolist() == [5, 5, 6] and torch.equal(kv.k[0][3], src.k[0][0])
+
+
+def test_receiver_configuration_errors() -> None:
+    kv = KVCache(layout(torch.float32))
+    with pytest.raises(ValueError, match="shared memory"):
+        make_receiver("shm", kv, "m", "node-a")
+    with pytest.raises(ValueError, match="advertise_host"):
+        TcpReceiver(kv, "0.0.0.0", node_id="node-a", model_id="m")
+    rx = make_receiver("auto", kv, "m", "node-a", host="0.0.0.0", advertise_host="10.1.2.3")
+    assert rx.endpoint.tcp_address is not None and rx.endpoint.tcp_address.startswith("10.1.2.3:")
+    assert rx.endpoint.shm_path is None  # a cache in private memory is reachable over TCP only
+    rx.close()
 
 
 def test_runs_group_consecutive_blocks() -> None:
-    assert runs([1, 2, 3, 9], [5, 6, 7, 0]) == [(1, 5, 3), (9, 0, 1)]
-    assert runs([], []) == []
+    assert paired_runs([1, 2, 3, 9], [5, 6, 7, 0]) == [(1, 5, 3), (9, 0, 1)]
+    assert paired_runs([1, 2], [5, 7]) == [(1, 5, 1), (2, 7, 1)]
+    assert runs([4, 5, 6, 2, 3]) == [(4, 3), (2, 2)]
+    assert runs([]) == []

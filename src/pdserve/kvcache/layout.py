@@ -7,23 +7,35 @@ Per layer, one K and one V tensor, each laid out
 so block b of layer l is the contiguous slab `k[l][b]` of `block_size * num_kv_heads * head_dim` elements, and
 token slot s (= block_id * block_size + offset) is `k[l].view(-1, num_kv_heads, head_dim)[s]`. A transport moves
 whole blocks: for each layer, K then V, the blocks in the order of the request's block ids. Two replicas can
-exchange blocks only if every field of `KVLayout` matches (the transfer handshake compares them).
+exchange blocks only if every field of `KVLayout` but `num_blocks` matches (the transfer handshake compares them).
 
-Arrival stamps: `block_epochs[b]` holds the epoch of the last transfer that completed block b (all layers, K and
-V). A writer stamps a block only after every layer of it is written; the decode side commits a reservation only
-if every block it did not already hold carries the reservation's epoch, so it never decodes from partial KV.
+Arrival stamps: `block_epochs[b]` (int64, `[num_blocks]`) holds the epoch of the last transfer that completed block
+b. A writer stamps a block only after every layer of it, K and V, is written; the decode side commits a reservation
+only if every block it did not already hold carries the reservation's epoch, so it never decodes from partial KV
+(a transfer that dies midway leaves its blocks unstamped, and a stale epoch never matches a newer reservation).
 
-Shared memory: with `shared_path`, all K/V tensors live in one file-backed mapping (`/dev/shm`) and the stamps in
-a second one, so a prefill replica on the same node can map them (`KVCache.open_shared`) and write blocks
-directly. The owner unlinks both files on `close()`; peers keep their mapping until they drop it.
+Shared memory: with `shared_path` (on a tmpfs, e.g. /dev/shm), one file holds a small header, the stamps and every
+layer's K and V, mapped once; `k[l]` and `v[l]` are views into it. The owner unlinks the file right after creating
+it and keeps only an open descriptor, so nothing is left in /dev/shm even if it is SIGKILLed or OOM-killed: the
+memory goes back to the system when the last process mapping it unmaps. A peer on the same node (same user) maps it
+through `shared_address` (`/proc/<owner pid>/fd/<fd>`) with `KVCache.open_shared`; `close()` (owner) closes that
+descriptor, after which no new peer can map the cache, while mappings already open stay valid.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+import secrets
+import struct
 from dataclasses import dataclass
 
 import torch
+
+_MAGIC = b"PDKVSHM1"
+# magic, then num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype name, owner pid, cache id
+_HEADER = struct.Struct("<8s5q16sq16s")
+_PAGE = 4096  # the stamps and the K/V tensors start on page boundaries
 
 
 @dataclass(frozen=True)
@@ -42,8 +54,7 @@ class KVLayout:
     @property
     def bytes_per_block(self) -> int:
         """Bytes of one block across all layers, K and V."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * _elem_size(self.dtype)
 
     @property
     def bytes_per_token(self) -> int:
@@ -54,42 +65,49 @@ class KVCache:
     """The K and V tensors of every layer of one replica, and the blocks' arrival stamps."""
 
     def __init__(self, layout: KVLayout, device: torch.device | str = "cpu", shared_path: str | None = None) -> None:
+        """`shared_path`: put the cache in shared memory, in a file created there and unlinked at once (see the
+        module docstring); ValueError if the file system lacks room for it."""
         self.layout = layout
         self.shared_path = shared_path
-        self._is_owner = shared_path is not None
+        self.shared_address: str | None = None  # what a same-node peer passes to `open_shared`
+        self.shared_id: str | None = None  # random id of a shared cache, so a peer can tell it maps the right one
+        self._fd: int | None = None  # owner only: keeps `shared_address` open
         if shared_path is None:
-            flat = torch.zeros(self._num_elements(layout), dtype=layout.dtype, device=device)
+            flat = torch.zeros(_num_elements(layout), dtype=layout.dtype, device=device)
             self.block_epochs = torch.zeros(layout.num_blocks, dtype=torch.int64)
         else:
             assert torch.device(device).type == "cpu", "shared-memory KV lives in host memory"
-            for path in (shared_path, shared_path + ".epochs"):
-                if os.path.exists(path):
-                    os.unlink(path)  # a previous owner's leftover: never map stale KV
-            flat, self.block_epochs = _map(layout, shared_path)
+            self._fd, self.shared_id = _create(layout, shared_path)
+            self.shared_address = f"/proc/{os.getpid()}/fd/{self._fd}"
+            flat, self.block_epochs = _map(layout, self._fd)
         self._split(flat)
 
     @classmethod
-    def open_shared(cls, layout: KVLayout, path: str) -> KVCache:
-        """Map another process's shared cache (same node) without owning it."""
-        if not os.path.exists(path) or os.path.getsize(path) != cls._num_elements(layout) * _elem_size(layout):
-            raise ValueError(f"{path} is not a shared KV cache of this layout")
+    def open_shared(cls, layout: KVLayout, address: str) -> KVCache:
+        """Map another process's shared cache (same node, same user) without owning it. `address` is the owner's
+        `shared_address`. Raises OSError if it cannot be opened, ValueError if it holds another layout."""
+        fd = os.open(address, os.O_RDWR)
+        try:
+            shared_id = _check_header(os.pread(fd, _HEADER.size, 0), layout, address)
+            flat, epochs = _map(layout, fd)
+        finally:
+            os.close(fd)  # the mapping holds the memory; the descriptor is not needed any more
         cache = cls.__new__(cls)
-        cache.layout, cache.shared_path, cache._is_owner = layout, path, False
-        flat, cache.block_epochs = _map(layout, path)
+        cache.layout, cache.shared_path, cache.shared_address, cache.shared_id = layout, None, address, shared_id
+        cache._fd, cache.block_epochs = None, epochs
         cache._split(flat)
         return cache
 
-    def close(self) -> None:
-        """Owner: remove the shared files (mappings already open stay valid)."""
-        if self._is_owner and self.shared_path is not None:
-            for path in (self.shared_path, self.shared_path + ".epochs"):
-                if os.path.exists(path):
-                    os.unlink(path)
-            self._is_owner = False
+    @property
+    def is_shared(self) -> bool:
+        return self.shared_id is not None
 
-    @staticmethod
-    def _num_elements(layout: KVLayout) -> int:
-        return 2 * layout.num_layers * layout.num_blocks * layout.block_size * layout.num_kv_heads * layout.head_dim
+    def close(self) -> None:
+        """Owner of a shared cache: stop new peers from mapping it (its file was unlinked at creation already).
+        The tensors stay valid here and in peers that mapped it; the memory is freed when the last one unmaps."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def _split(self, flat: torch.Tensor) -> None:
         shape = (self.layout.num_blocks, *self.layout.block_shape)
@@ -109,11 +127,73 @@ class KVCache:
         self.v[layer].index_copy_(0, index, v.to(self.v[layer].device))
 
 
-def _elem_size(layout: KVLayout) -> int:
-    return torch.empty((), dtype=layout.dtype).element_size()
+def _elem_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
-def _map(layout: KVLayout, path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    flat = torch.from_file(path, shared=True, size=KVCache._num_elements(layout), dtype=layout.dtype)
-    epochs = torch.from_file(path + ".epochs", shared=True, size=layout.num_blocks, dtype=torch.int64)
+def _num_elements(layout: KVLayout) -> int:
+    return 2 * layout.num_layers * layout.num_blocks * layout.block_size * layout.num_kv_heads * layout.head_dim
+
+
+def _round_up(num_bytes: int) -> int:
+    return -(-num_bytes // _PAGE) * _PAGE
+
+
+def _file_bytes(layout: KVLayout) -> int:
+    """Header page, stamps (page-padded), then K/V: [num_layers, 2, num_blocks, block_size, heads, head_dim]."""
+    return _PAGE + _round_up(8 * layout.num_blocks) + _num_elements(layout) * _elem_size(layout.dtype)
+
+
+def _describe(layout: KVLayout) -> dict[str, int | str]:
+    """What the header records of a layout, and what a peer's layout must match."""
+    names = ("num_layers", "num_blocks", "block_size", "num_kv_heads", "head_dim")
+    return {n: getattr(layout, n) for n in names} | {"dtype": str(layout.dtype).removeprefix("torch.")}
+
+
+def _create(layout: KVLayout, path: str) -> tuple[int, str]:
+    """Create, size and unlink the shared file; returns its descriptor and a fresh cache id."""
+    if os.path.exists(path):
+        os.unlink(path)  # a leftover of an older version that kept the name: never map stale KV
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.unlink(path)  # from here on only descriptors and mappings keep the memory alive
+    try:
+        # Reserve every page now: a full tmpfs fails here with ENOSPC instead of SIGBUS at some later write.
+        os.posix_fallocate(fd, 0, _file_bytes(layout))
+    except OSError as e:
+        os.close(fd)
+        raise ValueError(
+            f"no room for a {_file_bytes(layout) / 2**30:.2f} GiB shared KV cache in {os.path.dirname(path)} ({e}); "
+            "enlarge it (docker --shm-size, a memory-backed emptyDir on Kubernetes), shrink the KV cache, "
+            "or use the tcp KV transport"
+        ) from e
+    shared_id = secrets.token_hex(8)
+    *sizes, dtype = _describe(layout).values()
+    header = _HEADER.pack(_MAGIC, *sizes, str(dtype).encode(), os.getpid(), shared_id.encode())
+    os.pwrite(fd, header, 0)
+    return fd, shared_id
+
+
+def _check_header(header: bytes, layout: KVLayout, address: str) -> str:
+    """The cache id in a shared file's header; ValueError naming each field that differs from `layout`."""
+    if len(header) < _HEADER.size or not header.startswith(_MAGIC):
+        raise ValueError(f"{address} is not a pdserve shared KV cache")
+    _, *sizes, dtype, _pid, shared_id = _HEADER.unpack(header)
+    want = _describe(layout)
+    got = dict(zip(want, [*sizes, dtype.rstrip(b"\0").decode()], strict=True))
+    diffs = [f"{name}: {got[name]} != {want[name]}" for name in want if got[name] != want[name]]
+    if diffs:
+        raise ValueError(f"shared KV cache at {address} has another layout ({'; '.join(diffs)})")
+    return str(shared_id.decode())
+
+
+def _map(layout: KVLayout, fd: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K/V elements and the stamps of the shared file behind `fd`, as tensors over one shared mapping."""
+    size = _file_bytes(layout)
+    if os.fstat(fd).st_size != size:
+        raise ValueError(f"shared KV file is {os.fstat(fd).st_size} bytes, its layout needs {size}")
+    # MAP_POPULATE: fault the page tables in once now rather than on the first transfer into each page.
+    memory = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+    raw = torch.frombuffer(memory, dtype=torch.uint8)  # keeps `memory` alive as long as any view of it lives
+    epochs = raw[_PAGE : _PAGE + 8 * layout.num_blocks].view(torch.int64)
+    flat = raw[_PAGE + _round_up(8 * layout.num_blocks) :].view(layout.dtype)
     return flat, epochs

@@ -7,7 +7,6 @@ Methods accept `target_replica_id` so the ingress can pin a call to a replica (s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import tempfile
@@ -43,8 +42,7 @@ class _EngineReplica:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.node_id = ray.get_runtime_context().get_node_id()
         engine_config = config.engine_config(model_path)
-        if shared_kv:
-            _remove_orphaned_kv_files(_shm_dir())
+        if shared_kv and config.device == "cpu":  # GPU caches move over NCCL (its own issue), not host memory
             path = os.path.join(_shm_dir(), f"pdserve-kv-{self.replica_id}-{os.getpid()}")
             engine_config = replace(engine_config, cache=replace(engine_config.cache, shared_path=path))
         self.llm = LLMEngine(engine_config)
@@ -218,24 +216,3 @@ class DecodeServer(_EngineReplica):
 
 def _shm_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-
-
-def _remove_orphaned_kv_files(directory: str) -> None:
-    """Shared KV files of replicas that died without cleaning up (`pdserve-kv-<replica>-<pid>`): free their RAM."""
-    for name in os.listdir(directory):
-        if not name.startswith("pdserve-kv-"):
-            continue
-        pid = name.removesuffix(".epochs").rsplit("-", 1)[-1]
-        if pid.isdigit() and not _is_alive(int(pid)):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(directory, name))
-
-
-def _is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -1,174 +1,332 @@
-"""Cross-node transport over TCP: the decode replica runs a listener thread that writes arriving blocks straight
-into its KV cache; the prefill replica keeps one connection per decode endpoint.
-
-Wire format, per layer: a fixed header (epoch, layer, num_layers, num_blocks, bytes per K payload), the destination
-block ids (int64), then K bytes and V bytes. After the last layer the receiver stamps the epochs and acks one byte,
-so `send` returns only once the blocks are complete on the other side.
-"""
+"""Cross-node transport over TCP (wire.py has the protocol): the decode replica's listener writes arriving blocks
+straight into its KV cache; the prefill replica keeps a pool of connections per decode endpoint, one transfer at a
+time on each."""
 
 from __future__ import annotations
 
+import json
 import logging
+import secrets
 import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
 from pdserve.kvcache import KVCache
+from pdserve.transfer import wire
 from pdserve.transfer.base import (
+    Deadline,
     KVEndpoint,
+    KVLayoutSpec,
     KVReceiver,
     KVSender,
     TransferError,
     TransferSpec,
     TransferStats,
     check_compatible,
+    is_scattered,
     layout_spec,
+    require_host_memory,
+    runs,
 )
 
 logger = logging.getLogger(__name__)
-_HEADER = struct.Struct("<4sqiiiq")  # magic, epoch, layer, num_layers, num_blocks, payload bytes (K; V alike)
-_MAGIC = b"PDKV"
-_ACK = b"\x01"
-_SOCKET_BUFFER_BYTES = 8 << 20  # large kernel buffers: loopback throughput ~3x the defaults
-
-
-def _tune(conn: socket.socket) -> None:
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER_BYTES)
+_HANDSHAKE_TIMEOUT_S = 10.0
+_WILDCARDS = ("", "0.0.0.0", "::")
 
 
 class TcpReceiver(KVReceiver):
-    def __init__(self, kv: KVCache, node_id: str, spec_model_id: str, host: str = "127.0.0.1", port: int = 0) -> None:
+    """Listens on `host:port` (port 0: a free one) and writes arriving blocks straight into `kv`: one thread
+    accepts, one thread per connection receives. `advertise_host` is the address other nodes reach this one by
+    (e.g. the Ray node IP); it must be given when `host` binds every interface."""
+
+    def __init__(
+        self,
+        kv: KVCache,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        node_id: str,
+        model_id: str,
+        advertise_host: str | None = None,
+    ) -> None:
+        reachable = advertise_host or host
+        if reachable in _WILDCARDS:
+            raise ValueError(f"the KV receiver binds {host!r}: give advertise_host, the address peers reach it by")
+        require_host_memory(kv)
         self.kv = kv
-        self._server = socket.create_server((host, port))
-        address = f"{host}:{self._server.getsockname()[1]}"
-        spec = layout_spec(kv.layout, spec_model_id)
-        self.endpoint = KVEndpoint(node_id, spec, kv.layout.num_blocks, kv.shared_path, address)
-        self._closed = False
-        threading.Thread(target=self._accept, name="pdserve-kv-accept", daemon=True).start()
+        self.spec = layout_spec(kv.layout, model_id)
+        self.cache_id = kv.shared_id or secrets.token_hex(8)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._server = socket.create_server((host, port), family=family, backlog=128)
+        address = wire.join_address(reachable, self._server.getsockname()[1])
+        self.endpoint = KVEndpoint(node_id, self.spec, kv.layout.num_blocks, self.cache_id, tcp_address=address)
+        self._conns: dict[socket.socket, threading.Thread] = {}  # open connections and their receiving threads
+        self._lock = threading.Lock()  # guards _conns and _is_closed
+        self._is_closed = False
+        self._accepter = threading.Thread(target=self._accept, name="pdserve-kv-accept", daemon=True)
+        self._accepter.start()
 
     def close(self) -> None:
-        self._closed = True
+        """Stop listening and cut every connection (a transfer in flight fails on its sender's side); once this
+        returns, no thread of the receiver writes into the cache."""
+        with self._lock:
+            self._is_closed = True
+            conns = dict(self._conns)
+        wire.shutdown(self._server)  # wakes the thread blocked in accept()
         self._server.close()
-        self.kv.close()
+        for conn in conns:
+            wire.shutdown(conn)  # wakes its thread blocked in recv()
+        for thread in [self._accepter, *conns.values()]:
+            thread.join(timeout=5)
 
     def _accept(self) -> None:
-        while not self._closed:
+        while True:
             try:
                 conn, _ = self._server.accept()
             except OSError:
-                return
-            _tune(conn)
-            threading.Thread(target=self._serve, args=(conn,), name="pdserve-kv-recv", daemon=True).start()
+                return  # closed
+            wire.tune(conn)
+            thread = threading.Thread(target=self._serve, args=(conn,), name="pdserve-kv-recv", daemon=True)
+            with self._lock:
+                if self._is_closed:
+                    conn.close()
+                    return
+                self._conns[conn] = thread
+                thread.start()  # under the lock: close() never joins a thread not yet started
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                while self._receive_layer(conn):
-                    pass
-            except (OSError, TransferError) as e:
+        try:
+            self._handshake(conn)
+            scratch: torch.Tensor | None = _empty(0)  # reused by every transfer on this connection
+            while scratch is not None:
+                scratch = self._receive_transfer(conn, scratch)
+        except (OSError, TransferError) as e:
+            if not self._is_closed:
                 logger.warning("KV receive connection closed: %s", e)
+        finally:
+            with self._lock:
+                self._conns.pop(conn, None)
+            conn.close()
 
-    def _receive_layer(self, conn: socket.socket) -> bool:
-        header = _recv_exact(conn, _HEADER.size)
-        if header is None:
-            return False
-        magic, epoch, layer, num_layers, num_blocks, payload = _HEADER.unpack(header)
-        if magic != _MAGIC or num_layers != self.kv.layout.num_layers:
-            raise TransferError("bad KV transfer header")
-        ids_bytes = _recv_exact(conn, 8 * num_blocks)
-        assert ids_bytes is not None
-        ids = torch.frombuffer(bytearray(ids_bytes), dtype=torch.int64)
-        block_shape = (num_blocks, *self.kv.layout.block_shape)
-        for cache in (self.kv.k[layer], self.kv.v[layer]):
-            buffer = torch.empty(payload, dtype=torch.uint8)
-            _recv_into(conn, buffer)
-            cache.index_copy_(0, ids, buffer.view(cache.dtype).view(block_shape))
-        if layer == num_layers - 1:
-            self.kv.block_epochs[ids] = epoch
-            conn.sendall(_ACK)
-        return True
+    def _handshake(self, conn: socket.socket) -> None:
+        conn.settimeout(_HANDSHAKE_TIMEOUT_S)
+        magic, version, size = wire.HELLO.unpack(wire.recv_bytes(conn, wire.HELLO.size))
+        if magic != wire.MAGIC or version != wire.VERSION or size > wire.MAX_MESSAGE_BYTES:
+            raise TransferError("a peer that is not a pdserve KV sender of this protocol version connected")
+        problem = self._refusal(wire.recv_bytes(conn, size))
+        wire.send_reply(conn, problem)
+        if problem:
+            raise TransferError(f"refused a KV sender: {problem}")
+
+    def _refusal(self, hello: bytes) -> str:
+        """Why this sender may not write here; empty when it may."""
+        try:
+            fields = json.loads(hello)
+            cache_id, spec = fields["cache_id"], KVLayoutSpec(**fields["spec"])
+        except (ValueError, TypeError, KeyError) as e:
+            return f"malformed hello ({e})"
+        if cache_id != self.cache_id:
+            return f"this receiver holds KV cache {self.cache_id}, not {cache_id} (a stale endpoint?)"
+        try:
+            check_compatible(spec, self.spec)
+        except TransferError as e:
+            return str(e)
+        return ""
+
+    def _receive_transfer(self, conn: socket.socket, scratch: torch.Tensor) -> torch.Tensor | None:
+        """Receive one transfer, stamp it and ack it; returns the (maybe grown) scratch buffer, or None when the
+        sender closed the connection between transfers."""
+        conn.settimeout(None)  # between transfers a pooled connection idles as long as its sender keeps it
+        raw = bytearray(wire.LAYER.size)
+        num_read = wire.recv_into(conn, memoryview(raw))
+        if num_read == 0:
+            return None
+        if num_read < wire.LAYER.size:
+            raise TransferError("connection closed mid-header")
+        first = wire.LayerHeader._make(wire.LAYER.unpack(raw))
+        if first.layer != 0:
+            raise TransferError(f"a transfer must start at layer 0, not {first.layer}")
+        deadline_at = time.monotonic() + first.remaining_s  # the sender's deadline, on this machine's clock
+        self._check_header(first)
+        raw_ids = wire.recv_bytes(conn, 8 * first.num_blocks, deadline_at)
+        ids = self._check_ids(raw_ids)
+        write = _block_writer(conn, ids, deadline_at)
+        if write is None:  # short runs: receive each payload whole, then scatter it in one indexed copy
+            scratch = scratch if scratch.numel() >= first.num_payload_bytes else _empty(first.num_payload_bytes)
+            write = _scattering_writer(conn, ids, scratch[: first.num_payload_bytes], deadline_at)
+        for layer in range(self.kv.layout.num_layers):
+            if layer > 0:
+                header = wire.LayerHeader._make(wire.LAYER.unpack(wire.recv_bytes(conn, wire.LAYER.size, deadline_at)))
+                is_same = header._replace(remaining_s=0) == first._replace(remaining_s=0, layer=layer)
+                if not is_same or wire.recv_bytes(conn, len(raw_ids), deadline_at) != raw_ids:
+                    raise TransferError(f"layer {layer} of epoch {first.epoch} does not continue its transfer")
+            if time.monotonic() > deadline_at:
+                raise TransferError(f"epoch {first.epoch}: the deadline passed before layer {layer}; dropped")
+            write(self.kv.k[layer])
+            write(self.kv.v[layer])
+        self.kv.block_epochs[ids] = first.epoch  # after every layer of every block
+        wire.send_reply(conn, "")
+        return scratch
+
+    def _check_header(self, header: wire.LayerHeader) -> None:
+        layout = self.kv.layout
+        block_bytes = layout.block_size * layout.num_kv_heads * layout.head_dim * self.kv.k[0].element_size()
+        if (
+            not 0 < header.num_blocks <= layout.num_blocks
+            or header.num_payload_bytes != header.num_blocks * block_bytes
+        ):
+            raise TransferError(f"bad KV layer header {header}")
+
+    def _check_ids(self, raw_ids: bytes) -> list[int]:
+        ids = list(struct.unpack(f"<{len(raw_ids) // 8}q", raw_ids))
+        if any(not 0 <= b < self.kv.layout.num_blocks for b in ids) or len(set(ids)) != len(ids):
+            raise TransferError("destination block ids out of range or repeated")
+        return ids
+
+
+def _block_writer(conn: socket.socket, ids: list[int], deadline_at: float) -> Callable[[torch.Tensor], None] | None:
+    """write(cache) receiving one payload straight into the blocks `ids` of `cache` (a layer's K or V), a run of
+    blocks at a time (each run is one contiguous slab); None when the runs are too short for that to be fast."""
+    dst_runs = runs(ids)
+    if is_scattered(len(dst_runs), len(ids)):
+        return None
+
+    def write(cache: torch.Tensor) -> None:
+        for start, n in dst_runs:
+            wire.recv_exact(conn, wire.as_bytes(cache[start : start + n]), deadline_at)
+
+    return write
+
+
+def _scattering_writer(
+    conn: socket.socket, ids: list[int], scratch: torch.Tensor, deadline_at: float
+) -> Callable[[torch.Tensor], None]:
+    index = torch.tensor(ids, dtype=torch.long)
+
+    def write(cache: torch.Tensor) -> None:
+        wire.recv_exact(conn, wire.as_bytes(scratch), deadline_at)
+        cache.index_copy_(0, index, scratch.view(cache.dtype).view(len(ids), *cache.shape[1:]))
+
+    return write
+
+
+def _empty(num_bytes: int) -> torch.Tensor:
+    return torch.empty(num_bytes, dtype=torch.uint8)
 
 
 class TcpSender(KVSender):
+    """Keeps idle connections per destination cache and reuses them; a connection that fails is closed, and a
+    reused one that fails is replaced once (rewriting the same blocks under the same epoch is harmless)."""
+
     def __init__(self, model_id: str) -> None:
         self.model_id = model_id
-        self._conns: dict[str, socket.socket] = {}
-        self._lock = threading.Lock()  # one transfer at a time per sender keeps the per-connection stream ordered
+        self._idle: dict[tuple[str, str], list[socket.socket]] = {}  # (address, cache id) -> idle connections
+        self._lock = threading.Lock()  # guards _idle and _is_closed; each transfer holds its own connection
+        self._is_closed = False
 
     def send(self, endpoint: KVEndpoint, spec: TransferSpec, src: KVCache, timeout_s: float) -> TransferStats:
-        start = time.perf_counter()
-        check_compatible(layout_spec(src.layout, self.model_id), endpoint.spec)
+        start, deadline = time.perf_counter(), Deadline(timeout_s)
+        require_host_memory(src)
+        local = layout_spec(src.layout, self.model_id)
+        check_compatible(local, endpoint.spec)
+        spec.check_ranges(src.layout.num_blocks, endpoint.num_blocks)
         if endpoint.tcp_address is None:
             raise TransferError("the decode replica has no TCP receiver")
-        with self._lock:
+        if spec.dst_block_ids:
             try:
-                conn = self._connect(endpoint.tcp_address, timeout_s)
-                self._send_layers(conn, spec, src)
-                conn.settimeout(max(timeout_s - (time.perf_counter() - start), 0.001))
-                if _recv_exact(conn, 1) != _ACK:
-                    raise TransferError("no acknowledgement from the decode replica")
+                self._transfer(endpoint, local, spec, src, deadline)
             except (OSError, TransferError) as e:
-                self._drop(endpoint.tcp_address)
                 raise TransferError(f"KV transfer {spec.transfer_id} to {endpoint.tcp_address} failed: {e}") from e
-        num = len(spec.src_block_ids)
-        return TransferStats("tcp", num, num * src.layout.bytes_per_block, time.perf_counter() - start)
-
-    def _send_layers(self, conn: socket.socket, spec: TransferSpec, src: KVCache) -> None:
-        index = torch.tensor(spec.src_block_ids, dtype=torch.long)
-        ids = torch.tensor(spec.dst_block_ids, dtype=torch.int64).numpy().tobytes()
-        num_layers = src.layout.num_layers
-        for layer in range(num_layers):
-            k = src.k[layer].index_select(0, index)
-            v = src.v[layer].index_select(0, index)
-            payload = k.numel() * k.element_size()
-            conn.sendall(_HEADER.pack(_MAGIC, spec.epoch, layer, num_layers, len(spec.dst_block_ids), payload) + ids)
-            conn.sendall(k.view(torch.uint8).numpy().data)
-            conn.sendall(v.view(torch.uint8).numpy().data)
-
-    def _connect(self, address: str, timeout_s: float) -> socket.socket:
-        conn = self._conns.get(address)
-        if conn is None:
-            host, port = address.rsplit(":", 1)
-            conn = socket.create_connection((host, int(port)), timeout=timeout_s)
-            _tune(conn)
-            self._conns[address] = conn
-        conn.settimeout(timeout_s)
-        return conn
-
-    def _drop(self, address: str) -> None:
-        conn = self._conns.pop(address, None)
-        if conn is not None:
-            conn.close()
+        num = len(spec.dst_block_ids)
+        return TransferStats(num, num * src.layout.bytes_per_block, time.perf_counter() - start, "tcp")
 
     def close(self) -> None:
-        for address in list(self._conns):
-            self._drop(address)
+        """Close the idle connections; those of transfers in flight close when they end."""
+        with self._lock:
+            self._is_closed = True
+            conns = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for conn in conns:
+            conn.close()
+
+    def _transfer(
+        self, endpoint: KVEndpoint, local: KVLayoutSpec, spec: TransferSpec, src: KVCache, deadline: Deadline
+    ) -> None:
+        key = (str(endpoint.tcp_address), endpoint.cache_id)
+        for attempt in range(2):
+            conn, is_reused = self._checkout(key, endpoint, local, deadline)
+            try:
+                _send_transfer(conn, spec, src, deadline)
+            except BaseException as e:
+                conn.close()
+                if isinstance(e, OSError) and is_reused and attempt == 0:
+                    continue  # the pooled connection may have died while idle
+                raise
+            with self._lock:
+                if not self._is_closed:
+                    self._idle.setdefault(key, []).append(conn)
+                    return
+            conn.close()
+            return
+
+    def _checkout(
+        self, key: tuple[str, str], endpoint: KVEndpoint, local: KVLayoutSpec, deadline: Deadline
+    ) -> tuple[socket.socket, bool]:
+        with self._lock:
+            idle = self._idle.get(key)
+            if idle:
+                return idle.pop(), True
+        return _connect(endpoint, local, deadline), False
 
 
-def _recv_exact(conn: socket.socket, size: int) -> bytes | None:
-    """Exactly `size` bytes, or None if the peer closed cleanly before the first byte."""
-    chunks, received = [], 0
-    while received < size:
-        chunk = conn.recv(size - received)
-        if not chunk:
-            if received == 0:
-                return None
-            raise TransferError("connection closed mid-message")
-        chunks.append(chunk)
-        received += len(chunk)
-    return b"".join(chunks)
+def _connect(endpoint: KVEndpoint, local: KVLayoutSpec, deadline: Deadline) -> socket.socket:
+    """A new connection that passed the handshake (the receiver checked the cache id and the layout)."""
+    assert endpoint.tcp_address is not None
+    conn = socket.create_connection(
+        wire.split_address(endpoint.tcp_address), timeout=deadline.remaining_s("connecting")
+    )
+    try:
+        wire.tune(conn)
+        conn.sendall(wire.hello(endpoint.cache_id, local))
+        wire.expect_ok(conn, deadline, "the handshake")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
-def _recv_into(conn: socket.socket, buffer: torch.Tensor) -> None:
-    view = buffer.numpy().data.cast("B")
-    received = 0
-    while received < len(view):
-        n = conn.recv_into(view[received:])
-        if n == 0:
-            raise TransferError("connection closed mid-payload")
-        received += n
+def _send_transfer(conn: socket.socket, spec: TransferSpec, src: KVCache, deadline: Deadline) -> None:
+    num = len(spec.src_block_ids)
+    ids = struct.pack(f"<{num}q", *spec.dst_block_ids)
+    src_runs = runs(spec.src_block_ids)
+    # Scattered source blocks are gathered into one buffer per K/V (one sendall each); one run is sent in place.
+    index = torch.tensor(spec.src_block_ids, dtype=torch.long)
+    shape, num_buffers = (num, *src.layout.block_shape), 0 if len(src_runs) == 1 else 2
+    gathered = [torch.empty(shape, dtype=src.layout.dtype) for _ in range(num_buffers)]
+    for layer in range(src.layout.num_layers):
+        k, v = (
+            _blocks(t, src_runs, index, gathered[i] if gathered else None)
+            for i, t in enumerate((src.k[layer], src.v[layer]))
+        )
+        remaining_s = deadline.remaining_s(f"layer {layer}")
+        header = wire.LAYER.pack(spec.epoch, remaining_s, layer, num, k.numel() * k.element_size())
+        conn.settimeout(remaining_s)  # sendall's timeout bounds the whole call
+        conn.sendall(header + ids)
+        for payload in (k, v):
+            conn.settimeout(deadline.remaining_s(f"layer {layer}"))
+            conn.sendall(wire.as_bytes(payload))
+    wire.expect_ok(conn, deadline, "the acknowledgement")
+
+
+def _blocks(
+    t: torch.Tensor, src_runs: list[tuple[int, int]], index: torch.Tensor, out: torch.Tensor | None
+) -> torch.Tensor:
+    """Blocks `index` of `t`, `[num, block_size, num_kv_heads, head_dim]`, contiguous: in place if one run."""
+    if out is None:
+        (start, n) = src_runs[0]
+        return t[start : start + n]
+    return torch.index_select(t, 0, index, out=out)
