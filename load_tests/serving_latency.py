@@ -51,11 +51,11 @@ async def one(client: openai.AsyncOpenAI, model: str, prompt: list[int], max_tok
 
 
 async def load(base_url: str, model: str, prompts: list[list[int]], max_tokens: int) -> tuple[list[Sample], float]:
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
-    await one(client, model, prompts[0][:16], 4)  # warm-up
-    start = time.perf_counter()
-    samples = await asyncio.gather(*[one(client, model, p, max_tokens) for p in prompts])
-    return list(samples), time.perf_counter() - start
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600) as client:
+        await one(client, model, prompts[0][:16], 4)  # warm-up
+        start = time.perf_counter()
+        samples = await asyncio.gather(*[one(client, model, p, max_tokens) for p in prompts])
+        return list(samples), time.perf_counter() - start
 
 
 def row(name: str, samples: list[Sample], wall_s: float) -> str:
