@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--peer", action="append", default=[], help="NAME=BASE_URL of an OpenAI server to compare")
     parser.add_argument("--peer-model", default=None, help="model name the peer serves")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per engine replica")
     args = parser.parse_args()
 
     from ray import serve
@@ -99,7 +100,15 @@ def main() -> None:
     results = []
     port = free_port()
     with ray_serve(port):
-        common = {"model": path, "dtype": dtype, "served_model_name": "m"}
+        pool = {"num_threads": args.threads}
+        common = {
+            "model": path,
+            "dtype": dtype,
+            "served_model_name": "m",
+            "prefill": pool,
+            "decode": pool,
+            "engine": pool,
+        }
         for name, colocated in (("pdserve disaggregated 1P1D", False), ("pdserve colocated", True)):
             serve.run(build_app(ServeConfig(**common, colocated=colocated)), name="bench", route_prefix="/")
             samples, wall = asyncio.run(load(f"http://127.0.0.1:{port}/v1", "m", prompts, args.output_len))
