@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import anyio
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
@@ -27,17 +26,8 @@ logger = logging.getLogger(__name__)
 _ABORT_TIMEOUT_S = 5.0
 
 
-@dataclass(frozen=True)
-class HandoffStats:
-    """What the ingress learns about one handoff (metrics, and later span attributes)."""
-
-    decode_replica_id: str
-    num_decode_cached_tokens: int
-    result: PrefillResult
-
-
 async def disaggregated_generate(
-    request: EngineRequest, prefill: DeploymentHandle, decode: DeploymentHandle, on_handoff: list[HandoffStats]
+    request: EngineRequest, prefill: DeploymentHandle, decode: DeploymentHandle
 ) -> AsyncIterator[RequestOutput]:
     with anyio.CancelScope(shield=True):
         reservation: Reservation | None = await decode.reserve.remote(request)
@@ -48,7 +38,6 @@ async def disaggregated_generate(
     try:
         with anyio.CancelScope(shield=True):
             result: PrefillResult = await prefill.prefill.remote(request, reservation)
-        on_handoff.append(HandoffStats(reservation.replica_id, reservation.num_cached_tokens, result))
         first = RequestOutput(
             request.request_id,
             [result.first_token_id],

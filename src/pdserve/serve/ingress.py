@@ -17,7 +17,7 @@ from pdserve.api import create_app
 from pdserve.api.backend import GenerationDelta, GenerationRequest
 from pdserve.engine import EngineRequest, RequestOutput, SamplingParams
 from pdserve.serve.config import ServeConfig
-from pdserve.serve.handoff import HandoffStats, colocated_generate, disaggregated_generate
+from pdserve.serve.handoff import colocated_generate, disaggregated_generate
 from pdserve.serve.messages import ModelInfo, ReplicaStats
 from pdserve.serve.metrics import IngressMetrics
 
@@ -57,12 +57,11 @@ class Ingress:
         start = time.perf_counter()
         first_at: float | None = None
         num_tokens = 0
-        handoffs: list[HandoffStats] = []
         if self.engine is not None:
             outputs = colocated_generate(engine_request, self.engine)
         else:
             assert self.prefill is not None and self.decode is not None
-            outputs = disaggregated_generate(engine_request, self.prefill, self.decode, handoffs)
+            outputs = disaggregated_generate(engine_request, self.prefill, self.decode)
         async for out in outputs:
             if first_at is None:
                 first_at = time.perf_counter()
