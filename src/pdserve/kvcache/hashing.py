@@ -18,13 +18,8 @@ ROOT_HASH: BlockHash = 0
 
 def hash_block(parent_hash: BlockHash, token_ids: Sequence[int], cache_salt: str | None = None) -> BlockHash:
     """Hash of one full block given its parent's hash, its token ids and the tenant's cache salt."""
-    h = xxhash.xxh3_128()
-    h.update(parent_hash.to_bytes(16, "little"))
-    salt = (cache_salt or "").encode()
-    h.update(len(salt).to_bytes(4, "little"))
-    h.update(salt)
-    h.update(np.asarray(token_ids, dtype="<i8").tobytes())
-    return h.intdigest()
+    tokens = np.asarray(token_ids, dtype="<i8").tobytes()
+    return xxhash.xxh3_128_intdigest(parent_hash.to_bytes(16, "little") + _salt_bytes(cache_salt) + tokens)
 
 
 def hash_block_chain(
@@ -35,8 +30,19 @@ def hash_block_chain(
 ) -> list[BlockHash]:
     """Hashes of every full block of `token_ids`; `parent_hashes` (a prefix of the chain) is extended, not redone."""
     hashes = list(parent_hashes)
+    num_full = len(token_ids) // block_size
+    if num_full <= len(hashes):
+        return hashes
     parent = hashes[-1] if hashes else ROOT_HASH
-    for start in range(len(hashes) * block_size, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[start : start + block_size], cache_salt)
+    salt = _salt_bytes(cache_salt)
+    data = np.asarray(token_ids[len(hashes) * block_size : num_full * block_size], dtype="<i8").tobytes()
+    step = block_size * 8  # bytes per block of int64 token ids; one conversion for the whole chain
+    for offset in range(0, len(data), step):
+        parent = xxhash.xxh3_128_intdigest(parent.to_bytes(16, "little") + salt + data[offset : offset + step])
         hashes.append(parent)
     return hashes
+
+
+def _salt_bytes(cache_salt: str | None) -> bytes:
+    salt = (cache_salt or "").encode()
+    return len(salt).to_bytes(4, "little") + salt

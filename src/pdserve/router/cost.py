@@ -1,0 +1,205 @@
+"""One cost, in estimated seconds, for each (prefill, decode) pair — and the `RouteDecision` that explains it.
+
+For a decode candidate D (which caches `hit_D` of the prompt's tokens):
+  load(D)      = expected_output_tokens x decode_step_per_seq_s x decodes running on D   (what D's batch adds)
+  local(D)     = (prefill tokens queued on D + prompt - hit_D) / local_prefill_tokens_per_s
+  pair(P, D)   = (prefill tokens queued on P + prompt - hit_P) / prefill_tokens_per_s
+               + (prompt - hit_D) x kv_bytes_per_token / bandwidth(P's node, D's node) + disaggregation_overhead_s
+  cost(D)      = load(D) + (local(D) if prompt - hit_D <= local_prefill_max_tokens else min over P of pair(P, D))
+The pair with the least cost wins; ties are broken at random. Affinity and load meet in the same units per
+candidate, so a busy replica loses its cached prefix's advantage exactly when its queue costs more than the
+recompute — there is no fleet-wide switch. A decode replica without room for the prompt is ranked last, never
+dropped: the ranking is also the fallback order.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from pdserve.router.load import ReplicaLoad
+
+
+class RouteMode(str, enum.Enum):
+    DISAGGREGATED = "disaggregated"  # P prefills and pushes the blocks D lacks
+    LOCAL = "local"  # D lacks few tokens: it prefills them itself (conditional disaggregation)
+
+
+@dataclass(frozen=True)
+class CostConfig:
+    """Weights of the cost model. Defaults are measured on SmolLM2-135M bf16 on the 2-core dev CPU
+    (docs/ROUTER.md says how; re-measure for other models and hardware)."""
+
+    prefill_tokens_per_s: float = 2900.0  # 512-token prefill in 0.176 s (benchmarks/engine_throughput.py)
+    local_prefill_tokens_per_s: float = 2900.0  # same engine on the decode replica
+    decode_step_per_seq_s: float = 0.001  # decode step: 22 ms at batch 1, 38 ms at batch 16 -> ~1 ms per sequence
+    expected_output_tokens: int = 128  # output tokens a request is assumed to decode (capped by its max_tokens)
+    kv_bytes_per_token: int = 23040  # 2 (K, V) x 30 layers x 3 KV heads x 64 dims x 2 bytes
+    same_node_bytes_per_s: float = 5e9  # shared-memory transport (benchmarks/kv_transfer.py)
+    cross_node_bytes_per_s: float = 1e9  # TCP transport
+    disaggregation_overhead_s: float = 0.01  # two extra Ray hops (reserve, prefill) vs a local prefill
+    local_prefill_max_tokens: int = 128  # D lacking at most this many tokens prefills locally
+    block_size: int = 16
+
+
+@dataclass(frozen=True)
+class CandidateCost:
+    """One candidate's cost terms, as the decision saw them (seconds unless named otherwise)."""
+
+    replica_id: str
+    role: str
+    num_cached_tokens: int  # prompt tokens this replica caches (index view, incl. optimistic entries)
+    num_queued_tokens: int  # prefill tokens already routed here and not done
+    num_decodes: int
+    num_free_blocks: int
+    load_s: float  # decode load (decode candidates)
+    prefill_s: float  # prefill compute incl. queue (on P, or on D when local)
+    transfer_s: float  # moving the blocks D lacks (prefill candidates: to the chosen D)
+    total_s: float
+    has_room: bool
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    request_id: str
+    mode: RouteMode
+    decode_replica_id: str
+    prefill_replica_id: str | None  # None when local
+    num_prompt_tokens: int
+    expected_cached_tokens: int  # on the replica that computes the prompt (P, or D when local)
+    expected_transfer_tokens: int  # prompt tokens D lacks (0 when local)
+    prompt_block_hashes: tuple[int, ...]
+    decode_ranking: tuple[str, ...]  # best first; the fallback order
+    decode_candidates: tuple[CandidateCost, ...]
+    prefill_candidates: tuple[CandidateCost, ...]  # costs towards the chosen D
+
+    def summary(self) -> str:
+        chosen = f"P={self.prefill_replica_id} D={self.decode_replica_id}"
+        return (
+            f"{self.request_id}: {self.mode.value} {chosen} prompt={self.num_prompt_tokens} "
+            f"cached={self.expected_cached_tokens} transfer={self.expected_transfer_tokens} | "
+            + " ".join(f"{c.role[0]}:{c.replica_id}={c.total_s:.4f}s(hit {c.num_cached_tokens})" for c in self._all())
+        )
+
+    def _all(self) -> tuple[CandidateCost, ...]:
+        return self.decode_candidates + self.prefill_candidates
+
+
+def choose(
+    config: CostConfig,
+    request_id: str,
+    block_hashes: Sequence[int],
+    num_prompt_tokens: int,
+    max_new_tokens: int,
+    matched_blocks: Mapping[str, int],
+    decodes: Sequence[ReplicaLoad],
+    prefills: Sequence[ReplicaLoad],
+    rng: random.Random,
+) -> RouteDecision:
+    """Rank the decode replicas and pick the prefill replica for the best one. `matched_blocks` is the prefix
+    index's answer for `block_hashes`. Raises ValueError when there is no decode replica."""
+    if not decodes:
+        raise ValueError("no decode replica to route to")
+    # The computing replica always recomputes at least the last prompt token.
+    max_hit = (num_prompt_tokens - 1) // config.block_size * config.block_size
+    hits = {rid: min(n * config.block_size, max_hit) for rid, n in matched_blocks.items()}
+    num_outputs = min(max_new_tokens, config.expected_output_tokens)
+    best_per_node = _best_prefill_per_node(config, prefills, hits, num_prompt_tokens)
+    scored = [_score_decode(config, d, hits, num_prompt_tokens, num_outputs, best_per_node) for d in decodes]
+    order = sorted(range(len(scored)), key=lambda i: (not scored[i][0].has_room, scored[i][0].total_s))
+    best = _pick_tie(rng, [scored[i][0] for i in order])
+    cost, mode = next((c, m) for c, m in scored if c is best)
+    chosen = next(d for d in decodes if d.replica_id == best.replica_id)
+    missing = num_prompt_tokens - hits.get(chosen.replica_id, 0)
+    p_costs = tuple(_prefill_cost(config, p, hits, num_prompt_tokens, chosen, missing) for p in prefills)
+    prefill = _pick_tie(rng, sorted(p_costs, key=lambda c: c.total_s)) if mode is RouteMode.DISAGGREGATED else None
+    return RouteDecision(
+        request_id=request_id,
+        mode=mode,
+        decode_replica_id=chosen.replica_id,
+        prefill_replica_id=None if prefill is None else prefill.replica_id,
+        num_prompt_tokens=num_prompt_tokens,
+        expected_cached_tokens=hits.get((prefill or cost).replica_id, 0),
+        expected_transfer_tokens=0 if prefill is None else missing,
+        prompt_block_hashes=tuple(block_hashes),
+        decode_ranking=(best.replica_id, *(scored[i][0].replica_id for i in order if scored[i][0] is not best)),
+        decode_candidates=tuple(c for c, _ in scored),
+        prefill_candidates=p_costs,
+    )
+
+
+def _best_prefill_per_node(
+    config: CostConfig, prefills: Sequence[ReplicaLoad], hits: Mapping[str, int], num_prompt_tokens: int
+) -> dict[str, float]:
+    """Least prefill compute (queue + uncached prompt) among the prefill replicas of each node."""
+    best: dict[str, float] = {}
+    for p in prefills:
+        compute_s = _compute_s(p.num_prefill_tokens, num_prompt_tokens - hits.get(p.replica_id, 0), config)
+        best[p.node_id] = min(compute_s, best.get(p.node_id, compute_s))
+    return best
+
+
+def _score_decode(
+    config: CostConfig,
+    d: ReplicaLoad,
+    hits: Mapping[str, int],
+    num_prompt_tokens: int,
+    num_outputs: int,
+    best_prefill_per_node: Mapping[str, float],
+) -> tuple[CandidateCost, RouteMode]:
+    hit = hits.get(d.replica_id, 0)
+    missing = num_prompt_tokens - hit
+    load_s = num_outputs * config.decode_step_per_seq_s * d.num_decodes
+    transfer_s = 0.0
+    if missing <= config.local_prefill_max_tokens or not best_prefill_per_node:
+        mode = RouteMode.LOCAL
+        prefill_s = (d.num_prefill_tokens + missing) / config.local_prefill_tokens_per_s
+    else:
+        mode = RouteMode.DISAGGREGATED
+        prefill_s, transfer_s = min(
+            (compute_s, _transfer_s(config, missing, node == d.node_id))
+            for node, compute_s in best_prefill_per_node.items()
+        )
+        transfer_s += config.disaggregation_overhead_s
+    num_needed = -(-(num_prompt_tokens + 1) // config.block_size) - hit // config.block_size
+    total_s = load_s + prefill_s + transfer_s
+    cost = CandidateCost(
+        d.replica_id, d.role, hit, d.num_prefill_tokens, d.num_decodes, d.num_free_blocks,
+        load_s, prefill_s, transfer_s, total_s, has_room=d.num_free_blocks >= num_needed,
+    )  # fmt: skip
+    return cost, mode
+
+
+def _prefill_cost(
+    config: CostConfig,
+    p: ReplicaLoad,
+    hits: Mapping[str, int],
+    num_prompt_tokens: int,
+    decode: ReplicaLoad,
+    num_missing_on_decode: int,
+) -> CandidateCost:
+    hit = hits.get(p.replica_id, 0)
+    compute_s = _compute_s(p.num_prefill_tokens, num_prompt_tokens - hit, config)
+    transfer_s = _transfer_s(config, num_missing_on_decode, p.node_id == decode.node_id)
+    return CandidateCost(
+        p.replica_id, p.role, hit, p.num_prefill_tokens, p.num_decodes, p.num_free_blocks,
+        0.0, compute_s, transfer_s, compute_s + transfer_s, has_room=True,
+    )  # fmt: skip
+
+
+def _compute_s(num_queued_tokens: int, num_new_tokens: int, config: CostConfig) -> float:
+    return (num_queued_tokens + num_new_tokens) / config.prefill_tokens_per_s
+
+
+def _transfer_s(config: CostConfig, num_tokens: int, is_same_node: bool) -> float:
+    bandwidth = config.same_node_bytes_per_s if is_same_node else config.cross_node_bytes_per_s
+    return num_tokens * config.kv_bytes_per_token / bandwidth
+
+
+def _pick_tie(rng: random.Random, ranked: Sequence[CandidateCost]) -> CandidateCost:
+    """The first candidate, or a random one among those tied with it (same room, cost within 1 ns)."""
+    first = ranked[0]
+    ties = [c for c in ranked if c.has_room == first.has_room and c.total_s - first.total_s <= 1e-9]
+    return ties[0] if len(ties) == 1 else rng.choice(ties)

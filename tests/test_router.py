@@ -1,0 +1,301 @@
+"""Exact-answer tests of the router: the prefix index fed by event streams, the cost model, in-flight accounting."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pdserve.kvcache import BlockPool, KVEvent, KVEventBatch, KVEventKind
+from pdserve.router import CostConfig, PrefixIndex, ReplicaLoad, ReplicaReport, RouteMode, Router, SyncCursor, choose
+
+A, B, C, D, E = 101, 102, 103, 104, 105  # block hashes of a chain A -> B -> C -> D -> E
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def batch(incarnation: str, latest: int, *events: tuple[int, KVEventKind, tuple[int, ...]]) -> KVEventBatch:
+    return KVEventBatch(incarnation, latest, tuple(KVEvent(s, k, h) for s, k, h in events), None)
+
+
+def snapshot(incarnation: str, latest: int, hashes: set[int]) -> KVEventBatch:
+    return KVEventBatch(incarnation, latest, (), frozenset(hashes))
+
+
+STORED, REMOVED, CLEARED = KVEventKind.STORED, KVEventKind.REMOVED, KVEventKind.CLEARED
+
+# ---- prefix index ------------------------------------------------------------------------------------------------
+
+
+def test_index_snapshot_then_events_in_order() -> None:
+    index = PrefixIndex()
+    assert index.cursor("r0") == SyncCursor(None, 0)  # unknown replica: ask for a snapshot
+    assert index.apply("r0", snapshot("inc", 3, {A, B}))
+    assert index.cursor("r0") == SyncCursor("inc", 3)
+    assert index.match([A, B, C]) == {"r0": 2}
+    assert index.apply("r0", batch("inc", 5, (4, STORED, (C, D)), (5, REMOVED, (B,))))
+    assert index.match([A, B, C, D]) == {"r0": 1}  # B is gone: C and D no longer continue the prefix
+    assert index.match([E]) == {"r0": 0}
+    assert index.cursor("r0") == SyncCursor("inc", 5)
+
+
+def test_index_matches_every_replica_at_once() -> None:
+    index = PrefixIndex()
+    index.apply("r0", snapshot("i0", 1, {A, B, C}))
+    index.apply("r1", snapshot("i1", 1, {A}))
+    index.apply("r2", snapshot("i2", 1, {B, C}))  # holds later blocks without the first: no prefix
+    assert index.match([A, B, C, D]) == {"r0": 3, "r1": 1, "r2": 0}
+    assert index.match([]) == {"r0": 0, "r1": 0, "r2": 0}
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        batch("inc", 4, (4, STORED, (C,))),  # gap: event 3 missing
+        batch("inc", 1),  # seq regression in the same incarnation (the replica restarted its log)
+        batch("other", 1, (1, STORED, (C,))),  # another incarnation, but events instead of a snapshot
+        KVEventBatch("inc", 4, (KVEvent(3, STORED, (C,)),), None),  # says latest is 4, delivers only up to 3
+    ],
+)
+def test_index_detects_gaps_and_restarts_and_resyncs(answer: KVEventBatch) -> None:
+    index = PrefixIndex()
+    index.apply("r0", snapshot("inc", 2, {A, B}))
+    assert not index.apply("r0", answer)
+    assert index.match([A, B]) == {"r0": 0}  # no ghost blocks kept
+    assert index.cursor("r0") == SyncCursor(None, 0)  # next pull gets a snapshot
+    assert index.num_resyncs == 1
+    assert index.apply("r0", snapshot("new", 7, {A}))
+    assert index.match([A, B]) == {"r0": 1}
+
+
+def test_index_cleared_event_and_snapshot_replace_everything() -> None:
+    index = PrefixIndex()
+    index.apply("r0", snapshot("inc", 1, {A, B}))
+    index.apply("r0", batch("inc", 3, (2, CLEARED, ()), (3, STORED, (A,))))
+    assert index.match([A, B]) == {"r0": 1}
+    index.apply("r0", snapshot("inc2", 9, {C}))
+    assert index.match([A]) == {"r0": 0}
+    assert index.match([C]) == {"r0": 1}
+
+
+def test_index_optimistic_entries_expire_unless_confirmed() -> None:
+    clock = FakeClock()
+    index = PrefixIndex(optimistic_ttl_s=2.0, clock=clock)
+    index.apply("r0", snapshot("inc", 0, set()))
+    index.record_optimistic("r0", [A, B, C])
+    assert index.match([A, B, C]) == {"r0": 3}
+    index.apply("r0", batch("inc", 1, (1, STORED, (A,))))  # A confirmed; B, C still only expected
+    clock.now += 2.0
+    assert index.match([A, B, C]) == {"r0": 1}
+    index.record_optimistic("r0", [B])
+    index.apply("r0", batch("inc", 2, (2, REMOVED, (B,))))  # an eviction beats an expectation
+    assert index.match([A, B]) == {"r0": 1}
+
+
+def test_index_removed_replica_leaves_no_bits_and_its_slot_is_reused() -> None:
+    index = PrefixIndex()
+    index.apply("r0", snapshot("i0", 1, {A, B}))
+    index.apply("r1", snapshot("i1", 1, {A}))
+    index.remove_replica("r0")
+    assert index.replica_ids == ["r1"]
+    index.apply("r2", snapshot("i2", 1, set()))  # takes r0's slot: must not inherit A, B
+    assert index.match([A, B]) == {"r1": 1, "r2": 0}
+
+
+def test_index_follows_a_real_block_pool() -> None:
+    """Events from the real pool (11 blocks): after caching, eviction and a buffer overflow, the index's view of
+    the replica equals the pool's own prefix lookup."""
+    pool = BlockPool(11, max_events=3)
+    index = PrefixIndex()
+
+    def sync() -> None:
+        cursor = index.cursor("r0")
+        index.apply("r0", pool.events_since(cursor.seq, cursor.incarnation))
+
+    chains = [[1000 * c + i for i in range(4)] for c in range(4)]  # four chains of 4 blocks
+    sync()
+    for chain in chains[:2]:
+        ids = pool.allocate(4)
+        assert ids is not None
+        pool.cache(ids, chain)
+        pool.free(ids)
+        sync()
+    assert [index.match(c)["r0"] for c in chains] == [len(pool.lookup(c)) for c in chains] == [4, 4, 0, 0]
+    for chain in chains[2:]:  # evicts the oldest free blocks; several events between syncs
+        ids = pool.allocate(4)
+        assert ids is not None
+        pool.cache(ids, chain)
+        pool.free(ids)
+    sync()  # more events than the pool buffers: a snapshot
+    assert [index.match(c)["r0"] for c in chains] == [len(pool.lookup(c)) for c in chains]
+    assert sum(len(pool.lookup(c)) for c in chains) == 11
+
+
+# ---- cost model ------------------------------------------------------------------------------------------------
+
+CONFIG = CostConfig(
+    prefill_tokens_per_s=1000.0,
+    local_prefill_tokens_per_s=1000.0,
+    decode_step_per_seq_s=0.001,
+    expected_output_tokens=100,
+    kv_bytes_per_token=1000,
+    same_node_bytes_per_s=1e7,  # 0.1 ms per token
+    cross_node_bytes_per_s=1e6,  # 1 ms per token
+    disaggregation_overhead_s=0.01,
+    local_prefill_max_tokens=32,
+    block_size=16,
+)
+PROMPT = 320  # 20 blocks
+CHAIN = list(range(1, 21))
+
+
+def load(rid: str, role: str, node: str = "n0", free: int = 1000, queued: int = 0, decodes: int = 0) -> ReplicaLoad:
+    return ReplicaLoad(rid, role, node, 1000, free, num_prefill_tokens=queued, num_decodes=decodes)
+
+
+def decide(matched: dict[str, int], decodes: list[ReplicaLoad], prefills: list[ReplicaLoad], seed: int = 0):  # type: ignore[no-untyped-def]
+    return choose(CONFIG, "req", CHAIN, PROMPT, 100, matched, decodes, prefills, random.Random(seed))
+
+
+def test_affinity_wins_when_load_is_equal() -> None:
+    decision = decide({"p0": 16}, [load("d0", "decode")], [load("p0", "prefill"), load("p1", "prefill")])
+    assert (decision.mode, decision.prefill_replica_id, decision.decode_replica_id) == (
+        RouteMode.DISAGGREGATED, "p0", "d0",
+    )  # fmt: skip
+    p0, p1 = decision.prefill_candidates
+    assert p0.prefill_s == pytest.approx(64 / 1000) and p1.prefill_s == pytest.approx(320 / 1000)
+    assert p0.transfer_s == pytest.approx(320 * 1000 / 1e7)  # D caches nothing: the whole prompt moves
+    assert decision.expected_cached_tokens == 256 and decision.expected_transfer_tokens == 320
+
+
+def test_load_wins_when_the_cached_replica_is_saturated() -> None:
+    prefills = [load("p0", "prefill", queued=1000), load("p1", "prefill")]
+    decision = decide({"p0": 16}, [load("d0", "decode")], prefills)
+    assert decision.prefill_replica_id == "p1"  # (1000 + 64) / 1000 s queued vs 320 / 1000 s fresh
+    assert decision.expected_cached_tokens == 0
+    # ... but a modest queue is worth waiting for: 200 queued + 64 uncached < 320
+    prefills = [load("p0", "prefill", queued=200), load("p1", "prefill")]
+    assert decide({"p0": 16}, [load("d0", "decode")], prefills).prefill_replica_id == "p0"
+
+
+def test_decode_affinity_traded_against_its_batch() -> None:
+    prefills = [load("p0", "prefill")]
+    for decodes_on_d0, expected in [(2, "d0"), (4, "d1")]:
+        decodes = [load("d0", "decode", decodes=decodes_on_d0), load("d1", "decode")]
+        decision = decide({"d0": 20}, decodes, prefills)
+        # d0 holds the prompt: local cost 0.1 s per running decode + 16/1000; d1: 320/1000 + 0.032 + 0.01
+        assert decision.decode_replica_id == expected
+        d0, d1 = decision.decode_candidates
+        assert d0.total_s == pytest.approx(0.1 * decodes_on_d0 + 0.016)
+        assert d1.total_s == pytest.approx(0.32 + 0.032 + 0.01)
+
+
+@pytest.mark.parametrize(("cached_blocks", "mode"), [(17, RouteMode.DISAGGREGATED), (18, RouteMode.LOCAL)])
+def test_conditional_disaggregation_triggers_at_the_threshold(cached_blocks: int, mode: RouteMode) -> None:
+    # 18 blocks cached: D lacks 320 - 288 = 32 tokens = the threshold -> local; 17 blocks: 48 tokens -> P.
+    decision = decide({"d0": cached_blocks}, [load("d0", "decode")], [load("p0", "prefill")])
+    assert decision.mode is mode
+    assert decision.prefill_replica_id == ("p0" if mode is RouteMode.DISAGGREGATED else None)
+    assert decision.expected_cached_tokens == (0 if mode is RouteMode.DISAGGREGATED else 288)
+
+
+def test_full_hit_still_recomputes_the_last_token() -> None:
+    decision = decide({"d0": 20}, [load("d0", "decode")], [load("p0", "prefill")])
+    assert decision.mode is RouteMode.LOCAL and decision.expected_cached_tokens == 304
+
+
+def test_same_node_prefill_preferred_when_compute_is_equal() -> None:
+    prefills = [load("p-far", "prefill", node="n1"), load("p-near", "prefill", node="n0")]
+    decision = decide({}, [load("d0", "decode", node="n0")], prefills)
+    assert decision.prefill_replica_id == "p-near"
+    far, near = decision.prefill_candidates
+    assert far.transfer_s == pytest.approx(0.32) and near.transfer_s == pytest.approx(0.032)
+
+
+def test_replica_without_room_is_ranked_last_not_dropped() -> None:
+    decodes = [load("d0", "decode", free=1), load("d1", "decode", decodes=3)]
+    decision = decide({"d0": 20}, decodes, [load("p0", "prefill")])
+    assert decision.decode_ranking == ("d1", "d0")  # d0 is cheaper, but has 1 free block of the 2 it needs
+    assert not decision.decode_candidates[0].has_room
+
+
+def test_ties_are_broken_at_random() -> None:
+    decodes = [load("d0", "decode"), load("d1", "decode")]
+    prefills = [load("p0", "prefill"), load("p1", "prefill")]
+    pairs = {(d.prefill_replica_id, d.decode_replica_id) for d in (decide({}, decodes, prefills, s) for s in range(40))}
+    assert pairs == {("p0", "d0"), ("p0", "d1"), ("p1", "d0"), ("p1", "d1")}
+
+
+def test_no_decode_replica_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no decode replica"):
+        decide({}, [], [load("p0", "prefill")])
+
+
+# ---- router: reports, in-flight accounting, optimistic affinity ---------------------------------------------------
+
+
+def report(rid: str, role: str, free: int = 1000) -> ReplicaReport:
+    return ReplicaReport(rid, role, "n0", 1000, free, 0, 0)
+
+
+def make_router(clock: FakeClock, policy: str = "cache_aware") -> Router:
+    router = Router(CONFIG, policy, replica_timeout_s=5.0, rng=random.Random(0), clock=clock)
+    for rid, role in [("p0", "prefill"), ("p1", "prefill"), ("d0", "decode"), ("d1", "decode")]:
+        router.apply_report(report(rid, role), snapshot(f"inc-{rid}", 0, set()))
+    return router
+
+
+def test_router_accounts_in_flight_work_until_finish() -> None:
+    router = make_router(FakeClock())
+    decision = router.route("r1", CHAIN, PROMPT, 100)
+    p, d = router.loads[decision.prefill_replica_id or ""], router.loads[decision.decode_replica_id]
+    assert (p.num_prefill_tokens, d.num_decodes, d.num_free_blocks) == (320, 1, 1000 - 20)
+    router.prefill_done("r1", num_cached_tokens=0)
+    assert p.num_prefill_tokens == 0
+    router.finish("r1")
+    router.finish("r1")  # idempotent
+    assert (p.num_prefill_tokens, d.num_decodes, router.num_in_flight) == (0, 0, 0)
+    router.route("r2", CHAIN, PROMPT, 100)
+    router.finish("r2")  # ended before its first token (client gone): the prefill tokens are returned too
+    assert all(load.num_prefill_tokens == 0 and load.num_decodes == 0 for load in router.loads.values())
+    assert router.counters.decisions == {"disaggregated": 1, "local": 1}
+
+
+def test_burst_of_equal_prompts_does_not_scatter_before_events() -> None:
+    router = make_router(FakeClock())
+    first = router.route("r0", CHAIN, PROMPT, 100)
+    later = [router.route(f"r{i}", CHAIN, PROMPT, 100) for i in range(1, 4)]
+    # The first one's blocks are recorded optimistically on its D: the rest prefill there locally.
+    assert {d.decode_replica_id for d in later} == {first.decode_replica_id}
+    assert [d.mode for d in later] == [RouteMode.LOCAL] * 3
+
+
+def test_silent_replicas_are_dropped_and_never_chosen() -> None:
+    clock = FakeClock()
+    router = make_router(clock)
+    clock.now += 6.0
+    router.apply_report(report("d1", "decode"), batch("inc-d1", 0))
+    router.apply_report(report("p1", "prefill"), batch("inc-p1", 0))
+    assert sorted(router.drop_silent_replicas()) == ["d0", "p0"]
+    decision = router.route("r", CHAIN, PROMPT, 100)
+    assert (decision.prefill_replica_id, decision.decode_replica_id) == ("p1", "d1")
+    assert sorted(router.index.replica_ids) == ["d1", "p1"]
+
+
+def test_pow2_policy_ignores_affinity() -> None:
+    router = make_router(FakeClock(), policy="pow2")
+    router.apply_report(report("d0", "decode"), snapshot("inc-d0", 1, set(CHAIN)))
+    decisions = [router.route(f"r{i}", CHAIN, PROMPT, 100) for i in range(20)]
+    assert {d.decode_replica_id for d in decisions} == {"d0", "d1"}
+    assert {d.mode for d in decisions} == {RouteMode.DISAGGREGATED}
+
+
+def test_unknown_policy_is_a_config_error() -> None:
+    with pytest.raises(ValueError, match="unknown routing policy"):
+        Router(CONFIG, "round_robin")
