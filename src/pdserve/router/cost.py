@@ -18,6 +18,7 @@ import enum
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pdserve.router.load import ReplicaLoad
 
@@ -44,8 +45,7 @@ class CostConfig:
     block_size: int = 16
 
 
-@dataclass(frozen=True)
-class CandidateCost:
+class CandidateCost(NamedTuple):  # a NamedTuple: built 32 times per decision, it must be cheap
     """One candidate's cost terms, as the decision saw them (seconds unless named otherwise)."""
 
     replica_id: str
@@ -99,34 +99,41 @@ def choose(
     rng: random.Random,
 ) -> RouteDecision:
     """Rank the decode replicas and pick the prefill replica for the best one. `matched_blocks` is the prefix
-    index's answer for `block_hashes`. Raises ValueError when there is no decode replica."""
+    index's answer for `block_hashes`. Raises ValueError when there is no decode replica.
+
+    Written for speed (it runs once per request over every replica): plain tuples in the loops."""
     if not decodes:
         raise ValueError("no decode replica to route to")
-    # The computing replica always recomputes at least the last prompt token.
-    max_hit = (num_prompt_tokens - 1) // config.block_size * config.block_size
-    hits = {rid: min(n * config.block_size, max_hit) for rid, n in matched_blocks.items()}
-    num_outputs = min(max_new_tokens, config.expected_output_tokens)
+    bs = config.block_size
+    max_hit = (num_prompt_tokens - 1) // bs * bs  # the computing replica always recomputes the last token
+    hits = {rid: min(n * bs, max_hit) for rid, n in matched_blocks.items()}
+    load_per_decode_s = min(max_new_tokens, config.expected_output_tokens) * config.decode_step_per_seq_s
     best_per_node = _best_prefill_per_node(config, prefills, hits, num_prompt_tokens)
-    scored = [_score_decode(config, d, hits, num_prompt_tokens, num_outputs, best_per_node) for d in decodes]
-    order = sorted(range(len(scored)), key=lambda i: (not scored[i][0].has_room, scored[i][0].total_s))
-    best = _pick_tie(rng, [scored[i][0] for i in order])
-    cost, mode = next((c, m) for c, m in scored if c is best)
-    chosen = next(d for d in decodes if d.replica_id == best.replica_id)
-    missing = num_prompt_tokens - hits.get(chosen.replica_id, 0)
-    p_costs = tuple(_prefill_cost(config, p, hits, num_prompt_tokens, chosen, missing) for p in prefills)
-    prefill = _pick_tie(rng, sorted(p_costs, key=lambda c: c.total_s)) if mode is RouteMode.DISAGGREGATED else None
+    decode_costs = [
+        _decode_cost(config, d, hits.get(d.replica_id, 0), num_prompt_tokens, load_per_decode_s, best_per_node)
+        for d in decodes
+    ]
+    ranked = sorted(decode_costs, key=lambda c: (not c.has_room, c.total_s))
+    best = _pick_tie(rng, ranked)
+    chosen = decodes[decode_costs.index(best)]
+    missing = num_prompt_tokens - best.num_cached_tokens
+    is_local = missing <= config.local_prefill_max_tokens or not prefills
+    prefill_costs = [
+        _prefill_cost(config, p, hits.get(p.replica_id, 0), num_prompt_tokens, chosen, missing) for p in prefills
+    ]
+    prefill = None if is_local else _pick_tie(rng, sorted(prefill_costs, key=lambda c: c.total_s))
     return RouteDecision(
         request_id=request_id,
-        mode=mode,
+        mode=RouteMode.LOCAL if prefill is None else RouteMode.DISAGGREGATED,
         decode_replica_id=chosen.replica_id,
         prefill_replica_id=None if prefill is None else prefill.replica_id,
         num_prompt_tokens=num_prompt_tokens,
-        expected_cached_tokens=hits.get((prefill or cost).replica_id, 0),
+        expected_cached_tokens=(prefill or best).num_cached_tokens,
         expected_transfer_tokens=0 if prefill is None else missing,
         prompt_block_hashes=tuple(block_hashes),
-        decode_ranking=(best.replica_id, *(scored[i][0].replica_id for i in order if scored[i][0] is not best)),
-        decode_candidates=tuple(c for c, _ in scored),
-        prefill_candidates=p_costs,
+        decode_ranking=(best.replica_id, *(c.replica_id for c in ranked if c is not best)),
+        decode_candidates=tuple(decode_costs),
+        prefill_candidates=tuple(prefill_costs),
     )
 
 
@@ -135,71 +142,57 @@ def _best_prefill_per_node(
 ) -> dict[str, float]:
     """Least prefill compute (queue + uncached prompt) among the prefill replicas of each node."""
     best: dict[str, float] = {}
+    rate = config.prefill_tokens_per_s
     for p in prefills:
-        compute_s = _compute_s(p.num_prefill_tokens, num_prompt_tokens - hits.get(p.replica_id, 0), config)
-        best[p.node_id] = min(compute_s, best.get(p.node_id, compute_s))
+        compute_s = (p.num_prefill_tokens + num_prompt_tokens - hits.get(p.replica_id, 0)) / rate
+        if compute_s < best.get(p.node_id, float("inf")):
+            best[p.node_id] = compute_s
     return best
 
 
-def _score_decode(
+def _decode_cost(
     config: CostConfig,
     d: ReplicaLoad,
-    hits: Mapping[str, int],
+    hit: int,
     num_prompt_tokens: int,
-    num_outputs: int,
+    load_per_decode_s: float,
     best_prefill_per_node: Mapping[str, float],
-) -> tuple[CandidateCost, RouteMode]:
-    hit = hits.get(d.replica_id, 0)
+) -> CandidateCost:
     missing = num_prompt_tokens - hit
-    load_s = num_outputs * config.decode_step_per_seq_s * d.num_decodes
+    load_s = load_per_decode_s * d.num_decodes
     transfer_s = 0.0
     if missing <= config.local_prefill_max_tokens or not best_prefill_per_node:
-        mode = RouteMode.LOCAL
         prefill_s = (d.num_prefill_tokens + missing) / config.local_prefill_tokens_per_s
     else:
-        mode = RouteMode.DISAGGREGATED
-        prefill_s, transfer_s = min(
-            (compute_s, _transfer_s(config, missing, node == d.node_id))
-            for node, compute_s in best_prefill_per_node.items()
-        )
+        num_bytes = missing * config.kv_bytes_per_token
+        prefill_s = transfer_s = float("inf")
+        for node, compute_s in best_prefill_per_node.items():
+            bandwidth = config.same_node_bytes_per_s if node == d.node_id else config.cross_node_bytes_per_s
+            if compute_s + num_bytes / bandwidth < prefill_s + transfer_s:
+                prefill_s, transfer_s = compute_s, num_bytes / bandwidth
         transfer_s += config.disaggregation_overhead_s
     num_needed = -(-(num_prompt_tokens + 1) // config.block_size) - hit // config.block_size
-    total_s = load_s + prefill_s + transfer_s
-    cost = CandidateCost(
+    return CandidateCost(
         d.replica_id, d.role, hit, d.num_prefill_tokens, d.num_decodes, d.num_free_blocks,
-        load_s, prefill_s, transfer_s, total_s, has_room=d.num_free_blocks >= num_needed,
+        load_s, prefill_s, transfer_s, load_s + prefill_s + transfer_s, d.num_free_blocks >= num_needed,
     )  # fmt: skip
-    return cost, mode
 
 
 def _prefill_cost(
-    config: CostConfig,
-    p: ReplicaLoad,
-    hits: Mapping[str, int],
-    num_prompt_tokens: int,
-    decode: ReplicaLoad,
-    num_missing_on_decode: int,
+    config: CostConfig, p: ReplicaLoad, hit: int, num_prompt_tokens: int, decode: ReplicaLoad, num_missing: int
 ) -> CandidateCost:
-    hit = hits.get(p.replica_id, 0)
-    compute_s = _compute_s(p.num_prefill_tokens, num_prompt_tokens - hit, config)
-    transfer_s = _transfer_s(config, num_missing_on_decode, p.node_id == decode.node_id)
+    compute_s = (p.num_prefill_tokens + num_prompt_tokens - hit) / config.prefill_tokens_per_s
+    bandwidth = config.same_node_bytes_per_s if p.node_id == decode.node_id else config.cross_node_bytes_per_s
+    transfer_s = num_missing * config.kv_bytes_per_token / bandwidth
     return CandidateCost(
         p.replica_id, p.role, hit, p.num_prefill_tokens, p.num_decodes, p.num_free_blocks,
-        0.0, compute_s, transfer_s, compute_s + transfer_s, has_room=True,
+        0.0, compute_s, transfer_s, compute_s + transfer_s, True,
     )  # fmt: skip
-
-
-def _compute_s(num_queued_tokens: int, num_new_tokens: int, config: CostConfig) -> float:
-    return (num_queued_tokens + num_new_tokens) / config.prefill_tokens_per_s
-
-
-def _transfer_s(config: CostConfig, num_tokens: int, is_same_node: bool) -> float:
-    bandwidth = config.same_node_bytes_per_s if is_same_node else config.cross_node_bytes_per_s
-    return num_tokens * config.kv_bytes_per_token / bandwidth
 
 
 def _pick_tie(rng: random.Random, ranked: Sequence[CandidateCost]) -> CandidateCost:
     """The first candidate, or a random one among those tied with it (same room, cost within 1 ns)."""
     first = ranked[0]
-    ties = [c for c in ranked if c.has_room == first.has_room and c.total_s - first.total_s <= 1e-9]
-    return ties[0] if len(ties) == 1 else rng.choice(ties)
+    if len(ranked) == 1 or ranked[1].has_room != first.has_room or ranked[1].total_s - first.total_s > 1e-9:
+        return first
+    return rng.choice([c for c in ranked if c.has_room == first.has_room and c.total_s - first.total_s <= 1e-9])

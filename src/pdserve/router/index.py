@@ -3,7 +3,7 @@
 Each replica owns one bit; `_holders[hash]` is the bitmask of replicas holding that block, so matching a prompt's
 chain against every replica at once is one dict lookup and one AND per block. A replica's bit for a hash is set
 while the hash is confirmed (stored by an event, not removed since) or optimistic (the router just sent a request
-there whose blocks will be stored; it expires unless an event confirms it first).
+there whose blocks will be stored; the bit is cleared after `optimistic_ttl_s` unless an event confirmed it).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ class _Replica:
     incarnation: str | None = None  # the event log we follow; None until the first snapshot
     seq: int = 0  # last event applied
     hashes: set[BlockHash] = field(default_factory=set)  # confirmed by events
-    optimistic: dict[BlockHash, float] = field(default_factory=dict)  # hash -> expiry (clock time)
     synced_at: float = 0.0  # clock time of the last batch applied
 
 
@@ -41,7 +40,7 @@ class PrefixIndex:
         self._replicas: dict[str, _Replica] = {}
         self._slot_owner: list[str | None] = []  # slot -> replica id
         self._holders: dict[BlockHash, int] = {}
-        self._expiries: deque[tuple[float, str, BlockHash]] = deque()  # optimistic entries, oldest first
+        self._expiries: deque[tuple[float, str, tuple[BlockHash, ...]]] = deque()  # optimistic, oldest first
         self.num_resyncs = 0
 
     @property
@@ -82,24 +81,21 @@ class PrefixIndex:
         r = self._replicas.pop(replica_id, None)
         if r is None:
             return
-        for h in r.hashes | r.optimistic.keys():
+        for h in r.hashes | self._optimistic_hashes(replica_id):
             self._clear_bit(h, r.slot)
         self._slot_owner[r.slot] = None
 
-    def record_optimistic(self, replica_id: str, block_hashes: Iterable[BlockHash]) -> None:
+    def record_optimistic(self, replica_id: str, block_hashes: Sequence[BlockHash]) -> None:
         """The router just sent these blocks' prompt to the replica: count them as held until the events arrive
-        (or `optimistic_ttl_s` passes), so a burst of equal prompts does not scatter."""
+        (or `optimistic_ttl_s` passes), so a burst of equal prompts does not scatter. Pass only the blocks the
+        replica does not hold yet (the tail past its matched prefix)."""
         r = self._replicas.get(replica_id)
-        if r is None:
+        if r is None or not block_hashes:
             return
-        expiry = self.clock() + self.optimistic_ttl_s
         bit = 1 << r.slot
-        for h in block_hashes:
-            if h in r.hashes:
-                continue
-            r.optimistic[h] = expiry
-            self._holders[h] = self._holders.get(h, 0) | bit
-            self._expiries.append((expiry, replica_id, h))
+        holders = self._holders
+        holders.update({h: holders.get(h, 0) | bit for h in block_hashes})
+        self._expiries.append((self.clock() + self.optimistic_ttl_s, replica_id, tuple(block_hashes)))
 
     def match(self, block_hashes: Sequence[BlockHash]) -> dict[str, int]:
         """Number of leading blocks of the chain each replica holds (every known replica, 0 included)."""
@@ -143,19 +139,17 @@ class PrefixIndex:
             bit = 1 << r.slot
             for h in block_hashes:
                 r.hashes.add(h)
-                r.optimistic.pop(h, None)
                 self._holders[h] = self._holders.get(h, 0) | bit
         else:
             for h in block_hashes:
                 r.hashes.discard(h)
-                r.optimistic.pop(h, None)  # evicted beats "about to be stored"
-                self._clear_bit(h, r.slot)
+                self._clear_bit(h, r.slot)  # also an optimistic entry: an eviction beats an expectation
 
     def _reset(self, r: _Replica, replica_id: str, hashes: Iterable[BlockHash]) -> None:
         """Replace everything the replica holds (confirmed and optimistic) by `hashes`."""
-        for h in r.hashes | r.optimistic.keys():
+        for h in r.hashes | self._optimistic_hashes(replica_id):
             self._clear_bit(h, r.slot)
-        r.hashes, r.optimistic = set(), {}
+        r.hashes = set()
         self._apply_event(r, replica_id, KVEventKind.STORED, tuple(hashes))
 
     def _clear_bit(self, h: BlockHash, slot: int) -> None:
@@ -166,14 +160,21 @@ class PrefixIndex:
             self._holders.pop(h, None)
 
     def _expire_optimistic(self) -> None:
+        """Clear the bits of optimistic entries past their TTL that no event confirmed. (A hash recorded twice
+        for one replica loses its bit at the first expiry: rare — the tail recorded is past the matched prefix
+        — and harmless: affinity is only shortened.)"""
         now = self.clock()
         while self._expiries and self._expiries[0][0] <= now:
-            expiry, replica_id, h = self._expiries.popleft()
+            _, replica_id, block_hashes = self._expiries.popleft()
             r = self._replicas.get(replica_id)
-            if r is not None and r.optimistic.get(h) == expiry:
-                del r.optimistic[h]
+            if r is None:
+                continue
+            for h in block_hashes:
                 if h not in r.hashes:
                     self._clear_bit(h, r.slot)
+
+    def _optimistic_hashes(self, replica_id: str) -> set[BlockHash]:
+        return {h for _, rid, hashes in self._expiries if rid == replica_id for h in hashes}
 
     def _add(self, replica_id: str) -> _Replica:
         slot = next((i for i, owner in enumerate(self._slot_owner) if owner is None), len(self._slot_owner))

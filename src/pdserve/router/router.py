@@ -106,7 +106,7 @@ class Router:
                 self.config, request_id, block_hashes, num_prompt_tokens, max_new_tokens, matched, decodes, prefills,
                 self.rng,
             )  # fmt: skip
-        self._start(decision)
+        self._start(decision, matched)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("route %s", decision.summary())
         return decision
@@ -139,7 +139,7 @@ class Router:
     def num_in_flight(self) -> int:
         return len(self._in_flight)
 
-    def _start(self, decision: RouteDecision) -> None:
+    def _start(self, decision: RouteDecision, matched: dict[str, int]) -> None:
         computing_id = decision.prefill_replica_id or decision.decode_replica_id
         num_compute = decision.num_prompt_tokens - decision.expected_cached_tokens
         self._in_flight[decision.request_id] = _InFlight(decision, computing_id, num_compute)
@@ -152,9 +152,9 @@ class Router:
             else decision.expected_cached_tokens // self.config.block_size
         )
         decode.num_free_blocks -= max(num_new_blocks, 0)
-        self.index.record_optimistic(decision.decode_replica_id, decision.prompt_block_hashes)
-        if decision.prefill_replica_id is not None:
-            self.index.record_optimistic(decision.prefill_replica_id, decision.prompt_block_hashes)
+        for rid in (decision.decode_replica_id, decision.prefill_replica_id):
+            if rid is not None:  # only the tail past what it holds: the rest is known already
+                self.index.record_optimistic(rid, decision.prompt_block_hashes[matched.get(rid, 0) :])
         c = self.counters
         c.decisions[decision.mode.value] += 1
         c.num_prompt_tokens += decision.num_prompt_tokens
