@@ -32,7 +32,9 @@ def apps(smollm2_dir: Path) -> Iterator[tuple[Served, Served]]:
     port = free_port()
     common = {"model": str(smollm2_dir), "dtype": "float32", "served_model_name": "smollm2", "num_kv_blocks": 512}
     with ray_serve(port):
-        serve.run(build_app(ServeConfig(**common)), name="disagg", route_prefix="/")
+        # local_prefill_max_tokens=0: always through the prefill replica (local mode has its own tests)
+        disagg = ServeConfig(**common, router={"local_prefill_max_tokens": 0})
+        serve.run(build_app(disagg), name="disagg", route_prefix="/")
         serve.run(build_app(ServeConfig(**common, colocated=True)), name="colocated", route_prefix="/colocated")
         yield Served(f"http://127.0.0.1:{port}/v1"), Served(f"http://127.0.0.1:{port}/colocated/v1")
 

@@ -23,7 +23,7 @@ def build_app(config: ServeConfig) -> Application:
     if config.colocated:
         engine = _deployment(EngineServer, "EngineServer", config.engine).bind(config, model_path)
         return ingress.bind(config, model_path, engine=engine)
-    prefill = _deployment(PrefillServer, "PrefillServer", config.prefill).bind(config, model_path)
+    prefill = _deployment(PrefillServer, "PrefillServer", config.prefill, pinned=True).bind(config, model_path)
     decode = _deployment(DecodeServer, "DecodeServer", config.decode, pinned=True).bind(config, model_path)
     return ingress.bind(config, model_path, prefill=prefill, decode=decode)
 

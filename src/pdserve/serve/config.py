@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pdserve.router import CostConfig
 
 
 class PoolConfig(BaseModel):
@@ -20,6 +21,30 @@ class PoolConfig(BaseModel):
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
     max_ongoing_requests: int = Field(256, ge=1)
     num_threads: int | None = Field(None, ge=1)  # torch intra-op threads per replica (None: torch's default)
+
+
+class RouterSettings(BaseModel):
+    """The ingress's global router (docs/ROUTER.md): policy, index sync, and the cost model's weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # cache_aware: pdserve's router picks the (prefill, decode) pair; pow2: Serve's default power-of-two choices.
+    policy: Literal["cache_aware", "pow2"] = "cache_aware"
+    sync_period_s: float = Field(0.1, gt=0)  # how often the ingress pulls every replica's KV events and stats
+    optimistic_ttl_s: float = Field(2.0, gt=0)  # how long routed-but-unconfirmed blocks count as cached
+    replica_timeout_s: float = Field(10.0, gt=0)  # a replica silent this long leaves the index
+    prefill_tokens_per_s: float = Field(CostConfig.prefill_tokens_per_s, gt=0)
+    local_prefill_tokens_per_s: float = Field(CostConfig.local_prefill_tokens_per_s, gt=0)
+    decode_step_per_seq_s: float = Field(CostConfig.decode_step_per_seq_s, ge=0)
+    expected_output_tokens: int = Field(CostConfig.expected_output_tokens, ge=1)
+    same_node_bytes_per_s: float = Field(CostConfig.same_node_bytes_per_s, gt=0)
+    cross_node_bytes_per_s: float = Field(CostConfig.cross_node_bytes_per_s, gt=0)
+    disaggregation_overhead_s: float = Field(CostConfig.disaggregation_overhead_s, ge=0)
+    local_prefill_max_tokens: int = Field(CostConfig.local_prefill_max_tokens, ge=0)
+
+    def cost_config(self, block_size: int, kv_bytes_per_token: int) -> CostConfig:
+        weights = self.model_dump(exclude={"policy", "sync_period_s", "optimistic_ttl_s", "replica_timeout_s"})
+        return CostConfig(**weights, kv_bytes_per_token=kv_bytes_per_token, block_size=block_size)
 
 
 class ServeConfig(BaseModel):
@@ -42,6 +67,7 @@ class ServeConfig(BaseModel):
     decode: PoolConfig = Field(default_factory=PoolConfig)
     engine: PoolConfig = Field(default_factory=PoolConfig)  # colocated mode
     ingress: PoolConfig = Field(default_factory=PoolConfig)
+    router: RouterSettings = Field(default_factory=RouterSettings)
 
     kv_transport: Literal["auto", "shm", "tcp"] = "auto"  # auto: shared memory on one node, TCP across nodes
     kv_transfer_timeout_s: float = Field(30.0, gt=0)

@@ -18,6 +18,7 @@ from pdserve.api.backend import GenerationDelta, GenerationRequest
 from pdserve.engine import EngineRequest, RequestOutput, SamplingParams
 from pdserve.serve.config import ServeConfig
 from pdserve.serve.handoff import colocated_generate, disaggregated_generate
+from pdserve.serve.ingress_router import IngressRouter, RouterCollector
 from pdserve.serve.messages import ModelInfo, ReplicaStats
 from pdserve.serve.metrics import IngressMetrics
 
@@ -46,7 +47,12 @@ class Ingress:
         self.model_name = config.served_model_name or Path(config.model or DEFAULT_MODEL_NAME).name
         self.max_model_len = info.max_model_len
         self.eos_token_ids = info.eos_token_ids
-        self.metrics = IngressMetrics()
+        self.router: IngressRouter | None = None
+        if prefill is not None and decode is not None:
+            cost = config.router.cost_config(info.block_size, info.kv_bytes_per_token)
+            self.router = IngressRouter(config.router, cost, prefill, decode)
+            await self.router.start()
+        self.metrics = IngressMetrics(RouterCollector(self.router))
         self._stats_task = asyncio.get_running_loop().create_task(self._refresh_stats())
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -57,19 +63,26 @@ class Ingress:
         start = time.perf_counter()
         first_at: float | None = None
         num_tokens = 0
+        route = self.router.route(engine_request) if self.router is not None else None
         if self.engine is not None:
             outputs = colocated_generate(engine_request, self.engine)
         else:
             assert self.prefill is not None and self.decode is not None
-            outputs = disaggregated_generate(engine_request, self.prefill, self.decode)
-        async for out in outputs:
-            if first_at is None:
-                first_at = time.perf_counter()
-                self.metrics.ttft.labels(self.mode).observe(first_at - start)
-            num_tokens += len(out.new_token_ids)
-            if out.finish_reason is not None:
-                self._observe_end(first_at, num_tokens, out.finish_reason.value)
-            yield to_delta(out)
+            outputs = disaggregated_generate(engine_request, self.prefill, self.decode, route)
+        try:
+            async for out in outputs:
+                if first_at is None:
+                    first_at = time.perf_counter()
+                    self.metrics.ttft.labels(self.mode).observe(first_at - start)
+                    if self.router is not None:
+                        self.router.router.prefill_done(engine_request.request_id, out.num_cached_tokens)
+                num_tokens += len(out.new_token_ids)
+                if out.finish_reason is not None:
+                    self._observe_end(first_at, num_tokens, out.finish_reason.value)
+                yield to_delta(out)
+        finally:
+            if self.router is not None:
+                self.router.router.finish(engine_request.request_id)
 
     async def is_healthy(self) -> bool:
         return True

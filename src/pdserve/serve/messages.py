@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pdserve.kvcache import KVEventBatch
+from pdserve.router import ReplicaReport
 from pdserve.transfer import KVEndpoint
 
 
@@ -41,6 +43,7 @@ class ModelInfo:
     max_model_len: int
     eos_token_ids: tuple[int, ...]
     block_size: int
+    kv_bytes_per_token: int
 
 
 @dataclass(frozen=True)
@@ -56,3 +59,11 @@ class ReplicaStats:
     prefix_cache_hit_tokens: int  # since start
     kv_transfer_bytes: int  # since start, sent (prefill) or received (decode)
     kv_transfer_blocks: int
+
+
+@dataclass(frozen=True)
+class ReplicaSync:
+    """Replica -> ingress router, every sync period: load and room, and the KV events after the router's cursor."""
+
+    report: ReplicaReport
+    events: KVEventBatch

@@ -45,10 +45,11 @@ class ReplicaStatsCollector(Collector):
 
 
 class IngressMetrics:
-    def __init__(self) -> None:
+    def __init__(self, router: Collector) -> None:
         self.registry = CollectorRegistry()
         self.replicas = ReplicaStatsCollector()
         self.registry.register(self.replicas)
+        self.registry.register(router)
         self.requests = Counter(
             "pdserve_requests", "finished requests", ["mode", "finish_reason"], registry=self.registry
         )

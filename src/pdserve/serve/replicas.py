@@ -18,10 +18,12 @@ import ray
 import torch
 from ray import serve
 
-from pdserve.engine import EngineRequest, LLMEngine, RequestOutput
+from pdserve.engine import EngineRequest, EngineStats, LLMEngine, RequestOutput
 from pdserve.engine.async_engine import AsyncEngine
+from pdserve.kvcache import KVEventBatch
+from pdserve.router import ReplicaReport, SyncCursor
 from pdserve.serve.config import ServeConfig
-from pdserve.serve.messages import ModelInfo, PrefillResult, ReplicaStats, Reservation
+from pdserve.serve.messages import ModelInfo, PrefillResult, ReplicaStats, ReplicaSync, Reservation
 from pdserve.transfer import KVEndpoint, TransferError, TransferSpec, TransferStats, make_receiver, make_sender
 
 logger = logging.getLogger(__name__)
@@ -53,7 +55,10 @@ class _EngineReplica:
         self.transfer_blocks = 0
 
     async def model_info(self) -> ModelInfo:
-        return ModelInfo(self.model_path, self.llm.max_model_len, self.llm.eos_token_ids, self.llm.layout.block_size)
+        layout = self.llm.layout
+        return ModelInfo(
+            self.model_path, self.llm.max_model_len, self.llm.eos_token_ids, layout.block_size, layout.bytes_per_token
+        )
 
     async def stats(self) -> ReplicaStats:
         s = await self.engine.stats()
@@ -71,18 +76,20 @@ class _EngineReplica:
             self.transfer_blocks,
         )
 
-    def _count_hits(self, out: RequestOutput) -> None:
-        self.prefix_hit_tokens += out.num_cached_tokens
-
-
-class EngineServer(_EngineReplica):
-    """Colocated: prefill and decode on one replica (the baseline, and conditional disaggregation's target)."""
-
-    role = "engine"
+    async def router_sync(self, cursors: dict[str, SyncCursor]) -> ReplicaSync:
+        """The ingress router's periodic pull: this replica's load and its KV events after its cursor."""
+        cursor = cursors.get(self.replica_id, SyncCursor(None, 0))
+        stats, events = await self.engine.call(self._sync_state, cursor)
+        report = ReplicaReport(
+            self.replica_id, self.role, self.node_id, stats.num_blocks, stats.num_free_blocks,
+            stats.num_running, stats.num_waiting,
+        )  # fmt: skip
+        return ReplicaSync(report, events)
 
     async def generate(
         self, request: EngineRequest, target_replica_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
+        """Prefill and decode here: the colocated path, and a decode replica's local prefill."""
         is_first = True
         async for out in self.engine.generate(request):
             if is_first:
@@ -92,6 +99,18 @@ class EngineServer(_EngineReplica):
 
     async def abort(self, request_id: str, target_replica_id: str | None = None) -> None:
         self.engine.abort(request_id)
+
+    def _sync_state(self, cursor: SyncCursor) -> tuple[EngineStats, KVEventBatch]:  # on the engine thread
+        return self.llm.stats(), self.llm.kv_events_since(cursor.seq, cursor.incarnation)
+
+    def _count_hits(self, out: RequestOutput) -> None:
+        self.prefix_hit_tokens += out.num_cached_tokens
+
+
+class EngineServer(_EngineReplica):
+    """Colocated: prefill and decode on one replica (the baseline)."""
+
+    role = "engine"
 
 
 class PrefillServer(_EngineReplica):
@@ -148,7 +167,8 @@ class PrefillServer(_EngineReplica):
 
 
 class DecodeServer(_EngineReplica):
-    """Reserves blocks for prompts whose KV arrives from a prefill replica, then decodes them."""
+    """Reserves blocks for prompts whose KV arrives from a prefill replica, then decodes them; prompts it already
+    mostly caches it prefills itself (`generate`: conditional disaggregation)."""
 
     role = "decode"
 
@@ -194,7 +214,7 @@ class DecodeServer(_EngineReplica):
 
     async def abort(self, request_id: str, target_replica_id: str | None = None) -> None:
         self._leases.pop(request_id, None)
-        self.engine.abort(request_id)
+        await super().abort(request_id)
 
     def __del__(self) -> None:
         """Serve calls this at replica shutdown: stop receiving and remove the shared-memory KV files."""

@@ -1,0 +1,102 @@
+"""The ingress's side of the global router: keeps `pdserve.router.Router` fed from the replicas, and routes.
+
+Every `sync_period_s` it broadcasts `router_sync(cursors)` to the prefill and decode pools; each replica answers
+with its load and the KV events after its cursor (or a snapshot), which the router applies. Each ingress replica
+keeps its own router (Serve request routers are per process too). Routing never waits on the sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from ray.serve.handle import DeploymentHandle
+
+from pdserve.engine import EngineRequest
+from pdserve.kvcache import hash_block_chain
+from pdserve.router import CostConfig, RouteDecision, Router
+from pdserve.serve.config import RouterSettings
+from pdserve.serve.messages import ReplicaSync
+
+logger = logging.getLogger(__name__)
+
+
+class IngressRouter:
+    def __init__(self, settings: RouterSettings, cost: CostConfig, prefill: DeploymentHandle, decode: DeploymentHandle):
+        self.settings = settings
+        self.router = Router(cost, settings.policy, settings.optimistic_ttl_s, settings.replica_timeout_s)
+        self.pools = (prefill, decode)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Sync once (so the first requests are routed with knowledge), then keep syncing in the background."""
+        if self.settings.policy == "pow2":
+            return  # Serve's own routing: nothing to keep
+        await self.sync()
+        self._task = asyncio.get_running_loop().create_task(self._sync_forever())
+
+    def route(self, request: EngineRequest) -> RouteDecision | None:
+        """The (prefill, decode) pair for `request`; None means "let Serve route" (pow2, or no replica known)."""
+        if self.settings.policy == "pow2" or not self.router.loads:
+            return None
+        chain = hash_block_chain(request.prompt_token_ids, self.router.config.block_size, request.cache_salt)
+        max_new_tokens = request.sampling.max_tokens or self.router.config.expected_output_tokens
+        try:
+            return self.router.route(request.request_id, chain, len(request.prompt_token_ids), max_new_tokens)
+        except ValueError:
+            logger.warning("router knows no decode replica yet; letting Serve route %s", request.request_id)
+            return None
+
+    async def sync(self) -> None:
+        cursors = self.router.cursors()
+        for pool in self.pools:
+            results = await pool.broadcast("router_sync", cursors).results_async(return_exceptions=True)
+            for result in results:
+                if isinstance(result, ReplicaSync):
+                    self.router.apply_report(result.report, result.events)
+                else:
+                    logger.warning("a replica failed its router sync: %r", result)
+        for replica_id in self.router.drop_silent_replicas():
+            logger.warning("replica %s stopped reporting; removed from the router", replica_id)
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sync_period_s)
+            try:
+                await self.sync()
+            except Exception:
+                logger.exception("router sync failed; retrying next period")
+
+
+class RouterCollector(Collector):
+    """The router's counters and index staleness, rendered at /metrics."""
+
+    def __init__(self, router: IngressRouter | None) -> None:
+        self.ingress_router = router
+
+    def collect(self) -> Iterable[Metric]:
+        if self.ingress_router is None:
+            return
+        router = self.ingress_router.router
+        c = router.counters
+        decisions = CounterMetricFamily("pdserve_router_decisions", "routing decisions", labels=["policy", "mode"])
+        for mode, count in c.decisions.items():
+            decisions.add_metric([router.policy, mode], count)
+        yield decisions
+        for name, doc, value in [
+            ("prompt_tokens", "prompt tokens routed", c.num_prompt_tokens),
+            ("expected_hit_tokens", "prefix-cache hit tokens the decisions expected", c.expected_hit_tokens),
+            ("realized_hit_tokens", "prefix-cache hit tokens the computing replicas reported", c.realized_hit_tokens),
+            ("expected_transfer_tokens", "prompt tokens the decisions expected to move", c.expected_transfer_tokens),
+            ("index_resyncs", "replica resyncs after a gap or restart", router.index.num_resyncs),
+        ]:
+            yield CounterMetricFamily(f"pdserve_router_{name}", doc, value=value)
+        staleness = GaugeMetricFamily(
+            "pdserve_router_index_staleness_seconds", "age of the replica's last applied KV events", labels=["replica"]
+        )
+        for replica_id in router.index.replica_ids:
+            staleness.add_metric([replica_id], router.index.staleness_s(replica_id))
+        yield staleness
