@@ -33,7 +33,8 @@ def apps(smollm2_dir: Path) -> Iterator[tuple[Served, Served]]:
     common = {"model": str(smollm2_dir), "dtype": "float32", "served_model_name": "smollm2", "num_kv_blocks": 256}
     two = {"num_replicas": 2}
     with ray_serve(port):
-        aware = ServeConfig(**common, prefill=two, decode=two)
+        # local prefill when D lacks <= 64 tokens: a new user turn after cached history, not a fresh conversation
+        aware = ServeConfig(**common, prefill=two, decode=two, router={"local_prefill_max_tokens": 64})
         serve.run(build_app(aware), name="aware", route_prefix="/")
         pow2 = ServeConfig(**common, router={"policy": "pow2"})
         serve.run(build_app(pow2), name="pow2", route_prefix="/pow2")

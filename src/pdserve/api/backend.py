@@ -35,7 +35,7 @@ class GenerationDelta:
     logprobs: list[float] | None  # parallel to token_ids when asked for
     finish_reason: str | None  # "stop" | "length" | "abort"; None while running
     num_prompt_tokens: int
-    num_cached_tokens: int  # prompt tokens served from a prefix cache
+    num_cached_tokens: int  # prompt tokens the computing replica took from its prefix cache (read from the first)
 
 
 class CapacityError(Exception):

@@ -47,9 +47,10 @@ class Generation:
         assert not self.is_finished, "delta after the finish"
         if delta.finish_reason == "abort":
             raise APIError(503, "the server aborted the request; retry it", SERVER_ERROR)
+        if not self.token_ids:  # the prompt's cache hit is fixed where it was computed: the first delta says it
+            self.num_cached_tokens = delta.num_cached_tokens
         self.token_ids.extend(delta.token_ids)
         self.logprobs.extend(delta.logprobs or [])
-        self.num_cached_tokens = delta.num_cached_tokens
         text = self.detokenizer.add(delta.token_ids)
         if not self.detokenizer.is_stopped and delta.finish_reason is not None:
             text += self.detokenizer.flush()

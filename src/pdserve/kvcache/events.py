@@ -8,6 +8,7 @@ pool restarted: a new incarnation), a snapshot of every cached hash as of the la
 from __future__ import annotations
 
 import enum
+import itertools
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -67,5 +68,5 @@ class KVEventLog:
         is_stale = incarnation != self.incarnation or seq > self._seq or seq + 1 < oldest
         if is_stale:
             return KVEventBatch(self.incarnation, self._seq, (), snapshot())
-        events = tuple(e for e in self._events if e.seq > seq)
+        events = tuple(itertools.islice(self._events, seq + 1 - oldest, None))  # seqs are consecutive
         return KVEventBatch(self.incarnation, self._seq, events, None)

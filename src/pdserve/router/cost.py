@@ -41,7 +41,7 @@ class CostConfig:
     same_node_bytes_per_s: float = 5e9  # shared-memory transport (benchmarks/kv_transfer.py)
     cross_node_bytes_per_s: float = 1e9  # TCP transport
     disaggregation_overhead_s: float = 0.01  # two extra Ray hops (reserve, prefill) vs a local prefill
-    local_prefill_max_tokens: int = 128  # D lacking at most this many tokens prefills locally
+    local_prefill_max_tokens: int = 256  # D lacking at most this many tokens prefills locally (router_compare.py)
     block_size: int = 16
 
 
