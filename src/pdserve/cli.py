@@ -7,7 +7,7 @@ import logging
 import signal
 import threading
 
-from pdserve.serve.config import PoolConfig, ServeConfig
+from pdserve.serve.config import PoolConfig, RouterSettings, ServeConfig
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,6 +23,16 @@ def main(argv: list[str] | None = None) -> None:
     serve_cmd.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     serve_cmd.add_argument("--max-model-len", type=int, default=None)
     serve_cmd.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "tcp"])
+    serve_cmd.add_argument(
+        "--routing-policy", default="cache_aware", choices=["cache_aware", "pow2"], help="see docs/ROUTER.md"
+    )
+    serve_cmd.add_argument(
+        "--local-prefill-max-tokens",
+        dest="local_threshold",
+        type=int,
+        default=None,
+        help="a decode replica lacking at most this many prompt tokens prefills them itself (0: never)",
+    )
     serve_cmd.add_argument("--host", default="127.0.0.1")
     serve_cmd.add_argument("--port", type=int, default=8000)
     serve_cmd.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
@@ -38,10 +48,16 @@ def main(argv: list[str] | None = None) -> None:
         decode=PoolConfig(num_replicas=args.num_decode),
         engine=PoolConfig(num_replicas=args.num_engines),
         kv_transport=args.kv_transport,
+        router=RouterSettings(policy=args.routing_policy, **_set(local_prefill_max_tokens=args.local_threshold)),
         host=args.host,
         port=args.port,
     )
     run_server(config, args.address)
+
+
+def _set(**options: object) -> dict[str, object]:
+    """The options actually given (None: keep the config's default)."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def run_server(config: ServeConfig, address: str | None) -> None:
