@@ -490,7 +490,9 @@ def test_models_health_metrics(client: openai.OpenAI, http: httpx.Client, backen
     backend.is_healthy_now = False
     assert http.get("/health").status_code == 503
     metrics = http.get("/metrics")
-    assert metrics.text == "pdserve_up 1\n" and metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert metrics.text.startswith("pdserve_up 1\n")  # the backend's exposition, then the HTTP layer's
+    assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert 'pdserve_http_requests_total{method="GET",route="/v1/models",status="200"}' in metrics.text
 
 
 # --- a real chat template -------------------------------------------------------------------------------------------

@@ -14,18 +14,21 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
 from pydantic import BaseModel
 
-from pdserve.api.backend import Backend
+from pdserve.api.backend import Backend, GenerationRequest
 from pdserve.api.errors import SERVER_ERROR, APIError, error_response, install_error_handlers
 from pdserve.api.formats import ChatFormat, CompletionFormat, ResponseFormat, ResponseMeta
-from pdserve.api.generation import Generation, collect, first_delta
+from pdserve.api.generation import Generation, collect, first_delta, usage_attributes
 from pdserve.api.intake import Tokenization, check_model, context_max_tokens, generation_request
-from pdserve.api.middleware import BodySizeLimit, UnhandledErrors
+from pdserve.api.metrics import APIMetrics
+from pdserve.api.middleware import BodySizeLimit, RequestTelemetry, UnhandledErrors
 from pdserve.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields
 from pdserve.api.sse import EventStreamResponse, stream_events
+from pdserve.telemetry import names, span_in, traceparent
 
-TRACEPARENT = "traceparent"  # W3C trace context header, handed to the backend as is
 T = TypeVar("T")
 
 
@@ -36,6 +39,7 @@ class APIState:
     backend: Backend
     tokenization: Tokenization
     created: int  # unix seconds, reported as the model's creation time
+    metrics: APIMetrics
 
 
 def create_app(backend: Backend, *, max_body_bytes: int = 1 << 20) -> FastAPI:
@@ -43,9 +47,11 @@ def create_app(backend: Backend, *, max_body_bytes: int = 1 << 20) -> FastAPI:
     /metrics. Bodies over `max_body_bytes` are refused with 413."""
     # Bodies without a Content-Type are read as JSON, as OpenAI does (FastAPI's strict default refuses them).
     app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None, strict_content_type=False)
-    app.state.pdserve = APIState(backend, Tokenization(backend.tokenizer), int(time.time()))
+    metrics = APIMetrics()
+    app.state.pdserve = APIState(backend, Tokenization(backend.tokenizer), int(time.time()), metrics)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
-    app.add_middleware(UnhandledErrors)  # added last, so outermost
+    app.add_middleware(UnhandledErrors)
+    app.add_middleware(RequestTelemetry, metrics=metrics)  # added last, so outermost: sees every answer
     install_error_handlers(app)
     app.include_router(router)
     return app
@@ -83,9 +89,9 @@ async def get_model(model: str, state: State) -> Response:
 
 @router.get("/metrics")
 async def metrics(state: State) -> Response:
-    """The backend's Prometheus exposition."""
+    """The backend's Prometheus exposition, then the HTTP layer's."""
     body, content_type = state.backend.render_metrics()
-    return Response(body, media_type=content_type)
+    return Response(body + state.metrics.render(), media_type=content_type)
 
 
 @router.post("/v1/completions")
@@ -93,7 +99,8 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
     """Completion of a text or token-id prompt; SSE when `stream` is set. 400 for invalid input, 404 for an
     unknown model, 429/503 when the backend has no room."""
     check_model(state.backend, body.model)
-    prompt_ids = await state.tokenization.completion_prompt(body.prompt)
+    with span_in(traceparent(), names.SPAN_TOKENIZE):
+        prompt_ids = await state.tokenization.completion_prompt(body.prompt)
     limit = state.backend.max_model_len
     max_tokens = context_max_tokens(len(prompt_ids), limit, body.max_tokens, "prompt", "max_tokens")
     meta = ResponseMeta.new("cmpl", body.model)
@@ -106,7 +113,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     """Chat completion through the model's chat template; SSE when `stream` is set. Without a token limit the
     reply may fill the context. Errors as for /v1/completions."""
     check_model(state.backend, body.model)
-    prompt_ids = await state.tokenization.chat_prompt(body.messages)
+    with span_in(traceparent(), names.SPAN_TOKENIZE):
+        prompt_ids = await state.tokenization.chat_prompt(body.messages)
     asked, param = body.output_limit()
     max_tokens = context_max_tokens(len(prompt_ids), state.backend.max_model_len, asked, "messages", param)
     meta = ResponseMeta.new("chatcmpl", body.model)
@@ -123,11 +131,12 @@ async def _serve(
     fmt: ResponseFormat,
 ) -> Response:
     """Hand the request to the backend and answer with the whole output, or stream it."""
-    traceparent = request.headers.get(TRACEPARENT)
+    span = trace.get_current_span()  # the request's, from RequestTelemetry
     vocab_size = state.tokenization.vocab_size
     gen_request = generation_request(
-        body, vocab_size, fmt.meta.id, prompt_ids, max_tokens, fmt.with_logprobs, traceparent
+        body, vocab_size, fmt.meta.id, prompt_ids, max_tokens, fmt.with_logprobs, traceparent(span)
     )
+    span.set_attributes(request_attributes(gen_request, fmt))
     generation = Generation(gen_request, state.backend.tokenizer, body.stop_strings())
     deltas = state.backend.generate(gen_request)
     if body.stream:
@@ -136,6 +145,7 @@ async def _serve(
     piece = await _unless_disconnected(request, collect(deltas, generation))
     if piece is None:
         return Response(status_code=499)  # nginx's "client closed request"; nobody is left to read it
+    span.set_attributes(usage_attributes(generation))
     return _json(fmt.whole(piece, generation.usage()))
 
 
@@ -158,6 +168,23 @@ async def _hangup(request: Request) -> None:
     # The body was read in full, so the next message the server sends is the disconnect.
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def request_attributes(request: GenerationRequest, fmt: ResponseFormat) -> dict[str, AttributeValue]:
+    """The request as OpenTelemetry GenAI attributes."""
+    attributes: dict[str, AttributeValue | None] = {
+        names.GEN_AI_OPERATION: "chat" if fmt.meta.id.startswith("chatcmpl") else "text_completion",
+        names.GEN_AI_PROVIDER: "pdserve",
+        names.GEN_AI_REQUEST_MODEL: fmt.meta.model,
+        names.GEN_AI_RESPONSE_ID: fmt.meta.id,
+        names.GEN_AI_MAX_TOKENS: request.max_tokens,
+        names.GEN_AI_TEMPERATURE: request.temperature,
+        names.GEN_AI_TOP_P: request.top_p,
+        names.GEN_AI_SEED: request.seed,
+        names.GEN_AI_INPUT_TOKENS: len(request.prompt_token_ids),
+        names.REQUEST_ID: request.request_id,
+    }
+    return {k: v for k, v in attributes.items() if v is not None}
 
 
 def _model_card(state: APIState) -> ModelCard:

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from opentelemetry import trace
 from starlette.exceptions import HTTPException
 
 from pdserve.api.backend import CapacityError
@@ -55,12 +56,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
+        trace.get_current_span().record_exception(e)  # the request's span (middleware.RequestTelemetry)
         return error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         message, param = describe_validation_errors(e.errors())
-        return error_response(APIError(400, message, param=param))
+        error = APIError(400, message, param=param)
+        trace.get_current_span().record_exception(error)
+        return error_response(error)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
@@ -69,6 +73,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(CapacityError)
     async def no_capacity(_: Request, e: CapacityError) -> JSONResponse:
+        trace.get_current_span().record_exception(e)
         return error_response(capacity_error(e), headers={"Retry-After": str(max(1, math.ceil(e.retry_after_s)))})
 
 

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+from opentelemetry.util.types import AttributeValue
 
 from pdserve.api.backend import GenerationDelta, GenerationRequest
 from pdserve.api.detokenizer import IncrementalDetokenizer
 from pdserve.api.errors import SERVER_ERROR, APIError
 from pdserve.api.protocol import PromptTokensDetails, Usage
+from pdserve.telemetry import names
 
 
 @dataclass(frozen=True)
@@ -113,3 +115,12 @@ async def close_stream(deltas: AsyncIterator[GenerationDelta]) -> None:
     if isinstance(deltas, AsyncGenerator):
         with anyio.CancelScope(shield=True):
             await deltas.aclose()
+
+
+def usage_attributes(generation: Generation) -> dict[str, AttributeValue]:
+    """What the response carried, once it is complete."""
+    return {
+        names.GEN_AI_OUTPUT_TOKENS: len(generation.token_ids),
+        names.GEN_AI_FINISH_REASONS: [generation.finish_reason or "unknown"],
+        names.CACHED_TOKENS: generation.num_cached_tokens,
+    }

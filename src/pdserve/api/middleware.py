@@ -1,12 +1,19 @@
-"""ASGI middleware: a request-body size limit, and the last line of defence against unexpected exceptions."""
+"""ASGI middleware: a request-body size limit, the last line of defence against unexpected exceptions, and the
+request's span and HTTP metrics."""
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 
+from opentelemetry import context, trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pdserve.api.errors import SERVER_ERROR, APIError, error_response
+from pdserve.api.metrics import APIMetrics
+from pdserve.telemetry import names, start_span
 
 logger = logging.getLogger(__name__)
 
@@ -92,3 +99,71 @@ class UnhandledErrors:
             logger.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
             if not is_started:  # once headers are out, the client can only see the connection end
                 await error_response(APIError(500, "internal server error", SERVER_ERROR))(scope, receive, send)
+
+
+class RequestTelemetry:
+    """One SERVER span per HTTP request (continuing a client's `traceparent`), ended when the response body is
+    done — for a stream, after its last event — plus request counts by status, end-to-end latency and errors by
+    type (read from the OpenAI error body, or an error event inside a stream)."""
+
+    def __init__(self, app: ASGIApp, metrics: APIMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        method, path = scope.get("method", ""), scope.get("path", "")
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        span = start_span(
+            f"{method} {path}",
+            headers.get("traceparent"),
+            {names.HTTP_METHOD: method, names.URL_PATH: path, names.HTTP_ROUTE: path},
+            kind=SpanKind.SERVER,
+        )
+        status = 500
+        error_types: list[str] = []
+
+        async def observing_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                error_types.extend(_error_types(message.get("body", b""), status))
+            await send(message)
+
+        token = context.attach(trace.set_span_in_context(span))
+        try:
+            await self.app(scope, receive, observing_send)
+        finally:
+            context.detach(token)
+            self._finish(span, method, path, status, error_types, time.perf_counter() - start)
+
+    def _finish(self, span: Span, method: str, path: str, status: int, error_types: list[str], seconds: float) -> None:
+        span.set_attribute(names.HTTP_STATUS, status)
+        if error_types:
+            span.set_attribute(names.ERROR_TYPE, error_types[0])
+        if status >= 500 or (status < 400 and error_types):  # 4xx is the client's error: status left unset
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
+        self.metrics.observe(method, path, status, seconds, error_types)
+
+
+def _error_types(body: bytes, status: int) -> list[str]:
+    """The OpenAI error types in a response body chunk: the whole body of an error response, or the `error`
+    events of a stream (an error after the headers arrives as an event)."""
+    if status < 400 and b'"error"' not in body:
+        return []
+    found = []
+    for line in body.split(b"\n") if status < 400 else [body]:
+        payload = line.removeprefix(b"data: ").strip()
+        if not payload.startswith(b"{"):
+            continue
+        try:
+            error = json.loads(payload).get("error")
+        except ValueError:
+            continue
+        if isinstance(error, dict):
+            found.append(str(error.get("code") or error.get("type") or "error"))
+    return found

@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 
 import anyio
+from opentelemetry import trace
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -13,7 +14,7 @@ from starlette.types import Receive, Scope, Send
 from pdserve.api.backend import CapacityError, GenerationDelta
 from pdserve.api.errors import SERVER_ERROR, APIError, capacity_error
 from pdserve.api.formats import ResponseFormat
-from pdserve.api.generation import Generation, close_stream
+from pdserve.api.generation import Generation, close_stream, usage_attributes
 
 logger = logging.getLogger(__name__)
 DONE = "data: [DONE]\n\n"
@@ -48,6 +49,7 @@ async def stream_events(
         await close_stream(deltas)
         if not generation.is_finished:
             raise RuntimeError("the backend's stream ended without a finish reason")
+        trace.get_current_span().set_attributes(usage_attributes(generation))  # the request's span
         if include_usage:
             yield sse_event(fmt.usage_chunk(generation.usage()))
     except Exception as e:
@@ -58,6 +60,7 @@ async def stream_events(
 
 
 def _stream_error(e: Exception) -> APIError:
+    trace.get_current_span().record_exception(e)
     if isinstance(e, APIError):
         return e
     if isinstance(e, CapacityError):

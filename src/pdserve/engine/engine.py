@@ -214,6 +214,7 @@ class LLMEngine:
             seq.num_prompt_tokens,
             max(seq.num_cached_tokens, 0),
             kv_block_ids,
+            seq.queue_s,
         )
 
     def _free(self, seq: Sequence) -> None:

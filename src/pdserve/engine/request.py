@@ -51,6 +51,7 @@ class EngineRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
     cache_salt: str | None = None  # tenants with different salts never share prefix-cache blocks
+    traceparent: str | None = None  # W3C trace context of the request's parent span (the engine ignores it)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class RequestOutput:
     num_cached_tokens: int  # prompt tokens served from the prefix cache at admission
     # Prefill-only requests: the blocks holding the prompt's KV, held until `release()`. None otherwise.
     kv_block_ids: tuple[int, ...] | None = None
+    queue_s: float = 0.0  # seconds the request waited before its first step
 
     @property
     def is_finished(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -105,8 +106,9 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.num_computed_tokens = num_cached
-            if seq.num_cached_tokens < 0:
+            if seq.num_cached_tokens < 0:  # first admission (not a re-admission after preemption)
                 seq.num_cached_tokens = num_cached
+                seq.queue_s = time.monotonic() - seq.arrival_time
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             chunks.append(ScheduledChunk(seq, num_new))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 
 from pdserve.engine.request import EngineRequest, FinishReason
 from pdserve.kvcache import BlockHash, hash_block_chain
@@ -26,6 +27,8 @@ class Sequence:
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_computed_tokens = 0  # tokens whose KV is in this sequence's blocks
         self.num_cached_tokens = -1  # prefix-cache hit at first admission; -1 until admitted
+        self.arrival_time = time.monotonic()
+        self.queue_s = 0.0  # from arrival to first admission
         self.block_ids: list[int] = []
         self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
         self._block_hashes: list[BlockHash] = []

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.router import CostConfig
+from pdserve.telemetry import tracing_env
 
 
 class PoolConfig(BaseModel):
@@ -72,6 +73,8 @@ class ServeConfig(BaseModel):
     kv_transport: Literal["auto", "shm", "tcp"] = "auto"  # auto: shared memory on one node, TCP across nodes
     kv_transfer_timeout_s: float = Field(30.0, gt=0)
     reservation_lease_s: float = Field(60.0, gt=0)  # a reservation never committed is freed after this
+    # OTEL_* / PDSERVE_TRACES_* variables for every replica (default: the building process's; docs/TELEMETRY.md)
+    tracing_env: dict[str, str] = Field(default_factory=tracing_env)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

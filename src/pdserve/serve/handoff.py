@@ -55,6 +55,7 @@ async def disaggregated_generate(
             FinishReason(result.finish_reason) if result.finish_reason else None,
             result.num_prompt_tokens,
             result.num_cached_tokens,  # the prefill replica's hit: prompt tokens nobody recomputed
+            queue_s=result.queue_s,
         )
         yield first
         if first.finish_reason is not None:

@@ -16,11 +16,14 @@ from transformers import AutoTokenizer
 from pdserve.api import create_app
 from pdserve.api.backend import GenerationDelta, GenerationRequest
 from pdserve.engine import EngineRequest, RequestOutput, SamplingParams
+from pdserve.router import RouteDecision
 from pdserve.serve.config import ServeConfig
 from pdserve.serve.handoff import colocated_generate, disaggregated_generate
 from pdserve.serve.ingress_router import IngressRouter, RouterCollector
 from pdserve.serve.messages import ModelInfo, ReplicaStats
 from pdserve.serve.metrics import IngressMetrics
+from pdserve.serve.spans import route_attributes
+from pdserve.telemetry import configure_tracing, names, span_in
 
 logger = logging.getLogger(__name__)
 _STATS_REFRESH_S = 1.0
@@ -40,6 +43,7 @@ class Ingress:
         engine: DeploymentHandle | None = None,
     ) -> None:
         self.config = config
+        configure_tracing("ingress", config.tracing_env)
         self.prefill, self.decode, self.engine = prefill, decode, engine
         self.mode = "colocated" if engine is not None else "disaggregated"
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -63,19 +67,17 @@ class Ingress:
         start = time.perf_counter()
         first_at: float | None = None
         num_tokens = 0
-        route = self.router.route(engine_request) if self.router is not None else None
         if self.engine is not None:
             outputs = colocated_generate(engine_request, self.engine)
         else:
             assert self.prefill is not None and self.decode is not None
+            route = self._route(engine_request)
             outputs = disaggregated_generate(engine_request, self.prefill, self.decode, route)
         try:
             async for out in outputs:
                 if first_at is None:
                     first_at = time.perf_counter()
-                    self.metrics.ttft.labels(self.mode).observe(first_at - start)
-                    if self.router is not None:
-                        self.router.router.prefill_done(engine_request.request_id, out.num_cached_tokens)
+                    self._observe_first(engine_request, out, first_at - start)
                 num_tokens += len(out.new_token_ids)
                 if out.finish_reason is not None:
                     self._observe_end(first_at, num_tokens, out.finish_reason.value)
@@ -83,6 +85,22 @@ class Ingress:
         finally:
             if self.router is not None:
                 self.router.router.finish(engine_request.request_id)
+
+    def _route(self, request: EngineRequest) -> RouteDecision | None:
+        """The router's pair for `request` (None: Serve routes), recorded as a span of the request's trace."""
+        assert self.router is not None
+        with span_in(request.traceparent, names.SPAN_ROUTE, {names.REQUEST_ID: request.request_id}) as span:
+            decision = self.router.route(request)
+            span.set_attributes(route_attributes(decision, self.config.router.policy))
+        return decision
+
+    def _observe_first(self, request: EngineRequest, first: RequestOutput, ttft_s: float) -> None:
+        self.metrics.ttft.labels(self.mode).observe(ttft_s)
+        self.metrics.queue.labels(self.mode).observe(first.queue_s)
+        self.metrics.prompt_tokens.labels(self.mode).inc(first.num_prompt_tokens)
+        self.metrics.cached_tokens.labels(self.mode).inc(first.num_cached_tokens)
+        if self.router is not None:
+            self.router.router.prefill_done(request.request_id, first.num_cached_tokens)
 
     async def is_healthy(self) -> bool:
         return True
@@ -130,7 +148,9 @@ def to_engine_request(request: GenerationRequest) -> EngineRequest:
         min_tokens=request.min_tokens,
         logprobs=request.logprobs,
     )
-    return EngineRequest(request.request_id, tuple(request.prompt_token_ids), sampling, request.cache_salt)
+    return EngineRequest(
+        request.request_id, tuple(request.prompt_token_ids), sampling, request.cache_salt, request.traceparent
+    )
 
 
 def to_delta(out: RequestOutput) -> GenerationDelta:

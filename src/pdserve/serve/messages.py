@@ -34,7 +34,8 @@ class PrefillResult:
     num_blocks_sent: int
     num_bytes_sent: int
     transfer_s: float
-    prefill_s: float
+    prefill_s: float  # queue + compute on the prefill replica
+    queue_s: float  # waiting in the prefill replica's engine
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class ReplicaStats:
     prefix_cache_hit_tokens: int  # since start
     kv_transfer_bytes: int  # since start, sent (prefill) or received (decode)
     kv_transfer_blocks: int
+    kv_transfer_s: float
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ class ReplicaStatsCollector(Collector):
             "requests_waiting": (GaugeMetricFamily, "requests queued in the engine", "num_waiting"),
             "kv_transfer_bytes": (CounterMetricFamily, "KV bytes pushed to decode replicas", "kv_transfer_bytes"),
             "kv_transfer_blocks": (CounterMetricFamily, "KV blocks pushed to decode replicas", "kv_transfer_blocks"),
+            "kv_transfer_seconds": (CounterMetricFamily, "time spent pushing KV blocks", "kv_transfer_s"),
             "prefix_cache_hit_tokens": (
                 CounterMetricFamily,
                 "prompt tokens served from the prefix cache",
@@ -65,6 +66,23 @@ class IngressMetrics:
             "decode time per output token after the first",
             ["mode"],
             buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+        self.queue = Histogram(
+            "pdserve_queue_wait_seconds",
+            "time the prompt waited in the computing replica's engine before its first step",
+            ["mode"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "pdserve_prompt_tokens", "prompt tokens of requests that started", ["mode"], registry=self.registry
+        )
+        self.cached_tokens = Counter(
+            "pdserve_prompt_cached_tokens",
+            "prompt tokens the computing replica took from its prefix cache (hit ratio: this / prompt tokens)",
+            ["mode"],
             registry=self.registry,
         )
 

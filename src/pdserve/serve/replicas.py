@@ -12,10 +12,11 @@ import os
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import ray
 import torch
+from opentelemetry.util.types import AttributeValue
 from ray import serve
 
 from pdserve.engine import EngineRequest, EngineStats, LLMEngine, RequestOutput
@@ -24,6 +25,8 @@ from pdserve.kvcache import KVEventBatch
 from pdserve.router import ReplicaReport, SyncCursor
 from pdserve.serve.config import ServeConfig
 from pdserve.serve.messages import ModelInfo, PrefillResult, ReplicaStats, ReplicaSync, Reservation
+from pdserve.serve.spans import prompt_attributes, record_transfer, traced_outputs
+from pdserve.telemetry import configure_tracing, names, span_in, start_span, traceparent
 from pdserve.transfer import KVEndpoint, TransferError, TransferSpec, TransferStats, make_receiver, make_sender
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ class _EngineReplica:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        configure_tracing(self.role, config.tracing_env)
         self.node_id = ray.get_runtime_context().get_node_id()
         engine_config = config.engine_config(model_path)
         if shared_kv and config.device == "cpu":  # GPU caches move over NCCL (its own issue), not host memory
@@ -53,6 +57,7 @@ class _EngineReplica:
         self.prefix_hit_tokens = 0
         self.transfer_bytes = 0
         self.transfer_blocks = 0
+        self.transfer_s = 0.0
 
     async def model_info(self) -> ModelInfo:
         layout = self.llm.layout
@@ -74,6 +79,7 @@ class _EngineReplica:
             self.prefix_hit_tokens,
             self.transfer_bytes,
             self.transfer_blocks,
+            self.transfer_s,
         )
 
     async def router_sync(self, cursors: dict[str, SyncCursor]) -> ReplicaSync:
@@ -90,10 +96,12 @@ class _EngineReplica:
         self, request: EngineRequest, target_replica_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Prefill and decode here: the colocated path, and a decode replica's local prefill."""
+        span = start_span(names.SPAN_GENERATE, request.traceparent, self._span_attributes(request))
         is_first = True
-        async for out in self.engine.generate(request):
+        async for out in traced_outputs(span, self.engine.generate(request)):
             if is_first:
                 self._count_hits(out)
+                span.set_attributes(prompt_attributes(out))
                 is_first = False
             yield out
 
@@ -105,6 +113,9 @@ class _EngineReplica:
 
     def _count_hits(self, out: RequestOutput) -> None:
         self.prefix_hit_tokens += out.num_cached_tokens
+
+    def _span_attributes(self, request: EngineRequest) -> dict[str, AttributeValue]:
+        return {names.REQUEST_ID: request.request_id, names.REPLICA_ID: self.replica_id}
 
 
 class EngineServer(_EngineReplica):
@@ -125,19 +136,24 @@ class PrefillServer(_EngineReplica):
     async def prefill(
         self, request: EngineRequest, reservation: Reservation, target_replica_id: str | None = None
     ) -> PrefillResult:
-        start = time.perf_counter()
-        first: RequestOutput | None = None
-        async for out in self.engine.generate(request, prefill_only=True):
-            first = out
-        assert first is not None and first.kv_block_ids is not None
-        self._count_hits(first)
-        prefill_s = time.perf_counter() - start
-        try:
-            stats = await asyncio.to_thread(self._push, first.kv_block_ids, reservation)
-        finally:
-            await self.engine.release(request.request_id)
+        with span_in(request.traceparent, names.SPAN_PREFILL, self._span_attributes(request)) as span:
+            start = time.perf_counter()
+            first: RequestOutput | None = None
+            async for out in self.engine.generate(request, prefill_only=True):
+                first = out
+            assert first is not None and first.kv_block_ids is not None
+            self._count_hits(first)
+            prefill_s = time.perf_counter() - start
+            span.set_attributes({**prompt_attributes(first), names.COMPUTE_S: prefill_s - first.queue_s})
+            try:
+                with span_in(traceparent(span), names.SPAN_KV_TRANSFER) as transfer_span:
+                    stats = await asyncio.to_thread(self._push, first.kv_block_ids, reservation)
+                    record_transfer(transfer_span, stats)
+            finally:
+                await self.engine.release(request.request_id)
         self.transfer_bytes += stats.num_bytes
         self.transfer_blocks += stats.num_blocks
+        self.transfer_s += stats.seconds
         return PrefillResult(
             first_token_id=first.new_token_ids[0],
             first_logprob=first.new_logprobs[0] if first.new_logprobs else None,
@@ -148,6 +164,7 @@ class PrefillServer(_EngineReplica):
             num_bytes_sent=stats.num_bytes,
             transfer_s=stats.seconds,
             prefill_s=prefill_s,
+            queue_s=first.queue_s,
         )
 
     def _push(self, src_block_ids: tuple[int, ...], reservation: Reservation) -> TransferStats:
@@ -176,18 +193,24 @@ class DecodeServer(_EngineReplica):
         super().__init__(config, model_path, shared_kv=config.kv_transport != "tcp")
         self.receiver = make_receiver(config.kv_transport, self.llm.kv, model_path, self.node_id)
         self.endpoint: KVEndpoint = self.receiver.endpoint
-        self._leases: dict[str, float] = {}  # request_id -> deadline of an uncommitted reservation
+        self._leases: dict[str, _Lease] = {}  # request_id -> an uncommitted reservation's deadline
         self._lease_task: asyncio.Task[None] | None = None
 
     async def reserve(self, request: EngineRequest, target_replica_id: str | None = None) -> Reservation | None:
         """Hold blocks for the prompt (reusing cached ones); None when this replica has no room."""
         self._ensure_lease_task()
-        held = await self.engine.reserve(request)
-        if held is None:
-            return None
+        with span_in(request.traceparent, names.SPAN_RESERVE, self._span_attributes(request)) as span:
+            held = await self.engine.reserve(request)
+            if held is None:
+                span.set_attribute(names.ERROR_TYPE, "no_room")
+                return None
+            span.set_attributes(
+                {names.RESERVED_BLOCKS: len(held.block_ids), names.CACHED_TOKENS: held.num_cached_tokens,
+                 names.EPOCH: held.epoch}
+            )  # fmt: skip
         self.prefix_hit_tokens += held.num_cached_tokens
         deadline = time.time() + self.config.reservation_lease_s
-        self._leases[request.request_id] = deadline
+        self._leases[request.request_id] = _Lease(deadline, request.traceparent)
         return Reservation(
             request.request_id,
             self.replica_id,
@@ -202,11 +225,13 @@ class DecodeServer(_EngineReplica):
         self, request_id: str, first_token_id: int, first_logprob: float | None, target_replica_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Commit the reservation (ValueError if it expired or its KV is incomplete) and stream the tokens."""
-        if self._leases.pop(request_id, None) is None:
+        lease = self._leases.pop(request_id, None)
+        if lease is None:
             raise ValueError(f"request {request_id!r} has no open reservation on replica {self.replica_id}")
+        attributes = {names.REQUEST_ID: request_id, names.REPLICA_ID: self.replica_id}
+        span = start_span(names.SPAN_DECODE, lease.traceparent, attributes)
         try:
-            stream = self.engine.commit(request_id, first_token_id, first_logprob)
-            async for out in stream:
+            async for out in traced_outputs(span, self.engine.commit(request_id, first_token_id, first_logprob)):
                 yield out
         except ValueError:
             self.engine.abort(request_id)
@@ -229,9 +254,15 @@ class DecodeServer(_EngineReplica):
         while True:
             await asyncio.sleep(_LEASE_CHECK_S)
             now = time.time()
-            for request_id in [r for r, deadline in self._leases.items() if deadline < now]:
+            for request_id in [r for r, lease in self._leases.items() if lease.deadline < now]:
                 logger.warning("reservation %s expired uncommitted; freeing its blocks", request_id)
                 await self.abort(request_id)
+
+
+@dataclass(frozen=True)
+class _Lease:
+    deadline: float  # time.time() after which the uncommitted reservation is freed
+    traceparent: str | None  # the request's trace: the decode span joins it
 
 
 def _shm_dir() -> str:

@@ -113,6 +113,7 @@ class TransferStats:
     num_bytes: int
     seconds: float
     transport: str  # "shm" | "tcp"
+    layer_seconds: tuple[float, ...] = ()  # time each layer took to go out, in order
 
 
 class KVSender(ABC):

@@ -54,13 +54,17 @@ class SharedMemorySender(KVSender):
         spec.check_ranges(src.layout.num_blocks, endpoint.num_blocks)
         dst = self.map(endpoint)
         copy = _block_copier(spec, src)
+        layer_s = []
         for layer in range(src.layout.num_layers):
+            layer_start = time.perf_counter()
             deadline.remaining_s(f"layer {layer} of {spec.transfer_id}")  # never write into blocks maybe freed
             copy(src.k[layer], dst.k[layer])
             copy(src.v[layer], dst.v[layer])
+            layer_s.append(time.perf_counter() - layer_start)
         dst.block_epochs[list(spec.dst_block_ids)] = spec.epoch  # after every layer: the blocks are complete
         num = len(spec.dst_block_ids)
-        return TransferStats(num, num * src.layout.bytes_per_block, time.perf_counter() - start, "shm")
+        seconds = time.perf_counter() - start
+        return TransferStats(num, num * src.layout.bytes_per_block, seconds, "shm", tuple(layer_s))
 
     def map(self, endpoint: KVEndpoint) -> KVCache:
         """The endpoint's cache, mapped here (once). TransferError if it cannot be mapped or is another cache."""

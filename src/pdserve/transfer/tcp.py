@@ -236,13 +236,14 @@ class TcpSender(KVSender):
         spec.check_ranges(src.layout.num_blocks, endpoint.num_blocks)
         if endpoint.tcp_address is None:
             raise TransferError("the decode replica has no TCP receiver")
+        layer_s: tuple[float, ...] = ()
         if spec.dst_block_ids:
             try:
-                self._transfer(endpoint, local, spec, src, deadline)
+                layer_s = self._transfer(endpoint, local, spec, src, deadline)
             except (OSError, TransferError) as e:
                 raise TransferError(f"KV transfer {spec.transfer_id} to {endpoint.tcp_address} failed: {e}") from e
         num = len(spec.dst_block_ids)
-        return TransferStats(num, num * src.layout.bytes_per_block, time.perf_counter() - start, "tcp")
+        return TransferStats(num, num * src.layout.bytes_per_block, time.perf_counter() - start, "tcp", layer_s)
 
     def close(self) -> None:
         """Close the idle connections; those of transfers in flight close when they end."""
@@ -255,12 +256,14 @@ class TcpSender(KVSender):
 
     def _transfer(
         self, endpoint: KVEndpoint, local: KVLayoutSpec, spec: TransferSpec, src: KVCache, deadline: Deadline
-    ) -> None:
+    ) -> tuple[float, ...]:
+        """Send over a pooled connection; returns each layer's send time."""
         key = (str(endpoint.tcp_address), endpoint.cache_id)
+        layer_s: tuple[float, ...] = ()
         for attempt in range(2):
             conn, is_reused = self._checkout(key, endpoint, local, deadline)
             try:
-                _send_transfer(conn, spec, src, deadline)
+                layer_s = _send_transfer(conn, spec, src, deadline)
             except BaseException as e:
                 conn.close()
                 if isinstance(e, OSError) and is_reused and attempt == 0:
@@ -269,9 +272,10 @@ class TcpSender(KVSender):
             with self._lock:
                 if not self._is_closed:
                     self._idle.setdefault(key, []).append(conn)
-                    return
+                    return layer_s
             conn.close()
-            return
+            return layer_s
+        return layer_s
 
     def _checkout(
         self, key: tuple[str, str], endpoint: KVEndpoint, local: KVLayoutSpec, deadline: Deadline
@@ -299,7 +303,7 @@ def _connect(endpoint: KVEndpoint, local: KVLayoutSpec, deadline: Deadline) -> s
     return conn
 
 
-def _send_transfer(conn: socket.socket, spec: TransferSpec, src: KVCache, deadline: Deadline) -> None:
+def _send_transfer(conn: socket.socket, spec: TransferSpec, src: KVCache, deadline: Deadline) -> tuple[float, ...]:
     num = len(spec.src_block_ids)
     ids = struct.pack(f"<{num}q", *spec.dst_block_ids)
     src_runs = runs(spec.src_block_ids)
@@ -307,7 +311,9 @@ def _send_transfer(conn: socket.socket, spec: TransferSpec, src: KVCache, deadli
     index = torch.tensor(spec.src_block_ids, dtype=torch.long)
     shape, num_buffers = (num, *src.layout.block_shape), 0 if len(src_runs) == 1 else 2
     gathered = [torch.empty(shape, dtype=src.layout.dtype) for _ in range(num_buffers)]
+    layer_s = []
     for layer in range(src.layout.num_layers):
+        layer_start = time.perf_counter()
         k, v = (
             _blocks(t, src_runs, index, gathered[i] if gathered else None)
             for i, t in enumerate((src.k[layer], src.v[layer]))
@@ -319,7 +325,9 @@ def _send_transfer(conn: socket.socket, spec: TransferSpec, src: KVCache, deadli
         for payload in (k, v):
             conn.settimeout(deadline.remaining_s(f"layer {layer}"))
             conn.sendall(wire.as_bytes(payload))
+        layer_s.append(time.perf_counter() - layer_start)
     wire.expect_ok(conn, deadline, "the acknowledgement")
+    return tuple(layer_s)
 
 
 def _blocks(
