@@ -24,7 +24,7 @@ from pdserve.api.formats import ChatFormat, CompletionFormat, ResponseFormat, Re
 from pdserve.api.generation import Generation, collect, first_delta, usage_attributes
 from pdserve.api.intake import Tokenization, check_model, context_max_tokens, generation_request
 from pdserve.api.metrics import APIMetrics
-from pdserve.api.middleware import BodySizeLimit, RequestTelemetry, UnhandledErrors
+from pdserve.api.middleware import BodySizeLimit, HTTPMetrics, UnhandledErrors
 from pdserve.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields
 from pdserve.api.sse import EventStreamResponse, stream_events
 from pdserve.telemetry import names, span_in, traceparent
@@ -46,12 +46,18 @@ def create_app(backend: Backend, *, max_body_bytes: int = 1 << 20) -> FastAPI:
     """The OpenAI-compatible app over `backend`: /v1/completions, /v1/chat/completions, /v1/models, /health,
     /metrics. Bodies over `max_body_bytes` are refused with 413."""
     # Bodies without a Content-Type are read as JSON, as OpenAI does (FastAPI's strict default refuses them).
-    app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None, strict_content_type=False)
+    # FastAPI's native OpenTelemetry makes the request's SERVER span (continuing a client `traceparent`) whenever
+    # a tracer provider is configured (pdserve.telemetry); our spans hang under it, without FastAPI's per-operation
+    # spans in between.
+    app = FastAPI(
+        title="pdserve", docs_url=None, redoc_url=None, openapi_url=None, strict_content_type=False,
+        telemetry={"operation_spans": False, "metrics": False, "logs": False},
+    )  # fmt: skip
     metrics = APIMetrics()
     app.state.pdserve = APIState(backend, Tokenization(backend.tokenizer), int(time.time()), metrics)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     app.add_middleware(UnhandledErrors)
-    app.add_middleware(RequestTelemetry, metrics=metrics)  # added last, so outermost: sees every answer
+    app.add_middleware(HTTPMetrics, metrics=metrics)  # added last, so outermost: sees every answer
     install_error_handlers(app)
     app.include_router(router)
     return app
@@ -131,7 +137,7 @@ async def _serve(
     fmt: ResponseFormat,
 ) -> Response:
     """Hand the request to the backend and answer with the whole output, or stream it."""
-    span = trace.get_current_span()  # the request's, from RequestTelemetry
+    span = trace.get_current_span()  # the request's SERVER span (FastAPI's)
     vocab_size = state.tokenization.vocab_size
     gen_request = generation_request(
         body, vocab_size, fmt.meta.id, prompt_ids, max_tokens, fmt.with_logprobs, traceparent(span)

@@ -7,13 +7,13 @@ import json
 import logging
 import time
 
-from opentelemetry import context, trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pdserve.api.errors import SERVER_ERROR, APIError, error_response
 from pdserve.api.metrics import APIMetrics
-from pdserve.telemetry import names, start_span
+from pdserve.telemetry import names
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +101,11 @@ class UnhandledErrors:
                 await error_response(APIError(500, "internal server error", SERVER_ERROR))(scope, receive, send)
 
 
-class RequestTelemetry:
-    """One SERVER span per HTTP request (continuing a client's `traceparent`), ended when the response body is
-    done — for a stream, after its last event — plus request counts by status, end-to-end latency and errors by
-    type (read from the OpenAI error body, or an error event inside a stream)."""
+class HTTPMetrics:
+    """Request counts by route and status, end-to-end latency (to the response's last byte, so a stream counts
+    whole) and errors by type, read from the OpenAI error body, or from an error event inside a stream. The error
+    type also goes on the request's span (FastAPI's own SERVER span, current here), which FastAPI marks as an error
+    for 5xx; an error event in a 200 stream marks it here."""
 
     def __init__(self, app: ASGIApp, metrics: APIMetrics) -> None:
         self.app, self.metrics = app, metrics
@@ -114,14 +115,7 @@ class RequestTelemetry:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        method, path = scope.get("method", ""), scope.get("path", "")
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        span = start_span(
-            f"{method} {path}",
-            headers.get("traceparent"),
-            {names.HTTP_METHOD: method, names.URL_PATH: path, names.HTTP_ROUTE: path},
-            kind=SpanKind.SERVER,
-        )
+        span = trace.get_current_span()
         status = 500
         error_types: list[str] = []
 
@@ -133,21 +127,15 @@ class RequestTelemetry:
                 error_types.extend(_error_types(message.get("body", b""), status))
             await send(message)
 
-        token = context.attach(trace.set_span_in_context(span))
         try:
             await self.app(scope, receive, observing_send)
         finally:
-            context.detach(token)
-            self._finish(span, method, path, status, error_types, time.perf_counter() - start)
-
-    def _finish(self, span: Span, method: str, path: str, status: int, error_types: list[str], seconds: float) -> None:
-        span.set_attribute(names.HTTP_STATUS, status)
-        if error_types:
-            span.set_attribute(names.ERROR_TYPE, error_types[0])
-        if status >= 500 or (status < 400 and error_types):  # 4xx is the client's error: status left unset
-            span.set_status(Status(StatusCode.ERROR))
-        span.end()
-        self.metrics.observe(method, path, status, seconds, error_types)
+            if error_types:
+                span.set_attribute(names.ERROR_TYPE, error_types[0])
+                if status < 400:
+                    span.set_status(Status(StatusCode.ERROR, "error event in the stream"))
+            seconds = time.perf_counter() - start
+            self.metrics.observe(scope.get("method", ""), scope.get("path", ""), status, seconds, error_types)
 
 
 def _error_types(body: bytes, status: int) -> list[str]:

@@ -1,0 +1,172 @@
+"""Traces and metrics from real traffic on a local Ray cluster (1 prefill + 1 decode, tiny Llama), exported over
+OTLP/HTTP to a real receiver in this process and decoded with opentelemetry-proto; /metrics parsed with
+prometheus_client's parser."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from otlp_receiver import OTLPReceiver, ReceivedSpan, otlp_receiver
+from pdserve.telemetry import names
+from serving import Served, free_port, ray_serve
+
+PROMPT = list(range(40, 40 + 37))  # 3 blocks of 16: 2 full + 1 partial
+MAX_TOKENS = 6
+CLIENT_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN_ID = "00f067aa0ba902b7"
+BLOCK_BYTES = 2 * 2 * 16 * 2 * 32 * 4  # K and V x 2 layers x 16 tokens x 2 KV heads x 32 dims x 4 bytes (fp32)
+
+
+@pytest.fixture(scope="module")
+def traced(tiny_models: dict[str, Path]) -> Iterator[tuple[Served, Served, OTLPReceiver]]:
+    """A traced 1P1D app at / and a broken one (KV transfers always time out) at /broken."""
+    from ray import serve
+
+    from pdserve.serve.app import build_app
+    from pdserve.serve.config import ServeConfig
+
+    port = free_port()
+    with otlp_receiver() as (receiver, endpoint), ray_serve(port):
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_SERVICE_NAME": "pdserve-test",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        }
+        common = {
+            "model": str(tiny_models["llama"]), "dtype": "float32", "served_model_name": "tiny",
+            "num_kv_blocks": 64, "tracing_env": env, "router": {"local_prefill_max_tokens": 0},
+        }  # fmt: skip
+        serve.run(build_app(ServeConfig(**common)), name="traced", route_prefix="/")
+        broken = ServeConfig(**common, kv_transfer_timeout_s=1e-9)
+        serve.run(build_app(broken), name="broken", route_prefix="/broken")
+        yield Served(f"http://127.0.0.1:{port}/v1"), Served(f"http://127.0.0.1:{port}/broken/v1"), receiver
+
+
+def client(served: Served, **headers: str) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=served.base_url, api_key="unused", max_retries=0, timeout=60, default_headers=headers or None
+    )
+
+
+def trace_of(spans: list[ReceivedSpan], response_id: str) -> list[ReceivedSpan]:
+    """Every span of the trace whose HTTP span answered `response_id`."""
+    roots = [s for s in spans if s.attributes.get(names.GEN_AI_RESPONSE_ID) == response_id]
+    return [s for s in spans if roots and s.trace_id == roots[0].trace_id]
+
+
+def by_name(spans: list[ReceivedSpan]) -> dict[str, ReceivedSpan]:
+    """Spans by name; the request's SERVER span (FastAPI's) as "http"."""
+    return {"http" if s.kind == SERVER else s.name: s for s in spans}
+
+
+SERVER = 2  # SpanKind.SERVER in OTLP
+HTTP_SPAN = "POST /v1/completions"
+REQUEST_SPANS = {
+    HTTP_SPAN, names.SPAN_TOKENIZE, names.SPAN_ROUTE, names.SPAN_RESERVE, names.SPAN_PREFILL, names.SPAN_KV_TRANSFER,
+    names.SPAN_DECODE,
+}  # fmt: skip
+
+
+def test_one_trace_per_request_across_processes(traced) -> None:  # type: ignore[no-untyped-def]
+    served, _, receiver = traced
+    out = client(served).completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True}
+    )
+    spans = receiver.wait_for(lambda got: {s.name for s in trace_of(got, out.id)} >= REQUEST_SPANS)
+    trace = by_name(trace_of(spans, out.id))
+    http, prefill, transfer = trace["http"], trace[names.SPAN_PREFILL], trace[names.SPAN_KV_TRANSFER]
+    assert http.name == HTTP_SPAN and http.attributes["http.route"] == "/v1/completions"
+    # One trace, rooted at the HTTP span, spanning the ingress, prefill and decode processes.
+    assert http.parent_span_id == ""
+    assert {s.resource[names.ROLE] for s in trace.values()} == {"ingress", "prefill", "decode"}
+    assert len({s.resource["process.pid"] for s in trace.values()}) == 3
+    assert all(s.resource["service.name"] == "pdserve-test" for s in trace.values())
+    for name in (names.SPAN_TOKENIZE, names.SPAN_ROUTE, names.SPAN_RESERVE, names.SPAN_PREFILL, names.SPAN_DECODE):
+        assert trace[name].parent_span_id == http.span_id, name
+    assert transfer.parent_span_id == prefill.span_id
+    # Attributes agree with the response and with each other.
+    assert out.usage is not None
+    assert http.attributes[names.HTTP_STATUS] == 200
+    assert http.attributes[names.GEN_AI_INPUT_TOKENS] == out.usage.prompt_tokens == len(PROMPT)
+    assert http.attributes[names.GEN_AI_OUTPUT_TOKENS] == out.usage.completion_tokens == MAX_TOKENS
+    assert http.attributes[names.GEN_AI_FINISH_REASONS] == [out.choices[0].finish_reason]
+    assert trace[names.SPAN_DECODE].attributes[names.GEN_AI_OUTPUT_TOKENS] == MAX_TOKENS - 1  # 1st from prefill
+    assert prefill.attributes[names.PROMPT_TOKENS] == len(PROMPT)
+    assert prefill.attributes[names.COMPUTED_TOKENS] == len(PROMPT) - prefill.attributes[names.CACHED_TOKENS]
+    assert trace[names.SPAN_ROUTE].attributes[names.MODE] == "disaggregated"
+    assert trace[names.SPAN_ROUTE].attributes[names.PREFILL_REPLICA] == prefill.attributes[names.REPLICA_ID]
+    num_blocks = transfer.attributes[names.TRANSFER_BLOCKS]
+    assert num_blocks == 3 - trace[names.SPAN_RESERVE].attributes[names.CACHED_TOKENS] // 16
+    assert transfer.attributes[names.TRANSFER_BYTES] == num_blocks * BLOCK_BYTES
+    assert [e[1][names.LAYER] for e in transfer.events if e[0] == names.EVENT_LAYER_SENT] == [0, 1]
+    assert not any(s.is_error for s in trace.values())
+
+
+def test_client_traceparent_is_continued(traced) -> None:  # type: ignore[no-untyped-def]
+    served, _, receiver = traced
+    header = f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"
+    stream = client(served, traceparent=header).completions.create(
+        model="tiny", prompt=PROMPT[::-1], max_tokens=MAX_TOKENS, temperature=0, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    response_id = next(iter(stream)).id
+    list(stream)
+    spans = receiver.wait_for(lambda got: {s.name for s in trace_of(got, response_id)} >= REQUEST_SPANS)
+    trace = by_name(trace_of(spans, response_id))
+    assert {s.trace_id for s in trace.values()} == {CLIENT_TRACE_ID}
+    assert trace["http"].parent_span_id == CLIENT_SPAN_ID
+    assert trace["http"].attributes[names.GEN_AI_OUTPUT_TOKENS] == MAX_TOKENS
+
+
+def test_failing_request_has_error_spans(traced) -> None:  # type: ignore[no-untyped-def]
+    _, broken, receiver = traced
+    response = httpx.post(
+        f"{broken.base_url}/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 4}, timeout=60
+    )
+    assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+
+    def failed(got: list[ReceivedSpan]) -> list[ReceivedSpan]:
+        return [s for s in got if s.kind == SERVER and s.attributes.get(names.HTTP_STATUS) == 500]
+
+    spans = receiver.wait_for(lambda got: bool(failed(got)) and len(trace_of_span(got, failed(got)[0])) >= 5)
+    trace = by_name(trace_of_span(spans, failed(spans)[0]))
+    http, prefill, transfer = trace["http"], trace[names.SPAN_PREFILL], trace[names.SPAN_KV_TRANSFER]
+    assert http.is_error and http.attributes[names.HTTP_STATUS] == 500
+    assert transfer.is_error and prefill.is_error
+    assert transfer.attributes[names.ERROR_TYPE] == "TransferError"
+    assert any(name == "exception" for name, _ in transfer.events)
+    assert broken.wait_blocks_used(0) == 0  # the reservation was freed
+
+
+def trace_of_span(spans: list[ReceivedSpan], span: ReceivedSpan) -> list[ReceivedSpan]:
+    return [s for s in spans if s.trace_id == span.trace_id]
+
+
+def test_metrics_parse_and_count_the_traffic(traced) -> None:  # type: ignore[no-untyped-def]
+    served, _, _ = traced
+
+    def count(name: str, **labels: str) -> float:
+        samples = served.metrics().get(name, {})
+        return sum(v for k, v in samples.items() if set(labels.items()) <= set(k))
+
+    ok_before = count("pdserve_http_requests_total", route="/v1/completions", status="200")
+    bad_before = count("pdserve_errors_total", type="context_length_exceeded")
+    finished_before = count("pdserve_requests_total", finish_reason="length")
+    for _ in range(3):
+        client(served).completions.create(model="tiny", prompt=PROMPT, max_tokens=3, extra_body={"ignore_eos": True})
+    with pytest.raises(openai.BadRequestError):
+        client(served).completions.create(model="tiny", prompt=[5] * 5000, max_tokens=3)
+    assert count("pdserve_http_requests_total", route="/v1/completions", status="200") == ok_before + 3
+    assert count("pdserve_http_requests_total", route="/v1/completions", status="400") >= 1
+    assert count("pdserve_errors_total", type="context_length_exceeded") == bad_before + 1
+    assert count("pdserve_requests_total", finish_reason="length") == finished_before + 3
+    assert count("pdserve_e2e_request_latency_seconds_count", route="/v1/completions") >= 4
+    assert count("pdserve_time_to_first_token_seconds_count") >= 3
+    assert count("pdserve_queue_wait_seconds_count") >= 3
+    assert count("pdserve_router_decisions_total", mode="disaggregated") >= 3
