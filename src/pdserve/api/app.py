@@ -140,8 +140,9 @@ async def _serve(
     span = trace.get_current_span()  # the request's SERVER span (FastAPI's)
     vocab_size = state.tokenization.vocab_size
     gen_request = generation_request(
-        body, vocab_size, fmt.meta.id, prompt_ids, max_tokens, fmt.with_logprobs, traceparent(span)
-    )
+        body, vocab_size, fmt.meta.id, prompt_ids, max_tokens, fmt.with_logprobs,
+        traceparent(span) or request.headers.get("traceparent"),  # tracing off here: pass the client's on
+    )  # fmt: skip
     span.set_attributes(request_attributes(gen_request, fmt))
     generation = Generation(gen_request, state.backend.tokenizer, body.stop_strings())
     deltas = state.backend.generate(gen_request)

@@ -1,0 +1,68 @@
+"""Tracing setup from the standard environment, W3C traceparent round trips, the JSON-lines exporter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+
+from pdserve.telemetry import parent_context, tracing_env
+from pdserve.telemetry.tracing import JsonLinesSpanExporter, _exporters, traceparent
+
+HEADER = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, []),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, [HttpExporter]),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"}, [HttpExporter]),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, [GrpcExporter]),
+        (
+            {"PDSERVE_TRACES_FILE": "/tmp/t.jsonl", "PDSERVE_TRACES_CONSOLE": "1"},
+            [JsonLinesSpanExporter, ConsoleSpanExporter],
+        ),
+    ],
+)
+def test_exporters_come_from_the_standard_environment(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: list[type]
+) -> None:
+    for key in list(tracing_env()):
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert [type(e) for e in _exporters()] == expected
+
+
+def test_unsupported_protocol_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+    with pytest.raises(ValueError, match="http/protobuf or grpc"):
+        _exporters()
+
+
+def test_tracing_env_keeps_only_tracing_variables() -> None:
+    env = {"OTEL_SERVICE_NAME": "x", "PDSERVE_TRACES_FILE": "f", "PATH": "/bin", "PDSERVE_CACHE_DIR": "c"}
+    assert tracing_env(env) == {"OTEL_SERVICE_NAME": "x", "PDSERVE_TRACES_FILE": "f"}
+
+
+def test_traceparent_round_trip_and_json_lines(tmp_path: Path) -> None:
+    path = tmp_path / "spans.jsonl"
+    provider = TracerProvider()  # a local provider: the process's global one stays untouched
+    provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(str(path))))
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("child", context=parent_context(HEADER)) as span:
+        header = traceparent(span)
+    assert header is not None and header.split("-")[1] == HEADER.split("-")[1]  # same trace
+    assert header.split("-")[2] == format(span.get_span_context().span_id, "016x")
+    assert traceparent() is None  # no current span outside: tracing off means no header of ours
+    assert parent_context(None) == parent_context("")  # a fresh root
+    (line,) = path.read_text().splitlines()
+    record = json.loads(line)
+    assert record["name"] == "child" and record["parent_id"] == "0x00f067aa0ba902b7"
