@@ -23,6 +23,7 @@ import openai
 import torch
 
 sys.path.insert(0, "tests")  # reuse the test harness's cluster helpers
+from otlp_receiver import otlp_receiver
 from pdserve.engine.weights import resolve_dtype
 from pdserve.hub import resolve_model
 from serving import free_port, ray_serve
@@ -79,6 +80,10 @@ def main() -> None:
     parser.add_argument("--peer", action="append", default=[], help="NAME=BASE_URL of an OpenAI server to compare")
     parser.add_argument("--peer-model", default=None, help="model name the peer serves")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per engine replica")
+    parser.add_argument(
+        "--compare-tracing", type=int, default=0, metavar="ROUNDS",
+        help="instead: disaggregated with tracing off vs on (OTLP/HTTP to a local receiver), alternating ROUNDS times",
+    )  # fmt: skip
     args = parser.parse_args()
 
     from ray import serve
@@ -99,7 +104,7 @@ def main() -> None:
     )
     results = []
     port = free_port()
-    with ray_serve(port):
+    with ray_serve(port), otlp_receiver() as (receiver, endpoint):
         pool = {"num_threads": args.threads}
         common = {
             "model": path,
@@ -108,12 +113,23 @@ def main() -> None:
             "prefill": pool,
             "decode": pool,
             "engine": pool,
+            "tracing_env": {},
         }
-        for name, colocated in (("pdserve disaggregated 1P1D", False), ("pdserve colocated", True)):
-            serve.run(build_app(ServeConfig(**common, colocated=colocated)), name="bench", route_prefix="/")
+        traced = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_SERVICE_NAME": "pdserve-bench"}
+        systems: list[tuple[str, dict[str, object]]] = [
+            ("pdserve disaggregated 1P1D", {}),
+            ("pdserve colocated", {"colocated": True}),
+        ]
+        if args.compare_tracing:
+            systems = [("disaggregated, tracing off", {}), ("disaggregated, tracing on", {"tracing_env": traced})]
+            systems *= args.compare_tracing
+        for name, options in systems:
+            serve.run(build_app(ServeConfig(**{**common, **options})), name="bench", route_prefix="/")
             samples, wall = asyncio.run(load(f"http://127.0.0.1:{port}/v1", "m", prompts, args.output_len))
             results.append(row(name, samples, wall))
             serve.delete("bench")
+        if args.compare_tracing:
+            print(f"# spans received by the OTLP receiver: {len(receiver.spans)}")
     for peer in args.peer:
         name, url = peer.split("=", 1)
         samples, wall = asyncio.run(load(url, args.peer_model or path, prompts, args.output_len))
