@@ -96,6 +96,7 @@ def test_one_trace_per_request_across_processes(traced) -> None:  # type: ignore
     assert http.attributes[names.GEN_AI_INPUT_TOKENS] == out.usage.prompt_tokens == len(PROMPT)
     assert http.attributes[names.GEN_AI_OUTPUT_TOKENS] == out.usage.completion_tokens == MAX_TOKENS
     assert http.attributes[names.GEN_AI_FINISH_REASONS] == [out.choices[0].finish_reason]
+    assert 0 < http.attributes[names.TTFT_S] < 60
     assert trace[names.SPAN_DECODE].attributes[names.GEN_AI_OUTPUT_TOKENS] == MAX_TOKENS - 1  # 1st from prefill
     assert prefill.attributes[names.PROMPT_TOKENS] == len(PROMPT)
     assert prefill.attributes[names.COMPUTED_TOKENS] == len(PROMPT) - prefill.attributes[names.CACHED_TOKENS]
@@ -170,3 +171,6 @@ def test_metrics_parse_and_count_the_traffic(traced) -> None:  # type: ignore[no
     assert count("pdserve_time_to_first_token_seconds_count") >= 3
     assert count("pdserve_queue_wait_seconds_count") >= 3
     assert count("pdserve_router_decisions_total", mode="disaggregated") >= 3
+    ratio = count("pdserve_prompt_cached_tokens_total") / count("pdserve_prompt_tokens_total")
+    assert count("pdserve_prefix_cache_hit_ratio") == pytest.approx(ratio)
+    assert count("pdserve_kv_transfer_seconds_total", role="prefill") > 0

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from opentelemetry import trace
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
@@ -23,7 +24,7 @@ from pdserve.serve.ingress_router import IngressRouter, RouterCollector
 from pdserve.serve.messages import ModelInfo, ReplicaStats
 from pdserve.serve.metrics import IngressMetrics
 from pdserve.serve.spans import route_attributes
-from pdserve.telemetry import configure_tracing, names, span_in
+from pdserve.telemetry import configure_tracing, flush, names, span_in
 
 logger = logging.getLogger(__name__)
 _STATS_REFRESH_S = 1.0
@@ -58,6 +59,10 @@ class Ingress:
             await self.router.start()
         self.metrics = IngressMetrics(RouterCollector(self.router))
         self._stats_task = asyncio.get_running_loop().create_task(self._refresh_stats())
+
+    def __del__(self) -> None:
+        """Serve calls this at replica shutdown: export the spans still buffered."""
+        flush()
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(self, max_body_bytes=self.config.max_body_bytes)
@@ -95,10 +100,10 @@ class Ingress:
         return decision
 
     def _observe_first(self, request: EngineRequest, first: RequestOutput, ttft_s: float) -> None:
+        trace.get_current_span().set_attributes({names.TTFT_S: ttft_s, names.QUEUE_S: first.queue_s})  # request's
         self.metrics.ttft.labels(self.mode).observe(ttft_s)
         self.metrics.queue.labels(self.mode).observe(first.queue_s)
-        self.metrics.prompt_tokens.labels(self.mode).inc(first.num_prompt_tokens)
-        self.metrics.cached_tokens.labels(self.mode).inc(first.num_cached_tokens)
+        self.metrics.observe_prompt(self.mode, first.num_prompt_tokens, first.num_cached_tokens)
         if self.router is not None:
             self.router.router.prefill_done(request.request_id, first.num_cached_tokens)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -85,6 +85,22 @@ class IngressMetrics:
             ["mode"],
             registry=self.registry,
         )
+
+        self.hit_ratio = Gauge(
+            "pdserve_prefix_cache_hit_ratio",
+            "prompt tokens taken from a prefix cache / prompt tokens, since start",
+            ["mode"],
+            registry=self.registry,
+        )
+        self._tokens: dict[str, list[int]] = {}  # mode -> [prompt, cached]
+
+    def observe_prompt(self, mode: str, num_prompt_tokens: int, num_cached_tokens: int) -> None:
+        self.prompt_tokens.labels(mode).inc(num_prompt_tokens)
+        self.cached_tokens.labels(mode).inc(num_cached_tokens)
+        totals = self._tokens.setdefault(mode, [0, 0])
+        totals[0] += num_prompt_tokens
+        totals[1] += num_cached_tokens
+        self.hit_ratio.labels(mode).set(totals[1] / max(totals[0], 1))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

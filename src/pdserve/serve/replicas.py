@@ -26,7 +26,7 @@ from pdserve.router import ReplicaReport, SyncCursor
 from pdserve.serve.config import ServeConfig
 from pdserve.serve.messages import ModelInfo, PrefillResult, ReplicaStats, ReplicaSync, Reservation
 from pdserve.serve.spans import prompt_attributes, record_transfer, traced_outputs
-from pdserve.telemetry import configure_tracing, names, span_in, start_span, traceparent
+from pdserve.telemetry import configure_tracing, flush, names, span_in, start_span, traceparent
 from pdserve.transfer import KVEndpoint, TransferError, TransferSpec, TransferStats, make_receiver, make_sender
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,11 @@ class _EngineReplica:
 
     async def abort(self, request_id: str, target_replica_id: str | None = None) -> None:
         self.engine.abort(request_id)
+
+    def __del__(self) -> None:
+        """Serve calls this at replica shutdown (the process may then be killed before `atexit`): export the
+        spans still buffered."""
+        flush()
 
     def _sync_state(self, cursor: SyncCursor) -> tuple[EngineStats, KVEventBatch]:  # on the engine thread
         return self.llm.stats(), self.llm.kv_events_since(cursor.seq, cursor.incarnation)
@@ -245,6 +250,7 @@ class DecodeServer(_EngineReplica):
         """Serve calls this at replica shutdown: stop receiving and remove the shared-memory KV files."""
         self.receiver.close()
         self.llm.kv.close()
+        super().__del__()
 
     def _ensure_lease_task(self) -> None:
         if self._lease_task is None:
