@@ -114,6 +114,7 @@ def main() -> None:
             "decode": pool,
             "engine": pool,
             "tracing_env": {},
+            "router": {"local_prefill_max_tokens": 0},  # "disaggregated" means every prompt goes through P
         }
         traced = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_SERVICE_NAME": "pdserve-bench"}
         systems: list[tuple[str, dict[str, object]]] = [
