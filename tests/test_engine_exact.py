@@ -111,6 +111,20 @@ def test_split_prefill_then_decode_on_another_engine(family: tuple) -> None:
         assert engine.stats().num_used_blocks == 0 and engine.stats().num_held == 0
 
 
+def test_split_with_layer_pipelined_copy_and_chunked_prefill(family: tuple) -> None:
+    """Layer i is copied from the layer hook while later layers have not run; prompts span several chunks."""
+    path, prompts, refs = family
+    prefill, decode = make_engine(path, budget=64), make_engine(path)
+    for i, request in enumerate(requests(prompts)):
+        tokens, sent = prefill_then_decode(prefill, decode, request, pipelined=True)
+        assert sent == -(-len(prompts[i]) // 16)
+        assert_matches(refs[i], tokens, f"pipelined request {i}")
+    for engine in (prefill, decode):
+        assert engine.stats().num_used_blocks == 0 and engine.stats().num_held == 0
+    with pytest.raises(ValueError, match="layer sink needs a prefill-only request"):
+        prefill.add_request(requests(prompts[:1])[0], layer_sink=object())  # type: ignore[arg-type]
+
+
 def test_split_with_prefix_hits_on_both_sides_moves_only_missing_blocks(family: tuple) -> None:
     path, _, _ = family
     model = load_reference_model(path)

@@ -23,6 +23,7 @@ from pdserve.transfer import (
     AutoSender,
     KVEndpoint,
     KVSender,
+    LayerProgress,
     SharedMemorySender,
     TcpReceiver,
     TcpSender,
@@ -314,3 +315,48 @@ def test_runs_group_consecutive_blocks() -> None:
     assert paired_runs([1, 2], [5, 7]) == [(1, 5, 1), (2, 7, 1)]
     assert runs([4, 5, 6, 2, 3]) == [(4, 3), (2, 2)]
     assert runs([]) == []
+
+
+# ---- layer-pipelined push -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sender_cls", [SharedMemorySender, TcpSender])
+def test_layer_pipelined_send_waits_for_each_layer(peers: Peers, sender_cls: type[KVSender]) -> None:
+    """The sender moves layer i only once reported computed; the epoch lands after the last layer only."""
+    endpoint = peers[torch.float32]
+    src, dst = random_cache(torch.float32, seed=3), open_peer(endpoint)
+    epoch = 21 if sender_cls is SharedMemorySender else 22
+    spec = TransferSpec(epoch=epoch, src_block_ids=[0, 1], dst_block_ids=[8, 9], transfer_id="p1")
+    progress, done = LayerProgress(), threading.Event()
+    result: list[object] = []
+
+    def send() -> None:
+        result.append(sender_cls("m").send(endpoint, spec, src, 10, progress))  # type: ignore[call-arg]
+        done.set()
+
+    before = snapshot(dst)
+    thread = threading.Thread(target=send)
+    thread.start()
+    for layer in range(src.layout.num_layers):
+        time.sleep(0.05)
+        assert not done.is_set() and dst.block_epochs[8] != epoch  # still waiting for this layer
+        progress.layer_done(layer, [0, 1])
+    thread.join(timeout=10)
+    assert_moved(src, dst, spec, before)
+
+
+def test_layer_pipelined_send_fails_cleanly(peers: Peers) -> None:
+    """A prompt that will not complete, or layers that never come before the deadline: TransferError, and the
+    destination blocks never get the epoch (the decode replica cannot commit them)."""
+    endpoint = peers[torch.float32]
+    src, dst = random_cache(torch.float32), open_peer(endpoint)
+    progress = LayerProgress()
+    progress.layer_done(0, [0])
+    progress.fail(RuntimeError("prefill aborted"))
+    with pytest.raises(TransferError, match="prefill aborted"):
+        SharedMemorySender("m").send(endpoint, TransferSpec(31, [0], [10], "p2"), src, 10, progress)
+    start = time.monotonic()
+    with pytest.raises(TransferError, match="deadline"):
+        TcpSender("m").send(endpoint, TransferSpec(32, [0], [11], "p3"), src, 0.3, LayerProgress())
+    assert time.monotonic() - start < 2
+    assert dst.block_epochs[10] != 31 and dst.block_epochs[11] != 32

@@ -6,6 +6,7 @@ from pdserve.engine.request import (
     EngineStats,
     FinishReason,
     KVReservation,
+    LayerSink,
     RequestOutput,
     SamplingParams,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "FinishReason",
     "KVReservation",
     "LLMEngine",
+    "LayerSink",
     "RequestOutput",
     "SamplingParams",
 ]

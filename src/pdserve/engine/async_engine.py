@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from pdserve.engine.engine import LLMEngine
-from pdserve.engine.request import EngineRequest, EngineStats, KVReservation, RequestOutput
+from pdserve.engine.request import EngineRequest, EngineStats, KVReservation, LayerSink, RequestOutput
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,11 +55,14 @@ class AsyncEngine:
         self._submit(run)
         return await future
 
-    async def generate(self, request: EngineRequest, prefill_only: bool = False) -> AsyncIterator[RequestOutput]:
-        """Add a request and stream its outputs. Closing the iterator before the last output aborts the request."""
+    async def generate(
+        self, request: EngineRequest, prefill_only: bool = False, layer_sink: LayerSink | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Add a request and stream its outputs. Closing the iterator before the last output aborts the request.
+        `layer_sink`: see `LLMEngine.add_request` (it is called on the engine thread)."""
         stream = self._open_stream(request.request_id)
         try:
-            await self.call(self.engine.add_request, request, prefill_only)
+            await self.call(self.engine.add_request, request, prefill_only, layer_sink)
         except BaseException:
             self._streams.pop(request.request_id, None)
             raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from functools import partial
 
 import torch
 
@@ -24,6 +25,7 @@ from pdserve.engine.request import (
     EngineStats,
     FinishReason,
     KVReservation,
+    LayerSink,
     RequestOutput,
 )
 from pdserve.engine.sampler import SampleResult
@@ -66,10 +68,18 @@ class LLMEngine:
 
     # ---- entry points ----------------------------------------------------------------------------------------
 
-    def add_request(self, request: EngineRequest, prefill_only: bool = False) -> None:
-        """Queue a request. ValueError (nothing allocated) on an invalid request or a duplicate id."""
+    def add_request(
+        self, request: EngineRequest, prefill_only: bool = False, layer_sink: LayerSink | None = None
+    ) -> None:
+        """Queue a request. ValueError (nothing allocated) on an invalid request or a duplicate id.
+        A prefill-only request may pass a `layer_sink`: during the step that completes its prompt, it is told after
+        each layer (on the engine thread) that this layer's KV of all the prompt's blocks is written — so a
+        transfer can send layer i while layer i+1 computes. CPU tensors only (CUDA work is asynchronous)."""
         self._validate(request)
+        if layer_sink is not None and (not prefill_only or self.kv.k[0].device.type != "cpu"):
+            raise ValueError("a layer sink needs a prefill-only request on a CPU engine")
         seq = Sequence(request, next(self._arrivals), is_prefill_only=prefill_only)
+        seq.layer_sink = layer_sink
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)
 
@@ -132,7 +142,8 @@ class LLMEngine:
         self.num_preemptions += len(batch.preempted)
         if not batch.chunks:
             return []
-        sampled = self.runner.run(batch)
+        sinks = [(c.seq.layer_sink, c.seq) for c in batch.chunks if c.seq.layer_sink is not None and c.is_last]
+        sampled = self.runner.run(batch, partial(_notify, sinks) if sinks else None)
         return self._postprocess(batch, sampled)
 
     def has_unfinished(self) -> bool:
@@ -259,3 +270,8 @@ class LLMEngine:
             raise ValueError(f"max_model_len {asked} exceeds the model's limit of {limit}")
         pool_tokens = self.layout.num_blocks * self.layout.block_size
         return min(asked or limit, pool_tokens)
+
+
+def _notify(sinks: list[tuple[LayerSink, Sequence]], layer: int) -> None:
+    for sink, seq in sinks:
+        sink.layer_done(layer, seq.block_ids)

@@ -6,6 +6,7 @@ layer runs three big matmuls instead of seven.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -127,15 +128,23 @@ class CausalLM:
         )
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv: KVCache,
+        meta: AttentionMetadata,
+        on_layer: Callable[[int], object] | None = None,
     ) -> torch.Tensor:
-        """Hidden states `[T, hidden]` after the final norm; writes each row's K/V into `kv` at its slot."""
+        """Hidden states `[T, hidden]` after the final norm; writes each row's K/V into `kv` at its slot and calls
+        `on_layer(i)` once layer i's K/V are written (before its MLP: the MLP overlaps whatever the hook starts)."""
         x = self.embed[input_ids]  # [T, hidden]
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):
             # In place where the tensor is ours alone (x is a fresh copy from the embedding lookup).
             x += self._attention(layer, rms_norm(x, layer.input_norm, self.shape.rms_norm_eps), cos, sin, kv, i, meta)
+            if on_layer is not None:
+                on_layer(i)
             h = rms_norm(x, layer.post_norm, self.shape.rms_norm_eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x += layer.down(F.silu(gate, inplace=True).mul_(up))

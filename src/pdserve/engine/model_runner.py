@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,10 +31,11 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
 
     @torch.inference_mode()
-    def run(self, batch: SchedulerOutput) -> SampleResult:
-        """Compute every scheduled chunk's KV; sample one token per chunk that is_last, in chunk order."""
+    def run(self, batch: SchedulerOutput, on_layer: Callable[[int], object] | None = None) -> SampleResult:
+        """Compute every scheduled chunk's KV; sample one token per chunk that is_last, in chunk order.
+        `on_layer(i)` runs after layer i's KV is written."""
         inputs = self.prepare(batch)
-        hidden = self.model.forward(inputs.input_ids, inputs.positions, self.kv, inputs.meta)
+        hidden = self.model.forward(inputs.input_ids, inputs.positions, self.kv, inputs.meta, on_layer)
         if not inputs.sampled_chunks:
             return SampleResult([], None)
         logits = self.model.logits(hidden[inputs.sample_rows])

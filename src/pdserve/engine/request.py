@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 
 class FinishReason(str, enum.Enum):
@@ -94,3 +95,10 @@ class EngineStats:
     num_waiting: int
     num_held: int  # prefill-only results and reservations holding blocks
     num_preemptions: int  # since start: sequences preempted (recomputed later) for lack of blocks
+
+
+class LayerSink(Protocol):
+    """Receives, on the engine thread, each layer's completion during the step that finishes a prompt."""
+
+    def layer_done(self, layer: int, block_ids: list[int]) -> None:
+        """Layer `layer`'s K/V of every block in `block_ids` (the prompt's blocks, in order) is written."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import time
 
-from pdserve.engine.request import EngineRequest, FinishReason
+from pdserve.engine.request import EngineRequest, FinishReason, LayerSink
 from pdserve.kvcache import BlockHash, hash_block_chain
 
 
@@ -34,6 +34,7 @@ class Sequence:
         self._block_hashes: list[BlockHash] = []
         self.logprobs: list[float] = []
         self.finish_reason: FinishReason | None = None
+        self.layer_sink: LayerSink | None = None  # told when each layer of the prompt's KV is written
 
     @property
     def request_id(self) -> str:

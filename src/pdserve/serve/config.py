@@ -71,7 +71,11 @@ class ServeConfig(BaseModel):
     router: RouterSettings = Field(default_factory=RouterSettings)
 
     kv_transport: Literal["auto", "shm", "tcp"] = "auto"  # auto: shared memory on one node, TCP across nodes
+    # Where decode replicas listen for TCP KV transfers: 127.0.0.1 keeps them on one node; 0.0.0.0 for prefill and
+    # decode on different nodes (the connection is not authenticated: keep it inside the cluster's network).
+    kv_host: str = "127.0.0.1"
     kv_transfer_timeout_s: float = Field(30.0, gt=0)
+    kv_pipelined_push: bool = True  # send layer i while layer i+1 computes (CPU engines), else after the prompt
     reservation_lease_s: float = Field(60.0, gt=0)  # a reservation never committed is freed after this
     # OTEL_* / PDSERVE_TRACES_* variables for every replica (default: the building process's; docs/TELEMETRY.md)
     tracing_env: dict[str, str] = Field(default_factory=tracing_env)

@@ -34,6 +34,7 @@ class PrefillResult:
     num_blocks_sent: int
     num_bytes_sent: int
     transfer_s: float
+    transfer_wait_s: float  # from the prompt computed to the KV in place: what the transfer adds to TTFT
     prefill_s: float  # queue + compute on the prefill replica
     queue_s: float  # waiting in the prefill replica's engine
 

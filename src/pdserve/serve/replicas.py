@@ -26,8 +26,17 @@ from pdserve.router import ReplicaReport, SyncCursor
 from pdserve.serve.config import ServeConfig
 from pdserve.serve.messages import ModelInfo, PrefillResult, ReplicaStats, ReplicaSync, Reservation
 from pdserve.serve.spans import prompt_attributes, record_transfer, traced_outputs
-from pdserve.telemetry import configure_tracing, flush, names, span_in, start_span, traceparent
-from pdserve.transfer import KVEndpoint, TransferError, TransferSpec, TransferStats, make_receiver, make_sender
+from pdserve.telemetry import child_span, configure_tracing, flush, names, record_error, span_in, start_span
+from pdserve.transfer import (
+    Deadline,
+    KVEndpoint,
+    LayerProgress,
+    TransferError,
+    TransferSpec,
+    TransferStats,
+    make_receiver,
+    make_sender,
+)
 
 logger = logging.getLogger(__name__)
 _LEASE_CHECK_S = 1.0
@@ -137,25 +146,37 @@ class PrefillServer(_EngineReplica):
     def __init__(self, config: ServeConfig, model_path: str) -> None:
         super().__init__(config, model_path)
         self.sender = make_sender(config.kv_transport, model_path, self.node_id)
+        # The engine's layer hook needs synchronous (CPU) compute; on GPU the push follows the prefill.
+        self.is_pipelined = config.kv_pipelined_push and config.device == "cpu"
 
     async def prefill(
         self, request: EngineRequest, reservation: Reservation, target_replica_id: str | None = None
     ) -> PrefillResult:
+        """Compute the prompt and push the blocks the decode replica lacks — layer by layer while the prompt
+        computes (layer-pipelined, CPU engines), else after it — then release ours (they stay cached)."""
         with span_in(request.traceparent, names.SPAN_PREFILL, self._span_attributes(request)) as span:
+            progress = LayerProgress() if self.is_pipelined else None
+            transfer_span = child_span(span, names.SPAN_KV_TRANSFER, {names.PIPELINED: progress is not None})
+            push = asyncio.ensure_future(asyncio.to_thread(self._push, reservation, progress)) if progress else None
             start = time.perf_counter()
             first: RequestOutput | None = None
-            async for out in self.engine.generate(request, prefill_only=True):
-                first = out
-            assert first is not None and first.kv_block_ids is not None
-            self._count_hits(first)
-            prefill_s = time.perf_counter() - start
-            span.set_attributes({**prompt_attributes(first), names.COMPUTE_S: prefill_s - first.queue_s})
             try:
-                with span_in(traceparent(span), names.SPAN_KV_TRANSFER) as transfer_span:
-                    stats = await asyncio.to_thread(self._push, first.kv_block_ids, reservation)
-                    record_transfer(transfer_span, stats)
+                first = await self._compute(request, progress)
+                prefill_s = time.perf_counter() - start
+                span.set_attributes({**prompt_attributes(first), names.COMPUTE_S: prefill_s - first.queue_s})
+                stats = await (push or asyncio.to_thread(self._push, reservation, None, first.kv_block_ids))
+                wait_s = time.perf_counter() - start - prefill_s  # what the transfer adds to the prefill
+                record_transfer(transfer_span, stats)
+            except BaseException as e:
+                if progress is not None and push is not None:
+                    progress.fail(e)
+                    await asyncio.gather(push, return_exceptions=True)  # its thread must stop reading our blocks
+                record_error(transfer_span, e)
+                raise
             finally:
-                await self.engine.release(request.request_id)
+                transfer_span.end()
+                if first is not None:
+                    await self.engine.release(request.request_id)
         self.transfer_bytes += stats.num_bytes
         self.transfer_blocks += stats.num_blocks
         self.transfer_s += stats.seconds
@@ -168,15 +189,31 @@ class PrefillServer(_EngineReplica):
             num_blocks_sent=stats.num_blocks,
             num_bytes_sent=stats.num_bytes,
             transfer_s=stats.seconds,
+            transfer_wait_s=wait_s,
             prefill_s=prefill_s,
             queue_s=first.queue_s,
         )
 
-    def _push(self, src_block_ids: tuple[int, ...], reservation: Reservation) -> TransferStats:
-        """Send the blocks past the decode replica's cached prefix (runs in a worker thread)."""
+    async def _compute(self, request: EngineRequest, progress: LayerProgress | None) -> RequestOutput:
+        first: RequestOutput | None = None
+        async for out in self.engine.generate(request, prefill_only=True, layer_sink=progress):
+            first = out
+        assert first is not None and first.kv_block_ids is not None
+        self._count_hits(first)
+        return first
+
+    def _push(
+        self, reservation: Reservation, progress: LayerProgress | None, src_block_ids: tuple[int, ...] | None = None
+    ) -> TransferStats:
+        """Send the blocks past the decode replica's cached prefix (runs in a worker thread); with `progress`, each
+        layer as soon as it is computed (the block ids arrive with the first layer)."""
         remaining_s = reservation.lease_deadline - time.time() - _LEASE_MARGIN_S
         if remaining_s <= 0:  # the decode replica may free these blocks any moment: never write into them
             raise TransferError(f"reservation {reservation.request_id} is past its lease")
+        deadline = Deadline(min(self.config.kv_transfer_timeout_s, remaining_s))
+        if src_block_ids is None:
+            assert progress is not None
+            src_block_ids = progress.wait_blocks(deadline)
         skip = reservation.num_cached_tokens // self.llm.layout.block_size
         spec = TransferSpec(
             epoch=reservation.epoch,
@@ -184,8 +221,8 @@ class PrefillServer(_EngineReplica):
             dst_block_ids=list(reservation.block_ids[skip:]),
             transfer_id=reservation.request_id,
         )
-        timeout_s = min(self.config.kv_transfer_timeout_s, remaining_s)
-        return self.sender.send(reservation.endpoint, spec, self.llm.kv, timeout_s)
+        timeout_s = deadline.at - time.monotonic()
+        return self.sender.send(reservation.endpoint, spec, self.llm.kv, timeout_s, progress)
 
 
 class DecodeServer(_EngineReplica):
@@ -196,7 +233,11 @@ class DecodeServer(_EngineReplica):
 
     def __init__(self, config: ServeConfig, model_path: str) -> None:
         super().__init__(config, model_path, shared_kv=config.kv_transport != "tcp")
-        self.receiver = make_receiver(config.kv_transport, self.llm.kv, model_path, self.node_id)
+        every_interface = config.kv_host in ("0.0.0.0", "::")
+        advertise = ray.util.get_node_ip_address() if every_interface else None  # how other nodes reach us
+        self.receiver = make_receiver(
+            config.kv_transport, self.llm.kv, model_path, self.node_id, config.kv_host, advertise_host=advertise
+        )
         self.endpoint: KVEndpoint = self.receiver.endpoint
         self._leases: dict[str, _Lease] = {}  # request_id -> an uncommitted reservation's deadline
         self._lease_task: asyncio.Task[None] | None = None

@@ -57,5 +57,6 @@ TRANSFER_BYTES = "pdserve.kv_transfer.num_bytes"
 TRANSFER_S = "pdserve.kv_transfer.seconds"
 TRANSFER_GBPS = "pdserve.kv_transfer.gb_per_s"
 TRANSPORT = "pdserve.kv_transfer.transport"
+PIPELINED = "pdserve.kv_transfer.pipelined"  # layer i sent while layer i+1 computed
 LAYER = "pdserve.kv_transfer.layer_index"
 LAYER_S = "pdserve.kv_transfer.layer_seconds"

@@ -3,10 +3,12 @@
 
 from pdserve.transfer.auto import AutoSender, make_receiver, make_sender
 from pdserve.transfer.base import (
+    Deadline,
     KVEndpoint,
     KVLayoutSpec,
     KVReceiver,
     KVSender,
+    LayerProgress,
     TransferError,
     TransferSpec,
     TransferStats,
@@ -19,10 +21,12 @@ from pdserve.transfer.tcp import TcpReceiver, TcpSender
 
 __all__ = [
     "AutoSender",
+    "Deadline",
     "KVEndpoint",
     "KVLayoutSpec",
     "KVReceiver",
     "KVSender",
+    "LayerProgress",
     "SharedMemoryReceiver",
     "SharedMemorySender",
     "TcpReceiver",

@@ -10,6 +10,7 @@ from pdserve.transfer.base import (
     KVEndpoint,
     KVReceiver,
     KVSender,
+    LayerProgress,
     TransferSpec,
     TransferStats,
     choose_transport,
@@ -29,11 +30,18 @@ class AutoSender(KVSender):
         self.shm, self.tcp = SharedMemorySender(model_id), TcpSender(model_id)
         self._unmappable: set[str] = set()  # cache ids whose shared memory failed to map here: not retried
 
-    def send(self, endpoint: KVEndpoint, spec: TransferSpec, src: KVCache, timeout_s: float) -> TransferStats:
+    def send(
+        self,
+        endpoint: KVEndpoint,
+        spec: TransferSpec,
+        src: KVCache,
+        timeout_s: float,
+        progress: LayerProgress | None = None,
+    ) -> TransferStats:
         name = choose_transport(endpoint, self.node_id, self.prefer)
         if name == "shm" and self.prefer == "auto" and endpoint.tcp_address and not self._can_map(endpoint):
             name = "tcp"
-        return (self.shm if name == "shm" else self.tcp).send(endpoint, spec, src, timeout_s)
+        return (self.shm if name == "shm" else self.tcp).send(endpoint, spec, src, timeout_s, progress)
 
     def close(self) -> None:
         self.shm.close()

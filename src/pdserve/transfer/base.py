@@ -12,6 +12,7 @@ Every call blocks: run it in a worker thread, never on an event loop. Senders ar
 
 from __future__ import annotations
 
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -120,10 +121,18 @@ class KVSender(ABC):
     """Prefill side: writes blocks into reserved blocks of a decode replica."""
 
     @abstractmethod
-    def send(self, endpoint: KVEndpoint, spec: TransferSpec, src: KVCache, timeout_s: float) -> TransferStats:
+    def send(
+        self,
+        endpoint: KVEndpoint,
+        spec: TransferSpec,
+        src: KVCache,
+        timeout_s: float,
+        progress: LayerProgress | None = None,
+    ) -> TransferStats:
         """Write `src`'s blocks `spec.src_block_ids` into the endpoint's `spec.dst_block_ids`, per layer K then V,
         then stamp `spec.epoch` on the destination blocks; return once they are in place. Checks compatibility
-        before any byte moves. Writes nothing after `timeout_s` from now. Raises TransferError."""
+        before any byte moves. Writes nothing after `timeout_s` from now. Raises TransferError.
+        With `progress`, layer i is sent as soon as the engine reports it computed (layer-pipelined push)."""
 
     @abstractmethod
     def close(self) -> None:
@@ -172,6 +181,42 @@ class Deadline:
         if left <= 0:
             raise TransferError(f"deadline passed before {what}")
         return left
+
+
+class LayerProgress:
+    """How far the prompt's KV is computed, layer by layer: written by the engine thread (it is the `LayerSink` of
+    a prefill-only request), waited on by the sender thread, so that layer i moves while layer i+1 computes."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._num_layers_done = 0
+        self._block_ids: tuple[int, ...] | None = None
+        self._error: BaseException | None = None
+
+    def layer_done(self, layer: int, block_ids: Sequence[int]) -> None:
+        with self._changed:
+            self._block_ids = tuple(block_ids)
+            self._num_layers_done = layer + 1
+            self._changed.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        """The prompt will not complete (aborted, failed): waiters raise TransferError."""
+        with self._changed:
+            self._error = error
+            self._changed.notify_all()
+
+    def wait_blocks(self, deadline: Deadline) -> tuple[int, ...]:
+        """The prompt's block ids, once its last chunk's first layer is written."""
+        self.wait_layer(0, deadline)
+        assert self._block_ids is not None
+        return self._block_ids
+
+    def wait_layer(self, layer: int, deadline: Deadline) -> None:
+        with self._changed:
+            while self._num_layers_done <= layer:
+                if self._error is not None:
+                    raise TransferError(f"the prompt's KV will not be complete: {self._error}")
+                self._changed.wait(deadline.remaining_s(f"layer {layer} was computed"))
 
 
 def paired_runs(src_ids: Sequence[int], dst_ids: Sequence[int]) -> list[tuple[int, int, int]]:

@@ -19,6 +19,7 @@ from pdserve.transfer.base import (
     KVEndpoint,
     KVReceiver,
     KVSender,
+    LayerProgress,
     TransferError,
     TransferSpec,
     TransferStats,
@@ -47,7 +48,14 @@ class SharedMemorySender(KVSender):
         self._mapped: dict[str, _Mapping] = {}  # by shm path
         self._lock = threading.Lock()  # sends run in worker threads; only the mapping table is shared
 
-    def send(self, endpoint: KVEndpoint, spec: TransferSpec, src: KVCache, timeout_s: float) -> TransferStats:
+    def send(
+        self,
+        endpoint: KVEndpoint,
+        spec: TransferSpec,
+        src: KVCache,
+        timeout_s: float,
+        progress: LayerProgress | None = None,
+    ) -> TransferStats:
         start, deadline = time.perf_counter(), Deadline(timeout_s)
         require_host_memory(src)
         check_compatible(layout_spec(src.layout, self.model_id), endpoint.spec)
@@ -56,6 +64,8 @@ class SharedMemorySender(KVSender):
         copy = _block_copier(spec, src)
         layer_s = []
         for layer in range(src.layout.num_layers):
+            if progress is not None:
+                progress.wait_layer(layer, deadline)
             layer_start = time.perf_counter()
             deadline.remaining_s(f"layer {layer} of {spec.transfer_id}")  # never write into blocks maybe freed
             copy(src.k[layer], dst.k[layer])

@@ -23,6 +23,7 @@ from pdserve.transfer.base import (
     KVLayoutSpec,
     KVReceiver,
     KVSender,
+    LayerProgress,
     TransferError,
     TransferSpec,
     TransferStats,
@@ -228,7 +229,14 @@ class TcpSender(KVSender):
         self._lock = threading.Lock()  # guards _idle and _is_closed; each transfer holds its own connection
         self._is_closed = False
 
-    def send(self, endpoint: KVEndpoint, spec: TransferSpec, src: KVCache, timeout_s: float) -> TransferStats:
+    def send(
+        self,
+        endpoint: KVEndpoint,
+        spec: TransferSpec,
+        src: KVCache,
+        timeout_s: float,
+        progress: LayerProgress | None = None,
+    ) -> TransferStats:
         start, deadline = time.perf_counter(), Deadline(timeout_s)
         require_host_memory(src)
         local = layout_spec(src.layout, self.model_id)
@@ -239,7 +247,7 @@ class TcpSender(KVSender):
         layer_s: tuple[float, ...] = ()
         if spec.dst_block_ids:
             try:
-                layer_s = self._transfer(endpoint, local, spec, src, deadline)
+                layer_s = self._transfer(endpoint, local, spec, src, deadline, progress)
             except (OSError, TransferError) as e:
                 raise TransferError(f"KV transfer {spec.transfer_id} to {endpoint.tcp_address} failed: {e}") from e
         num = len(spec.dst_block_ids)
@@ -255,7 +263,13 @@ class TcpSender(KVSender):
             conn.close()
 
     def _transfer(
-        self, endpoint: KVEndpoint, local: KVLayoutSpec, spec: TransferSpec, src: KVCache, deadline: Deadline
+        self,
+        endpoint: KVEndpoint,
+        local: KVLayoutSpec,
+        spec: TransferSpec,
+        src: KVCache,
+        deadline: Deadline,
+        progress: LayerProgress | None,
     ) -> tuple[float, ...]:
         """Send over a pooled connection; returns each layer's send time."""
         key = (str(endpoint.tcp_address), endpoint.cache_id)
@@ -263,7 +277,7 @@ class TcpSender(KVSender):
         for attempt in range(2):
             conn, is_reused = self._checkout(key, endpoint, local, deadline)
             try:
-                layer_s = _send_transfer(conn, spec, src, deadline)
+                layer_s = _send_transfer(conn, spec, src, deadline, progress)
             except BaseException as e:
                 conn.close()
                 if isinstance(e, OSError) and is_reused and attempt == 0:
@@ -303,7 +317,9 @@ def _connect(endpoint: KVEndpoint, local: KVLayoutSpec, deadline: Deadline) -> s
     return conn
 
 
-def _send_transfer(conn: socket.socket, spec: TransferSpec, src: KVCache, deadline: Deadline) -> tuple[float, ...]:
+def _send_transfer(
+    conn: socket.socket, spec: TransferSpec, src: KVCache, deadline: Deadline, progress: LayerProgress | None
+) -> tuple[float, ...]:
     num = len(spec.src_block_ids)
     ids = struct.pack(f"<{num}q", *spec.dst_block_ids)
     src_runs = runs(spec.src_block_ids)
@@ -313,6 +329,8 @@ def _send_transfer(conn: socket.socket, spec: TransferSpec, src: KVCache, deadli
     gathered = [torch.empty(shape, dtype=src.layout.dtype) for _ in range(num_buffers)]
     layer_s = []
     for layer in range(src.layout.num_layers):
+        if progress is not None:
+            progress.wait_layer(layer, deadline)
         layer_start = time.perf_counter()
         k, v = (
             _blocks(t, src_runs, index, gathered[i] if gathered else None)
