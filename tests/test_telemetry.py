@@ -41,6 +41,7 @@ def traced(tiny_models: dict[str, Path]) -> Iterator[tuple[Served, Served, OTLPR
         common = {
             "model": str(tiny_models["llama"]), "dtype": "float32", "served_model_name": "tiny",
             "num_kv_blocks": 64, "tracing_env": env, "router": {"local_prefill_max_tokens": 0},
+            "kv_pipelined_push": True,
         }  # fmt: skip
         serve.run(build_app(ServeConfig(**common)), name="traced", route_prefix="/")
         broken = ServeConfig(**common, kv_transfer_timeout_s=1e-9)
@@ -106,6 +107,7 @@ def test_one_trace_per_request_across_processes(traced) -> None:  # type: ignore
     assert num_blocks == 3 - trace[names.SPAN_RESERVE].attributes[names.CACHED_TOKENS] // 16
     assert transfer.attributes[names.TRANSFER_BYTES] == num_blocks * BLOCK_BYTES
     assert [e[1][names.LAYER] for e in transfer.events if e[0] == names.EVENT_LAYER_SENT] == [0, 1]
+    assert transfer.attributes[names.PIPELINED] is True
     assert not any(s.is_error for s in trace.values())
 
 

@@ -75,7 +75,10 @@ class ServeConfig(BaseModel):
     # decode on different nodes (the connection is not authenticated: keep it inside the cluster's network).
     kv_host: str = "127.0.0.1"
     kv_transfer_timeout_s: float = Field(30.0, gt=0)
-    kv_pipelined_push: bool = True  # send layer i while layer i+1 computes (CPU engines), else after the prompt
+    # Send layer i while layer i+1 computes (CPU engines), instead of after the prompt. Off by default: on the
+    # 2-core dev CPU the sender thread slows the prefill by more than the transfer it hides
+    # (benchmarks/kv_pipeline.py); it pays where cores are spare and the link is slow.
+    kv_pipelined_push: bool = False
     reservation_lease_s: float = Field(60.0, gt=0)  # a reservation never committed is freed after this
     # OTEL_* / PDSERVE_TRACES_* variables for every replica (default: the building process's; docs/TELEMETRY.md)
     tracing_env: dict[str, str] = Field(default_factory=tracing_env)
