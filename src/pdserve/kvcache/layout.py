@@ -74,7 +74,8 @@ class KVCache:
         self._fd: int | None = None  # owner only: keeps `shared_address` open
         if shared_path is None:
             flat = torch.zeros(_num_elements(layout), dtype=layout.dtype, device=device)
-            self.block_epochs = torch.zeros(layout.num_blocks, dtype=torch.int64)
+            # Beside the KV: a same-GPU peer (CUDA IPC) writes the stamps after the blocks, on the same stream.
+            self.block_epochs = torch.zeros(layout.num_blocks, dtype=torch.int64, device=device)
         else:
             assert torch.device(device).type == "cpu", "shared-memory KV lives in host memory"
             self._fd, self.shared_id = _create(layout, shared_path)
@@ -98,6 +99,15 @@ class KVCache:
         cache._split(flat)
         return cache
 
+    @classmethod
+    def from_tensors(cls, layout: KVLayout, flat: torch.Tensor, block_epochs: torch.Tensor) -> KVCache:
+        """A view of another process's cache over tensors already mapped here (CUDA IPC); owns nothing."""
+        cache = cls.__new__(cls)
+        cache.layout, cache.shared_path, cache.shared_address, cache.shared_id = layout, None, None, None
+        cache._fd, cache.block_epochs = None, block_epochs
+        cache._split(flat)
+        return cache
+
     @property
     def is_shared(self) -> bool:
         return self.shared_id is not None
@@ -110,6 +120,7 @@ class KVCache:
             self._fd = None
 
     def _split(self, flat: torch.Tensor) -> None:
+        self.flat = flat  # every layer's K and V, one tensor (what a same-GPU peer maps)
         shape = (self.layout.num_blocks, *self.layout.block_shape)
         views = flat.view(self.layout.num_layers, 2, *shape)  # per layer: K then V, each contiguous
         self.k = [views[i, 0] for i in range(self.layout.num_layers)]

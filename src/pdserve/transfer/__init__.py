@@ -3,6 +3,7 @@
 
 from pdserve.transfer.auto import AutoSender, make_receiver, make_sender
 from pdserve.transfer.base import (
+    CudaIpcHandle,
     Deadline,
     KVEndpoint,
     KVLayoutSpec,
@@ -16,11 +17,15 @@ from pdserve.transfer.base import (
     choose_transport,
     layout_spec,
 )
+from pdserve.transfer.cuda_ipc import CudaIpcReceiver, CudaIpcSender
 from pdserve.transfer.shm import SharedMemoryReceiver, SharedMemorySender
 from pdserve.transfer.tcp import TcpReceiver, TcpSender
 
 __all__ = [
     "AutoSender",
+    "CudaIpcHandle",
+    "CudaIpcReceiver",
+    "CudaIpcSender",
     "Deadline",
     "KVEndpoint",
     "KVLayoutSpec",

@@ -15,6 +15,7 @@ from pdserve.transfer.base import (
     TransferStats,
     choose_transport,
 )
+from pdserve.transfer.cuda_ipc import CudaIpcReceiver, CudaIpcSender
 from pdserve.transfer.shm import SharedMemoryReceiver, SharedMemorySender
 from pdserve.transfer.tcp import TcpReceiver, TcpSender
 
@@ -28,6 +29,7 @@ class AutoSender(KVSender):
             raise ValueError(f"KV transport must be one of auto, shm, tcp, not {prefer!r}")
         self.node_id, self.prefer = node_id, prefer
         self.shm, self.tcp = SharedMemorySender(model_id), TcpSender(model_id)
+        self.cuda_ipc: CudaIpcSender | None = None  # made on first use: it needs CUDA
         self._unmappable: set[str] = set()  # cache ids whose shared memory failed to map here: not retried
 
     def send(
@@ -38,6 +40,9 @@ class AutoSender(KVSender):
         timeout_s: float,
         progress: LayerProgress | None = None,
     ) -> TransferStats:
+        if src.flat.device.type == "cuda":  # GPU KV moves GPU to GPU (same GPU: IPC; NCCL across is its own issue)
+            self.cuda_ipc = self.cuda_ipc or CudaIpcSender(self.shm.model_id)
+            return self.cuda_ipc.send(endpoint, spec, src, timeout_s, progress)
         name = choose_transport(endpoint, self.node_id, self.prefer)
         if name == "shm" and self.prefer == "auto" and endpoint.tcp_address and not self._can_map(endpoint):
             name = "tcp"
@@ -46,6 +51,8 @@ class AutoSender(KVSender):
     def close(self) -> None:
         self.shm.close()
         self.tcp.close()
+        if self.cuda_ipc is not None:
+            self.cuda_ipc.close()
 
     def _can_map(self, endpoint: KVEndpoint) -> bool:
         if endpoint.cache_id in self._unmappable:
@@ -85,6 +92,10 @@ def make_receiver(
     """The decode side's receiver: "shm" publishes the shared cache only; "tcp" listens on `host:port`; "auto"
     does both when `kv` is in shared memory, else TCP only. Peers on other nodes reach the listener at
     `advertise_host` (needed when `host` binds every interface). ValueError on a configuration that cannot work."""
+    if kv.flat.device.type == "cuda":
+        if transport != "auto":
+            raise ValueError(f"a KV cache on a GPU is served over CUDA IPC (transport auto), not {transport}")
+        return CudaIpcReceiver(kv, node_id, model_id)
     if transport == "shm":
         return SharedMemoryReceiver(kv, node_id, model_id)
     if transport not in ("auto", "tcp"):

@@ -60,6 +60,15 @@ def check_compatible(local: KVLayoutSpec, remote: KVLayoutSpec) -> None:
 
 
 @dataclass(frozen=True)
+class CudaIpcHandle:
+    """What a same-GPU peer needs to map a decode replica's cache (`KVEndpoint.cuda_ipc`; see cuda_ipc.py)."""
+
+    device_uuid: str  # the GPU's UUID: the handles open only on that very device
+    kv: bytes  # pickled torch CUDA IPC rebuild arguments of the flat KV tensor
+    epochs: bytes  # ... and of the arrival stamps
+
+
+@dataclass(frozen=True)
 class KVEndpoint:
     """How to reach one decode replica's KV cache; small and picklable, it travels inside every reservation.
     A replica does not know who will send to it, so it lists every transport it serves (at least one)."""
@@ -70,6 +79,7 @@ class KVEndpoint:
     cache_id: str  # random id of the destination cache: a recycled pid or port never gets another cache's blocks
     shm_path: str | None = None  # the cache's `shared_address` (/proc/<pid>/fd/<fd>), for peers on the same node
     tcp_address: str | None = None  # "host:port" of its TCP receiver, for peers anywhere
+    cuda_ipc: CudaIpcHandle | None = None  # a KV cache on a GPU, for peers on that GPU
 
     def layout(self) -> KVLayout:
         """The destination cache's layout."""
@@ -113,7 +123,7 @@ class TransferStats:
     num_blocks: int
     num_bytes: int
     seconds: float
-    transport: str  # "shm" | "tcp"
+    transport: str  # "shm" | "tcp" | "cuda_ipc"
     layer_seconds: tuple[float, ...] = ()  # time each layer took to go out, in order
 
 

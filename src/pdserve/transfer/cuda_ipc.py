@@ -1,0 +1,124 @@
+"""CUDA IPC: prefill and decode replicas on the same GPU. The decode replica exports IPC handles of its KV tensor
+and arrival stamps once; the prefill replica opens them once and copies the blocks GPU to GPU on its own stream,
+layer by layer, then stamps the epoch on the same stream — the stamps can never land before the blocks.
+
+Handles come from torch's own CUDA IPC (`torch.multiprocessing.reductions`); the exporting replica keeps the
+tensors alive for as long as it serves them.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+import uuid
+from typing import Any
+
+import torch
+from torch.multiprocessing.reductions import reduce_tensor
+
+from pdserve.kvcache import KVCache
+from pdserve.transfer.base import (
+    CudaIpcHandle,
+    Deadline,
+    KVEndpoint,
+    KVReceiver,
+    KVSender,
+    LayerProgress,
+    TransferError,
+    TransferSpec,
+    TransferStats,
+    check_compatible,
+    layout_spec,
+)
+
+
+def device_uuid(device: torch.device) -> str:
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+class CudaIpcReceiver(KVReceiver):
+    def __init__(self, kv: KVCache, node_id: str, model_id: str) -> None:
+        device = kv.flat.device
+        if device.type != "cuda":
+            raise ValueError(f"CUDA IPC serves a KV cache on a GPU, not on {device}")
+        self.kv = kv  # kept alive: peers map its memory
+        handle = CudaIpcHandle(device_uuid(device), _export(kv.flat), _export(kv.block_epochs))
+        self.endpoint = KVEndpoint(
+            node_id, layout_spec(kv.layout, model_id), kv.layout.num_blocks, uuid.uuid4().hex, cuda_ipc=handle
+        )
+
+    def close(self) -> None:
+        pass  # the memory is the cache's: freed with it
+
+
+class CudaIpcSender(KVSender):
+    """Maps each destination cache once (per cache id) and copies on a dedicated stream per device."""
+
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+        self._mapped: dict[str, KVCache] = {}
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._lock = threading.Lock()
+
+    def send(
+        self,
+        endpoint: KVEndpoint,
+        spec: TransferSpec,
+        src: KVCache,
+        timeout_s: float,
+        progress: LayerProgress | None = None,
+    ) -> TransferStats:
+        if progress is not None:
+            raise ValueError("layer-pipelined push over CUDA IPC needs CUDA events per layer (not built yet)")
+        start, deadline = time.perf_counter(), Deadline(timeout_s)
+        check_compatible(layout_spec(src.layout, self.model_id), endpoint.spec)
+        spec.check_ranges(src.layout.num_blocks, endpoint.num_blocks)
+        dst = self.map(endpoint, src.flat.device)
+        stream = self._stream(src.flat.device)
+        src_index = torch.tensor(list(spec.src_block_ids), dtype=torch.long, device=src.flat.device)
+        dst_index = torch.tensor(list(spec.dst_block_ids), dtype=torch.long, device=src.flat.device)
+        stream.wait_stream(torch.cuda.current_stream(src.flat.device))  # the prefill's kernels first
+        with torch.cuda.stream(stream):
+            for layer in range(src.layout.num_layers):
+                deadline.remaining_s(f"layer {layer} of {spec.transfer_id}")
+                for s, d in ((src.k[layer], dst.k[layer]), (src.v[layer], dst.v[layer])):
+                    d.index_copy_(0, dst_index, s.index_select(0, src_index))
+            dst.block_epochs.index_fill_(0, dst_index, spec.epoch)  # after every layer, in stream order
+        stream.synchronize()  # in place on return: the caller then tells the decode replica to commit
+        num = len(spec.dst_block_ids)
+        return TransferStats(num, num * src.layout.bytes_per_block, time.perf_counter() - start, "cuda_ipc")
+
+    def map(self, endpoint: KVEndpoint, device: torch.device) -> KVCache:
+        """The destination cache, mapped here once. TransferError if it lives on another GPU or node."""
+        handle = endpoint.cuda_ipc
+        if handle is None:
+            raise TransferError("the decode replica does not serve its KV over CUDA IPC")
+        if handle.device_uuid != device_uuid(device):
+            raise TransferError(f"CUDA IPC needs the same GPU: the decode replica's KV is on {handle.device_uuid}")
+        with self._lock:
+            if endpoint.cache_id not in self._mapped:
+                flat, epochs = _open(handle.kv), _open(handle.epochs)
+                self._mapped[endpoint.cache_id] = KVCache.from_tensors(endpoint.layout(), flat, epochs)
+            return self._mapped[endpoint.cache_id]
+
+    def close(self) -> None:
+        with self._lock:
+            self._mapped.clear()
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        with self._lock:
+            if device not in self._streams:
+                self._streams[device] = torch.cuda.Stream(device)
+            return self._streams[device]
+
+
+def _export(tensor: torch.Tensor) -> bytes:
+    rebuild, args = reduce_tensor(tensor)
+    return pickle.dumps((rebuild, args))
+
+
+def _open(exported: bytes) -> torch.Tensor:
+    rebuild, args = pickle.loads(exported)
+    tensor: Any = rebuild(*args)
+    return tensor
