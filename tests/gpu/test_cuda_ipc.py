@@ -69,7 +69,7 @@ def test_cuda_ipc_is_exact_and_reports_gb_per_s() -> None:
         gb = stats.num_bytes / 1e9
         print(
             f"\nCUDA IPC ({torch.cuda.get_device_name()}), {num} blocks = {stats.num_bytes / 1e6:.1f} MB, "
-            f"30 layers: {gb / ipc_s:.1f} GB/s ({ipc_s * 1e3:.2f} ms); the same gather/scatter within one "
+            f"30 layers: {gb / ipc_s:.1f} GB/s ({ipc_s * 1e3:.2f} ms); per-layer gather/scatter within one "
             f"process: {gb / ceiling_s:.1f} GB/s ({ceiling_s * 1e3:.2f} ms); one contiguous device-to-device "
             f"copy of as many bytes: {gb / memcpy_s:.1f} GB/s ({memcpy_s * 1e3:.3f} ms)"
         )
