@@ -18,7 +18,7 @@ import enum
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from pdserve.router.load import ReplicaLoad
 
@@ -45,7 +45,7 @@ class CostConfig:
     block_size: int = 16
 
 
-class CandidateCost(NamedTuple):  # a NamedTuple: built 32 times per decision, it must be cheap
+class CandidateCost(NamedTuple):
     """One candidate's cost terms, as the decision saw them (seconds unless named otherwise)."""
 
     replica_id: str
@@ -61,6 +61,9 @@ class CandidateCost(NamedTuple):  # a NamedTuple: built 32 times per decision, i
     has_room: bool
 
 
+Terms = tuple[Any, ...]  # a candidate's terms, in CandidateCost's field order (cheaper to build than a NamedTuple)
+
+
 @dataclass(frozen=True)
 class RouteDecision:
     request_id: str
@@ -72,8 +75,18 @@ class RouteDecision:
     expected_transfer_tokens: int  # prompt tokens D lacks (0 when local)
     prompt_block_hashes: tuple[int, ...]
     decode_ranking: tuple[str, ...]  # best first; the fallback order
-    decode_candidates: tuple[CandidateCost, ...]
-    prefill_candidates: tuple[CandidateCost, ...]  # costs towards the chosen D
+    # Every candidate's terms as plain tuples in CandidateCost's field order: built per replica per request, they
+    # must be cheap; the properties below name them when someone looks (logs, spans).
+    decode_terms: tuple[Terms, ...]
+    prefill_terms: tuple[Terms, ...]  # costs towards the chosen D
+
+    @property
+    def decode_candidates(self) -> tuple[CandidateCost, ...]:
+        return tuple(CandidateCost._make(t) for t in self.decode_terms)
+
+    @property
+    def prefill_candidates(self) -> tuple[CandidateCost, ...]:
+        return tuple(CandidateCost._make(t) for t in self.prefill_terms)
 
     def summary(self) -> str:
         chosen = f"P={self.prefill_replica_id} D={self.decode_replica_id}"
@@ -113,28 +126,35 @@ def choose(
         _decode_cost(config, d, hits.get(d.replica_id, 0), num_prompt_tokens, load_per_decode_s, best_per_node)
         for d in decodes
     ]
-    ranked = sorted(decode_costs, key=lambda c: (not c.has_room, c.total_s))
+    ranked = sorted(decode_costs, key=_rank_key)
     best = _pick_tie(rng, ranked)
     chosen = decodes[decode_costs.index(best)]
-    missing = num_prompt_tokens - best.num_cached_tokens
+    missing = num_prompt_tokens - best[_CACHED]
     is_local = missing <= config.local_prefill_max_tokens or not prefills
     prefill_costs = [
         _prefill_cost(config, p, hits.get(p.replica_id, 0), num_prompt_tokens, chosen, missing) for p in prefills
     ]
-    prefill = None if is_local else _pick_tie(rng, sorted(prefill_costs, key=lambda c: c.total_s))
+    prefill = None if is_local else _pick_tie(rng, sorted(prefill_costs, key=_rank_key))
     return RouteDecision(
         request_id=request_id,
         mode=RouteMode.LOCAL if prefill is None else RouteMode.DISAGGREGATED,
         decode_replica_id=chosen.replica_id,
-        prefill_replica_id=None if prefill is None else prefill.replica_id,
+        prefill_replica_id=None if prefill is None else prefill[_ID],
         num_prompt_tokens=num_prompt_tokens,
-        expected_cached_tokens=(prefill or best).num_cached_tokens,
+        expected_cached_tokens=(prefill or best)[_CACHED],
         expected_transfer_tokens=0 if prefill is None else missing,
         prompt_block_hashes=tuple(block_hashes),
-        decode_ranking=(best.replica_id, *(c.replica_id for c in ranked if c is not best)),
-        decode_candidates=tuple(decode_costs),
-        prefill_candidates=tuple(prefill_costs),
+        decode_ranking=(best[_ID], *(c[_ID] for c in ranked if c is not best)),
+        decode_terms=tuple(decode_costs),
+        prefill_terms=tuple(prefill_costs),
     )
+
+
+_ID, _CACHED, _TOTAL, _HAS_ROOM = 0, 2, 9, 10  # positions in a candidate's terms (CandidateCost's field order)
+
+
+def _rank_key(terms: Terms) -> tuple[bool, float]:
+    return not terms[_HAS_ROOM], terms[_TOTAL]
 
 
 def _best_prefill_per_node(
@@ -157,7 +177,7 @@ def _decode_cost(
     num_prompt_tokens: int,
     load_per_decode_s: float,
     best_prefill_per_node: Mapping[str, float],
-) -> CandidateCost:
+) -> Terms:
     missing = num_prompt_tokens - hit
     load_s = load_per_decode_s * d.num_decodes
     transfer_s = 0.0
@@ -172,7 +192,7 @@ def _decode_cost(
                 prefill_s, transfer_s = compute_s, num_bytes / bandwidth
         transfer_s += config.disaggregation_overhead_s
     num_needed = -(-(num_prompt_tokens + 1) // config.block_size) - hit // config.block_size
-    return CandidateCost(
+    return (
         d.replica_id, d.role, hit, d.num_prefill_tokens, d.num_decodes, d.num_free_blocks,
         load_s, prefill_s, transfer_s, load_s + prefill_s + transfer_s, d.num_free_blocks >= num_needed,
     )  # fmt: skip
@@ -180,19 +200,19 @@ def _decode_cost(
 
 def _prefill_cost(
     config: CostConfig, p: ReplicaLoad, hit: int, num_prompt_tokens: int, decode: ReplicaLoad, num_missing: int
-) -> CandidateCost:
+) -> Terms:
     compute_s = (p.num_prefill_tokens + num_prompt_tokens - hit) / config.prefill_tokens_per_s
     bandwidth = config.same_node_bytes_per_s if p.node_id == decode.node_id else config.cross_node_bytes_per_s
     transfer_s = num_missing * config.kv_bytes_per_token / bandwidth
-    return CandidateCost(
+    return (
         p.replica_id, p.role, hit, p.num_prefill_tokens, p.num_decodes, p.num_free_blocks,
         0.0, compute_s, transfer_s, compute_s + transfer_s, True,
     )  # fmt: skip
 
 
-def _pick_tie(rng: random.Random, ranked: Sequence[CandidateCost]) -> CandidateCost:
+def _pick_tie(rng: random.Random, ranked: Sequence[Terms]) -> Terms:
     """The first candidate, or a random one among those tied with it (same room, cost within 1 ns)."""
     first = ranked[0]
-    if len(ranked) == 1 or ranked[1].has_room != first.has_room or ranked[1].total_s - first.total_s > 1e-9:
+    if len(ranked) == 1 or ranked[1][_HAS_ROOM] != first[_HAS_ROOM] or ranked[1][_TOTAL] - first[_TOTAL] > 1e-9:
         return first
-    return rng.choice([c for c in ranked if c.has_room == first.has_room and c.total_s - first.total_s <= 1e-9])
+    return rng.choice([c for c in ranked if c[_HAS_ROOM] == first[_HAS_ROOM] and c[_TOTAL] - first[_TOTAL] <= 1e-9])

@@ -96,7 +96,8 @@ class Ingress:
         assert self.router is not None
         with span_in(request.traceparent, names.SPAN_ROUTE, {names.REQUEST_ID: request.request_id}) as span:
             decision = self.router.route(request)
-            span.set_attributes(route_attributes(decision, self.config.router.policy))
+            if span.is_recording():  # the candidate arrays cost a few microseconds: only when traced
+                span.set_attributes(route_attributes(decision, self.config.router.policy))
         return decision
 
     def _observe_first(self, request: EngineRequest, first: RequestOutput, ttft_s: float) -> None:
