@@ -93,15 +93,14 @@ class KVCache:
             flat, epochs = _map(layout, fd)
         finally:
             os.close(fd)  # the mapping holds the memory; the descriptor is not needed any more
-        cache = cls.__new__(cls)
-        cache.layout, cache.shared_path, cache.shared_address, cache.shared_id = layout, None, address, shared_id
-        cache._fd, cache.block_epochs = None, epochs
-        cache._split(flat)
+        cache = cls.from_tensors(layout, flat, epochs)
+        cache.shared_address, cache.shared_id = address, shared_id
         return cache
 
     @classmethod
     def from_tensors(cls, layout: KVLayout, flat: torch.Tensor, block_epochs: torch.Tensor) -> KVCache:
-        """A view of another process's cache over tensors already mapped here (CUDA IPC); owns nothing."""
+        """A view of another process's cache over tensors already mapped here (shared memory, CUDA IPC); owns
+        nothing."""
         cache = cls.__new__(cls)
         cache.layout, cache.shared_path, cache.shared_address, cache.shared_id = layout, None, None, None
         cache._fd, cache.block_epochs = None, block_epochs

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import ray
 import torch
+from opentelemetry.trace import Span
 from opentelemetry.util.types import AttributeValue
 from ray import serve
 
@@ -156,25 +157,34 @@ class PrefillServer(_EngineReplica):
         computes (layer-pipelined, CPU engines), else after it — then release ours (they stay cached)."""
         with span_in(request.traceparent, names.SPAN_PREFILL, self._span_attributes(request)) as span:
             progress = LayerProgress() if self.is_pipelined else None
-            transfer_span = child_span(span, names.SPAN_KV_TRANSFER, {names.PIPELINED: progress is not None})
-            push = asyncio.ensure_future(asyncio.to_thread(self._push, reservation, progress)) if progress else None
+            transfer_span: Span | None = None  # begins when the push does: with the prompt, or after it
+            push: asyncio.Future[TransferStats] | None = None
+            if progress is not None:
+                transfer_span = child_span(span, names.SPAN_KV_TRANSFER, {names.PIPELINED: True})
+                push = asyncio.ensure_future(asyncio.to_thread(self._push, reservation, progress))
             start = time.perf_counter()
             first: RequestOutput | None = None
             try:
                 first = await self._compute(request, progress)
                 prefill_s = time.perf_counter() - start
                 span.set_attributes({**prompt_attributes(first), names.COMPUTE_S: prefill_s - first.queue_s})
-                stats = await (push or asyncio.to_thread(self._push, reservation, None, first.kv_block_ids))
+                if push is None:
+                    transfer_span = child_span(span, names.SPAN_KV_TRANSFER, {names.PIPELINED: False})
+                    push = asyncio.ensure_future(asyncio.to_thread(self._push, reservation, None, first.kv_block_ids))
+                stats = await push
                 wait_s = time.perf_counter() - start - prefill_s  # what the transfer adds to the prefill
+                assert transfer_span is not None
                 record_transfer(transfer_span, stats)
             except BaseException as e:
                 if progress is not None and push is not None:
                     progress.fail(e)
                     await asyncio.gather(push, return_exceptions=True)  # its thread must stop reading our blocks
-                record_error(transfer_span, e)
+                if transfer_span is not None:
+                    record_error(transfer_span, e)
                 raise
             finally:
-                transfer_span.end()
+                if transfer_span is not None:
+                    transfer_span.end()
                 if first is not None:
                     await self.engine.release(request.request_id)
         self.transfer_bytes += stats.num_bytes
