@@ -4,8 +4,6 @@ time on each."""
 
 from __future__ import annotations
 
-import json
-import logging
 import secrets
 import socket
 import struct
@@ -34,9 +32,7 @@ from pdserve.transfer.base import (
     runs,
 )
 
-logger = logging.getLogger(__name__)
 _HANDSHAKE_TIMEOUT_S = 10.0
-_WILDCARDS = ("", "0.0.0.0", "::")
 
 
 class TcpReceiver(KVReceiver):
@@ -55,88 +51,26 @@ class TcpReceiver(KVReceiver):
         advertise_host: str | None = None,
     ) -> None:
         reachable = advertise_host or host
-        if reachable in _WILDCARDS:
+        if reachable in wire.WILDCARDS:
             raise ValueError(f"the KV receiver binds {host!r}: give advertise_host, the address peers reach it by")
         require_host_memory(kv)
         self.kv = kv
         self.spec = layout_spec(kv.layout, model_id)
         self.cache_id = kv.shared_id or secrets.token_hex(8)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._server = socket.create_server((host, port), family=family, backlog=128)
-        address = wire.join_address(reachable, self._server.getsockname()[1])
+        self._listener = wire.Listener(host, port, self._serve, "pdserve-kv-recv")
+        address = wire.join_address(reachable, self._listener.port)
         self.endpoint = KVEndpoint(node_id, self.spec, kv.layout.num_blocks, self.cache_id, tcp_address=address)
-        self._conns: dict[socket.socket, threading.Thread] = {}  # open connections and their receiving threads
-        self._lock = threading.Lock()  # guards _conns and _is_closed
-        self._is_closed = False
-        self._accepter = threading.Thread(target=self._accept, name="pdserve-kv-accept", daemon=True)
-        self._accepter.start()
 
     def close(self) -> None:
         """Stop listening and cut every connection (a transfer in flight fails on its sender's side); once this
         returns, no thread of the receiver writes into the cache."""
-        with self._lock:
-            self._is_closed = True
-            conns = dict(self._conns)
-        wire.shutdown(self._server)  # wakes the thread blocked in accept()
-        self._server.close()
-        for conn in conns:
-            wire.shutdown(conn)  # wakes its thread blocked in recv()
-        for thread in [self._accepter, *conns.values()]:
-            thread.join(timeout=5)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return  # closed
-            wire.tune(conn)
-            thread = threading.Thread(target=self._serve, args=(conn,), name="pdserve-kv-recv", daemon=True)
-            with self._lock:
-                if self._is_closed:
-                    conn.close()
-                    return
-                self._conns[conn] = thread
-                thread.start()  # under the lock: close() never joins a thread not yet started
+        self._listener.close()
 
     def _serve(self, conn: socket.socket) -> None:
-        try:
-            self._handshake(conn)
-            scratch: torch.Tensor | None = _empty(0)  # reused by every transfer on this connection
-            while scratch is not None:
-                scratch = self._receive_transfer(conn, scratch)
-        except (OSError, TransferError) as e:
-            if not self._is_closed:
-                logger.warning("KV receive connection closed: %s", e)
-        finally:
-            with self._lock:
-                self._conns.pop(conn, None)
-            conn.close()
-
-    def _handshake(self, conn: socket.socket) -> None:
-        conn.settimeout(_HANDSHAKE_TIMEOUT_S)
-        magic, version, size = wire.HELLO.unpack(wire.recv_bytes(conn, wire.HELLO.size))
-        if magic != wire.MAGIC or version != wire.VERSION or size > wire.MAX_MESSAGE_BYTES:
-            raise TransferError("a peer that is not a pdserve KV sender of this protocol version connected")
-        problem = self._refusal(wire.recv_bytes(conn, size))
-        wire.send_reply(conn, problem)
-        if problem:
-            raise TransferError(f"refused a KV sender: {problem}")
-
-    def _refusal(self, hello: bytes) -> str:
-        """Why this sender may not write here; empty when it may."""
-        try:
-            fields = json.loads(hello)
-            cache_id, spec = fields["cache_id"], KVLayoutSpec(**fields["spec"])
-        except (ValueError, TypeError, KeyError) as e:
-            return f"malformed hello ({e})"
-        if cache_id != self.cache_id:
-            return f"this receiver holds KV cache {self.cache_id}, not {cache_id} (a stale endpoint?)"
-        try:
-            check_compatible(spec, self.spec)
-        except TransferError as e:
-            return str(e)
-        return ""
+        wire.accept_hello(conn, self.cache_id, self.spec, _HANDSHAKE_TIMEOUT_S)
+        scratch: torch.Tensor | None = _empty(0)  # reused by every transfer on this connection
+        while scratch is not None:
+            scratch = self._receive_transfer(conn, scratch)
 
     def _receive_transfer(self, conn: socket.socket, scratch: torch.Tensor) -> torch.Tensor | None:
         """Receive one transfer, stamp it and ack it; returns the (maybe grown) scratch buffer, or None when the

@@ -17,21 +17,28 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 import struct
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
-from pdserve.transfer.base import Deadline, KVLayoutSpec, TransferError
+from pdserve.transfer.base import Deadline, KVLayoutSpec, TransferError, check_compatible
 
 HELLO = struct.Struct("<4sHI")
 REPLY = struct.Struct("<BI")
 LAYER = struct.Struct("<qdiiq")
 MAGIC, VERSION = b"PDKV", 1
 MAX_MESSAGE_BYTES = 1 << 16  # hello and reply texts
+LENGTH = struct.Struct("<I")
+MAX_JSON_BYTES = 1 << 24  # control messages (a transfer lists its block ids)
+WILDCARDS = ("", "0.0.0.0", "::")
+logger = logging.getLogger(__name__)
 
 
 class LayerHeader(NamedTuple):
@@ -42,9 +49,61 @@ class LayerHeader(NamedTuple):
     num_payload_bytes: int  # of K; V has as many
 
 
-def hello(cache_id: str, spec: KVLayoutSpec) -> bytes:
-    text = json.dumps({"cache_id": cache_id, "spec": asdict(spec)}).encode()
-    return HELLO.pack(MAGIC, VERSION, len(text)) + text
+def hello(cache_id: str, spec: KVLayoutSpec, magic: bytes = MAGIC, **extra: str) -> bytes:
+    text = json.dumps({"cache_id": cache_id, "spec": asdict(spec), **extra}).encode()
+    return HELLO.pack(magic, VERSION, len(text)) + text
+
+
+def accept_hello(
+    conn: socket.socket, cache_id: str, local: KVLayoutSpec, timeout_s: float, magic: bytes = MAGIC
+) -> dict[str, Any]:
+    """The receiver's side of the handshake: read the hello, reply, and return its fields; TransferError (after
+    replying why) if the peer may not write into cache `cache_id` of layout `local`."""
+    conn.settimeout(timeout_s)
+    got_magic, version, size = HELLO.unpack(recv_bytes(conn, HELLO.size))
+    if got_magic != magic or version != VERSION or size > MAX_MESSAGE_BYTES:
+        raise TransferError("a peer that is not a pdserve KV sender of this transport and version connected")
+    fields, problem = _refusal(recv_bytes(conn, size), cache_id, local)
+    send_reply(conn, problem)
+    if problem:
+        raise TransferError(f"refused a KV sender: {problem}")
+    return fields
+
+
+def _refusal(hello: bytes, cache_id: str, local: KVLayoutSpec) -> tuple[dict[str, Any], str]:
+    """The hello's fields, and why this sender may not write here (empty when it may)."""
+    try:
+        fields = json.loads(hello)
+        remote_cache_id, spec = fields["cache_id"], KVLayoutSpec(**fields["spec"])
+    except (ValueError, TypeError, KeyError) as e:
+        return {}, f"malformed hello ({e})"
+    if remote_cache_id != cache_id:
+        return fields, f"this receiver holds KV cache {cache_id}, not {remote_cache_id} (a stale endpoint?)"
+    try:
+        check_compatible(spec, local)
+    except TransferError as e:
+        return fields, str(e)
+    return fields, ""
+
+
+def send_json(conn: socket.socket, message: dict[str, Any]) -> None:
+    text = json.dumps(message).encode()
+    conn.sendall(LENGTH.pack(len(text)) + text)
+
+
+def recv_json(conn: socket.socket, deadline_at: float | None = None) -> dict[str, Any] | None:
+    """The next message; None if the peer closed the connection before it began."""
+    raw = bytearray(LENGTH.size)
+    num_read = recv_into(conn, memoryview(raw), deadline_at)
+    if num_read == 0:
+        return None
+    if num_read < LENGTH.size:
+        raise TransferError("connection closed mid-message")
+    (size,) = LENGTH.unpack(raw)
+    if size > MAX_JSON_BYTES:
+        raise TransferError(f"oversized control message ({size} bytes)")
+    message: dict[str, Any] = json.loads(recv_bytes(conn, size, deadline_at))
+    return message
 
 
 def expect_ok(conn: socket.socket, deadline: Deadline, what: str) -> None:
@@ -114,3 +173,56 @@ def split_address(address: str) -> tuple[str, int]:
 
 def join_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Listener:
+    """A TCP server: one thread accepts, one thread per connection runs `serve(conn)` (the connection is closed
+    when it returns). `close()` stops accepting and cuts every connection; once it returns no `serve` runs."""
+
+    def __init__(self, host: str, port: int, serve: Callable[[socket.socket], None], name: str) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._server = socket.create_server((host, port), family=family, backlog=128)
+        self.port: int = self._server.getsockname()[1]
+        self._serve, self._name = serve, name
+        self._conns: dict[socket.socket, threading.Thread] = {}  # open connections and their threads
+        self._lock = threading.Lock()  # guards _conns and is_closed
+        self.is_closed = False
+        self._accepter = threading.Thread(target=self._accept, name=f"{name}-accept", daemon=True)
+        self._accepter.start()
+
+    def close(self) -> None:
+        with self._lock:
+            self.is_closed = True
+            conns = dict(self._conns)
+        shutdown(self._server)  # wakes the thread blocked in accept()
+        self._server.close()
+        for conn in conns:
+            shutdown(conn)  # wakes its thread blocked in recv()
+        for thread in [self._accepter, *conns.values()]:
+            thread.join(timeout=5)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return  # closed
+            tune(conn)
+            thread = threading.Thread(target=self._run, args=(conn,), name=self._name, daemon=True)
+            with self._lock:
+                if self.is_closed:
+                    conn.close()
+                    return
+                self._conns[conn] = thread
+                thread.start()  # under the lock: close() never joins a thread not yet started
+
+    def _run(self, conn: socket.socket) -> None:
+        try:
+            self._serve(conn)
+        except (OSError, TransferError) as e:
+            if not self.is_closed:
+                logger.warning("%s: connection closed: %s", self._name, e)
+        finally:
+            with self._lock:
+                self._conns.pop(conn, None)
+            conn.close()
