@@ -22,7 +22,8 @@ import torch
 
 from pdserve.kvcache import KVCache, KVLayout
 
-TRANSPORTS = ("shm", "tcp")
+TRANSPORTS = ("shm", "tcp", "gloo", "nccl", "cuda_ipc")
+GPU_TRANSPORTS = ("nccl", "cuda_ipc")  # the others move host memory
 _MIN_RUN_BLOCKS = 8  # shorter runs on average: one indexed copy beats a copy per run (see is_scattered)
 
 
@@ -80,6 +81,8 @@ class KVEndpoint:
     shm_path: str | None = None  # the cache's `shared_address` (/proc/<pid>/fd/<fd>), for peers on the same node
     tcp_address: str | None = None  # "host:port" of its TCP receiver, for peers anywhere
     cuda_ipc: CudaIpcHandle | None = None  # a KV cache on a GPU, for peers on that GPU
+    p2p_address: str | None = None  # "host:port" of its control listener for communicator pairs (p2p.py) ...
+    p2p_backend: str | None = None  # ... over "nccl" (a GPU cache) or "gloo" (host memory)
 
     def layout(self) -> KVLayout:
         """The destination cache's layout."""
@@ -90,7 +93,10 @@ class KVEndpoint:
 
     @property
     def transports(self) -> tuple[str, ...]:
-        return tuple(t for t, a in zip(TRANSPORTS, (self.shm_path, self.tcp_address), strict=True) if a is not None)
+        served = {"shm": self.shm_path, "tcp": self.tcp_address, "cuda_ipc": self.cuda_ipc}
+        if self.p2p_backend is not None:
+            served[self.p2p_backend] = self.p2p_address
+        return tuple(t for t in TRANSPORTS if served.get(t) is not None)
 
 
 @dataclass(frozen=True)
@@ -159,17 +165,32 @@ class KVReceiver(ABC):
         """Stop accepting new transfers."""
 
 
-def choose_transport(endpoint: KVEndpoint, local_node_id: str, prefer: str = "auto") -> str:
-    """The transport to reach `endpoint` from node `local_node_id`: "auto" picks shared memory on the same node
-    and TCP elsewhere; "shm" or "tcp" forces one. TransferError if the endpoint does not serve it."""
+def choose_transport(
+    endpoint: KVEndpoint, local_node_id: str, prefer: str = "auto", local_gpu: str | None = None
+) -> str:
+    """The transport to reach `endpoint` from node `local_node_id`, whose KV is on the GPU `local_gpu` (its UUID;
+    None: host memory). "auto" picks, by topology: on GPU, CUDA IPC to the same GPU, else NCCL; on CPU, shared
+    memory on the same node, else TCP. Any other name forces that transport. TransferError if the endpoint does
+    not serve it or it cannot work between the two (shared memory across nodes, a host transport for GPU KV...)."""
     if prefer not in ("auto", *TRANSPORTS):
-        raise ValueError(f"KV transport must be one of auto, shm, tcp, not {prefer!r}")
+        raise ValueError(f"KV transport must be one of auto, {', '.join(TRANSPORTS)}, not {prefer!r}")
     is_local = endpoint.node_id == local_node_id
-    name = prefer if prefer != "auto" else ("shm" if is_local and endpoint.shm_path else "tcp")
+    if prefer != "auto":
+        name = prefer
+    elif local_gpu is not None:
+        is_same_gpu = endpoint.cuda_ipc is not None and endpoint.cuda_ipc.device_uuid == local_gpu
+        name = "cuda_ipc" if is_same_gpu else "nccl"
+    else:
+        name = "shm" if is_local and endpoint.shm_path else "tcp"
     if name not in endpoint.transports:
         raise TransferError(f"the decode replica serves KV over {endpoint.transports or 'nothing'}, not {name}")
+    if (name in GPU_TRANSPORTS) != (local_gpu is not None):
+        where = "a GPU" if local_gpu is not None else "host memory"
+        raise TransferError(f"the {name} KV transport cannot move KV held in {where}")
     if name == "shm" and not is_local:
         raise TransferError(f"shared-memory KV transport to node {endpoint.node_id} from node {local_node_id}")
+    if name == "cuda_ipc" and (not is_local or endpoint.cuda_ipc is None or endpoint.cuda_ipc.device_uuid != local_gpu):
+        raise TransferError("CUDA IPC needs the prefill and decode replicas on the same GPU")
     return name
 
 
@@ -195,15 +216,24 @@ class Deadline:
 
 class LayerProgress:
     """How far the prompt's KV is computed, layer by layer: written by the engine thread (it is the `LayerSink` of
-    a prefill-only request), waited on by the sender thread, so that layer i moves while layer i+1 computes."""
+    a prefill-only request), waited on by the sender thread, so that layer i moves while layer i+1 computes.
 
-    def __init__(self) -> None:
+    On a GPU "computed" means queued: with `device` a CUDA device, each layer also records a CUDA event on the
+    engine's stream, which the sender's stream waits for before it reads that layer (`event`)."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
         self._changed = threading.Condition()
         self._num_layers_done = 0
         self._block_ids: tuple[int, ...] | None = None
         self._error: BaseException | None = None
+        self._device = device if device is not None and device.type == "cuda" else None
+        self._events: list[torch.cuda.Event] = []
 
     def layer_done(self, layer: int, block_ids: Sequence[int]) -> None:
+        if self._device is not None:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self._device))
+            self._events.append(event)  # before the layer counts as done: a waiter finds it
         with self._changed:
             self._block_ids = tuple(block_ids)
             self._num_layers_done = layer + 1
@@ -220,6 +250,10 @@ class LayerProgress:
         self.wait_layer(0, deadline)
         assert self._block_ids is not None
         return self._block_ids
+
+    def event(self, layer: int) -> torch.cuda.Event | None:
+        """The CUDA event after layer `layer`'s KV writes (None on CPU); valid once `wait_layer(layer)` returned."""
+        return self._events[layer] if self._device is not None else None
 
     def wait_layer(self, layer: int, deadline: Deadline) -> None:
         with self._changed:

@@ -55,15 +55,19 @@ def hello(cache_id: str, spec: KVLayoutSpec, magic: bytes = MAGIC, **extra: str)
 
 
 def accept_hello(
-    conn: socket.socket, cache_id: str, local: KVLayoutSpec, timeout_s: float, magic: bytes = MAGIC
+    conn: socket.socket, cache_id: str, local: KVLayoutSpec, timeout_s: float, magic: bytes = MAGIC, **expect: str
 ) -> dict[str, Any]:
     """The receiver's side of the handshake: read the hello, reply, and return its fields; TransferError (after
-    replying why) if the peer may not write into cache `cache_id` of layout `local`."""
+    replying why) if the peer may not write into cache `cache_id` of layout `local`, or any field named in
+    `expect` differs."""
     conn.settimeout(timeout_s)
     got_magic, version, size = HELLO.unpack(recv_bytes(conn, HELLO.size))
     if got_magic != magic or version != VERSION or size > MAX_MESSAGE_BYTES:
         raise TransferError("a peer that is not a pdserve KV sender of this transport and version connected")
     fields, problem = _refusal(recv_bytes(conn, size), cache_id, local)
+    mismatched = [f"{k}: {fields.get(k)!r} != {v!r}" for k, v in expect.items() if fields.get(k) != v]
+    if fields and not problem and mismatched:
+        problem = "mismatched " + "; ".join(mismatched)
     send_reply(conn, problem)
     if problem:
         raise TransferError(f"refused a KV sender: {problem}")
@@ -107,13 +111,19 @@ def recv_json(conn: socket.socket, deadline_at: float | None = None) -> dict[str
 
 
 def expect_ok(conn: socket.socket, deadline: Deadline, what: str) -> None:
+    problem = read_reply(conn, deadline, what)
+    if problem is not True:
+        raise TransferError(f"the decode replica refused it: {problem}")
+
+
+def read_reply(conn: socket.socket, deadline: Deadline, what: str) -> str | bool:
+    """True for an ok reply, else the peer's reason. TransferError if none came in time or it was malformed."""
     conn.settimeout(deadline.remaining_s(what))
     status, size = REPLY.unpack(recv_bytes(conn, REPLY.size))
     if size > MAX_MESSAGE_BYTES:
         raise TransferError(f"oversized reply during {what}")
     message = recv_bytes(conn, size).decode(errors="replace")
-    if status != 0:
-        raise TransferError(f"the decode replica refused it: {message}")
+    return True if status == 0 else message
 
 
 def send_reply(conn: socket.socket, problem: str) -> None:

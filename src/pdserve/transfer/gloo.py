@@ -1,0 +1,89 @@
+"""gloo (torch.distributed) communicators for the point-to-point KV transport (p2p.py) between hosts: the CPU twin
+of NCCL, so the protocol, pooling, deadlines and aborts run for real without a GPU. Each pair is a stateless
+2-rank `ProcessGroupGloo` (no global process group): rank 0 (the decode side) hosts the pair's `TCPStore`, whose
+address is the unique id."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pdserve.transfer.base import Deadline, TransferError
+from pdserve.transfer.p2p import Backend, Communicator, Pending, Rendezvous
+
+
+class GlooBackend(Backend):
+    name, device_type = "gloo", "cpu"
+
+    def root(self, host: str, device: torch.device) -> Rendezvous:
+        return _GlooRendezvous(host)
+
+    def join(self, unique_id: str, host: str, device: torch.device, timeout_s: float) -> Communicator:
+        try:
+            info = json.loads(unique_id)
+            store = dist.TCPStore(info["host"], int(info["port"]), 2, is_master=False, timeout=_seconds(timeout_s))
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise TransferError(f"could not reach the gloo rendezvous {unique_id!r}: {e}") from e
+        return _GlooCommunicator.build(store, info["prefix"], 1, host, timeout_s)
+
+
+class _GlooRendezvous(Rendezvous):
+    def __init__(self, host: str) -> None:
+        self._host = host
+        # Listens on every interface; the id names the address the peer already reached us by.
+        self._store = dist.TCPStore(host, 0, 2, is_master=True, wait_for_workers=False, timeout=_seconds(60))
+        self._prefix = secrets.token_hex(8)
+        self.unique_id = json.dumps({"host": host, "port": self._store.port, "prefix": self._prefix})
+
+    def connect(self, timeout_s: float) -> Communicator:
+        self._store.set_timeout(_seconds(timeout_s))
+        return _GlooCommunicator.build(self._store, self._prefix, 0, self._host, timeout_s)
+
+
+class _GlooCommunicator(Communicator):
+    def __init__(self, group: Any, store: dist.TCPStore, rank: int) -> None:  # a ProcessGroupGloo (untyped)
+        self._group, self._store, self._peer = group, store, 1 - rank
+
+    @classmethod
+    def build(cls, store: dist.TCPStore, prefix: str, rank: int, host: str, timeout_s: float) -> _GlooCommunicator:
+        gloo: Any = dist.ProcessGroupGloo
+        options = gloo._Options()
+        options._devices = [gloo.create_device(hostname=host)]  # the control link's interface
+        options._timeout = _seconds(timeout_s)
+        try:
+            group = gloo(dist.PrefixStore(prefix, store), rank, 2, options)
+        except RuntimeError as e:
+            raise TransferError(f"the gloo pair (rank {rank}) did not connect: {e}") from e
+        return cls(group, store, rank)
+
+    def send(self, tensor: torch.Tensor) -> Pending:
+        return _GlooWork(self._group.send([tensor], self._peer, 0), tensor)
+
+    def recv(self, tensor: torch.Tensor) -> Pending:
+        return _GlooWork(self._group.recv([tensor], self._peer, 0), tensor)
+
+    def abort(self) -> None:
+        self._group.abort()  # closes its connections: the peer's pending operations fail at once
+
+    def close(self) -> None:
+        self._group.abort()  # nothing is pending: this just closes the pair's sockets
+
+
+class _GlooWork(Pending):
+    def __init__(self, work: dist.Work, tensor: torch.Tensor) -> None:
+        self._work, self._tensor = work, tensor  # the tensor stays alive until the operation completed
+
+    def wait(self, deadline: Deadline, what: str) -> None:
+        try:
+            self._work.wait(_seconds(deadline.remaining_s(what)))
+        except RuntimeError as e:
+            raise TransferError(f"not done before {what}: {e}") from e
+
+
+def _seconds(s: float) -> timedelta:
+    return timedelta(seconds=max(s, 0.001))
