@@ -21,6 +21,7 @@ from kv_peer import kv_peer
 from pdserve.kvcache import KVCache, KVLayout
 from pdserve.transfer import (
     AutoSender,
+    CudaIpcHandle,
     KVEndpoint,
     KVSender,
     LayerProgress,
@@ -283,8 +284,35 @@ def test_choose_transport() -> None:
     with pytest.raises(TransferError, match=r"serves KV over \('shm',\), not tcp"):
         choose_transport(replace(both, tcp_address=None), "node-b")
     assert choose_transport(replace(both, shm_path=None), "node-a") == "tcp"
-    with pytest.raises(ValueError, match="one of auto, shm, tcp"):
+    with pytest.raises(TransferError, match=r"serves KV over \('shm', 'tcp'\), not nccl"):
         choose_transport(both, "node-a", prefer="nccl")
+    with pytest.raises(ValueError, match="one of auto, shm, tcp, gloo, nccl, cuda_ipc"):
+        choose_transport(both, "node-a", prefer="rdma")
+    gloo = replace(both, p2p_address="10.0.0.1:5001", p2p_backend="gloo")
+    assert gloo.transports == ("shm", "tcp", "gloo")
+    assert choose_transport(gloo, "node-b") == "tcp" and choose_transport(gloo, "node-b", prefer="gloo") == "gloo"
+
+
+def test_choose_transport_on_gpus_follows_the_topology() -> None:
+    """GPU KV: CUDA IPC to the same GPU, NCCL to any other (same node or not); host transports refuse it."""
+    spec = layout_spec(layout(torch.float32), "m")
+    gpu = KVEndpoint(
+        "node-a", spec, NUM_BLOCKS, "id", cuda_ipc=CudaIpcHandle("GPU-0", b"", b""),
+        p2p_address="10.0.0.1:5001", p2p_backend="nccl",
+    )  # fmt: skip
+    assert gpu.transports == ("nccl", "cuda_ipc")
+    assert choose_transport(gpu, "node-a", local_gpu="GPU-0") == "cuda_ipc"
+    assert choose_transport(gpu, "node-a", local_gpu="GPU-1") == "nccl"  # another GPU of the node
+    assert choose_transport(gpu, "node-b", local_gpu="GPU-7") == "nccl"
+    assert choose_transport(gpu, "node-a", prefer="nccl", local_gpu="GPU-0") == "nccl"
+    with pytest.raises(TransferError, match="same GPU"):
+        choose_transport(gpu, "node-a", prefer="cuda_ipc", local_gpu="GPU-1")
+    with pytest.raises(TransferError, match=r"serves KV over \('cuda_ipc',\), not nccl"):
+        choose_transport(replace(gpu, p2p_address=None, p2p_backend=None), "node-b", local_gpu="GPU-7")
+    with pytest.raises(TransferError, match="cannot move KV held in host memory"):
+        choose_transport(gpu, "node-a", prefer="nccl")
+    with pytest.raises(TransferError, match="cannot move KV held in a GPU"):
+        choose_transport(replace(gpu, tcp_address="10.0.0.1:5000"), "node-b", prefer="tcp", local_gpu="GPU-7")
 
 
 def test_auto_sender_uses_tcp_when_shared_memory_cannot_be_mapped(receiver: tuple[KVCache, KVEndpoint]) -> None:
@@ -302,6 +330,9 @@ def test_receiver_configuration_errors() -> None:
     kv = KVCache(layout(torch.float32))
     with pytest.raises(ValueError, match="shared memory"):
         make_receiver("shm", kv, "m", "node-a")
+    for gpu_only in ("nccl", "cuda_ipc"):
+        with pytest.raises(ValueError, match=f"the {gpu_only} KV transport cannot serve a KV cache in host memory"):
+            make_receiver(gpu_only, kv, "m", "node-a")
     with pytest.raises(ValueError, match="advertise_host"):
         TcpReceiver(kv, "0.0.0.0", node_id="node-a", model_id="m")
     rx = make_receiver("auto", kv, "m", "node-a", host="0.0.0.0", advertise_host="10.1.2.3")

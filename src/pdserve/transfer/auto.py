@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+import logging
+import threading
+from dataclasses import fields, replace
 
 from pdserve.kvcache import KVCache
 from pdserve.transfer.base import (
+    GPU_TRANSPORTS,
     TRANSPORTS,
     KVEndpoint,
     KVReceiver,
@@ -15,21 +18,26 @@ from pdserve.transfer.base import (
     TransferStats,
     choose_transport,
 )
-from pdserve.transfer.cuda_ipc import CudaIpcReceiver, CudaIpcSender
+from pdserve.transfer.cuda_ipc import CudaIpcReceiver, CudaIpcSender, device_uuid
+from pdserve.transfer.gloo import GlooBackend
+from pdserve.transfer.p2p import DEFAULT_MAX_PAIRS, P2PReceiver, P2PSender
 from pdserve.transfer.shm import SharedMemoryReceiver, SharedMemorySender
 from pdserve.transfer.tcp import TcpReceiver, TcpSender
 
+logger = logging.getLogger(__name__)
+
 
 class AutoSender(KVSender):
-    """Sends over the transport `choose_transport` picks for each destination. With "auto", a same-node
-    destination whose shared memory this process cannot map (another container, say) is reached over TCP."""
+    """Sends over the transport `choose_transport` picks for each destination (by topology, or the one forced by
+    `prefer`). With "auto", a same-node destination whose shared memory this process cannot map (another
+    container, say) is reached over TCP. Each transport's sender is made on first use."""
 
-    def __init__(self, model_id: str, node_id: str, prefer: str = "auto") -> None:
+    def __init__(self, model_id: str, node_id: str, prefer: str = "auto", max_pairs: int = DEFAULT_MAX_PAIRS) -> None:
         if prefer not in ("auto", *TRANSPORTS):
-            raise ValueError(f"KV transport must be one of auto, shm, tcp, not {prefer!r}")
-        self.node_id, self.prefer = node_id, prefer
-        self.shm, self.tcp = SharedMemorySender(model_id), TcpSender(model_id)
-        self.cuda_ipc: CudaIpcSender | None = None  # made on first use: it needs CUDA
+            raise ValueError(f"KV transport must be one of auto, {', '.join(TRANSPORTS)}, not {prefer!r}")
+        self.model_id, self.node_id, self.prefer, self.max_pairs = model_id, node_id, prefer, max_pairs
+        self.senders: dict[str, KVSender] = {}
+        self._lock = threading.Lock()
         self._unmappable: set[str] = set()  # cache ids whose shared memory failed to map here: not retried
 
     def send(
@@ -40,44 +48,75 @@ class AutoSender(KVSender):
         timeout_s: float,
         progress: LayerProgress | None = None,
     ) -> TransferStats:
-        if src.flat.device.type == "cuda":  # GPU KV moves GPU to GPU (same GPU: IPC; NCCL across is its own issue)
-            self.cuda_ipc = self.cuda_ipc or CudaIpcSender(self.shm.model_id)
-            return self.cuda_ipc.send(endpoint, spec, src, timeout_s, progress)
-        name = choose_transport(endpoint, self.node_id, self.prefer)
+        is_gpu = src.flat.device.type == "cuda"
+        name = choose_transport(endpoint, self.node_id, self.prefer, device_uuid(src.flat.device) if is_gpu else None)
         if name == "shm" and self.prefer == "auto" and endpoint.tcp_address and not self._can_map(endpoint):
             name = "tcp"
-        return (self.shm if name == "shm" else self.tcp).send(endpoint, spec, src, timeout_s, progress)
+        return self.sender(name).send(endpoint, spec, src, timeout_s, progress)
+
+    def sender(self, name: str) -> KVSender:
+        with self._lock:
+            if name not in self.senders:
+                self.senders[name] = _new_sender(name, self.model_id, self.max_pairs)
+            return self.senders[name]
 
     def close(self) -> None:
-        self.shm.close()
-        self.tcp.close()
-        if self.cuda_ipc is not None:
-            self.cuda_ipc.close()
+        with self._lock:
+            senders = list(self.senders.values())
+        for sender in senders:
+            sender.close()
 
     def _can_map(self, endpoint: KVEndpoint) -> bool:
         if endpoint.cache_id in self._unmappable:
             return False
-        if self.shm.can_map(endpoint):
+        shm = self.sender("shm")
+        assert isinstance(shm, SharedMemorySender)
+        if shm.can_map(endpoint):
             return True
         self._unmappable.add(endpoint.cache_id)
         return False
 
 
-def make_sender(transport: str, model_id: str, node_id: str) -> KVSender:
-    """The prefill side's sender: `transport` "auto" (shm on the same node, else tcp), "shm" or "tcp"."""
-    return AutoSender(model_id, node_id, transport)
+def _new_sender(name: str, model_id: str, max_pairs: int) -> KVSender:
+    if name == "shm":
+        return SharedMemorySender(model_id)
+    if name == "tcp":
+        return TcpSender(model_id)
+    if name == "cuda_ipc":
+        return CudaIpcSender(model_id)
+    if name == "gloo":
+        return P2PSender(model_id, GlooBackend(), max_pairs)
+    assert name == "nccl", name
+    from pdserve.transfer.nccl import NcclBackend
+
+    return P2PSender(model_id, NcclBackend(), max_pairs)
+
+
+def make_sender(transport: str, model_id: str, node_id: str, max_pairs: int = DEFAULT_MAX_PAIRS) -> KVSender:
+    """The prefill side's sender: "auto" picks per destination (same GPU: CUDA IPC, other GPUs: NCCL; same
+    node: shared memory, other nodes: TCP); any transport name forces that one."""
+    return AutoSender(model_id, node_id, transport, max_pairs)
 
 
 class _Receivers(KVReceiver):
-    """One cache served over shared memory and TCP: one endpoint listing both."""
+    """One cache served over several transports: one endpoint listing them all (they share its cache id)."""
 
-    def __init__(self, shm: SharedMemoryReceiver, tcp: TcpReceiver) -> None:
-        self.shm, self.tcp = shm, tcp
-        self.endpoint = replace(tcp.endpoint, shm_path=shm.endpoint.shm_path)
+    def __init__(self, *receivers: KVReceiver) -> None:
+        self.receivers = receivers
+        served = {
+            f.name: getattr(r.endpoint, f.name)
+            for r in receivers
+            for f in fields(KVEndpoint)
+            if f.name in _ADDRESSES and getattr(r.endpoint, f.name) is not None
+        }
+        self.endpoint = replace(receivers[0].endpoint, **served)
 
     def close(self) -> None:
-        self.tcp.close()
-        self.shm.close()
+        for receiver in self.receivers:
+            receiver.close()
+
+
+_ADDRESSES = ("shm_path", "tcp_address", "cuda_ipc", "p2p_address", "p2p_backend")
 
 
 def make_receiver(
@@ -88,19 +127,46 @@ def make_receiver(
     host: str = "127.0.0.1",
     port: int = 0,
     advertise_host: str | None = None,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
 ) -> KVReceiver:
-    """The decode side's receiver: "shm" publishes the shared cache only; "tcp" listens on `host:port`; "auto"
-    does both when `kv` is in shared memory, else TCP only. Peers on other nodes reach the listener at
-    `advertise_host` (needed when `host` binds every interface). ValueError on a configuration that cannot work."""
-    if kv.flat.device.type == "cuda":
-        if transport != "auto":
-            raise ValueError(f"a KV cache on a GPU is served over CUDA IPC (transport auto), not {transport}")
-        return CudaIpcReceiver(kv, node_id, model_id)
+    """The decode side's receiver. A cache on a GPU: "auto" serves CUDA IPC (same-GPU peers) and NCCL (the rest;
+    when cupy is installed), "cuda_ipc" or "nccl" only that one. In host memory: "auto" serves shared memory (when
+    `kv` is shared) and TCP, "shm", "tcp" or "gloo" only that one. Listeners bind `host:port`; peers on other
+    nodes reach them at `advertise_host` (needed when `host` binds every interface). ValueError on a
+    configuration that cannot work."""
+    if transport not in ("auto", *TRANSPORTS):
+        raise ValueError(f"KV transport must be one of auto, {', '.join(TRANSPORTS)}, not {transport!r}")
+    is_gpu = kv.flat.device.type == "cuda"
+    if (transport in GPU_TRANSPORTS) != is_gpu and transport != "auto":
+        where = "a GPU" if is_gpu else "host memory"
+        raise ValueError(f"the {transport} KV transport cannot serve a KV cache in {where}")
+    listen = {"host": host, "port": port, "node_id": node_id, "model_id": model_id, "advertise_host": advertise_host}
+    if is_gpu:
+        ipc = CudaIpcReceiver(kv, node_id, model_id) if transport in ("auto", "cuda_ipc") else None
+        if transport == "cuda_ipc" or (transport == "auto" and not _has_nccl()):
+            assert ipc is not None
+            return ipc
+        from pdserve.transfer.nccl import NcclBackend
+
+        cache_id = ipc.endpoint.cache_id if ipc is not None else None
+        nccl = P2PReceiver(kv, NcclBackend(), **listen, max_pairs=max_pairs, cache_id=cache_id)  # type: ignore[arg-type]
+        return nccl if ipc is None else _Receivers(ipc, nccl)
     if transport == "shm":
         return SharedMemoryReceiver(kv, node_id, model_id)
-    if transport not in ("auto", "tcp"):
-        raise ValueError(f"KV transport must be one of auto, shm, tcp, not {transport!r}")
-    tcp = TcpReceiver(kv, host, port, node_id=node_id, model_id=model_id, advertise_host=advertise_host)
+    if transport == "gloo":
+        return P2PReceiver(kv, GlooBackend(), **listen, max_pairs=max_pairs)  # type: ignore[arg-type]
+    tcp = TcpReceiver(kv, **listen)  # type: ignore[arg-type]
     if transport == "auto" and kv.is_shared:
         return _Receivers(SharedMemoryReceiver(kv, node_id, model_id), tcp)
     return tcp
+
+
+def _has_nccl() -> bool:
+    try:
+        from pdserve.transfer.nccl import NcclBackend
+
+        NcclBackend()
+    except ImportError:
+        logger.warning("cupy with NCCL is not installed: this GPU KV cache is reachable over CUDA IPC only")
+        return False
+    return True

@@ -263,6 +263,18 @@ class LayerProgress:
                 self._changed.wait(deadline.remaining_s(f"layer {layer} was computed"))
 
 
+def layer_chunks(num_layers: int, per_chunk: int) -> list[tuple[int, int]]:
+    """[start, end) of consecutive groups of `per_chunk` layers (the last may be shorter)."""
+    return [(i, min(i + per_chunk, num_layers)) for i in range(0, num_layers, per_chunk)]
+
+
+def planes(kv: KVCache) -> torch.Tensor:
+    """Every layer's K and V as one `[layers, 2, blocks, block elements]` view: block sets of any layers move with
+    one gather (index_select on dim 2) and one scatter."""
+    layout = kv.layout
+    return kv.flat.view(layout.num_layers, 2, layout.num_blocks, -1)
+
+
 def paired_runs(src_ids: Sequence[int], dst_ids: Sequence[int]) -> list[tuple[int, int, int]]:
     """(src_start, dst_start, length) of maximal runs consecutive on both sides: one copy per run."""
     out: list[tuple[int, int, int]] = []

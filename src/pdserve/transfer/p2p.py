@@ -63,7 +63,9 @@ from pdserve.transfer.base import (
     TransferSpec,
     TransferStats,
     check_compatible,
+    layer_chunks,
     layout_spec,
+    planes,
 )
 
 logger = logging.getLogger(__name__)
@@ -143,16 +145,6 @@ class PairCounters:
     built: int = 0
     closed_idle: int = 0  # closed by the LRU bound (or by the peer going away)
     aborted: int = 0  # cut by a failure or deadline
-
-
-def _chunks(num_layers: int, per_message: int) -> list[tuple[int, int]]:
-    return [(i, min(i + per_message, num_layers)) for i in range(0, num_layers, per_message)]
-
-
-def _planes(kv: KVCache) -> torch.Tensor:
-    """Every layer's K and V as `[layers, 2, blocks, block elements]` (a view)."""
-    layout = kv.layout
-    return kv.flat.view(layout.num_layers, 2, layout.num_blocks, -1)
 
 
 def _check_device(kv: KVCache, backend: Backend) -> None:
@@ -254,16 +246,16 @@ class P2PReceiver(KVReceiver):
             peer.is_busy = True
             self._peers.move_to_end(peer.conn)
         comm, layout = peer.comm, self.kv.layout
-        chunks = _chunks(layout.num_layers, per_message)
+        chunks = layer_chunks(layout.num_layers, per_message)
         device = self.kv.flat.device
         with comm.stream():
             index = torch.tensor(ids, dtype=torch.long, device=device)
             buffer = torch.empty(
-                (layout.num_layers, 2, len(ids), _planes(self.kv).shape[-1]), dtype=layout.dtype, device=device
+                (layout.num_layers, 2, len(ids), planes(self.kv).shape[-1]), dtype=layout.dtype, device=device
             )
         posted = [comm.recv(buffer[a:b]) for a, b in chunks]
         wire.send_reply(peer.conn, "")
-        dst = _planes(self.kv)
+        dst = planes(self.kv)
         for (a, b), pending in zip(chunks, posted, strict=True):
             pending.wait(deadline, f"layers {a}-{b - 1} of epoch {epoch} arrived")
             with comm.stream():
@@ -502,12 +494,14 @@ def _push(
     if is_ok is not True:
         raise _Refused(f"the decode replica refused it: {is_ok}")
     device = src.flat.device
-    planes = _planes(src)
+    src_planes = planes(src)
     with comm.stream():
         index = torch.tensor(list(spec.src_block_ids), dtype=torch.long, device=device)
-        buffer = torch.empty((layout.num_layers, 2, len(index), planes.shape[-1]), dtype=layout.dtype, device=device)
+        buffer = torch.empty(
+            (layout.num_layers, 2, len(index), src_planes.shape[-1]), dtype=layout.dtype, device=device
+        )
     posted, layer_s = [], []
-    for a, b in _chunks(layout.num_layers, per_message):
+    for a, b in layer_chunks(layout.num_layers, per_message):
         if progress is not None:
             progress.wait_layer(b - 1, deadline)
             comm.wait_for(progress.event(b - 1))
@@ -515,10 +509,10 @@ def _push(
             comm.wait_for(None)  # the prefill's kernels first
         ready = time.perf_counter()
         with comm.stream():
-            torch.index_select(planes[a:b], 2, index, out=buffer[a:b])
+            torch.index_select(src_planes[a:b], 2, index, out=buffer[a:b])
         posted.append(comm.send(buffer[a:b]))
         layer_s.append(time.perf_counter() - ready)
-    for (a, b), pending in zip(_chunks(layout.num_layers, per_message), posted, strict=True):
+    for (a, b), pending in zip(layer_chunks(layout.num_layers, per_message), posted, strict=True):
         pending.wait(deadline, f"layers {a}-{b - 1} were sent")
     wire.expect_ok(conn, deadline, "the acknowledgement")
     return tuple(layer_s)
