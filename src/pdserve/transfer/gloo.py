@@ -62,10 +62,17 @@ class _GlooCommunicator(Communicator):
         return cls(group, store, rank)
 
     def send(self, tensor: torch.Tensor) -> Pending:
-        return _GlooWork(self._group.send([tensor], self._peer, 0), tensor)
+        return self._post("send", tensor)
 
     def recv(self, tensor: torch.Tensor) -> Pending:
-        return _GlooWork(self._group.recv([tensor], self._peer, 0), tensor)
+        return self._post("recv", tensor)
+
+    def _post(self, op: str, tensor: torch.Tensor) -> Pending:
+        try:
+            work = getattr(self._group, op)([tensor], self._peer, 0)
+        except RuntimeError as e:  # the pair is already broken (the peer closed it)
+            raise TransferError(f"gloo {op}: {e}") from e
+        return _GlooWork(work, tensor)
 
     def abort(self) -> None:
         self._group.abort()  # closes its connections: the peer's pending operations fail at once

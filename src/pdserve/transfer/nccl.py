@@ -109,12 +109,19 @@ class NcclCommunicator(Communicator):
         )
 
     def send(self, tensor: torch.Tensor) -> Pending:
-        self._comm.send(tensor.data_ptr(), _nbytes(tensor), self._nccl.NCCL_UINT8, self._peer, self.stream_handle)
-        return self._pending(tensor)
+        return self._post(self._comm.send, tensor)
 
     def recv(self, tensor: torch.Tensor) -> Pending:
-        self._comm.recv(tensor.data_ptr(), _nbytes(tensor), self._nccl.NCCL_UINT8, self._peer, self.stream_handle)
-        return self._pending(tensor)
+        return self._post(self._comm.recv, tensor)
+
+    def _post(self, op: Any, tensor: torch.Tensor) -> Pending:
+        try:
+            op(tensor.data_ptr(), _nbytes(tensor), self._nccl.NCCL_UINT8, self._peer, self.stream_handle)
+        except self._nccl.NcclError as e:
+            raise TransferError(f"NCCL: {e}") from e
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        return _NcclPending(self, event, tensor)
 
     def stream(self) -> torch.cuda.StreamContext:
         return torch.cuda.stream(self._stream)
@@ -140,11 +147,6 @@ class NcclCommunicator(Communicator):
 
     def close(self) -> None:
         self._comm.destroy()
-
-    def _pending(self, tensor: torch.Tensor) -> Pending:
-        event = torch.cuda.Event()
-        event.record(self._stream)
-        return _NcclPending(self, event, tensor)
 
 
 class _NcclPending(Pending):

@@ -1,0 +1,290 @@
+"""The point-to-point KV transport (2-rank communicator per pair) over gloo, its CPU backend: the same protocol,
+pooling, deadlines and aborts that NCCL runs on GPUs (tests/gpu has the NCCL side). Real communicators between
+real processes or threads; nothing is mocked."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import pytest
+import torch
+
+from kv_peer import kv_peer
+from pdserve.kvcache import KVCache, KVLayout
+from pdserve.transfer import (
+    KVEndpoint,
+    LayerProgress,
+    TransferError,
+    TransferSpec,
+    layout_spec,
+    make_receiver,
+    make_sender,
+    wire,
+)
+from pdserve.transfer.gloo import GlooBackend
+from pdserve.transfer.p2p import MAGIC, P2PReceiver, P2PSender
+
+LAYOUT = KVLayout(num_layers=3, num_blocks=16, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16)
+
+
+def random_cache(seed: int = 0, layout: KVLayout = LAYOUT) -> KVCache:
+    kv = KVCache(layout)
+    kv.flat.copy_(torch.randn(kv.flat.shape, generator=torch.Generator().manual_seed(seed)).to(layout.dtype))
+    return kv
+
+
+def assert_moved(src: KVCache, dst: KVCache, spec: TransferSpec) -> None:
+    """Every layer's K and V of the spec's blocks arrived exactly and carry the epoch."""
+    s, d = list(spec.src_block_ids), list(spec.dst_block_ids)
+    for layer in range(src.layout.num_layers):
+        assert torch.equal(dst.k[layer][d], src.k[layer][s]) and torch.equal(dst.v[layer][d], src.v[layer][s])
+    assert dst.block_epochs[d].tolist() == [spec.epoch] * len(d)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.01)
+
+
+@pytest.fixture()
+def receivers() -> Iterator[Callable[..., P2PReceiver]]:
+    """Makes gloo receivers in this process (each with its own cache); closes them all at the end."""
+    made: list[P2PReceiver] = []
+
+    def make(max_pairs: int = 8, model_id: str = "m", layout: KVLayout = LAYOUT) -> P2PReceiver:
+        rx = P2PReceiver(KVCache(layout), GlooBackend(), node_id="node-b", model_id=model_id, max_pairs=max_pairs)
+        made.append(rx)
+        return rx
+
+    yield make
+    for rx in made:
+        rx.close()
+
+
+def test_blocks_move_exactly_between_processes() -> None:
+    """A receiver in another process (its cache in shared memory, so the test can read it): the rendezvous, the
+    communicator and the transfer are real; a second transfer reuses the pair."""
+    src = random_cache()
+    with kv_peer(LAYOUT, f"/dev/shm/pdserve-test-{uuid.uuid4().hex}", transport="gloo") as endpoint:
+        assert endpoint.transports == ("shm", "gloo")  # shm_path only so the test can look
+        dst = KVCache.open_shared(endpoint.layout(), str(endpoint.shm_path))
+        sender = make_sender("gloo", "m", "node-a")
+        first = TransferSpec(3, [1, 2, 3, 9], [5, 6, 7, 12], "r1")  # a run and a straggler
+        stats = sender.send(endpoint, first, src, timeout_s=30)
+        assert stats.transport == "gloo" and stats.num_bytes == 4 * LAYOUT.bytes_per_block
+        assert_moved(src, dst, first)
+        second = TransferSpec(4, [0, 15], [0, 15], "r2")
+        sender.send(endpoint, second, src, timeout_s=30)
+        assert_moved(src, dst, second)
+        assert_moved(src, dst, first)
+        p2p = sender.sender("gloo")  # type: ignore[attr-defined]
+        assert isinstance(p2p, P2PSender) and p2p.counters.built == 1 and p2p.num_pairs == 1
+        sender.close()
+
+
+def test_incompatible_peers_are_refused_before_any_communicator_is_built(receivers) -> None:  # type: ignore[no-untyped-def]
+    rx = receivers()
+    src = random_cache()
+    spec = TransferSpec(1, [0], [0], "r")
+    for model_id, endpoint, why in (
+        # Same shapes, other weights; the endpoint claims them too, so only the receiver can tell.
+        ("other", replace(rx.endpoint, spec=layout_spec(LAYOUT, "other")), "model_id: other != m"),
+        ("m", replace(rx.endpoint, cache_id="stale"), "not stale"),  # the endpoint of a cache that is gone
+    ):
+        with pytest.raises(TransferError, match=f"refused a KV sender|refused it: .*{why}"):
+            P2PSender(model_id, GlooBackend()).send(endpoint, spec, src, 10)
+    # A sender checks the layout itself too, before connecting.
+    other = KVLayout(3, 16, 8, 2, 8, torch.bfloat16)
+    with pytest.raises(TransferError, match="block_size: 8 != 4"):
+        P2PSender("m", GlooBackend()).send(rx.endpoint, spec, random_cache(layout=other), 10)
+    # The wrong backend (an NCCL sender reaching a gloo receiver) and a non-P2P peer are refused in the handshake.
+    address = wire.split_address(str(rx.endpoint.p2p_address))
+    for magic, backend in ((MAGIC, "nccl"), (wire.MAGIC, "gloo")):
+        with socket.create_connection(address, timeout=5) as conn:
+            conn.sendall(wire.hello(rx.cache_id, rx.spec, magic, backend=backend))
+            if magic == MAGIC:
+                problem = wire.read_reply(conn, wire.Deadline(5), "the handshake")
+                assert problem == "mismatched backend: 'nccl' != 'gloo'"
+            else:
+                with contextlib.suppress(ConnectionResetError):
+                    assert conn.recv(64) == b""  # not our protocol: hung up on
+    assert rx.counters.built == 0 and rx.num_pairs == 0
+    assert rx.kv.block_epochs.sum() == 0 and rx.kv.flat.abs().sum() == 0
+
+
+def test_the_receiver_refuses_bad_transfers_and_keeps_the_pair(receivers) -> None:  # type: ignore[no-untyped-def]
+    """Ids out of range reach the receiver only from a lying sender; it refuses before posting a receive, and the
+    pair stays usable."""
+    rx = receivers()
+    src = random_cache()
+    sender = P2PSender("m", GlooBackend())
+    sender.send(rx.endpoint, TransferSpec(1, [0], [0], "warm"), src, 10)
+    lying = replace(rx.endpoint, num_blocks=64)  # claims more blocks than it has
+    with pytest.raises(TransferError, match=r"refused it: destination block ids must be distinct, in \[0, 16\)"):
+        sender.send(lying, TransferSpec(2, [1], [40], "r"), src, 10)
+    spec = TransferSpec(3, [2], [3], "after")
+    sender.send(rx.endpoint, spec, src, 10)
+    assert_moved(src, rx.kv, spec)
+    assert sender.counters.built == 1 and rx.counters.built == 1 and rx.kv.block_epochs[40 % 16] == 0
+
+
+def test_pairs_are_bounded_and_evicted_lru_on_the_sending_side(receivers) -> None:  # type: ignore[no-untyped-def]
+    rxs = [receivers() for _ in range(3)]
+    src = random_cache()
+    sender = P2PSender("m", GlooBackend(), max_pairs=2)
+    for i, rx in enumerate(rxs):
+        sender.send(rx.endpoint, TransferSpec(10 + i, [i], [i], f"r{i}"), src, 10)
+    # Three destinations, room for two pairs: the least recently used (the first) was closed on both sides.
+    assert sender.num_pairs == 2 and sender.counters.built == 3 and sender.counters.closed_idle == 1
+    wait_until(lambda: rxs[0].num_pairs == 0)
+    assert [rx.num_pairs for rx in rxs] == [0, 1, 1] and rxs[0].counters.closed_idle == 1
+    # Using the second makes the third the least recent: sending to the first again evicts the third.
+    sender.send(rxs[1].endpoint, TransferSpec(20, [4], [4], "again"), src, 10)
+    spec = TransferSpec(21, [5], [5], "back")
+    sender.send(rxs[0].endpoint, spec, src, 10)
+    assert_moved(src, rxs[0].kv, spec)
+    wait_until(lambda: rxs[2].num_pairs == 0)
+    assert [rx.num_pairs for rx in rxs] == [1, 1, 0] and sender.counters.built == 4
+    sender.close()
+    wait_until(lambda: sum(rx.num_pairs for rx in rxs) == 0)
+
+
+def test_the_receiver_bounds_its_pairs_and_senders_rebuild(receivers) -> None:  # type: ignore[no-untyped-def]
+    """A receiver over its bound closes its least recently used idle pair; that sender finds the control
+    connection closed before its next transfer moves anything and rebuilds the pair, transparently."""
+    rx = receivers(max_pairs=1)
+    src = random_cache()
+    a, b = P2PSender("m", GlooBackend()), P2PSender("m", GlooBackend())
+    a.send(rx.endpoint, TransferSpec(1, [0], [0], "a1"), src, 10)
+    b.send(rx.endpoint, TransferSpec(2, [1], [1], "b1"), src, 10)
+    wait_until(lambda: rx.num_pairs == 1 and rx.counters.closed_idle == 1)
+    spec = TransferSpec(3, [2, 3], [2, 3], "a2")
+    a.send(rx.endpoint, spec, src, 10)
+    assert_moved(src, rx.kv, spec)
+    assert a.counters.built == 2 and a.counters.closed_idle == 1 and a.counters.aborted == 0
+    assert rx.counters.built == 3
+
+
+def test_deadline_aborts_the_pair_leaves_blocks_unstamped_and_the_next_transfer_rebuilds(receivers) -> None:  # type: ignore[no-untyped-def]
+    """The prefill stalls after layer 0: the sender hits its deadline mid-transfer and aborts its communicator;
+    the receiver, waiting for layer 1, hits the same deadline and aborts too; no destination block is stamped.
+    The next transfer builds a new pair and arrives exactly."""
+    rx = receivers()
+    src = random_cache()
+    sender = P2PSender("m", GlooBackend())
+    sender.send(rx.endpoint, TransferSpec(1, [0], [0], "warm"), src, 10)
+    progress = LayerProgress()
+    progress.layer_done(0, [1, 2])
+    start = time.monotonic()
+    with pytest.raises(TransferError, match="deadline"):
+        sender.send(rx.endpoint, TransferSpec(2, [1, 2], [8, 9], "stalled"), src, 0.5, progress)
+    assert time.monotonic() - start < 1.5
+    assert sender.counters.aborted == 1 and sender.num_pairs == 0
+    wait_until(lambda: rx.counters.aborted == 1 and rx.num_pairs == 0)
+    assert rx.kv.block_epochs[[8, 9]].tolist() == [0, 0]  # layer 0 may have landed; never committed
+    spec = TransferSpec(3, [1, 2], [8, 9], "retry")
+    sender.send(rx.endpoint, spec, src, 10)
+    assert_moved(src, rx.kv, spec)
+    assert sender.counters.built == 2 and rx.counters.built == 2
+
+
+def test_a_receiver_that_goes_away_mid_transfer_fails_the_send_cleanly() -> None:
+    """The decode process shuts down after layer 0 arrived: once the prefill produces the next layers, the send
+    fails well before its deadline (the communicator's connection is gone) and the pair is dropped."""
+    src = random_cache()
+    sender = P2PSender("m", GlooBackend())
+    progress = LayerProgress()
+    errors: list[BaseException] = []
+    with kv_peer(LAYOUT, f"/dev/shm/pdserve-test-{uuid.uuid4().hex}", transport="gloo") as endpoint:
+        sender.send(endpoint, TransferSpec(1, [0], [0], "warm"), src, 30)
+
+        def push() -> None:
+            try:
+                sender.send(endpoint, TransferSpec(2, [0], [1], "cut"), src, 30, progress)
+            except TransferError as e:
+                errors.append(e)
+
+        thread = threading.Thread(target=push)
+        thread.start()
+        progress.layer_done(0, [0])
+        time.sleep(0.3)
+    start = time.monotonic()  # the peer process has exited
+    for layer in range(1, LAYOUT.num_layers):
+        progress.layer_done(layer, [0])
+    thread.join(timeout=20)
+    assert not thread.is_alive() and len(errors) == 1 and time.monotonic() - start < 10
+    assert sender.counters.aborted == 1
+
+
+def test_layer_pipelined_push_sends_each_layer_as_it_is_computed(receivers) -> None:  # type: ignore[no-untyped-def]
+    rx = receivers()
+    src = random_cache(seed=5)
+    sender = P2PSender("m", GlooBackend())
+    spec = TransferSpec(epoch=9, src_block_ids=[3, 4, 5], dst_block_ids=[10, 1, 2], transfer_id="pipe")
+    progress, done = LayerProgress(), threading.Event()
+    result: list[object] = []
+
+    def send() -> None:
+        result.append(sender.send(rx.endpoint, spec, src, 10, progress))
+        done.set()
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    for layer in range(LAYOUT.num_layers):
+        time.sleep(0.05)
+        assert not done.is_set() and rx.kv.block_epochs[10] != 9  # waiting for this layer
+        progress.layer_done(layer, [3, 4, 5])
+    thread.join(timeout=10)
+    assert_moved(src, rx.kv, spec)
+    assert len(result[0].layer_seconds) == LAYOUT.num_layers  # type: ignore[attr-defined]
+
+
+def test_concurrent_transfers_share_a_pair_one_at_a_time(receivers) -> None:  # type: ignore[no-untyped-def]
+    rx = receivers()
+    src = random_cache(seed=2)
+    sender = P2PSender("m", GlooBackend())
+    specs = [TransferSpec(30 + i, [i], [i], f"c{i}") for i in range(8)]
+    errors: list[BaseException] = []
+
+    def push(spec: TransferSpec) -> None:
+        try:
+            sender.send(rx.endpoint, spec, src, 20)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=push, args=(s,)) for s in specs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors
+    for spec in specs:
+        assert_moved(src, rx.kv, spec)
+    assert sender.counters.built == 1
+
+
+def test_make_receiver_serves_gloo_and_refuses_gpu_transports_for_host_memory() -> None:
+    kv = KVCache(LAYOUT)
+    rx = make_receiver("gloo", kv, "m", "node-a", host="0.0.0.0", advertise_host="10.1.2.3")
+    assert rx.endpoint.transports == ("gloo",) and str(rx.endpoint.p2p_address).startswith("10.1.2.3:")
+    rx.close()
+    with pytest.raises(ValueError, match="advertise_host"):
+        make_receiver("gloo", kv, "m", "node-a", host="0.0.0.0")
+
+
+def test_a_gloo_endpoint_unreachable_fails_within_the_deadline() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as hung:  # accepts into its backlog, never answers
+        address = f"127.0.0.1:{hung.getsockname()[1]}"
+        endpoint = KVEndpoint("node-b", layout_spec(LAYOUT, "m"), 16, "id", p2p_address=address, p2p_backend="gloo")
+        start = time.monotonic()
+        with pytest.raises(TransferError, match=r"deadline|timed out"):
+            P2PSender("m", GlooBackend()).send(endpoint, TransferSpec(1, [0], [0], "r"), random_cache(), 1)
+        assert time.monotonic() - start < 2
