@@ -257,7 +257,7 @@ def test_concurrent_transfers_share_a_pair_one_at_a_time(receivers) -> None:  # 
     def push(spec: TransferSpec) -> None:
         try:
             sender.send(rx.endpoint, spec, src, 20)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=push, args=(s,)) for s in specs]
