@@ -139,6 +139,42 @@ def test_delta_transfer_moves_fewer_blocks_and_stays_exact(apps, reference, toke
     assert sent_second == -(-len(second) // 16) - len(shared) // 16 < sent_first
 
 
+@pytest.fixture(scope="module")
+def gloo_app(apps, smollm2_dir: Path) -> Iterator[Served]:  # type: ignore[no-untyped-def]
+    """A third app on the same cluster whose KV moves over the P2P transport's CPU backend (gloo: NCCL's protocol,
+    communicator pairs and all), pushed layer by layer while the prompt computes."""
+    from ray import serve
+
+    from pdserve.serve.app import build_app
+    from pdserve.serve.config import ServeConfig
+
+    config = ServeConfig(
+        model=str(smollm2_dir),
+        dtype="float32",
+        served_model_name="smollm2",
+        num_kv_blocks=512,
+        kv_transport="gloo",
+        kv_pipelined_push=True,
+        router={"local_prefill_max_tokens": 0},
+    )
+    serve.run(build_app(config), name="gloo", route_prefix="/gloo")
+    yield Served(apps[0].base_url.removesuffix("/v1") + "/gloo/v1")
+    serve.delete("gloo")
+
+
+def test_kv_over_gloo_pairs_layer_pipelined_is_exact(gloo_app, reference, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    shared = tokenizer(SYSTEM)["input_ids"]
+    prompts = [shared + p for p in random_prompts([5, 40], 49152, seed=35, low=100)]
+    prompts += random_prompts([1, 150], 49152, seed=36, low=100)
+    for prompt in prompts:  # the second one hits the decode replica's cached prefix: a delta transfer
+        assert complete_ids(gloo_app, prompt) == ref_text(reference, tokenizer, prompt)
+    metrics = gloo_app.metrics()
+    sent = sum(metrics.get("pdserve_kv_transfer_blocks_total", {}).values())
+    blocks = [-(-len(p) // 16) for p in prompts]
+    assert sent == sum(blocks) - len(shared) // 16
+    assert gloo_app.wait_blocks_used(0) == 0
+
+
 def test_client_disconnect_and_aborted_burst_free_every_block(apps) -> None:  # type: ignore[no-untyped-def]
     disagg, colocated = apps
     prompt = random_prompts([200], 49152, seed=34, low=100)[0]

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     serve_cmd.add_argument("--num-engines", type=int, default=1, help="replicas in colocated mode")
     serve_cmd.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     serve_cmd.add_argument("--max-model-len", type=int, default=None)
-    serve_cmd.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "tcp"])
+    serve_cmd.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "tcp", "gloo", "nccl", "cuda_ipc"])
     serve_cmd.add_argument(
         "--routing-policy", default="cache_aware", choices=["cache_aware", "pow2"], help="see docs/ROUTER.md"
     )

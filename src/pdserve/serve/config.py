@@ -70,13 +70,18 @@ class ServeConfig(BaseModel):
     ingress: PoolConfig = Field(default_factory=PoolConfig)
     router: RouterSettings = Field(default_factory=RouterSettings)
 
-    kv_transport: Literal["auto", "shm", "tcp"] = "auto"  # auto: shared memory on one node, TCP across nodes
+    # auto picks per pair by topology: GPU KV over CUDA IPC to the same GPU, NCCL to others; host KV over shared
+    # memory on one node, TCP across nodes. gloo: NCCL's protocol over host memory (the CPU twin; tests, CPUs).
+    kv_transport: Literal["auto", "shm", "tcp", "gloo", "nccl", "cuda_ipc"] = "auto"
+    # Communicator pairs (NCCL/gloo) each side keeps at most; the least recently used idle one is closed beyond it
+    # (an NCCL communicator holds ~50-100 MB of GPU memory).
+    kv_max_pairs: int = Field(8, ge=1)
     # Where decode replicas listen for TCP KV transfers: 127.0.0.1 keeps them on one node; 0.0.0.0 for prefill and
     # decode on different nodes (the connection is not authenticated: keep it inside the cluster's network).
     kv_host: str = "127.0.0.1"
     kv_transfer_timeout_s: float = Field(30.0, gt=0)
-    # Send layer i while layer i+1 computes (CPU engines), instead of after the prompt. Off by default: on the
-    # 2-core dev CPU the sender thread slows the prefill by more than the transfer it hides
+    # Send layer i while layer i+1 computes (on GPU after that layer's CUDA event), instead of after the prompt.
+    # Off by default: on the 2-core dev CPU the sender thread slows the prefill by more than the transfer it hides
     # (benchmarks/kv_pipeline.py); it pays where cores are spare and the link is slow.
     kv_pipelined_push: bool = False
     reservation_lease_s: float = Field(60.0, gt=0)  # a reservation never committed is freed after this

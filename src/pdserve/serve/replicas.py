@@ -58,7 +58,7 @@ class _EngineReplica:
         configure_tracing(self.role, config.tracing_env)
         self.node_id = ray.get_runtime_context().get_node_id()
         engine_config = config.engine_config(model_path)
-        if shared_kv and config.device == "cpu":  # GPU caches move over NCCL (its own issue), not host memory
+        if shared_kv and config.device == "cpu":  # GPU caches move over CUDA IPC or NCCL, not host memory
             path = os.path.join(_shm_dir(), f"pdserve-kv-{self.replica_id}-{os.getpid()}")
             engine_config = replace(engine_config, cache=replace(engine_config.cache, shared_path=path))
         self.llm = LLMEngine(engine_config)
@@ -146,17 +146,16 @@ class PrefillServer(_EngineReplica):
 
     def __init__(self, config: ServeConfig, model_path: str) -> None:
         super().__init__(config, model_path)
-        self.sender = make_sender(config.kv_transport, model_path, self.node_id)
-        # The engine's layer hook needs synchronous (CPU) compute; on GPU the push follows the prefill.
-        self.is_pipelined = config.kv_pipelined_push and config.device == "cpu"
+        self.sender = make_sender(config.kv_transport, model_path, self.node_id, config.kv_max_pairs)
+        self.is_pipelined = config.kv_pipelined_push
 
     async def prefill(
         self, request: EngineRequest, reservation: Reservation, target_replica_id: str | None = None
     ) -> PrefillResult:
         """Compute the prompt and push the blocks the decode replica lacks — layer by layer while the prompt
-        computes (layer-pipelined, CPU engines), else after it — then release ours (they stay cached)."""
+        computes (layer-pipelined), else after it — then release ours (they stay cached)."""
         with span_in(request.traceparent, names.SPAN_PREFILL, self._span_attributes(request)) as span:
-            progress = LayerProgress() if self.is_pipelined else None
+            progress = LayerProgress(self.llm.kv.flat.device) if self.is_pipelined else None
             transfer_span: Span | None = None  # begins when the push does: with the prompt, or after it
             push: asyncio.Future[TransferStats] | None = None
             if progress is not None:
@@ -242,11 +241,17 @@ class DecodeServer(_EngineReplica):
     role = "decode"
 
     def __init__(self, config: ServeConfig, model_path: str) -> None:
-        super().__init__(config, model_path, shared_kv=config.kv_transport != "tcp")
+        super().__init__(config, model_path, shared_kv=config.kv_transport in ("auto", "shm"))
         every_interface = config.kv_host in ("0.0.0.0", "::")
         advertise = ray.util.get_node_ip_address() if every_interface else None  # how other nodes reach us
         self.receiver = make_receiver(
-            config.kv_transport, self.llm.kv, model_path, self.node_id, config.kv_host, advertise_host=advertise
+            config.kv_transport,
+            self.llm.kv,
+            model_path,
+            self.node_id,
+            config.kv_host,
+            advertise_host=advertise,
+            max_pairs=config.kv_max_pairs,
         )
         self.endpoint: KVEndpoint = self.receiver.endpoint
         self._leases: dict[str, _Lease] = {}  # request_id -> an uncommitted reservation's deadline
