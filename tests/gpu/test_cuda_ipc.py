@@ -11,17 +11,18 @@ import pytest
 import torch
 
 from pdserve.kvcache import KVCache, KVLayout
-from pdserve.transfer import CudaIpcReceiver, CudaIpcSender, TransferError, TransferSpec
+from pdserve.transfer import AutoSender, CudaIpcSender, LayerProgress, TransferError, TransferSpec, make_receiver
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 # SmolLM2-135M's KV in bf16: 30 layers x 3 KV heads x 64 dims, blocks of 16 tokens.
 LAYOUT = KVLayout(num_layers=30, num_blocks=512, block_size=16, num_kv_heads=3, head_dim=64, dtype=torch.bfloat16)
 
 
-def _decode_replica(conn: Connection) -> None:
-    """A decode replica's side: a KV cache on the GPU, served over CUDA IPC; answers reads of its blocks."""
+def _decode_replica(conn: Connection, transport: str = "cuda_ipc") -> None:
+    """A decode replica's side: a KV cache on the GPU, served over CUDA IPC (and NCCL with "auto"); answers
+    reads of its blocks."""
     kv = KVCache(LAYOUT, device="cuda")
-    receiver = CudaIpcReceiver(kv, "node-a", "m")
+    receiver = make_receiver(transport, kv, "m", "node-a")
     conn.send(receiver.endpoint)
     while (message := conn.recv()) != "stop":
         block_ids = message
@@ -94,3 +95,41 @@ def _best_of(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def test_layer_pipelined_cuda_ipc_waits_for_each_layers_event() -> None:
+    """The prefill writes each layer with kernels still queued behind a GPU sleep when it reports the layer done:
+    the copy is exact only if the sender's stream waits for that layer's CUDA event. Through `make_receiver("auto")`
+    and `AutoSender`, which must pick CUDA IPC for a peer on the same GPU."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    peer = ctx.Process(target=_decode_replica, args=(child, "auto"), daemon=True)
+    peer.start()
+    try:
+        endpoint = parent.recv()
+        src, num = KVCache(LAYOUT, device="cuda"), 64
+        values = random_cache()
+        spec = TransferSpec(epoch=9, src_block_ids=list(range(num)), dst_block_ids=list(range(100, 100 + num)),
+                            transfer_id="pipelined")  # fmt: skip
+        progress = LayerProgress(torch.device("cuda"))
+        sender, result = AutoSender("m", "node-a"), []
+        thread = __import__("threading").Thread(
+            target=lambda: result.append(sender.send(endpoint, spec, src, 30, progress))
+        )
+        thread.start()
+        for layer in range(LAYOUT.num_layers):
+            torch.cuda._sleep(2_000_000)  # ~1 ms of GPU time before this layer's writes
+            src.k[layer][:num].copy_(values.k[layer][:num])
+            src.v[layer][:num].copy_(values.v[layer][:num])
+            progress.layer_done(layer, list(range(num)))  # queued, not done: the event carries the order
+        thread.join(timeout=60)
+        assert result and result[0].transport == "cuda_ipc" and len(result[0].layer_seconds) == LAYOUT.num_layers
+        assert endpoint.transports[-1] == "cuda_ipc"
+        parent.send(spec.dst_block_ids)
+        (k0, k29), epochs = parent.recv()
+        assert torch.equal(k0, values.k[0][:num].cpu()) and torch.equal(k29, values.k[29][:num].cpu())
+        assert epochs.tolist() == [9] * num
+        print(f"\nendpoint of a GPU cache via make_receiver('auto'): transports {endpoint.transports}")
+    finally:
+        parent.send("stop")
+        peer.join(timeout=30)
