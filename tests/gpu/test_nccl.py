@@ -7,7 +7,6 @@ Skipped without CUDA or without cupy (the `gpu` extra)."""
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import time
 from dataclasses import replace
@@ -38,9 +37,9 @@ def random_cache(seed: int = 0) -> KVCache:
 
 def test_unique_id_and_a_single_rank_loopback_move_blocks_exactly() -> None:
     backend = NcclBackend()
-    uid = json.loads(backend.root("127.0.0.1", torch.device("cuda")).unique_id)
-    assert len(uid) == nccl.NCCL_UNIQUE_ID_BYTES and any(uid)
-    comm = NcclCommunicator.build(backend.nccl, tuple(uid), 1, 0, torch.device("cuda", 0), timeout_s=60)
+    uid = bytes.fromhex(backend.root("127.0.0.1", torch.device("cuda")).unique_id)
+    assert len(uid) == 128 and any(uid)  # NCCL_UNIQUE_ID_BYTES
+    comm = NcclCommunicator.build(backend.nccl, uid, 1, 0, torch.device("cuda", 0), timeout_s=60)
     src, dst, num = random_cache(), KVCache(LAYOUT, device="cuda"), 128
     src_ids = torch.arange(num, device="cuda")
     dst_ids = torch.randperm(LAYOUT.num_blocks, generator=torch.Generator().manual_seed(1))[:num].cuda()

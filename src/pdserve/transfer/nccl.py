@@ -14,7 +14,6 @@ The unique id is NCCL's own (its bootstrap root listens in the decode replica, o
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from typing import Any
@@ -46,8 +45,8 @@ class NcclBackend(Backend):
 
     def join(self, unique_id: str, host: str, device: torch.device, timeout_s: float) -> Communicator:
         try:
-            uid = tuple(int(c) for c in json.loads(unique_id))
-        except (ValueError, TypeError) as e:
+            uid = bytes.fromhex(unique_id)
+        except ValueError as e:
             raise TransferError(f"malformed NCCL unique id: {e}") from e
         return NcclCommunicator.build(self.nccl, uid, 2, 1, device, timeout_s)
 
@@ -55,8 +54,8 @@ class NcclBackend(Backend):
 class _NcclRendezvous(Rendezvous):
     def __init__(self, nccl: Any, device: torch.device) -> None:
         self._nccl, self._device = nccl, device
-        self._uid = nccl.get_unique_id()
-        self.unique_id = json.dumps(list(self._uid))
+        self._uid = unique_id_bytes(nccl.get_unique_id())
+        self.unique_id = self._uid.hex()
 
     def connect(self, timeout_s: float) -> Communicator:
         return NcclCommunicator.build(self._nccl, self._uid, 2, 0, self._device, timeout_s)
@@ -73,7 +72,7 @@ class NcclCommunicator(Communicator):
 
     @classmethod
     def build(
-        cls, nccl: Any, uid: tuple[int, ...], num_ranks: int, rank: int, device: torch.device, timeout_s: float
+        cls, nccl: Any, uid: bytes, num_ranks: int, rank: int, device: torch.device, timeout_s: float
     ) -> NcclCommunicator:
         """Join communicator `uid` as `rank` of `num_ranks` on `device`; TransferError if it fails or every rank has
         not joined within `timeout_s`."""
@@ -86,7 +85,10 @@ class NcclCommunicator(Communicator):
 
             try:
                 with cupy.cuda.Device(index):
-                    comm = nccl.NcclCommunicator(num_ranks, uid, rank)
+                    try:
+                        comm = nccl.NcclCommunicator(num_ranks, uid, rank)
+                    except TypeError:  # cupy < 14 takes the id as a tuple of 128 signed chars
+                        comm = nccl.NcclCommunicator(num_ranks, tuple(b - 256 if b > 127 else b for b in uid), rank)
             except Exception as e:
                 result["error"] = e
             else:
@@ -162,6 +164,11 @@ class _NcclPending(Pending):
             time.sleep(pause)
             pause = min(2 * pause, _POLL_S[1])
         self._comm.check()
+
+
+def unique_id_bytes(uid: bytes | tuple[int, ...]) -> bytes:
+    """NCCL's 128-byte unique id as bytes (cupy 14 returns bytes, older versions a tuple of signed chars)."""
+    return uid if isinstance(uid, bytes) else bytes(c & 0xFF for c in uid)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
