@@ -1,7 +1,8 @@
 """Layer-pipelined KV push vs pushing after the prefill, same run: what the transfer adds after the prompt is computed.
 
 A real prefill engine (SmolLM2-135M, dtype auto) computes prompts of 512 / 2048 tokens as prefill-only requests;
-their blocks go to a receiver process's reserved blocks over shared memory and over TCP (loopback). "after": the
+their blocks go to a receiver process's reserved blocks over shared memory, TCP (loopback) and gloo communicator
+pairs (the NCCL transport's protocol on CPU). "after": the
 prompt computes, then `send`. "pipelined": a sender thread waits on the engine's per-layer reports and moves layer i
 while layer i+1 computes (the last layer's push overlaps its MLP, the LM head and sampling). Reported: prefill time,
 how long after the first token the KV lands on the decode side (what the transfer adds to TTFT), and both together;
@@ -30,6 +31,8 @@ from pdserve.engine.weights import resolve_dtype
 from pdserve.hub import resolve_model
 from pdserve.kvcache import KVLayout
 from pdserve.transfer import Deadline, KVEndpoint, KVSender, LayerProgress, SharedMemorySender, TcpSender, TransferSpec
+from pdserve.transfer.gloo import GlooBackend
+from pdserve.transfer.p2p import P2PSender
 
 PROMPT_TOKENS = (512, 2048)
 
@@ -92,14 +95,21 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     prompts = {n: torch.randint(100, 49000, (n,), generator=g).tolist() for n in PROMPT_TOKENS}
     rows = []
-    with kv_peer(remote, f"/dev/shm/pdserve-bench-{uuid.uuid4().hex}", model_id=path) as endpoint:
-        senders: dict[str, KVSender] = {"shm": SharedMemorySender(path), "tcp": TcpSender(path)}
-        for name, sender in senders.items():
+    with (
+        kv_peer(remote, f"/dev/shm/pdserve-bench-{uuid.uuid4().hex}", model_id=path) as endpoint,
+        kv_peer(remote, f"/dev/shm/pdserve-bench-{uuid.uuid4().hex}", model_id=path, transport="gloo") as gloo,
+    ):
+        senders: dict[str, tuple[KVSender, KVEndpoint]] = {
+            "shm": (SharedMemorySender(path), endpoint),
+            "tcp": (TcpSender(path), endpoint),
+            "gloo": (P2PSender(path, GlooBackend()), gloo),
+        }
+        for name, (sender, peer) in senders.items():
             for n, prompt in prompts.items():
                 times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
                 for r in range(args.repeats + 1):  # the first round warms up
                     for pipelined in (False, True):
-                        result = one(engine, sender, endpoint, prompt, pipelined, f"{name}-{n}-{r}-{pipelined}")
+                        result = one(engine, sender, peer, prompt, pipelined, f"{name}-{n}-{r}-{pipelined}")
                         if r:
                             times[pipelined].append(result)
                 rows.append((name, n, times))

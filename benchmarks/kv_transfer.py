@@ -2,8 +2,9 @@
 
 SmolLM2-135M's KV layout (30 layers, 3 KV heads, head_dim 64, blocks of 16 tokens). For prompts of 256 / 2048 /
 8192 tokens, the prompt's blocks move from this process's cache into reserved blocks of a receiver process's cache:
-over shared memory, then over TCP on loopback. The ceiling, measured in the same rounds, is an in-process copy of the
-same blocks, per layer K then V, into a preallocated buffer. Rounds interleave the three so that noise from other
+over shared memory, over TCP on loopback, and over a gloo communicator pair (the NCCL transport's protocol and
+code path, on CPU). The ceiling, measured in the same rounds, is an in-process copy of the
+same blocks, per layer K then V, into a preallocated buffer. Rounds interleave them all so that noise from other
 work on the machine hits them alike; the table shows the best round (and the median round in parentheses).
 With --scattered the destination blocks are a random sample of a pool 4x larger, in random order (a pool after
 churn): the transports then scatter with indexed copies, while the ceiling stays a contiguous copy.
@@ -27,6 +28,8 @@ sys.path.insert(0, "tests")
 from kv_peer import kv_peer
 from pdserve.kvcache import KVCache, KVLayout
 from pdserve.transfer import KVEndpoint, KVSender, SharedMemorySender, TcpSender, TransferSpec
+from pdserve.transfer.gloo import GlooBackend
+from pdserve.transfer.p2p import P2PSender
 
 PROMPT_TOKENS = (256, 2048, 8192)
 BLOCK_SIZE = 16
@@ -69,14 +72,17 @@ def transfer(sender: KVSender, endpoint: KVEndpoint, spec: TransferSpec, src: KV
     return lambda: sender.send(endpoint, spec, src, timeout_s=120)
 
 
-def row(tokens: int, src: KVCache, endpoint: KVEndpoint, senders: dict[str, KVSender], args: argparse.Namespace) -> str:
+Senders = dict[str, tuple[KVSender, KVEndpoint]]
+
+
+def row(tokens: int, src: KVCache, senders: Senders, args: argparse.Namespace) -> str:
     num_blocks = tokens // BLOCK_SIZE
     dst_ids = list(range(num_blocks))
     if args.scattered:  # after churn, the free blocks are anywhere in the pool, in any order
         pool = torch.randperm(src.layout.num_blocks, generator=torch.Generator().manual_seed(tokens))
         dst_ids = pool[:num_blocks].tolist()
     spec = TransferSpec(1, list(range(num_blocks)), dst_ids, "bench")
-    fns = {"ceiling": ceiling_copy(src, num_blocks)} | {n: transfer(s, endpoint, spec, src) for n, s in senders.items()}
+    fns = {"ceiling": ceiling_copy(src, num_blocks)} | {n: transfer(s, e, spec, src) for n, (s, e) in senders.items()}
     times = seconds_per_round(fns, args.repeats)
     num_bytes = num_blocks * src.layout.bytes_per_block
     best = {name: num_bytes / min(t) / 1e9 for name, t in times.items()}
@@ -105,13 +111,24 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(f"\nSmolLM2-135M KV layout, {args.dtype}, {order} destination blocks, {threads} torch threads")
     print(f"GB/s of the best of {args.repeats} rounds (median round)\n")
-    print("| prompt tokens | blocks | MB | memcpy ceiling GB/s | shm GB/s | shm / ceiling | tcp GB/s | tcp / ceiling |")
-    print("|---|---|---|---|---|---|---|---|")
-    with kv_peer(layout, f"/dev/shm/pdserve-bench-{uuid.uuid4().hex}") as endpoint:
-        senders: dict[str, KVSender] = {"shm": SharedMemorySender("m"), "tcp": TcpSender("m")}
+    names = ("shm", "tcp", "gloo")
+    print(
+        "| prompt tokens | blocks | MB | memcpy ceiling GB/s | "
+        + " | ".join(f"{n} GB/s | {n} / ceiling" for n in names)
+    )
+    print("|---" * (4 + 2 * len(names)) + "|")
+    with (
+        kv_peer(layout, f"/dev/shm/pdserve-bench-{uuid.uuid4().hex}") as endpoint,
+        kv_peer(layout, f"/dev/shm/pdserve-bench-{uuid.uuid4().hex}", transport="gloo") as gloo,
+    ):
+        senders: Senders = {
+            "shm": (SharedMemorySender("m"), endpoint),
+            "tcp": (TcpSender("m"), endpoint),
+            "gloo": (P2PSender("m", GlooBackend()), gloo),  # the NCCL transport's protocol, on CPU
+        }
         for tokens in PROMPT_TOKENS:
-            print(row(tokens, src, endpoint, senders, args), flush=True)
-        for sender in senders.values():
+            print(row(tokens, src, senders, args), flush=True)
+        for sender, _ in senders.values():
             sender.close()
 
 
