@@ -288,3 +288,15 @@ def test_a_gloo_endpoint_unreachable_fails_within_the_deadline() -> None:
         with pytest.raises(TransferError, match=r"deadline|timed out"):
             P2PSender("m", GlooBackend()).send(endpoint, TransferSpec(1, [0], [0], "r"), random_cache(), 1)
         assert time.monotonic() - start < 2
+
+
+def test_serve_config_refuses_a_transport_that_cannot_move_the_devices_kv() -> None:
+    from pydantic import ValidationError
+
+    from pdserve.serve.config import ServeConfig
+
+    with pytest.raises(ValidationError, match="kv_transport tcp cannot move KV on cuda: use auto, nccl, cuda_ipc"):
+        ServeConfig(model="m", device="cuda", kv_transport="tcp")
+    with pytest.raises(ValidationError, match="kv_transport nccl cannot move KV on cpu: use auto, shm, tcp, gloo"):
+        ServeConfig(model="m", kv_transport="nccl")
+    assert ServeConfig(model="m", device="cuda", kv_transport="nccl", kv_max_pairs=2).kv_max_pairs == 2

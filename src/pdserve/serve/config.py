@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.router import CostConfig
@@ -90,6 +90,15 @@ class ServeConfig(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+
+    @model_validator(mode="after")
+    def _transport_fits_the_device(self) -> ServeConfig:
+        is_gpu = self.device.startswith("cuda")
+        gpu_only, host_only = ("nccl", "cuda_ipc"), ("shm", "tcp", "gloo")
+        if (is_gpu and self.kv_transport in host_only) or (not is_gpu and self.kv_transport in gpu_only):
+            allowed = "auto, " + ", ".join(gpu_only if is_gpu else host_only)
+            raise ValueError(f"kv_transport {self.kv_transport} cannot move KV on {self.device}: use {allowed}")
+        return self
 
     def engine_config(self, model_path: str) -> EngineConfig:
         return EngineConfig(
