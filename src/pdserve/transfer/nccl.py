@@ -148,7 +148,8 @@ class NcclCommunicator(Communicator):
         self._comm.abort()
 
     def close(self) -> None:
-        self._comm.destroy()
+        # Abort, not destroy: nothing is pending, and ncclCommDestroy's finalize can wait on a peer that is gone.
+        self._comm.abort()
 
 
 class _NcclPending(Pending):
