@@ -74,10 +74,11 @@ class LLMEngine:
         """Queue a request. ValueError (nothing allocated) on an invalid request or a duplicate id.
         A prefill-only request may pass a `layer_sink`: during the step that completes its prompt, it is told after
         each layer (on the engine thread) that this layer's KV of all the prompt's blocks is written — so a
-        transfer can send layer i while layer i+1 computes. CPU tensors only (CUDA work is asynchronous)."""
+        transfer can send layer i while layer i+1 computes. On a GPU the layer's kernels are then queued, not done:
+        the sink records a CUDA event on the current stream for the transfer to wait on (`LayerProgress` does)."""
         self._validate(request)
-        if layer_sink is not None and (not prefill_only or self.kv.k[0].device.type != "cpu"):
-            raise ValueError("a layer sink needs a prefill-only request on a CPU engine")
+        if layer_sink is not None and not prefill_only:
+            raise ValueError("a layer sink needs a prefill-only request")
         seq = Sequence(request, next(self._arrivals), is_prefill_only=prefill_only)
         seq.layer_sink = layer_sink
         self._seqs[request.request_id] = seq

@@ -101,4 +101,5 @@ class LayerSink(Protocol):
     """Receives, on the engine thread, each layer's completion during the step that finishes a prompt."""
 
     def layer_done(self, layer: int, block_ids: list[int]) -> None:
-        """Layer `layer`'s K/V of every block in `block_ids` (the prompt's blocks, in order) is written."""
+        """Layer `layer`'s K/V of every block in `block_ids` (the prompt's blocks, in order) is written (on a GPU:
+        its kernels are queued on the current stream)."""
