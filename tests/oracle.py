@@ -29,7 +29,7 @@ def load_reference_model(path: object) -> PreTrainedModel:
 
 @torch.inference_mode()
 def reference_greedy(model: PreTrainedModel, prompt: list[int], max_tokens: int) -> Reference:
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     # Like ignore_eos: run to max_tokens with EOS unmasked (min_new_tokens would mask it and change the argmax).
     eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None
     try:

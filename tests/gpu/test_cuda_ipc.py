@@ -4,14 +4,14 @@ byte moves, and its GB/s next to a device-to-device copy measured in the same ru
 from __future__ import annotations
 
 import multiprocessing as mp
-import time
 from multiprocessing.connection import Connection
 
 import pytest
 import torch
 
 from pdserve.kvcache import KVCache, KVLayout
-from pdserve.transfer import AutoSender, CudaIpcSender, LayerProgress, TransferError, TransferSpec, make_receiver
+from pdserve.transfer import CudaIpcSender, TransferError, TransferSpec, make_receiver
+from timing import best_of
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 # SmolLM2-135M's KV in bf16: 30 layers x 3 KV heads x 64 dims, blocks of 16 tokens.
@@ -60,13 +60,13 @@ def test_cuda_ipc_is_exact_and_reports_gb_per_s() -> None:
         with pytest.raises(TransferError, match="model_id"):
             CudaIpcSender("another-model").send(endpoint, spec, src, timeout_s=5)
 
-        ipc_s = _best_of(lambda: sender.send(endpoint, spec, src, timeout_s=30), 20)
+        ipc_s = best_of(lambda: sender.send(endpoint, spec, src, timeout_s=30), 20)
         local = KVCache(LAYOUT, device="cuda")
         index = torch.tensor(dst_ids, device="cuda")
-        ceiling_s = _best_of(lambda: _local_copy(src, local, num, index), 20)
+        ceiling_s = best_of(lambda: _local_copy(src, local, num, index), 20)
         flat = src.flat[: stats.num_bytes // 2]  # bf16: the same number of bytes, one contiguous copy
         out = torch.empty_like(flat)
-        memcpy_s = _best_of(lambda: (out.copy_(flat), torch.cuda.synchronize()), 20)
+        memcpy_s = best_of(lambda: (out.copy_(flat), torch.cuda.synchronize()), 20)
         gb = stats.num_bytes / 1e9
         print(
             f"\nCUDA IPC ({torch.cuda.get_device_name()}), {num} blocks = {stats.num_bytes / 1e6:.1f} MB, "
@@ -85,51 +85,3 @@ def _local_copy(src: KVCache, dst: KVCache, num: int, index: torch.Tensor) -> No
         for s, d in ((src.k[layer], dst.k[layer]), (src.v[layer], dst.v[layer])):
             d.index_copy_(0, index, s.index_select(0, src_index))
     torch.cuda.synchronize()
-
-
-def _best_of(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def test_layer_pipelined_cuda_ipc_waits_for_each_layers_event() -> None:
-    """The prefill writes each layer with kernels still queued behind a GPU sleep when it reports the layer done:
-    the copy is exact only if the sender's stream waits for that layer's CUDA event. Through `make_receiver("auto")`
-    and `AutoSender`, which must pick CUDA IPC for a peer on the same GPU."""
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    peer = ctx.Process(target=_decode_replica, args=(child, "auto"), daemon=True)
-    peer.start()
-    try:
-        endpoint = parent.recv()
-        src, num = KVCache(LAYOUT, device="cuda"), 64
-        values = random_cache()
-        spec = TransferSpec(epoch=9, src_block_ids=list(range(num)), dst_block_ids=list(range(100, 100 + num)),
-                            transfer_id="pipelined")  # fmt: skip
-        progress = LayerProgress(torch.device("cuda"))
-        sender, result = AutoSender("m", "node-a"), []
-        thread = __import__("threading").Thread(
-            target=lambda: result.append(sender.send(endpoint, spec, src, 30, progress))
-        )
-        thread.start()
-        for layer in range(LAYOUT.num_layers):
-            torch.cuda._sleep(2_000_000)  # ~1 ms of GPU time before this layer's writes
-            src.k[layer][:num].copy_(values.k[layer][:num])
-            src.v[layer][:num].copy_(values.v[layer][:num])
-            progress.layer_done(layer, list(range(num)))  # queued, not done: the event carries the order
-        thread.join(timeout=60)
-        assert result and result[0].transport == "cuda_ipc" and len(result[0].layer_seconds) == LAYOUT.num_layers
-        assert endpoint.transports[-1] == "cuda_ipc"
-        parent.send(spec.dst_block_ids)
-        (k0, k29), epochs = parent.recv()
-        assert torch.equal(k0, values.k[0][:num].cpu()) and torch.equal(k29, values.k[29][:num].cpu())
-        assert epochs.tolist() == [9] * num
-        print(f"\nendpoint of a GPU cache via make_receiver('auto'): transports {endpoint.transports}")
-    finally:
-        parent.send("stop")
-        peer.join(timeout=30)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from oracle import Reference, assert_matches, greedy, random_prompts
+from oracle import assert_matches, greedy, random_prompts, reference_greedy
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine import EngineRequest, KVReservation, LLMEngine, RequestOutput
 from pdserve.transfer import (
@@ -105,24 +105,9 @@ def test_prefill_here_decode_there_is_exact(tiny_models: dict[str, Path], pipeli
     torch.backends.cuda.matmul.allow_tf32 = False
     path = str(tiny_models["llama"])
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
-    model.generation_config.eos_token_id = None
     prompts = random_prompts([3, 16, 40, 150], model.config.vocab_size)
     prompts.append(prompts[-1][:100] + prompts[0])  # shares 96 tokens (6 blocks) with the one before: delta push
-    refs = []
-    with torch.inference_mode():
-        for p in prompts:
-            ids = torch.tensor([p], device="cuda")
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=MAX_TOKENS,
-                do_sample=False,
-                return_dict_in_generate=True,
-                output_logits=True,
-                pad_token_id=0,
-            )
-            gaps = [float(t[0].float().topk(2).values.diff().abs()) for t in out.logits]
-            refs.append(Reference(out.sequences[0, len(p) :].tolist(), gaps))
+    refs = [reference_greedy(model, p, MAX_TOKENS) for p in prompts]
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     peer = ctx.Process(target=_decode_replica, args=(child, path), daemon=True)

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES
 from handoff import prefill_then_decode
-from oracle import Reference, assert_matches, greedy, random_prompts, run_staggered
+from oracle import assert_matches, greedy, random_prompts, reference_greedy, run_staggered
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine import EngineRequest, LLMEngine
 
@@ -34,23 +34,7 @@ def test_cuda_greedy_matches_transformers(tiny_models: dict[str, Path], family: 
     path = tiny_models[family]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     prompts = random_prompts(LENGTHS, model.config.vocab_size)
-    model.generation_config.eos_token_id = None
-    refs = []
-
-    with torch.inference_mode():
-        for p in prompts:
-            ids = torch.tensor([p], device="cuda")
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=24,
-                do_sample=False,
-                return_dict_in_generate=True,
-                output_logits=True,
-                pad_token_id=0,
-            )
-            gaps = [float(t[0].float().topk(2).values.diff().abs()) for t in out.logits]
-            refs.append(Reference(out.sequences[0, len(p) :].tolist(), gaps))
+    refs = [reference_greedy(model, p, 24) for p in prompts]
     requests = [EngineRequest(f"r{i}", tuple(p), greedy(24)) for i, p in enumerate(prompts)]
     engine = make_engine(path, num_blocks=26)  # small pool: preemption on the GPU path too
     got = run_staggered(engine, [(i, r) for i, r in enumerate(requests)])

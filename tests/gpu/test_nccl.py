@@ -18,6 +18,7 @@ import torch
 from pdserve.kvcache import KVCache, KVLayout
 from pdserve.transfer import TransferError, TransferSpec, layout_spec
 from pdserve.transfer.base import Deadline, planes
+from timing import best_of
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 nccl = pytest.importorskip("cupy.cuda.nccl", reason="needs cupy with NCCL (the gpu extra)")
@@ -63,10 +64,10 @@ def test_unique_id_and_a_single_rank_loopback_move_blocks_exactly() -> None:
         assert torch.equal(dst.k[layer][dst_ids], src.k[layer][:num])
         assert torch.equal(dst.v[layer][dst_ids], src.v[layer][:num])
     nbytes = num * LAYOUT.bytes_per_block
-    loop_s = _best_of(move, 10)
+    loop_s = best_of(move, 10)
     flat = src.flat[: nbytes // 2]
     out = torch.empty_like(flat)
-    memcpy_s = _best_of(lambda: (out.copy_(flat), torch.cuda.synchronize()), 10)
+    memcpy_s = best_of(lambda: (out.copy_(flat), torch.cuda.synchronize()), 10)
     print(
         f"\nNCCL {nccl.get_version()} 1-rank loopback ({torch.cuda.get_device_name()}), {num} blocks = "
         f"{nbytes / 1e6:.1f} MB: gather + send/recv + scatter {nbytes / 1e9 / loop_s:.1f} GB/s "
@@ -130,13 +131,3 @@ def test_a_two_rank_pair_on_one_gpu_fails_cleanly_or_is_exact() -> None:
     finally:
         parent.send("stop")
         peer.join(timeout=30)
-
-
-def _best_of(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
