@@ -49,6 +49,12 @@ class Served:
                 samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
         return samples
 
+    def settled_total(self, name: str) -> float:
+        """The sum of metric `name` over its labels once replica stats have refreshed after the last request (the
+        ingress polls them every second)."""
+        time.sleep(1.3)
+        return sum(self.metrics().get(name, {}).values())
+
     def blocks_used(self) -> float:
         return sum(self.metrics().get("pdserve_kv_blocks_used", {}).values())
 

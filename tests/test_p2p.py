@@ -221,7 +221,7 @@ def test_a_receiver_that_goes_away_mid_transfer_fails_the_send_cleanly() -> None
         progress.layer_done(layer, [0])
     thread.join(timeout=20)
     assert not thread.is_alive() and len(errors) == 1 and time.monotonic() - start < 10
-    assert sender.counters.aborted == 1
+    assert sender.num_pairs == 0  # dropped (aborted mid-data, or found closed before any data moved)
 
 
 def test_layer_pipelined_push_sends_each_layer_as_it_is_computed(receivers) -> None:  # type: ignore[no-untyped-def]
@@ -300,3 +300,86 @@ def test_serve_config_refuses_a_transport_that_cannot_move_the_devices_kv() -> N
     with pytest.raises(ValidationError, match="kv_transport nccl cannot move KV on cpu: use auto, shm, tcp, gloo"):
         ServeConfig(model="m", kv_transport="nccl")
     assert ServeConfig(model="m", device="cuda", kv_transport="nccl", kv_max_pairs=2).kv_max_pairs == 2
+
+
+def test_an_idle_pair_outlives_the_handshake_timeout(receivers, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import pdserve.transfer.p2p as p2p
+
+    monkeypatch.setattr(p2p, "HANDSHAKE_TIMEOUT_S", 0.3)
+    rx = receivers()
+    src = random_cache()
+    sender = P2PSender("m", GlooBackend())
+    sender.send(rx.endpoint, TransferSpec(1, [0], [0], "a"), src, 10)
+    time.sleep(0.8)  # idle for longer than the handshake may take
+    spec = TransferSpec(2, [1], [1], "b")
+    sender.send(rx.endpoint, spec, src, 10)
+    assert_moved(src, rx.kv, spec)
+    assert sender.counters.built == 1 and rx.counters == p2p.PairCounters(built=1)
+
+
+def test_closing_the_receiver_mid_transfer_stops_every_write(receivers) -> None:  # type: ignore[no-untyped-def]
+    """close() aborts the pair's communicator: the transfer waiting on it fails at once and its blocks are never
+    written or stamped, even when the rest of the layers come afterwards."""
+    rx = receivers()
+    src = random_cache()
+    sender = P2PSender("m", GlooBackend())
+    sender.send(rx.endpoint, TransferSpec(1, [0], [0], "warm"), src, 10)
+    progress, errors = LayerProgress(), []
+    progress.layer_done(0, [5])
+
+    def push() -> None:
+        try:
+            sender.send(rx.endpoint, TransferSpec(7, [5], [9], "cut"), src, 20, progress)
+        except TransferError as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=push)
+    thread.start()
+    wait_until(lambda: rx.kv.k[0][9].abs().sum() > 0)  # layer 0 landed: the receiver waits for layer 1
+    start = time.monotonic()
+    rx.close()
+    assert time.monotonic() - start < 2
+    for layer in range(1, LAYOUT.num_layers):
+        progress.layer_done(layer, [5])
+    thread.join(timeout=10)
+    assert len(errors) == 1 and rx.kv.block_epochs[9] == 0 and rx.kv.k[2][9].abs().sum() == 0
+
+
+def test_closing_the_sender_closes_a_busy_pair_when_its_transfer_ends(receivers) -> None:  # type: ignore[no-untyped-def]
+    rx = receivers()
+    src = random_cache()
+    sender = P2PSender("m", GlooBackend())
+    progress = LayerProgress()
+    progress.layer_done(0, [1])
+    spec = TransferSpec(2, [1], [1], "busy")
+    thread = threading.Thread(target=lambda: sender.send(rx.endpoint, spec, src, 10, progress))
+    thread.start()
+    wait_until(lambda: rx.num_pairs == 1)
+    sender.close()
+    for layer in range(1, LAYOUT.num_layers):
+        progress.layer_done(layer, [1])
+    thread.join(timeout=10)
+    assert_moved(src, rx.kv, spec)  # the transfer in flight completes
+    wait_until(lambda: rx.num_pairs == 0)  # then its pair is closed on both sides
+    with pytest.raises(TransferError, match="closed"):
+        sender.send(rx.endpoint, TransferSpec(3, [2], [2], "late"), src, 10)
+
+
+def test_a_receiver_at_its_bound_with_every_pair_busy_keeps_the_new_one(receivers) -> None:  # type: ignore[no-untyped-def]
+    rx = receivers(max_pairs=1)
+    src = random_cache()
+    a, b = P2PSender("m", GlooBackend()), P2PSender("m", GlooBackend())
+    a.send(rx.endpoint, TransferSpec(1, [0], [0], "a1"), src, 10)
+    progress = LayerProgress()
+    progress.layer_done(0, [1])
+    busy = TransferSpec(2, [1], [1], "a2")
+    thread = threading.Thread(target=lambda: a.send(rx.endpoint, busy, src, 10, progress))
+    thread.start()
+    wait_until(lambda: rx.kv.k[0][1].abs().sum() > 0)  # a's pair is mid-transfer
+    spec = TransferSpec(3, [2], [2], "b")
+    b.send(rx.endpoint, spec, src, 10)  # over the bound, but the only idle pair is the one just built
+    assert_moved(src, rx.kv, spec)
+    for layer in range(1, LAYOUT.num_layers):
+        progress.layer_done(layer, [1])
+    thread.join(timeout=10)
+    assert_moved(src, rx.kv, busy)

@@ -127,7 +127,7 @@ def test_delta_transfer_moves_fewer_blocks_and_stays_exact(apps, reference, toke
     first, second = [shared + s for s in random_prompts([10, 12], 49152, seed=33, low=100)]
 
     def blocks_sent() -> float:
-        return sum(disagg.metrics().get("pdserve_kv_transfer_blocks_total", {}).values())
+        return disagg.settled_total("pdserve_kv_transfer_blocks_total")
 
     before = blocks_sent()
     assert complete_ids(disagg, first) == ref_text(reference, tokenizer, first)
@@ -168,8 +168,7 @@ def test_kv_over_gloo_pairs_layer_pipelined_is_exact(gloo_app, reference, tokeni
     prompts += random_prompts([1, 150], 49152, seed=36, low=100)
     for prompt in prompts:  # the second one hits the decode replica's cached prefix: a delta transfer
         assert complete_ids(gloo_app, prompt) == ref_text(reference, tokenizer, prompt)
-    metrics = gloo_app.metrics()
-    sent = sum(metrics.get("pdserve_kv_transfer_blocks_total", {}).values())
+    sent = gloo_app.settled_total("pdserve_kv_transfer_blocks_total")
     blocks = [-(-len(p) // 16) for p in prompts]
     assert sent == sum(blocks) - len(shared) // 16
     assert gloo_app.wait_blocks_used(0) == 0

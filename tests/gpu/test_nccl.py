@@ -8,7 +8,11 @@ Skipped without CUDA or without cupy (the `gpu` extra)."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from multiprocessing.connection import Connection
 
@@ -16,7 +20,7 @@ import pytest
 import torch
 
 from pdserve.kvcache import KVCache, KVLayout
-from pdserve.transfer import TransferError, TransferSpec, layout_spec
+from pdserve.transfer import KVEndpoint, LayerProgress, TransferError, TransferSpec, layout_spec
 from pdserve.transfer.base import Deadline, planes
 from timing import best_of
 
@@ -92,7 +96,9 @@ def test_the_handshake_refuses_incompatible_peers_before_any_communicator() -> N
         rx.close()
 
 
-def _decode_replica(conn: Connection) -> None:
+def _decode_replica(conn: Connection, host_id: str | None) -> None:
+    if host_id is not None:
+        os.environ["NCCL_HOSTID"] = host_id  # before NCCL starts in this process
     kv = KVCache(LAYOUT, device="cuda")
     rx = P2PReceiver(kv, NcclBackend(), node_id="node-b", model_id="m")
     conn.send(rx.endpoint)
@@ -102,32 +108,94 @@ def _decode_replica(conn: Connection) -> None:
     rx.close()
 
 
-def test_a_two_rank_pair_on_one_gpu_fails_cleanly_or_is_exact() -> None:
+@contextmanager
+def decode_replica(host_id: str | None) -> Iterator[tuple[KVEndpoint, Connection]]:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    peer = ctx.Process(target=_decode_replica, args=(child,), daemon=True)
+    peer = ctx.Process(target=_decode_replica, args=(child, host_id), daemon=True)
     peer.start()
     try:
-        endpoint = parent.recv()
-        src, num = random_cache(), 16
-        spec = TransferSpec(7, list(range(num)), list(range(200, 200 + num)), "two-ranks")
-        sender = P2PSender("m", NcclBackend())
-        start = time.monotonic()
-        try:
-            stats = sender.send(endpoint, spec, src, timeout_s=60)
-        except TransferError as e:
-            outcome = f"refused by NCCL as expected with one GPU: {e}"
-            assert "NCCL" in str(e)
-            stamped = 0
-        else:
-            outcome = f"NCCL formed the pair on one GPU: {stats}"
-            stamped = 7
-        parent.send(spec.dst_block_ids)
-        (k0, k29), epochs, counters = parent.recv()
-        assert epochs.tolist() == [stamped] * num
-        if stamped:
-            assert torch.equal(k0, src.k[0][:num].cpu()) and torch.equal(k29, src.k[29][:num].cpu())
-        print(f"\n2 ranks on 1 GPU after {time.monotonic() - start:.1f} s: {outcome}; receiver {counters}")
+        yield parent.recv(), parent
     finally:
         parent.send("stop")
         peer.join(timeout=30)
+
+
+def test_two_ranks_on_one_gpu_are_refused_cleanly() -> None:
+    """Same GPU, same host: NCCL refuses the pair (duplicate GPU); the transport fails cleanly, nothing stamped."""
+    with decode_replica(None) as (endpoint, conn):
+        src, num = random_cache(), 16
+        spec = TransferSpec(7, list(range(num)), list(range(200, 200 + num)), "two-ranks")
+        start = time.monotonic()
+        with pytest.raises(TransferError, match="NCCL") as refused:
+            P2PSender("m", NcclBackend()).send(endpoint, spec, src, timeout_s=60)
+        conn.send(spec.dst_block_ids)
+        _, epochs, counters = conn.recv()
+        assert epochs.tolist() == [0] * num and counters.built == 0
+        print(f"\n2 ranks on 1 GPU, {time.monotonic() - start:.1f} s: {refused.value}")
+
+
+def _prefill_replica(conn: Connection, endpoint: KVEndpoint) -> None:
+    """The prefill side of the real pair: its transfers, and what it sent, back to the test."""
+    os.environ["NCCL_HOSTID"] = "pdserve-prefill"
+    src, num, report = random_cache(seed=3), 64, {}
+    sender = P2PSender("m", NcclBackend())
+    dst = torch.randperm(LAYOUT.num_blocks, generator=torch.Generator().manual_seed(2))[: 3 * num].tolist()
+    after = TransferSpec(3, list(range(num)), dst[:num], "after")
+    report["first_s"] = sender.send(endpoint, after, src, 60).seconds  # builds the pair
+    report["again_s"] = min(sender.send(endpoint, after, src, 60).seconds for _ in range(5))
+    # Layer-pipelined: layers written behind a GPU sleep, each reported with its CUDA event.
+    pipelined = TransferSpec(4, list(range(num, 2 * num)), dst[num : 2 * num], "pipelined")
+    values, progress, results = random_cache(seed=4), LayerProgress(torch.device("cuda")), []
+    thread = threading.Thread(target=lambda: results.append(sender.send(endpoint, pipelined, src, 60, progress)))
+    thread.start()
+    for layer in range(LAYOUT.num_layers):
+        torch.cuda._sleep(2_000_000)
+        src.k[layer][num : 2 * num].copy_(values.k[layer][num : 2 * num])
+        src.v[layer][num : 2 * num].copy_(values.v[layer][num : 2 * num])
+        progress.layer_done(layer, list(range(num, 2 * num)))
+    thread.join(timeout=60)
+    report["pipelined_layers"] = len(results[0].layer_seconds)
+    # Deadline: the prefill stalls after layer 0; the pair is aborted on both sides, nothing stamped.
+    stalled = LayerProgress(torch.device("cuda"))
+    stalled.layer_done(0, list(range(num)))
+    try:
+        sender.send(endpoint, TransferSpec(5, list(range(num)), dst[2 * num :], "stalled"), src, 1.0, stalled)
+    except TransferError as e:
+        report["stalled"] = str(e)
+    report["rebuilt_s"] = sender.send(endpoint, TransferSpec(6, list(range(num)), dst[2 * num :], "x"), src, 60).seconds
+    report["counters"] = sender.counters
+    torch.cuda.synchronize()
+    sent = {layer: src.k[layer][: 2 * num].cpu() for layer in (0, 29)}
+    conn.send((report, dst, sent))
+
+
+def test_a_real_two_rank_nccl_pair_on_one_gpu() -> None:
+    """Two ranks on one GPU form when each process claims another host (NCCL_HOSTID): NCCL then connects them
+    as if across nodes (its socket transport, not NVLink or shared memory). The whole transport runs: rendezvous,
+    handshake, warm-up, exact blocks, pair reuse, layer-pipelined push behind CUDA events, deadline -> abort on
+    both sides -> rebuild, and no block stamped by the cut transfer."""
+    with decode_replica("pdserve-decode") as (endpoint, conn):
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        prefill = ctx.Process(target=_prefill_replica, args=(child, endpoint), daemon=True)
+        prefill.start()
+        assert parent.poll(240), "the prefill side did not report"
+        report, dst, sent = parent.recv()
+        prefill.join(timeout=30)
+        num = 64
+        conn.send(dst)
+        (k0, k29), epochs, counters = conn.recv()
+        assert torch.equal(k0[: 2 * num], sent[0]) and torch.equal(k29[: 2 * num], sent[29])
+        assert epochs.tolist() == [3] * num + [4] * num + [6] * num  # the stalled transfer (5) never stamped
+        assert torch.equal(k0[2 * num :], sent[0][:num])  # the rebuilt pair's transfer
+        assert report["pipelined_layers"] == LAYOUT.num_layers and "deadline" in report["stalled"]
+        assert report["counters"].built == 2 and report["counters"].aborted == 1
+        assert counters.built == 2 and counters.aborted == 1
+        nbytes = num * LAYOUT.bytes_per_block
+        print(
+            f"\nNCCL 2-rank pair on one GPU (socket transport between 'hosts'): first transfer incl. building the "
+            f"pair {report['first_s'] * 1e3:.0f} ms, then {nbytes / 1e9 / report['again_s']:.2f} GB/s for "
+            f"{nbytes / 1e6:.1f} MB ({report['again_s'] * 1e3:.1f} ms); after abort, rebuild + transfer "
+            f"{report['rebuilt_s'] * 1e3:.0f} ms; {report['stalled'][:120]}"
+        )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -48,6 +49,8 @@ class _GlooRendezvous(Rendezvous):
 class _GlooCommunicator(Communicator):
     def __init__(self, group: Any, store: dist.TCPStore, rank: int) -> None:  # a ProcessGroupGloo (untyped)
         self._group, self._store, self._peer = group, store, 1 - rank
+        self._lock = threading.Lock()
+        self._is_closed = False
 
     @classmethod
     def build(cls, store: dist.TCPStore, prefix: str, rank: int, host: str, timeout_s: float) -> _GlooCommunicator:
@@ -75,10 +78,16 @@ class _GlooCommunicator(Communicator):
         return _GlooWork(work, tensor)
 
     def abort(self) -> None:
-        self._group.abort()  # closes its connections: the peer's pending operations fail at once
+        """Close its connections: the peer's pending operations fail at once (a wait here runs to its timeout:
+        gloo does not wake it). Idempotent; safe from another thread."""
+        with self._lock:
+            if self._is_closed:
+                return
+            self._is_closed = True
+            self._group.abort()
 
     def close(self) -> None:
-        self._group.abort()  # nothing is pending: this just closes the pair's sockets
+        self.abort()  # nothing is pending: this just closes the pair's sockets
 
 
 class _GlooWork(Pending):
@@ -87,9 +96,11 @@ class _GlooWork(Pending):
 
     def wait(self, deadline: Deadline, what: str) -> None:
         try:
-            self._work.wait(_seconds(deadline.remaining_s(what)))
+            is_done = self._work.wait(_seconds(deadline.remaining_s(what)))
         except RuntimeError as e:
             raise TransferError(f"not done before {what}: {e}") from e
+        if is_done is False:  # an aborted operation may end without raising: its buffer is not filled
+            raise TransferError(f"the operation failed before {what}")
 
 
 def _seconds(s: float) -> timedelta:

@@ -161,8 +161,8 @@ class _Peer:
 
     conn: socket.socket
     comm: Communicator
-    is_busy: bool = False
-    last_used: float = field(default_factory=time.monotonic)
+    is_busy: bool = False  # inside a transfer
+    is_closing: bool = False  # evicted (or the receiver closes): takes no new transfer
 
 
 class P2PReceiver(KVReceiver):
@@ -194,7 +194,9 @@ class P2PReceiver(KVReceiver):
         self.cache_id = cache_id or kv.shared_id or secrets.token_hex(8)
         self.counters = PairCounters()
         self._peers: OrderedDict[socket.socket, _Peer] = OrderedDict()  # least recently used first
-        self._lock = threading.Lock()  # guards _peers and counters
+        self._lock = threading.Lock()  # guards _peers, the peers' flags, counters and _is_closed
+        self._is_closed = False
+        self._write_lock = threading.Lock()  # held while checking _is_closed and queueing writes into the cache
         self._listener = wire.Listener(host, port, self._serve, f"pdserve-kv-{backend.name}")
         address = wire.join_address(reachable, self._listener.port)
         self.endpoint = KVEndpoint(
@@ -207,22 +209,41 @@ class P2PReceiver(KVReceiver):
             return len(self._peers)
 
     def close(self) -> None:
-        """Stop listening and cut every pair; once this returns, nothing of the receiver writes into the cache."""
-        self._listener.close()
+        """Stop listening and cut every pair: its transfer fails unstamped. Once this returns, nothing of the
+        receiver writes into the cache (a thread still waiting on an aborted gloo operation ends at its deadline,
+        writing nothing)."""
+        with self._write_lock, self._lock:  # a write in progress finishes queueing first
+            self._is_closed = True
+            peers = list(self._peers.values())
+            for peer in peers:
+                peer.is_closing = True
+        for peer in peers:
+            peer.comm.abort()
+        if self.kv.flat.device.type == "cuda":
+            torch.cuda.synchronize(self.kv.flat.device)  # writes already queued land now, not later
+        self._listener.close(join_timeout_s=1.0)
 
     def _serve(self, conn: socket.socket) -> None:
         wire.accept_hello(conn, self.cache_id, self.spec, HANDSHAKE_TIMEOUT_S, MAGIC, backend=self.backend.name)
         rendezvous = self.backend.root(conn.getsockname()[0], self.kv.flat.device)
         wire.send_json(conn, {"unique_id": rendezvous.unique_id})
         peer = _Peer(conn, rendezvous.connect(HANDSHAKE_TIMEOUT_S))
+        conn.settimeout(None)  # between transfers a pair idles as long as its sender keeps it
         with self._lock:
             self._peers[conn] = peer
             self.counters.built += 1
-        self._evict_beyond_bound()
+            peer.is_closing = self._is_closed
+        self._evict_beyond_bound(peer)
         is_clean = False
         try:
-            while (message := wire.recv_json(conn)) is not None:  # idles as long as the sender keeps the pair
-                self._receive(peer, message)
+            while (message := wire.recv_json(conn)) is not None:
+                if not self._start(peer):
+                    break  # evicted just now: the sender sees the connection close before anything moved
+                try:
+                    self._receive(peer, message)
+                finally:
+                    with self._lock:
+                        peer.is_busy = False
             is_clean = True
         finally:
             with self._lock:
@@ -236,15 +257,21 @@ class P2PReceiver(KVReceiver):
             else:
                 peer.comm.abort()
 
+    def _start(self, peer: _Peer) -> bool:
+        """Mark the pair busy for a transfer (and most recently used); False if it is being closed."""
+        with self._lock:
+            if peer.is_closing:
+                return False
+            peer.is_busy = True
+            self._peers.move_to_end(peer.conn)
+            return True
+
     def _receive(self, peer: _Peer, message: dict[str, object]) -> None:
         """One transfer: post the receives, scatter each message into the reserved blocks as it lands, stamp."""
         problem, ids, epoch, per_message, deadline = self._check_transfer(message)
         if problem:
             wire.send_reply(peer.conn, problem)  # nothing posted: the pair stays usable
             return
-        with self._lock:
-            peer.is_busy = True
-            self._peers.move_to_end(peer.conn)
         comm, layout = peer.comm, self.kv.layout
         chunks = layer_chunks(layout.num_layers, per_message)
         device = self.kv.flat.device
@@ -258,14 +285,23 @@ class P2PReceiver(KVReceiver):
         dst = planes(self.kv)
         for (a, b), pending in zip(chunks, posted, strict=True):
             pending.wait(deadline, f"layers {a}-{b - 1} of epoch {epoch} arrived")
-            with comm.stream():
+            with self._writable(deadline, f"writing layers {a}-{b - 1}"), comm.stream():
                 dst[a:b].index_copy_(2, index, buffer[a:b])
-        with comm.stream():
+        comm.synchronize()
+        with self._writable(deadline, f"stamping epoch {epoch}"), comm.stream():
             self.kv.block_epochs.index_fill_(0, index, epoch)  # only now that every layer of every block arrived
         comm.synchronize()
         wire.send_reply(peer.conn, "")
-        with self._lock:
-            peer.is_busy, peer.last_used = False, time.monotonic()
+
+    @contextlib.contextmanager
+    def _writable(self, deadline: Deadline, what: str) -> Iterator[None]:
+        """Hold the write lock if the blocks may still be written — before the deadline (after it the decode
+        replica may have freed them) and while the receiver is open; else TransferError."""
+        with self._write_lock:
+            deadline.remaining_s(what)
+            if self._is_closed:
+                raise TransferError(f"the receiver closed before {what}")
+            yield
 
     def _check_transfer(self, message: dict[str, object]) -> tuple[str, list[int], int, int, Deadline]:
         """(problem, destination ids, epoch, layers per message, deadline); problem is empty when acceptable."""
@@ -282,14 +318,17 @@ class P2PReceiver(KVReceiver):
             return f"layers per message must lie in [1, {self.kv.layout.num_layers}]", [], 0, 1, deadline
         return "", ids, epoch, per_message, deadline
 
-    def _evict_beyond_bound(self) -> None:
-        """Close the least recently used idle pairs beyond `max_pairs` (their threads end and free them)."""
+    def _evict_beyond_bound(self, new: _Peer) -> None:
+        """Close the least recently used idle pairs beyond `max_pairs`, never the one just built (their threads
+        end and free them); with every other pair busy the bound is exceeded until they are idle again."""
         with self._lock:
-            idle = [p for p in self._peers.values() if not p.is_busy]
-            excess = len(self._peers) - self.max_pairs
-            victims = idle[: max(0, excess)]
+            excess = sum(not p.is_closing for p in self._peers.values()) - self.max_pairs
+            victims = [p for p in self._peers.values() if p is not new and not p.is_busy and not p.is_closing]
+            victims = victims[: max(0, excess)]
+            for peer in victims:
+                peer.is_closing = True  # under the lock: it can no longer start a transfer
         for peer in victims:
-            wire.shutdown(peer.conn)  # its thread wakes in recv_json with nothing and closes the communicator
+            wire.shutdown(peer.conn)  # its thread wakes in recv_json (or _start) and closes the communicator
 
 
 # --- prefill side ------------------------------------------------------------------------------------------------
@@ -311,6 +350,7 @@ class _Pair:
     lock: threading.Lock = field(default_factory=threading.Lock)
     conn: socket.socket | None = None
     comm: Communicator | None = None
+    is_retired: bool = False  # out of the pool (evicted, failed, sender closed): its holder closes it
 
     def close(self, abort: bool) -> None:
         if self.comm is not None:
@@ -330,7 +370,8 @@ class P2PSender(KVSender):
         self.model_id, self.backend, self.max_pairs = model_id, backend, max_pairs
         self.counters = PairCounters()
         self._pairs: OrderedDict[tuple[str, str], _Pair] = OrderedDict()  # least recently used first
-        self._lock = threading.Lock()  # guards _pairs and counters
+        self._lock = threading.Lock()  # guards _pairs, is_retired flags, counters and _is_closed
+        self._is_closed = False
 
     @property
     def num_pairs(self) -> int:
@@ -356,7 +397,7 @@ class P2PSender(KVSender):
         if spec.dst_block_ids:
             try:
                 layer_s = self._transfer(endpoint, local, spec, src, deadline, progress)
-            except (OSError, TransferError) as e:
+            except Exception as e:
                 raise TransferError(
                     f"KV transfer {spec.transfer_id} over {self.backend.name} to {endpoint.p2p_address} failed: {e}"
                 ) from e
@@ -365,10 +406,13 @@ class P2PSender(KVSender):
         return TransferStats(num, num * src.layout.bytes_per_block, seconds, self.backend.name, layer_s)
 
     def close(self) -> None:
-        """Close every idle pair; a pair in use closes when its transfer ends."""
+        """Close every idle pair; a pair in use closes when its transfer ends. Later sends fail."""
         with self._lock:
+            self._is_closed = True
             pairs = list(self._pairs.values())
             self._pairs.clear()
+            for pair in pairs:
+                pair.is_retired = True
         for pair in pairs:
             if pair.lock.acquire(blocking=False):
                 pair.close(abort=False)
@@ -404,20 +448,46 @@ class P2PSender(KVSender):
         self, endpoint: KVEndpoint, local: KVLayoutSpec, deadline: Deadline, device: torch.device
     ) -> Iterator[tuple[_Pair, bool]]:
         """The pair to `endpoint`, held for one transfer, built if needed; yields (pair, whether it existed)."""
-        key = (str(endpoint.p2p_address), endpoint.cache_id)
-        with self._lock:
-            pair = self._pairs.setdefault(key, _Pair(key))
-            self._pairs.move_to_end(key)
-        if not pair.lock.acquire(timeout=deadline.remaining_s("the pair's previous transfer ended")):
-            raise TransferError("the pair's previous transfer did not end before the deadline")
+        pair = self._hold(endpoint, deadline)
         try:
             is_reused = pair.comm is not None
             if not is_reused:
-                self._connect(pair, endpoint, local, deadline, device)
+                try:
+                    self._connect(pair, endpoint, local, deadline, device)
+                except BaseException:
+                    self._retire(pair)  # not kept for a destination that may be gone for good
+                    raise
             yield pair, is_reused
         finally:
+            with self._lock:
+                is_retired = pair.is_retired
+            if is_retired:  # evicted, failed or the sender closed while it was held
+                pair.close(abort=False)
             pair.lock.release()
-        self._evict_beyond_bound()
+        self._evict_beyond_bound(pair)
+
+    def _hold(self, endpoint: KVEndpoint, deadline: Deadline) -> _Pair:
+        """The pool's pair to `endpoint` (new if none), its lock held. A pair retired while we waited for its lock
+        is left alone: we look again."""
+        key = (str(endpoint.p2p_address), endpoint.cache_id)
+        while True:
+            with self._lock:
+                if self._is_closed:
+                    raise TransferError("the KV sender is closed")
+                pair = self._pairs.setdefault(key, _Pair(key))
+                self._pairs.move_to_end(key)
+            if not pair.lock.acquire(timeout=deadline.remaining_s("the pair's previous transfer ended")):
+                raise TransferError("the pair's previous transfer did not end before the deadline")
+            with self._lock:
+                if not pair.is_retired:
+                    return pair
+            pair.lock.release()
+
+    def _retire(self, pair: _Pair) -> None:
+        with self._lock:
+            pair.is_retired = True
+            if self._pairs.get(pair.key) is pair:
+                del self._pairs[pair.key]
 
     def _connect(
         self, pair: _Pair, endpoint: KVEndpoint, local: KVLayoutSpec, deadline: Deadline, device: torch.device
@@ -430,11 +500,15 @@ class P2PSender(KVSender):
             wire.tune(conn)
             conn.sendall(wire.hello(endpoint.cache_id, local, MAGIC, backend=self.backend.name))
             wire.expect_ok(conn, deadline, "the handshake")
-            reply = wire.recv_json(conn, deadline.at)
-            if reply is None or not isinstance(reply.get("unique_id"), str):
+            try:
+                reply = wire.recv_json(conn, deadline.at)
+                unique_id = reply["unique_id"] if reply is not None else None
+            except (ValueError, TypeError, KeyError) as e:
+                raise TransferError(f"malformed rendezvous reply: {e}") from e
+            if not isinstance(unique_id, str):
                 raise TransferError("the decode replica sent no communicator id")
             host, left_s = conn.getsockname()[0], deadline.remaining_s("joining the communicator")
-            comm = self.backend.join(reply["unique_id"], host, device, left_s)
+            comm = self.backend.join(unique_id, host, device, left_s)
         except BaseException:
             conn.close()
             raise
@@ -443,27 +517,29 @@ class P2PSender(KVSender):
             self.counters.built += 1
 
     def _drop(self, pair: _Pair, abort: bool) -> None:
+        """Close a held pair that failed and take it out of the pool."""
+        self._retire(pair)
         pair.close(abort)
         with self._lock:
-            if self._pairs.get(pair.key) is pair:
-                del self._pairs[pair.key]
             if abort:
                 self.counters.aborted += 1
             else:
                 self.counters.closed_idle += 1
 
-    def _evict_beyond_bound(self) -> None:
+    def _evict_beyond_bound(self, keep: _Pair) -> None:
+        """Close least recently used idle pairs (never `keep`, just used) while more than `max_pairs` are live."""
+        victims = []
         with self._lock:
             live = [p for p in self._pairs.values() if p.comm is not None]
             excess = len(live) - self.max_pairs
-            victims = []
             for pair in live:
                 if excess <= 0:
                     break
-                if pair.lock.acquire(blocking=False):  # idle: nobody is transferring over it
-                    victims.append(pair)
+                if pair is not keep and pair.lock.acquire(blocking=False):  # idle: nobody is transferring over it
+                    pair.is_retired = True
                     del self._pairs[pair.key]
                     self.counters.closed_idle += 1
+                    victims.append(pair)
                     excess -= 1
         for pair in victims:
             pair.close(abort=False)

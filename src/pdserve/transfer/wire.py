@@ -200,7 +200,7 @@ class Listener:
         self._accepter = threading.Thread(target=self._accept, name=f"{name}-accept", daemon=True)
         self._accepter.start()
 
-    def close(self) -> None:
+    def close(self, join_timeout_s: float = 5.0) -> None:
         with self._lock:
             self.is_closed = True
             conns = dict(self._conns)
@@ -209,7 +209,7 @@ class Listener:
         for conn in conns:
             shutdown(conn)  # wakes its thread blocked in recv()
         for thread in [self._accepter, *conns.values()]:
-            thread.join(timeout=5)
+            thread.join(timeout=join_timeout_s)
 
     def _accept(self) -> None:
         while True:
