@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import fields, replace
+from dataclasses import replace
 
 from pdserve.kvcache import KVCache
 from pdserve.transfer.base import (
@@ -104,10 +104,10 @@ class _Receivers(KVReceiver):
     def __init__(self, *receivers: KVReceiver) -> None:
         self.receivers = receivers
         served = {
-            f.name: getattr(r.endpoint, f.name)
+            name: getattr(r.endpoint, name)
             for r in receivers
-            for f in fields(KVEndpoint)
-            if f.name in _ADDRESSES and getattr(r.endpoint, f.name) is not None
+            for name in _ADDRESSES
+            if getattr(r.endpoint, name) is not None
         }
         self.endpoint = replace(receivers[0].endpoint, **served)
 

@@ -47,6 +47,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -72,6 +73,10 @@ logger = logging.getLogger(__name__)
 MAGIC = b"PDKP"  # a P2P sender never talks to a TCP receiver by mistake (and vice versa)
 HANDSHAKE_TIMEOUT_S = 10.0
 DEFAULT_MAX_PAIRS = 8
+
+
+class _Refused(TransferError):
+    """The decode replica refused this transfer before anything was posted: the pair stays usable."""
 
 
 class Pending(ABC):
@@ -266,30 +271,28 @@ class P2PReceiver(KVReceiver):
             self._peers.move_to_end(peer.conn)
             return True
 
-    def _receive(self, peer: _Peer, message: dict[str, object]) -> None:
+    def _receive(self, peer: _Peer, message: dict[str, Any]) -> None:
         """One transfer: post the receives, scatter each message into the reserved blocks as it lands, stamp."""
-        problem, ids, epoch, per_message, deadline = self._check_transfer(message)
-        if problem:
-            wire.send_reply(peer.conn, problem)  # nothing posted: the pair stays usable
+        try:
+            ids, epoch, per_message, deadline = self._parse_transfer(message)
+        except _Refused as e:
+            wire.send_reply(peer.conn, str(e))  # nothing posted: the pair stays usable
             return
-        comm, layout = peer.comm, self.kv.layout
+        comm, layout, dst = peer.comm, self.kv.layout, planes(self.kv)
         chunks = layer_chunks(layout.num_layers, per_message)
-        device = self.kv.flat.device
         with comm.stream():
-            index = torch.tensor(ids, dtype=torch.long, device=device)
-            buffer = torch.empty(
-                (layout.num_layers, 2, len(ids), planes(self.kv).shape[-1]), dtype=layout.dtype, device=device
-            )
+            index = torch.tensor(ids, dtype=torch.long, device=dst.device)
+            shape = (layout.num_layers, 2, len(ids), dst.shape[-1])
+            buffer = torch.empty(shape, dtype=layout.dtype, device=dst.device)
         posted = [comm.recv(buffer[a:b]) for a, b in chunks]
         wire.send_reply(peer.conn, "")
-        dst = planes(self.kv)
         for (a, b), pending in zip(chunks, posted, strict=True):
             pending.wait(deadline, f"layers {a}-{b - 1} of epoch {epoch} arrived")
             with self._writable(deadline, f"writing layers {a}-{b - 1}"), comm.stream():
                 dst[a:b].index_copy_(2, index, buffer[a:b])
-        comm.synchronize()
         with self._writable(deadline, f"stamping epoch {epoch}"), comm.stream():
-            self.kv.block_epochs.index_fill_(0, index, epoch)  # only now that every layer of every block arrived
+            # In stream order after every scatter, and queued only once every message arrived.
+            self.kv.block_epochs.index_fill_(0, index, epoch)
         comm.synchronize()
         wire.send_reply(peer.conn, "")
 
@@ -303,24 +306,24 @@ class P2PReceiver(KVReceiver):
                 raise TransferError(f"the receiver closed before {what}")
             yield
 
-    def _check_transfer(self, message: dict[str, object]) -> tuple[str, list[int], int, int, Deadline]:
-        """(problem, destination ids, epoch, layers per message, deadline); problem is empty when acceptable."""
+    def _parse_transfer(self, message: dict[str, Any]) -> tuple[list[int], int, int, Deadline]:
+        """(destination ids, epoch, layers per message, deadline); _Refused naming what is wrong."""
         try:
-            ids = [int(b) for b in message["dst_block_ids"]]  # type: ignore[attr-defined]
-            epoch, per_message = int(message["epoch"]), int(message["layers_per_message"])  # type: ignore[call-overload]
-            deadline = Deadline(float(message["remaining_s"]))  # type: ignore[arg-type]
+            ids = [int(b) for b in message["dst_block_ids"]]
+            epoch, per_message = int(message["epoch"]), int(message["layers_per_message"])
+            deadline = Deadline(float(message["remaining_s"]))
         except (KeyError, TypeError, ValueError) as e:
-            return f"malformed transfer ({e})", [], 0, 1, Deadline(0)
-        num_blocks = self.kv.layout.num_blocks
+            raise _Refused(f"malformed transfer ({e})") from e
+        num_blocks, num_layers = self.kv.layout.num_blocks, self.kv.layout.num_layers
         if not ids or any(not 0 <= b < num_blocks for b in ids) or len(set(ids)) != len(ids):
-            return f"destination block ids must be distinct, in [0, {num_blocks}), and at least one", [], 0, 1, deadline
-        if not 1 <= per_message <= self.kv.layout.num_layers:
-            return f"layers per message must lie in [1, {self.kv.layout.num_layers}]", [], 0, 1, deadline
-        return "", ids, epoch, per_message, deadline
+            raise _Refused(f"destination block ids must be distinct, in [0, {num_blocks}), and at least one")
+        if not 1 <= per_message <= num_layers:
+            raise _Refused(f"layers per message must lie in [1, {num_layers}]")
+        return ids, epoch, per_message, deadline
 
     def _evict_beyond_bound(self, new: _Peer) -> None:
         """Close the least recently used idle pairs beyond `max_pairs`, never the one just built (their threads
-        end and free them); with every other pair busy the bound is exceeded until they are idle again."""
+        end and free them); with every other pair busy the bound stays exceeded until the next pair is built."""
         with self._lock:
             excess = sum(not p.is_closing for p in self._peers.values()) - self.max_pairs
             victims = [p for p in self._peers.values() if p is not new and not p.is_busy and not p.is_closing]
@@ -336,10 +339,6 @@ class P2PReceiver(KVReceiver):
 
 class _StalePair(Exception):
     """The pair was closed by the peer before this transfer moved anything: rebuilding it is safe."""
-
-
-class _Refused(TransferError):
-    """The decode replica refused this transfer before anything was posted: the pair stays usable."""
 
 
 @dataclass(eq=False)
@@ -576,8 +575,8 @@ def _push(
         buffer = torch.empty(
             (layout.num_layers, 2, len(index), src_planes.shape[-1]), dtype=layout.dtype, device=device
         )
-    posted, layer_s = [], []
-    for a, b in layer_chunks(layout.num_layers, per_message):
+    chunks, posted, layer_s = layer_chunks(layout.num_layers, per_message), [], []
+    for a, b in chunks:
         if progress is not None:
             progress.wait_layer(b - 1, deadline)
             comm.wait_for(progress.event(b - 1))
@@ -588,7 +587,7 @@ def _push(
             torch.index_select(src_planes[a:b], 2, index, out=buffer[a:b])
         posted.append(comm.send(buffer[a:b]))
         layer_s.append(time.perf_counter() - ready)
-    for (a, b), pending in zip(layer_chunks(layout.num_layers, per_message), posted, strict=True):
+    for (a, b), pending in zip(chunks, posted, strict=True):
         pending.wait(deadline, f"layers {a}-{b - 1} were sent")
     wire.expect_ok(conn, deadline, "the acknowledgement")
     return tuple(layer_s)
