@@ -19,7 +19,7 @@ import torch
 from pdserve.config import EngineConfig
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.model import CausalLM
-from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.model_runner import ModelRunner, Sampled
 from pdserve.engine.request import (
     EngineRequest,
     EngineStats,
@@ -28,7 +28,6 @@ from pdserve.engine.request import (
     LayerSink,
     RequestOutput,
 )
-from pdserve.engine.sampler import SampleResult
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.sequence import Sequence, SequenceStatus
 from pdserve.engine.weights import CheckpointReader, eos_token_ids, load_hf_config, resolve_dtype
@@ -169,9 +168,9 @@ class LLMEngine:
 
     # ---- internals -------------------------------------------------------------------------------------------
 
-    def _postprocess(self, batch: SchedulerOutput, sampled: SampleResult) -> list[RequestOutput]:
+    def _postprocess(self, batch: SchedulerOutput, sampled: dict[str, Sampled]) -> list[RequestOutput]:
         outputs = []
-        samples = iter(range(len(sampled.token_ids)))
+        num_sampling = 0
         for chunk in batch.chunks:
             is_last = chunk.is_last  # read before num_computed_tokens moves
             seq = chunk.seq
@@ -179,10 +178,11 @@ class LLMEngine:
             self.blocks.register_computed(seq)
             if not is_last:
                 continue
-            i = next(samples)
-            logprob = sampled.logprobs[i] if sampled.logprobs is not None else None
-            self._append_token(seq, sampled.token_ids[i], logprob)
+            num_sampling += 1
+            token = sampled[seq.request_id]  # keyed: the runner's row order is not the scheduler's
+            self._append_token(seq, token.token_id, token.logprob)
             outputs.append(self._output_after_token(seq))
+        assert num_sampling == len(sampled), "a sample for a request that did not end its known tokens"
         return outputs
 
     def _output_after_token(self, seq: Sequence) -> RequestOutput:

@@ -15,6 +15,25 @@ from pdserve.kvcache import KVCache
 
 
 @dataclass(frozen=True)
+class Sampled:
+    """The token sampled for one request in one step."""
+
+    token_id: int
+    logprob: float | None  # None unless the request asked for logprobs
+
+
+def keyed_samples(chunks: list[ScheduledChunk], result: SampleResult) -> dict[str, Sampled]:
+    """Row i of `result` belongs to `chunks[i]`: the one place where a sample meets its request."""
+    assert len(chunks) == len(result.token_ids), "one sampled row per sampling chunk"
+    out: dict[str, Sampled] = {}
+    for i, chunk in enumerate(chunks):
+        logprob = result.logprobs[i] if result.logprobs is not None and chunk.seq.sampling.logprobs else None
+        assert chunk.seq.request_id not in out, f"two rows sampled for {chunk.seq.request_id!r}"
+        out[chunk.seq.request_id] = Sampled(result.token_ids[i], logprob)
+    return out
+
+
+@dataclass(frozen=True)
 class StepInputs:
     input_ids: torch.Tensor  # [T] long
     positions: torch.Tensor  # [T] long
@@ -31,15 +50,17 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
 
     @torch.inference_mode()
-    def run(self, batch: SchedulerOutput, on_layer: Callable[[int], object] | None = None) -> SampleResult:
-        """Compute every scheduled chunk's KV; sample one token per chunk that is_last, in chunk order.
-        `on_layer(i)` runs after layer i's KV is written."""
+    def run(self, batch: SchedulerOutput, on_layer: Callable[[int], object] | None = None) -> dict[str, Sampled]:
+        """Compute every scheduled chunk's KV; sample one token per chunk that is_last. Returns the samples keyed
+        by request id: the rows are laid out in another order than the scheduler's (decodes first), so a position
+        in the batch never says whose token it is. `on_layer(i)` runs after layer i's KV is written."""
         inputs = self.prepare(batch)
         hidden = self.model.forward(inputs.input_ids, inputs.positions, self.kv, inputs.meta, on_layer)
         if not inputs.sampled_chunks:
-            return SampleResult([], None)
+            return {}
         logits = self.model.logits(hidden[inputs.sample_rows])
-        return sample(logits, [self._sample_row(c) for c in inputs.sampled_chunks])
+        result = sample(logits, [self._sample_row(c) for c in inputs.sampled_chunks])
+        return keyed_samples(inputs.sampled_chunks, result)
 
     def prepare(self, batch: SchedulerOutput) -> StepInputs:
         decodes = [c for c in batch.chunks if c.num_new_tokens == 1]
