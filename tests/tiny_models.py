@@ -165,6 +165,25 @@ def build_tiny_model(path: Path, family: str) -> Path:
     return path
 
 
+def build_tiny_variant(path: Path, family: str, seed: int, **overrides: Any) -> Path:
+    """Like :func:`build_tiny_model`, with config fields overridden (e.g. ``attention_bias=True, mlp_bias=True``
+    for a Llama whose every projection has a bias) and weights drawn from ``seed``. Deterministic; returns ``path``.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    tokenizer = build_tokenizer(path)
+    config = tiny_config(family, len(tokenizer))
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config.architectures = [_ARCHITECTURES[family]]
+    with torch.random.fork_rng(devices=[]):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomize(model, torch.Generator().manual_seed(seed))  # biases get N(0, VECTOR_STD²) like Qwen2's
+    model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    model.save_pretrained(path)
+    return path
+
+
 def build_all(root: Path) -> dict[str, Path]:
     """Build every family of :data:`FAMILIES` into ``root/<family>``; return the directories by family."""
     return {family: build_tiny_model(root / family, family) for family in FAMILIES}

@@ -1,11 +1,13 @@
 """Forward pass of Llama-family decoders (Llama, Mistral, Qwen2, Qwen3) over a flattened, paged batch.
 
 Weights are plain tensors, loaded straight from safetensors; Q/K/V and gate/up projections are fused so each
-layer runs three big matmuls instead of seven.
+layer runs three big matmuls instead of seven. The loader is strict: it reads exactly the tensors (and biases) the
+config declares and refuses a checkpoint with any tensor missing, left over, quantized or of the wrong shape.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,8 +18,10 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from pdserve.engine.attention import AttentionMetadata, paged_attention
 from pdserve.engine.linear import Linear
-from pdserve.engine.weights import CheckpointReader
+from pdserve.engine.weights import CheckpointReader, check_quantization
 from pdserve.kvcache import KVCache
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 _UNSUPPORTED_ROPE_TYPES = ("dynamic", "longrope")  # scale with the sequence length; not implemented
@@ -34,10 +38,19 @@ class ModelShape:
     rms_norm_eps: float
     max_position_embeddings: int
     has_qk_norm: bool
+    intermediate_size: int = 0
+    # Biases, as transformers' module for the architecture creates them from the config.
+    qkv_bias: bool = False  # Qwen2 always; Llama and Qwen3 with attention_bias
+    o_bias: bool = False  # Llama and Qwen3 with attention_bias
+    mlp_bias: bool = False  # Llama with mlp_bias: gate, up and down
 
     @classmethod
     def from_hf(cls, config: PretrainedConfig) -> ModelShape:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        arch = (config.architectures or [""])[0]
+        attention_bias = arch in ("LlamaForCausalLM", "Qwen3ForCausalLM") and bool(
+            getattr(config, "attention_bias", False)
+        )
         return cls(
             num_layers=config.num_hidden_layers,
             hidden_size=config.hidden_size,
@@ -47,20 +60,24 @@ class ModelShape:
             vocab_size=config.vocab_size,
             rms_norm_eps=config.rms_norm_eps,
             max_position_embeddings=config.max_position_embeddings,
-            has_qk_norm=(config.architectures or [""])[0] == "Qwen3ForCausalLM",
+            has_qk_norm=arch == "Qwen3ForCausalLM",
+            intermediate_size=config.intermediate_size,
+            qkv_bias=attention_bias or arch == "Qwen2ForCausalLM",
+            o_bias=attention_bias,
+            mlp_bias=arch == "LlamaForCausalLM" and bool(getattr(config, "mlp_bias", False)),
         )
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [hidden]
-    qkv: Linear  # hidden -> (H + 2 H_kv) D, with the bias where the checkpoint has one (Qwen2)
+    qkv: Linear  # hidden -> (H + 2 H_kv) D; fused bias where the config declares one (Qwen2, attention_bias)
     q_norm: torch.Tensor | None  # [D], Qwen3
     k_norm: torch.Tensor | None
-    o: Linear  # H D -> hidden
+    o: Linear  # H D -> hidden; bias with attention_bias (Llama, Qwen3)
     post_norm: torch.Tensor
-    gate_up: Linear  # hidden -> 2 intermediate
-    down: Linear  # intermediate -> hidden
+    gate_up: Linear  # hidden -> 2 intermediate; fused bias with mlp_bias (Llama)
+    down: Linear  # intermediate -> hidden; bias with mlp_bias
 
 
 def check_supported(config: PretrainedConfig) -> None:
@@ -68,6 +85,7 @@ def check_supported(config: PretrainedConfig) -> None:
     arch = (config.architectures or ["<none>"])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r}; pdserve supports {', '.join(SUPPORTED_ARCHITECTURES)}")
+    check_quantization(config)
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; only silu is implemented")
     rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
@@ -103,28 +121,78 @@ class CausalLM:
         self.norm = torch.empty(0)
         self.layers: list[LayerWeights] = []
 
+    def tensor_shapes(self, tie_word_embeddings: bool) -> dict[str, tuple[int, ...]]:
+        """Every tensor the config declares, by checkpoint name, with its shape: exactly what `load` reads."""
+        s = self.shape
+        hidden, inter = s.hidden_size, s.intermediate_size
+        q_out, kv_out = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        shapes: dict[str, tuple[int, ...]] = {
+            "model.embed_tokens.weight": (s.vocab_size, hidden),
+            "model.norm.weight": (hidden,),
+        }
+        if not tie_word_embeddings:
+            shapes["lm_head.weight"] = (s.vocab_size, hidden)
+        for i in range(s.num_layers):
+            layer, attn, mlp = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+            shapes[layer + "input_layernorm.weight"] = (hidden,)
+            shapes[layer + "post_attention_layernorm.weight"] = (hidden,)
+            projections = {
+                attn + "q_proj": (q_out, hidden, s.qkv_bias),
+                attn + "k_proj": (kv_out, hidden, s.qkv_bias),
+                attn + "v_proj": (kv_out, hidden, s.qkv_bias),
+                attn + "o_proj": (hidden, q_out, s.o_bias),
+                mlp + "gate_proj": (inter, hidden, s.mlp_bias),
+                mlp + "up_proj": (inter, hidden, s.mlp_bias),
+                mlp + "down_proj": (hidden, inter, s.mlp_bias),
+            }
+            for name, (out_features, in_features, bias) in projections.items():
+                shapes[name + ".weight"] = (out_features, in_features)
+                if bias:
+                    shapes[name + ".bias"] = (out_features,)
+            if s.has_qk_norm:
+                shapes[attn + "q_norm.weight"] = (s.head_dim,)
+                shapes[attn + "k_norm.weight"] = (s.head_dim,)
+        return shapes
+
     def load(self, reader: CheckpointReader, tie_word_embeddings: bool) -> None:
-        get = reader.get
+        """Read every tensor the config declares; ValueError (before reading any) if the checkpoint lacks one or
+        holds one this model would not use, and while reading if one has another shape or a non-float dtype."""
+        shapes = self.tensor_shapes(tie_word_embeddings)
+        # A tied checkpoint may still carry lm_head.weight; transformers then uses it (untied) if it differs.
+        reader.check_names(shapes, optional=["lm_head.weight"] if tie_word_embeddings else [])
+
+        def get(name: str) -> torch.Tensor:
+            return reader.get(name, shapes[name])
+
         self.embed = get("model.embed_tokens.weight")
         self.norm = get("model.norm.weight")
-        self.lm_head = Linear(self.embed if tie_word_embeddings else get("lm_head.weight"))
-        self.layers = [self._load_layer(reader, f"model.layers.{i}.") for i in range(self.shape.num_layers)]
+        lm_head = self.embed
+        if not tie_word_embeddings:
+            lm_head = get("lm_head.weight")
+        elif reader.has("lm_head.weight"):
+            stored = reader.get("lm_head.weight", shapes["model.embed_tokens.weight"])
+            if not torch.equal(stored, self.embed):
+                logger.warning("tie_word_embeddings is set but lm_head.weight differs from the embeddings: using it")
+                lm_head = stored
+        self.lm_head = Linear(lm_head)
+        self.layers = [self._load_layer(get, f"model.layers.{i}.") for i in range(self.shape.num_layers)]
 
-    def _load_layer(self, reader: CheckpointReader, prefix: str) -> LayerWeights:
-        get, attn, mlp = reader.get, prefix + "self_attn.", prefix + "mlp."
-        qkv_bias = None
-        if reader.has(attn + "q_proj.bias"):
-            qkv_bias = torch.cat([get(attn + f"{p}_proj.bias") for p in "qkv"])
-        has_norm = self.shape.has_qk_norm
+    def _load_layer(self, get: Callable[[str], torch.Tensor], prefix: str) -> LayerWeights:
+        attn, mlp, s = prefix + "self_attn.", prefix + "mlp.", self.shape
+
+        def fused(names: list[str], bias: bool) -> Linear:
+            weight = torch.cat([get(name + ".weight") for name in names])
+            return Linear(weight, torch.cat([get(name + ".bias") for name in names]) if bias else None)
+
         return LayerWeights(
             input_norm=get(prefix + "input_layernorm.weight"),
-            qkv=Linear(torch.cat([get(attn + f"{p}_proj.weight") for p in "qkv"]), qkv_bias),
-            q_norm=get(attn + "q_norm.weight") if has_norm else None,
-            k_norm=get(attn + "k_norm.weight") if has_norm else None,
-            o=Linear(get(attn + "o_proj.weight")),
+            qkv=fused([attn + f"{p}_proj" for p in "qkv"], s.qkv_bias),
+            q_norm=get(attn + "q_norm.weight") if s.has_qk_norm else None,
+            k_norm=get(attn + "k_norm.weight") if s.has_qk_norm else None,
+            o=fused([attn + "o_proj"], s.o_bias),
             post_norm=get(prefix + "post_attention_layernorm.weight"),
-            gate_up=Linear(torch.cat([get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")])),
-            down=Linear(get(mlp + "down_proj.weight")),
+            gate_up=fused([mlp + "gate_proj", mlp + "up_proj"], s.mlp_bias),
+            down=fused([mlp + "down_proj"], s.mlp_bias),
         )
 
     def forward(

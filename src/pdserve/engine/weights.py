@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -50,12 +51,45 @@ def eos_token_ids(path: str | Path, config: PretrainedConfig) -> tuple[int, ...]
     return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
 
 
+# Storage dtypes a weight may have on disk: anything else (int8, uint8, float8, ...) is quantized or packed data
+# that a plain cast to the compute dtype would silently corrupt.
+_FLOAT_STORAGE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+_MAX_LISTED = 5  # names listed in an error message
+
+
+def _listing(names: Iterable[str]) -> str:
+    names = sorted(names)
+    shown = ", ".join(repr(n) for n in names[:_MAX_LISTED])
+    return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
+
+
+def check_quantization(config: PretrainedConfig) -> None:
+    """Raise ValueError for a quantized checkpoint: its tensors are not plain weights of the declared shapes."""
+    for key in ("quantization_config", "compression_config"):
+        quant = getattr(config, key, None)
+        if quant:
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+            raise ValueError(
+                f"quantized checkpoints are not supported ({key} with quant_method {str(method)!r}); "
+                "use an unquantized float32/float16/bfloat16 checkpoint"
+            )
+
+
+def _ignored(name: str) -> bool:
+    """Tensors some checkpoints carry that hold nothing the config does not already say."""
+    return name.endswith("rotary_emb.inv_freq")  # old Llama exports: recomputed from the rope config
+
+
 class CheckpointReader:
-    """Tensors of a (possibly sharded) safetensors checkpoint, converted to one dtype and device on read."""
+    """Tensors of a (possibly sharded) safetensors checkpoint, converted to one dtype and device on read.
+
+    Strict: `check_names` refuses a checkpoint whose tensors are not exactly the ones the model reads (nothing is
+    silently dropped or left uninitialized), and `get` refuses non-float storage and unexpected shapes.
+    """
 
     def __init__(self, path: str | Path, dtype: torch.dtype, device: torch.device) -> None:
         self.dtype, self.device = dtype, device
-        root = Path(path)
+        self.root = root = Path(path)
         index = root / "model.safetensors.index.json"
         if index.is_file():
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
@@ -69,8 +103,40 @@ class CheckpointReader:
     def has(self, name: str) -> bool:
         return name in self._file_of
 
-    def get(self, name: str) -> torch.Tensor:
+    def check_names(self, required: Iterable[str], optional: Iterable[str] = ()) -> None:
+        """Raise ValueError unless the checkpoint holds every `required` tensor and nothing beyond `required`,
+        `optional` and tensors known to be redundant (rotary inv_freq buffers)."""
+        required = set(required)
+        missing = required - self._file_of.keys()
+        unexpected = {n for n in self._file_of.keys() - required - set(optional) if not _ignored(n)}
+        if not missing and not unexpected:
+            return
+        problems = []
+        if missing:
+            problems.append(f"missing {len(missing)} tensor(s) the config requires: {_listing(missing)}")
+        if unexpected:
+            problems.append(
+                f"{len(unexpected)} tensor(s) this model does not use, which pdserve will not silently drop: "
+                f"{_listing(unexpected)}"
+            )
+        raise ValueError(
+            f"checkpoint {self.root} does not match its config.json: {'; '.join(problems)} "
+            "(quantized, adapter or unsupported-architecture checkpoints are refused)"
+        )
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The tensor `name` in this reader's dtype and device; ValueError if it is absent, not stored as a float,
+        or (when `shape` is given) of another shape."""
         if name not in self._file_of:
-            raise ValueError(f"checkpoint lacks tensor {name!r}")
+            raise ValueError(f"checkpoint {self.root} lacks tensor {name!r}")
         with safe_open(self._file_of[name], framework="pt") as f:
+            stored = f.get_slice(name)
+            storage, stored_shape = stored.get_dtype(), tuple(stored.get_shape())
+            if storage not in _FLOAT_STORAGE:
+                raise ValueError(
+                    f"tensor {name!r} is stored as {storage}; only {', '.join(_FLOAT_STORAGE.values())} weights load "
+                    "(quantized checkpoints are not supported)"
+                )
+            if shape is not None and stored_shape != shape:
+                raise ValueError(f"tensor {name!r} has shape {list(stored_shape)}; the config implies {list(shape)}")
             return f.get_tensor(name).to(device=self.device, dtype=self.dtype).contiguous()
