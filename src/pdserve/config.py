@@ -25,6 +25,11 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     # Allocate the KV tensors in this shared-memory file so same-node peers can write blocks into them directly.
     shared_path: str | None = None
+    # A prefill-only result nobody releases (its caller died) is released after this long: the reaper's backstop.
+    held_ttl_s: float = 60.0
+    # After a reservation's write permits are revoked, its blocks stay unused this long past the last moment a
+    # writer may have started a layer (a layer write in flight then lands in blocks no one else uses yet).
+    fence_grace_s: float = 1.0
 
 
 @dataclass(frozen=True)

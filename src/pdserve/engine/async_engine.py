@@ -11,7 +11,9 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any, TypeVar
 
 from pdserve.engine.engine import LLMEngine
@@ -20,6 +22,7 @@ from pdserve.engine.request import EngineRequest, EngineStats, KVReservation, La
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _IDLE_WAIT_S = 0.05
+_REAP_PERIOD_S = 0.25
 
 
 class EngineDeadError(RuntimeError):
@@ -39,10 +42,14 @@ class AsyncEngine:
 
     # ---- called from the event loop ---------------------------------------------------------------------------
 
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(*args)` on the engine thread between two steps and return its result."""
+    async def call(self, fn: Callable[..., T], *args: Any, undo: Callable[[T], object] | None = None) -> T:
+        """Run `fn(*args)` on the engine thread between two steps and return its result.
+        `undo(result)`: what compensates `fn` when the caller is cancelled before it gets the result — `fn` may
+        have run or still run (the command is queued), so the undo is queued behind it and runs on the engine
+        thread only if `fn` succeeded. Every call that allocates passes one: a cancelled caller leaks nothing."""
         loop = self._ensure_started()
         future: asyncio.Future[T] = loop.create_future()
+        results: list[T] = []  # touched on the engine thread only
 
         def run() -> None:
             try:
@@ -50,10 +57,16 @@ class AsyncEngine:
             except BaseException as e:  # handed to the caller, not swallowed
                 loop.call_soon_threadsafe(_set_exception, future, e)
             else:
+                results.append(result)
                 loop.call_soon_threadsafe(_set_result, future, result)
 
         self._submit(run)
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if undo is not None:
+                self._submit(lambda: [undo(r) for r in results])  # FIFO: after `run`, whenever that runs
+            raise
 
     async def generate(
         self, request: EngineRequest, prefill_only: bool = False, layer_sink: LayerSink | None = None
@@ -62,7 +75,8 @@ class AsyncEngine:
         `layer_sink`: see `LLMEngine.add_request` (it is called on the engine thread)."""
         stream = self._open_stream(request.request_id)
         try:
-            await self.call(self.engine.add_request, request, prefill_only, layer_sink)
+            undo = partial(_abort_quietly, self.engine, request.request_id)
+            await self.call(self.engine.add_request, request, prefill_only, layer_sink, undo=undo)
         except BaseException:
             self._streams.pop(request.request_id, None)
             raise
@@ -75,7 +89,8 @@ class AsyncEngine:
         """Commit a reservation and stream the decoded tokens that follow `first_token_id`."""
         stream = self._open_stream(request_id)
         try:
-            final = await self.call(self.engine.commit, request_id, first_token_id, first_logprob)
+            undo = partial(_abort_quietly, self.engine, request_id)
+            final = await self.call(self.engine.commit, request_id, first_token_id, first_logprob, undo=undo)
         except BaseException:
             self._streams.pop(request_id, None)
             raise
@@ -86,15 +101,20 @@ class AsyncEngine:
         async for out in self._drain(request_id, stream):
             yield out
 
-    async def reserve(self, request: EngineRequest) -> KVReservation | None:
-        return await self.call(self.engine.reserve, request)
+    async def reserve(self, request: EngineRequest, lease_s: float) -> KVReservation | None:
+        """A reservation; if the caller is cancelled meanwhile, it is aborted (no writer ever learned of it)."""
+        undo = partial(_abort_quietly, self.engine, request.request_id)
+        return await self.call(self.engine.reserve, request, lease_s, undo=undo)
+
+    async def renew(self, request_id: str, lease_s: float) -> bool:
+        return await self.call(self.engine.renew, request_id, lease_s)
 
     async def release(self, request_id: str) -> None:
         await self.call(self.engine.release, request_id)
 
-    def abort(self, request_id: str) -> None:
-        """Abort without waiting (safe from `finally` blocks of cancelled tasks)."""
-        self._submit(lambda: self.engine.abort(request_id))
+    def abort(self, request_id: str, may_be_written: bool = False) -> None:
+        """Abort without waiting (safe from `finally` blocks of cancelled tasks); see `LLMEngine.abort`."""
+        self._submit(lambda: self.engine.abort(request_id, may_be_written))
 
     async def stats(self) -> EngineStats:
         return await self.call(self.engine.stats)
@@ -142,9 +162,13 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def _run(self) -> None:
+        next_reap = 0.0
         try:
             while not self._stopped:
                 self._run_commands()
+                if time.monotonic() >= next_reap:
+                    self.engine.reap()
+                    next_reap = time.monotonic() + _REAP_PERIOD_S
                 if self.engine.has_unfinished():
                     self._publish(self.engine.step())
                 else:
@@ -174,6 +198,10 @@ class AsyncEngine:
         assert self._loop is not None
         for stream in list(self._streams.values()):
             self._loop.call_soon_threadsafe(stream.put_nowait, EngineDeadError(str(error)))
+
+
+def _abort_quietly(engine: LLMEngine, request_id: str, _result: object) -> None:
+    engine.abort(request_id)
 
 
 def _set_result(future: asyncio.Future[T], result: T) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from functools import partial
 
 import torch
@@ -28,6 +29,7 @@ from pdserve.engine.request import (
     LayerSink,
     RequestOutput,
 )
+from pdserve.engine.reservations import Reservations
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.sequence import Sequence, SequenceStatus
 from pdserve.engine.weights import CheckpointReader, eos_token_ids, load_hf_config, resolve_dtype
@@ -55,8 +57,8 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self.num_preemptions = 0  # total, for stats and tests
-        self._epochs = itertools.count(1)
-        self._reservation_epochs: dict[str, int] = {}
+        self.reservations = Reservations(self.kv, self.layout.block_size, config.cache.fence_grace_s)
+        self.num_reaped_leases = self.num_reaped_held = self.num_fenced_aborts = 0  # since start
         logger.info(
             "engine ready: %s %s, %d KV blocks of %d tokens",
             (hf_config.architectures or ["?"])[0],
@@ -83,10 +85,13 @@ class LLMEngine:
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)
 
-    def reserve(self, request: EngineRequest) -> KVReservation | None:
+    def reserve(self, request: EngineRequest, lease_s: float = 30.0) -> KVReservation | None:
         """Hold blocks for `request`'s prompt, reusing cached prefix blocks; None when the pool lacks room.
-        The caller writes the KV of every block past `num_cached_tokens`, then calls `commit`."""
+        The caller writes the KV of every block past `num_cached_tokens` within `lease_s` (renewable), then calls
+        `commit`; a reservation neither committed nor aborted by then is revoked by `reap`."""
         self._validate(request)
+        if not lease_s > 0:
+            raise ValueError("a reservation's lease must be a positive number of seconds")
         seq = Sequence(request, next(self._arrivals))
         num_prompt = seq.num_prompt_tokens
         cached = self.blocks.match_prefix(seq, max_tokens=num_prompt)
@@ -95,22 +100,25 @@ class LLMEngine:
         seq.num_cached_tokens = seq.num_computed_tokens = len(cached) * self.layout.block_size
         seq.status = SequenceStatus.HELD
         self._seqs[request.request_id] = seq
-        epoch = self._reservation_epochs[request.request_id] = next(self._epochs)
-        return KVReservation(request.request_id, tuple(seq.block_ids), seq.num_cached_tokens, epoch)
+        held = self.reservations.grant(seq, lease_s, time.monotonic())
+        return KVReservation(request.request_id, tuple(seq.block_ids), seq.num_cached_tokens, held.epoch, lease_s)
+
+    def renew(self, request_id: str, lease_s: float) -> bool:
+        """Extend an open reservation's lease to `lease_s` from now; False if it is not open (any more)."""
+        return self.reservations.renew(request_id, lease_s, time.monotonic())
 
     def commit(self, request_id: str, first_token_id: int, first_logprob: float | None = None) -> RequestOutput | None:
         """Start decoding a reserved request whose prompt KV is now in its blocks, continuing after
         `first_token_id`. Returns a final output if that token already ends the request, else None.
         Raises ValueError if there is no such reservation, or if a block past the cached prefix does not carry
         the reservation's epoch (its KV never fully arrived): the reservation stays, for the caller to abort."""
-        seq = self._seqs.get(request_id)
-        if seq is None or request_id not in self._reservation_epochs:
+        reservation = self.reservations.open.get(request_id)
+        if reservation is None:
             raise ValueError(f"request {request_id!r} has no open reservation")
-        epoch = self._reservation_epochs[request_id]
-        missing = seq.block_ids[seq.num_cached_tokens // self.layout.block_size :]
-        if missing and not bool((self.kv.block_epochs[missing] == epoch).all()):
-            raise ValueError(f"request {request_id!r}: KV transfer incomplete (epoch {epoch} not on every block)")
-        del self._reservation_epochs[request_id]
+        if not self.reservations.is_complete(reservation):
+            raise ValueError(f"request {request_id!r}: KV transfer incomplete (its epoch is not on every block)")
+        self.reservations.revoke(request_id)  # from here on no writer may touch its blocks
+        seq = reservation.seq
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.blocks.register_computed(seq)
         self._append_token(seq, first_token_id, first_logprob)
@@ -122,19 +130,44 @@ class LLMEngine:
     def release(self, request_id: str) -> None:
         """Free the blocks a finished prefill-only request holds (they stay in the prefix cache)."""
         seq = self._seqs.get(request_id)
-        if seq is None or seq.status is not SequenceStatus.HELD:
-            raise ValueError(f"request {request_id!r} holds no blocks")
+        if seq is None or seq.status is not SequenceStatus.HELD or request_id in self.reservations.open:
+            raise ValueError(f"request {request_id!r} holds no prefill result")
         self._free(seq)
 
-    def abort(self, request_id: str) -> bool:
-        """Stop a request at any stage and free everything it holds; False if it is unknown or already done."""
+    def abort(self, request_id: str, may_be_written: bool = False) -> bool:
+        """Stop a request at any stage and free everything it holds; False if it is unknown or already done.
+        `may_be_written`: an open reservation's writer may still be mid-transfer (its state is unknown): the
+        permits are revoked at once, and the blocks are freed only once no write of it can land any more."""
         seq = self._seqs.get(request_id)
         if seq is None:
             return False
         self.scheduler.remove(seq)
         seq.finish_reason = FinishReason.ABORT
-        self._free(seq)
+        reservation = self.reservations.revoke(request_id)
+        if reservation is not None and may_be_written:
+            self.num_fenced_aborts += 1
+            self._quarantine(seq, reservation.expires_at)
+        else:
+            self._free(seq)
         return True
+
+    def reap(self) -> None:
+        """The backstop for callers that vanished: revoke reservations past their lease, release prefill-only
+        results held past `held_ttl_s`, and free quarantined blocks whose writers can no longer land."""
+        now = time.monotonic()
+        for request_id in self.reservations.expired(now):
+            logger.warning("reservation %s expired uncommitted; its blocks are fenced, then freed", request_id)
+            self.num_reaped_leases += 1
+            self.reservations.revoke(request_id)
+            self._quarantine(self._seqs[request_id], now)
+        ttl_s = self.config.cache.held_ttl_s
+        for seq in [s for s in self._seqs.values() if s.is_prefill_only and s.status is SequenceStatus.HELD]:
+            if now - seq.held_at > ttl_s:
+                logger.warning("prefill result %s held for %.0f s, never released; releasing", seq.request_id, ttl_s)
+                self.num_reaped_held += 1
+                self._free(seq)
+        for seq in self.reservations.release_due(now):
+            self.blocks.free(seq)
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and report every request that produced a token or finished."""
@@ -161,6 +194,11 @@ class LLMEngine:
             num_waiting=len(self.scheduler.waiting),
             num_held=held,
             num_preemptions=self.num_preemptions,
+            num_reserved_blocks=self.reservations.num_reserved_blocks,
+            num_fenced_blocks=self.reservations.num_fenced_blocks,
+            num_reaped_leases=self.num_reaped_leases,
+            num_reaped_held=self.num_reaped_held,
+            num_fenced_aborts=self.num_fenced_aborts,
         )
 
     def kv_events_since(self, seq: int, incarnation: str | None = None) -> KVEventBatch:
@@ -189,9 +227,7 @@ class LLMEngine:
         if seq.finish_reason is not None:
             return self._finish(seq, num_new=1)
         if seq.is_prefill_only:
-            self.scheduler.remove(seq)
-            seq.status = SequenceStatus.HELD
-            return self._output(seq, 1, kv_block_ids=tuple(seq.block_ids))
+            return self._hold(seq, 1)
         return self._output(seq, 1)
 
     def _append_token(self, seq: Sequence, token_id: int, logprob: float | None) -> None:
@@ -208,12 +244,23 @@ class LLMEngine:
     def _finish(self, seq: Sequence, num_new: int = 1) -> RequestOutput:
         """Final output of a request; a prefill-only one keeps its blocks for the caller to read and release."""
         if seq.is_prefill_only:
-            self.scheduler.remove(seq)
-            seq.status = SequenceStatus.HELD
-            return self._output(seq, num_new, kv_block_ids=tuple(seq.block_ids))
+            return self._hold(seq, num_new)
         self.scheduler.remove(seq)
         self._free(seq)
         return self._output(seq, num_new)
+
+    def _hold(self, seq: Sequence, num_new: int) -> RequestOutput:
+        """A prefill-only request's result: its blocks stay held for the caller to read and `release`."""
+        self.scheduler.remove(seq)
+        seq.status = SequenceStatus.HELD
+        seq.held_at = time.monotonic()
+        return self._output(seq, num_new, kv_block_ids=tuple(seq.block_ids))
+
+    def _quarantine(self, seq: Sequence, until: float) -> None:
+        """Out of the engine now, its blocks freed only after `until` plus the grace (see reservations.py)."""
+        seq.status = SequenceStatus.FINISHED
+        del self._seqs[seq.request_id]
+        self.reservations.quarantine(seq, until)
 
     def _output(self, seq: Sequence, num_new: int, kv_block_ids: tuple[int, ...] | None = None) -> RequestOutput:
         new_ids = seq.token_ids[seq.num_tokens - num_new :]
@@ -230,28 +277,30 @@ class LLMEngine:
         )
 
     def _free(self, seq: Sequence) -> None:
-        self._reservation_epochs.pop(seq.request_id, None)
         self.blocks.free(seq)
         seq.status = SequenceStatus.FINISHED
         del self._seqs[seq.request_id]
 
     def _validate(self, request: EngineRequest) -> None:
+        """InvalidRequestError for the client's input; a reused request id (ids are the server's) is a ValueError."""
+        from pdserve.engine.request import InvalidRequestError
+
         if request.request_id in self._seqs:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         num_prompt = len(request.prompt_token_ids)
         if num_prompt == 0:
-            raise ValueError("prompt is empty")
+            raise InvalidRequestError("prompt is empty")
         if num_prompt >= self.max_model_len:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"prompt has {num_prompt} tokens; this model's context is {self.max_model_len} tokens "
                 "and at least one must be left for output"
             )
         vocab = self.model.shape.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
         request.sampling.validate()
         if any(t >= vocab for t in request.sampling.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})")
 
     def _kv_layout(self, dtype: torch.dtype) -> KVLayout:
         cache, shape = self.config.cache, self.model.shape

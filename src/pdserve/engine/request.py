@@ -8,6 +8,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
+class InvalidRequestError(ValueError):
+    """The request itself is invalid (the client's input): its message names the problem and is safe to show the
+    client. Every other exception out of the engine is the server's fault."""
+
+
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # a stop token (EOS or stop_token_ids) was sampled
     LENGTH = "length"  # max_tokens reached, or the context is full
@@ -31,19 +36,19 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def validate(self) -> None:
-        """Raise ValueError naming the first invalid field."""
+        """Raise InvalidRequestError naming the first invalid field."""
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+            raise InvalidRequestError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+            raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
-            raise ValueError(f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}")
+            raise InvalidRequestError(f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}")
         if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+            raise InvalidRequestError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if any(t < 0 for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be non-negative token ids")
+            raise InvalidRequestError("stop_token_ids must be non-negative token ids")
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class KVReservation:
     # are prefix-cache hits that already hold the right KV, the rest must be written before commit()
     num_cached_tokens: int
     epoch: int  # a writer stamps it on each block it completes (KVCache.block_epochs); commit() checks every one
+    lease_s: float = 0.0  # a duration (never a wall-clock time): writes and commit must come within it, unless renewed
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,11 @@ class EngineStats:
     num_waiting: int
     num_held: int  # prefill-only results and reservations holding blocks
     num_preemptions: int  # since start: sequences preempted (recomputed later) for lack of blocks
+    num_reserved_blocks: int = 0  # blocks of open reservations (KV being written from outside)
+    num_fenced_blocks: int = 0  # blocks of revoked reservations, unusable until a stray write can no longer land
+    num_reaped_leases: int = 0  # since start: reservations nobody committed or aborted before their lease ended
+    num_reaped_held: int = 0  # since start: prefill-only results nobody released within held_ttl_s
+    num_fenced_aborts: int = 0  # since start: reservations aborted while a writer might still write
 
 
 class LayerSink(Protocol):

@@ -35,6 +35,7 @@ class Sequence:
         self.logprobs: list[float] = []
         self.finish_reason: FinishReason | None = None
         self.layer_sink: LayerSink | None = None  # told when each layer of the prompt's KV is written
+        self.held_at = 0.0  # time.monotonic() it became HELD (a prefill-only result): the reaper's clock
 
     @property
     def request_id(self) -> str:

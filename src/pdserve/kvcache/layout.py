@@ -14,6 +14,13 @@ b. A writer stamps a block only after every layer of it, K and V, is written; th
 only if every block it did not already hold carries the reservation's epoch, so it never decodes from partial KV
 (a transfer that dies midway leaves its blocks unstamped, and a stale epoch never matches a newer reservation).
 
+Write permits (the fence): `block_owners[b]` holds the epoch of the live reservation allowed to write block b (0:
+none) and `block_write_until_ns[b]` the `time.monotonic_ns()` after which even that one may not. The owner grants
+them at reserve (`open_writes`) and revokes them at commit or abort (`close_writes`); every writer checks them before
+each layer it writes (`writable_until`) and never writes past the deadline, so a late or stray writer cannot touch
+blocks that were freed and reused. In shared memory the permits are shared too: a same-node writer checks them
+against the same monotonic clock (CLOCK_MONOTONIC is per machine).
+
 Shared memory: with `shared_path` (on a tmpfs, e.g. /dev/shm), one file holds a small header, the stamps and every
 layer's K and V, mapped once; `k[l]` and `v[l]` are views into it. The owner unlinks the file right after creating
 it and keeps only an open descriptor, so nothing is left in /dev/shm even if it is SIGKILLed or OOM-killed: the
@@ -32,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-_MAGIC = b"PDKVSHM1"
+_MAGIC = b"PDKVSHM2"
 # magic, then num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype name, owner pid, cache id
 _HEADER = struct.Struct("<8s5q16sq16s")
 _PAGE = 4096  # the stamps and the K/V tensors start on page boundaries
@@ -76,11 +83,13 @@ class KVCache:
             flat = torch.zeros(_num_elements(layout), dtype=layout.dtype, device=device)
             # Beside the KV: a same-GPU peer (CUDA IPC) writes the stamps after the blocks, on the same stream.
             self.block_epochs = torch.zeros(layout.num_blocks, dtype=torch.int64, device=device)
+            permits: torch.Tensor | None = torch.zeros(2, layout.num_blocks, dtype=torch.int64)  # host: checked there
         else:
             assert torch.device(device).type == "cpu", "shared-memory KV lives in host memory"
             self._fd, self.shared_id = _create(layout, shared_path)
             self.shared_address = f"/proc/{os.getpid()}/fd/{self._fd}"
-            flat, self.block_epochs = _map(layout, self._fd)
+            flat, self.block_epochs, permits = _map(layout, self._fd)
+        self._set_permits(permits)
         self._split(flat)
 
     @classmethod
@@ -90,22 +99,59 @@ class KVCache:
         fd = os.open(address, os.O_RDWR)
         try:
             shared_id = _check_header(os.pread(fd, _HEADER.size, 0), layout, address)
-            flat, epochs = _map(layout, fd)
+            flat, epochs, permits = _map(layout, fd)
         finally:
             os.close(fd)  # the mapping holds the memory; the descriptor is not needed any more
-        cache = cls.from_tensors(layout, flat, epochs)
+        cache = cls.from_tensors(layout, flat, epochs, permits)
         cache.shared_address, cache.shared_id = address, shared_id
         return cache
 
     @classmethod
-    def from_tensors(cls, layout: KVLayout, flat: torch.Tensor, block_epochs: torch.Tensor) -> KVCache:
+    def from_tensors(
+        cls, layout: KVLayout, flat: torch.Tensor, block_epochs: torch.Tensor, permits: torch.Tensor | None = None
+    ) -> KVCache:
         """A view of another process's cache over tensors already mapped here (shared memory, CUDA IPC); owns
-        nothing."""
+        nothing. `permits` (`[2, num_blocks]`: owners, deadlines): None where the writer cannot see them (CUDA IPC)."""
         cache = cls.__new__(cls)
         cache.layout, cache.shared_path, cache.shared_address, cache.shared_id = layout, None, None, None
         cache._fd, cache.block_epochs = None, block_epochs
+        cache._set_permits(permits)
         cache._split(flat)
         return cache
+
+    # ---- the write fence (see the module docstring) ----------------------------------------------------------
+
+    def open_writes(self, block_ids: list[int], epoch: int, until_ns: int) -> None:
+        """Owner: let the writer of `epoch` write `block_ids` until `time.monotonic_ns()` reaches `until_ns`."""
+        if self.block_owners is not None and block_ids:
+            self.block_write_until_ns[block_ids] = until_ns  # deadline first: a writer never sees a stale one
+            self.block_owners[block_ids] = epoch
+
+    def close_writes(self, block_ids: list[int]) -> None:
+        """Owner: revoke every write permit on `block_ids` (commit, abort, lease expiry)."""
+        if self.block_owners is not None and block_ids:
+            self.block_owners[block_ids] = 0
+            self.block_write_until_ns[block_ids] = 0
+
+    def writable_until_ns(self, block_ids: list[int], epoch: int) -> int | None:
+        """Writer: the monotonic deadline (ns) of the writes of `epoch` into `block_ids`, or None when some block is
+        not (any more) open to that epoch — the writer must then write nothing. Always open where the permits are
+        not visible (`has_fence` False)."""
+        if self.block_owners is None:
+            return 1 << 62
+        if not block_ids:
+            return None
+        if not bool((self.block_owners[block_ids] == epoch).all()):
+            return None
+        return int(self.block_write_until_ns[block_ids].min())
+
+    @property
+    def has_fence(self) -> bool:
+        return self.block_owners is not None
+
+    def _set_permits(self, permits: torch.Tensor | None) -> None:
+        self.block_owners: torch.Tensor | None = None if permits is None else permits[0]
+        self.block_write_until_ns: torch.Tensor = torch.zeros(0, dtype=torch.int64) if permits is None else permits[1]
 
     @property
     def is_shared(self) -> bool:
@@ -150,8 +196,13 @@ def _round_up(num_bytes: int) -> int:
 
 
 def _file_bytes(layout: KVLayout) -> int:
-    """Header page, stamps (page-padded), then K/V: [num_layers, 2, num_blocks, block_size, heads, head_dim]."""
-    return _PAGE + _round_up(8 * layout.num_blocks) + _num_elements(layout) * _elem_size(layout.dtype)
+    """Header page, stamps (epochs, owners, write deadlines; page-padded), then K/V:
+    [num_layers, 2, num_blocks, block_size, heads, head_dim]."""
+    return _PAGE + _stamp_bytes(layout) + _num_elements(layout) * _elem_size(layout.dtype)
+
+
+def _stamp_bytes(layout: KVLayout) -> int:
+    return _round_up(3 * 8 * layout.num_blocks)
 
 
 def _describe(layout: KVLayout) -> dict[str, int | str]:
@@ -196,14 +247,15 @@ def _check_header(header: bytes, layout: KVLayout, address: str) -> str:
     return str(shared_id.decode())
 
 
-def _map(layout: KVLayout, fd: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The K/V elements and the stamps of the shared file behind `fd`, as tensors over one shared mapping."""
+def _map(layout: KVLayout, fd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The K/V elements, the arrival stamps and the write permits (`[2, num_blocks]`) of the shared file behind
+    `fd`, as tensors over one shared mapping."""
     size = _file_bytes(layout)
     if os.fstat(fd).st_size != size:
         raise ValueError(f"shared KV file is {os.fstat(fd).st_size} bytes, its layout needs {size}")
     # MAP_POPULATE: fault the page tables in once now rather than on the first transfer into each page.
     memory = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
     raw = torch.frombuffer(memory, dtype=torch.uint8)  # keeps `memory` alive as long as any view of it lives
-    epochs = raw[_PAGE : _PAGE + 8 * layout.num_blocks].view(torch.int64)
-    flat = raw[_PAGE + _round_up(8 * layout.num_blocks) :].view(layout.dtype)
-    return flat, epochs
+    stamps = raw[_PAGE : _PAGE + 3 * 8 * layout.num_blocks].view(torch.int64).view(3, layout.num_blocks)
+    flat = raw[_PAGE + _stamp_bytes(layout) :].view(layout.dtype)
+    return flat, stamps[0], stamps[1:]

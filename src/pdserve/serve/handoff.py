@@ -2,12 +2,14 @@
 
 reserve on a decode replica -> prefill (which pushes only the blocks the decode replica lacks) -> commit and stream
 from the same decode replica; or, when the router chose local mode, the decode replica prefills and decodes alone.
-Whatever happens after the reservation, it is released exactly once: by the stream's end, by commit failure, or
-by an explicit abort (client gone, prefill failed).
 
-The reserve and the prefill are shielded from the client's cancellation: a reservation the ingress never learned
-of would leak until its lease, and a prefill replica may still be writing into reserved blocks — freeing them
-before it returns could let a stale writer overwrite blocks already handed to another request.
+Ownership under cancellation. Starlette and Serve cancel with a plain `task.cancel()`, which reaches any `await`, so
+the part that allocates — reserve, then prefill into the reservation — runs as a task of its own
+(`_reserve_and_prefill`) that the client's cancellation never reaches: the client going away only signals, and the
+task's done-callback frees the reservation once the prefill call has ended, when no writer can touch it any more.
+Whoever allocates releases, on every path: the task itself when reserve or prefill fails (fenced, if the prefill
+replica's state is unknown), the stream's end or an explicit abort afterwards. The decode replica's lease (renewed
+while the prefill works) and its write fence are the backstop, not the mechanism.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from functools import partial
+from typing import Any
 
-import anyio
+from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from pdserve.api.backend import CapacityError
@@ -25,7 +29,8 @@ from pdserve.router import RouteDecision, RouteMode
 from pdserve.serve.messages import PrefillResult, Reservation
 
 logger = logging.getLogger(__name__)
-_ABORT_TIMEOUT_S = 5.0
+_ABORT_TIMEOUT_S = 10.0
+_background: set[asyncio.Task[Any]] = set()  # cleanup tasks: referenced until they end
 
 
 async def disaggregated_generate(
@@ -37,39 +42,69 @@ async def disaggregated_generate(
         async for out in _stream(local):  # type: ignore[arg-type]
             yield out
         return
-    with anyio.CancelScope(shield=True):
-        reservation = await _reserve(request, decode, route)
-    if reservation is None:
-        raise CapacityError("no decode replica has room for this request now", retry_after_s=1.0)
+    handoff = asyncio.ensure_future(_reserve_and_prefill(request, prefill, decode, route))
+    try:
+        reservation, result = await asyncio.shield(handoff)
+    except asyncio.CancelledError:  # the client left: the handoff goes on, and frees the reservation when done
+        handoff.add_done_callback(partial(_abort_when_done, decode, request.request_id))
+        raise
     pinned = {"target_replica_id": reservation.replica_id}
     is_done = False
     try:
-        with anyio.CancelScope(shield=True):
-            result: PrefillResult = await prefill.prefill.remote(
-                request, reservation, target_replica_id=route and route.prefill_replica_id
-            )
-        first = RequestOutput(
-            request.request_id,
-            [result.first_token_id],
-            None if result.first_logprob is None else [result.first_logprob],
-            FinishReason(result.finish_reason) if result.finish_reason else None,
-            result.num_prompt_tokens,
-            result.num_cached_tokens,  # the prefill replica's hit: prompt tokens nobody recomputed
-            queue_s=result.queue_s,
-        )
+        first = _first_output(request, result)
         yield first
         if first.finish_reason is not None:
             return  # never committed: the `finally` frees the reservation
         stream = decode.options(stream=True).decode.remote(
-            request.request_id, result.first_token_id, result.first_logprob, **pinned
+            request.request_id, result.first_token_id, result.first_logprob, request.traceparent, **pinned
         )
         async for out in _stream(stream):  # type: ignore[arg-type]
             yield out
         is_done = True
     finally:
-        if not is_done:
-            with anyio.CancelScope(shield=True):  # runs even when the client's request was cancelled
-                await _abort(decode, request.request_id, pinned)
+        if not is_done:  # client gone or stream failed; the prefill is over, so no writer is left: free at once
+            _spawn(_abort(decode, request.request_id, pinned, may_be_written=False))
+
+
+async def _reserve_and_prefill(
+    request: EngineRequest, prefill: DeploymentHandle, decode: DeploymentHandle, route: RouteDecision | None
+) -> tuple[Reservation, PrefillResult]:
+    """Reserve on D, prefill on P into the reservation. On failure, D's reservation is freed (or fenced) here."""
+    reservation = await _reserve(request, decode, route)
+    if reservation is None:
+        raise CapacityError("no decode replica has room for this request now", retry_after_s=1.0)
+    pinned = {"target_replica_id": reservation.replica_id}
+    try:
+        call = prefill.prefill.remote(request, reservation, target_replica_id=route and route.prefill_replica_id)
+        result = await _renewing(call, decode, reservation)
+    except BaseException as e:
+        # P's method raised: it ended its push first, so nothing writes any more. Otherwise (P died, the call was
+        # lost or cancelled) a push may still be running: fence the reservation, free it once nothing can land.
+        may_be_written = not isinstance(e, RayTaskError)
+        _spawn(_abort(decode, request.request_id, pinned, may_be_written))
+        raise
+    return reservation, result
+
+
+async def _renewing(call: Any, decode: DeploymentHandle, reservation: Reservation) -> PrefillResult:
+    """Await the prefill call, renewing the reservation's lease on D while it runs (a long queue on P)."""
+    task: asyncio.Future[PrefillResult] = asyncio.ensure_future(_awaited(call))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=reservation.lease_s / 3)
+            if done:
+                return task.result()
+            pinned = {"target_replica_id": reservation.replica_id}
+            if not await decode.renew.remote(reservation.request_id, **pinned):
+                logger.warning("reservation %s was revoked while its prefill ran", reservation.request_id)
+    finally:
+        if not task.done():
+            task.cancel()
+            call.cancel()
+
+
+async def _awaited(call: Any) -> Any:
+    return await call
 
 
 async def _reserve(request: EngineRequest, decode: DeploymentHandle, route: RouteDecision | None) -> Reservation | None:
@@ -82,12 +117,38 @@ async def _reserve(request: EngineRequest, decode: DeploymentHandle, route: Rout
     return None
 
 
-async def _abort(decode: DeploymentHandle, request_id: str, pinned: dict[str, str]) -> None:
-    """Free the reservation now rather than at lease expiry; never raises (it runs in `finally`)."""
+def _first_output(request: EngineRequest, result: PrefillResult) -> RequestOutput:
+    return RequestOutput(
+        request.request_id,
+        [result.first_token_id],
+        None if result.first_logprob is None else [result.first_logprob],
+        FinishReason(result.finish_reason) if result.finish_reason else None,
+        result.num_prompt_tokens,
+        result.num_cached_tokens,  # the prefill replica's hit: prompt tokens nobody recomputed
+        queue_s=result.queue_s,
+    )
+
+
+def _abort_when_done(decode: DeploymentHandle, request_id: str, handoff: asyncio.Future[Any]) -> None:
+    """The handoff ended after its client left: free the reservation it made (a failed one freed it already)."""
+    if handoff.cancelled() or handoff.exception() is not None:
+        return
+    reservation: Reservation = handoff.result()[0]
+    _spawn(_abort(decode, request_id, {"target_replica_id": reservation.replica_id}, may_be_written=False))
+
+
+async def _abort(decode: DeploymentHandle, request_id: str, pinned: dict[str, str], may_be_written: bool) -> None:
+    """Free the reservation now rather than at lease expiry; never raises (it runs detached)."""
     try:
-        await asyncio.wait_for(decode.abort.remote(request_id, **pinned), _ABORT_TIMEOUT_S)
+        await asyncio.wait_for(decode.abort.remote(request_id, may_be_written, **pinned), _ABORT_TIMEOUT_S)
     except Exception:
         logger.warning("abort of %s on decode replica %s failed; its lease frees it", request_id, pinned)
+
+
+def _spawn(coro: Any) -> None:
+    task = asyncio.ensure_future(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 async def colocated_generate(request: EngineRequest, engine: DeploymentHandle) -> AsyncIterator[RequestOutput]:

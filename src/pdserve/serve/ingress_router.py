@@ -94,6 +94,7 @@ class RouterCollector(Collector):
             ("index_resyncs", "replica resyncs after a gap or restart", router.index.num_resyncs),
         ]:
             yield CounterMetricFamily(f"pdserve_router_{name}", doc, value=value)
+        yield GaugeMetricFamily("pdserve_router_in_flight", "requests the router tracks", value=router.num_in_flight)
         staleness = GaugeMetricFamily(
             "pdserve_router_index_staleness_seconds", "age of the replica's last applied KV events", labels=["replica"]
         )

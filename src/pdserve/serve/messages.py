@@ -19,7 +19,9 @@ class Reservation:
     block_ids: tuple[int, ...]  # one per prompt block, in order
     num_cached_tokens: int  # prompt tokens the decode replica already holds: only later blocks move
     endpoint: KVEndpoint  # how to reach the decode replica's KV cache
-    lease_deadline: float  # time.time() after which an uncommitted reservation is freed
+    lease_s: float  # a duration on the decode replica's own clock: renew it (`DecodeServer.renew`) while the
+    # prefill works; without a commit, abort or renewal within it, the reservation is revoked (clocks of different
+    # machines are never compared: the decode replica enforces its lease, and every write checks it there)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,12 @@ class ReplicaStats:
     kv_transfer_bytes: int  # since start, sent (prefill) or received (decode)
     kv_transfer_blocks: int
     kv_transfer_s: float
+    num_reserved_blocks: int = 0
+    num_fenced_blocks: int = 0
+    num_reaped_leases: int = 0  # since start, as the rest below
+    num_reaped_held: int = 0
+    num_fenced_aborts: int = 0
+    num_fenced_writes: int = 0  # writes this replica refused (decode) or stopped (prefill) at the fence
 
 
 @dataclass(frozen=True)

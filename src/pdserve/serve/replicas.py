@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import ray
 import torch
@@ -30,9 +30,9 @@ from pdserve.serve.spans import prompt_attributes, record_transfer, traced_outpu
 from pdserve.telemetry import child_span, configure_tracing, flush, names, record_error, span_in, start_span
 from pdserve.transfer import (
     Deadline,
+    FencedError,
     KVEndpoint,
     LayerProgress,
-    TransferError,
     TransferSpec,
     TransferStats,
     make_receiver,
@@ -40,8 +40,10 @@ from pdserve.transfer import (
 )
 
 logger = logging.getLogger(__name__)
-_LEASE_CHECK_S = 1.0
-_LEASE_MARGIN_S = 5.0  # a prefill replica stops writing into a reservation this long before its lease ends
+
+
+class MisroutedCallError(RuntimeError):
+    """A call pinned to one replica reached another (the target is gone): a server fault, never served."""
 
 
 class _EngineReplica:
@@ -90,6 +92,12 @@ class _EngineReplica:
             self.transfer_bytes,
             self.transfer_blocks,
             self.transfer_s,
+            s.num_reserved_blocks,
+            s.num_fenced_blocks,
+            s.num_reaped_leases,
+            s.num_reaped_held,
+            s.num_fenced_aborts,
+            self._num_fenced_writes(),
         )
 
     async def router_sync(self, cursors: dict[str, SyncCursor]) -> ReplicaSync:
@@ -106,6 +114,7 @@ class _EngineReplica:
         self, request: EngineRequest, target_replica_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Prefill and decode here: the colocated path, and a decode replica's local prefill."""
+        self._check_pinned(target_replica_id)
         span = start_span(names.SPAN_GENERATE, request.traceparent, self._span_attributes(request))
         is_first = True
         async for out in traced_outputs(span, self.engine.generate(request)):
@@ -115,13 +124,26 @@ class _EngineReplica:
                 is_first = False
             yield out
 
-    async def abort(self, request_id: str, target_replica_id: str | None = None) -> None:
-        self.engine.abort(request_id)
+    async def abort(self, request_id: str, may_be_written: bool = False, target_replica_id: str | None = None) -> None:
+        """Stop `request_id` here and free its blocks. `may_be_written` (a decode replica's reservation): its
+        prefill replica's state is unknown (dead, unanswered): the reservation is fenced at once and its blocks
+        freed once no write of it can land."""
+        self._check_pinned(target_replica_id)
+        self.engine.abort(request_id, may_be_written)
 
     def __del__(self) -> None:
         """Serve calls this at replica shutdown (the process may then be killed before `atexit`): export the
         spans still buffered."""
         flush()
+
+    def _num_fenced_writes(self) -> int:
+        """KV writes this replica stopped (prefill: its pushes) or refused (decode: its receivers) at the fence."""
+        return 0
+
+    def _check_pinned(self, target_replica_id: str | None) -> None:
+        """A call pinned to another replica reached this one (its target vanished): refuse it, do nothing."""
+        if target_replica_id is not None and target_replica_id != self.replica_id:
+            raise MisroutedCallError(f"a call pinned to replica {target_replica_id} reached {self.replica_id}")
 
     def _sync_state(self, cursor: SyncCursor) -> tuple[EngineStats, KVEventBatch]:  # on the engine thread
         return self.llm.stats(), self.llm.kv_events_since(cursor.seq, cursor.incarnation)
@@ -148,12 +170,15 @@ class PrefillServer(_EngineReplica):
         super().__init__(config, model_path)
         self.sender = make_sender(config.kv_transport, model_path, self.node_id, config.kv_max_pairs)
         self.is_pipelined = config.kv_pipelined_push
+        self.num_fenced = 0  # pushes stopped because the reservation was no longer open to them
 
     async def prefill(
         self, request: EngineRequest, reservation: Reservation, target_replica_id: str | None = None
     ) -> PrefillResult:
         """Compute the prompt and push the blocks the decode replica lacks — layer by layer while the prompt
-        computes (layer-pipelined), else after it — then release ours (they stay cached)."""
+        computes (layer-pipelined), else after it — then release ours (they stay cached). Whenever this returns
+        or raises (cancelled included), no thread of it writes into the reservation any more."""
+        self._check_pinned(target_replica_id)
         with span_in(request.traceparent, names.SPAN_PREFILL, self._span_attributes(request)) as span:
             progress = LayerProgress(self.llm.kv.flat.device) if self.is_pipelined else None
             transfer_span: Span | None = None  # begins when the push does: with the prompt, or after it
@@ -175,9 +200,12 @@ class PrefillServer(_EngineReplica):
                 assert transfer_span is not None
                 record_transfer(transfer_span, stats)
             except BaseException as e:
-                if progress is not None and push is not None:
+                if progress is not None:
                     progress.fail(e)
-                    await asyncio.gather(push, return_exceptions=True)  # its thread must stop reading our blocks
+                if push is not None:  # its thread must stop writing theirs and reading our blocks
+                    await _finish_uncancelled(push)
+                if isinstance(e, FencedError):
+                    self.num_fenced += 1
                 if transfer_span is not None:
                     record_error(transfer_span, e)
                 raise
@@ -203,6 +231,9 @@ class PrefillServer(_EngineReplica):
             queue_s=first.queue_s,
         )
 
+    def _num_fenced_writes(self) -> int:
+        return self.num_fenced
+
     async def _compute(self, request: EngineRequest, progress: LayerProgress | None) -> RequestOutput:
         first: RequestOutput | None = None
         async for out in self.engine.generate(request, prefill_only=True, layer_sink=progress):
@@ -216,10 +247,8 @@ class PrefillServer(_EngineReplica):
     ) -> TransferStats:
         """Send the blocks past the decode replica's cached prefix (runs in a worker thread); with `progress`, each
         layer as soon as it is computed (the block ids arrive with the first layer)."""
-        remaining_s = reservation.lease_deadline - time.time() - _LEASE_MARGIN_S
-        if remaining_s <= 0:  # the decode replica may free these blocks any moment: never write into them
-            raise TransferError(f"reservation {reservation.request_id} is past its lease")
-        deadline = Deadline(min(self.config.kv_transfer_timeout_s, remaining_s))
+        # The decode replica's fence is what keeps a late write out of its blocks; this only stops trying early.
+        deadline = Deadline(min(self.config.kv_transfer_timeout_s, reservation.lease_s))
         if src_block_ids is None:
             assert progress is not None
             src_block_ids = progress.wait_blocks(deadline)
@@ -254,14 +283,14 @@ class DecodeServer(_EngineReplica):
             max_pairs=config.kv_max_pairs,
         )
         self.endpoint: KVEndpoint = self.receiver.endpoint
-        self._leases: dict[str, _Lease] = {}  # request_id -> an uncommitted reservation's deadline
-        self._lease_task: asyncio.Task[None] | None = None
 
     async def reserve(self, request: EngineRequest, target_replica_id: str | None = None) -> Reservation | None:
-        """Hold blocks for the prompt (reusing cached ones); None when this replica has no room."""
-        self._ensure_lease_task()
+        """Hold blocks for the prompt (reusing cached ones); None when this replica has no room. The reservation
+        lives `reservation_lease_s` unless renewed, committed (`decode`) or aborted."""
+        self._check_pinned(target_replica_id)
+        lease_s = self.config.reservation_lease_s
         with span_in(request.traceparent, names.SPAN_RESERVE, self._span_attributes(request)) as span:
-            held = await self.engine.reserve(request)
+            held = await self.engine.reserve(request, lease_s)  # cancelled meanwhile: the engine aborts it
             if held is None:
                 span.set_attribute(names.ERROR_TYPE, "no_room")
                 return None
@@ -270,27 +299,31 @@ class DecodeServer(_EngineReplica):
                  names.EPOCH: held.epoch}
             )  # fmt: skip
         self.prefix_hit_tokens += held.num_cached_tokens
-        deadline = time.time() + self.config.reservation_lease_s
-        self._leases[request.request_id] = _Lease(deadline, request.traceparent)
         return Reservation(
-            request.request_id,
-            self.replica_id,
-            held.epoch,
-            held.block_ids,
-            held.num_cached_tokens,
-            self.endpoint,
-            deadline,
-        )
+            request.request_id, self.replica_id, held.epoch, held.block_ids, held.num_cached_tokens, self.endpoint,
+            lease_s,
+        )  # fmt: skip
+
+    def _num_fenced_writes(self) -> int:
+        return self.receiver.num_fenced
+
+    async def renew(self, request_id: str, target_replica_id: str | None = None) -> bool:
+        """Extend an open reservation's lease while its prefill is still working; False if it is gone."""
+        self._check_pinned(target_replica_id)
+        return await self.engine.renew(request_id, self.config.reservation_lease_s)
 
     async def decode(
-        self, request_id: str, first_token_id: int, first_logprob: float | None, target_replica_id: str | None = None
+        self,
+        request_id: str,
+        first_token_id: int,
+        first_logprob: float | None,
+        traceparent: str | None = None,
+        target_replica_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Commit the reservation (ValueError if it expired or its KV is incomplete) and stream the tokens."""
-        lease = self._leases.pop(request_id, None)
-        if lease is None:
-            raise ValueError(f"request {request_id!r} has no open reservation on replica {self.replica_id}")
+        self._check_pinned(target_replica_id)
         attributes = {names.REQUEST_ID: request_id, names.REPLICA_ID: self.replica_id}
-        span = start_span(names.SPAN_DECODE, lease.traceparent, attributes)
+        span = start_span(names.SPAN_DECODE, traceparent, attributes)
         try:
             async for out in traced_outputs(span, self.engine.commit(request_id, first_token_id, first_logprob)):
                 yield out
@@ -298,33 +331,26 @@ class DecodeServer(_EngineReplica):
             self.engine.abort(request_id)
             raise
 
-    async def abort(self, request_id: str, target_replica_id: str | None = None) -> None:
-        self._leases.pop(request_id, None)
-        await super().abort(request_id)
-
     def __del__(self) -> None:
         """Serve calls this at replica shutdown: stop receiving and remove the shared-memory KV files."""
         self.receiver.close()
         self.llm.kv.close()
         super().__del__()
 
-    def _ensure_lease_task(self) -> None:
-        if self._lease_task is None:
-            self._lease_task = asyncio.get_running_loop().create_task(self._expire_leases())
 
-    async def _expire_leases(self) -> None:
-        while True:
-            await asyncio.sleep(_LEASE_CHECK_S)
-            now = time.time()
-            for request_id in [r for r, lease in self._leases.items() if lease.deadline < now]:
-                logger.warning("reservation %s expired uncommitted; freeing its blocks", request_id)
-                await self.abort(request_id)
-
-
-@dataclass(frozen=True)
-class _Lease:
-    deadline: float  # time.time() after which the uncommitted reservation is freed
-    traceparent: str | None  # the request's trace: the decode span joins it
+async def _finish_uncancelled(future: asyncio.Future[TransferStats]) -> None:
+    """Wait for a push thread to end even if cancelled meanwhile (it stops at its deadline or the fence), then
+    re-raise the cancellation: nothing may still write after the prefill call ended."""
+    is_cancelled = False
+    while not future.done():
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            is_cancelled = True
+        except BaseException:
+            break
+    if is_cancelled:
+        raise asyncio.CancelledError
 
 
 def _shm_dir() -> str:

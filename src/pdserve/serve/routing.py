@@ -1,9 +1,11 @@
 """Replica choice inside Serve handles: pinning to a named replica, otherwise Serve's own power-of-two choices.
 
-The ingress's global router (pdserve.router) picks the replicas; a call carries its pick as `target_replica_id=`,
-and this request router puts that replica in the first tier and everyone else in a fallback tier (a replica that
-vanished must never make a request wait forever — it then fails cleanly on the wrong replica instead). A decode
-stream must reach the replica holding its reservation, so those calls are always pinned. Unpinned calls (the
+The ingress's global router (pdserve.router) picks the replicas; a call carries its pick as `target_replica_id=`.
+While the target is among the candidates it is the only choice: Serve waits for a slot on it (at
+`max_ongoing_requests`) rather than spilling the call to another replica. Only a target that vanished gets the
+others as candidates — a call must never wait forever — and every replica refuses a call pinned to another
+(`MisroutedCallError`), so a pinned call reaches its replica or fails clearly. A decode stream, renewals and aborts
+must reach the replica holding the reservation, so those calls are always pinned. Unpinned calls (the
 `pow2` policy, or before the router has heard from any replica) get Serve's default routing unchanged.
 """
 
@@ -26,7 +28,6 @@ class PinnedRequestRouter(PowerOfTwoChoicesRequestRouter):
 
 
 def pin_tiers(candidates: list[RunningReplica], target: str) -> list[list[RunningReplica]]:
-    """The target alone, then the rest as the fallback tier."""
+    """The target alone while it is a candidate (never a fallback to another); else the rest, which refuse it."""
     pinned = [r for r in candidates if r.replica_id.unique_id == target]
-    rest = [r for r in candidates if r.replica_id.unique_id != target]
-    return [tier for tier in (pinned, rest) if tier]
+    return [pinned] if pinned else [candidates] if candidates else []

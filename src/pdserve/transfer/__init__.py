@@ -6,6 +6,7 @@ from pdserve.transfer.auto import AutoSender, make_receiver, make_sender
 from pdserve.transfer.base import (
     CudaIpcHandle,
     Deadline,
+    FencedError,
     KVEndpoint,
     KVLayoutSpec,
     KVReceiver,
@@ -30,6 +31,7 @@ __all__ = [
     "CudaIpcReceiver",
     "CudaIpcSender",
     "Deadline",
+    "FencedError",
     "GlooBackend",
     "KVEndpoint",
     "KVLayoutSpec",

@@ -115,6 +115,10 @@ class _Receivers(KVReceiver):
         for receiver in self.receivers:
             receiver.close()
 
+    @property
+    def num_fenced(self) -> int:
+        return sum(r.num_fenced for r in self.receivers)
+
 
 _ADDRESSES = ("shm_path", "tcp_address", "cuda_ipc", "p2p_address", "p2p_backend")
 

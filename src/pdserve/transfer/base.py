@@ -32,6 +32,20 @@ class TransferError(RuntimeError):
     The destination blocks are then not stamped with the epoch (some may hold partial data)."""
 
 
+class FencedError(TransferError):
+    """The destination blocks are not (any more) open to this transfer's epoch — its reservation was committed,
+    aborted or expired, or its write deadline passed — so nothing more is written (see `KVCache.open_writes`)."""
+
+
+def fence_deadline(dst: KVCache, block_ids: Sequence[int], epoch: int, what: str) -> float:
+    """The `time.monotonic()` until which the writes of `epoch` into `block_ids` of `dst` may go on; FencedError if
+    they may not go on now. Call it before every layer written, and bound the write by what it returns."""
+    until_ns = dst.writable_until_ns(list(block_ids), epoch)
+    if until_ns is None or time.monotonic_ns() >= until_ns:
+        raise FencedError(f"epoch {epoch}: {what} refused: its reservation is no longer open to it")
+    return until_ns / 1e9
+
+
 @dataclass(frozen=True)
 class KVLayoutSpec:
     """What two replicas must agree on before any byte moves (the compatibility handshake)."""
@@ -163,6 +177,11 @@ class KVReceiver(ABC):
     @abstractmethod
     def close(self) -> None:
         """Stop accepting new transfers."""
+
+    @property
+    def num_fenced(self) -> int:
+        """Transfers refused at the write fence since start (receivers that write; 0 where the sender writes)."""
+        return 0
 
 
 def choose_transport(

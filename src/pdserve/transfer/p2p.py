@@ -55,6 +55,7 @@ from pdserve.kvcache import KVCache
 from pdserve.transfer import wire
 from pdserve.transfer.base import (
     Deadline,
+    FencedError,
     KVEndpoint,
     KVLayoutSpec,
     KVReceiver,
@@ -64,6 +65,7 @@ from pdserve.transfer.base import (
     TransferSpec,
     TransferStats,
     check_compatible,
+    fence_deadline,
     layer_chunks,
     layout_spec,
     planes,
@@ -150,6 +152,7 @@ class PairCounters:
     built: int = 0
     closed_idle: int = 0  # closed by the LRU bound (or by the peer going away)
     aborted: int = 0  # cut by a failure or deadline
+    fenced: int = 0  # receiver: transfers refused because their reservation was not open to them
 
 
 def _check_device(kv: KVCache, backend: Backend) -> None:
@@ -212,6 +215,10 @@ class P2PReceiver(KVReceiver):
     def num_pairs(self) -> int:
         with self._lock:
             return len(self._peers)
+
+    @property
+    def num_fenced(self) -> int:
+        return self.counters.fenced
 
     def close(self) -> None:
         """Stop listening and cut every pair: its transfer fails unstamped. Once this returns, nothing of the
@@ -288,20 +295,26 @@ class P2PReceiver(KVReceiver):
         wire.send_reply(peer.conn, "")
         for (a, b), pending in zip(chunks, posted, strict=True):
             pending.wait(deadline, f"layers {a}-{b - 1} of epoch {epoch} arrived")
-            with self._writable(deadline, f"writing layers {a}-{b - 1}"), comm.stream():
+            with self._writable(deadline, ids, epoch, f"writing layers {a}-{b - 1}"), comm.stream():
                 dst[a:b].index_copy_(2, index, buffer[a:b])
-        with self._writable(deadline, f"stamping epoch {epoch}"), comm.stream():
+        with self._writable(deadline, ids, epoch, f"stamping epoch {epoch}"), comm.stream():
             # In stream order after every scatter, and queued only once every message arrived.
             self.kv.block_epochs.index_fill_(0, index, epoch)
         comm.synchronize()
         wire.send_reply(peer.conn, "")
 
     @contextlib.contextmanager
-    def _writable(self, deadline: Deadline, what: str) -> Iterator[None]:
-        """Hold the write lock if the blocks may still be written — before the deadline (after it the decode
-        replica may have freed them) and while the receiver is open; else TransferError."""
+    def _writable(self, deadline: Deadline, ids: list[int], epoch: int, what: str) -> Iterator[None]:
+        """Hold the write lock if the blocks may still be written — before the deadline, while their reservation
+        is open to `epoch` (the fence: else the decode replica may have freed them) and while the receiver is open;
+        else TransferError."""
         with self._write_lock:
             deadline.remaining_s(what)
+            try:
+                fence_deadline(self.kv, ids, epoch, what)
+            except FencedError:
+                self.counters.fenced += 1
+                raise
             if self._is_closed:
                 raise TransferError(f"the receiver closed before {what}")
             yield
@@ -319,6 +332,12 @@ class P2PReceiver(KVReceiver):
             raise _Refused(f"destination block ids must be distinct, in [0, {num_blocks}), and at least one")
         if not 1 <= per_message <= num_layers:
             raise _Refused(f"layers per message must lie in [1, {num_layers}]")
+        try:
+            until = fence_deadline(self.kv, ids, epoch, "the transfer")
+        except FencedError as e:
+            self.counters.fenced += 1
+            raise _Refused(str(e)) from e
+        deadline.at = min(deadline.at, until)
         return ids, epoch, per_message, deadline
 
     def _evict_beyond_bound(self, new: _Peer) -> None:

@@ -24,6 +24,7 @@ from pdserve.transfer.base import (
     TransferSpec,
     TransferStats,
     check_compatible,
+    fence_deadline,
     is_scattered,
     layout_spec,
     paired_runs,
@@ -67,10 +68,12 @@ class SharedMemorySender(KVSender):
             if progress is not None:
                 progress.wait_layer(layer, deadline)
             layer_start = time.perf_counter()
-            deadline.remaining_s(f"layer {layer} of {spec.transfer_id}")  # never write into blocks maybe freed
+            deadline.remaining_s(f"layer {layer} of {spec.transfer_id}")
+            fence_deadline(dst, spec.dst_block_ids, spec.epoch, f"layer {layer}")  # never into blocks maybe freed
             copy(src.k[layer], dst.k[layer])
             copy(src.v[layer], dst.v[layer])
             layer_s.append(time.perf_counter() - layer_start)
+        fence_deadline(dst, spec.dst_block_ids, spec.epoch, "the arrival stamps")
         dst.block_epochs[list(spec.dst_block_ids)] = spec.epoch  # after every layer: the blocks are complete
         num = len(spec.dst_block_ids)
         seconds = time.perf_counter() - start

@@ -17,6 +17,7 @@ from pdserve.kvcache import KVCache
 from pdserve.transfer import wire
 from pdserve.transfer.base import (
     Deadline,
+    FencedError,
     KVEndpoint,
     KVLayoutSpec,
     KVReceiver,
@@ -26,6 +27,7 @@ from pdserve.transfer.base import (
     TransferSpec,
     TransferStats,
     check_compatible,
+    fence_deadline,
     is_scattered,
     layout_spec,
     require_host_memory,
@@ -57,6 +59,7 @@ class TcpReceiver(KVReceiver):
         self.kv = kv
         self.spec = layout_spec(kv.layout, model_id)
         self.cache_id = kv.shared_id or secrets.token_hex(8)
+        self._num_fenced = 0
         self._listener = wire.Listener(host, port, self._serve, "pdserve-kv-recv")
         address = wire.join_address(reachable, self._listener.port)
         self.endpoint = KVEndpoint(node_id, self.spec, kv.layout.num_blocks, self.cache_id, tcp_address=address)
@@ -89,6 +92,7 @@ class TcpReceiver(KVReceiver):
         self._check_header(first)
         raw_ids = wire.recv_bytes(conn, 8 * first.num_blocks, deadline_at)
         ids = self._check_ids(raw_ids)
+        deadline_at = min(deadline_at, self._fence(ids, first.epoch, "the transfer"))
         write = _block_writer(conn, ids, deadline_at)
         if write is None:  # short runs: receive each payload whole, then scatter it in one indexed copy
             scratch = scratch if scratch.numel() >= first.num_payload_bytes else _empty(first.num_payload_bytes)
@@ -101,11 +105,25 @@ class TcpReceiver(KVReceiver):
                     raise TransferError(f"layer {layer} of epoch {first.epoch} does not continue its transfer")
             if time.monotonic() > deadline_at:
                 raise TransferError(f"epoch {first.epoch}: the deadline passed before layer {layer}; dropped")
+            self._fence(ids, first.epoch, f"layer {layer}")
             write(self.kv.k[layer])
             write(self.kv.v[layer])
+        self._fence(ids, first.epoch, "the arrival stamps")
         self.kv.block_epochs[ids] = first.epoch  # after every layer of every block
         wire.send_reply(conn, "")
         return scratch
+
+    @property
+    def num_fenced(self) -> int:
+        return self._num_fenced
+
+    def _fence(self, ids: list[int], epoch: int, what: str) -> float:
+        """The reservation's write deadline; FencedError (counted) when its blocks are not open to `epoch`."""
+        try:
+            return fence_deadline(self.kv, ids, epoch, what)
+        except FencedError:
+            self._num_fenced += 1
+            raise
 
     def _check_header(self, header: wire.LayerHeader) -> None:
         layout = self.kv.layout
