@@ -17,7 +17,14 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from pdserve.api import CapacityError, GenerationDelta, GenerationRequest, IncrementalDetokenizer, create_app
+from pdserve.api import (
+    CapacityError,
+    GenerationDelta,
+    GenerationRequest,
+    IncrementalDetokenizer,
+    InvalidRequest,
+    create_app,
+)
 from tiny_models import EOS_ID, build_tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog. Héllo wörld 😀 ok."  # é, ö and 😀 span several tokens
@@ -427,7 +434,7 @@ def test_no_capacity_is_429_or_503_with_retry_after(
 @pytest.mark.parametrize("stream", [False, True])
 def test_backend_errors(http: httpx.Client, backend: FakeBackend, stream: bool) -> None:
     body = {"model": "fake-model", "prompt": "hi", "stream": stream}
-    backend.reset(error=ValueError("prompt has a token the engine rejects"))
+    backend.reset(error=InvalidRequest("prompt has a token the engine rejects"))
     rejected = http.post(COMPLETIONS, json=body)
     assert (
         rejected.status_code == 400 and rejected.json()["error"]["message"] == "prompt has a token the engine rejects"

@@ -1,7 +1,14 @@
 """The OpenAI-compatible HTTP layer: protocol models, routes, SSE, errors. Knows HTTP and pydantic, not torch."""
 
 from pdserve.api.app import create_app
-from pdserve.api.backend import Backend, CapacityError, GenerationDelta, GenerationRequest
+from pdserve.api.backend import (
+    Backend,
+    CapacityError,
+    GenerationDelta,
+    GenerationRequest,
+    InvalidRequest,
+    ServerError,
+)
 from pdserve.api.detokenizer import IncrementalDetokenizer
 from pdserve.api.errors import APIError
 
@@ -12,5 +19,7 @@ __all__ = [
     "GenerationDelta",
     "GenerationRequest",
     "IncrementalDetokenizer",
+    "InvalidRequest",
+    "ServerError",
     "create_app",
 ]

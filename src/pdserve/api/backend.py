@@ -1,6 +1,11 @@
 """The contract between the HTTP layer and whatever serves the tokens (Ray Serve deployments, or a fake in tests).
 
 The API validates and tokenizes; a backend only ever sees a `GenerationRequest` that passed validation.
+
+Errors are typed by whose fault they are, and a backend raises only these: `InvalidRequest` (the client's input:
+400), `CapacityError` (no room now: 429/503), `ServerError` (a fault of the server: 503 with Retry-After when a retry
+may succeed, else 500). The messages of these three reach the client, so a backend writes them for clients: no
+traceback, no internal address. Anything else is a bug answered with a generic 500, its message never shown.
 """
 
 from __future__ import annotations
@@ -47,6 +52,21 @@ class CapacityError(Exception):
         self.status_code = status_code
 
 
+class InvalidRequest(ValueError):
+    """The client's input is what failed (e.g. the engine rejected it): 400 `invalid_request_error` with this
+    message, which must be safe to show."""
+
+
+class ServerError(RuntimeError):
+    """The server failed the request (a replica died, a KV transfer broke, ...), not the client: 503 with
+    Retry-After when `retry_after_s` is set (retrying may well succeed), else 500. The message reaches the client:
+    generic (a request id helps), never the underlying exception's text."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class Backend(Protocol):
     model_name: str
     max_model_len: int
@@ -56,7 +76,7 @@ class Backend(Protocol):
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         """Stream deltas until one carries a finish_reason. Closing the iterator early (client gone) aborts the
         request and frees its blocks. Raises CapacityError before the first delta when no replica has room,
-        ValueError for input the engine rejects."""
+        InvalidRequest for input the engine rejects, ServerError for the server's own failures."""
         ...
 
     async def is_healthy(self) -> bool: ...

@@ -1,8 +1,11 @@
 """Errors as OpenAI error bodies with the right status; HTTP errors live in api/ and nowhere else.
 
-Every failure a client can see is `{"error": {"message", "type", "param", "code"}}`: validation problems are 400
-`invalid_request_error` naming the parameter (never a 422 or pydantic's internals), unknown routes 404, no capacity
-429/503 with Retry-After. Anything unexpected becomes a generic 500 in `UnhandledErrors` (middleware.py).
+Every failure a client can see is `{"error": {"message", "type", "param", "code"}}`, typed by whose fault it is.
+The client's: validation problems are 400 `invalid_request_error` naming the parameter (never a 422 or pydantic's
+internals), input the backend rejects (`InvalidRequest`) 400, unknown routes 404. The server's (`server_error`): no
+capacity 429/503 with Retry-After, a backend's `ServerError` 503 with Retry-After (or 500), and anything unexpected
+a generic 500 in `UnhandledErrors` (middleware.py). No body carries an exception's text unless its type is one of the
+contract's (backend.py), whose messages are written for clients: never a traceback or an internal address.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from fastapi.responses import JSONResponse
 from opentelemetry import trace
 from starlette.exceptions import HTTPException
 
-from pdserve.api.backend import CapacityError
+from pdserve.api.backend import CapacityError, InvalidRequest, ServerError
 from pdserve.api.protocol import ErrorBody, ErrorResponse
 
 INVALID_REQUEST = "invalid_request_error"
@@ -27,6 +30,7 @@ SERVER_ERROR = "server_error"
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "bytes", "none"})
 _IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
 _NOT_AN_OBJECT = "the request body must be a JSON object, sent with Content-Type: application/json"
+INTERNAL_ERROR = "internal server error"
 
 
 class APIError(Exception):
@@ -39,20 +43,26 @@ class APIError(Exception):
         type: str = INVALID_REQUEST,
         param: str | None = None,
         code: str | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after_s = retry_after_s  # sent as a Retry-After header (whole seconds, at least 1)
 
     def body(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
 
 
 def error_response(error: APIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error.body().model_dump(), status_code=error.status, headers=headers)
+    all_headers = dict(headers or {})
+    if error.retry_after_s is not None:
+        all_headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+    return JSONResponse(error.body().model_dump(), status_code=error.status, headers=all_headers or None)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Answer validation errors, HTTP errors (unknown route, wrong method), APIError and CapacityError as JSON."""
+    """Answer validation errors, HTTP errors (unknown route, wrong method), APIError and the backend's errors
+    (CapacityError, InvalidRequest, ServerError) as JSON."""
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
@@ -71,16 +81,39 @@ def install_error_handlers(app: FastAPI) -> None:
         message = f"{e.detail}: {request.method} {request.url.path}"
         return error_response(APIError(e.status_code, message), headers=e.headers)
 
-    @app.exception_handler(CapacityError)
-    async def no_capacity(_: Request, e: CapacityError) -> JSONResponse:
+    async def backend_failed(_: Request, e: Exception) -> JSONResponse:
         trace.get_current_span().record_exception(e)
-        return error_response(capacity_error(e), headers={"Retry-After": str(max(1, math.ceil(e.retry_after_s)))})
+        return error_response(backend_error(e))
+
+    for kind in (CapacityError, InvalidRequest, ServerError):
+        app.add_exception_handler(kind, backend_failed)
+
+
+def backend_error(e: Exception) -> APIError:
+    """What the client sees of an exception out of the backend: the contract's errors with their messages, anything
+    else as a generic 500 (its text may hold a traceback or an internal address, so it is never shown)."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, CapacityError):
+        return capacity_error(e)
+    if isinstance(e, InvalidRequest):
+        return APIError(400, str(e))
+    if isinstance(e, ServerError):
+        return server_error(e)
+    return APIError(500, INTERNAL_ERROR, SERVER_ERROR)
 
 
 def capacity_error(e: CapacityError) -> APIError:
     if e.status_code == 429:
-        return APIError(429, str(e), "rate_limit_error", code="rate_limit_exceeded")
-    return APIError(e.status_code, str(e), SERVER_ERROR, code="service_unavailable")
+        return APIError(429, str(e), "rate_limit_error", code="rate_limit_exceeded", retry_after_s=e.retry_after_s)
+    return APIError(e.status_code, str(e), SERVER_ERROR, code="service_unavailable", retry_after_s=e.retry_after_s)
+
+
+def server_error(e: ServerError) -> APIError:
+    """503 with Retry-After when the backend says a retry may succeed, else 500."""
+    if e.retry_after_s is None:
+        return APIError(500, str(e), SERVER_ERROR)
+    return APIError(503, str(e), SERVER_ERROR, code="service_unavailable", retry_after_s=e.retry_after_s)
 
 
 def describe_validation_errors(errors: Sequence[Any]) -> tuple[str, str | None]:

@@ -48,7 +48,10 @@ class Generation:
         Raises APIError when the backend aborted the request on its own: a truncated answer is not a success."""
         assert not self.is_finished, "delta after the finish"
         if delta.finish_reason == "abort":
-            raise APIError(503, "the server aborted the request; retry it", SERVER_ERROR)
+            raise APIError(
+                503, "the server aborted the request; retry it", SERVER_ERROR, code="service_unavailable",
+                retry_after_s=1.0,
+            )  # fmt: skip
         if not self.token_ids:  # the prompt's cache hit is fixed where it was computed: the first delta says it
             self.num_cached_tokens = delta.num_cached_tokens
         self.token_ids.extend(delta.token_ids)
@@ -81,13 +84,11 @@ class Generation:
 
 
 async def first_delta(deltas: AsyncIterator[GenerationDelta]) -> GenerationDelta | None:
-    """The backend's first delta, pulled before any response header is sent so that its errors get a status:
-    CapacityError propagates (429/503), ValueError becomes a 400. Closes the stream when it raises."""
+    """The backend's first delta, pulled before any response header is sent so that its errors get a status: they
+    propagate to the app's handlers (errors.py: CapacityError 429/503, InvalidRequest 400, ServerError 503/500,
+    anything else a generic 500). Closes the stream when it raises."""
     try:
         return await anext(deltas, None)
-    except ValueError as e:
-        await close_stream(deltas)
-        raise APIError(400, str(e)) from e
     except BaseException:
         await close_stream(deltas)
         raise

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, TemplateSyntaxError
 
 from pdserve.api.backend import Backend, GenerationRequest
 from pdserve.api.errors import APIError
@@ -40,6 +40,8 @@ class Tokenization:
         conversation = [m.to_template() for m in messages]
         try:
             ids = await self._run(lambda: self._apply_chat_template(conversation))
+        except TemplateSyntaxError:
+            raise  # the served model's template is broken: the server's fault, a generic 500
         except TemplateError as e:  # templates reject conversations they cannot render (roles out of order, ...)
             raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from e
         if not ids:

@@ -11,8 +11,8 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from pdserve.api.backend import CapacityError, GenerationDelta
-from pdserve.api.errors import SERVER_ERROR, APIError, capacity_error
+from pdserve.api.backend import CapacityError, GenerationDelta, InvalidRequest, ServerError
+from pdserve.api.errors import APIError, backend_error
 from pdserve.api.formats import ResponseFormat
 from pdserve.api.generation import Generation, close_stream, usage_attributes
 
@@ -60,15 +60,11 @@ async def stream_events(
 
 
 def _stream_error(e: Exception) -> APIError:
+    """The error event for `e`, as errors.py answers it before the headers (generic for anything unexpected)."""
     trace.get_current_span().record_exception(e)
-    if isinstance(e, APIError):
-        return e
-    if isinstance(e, CapacityError):
-        return capacity_error(e)
-    if isinstance(e, ValueError):
-        return APIError(400, str(e))
-    logger.exception("streamed generation failed")
-    return APIError(500, "internal server error", SERVER_ERROR)
+    if not isinstance(e, APIError | CapacityError | InvalidRequest | ServerError):
+        logger.exception("streamed generation failed")  # the backend's own errors are its to log
+    return backend_error(e)
 
 
 class EventStreamResponse(StreamingResponse):

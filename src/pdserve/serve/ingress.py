@@ -68,28 +68,36 @@ class Ingress:
         return create_app(self, max_body_bytes=self.config.max_body_bytes)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
-        engine_request = to_engine_request(request)
-        start = time.perf_counter()
-        first_at: float | None = None
-        num_tokens = 0
-        if self.engine is not None:
-            outputs = colocated_generate(engine_request, self.engine)
-        else:
-            assert self.prefill is not None and self.decode is not None
-            route = self._route(engine_request)
-            outputs = disaggregated_generate(engine_request, self.prefill, self.decode, route)
+        """Errors follow the Backend contract (pdserve.api.backend), translated by `classify_error`: whatever a
+        replica or Ray raised reaches the API as InvalidRequest, CapacityError or a generic ServerError."""
         try:
-            async for out in outputs:
-                if first_at is None:
-                    first_at = time.perf_counter()
-                    self._observe_first(engine_request, out, first_at - start)
-                num_tokens += len(out.new_token_ids)
-                if out.finish_reason is not None:
-                    self._observe_end(first_at, num_tokens, out.finish_reason.value)
-                yield to_delta(out)
-        finally:
-            if self.router is not None:
-                self.router.router.finish(engine_request.request_id)
+            engine_request = to_engine_request(request)
+            start = time.perf_counter()
+            first_at: float | None = None
+            num_tokens = 0
+            if self.engine is not None:
+                outputs = colocated_generate(engine_request, self.engine)
+            else:
+                assert self.prefill is not None and self.decode is not None
+                route = self._route(engine_request)
+                outputs = disaggregated_generate(engine_request, self.prefill, self.decode, route)
+            try:
+                async for out in outputs:
+                    if first_at is None:
+                        first_at = time.perf_counter()
+                        self._observe_first(engine_request, out, first_at - start)
+                    num_tokens += len(out.new_token_ids)
+                    if out.finish_reason is not None:
+                        self._observe_end(first_at, num_tokens, out.finish_reason.value)
+                    yield to_delta(out)
+            finally:
+                if self.router is not None:
+                    self.router.router.finish(engine_request.request_id)
+        except Exception as e:  # not GeneratorExit or CancelledError: a closed or cancelled stream just ends
+            error = classify_error(e, request.request_id)
+            if error is e:
+                raise
+            raise error from None  # the original (Ray's text: traceback, addresses) stays in the server's log
 
     def _route(self, request: EngineRequest) -> RouteDecision | None:
         """The router's pair for `request` (None: Serve routes), recorded as a span of the request's trace."""
@@ -167,3 +175,35 @@ def to_delta(out: RequestOutput) -> GenerationDelta:
         num_prompt_tokens=out.num_prompt_tokens,
         num_cached_tokens=out.num_cached_tokens,
     )
+
+
+def classify_error(e: BaseException, request_id: str) -> BaseException:
+    """The Backend-contract error (pdserve.api.backend) to raise for `e`, an exception out of a request's outputs.
+
+    Ray re-raises a replica's exception as a RayTaskError that is also an instance of the original's type, and whose
+    text is the remote traceback with the replica's address: only the original's type decides, and only the
+    original's own message is ever kept. The engine's InvalidRequestError (the client's input) becomes
+    InvalidRequest; CapacityError and ServerError keep their (client-safe) messages; anything else, including a
+    ValueError such as "KV transfer incomplete", is the server's fault: a generic ServerError with the request id,
+    worth a retry (another replica, a fresh transfer), the original logged here with its traceback.
+    """
+    from ray.exceptions import RayTaskError
+
+    from pdserve.api.backend import CapacityError, InvalidRequest, ServerError
+    from pdserve.engine import InvalidRequestError
+
+    original = e
+    for _ in range(8):  # a replica's error re-raised through another replica is wrapped twice
+        cause = getattr(original, "cause", None) if isinstance(original, RayTaskError) else None
+        if not isinstance(cause, BaseException):
+            break
+        original = cause
+    if not isinstance(original, RayTaskError):  # (a wrapper still, only past 8 levels: a server fault then)
+        if isinstance(original, InvalidRequestError | InvalidRequest):
+            return InvalidRequest(str(original))
+        if isinstance(original, CapacityError):
+            return e if original is e else CapacityError(str(original), original.retry_after_s, original.status_code)
+        if isinstance(original, ServerError):
+            return e if original is e else ServerError(str(original), original.retry_after_s)
+    logger.error("request %s failed", request_id, exc_info=e)
+    return ServerError(f"internal error while generating; request id {request_id}", retry_after_s=1.0)
