@@ -137,10 +137,8 @@ class KVCache:
         """Writer: the monotonic deadline (ns) of the writes of `epoch` into `block_ids`, or None when some block is
         not (any more) open to that epoch — the writer must then write nothing. Always open where the permits are
         not visible (`has_fence` False)."""
-        if self.block_owners is None:
+        if self.block_owners is None or not block_ids:  # nothing to guard: the decode side held every block
             return 1 << 62
-        if not block_ids:
-            return None
         if not bool((self.block_owners[block_ids] == epoch).all()):
             return None
         return int(self.block_write_until_ns[block_ids].min())

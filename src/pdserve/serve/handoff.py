@@ -5,7 +5,8 @@ from the same decode replica; or, when the router chose local mode, the decode r
 
 Ownership under cancellation. Starlette and Serve cancel with a plain `task.cancel()`, which reaches any `await`, so
 the part that allocates — reserve, then prefill into the reservation — runs as a task of its own
-(`_reserve_and_prefill`) that the client's cancellation never reaches: the client going away only signals, and the
+(`_reserve_and_prefill`, outside the request's context, so Serve's child-call cancellation skips it too) that the
+client's cancellation never reaches: the client going away only signals, and the
 task's done-callback frees the reservation once the prefill call has ended, when no writer can touch it any more.
 Whoever allocates releases, on every path: the task itself when reserve or prefill fails (fenced, if the prefill
 replica's state is unknown), the stream's end or an explicit abort afterwards. The decode replica's lease (renewed
@@ -15,6 +16,7 @@ while the prefill works) and its write fence are the backstop, not the mechanism
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import AsyncIterator
 from functools import partial
@@ -42,7 +44,7 @@ async def disaggregated_generate(
         async for out in _stream(local):  # type: ignore[arg-type]
             yield out
         return
-    handoff = asyncio.ensure_future(_reserve_and_prefill(request, prefill, decode, route))
+    handoff = _detached(_reserve_and_prefill(request, prefill, decode, route))
     try:
         reservation, result = await asyncio.shield(handoff)
     except asyncio.CancelledError:  # the client left: the handoff goes on, and frees the reservation when done
@@ -146,9 +148,16 @@ async def _abort(decode: DeploymentHandle, request_id: str, pinned: dict[str, st
 
 
 def _spawn(coro: Any) -> None:
-    task = asyncio.ensure_future(coro)
+    task = _detached(coro)
     _background.add(task)
     task.add_done_callback(_background.discard)
+
+
+def _detached(coro: Any) -> asyncio.Task[Any]:
+    """A task outside the client request's context. Serve cancels every call made in a request's context when its
+    client disconnects (child-call cancellation): the handoff's reserve, prefill and aborts must not be among
+    them. The trace context travels explicitly (`traceparent`), so nothing else of that context is needed."""
+    return contextvars.Context().run(asyncio.ensure_future, coro)
 
 
 async def colocated_generate(request: EngineRequest, engine: DeploymentHandle) -> AsyncIterator[RequestOutput]:
