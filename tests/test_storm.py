@@ -163,8 +163,12 @@ def test_disconnect_storm_leaks_nothing(apps: dict[str, Served], oracle, mode: s
     metrics = served.metrics()
     fenced = {
         (name, labels): value
-        for name in ("pdserve_kv_fenced_writes_total", "pdserve_kv_fenced_aborts_total",
-                     "pdserve_kv_reaped_leases_total", "pdserve_kv_reaped_held_total")  # fmt: skip
+        for name in (
+            "pdserve_kv_fenced_writes_total",
+            "pdserve_kv_fenced_aborts_total",
+            "pdserve_kv_reaped_leases_total",
+            "pdserve_kv_reaped_held_total",
+        )
         for labels, value in metrics.get(name, {}).items()
     }
     assert sum(metrics.get("pdserve_kv_fenced_writes_total", {}).values()) == 0, fenced  # nothing wrote late
