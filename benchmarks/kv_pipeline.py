@@ -24,12 +24,12 @@ import uuid
 import torch
 
 sys.path.insert(0, "tests")
-from kv_peer import kv_peer
+from kv_peer import grant, kv_peer, open_peer
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine import EngineRequest, LLMEngine, SamplingParams
 from pdserve.engine.weights import resolve_dtype
 from pdserve.hub import resolve_model
-from pdserve.kvcache import KVLayout
+from pdserve.kvcache import KVCache, KVLayout
 from pdserve.transfer import Deadline, KVEndpoint, KVSender, LayerProgress, SharedMemorySender, TcpSender, TransferSpec
 from pdserve.transfer.gloo import GlooBackend
 from pdserve.transfer.p2p import P2PSender
@@ -45,16 +45,25 @@ def cpu_line() -> str:
 
 
 def one(
-    engine: LLMEngine, sender: KVSender, endpoint: KVEndpoint, prompt: list[int], pipelined: bool, tag: str
+    engine: LLMEngine,
+    sender: KVSender,
+    endpoint: KVEndpoint,
+    dst: KVCache,
+    prompt: list[int],
+    pipelined: bool,
+    tag: str,
 ) -> tuple[float, float]:
-    """(prefill seconds, seconds from the prompt computed to its KV in place)."""
+    """(prefill seconds, seconds from the prompt computed to its KV in place). `dst`: the receiver's cache, mapped
+    here to open the destination blocks to the transfer, as the decode engine's reservation does in production."""
     request = EngineRequest(tag, tuple(prompt), SamplingParams(max_tokens=1, temperature=0))
     num_blocks = -(-len(prompt) // engine.layout.block_size)
     progress = LayerProgress() if pipelined else None
     sent: list[float] = []
+    dst_ids = list(range(num_blocks))
+    grant(dst, TransferSpec(epoch=1, src_block_ids=dst_ids, dst_block_ids=dst_ids, transfer_id=tag))  # untimed
 
     def push(src_ids: list[int]) -> None:
-        spec = TransferSpec(epoch=1, src_block_ids=src_ids, dst_block_ids=list(range(num_blocks)), transfer_id=tag)
+        spec = TransferSpec(epoch=1, src_block_ids=src_ids, dst_block_ids=dst_ids, transfer_id=tag)
         sender.send(endpoint, spec, engine.kv, 60, progress)
         sent.append(time.perf_counter())
 
@@ -99,17 +108,18 @@ def main() -> None:
         kv_peer(remote, f"/dev/shm/pdserve-bench-{uuid.uuid4().hex}", model_id=path) as endpoint,
         kv_peer(remote, f"/dev/shm/pdserve-bench-{uuid.uuid4().hex}", model_id=path, transport="gloo") as gloo,
     ):
-        senders: dict[str, tuple[KVSender, KVEndpoint]] = {
-            "shm": (SharedMemorySender(path), endpoint),
-            "tcp": (TcpSender(path), endpoint),
-            "gloo": (P2PSender(path, GlooBackend()), gloo),
+        shared, gloo_dst = open_peer(endpoint), open_peer(gloo)
+        senders: dict[str, tuple[KVSender, KVEndpoint, KVCache]] = {
+            "shm": (SharedMemorySender(path), endpoint, shared),
+            "tcp": (TcpSender(path), endpoint, shared),
+            "gloo": (P2PSender(path, GlooBackend()), gloo, gloo_dst),
         }
-        for name, (sender, peer) in senders.items():
+        for name, (sender, peer, dst) in senders.items():
             for n, prompt in prompts.items():
                 times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
                 for r in range(args.repeats + 1):  # the first round warms up
                     for pipelined in (False, True):
-                        result = one(engine, sender, peer, prompt, pipelined, f"{name}-{n}-{r}-{pipelined}")
+                        result = one(engine, sender, peer, dst, prompt, pipelined, f"{name}-{n}-{r}-{pipelined}")
                         if r:
                             times[pipelined].append(result)
                 rows.append((name, n, times))

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 sys.path.insert(0, "tests")
-from kv_peer import kv_peer
+from kv_peer import grant, kv_peer, open_peer
 from pdserve.kvcache import KVCache, KVLayout
 from pdserve.transfer import KVEndpoint, KVSender, SharedMemorySender, TcpSender, TransferSpec
 from pdserve.transfer.gloo import GlooBackend
@@ -75,13 +75,17 @@ def transfer(sender: KVSender, endpoint: KVEndpoint, spec: TransferSpec, src: KV
 Senders = dict[str, tuple[KVSender, KVEndpoint]]
 
 
-def row(tokens: int, src: KVCache, senders: Senders, args: argparse.Namespace) -> str:
+def row(tokens: int, src: KVCache, senders: Senders, dsts: list[KVCache], args: argparse.Namespace) -> str:
+    """One table row; `dsts`: the receivers' caches, mapped here to open the destination blocks to the transfer
+    (the decode engine's reservation does that in production: transports write only blocks open to the epoch)."""
     num_blocks = tokens // BLOCK_SIZE
     dst_ids = list(range(num_blocks))
     if args.scattered:  # after churn, the free blocks are anywhere in the pool, in any order
         pool = torch.randperm(src.layout.num_blocks, generator=torch.Generator().manual_seed(tokens))
         dst_ids = pool[:num_blocks].tolist()
     spec = TransferSpec(1, list(range(num_blocks)), dst_ids, "bench")
+    for dst in dsts:
+        grant(dst, spec, seconds=3600)
     fns = {"ceiling": ceiling_copy(src, num_blocks)} | {n: transfer(s, e, spec, src) for n, (s, e) in senders.items()}
     times = seconds_per_round(fns, args.repeats)
     num_bytes = num_blocks * src.layout.bytes_per_block
@@ -126,8 +130,9 @@ def main() -> None:
             "tcp": (TcpSender("m"), endpoint),
             "gloo": (P2PSender("m", GlooBackend()), gloo),  # the NCCL transport's protocol, on CPU
         }
+        dsts = [open_peer(endpoint), open_peer(gloo)]
         for tokens in PROMPT_TOKENS:
-            print(row(tokens, src, senders, args), flush=True)
+            print(row(tokens, src, senders, dsts, args), flush=True)
         for sender, _ in senders.values():
             sender.close()
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from multiprocessing.connection import Connection
 
 from pdserve.kvcache import KVCache, KVLayout
-from pdserve.transfer import KVEndpoint, make_receiver
+from pdserve.transfer import KVEndpoint, TransferSpec, make_receiver
 
 
 def _serve(conn: Connection, layout: KVLayout, path: str, model_id: str, transport: str, max_pairs: int) -> None:
@@ -37,3 +38,17 @@ def kv_peer(
     finally:
         parent.send("stop")
         process.join(timeout=10)
+
+
+def open_peer(endpoint: KVEndpoint) -> KVCache:
+    """Map the shared-memory cache behind a `kv_peer` endpoint here: to read what arrived, and to grant writes
+    (the write permits live in that shared memory too, so the receiver process and every sender see them)."""
+    assert endpoint.shm_path is not None
+    return KVCache.open_shared(endpoint.layout(), endpoint.shm_path)
+
+
+def grant(kv: KVCache, spec: TransferSpec, seconds: float = 60.0) -> TransferSpec:
+    """Open `spec`'s destination blocks of `kv` to its epoch for `seconds` from now, as the decode engine does at
+    reserve (`KVCache.open_writes`): without it every transport refuses to write them. Returns `spec`."""
+    kv.open_writes(list(spec.dst_block_ids), spec.epoch, time.monotonic_ns() + int(seconds * 1e9))
+    return spec

@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kv_peer import kv_peer
+from kv_peer import grant, kv_peer, open_peer
 from pdserve.kvcache import KVCache, KVLayout
 from pdserve.transfer import (
     KVEndpoint,
@@ -75,13 +75,13 @@ def test_blocks_move_exactly_between_processes() -> None:
     src = random_cache()
     with kv_peer(LAYOUT, f"/dev/shm/pdserve-test-{uuid.uuid4().hex}", transport="gloo") as endpoint:
         assert endpoint.transports == ("shm", "gloo")  # shm_path only so the test can look
-        dst = KVCache.open_shared(endpoint.layout(), str(endpoint.shm_path))
+        dst = open_peer(endpoint)  # to look, and to grant: the permits are shared with the receiver process
         sender = make_sender("gloo", "m", "node-a")
-        first = TransferSpec(3, [1, 2, 3, 9], [5, 6, 7, 12], "r1")  # a run and a straggler
+        first = grant(dst, TransferSpec(3, [1, 2, 3, 9], [5, 6, 7, 12], "r1"))  # a run and a straggler
         stats = sender.send(endpoint, first, src, timeout_s=30)
         assert stats.transport == "gloo" and stats.num_bytes == 4 * LAYOUT.bytes_per_block
         assert_moved(src, dst, first)
-        second = TransferSpec(4, [0, 15], [0, 15], "r2")
+        second = grant(dst, TransferSpec(4, [0, 15], [0, 15], "r2"))
         sender.send(endpoint, second, src, timeout_s=30)
         assert_moved(src, dst, second)
         assert_moved(src, dst, first)
@@ -93,7 +93,7 @@ def test_blocks_move_exactly_between_processes() -> None:
 def test_incompatible_peers_are_refused_before_any_communicator_is_built(receivers) -> None:  # type: ignore[no-untyped-def]
     rx = receivers()
     src = random_cache()
-    spec = TransferSpec(1, [0], [0], "r")
+    spec = grant(rx.kv, TransferSpec(1, [0], [0], "r"))  # the fence would let it write: the handshake refuses
     for model_id, endpoint, why in (
         # Same shapes, other weights; the endpoint claims them too, so only the receiver can tell.
         ("other", replace(rx.endpoint, spec=layout_spec(LAYOUT, "other")), "model_id: other != m"),
@@ -126,11 +126,11 @@ def test_the_receiver_refuses_bad_transfers_and_keeps_the_pair(receivers) -> Non
     rx = receivers()
     src = random_cache()
     sender = P2PSender("m", GlooBackend())
-    sender.send(rx.endpoint, TransferSpec(1, [0], [0], "warm"), src, 10)
+    sender.send(rx.endpoint, grant(rx.kv, TransferSpec(1, [0], [0], "warm")), src, 10)
     lying = replace(rx.endpoint, num_blocks=64)  # claims more blocks than it has
     with pytest.raises(TransferError, match=r"refused it: destination block ids must be distinct, in \[0, 16\)"):
         sender.send(lying, TransferSpec(2, [1], [40], "r"), src, 10)
-    spec = TransferSpec(3, [2], [3], "after")
+    spec = grant(rx.kv, TransferSpec(3, [2], [3], "after"))
     sender.send(rx.endpoint, spec, src, 10)
     assert_moved(src, rx.kv, spec)
     assert sender.counters.built == 1 and rx.counters.built == 1 and rx.kv.block_epochs[40 % 16] == 0
@@ -141,14 +141,14 @@ def test_pairs_are_bounded_and_evicted_lru_on_the_sending_side(receivers) -> Non
     src = random_cache()
     sender = P2PSender("m", GlooBackend(), max_pairs=2)
     for i, rx in enumerate(rxs):
-        sender.send(rx.endpoint, TransferSpec(10 + i, [i], [i], f"r{i}"), src, 10)
+        sender.send(rx.endpoint, grant(rx.kv, TransferSpec(10 + i, [i], [i], f"r{i}")), src, 10)
     # Three destinations, room for two pairs: the least recently used (the first) was closed on both sides.
     assert sender.num_pairs == 2 and sender.counters.built == 3 and sender.counters.closed_idle == 1
     wait_until(lambda: rxs[0].num_pairs == 0)
     assert [rx.num_pairs for rx in rxs] == [0, 1, 1] and rxs[0].counters.closed_idle == 1
     # Using the second makes the third the least recent: sending to the first again evicts the third.
-    sender.send(rxs[1].endpoint, TransferSpec(20, [4], [4], "again"), src, 10)
-    spec = TransferSpec(21, [5], [5], "back")
+    sender.send(rxs[1].endpoint, grant(rxs[1].kv, TransferSpec(20, [4], [4], "again")), src, 10)
+    spec = grant(rxs[0].kv, TransferSpec(21, [5], [5], "back"))
     sender.send(rxs[0].endpoint, spec, src, 10)
     assert_moved(src, rxs[0].kv, spec)
     wait_until(lambda: rxs[2].num_pairs == 0)
@@ -163,10 +163,10 @@ def test_the_receiver_bounds_its_pairs_and_senders_rebuild(receivers) -> None:  
     rx = receivers(max_pairs=1)
     src = random_cache()
     a, b = P2PSender("m", GlooBackend()), P2PSender("m", GlooBackend())
-    a.send(rx.endpoint, TransferSpec(1, [0], [0], "a1"), src, 10)
-    b.send(rx.endpoint, TransferSpec(2, [1], [1], "b1"), src, 10)
+    a.send(rx.endpoint, grant(rx.kv, TransferSpec(1, [0], [0], "a1")), src, 10)
+    b.send(rx.endpoint, grant(rx.kv, TransferSpec(2, [1], [1], "b1")), src, 10)
     wait_until(lambda: rx.num_pairs == 1 and rx.counters.closed_idle == 1)
-    spec = TransferSpec(3, [2, 3], [2, 3], "a2")
+    spec = grant(rx.kv, TransferSpec(3, [2, 3], [2, 3], "a2"))
     a.send(rx.endpoint, spec, src, 10)
     assert_moved(src, rx.kv, spec)
     assert a.counters.built == 2 and a.counters.closed_idle == 1 and a.counters.aborted == 0
@@ -180,17 +180,17 @@ def test_deadline_aborts_the_pair_leaves_blocks_unstamped_and_the_next_transfer_
     rx = receivers()
     src = random_cache()
     sender = P2PSender("m", GlooBackend())
-    sender.send(rx.endpoint, TransferSpec(1, [0], [0], "warm"), src, 10)
+    sender.send(rx.endpoint, grant(rx.kv, TransferSpec(1, [0], [0], "warm")), src, 10)
     progress = LayerProgress()
     progress.layer_done(0, [1, 2])
     start = time.monotonic()
     with pytest.raises(TransferError, match="deadline"):
-        sender.send(rx.endpoint, TransferSpec(2, [1, 2], [8, 9], "stalled"), src, 0.5, progress)
+        sender.send(rx.endpoint, grant(rx.kv, TransferSpec(2, [1, 2], [8, 9], "stalled")), src, 0.5, progress)
     assert time.monotonic() - start < 1.5
     assert sender.counters.aborted == 1 and sender.num_pairs == 0
     wait_until(lambda: rx.counters.aborted == 1 and rx.num_pairs == 0)
     assert rx.kv.block_epochs[[8, 9]].tolist() == [0, 0]  # layer 0 may have landed; never committed
-    spec = TransferSpec(3, [1, 2], [8, 9], "retry")
+    spec = grant(rx.kv, TransferSpec(3, [1, 2], [8, 9], "retry"))
     sender.send(rx.endpoint, spec, src, 10)
     assert_moved(src, rx.kv, spec)
     assert sender.counters.built == 2 and rx.counters.built == 2
@@ -204,11 +204,13 @@ def test_a_receiver_that_goes_away_mid_transfer_fails_the_send_cleanly() -> None
     progress = LayerProgress()
     errors: list[BaseException] = []
     with kv_peer(LAYOUT, f"/dev/shm/pdserve-test-{uuid.uuid4().hex}", transport="gloo") as endpoint:
-        sender.send(endpoint, TransferSpec(1, [0], [0], "warm"), src, 30)
+        dst = open_peer(endpoint)
+        sender.send(endpoint, grant(dst, TransferSpec(1, [0], [0], "warm")), src, 30)
+        cut = grant(dst, TransferSpec(2, [0], [1], "cut"))  # open to it: only the receiver going away stops it
 
         def push() -> None:
             try:
-                sender.send(endpoint, TransferSpec(2, [0], [1], "cut"), src, 30, progress)
+                sender.send(endpoint, cut, src, 30, progress)
             except TransferError as e:
                 errors.append(e)
 
@@ -228,7 +230,7 @@ def test_layer_pipelined_push_sends_each_layer_as_it_is_computed(receivers) -> N
     rx = receivers()
     src = random_cache(seed=5)
     sender = P2PSender("m", GlooBackend())
-    spec = TransferSpec(epoch=9, src_block_ids=[3, 4, 5], dst_block_ids=[10, 1, 2], transfer_id="pipe")
+    spec = grant(rx.kv, TransferSpec(epoch=9, src_block_ids=[3, 4, 5], dst_block_ids=[10, 1, 2], transfer_id="pipe"))
     progress, done = LayerProgress(), threading.Event()
     result: list[object] = []
 
@@ -251,7 +253,7 @@ def test_concurrent_transfers_share_a_pair_one_at_a_time(receivers) -> None:  # 
     rx = receivers()
     src = random_cache(seed=2)
     sender = P2PSender("m", GlooBackend())
-    specs = [TransferSpec(30 + i, [i], [i], f"c{i}") for i in range(8)]
+    specs = [grant(rx.kv, TransferSpec(30 + i, [i], [i], f"c{i}")) for i in range(8)]
     errors: list[BaseException] = []
 
     def push(spec: TransferSpec) -> None:
@@ -309,9 +311,9 @@ def test_an_idle_pair_outlives_the_handshake_timeout(receivers, monkeypatch) -> 
     rx = receivers()
     src = random_cache()
     sender = P2PSender("m", GlooBackend())
-    sender.send(rx.endpoint, TransferSpec(1, [0], [0], "a"), src, 10)
+    sender.send(rx.endpoint, grant(rx.kv, TransferSpec(1, [0], [0], "a")), src, 10)
     time.sleep(0.8)  # idle for longer than the handshake may take
-    spec = TransferSpec(2, [1], [1], "b")
+    spec = grant(rx.kv, TransferSpec(2, [1], [1], "b"))
     sender.send(rx.endpoint, spec, src, 10)
     assert_moved(src, rx.kv, spec)
     assert sender.counters.built == 1 and rx.counters == p2p.PairCounters(built=1)
@@ -323,13 +325,14 @@ def test_closing_the_receiver_mid_transfer_stops_every_write(receivers) -> None:
     rx = receivers()
     src = random_cache()
     sender = P2PSender("m", GlooBackend())
-    sender.send(rx.endpoint, TransferSpec(1, [0], [0], "warm"), src, 10)
+    sender.send(rx.endpoint, grant(rx.kv, TransferSpec(1, [0], [0], "warm")), src, 10)
     progress, errors = LayerProgress(), []
     progress.layer_done(0, [5])
+    cut = grant(rx.kv, TransferSpec(7, [5], [9], "cut"))  # open to it: only close() stops its later layers
 
     def push() -> None:
         try:
-            sender.send(rx.endpoint, TransferSpec(7, [5], [9], "cut"), src, 20, progress)
+            sender.send(rx.endpoint, cut, src, 20, progress)
         except TransferError as e:
             errors.append(e)
 
@@ -351,7 +354,7 @@ def test_closing_the_sender_closes_a_busy_pair_when_its_transfer_ends(receivers)
     sender = P2PSender("m", GlooBackend())
     progress = LayerProgress()
     progress.layer_done(0, [1])
-    spec = TransferSpec(2, [1], [1], "busy")
+    spec = grant(rx.kv, TransferSpec(2, [1], [1], "busy"))
     thread = threading.Thread(target=lambda: sender.send(rx.endpoint, spec, src, 10, progress))
     thread.start()
     wait_until(lambda: rx.num_pairs == 1)
@@ -362,21 +365,21 @@ def test_closing_the_sender_closes_a_busy_pair_when_its_transfer_ends(receivers)
     assert_moved(src, rx.kv, spec)  # the transfer in flight completes
     wait_until(lambda: rx.num_pairs == 0)  # then its pair is closed on both sides
     with pytest.raises(TransferError, match="closed"):
-        sender.send(rx.endpoint, TransferSpec(3, [2], [2], "late"), src, 10)
+        sender.send(rx.endpoint, grant(rx.kv, TransferSpec(3, [2], [2], "late")), src, 10)
 
 
 def test_a_receiver_at_its_bound_with_every_pair_busy_keeps_the_new_one(receivers) -> None:  # type: ignore[no-untyped-def]
     rx = receivers(max_pairs=1)
     src = random_cache()
     a, b = P2PSender("m", GlooBackend()), P2PSender("m", GlooBackend())
-    a.send(rx.endpoint, TransferSpec(1, [0], [0], "a1"), src, 10)
+    a.send(rx.endpoint, grant(rx.kv, TransferSpec(1, [0], [0], "a1")), src, 10)
     progress = LayerProgress()
     progress.layer_done(0, [1])
-    busy = TransferSpec(2, [1], [1], "a2")
+    busy = grant(rx.kv, TransferSpec(2, [1], [1], "a2"))
     thread = threading.Thread(target=lambda: a.send(rx.endpoint, busy, src, 10, progress))
     thread.start()
     wait_until(lambda: rx.kv.k[0][1].abs().sum() > 0)  # a's pair is mid-transfer
-    spec = TransferSpec(3, [2], [2], "b")
+    spec = grant(rx.kv, TransferSpec(3, [2], [2], "b"))
     b.send(rx.endpoint, spec, src, 10)  # over the bound, but the only idle pair is the one just built
     assert_moved(src, rx.kv, spec)
     for layer in range(1, LAYOUT.num_layers):

@@ -17,7 +17,7 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
-from kv_peer import kv_peer
+from kv_peer import grant, kv_peer, open_peer
 from pdserve.kvcache import KVCache, KVLayout
 from pdserve.transfer import (
     AutoSender,
@@ -72,11 +72,6 @@ def peers() -> Iterator[Peers]:
     """One receiver process per dtype (shared-memory cache + TCP listener), alive for the whole module."""
     with ExitStack() as stack:
         yield {dtype: stack.enter_context(kv_peer(layout(dtype), shm_path())) for dtype in DTYPES}
-
-
-def open_peer(endpoint: KVEndpoint) -> KVCache:
-    assert endpoint.shm_path is not None
-    return KVCache.open_shared(endpoint.layout(), endpoint.shm_path)
 
 
 # ---- the shared-memory cache itself ----------------------------------------------------------------------------
@@ -139,7 +134,7 @@ def test_blocks_arrive_exactly_and_are_stamped(peers: Peers, dtype: torch.dtype,
     )
     for spec in (scattered, consecutive):  # the second reuses the pooled TCP connection
         before = snapshot(dst)
-        stats = sender.send(endpoint, spec, src, timeout_s=10)
+        stats = sender.send(endpoint, grant(dst, spec), src, timeout_s=10)
         assert_moved(src, dst, spec, before)
         num = len(spec.dst_block_ids)
         assert stats.num_blocks == num and stats.num_bytes == num * src.layout.bytes_per_block
@@ -155,9 +150,11 @@ def test_incompatible_layouts_are_refused_before_any_byte_moves(peers: Peers, fi
     dst = open_peer(endpoint)
     before = snapshot(dst)
     bad = replace(endpoint, spec=replace(endpoint.spec, **{field: value}))
+    spec = grant(dst, TransferSpec(1, [0], [0], "r"))  # the fence would let it write: the layout check refuses
     for sender in (SharedMemorySender("m"), TcpSender("m")):
         with pytest.raises(TransferError, match=f"incompatible KV layouts \\({field}: "):
-            sender.send(bad, TransferSpec(1, [0], [0], "r"), src, timeout_s=5)
+            sender.send(bad, spec, src, timeout_s=5)
+    dst.close_writes([0])
     assert_unchanged(dst, before)
 
 
@@ -166,16 +163,18 @@ def test_a_lying_endpoint_is_caught_by_the_receiver(peers: Peers) -> None:
     endpoint, src = peers[torch.float32], random_cache(torch.bfloat16)
     dst = open_peer(endpoint)
     before = snapshot(dst)
+    spec = grant(dst, TransferSpec(1, [0], [0], "r"))  # the fence would let it write: the other checks refuse
     lying = replace(endpoint, spec=replace(endpoint.spec, dtype="bfloat16"))
     with pytest.raises(TransferError, match=r"refused it: incompatible KV layouts \(dtype: bfloat16 != float32"):
-        TcpSender("m").send(replace(lying, shm_path=None), TransferSpec(1, [0], [0], "r"), src, timeout_s=5)
+        TcpSender("m").send(replace(lying, shm_path=None), spec, src, timeout_s=5)
     with pytest.raises(TransferError, match=r"another layout \(dtype: float32 != bfloat16"):
-        SharedMemorySender("m").send(lying, TransferSpec(1, [0], [0], "r"), src, timeout_s=5)
+        SharedMemorySender("m").send(lying, spec, src, timeout_s=5)
     stale = replace(endpoint, cache_id="0123456789abcdef")  # e.g. a recycled port or pid
     with pytest.raises(TransferError, match="stale endpoint"):
-        TcpSender("m").send(stale, TransferSpec(1, [0], [0], "r"), random_cache(torch.float32), timeout_s=5)
+        TcpSender("m").send(stale, spec, random_cache(torch.float32), timeout_s=5)
     with pytest.raises(TransferError, match="no longer the KV cache"):
-        SharedMemorySender("m").send(stale, TransferSpec(1, [0], [0], "r"), random_cache(torch.float32), 5)
+        SharedMemorySender("m").send(stale, spec, random_cache(torch.float32), 5)
+    dst.close_writes([0])
     assert_unchanged(dst, before)
 
 
@@ -187,19 +186,24 @@ def test_block_ids_and_time_are_checked_before_any_byte_moves(peers: Peers) -> N
         TransferSpec(1, [0, 1], [3, 3], "r")
     with pytest.raises(ValueError, match="2 source blocks for 1"):
         TransferSpec(1, [0, 1], [3], "r")
+    grant(dst, TransferSpec(1, [0], [11], "r"))  # every block in range is open: the range check refuses
+    late = grant(dst, TransferSpec(1, [0, 1], [10, 11], "r"))  # open to it: the sender's own deadline refuses
     for sender in (SharedMemorySender("m"), TcpSender("m")):
         with pytest.raises(TransferError, match=r"destination block ids must lie in \[0, 12\)"):
             sender.send(endpoint, TransferSpec(1, [0, 1], [11, 12], "r"), src, timeout_s=5)
         with pytest.raises(TransferError, match="deadline passed before"):
-            sender.send(endpoint, TransferSpec(1, [0, 1], [10, 11], "r"), src, timeout_s=0)
+            sender.send(endpoint, late, src, timeout_s=0)
+    dst.close_writes([10, 11])
     assert_unchanged(dst, before)
 
 
 def test_a_dead_receiver_fails_within_the_deadline() -> None:
     src = random_cache(torch.float32)
     with kv_peer(layout(torch.float32), shm_path()) as endpoint:
+        dst = open_peer(endpoint)
         tcp = TcpSender("m")
-        tcp.send(endpoint, TransferSpec(1, [0], [0], "warm"), src, timeout_s=10)  # leaves a pooled connection
+        tcp.send(endpoint, grant(dst, TransferSpec(1, [0], [0], "warm")), src, timeout_s=10)  # a pooled connection
+        grant(dst, TransferSpec(2, [0], [0], "r"))  # open: only the dead receiver can fail the sends below
     # The receiver process is gone: its pooled connection, a reconnect and its /proc address all fail, fast.
     for sender in (tcp, TcpSender("m"), SharedMemorySender("m")):
         start = time.monotonic()
@@ -241,6 +245,7 @@ def test_the_receiver_drops_a_transfer_past_its_deadline(receiver: tuple[KVCache
         conn.sendall(wire.HELLO.pack(b"PDKV", 1, len(hello)) + hello)
         assert wire.REPLY.unpack(conn.recv(wire.REPLY.size)) == (0, 0)
         block_bytes = 4 * 2 * 8 * 4
+        grant(kv, TransferSpec(3, [0], [2], "late"))  # open to it: only the sender's deadline stops the write
         header = wire.LAYER.pack(3, 0.0, 0, 1, block_bytes)  # no time left
         conn.sendall(header + struct.pack("<q", 2) + b"\x01" * 2 * block_bytes)
         try:
@@ -256,10 +261,11 @@ def test_concurrent_sends_to_one_endpoint(receiver: tuple[KVCache, KVEndpoint]) 
     src = random_cache(torch.float32)
     senders: list[KVSender] = [TcpSender("m"), SharedMemorySender("m")]
     errors: list[BaseException] = []
+    specs = [grant(kv, TransferSpec(10 + i, [i], [i], f"r{i}")) for i in range(NUM_BLOCKS)]
 
     def push(sender: KVSender, i: int) -> None:
         try:
-            sender.send(endpoint, TransferSpec(10 + i, [i], [i], f"r{i}"), src, timeout_s=10)
+            sender.send(endpoint, specs[i], src, timeout_s=10)
         except BaseException as e:
             errors.append(e)
 
@@ -319,10 +325,11 @@ def test_auto_sender_uses_tcp_when_shared_memory_cannot_be_mapped(receiver: tupl
     kv, endpoint = receiver
     src = random_cache(torch.float32)
     sender = AutoSender("m", "node-a")
-    assert sender.send(endpoint, TransferSpec(5, [0], [1], "r"), src, 5).transport == "shm"
-    assert AutoSender("m", "node-b").send(endpoint, TransferSpec(5, [0], [2], "r"), src, 5).transport == "tcp"
+    assert sender.send(endpoint, grant(kv, TransferSpec(5, [0], [1], "r")), src, 5).transport == "shm"
+    other_node = AutoSender("m", "node-b")
+    assert other_node.send(endpoint, grant(kv, TransferSpec(5, [0], [2], "r")), src, 5).transport == "tcp"
     unmappable = replace(endpoint, shm_path="/proc/1/fd/999999", cache_id=endpoint.cache_id)
-    assert sender.send(unmappable, TransferSpec(6, [0], [3], "r"), src, 5).transport == "tcp"
+    assert sender.send(unmappable, grant(kv, TransferSpec(6, [0], [3], "r")), src, 5).transport == "tcp"
     assert kv.block_epochs[1:4].tolist() == [5, 5, 6] and torch.equal(kv.k[0][3], src.k[0][0])
 
 
@@ -357,7 +364,7 @@ def test_layer_pipelined_send_waits_for_each_layer(peers: Peers, sender_cls: typ
     endpoint = peers[torch.float32]
     src, dst = random_cache(torch.float32, seed=3), open_peer(endpoint)
     epoch = 21 if sender_cls is SharedMemorySender else 22
-    spec = TransferSpec(epoch=epoch, src_block_ids=[0, 1], dst_block_ids=[8, 9], transfer_id="p1")
+    spec = grant(dst, TransferSpec(epoch=epoch, src_block_ids=[0, 1], dst_block_ids=[8, 9], transfer_id="p1"))
     progress, done = LayerProgress(), threading.Event()
     result: list[object] = []
 
@@ -385,9 +392,9 @@ def test_layer_pipelined_send_fails_cleanly(peers: Peers) -> None:
     progress.layer_done(0, [0])
     progress.fail(RuntimeError("prefill aborted"))
     with pytest.raises(TransferError, match="prefill aborted"):
-        SharedMemorySender("m").send(endpoint, TransferSpec(31, [0], [10], "p2"), src, 10, progress)
+        SharedMemorySender("m").send(endpoint, grant(dst, TransferSpec(31, [0], [10], "p2")), src, 10, progress)
     start = time.monotonic()
     with pytest.raises(TransferError, match="deadline"):
-        TcpSender("m").send(endpoint, TransferSpec(32, [0], [11], "p3"), src, 0.3, LayerProgress())
+        TcpSender("m").send(endpoint, grant(dst, TransferSpec(32, [0], [11], "p3")), src, 0.3, LayerProgress())
     assert time.monotonic() - start < 2
     assert dst.block_epochs[10] != 31 and dst.block_epochs[11] != 32
