@@ -100,6 +100,8 @@ def _decode_replica(conn: Connection, host_id: str | None) -> None:
     if host_id is not None:
         os.environ["NCCL_HOSTID"] = host_id  # before NCCL starts in this process
     kv = KVCache(LAYOUT, device="cuda")
+    for epoch, ids in enumerate(_destinations(), start=3):  # what the decode engine's reservations would grant
+        kv.open_writes(ids, epoch, time.monotonic_ns() + 600 * 10**9)
     rx = P2PReceiver(kv, NcclBackend(), node_id="node-b", model_id="m")
     conn.send(rx.endpoint)
     while (message := conn.recv()) != "stop":
@@ -135,6 +137,12 @@ def test_two_ranks_on_one_gpu_are_refused_cleanly() -> None:
         print(f"\n2 ranks on 1 GPU, {time.monotonic() - start:.1f} s: {refused.value}")
 
 
+def _destinations(num: int = 64) -> list[list[int]]:
+    """The destination blocks of the pair test's three reservations (epochs 3, 4 and 5)."""
+    dst = torch.randperm(LAYOUT.num_blocks, generator=torch.Generator().manual_seed(2))[: 3 * num].tolist()
+    return [dst[:num], dst[num : 2 * num], dst[2 * num :]]
+
+
 def _prefill_replica(conn: Connection, endpoint: KVEndpoint) -> None:
     """The prefill side of the real pair: its transfers, and what it sent, back to the test."""
     os.environ["NCCL_HOSTID"] = "pdserve-prefill"
@@ -163,7 +171,8 @@ def _prefill_replica(conn: Connection, endpoint: KVEndpoint) -> None:
         sender.send(endpoint, TransferSpec(5, list(range(num)), dst[2 * num :], "stalled"), src, 1.0, stalled)
     except TransferError as e:
         report["stalled"] = str(e)
-    report["rebuilt_s"] = sender.send(endpoint, TransferSpec(6, list(range(num)), dst[2 * num :], "x"), src, 60).seconds
+    # The same reservation retried over the rebuilt pair (its permit still names epoch 5).
+    report["rebuilt_s"] = sender.send(endpoint, TransferSpec(5, list(range(num)), dst[2 * num :], "x"), src, 60).seconds
     report["counters"] = sender.counters
     torch.cuda.synchronize()
     sent = {layer: src.k[layer][: 2 * num].cpu() for layer in (0, 29)}
@@ -187,7 +196,7 @@ def test_a_real_two_rank_nccl_pair_on_one_gpu() -> None:
         conn.send(dst)
         (k0, k29), epochs, counters = conn.recv()
         assert torch.equal(k0[: 2 * num], sent[0]) and torch.equal(k29[: 2 * num], sent[29])
-        assert epochs.tolist() == [3] * num + [4] * num + [6] * num  # the stalled transfer (5) never stamped
+        assert epochs.tolist() == [3] * num + [4] * num + [5] * num  # stamped by the retry, not the stalled one
         assert torch.equal(k0[2 * num :], sent[0][:num])  # the rebuilt pair's transfer
         assert report["pipelined_layers"] == LAYOUT.num_layers and "deadline" in report["stalled"]
         assert report["counters"].built == 2 and report["counters"].aborted == 1
