@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,64 @@ def test_errors_reach_the_caller_and_leave_nothing_allocated(tiny_models: dict[s
             async for _ in engine.commit("missing", 5, None):
                 pass
         assert (await engine.stats()).num_used_blocks == 0
+        engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_cancellation_at_any_await_leaks_nothing(tiny_models: dict[str, Path]) -> None:
+    """Seeded random flows — colocated streams, prefill-only results, reservations committed and decoded — each
+    cancelled with a plain `task.cancel()` at a random moment: before its command ran (queued behind a long step),
+    while it ran, mid-stream, or not at all. Afterwards no block is used, held or reserved."""
+    rng = random.Random(7)
+    engine = make(tiny_models["llama"])
+    llm = engine.engine
+
+    async def colocated(i: int) -> None:
+        async for _ in engine.generate(EngineRequest(f"c{i}", tuple(range(3, 3 + rng.randint(1, 90))), greedy(30))):
+            await asyncio.sleep(0)
+
+    async def prefill_only(i: int) -> None:
+        request = EngineRequest(f"p{i}", tuple(range(5, 5 + rng.randint(1, 90))), greedy(4))
+        try:
+            async for out in engine.generate(request, prefill_only=True):
+                assert out.kv_block_ids is not None
+        finally:
+            with contextlib.suppress(ValueError):  # released by its own abort when cancelled mid-generation
+                await asyncio.shield(engine.release(request.request_id))
+
+    async def reserved(i: int) -> None:
+        request = EngineRequest(f"d{i}", tuple(range(7, 7 + rng.randint(1, 90))), greedy(20))
+        held = await engine.reserve(request, lease_s=30)
+        if held is None:
+            return
+        first = held.num_cached_tokens // llm.layout.block_size
+        llm.kv.block_epochs[list(held.block_ids[first:])] = held.epoch  # as a transport would, after its writes
+        async for _ in engine.commit(request.request_id, 11, None):
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        flows = [colocated, prefill_only, reserved]
+        tasks = []
+        for i in range(300):
+            task = asyncio.ensure_future(rng.choice(flows)(i))
+            tasks.append(task)
+            delay = rng.choice([None, 0.0, rng.uniform(0, 0.01), rng.uniform(0.01, 0.5)])
+            if delay is not None:
+                asyncio.get_running_loop().call_later(delay, task.cancel)
+            if i % 30 == 0:
+                await asyncio.sleep(0.05)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
+        assert not failures, failures[:3]
+        assert sum(isinstance(r, asyncio.CancelledError) for r in results) > 100
+        for _ in range(100):
+            stats = await engine.stats()
+            if (stats.num_used_blocks, stats.num_held, stats.num_reserved_blocks, stats.num_running) == (0, 0, 0, 0):
+                break
+            await asyncio.sleep(0.05)
+        assert (stats.num_used_blocks, stats.num_held, stats.num_reserved_blocks, stats.num_running) == (0, 0, 0, 0)
+        assert stats.num_waiting == 0 and stats.num_fenced_blocks == 0
         engine.shutdown()
 
     asyncio.run(main())
