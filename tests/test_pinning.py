@@ -4,6 +4,7 @@ to another (the target vanished)."""
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 from typing import Any
 
@@ -35,3 +36,53 @@ def test_a_replica_refuses_calls_pinned_to_another() -> None:
     shell._check_pinned("mine")
     with pytest.raises(MisroutedCallError, match="pinned to replica theirs reached mine"):
         shell._check_pinned("theirs")
+
+
+class Sleeper:
+    """A replica that takes one call at a time and says who served it."""
+
+    def __init__(self) -> None:
+        from ray import serve
+
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+
+    async def whoami(self, target_replica_id: str | None = None) -> str:
+        return self.replica_id
+
+    async def hold(self, seconds: float, target_replica_id: str | None = None) -> str:
+        await asyncio.sleep(seconds)
+        return self.replica_id
+
+
+@pytest.mark.slow
+def test_a_pinned_call_waits_for_its_full_replica_instead_of_spilling() -> None:
+    """Two replicas at max_ongoing_requests=1: replica A is busy; calls pinned to A wait for it and are served by
+    A (before, Serve's fallback tier sent them to B)."""
+    import sys
+
+    from ray import cloudpickle, serve
+    from ray.serve.config import RequestRouterConfig
+
+    from serving import free_port, ray_serve
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    with ray_serve(free_port()):
+        deployment: Any = serve.deployment(Sleeper).options(
+            num_replicas=2,
+            max_ongoing_requests=1,
+            ray_actor_options={"num_cpus": 0},
+            request_router_config=RequestRouterConfig(request_router_class="pdserve.serve.routing.PinnedRequestRouter"),
+        )
+        handle = serve.run(deployment.bind(), name="pinned", route_prefix=None)
+        ids = {handle.whoami.remote().result() for _ in range(40)}
+        assert len(ids) == 2, ids
+        a = sorted(ids)[0]
+
+        async def main() -> list[str]:
+            busy = handle.hold.remote(1.5, target_replica_id=a)
+            await asyncio.sleep(0.3)  # A now holds its one slot
+            pinned = [handle.whoami.remote(target_replica_id=a) for _ in range(4)]
+            return [await busy] + [await p for p in pinned]
+
+        served_by = asyncio.run(main())
+        assert served_by == [a] * 5, served_by
