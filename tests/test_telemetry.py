@@ -132,15 +132,17 @@ def test_failing_request_has_error_spans(traced) -> None:  # type: ignore[no-unt
     response = httpx.post(
         f"{broken.base_url}/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 4}, timeout=60
     )
-    assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+    # A server fault, typed as such (a failed KV transfer is worth retrying): 503 + Retry-After, no internals.
+    assert response.status_code == 503 and response.json()["error"]["type"] == "server_error"
+    assert "Retry-After" in response.headers and "Transfer" not in response.text
 
     def failed(got: list[ReceivedSpan]) -> list[ReceivedSpan]:
-        return [s for s in got if s.kind == SERVER and s.attributes.get(names.HTTP_STATUS) == 500]
+        return [s for s in got if s.kind == SERVER and s.attributes.get(names.HTTP_STATUS) == 503]
 
     spans = receiver.wait_for(lambda got: bool(failed(got)) and len(trace_of_span(got, failed(got)[0])) >= 5)
     trace = by_name(trace_of_span(spans, failed(spans)[0]))
     http, prefill, transfer = trace["http"], trace[names.SPAN_PREFILL], trace[names.SPAN_KV_TRANSFER]
-    assert http.is_error and http.attributes[names.HTTP_STATUS] == 500
+    assert http.is_error and http.attributes[names.HTTP_STATUS] == 503
     assert transfer.is_error and prefill.is_error
     assert transfer.attributes[names.ERROR_TYPE] == "TransferError"
     assert any(name == "exception" for name, _ in transfer.events)
