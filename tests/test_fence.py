@@ -36,6 +36,7 @@ from pdserve.transfer import (
     TransferSpec,
 )
 from pdserve.transfer.gloo import GlooBackend
+from test_p2p import assert_moved, wait_until
 
 LAYOUT = KVLayout(num_layers=3, num_blocks=16, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float32)
 TRANSPORTS = ("shm", "tcp", "gloo")
@@ -68,20 +69,6 @@ def assert_unchanged(kv: KVCache, before: Snapshot) -> None:
     for layer in range(kv.layout.num_layers):
         assert torch.equal(kv.k[layer], before.k[layer]) and torch.equal(kv.v[layer], before.v[layer])
     assert torch.equal(kv.block_epochs, before.epochs)
-
-
-def assert_moved(src: KVCache, dst: KVCache, spec: TransferSpec) -> None:
-    s, d = list(spec.src_block_ids), list(spec.dst_block_ids)
-    for layer in range(src.layout.num_layers):
-        assert torch.equal(dst.k[layer][d], src.k[layer][s]) and torch.equal(dst.v[layer][d], src.v[layer][s])
-    assert dst.block_epochs[d].tolist() == [spec.epoch] * len(d)
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    end = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.005)
 
 
 # ---- the transports -------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self.num_preemptions = 0  # total, for stats and tests
         self.reservations = Reservations(self.kv, self.layout.block_size, config.cache.fence_grace_s)
-        self.num_reaped_leases = self.num_reaped_held = self.num_fenced_aborts = 0  # since start
+        self.num_reaped_leases = self.num_reaped_held = self.num_fenced_aborts = self.num_aborts = 0  # since start
         logger.info(
             "engine ready: %s %s, %d KV blocks of %d tokens",
             (hf_config.architectures or ["?"])[0],
@@ -141,6 +141,7 @@ class LLMEngine:
         seq = self._seqs.get(request_id)
         if seq is None:
             return False
+        self.num_aborts += 1
         self.scheduler.remove(seq)
         seq.finish_reason = FinishReason.ABORT
         reservation = self.reservations.revoke(request_id)
@@ -199,6 +200,7 @@ class LLMEngine:
             num_reaped_leases=self.num_reaped_leases,
             num_reaped_held=self.num_reaped_held,
             num_fenced_aborts=self.num_fenced_aborts,
+            num_aborts=self.num_aborts,
         )
 
     def kv_events_since(self, seq: int, incarnation: str | None = None) -> KVEventBatch:

@@ -106,6 +106,7 @@ class EngineStats:
     num_reaped_leases: int = 0  # since start: reservations nobody committed or aborted before their lease ended
     num_reaped_held: int = 0  # since start: prefill-only results nobody released within held_ttl_s
     num_fenced_aborts: int = 0  # since start: reservations aborted while a writer might still write
+    num_aborts: int = 0  # since start: requests aborted at any stage (client gone, failure)
 
 
 class LayerSink(Protocol):

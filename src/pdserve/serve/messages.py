@@ -69,6 +69,7 @@ class ReplicaStats:
     num_reaped_leases: int = 0  # since start, as the rest below
     num_reaped_held: int = 0
     num_fenced_aborts: int = 0
+    num_aborts: int = 0
     num_fenced_writes: int = 0  # writes this replica refused (decode) or stopped (prefill) at the fence
 
 

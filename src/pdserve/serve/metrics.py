@@ -37,6 +37,7 @@ class ReplicaStatsCollector(Collector):
                 "reservations aborted with a writer maybe live",
                 "num_fenced_aborts",
             ),
+            "requests_aborted": (CounterMetricFamily, "requests aborted in the engine", "num_aborts"),
             "kv_fenced_writes": (CounterMetricFamily, "KV writes refused by the fence", "num_fenced_writes"),
             "requests_running": (GaugeMetricFamily, "requests being computed", "num_running"),
             "requests_waiting": (GaugeMetricFamily, "requests queued in the engine", "num_waiting"),

@@ -97,6 +97,7 @@ class _EngineReplica:
             s.num_reaped_leases,
             s.num_reaped_held,
             s.num_fenced_aborts,
+            s.num_aborts,
             self._num_fenced_writes(),
         )
 
