@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from oracle import greedy, random_prompts, run_staggered
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig
-from pdserve.engine import EngineRequest, LLMEngine
-from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine import EngineRequest, LLMEngine, RequestOutput
+from pdserve.engine.async_engine import AsyncEngine, EngineDeadError
 
 
 def make(path: Path) -> AsyncEngine:
@@ -127,3 +129,33 @@ def test_cancellation_at_any_await_leaks_nothing(tiny_models: dict[str, Path]) -
         engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_dead_engine_thread_fails_every_caller(tiny_models: dict[str, Path]) -> None:
+    """Streams, a call queued while the thread dies, and calls after it all fail with EngineDeadError: none hangs."""
+
+    async def main() -> None:
+        engine = make(tiny_models["llama"])
+
+        def failing_step() -> list[RequestOutput]:
+            time.sleep(0.3)  # long enough for the calls below to be queued behind it
+            raise RuntimeError("boom")
+
+        engine.engine.step = failing_step  # type: ignore[method-assign]
+        stream = engine.generate(EngineRequest("x", (5, 6, 7), greedy(3)))
+        consumer = asyncio.ensure_future(_drain_all(stream))
+        await asyncio.sleep(0.1)
+        queued = asyncio.ensure_future(engine.stats())
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(consumer, 5)
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(queued, 5)
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(engine.stats(), 5)
+
+    asyncio.run(main())
+
+
+async def _drain_all(stream: AsyncIterator[RequestOutput]) -> None:
+    async for _ in stream:
+        pass

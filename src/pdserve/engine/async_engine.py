@@ -17,7 +17,14 @@ from functools import partial
 from typing import Any, TypeVar
 
 from pdserve.engine.engine import LLMEngine
-from pdserve.engine.request import EngineRequest, EngineStats, KVReservation, LayerSink, RequestOutput
+from pdserve.engine.request import (
+    EngineRequest,
+    EngineStats,
+    FinishReason,
+    KVReservation,
+    LayerSink,
+    RequestOutput,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,6 +45,7 @@ class AsyncEngine:
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._stopped = False
         self._error: BaseException | None = None
+        self._pending: set[asyncio.Future[Any]] = set()  # calls awaiting their command: failed if the thread dies
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
 
     # ---- called from the event loop ---------------------------------------------------------------------------
@@ -60,13 +68,18 @@ class AsyncEngine:
                 results.append(result)
                 loop.call_soon_threadsafe(_set_result, future, result)
 
+        self._pending.add(future)
         self._submit(run)
+        if self._error is not None:  # died between the check above and the submit: nobody will run it
+            _set_exception(future, EngineDeadError("the engine thread has failed"))
         try:
             return await future
         except asyncio.CancelledError:
             if undo is not None:
                 self._submit(lambda: [undo(r) for r in results])  # FIFO: after `run`, whenever that runs
             raise
+        finally:
+            self._pending.discard(future)
 
     async def generate(
         self, request: EngineRequest, prefill_only: bool = False, layer_sink: LayerSink | None = None
@@ -113,8 +126,14 @@ class AsyncEngine:
         await self.call(self.engine.release, request_id)
 
     def abort(self, request_id: str, may_be_written: bool = False) -> None:
-        """Abort without waiting (safe from `finally` blocks of cancelled tasks); see `LLMEngine.abort`."""
-        self._submit(lambda: self.engine.abort(request_id, may_be_written))
+        """Abort without waiting (safe from `finally` blocks of cancelled tasks); see `LLMEngine.abort`. A stream
+        still open for the request ends with an ABORT output (nobody else would end it)."""
+
+        def abort() -> None:
+            if self.engine.abort(request_id, may_be_written):
+                self._publish([RequestOutput(request_id, [], None, FinishReason.ABORT, 0, 0)])
+
+        self._submit(abort)
 
     async def stats(self) -> EngineStats:
         return await self.call(self.engine.stats)
@@ -185,7 +204,10 @@ class AsyncEngine:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            command()
+            try:
+                command()
+            except Exception:  # a compensation (undo, abort) that fails must not take the engine thread down
+                logger.exception("engine command failed")
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         assert self._loop is not None
@@ -198,6 +220,8 @@ class AsyncEngine:
         assert self._loop is not None
         for stream in list(self._streams.values()):
             self._loop.call_soon_threadsafe(stream.put_nowait, EngineDeadError(str(error)))
+        for future in list(self._pending):
+            self._loop.call_soon_threadsafe(_set_exception, future, EngineDeadError(str(error)))
 
 
 def _abort_quietly(engine: LLMEngine, request_id: str, _result: object) -> None:

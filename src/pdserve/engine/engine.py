@@ -29,7 +29,7 @@ from pdserve.engine.request import (
     LayerSink,
     RequestOutput,
 )
-from pdserve.engine.reservations import Reservations
+from pdserve.engine.reservations import OpenReservation, Reservations
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.sequence import Sequence, SequenceStatus
 from pdserve.engine.weights import CheckpointReader, eos_token_ids, load_hf_config, resolve_dtype
@@ -147,7 +147,7 @@ class LLMEngine:
         reservation = self.reservations.revoke(request_id)
         if reservation is not None and may_be_written:
             self.num_fenced_aborts += 1
-            self._quarantine(seq, reservation.expires_at)
+            self._quarantine(reservation, reservation.expires_at)
         else:
             self._free(seq)
         return True
@@ -159,8 +159,9 @@ class LLMEngine:
         for request_id in self.reservations.expired(now):
             logger.warning("reservation %s expired uncommitted; its blocks are fenced, then freed", request_id)
             self.num_reaped_leases += 1
-            self.reservations.revoke(request_id)
-            self._quarantine(self._seqs[request_id], now)
+            reservation = self.reservations.revoke(request_id)
+            assert reservation is not None
+            self._quarantine(reservation, now)
         ttl_s = self.config.cache.held_ttl_s
         for seq in [s for s in self._seqs.values() if s.is_prefill_only and s.status is SequenceStatus.HELD]:
             if now - seq.held_at > ttl_s:
@@ -258,11 +259,12 @@ class LLMEngine:
         seq.held_at = time.monotonic()
         return self._output(seq, num_new, kv_block_ids=tuple(seq.block_ids))
 
-    def _quarantine(self, seq: Sequence, until: float) -> None:
+    def _quarantine(self, reservation: OpenReservation, until: float) -> None:
         """Out of the engine now, its blocks freed only after `until` plus the grace (see reservations.py)."""
+        seq = reservation.seq
         seq.status = SequenceStatus.FINISHED
         del self._seqs[seq.request_id]
-        self.reservations.quarantine(seq, until)
+        self.reservations.quarantine(reservation, until)
 
     def _output(self, seq: Sequence, num_new: int, kv_block_ids: tuple[int, ...] | None = None) -> RequestOutput:
         new_ids = seq.token_ids[seq.num_tokens - num_new :]

@@ -34,6 +34,7 @@ class _Quarantined:
     until: float
     order: int
     seq: Sequence = field(compare=False)
+    num_fenced_blocks: int = field(compare=False)  # its blocks a writer may still hit (the rest are shared, cached)
 
 
 class Reservations:
@@ -78,9 +79,12 @@ class Reservations:
     def expired(self, now: float) -> list[str]:
         return [r for r, reservation in self.open.items() if reservation.expires_at <= now]
 
-    def quarantine(self, seq: Sequence, until: float) -> None:
-        """Keep `seq`'s blocks out of use until `until` (monotonic); `release_due` hands them back."""
-        heapq.heappush(self._quarantine, _Quarantined(until + self.grace_s, next(self._order), seq))
+    def quarantine(self, reservation: OpenReservation, until: float) -> None:
+        """Keep the reservation's blocks out of use until `until` (monotonic); `release_due` hands them back."""
+        entry = _Quarantined(
+            until + self.grace_s, next(self._order), reservation.seq, len(reservation.written_block_ids)
+        )
+        heapq.heappush(self._quarantine, entry)
 
     def release_due(self, now: float) -> list[Sequence]:
         due = []
@@ -90,11 +94,11 @@ class Reservations:
 
     @property
     def num_reserved_blocks(self) -> int:
-        return sum(len(r.seq.block_ids) for r in self.open.values())
+        return sum(len(r.written_block_ids) for r in self.open.values())
 
     @property
     def num_fenced_blocks(self) -> int:
-        return sum(len(q.seq.block_ids) for q in self._quarantine)
+        return sum(q.num_fenced_blocks for q in self._quarantine)
 
 
 def _ns(monotonic_s: float) -> int:

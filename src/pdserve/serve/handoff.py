@@ -8,8 +8,8 @@ the part that allocates — reserve, then prefill into the reservation — runs 
 (`_reserve_and_prefill`, outside the request's context, so Serve's child-call cancellation skips it too) that the
 client's cancellation never reaches: the client going away only signals, and the
 task's done-callback frees the reservation once the prefill call has ended, when no writer can touch it any more.
-Whoever allocates releases, on every path: the task itself when reserve or prefill fails (fenced, if the prefill
-replica's state is unknown), the stream's end or an explicit abort afterwards. The decode replica's lease (renewed
+Whoever allocates releases, on every path: the task itself when reserve or prefill fails (fenced: a writer may be
+mid-layer), the stream's end or an explicit abort afterwards. The decode replica's lease (renewed
 while the prefill works) and its write fence are the backstop, not the mechanism.
 """
 
@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
-from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from pdserve.api.backend import CapacityError
@@ -32,6 +31,7 @@ from pdserve.serve.messages import PrefillResult, Reservation
 
 logger = logging.getLogger(__name__)
 _ABORT_TIMEOUT_S = 10.0
+_CALL_TIMEOUT_S = 30.0  # reserve and renew on a decode replica that does not answer
 _background: set[asyncio.Task[Any]] = set()  # cleanup tasks: referenced until they end
 
 
@@ -45,6 +45,8 @@ async def disaggregated_generate(
             yield out
         return
     handoff = _detached(_reserve_and_prefill(request, prefill, decode, route))
+    _background.add(handoff)  # referenced until done, whoever still awaits it
+    handoff.add_done_callback(_background.discard)
     try:
         reservation, result = await asyncio.shield(handoff)
     except asyncio.CancelledError:  # the client left: the handoff goes on, and frees the reservation when done
@@ -79,11 +81,11 @@ async def _reserve_and_prefill(
     try:
         call = prefill.prefill.remote(request, reservation, target_replica_id=route and route.prefill_replica_id)
         result = await _renewing(call, decode, reservation)
-    except BaseException as e:
-        # P's method raised: it ended its push first, so nothing writes any more. Otherwise (P died, the call was
-        # lost or cancelled) a push may still be running: fence the reservation, free it once nothing can land.
-        may_be_written = not isinstance(e, RayTaskError)
-        _spawn(_abort(decode, request.request_id, pinned, may_be_written))
+    except BaseException:
+        # Even when P's method raised after its push stopped, D's own receiver (TCP, P2P) may still be mid-layer:
+        # fence the reservation and free its blocks only once nothing of it can land. Failures are rare; the
+        # blocks wait at most the lease.
+        _spawn(_abort(decode, request.request_id, pinned, may_be_written=True))
         raise
     return reservation, result
 
@@ -96,13 +98,23 @@ async def _renewing(call: Any, decode: DeploymentHandle, reservation: Reservatio
             done, _ = await asyncio.wait({task}, timeout=reservation.lease_s / 3)
             if done:
                 return task.result()
-            pinned = {"target_replica_id": reservation.replica_id}
-            if not await decode.renew.remote(reservation.request_id, **pinned):
-                logger.warning("reservation %s was revoked while its prefill ran", reservation.request_id)
+            await _renew(decode, reservation)
     finally:
         if not task.done():
             task.cancel()
             call.cancel()
+
+
+async def _renew(decode: DeploymentHandle, reservation: Reservation) -> None:
+    """Extend the lease; a failure is logged, never fatal: the prefill's own outcome decides the handoff."""
+    pinned = {"target_replica_id": reservation.replica_id}
+    try:
+        is_open = await asyncio.wait_for(decode.renew.remote(reservation.request_id, **pinned), _CALL_TIMEOUT_S)
+    except Exception:
+        logger.warning("renewing reservation %s failed", reservation.request_id, exc_info=True)
+        return
+    if not is_open:
+        logger.warning("reservation %s was revoked while its prefill ran", reservation.request_id)
 
 
 async def _awaited(call: Any) -> Any:
@@ -113,7 +125,9 @@ async def _reserve(request: EngineRequest, decode: DeploymentHandle, route: Rout
     """Reserve on the chosen decode replica, or on the runner-up when the chosen one has no room."""
     targets = route.decode_ranking[:2] if route is not None else (None,)
     for target in targets:
-        reservation: Reservation | None = await decode.reserve.remote(request, target_replica_id=target)
+        reservation: Reservation | None = await asyncio.wait_for(
+            decode.reserve.remote(request, target_replica_id=target), _CALL_TIMEOUT_S
+        )  # a late reservation after the timeout is revoked at its lease
         if reservation is not None:
             return reservation
     return None
@@ -133,7 +147,10 @@ def _first_output(request: EngineRequest, result: PrefillResult) -> RequestOutpu
 
 def _abort_when_done(decode: DeploymentHandle, request_id: str, handoff: asyncio.Future[Any]) -> None:
     """The handoff ended after its client left: free the reservation it made (a failed one freed it already)."""
-    if handoff.cancelled() or handoff.exception() is not None:
+    if handoff.cancelled():
+        return
+    if (error := handoff.exception()) is not None:  # it freed what it held; nobody is left to tell
+        logger.info("handoff of %s failed after its client left: %r", request_id, error)
         return
     reservation: Reservation = handoff.result()[0]
     _spawn(_abort(decode, request_id, {"target_replica_id": reservation.replica_id}, may_be_written=False))
@@ -144,7 +161,7 @@ async def _abort(decode: DeploymentHandle, request_id: str, pinned: dict[str, st
     try:
         await asyncio.wait_for(decode.abort.remote(request_id, may_be_written, **pinned), _ABORT_TIMEOUT_S)
     except Exception:
-        logger.warning("abort of %s on decode replica %s failed; its lease frees it", request_id, pinned)
+        logger.warning("abort of %s on decode replica %s failed; its lease frees it", request_id, pinned, exc_info=True)
 
 
 def _spawn(coro: Any) -> None:

@@ -196,7 +196,7 @@ class PrefillServer(_EngineReplica):
                 if push is None:
                     transfer_span = child_span(span, names.SPAN_KV_TRANSFER, {names.PIPELINED: False})
                     push = asyncio.ensure_future(asyncio.to_thread(self._push, reservation, None, first.kv_block_ids))
-                stats = await push
+                stats = await asyncio.shield(push)  # a cancel must not orphan the push thread
                 wait_s = time.perf_counter() - start - prefill_s  # what the transfer adds to the prefill
                 assert transfer_span is not None
                 record_transfer(transfer_span, stats)
@@ -348,8 +348,8 @@ async def _finish_uncancelled(future: asyncio.Future[TransferStats]) -> None:
             await asyncio.shield(future)
         except asyncio.CancelledError:
             is_cancelled = True
-        except BaseException:
-            break
+        except BaseException as e:  # the push failed: the caller raises its own error
+            logger.debug("push ended with %r", e)
     if is_cancelled:
         raise asyncio.CancelledError
 
