@@ -54,6 +54,7 @@ class FakeBackend:
         self.error_after: Exception | None = None  # raised after the first delta
         self.finish_override: str | None = None  # replaces the finish reason of the second delta
         self.is_healthy_now = True
+        self.is_ready_now = True
         self.requests: list[GenerationRequest] = []
         self.num_yielded = 0
         self.num_closed = 0
@@ -84,6 +85,9 @@ class FakeBackend:
 
     async def is_healthy(self) -> bool:
         return self.is_healthy_now
+
+    async def is_ready(self) -> bool:
+        return self.is_ready_now
 
     def render_metrics(self) -> tuple[bytes, str]:
         return b"pdserve_up 1\n", "text/plain; version=0.0.4; charset=utf-8"
@@ -496,6 +500,10 @@ def test_models_health_metrics(client: openai.OpenAI, http: httpx.Client, backen
     assert http.get("/health").status_code == 200 and http.get("/health").json() == {}
     backend.is_healthy_now = False
     assert http.get("/health").status_code == 503
+    assert http.get("/ready").status_code == 200 and http.get("/ready").json() == {}
+    backend.is_ready_now = False
+    not_ready = http.get("/ready")
+    assert not_ready.status_code == 503 and not_ready.headers["Retry-After"] == "1"
     metrics = http.get("/metrics")
     assert metrics.text.startswith("pdserve_up 1\n")  # the backend's exposition, then the HTTP layer's
     assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")

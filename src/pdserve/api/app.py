@@ -74,10 +74,18 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(state: State) -> Response:
-    """200 `{}` while the backend can serve, else 503."""
+    """Liveness: 200 `{}` while the server answers, else 503."""
     if await state.backend.is_healthy():
         return JSONResponse({})
-    return error_response(APIError(503, "the backend is not ready", SERVER_ERROR))
+    return error_response(APIError(503, "the server is not healthy", SERVER_ERROR))
+
+
+@router.get("/ready")
+async def ready(state: State) -> Response:
+    """Readiness: 200 `{}` when a request can be served now (a live replica in every pool it needs), else 503."""
+    if await state.backend.is_ready():
+        return JSONResponse({})
+    return error_response(APIError(503, "the backend is not ready", SERVER_ERROR, retry_after_s=1.0))
 
 
 @router.get("/v1/models")

@@ -79,7 +79,13 @@ class Backend(Protocol):
         InvalidRequest for input the engine rejects, ServerError for the server's own failures."""
         ...
 
-    async def is_healthy(self) -> bool: ...
+    async def is_healthy(self) -> bool:
+        """Liveness: the serving layer answers at all (`/health`)."""
+        ...
+
+    async def is_ready(self) -> bool:
+        """Readiness: a request can be served now — every pool it needs has a live replica (`/ready`)."""
+        ...
 
     def render_metrics(self) -> tuple[bytes, str]:
         """Prometheus exposition of this process's metrics: (body, content type)."""

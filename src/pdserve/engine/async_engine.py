@@ -25,6 +25,7 @@ from pdserve.engine.request import (
     LayerSink,
     RequestOutput,
 )
+from pdserve.faults import fault_point
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,6 +35,10 @@ _REAP_PERIOD_S = 0.25
 
 class EngineDeadError(RuntimeError):
     """The engine thread failed; every open and future request errors out."""
+
+
+class EngineWedgedError(RuntimeError):
+    """The engine thread has been inside one step or command for too long (a watchdog's verdict)."""
 
 
 class AsyncEngine:
@@ -46,6 +51,7 @@ class AsyncEngine:
         self._stopped = False
         self._error: BaseException | None = None
         self._pending: set[asyncio.Future[Any]] = set()  # calls awaiting their command: failed if the thread dies
+        self._busy_since: float | None = None  # time.monotonic() the current step or command began (watchdog)
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
 
     # ---- called from the event loop ---------------------------------------------------------------------------
@@ -138,6 +144,15 @@ class AsyncEngine:
     async def stats(self) -> EngineStats:
         return await self.call(self.engine.stats)
 
+    def check_health(self, step_timeout_s: float) -> None:
+        """EngineDeadError if the engine thread died, EngineWedgedError if one step or command has run longer than
+        `step_timeout_s`; returns otherwise (an engine not started yet is healthy)."""
+        if self._error is not None or (self._loop is not None and not self._thread.is_alive() and not self._stopped):
+            raise EngineDeadError("the engine thread has failed") from self._error
+        busy_since = self._busy_since
+        if busy_since is not None and time.monotonic() - busy_since > step_timeout_s:
+            raise EngineWedgedError(f"the engine thread has been busy for over {step_timeout_s:.0f} s")
+
     def shutdown(self) -> None:
         self._stopped = True
         self._wakeup.set()
@@ -189,7 +204,10 @@ class AsyncEngine:
                     self.engine.reap()
                     next_reap = time.monotonic() + _REAP_PERIOD_S
                 if self.engine.has_unfinished():
+                    self._busy_since = time.monotonic()
+                    fault_point("engine.step")
                     self._publish(self.engine.step())
+                    self._busy_since = None
                 else:
                     self._wakeup.wait(_IDLE_WAIT_S)
                     self._wakeup.clear()
@@ -204,10 +222,13 @@ class AsyncEngine:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
+            self._busy_since = time.monotonic()
             try:
                 command()
             except Exception:  # a compensation (undo, abort) that fails must not take the engine thread down
                 logger.exception("engine command failed")
+            finally:
+                self._busy_since = None
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         assert self._loop is not None

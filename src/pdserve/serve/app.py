@@ -19,12 +19,12 @@ _PINNED_ROUTER = "pdserve.serve.routing.PinnedRequestRouter"  # an import path: 
 def build_app(config: ServeConfig) -> Application:
     """Prefill + decode pools behind an ingress, or one colocated engine pool when `config.colocated`."""
     model_path = str(resolve_model(config.model, _checkpoint_dtype(config.dtype)))
-    ingress = _deployment(Ingress, "Ingress", config.ingress)
+    ingress = _deployment(Ingress, "Ingress", config.ingress, config)
     if config.colocated:
-        engine = _deployment(EngineServer, "EngineServer", config.engine).bind(config, model_path)
+        engine = _deployment(EngineServer, "EngineServer", config.engine, config).bind(config, model_path)
         return ingress.bind(config, model_path, engine=engine)
-    prefill = _deployment(PrefillServer, "PrefillServer", config.prefill, pinned=True).bind(config, model_path)
-    decode = _deployment(DecodeServer, "DecodeServer", config.decode, pinned=True).bind(config, model_path)
+    prefill = _deployment(PrefillServer, "PrefillServer", config.prefill, config, pinned=True).bind(config, model_path)
+    decode = _deployment(DecodeServer, "DecodeServer", config.decode, config, pinned=True).bind(config, model_path)
     return ingress.bind(config, model_path, prefill=prefill, decode=decode)
 
 
@@ -34,12 +34,14 @@ def app_builder(args: dict[str, Any]) -> Application:
     return build_app(ServeConfig.model_validate(args))
 
 
-def _deployment(cls: type, name: str, pool: PoolConfig, pinned: bool = False) -> Any:
+def _deployment(cls: type, name: str, pool: PoolConfig, config: ServeConfig, pinned: bool = False) -> Any:
     options: dict[str, Any] = {
         "name": name,
         "num_replicas": pool.num_replicas,
         "ray_actor_options": pool.ray_actor_options,
         "max_ongoing_requests": pool.max_ongoing_requests,
+        "health_check_period_s": config.health_check_period_s,
+        "health_check_timeout_s": config.health_check_timeout_s,
     }
     if pinned:
         options["request_router_config"] = RequestRouterConfig(request_router_class=_PINNED_ROUTER)  # type: ignore[arg-type]

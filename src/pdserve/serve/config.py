@@ -85,6 +85,11 @@ class ServeConfig(BaseModel):
     # (benchmarks/kv_pipeline.py); it pays where cores are spare and the link is slow.
     kv_pipelined_push: bool = False
     reservation_lease_s: float = Field(60.0, gt=0)  # a reservation never committed is freed after this
+    # Health: Serve calls each replica's check_health this often and replaces a replica that fails it (its engine
+    # thread died, or one step or command ran longer than engine_step_timeout_s: wedged).
+    health_check_period_s: float = Field(2.0, gt=0)
+    health_check_timeout_s: float = Field(10.0, gt=0)
+    engine_step_timeout_s: float = Field(120.0, gt=0)
     # OTEL_* / PDSERVE_TRACES_* variables for every replica (default: the building process's; docs/TELEMETRY.md)
     tracing_env: dict[str, str] = Field(default_factory=tracing_env)
     max_body_bytes: int = Field(1 << 20, ge=1024)

@@ -19,13 +19,14 @@ import asyncio
 import contextvars
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from pdserve.api.backend import CapacityError
-from pdserve.engine import EngineRequest, FinishReason, RequestOutput
+from pdserve.engine import EngineRequest, FinishReason, InvalidRequestError, RequestOutput
 from pdserve.router import RouteDecision, RouteMode
 from pdserve.serve.messages import PrefillResult, Reservation
 
@@ -33,6 +34,14 @@ logger = logging.getLogger(__name__)
 _ABORT_TIMEOUT_S = 10.0
 _CALL_TIMEOUT_S = 30.0  # reserve and renew on a decode replica that does not answer
 _background: set[asyncio.Task[Any]] = set()  # cleanup tasks: referenced until they end
+
+
+@dataclass
+class HandoffCounters:
+    prefill_retries: int = 0  # prefills retried on another replica after the first one failed
+
+
+counters = HandoffCounters()  # per ingress process (each ingress replica counts its own)
 
 
 async def disaggregated_generate(
@@ -79,8 +88,7 @@ async def _reserve_and_prefill(
         raise CapacityError("no decode replica has room for this request now", retry_after_s=1.0)
     pinned = {"target_replica_id": reservation.replica_id}
     try:
-        call = prefill.prefill.remote(request, reservation, target_replica_id=route and route.prefill_replica_id)
-        result = await _renewing(call, decode, reservation)
+        result = await _prefill_with_retry(request, prefill, decode, route, reservation)
     except BaseException:
         # Even when P's method raised after its push stopped, D's own receiver (TCP, P2P) may still be mid-layer:
         # fence the reservation and free its blocks only once nothing of it can land. Failures are rare; the
@@ -88,6 +96,38 @@ async def _reserve_and_prefill(
         _spawn(_abort(decode, request.request_id, pinned, may_be_written=True))
         raise
     return reservation, result
+
+
+async def _prefill_with_retry(
+    request: EngineRequest,
+    prefill: DeploymentHandle,
+    decode: DeploymentHandle,
+    route: RouteDecision | None,
+    reservation: Reservation,
+) -> PrefillResult:
+    """Prefill on the chosen replica; if it fails for a reason of its own (died, wedged, a failed transfer), once
+    more on the next-best prefill replica (prefill is idempotent: a retry writes the same KV under the same epoch
+    into the same reserved blocks). A client error is not retried."""
+    first = route.prefill_replica_id if route is not None else None
+    try:
+        return await _renewing(
+            prefill.prefill.remote(request, reservation, target_replica_id=first), decode, reservation
+        )
+    except (asyncio.CancelledError, InvalidRequestError):
+        raise
+    except Exception as e:
+        logger.warning("prefill of %s failed on %s (%r); retrying once elsewhere", request.request_id, first, e)
+    counters.prefill_retries += 1
+    retry = _runner_up(route, first)
+    return await _renewing(prefill.prefill.remote(request, reservation, target_replica_id=retry), decode, reservation)
+
+
+def _runner_up(route: RouteDecision | None, failed: str | None) -> str | None:
+    """The best other prefill replica the router knew of; None lets Serve pick."""
+    if route is None:
+        return None
+    others = sorted((c for c in route.prefill_candidates if c.replica_id != failed), key=lambda c: c.total_s)
+    return others[0].replica_id if others else None
 
 
 async def _renewing(call: Any, decode: DeploymentHandle, reservation: Reservation) -> PrefillResult:

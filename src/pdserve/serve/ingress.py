@@ -20,7 +20,7 @@ from pdserve.engine import EngineRequest, RequestOutput, SamplingParams
 from pdserve.router import RouteDecision
 from pdserve.serve.config import ServeConfig
 from pdserve.serve.handoff import colocated_generate, disaggregated_generate
-from pdserve.serve.ingress_router import IngressRouter, RouterCollector
+from pdserve.serve.ingress_router import IngressRouter, RouterCollector, broadcast
 from pdserve.serve.messages import ModelInfo, ReplicaStats
 from pdserve.serve.metrics import IngressMetrics
 from pdserve.serve.spans import route_attributes
@@ -28,6 +28,7 @@ from pdserve.telemetry import configure_tracing, flush, names, span_in
 
 logger = logging.getLogger(__name__)
 _STATS_REFRESH_S = 1.0
+_READY_TIMEOUT_S = 3.0
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -117,6 +118,17 @@ class Ingress:
             self.router.router.prefill_done(request.request_id, first.num_cached_tokens)
 
     async def is_healthy(self) -> bool:
+        """Liveness: this ingress answers (replicas are Serve's health checks' business)."""
+        return True
+
+    async def is_ready(self) -> bool:
+        """Readiness: every pool a request needs has a replica whose engine is alive and not wedged."""
+        pools = [self.engine] if self.engine is not None else [self.prefill, self.decode]
+        for pool in pools:
+            assert pool is not None
+            results = await broadcast(pool, "ready", timeout_s=_READY_TIMEOUT_S)
+            if not any(r is True for r in results):
+                return False
         return True
 
     def render_metrics(self) -> tuple[bytes, str]:
@@ -127,7 +139,7 @@ class Ingress:
         handles = [h for h in (self.prefill, self.decode, self.engine) if h is not None]
         stats: list[ReplicaStats] = []
         for handle in handles:
-            results = await handle.broadcast("stats").results_async(return_exceptions=True)
+            results = await broadcast(handle, "stats")
             stats.extend(r for r in results if isinstance(r, ReplicaStats))
         return stats
 

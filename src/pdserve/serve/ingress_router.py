@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -19,9 +20,24 @@ from pdserve.engine import EngineRequest
 from pdserve.kvcache import hash_block_chain
 from pdserve.router import CostConfig, RouteDecision, Router
 from pdserve.serve.config import RouterSettings
+from pdserve.serve.handoff import counters as handoff_counters
 from pdserve.serve.messages import ReplicaSync
 
 logger = logging.getLogger(__name__)
+BROADCAST_TIMEOUT_S = 5.0
+
+
+async def broadcast(
+    handle: DeploymentHandle, method: str, *args: Any, timeout_s: float = BROADCAST_TIMEOUT_S
+) -> list[Any]:
+    """`method(*args)` on every replica of `handle`: results and exceptions, one per replica; none at all when some
+    replica does not answer within `timeout_s` (a wedged replica never stalls the caller; Serve's health check
+    replaces it)."""
+    try:
+        return await handle.broadcast(method, *args).results_async(timeout_s=timeout_s, return_exceptions=True)
+    except TimeoutError:
+        logger.warning("broadcast of %s timed out after %.0f s; skipped this round", method, timeout_s)
+        return []
 
 
 class IngressRouter:
@@ -53,8 +69,7 @@ class IngressRouter:
     async def sync(self) -> None:
         cursors = self.router.cursors()
         for pool in self.pools:
-            results = await pool.broadcast("router_sync", cursors).results_async(return_exceptions=True)
-            for result in results:
+            for result in await broadcast(pool, "router_sync", cursors):
                 if isinstance(result, ReplicaSync):
                     self.router.apply_report(result.report, result.events)
                 else:
@@ -95,6 +110,9 @@ class RouterCollector(Collector):
         ]:
             yield CounterMetricFamily(f"pdserve_router_{name}", doc, value=value)
         yield GaugeMetricFamily("pdserve_router_in_flight", "requests the router tracks", value=router.num_in_flight)
+        yield CounterMetricFamily(
+            "pdserve_prefill_retries", "prefills retried on another replica", value=handoff_counters.prefill_retries
+        )
         staleness = GaugeMetricFamily(
             "pdserve_router_index_staleness_seconds", "age of the replica's last applied KV events", labels=["replica"]
         )

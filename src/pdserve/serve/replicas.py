@@ -22,6 +22,7 @@ from ray import serve
 
 from pdserve.engine import EngineRequest, EngineStats, LLMEngine, RequestOutput
 from pdserve.engine.async_engine import AsyncEngine
+from pdserve.faults import fault_point
 from pdserve.kvcache import KVEventBatch
 from pdserve.router import ReplicaReport, SyncCursor
 from pdserve.serve.config import ServeConfig
@@ -137,6 +138,15 @@ class _EngineReplica:
         spans still buffered."""
         flush()
 
+    def check_health(self) -> None:
+        """Serve's health check: raises when the engine thread died or is wedged (Serve then replaces us)."""
+        self.engine.check_health(self.config.engine_step_timeout_s)
+
+    async def ready(self) -> bool:
+        """The ingress's readiness probe: this replica can take work (raises like check_health otherwise)."""
+        self.check_health()
+        return True
+
     def _num_fenced_writes(self) -> int:
         """KV writes this replica stopped (prefill: its pushes) or refused (decode: its receivers) at the fence."""
         return 0
@@ -180,6 +190,7 @@ class PrefillServer(_EngineReplica):
         computes (layer-pipelined), else after it — then release ours (they stay cached). Whenever this returns
         or raises (cancelled included), no thread of it writes into the reservation any more."""
         self._check_pinned(target_replica_id)
+        fault_point("prefill.compute")
         with span_in(request.traceparent, names.SPAN_PREFILL, self._span_attributes(request)) as span:
             progress = LayerProgress(self.llm.kv.flat.device) if self.is_pipelined else None
             transfer_span: Span | None = None  # begins when the push does: with the prompt, or after it
@@ -248,6 +259,7 @@ class PrefillServer(_EngineReplica):
     ) -> TransferStats:
         """Send the blocks past the decode replica's cached prefix (runs in a worker thread); with `progress`, each
         layer as soon as it is computed (the block ids arrive with the first layer)."""
+        fault_point("prefill.push")
         # The decode replica's fence is what keeps a late write out of its blocks; this only stops trying early.
         deadline = Deadline(min(self.config.kv_transfer_timeout_s, reservation.lease_s))
         if src_block_ids is None:
@@ -323,6 +335,7 @@ class DecodeServer(_EngineReplica):
     ) -> AsyncIterator[RequestOutput]:
         """Commit the reservation (ValueError if it expired or its KV is incomplete) and stream the tokens."""
         self._check_pinned(target_replica_id)
+        fault_point("decode.commit")
         attributes = {names.REQUEST_ID: request_id, names.REPLICA_ID: self.replica_id}
         span = start_span(names.SPAN_DECODE, traceparent, attributes)
         try:
