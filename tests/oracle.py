@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from pdserve.engine import EngineRequest, LLMEngine, RequestOutput, SamplingParams
 
 NEAR_TIE = 1e-3
+HTTP_MAX_TOKENS = 10  # greedy tokens per request in the HTTP tests that use conftest's `oracle` fixture
 
 
 @dataclass(frozen=True)

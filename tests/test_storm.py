@@ -15,13 +15,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from transformers import AutoTokenizer
 
-from oracle import load_reference_model, random_prompts, reference_greedy
+from oracle import HTTP_MAX_TOKENS, random_prompts
 from serving import Served, free_port, ray_serve
 
 pytestmark = pytest.mark.slow
-MAX_TOKENS = 10
+MAX_TOKENS = HTTP_MAX_TOKENS  # what the `oracle` fixture (conftest.py) generates
 MODES = ("colocated", "1p1d", "2p2d")
 NUM_STORM = 1000
 
@@ -48,17 +47,6 @@ def apps(tiny_models: dict[str, Path]) -> Iterator[dict[str, Served]]:
         for name, config in configs.items():
             serve.run(build_app(config), name=name, route_prefix=f"/{name}")
         yield {name: Served(f"http://127.0.0.1:{port}/{name}/v1") for name in configs}
-
-
-@pytest.fixture(scope="module")
-def oracle(tiny_models: dict[str, Path]):  # type: ignore[no-untyped-def]
-    path = tiny_models["llama"]
-    model, tokenizer = load_reference_model(path), AutoTokenizer.from_pretrained(path)
-
-    def want(prompt: list[int]) -> str:
-        return str(tokenizer.decode(reference_greedy(model, prompt, MAX_TOKENS).token_ids, skip_special_tokens=True))
-
-    return want
 
 
 async def _complete(client: openai.AsyncOpenAI, prompt: list[int]) -> str:
