@@ -5,6 +5,8 @@ fast, Serve replaces the replica, /ready tells the truth, and no block is left b
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,7 +67,9 @@ def apps(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     }  # fmt: skip
     prefill_killed = _with_faults(f"prefill.push=kill@{markers / 'prefill'}") | {"num_replicas": 2}
     engine_dies = _with_faults(f"engine.step=raise@{markers / 'engine'}")
+    slow_decode = _with_faults("engine.step=slow:0.03") | {"num_replicas": 2}  # streams last long enough to cut
     configs = {
+        "decode_killed": ServeConfig(**common, prefill={"num_replicas": 2}, decode=slow_decode),
         "prefill_killed": ServeConfig(**common, prefill=prefill_killed, decode={"num_replicas": 2}),
         "engine_dies": ServeConfig(**common, decode=engine_dies),
     }
@@ -73,6 +77,69 @@ def apps(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
         for name, config in configs.items():
             serve.run(build_app(config), name=name, route_prefix=f"/{name}")
         yield {name: Served(f"http://127.0.0.1:{port}/{name}/v1") for name in configs}
+
+
+def test_a_decode_replica_killed_mid_stream_migrates_its_streams(apps: dict[str, Served], oracle) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL of a decode replica during 64 concurrent greedy streams on 2P+2D: no stream hangs, every stream that
+    completes is identical to transformers' (the dead replica's ones continue on the other decode replica), the
+    rest end with an error event; nothing is left held anywhere."""
+    served = apps["decode_killed"]
+    prompts = _mixed_prompts(seed=90, n=64)
+    outcomes = asyncio.run(_streams_through_a_kill(served, prompts, "decode_killed", "DecodeServer"))
+    exact = sum(text == oracle(p) for p, text in zip(prompts, outcomes, strict=True))
+    errors = sum(text is None for text in outcomes)
+    wrong = len(prompts) - exact - errors
+    migrations = sum(served.metrics().get("pdserve_stream_migrations_total", {}).values())
+    print(f"64 streams through a decode SIGKILL: {exact} exact, {errors} error events, {migrations:.0f} migrated")
+    assert wrong == 0, f"{wrong} streams completed with wrong text"
+    assert exact >= 0.99 * len(prompts) and migrations >= 1
+    _assert_idle(served, "after the decode kill", timeout_s=15)
+
+
+async def _streams_through_a_kill(served: Served, prompts: list[list[int]], app: str, deployment: str) -> list[Any]:
+    """Stream every prompt at once, SIGKILL one replica of `deployment` once every stream has its first token;
+    each stream's text, or None if it ended with an error event."""
+    client = openai.AsyncOpenAI(base_url=served.base_url, api_key="unused", max_retries=0, timeout=120)
+    started = asyncio.Semaphore(0)
+
+    async def stream(prompt: list[int]) -> str | None:
+        text, is_first = "", True
+        try:
+            chunks = await client.completions.create(
+                model="tiny", prompt=prompt, max_tokens=10, temperature=0, stream=True,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            async for chunk in chunks:
+                if is_first:
+                    started.release()
+                    is_first = False
+                text += chunk.choices[0].text if chunk.choices else ""
+        except openai.APIError:
+            return None
+        finally:
+            if is_first:
+                started.release()
+        return text
+
+    tasks = [asyncio.ensure_future(stream(p)) for p in prompts]
+    for _ in prompts:
+        await asyncio.wait_for(started.acquire(), 60)
+    _sigkill_one_replica(app, deployment)
+    try:
+        return list(await asyncio.wait_for(asyncio.gather(*tasks), 120))  # no stream may hang
+    finally:
+        await client.close()
+
+
+def _sigkill_one_replica(app: str, deployment: str) -> None:
+    from ray.util.state import list_actors
+
+    actors = [
+        a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        if a.class_name == f"ServeReplica:{app}:{deployment}"
+    ]  # fmt: skip
+    assert actors, f"no live replica of {app}/{deployment}"
+    os.kill(actors[0].pid, signal.SIGKILL)
 
 
 def test_a_prefill_replica_killed_mid_push_is_retried_elsewhere(apps: dict[str, Served], oracle) -> None:  # type: ignore[no-untyped-def]

@@ -30,6 +30,9 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past EOS (benchmarks); stop_token_ids still stop
     min_tokens: int = 0  # stop tokens are masked until this many tokens were generated
     logprobs: bool = False  # return the log-probability of each chosen token (raw model distribution)
+    # Output tokens generated before this request (a migrated stream's continuation): seeded draws continue from
+    # output index seed_offset, so the continuation samples what the interrupted stream would have.
+    seed_offset: int = 0
 
     @property
     def is_greedy(self) -> bool:

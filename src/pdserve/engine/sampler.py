@@ -64,7 +64,8 @@ def _sample_row(logits: torch.Tensor, row: SampleRow) -> int:
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=probs.device)
-        generator.manual_seed((params.seed * _SEED_MIX + row.num_output_tokens) % (1 << 63))
+        index = row.num_output_tokens + params.seed_offset
+        generator.manual_seed((params.seed * _SEED_MIX + index) % (1 << 63))
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -39,15 +40,51 @@ _background: set[asyncio.Task[Any]] = set()  # cleanup tasks: referenced until t
 @dataclass
 class HandoffCounters:
     prefill_retries: int = 0  # prefills retried on another replica after the first one failed
+    migrations: int = 0  # streams moved to another decode replica after theirs failed
 
 
 counters = HandoffCounters()  # per ingress process (each ingress replica counts its own)
 
 
 async def disaggregated_generate(
-    request: EngineRequest, prefill: DeploymentHandle, decode: DeploymentHandle, route: RouteDecision | None
+    request: EngineRequest,
+    prefill: DeploymentHandle,
+    decode: DeploymentHandle,
+    route: RouteDecision | None,
+    max_migrations: int = 1,
 ) -> AsyncIterator[RequestOutput]:
-    """Stream `request`'s outputs through the pair `route` chose (None: Serve picks the replicas)."""
+    """Stream `request`'s outputs through the pair `route` chose (None: Serve picks the replicas). If the decode
+    replica fails mid-stream, a greedy or seeded request migrates (up to `max_migrations` times): prompt + the
+    tokens already streamed are prefilled for another decode replica, which continues exactly where the stream
+    stopped; other requests end with the error."""
+    streamed: list[int] = []
+    attempt, where = request, _Where()
+    for migration in itertools.count():
+        try:
+            async for out in _handoff(attempt, prefill, decode, route, where):
+                streamed.extend(out.new_token_ids)
+                yield out if attempt is request else _as_original(out, request)
+            return
+        except Exception as e:
+            if not (streamed and migration < max_migrations and _can_migrate(request, e)):
+                raise
+            logger.warning(
+                "decode replica %s failed mid-stream (%r); migrating %s", where.decode, e, request.request_id
+            )
+        counters.migrations += 1
+        attempt = _continuation(request, streamed, migration + 1)
+        route = _without(route, where.decode, attempt.request_id)
+
+
+async def _handoff(
+    request: EngineRequest,
+    prefill: DeploymentHandle,
+    decode: DeploymentHandle,
+    route: RouteDecision | None,
+    where: _Where,
+) -> AsyncIterator[RequestOutput]:
+    """One reserve -> prefill -> decode (or local) pass; `where.decode` names the decode replica it streams from."""
+    where.decode = route.decode_replica_id if route is not None else None
     if route is not None and route.mode is RouteMode.LOCAL:  # the decode replica lacks few tokens: it prefills
         local = decode.options(stream=True).generate.remote(request, target_replica_id=route.decode_replica_id)
         async for out in _stream(local):  # type: ignore[arg-type]
@@ -62,6 +99,7 @@ async def disaggregated_generate(
         handoff.add_done_callback(partial(_abort_when_done, decode, request.request_id))
         raise
     pinned = {"target_replica_id": reservation.replica_id}
+    where.decode = reservation.replica_id
     is_done = False
     try:
         first = _first_output(request, result)
@@ -77,6 +115,46 @@ async def disaggregated_generate(
     finally:
         if not is_done:  # client gone or stream failed; the prefill is over, so no writer is left: free at once
             _spawn(_abort(decode, request.request_id, pinned, may_be_written=False))
+
+
+@dataclass
+class _Where:
+    decode: str | None = None  # the decode replica of the current pass (None: Serve's pick, unknown)
+
+
+def _can_migrate(request: EngineRequest, error: Exception) -> bool:
+    """A replica fault (not the client's input, not capacity) on a request whose continuation is reproducible."""
+    is_reproducible = request.sampling.is_greedy or request.sampling.seed is not None
+    return is_reproducible and not isinstance(error, InvalidRequestError | CapacityError)
+
+
+def _continuation(request: EngineRequest, streamed: list[int], migration: int) -> EngineRequest:
+    """The rest of `request` after `streamed` tokens: they join the prompt, the limits shrink by their count."""
+    params = request.sampling
+    sampling = replace(
+        params,
+        max_tokens=params.max_tokens - len(streamed),
+        min_tokens=max(0, params.min_tokens - len(streamed)),
+        seed_offset=params.seed_offset + len(streamed),
+    )
+    prompt = (*request.prompt_token_ids, *streamed)
+    return replace(request, request_id=f"{request.request_id}.m{migration}", prompt_token_ids=prompt, sampling=sampling)
+
+
+def _as_original(out: RequestOutput, request: EngineRequest) -> RequestOutput:
+    """A continuation's output as the original request's (its id and prompt size)."""
+    return replace(out, request_id=request.request_id, num_prompt_tokens=len(request.prompt_token_ids))
+
+
+def _without(route: RouteDecision | None, failed: str | None, request_id: str) -> RouteDecision | None:
+    """The route for a continuation: the same prefill replica, the next decode replica that did not fail."""
+    if route is None:
+        return None
+    ranking = tuple(r for r in route.decode_ranking if r != failed)
+    if not ranking:
+        return None
+    mode = RouteMode.DISAGGREGATED
+    return replace(route, request_id=request_id, mode=mode, decode_replica_id=ranking[0], decode_ranking=ranking)
 
 
 async def _reserve_and_prefill(

@@ -113,6 +113,9 @@ class RouterCollector(Collector):
         yield CounterMetricFamily(
             "pdserve_prefill_retries", "prefills retried on another replica", value=handoff_counters.prefill_retries
         )
+        yield CounterMetricFamily(
+            "pdserve_stream_migrations", "streams moved to another decode replica", value=handoff_counters.migrations
+        )
         staleness = GaugeMetricFamily(
             "pdserve_router_index_staleness_seconds", "age of the replica's last applied KV events", labels=["replica"]
         )
