@@ -132,14 +132,17 @@ async def _streams_through_a_kill(served: Served, prompts: list[list[int]], app:
 
 
 def _sigkill_one_replica(app: str, deployment: str) -> None:
-    from ray.util.state import list_actors
+    """SIGKILL the process of one live replica of `app`'s `deployment` (found among Serve's named actors)."""
+    import ray
 
-    actors = [
-        a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-        if a.class_name == f"ServeReplica:{app}:{deployment}"
+    names = [
+        a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#")
     ]  # fmt: skip
-    assert actors, f"no live replica of {app}/{deployment}"
-    os.kill(actors[0].pid, signal.SIGKILL)
+    assert names, f"no live replica of {app}/{deployment}"
+    actor = ray.get_actor(names[0], namespace="serve")
+    pid = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
+    os.kill(pid, signal.SIGKILL)
 
 
 def test_a_prefill_replica_killed_mid_push_is_retried_elsewhere(apps: dict[str, Served], oracle) -> None:  # type: ignore[no-untyped-def]
