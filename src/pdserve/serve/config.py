@@ -87,6 +87,11 @@ class ServeConfig(BaseModel):
     reservation_lease_s: float = Field(60.0, gt=0)  # a reservation never committed is freed after this
     # Health: Serve calls each replica's check_health this often and replaces a replica that fails it (its engine
     # thread died, or one step or command ran longer than engine_step_timeout_s: wedged).
+    # Admission: prompt tokens admitted and still waiting for their first token, per prefill (or colocated
+    # engine) replica; beyond it requests get 429 + Retry-After before any work. Disaggregated requests that find
+    # no decode room wait for it up to queue_ttl_s (below the lease), as colocated ones queue in their engine.
+    max_queued_prefill_tokens: int = Field(16384, ge=1)
+    queue_ttl_s: float = Field(20.0, gt=0)
     health_check_period_s: float = Field(2.0, gt=0)
     health_check_timeout_s: float = Field(10.0, gt=0)
     engine_step_timeout_s: float = Field(120.0, gt=0)
@@ -95,6 +100,12 @@ class ServeConfig(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+
+    @model_validator(mode="after")
+    def _queue_ttl_below_the_lease(self) -> ServeConfig:
+        if self.queue_ttl_s >= self.reservation_lease_s:
+            raise ValueError("queue_ttl_s must be below reservation_lease_s")
+        return self
 
     @model_validator(mode="after")
     def _transport_fits_the_device(self) -> ServeConfig:

@@ -19,6 +19,7 @@ import asyncio
 import contextvars
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from functools import partial
@@ -33,8 +34,16 @@ from pdserve.serve.messages import PrefillResult, Reservation
 
 logger = logging.getLogger(__name__)
 _ABORT_TIMEOUT_S = 10.0
-_CALL_TIMEOUT_S = 30.0  # reserve and renew on a decode replica that does not answer
+_CALL_TIMEOUT_S = 30.0
+_FIRST_BACKOFF_S, _MAX_BACKOFF_S = (
+    0.02,
+    0.5,
+)  # waiting for decode room  # reserve and renew on a decode replica that does not answer
 _background: set[asyncio.Task[Any]] = set()  # cleanup tasks: referenced until they end
+
+
+class ClientGone(Exception):
+    """The client left before the handoff started its prefill: it stopped there, holding nothing."""
 
 
 @dataclass
@@ -51,6 +60,7 @@ async def disaggregated_generate(
     prefill: DeploymentHandle,
     decode: DeploymentHandle,
     route: RouteDecision | None,
+    queue_ttl_s: float = 20.0,
     max_migrations: int = 1,
 ) -> AsyncIterator[RequestOutput]:
     """Stream `request`'s outputs through the pair `route` chose (None: Serve picks the replicas). If the decode
@@ -61,7 +71,7 @@ async def disaggregated_generate(
     attempt, where = request, _Where()
     for migration in itertools.count():
         try:
-            async for out in _handoff(attempt, prefill, decode, route, where):
+            async for out in _handoff(attempt, prefill, decode, route, where, queue_ttl_s):
                 streamed.extend(out.new_token_ids)
                 yield out if attempt is request else _as_original(out, request)
             return
@@ -82,6 +92,7 @@ async def _handoff(
     decode: DeploymentHandle,
     route: RouteDecision | None,
     where: _Where,
+    queue_ttl_s: float,
 ) -> AsyncIterator[RequestOutput]:
     """One reserve -> prefill -> decode (or local) pass; `where.decode` names the decode replica it streams from."""
     where.decode = route.decode_replica_id if route is not None else None
@@ -90,12 +101,14 @@ async def _handoff(
         async for out in _stream(local):  # type: ignore[arg-type]
             yield out
         return
-    handoff = _detached(_reserve_and_prefill(request, prefill, decode, route))
+    client_gone = asyncio.Event()  # the one signal a departing client sends: the handoff stops at its next step
+    handoff = _detached(_reserve_and_prefill(request, prefill, decode, route, queue_ttl_s, client_gone))
     _background.add(handoff)  # referenced until done, whoever still awaits it
     handoff.add_done_callback(_background.discard)
     try:
         reservation, result = await asyncio.shield(handoff)
     except asyncio.CancelledError:  # the client left: the handoff goes on, and frees the reservation when done
+        client_gone.set()
         handoff.add_done_callback(partial(_abort_when_done, decode, request.request_id))
         raise
     pinned = {"target_replica_id": reservation.replica_id}
@@ -158,13 +171,20 @@ def _without(route: RouteDecision | None, failed: str | None, request_id: str) -
 
 
 async def _reserve_and_prefill(
-    request: EngineRequest, prefill: DeploymentHandle, decode: DeploymentHandle, route: RouteDecision | None
+    request: EngineRequest,
+    prefill: DeploymentHandle,
+    decode: DeploymentHandle,
+    route: RouteDecision | None,
+    queue_ttl_s: float,
+    client_gone: asyncio.Event,
 ) -> tuple[Reservation, PrefillResult]:
-    """Reserve on D, prefill on P into the reservation. On failure, D's reservation is freed (or fenced) here."""
-    reservation = await _reserve(request, decode, route)
-    if reservation is None:
-        raise CapacityError("no decode replica has room for this request now", retry_after_s=1.0)
+    """Reserve on D, prefill on P into the reservation. On failure, D's reservation is freed (or fenced) here. A
+    client gone before the prefill starts stops it there (its reservation freed: no writer ever saw it)."""
+    reservation = await _reserve_within(request, decode, route, queue_ttl_s, client_gone)
     pinned = {"target_replica_id": reservation.replica_id}
+    if client_gone.is_set():
+        _spawn(_abort(decode, request.request_id, pinned, may_be_written=False))
+        raise ClientGone(request.request_id)
     try:
         result = await _prefill_with_retry(request, prefill, decode, route, reservation)
     except BaseException:
@@ -237,6 +257,27 @@ async def _renew(decode: DeploymentHandle, reservation: Reservation) -> None:
 
 async def _awaited(call: Any) -> Any:
     return await call
+
+
+async def _reserve_within(
+    request: EngineRequest,
+    decode: DeploymentHandle,
+    route: RouteDecision | None,
+    queue_ttl_s: float,
+    client_gone: asyncio.Event,
+) -> Reservation:
+    """A reservation, waiting for decode room up to `queue_ttl_s` (as a colocated request waits in its engine's
+    queue); CapacityError after that, ClientGone once nobody waits for it."""
+    deadline = time.monotonic() + queue_ttl_s
+    backoff_s = _FIRST_BACKOFF_S
+    while (reservation := await _reserve(request, decode, route)) is None:
+        if client_gone.is_set():
+            raise ClientGone(request.request_id)
+        if time.monotonic() + backoff_s > deadline:
+            raise CapacityError("no decode replica has had room for this request; retry later", retry_after_s=1.0)
+        await asyncio.sleep(backoff_s)
+        backoff_s = min(2 * backoff_s, _MAX_BACKOFF_S)
+    return reservation
 
 
 async def _reserve(request: EngineRequest, decode: DeploymentHandle, route: RouteDecision | None) -> Reservation | None:

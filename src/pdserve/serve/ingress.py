@@ -15,9 +15,10 @@ from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
 from pdserve.api import create_app
-from pdserve.api.backend import GenerationDelta, GenerationRequest
+from pdserve.api.backend import CapacityError, GenerationDelta, GenerationRequest
 from pdserve.engine import EngineRequest, RequestOutput, SamplingParams
 from pdserve.router import RouteDecision
+from pdserve.router.admission import Admission
 from pdserve.serve.config import ServeConfig
 from pdserve.serve.handoff import colocated_generate, disaggregated_generate
 from pdserve.serve.ingress_router import IngressRouter, RouterCollector, broadcast
@@ -58,7 +59,9 @@ class Ingress:
             cost = config.router.cost_config(info.block_size, info.kv_bytes_per_token)
             self.router = IngressRouter(config.router, cost, prefill, decode)
             await self.router.start()
-        self.metrics = IngressMetrics(RouterCollector(self.router))
+        pool = config.engine if engine is not None else config.prefill
+        self.admission = Admission(config.max_queued_prefill_tokens * max(1, pool.num_replicas))
+        self.metrics = IngressMetrics(RouterCollector(self.router, self.admission))
         self._stats_task = asyncio.get_running_loop().create_task(self._refresh_stats())
 
     def __del__(self) -> None:
@@ -73,6 +76,7 @@ class Ingress:
         replica or Ray raised reaches the API as InvalidRequest, CapacityError or a generic ServerError."""
         try:
             engine_request = to_engine_request(request)
+            self._admit(engine_request)
             start = time.perf_counter()
             first_at: float | None = None
             num_tokens = 0
@@ -81,10 +85,12 @@ class Ingress:
             else:
                 assert self.prefill is not None and self.decode is not None
                 route = self._route(engine_request)
-                outputs = disaggregated_generate(engine_request, self.prefill, self.decode, route)
+                queue_ttl_s = self.config.queue_ttl_s
+                outputs = disaggregated_generate(engine_request, self.prefill, self.decode, route, queue_ttl_s)
             try:
                 async for out in outputs:
                     if first_at is None:
+                        self.admission.started(engine_request.request_id)
                         first_at = time.perf_counter()
                         self._observe_first(engine_request, out, first_at - start)
                     num_tokens += len(out.new_token_ids)
@@ -92,6 +98,7 @@ class Ingress:
                         self._observe_end(first_at, num_tokens, out.finish_reason.value)
                     yield to_delta(out)
             finally:
+                self.admission.finish(engine_request.request_id)
                 if self.router is not None:
                     self.router.router.finish(engine_request.request_id)
         except Exception as e:  # not GeneratorExit or CancelledError: a closed or cancelled stream just ends
@@ -99,6 +106,11 @@ class Ingress:
             if error is e:
                 raise
             raise error from None  # the original (Ray's text: traceback, addresses) stays in the server's log
+
+    def _admit(self, request: EngineRequest) -> None:
+        """CapacityError (429 + Retry-After) when the pool's prompt-token budget is spent; nothing is allocated."""
+        if not self.admission.admit(request.request_id, len(request.prompt_token_ids)):
+            raise CapacityError("the server is at capacity; retry shortly", retry_after_s=1.0)
 
     def _route(self, request: EngineRequest) -> RouteDecision | None:
         """The router's pair for `request` (None: Serve routes), recorded as a span of the request's trace."""

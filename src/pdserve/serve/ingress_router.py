@@ -19,6 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from pdserve.engine import EngineRequest
 from pdserve.kvcache import hash_block_chain
 from pdserve.router import CostConfig, RouteDecision, Router
+from pdserve.router.admission import Admission
 from pdserve.serve.config import RouterSettings
 from pdserve.serve.handoff import counters as handoff_counters
 from pdserve.serve.messages import ReplicaSync
@@ -89,10 +90,16 @@ class IngressRouter:
 class RouterCollector(Collector):
     """The router's counters and index staleness, rendered at /metrics."""
 
-    def __init__(self, router: IngressRouter | None) -> None:
+    def __init__(self, router: IngressRouter | None, admission: Admission) -> None:
         self.ingress_router = router
+        self.admission = admission
 
     def collect(self) -> Iterable[Metric]:
+        a = self.admission
+        yield GaugeMetricFamily("pdserve_admission_queued_tokens", "prompt tokens waiting for their first token",
+                                value=a.num_queued_tokens)  # fmt: skip
+        yield CounterMetricFamily("pdserve_admission_refused", "requests refused at admission (429)",
+                                  value=a.counters.num_refused)  # fmt: skip
         if self.ingress_router is None:
             return
         router = self.ingress_router.router

@@ -1,0 +1,78 @@
+"""Admission control: a budget of prompt tokens waiting for their first token, decided before any work — unit
+rules, and a burst far above capacity through real HTTP in colocated and 1P1D modes: only 200 (exact) or 429 with
+Retry-After, never a 500 or a hang, both modes alike, and nothing left held afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from oracle import HTTP_MAX_TOKENS
+from pdserve.router.admission import Admission
+from serving import Served, free_port, ray_serve
+from test_storm import _assert_idle, _mixed_prompts
+
+
+def test_the_budget_counts_prompts_until_their_first_token() -> None:
+    admission = Admission(max_queued_tokens=100)
+    assert admission.admit("a", 60) and admission.admit("b", 40)
+    assert not admission.admit("c", 1)  # refused: nothing changes
+    assert (admission.num_queued_tokens, admission.num_queued, admission.counters.num_refused) == (100, 2, 1)
+    admission.started("a")  # its first token: its prompt no longer waits
+    assert admission.admit("c", 60) and admission.num_queued_tokens == 100
+    for request_id in ("a", "b", "c", "c"):  # finish is idempotent, started-then-finished counts once
+        admission.finish(request_id)
+    assert (admission.num_queued_tokens, admission.num_queued) == (0, 0)
+    assert admission.admit("huge", 10_000)  # alone, a prompt over the whole budget still gets in (never starves)
+    assert not admission.admit("next", 1)
+
+
+@pytest.fixture(scope="module")
+def apps(tiny_models: dict[str, Path]) -> Iterator[dict[str, Served]]:
+    from ray import serve
+
+    from pdserve.serve.app import build_app
+    from pdserve.serve.config import ServeConfig
+
+    port = free_port()
+    common: dict[str, Any] = {
+        "model": str(tiny_models["llama"]), "dtype": "float32", "served_model_name": "tiny", "num_kv_blocks": 48,
+        "max_queued_prefill_tokens": 400, "router": {"local_prefill_max_tokens": 0},
+    }  # fmt: skip
+    configs = {"colocated": ServeConfig(**common, colocated=True), "1p1d": ServeConfig(**common)}
+    with ray_serve(port):
+        for name, config in configs.items():
+            serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+        yield {name: Served(f"http://127.0.0.1:{port}/{name}/v1") for name in configs}
+
+
+async def _burst(served: Served, prompts: list[list[int]]) -> list[httpx.Response]:
+    body = {"model": "tiny", "max_tokens": HTTP_MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=500)) as client:
+        return list(
+            await asyncio.gather(
+                *(client.post(f"{served.base_url}/completions", json=body | {"prompt": p}) for p in prompts)
+            )
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["colocated", "1p1d"])
+def test_a_burst_far_above_capacity_gets_200_or_429(apps: dict[str, Served], oracle, mode: str) -> None:  # type: ignore[no-untyped-def]
+    served = apps[mode]
+    prompts = _mixed_prompts(seed=60, n=150)
+    responses = asyncio.run(asyncio.wait_for(_burst(served, prompts), 180))  # no hang
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429}, sorted(set(statuses))
+    refused = [r for r in responses if r.status_code == 429]
+    assert refused and all(r.headers.get("Retry-After") == "1" for r in refused)
+    assert all(r.json()["error"]["type"] == "rate_limit_error" or r.json()["error"]["code"] for r in refused)
+    served_ok = [(p, r) for p, r in zip(prompts, responses, strict=True) if r.status_code == 200]
+    assert served_ok and all(r.json()["choices"][0]["text"] == oracle(p) for p, r in served_ok)
+    print(f"{mode}: {len(served_ok)} served exactly, {len(refused)} refused with 429 out of {len(prompts)}")
+    _assert_idle(served, f"{mode} after the burst", timeout_s=10)
