@@ -23,6 +23,7 @@ from pdserve.api import (
     GenerationRequest,
     IncrementalDetokenizer,
     InvalidRequest,
+    ServerError,
     create_app,
 )
 from tiny_models import EOS_ID, build_tokenizer
@@ -528,3 +529,39 @@ def test_smollm2_chat_template(smollm2_dir: Any) -> None:
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert backend.requests[0].prompt_token_ids == prompt
     assert whole.choices[0].message.content == streamed == TEXT
+
+
+class SlowFirstToken(FakeBackend):
+    """Its first delta comes only after `first_after_s`; then, with `fail`, a server error instead of it."""
+
+    def __init__(self, tokenizer: Any, first_after_s: float, fail: bool = False) -> None:
+        super().__init__(tokenizer)
+        self.first_after_s, self.fail = first_after_s, fail
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        await asyncio.sleep(self.first_after_s)
+        if self.fail:
+            raise ServerError("no replica could take it", retry_after_s=1.0)
+        async for delta in super().generate(request):
+            yield delta
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_slow_first_token_gets_keepalives_then_output_or_an_error_event(tokenizer: Any, fail: bool) -> None:
+    """Past `first_token_wait_s` the stream starts (200) and sends SSE keep-alive comments until the first token;
+    an error after that arrives as an error event, then [DONE]."""
+    backend = SlowFirstToken(tokenizer, first_after_s=0.5, fail=fail)
+    app = create_app(backend, first_token_wait_s=0.05, sse_keepalive_s=0.1)
+    with serve(app) as url:
+        body = {"model": "fake-model", "prompt": "hello", "max_tokens": 3, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=10) as response:
+            lines = [line for line in response.iter_lines() if line]
+    assert response.status_code == 200
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data:"))
+    assert first_data >= 3 and all(line == ": keep-alive" for line in lines[:first_data])
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[first_data:-1]]
+    if fail:
+        assert events == [{"error": events[0]["error"]}] and events[0]["error"]["type"] == "server_error"
+    else:
+        assert "".join(e["choices"][0]["text"] for e in events if e.get("choices")) != ""

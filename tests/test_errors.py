@@ -21,6 +21,7 @@ from ray.exceptions import ActorDiedError, RayTaskError
 
 from pdserve.api import CapacityError, GenerationRequest, InvalidRequest, ServerError, create_app
 from pdserve.engine import EngineRequest, InvalidRequestError, LLMEngine, RequestOutput, SamplingParams
+from pdserve.router.admission import Admission
 from pdserve.serve.ingress import Ingress, classify_error
 from pdserve.transfer.base import TransferError
 from test_api import FakeBackend, serve, sse_payloads
@@ -275,9 +276,11 @@ class _ColocatedIngress:
     """What `Ingress.generate` reads of its replica in colocated mode, without Ray Serve."""
 
     router = None
+    _admit = Ingress._admit
 
     def __init__(self, stream: _FailingStream) -> None:
         self.engine = _Handle(stream)
+        self.admission = Admission(1 << 30)
 
     def _observe_first(self, *_: Any) -> None:
         pass

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from pdserve.api.backend import Backend, GenerationRequest
 from pdserve.api.errors import SERVER_ERROR, APIError, error_response, install_error_handlers
 from pdserve.api.formats import ChatFormat, CompletionFormat, ResponseFormat, ResponseMeta
-from pdserve.api.generation import Generation, collect, first_delta, usage_attributes
+from pdserve.api.generation import Generation, collect, first_delta_within, usage_attributes
 from pdserve.api.intake import Tokenization, check_model, context_max_tokens, generation_request
 from pdserve.api.metrics import APIMetrics
 from pdserve.api.middleware import BodySizeLimit, HTTPMetrics, UnhandledErrors
@@ -40,11 +40,16 @@ class APIState:
     tokenization: Tokenization
     created: int  # unix seconds, reported as the model's creation time
     metrics: APIMetrics
+    first_token_wait_s: float  # how long a stream holds its headers back for the first token (errors keep a status)
+    sse_keepalive_s: float  # then, a keep-alive comment this often until the first token
 
 
-def create_app(backend: Backend, *, max_body_bytes: int = 1 << 20) -> FastAPI:
+def create_app(
+    backend: Backend, *, max_body_bytes: int = 1 << 20, first_token_wait_s: float = 2.0, sse_keepalive_s: float = 5.0
+) -> FastAPI:
     """The OpenAI-compatible app over `backend`: /v1/completions, /v1/chat/completions, /v1/models, /health,
-    /metrics. Bodies over `max_body_bytes` are refused with 413."""
+    /ready, /metrics. Bodies over `max_body_bytes` are refused with 413. A stream whose first token takes longer
+    than `first_token_wait_s` starts anyway and sends a keep-alive comment every `sse_keepalive_s`."""
     # Bodies without a Content-Type are read as JSON, as OpenAI does (FastAPI's strict default refuses them).
     # FastAPI's native OpenTelemetry makes the request's SERVER span (continuing a client `traceparent`) whenever
     # a tracer provider is configured (pdserve.telemetry); our spans hang under it, without FastAPI's per-operation
@@ -54,7 +59,9 @@ def create_app(backend: Backend, *, max_body_bytes: int = 1 << 20) -> FastAPI:
         telemetry={"operation_spans": False, "metrics": False, "logs": False},
     )  # fmt: skip
     metrics = APIMetrics()
-    app.state.pdserve = APIState(backend, Tokenization(backend.tokenizer), int(time.time()), metrics)
+    app.state.pdserve = APIState(
+        backend, Tokenization(backend.tokenizer), int(time.time()), metrics, first_token_wait_s, sse_keepalive_s
+    )
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     app.add_middleware(UnhandledErrors)
     app.add_middleware(HTTPMetrics, metrics=metrics)  # added last, so outermost: sees every answer
@@ -155,8 +162,11 @@ async def _serve(
     generation = Generation(gen_request, state.backend.tokenizer, body.stop_strings())
     deltas = state.backend.generate(gen_request)
     if body.stream:
-        first = await first_delta(deltas)  # before the headers, so that "no room" is still a 429
-        return EventStreamResponse(stream_events(deltas, first, generation, fmt, body.include_usage()), deltas)
+        # The first delta before the headers when it comes soon, so that "no room" is still a 429; past that
+        # wait, the stream starts and keep-alive comments hold the connection open until it comes.
+        first, pending = await first_delta_within(deltas, state.first_token_wait_s)
+        events = stream_events(deltas, first, generation, fmt, body.include_usage(), pending, state.sse_keepalive_s)
+        return EventStreamResponse(events, deltas)
     piece = await _unless_disconnected(request, collect(deltas, generation))
     if piece is None:
         return Response(status_code=499)  # nginx's "client closed request"; nobody is left to read it

@@ -5,6 +5,7 @@ The streaming and non-streaming paths share this state, so the same greedy reque
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +93,21 @@ async def first_delta(deltas: AsyncIterator[GenerationDelta]) -> GenerationDelta
     except BaseException:
         await close_stream(deltas)
         raise
+
+
+async def first_delta_within(
+    deltas: AsyncIterator[GenerationDelta], wait_s: float
+) -> tuple[GenerationDelta | None, asyncio.Task[GenerationDelta | None] | None]:
+    """The first delta if it comes within `wait_s` (its errors then still get a status, as `first_delta`'s), else
+    (None, the task still waiting for it): the response then starts, and its errors become stream events."""
+    pending = asyncio.ensure_future(first_delta(deltas))
+    try:
+        done, _ = await asyncio.wait({pending}, timeout=wait_s)
+    except asyncio.CancelledError:  # the client left: stop waiting, which closes the backend stream
+        pending.cancel()
+        await asyncio.wait({pending})
+        raise
+    return (pending.result(), None) if done else (None, pending)
 
 
 async def collect(deltas: AsyncIterator[GenerationDelta], generation: Generation) -> Piece:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 
@@ -18,6 +19,7 @@ from pdserve.api.generation import Generation, close_stream, usage_attributes
 
 logger = logging.getLogger(__name__)
 DONE = "data: [DONE]\n\n"
+KEEP_ALIVE = ": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see the connection is alive
 
 
 def sse_event(body: BaseModel) -> str:
@@ -30,12 +32,19 @@ async def stream_events(
     generation: Generation,
     fmt: ResponseFormat,
     include_usage: bool,
+    pending: asyncio.Task[GenerationDelta | None] | None = None,
+    keepalive_s: float = 5.0,
 ) -> AsyncGenerator[str, None]:
-    """Yield the events of one streamed response; `first` is the delta pulled before the headers went out.
+    """Yield the events of one streamed response; `first` is the delta pulled before the headers went out, or
+    `pending` the task still waiting for it — meanwhile a keep-alive comment goes out every `keepalive_s`.
     An error after the headers cannot change the status, so it is sent as an error event (as vLLM does), then
     [DONE]. The backend stream is closed as soon as output ends (a stop string aborts the request) or in `finally`
     when the client is gone."""
     try:
+        if pending is not None:
+            while not (await asyncio.wait({pending}, timeout=keepalive_s))[0]:
+                yield KEEP_ALIVE
+            first = pending.result()
         for chunk in fmt.opening():
             yield sse_event(chunk)
         delta = first
@@ -55,6 +64,9 @@ async def stream_events(
     except Exception as e:
         yield sse_event(_stream_error(e).body())
     finally:
+        if pending is not None and not pending.done():  # the client left while we waited: stop waiting first
+            pending.cancel()
+            await asyncio.wait({pending})
         await close_stream(deltas)
     yield DONE
 
