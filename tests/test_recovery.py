@@ -67,11 +67,13 @@ def apps(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     }  # fmt: skip
     prefill_killed = _with_faults(f"prefill.push=kill@{markers / 'prefill'}") | {"num_replicas": 2}
     engine_dies = _with_faults(f"engine.step=raise@{markers / 'engine'}")
+    wedged = _with_faults(f"engine.step=hang@{markers / 'wedged'}") | {"num_replicas": 2}
     slow_decode = _with_faults("engine.step=slow:0.03") | {"num_replicas": 2}  # streams last long enough to cut
     configs = {
         "decode_killed": ServeConfig(**common, prefill={"num_replicas": 2}, decode=slow_decode),
         "prefill_killed": ServeConfig(**common, prefill=prefill_killed, decode={"num_replicas": 2}),
         "engine_dies": ServeConfig(**common, decode=engine_dies),
+        "decode_wedged": ServeConfig(**common, decode=wedged, engine_step_timeout_s=3.0, drain_grace_s=1.0),
     }
     with ray_serve(port):
         for name, config in configs.items():
@@ -180,6 +182,21 @@ def test_a_dead_engine_thread_fails_fast_and_the_replica_is_replaced(apps: dict[
         f"dead engine thread: request failed in {fail_s:.2f} s, /ready false after {not_ready_s:.1f} s, "
         f"replaced and ready again {ready_again_s:.1f} s later"
     )
+
+
+def test_a_wedged_decode_engine_is_replaced_and_its_streams_migrate(apps: dict[str, Served], oracle) -> None:  # type: ignore[no-untyped-def]
+    """One decode replica's engine thread hangs inside a step: the watchdog (engine_step_timeout_s = 3 s) fails its
+    health check, Serve replaces it, and the streams it held continue on the other decode replica — exact."""
+    served = apps["decode_wedged"]
+    prompts = _mixed_prompts(seed=82, n=16)
+    start = time.monotonic()
+    got = asyncio.run(_exact_wave(served, prompts))
+    elapsed = time.monotonic() - start
+    assert got == [oracle(p) for p in prompts]
+    migrations = sum(served.metrics().get("pdserve_stream_migrations_total", {}).values())
+    print(f"wedged decode engine: 16 requests exact in {elapsed:.1f} s, {migrations:.0f} migrated")
+    assert migrations >= 1
+    _assert_idle(served, "after the wedged engine", timeout_s=30)
 
 
 def _wait_ready(served: Served, want: bool, timeout_s: float) -> float:

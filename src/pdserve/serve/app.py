@@ -42,6 +42,7 @@ def _deployment(cls: type, name: str, pool: PoolConfig, config: ServeConfig, pin
         "max_ongoing_requests": pool.max_ongoing_requests,
         "health_check_period_s": config.health_check_period_s,
         "health_check_timeout_s": config.health_check_timeout_s,
+        "graceful_shutdown_timeout_s": config.drain_grace_s,
     }
     if pinned:
         options["request_router_config"] = RequestRouterConfig(request_router_class=_PINNED_ROUTER)  # type: ignore[arg-type]

@@ -281,15 +281,28 @@ async def _reserve_within(
 
 
 async def _reserve(request: EngineRequest, decode: DeploymentHandle, route: RouteDecision | None) -> Reservation | None:
-    """Reserve on the chosen decode replica, or on the runner-up when the chosen one has no room."""
-    targets = route.decode_ranking[:2] if route is not None else (None,)
+    """Reserve on the chosen decode replica, or on the runner-up when the chosen one has no room; None when neither
+    has. A target that fails (gone, draining, dead: the router's view lags Serve's) is skipped, and then — or
+    without a route — Serve picks among its live replicas; that last attempt's failure propagates."""
+
+    async def on(target: str | None) -> Reservation | None:
+        call = decode.reserve.remote(request, target_replica_id=target)
+        return await asyncio.wait_for(call, _CALL_TIMEOUT_S)  # a late reservation: its lease ends it
+
+    targets = route.decode_ranking[:2] if route is not None else ()
+    has_failed = False
     for target in targets:
-        reservation: Reservation | None = await asyncio.wait_for(
-            decode.reserve.remote(request, target_replica_id=target), _CALL_TIMEOUT_S
-        )  # a late reservation after the timeout is revoked at its lease
-        if reservation is not None:
-            return reservation
-    return None
+        try:
+            if (reservation := await on(target)) is not None:
+                return reservation
+        except InvalidRequestError:
+            raise
+        except Exception as e:
+            logger.warning("reserving %s on decode replica %s failed: %r", request.request_id, target, e)
+            has_failed = True
+    if targets and not has_failed:
+        return None  # no room on the targets: the caller waits rather than spill to a replica the router avoided
+    return await on(None)
 
 
 def _first_output(request: EngineRequest, result: PrefillResult) -> RequestOutput:
