@@ -48,7 +48,7 @@ class Run:
     answers: list[Answer] = field(default_factory=list)
 
 
-async def one(client: httpx.AsyncClient, url: str, body: dict[str, object], run: Run, phase: str) -> None:
+async def one(client: httpx.AsyncClient, url: str, body: dict[str, object], run: Run, phase: str) -> Answer:
     sent = time.monotonic()
     answer = Answer(phase, sent - run.start, 0)
     run.answers.append(answer)
@@ -60,6 +60,7 @@ async def one(client: httpx.AsyncClient, url: str, body: dict[str, object], run:
                     answer.ttft_s = time.monotonic() - sent
     except httpx.HTTPError:
         answer.status = 0
+    return answer
 
 
 async def closed_loop(client: httpx.AsyncClient, url: str, body: dict[str, object], args: argparse.Namespace) -> float:
@@ -69,8 +70,10 @@ async def closed_loop(client: httpx.AsyncClient, url: str, body: dict[str, objec
     async def worker() -> None:
         nonlocal done
         while time.monotonic() < end:
-            await one(client, url, body, run, "capacity")
-            done += 1
+            if (await one(client, url, body, run, "capacity")).status == 200:  # a refusal is not capacity
+                done += 1
+            else:
+                await asyncio.sleep(0.05)
 
     await asyncio.gather(*(worker() for _ in range(args.concurrency)))
     return done / (time.monotonic() - run.start)
