@@ -131,12 +131,12 @@ class AsyncEngine:
     async def release(self, request_id: str) -> None:
         await self.call(self.engine.release, request_id)
 
-    def abort(self, request_id: str, may_be_written: bool = False) -> None:
+    def abort(self, request_id: str, may_be_written: bool = False, is_writer_stopped: bool = False) -> None:
         """Abort without waiting (safe from `finally` blocks of cancelled tasks); see `LLMEngine.abort`. A stream
         still open for the request ends with an ABORT output (nobody else would end it)."""
 
         def abort() -> None:
-            if self.engine.abort(request_id, may_be_written):
+            if self.engine.abort(request_id, may_be_written, is_writer_stopped):
                 self._publish([RequestOutput(request_id, [], None, FinishReason.ABORT, 0, 0)])
 
         self._submit(abort)

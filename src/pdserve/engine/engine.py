@@ -134,10 +134,12 @@ class LLMEngine:
             raise ValueError(f"request {request_id!r} holds no prefill result")
         self._free(seq)
 
-    def abort(self, request_id: str, may_be_written: bool = False) -> bool:
+    def abort(self, request_id: str, may_be_written: bool = False, is_writer_stopped: bool = False) -> bool:
         """Stop a request at any stage and free everything it holds; False if it is unknown or already done.
-        `may_be_written`: an open reservation's writer may still be mid-transfer (its state is unknown): the
-        permits are revoked at once, and the blocks are freed only once no write of it can land any more."""
+        `may_be_written`: an open reservation's blocks may still receive a write: the permits are revoked at once
+        and the blocks freed only once no write can land — after the grace period when the writer is known to
+        have stopped (`is_writer_stopped`: a layer already past its check may still land), else at the lease's
+        end (the writer's state is unknown)."""
         seq = self._seqs.get(request_id)
         if seq is None:
             return False
@@ -147,7 +149,7 @@ class LLMEngine:
         reservation = self.reservations.revoke(request_id)
         if reservation is not None and may_be_written:
             self.num_fenced_aborts += 1
-            self._quarantine(reservation, reservation.expires_at)
+            self._quarantine(reservation, time.monotonic() if is_writer_stopped else reservation.expires_at)
         else:
             self._free(seq)
         return True

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
+from ray.exceptions import ActorDiedError, RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from pdserve.api.backend import CapacityError
@@ -187,11 +188,11 @@ async def _reserve_and_prefill(
         raise ClientGone(request.request_id)
     try:
         result = await _prefill_with_retry(request, prefill, decode, route, reservation)
-    except BaseException:
-        # Even when P's method raised after its push stopped, D's own receiver (TCP, P2P) may still be mid-layer:
-        # fence the reservation and free its blocks only once nothing of it can land. Failures are rare; the
-        # blocks wait at most the lease.
-        _spawn(_abort(decode, request.request_id, pinned, may_be_written=True))
+    except BaseException as e:
+        # P stopped writing if its method raised or it died; a layer its push already sent may still land through
+        # D's receiver, so the blocks wait a grace period. If the call was lost instead, they wait out the lease.
+        is_stopped = isinstance(e, RayTaskError | ActorDiedError)
+        _spawn(_abort(decode, request.request_id, pinned, may_be_written=True, is_writer_stopped=is_stopped))
         raise
     return reservation, result
 
@@ -328,10 +329,17 @@ def _abort_when_done(decode: DeploymentHandle, request_id: str, handoff: asyncio
     _spawn(_abort(decode, request_id, {"target_replica_id": reservation.replica_id}, may_be_written=False))
 
 
-async def _abort(decode: DeploymentHandle, request_id: str, pinned: dict[str, str], may_be_written: bool) -> None:
+async def _abort(
+    decode: DeploymentHandle,
+    request_id: str,
+    pinned: dict[str, str],
+    may_be_written: bool,
+    is_writer_stopped: bool = True,
+) -> None:
     """Free the reservation now rather than at lease expiry; never raises (it runs detached)."""
     try:
-        await asyncio.wait_for(decode.abort.remote(request_id, may_be_written, **pinned), _ABORT_TIMEOUT_S)
+        call = decode.abort.remote(request_id, may_be_written, is_writer_stopped, **pinned)
+        await asyncio.wait_for(call, _ABORT_TIMEOUT_S)
     except Exception:
         logger.warning("abort of %s on decode replica %s failed; its lease frees it", request_id, pinned, exc_info=True)
 

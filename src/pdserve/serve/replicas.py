@@ -126,12 +126,18 @@ class _EngineReplica:
                 is_first = False
             yield out
 
-    async def abort(self, request_id: str, may_be_written: bool = False, target_replica_id: str | None = None) -> None:
+    async def abort(
+        self,
+        request_id: str,
+        may_be_written: bool = False,
+        is_writer_stopped: bool = False,
+        target_replica_id: str | None = None,
+    ) -> None:
         """Stop `request_id` here and free its blocks. `may_be_written` (a decode replica's reservation): its
         prefill replica's state is unknown (dead, unanswered): the reservation is fenced at once and its blocks
         freed once no write of it can land."""
         self._check_pinned(target_replica_id)
-        self.engine.abort(request_id, may_be_written)
+        self.engine.abort(request_id, may_be_written, is_writer_stopped)
 
     def __del__(self) -> None:
         """Serve calls this at replica shutdown (the process may then be killed before `atexit`): export the
