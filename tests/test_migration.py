@@ -1,4 +1,4 @@
-"""A migrated stream's continuation (serve/handoff.py): prompt + the streamed tokens, limits shrunk, seeded draws
+"""A migrated stream's continuation (serve/failover.py): prompt + the streamed tokens, limits shrunk, seeded draws
 continuing at the same output index — so greedy and seeded requests continue exactly where they stopped."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pdserve.api.backend import CapacityError
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig
 from pdserve.engine import EngineRequest, InvalidRequestError, LLMEngine, SamplingParams
 from pdserve.router import RouteDecision, RouteMode
-from pdserve.serve.handoff import _as_original, _can_migrate, _continuation, _without
+from pdserve.serve.failover import as_original, can_migrate, continuation, without
 
 
 def engine(path: Path) -> LLMEngine:
@@ -28,7 +28,7 @@ def test_a_continuation_samples_what_the_whole_request_would(tiny_models: dict[s
         request = EngineRequest("r", tuple(prompt), sampling)
         whole = run_staggered(engine(path), [(0, request)])["r"]
         for cut in (1, 5, 15):
-            rest = _continuation(request, whole[:cut], migration=1)
+            rest = continuation(request, whole[:cut], attempt=1)
             assert rest.request_id == "r.m1" and rest.prompt_token_ids == (*prompt, *whole[:cut])
             assert rest.sampling.max_tokens == 16 - cut and rest.sampling.min_tokens == max(
                 0, sampling.min_tokens - cut
@@ -42,13 +42,13 @@ def test_only_reproducible_requests_migrate_and_only_on_server_faults() -> None:
     seeded = EngineRequest("s", (1, 2), SamplingParams(temperature=1.0, seed=7))
     free = EngineRequest("f", (1, 2), SamplingParams(temperature=1.0))
     fault = RuntimeError("the actor died")
-    assert _can_migrate(greedy, fault) and _can_migrate(seeded, fault) and not _can_migrate(free, fault)
-    assert not _can_migrate(greedy, InvalidRequestError("bad")) and not _can_migrate(greedy, CapacityError("full"))
+    assert can_migrate(greedy, fault) and can_migrate(seeded, fault) and not can_migrate(free, fault)
+    assert not can_migrate(greedy, InvalidRequestError("bad")) and not can_migrate(greedy, CapacityError("full"))
 
 
 def test_the_continuation_avoids_the_failed_decode_replica() -> None:
     route = RouteDecision("r", RouteMode.LOCAL, "d1", None, 10, 0, 0, (), ("d1", "d2", "d3"), (), ())
-    moved = _without(route, "d1", "r.m1")
+    moved = without(route, "d1", "r.m1")
     assert moved is not None
     assert (moved.request_id, moved.mode, moved.decode_replica_id, moved.decode_ranking) == (
         "r.m1",
@@ -56,8 +56,8 @@ def test_the_continuation_avoids_the_failed_decode_replica() -> None:
         "d2",
         ("d2", "d3"),
     )
-    assert _without(replace(route, decode_ranking=("d1",)), "d1", "x") is None  # Serve picks
-    assert _without(None, "d1", "x") is None
+    assert without(replace(route, decode_ranking=("d1",)), "d1", "x") is None  # Serve picks
+    assert without(None, "d1", "x") is None
 
 
 def test_continuation_outputs_read_as_the_original_request() -> None:
@@ -65,4 +65,4 @@ def test_continuation_outputs_read_as_the_original_request() -> None:
 
     original = EngineRequest("r", (1, 2, 3), SamplingParams())
     out = RequestOutput("r.m1", [9], None, None, 7, 5)
-    assert _as_original(out, original) == RequestOutput("r", [9], None, None, 3, 5)
+    assert as_original(out, original) == RequestOutput("r", [9], None, None, 3, 5)

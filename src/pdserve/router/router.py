@@ -83,11 +83,18 @@ class Router:
     def drop_silent_replicas(self) -> list[str]:
         """Forget replicas that have not reported for `replica_timeout_s` (they left or hang); returns their ids."""
         deadline = self.clock() - self.replica_timeout_s
-        gone = [rid for rid, load in self.loads.items() if load.reported_at < deadline]
-        for rid in gone:
+        return self._remove([rid for rid, load in self.loads.items() if load.reported_at < deadline])
+
+    def retain(self, role: str, replica_ids: set[str]) -> list[str]:
+        """Forget the replicas of `role` not in `replica_ids`, the pool's whole live set (Serve stopped sending to
+        the others: removed, draining); returns their ids. New work never goes to them from now on."""
+        return self._remove([rid for rid, load in self.loads.items() if load.role == role and rid not in replica_ids])
+
+    def _remove(self, replica_ids: list[str]) -> list[str]:
+        for rid in replica_ids:
             del self.loads[rid]
             self.index.remove_replica(rid)
-        return gone
+        return replica_ids
 
     # ---- requests ----------------------------------------------------------------------------------------
 

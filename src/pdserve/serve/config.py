@@ -92,6 +92,9 @@ class ServeConfig(BaseModel):
     # no decode room wait for it up to queue_ttl_s (below the lease), as colocated ones queue in their engine.
     max_queued_prefill_tokens: int = Field(16384, ge=1)
     queue_ttl_s: float = Field(20.0, gt=0)
+    # A prefill call (queue on the prefill replica + compute + KV push) that has not answered by then is cancelled
+    # and retried on another prefill replica; every other remote call has its own timeout too.
+    prefill_timeout_s: float = Field(60.0, gt=0)
     # Scale-down drains: a replica being removed gets no new calls and has this long to finish the streams it serves
     # (Serve's graceful shutdown); a stream still running then fails over (greedy and seeded ones migrate).
     drain_grace_s: float = Field(30.0, ge=0)

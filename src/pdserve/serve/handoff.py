@@ -11,6 +11,10 @@ task's done-callback frees the reservation once the prefill call has ended, when
 Whoever allocates releases, on every path: the task itself when reserve or prefill fails (fenced: a writer may be
 mid-layer), the stream's end or an explicit abort afterwards. The decode replica's lease (renewed
 while the prefill works) and its write fence are the backstop, not the mechanism.
+
+Faults (failover.py decides): a failed prefill is retried once on another prefill replica, then prefilled on the
+reserved decode replica itself; a handoff failing before the client's first token is retried once elsewhere; a decode
+replica failing mid-stream moves greedy and seeded streams to another one.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -31,15 +35,13 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from pdserve.api.backend import CapacityError
 from pdserve.engine import EngineRequest, FinishReason, InvalidRequestError, RequestOutput
 from pdserve.router import RouteDecision, RouteMode
+from pdserve.serve.failover import as_original, can_migrate, continuation, counters, is_server_fault, without
 from pdserve.serve.messages import PrefillResult, Reservation
 
 logger = logging.getLogger(__name__)
 _ABORT_TIMEOUT_S = 10.0
-_CALL_TIMEOUT_S = 30.0
-_FIRST_BACKOFF_S, _MAX_BACKOFF_S = (
-    0.02,
-    0.5,
-)  # waiting for decode room  # reserve and renew on a decode replica that does not answer
+_CALL_TIMEOUT_S = 30.0  # reserve and renew on a decode replica that does not answer
+_FIRST_BACKOFF_S, _MAX_BACKOFF_S = 0.02, 0.5  # waiting for decode room
 _background: set[asyncio.Task[Any]] = set()  # cleanup tasks: referenced until they end
 
 
@@ -47,13 +49,12 @@ class ClientGone(Exception):
     """The client left before the handoff started its prefill: it stopped there, holding nothing."""
 
 
-@dataclass
-class HandoffCounters:
-    prefill_retries: int = 0  # prefills retried on another replica after the first one failed
-    migrations: int = 0  # streams moved to another decode replica after theirs failed
+class PrefillFailed(Exception):
+    """Every prefill attempt failed; the reservation on `decode_replica_id` was freed (fenced)."""
 
-
-counters = HandoffCounters()  # per ingress process (each ingress replica counts its own)
+    def __init__(self, request_id: str, decode_replica_id: str) -> None:
+        super().__init__(f"no prefill replica could prefill {request_id}")
+        self.decode_replica_id = decode_replica_id
 
 
 async def disaggregated_generate(
@@ -63,28 +64,34 @@ async def disaggregated_generate(
     route: RouteDecision | None,
     queue_ttl_s: float = 20.0,
     max_migrations: int = 1,
+    prefill_timeout_s: float = 60.0,
 ) -> AsyncIterator[RequestOutput]:
-    """Stream `request`'s outputs through the pair `route` chose (None: Serve picks the replicas). If the decode
-    replica fails mid-stream, a greedy or seeded request migrates (up to `max_migrations` times): prompt + the
-    tokens already streamed are prefilled for another decode replica, which continues exactly where the stream
-    stopped; other requests end with the error."""
+    """Stream `request`'s outputs through the pair `route` chose (None: Serve picks the replicas). A handoff that
+    fails before the first token is retried once elsewhere; a decode replica failing mid-stream moves a greedy or
+    seeded stream to another one (up to `max_migrations` times) — see failover.py."""
     streamed: list[int] = []
     attempt, where = request, _Where()
-    for migration in itertools.count():
+    num_retries = num_migrations = 0
+    for number in itertools.count(1):
         try:
-            async for out in _handoff(attempt, prefill, decode, route, where, queue_ttl_s):
+            async for out in _handoff(attempt, prefill, decode, route, where, queue_ttl_s, prefill_timeout_s):
                 streamed.extend(out.new_token_ids)
-                yield out if attempt is request else _as_original(out, request)
+                yield out if attempt is request else as_original(out, request)
             return
         except Exception as e:
-            if not (streamed and migration < max_migrations and _can_migrate(request, e)):
+            if not streamed and num_retries < 1 and is_server_fault(e):
+                num_retries += 1
+                counters.handoff_retries += 1
+                action = "handing it off again elsewhere"
+            elif streamed and num_migrations < max_migrations and can_migrate(request, e):
+                num_migrations += 1
+                counters.migrations += 1
+                action = "migrating it"
+            else:
                 raise
-            logger.warning(
-                "decode replica %s failed mid-stream (%r); migrating %s", where.decode, e, request.request_id
-            )
-        counters.migrations += 1
-        attempt = _continuation(request, streamed, migration + 1)
-        route = _without(route, where.decode, attempt.request_id)
+            logger.warning("%s failed on decode replica %s (%r); %s", request.request_id, where.decode, e, action)
+        attempt = continuation(request, streamed, number)
+        route = without(route, where.decode, attempt.request_id)
 
 
 async def _handoff(
@@ -94,16 +101,18 @@ async def _handoff(
     route: RouteDecision | None,
     where: _Where,
     queue_ttl_s: float,
+    prefill_timeout_s: float,
 ) -> AsyncIterator[RequestOutput]:
     """One reserve -> prefill -> decode (or local) pass; `where.decode` names the decode replica it streams from."""
     where.decode = route.decode_replica_id if route is not None else None
     if route is not None and route.mode is RouteMode.LOCAL:  # the decode replica lacks few tokens: it prefills
-        local = decode.options(stream=True).generate.remote(request, target_replica_id=route.decode_replica_id)
-        async for out in _stream(local):  # type: ignore[arg-type]
+        async for out in _local(request, decode, route.decode_replica_id):
             yield out
         return
     client_gone = asyncio.Event()  # the one signal a departing client sends: the handoff stops at its next step
-    handoff = _detached(_reserve_and_prefill(request, prefill, decode, route, queue_ttl_s, client_gone))
+    handoff = _detached(
+        _reserve_and_prefill(request, prefill, decode, route, queue_ttl_s, prefill_timeout_s, client_gone)
+    )
     _background.add(handoff)  # referenced until done, whoever still awaits it
     handoff.add_done_callback(_background.discard)
     try:
@@ -112,18 +121,32 @@ async def _handoff(
         client_gone.set()
         handoff.add_done_callback(partial(_abort_when_done, decode, request.request_id))
         raise
+    except PrefillFailed as e:  # no prefill replica works: the decode replica prefills the prompt itself
+        counters.local_fallbacks += 1
+        where.decode = e.decode_replica_id
+        logger.warning("%r; prefilling %s on its decode replica %s", e, request.request_id, e.decode_replica_id)
+        async for out in _local(request, decode, e.decode_replica_id):
+            yield out
+        return
     pinned = {"target_replica_id": reservation.replica_id}
     where.decode = reservation.replica_id
     is_done = False
     try:
         first = _first_output(request, result)
-        yield first
         if first.finish_reason is not None:
+            yield first
             return  # never committed: the `finally` frees the reservation
-        stream = decode.options(stream=True).decode.remote(
+        call = decode.options(stream=True).decode.remote(
             request.request_id, result.first_token_id, result.first_logprob, request.traceparent, **pinned
         )
-        async for out in _stream(stream):  # type: ignore[arg-type]
+        outputs = _stream(call)  # type: ignore[arg-type]
+        # The first token waits for the commit's acknowledgement (one hop): a commit that fails — the replica
+        # died or is leaving the pool — then fails a request that has shown nothing, which any request may retry.
+        committed = await anext(outputs)
+        yield first
+        if committed.new_token_ids or committed.finish_reason is not None:
+            yield committed
+        async for out in outputs:
             yield out
         is_done = True
     finally:
@@ -131,44 +154,16 @@ async def _handoff(
             _spawn(_abort(decode, request.request_id, pinned, may_be_written=False))
 
 
+async def _local(request: EngineRequest, decode: DeploymentHandle, replica_id: str) -> AsyncIterator[RequestOutput]:
+    """Prefill and decode on one decode replica (its `generate`)."""
+    local = decode.options(stream=True).generate.remote(request, target_replica_id=replica_id)
+    async for out in _stream(local):  # type: ignore[arg-type]
+        yield out
+
+
 @dataclass
 class _Where:
     decode: str | None = None  # the decode replica of the current pass (None: Serve's pick, unknown)
-
-
-def _can_migrate(request: EngineRequest, error: Exception) -> bool:
-    """A replica fault (not the client's input, not capacity) on a request whose continuation is reproducible."""
-    is_reproducible = request.sampling.is_greedy or request.sampling.seed is not None
-    return is_reproducible and not isinstance(error, InvalidRequestError | CapacityError)
-
-
-def _continuation(request: EngineRequest, streamed: list[int], migration: int) -> EngineRequest:
-    """The rest of `request` after `streamed` tokens: they join the prompt, the limits shrink by their count."""
-    params = request.sampling
-    sampling = replace(
-        params,
-        max_tokens=params.max_tokens - len(streamed),
-        min_tokens=max(0, params.min_tokens - len(streamed)),
-        seed_offset=params.seed_offset + len(streamed),
-    )
-    prompt = (*request.prompt_token_ids, *streamed)
-    return replace(request, request_id=f"{request.request_id}.m{migration}", prompt_token_ids=prompt, sampling=sampling)
-
-
-def _as_original(out: RequestOutput, request: EngineRequest) -> RequestOutput:
-    """A continuation's output as the original request's (its id and prompt size)."""
-    return replace(out, request_id=request.request_id, num_prompt_tokens=len(request.prompt_token_ids))
-
-
-def _without(route: RouteDecision | None, failed: str | None, request_id: str) -> RouteDecision | None:
-    """The route for a continuation: the same prefill replica, the next decode replica that did not fail."""
-    if route is None:
-        return None
-    ranking = tuple(r for r in route.decode_ranking if r != failed)
-    if not ranking:
-        return None
-    mode = RouteMode.DISAGGREGATED
-    return replace(route, request_id=request_id, mode=mode, decode_replica_id=ranking[0], decode_ranking=ranking)
 
 
 async def _reserve_and_prefill(
@@ -177,22 +172,26 @@ async def _reserve_and_prefill(
     decode: DeploymentHandle,
     route: RouteDecision | None,
     queue_ttl_s: float,
+    prefill_timeout_s: float,
     client_gone: asyncio.Event,
 ) -> tuple[Reservation, PrefillResult]:
-    """Reserve on D, prefill on P into the reservation. On failure, D's reservation is freed (or fenced) here. A
-    client gone before the prefill starts stops it there (its reservation freed: no writer ever saw it)."""
+    """Reserve on D, prefill on P into the reservation. On failure, D's reservation is freed (or fenced) here, and
+    a server fault raises PrefillFailed (the caller falls back to D). A client gone before the prefill starts stops
+    it there (its reservation freed: no writer ever saw it)."""
     reservation = await _reserve_within(request, decode, route, queue_ttl_s, client_gone)
     pinned = {"target_replica_id": reservation.replica_id}
     if client_gone.is_set():
         _spawn(_abort(decode, request.request_id, pinned, may_be_written=False))
         raise ClientGone(request.request_id)
     try:
-        result = await _prefill_with_retry(request, prefill, decode, route, reservation)
+        result = await _prefill_with_retry(request, prefill, decode, route, reservation, prefill_timeout_s)
     except BaseException as e:
         # P stopped writing if its method raised or it died; a layer its push already sent may still land through
         # D's receiver, so the blocks wait a grace period. If the call was lost instead, they wait out the lease.
         is_stopped = isinstance(e, RayTaskError | ActorDiedError)
         _spawn(_abort(decode, request.request_id, pinned, may_be_written=True, is_writer_stopped=is_stopped))
+        if is_server_fault(e) and not client_gone.is_set():
+            raise PrefillFailed(request.request_id, reservation.replica_id) from e
         raise
     return reservation, result
 
@@ -203,22 +202,22 @@ async def _prefill_with_retry(
     decode: DeploymentHandle,
     route: RouteDecision | None,
     reservation: Reservation,
+    timeout_s: float,
 ) -> PrefillResult:
-    """Prefill on the chosen replica; if it fails for a reason of its own (died, wedged, a failed transfer), once
-    more on the next-best prefill replica (prefill is idempotent: a retry writes the same KV under the same epoch
-    into the same reserved blocks). A client error is not retried."""
+    """Prefill on the chosen replica; if it fails for a reason of its own (died, wedged, a failed transfer, no
+    answer within `timeout_s`), once more on the next-best prefill replica (prefill is idempotent: a retry writes
+    the same KV under the same epoch into the same reserved blocks). A client error is not retried."""
     first = route.prefill_replica_id if route is not None else None
     try:
-        return await _renewing(
-            prefill.prefill.remote(request, reservation, target_replica_id=first), decode, reservation
-        )
-    except (asyncio.CancelledError, InvalidRequestError):
-        raise
+        call = prefill.prefill.remote(request, reservation, target_replica_id=first)
+        return await _renewing(call, decode, reservation, timeout_s)
     except Exception as e:
+        if not is_server_fault(e):
+            raise
         logger.warning("prefill of %s failed on %s (%r); retrying once elsewhere", request.request_id, first, e)
     counters.prefill_retries += 1
-    retry = _runner_up(route, first)
-    return await _renewing(prefill.prefill.remote(request, reservation, target_replica_id=retry), decode, reservation)
+    retry = prefill.prefill.remote(request, reservation, target_replica_id=_runner_up(route, first))
+    return await _renewing(retry, decode, reservation, timeout_s)
 
 
 def _runner_up(route: RouteDecision | None, failed: str | None) -> str | None:
@@ -229,15 +228,19 @@ def _runner_up(route: RouteDecision | None, failed: str | None) -> str | None:
     return others[0].replica_id if others else None
 
 
-async def _renewing(call: Any, decode: DeploymentHandle, reservation: Reservation) -> PrefillResult:
-    """Await the prefill call, renewing the reservation's lease on D while it runs (a long queue on P)."""
+async def _renewing(call: Any, decode: DeploymentHandle, reservation: Reservation, timeout_s: float) -> PrefillResult:
+    """Await the prefill call, renewing the reservation's lease on D while it runs (a long queue on P); TimeoutError
+    (the call cancelled) after `timeout_s`."""
     task: asyncio.Future[PrefillResult] = asyncio.ensure_future(_awaited(call))
+    deadline = time.monotonic() + timeout_s
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=reservation.lease_s / 3)
+        while (left_s := deadline - time.monotonic()) > 0:
+            done, _ = await asyncio.wait({task}, timeout=min(left_s, reservation.lease_s / 3))
             if done:
                 return task.result()
-            await _renew(decode, reservation)
+            if time.monotonic() < deadline:
+                await _renew(decode, reservation)
+        raise TimeoutError(f"prefill of {reservation.request_id} took over {timeout_s:.0f} s")
     finally:
         if not task.done():
             task.cancel()

@@ -85,8 +85,10 @@ class Ingress:
             else:
                 assert self.prefill is not None and self.decode is not None
                 route = self._route(engine_request)
-                queue_ttl_s = self.config.queue_ttl_s
-                outputs = disaggregated_generate(engine_request, self.prefill, self.decode, route, queue_ttl_s)
+                outputs = disaggregated_generate(
+                    engine_request, self.prefill, self.decode, route, self.config.queue_ttl_s,
+                    prefill_timeout_s=self.config.prefill_timeout_s,
+                )  # fmt: skip
             try:
                 async for out in outputs:
                     if first_at is None:
@@ -160,6 +162,12 @@ class Ingress:
         if first_at is not None and num_tokens > 1:
             self.metrics.tpot.labels(self.mode).observe((time.perf_counter() - first_at) / (num_tokens - 1))
 
+    def _resize_admission(self, stats: list[ReplicaStats]) -> None:
+        """The admission budget follows the prefill (or colocated) pool's live size, which scaling changes."""
+        role = "engine" if self.engine is not None else "prefill"
+        if num_replicas := sum(s.role == role for s in stats):
+            self.admission.max_queued_tokens = self.config.max_queued_prefill_tokens * num_replicas
+
     def _any_engine(self) -> DeploymentHandle:
         handle = self.engine or self.decode
         assert handle is not None
@@ -168,7 +176,9 @@ class Ingress:
     async def _refresh_stats(self) -> None:
         while True:
             try:
-                self.metrics.replicas.snapshot = await self.replica_stats()
+                stats = await self.replica_stats()
+                self.metrics.replicas.snapshot = stats
+                self._resize_admission(stats)
             except Exception:
                 logger.exception("refreshing replica stats failed")
             await asyncio.sleep(_STATS_REFRESH_S)

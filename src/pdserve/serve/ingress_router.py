@@ -21,7 +21,7 @@ from pdserve.kvcache import hash_block_chain
 from pdserve.router import CostConfig, RouteDecision, Router
 from pdserve.router.admission import Admission
 from pdserve.serve.config import RouterSettings
-from pdserve.serve.handoff import counters as handoff_counters
+from pdserve.serve.failover import counters as failover
 from pdserve.serve.messages import ReplicaSync
 
 logger = logging.getLogger(__name__)
@@ -69,12 +69,16 @@ class IngressRouter:
 
     async def sync(self) -> None:
         cursors = self.router.cursors()
-        for pool in self.pools:
-            for result in await broadcast(pool, "router_sync", cursors):
+        for role, pool in zip(("prefill", "decode"), self.pools, strict=True):
+            results = await broadcast(pool, "router_sync", cursors)
+            for result in results:
                 if isinstance(result, ReplicaSync):
                     self.router.apply_report(result.report, result.events)
                 else:
                     logger.warning("a replica failed its router sync: %r", result)
+            if results and all(isinstance(r, ReplicaSync) for r in results):  # the pool's whole live set answered
+                for replica_id in self.router.retain(role, {r.report.replica_id for r in results}):
+                    logger.info("%s replica %s left the pool (scaled down or replaced)", role, replica_id)
         for replica_id in self.router.drop_silent_replicas():
             logger.warning("replica %s stopped reporting; removed from the router", replica_id)
 
@@ -117,12 +121,15 @@ class RouterCollector(Collector):
         ]:
             yield CounterMetricFamily(f"pdserve_router_{name}", doc, value=value)
         yield GaugeMetricFamily("pdserve_router_in_flight", "requests the router tracks", value=router.num_in_flight)
-        yield CounterMetricFamily(
-            "pdserve_prefill_retries", "prefills retried on another replica", value=handoff_counters.prefill_retries
-        )
-        yield CounterMetricFamily(
-            "pdserve_stream_migrations", "streams moved to another decode replica", value=handoff_counters.migrations
-        )
+        for name, doc, value in [
+            ("prefill_retries", "prefills retried on another replica", failover.prefill_retries),
+            ("local_prefill_fallbacks", "prompts prefilled on their decode replica: no prefill worked",
+             failover.local_fallbacks),
+            ("handoff_retries", "requests handed off again after failing before their first token",
+             failover.handoff_retries),
+            ("stream_migrations", "streams moved to another decode replica", failover.migrations),
+        ]:  # fmt: skip
+            yield CounterMetricFamily(f"pdserve_{name}", doc, value=value)
         staleness = GaugeMetricFamily(
             "pdserve_router_index_staleness_seconds", "age of the replica's last applied KV events", labels=["replica"]
         )

@@ -339,13 +339,15 @@ class DecodeServer(_EngineReplica):
         traceparent: str | None = None,
         target_replica_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Commit the reservation (ValueError if it expired or its KV is incomplete) and stream the tokens."""
+        """Commit the reservation (ValueError if it expired or its KV is incomplete) and stream the tokens; the
+        first output comes as soon as the commit took (no tokens, unless the request already finished)."""
         self._check_pinned(target_replica_id)
         fault_point("decode.commit")
         attributes = {names.REQUEST_ID: request_id, names.REPLICA_ID: self.replica_id}
         span = start_span(names.SPAN_DECODE, traceparent, attributes)
         try:
-            async for out in traced_outputs(span, self.engine.commit(request_id, first_token_id, first_logprob)):
+            outputs = self.engine.commit(request_id, first_token_id, first_logprob, ack=True)
+            async for out in traced_outputs(span, outputs):
                 yield out
         except ValueError:
             self.engine.abort(request_id)

@@ -74,8 +74,9 @@ async def traced_outputs(span: Span, outputs: AsyncIterator[RequestOutput]) -> A
     num_tokens = 0
     try:
         async for out in outputs:
-            last_at = time.perf_counter()
-            first_at = first_at or last_at
+            if out.new_token_ids:  # (a commit's acknowledgement carries none)
+                last_at = time.perf_counter()
+                first_at = first_at or last_at
             num_tokens += len(out.new_token_ids)
             if out.finish_reason is not None:
                 span.set_attribute(names.GEN_AI_FINISH_REASONS, [out.finish_reason.value])

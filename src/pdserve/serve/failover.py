@@ -1,0 +1,71 @@
+"""What the ingress does when a replica fails a request (docs/DEPLOY.md, "Faults"): the decisions, as pure functions.
+
+- Before the client has any token, a failed handoff (a decode replica that died, left the pool or refused the
+  commit; both prefill attempts failed and the local fallback too) is retried once from scratch elsewhere — for any
+  request: nothing was shown, so nothing can contradict the retry.
+- After tokens were streamed, a greedy or seeded request migrates: prompt + the streamed tokens are prefilled for
+  another decode replica, which continues exactly where the stream stopped (`continuation`). Other requests end with
+  the error: a fresh sample would not continue theirs.
+- The client's own errors (invalid input) and capacity refusals are never retried.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from pdserve.api.backend import CapacityError
+from pdserve.engine import EngineRequest, InvalidRequestError, RequestOutput
+from pdserve.router import RouteDecision, RouteMode
+
+
+@dataclass
+class FailoverCounters:
+    prefill_retries: int = 0  # prefills retried on another replica after the first one failed
+    local_fallbacks: int = 0  # prompts prefilled on their decode replica after every prefill attempt failed
+    handoff_retries: int = 0  # requests handed off again, elsewhere, after failing before their first token
+    migrations: int = 0  # streams moved to another decode replica after theirs failed
+
+
+counters = FailoverCounters()  # per ingress process (each ingress replica counts its own)
+
+
+def is_server_fault(error: BaseException) -> bool:
+    """A replica's or the cluster's fault, worth another replica; not the client's input, not a capacity refusal."""
+    return isinstance(error, Exception) and not isinstance(error, InvalidRequestError | CapacityError)
+
+
+def can_migrate(request: EngineRequest, error: BaseException) -> bool:
+    """A server fault on a request whose continuation is reproducible (greedy, or seeded)."""
+    is_reproducible = request.sampling.is_greedy or request.sampling.seed is not None
+    return is_reproducible and is_server_fault(error)
+
+
+def continuation(request: EngineRequest, streamed: list[int], attempt: int) -> EngineRequest:
+    """The rest of `request` after `streamed` tokens: they join the prompt, the limits shrink by their count, and
+    the sampler's seed offset advances by it (seeded sampling continues the same random sequence)."""
+    params = request.sampling
+    sampling = replace(
+        params,
+        max_tokens=params.max_tokens - len(streamed),
+        min_tokens=max(0, params.min_tokens - len(streamed)),
+        seed_offset=params.seed_offset + len(streamed),
+    )
+    prompt = (*request.prompt_token_ids, *streamed)
+    return replace(request, request_id=f"{request.request_id}.m{attempt}", prompt_token_ids=prompt, sampling=sampling)
+
+
+def as_original(out: RequestOutput, request: EngineRequest) -> RequestOutput:
+    """A continuation's output as the original request's (its id and prompt size)."""
+    return replace(out, request_id=request.request_id, num_prompt_tokens=len(request.prompt_token_ids))
+
+
+def without(route: RouteDecision | None, failed: str | None, request_id: str) -> RouteDecision | None:
+    """The route for a retry or continuation: the same prefill replica, the next decode replica that did not fail
+    (None — Serve picks — when no other is known)."""
+    if route is None:
+        return None
+    ranking = tuple(r for r in route.decode_ranking if r != failed)
+    if not ranking:
+        return None
+    mode = RouteMode.DISAGGREGATED
+    return replace(route, request_id=request_id, mode=mode, decode_replica_id=ranking[0], decode_ranking=ranking)
