@@ -61,7 +61,7 @@ def test_scaling_decode_down_under_load_loses_no_stream(tiny_models: dict[str, P
     wrong = [(p, r) for p, r in results if r is not None and r != oracle(p)]
     print(
         f"decode 2 -> 1 under load: {len(results)} requests, {len(errors)} errors, {len(wrong)} wrong, "
-        f"{migrations:.0f} migrated"
+        f"{retries:.0f} handed off again, {migrations:.0f} migrated"
     )
     assert not errors and not wrong
     assert len(results) >= 4 * NUM_CLIENTS  # the load really ran through the scale-down

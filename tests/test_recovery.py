@@ -69,7 +69,11 @@ def apps(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     engine_dies = _with_faults(f"engine.step=raise@{markers / 'engine'}")
     wedged = _with_faults(f"engine.step=hang@{markers / 'wedged'}") | {"num_replicas": 2}
     slow_decode = _with_faults("engine.step=slow:0.03") | {"num_replicas": 2}  # streams last long enough to cut
+    prefill_fails = _with_faults("prefill.compute=raise")  # every prefill, on the only prefill replica
+    push_stalls = _with_faults(f"prefill.push=slow:4@{markers / 'stall'}") | {"num_replicas": 2}
     configs = {
+        "prefill_fails": ServeConfig(**common, prefill=prefill_fails),
+        "prefill_stalls": ServeConfig(**common, prefill=push_stalls, decode={"num_replicas": 2}, prefill_timeout_s=2),
         "decode_killed": ServeConfig(**common, prefill={"num_replicas": 2}, decode=slow_decode),
         "prefill_killed": ServeConfig(**common, prefill=prefill_killed, decode={"num_replicas": 2}),
         "engine_dies": ServeConfig(**common, decode=engine_dies),
@@ -160,6 +164,34 @@ def test_a_prefill_replica_killed_mid_push_is_retried_elsewhere(apps: dict[str, 
     print(f"32 requests through a prefill SIGKILL: all exact in {elapsed:.1f} s, {retries:.0f} retried")
     assert retries >= 1  # the kill really happened under these requests
     _assert_idle(served, "after the prefill kill", timeout_s=10)
+
+
+def test_with_no_working_prefill_replica_the_decode_replica_prefills(apps: dict[str, Served], oracle) -> None:  # type: ignore[no-untyped-def]
+    """The only prefill replica fails every prefill: each request is retried once, then prefilled on the decode
+    replica that reserved its blocks — every answer exact, the failed reservations freed."""
+    served = apps["prefill_fails"]
+    prompts = _mixed_prompts(seed=83, n=12)
+    assert asyncio.run(_exact_wave(served, prompts)) == [oracle(p) for p in prompts]
+    metrics = served.metrics()
+    fallbacks = sum(metrics.get("pdserve_local_prefill_fallbacks_total", {}).values())
+    retries = sum(metrics.get("pdserve_prefill_retries_total", {}).values())
+    print(f"prefill always failing: 12 requests exact, {retries:.0f} prefill retries, {fallbacks:.0f} local fallbacks")
+    assert fallbacks == len(prompts) and retries == len(prompts)
+    _assert_idle(served, "after the local fallbacks", timeout_s=10)
+
+
+def test_a_prefill_that_stalls_past_its_timeout_is_retried_elsewhere(apps: dict[str, Served], oracle) -> None:  # type: ignore[no-untyped-def]
+    """One prefill replica's KV push stalls 4 s, past prefill_timeout_s = 2 s: that call is cancelled and retried
+    on the other prefill replica; the stalled push, once it wakes, finds the reservation committed and is fenced."""
+    served = apps["prefill_stalls"]
+    prompts = _mixed_prompts(seed=84, n=8)
+    start = time.monotonic()
+    assert asyncio.run(_exact_wave(served, prompts)) == [oracle(p) for p in prompts]
+    elapsed = time.monotonic() - start
+    retries = sum(served.metrics().get("pdserve_prefill_retries_total", {}).values())
+    print(f"a stalled prefill: 8 requests exact in {elapsed:.1f} s, {retries:.0f} retried after the timeout")
+    assert retries >= 1 and elapsed < 10
+    _assert_idle(served, "after the stalled prefill", timeout_s=10)
 
 
 def test_a_dead_engine_thread_fails_fast_and_the_replica_is_replaced(apps: dict[str, Served], oracle) -> None:  # type: ignore[no-untyped-def]

@@ -103,10 +103,9 @@ class AsyncEngine:
             yield out
 
     async def commit(
-        self, request_id: str, first_token_id: int, first_logprob: float | None, ack: bool = False
+        self, request_id: str, first_token_id: int, first_logprob: float | None
     ) -> AsyncIterator[RequestOutput]:
-        """Commit a reservation and stream the decoded tokens that follow `first_token_id`; with `ack`, an output
-        without tokens first, as soon as the commit took (the caller then knows its reservation is decoding)."""
+        """Commit a reservation and stream the decoded tokens that follow `first_token_id`."""
         stream = self._open_stream(request_id)
         try:
             undo = partial(_abort_quietly, self.engine, request_id)
@@ -114,8 +113,6 @@ class AsyncEngine:
         except BaseException:
             self._streams.pop(request_id, None)
             raise
-        if ack and final is None:
-            yield RequestOutput(request_id, [], None, None, 0, 0)
         if final is not None:
             self._streams.pop(request_id, None)
             yield final

@@ -25,7 +25,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -125,8 +125,9 @@ async def _handoff(
         counters.local_fallbacks += 1
         where.decode = e.decode_replica_id
         logger.warning("%r; prefilling %s on its decode replica %s", e, request.request_id, e.decode_replica_id)
-        async for out in _local(request, decode, e.decode_replica_id):
-            yield out
+        local = replace(request, request_id=f"{request.request_id}.local")  # not the id its reservation's abort ends
+        async for out in _local(local, decode, e.decode_replica_id):
+            yield as_original(out, request)
         return
     pinned = {"target_replica_id": reservation.replica_id}
     where.decode = reservation.replica_id
@@ -140,12 +141,11 @@ async def _handoff(
             request.request_id, result.first_token_id, result.first_logprob, request.traceparent, **pinned
         )
         outputs = _stream(call)  # type: ignore[arg-type]
-        # The first token waits for the commit's acknowledgement (one hop): a commit that fails — the replica
-        # died or is leaving the pool — then fails a request that has shown nothing, which any request may retry.
-        committed = await anext(outputs)
+        # The first token waits for the decode call's acknowledgement (one hop, not an engine step): a call that
+        # cannot reach its replica — dead, or leaving the pool — then fails a request that has shown nothing, which
+        # any request may retry elsewhere.
+        await anext(outputs)
         yield first
-        if committed.new_token_ids or committed.finish_reason is not None:
-            yield committed
         async for out in outputs:
             yield out
         is_done = True

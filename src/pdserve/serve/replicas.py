@@ -339,15 +339,15 @@ class DecodeServer(_EngineReplica):
         traceparent: str | None = None,
         target_replica_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Commit the reservation (ValueError if it expired or its KV is incomplete) and stream the tokens; the
-        first output comes as soon as the commit took (no tokens, unless the request already finished)."""
+        """Commit the reservation (ValueError if it expired or its KV is incomplete) and stream the tokens. The
+        first output, without tokens, says the call reached this replica (the ingress shows the first token then)."""
         self._check_pinned(target_replica_id)
         fault_point("decode.commit")
+        yield RequestOutput(request_id, [], None, None, 0, 0)
         attributes = {names.REQUEST_ID: request_id, names.REPLICA_ID: self.replica_id}
         span = start_span(names.SPAN_DECODE, traceparent, attributes)
         try:
-            outputs = self.engine.commit(request_id, first_token_id, first_logprob, ack=True)
-            async for out in traced_outputs(span, outputs):
+            async for out in traced_outputs(span, self.engine.commit(request_id, first_token_id, first_logprob)):
                 yield out
         except ValueError:
             self.engine.abort(request_id)
