@@ -68,7 +68,7 @@ def apps(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     prefill_killed = _with_faults(f"prefill.push=kill@{markers / 'prefill'}") | {"num_replicas": 2}
     engine_dies = _with_faults(f"engine.step=raise@{markers / 'engine'}")
     wedged = _with_faults(f"engine.step=hang@{markers / 'wedged'}") | {"num_replicas": 2}
-    slow_decode = _with_faults("engine.step=slow:0.03") | {"num_replicas": 2}  # streams last long enough to cut
+    slow_decode = _with_faults("engine.step=slow:0.05") | {"num_replicas": 2}  # streams last long enough to cut
     prefill_fails = _with_faults("prefill.compute=raise")  # every prefill, on the only prefill replica
     push_stalls = _with_faults(f"prefill.push=slow:4@{markers / 'stall'}") | {"num_replicas": 2}
     configs = {
@@ -128,17 +128,25 @@ async def _streams_through_a_kill(served: Served, prompts: list[list[int]], app:
         return text
 
     tasks = [asyncio.ensure_future(stream(p)) for p in prompts]
-    for _ in prompts:
+    for _ in range(len(prompts) // 2):  # half streaming (mid-stream), the rest not started yet or prefilling
         await asyncio.wait_for(started.acquire(), 60)
-    _sigkill_one_replica(app, deployment)
+    _sigkill_one_replica(app, deployment, _busiest(served, "decode"))
     try:
         return list(await asyncio.wait_for(asyncio.gather(*tasks), 120))  # no stream may hang
     finally:
         await client.close()
 
 
-def _sigkill_one_replica(app: str, deployment: str) -> None:
-    """SIGKILL the process of one live replica of `app`'s `deployment` (found among Serve's named actors)."""
+def _busiest(served: Served, role: str) -> str | None:
+    """The replica of `role` running the most requests (per the ingress's stats, refreshed every second)."""
+    samples = served.metrics().get("pdserve_requests_running", {})
+    running = {dict(labels)["replica"]: value for labels, value in samples.items() if dict(labels)["role"] == role}
+    return max(running, key=running.__getitem__) if running else None
+
+
+def _sigkill_one_replica(app: str, deployment: str, replica_id: str | None = None) -> None:
+    """SIGKILL the process of one live replica of `app`'s `deployment` (found among Serve's named actors): the one
+    named `replica_id` if it is live, else any."""
     import ray
 
     names = [
@@ -146,6 +154,7 @@ def _sigkill_one_replica(app: str, deployment: str) -> None:
         if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#")
     ]  # fmt: skip
     assert names, f"no live replica of {app}/{deployment}"
+    names.sort(key=lambda name: not (replica_id and name.endswith(f"#{replica_id}")))
     actor = ray.get_actor(names[0], namespace="serve")
     pid = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
     os.kill(pid, signal.SIGKILL)
