@@ -159,3 +159,27 @@ def test_a_dead_engine_thread_fails_every_caller(tiny_models: dict[str, Path]) -
 async def _drain_all(stream: AsyncIterator[RequestOutput]) -> None:
     async for _ in stream:
         pass
+
+
+def test_a_consumer_that_falls_behind_gets_the_queued_tokens_merged(tiny_models: dict[str, Path]) -> None:
+    """Outputs queued while the consumer was busy arrive as one output (fewer messages downstream), with every
+    token in order and the finish reason of the last."""
+    path = tiny_models["llama"]
+    request = EngineRequest("slow", tuple(random_prompts([20], 500, seed=43)[0]), greedy(24, logprobs=True))
+    sync = LLMEngine(EngineConfig(ModelConfig(str(path), dtype="float32"), CacheConfig(num_blocks=64)))
+    want = run_staggered(sync, [(0, request)])["slow"]
+
+    async def main() -> list[RequestOutput]:
+        engine = make(path)
+        outputs = []
+        async for out in engine.generate(request):
+            outputs.append(out)
+            time.sleep(0.05)  # a busy event loop: the engine thread keeps stepping meanwhile
+        engine.shutdown()
+        return outputs
+
+    outputs = asyncio.run(main())
+    assert [t for out in outputs for t in out.new_token_ids] == want
+    assert all(len(out.new_logprobs or []) == len(out.new_token_ids) for out in outputs)
+    assert outputs[-1].finish_reason is not None and all(out.finish_reason is None for out in outputs[:-1])
+    assert len(outputs) < len(want), "nothing was merged"

@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -186,6 +187,13 @@ class AsyncEngine:
         try:
             while not is_finished:
                 item = await stream.get()
+                while not isinstance(item, BaseException) and not item.is_finished and not stream.empty():
+                    later = stream.get_nowait()  # the consumer fell behind: one output for what is queued
+                    if isinstance(later, BaseException):
+                        yield item
+                        item = later
+                        break
+                    item = merged(item, later)
                 if isinstance(item, BaseException):
                     raise item
                 is_finished = item.is_finished
@@ -231,11 +239,16 @@ class AsyncEngine:
                 self._busy_since = None
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to the event loop: one wakeup per step, not one per request."""
         assert self._loop is not None
+        if outputs:
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:  # on the event loop
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
-                self._loop.call_soon_threadsafe(stream.put_nowait, out)
+                stream.put_nowait(out)
 
     def _fail_all(self, error: BaseException) -> None:
         assert self._loop is not None
@@ -243,6 +256,18 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(stream.put_nowait, EngineDeadError(str(error)))
         for future in list(self._pending):
             self._loop.call_soon_threadsafe(_set_exception, future, EngineDeadError(str(error)))
+
+
+def merged(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one request as one: the tokens of both, the later one's end."""
+    logprobs = None if first.new_logprobs is None else first.new_logprobs + (then.new_logprobs or [])
+    return replace(
+        first,
+        new_token_ids=first.new_token_ids + then.new_token_ids,
+        new_logprobs=logprobs,
+        finish_reason=then.finish_reason,
+        kv_block_ids=then.kv_block_ids,
+    )
 
 
 def _abort_quietly(engine: LLMEngine, request_id: str, _result: object) -> None:
