@@ -17,6 +17,8 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
 
+import torch
+
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.request import (
     EngineRequest,
@@ -43,8 +45,11 @@ class EngineWedgedError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, num_threads: int | None = None) -> None:
+        """`num_threads`: torch's intra-op threads for the engine thread (None: torch's default for a new thread).
+        torch's thread count is per calling thread under OpenMP: set on another thread, it never reaches ours."""
         self.engine = engine
+        self.num_threads = num_threads
         self._loop: asyncio.AbstractEventLoop | None = None
         self._commands: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -205,6 +210,8 @@ class AsyncEngine:
 
     def _run(self) -> None:
         next_reap = 0.0
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
         try:
             while not self._stopped:
                 self._run_commands()

@@ -21,7 +21,11 @@ class PoolConfig(BaseModel):
     # Dev/CI default: no CPU reservation, so prefill, decode and ingress fit on a 2-core box together.
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
     max_ongoing_requests: int = Field(256, ge=1)
-    num_threads: int | None = Field(None, ge=1)  # torch intra-op threads per replica (None: torch's default)
+    # torch intra-op threads per engine replica (None: one per core the replica may run on)
+    num_threads: int | None = Field(None, ge=1)
+    # Pin the pool's engine replicas to these CPU cores (Linux ids; every replica of the pool on a node shares
+    # them): keeps a prefill and a decode replica on one machine from competing for the same cores.
+    cpus: list[int] | None = Field(None, min_length=1)
 
 
 class RouterSettings(BaseModel):

@@ -54,9 +54,13 @@ class _EngineReplica:
 
     def __init__(self, config: ServeConfig, model_path: str, shared_kv: bool = False) -> None:
         self.config = config
-        num_threads = getattr(config, self.role).num_threads
-        if num_threads is not None:
-            torch.set_num_threads(num_threads)
+        pool = getattr(config, self.role)
+        if pool.cpus:
+            pin_process(pool.cpus)
+        # Ray starts workers with OMP_NUM_THREADS=num_cpus (1 for num_cpus=0): without this the engine would run on
+        # one core whatever the machine has. Default: one thread per core this process may run on.
+        num_threads = pool.num_threads or len(os.sched_getaffinity(0))
+        torch.set_num_threads(num_threads)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         configure_tracing(self.role, config.tracing_env)
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -65,7 +69,7 @@ class _EngineReplica:
             path = os.path.join(_shm_dir(), f"pdserve-kv-{self.replica_id}-{os.getpid()}")
             engine_config = replace(engine_config, cache=replace(engine_config.cache, shared_path=path))
         self.llm = LLMEngine(engine_config)
-        self.engine = AsyncEngine(self.llm)
+        self.engine = AsyncEngine(self.llm, num_threads)
         self.model_path = model_path
         self.prefix_hit_tokens = 0
         self.transfer_bytes = 0
@@ -373,6 +377,15 @@ async def _finish_uncancelled(future: asyncio.Future[TransferStats]) -> None:
             logger.debug("push ended with %r", e)
     if is_cancelled:
         raise asyncio.CancelledError
+
+
+def pin_process(cpus: list[int]) -> None:
+    """Run every thread of this process (and those it starts later) on `cpus` only."""
+    for task in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(task), cpus)
+        except OSError:  # a thread that just ended
+            continue
 
 
 def _shm_dir() -> str:

