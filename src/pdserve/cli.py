@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="a decode replica lacking at most this many prompt tokens prefills them itself (0: never)",
     )
+    serve_cmd.add_argument(
+        "--stream-interval", type=int, default=1, help="tokens per streamed message after the first (as vLLM's)"
+    )
     serve_cmd.add_argument("--host", default="127.0.0.1")
     serve_cmd.add_argument("--port", type=int, default=8000)
     serve_cmd.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         decode=PoolConfig(num_replicas=args.num_decode),
         engine=PoolConfig(num_replicas=args.num_engines),
         kv_transport=args.kv_transport,
+        stream_interval=args.stream_interval,
         router=RouterSettings(policy=args.routing_policy, **_set(local_prefill_max_tokens=args.local_threshold)),
         host=args.host,
         port=args.port,

@@ -45,11 +45,14 @@ class EngineWedgedError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, num_threads: int | None = None) -> None:
+    def __init__(self, engine: LLMEngine, num_threads: int | None = None, stream_interval: int = 1) -> None:
         """`num_threads`: torch's intra-op threads for the engine thread (None: torch's default for a new thread).
-        torch's thread count is per calling thread under OpenMP: set on another thread, it never reaches ours."""
+        torch's thread count is per calling thread under OpenMP: set on another thread, it never reaches ours.
+        `stream_interval`: a stream's outputs after its first carry at least this many tokens (or the end): fewer,
+        larger messages downstream (vLLM's --stream-interval)."""
         self.engine = engine
         self.num_threads = num_threads
+        self.stream_interval = stream_interval
         self._loop: asyncio.AbstractEventLoop | None = None
         self._commands: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -188,21 +191,27 @@ class AsyncEngine:
     async def _drain(
         self, request_id: str, stream: asyncio.Queue[RequestOutput | BaseException]
     ) -> AsyncIterator[RequestOutput]:
-        is_finished = False
+        is_finished, is_first = False, True
+        held: RequestOutput | None = None  # outputs not yet handed out (fewer tokens than the stream interval)
         try:
             while not is_finished:
                 item = await stream.get()
                 while not isinstance(item, BaseException) and not item.is_finished and not stream.empty():
                     later = stream.get_nowait()  # the consumer fell behind: one output for what is queued
                     if isinstance(later, BaseException):
-                        yield item
+                        held = item if held is None else merged(held, item)
                         item = later
                         break
                     item = merged(item, later)
                 if isinstance(item, BaseException):
+                    if held is not None:
+                        yield held  # what was computed before the failure
                     raise item
-                is_finished = item.is_finished
-                yield item
+                held = item if held is None else merged(held, item)
+                is_finished = held.is_finished
+                if is_first or is_finished or len(held.new_token_ids) >= self.stream_interval:
+                    out, held, is_first = held, None, False
+                    yield out
         finally:
             self._streams.pop(request_id, None)
             if not is_finished:

@@ -69,7 +69,7 @@ class _EngineReplica:
             path = os.path.join(_shm_dir(), f"pdserve-kv-{self.replica_id}-{os.getpid()}")
             engine_config = replace(engine_config, cache=replace(engine_config.cache, shared_path=path))
         self.llm = LLMEngine(engine_config)
-        self.engine = AsyncEngine(self.llm, num_threads)
+        self.engine = AsyncEngine(self.llm, num_threads, config.stream_interval)
         self.model_path = model_path
         self.prefix_hit_tokens = 0
         self.transfer_bytes = 0
