@@ -50,10 +50,11 @@ async def request(client: httpx.AsyncClient, url: str, body: dict[str, object], 
         return "connection-error"
 
 
-def replica_processes() -> list[int]:
+def replica_processes(kind: str = "") -> list[int]:
+    """The Serve replica processes whose command line has `kind` in it (e.g. "Ingress")."""
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
     rows = [line.strip().split(None, 1) for line in out.splitlines()[1:]]
-    return [int(pid) for pid, cmd in rows if "ray::ServeReplica" in cmd]
+    return [int(pid) for pid, cmd in rows if "ray::ServeReplica" in cmd and kind in cmd]
 
 
 def process_totals(pids: list[int]) -> tuple[float, int, int]:
@@ -76,7 +77,9 @@ def sample(served: Served, start: float) -> tuple[object, ...]:
     blocks = [sum(metrics.get(name, {}).values()) for name in _BLOCK_GAUGES]
     in_flight = sum(metrics.get("pdserve_router_in_flight", {}).values())
     rss, files, threads = process_totals(replica_processes())
-    return (round(time.monotonic() - start), *(int(b) for b in blocks), int(in_flight), round(rss), files, threads)
+    ingress_rss = process_totals(replica_processes("Ingress"))[0]
+    return (round(time.monotonic() - start), *(int(b) for b in blocks), int(in_flight), round(rss), round(ingress_rss),
+            files, threads)  # fmt: skip
 
 
 def kill_a_decode_replica() -> None:
@@ -94,7 +97,7 @@ async def soak(served: Served, args: argparse.Namespace) -> None:
     prompts = [[rng.randrange(100, 400) for _ in range(rng.randint(16, args.prompt_tokens))] for _ in range(64)]
     url = f"{served.base_url}/completions"
     outcomes: dict[str, int] = {}
-    samples = [("t s", "used", "held", "reserved", "fenced", "in flight", "RSS MB", "files", "threads")]
+    samples = [("t s", "used", "held", "reserved", "fenced", "in flight", "RSS MB", "ingress MB", "files", "threads")]
     start = time.monotonic()
     next_sample, next_kill, tasks = start, start + args.kill_every_s, []
 
