@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--hang-s", type=float, default=120.0)
+    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the engine replicas' environment")
     args = parser.parse_args()
     os.nice(15 - os.nice(0))
     from ray import serve
@@ -155,7 +156,8 @@ def main() -> None:
         model_path = str(build_all(Path("/tmp/pdserve-soak-models"))["llama"])
     else:
         model_path = str(resolve_model(None))
-    two = {"num_replicas": 2}
+    env = dict(item.split("=", 1) for item in args.env)
+    two = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": env}}}
     config = ServeConfig(model=model_path, served_model_name="m", prefill=two, decode=two, num_kv_blocks=1024)
     port = free_port()
     with ray_serve(port):
