@@ -172,6 +172,28 @@ def test_completion_stream_equals_whole(client: openai.OpenAI, backend: FakeBack
     assert backend.num_closed == 2
 
 
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(
+    client: openai.OpenAI, backend: FakeBackend, endpoint: str
+) -> None:
+    """vLLM's `stream_options.continuous_usage_stats`, which guidellm and aiperf send: every chunk carries the usage
+    so far, the completion tokens never decrease, and the last chunk's usage is the whole response's."""
+    backend.reset(tokens_per_delta=2)
+    options: Any = {"include_usage": True, "continuous_usage_stats": True}
+    if endpoint == "completions":
+        args: dict[str, Any] = {"model": "fake-model", "prompt": "hi", "max_tokens": 60}
+        chunks: list[Any] = list(client.completions.create(**args, stream=True, stream_options=options))
+    else:
+        messages: list[Any] = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+        chunks = list(
+            client.chat.completions.create(model="fake-model", messages=messages, stream=True, stream_options=options)
+        )
+    assert all(c.usage is not None for c in chunks)
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == len(backend.script)
+    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+
+
 def test_chat_stream_equals_whole(client: openai.OpenAI, backend: FakeBackend, tokenizer: Any) -> None:
     messages: list[Any] = [
         {"role": "developer", "content": "be brief"},

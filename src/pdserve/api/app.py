@@ -165,7 +165,10 @@ async def _serve(
         # The first delta before the headers when it comes soon, so that "no room" is still a 429; past that
         # wait, the stream starts and keep-alive comments hold the connection open until it comes.
         first, pending = await first_delta_within(deltas, state.first_token_wait_s)
-        events = stream_events(deltas, first, generation, fmt, body.include_usage(), pending, state.sse_keepalive_s)
+        events = stream_events(
+            deltas, first, generation, fmt, body.include_usage(), pending, state.sse_keepalive_s,
+            body.continuous_usage(),
+        )  # fmt: skip
         return EventStreamResponse(events, deltas)
     piece = await _unless_disconnected(request, collect(deltas, generation))
     if piece is None:

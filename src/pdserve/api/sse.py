@@ -34,24 +34,32 @@ async def stream_events(
     include_usage: bool,
     pending: asyncio.Task[GenerationDelta | None] | None = None,
     keepalive_s: float = 5.0,
+    continuous_usage: bool = False,
 ) -> AsyncGenerator[str, None]:
     """Yield the events of one streamed response; `first` is the delta pulled before the headers went out, or
     `pending` the task still waiting for it — meanwhile a keep-alive comment goes out every `keepalive_s`.
     An error after the headers cannot change the status, so it is sent as an error event (as vLLM does), then
     [DONE]. The backend stream is closed as soon as output ends (a stop string aborts the request) or in `finally`
-    when the client is gone."""
+    when the client is gone. `continuous_usage`: every chunk also carries the usage so far (vLLM's
+    `continuous_usage_stats`)."""
+
+    def event(chunk: BaseModel) -> str:
+        if continuous_usage:
+            chunk.usage = generation.usage()  # type: ignore[attr-defined]  # every chunk model has one
+        return sse_event(chunk)
+
     try:
         if pending is not None:
             while not (await asyncio.wait({pending}, timeout=keepalive_s))[0]:
                 yield KEEP_ALIVE
             first = pending.result()
         for chunk in fmt.opening():
-            yield sse_event(chunk)
+            yield event(chunk)
         delta = first
         while delta is not None:
             piece = generation.absorb(delta)
             if piece is not None:
-                yield sse_event(fmt.chunk(piece))
+                yield event(fmt.chunk(piece))
             if generation.is_finished:
                 break
             delta = await anext(deltas, None)
