@@ -1,0 +1,441 @@
+"""A load harness against any OpenAI-compatible endpoint (pdserve, vLLM, ...): workloads, open-loop Poisson arrivals,
+rate sweeps, and goodput as DistServe defines it — the highest request rate at which at least 90% of requests meet
+both the TTFT and the TPOT SLO — found by a bounded search.
+
+Workloads (token-id prompts, so every server sees the same tokens; seeded):
+  chat        ShareGPT-like lengths: log-normal prompts (median 180 tokens) and outputs (median 120)
+  summarize   long prompts, 2k-8k tokens (capped by --max-prompt), outputs up to 128
+  multiturn   conversations sharing a system prompt; each turn carries the whole history (prefix-cache friendly)
+  mixed       chat, with a burst of summarize requests every --burst-every-s (what disaggregation is for)
+  trace       replay --trace FILE.jsonl: {"t": s, "prompt_len": n, "output_len": m} (or "prompt": [ids]) per line
+
+Per request: TTFT, TPOT, ITL (per token: the server reports usage in every chunk via `continuous_usage_stats`,
+else chunks are assumed to carry one token), end-to-end latency. Output: JSON (every request), a Markdown summary,
+and PNG plots when matplotlib is installed (latency CDFs, goodput vs rate, TPOT over time).
+
+    python load_tests/harness.py --url http://127.0.0.1:8000/v1 --model m --workload chat --rate 2 --duration-s 60
+    python load_tests/harness.py --url ... --workload mixed --sweep 0.5,1,2,4 --out results/mixed
+    python load_tests/harness.py --url ... --goodput 0.25,8 --ttft-slo-s 2 --tpot-slo-s 0.25
+    python load_tests/harness.py --serve colocated --tiny --rate 4 --duration-s 3    # starts pdserve itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness's cluster helpers
+
+ATTAINMENT = 0.9  # DistServe's goodput: the share of requests that must meet both SLOs
+
+
+@dataclass(frozen=True)
+class Spec:
+    at_s: float  # arrival, seconds after the run's start
+    prompt: list[int]
+    max_tokens: int
+    kind: str = "chat"
+
+
+@dataclass
+class Record:
+    kind: str
+    sent_at_s: float
+    prompt_tokens: int
+    status: int = 0  # HTTP status (0: no answer)
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    output_tokens: int = 0
+    itl_s: list[float] = field(default_factory=list)  # per token after the first
+    token_times_s: list[float] = field(default_factory=list)  # when each chunk's tokens arrived (run clock)
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.ttft_s is None or self.e2e_s is None or self.output_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+
+    def meets(self, ttft_slo_s: float, tpot_slo_s: float) -> bool:
+        tpot = self.tpot_s
+        return (
+            self.status == 200
+            and self.ttft_s is not None
+            and self.ttft_s <= ttft_slo_s
+            and (tpot is None or tpot <= tpot_slo_s)
+        )
+
+
+# ---- workloads --------------------------------------------------------------------------------------------------
+
+
+def _tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
+    return [rng.randrange(100, vocab) for _ in range(n)]
+
+
+def _lognormal(rng: random.Random, median: float, sigma: float, lo: int, hi: int) -> int:
+    return max(lo, min(hi, round(median * math.exp(rng.gauss(0, sigma)))))
+
+
+def workload(args: argparse.Namespace, rate: float, seed: int = 0) -> list[Spec]:
+    """The requests of one run at `rate` requests/s: Poisson arrivals over `args.duration_s` (trace: its own)."""
+    rng = random.Random(seed)
+    if args.workload == "trace":
+        return _trace(Path(args.trace), args.vocab, rng)
+    arrivals, t = [], rng.expovariate(rate)
+    while t < args.duration_s:
+        arrivals.append(t)
+        t += rng.expovariate(rate)
+    specs: list[Spec] = []
+    system = _tokens(rng, args.system_prompt, args.vocab)
+    histories: list[list[int]] = [list(system) for _ in range(args.conversations)]
+    for at in arrivals:
+        if args.workload == "chat" or args.workload == "mixed":
+            specs.append(_chat(rng, at, args))
+        elif args.workload == "summarize":
+            specs.append(_summarize(rng, at, args))
+        elif args.workload == "multiturn":
+            history = histories[rng.randrange(len(histories))]
+            turn = _tokens(rng, _lognormal(rng, 60, 0.6, 4, 400), args.vocab)
+            out = _lognormal(rng, 80, 0.6, 4, args.max_output)
+            if len(history) + len(turn) + out > args.max_prompt:  # the context is full: a new conversation
+                history[:] = system
+            history += turn
+            specs.append(Spec(at, list(history), out, "multiturn"))
+            history += _tokens(rng, out, args.vocab)  # the reply joins the history (as the model's would)
+    if args.workload == "mixed":  # bursts of long prompts on top of the chat stream
+        burst_at = args.burst_every_s / 2
+        while burst_at < args.duration_s:
+            specs += [_summarize(rng, burst_at + 0.01 * i, args) for i in range(args.burst_size)]
+            burst_at += args.burst_every_s
+    return sorted(specs, key=lambda s: s.at_s)
+
+
+def _chat(rng: random.Random, at: float, args: argparse.Namespace) -> Spec:
+    prompt = _tokens(rng, _lognormal(rng, 180, 0.9, 4, args.max_prompt), args.vocab)
+    return Spec(at, prompt, _lognormal(rng, 120, 0.8, 4, args.max_output), "chat")
+
+
+def _summarize(rng: random.Random, at: float, args: argparse.Namespace) -> Spec:
+    n = rng.randint(min(2048, args.max_prompt), min(8192, args.max_prompt))
+    return Spec(at, _tokens(rng, n, args.vocab), rng.randint(16, min(128, args.max_output)), "summarize")
+
+
+def _trace(path: Path, vocab: int, rng: random.Random) -> list[Spec]:
+    specs = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        prompt = row.get("prompt") or _tokens(rng, int(row["prompt_len"]), vocab)
+        specs.append(Spec(float(row["t"]), prompt, int(row["output_len"]), row.get("kind", "trace")))
+    return sorted(specs, key=lambda s: s.at_s)
+
+
+# ---- one run ----------------------------------------------------------------------------------------------------
+
+
+async def send(client: httpx.AsyncClient, url: str, model: str, spec: Spec, start: float, record: Record) -> None:
+    body = {
+        "model": model, "prompt": spec.prompt, "max_tokens": spec.max_tokens, "temperature": 0, "stream": True,
+        "ignore_eos": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }  # fmt: skip
+    sent = time.perf_counter()
+    last_at, last_count = 0.0, 0
+    try:
+        async with client.stream("POST", f"{url}/completions", json=body) as response:
+            record.status = response.status_code
+            if response.status_code != 200:
+                await response.aread()
+                return
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage")
+                has_text = any(c.get("text") for c in chunk.get("choices") or [])
+                count = usage["completion_tokens"] if usage else last_count + int(has_text)
+                if count > last_count and has_text:
+                    now = time.perf_counter()
+                    if record.ttft_s is None:
+                        record.ttft_s = now - sent
+                    else:  # a chunk of k tokens: k gaps of (now - last) / k
+                        k = count - last_count
+                        record.itl_s += [(now - last_at) / k] * k
+                    record.token_times_s.append(now - start)
+                    last_at, last_count = now, count
+                if usage and not chunk.get("choices"):
+                    last_count = usage["completion_tokens"]
+            record.output_tokens = last_count
+            record.e2e_s = time.perf_counter() - sent
+    except httpx.HTTPError:
+        record.status = record.status or 0
+
+
+async def run(url: str, model: str, specs: list[Spec], progress: bool = True) -> tuple[list[Record], float]:
+    """Send every spec at its arrival time (open loop: nothing waits for earlier answers)."""
+    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256)
+    records = [Record(s.kind, s.at_s, len(s.prompt)) for s in specs]
+    bar = _progress(len(specs), progress)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=30.0), limits=limits) as client:
+        start = time.perf_counter()
+
+        async def one(spec: Spec, record: Record) -> None:
+            await asyncio.sleep(max(0.0, spec.at_s - (time.perf_counter() - start)))
+            await send(client, url, model, spec, start, record)
+            bar.update(1)
+
+        await asyncio.gather(*(one(s, r) for s, r in zip(specs, records, strict=True)))
+        wall = time.perf_counter() - start
+    bar.close()
+    return records, wall
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="req", disable=not enabled, leave=False)
+    except ImportError:  # tqdm is optional
+
+        class _Bar:
+            def update(self, _n: int) -> None: ...
+            def close(self) -> None: ...
+
+        return _Bar()
+
+
+# ---- summaries --------------------------------------------------------------------------------------------------
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def summary(rate: float, records: list[Record], wall_s: float, args: argparse.Namespace) -> dict[str, Any]:
+    ok = [r for r in records if r.status == 200]
+    ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+    tpot = [t for r in ok if (t := r.tpot_s) is not None]
+    itl = [g for r in ok for g in r.itl_s]
+    e2e = [r.e2e_s for r in ok if r.e2e_s is not None]
+    met = sum(r.meets(args.ttft_slo_s, args.tpot_slo_s) for r in records)
+    statuses: dict[str, int] = {}
+    for r in records:
+        statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
+    return {
+        "rate": rate, "requests": len(records), "statuses": statuses, "wall_s": wall_s,
+        "output_tokens_per_s": sum(r.output_tokens for r in ok) / wall_s if wall_s else 0.0,
+        "slo_attainment": met / len(records) if records else 0.0,
+        **{f"{name}_p{q}": pct(values, q) for name, values in
+           (("ttft_s", ttft), ("tpot_s", tpot), ("itl_s", itl), ("e2e_s", e2e)) for q in (50, 90, 99)},
+    }  # fmt: skip
+
+
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, goodput: float | None) -> str:
+    def f(v: float | None, scale: float = 1.0) -> str:
+        return "—" if v is None else f"{v * scale:.2f}"
+
+    lines = [
+        f"workload {args.workload}; SLOs: TTFT ≤ {args.ttft_slo_s} s, TPOT ≤ {1000 * args.tpot_slo_s:.0f} ms",
+        "",
+        "| rate req/s | requests | statuses | out tok/s | TTFT p50/p90/p99 s | TPOT p50/p90/p99 ms | ITL p99 ms | "
+        "e2e p90 s | within both SLOs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['rate']:.2f} | {r['requests']} | {r['statuses']} | {r['output_tokens_per_s']:.1f} | "
+            f"{f(r['ttft_s_p50'])} / {f(r['ttft_s_p90'])} / {f(r['ttft_s_p99'])} | "
+            f"{f(r['tpot_s_p50'], 1e3)} / {f(r['tpot_s_p90'], 1e3)} / {f(r['tpot_s_p99'], 1e3)} | "
+            f"{f(r['itl_s_p99'], 1e3)} | {f(r['e2e_s_p90'])} | {100 * r['slo_attainment']:.0f}% |"
+        )
+    if goodput is not None:
+        lines += ["", f"goodput (≥ {100 * ATTAINMENT:.0f}% of requests within both SLOs): {goodput:.2f} req/s"]
+    return "\n".join(lines)
+
+
+def plots(out: Path, runs: list[tuple[dict[str, Any], list[Record]]], args: argparse.Namespace) -> list[Path]:
+    """Latency CDFs per rate, SLO attainment vs rate, and TPOT over time (the last run). Needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no plots; pip install matplotlib)")
+        return []
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for row, records in runs:
+        for ax, values in zip(axes, ([r.ttft_s for r in records if r.ttft_s is not None],
+                                     [t for r in records if (t := r.tpot_s) is not None]), strict=True):  # fmt: skip
+            ordered = sorted(values)
+            ax.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=f"{row['rate']:.2f} req/s")
+    for ax, name, slo in zip(axes, ("TTFT s", "TPOT s"), (args.ttft_slo_s, args.tpot_slo_s), strict=True):
+        ax.axvline(slo, color="gray", linestyle="--")
+        ax.set_xlabel(name)
+        ax.set_ylabel("share of requests")
+        ax.legend()
+    paths.append(_save(fig, out / "latency_cdf.png"))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = sorted((row for row, _ in runs), key=lambda r: r["rate"])
+    ax.plot([r["rate"] for r in rows], [r["slo_attainment"] for r in rows], marker="o")
+    ax.axhline(ATTAINMENT, color="gray", linestyle="--")
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("share within both SLOs")
+    paths.append(_save(fig, out / "goodput_vs_rate.png"))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    _, records = runs[-1]
+    points = sorted((r.token_times_s[-1], r.tpot_s) for r in records if r.token_times_s and r.tpot_s is not None)
+    ax.scatter([p[0] for p in points], [p[1] for p in points], s=6, label="TPOT (at the request's end)")
+    for r in records:
+        if r.kind == "summarize":
+            ax.axvline(r.sent_at_s, color="red", alpha=0.1)  # long-prompt arrivals
+    ax.set_xlabel("time s")
+    ax.set_ylabel("TPOT s")
+    ax.legend()
+    paths.append(_save(fig, out / "tpot_over_time.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# ---- the runs ---------------------------------------------------------------------------------------------------
+
+
+def goodput_search(url: str, model: str, args: argparse.Namespace, runs: list[Any]) -> float | None:
+    """Bisection on the rate between `lo` and `hi` (bounded: --goodput-steps runs): the highest rate found at which
+    ≥ 90% of requests met both SLOs, or None if even `lo` missed."""
+    lo, hi = (float(x) for x in args.goodput.split(","))
+    best: float | None = None
+    for _ in range(args.goodput_steps):
+        rate = (lo + hi) / 2 if best is not None else lo
+        records, wall = asyncio.run(run(url, model, workload(args, rate, args.seed), not args.quiet))
+        row = summary(rate, records, wall, args)
+        runs.append((row, records))
+        print(f"rate {rate:.2f} req/s: {100 * row['slo_attainment']:.0f}% within both SLOs", flush=True)
+        if row["slo_attainment"] >= ATTAINMENT:
+            best = rate if best is None else max(best, rate)
+            lo = rate
+        else:
+            hi = rate
+        if best is None:  # even the lowest rate misses: nothing to bisect
+            break
+    return best
+
+
+@contextmanager
+def served(kind: str, tiny: bool, threads: int | None) -> Iterator[tuple[str, str]]:
+    """pdserve on a local Ray cluster: `colocated` or `1p1d` (SmolLM2-135M, or a tiny Llama with `tiny`)."""
+    from ray import serve
+
+    from pdserve.hub import resolve_model
+    from pdserve.serve.app import build_app
+    from pdserve.serve.config import ServeConfig
+    from serving import free_port, ray_serve
+
+    if tiny:
+        from tiny_models import build_tiny_model
+
+        path = str(build_tiny_model(Path(os.environ.get("TMPDIR", "/tmp")) / "pdserve-harness-tiny", "llama"))
+    else:
+        path = str(resolve_model(None))
+    pool = {"num_threads": threads}
+    config = ServeConfig(
+        model=path, served_model_name="m", colocated=kind == "colocated", prefill=pool, decode=pool, engine=pool,
+        tracing_env={},
+    )  # fmt: skip
+    port = free_port()
+    with ray_serve(port):
+        serve.run(build_app(config), name="harness", route_prefix="/")
+        yield f"http://127.0.0.1:{port}/v1", "m"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="the server's OpenAI base URL (ends in /v1)")
+    parser.add_argument("--model", default="m", help="the model name it serves")
+    parser.add_argument("--serve", choices=["colocated", "1p1d"], help="start pdserve locally instead of --url")
+    parser.add_argument("--tiny", action="store_true", help="with --serve: a tiny random Llama (smoke runs)")
+    parser.add_argument("--threads", type=int, default=None, help="with --serve: torch threads per engine")
+    parser.add_argument("--workload", default="chat", choices=["chat", "summarize", "multiturn", "mixed", "trace"])
+    parser.add_argument("--trace", help="JSONL trace for --workload trace")
+    parser.add_argument("--rate", type=float, default=1.0, help="requests per second (Poisson)")
+    parser.add_argument("--sweep", help="comma-separated rates to run one after another")
+    parser.add_argument("--goodput", metavar="LO,HI", help="search the goodput between these rates")
+    parser.add_argument("--goodput-steps", type=int, default=5)
+    parser.add_argument("--duration-s", type=float, default=60.0)
+    parser.add_argument("--ttft-slo-s", type=float, default=2.0)
+    parser.add_argument("--tpot-slo-s", type=float, default=0.25)
+    parser.add_argument("--max-prompt", type=int, default=8192)
+    parser.add_argument("--max-output", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=49000, help="token ids are drawn below this")
+    parser.add_argument("--system-prompt", type=int, default=512, help="multiturn: shared system prompt tokens")
+    parser.add_argument("--conversations", type=int, default=8, help="multiturn: concurrent conversations")
+    parser.add_argument("--burst-every-s", type=float, default=20.0, help="mixed: seconds between bursts")
+    parser.add_argument("--burst-size", type=int, default=4, help="mixed: long prompts per burst")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="directory for results.json, summary.md and plots")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--nice", type=int, default=15, help="the client's niceness (Ray workers run at 15)")
+    args = parser.parse_args(argv)
+    if not args.url and not args.serve:
+        parser.error("give --url of a server, or --serve to start pdserve")
+    os.nice(max(0, args.nice - os.nice(0)))
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line), "?")
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in lscpu]
+    header = f"CPU: {cpu} ({' '.join(flags)}); client at niceness {os.nice(0)}"
+    print(header, flush=True)
+    runs: list[tuple[dict[str, Any], list[Record]]] = []
+    goodput: float | None = None
+    with served(args.serve, args.tiny, args.threads) if args.serve else _nothing(args.url, args.model) as (url, model):
+        if args.goodput:
+            goodput = goodput_search(url, model, args, runs)
+        else:
+            rates = [float(x) for x in args.sweep.split(",")] if args.sweep else [args.rate]
+            for rate in rates:
+                records, wall = asyncio.run(run(url, model, workload(args, rate, args.seed), not args.quiet))
+                runs.append((summary(rate, records, wall, args), records))
+    rows = [row for row, _ in runs]
+    text = markdown(rows, args, goodput)
+    print("\n" + text)
+    result = {"cpu": header, "args": vars(args), "goodput": goodput, "runs": rows,
+              "requests": [[asdict(r) for r in records] for _, records in runs]}  # fmt: skip
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(result))
+        (out / "summary.md").write_text(header + "\n\n" + text + "\n")
+        for path in plots(out, runs, args):
+            print(f"plot: {path}")
+    return result
+
+
+@contextmanager
+def _nothing(url: str, model: str) -> Iterator[tuple[str, str]]:
+    yield url, model
+
+
+if __name__ == "__main__":
+    main()
