@@ -345,8 +345,9 @@ def goodput_search(url: str, model: str, args: argparse.Namespace, runs: list[An
 
 
 @contextmanager
-def served(kind: str, tiny: bool, threads: int | None) -> Iterator[tuple[str, str]]:
-    """pdserve on a local Ray cluster: `colocated` or `1p1d` (SmolLM2-135M, or a tiny Llama with `tiny`)."""
+def served(kind: str, tiny: bool, threads: int | None, pin: bool = False) -> Iterator[tuple[str, str]]:
+    """pdserve on a local Ray cluster: `colocated` or `1p1d` (SmolLM2-135M, or a tiny Llama with `tiny`); with
+    `pin`, 1p1d's prefill runs on the first half of the cores and its decode on the rest (colocated: all)."""
     from ray import serve
 
     from pdserve.hub import resolve_model
@@ -360,10 +361,14 @@ def served(kind: str, tiny: bool, threads: int | None) -> Iterator[tuple[str, st
         path = str(build_tiny_model(Path(os.environ.get("TMPDIR", "/tmp")) / "pdserve-harness-tiny", "llama"))
     else:
         path = str(resolve_model(None))
-    pool = {"num_threads": threads}
+    pool: dict[str, Any] = {"num_threads": threads}
+    cores = sorted(os.sched_getaffinity(0))
+    half = max(1, len(cores) // 2)
+    prefill = {**pool, "cpus": cores[:half]} if pin else pool
+    decode = {**pool, "cpus": cores[half:] or cores} if pin else pool
     config = ServeConfig(
-        model=path, served_model_name="m", colocated=kind == "colocated", prefill=pool, decode=pool, engine=pool,
-        tracing_env={},
+        model=path, served_model_name="m", colocated=kind == "colocated", prefill=prefill, decode=decode,
+        engine=pool, tracing_env={},
     )  # fmt: skip
     port = free_port()
     with ray_serve(port):
@@ -378,6 +383,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--serve", choices=["colocated", "1p1d"], help="start pdserve locally instead of --url")
     parser.add_argument("--tiny", action="store_true", help="with --serve: a tiny random Llama (smoke runs)")
     parser.add_argument("--threads", type=int, default=None, help="with --serve: torch threads per engine")
+    parser.add_argument("--pin", action="store_true", help="with --serve 1p1d: P and D on halves of the cores")
     parser.add_argument("--workload", default="chat", choices=["chat", "summarize", "multiturn", "mixed", "trace"])
     parser.add_argument("--trace", help="JSONL trace for --workload trace")
     parser.add_argument("--rate", type=float, default=1.0, help="requests per second (Poisson)")
@@ -409,7 +415,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(header, flush=True)
     runs: list[tuple[dict[str, Any], list[Record]]] = []
     goodput: float | None = None
-    with served(args.serve, args.tiny, args.threads) if args.serve else _nothing(args.url, args.model) as (url, model):
+    server = served(args.serve, args.tiny, args.threads, args.pin) if args.serve else _nothing(args.url, args.model)
+    with server as (url, model):
         if args.goodput:
             goodput = goodput_search(url, model, args, runs)
         else:
