@@ -1,0 +1,91 @@
+"""The sampler draws from the distribution it is asked for: frequencies against the softmax, top-k/top-p supports,
+min_tokens, seeds. Randomized over seeded logits; no model."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from pdserve.engine.request import SamplingParams
+from pdserve.engine.sampler import SampleRow, _draw, sample
+
+
+def _row(params: SamplingParams, index: int = 0, stops: tuple[int, ...] = ()) -> SampleRow:
+    return SampleRow(params, index, stops)
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_frequencies_match_the_tempered_softmax(case: int) -> None:
+    rng = random.Random(case)
+    vocab = rng.choice([2, 5, 17, 64])
+    logits = torch.tensor([rng.gauss(0, 2) for _ in range(vocab)])
+    temperature = rng.choice([0.5, 1.0, 1.7])
+    params = SamplingParams(temperature=temperature)
+    draws = 6000
+    counts = torch.zeros(vocab)
+    for _ in range(draws):
+        counts[sample(logits.unsqueeze(0), [_row(params)]).token_ids[0]] += 1
+    want = (logits / temperature).softmax(-1)
+    # Every cell within 5 standard deviations of its binomial count (fails with probability < 1e-5 per cell).
+    std = (draws * want * (1 - want)).sqrt()
+    assert ((counts - draws * want).abs() <= 5 * std + 1).all(), (counts / draws, want)
+
+
+@pytest.mark.parametrize("case", range(40))
+def test_never_draws_outside_top_k_and_top_p(case: int) -> None:
+    rng = random.Random(1000 + case)
+    vocab = rng.choice([3, 10, 50, 49152])
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(case)) * rng.choice([0.1, 1.0, 8.0])
+    top_k = rng.choice([0, 1, 2, 5])
+    top_p = rng.choice([1.0, 0.9, 0.5, 1e-6])
+    params = SamplingParams(temperature=rng.choice([0.3, 1.0, 2.0]), top_k=top_k, top_p=top_p, seed=case)
+    allowed = set(range(vocab))
+    if 0 < top_k < vocab:
+        allowed &= set(logits.topk(top_k).indices.tolist())
+    if top_p < 1.0:
+        probs = (logits / params.temperature).softmax(-1)
+        ranked = probs.argsort(descending=True).tolist()
+        nucleus, mass = [], 0.0
+        for token in ranked:
+            nucleus.append(token)
+            mass += float(probs[token])
+            if mass >= top_p:
+                break
+        allowed &= set(nucleus) | {ranked[0]}
+    for index in range(60):
+        token = sample(logits.unsqueeze(0), [_row(params, index)]).token_ids[0]
+        assert token in allowed
+
+
+def test_draw_never_picks_a_token_without_mass() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for case in range(2000):
+        probs = torch.rand(7, generator=gen)
+        probs[torch.rand(7, generator=gen) < 0.6] = 0.0
+        if case % 3 == 0:
+            probs[-1] = 0.0  # the tail empty: a draw rounding up to the total must not land there
+        if probs.sum() == 0:
+            probs[case % 7] = 1.0
+        assert probs[_draw(probs, gen)] > 0
+
+
+def test_seeded_draws_depend_on_seed_and_index_only() -> None:
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(3))
+    params = SamplingParams(temperature=1.0, seed=42)
+    alone = [sample(logits[i : i + 1], [_row(params, i)]).token_ids[0] for i in range(4)]
+    together = sample(logits, [_row(params, i) for i in range(4)]).token_ids
+    assert alone == together
+    other = SamplingParams(temperature=1.0, seed=43)
+    draws = [sample(logits[:1], [_row(p, i)]).token_ids[0] for p in (params, other) for i in range(50)]
+    assert draws[:50] != draws[50:]  # the seed moves the draws
+    assert len(set(draws[:50])) > 1  # and so does the index
+
+
+def test_min_tokens_masks_stop_ids_until_reached() -> None:
+    logits = torch.full((1, 10), -5.0)
+    logits[0, 3] = 10.0  # the stop token is overwhelmingly likely
+    params = SamplingParams(temperature=1.0, min_tokens=2, seed=1)
+    assert sample(logits, [_row(params, 0, stops=(3,))]).token_ids[0] != 3
+    assert sample(logits, [_row(params, 2, stops=(3,))]).token_ids[0] == 3
