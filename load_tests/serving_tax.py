@@ -137,6 +137,8 @@ def serve_processes(app: str) -> dict[str, list[psutil.Process]]:
         handle = ray.get_actor(name, namespace=actor["namespace"])
         pid: int = ray.get(handle.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
         found.setdefault(role, []).append(psutil.Process(pid))
+    # With direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1 RAY_SERVE_ENABLE_HA_PROXY=1) HAProxy is the proxy.
+    found.setdefault("proxy", []).extend(p for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy")
     return found
 
 
@@ -149,10 +151,22 @@ def measured(name: str, url: str, model: str, prompts: list[list[int]], max_toke
     processes = serve_processes(app) if app is not None else {}
     processes["client"] = [psutil.Process()]
     samples, wall = asyncio.run(http_load(url, model, prompts[:1], 4))  # warm-up before the CPU baseline
-    before = {role: sum(_cpu(p) for p in ps) for role, ps in processes.items()}
+    before = {p: cpu for ps in processes.values() for p in ps if (cpu := _cpu_or_none(p)) is not None}
     samples, wall = asyncio.run(http_load(url, model, prompts, max_tokens))
-    cpu = {role: sum(_cpu(p) for p in ps) - before[role] for role, ps in processes.items()}
-    return Result(name, samples, wall, cpu)
+    cpu: dict[str, float] = {}
+    for role, ps in processes.items():  # a process gone meanwhile (HAProxy reloads by replacing itself) counts 0
+        deltas = [after - before[p] for p in ps if p in before and (after := _cpu_or_none(p)) is not None]
+        cpu[role] = sum(deltas)
+    result = Result(name, samples, wall, cpu)
+    print(table([result]).splitlines()[-1], flush=True)  # as it goes: a later failure keeps this row
+    return result
+
+
+def _cpu_or_none(process: psutil.Process) -> float | None:
+    try:
+        return _cpu(process)
+    except psutil.NoSuchProcess:
+        return None
 
 
 def table(results: list[Result]) -> str:
@@ -160,7 +174,7 @@ def table(results: list[Result]) -> str:
         return sorted(xs)[int(0.9 * (len(xs) - 1))]
 
     base = results[0]
-    base_cpu_per_token = base.cpu_s["engine"] / sum(s.num_tokens for s in base.samples)
+    base_cpu_per_token = base.cpu_s.get("engine", 0.0) / sum(s.num_tokens for s in base.samples)
     lines = [
         "| system | output tok/s | tax vs engine alone | TTFT p50 s | TTFT p90 s | TPOT p50 ms | TPOT p90 ms | "
         "CPU ms/token: engine (+serving) | ingress | proxy | client |",
@@ -183,6 +197,46 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def serve_systems(
+    args: argparse.Namespace, front: str, path: str, dtype: str, prompts: list[list[int]]
+) -> list[Result]:
+    """Every pdserve system of the run behind one HTTP front, on a fresh local Ray cluster."""
+    from ray import serve
+
+    from pdserve.serve.app import build_app
+    from pdserve.serve.config import ServeConfig
+
+    direct = front == "haproxy"
+    for var in ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_ENABLE_HA_PROXY"):  # read by the Serve controller
+        os.environ[var] = "1" if direct else "0"
+    suffix = ", HAProxy" if direct else ""
+    results = []
+    port = free_port()
+    with ray_serve(port):
+        pool = {"num_threads": args.threads}
+        common = {
+            "model": path, "dtype": dtype, "served_model_name": "m", "prefill": pool, "decode": pool, "engine": pool,
+            "tracing_env": {}, "router": {"local_prefill_max_tokens": 0},  # disaggregated: every prompt through P
+        }  # fmt: skip
+        systems: list[tuple[str, dict[str, object]]] = [(f"pdserve colocated, HTTP{suffix}", {"colocated": True})]
+        if not args.skip_disaggregated:
+            cores = sorted(os.sched_getaffinity(0))
+            half = max(1, len(cores) // 2)
+            pinned: dict[str, object] = {
+                "prefill": {**pool, "cpus": cores[:half]}, "decode": {**pool, "cpus": cores[half:] or cores}
+            }  # fmt: skip
+            where = f", P on {cores[:half]}, D on the rest" if args.pin else ""
+            systems.append((f"pdserve 1P1D, HTTP{suffix}{where}", pinned if args.pin else {}))
+        for interval in args.stream_interval:
+            systems += [(f"{name}, stream_interval {interval}", {**options, "stream_interval": interval})
+                        for name, options in list(systems) if "stream_interval" not in options]  # fmt: skip
+        for name, options in systems:
+            serve.run(build_app(ServeConfig(**{**common, **options})), name="tax", route_prefix="/")
+            results.append(measured(name, f"http://127.0.0.1:{port}/v1", "m", prompts, args.output_len, "tax"))
+            serve.delete("tax")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a local HF checkpoint (default: SmolLM2-135M-Instruct)")
@@ -203,13 +257,14 @@ def main() -> None:
         "--pin", action="store_true",
         help="1P1D: prefill on the first half of the cores, decode on the second (colocated keeps them all)",
     )  # fmt: skip
+    parser.add_argument(
+        "--front", action="append", choices=["proxy", "haproxy"], default=[],
+        help="the HTTP front, repeatable: Serve's proxy actor (default), or Ray 2.60's direct ingress (HAProxy in "
+        "front of the ingress replicas); each front runs every pdserve system on a fresh Ray cluster",
+    )  # fmt: skip
     args = parser.parse_args()
     os.nice(15 - os.nice(0))  # the replicas' niceness
-
-    from ray import serve
-
-    from pdserve.serve.app import build_app
-    from pdserve.serve.config import ServeConfig
+    fronts = args.front or ["proxy"]
 
     dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
     if args.tiny:
@@ -231,29 +286,8 @@ def main() -> None:
         f"torch threads per engine: {args.threads or 'one per core it may use'}"
     )
     results = [engine_alone(path, dtype, prompts, args.output_len, args.threads)]
-    port = free_port()
-    with ray_serve(port):
-        pool = {"num_threads": args.threads}
-        common = {
-            "model": path, "dtype": dtype, "served_model_name": "m", "prefill": pool, "decode": pool, "engine": pool,
-            "tracing_env": {}, "router": {"local_prefill_max_tokens": 0},  # disaggregated: every prompt through P
-        }  # fmt: skip
-        systems: list[tuple[str, dict[str, object]]] = [("pdserve colocated, HTTP", {"colocated": True})]
-        if not args.skip_disaggregated:
-            cores = sorted(os.sched_getaffinity(0))
-            half = max(1, len(cores) // 2)
-            pinned: dict[str, object] = {
-                "prefill": {**pool, "cpus": cores[:half]}, "decode": {**pool, "cpus": cores[half:] or cores}
-            }  # fmt: skip
-            systems.append(("pdserve 1P1D, HTTP" + (f", P on {cores[:half]}, D on the rest" if args.pin else ""),
-                            pinned if args.pin else {}))  # fmt: skip
-        for interval in args.stream_interval:
-            systems += [(f"{name}, stream_interval {interval}", {**options, "stream_interval": interval})
-                        for name, options in list(systems) if "stream_interval" not in options]  # fmt: skip
-        for name, options in systems:
-            serve.run(build_app(ServeConfig(**{**common, **options})), name="tax", route_prefix="/")
-            results.append(measured(name, f"http://127.0.0.1:{port}/v1", "m", prompts, args.output_len, "tax"))
-            serve.delete("tax")
+    for front in fronts:
+        results += serve_systems(args, front, path, dtype, prompts)
     for peer in args.peer:
         name, url = peer.split("=", 1)
         results.append(measured(f"{name}, HTTP", url, args.peer_model or path, prompts, args.output_len, None))
