@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
@@ -98,7 +98,7 @@ class AsyncEngine:
 
     async def generate(
         self, request: EngineRequest, prefill_only: bool = False, layer_sink: LayerSink | None = None
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Add a request and stream its outputs. Closing the iterator before the last output aborts the request.
         `layer_sink`: see `LLMEngine.add_request` (it is called on the engine thread)."""
         stream = self._open_stream(request.request_id)
@@ -113,7 +113,7 @@ class AsyncEngine:
 
     async def commit(
         self, request_id: str, first_token_id: int, first_logprob: float | None
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Commit a reservation and stream the decoded tokens that follow `first_token_id`."""
         stream = self._open_stream(request_id)
         try:
@@ -190,7 +190,7 @@ class AsyncEngine:
 
     async def _drain(
         self, request_id: str, stream: asyncio.Queue[RequestOutput | BaseException]
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         is_finished, is_first = False, True
         held: RequestOutput | None = None  # outputs not yet handed out (fewer tokens than the stream interval)
         try:

@@ -69,6 +69,9 @@ class ServeConfig(BaseModel):
     # Tokens per streamed message after a stream's first (vLLM's --stream-interval): each message through Serve
     # costs ~1-3 ms of CPU across the hops to the client, so 4 cuts that per token by ~4x; 1 streams every token.
     stream_interval: int = Field(1, ge=1)
+    # One streamed message per engine step from each engine replica to each ingress replica, carrying every
+    # request's new tokens (serve/channels.py), instead of one message per request per step.
+    output_channels: bool = True
 
     colocated: bool = False  # one EngineServer pool doing prefill and decode (the baseline)
     prefill: PoolConfig = Field(default_factory=PoolConfig)

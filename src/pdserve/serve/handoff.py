@@ -35,6 +35,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from pdserve.api.backend import CapacityError
 from pdserve.engine import EngineRequest, FinishReason, InvalidRequestError, RequestOutput
 from pdserve.router import RouteDecision, RouteMode
+from pdserve.serve.channels import IngressChannels
 from pdserve.serve.failover import as_original, can_migrate, continuation, counters, is_server_fault, without
 from pdserve.serve.messages import PrefillResult, Reservation
 
@@ -65,16 +66,19 @@ async def disaggregated_generate(
     queue_ttl_s: float = 20.0,
     max_migrations: int = 1,
     prefill_timeout_s: float = 60.0,
+    channels: IngressChannels | None = None,
 ) -> AsyncIterator[RequestOutput]:
     """Stream `request`'s outputs through the pair `route` chose (None: Serve picks the replicas). A handoff that
     fails before the first token is retried once elsewhere; a decode replica failing mid-stream moves a greedy or
-    seeded stream to another one (up to `max_migrations` times) — see failover.py."""
+    seeded stream to another one (up to `max_migrations` times) — see failover.py. `channels`: the decode
+    replicas' outputs travel on this ingress's output channels (channels.py); None: on each request's call."""
     streamed: list[int] = []
     attempt, where = request, _Where()
     num_retries = num_migrations = 0
     for number in itertools.count(1):
         try:
-            async for out in _handoff(attempt, prefill, decode, route, where, queue_ttl_s, prefill_timeout_s):
+            passes = _handoff(attempt, prefill, decode, route, where, queue_ttl_s, prefill_timeout_s, channels)
+            async for out in passes:
                 streamed.extend(out.new_token_ids)
                 yield out if attempt is request else as_original(out, request)
             return
@@ -102,11 +106,12 @@ async def _handoff(
     where: _Where,
     queue_ttl_s: float,
     prefill_timeout_s: float,
+    channels: IngressChannels | None,
 ) -> AsyncIterator[RequestOutput]:
     """One reserve -> prefill -> decode (or local) pass; `where.decode` names the decode replica it streams from."""
     where.decode = route.decode_replica_id if route is not None else None
     if route is not None and route.mode is RouteMode.LOCAL:  # the decode replica lacks few tokens: it prefills
-        async for out in _local(request, decode, route.decode_replica_id):
+        async for out in _local(request, decode, route.decode_replica_id, channels):
             yield out
         return
     client_gone = asyncio.Event()  # the one signal a departing client sends: the handoff stops at its next step
@@ -126,7 +131,7 @@ async def _handoff(
         where.decode = e.decode_replica_id
         logger.warning("%r; prefilling %s on its decode replica %s", e, request.request_id, e.decode_replica_id)
         local = replace(request, request_id=f"{request.request_id}.local")  # not the id its reservation's abort ends
-        async for out in _local(local, decode, e.decode_replica_id):
+        async for out in _local(local, decode, e.decode_replica_id, channels):
             yield as_original(out, request)
         return
     pinned = {"target_replica_id": reservation.replica_id}
@@ -137,10 +142,11 @@ async def _handoff(
         if first.finish_reason is not None:
             yield first
             return  # never committed: the `finally` frees the reservation
+        channel = {} if channels is None else {"channel_id": channels.channel_id}
         call = decode.options(stream=True).decode.remote(
-            request.request_id, result.first_token_id, result.first_logprob, request.traceparent, **pinned
+            request.request_id, result.first_token_id, result.first_logprob, request.traceparent, **pinned, **channel
         )
-        outputs = _stream(call)  # type: ignore[arg-type]
+        outputs = _outputs(call, decode, request.request_id, channels, yield_start=True)
         # The first token waits for the decode call's acknowledgement (one hop, not an engine step): a call that
         # cannot reach its replica — dead, or leaving the pool — then fails a request that has shown nothing, which
         # any request may retry elsewhere.
@@ -154,11 +160,29 @@ async def _handoff(
             _spawn(_abort(decode, request.request_id, pinned, may_be_written=False))
 
 
-async def _local(request: EngineRequest, decode: DeploymentHandle, replica_id: str) -> AsyncIterator[RequestOutput]:
+async def _local(
+    request: EngineRequest, decode: DeploymentHandle, replica_id: str, channels: IngressChannels | None
+) -> AsyncIterator[RequestOutput]:
     """Prefill and decode on one decode replica (its `generate`)."""
-    local = decode.options(stream=True).generate.remote(request, target_replica_id=replica_id)
-    async for out in _stream(local):  # type: ignore[arg-type]
+    async for out in _generate(request, decode, channels, target_replica_id=replica_id):
         yield out
+
+
+def _generate(
+    request: EngineRequest, handle: DeploymentHandle, channels: IngressChannels | None, **pinned: str
+) -> AsyncIterator[RequestOutput]:
+    channel = {} if channels is None else {"channel_id": channels.channel_id}
+    call = handle.options(stream=True).generate.remote(request, **pinned, **channel)
+    return _outputs(call, handle, request.request_id, channels)
+
+
+def _outputs(
+    call: Any, handle: DeploymentHandle, request_id: str, channels: IngressChannels | None, yield_start: bool = False
+) -> AsyncIterator[RequestOutput]:
+    """A streaming call's outputs: relayed from the call itself, or gathered from the output channels."""
+    if channels is None:
+        return _stream(call)
+    return channels.stream(handle, call, request_id, yield_start=yield_start)
 
 
 @dataclass
@@ -360,8 +384,10 @@ def _detached(coro: Any) -> asyncio.Task[Any]:
     return contextvars.Context().run(asyncio.ensure_future, coro)
 
 
-async def colocated_generate(request: EngineRequest, engine: DeploymentHandle) -> AsyncIterator[RequestOutput]:
-    async for out in _stream(engine.options(stream=True).generate.remote(request)):  # type: ignore[arg-type]
+async def colocated_generate(
+    request: EngineRequest, engine: DeploymentHandle, channels: IngressChannels | None = None
+) -> AsyncIterator[RequestOutput]:
+    async for out in _generate(request, engine, channels):
         yield out
 
 

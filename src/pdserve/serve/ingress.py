@@ -19,6 +19,7 @@ from pdserve.api.backend import CapacityError, GenerationDelta, GenerationReques
 from pdserve.engine import EngineRequest, RequestOutput, SamplingParams
 from pdserve.router import RouteDecision
 from pdserve.router.admission import Admission
+from pdserve.serve.channels import IngressChannels
 from pdserve.serve.config import ServeConfig
 from pdserve.serve.handoff import colocated_generate, disaggregated_generate
 from pdserve.serve.ingress_router import IngressRouter, RouterCollector, broadcast
@@ -54,6 +55,7 @@ class Ingress:
         self.model_name = config.served_model_name or Path(config.model or DEFAULT_MODEL_NAME).name
         self.max_model_len = info.max_model_len
         self.eos_token_ids = info.eos_token_ids
+        self.channels = IngressChannels() if config.output_channels else None
         self.router: IngressRouter | None = None
         if prefill is not None and decode is not None:
             cost = config.router.cost_config(info.block_size, info.kv_bytes_per_token)
@@ -81,13 +83,13 @@ class Ingress:
             first_at: float | None = None
             num_tokens = 0
             if self.engine is not None:
-                outputs = colocated_generate(engine_request, self.engine)
+                outputs = colocated_generate(engine_request, self.engine, self.channels)
             else:
                 assert self.prefill is not None and self.decode is not None
                 route = self._route(engine_request)
                 outputs = disaggregated_generate(
                     engine_request, self.prefill, self.decode, route, self.config.queue_ttl_s,
-                    prefill_timeout_s=self.config.prefill_timeout_s,
+                    prefill_timeout_s=self.config.prefill_timeout_s, channels=self.channels,
                 )  # fmt: skip
             try:
                 async for out in outputs:

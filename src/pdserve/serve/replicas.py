@@ -11,7 +11,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import replace
 
 import ray
@@ -25,6 +26,7 @@ from pdserve.engine.async_engine import AsyncEngine
 from pdserve.faults import fault_point
 from pdserve.kvcache import KVEventBatch
 from pdserve.router import ReplicaReport, SyncCursor
+from pdserve.serve.channels import Packed, ReplicaChannels, StreamEnd, StreamStart
 from pdserve.serve.config import ServeConfig
 from pdserve.serve.messages import ModelInfo, PrefillResult, ReplicaStats, ReplicaSync, Reservation
 from pdserve.serve.spans import prompt_attributes, record_transfer, traced_outputs
@@ -70,6 +72,7 @@ class _EngineReplica:
             engine_config = replace(engine_config, cache=replace(engine_config.cache, shared_path=path))
         self.llm = LLMEngine(engine_config)
         self.engine = AsyncEngine(self.llm, num_threads, config.stream_interval)
+        self.channels = ReplicaChannels(self.replica_id)
         self.model_path = model_path
         self.prefix_hit_tokens = 0
         self.transfer_bytes = 0
@@ -116,19 +119,33 @@ class _EngineReplica:
         )  # fmt: skip
         return ReplicaSync(report, events)
 
+    async def outputs(self, channel_id: str, target_replica_id: str | None = None) -> AsyncIterator[list[Packed]]:
+        """An ingress replica's output channel (channels.py): one message per engine step for all its requests."""
+        self._check_pinned(target_replica_id)
+        async for batch in self.channels.serve(channel_id):
+            yield batch
+
     async def generate(
-        self, request: EngineRequest, target_replica_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
-        """Prefill and decode here: the colocated path, and a decode replica's local prefill."""
+        self, request: EngineRequest, target_replica_id: str | None = None, channel_id: str | None = None
+    ) -> AsyncIterator[RequestOutput | StreamStart | StreamEnd]:
+        """Prefill and decode here: the colocated path, and a decode replica's local prefill. With `channel_id`,
+        the outputs travel on that ingress's channel when it is open here (channels.py)."""
         self._check_pinned(target_replica_id)
         span = start_span(names.SPAN_GENERATE, request.traceparent, self._span_attributes(request))
+        async for item in self.channels.relay(channel_id, self._first_counted(span, self.engine.generate(request))):
+            yield item
+
+    async def _first_counted(
+        self, span: Span, outputs: AsyncGenerator[RequestOutput, None]
+    ) -> AsyncGenerator[RequestOutput, None]:
         is_first = True
-        async for out in traced_outputs(span, self.engine.generate(request)):
-            if is_first:
-                self._count_hits(out)
-                span.set_attributes(prompt_attributes(out))
-                is_first = False
-            yield out
+        async with aclosing(traced_outputs(span, outputs)) as traced:
+            async for out in traced:
+                if is_first:
+                    self._count_hits(out)
+                    span.set_attributes(prompt_attributes(out))
+                    is_first = False
+                yield out
 
     async def abort(
         self,
@@ -342,17 +359,21 @@ class DecodeServer(_EngineReplica):
         first_logprob: float | None,
         traceparent: str | None = None,
         target_replica_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+        channel_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput | StreamStart | StreamEnd]:
         """Commit the reservation (ValueError if it expired or its KV is incomplete) and stream the tokens. The
-        first output, without tokens, says the call reached this replica (the ingress shows the first token then)."""
+        first message (an output without tokens, or with `channel_id` the StreamStart) says the call reached this
+        replica (the ingress shows the first token then)."""
         self._check_pinned(target_replica_id)
         fault_point("decode.commit")
-        yield RequestOutput(request_id, [], None, None, 0, 0)
+        if channel_id is None:
+            yield RequestOutput(request_id, [], None, None, 0, 0)
         attributes = {names.REQUEST_ID: request_id, names.REPLICA_ID: self.replica_id}
         span = start_span(names.SPAN_DECODE, traceparent, attributes)
+        outputs = traced_outputs(span, self.engine.commit(request_id, first_token_id, first_logprob))
         try:
-            async for out in traced_outputs(span, self.engine.commit(request_id, first_token_id, first_logprob)):
-                yield out
+            async for item in self.channels.relay(channel_id, outputs):
+                yield item
         except ValueError:
             self.engine.abort(request_id)
             raise

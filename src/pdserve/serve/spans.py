@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
 from opentelemetry.trace import Span
 from opentelemetry.util.types import AttributeValue
@@ -68,19 +69,22 @@ def route_attributes(decision: RouteDecision | None, policy: str) -> dict[str, A
     }
 
 
-async def traced_outputs(span: Span, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+async def traced_outputs(
+    span: Span, outputs: AsyncGenerator[RequestOutput, None]
+) -> AsyncGenerator[RequestOutput, None]:
     """Relay `outputs`, then record on `span` the tokens, TPOT and finish reason (or the error), and end it."""
     first_at = last_at = 0.0
     num_tokens = 0
     try:
-        async for out in outputs:
-            if out.new_token_ids:  # (a commit's acknowledgement carries none)
-                last_at = time.perf_counter()
-                first_at = first_at or last_at
-            num_tokens += len(out.new_token_ids)
-            if out.finish_reason is not None:
-                span.set_attribute(names.GEN_AI_FINISH_REASONS, [out.finish_reason.value])
-            yield out
+        async with aclosing(outputs):  # closed however this ends: the engine aborts an unfinished request at once
+            async for out in outputs:
+                if out.new_token_ids:  # (a commit's acknowledgement carries none)
+                    last_at = time.perf_counter()
+                    first_at = first_at or last_at
+                num_tokens += len(out.new_token_ids)
+                if out.finish_reason is not None:
+                    span.set_attribute(names.GEN_AI_FINISH_REASONS, [out.finish_reason.value])
+                yield out
     except (GeneratorExit, asyncio.CancelledError):
         span.set_attribute(names.ERROR_TYPE, "cancelled")  # the client left: not a server error
         raise
