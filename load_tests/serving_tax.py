@@ -227,6 +227,9 @@ def serve_systems(
             }  # fmt: skip
             where = f", P on {cores[:half]}, D on the rest" if args.pin else ""
             systems.append((f"pdserve 1P1D, HTTP{suffix}{where}", pinned if args.pin else {}))
+        if args.without_channels:
+            systems += [(f"{name}, a stream per request", {**options, "output_channels": False})
+                        for name, options in list(systems)]  # fmt: skip
         for interval in args.stream_interval:
             systems += [(f"{name}, stream_interval {interval}", {**options, "stream_interval": interval})
                         for name, options in list(systems) if "stream_interval" not in options]  # fmt: skip
@@ -256,6 +259,10 @@ def main() -> None:
     parser.add_argument(
         "--pin", action="store_true",
         help="1P1D: prefill on the first half of the cores, decode on the second (colocated keeps them all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--without-channels", action="store_true",
+        help="also run each system with output_channels off (a Serve stream per request, as before channels)",
     )  # fmt: skip
     parser.add_argument(
         "--front", action="append", choices=["proxy", "haproxy"], default=[],
