@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
+from pathlib import Path
 
-from pdserve.serve.config import PoolConfig, RouterSettings, ServeConfig
+import yaml
+
+from pdserve.serve.config import APIKeyConfig, PoolConfig, RouterSettings, ServeConfig
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,6 +40,15 @@ def main(argv: list[str] | None = None) -> None:
     serve_cmd.add_argument(
         "--stream-interval", type=int, default=1, help="tokens per streamed message after the first (as vLLM's)"
     )
+    serve_cmd.add_argument(
+        "--api-key", action="append", default=[],
+        help="require this key (Authorization: Bearer KEY) on every route but /health and /ready; repeatable; "
+        "also PDSERVE_API_KEYS (comma-separated); these keys share the tenant 'default'",
+    )  # fmt: skip
+    serve_cmd.add_argument(
+        "--api-keys-file", type=Path, default=None,
+        help="YAML list of {key or key_sha256, tenant, requests_per_s, burst, max_concurrent} (docs/SECURITY.md)",
+    )  # fmt: skip
     serve_cmd.add_argument("--host", default="127.0.0.1")
     serve_cmd.add_argument("--port", type=int, default=8000)
     serve_cmd.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
@@ -55,8 +68,21 @@ def main(argv: list[str] | None = None) -> None:
         router=RouterSettings(policy=args.routing_policy, **_set(local_prefill_max_tokens=args.local_threshold)),
         host=args.host,
         port=args.port,
+        api_keys=api_key_entries(args.api_key, args.api_keys_file, os.environ.get("PDSERVE_API_KEYS", "")),
     )
     run_server(config, args.address)
+
+
+def api_key_entries(keys: list[str], keys_file: Path | None, env_keys: str) -> list[APIKeyConfig]:
+    """Keys from the command line, the environment and a YAML file (only their SHA-256 is kept)."""
+    plain = [*keys, *(k.strip() for k in env_keys.split(",") if k.strip())]
+    entries = [APIKeyConfig.model_validate({"key": key}) for key in plain]
+    if keys_file is not None:
+        listed = yaml.safe_load(keys_file.read_text()) or []
+        if not isinstance(listed, list):
+            raise SystemExit(f"{keys_file}: expected a YAML list of keys")
+        entries += [APIKeyConfig.model_validate(item) for item in listed]
+    return entries
 
 
 def _set(**options: object) -> dict[str, object]:

@@ -18,11 +18,19 @@ from opentelemetry import trace
 from opentelemetry.util.types import AttributeValue
 from pydantic import BaseModel
 
+from pdserve.api.auth import APIKeyAuth, APIKeys, tenant_salt
 from pdserve.api.backend import Backend, GenerationRequest
 from pdserve.api.errors import SERVER_ERROR, APIError, error_response, install_error_handlers
 from pdserve.api.formats import ChatFormat, CompletionFormat, ResponseFormat, ResponseMeta
 from pdserve.api.generation import Generation, collect, first_delta_within, usage_attributes
-from pdserve.api.intake import Tokenization, check_model, context_max_tokens, generation_request
+from pdserve.api.intake import (
+    RequestLimits,
+    Tokenization,
+    check_limits,
+    check_model,
+    context_max_tokens,
+    generation_request,
+)
 from pdserve.api.metrics import APIMetrics
 from pdserve.api.middleware import BodySizeLimit, HTTPMetrics, UnhandledErrors
 from pdserve.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields
@@ -42,14 +50,22 @@ class APIState:
     metrics: APIMetrics
     first_token_wait_s: float  # how long a stream holds its headers back for the first token (errors keep a status)
     sse_keepalive_s: float  # then, a keep-alive comment this often until the first token
+    limits: RequestLimits
 
 
 def create_app(
-    backend: Backend, *, max_body_bytes: int = 1 << 20, first_token_wait_s: float = 2.0, sse_keepalive_s: float = 5.0
+    backend: Backend,
+    *,
+    max_body_bytes: int = 1 << 20,
+    first_token_wait_s: float = 2.0,
+    sse_keepalive_s: float = 5.0,
+    api_keys: APIKeys | None = None,
+    limits: RequestLimits | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app over `backend`: /v1/completions, /v1/chat/completions, /v1/models, /health,
     /ready, /metrics. Bodies over `max_body_bytes` are refused with 413. A stream whose first token takes longer
-    than `first_token_wait_s` starts anyway and sends a keep-alive comment every `sse_keepalive_s`."""
+    than `first_token_wait_s` starts anyway and sends a keep-alive comment every `sse_keepalive_s`. With
+    `api_keys`, every route but /health and /ready needs a key (auth.py); `limits` bound what a request may ask."""
     # Bodies without a Content-Type are read as JSON, as OpenAI does (FastAPI's strict default refuses them).
     # FastAPI's native OpenTelemetry makes the request's SERVER span (continuing a client `traceparent`) whenever
     # a tracer provider is configured (pdserve.telemetry); our spans hang under it, without FastAPI's per-operation
@@ -59,10 +75,15 @@ def create_app(
         telemetry={"operation_spans": False, "metrics": False, "logs": False},
     )  # fmt: skip
     metrics = APIMetrics()
+    limits = limits or RequestLimits()
     app.state.pdserve = APIState(
-        backend, Tokenization(backend.tokenizer), int(time.time()), metrics, first_token_wait_s, sse_keepalive_s
-    )
+        backend, Tokenization(backend.tokenizer, backend.max_model_len), int(time.time()), metrics,
+        first_token_wait_s, sse_keepalive_s, limits,
+    )  # fmt: skip
+    app.state.api_keys = api_keys
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    if api_keys is not None:  # outside the body limit: a request without a key is refused before its body is read
+        app.add_middleware(APIKeyAuth, keys=api_keys)
     app.add_middleware(UnhandledErrors)
     app.add_middleware(HTTPMetrics, metrics=metrics)  # added last, so outermost: sees every answer
     install_error_handlers(app)
@@ -120,10 +141,13 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
     """Completion of a text or token-id prompt; SSE when `stream` is set. 400 for invalid input, 404 for an
     unknown model, 429/503 when the backend has no room."""
     check_model(state.backend, body.model)
+    check_limits(body, state.limits, "max_tokens")
     with span_in(traceparent(), names.SPAN_TOKENIZE):
         prompt_ids = await state.tokenization.completion_prompt(body.prompt)
     limit = state.backend.max_model_len
-    max_tokens = context_max_tokens(len(prompt_ids), limit, body.max_tokens, "prompt", "max_tokens")
+    max_tokens = context_max_tokens(
+        len(prompt_ids), limit, body.max_tokens, "prompt", "max_tokens", state.limits.max_tokens
+    )
     meta = ResponseMeta.new("cmpl", body.model)
     fmt = CompletionFormat(meta, state.backend.tokenizer, with_logprobs=body.logprobs is not None)
     return await _serve(state, body, request, prompt_ids, max_tokens, fmt)
@@ -134,10 +158,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     """Chat completion through the model's chat template; SSE when `stream` is set. Without a token limit the
     reply may fill the context. Errors as for /v1/completions."""
     check_model(state.backend, body.model)
+    asked, param = body.output_limit()
+    check_limits(body, state.limits, param)
+    if len(body.messages) > state.limits.max_messages:
+        raise APIError(400, f"at most {state.limits.max_messages} messages are allowed", param="messages")
     with span_in(traceparent(), names.SPAN_TOKENIZE):
         prompt_ids = await state.tokenization.chat_prompt(body.messages)
-    asked, param = body.output_limit()
-    max_tokens = context_max_tokens(len(prompt_ids), state.backend.max_model_len, asked, "messages", param)
+    max_tokens = context_max_tokens(
+        len(prompt_ids), state.backend.max_model_len, asked, "messages", param, state.limits.max_tokens
+    )
     meta = ResponseMeta.new("chatcmpl", body.model)
     fmt = ChatFormat(meta, state.backend.tokenizer, with_logprobs=body.logprobs)
     return await _serve(state, body, request, prompt_ids, max_tokens, fmt)
@@ -157,6 +186,7 @@ async def _serve(
     gen_request = generation_request(
         body, vocab_size, fmt.meta.id, prompt_ids, max_tokens, fmt.with_logprobs,
         traceparent(span) or request.headers.get("traceparent"),  # tracing off here: pass the client's on
+        cache_salt=tenant_salt(getattr(request.state, "tenant", None), body.cache_salt),
     )  # fmt: skip
     span.set_attributes(request_attributes(gen_request, fmt))
     generation = Generation(gen_request, state.backend.tokenizer, body.stop_strings())

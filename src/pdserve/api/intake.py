@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from jinja2 import TemplateError, TemplateSyntaxError
@@ -17,20 +18,63 @@ from pdserve.api.protocol import ChatMessage, SamplingFields
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for; over a limit is a 400 naming the parameter, before anything is allocated."""
+
+    max_stop_strings: int = 4
+    max_stop_string_chars: int = 256  # every output token is checked against every stop string
+    max_messages: int = 1024
+    max_tokens: int | None = None  # the server's cap on tokens generated per request (None: the context's room)
+    allow_ignore_eos: bool = True  # vLLM's ignore_eos: generate past EOS up to max_tokens (benchmarks use it)
+
+
+def check_limits(body: SamplingFields, limits: RequestLimits, max_tokens_param: str) -> None:
+    stops = body.stop_strings()
+    if len(stops) > limits.max_stop_strings:
+        raise APIError(400, f"at most {limits.max_stop_strings} stop sequences are allowed", param="stop")
+    if any(len(s) > limits.max_stop_string_chars for s in stops):
+        message = f"a stop sequence may have at most {limits.max_stop_string_chars} characters"
+        raise APIError(400, message, param="stop")
+    if body.ignore_eos and not limits.allow_ignore_eos:
+        raise APIError(400, "ignore_eos is not allowed on this server", param="ignore_eos")
+    asked = getattr(body, max_tokens_param, None)
+    if limits.max_tokens is not None and asked is not None and asked > limits.max_tokens:
+        message = f"{max_tokens_param} may be at most {limits.max_tokens} on this server"
+        raise APIError(400, message, param=max_tokens_param)
+
+
 class Tokenization:
     """Turns prompts into token ids on one worker thread: a long prompt must not stall the event loop (and the
-    streams of every other request), and one thread keeps the tokenizer out of concurrent use."""
+    streams of every other request), and one thread keeps the tokenizer out of concurrent use. A prompt certain
+    to exceed the context is refused before it is tokenized: no token covers more characters than the longest
+    token of the vocabulary, so a text of C characters has at least C / that many tokens."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, max_model_len: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
+        self.max_model_len = max_model_len
+        self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-tokenize")
+
+    def check_length(self, num_chars: int, param: str) -> None:
+        """400 (context_length_exceeded) when `num_chars` of text cannot fit in the context whatever it says."""
+        if self.max_model_len is None:
+            return
+        at_least = -(-num_chars // self.max_token_chars)
+        if at_least >= self.max_model_len:
+            message = (
+                f"this model's maximum context length is {self.max_model_len} tokens; the {param} has at least "
+                f"{at_least} (from its {num_chars} characters)"
+            )
+            raise APIError(400, message, param=param, code="context_length_exceeded")
 
     async def completion_prompt(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a completion prompt given as a string or as token ids."""
         if not prompt:
             raise APIError(400, "the prompt is empty", param="prompt")
         if isinstance(prompt, str):
+            self.check_length(len(prompt), "prompt")
             return await self._run(lambda: list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"]))
         check_token_ids(prompt, self.vocab_size, "prompt")
         return list(prompt)
@@ -38,6 +82,7 @@ class Tokenization:
     async def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
         """Token ids of a conversation through the model's chat template, ready for the assistant's turn."""
         conversation = [m.to_template() for m in messages]
+        self.check_length(sum(len(m["content"]) for m in conversation), "messages")
         try:
             ids = await self._run(lambda: self._apply_chat_template(conversation))
         except TemplateSyntaxError:
@@ -71,15 +116,21 @@ def check_model(backend: Backend, model: str) -> None:
 
 
 def context_max_tokens(
-    num_prompt_tokens: int, max_model_len: int, max_tokens: int | None, prompt_param: str, max_tokens_param: str
+    num_prompt_tokens: int,
+    max_model_len: int,
+    max_tokens: int | None,
+    prompt_param: str,
+    max_tokens_param: str,
+    server_cap: int | None = None,
 ) -> int:
-    """The number of tokens to generate: as asked, or what the context has left. Prompt and output must fit in the
-    context together (as in vLLM, an oversized max_tokens is an error, not silently capped)."""
+    """The number of tokens to generate: as asked, or what the context has left (at most `server_cap`). Prompt and
+    output must fit in the context together (as in vLLM, an oversized max_tokens is an error, not silently capped)."""
     if num_prompt_tokens >= max_model_len:
         message = f"this model's maximum context length is {max_model_len} tokens; the prompt has {num_prompt_tokens}"
         raise APIError(400, message, param=prompt_param, code="context_length_exceeded")
     if max_tokens is None:
-        return max_model_len - num_prompt_tokens
+        room = max_model_len - num_prompt_tokens
+        return room if server_cap is None else min(room, server_cap)
     if num_prompt_tokens + max_tokens > max_model_len:
         message = (
             f"this model's maximum context length is {max_model_len} tokens; the prompt has {num_prompt_tokens} and "
@@ -97,6 +148,7 @@ def generation_request(
     max_tokens: int,
     with_logprobs: bool,
     traceparent: str | None,
+    cache_salt: str | None = None,
 ) -> GenerationRequest:
     """The backend's request, after the checks that span several fields."""
     if body.stream_options is not None and not body.stream:
@@ -117,6 +169,6 @@ def generation_request(
         ignore_eos=body.ignore_eos,
         min_tokens=body.min_tokens,
         logprobs=with_logprobs,
-        cache_salt=body.cache_salt,
+        cache_salt=cache_salt,
         traceparent=traceparent,
     )

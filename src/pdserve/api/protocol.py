@@ -13,7 +13,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 _REQUEST_CONFIG = ConfigDict(extra="ignore", strict=True)
-MAX_STOP_STRINGS = 4
+
+
+def _valid_text(value: Any) -> Any:
+    """A string (or strings, at any depth of lists) that is valid Unicode: JSON can carry a lone UTF-16 surrogate
+    ("\\ud800"), which no tokenizer can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("the text holds a lone surrogate (invalid Unicode)") from None
+    elif isinstance(value, list):
+        for item in value:
+            _valid_text(item)
+    return value
 
 
 class StreamOptions(BaseModel):
@@ -59,12 +72,10 @@ class SamplingFields(BaseModel):
             raise ValueError("only n=1 is supported; send one request per choice")
         return n
 
-    @field_validator("stop")
+    @field_validator("model", "stop", "user", "cache_salt")
     @classmethod
-    def _few_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed")
-        return stop
+    def _text(cls, value: Any) -> Any:
+        return _valid_text(value)
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -99,6 +110,11 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
     best_of: int | None = None
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_text(cls, prompt: Any) -> Any:
+        return _valid_text(prompt)
+
     @field_validator("prompt", mode="before")
     @classmethod
     def _unbatch(cls, prompt: Any) -> Any:
@@ -129,12 +145,22 @@ class TextPart(BaseModel):
     type: Literal["text"]
     text: str
 
+    @field_validator("text")
+    @classmethod
+    def _text(cls, text: str) -> str:
+        return _valid_text(text)  # type: ignore[no-any-return]
+
 
 class ChatMessage(BaseModel):
     model_config = _REQUEST_CONFIG
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, content: Any) -> Any:
+        return _valid_text(content) if isinstance(content, str) else content
 
     @model_validator(mode="after")
     def _has_content(self) -> ChatMessage:

@@ -7,6 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pdserve.api.auth import APIKeys, Tenant, key_digest
+from pdserve.api.intake import RequestLimits
+
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.router import CostConfig
 from pdserve.telemetry import tracing_env
@@ -26,6 +29,48 @@ class PoolConfig(BaseModel):
     # Pin the pool's engine replicas to these CPU cores (Linux ids; every replica of the pool on a node shares
     # them): keeps a prefill and a decode replica on one machine from competing for the same cores.
     cpus: list[int] | None = Field(None, min_length=1)
+
+
+class APIKeyConfig(BaseModel):
+    """One API key and its tenant. Configs hold the key's SHA-256 (`key_sha256`); a plain `key` given here (a
+    file, the CLI) is hashed at once and never kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    tenant: str = "default"
+    requests_per_s: float | None = Field(None, gt=0)
+    burst: int | None = Field(None, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hash_plain_key(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "key" in data:
+            data = dict(data)
+            key = data.pop("key")
+            if not isinstance(key, str) or len(key) < 8:
+                raise ValueError("an API key needs at least 8 characters")
+            data["key_sha256"] = key_digest(key)
+        return data
+
+    def tenant_entry(self) -> Tenant:
+        return Tenant(self.tenant, self.requests_per_s, self.burst, self.max_concurrent)
+
+
+class LimitsConfig(BaseModel):
+    """What one request may ask for (api/intake.py RequestLimits)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_stop_strings: int = Field(4, ge=0)
+    max_stop_string_chars: int = Field(256, ge=1)
+    max_messages: int = Field(1024, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    allow_ignore_eos: bool = True
+
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(**self.model_dump())
 
 
 class RouterSettings(BaseModel):
@@ -72,6 +117,9 @@ class ServeConfig(BaseModel):
     # One streamed message per engine step from each engine replica to each ingress replica, carrying every
     # request's new tokens (serve/channels.py), instead of one message per request per step.
     output_channels: bool = True
+    # With keys, every route but /health and /ready needs `Authorization: Bearer <key>` (api/auth.py).
+    api_keys: list[APIKeyConfig] = Field(default_factory=list)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
     colocated: bool = False  # one EngineServer pool doing prefill and decode (the baseline)
     prefill: PoolConfig = Field(default_factory=PoolConfig)
@@ -140,3 +188,17 @@ class ServeConfig(BaseModel):
             ),
             scheduler=SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs),
         )
+
+
+def api_keys_of(config: ServeConfig) -> APIKeys | None:
+    """The ingress's key table; None (an open server) when no key is configured."""
+    if not config.api_keys:
+        return None
+    tenants: dict[str, Tenant] = {}
+    by_digest: dict[str, Tenant] = {}
+    for entry in config.api_keys:
+        tenant = tenants.setdefault(entry.tenant, entry.tenant_entry())
+        if tenant != entry.tenant_entry():
+            raise ValueError(f"tenant {entry.tenant!r} is given different limits by two of its keys")
+        by_digest[entry.key_sha256] = tenant
+    return APIKeys(by_digest)

@@ -20,7 +20,7 @@ from pdserve.engine import EngineRequest, RequestOutput, SamplingParams
 from pdserve.router import RouteDecision
 from pdserve.router.admission import Admission
 from pdserve.serve.channels import IngressChannels
-from pdserve.serve.config import ServeConfig
+from pdserve.serve.config import ServeConfig, api_keys_of
 from pdserve.serve.handoff import colocated_generate, disaggregated_generate
 from pdserve.serve.ingress_router import IngressRouter, RouterCollector, broadcast
 from pdserve.serve.messages import ModelInfo, ReplicaStats
@@ -71,7 +71,10 @@ class Ingress:
         flush()
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self, max_body_bytes=self.config.max_body_bytes)
+        return create_app(
+            self, max_body_bytes=self.config.max_body_bytes, api_keys=api_keys_of(self.config),
+            limits=self.config.limits.request_limits(),
+        )  # fmt: skip
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         """Errors follow the Backend contract (pdserve.api.backend), translated by `classify_error`: whatever a

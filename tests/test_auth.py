@@ -1,0 +1,187 @@
+"""API keys, tenants and per-key limits over real HTTP (uvicorn) and the fake backend of test_api: every route
+but the probes needs a key (enumerated from the app, not listed by hand), the official client authenticates, limits
+answer 429 with Retry-After and count back to zero, and a tenant's prefix-cache salt is the server's."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from fastapi.routing import APIRoute
+
+from pdserve.api import create_app
+from pdserve.api.auth import OPEN_PATHS, APIKeys, Tenant, key_digest, tenant_salt
+from test_api import FakeBackend, serve, wait_until
+
+KEY_A, KEY_B, KEY_SLOW = "sk-tenant-a-0123456789", "sk-tenant-b-9876543210", "sk-slow-5555"
+
+
+def keys() -> APIKeys:
+    return APIKeys(
+        {
+            key_digest(KEY_A): Tenant("team-a"),
+            key_digest(KEY_B): Tenant("team-b", requests_per_s=0.5, burst=2),
+            key_digest(KEY_SLOW): Tenant("slow", max_concurrent=1),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def secured(tokenizer: Any) -> Iterator[tuple[str, FakeBackend, Any]]:
+    backend = FakeBackend(tokenizer)
+    app = create_app(backend, api_keys=keys())
+    with serve(app) as url:
+        yield url, backend, app
+
+
+@pytest.fixture
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tiny_models import build_tokenizer
+
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def _concrete(path: str) -> str:
+    return re.sub(r"\{[^}]+\}", "x", path)
+
+
+def test_every_route_but_the_probes_needs_a_key(secured: tuple[str, FakeBackend, Any]) -> None:
+    url, backend, app = secured
+    routes = [(r.path, sorted(r.methods)) for r in app.routes if isinstance(r, APIRoute)]
+    assert len(routes) >= 7
+    with httpx.Client(base_url=url, timeout=5) as http:
+        for path, methods in routes:
+            for method in methods:
+                no_key = http.request(method, _concrete(path), json={})
+                wrong = http.request(method, _concrete(path), json={}, headers={"Authorization": "Bearer sk-wrong"})
+                basic = http.request(method, _concrete(path), json={}, headers={"Authorization": f"Basic {KEY_A}"})
+                good = http.request(method, _concrete(path), json={}, headers={"Authorization": f"Bearer {KEY_A}"})
+                if path in OPEN_PATHS:
+                    assert no_key.status_code == 200, path
+                    continue
+                for refused in (no_key, wrong, basic):
+                    assert refused.status_code == 401, (method, path)
+                    assert refused.json()["error"]["code"] == "invalid_api_key"
+                    assert refused.headers["www-authenticate"] == "Bearer"
+                assert good.status_code != 401, (method, path)
+    assert not backend.requests  # nothing refused reached the backend
+
+
+def test_the_official_client_authenticates(secured: tuple[str, FakeBackend, Any]) -> None:
+    url, backend, _ = secured
+    backend.reset()
+    good = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY_A, max_retries=0, timeout=5)
+    assert good.completions.create(model="fake-model", prompt="hi", max_tokens=3).choices[0].text
+    bad = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-nope", max_retries=0, timeout=5)
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model="fake-model", prompt="hi", max_tokens=3)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_rate_limit_answers_429_with_retry_after(secured: tuple[str, FakeBackend, Any]) -> None:
+    url, backend, _ = secured
+    backend.reset()
+    body = {"model": "fake-model", "prompt": "hi", "max_tokens": 2}
+    with httpx.Client(base_url=url, timeout=5, headers={"Authorization": f"Bearer {KEY_B}"}) as http:
+        statuses = [http.post("/v1/completions", json=body) for _ in range(3)]
+    assert [r.status_code for r in statuses] == [200, 200, 429]  # a burst of 2, then 0.5 per second
+    assert statuses[2].json()["error"]["code"] == "rate_limit_exceeded"
+    assert int(statuses[2].headers["retry-after"]) >= 1
+    assert len(backend.requests) == 2
+
+
+def test_concurrency_limit_counts_streams_until_they_end(secured: tuple[str, FakeBackend, Any]) -> None:
+    url, backend, app = secured
+    backend.reset(delay_s=0.05)
+    api_keys: APIKeys = app.state.api_keys
+    body = {"model": "fake-model", "prompt": "hi", "max_tokens": 20, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY_SLOW}"}
+    with httpx.Client(base_url=url, timeout=10, headers=headers) as http:
+        with http.stream("POST", "/v1/completions", json=body) as first:
+            next(first.iter_lines())
+            assert api_keys.in_flight("slow") == 1
+            second = http.post("/v1/completions", json=body)
+            assert second.status_code == 429 and second.headers["retry-after"] == "1"
+        wait_until(lambda: api_keys.in_flight("slow") == 0)  # the client left mid-stream: released
+        assert http.post("/v1/completions", json={**body, "stream": False}).status_code == 200
+    assert api_keys.in_flight("slow") == 0
+
+
+def test_a_tenant_salt_is_the_servers(secured: tuple[str, FakeBackend, Any]) -> None:
+    url, backend, _ = secured
+    backend.reset()
+    body = {"model": "fake-model", "prompt": "hi", "max_tokens": 1}
+
+    def salt(key: str, client_salt: str | None) -> str | None:
+        extra = {} if client_salt is None else {"cache_salt": client_salt}
+        r = httpx.post(f"{url}/v1/completions", json={**body, **extra}, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200
+        return backend.requests[-1].cache_salt
+
+    a, a_narrowed = salt(KEY_A, None), salt(KEY_A, "project-1")
+    b_forging_a = salt(KEY_SLOW, a)  # another tenant sends team-a's salt as its own: still its own cache
+    assert a is not None and a_narrowed is not None and b_forging_a is not None
+    assert len({a, a_narrowed, b_forging_a}) == 3
+    assert salt(KEY_A, None) == a  # stable: team-a's repeat hits its own blocks
+    assert tenant_salt(None, "x") == "x" and tenant_salt(None, None) is None  # no keys: the client's, as before
+
+
+def test_tenant_names_are_checked() -> None:
+    with pytest.raises(ValueError, match="tenant names"):
+        Tenant("a b")
+    with pytest.raises(ValueError, match="tenant names"):
+        Tenant("t\x1fx")
+
+
+def test_without_keys_everything_is_open(tokenizer: Any) -> None:
+    backend = FakeBackend(tokenizer)
+    with serve(create_app(backend)) as url:
+        assert httpx.get(f"{url}/v1/models").status_code == 200
+        assert httpx.get(f"{url}/metrics").status_code == 200
+
+
+def test_limits_hold_under_concurrent_clients(tokenizer: Any) -> None:
+    """40 clients at once against max_concurrent=3: never more than 3 in the backend, all others 429, and the
+    count back at 0 after (some clients leave mid-stream)."""
+    backend = FakeBackend(tokenizer)
+    backend.reset(delay_s=0.02)
+    api_keys = APIKeys({key_digest(KEY_A): Tenant("team-a", max_concurrent=3)})
+    app = create_app(backend, api_keys=api_keys)
+    peak = 0
+    lock = threading.Lock()
+    original = backend.generate
+
+    async def counting(request: Any) -> Any:
+        nonlocal peak
+        with lock:
+            peak = max(peak, api_keys.in_flight("team-a"))
+        async for delta in original(request):
+            yield delta
+
+    backend.generate = counting  # type: ignore[method-assign]
+    with serve(app) as url:
+
+        async def one(i: int) -> int:
+            body = {"model": "fake-model", "prompt": "hi", "max_tokens": 8, "stream": True}
+            async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+                headers = {"Authorization": f"Bearer {KEY_A}"}
+                async with http.stream("POST", "/v1/completions", json=body, headers=headers) as r:
+                    async for _ in r.aiter_lines():
+                        if i % 3 == 0:
+                            break  # leaves mid-stream
+                    return r.status_code
+
+        async def run() -> list[int]:
+            return list(await asyncio.gather(*[one(i) for i in range(40)]))
+
+        statuses = asyncio.run(run())
+        wait_until(lambda: api_keys.in_flight("team-a") == 0)
+    assert set(statuses) <= {200, 429} and statuses.count(200) >= 3
+    assert peak <= 3
