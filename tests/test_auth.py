@@ -17,6 +17,7 @@ from fastapi.routing import APIRoute
 
 from pdserve.api import create_app
 from pdserve.api.auth import OPEN_PATHS, APIKeys, Tenant, key_digest, tenant_salt
+from pdserve.api.intake import RequestLimits, Tokenization
 from test_api import FakeBackend, serve, wait_until
 
 KEY_A, KEY_B, KEY_SLOW = "sk-tenant-a-0123456789", "sk-tenant-b-9876543210", "sk-slow-5555"
@@ -40,11 +41,22 @@ def secured(tokenizer: Any) -> Iterator[tuple[str, FakeBackend, Any]]:
         yield url, backend, app
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from tiny_models import build_tokenizer
 
     return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def api_routes(routes: list[Any]) -> list[APIRoute]:
+    """Every APIRoute of an app, through included routers (FastAPI wraps them)."""
+    found: list[APIRoute] = []
+    for route in routes:
+        if isinstance(route, APIRoute):
+            found.append(route)
+        elif (inner := getattr(route, "original_router", None) or getattr(route, "router", None)) is not None:
+            found += api_routes(list(inner.routes))
+    return found
 
 
 def _concrete(path: str) -> str:
@@ -53,7 +65,7 @@ def _concrete(path: str) -> str:
 
 def test_every_route_but_the_probes_needs_a_key(secured: tuple[str, FakeBackend, Any]) -> None:
     url, backend, app = secured
-    routes = [(r.path, sorted(r.methods)) for r in app.routes if isinstance(r, APIRoute)]
+    routes = [(r.path, sorted(r.methods)) for r in api_routes(app.routes)]
     assert len(routes) >= 7
     with httpx.Client(base_url=url, timeout=5) as http:
         for path, methods in routes:
@@ -103,14 +115,18 @@ def test_concurrency_limit_counts_streams_until_they_end(secured: tuple[str, Fak
     api_keys: APIKeys = app.state.api_keys
     body = {"model": "fake-model", "prompt": "hi", "max_tokens": 20, "stream": True}
     headers = {"Authorization": f"Bearer {KEY_SLOW}"}
-    with httpx.Client(base_url=url, timeout=10, headers=headers) as http:
+    with (
+        httpx.Client(base_url=url, timeout=10, headers=headers) as http,
+        httpx.Client(base_url=url, timeout=10, headers=headers) as other,
+    ):
         with http.stream("POST", "/v1/completions", json=body) as first:
-            next(first.iter_lines())
+            lines = first.iter_lines()  # (an iterator dropped closes the response: keep it)
+            next(lines)
             assert api_keys.in_flight("slow") == 1
-            second = http.post("/v1/completions", json=body)
+            second = other.post("/v1/completions", json=body)
             assert second.status_code == 429 and second.headers["retry-after"] == "1"
         wait_until(lambda: api_keys.in_flight("slow") == 0)  # the client left mid-stream: released
-        assert http.post("/v1/completions", json={**body, "stream": False}).status_code == 200
+        assert other.post("/v1/completions", json={**body, "stream": False}).status_code == 200
     assert api_keys.in_flight("slow") == 0
 
 
@@ -185,3 +201,131 @@ def test_limits_hold_under_concurrent_clients(tokenizer: Any) -> None:
         wait_until(lambda: api_keys.in_flight("team-a") == 0)
     assert set(statuses) <= {200, 429} and statuses.count(200) >= 3
     assert peak <= 3
+
+
+# --- request limits: a 4xx naming the parameter, nothing reaching the backend ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def limited(tokenizer: Any) -> Iterator[tuple[str, FakeBackend]]:
+    backend = FakeBackend(tokenizer)
+    limits = RequestLimits(max_stop_strings=2, max_stop_string_chars=8, max_messages=3, max_tokens=5,
+                           allow_ignore_eos=False)  # fmt: skip
+    with serve(create_app(backend, limits=limits, max_body_bytes=1 << 22)) as url:
+        yield url, backend
+
+
+def _chat(**fields: Any) -> dict[str, Any]:
+    return {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], **fields}
+
+
+def _completion(**fields: Any) -> dict[str, Any]:
+    return {"model": "fake-model", "prompt": "hi", **fields}
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        ("/v1/completions", _completion(stop=["a", "b", "c"]), "stop"),
+        ("/v1/completions", _completion(stop="x" * 9), "stop"),
+        ("/v1/chat/completions", _chat(stop=["123456789"]), "stop"),
+        ("/v1/completions", _completion(max_tokens=6), "max_tokens"),
+        ("/v1/chat/completions", _chat(max_completion_tokens=6), "max_completion_tokens"),
+        ("/v1/chat/completions", _chat(max_tokens=6), "max_tokens"),
+        ("/v1/completions", _completion(ignore_eos=True), "ignore_eos"),
+        ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": "hi"}] * 4), "messages"),
+    ],
+)
+def test_over_a_limit_is_a_400_naming_the_parameter(
+    limited: tuple[str, FakeBackend], route: str, body: dict[str, Any], param: str
+) -> None:
+    url, backend = limited
+    backend.reset()
+    response = httpx.post(url + route, json=body, timeout=5)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    assert not backend.requests
+
+
+def test_the_server_cap_bounds_an_open_max_tokens(limited: tuple[str, FakeBackend]) -> None:
+    url, backend = limited
+    backend.reset()
+    for body in (_completion(), _completion(max_tokens=None), _completion(max_tokens=3)):
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=5).status_code == 200
+    assert httpx.post(f"{url}/v1/chat/completions", json=_chat(), timeout=5).status_code == 200
+    assert [r.max_tokens for r in backend.requests] == [5, 5, 3, 5]  # OpenAI's default 16 and "up to the context"
+
+
+@pytest.mark.parametrize(
+    ("route", "raw", "param"),
+    [
+        ("/v1/completions", '{"model": "fake-model", "prompt": "a\\ud800b"}', "prompt"),
+        ("/v1/completions", '{"model": "fake-model", "prompt": "hi", "stop": ["\\udfff"]}', "stop"),
+        ("/v1/chat/completions", '{"model": "fake-model", "messages": [{"role": "user", "content": "\\ud83d"}]}',
+         "messages"),
+        ("/v1/chat/completions",
+         '{"model": "fake-model", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud83d"}]}]}',
+         "messages"),
+        ("/v1/completions", '{"model": "fake-model\\ud800", "prompt": "hi"}', "model"),
+    ],
+)  # fmt: skip
+def test_lone_surrogates_are_a_400(limited: tuple[str, FakeBackend], route: str, raw: str, param: str) -> None:
+    url, backend = limited
+    backend.reset()
+    response = httpx.post(url + route, content=raw, headers={"Content-Type": "application/json"}, timeout=5)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"].startswith(param)  # e.g. messages[0].content
+    assert "\\ud8" not in response.text and "\\udf" not in response.text  # the input is not echoed
+    assert not backend.requests
+
+
+def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(
+    limited: tuple[str, FakeBackend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, backend = limited
+    calls: list[int] = []
+    original = Tokenization._run
+
+    async def counted(self: Tokenization, fn: Any) -> Any:
+        calls.append(1)
+        return await original(self, fn)
+
+    monkeypatch.setattr(Tokenization, "_run", counted)
+    tokenization = Tokenization(backend.tokenizer, backend.max_model_len)
+    too_long = "ab " * (backend.max_model_len * tokenization.max_token_chars)
+    for route, body in (("/v1/completions", _completion(prompt=too_long)),
+                        ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": too_long}]))):  # fmt: skip
+        response = httpx.post(url + route, json=body, timeout=10)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert not calls  # never tokenized
+    fits = "hello " * 3
+    assert httpx.post(f"{url}/v1/completions", json=_completion(prompt=fits), timeout=5).status_code == 200
+    assert calls
+
+
+def test_keys_from_the_command_line_environment_and_file(tmp_path: Any) -> None:
+    from pdserve.cli import api_key_entries
+    from pdserve.serve.config import ServeConfig, api_keys_of
+
+    listed = tmp_path / "keys.yaml"
+    listed.write_text(
+        f"- {{key: {KEY_B}, tenant: team-b, requests_per_s: 2, max_concurrent: 3}}\n"
+        f"- {{key_sha256: {key_digest(KEY_SLOW)}, tenant: team-b, requests_per_s: 2, max_concurrent: 3}}\n"
+    )
+    entries = api_key_entries([KEY_A], listed, "sk-from-env-1234, ")
+    config = ServeConfig(api_keys=entries)
+    assert KEY_A not in config.model_dump_json() and KEY_B not in config.model_dump_json()  # only digests kept
+    keys = api_keys_of(config)
+    assert keys is not None
+    by_key = {k: keys.authenticate(f"Bearer {k}") for k in (KEY_A, KEY_B, KEY_SLOW, "sk-from-env-1234", "sk-x")}
+    assert {k: t.name if t else None for k, t in by_key.items()} == {
+        KEY_A: "default",
+        KEY_B: "team-b",
+        KEY_SLOW: "team-b",
+        "sk-from-env-1234": "default",
+        "sk-x": None,
+    }
+    assert by_key[KEY_B] is by_key[KEY_SLOW] and by_key[KEY_B].max_concurrent == 3  # one tenant, shared limits
+    assert api_keys_of(ServeConfig()) is None
+    with pytest.raises(ValueError, match="at least 8"):
+        api_key_entries(["short"], None, "")

@@ -276,6 +276,7 @@ class _ColocatedIngress:
     """What `Ingress.generate` reads of its replica in colocated mode, without Ray Serve."""
 
     router = None
+    channels = None  # outputs on the call itself (as with output_channels off)
     _admit = Ingress._admit
 
     def __init__(self, stream: _FailingStream) -> None:

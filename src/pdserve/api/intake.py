@@ -39,7 +39,9 @@ def check_limits(body: SamplingFields, limits: RequestLimits, max_tokens_param: 
     if body.ignore_eos and not limits.allow_ignore_eos:
         raise APIError(400, "ignore_eos is not allowed on this server", param="ignore_eos")
     asked = getattr(body, max_tokens_param, None)
-    if limits.max_tokens is not None and asked is not None and asked > limits.max_tokens:
+    default = type(body).model_fields[max_tokens_param].default
+    # An explicit value over the cap is refused; the default (also what null means) is capped instead.
+    if limits.max_tokens is not None and asked is not None and asked != default and asked > limits.max_tokens:
         message = f"{max_tokens_param} may be at most {limits.max_tokens} on this server"
         raise APIError(400, message, param=max_tokens_param)
 
@@ -131,6 +133,8 @@ def context_max_tokens(
     if max_tokens is None:
         room = max_model_len - num_prompt_tokens
         return room if server_cap is None else min(room, server_cap)
+    if server_cap is not None:  # (an explicit value over the cap was refused already: this caps defaults)
+        max_tokens = min(max_tokens, server_cap)
     if num_prompt_tokens + max_tokens > max_model_len:
         message = (
             f"this model's maximum context length is {max_model_len} tokens; the prompt has {num_prompt_tokens} and "

@@ -148,7 +148,7 @@ class TextPart(BaseModel):
     @field_validator("text")
     @classmethod
     def _text(cls, text: str) -> str:
-        return _valid_text(text)  # type: ignore[no-any-return]
+        return _valid_text(text)  # type: ignore[no-any-return,unused-ignore]
 
 
 class ChatMessage(BaseModel):

@@ -9,7 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pdserve.api.auth import APIKeys, Tenant, key_digest
 from pdserve.api.intake import RequestLimits
-
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.router import CostConfig
 from pdserve.telemetry import tracing_env
