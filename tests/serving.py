@@ -35,6 +35,7 @@ def ray_serve(port: int) -> Iterator[None]:
 @dataclass(frozen=True)
 class Served:
     base_url: str  # ends in /v1
+    api_key: str | None = None  # sent to /metrics when the app requires keys
 
     @property
     def root(self) -> str:
@@ -42,7 +43,8 @@ class Served:
 
     def metrics(self) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
         """Every sample of /metrics: name -> {sorted labels: value}."""
-        text = httpx.get(f"{self.root}/metrics", timeout=10).text
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
+        text = httpx.get(f"{self.root}/metrics", timeout=10, headers=headers).text
         samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
         for family in text_string_to_metric_families(text):
             for s in family.samples:

@@ -238,3 +238,55 @@ def test_bad_input_gets_openai_errors_and_changes_nothing(apps, body, status, pa
     if param:
         assert error["param"] == param
     assert disagg.blocks_used() == used
+
+
+KEY_A, KEY_B = "sk-e2e-tenant-a-1", "sk-e2e-tenant-b-2"
+
+
+@pytest.fixture(scope="module")
+def tenants_app(apps, smollm2_dir: Path) -> Iterator[Served]:  # type: ignore[no-untyped-def]
+    """The disaggregated app with API keys for two tenants."""
+    from ray import serve
+
+    from pdserve.serve.app import build_app
+    from pdserve.serve.config import ServeConfig
+
+    config = ServeConfig(
+        model=str(smollm2_dir), dtype="float32", served_model_name="smollm2", num_kv_blocks=512,
+        router={"local_prefill_max_tokens": 0},
+        api_keys=[{"key": KEY_A, "tenant": "team-a"}, {"key": KEY_B, "tenant": "team-b"}],
+    )  # fmt: skip
+    serve.run(build_app(config), name="tenants", route_prefix="/tenants")
+    yield Served(apps[0].base_url.removesuffix("/v1") + "/tenants/v1", api_key=KEY_A)
+    serve.delete("tenants")
+
+
+def test_a_tenant_never_hits_another_tenants_prefix_cache(tenants_app, reference, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Through HTTP: team-a's repeat hits its own cached prompt (prefill and decode replicas both), team-b's
+    identical prompt hits nothing of it (0 cached tokens) — even when it sends a salt of its own choosing — and
+    every answer is exact; without a key nothing is served."""
+    prompt = tokenizer(SYSTEM)["input_ids"] + random_prompts([20], 49152, seed=77, low=100)[0]
+    want = ref_text(reference, tokenizer, prompt)
+
+    def cached(key: str, **extra: object) -> int:
+        ai = openai.OpenAI(base_url=tenants_app.base_url, api_key=key, max_retries=0, timeout=120)
+        out = ai.completions.create(
+            model="smollm2",
+            prompt=prompt,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            extra_body={"ignore_eos": True, **extra},
+        )
+        assert out.choices[0].text == want
+        assert out.usage is not None and out.usage.prompt_tokens_details is not None
+        return int(out.usage.prompt_tokens_details.cached_tokens or 0)
+
+    assert cached(KEY_A) == 0  # cold
+    assert cached(KEY_A) >= len(prompt) // 16 * 16 - 16  # its own blocks: a hit
+    assert cached(KEY_B) == 0  # the same prompt, another tenant: nothing of team-a's
+    assert cached(KEY_B, cache_salt="tenant:team-a\x1f") == 0  # a forged salt only narrows team-b's own
+    assert cached(KEY_B) > 0  # team-b's own repeat hits
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=tenants_app.base_url, api_key="sk-none", max_retries=0).models.list()
+    assert httpx.get(f"{tenants_app.root}/metrics", timeout=10).status_code == 401
+    assert tenants_app.wait_blocks_used(0) == 0
