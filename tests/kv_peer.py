@@ -10,10 +10,13 @@ from dataclasses import replace
 from multiprocessing.connection import Connection
 
 from pdserve.kvcache import KVCache, KVLayout
-from pdserve.transfer import KVEndpoint, TransferSpec, make_receiver
+from pdserve.transfer import KVEndpoint, TransferSpec, make_receiver, wire
 
 
-def _serve(conn: Connection, layout: KVLayout, path: str, model_id: str, transport: str, max_pairs: int) -> None:
+def _serve(
+    conn: Connection, layout: KVLayout, path: str, model_id: str, transport: str, max_pairs: int, secret: bytes
+) -> None:
+    wire.set_cluster_secret(secret)  # the parent's: as replicas of one cluster share theirs
     kv = KVCache(layout, shared_path=path)
     receiver = make_receiver(transport, kv, model_id, node_id="node-a", max_pairs=max_pairs)
     conn.send(replace(receiver.endpoint, shm_path=kv.shared_address))
@@ -30,7 +33,7 @@ def kv_peer(
     and TCP); yields its endpoint (plus `shm_path`, so that a test can map the cache and check it)."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    args = (child, layout, path, model_id, transport, max_pairs)
+    args = (child, layout, path, model_id, transport, max_pairs, wire.cluster_secret())
     process = ctx.Process(target=_serve, args=args, daemon=True)
     process.start()
     try:

@@ -27,6 +27,7 @@ from pdserve.transfer import (
     make_sender,
     wire,
 )
+from pdserve.transfer import p2p as p2p_module
 from pdserve.transfer.gloo import GlooBackend
 from pdserve.transfer.p2p import MAGIC, P2PReceiver, P2PSender
 
@@ -109,7 +110,11 @@ def test_incompatible_peers_are_refused_before_any_communicator_is_built(receive
     address = wire.split_address(str(rx.endpoint.p2p_address))
     for magic, backend in ((MAGIC, "nccl"), (wire.MAGIC, "gloo")):
         with socket.create_connection(address, timeout=5) as conn:
-            conn.sendall(wire.hello(rx.cache_id, rx.spec, magic, backend=backend))
+            if magic == MAGIC:
+                wire.hello(conn, rx.cache_id, rx.spec, time.monotonic() + 5, magic, backend=backend)
+            else:  # another protocol's hello, after the challenge
+                wire.recv_bytes(conn, wire.CHALLENGE.size)
+                conn.sendall(wire.HELLO.pack(magic, wire.VERSION, 2) + b"{}")
             if magic == MAGIC:
                 problem = wire.read_reply(conn, wire.Deadline(5), "the handshake")
                 assert problem == "mismatched backend: 'nccl' != 'gloo'"
@@ -130,6 +135,19 @@ def test_the_receiver_refuses_bad_transfers_and_keeps_the_pair(receivers) -> Non
     lying = replace(rx.endpoint, num_blocks=64)  # claims more blocks than it has
     with pytest.raises(TransferError, match=r"refused it: destination block ids must be distinct, in \[0, 16\)"):
         sender.send(lying, TransferSpec(2, [1], [40], "r"), src, 10)
+    # A deadline that is not a finite number of seconds would disable the receiver's timeouts and fence.
+    original = p2p_module.wire.send_json
+
+    def lying(conn: socket.socket, message: dict[str, object]) -> None:
+        original(conn, {**message, "remaining_s": float("nan")} if "remaining_s" in message else message)
+
+    p2p_module.wire.send_json = lying  # type: ignore[assignment]
+    try:
+        with pytest.raises(TransferError, match=r"refused it: malformed transfer .*not a finite number"):
+            sender.send(rx.endpoint, grant(rx.kv, TransferSpec(4, [1], [5], "nan")), src, 10)
+    finally:
+        p2p_module.wire.send_json = original  # type: ignore[assignment]
+    assert rx.counters.refused == 1 and rx.kv.block_epochs[5] == 0 and rx.kv.k[0][5].abs().sum() == 0
     spec = grant(rx.kv, TransferSpec(3, [2], [3], "after"))
     sender.send(rx.endpoint, spec, src, 10)
     assert_moved(src, rx.kv, spec)

@@ -3,7 +3,6 @@ any byte moves, deadlines kept, nothing left in /dev/shm."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import struct
@@ -12,7 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -241,8 +240,7 @@ def test_the_receiver_drops_a_transfer_past_its_deadline(receiver: tuple[KVCache
     assert endpoint.tcp_address is not None
     host, port = endpoint.tcp_address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=5) as conn:
-        hello = json.dumps({"cache_id": endpoint.cache_id, "spec": asdict(endpoint.spec)}).encode()
-        conn.sendall(wire.HELLO.pack(b"PDKV", 1, len(hello)) + hello)
+        wire.hello(conn, endpoint.cache_id, endpoint.spec, time.monotonic() + 5)
         assert wire.REPLY.unpack(conn.recv(wire.REPLY.size)) == (0, 0)
         block_bytes = 4 * 2 * 8 * 4
         grant(kv, TransferSpec(3, [0], [2], "late"))  # open to it: only the sender's deadline stops the write

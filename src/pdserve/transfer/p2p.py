@@ -5,7 +5,8 @@ it but NCCL's own calls runs in CI.
 Control channel: the decode replica listens on TCP (its endpoint's `p2p_address`); a prefill replica keeps one
 control connection per pair, beside the pair's communicator:
 
-    P -> D  HELLO {cache_id, spec, backend}     the compatibility handshake: a refusal ends it before anything is
+    D -> P  CHALLENGE (a nonce)                 wire.py's handshake: the proof of the cluster secret, then
+    P -> D  HELLO {cache_id, spec, backend, proof} the compatibility check: a refusal ends it before anything is
     D -> P  REPLY                               built or moved
     D -> P  {"unique_id"}                       D is rank 0 and makes the id: NCCL's bootstrap root (gloo's store)
                                                 then listens on D, which every P can already reach
@@ -153,6 +154,7 @@ class PairCounters:
     closed_idle: int = 0  # closed by the LRU bound (or by the peer going away)
     aborted: int = 0  # cut by a failure or deadline
     fenced: int = 0  # receiver: transfers refused because their reservation was not open to them
+    refused: int = 0  # receiver: malformed or out-of-range transfer requests (a NaN deadline, say)
 
 
 def _check_device(kv: KVCache, backend: Backend) -> None:
@@ -324,8 +326,9 @@ class P2PReceiver(KVReceiver):
         try:
             ids = [int(b) for b in message["dst_block_ids"]]
             epoch, per_message = int(message["epoch"]), int(message["layers_per_message"])
-            deadline = Deadline(float(message["remaining_s"]))
-        except (KeyError, TypeError, ValueError) as e:
+            deadline = Deadline(wire.peer_seconds(message["remaining_s"], "the transfer's deadline"))
+        except (KeyError, TypeError, ValueError, TransferError) as e:
+            self.counters.refused += 1
             raise _Refused(f"malformed transfer ({e})") from e
         num_blocks, num_layers = self.kv.layout.num_blocks, self.kv.layout.num_layers
         if not ids or any(not 0 <= b < num_blocks for b in ids) or len(set(ids)) != len(ids):
@@ -516,7 +519,7 @@ class P2PSender(KVSender):
         )
         try:
             wire.tune(conn)
-            conn.sendall(wire.hello(endpoint.cache_id, local, MAGIC, backend=self.backend.name))
+            wire.hello(conn, endpoint.cache_id, local, deadline.at, MAGIC, backend=self.backend.name)
             wire.expect_ok(conn, deadline, "the handshake")
             try:
                 reply = wire.recv_json(conn, deadline.at)

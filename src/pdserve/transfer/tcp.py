@@ -88,8 +88,9 @@ class TcpReceiver(KVReceiver):
         first = wire.LayerHeader._make(wire.LAYER.unpack(raw))
         if first.layer != 0:
             raise TransferError(f"a transfer must start at layer 0, not {first.layer}")
-        deadline_at = time.monotonic() + first.remaining_s  # the sender's deadline, on this machine's clock
         self._check_header(first)
+        # the sender's deadline, on this machine's clock
+        deadline_at = time.monotonic() + wire.peer_seconds(first.remaining_s, "the transfer's deadline")
         raw_ids = wire.recv_bytes(conn, 8 * first.num_blocks, deadline_at)
         ids = self._check_ids(raw_ids)
         deadline_at = min(deadline_at, self._fence(ids, first.epoch, "the transfer"))
@@ -116,6 +117,12 @@ class TcpReceiver(KVReceiver):
     @property
     def num_fenced(self) -> int:
         return self._num_fenced
+
+    @property
+    def num_refused(self) -> int:
+        """Connections refused: failed handshakes (no proof of the cluster secret, another cache or layout),
+        malformed or out-of-range messages, and connections beyond the cap."""
+        return self._listener.num_refused
 
     def _fence(self, ids: list[int], epoch: int, what: str) -> float:
         """The reservation's write deadline; FencedError (counted) when its blocks are not open to `epoch`."""
@@ -261,7 +268,7 @@ def _connect(endpoint: KVEndpoint, local: KVLayoutSpec, deadline: Deadline) -> s
     )
     try:
         wire.tune(conn)
-        conn.sendall(wire.hello(endpoint.cache_id, local))
+        wire.hello(conn, endpoint.cache_id, local, deadline.at)
         wire.expect_ok(conn, deadline, "the handshake")
     except BaseException:
         conn.close()

@@ -1,7 +1,13 @@
 """The TCP transport's wire protocol and socket helpers. Little-endian. Once per connection, the handshake:
 
-    sender -> receiver   HELLO (magic, version, JSON length) + JSON {"cache_id", "spec": KVLayoutSpec fields}
+    receiver -> sender   CHALLENGE (magic, 32 random bytes: a nonce)
+    sender -> receiver   HELLO (magic, version, JSON length) + JSON {"cache_id", "spec": KVLayoutSpec fields,
+                         "proof": HMAC-SHA256(cluster secret, nonce + cache id)}
     receiver -> sender   REPLY (status 0 = ok, message length) + message naming whatever does not match
+
+The proof shows the sender holds the cluster's secret without sending it; a fresh nonce per connection makes a
+recorded hello useless. The secret (`cluster_secret`) is the same on every replica of a cluster: PDSERVE_KV_SECRET,
+or one the replicas share through Ray's internal KV store (`set_cluster_secret`).
 
 Then per transfer, for each layer 0..num_layers-1 in order:
 
@@ -16,8 +22,13 @@ machines share no clock) and drops it, unstamped, if a layer would start after t
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
+import math
+import os
+import secrets
 import socket
 import struct
 import threading
@@ -30,10 +41,13 @@ import torch
 
 from pdserve.transfer.base import Deadline, KVLayoutSpec, TransferError, check_compatible
 
+CHALLENGE = struct.Struct("<4s32s")
 HELLO = struct.Struct("<4sHI")
 REPLY = struct.Struct("<BI")
 LAYER = struct.Struct("<qdiiq")
-MAGIC, VERSION = b"PDKV", 1
+MAGIC, VERSION = b"PDKV", 2
+MAX_PEER_SECONDS = 600.0  # the longest deadline a peer may ask for (a transfer's time budget)
+MAX_CONNECTIONS = 64  # per listener: each connection has a thread and a scratch buffer
 MAX_MESSAGE_BYTES = 1 << 16  # hello and reply texts
 LENGTH = struct.Struct("<I")
 MAX_JSON_BYTES = 1 << 24  # control messages (a transfer lists its block ids)
@@ -49,22 +63,69 @@ class LayerHeader(NamedTuple):
     num_payload_bytes: int  # of K; V has as many
 
 
-def hello(cache_id: str, spec: KVLayoutSpec, magic: bytes = MAGIC, **extra: str) -> bytes:
-    text = json.dumps({"cache_id": cache_id, "spec": asdict(spec), **extra}).encode()
-    return HELLO.pack(magic, VERSION, len(text)) + text
+_process_secret: bytes | None = None
+
+
+def set_cluster_secret(secret: bytes) -> None:
+    """The secret this process proves (as a sender) and checks (as a receiver) in every handshake."""
+    global _process_secret
+    _process_secret = secret
+
+
+def cluster_secret() -> bytes:
+    """PDSERVE_KV_SECRET if set, else what `set_cluster_secret` set, else a secret of this process alone (its
+    transfers work within the process; another process must share one of the first two)."""
+    global _process_secret
+    if env := os.environ.get("PDSERVE_KV_SECRET"):
+        return env.encode()
+    if _process_secret is None:
+        _process_secret = secrets.token_bytes(32)
+    return _process_secret
+
+
+def _proof(secret: bytes, nonce: bytes, cache_id: str) -> str:
+    return hmac.new(secret, nonce + cache_id.encode(), hashlib.sha256).hexdigest()
+
+
+def peer_seconds(value: object, what: str) -> float:
+    """A duration a peer sent: a finite number of seconds in (0, MAX_PEER_SECONDS]; TransferError otherwise (a NaN
+    deadline would never pass: no fence, no timeout)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise TransferError(f"{what} is not a finite number of seconds")
+    if not 0 < value <= MAX_PEER_SECONDS:
+        raise TransferError(f"{what} must lie in (0, {MAX_PEER_SECONDS:.0f}] seconds")
+    return float(value)
+
+
+def hello(conn: socket.socket, cache_id: str, spec: KVLayoutSpec, deadline_at: float, magic: bytes = MAGIC,
+          **extra: str) -> None:  # fmt: skip
+    """The sender's side of the handshake up to its hello: read the receiver's nonce, send the proof."""
+    got_magic, nonce = CHALLENGE.unpack(recv_bytes(conn, CHALLENGE.size, deadline_at))
+    if got_magic != magic:
+        raise TransferError("the peer is not a pdserve KV receiver of this transport")
+    proof = _proof(cluster_secret(), nonce, cache_id)
+    text = json.dumps({"cache_id": cache_id, "spec": asdict(spec), "proof": proof, **extra}).encode()
+    conn.sendall(HELLO.pack(magic, VERSION, len(text)) + text)
 
 
 def accept_hello(
     conn: socket.socket, cache_id: str, local: KVLayoutSpec, timeout_s: float, magic: bytes = MAGIC, **expect: str
 ) -> dict[str, Any]:
-    """The receiver's side of the handshake: read the hello, reply, and return its fields; TransferError (after
-    replying why) if the peer may not write into cache `cache_id` of layout `local`, or any field named in
-    `expect` differs."""
+    """The receiver's side of the handshake: send a nonce, read the hello, reply, and return its fields;
+    TransferError (after replying why) if the peer cannot prove the cluster secret, may not write into cache
+    `cache_id` of layout `local`, or any field named in `expect` differs."""
     conn.settimeout(timeout_s)
+    nonce = secrets.token_bytes(32)
+    conn.sendall(CHALLENGE.pack(magic, nonce))
     got_magic, version, size = HELLO.unpack(recv_bytes(conn, HELLO.size))
     if got_magic != magic or version != VERSION or size > MAX_MESSAGE_BYTES:
         raise TransferError("a peer that is not a pdserve KV sender of this transport and version connected")
     fields, problem = _refusal(recv_bytes(conn, size), cache_id, local)
+    proof = fields.get("proof")
+    if not problem and not (
+        isinstance(proof, str) and hmac.compare_digest(proof, _proof(cluster_secret(), nonce, cache_id))
+    ):
+        problem = "the sender could not prove the cluster secret (PDSERVE_KV_SECRET differs?)"
     mismatched = [f"{k}: {fields.get(k)!r} != {v!r}" for k, v in expect.items() if fields.get(k) != v]
     if fields and not problem and mismatched:
         problem = "mismatched " + "; ".join(mismatched)
@@ -79,7 +140,7 @@ def _refusal(hello: bytes, cache_id: str, local: KVLayoutSpec) -> tuple[dict[str
     try:
         fields = json.loads(hello)
         remote_cache_id, spec = fields["cache_id"], KVLayoutSpec(**fields["spec"])
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
         return {}, f"malformed hello ({e})"
     if remote_cache_id != cache_id:
         return fields, f"this receiver holds KV cache {cache_id}, not {remote_cache_id} (a stale endpoint?)"
@@ -189,11 +250,15 @@ class Listener:
     """A TCP server: one thread accepts, one thread per connection runs `serve(conn)` (the connection is closed
     when it returns). `close()` stops accepting and cuts every connection; once it returns no `serve` runs."""
 
-    def __init__(self, host: str, port: int, serve: Callable[[socket.socket], None], name: str) -> None:
+    def __init__(
+        self, host: str, port: int, serve: Callable[[socket.socket], None], name: str,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:  # fmt: skip
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._server = socket.create_server((host, port), family=family, backlog=128)
         self.port: int = self._server.getsockname()[1]
-        self._serve, self._name = serve, name
+        self._serve, self._name, self.max_connections = serve, name, max_connections
+        self.num_refused = 0  # connections that failed the handshake or broke the protocol, and those over the cap
         self._conns: dict[socket.socket, threading.Thread] = {}  # open connections and their threads
         self._lock = threading.Lock()  # guards _conns and is_closed
         self.is_closed = False
@@ -223,6 +288,10 @@ class Listener:
                 if self.is_closed:
                     conn.close()
                     return
+                if len(self._conns) >= self.max_connections:
+                    self.num_refused += 1
+                    conn.close()
+                    continue
                 self._conns[conn] = thread
                 thread.start()  # under the lock: close() never joins a thread not yet started
 
@@ -231,7 +300,13 @@ class Listener:
             self._serve(conn)
         except (OSError, TransferError) as e:
             if not self.is_closed:
+                with self._lock:
+                    self.num_refused += isinstance(e, TransferError)
                 logger.warning("%s: connection closed: %s", self._name, e)
+        except Exception:  # whatever a peer sent, the listener lives on
+            with self._lock:
+                self.num_refused += 1
+            logger.exception("%s: connection failed", self._name)
         finally:
             with self._lock:
                 self._conns.pop(conn, None)

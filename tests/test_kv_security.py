@@ -1,0 +1,173 @@
+"""The KV data plane against a hostile peer: forged, replayed, oversized and NaN-carrying messages sent by hand to
+a real TCP receiver (and the P2P receiver's control channel). Nothing is written, each refusal is counted, and the
+receiver goes on serving honest senders."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import socket
+import struct
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from kv_peer import grant
+from pdserve.kvcache import KVCache, KVLayout
+from pdserve.transfer import TcpReceiver, TcpSender, TransferError, TransferSpec, wire
+
+LAYOUT = KVLayout(2, 16, 4, 2, 8, torch.float32)
+BLOCK_BYTES = 4 * 2 * 8 * 4
+
+
+@pytest.fixture
+def rx() -> Iterator[TcpReceiver]:
+    kv = KVCache(LAYOUT)
+    receiver = TcpReceiver(kv, node_id="n", model_id="m")
+    yield receiver
+    receiver.close()
+
+
+def _address(rx: TcpReceiver) -> tuple[str, int]:
+    return wire.split_address(str(rx.endpoint.tcp_address))
+
+
+def _hello_bytes(rx: TcpReceiver, nonce: bytes, secret: bytes, **override: object) -> bytes:
+    proof = hmac.new(secret, nonce + rx.cache_id.encode(), hashlib.sha256).hexdigest()
+    fields = {"cache_id": rx.cache_id, "spec": asdict(rx.spec), "proof": proof, **override}
+    text = json.dumps(fields).encode()
+    return wire.HELLO.pack(wire.MAGIC, wire.VERSION, len(text)) + text
+
+
+def _reply(conn: socket.socket) -> str | bool:
+    try:
+        return wire.read_reply(conn, wire.Deadline(5), "the handshake")
+    except (TransferError, ConnectionError, struct.error):
+        return "hung up"
+
+
+def _untouched(rx: TcpReceiver) -> bool:
+    return bool(rx.kv.flat.abs().sum() == 0 and rx.kv.block_epochs.sum() == 0)
+
+
+def _honest_send_works(rx: TcpReceiver) -> None:
+    src = KVCache(LAYOUT)
+    src.flat.normal_()
+    spec = grant(rx.kv, TransferSpec(77, [1], [5], f"ok-{uuid.uuid4().hex}"))
+    TcpSender("m").send(rx.endpoint, spec, src, timeout_s=5)
+    assert torch.equal(rx.kv.k[1][5], src.k[1][1])
+    rx.kv.flat.zero_()
+    rx.kv.block_epochs.zero_()
+
+
+def test_a_hello_without_the_secret_is_refused(rx: TcpReceiver) -> None:
+    for secret in (b"a guess", b""):
+        with socket.create_connection(_address(rx), timeout=5) as conn:
+            _, nonce = wire.CHALLENGE.unpack(wire.recv_bytes(conn, wire.CHALLENGE.size))
+            conn.sendall(_hello_bytes(rx, nonce, secret))
+            assert "could not prove the cluster secret" in str(_reply(conn))
+    with socket.create_connection(_address(rx), timeout=5) as conn:  # no proof at all
+        _, nonce = wire.CHALLENGE.unpack(wire.recv_bytes(conn, wire.CHALLENGE.size))
+        conn.sendall(_hello_bytes(rx, nonce, wire.cluster_secret(), proof=None))
+        assert "could not prove" in str(_reply(conn))
+    assert rx.num_refused == 3 and _untouched(rx)
+    _honest_send_works(rx)
+
+
+def test_a_recorded_hello_cannot_be_replayed(rx: TcpReceiver) -> None:
+    with socket.create_connection(_address(rx), timeout=5) as conn:
+        _, nonce = wire.CHALLENGE.unpack(wire.recv_bytes(conn, wire.CHALLENGE.size))
+        recorded = _hello_bytes(rx, nonce, wire.cluster_secret())
+        conn.sendall(recorded)
+        assert _reply(conn) is True  # valid once, for its own nonce
+    with socket.create_connection(_address(rx), timeout=5) as conn:
+        wire.recv_bytes(conn, wire.CHALLENGE.size)  # a fresh nonce
+        conn.sendall(recorded)
+        assert "could not prove" in str(_reply(conn))
+    assert rx.num_refused == 1
+
+
+@pytest.mark.parametrize(
+    ("header", "why"),
+    [
+        ((3, float("nan"), 0, 1, BLOCK_BYTES), "NaN deadline: would never pass"),
+        ((3, float("inf"), 0, 1, BLOCK_BYTES), "infinite deadline"),
+        ((3, -1.0, 0, 1, BLOCK_BYTES), "negative deadline"),
+        ((3, 1e9, 0, 1, BLOCK_BYTES), "a deadline of 30 years"),
+        ((3, 5.0, 0, (1 << 31) - 1, BLOCK_BYTES * ((1 << 31) - 1)), "more blocks than the cache"),
+        ((3, 5.0, 0, -1, -BLOCK_BYTES), "a negative block count"),
+        ((3, 5.0, 0, 1, BLOCK_BYTES + 1), "a payload size that is not the blocks'"),
+        ((3, 5.0, 1, 1, BLOCK_BYTES), "starting past layer 0"),
+        ((999, 5.0, 0, 1, BLOCK_BYTES), "an epoch no reservation holds"),
+    ],
+)
+def test_bad_transfer_headers_write_nothing(rx: TcpReceiver, header: tuple[object, ...], why: str) -> None:
+    grant(rx.kv, TransferSpec(3, [0], [2], "r"))  # block 2 open to epoch 3: only the header's flaw stops it
+    with socket.create_connection(_address(rx), timeout=5) as conn:
+        wire.hello(conn, rx.cache_id, rx.spec, time.monotonic() + 5)
+        assert _reply(conn) is True
+        payload = struct.pack("<q", 2) + b"\x01" * 2 * BLOCK_BYTES
+        try:
+            conn.sendall(wire.LAYER.pack(*header) + payload)
+            answer = conn.recv(64)
+        except ConnectionError:
+            answer = b""
+        assert answer == b"", why  # no ack: refused and hung up on
+    time.sleep(0.05)
+    assert _untouched(rx), why
+    assert rx.num_refused + rx.num_fenced >= 1, why
+    _honest_send_works(rx)
+
+
+def test_oversized_and_malformed_hellos(rx: TcpReceiver) -> None:
+    cases = [
+        wire.HELLO.pack(wire.MAGIC, wire.VERSION, 1 << 30),  # announces a 1 GiB hello
+        wire.HELLO.pack(b"EVIL", wire.VERSION, 2) + b"{}",
+        wire.HELLO.pack(wire.MAGIC, 1, 2) + b"{}",  # the version without proofs
+        wire.HELLO.pack(wire.MAGIC, wire.VERSION, 9) + b"[1, 2, 3]",
+        wire.HELLO.pack(wire.MAGIC, wire.VERSION, 4) + b"\xff\xfe{}",
+    ]
+    for message in cases:
+        with socket.create_connection(_address(rx), timeout=5) as conn:
+            wire.recv_bytes(conn, wire.CHALLENGE.size)
+            conn.sendall(message)
+            assert _reply(conn) is not True
+    assert rx.num_refused == len(cases) and _untouched(rx)
+    _honest_send_works(rx)
+
+
+def test_connections_beyond_the_cap_are_closed() -> None:
+    kv = KVCache(LAYOUT)
+    receiver = TcpReceiver(kv, node_id="n", model_id="m")
+    receiver._listener.max_connections = 3
+    try:
+        idle = [socket.create_connection(_address(receiver), timeout=5) for _ in range(3)]
+        for conn in idle:
+            wire.recv_bytes(conn, wire.CHALLENGE.size)  # accepted: each got its challenge
+        with socket.create_connection(_address(receiver), timeout=5) as extra:
+            assert extra.recv(64) == b""  # closed at once
+        assert receiver.num_refused == 1
+        for conn in idle:
+            conn.close()
+        deadline = time.monotonic() + 5
+        while True:  # their threads end (the handshake fails on the closed sockets); then honest senders fit
+            try:
+                _honest_send_works(receiver)
+                break
+            except TransferError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        receiver.close()
+
+
+def test_peer_seconds() -> None:
+    assert wire.peer_seconds(2, "x") == 2.0
+    for bad in (float("nan"), float("inf"), 0, -3, 601, "5", None, True):
+        with pytest.raises(TransferError):
+            wire.peer_seconds(bad, "x")
