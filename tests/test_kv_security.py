@@ -51,6 +51,14 @@ def _reply(conn: socket.socket) -> str | bool:
         return "hung up"
 
 
+def _refused(rx: TcpReceiver, want: int) -> int:
+    """The receiver's refusal count once it reaches `want` (its thread counts just after hanging up)."""
+    deadline = time.monotonic() + 5
+    while rx.num_refused < want and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return rx.num_refused
+
+
 def _untouched(rx: TcpReceiver) -> bool:
     return bool(rx.kv.flat.abs().sum() == 0 and rx.kv.block_epochs.sum() == 0)
 
@@ -75,7 +83,7 @@ def test_a_hello_without_the_secret_is_refused(rx: TcpReceiver) -> None:
         _, nonce = wire.CHALLENGE.unpack(wire.recv_bytes(conn, wire.CHALLENGE.size))
         conn.sendall(_hello_bytes(rx, nonce, wire.cluster_secret(), proof=None))
         assert "could not prove" in str(_reply(conn))
-    assert rx.num_refused == 3 and _untouched(rx)
+    assert _refused(rx, 3) == 3 and _untouched(rx)
     _honest_send_works(rx)
 
 
@@ -89,7 +97,7 @@ def test_a_recorded_hello_cannot_be_replayed(rx: TcpReceiver) -> None:
         wire.recv_bytes(conn, wire.CHALLENGE.size)  # a fresh nonce
         conn.sendall(recorded)
         assert "could not prove" in str(_reply(conn))
-    assert rx.num_refused == 1
+    assert _refused(rx, 1) == 1
 
 
 @pytest.mark.parametrize(
@@ -118,9 +126,11 @@ def test_bad_transfer_headers_write_nothing(rx: TcpReceiver, header: tuple[objec
         except ConnectionError:
             answer = b""
         assert answer == b"", why  # no ack: refused and hung up on
-    time.sleep(0.05)
+    deadline = time.monotonic() + 5
+    while rx.num_refused + rx.num_fenced < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rx.num_refused >= 1, why  # (a fenced write is refused too)
     assert _untouched(rx), why
-    assert rx.num_refused + rx.num_fenced >= 1, why
     _honest_send_works(rx)
 
 
@@ -137,7 +147,7 @@ def test_oversized_and_malformed_hellos(rx: TcpReceiver) -> None:
             wire.recv_bytes(conn, wire.CHALLENGE.size)
             conn.sendall(message)
             assert _reply(conn) is not True
-    assert rx.num_refused == len(cases) and _untouched(rx)
+    assert _refused(rx, len(cases)) == len(cases) and _untouched(rx)
     _honest_send_works(rx)
 
 
@@ -151,7 +161,7 @@ def test_connections_beyond_the_cap_are_closed() -> None:
             wire.recv_bytes(conn, wire.CHALLENGE.size)  # accepted: each got its challenge
         with socket.create_connection(_address(receiver), timeout=5) as extra:
             assert extra.recv(64) == b""  # closed at once
-        assert receiver.num_refused == 1
+        assert _refused(receiver, 1) == 1
         for conn in idle:
             conn.close()
         deadline = time.monotonic() + 5
