@@ -22,7 +22,7 @@ from opentelemetry import trace
 from starlette.exceptions import HTTPException
 
 from pdserve.api.backend import CapacityError, InvalidRequest, ServerError
-from pdserve.api.protocol import ErrorBody, ErrorResponse
+from pdserve.api.protocol import REQUEST_FIELD_NAMES, ErrorBody, ErrorResponse
 
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
@@ -146,5 +146,7 @@ def _param_path(loc: Sequence[int | str]) -> str | None:
         if isinstance(part, int):
             path += f"[{part}]"
         elif _IDENTIFIER.fullmatch(part) and part not in _TYPE_TAGS:
+            if part not in REQUEST_FIELD_NAMES:  # a key of the client's own (logit_bias): never echoed back
+                break
             path += f".{part}" if path else part
     return path or None

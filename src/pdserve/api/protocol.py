@@ -312,3 +312,11 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+# Every field name a request body can have: error messages name these, never a key the client made up.
+REQUEST_FIELD_NAMES = frozenset(
+    name
+    for model in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions)
+    for name in model.model_fields
+)
