@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
         "--api-keys-file", type=Path, default=None,
         help="YAML list of {key or key_sha256, tenant, requests_per_s, burst, max_concurrent} (docs/SECURITY.md)",
     )  # fmt: skip
+    serve_cmd.add_argument("--ssl-keyfile", default=None, help="serve HTTPS: the private key (PEM), as vLLM's")
+    serve_cmd.add_argument("--ssl-certfile", default=None, help="serve HTTPS: the certificate chain (PEM)")
     serve_cmd.add_argument("--host", default="127.0.0.1")
     serve_cmd.add_argument("--port", type=int, default=8000)
     serve_cmd.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         router=RouterSettings(policy=args.routing_policy, **_set(local_prefill_max_tokens=args.local_threshold)),
         host=args.host,
         port=args.port,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
         api_keys=api_key_entries(args.api_key, args.api_keys_file, os.environ.get("PDSERVE_API_KEYS", "")),
     )
     run_server(config, args.address)
@@ -97,9 +101,10 @@ def run_server(config: ServeConfig, address: str | None) -> None:
     from pdserve.serve.app import build_app
 
     ray.init(address=address, include_dashboard=False)
-    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.start(http_options=config.http_options())
     serve.run(build_app(config), name="pdserve", route_prefix="/")
-    print(f"pdserve is serving on http://{config.host}:{config.port}/v1 (Ctrl-C to stop)", flush=True)
+    scheme = "https" if config.ssl_certfile else "http"
+    print(f"pdserve is serving on {scheme}://{config.host}:{config.port}/v1 (Ctrl-C to stop)", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

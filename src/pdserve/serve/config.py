@@ -163,6 +163,18 @@ class ServeConfig(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    # HTTPS on the HTTP port (Serve's proxy terminates TLS): PEM files readable on every node running a proxy.
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+
+    def http_options(self) -> dict[str, Any]:
+        """Serve's `http_options` for this config: where to listen, and TLS when both files are given."""
+        options: dict[str, Any] = {"host": self.host, "port": self.port}
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ValueError("TLS needs both ssl_keyfile and ssl_certfile")
+        if self.ssl_keyfile is not None:
+            options.update(ssl_keyfile=self.ssl_keyfile, ssl_certfile=self.ssl_certfile)
+        return options
 
     @model_validator(mode="after")
     def _queue_ttl_below_the_lease(self) -> ServeConfig:
