@@ -67,6 +67,7 @@ def test_ray_up_serve_deploy_complete_ray_down(tmp_path: Path, smollm2_dir: Path
             assert is_listening(ports.gcs) and ray_processes(login.namespace_pid)  # the check below sees Ray
             dashboard = f"http://127.0.0.1:{ports.dashboard}"
             timed("serve deploy", [ray_cli("serve"), "deploy", str(deploy), "-a", dashboard], env, 120, tmp_path)
+            assert_dashboard_needs_the_token(dashboard)
             base_url = wait_serving(ports.http, timeout_s=300)
             assert_pools_in_use(env, ports.gcs)
             assert_completions_match_transformers(base_url, smollm2_dir)
@@ -74,6 +75,16 @@ def test_ray_up_serve_deploy_complete_ray_down(tmp_path: Path, smollm2_dir: Path
             timed("ray down", [ray_cli("ray"), "down", "-y", str(cluster)], env, 180, tmp_path)
         assert wait_no_ray_processes(login.namespace_pid, timeout_s=30) == []
         assert not is_listening(ports.gcs) and not is_listening(ports.http) and not is_listening(ports.dashboard)
+
+
+def assert_dashboard_needs_the_token(dashboard: str) -> None:
+    """The launched cluster's dashboard API (what `serve deploy` talks to) refuses requests without Ray's token (401)
+    or with a wrong one (403), and answers with it."""
+    url = f"{dashboard}/api/serve/applications/"
+    assert httpx.get(url, timeout=30).status_code == 401
+    assert httpx.get(url, timeout=30, headers={"Authorization": "Bearer not-the-token"}).status_code == 403
+    token = TOKEN.read_text().strip()
+    assert httpx.get(url, timeout=30, headers={"Authorization": f"Bearer {token}"}).status_code == 200
 
 
 # ---- the machine: fit or not, and put back afterwards ----
