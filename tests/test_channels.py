@@ -135,6 +135,15 @@ class FakeHandle:
         return call
 
 
+async def _with_open_channel() -> tuple[FakeReplica, FakeHandle, IngressChannels]:
+    """A replica, and an ingress whose channel to it is open (a first request opened it)."""
+    replica = FakeReplica("r0")
+    handle, ingress = FakeHandle({"r0": replica}), IngressChannels()
+    await _collect(ingress.stream(handle, FakeCall(replica.generate("w", [1], ingress.channel_id)), "w"))
+    await asyncio.sleep(0.01)
+    return replica, handle, ingress
+
+
 async def _collect(stream: AsyncIterator[RequestOutput]) -> tuple[list[int], str | None]:
     tokens: list[int] = []
     finish = None
@@ -196,10 +205,7 @@ def test_the_acknowledgement_comes_first_even_when_tokens_overtake_it() -> None:
     the call's StreamStart must not be taken for it (a token lost with a 200 otherwise)."""
 
     async def main() -> None:
-        replica = FakeReplica("r0")
-        handle, ingress = FakeHandle({"r0": replica}), IngressChannels()
-        await _collect(ingress.stream(handle, FakeCall(replica.generate("w", [1], ingress.channel_id)), "w"))
-        await asyncio.sleep(0.01)
+        replica, handle, ingress = await _with_open_channel()
         call = FakeCall(replica.generate("a", [7, 8, 9], ingress.channel_id), first_hop_s=0.05)
         items = [out async for out in ingress.stream(handle, call, "a", yield_start=True)]
         assert items[0].new_token_ids == [] and items[0].finish_reason is None
@@ -210,10 +216,7 @@ def test_the_acknowledgement_comes_first_even_when_tokens_overtake_it() -> None:
 
 def test_a_gap_is_an_error_never_a_short_stream() -> None:
     async def main() -> None:
-        replica = FakeReplica("r0")
-        handle, ingress = FakeHandle({"r0": replica}), IngressChannels()
-        await _collect(ingress.stream(handle, FakeCall(replica.generate("w", [1], ingress.channel_id)), "w"))
-        await asyncio.sleep(0.01)
+        replica, handle, ingress = await _with_open_channel()
         outbox = replica.channels._open[ingress.channel_id]
         original = outbox.put
         dropped: list[int] = []
@@ -239,10 +242,7 @@ def test_missing_last_tokens_fail_after_the_grace(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(channels_module, "_MISSING_GRACE_S", 0.1)
 
     async def main() -> None:
-        replica = FakeReplica("r0")
-        handle, ingress = FakeHandle({"r0": replica}), IngressChannels()
-        await _collect(ingress.stream(handle, FakeCall(replica.generate("w", [1], ingress.channel_id)), "w"))
-        await asyncio.sleep(0.01)
+        replica, handle, ingress = await _with_open_channel()
         outbox = replica.channels._open[ingress.channel_id]
         original = outbox.put
         outbox.put = lambda item: None if item[4] is not None else original(item)  # type: ignore[method-assign]
