@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -228,6 +229,30 @@ def pct(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
+def burst_split(records: list[Record]) -> dict[str, float | None]:
+    """Chat streams during long-prompt prefills vs outside them (the mixed workload's question): TPOT p99 of chat
+    requests whose decode overlaps a burst's prefill (from a summarize request's send to its first token) and of the
+    others, and ITL p99 of token gaps inside and outside those windows."""
+    windows = [(r.sent_at_s, r.sent_at_s + r.ttft_s) for r in records if r.kind != "chat" and r.ttft_s is not None]
+    tpot: dict[bool, list[float]] = {True: [], False: []}
+    itl: dict[bool, list[float]] = {True: [], False: []}
+
+    def overlaps(a: float, b: float) -> bool:
+        return any(start < b and a < end for start, end in windows)
+
+    for r in records:
+        times = r.token_times_s
+        if r.kind != "chat" or r.status != 200 or len(times) < 2:
+            continue
+        tpot[overlaps(times[0], times[-1])].append((times[-1] - times[0]) / (len(times) - 1))
+        for a, b in itertools.pairwise(times):
+            itl[overlaps(a, b)].append(b - a)
+    return {
+        "burst_tpot_s_p99": pct(tpot[True], 99), "idle_tpot_s_p99": pct(tpot[False], 99),
+        "burst_itl_s_p99": pct(itl[True], 99), "idle_itl_s_p99": pct(itl[False], 99),
+    }  # fmt: skip
+
+
 def summary(rate: float, records: list[Record], wall_s: float, args: argparse.Namespace) -> dict[str, Any]:
     ok = [r for r in records if r.status == 200]
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
@@ -244,6 +269,7 @@ def summary(rate: float, records: list[Record], wall_s: float, args: argparse.Na
         "slo_attainment": met / len(records) if records else 0.0,
         **{f"{name}_p{q}": pct(values, q) for name, values in
            (("ttft_s", ttft), ("tpot_s", tpot), ("itl_s", itl), ("e2e_s", e2e)) for q in (50, 90, 99)},
+        **burst_split(records),
     }  # fmt: skip
 
 
@@ -265,6 +291,19 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, goodput: floa
             f"{f(r['tpot_s_p50'], 1e3)} / {f(r['tpot_s_p90'], 1e3)} / {f(r['tpot_s_p99'], 1e3)} | "
             f"{f(r['itl_s_p99'], 1e3)} | {f(r['e2e_s_p90'])} | {100 * r['slo_attainment']:.0f}% |"
         )
+    if any(r.get("burst_tpot_s_p99") is not None for r in rows):
+        lines += [
+            "", "Chat streams during long-prompt prefills (bursts) vs outside them:", "",
+            "| rate req/s | chat TPOT p99 ms: burst / idle | ratio | ITL p99 ms: in bursts / outside |",
+            "|---|---|---|---|",
+        ]  # fmt: skip
+        for r in rows:
+            burst, idle = r.get("burst_tpot_s_p99"), r.get("idle_tpot_s_p99")
+            ratio = f"{burst / idle:.2f}" if burst is not None and idle else "—"
+            lines.append(
+                f"| {r['rate']:.2f} | {f(burst, 1e3)} / {f(idle, 1e3)} | {ratio} | "
+                f"{f(r.get('burst_itl_s_p99'), 1e3)} / {f(r.get('idle_itl_s_p99'), 1e3)} |"
+            )
     if goodput is not None:
         lines += ["", f"goodput (≥ {100 * ATTAINMENT:.0f}% of requests within both SLOs): {goodput:.2f} req/s"]
     return "\n".join(lines)

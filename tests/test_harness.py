@@ -70,3 +70,15 @@ def test_a_smoke_run_against_pdserve(tmp_path: Path) -> None:
     # A chunk whose text the detokenizer holds back (part of a UTF-8 character) carries no gap of its own.
     assert all(r["output_tokens"] >= 4 and 1 <= len(r["itl_s"]) <= r["output_tokens"] - 1 for r in records)
     assert (tmp_path / "summary.md").read_text().count("|") > 10
+
+
+def test_burst_split_separates_chat_during_long_prefills() -> None:
+    from harness import Record, burst_split
+
+    burst = Record("summarize", sent_at_s=10.0, prompt_tokens=4000, status=200, ttft_s=2.0)  # prefills 10 -> 12
+    during = Record("chat", 9.0, 20, 200, 0.1, token_times_s=[9.5, 10.5, 11.5, 12.5])  # gaps of 1 s in the window
+    idle = Record("chat", 20.0, 20, 200, 0.1, token_times_s=[20.1, 20.2, 20.3])
+    split = burst_split([burst, during, idle])
+    assert split["burst_tpot_s_p99"] == pytest.approx(1.0) and split["idle_tpot_s_p99"] == pytest.approx(0.1)
+    assert split["burst_itl_s_p99"] == pytest.approx(1.0) and split["idle_itl_s_p99"] == pytest.approx(0.1)
+    assert burst_split([idle])["burst_tpot_s_p99"] is None
