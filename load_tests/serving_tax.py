@@ -90,8 +90,7 @@ def engine_alone(path: str, dtype: str, prompts: list[list[int]], max_tokens: in
 
     if threads is not None:
         torch.set_num_threads(threads)
-    llm = LLMEngine(EngineConfig(ModelConfig(path, dtype), CacheConfig()))
-    engine = AsyncEngine(llm)
+    engine = AsyncEngine(lambda: LLMEngine(EngineConfig(ModelConfig(path, dtype), CacheConfig())), threads)
 
     async def one(i: int, prompt: list[int]) -> Sample:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)

@@ -45,12 +45,17 @@ class EngineWedgedError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, num_threads: int | None = None, stream_interval: int = 1) -> None:
-        """`num_threads`: torch's intra-op threads for the engine thread (None: torch's default for a new thread).
+    def __init__(
+        self, engine: LLMEngine | Callable[[], LLMEngine], num_threads: int | None = None, stream_interval: int = 1
+    ) -> None:
+        """`engine`: the engine, or a function that builds it — then it is built on the engine thread itself (this
+        waits for it), which steps it ~15-20% faster on CPU than an engine built on another thread (measured:
+        SmolLM2 bf16, 16 x (256 -> 64): 4.9-5.2 s vs 4.1-4.3 s; weights prepacked, and oneDNN's and OpenMP's
+        per-thread state made, on the thread that uses them).
+        `num_threads`: torch's intra-op threads for the engine thread (None: torch's default for a new thread).
         torch's thread count is per calling thread under OpenMP: set on another thread, it never reaches ours.
         `stream_interval`: a stream's outputs after its first carry at least this many tokens (or the end): fewer,
         larger messages downstream (vLLM's --stream-interval)."""
-        self.engine = engine
         self.num_threads = num_threads
         self.stream_interval = stream_interval
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -61,7 +66,30 @@ class AsyncEngine:
         self._error: BaseException | None = None
         self._pending: set[asyncio.Future[Any]] = set()  # calls awaiting their command: failed if the thread dies
         self._busy_since: float | None = None  # time.monotonic() the current step or command began (watchdog)
-        self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
+        self._thread = threading.Thread(target=self._main, name="pdserve-engine", daemon=True)
+        self._loop_set = threading.Event()  # the thread waits for the event loop before its first step
+        if isinstance(engine, LLMEngine):
+            self.engine = engine
+            return
+        built: list[LLMEngine | BaseException] = []
+        is_built = threading.Event()
+
+        def build() -> bool:
+            try:
+                built.append(engine())
+                return True
+            except BaseException as e:  # raised to the constructor's caller below
+                built.append(e)
+                return False
+            finally:
+                is_built.set()
+
+        self._build = build
+        self._thread.start()
+        is_built.wait()
+        if isinstance(built[0], BaseException):
+            raise built[0]
+        self.engine = built[0]
 
     # ---- called from the event loop ---------------------------------------------------------------------------
 
@@ -165,6 +193,7 @@ class AsyncEngine:
     def shutdown(self) -> None:
         self._stopped = True
         self._wakeup.set()
+        self._loop_set.set()
 
     # ---- internals --------------------------------------------------------------------------------------------
 
@@ -173,7 +202,9 @@ class AsyncEngine:
             raise EngineDeadError("the engine thread has failed") from self._error
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-            self._thread.start()
+            if not self._thread.is_alive() and self._thread.ident is None:
+                self._thread.start()
+            self._loop_set.set()
         return self._loop
 
     def _submit(self, command: Callable[[], object]) -> None:
@@ -217,10 +248,18 @@ class AsyncEngine:
             if not is_finished:
                 self.abort(request_id)
 
-    def _run(self) -> None:
-        next_reap = 0.0
+    def _main(self) -> None:
         if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
+        build: Callable[[], bool] | None = getattr(self, "_build", None)
+        if build is not None and not build():
+            return  # the constructor raises the build's error
+        self._loop_set.wait()
+        if not self._stopped:
+            self._run()
+
+    def _run(self) -> None:
+        next_reap = 0.0
         try:
             while not self._stopped:
                 self._run_commands()

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import replace
+from functools import partial
 
 import ray
 import torch
@@ -74,8 +75,9 @@ class _EngineReplica:
         if shared_kv and config.device == "cpu":  # GPU caches move over CUDA IPC or NCCL, not host memory
             path = os.path.join(_shm_dir(), f"pdserve-kv-{self.replica_id}-{os.getpid()}")
             engine_config = replace(engine_config, cache=replace(engine_config.cache, shared_path=path))
-        self.llm = LLMEngine(engine_config)
-        self.engine = AsyncEngine(self.llm, num_threads, config.stream_interval)
+        # Built on the engine thread, which then steps it (faster than one built here: see AsyncEngine).
+        self.engine = AsyncEngine(partial(LLMEngine, engine_config), num_threads, config.stream_interval)
+        self.llm = self.engine.engine
         self.channels = ReplicaChannels(self.replica_id)
         self.model_path = model_path
         self.prefix_hit_tokens = 0
