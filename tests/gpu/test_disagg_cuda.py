@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import threading
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -29,6 +30,17 @@ from pdserve.transfer import (
 )
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _shared_kv_secret() -> Iterator[None]:
+    """The peer processes this module spawns share the KV handshake's secret with it, as a cluster's replicas do
+    (they inherit the environment)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PDSERVE_KV_SECRET", "gpu-tests-shared-secret")
+        yield
+
+
 MAX_TOKENS = 16
 
 

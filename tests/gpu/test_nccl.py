@@ -25,6 +25,17 @@ from pdserve.transfer.base import Deadline, planes
 from timing import best_of
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _shared_kv_secret() -> Iterator[None]:
+    """The peer processes this module spawns share the KV handshake's secret with it, as a cluster's replicas do
+    (they inherit the environment)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PDSERVE_KV_SECRET", "gpu-tests-shared-secret")
+        yield
+
+
 nccl = pytest.importorskip("cupy.cuda.nccl", reason="needs cupy with NCCL (the gpu extra)")
 
 from pdserve.transfer.nccl import NcclBackend, NcclCommunicator  # noqa: E402
