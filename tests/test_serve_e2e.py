@@ -4,12 +4,14 @@ colocated baseline, against transformers' generate() on SmolLM2-135M-Instruct (f
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 from transformers import AutoTokenizer
 
@@ -290,3 +292,17 @@ def test_a_tenant_never_hits_another_tenants_prefix_cache(tenants_app, reference
         openai.OpenAI(base_url=tenants_app.base_url, api_key="sk-none", max_retries=0).models.list()
     assert httpx.get(f"{tenants_app.root}/metrics", timeout=10).status_code == 401
     assert tenants_app.wait_blocks_used(0) == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="lowering a niceness needs root or CAP_SYS_NICE")
+def test_replicas_run_level_with_ordinary_processes(apps) -> None:  # type: ignore[no-untyped-def]
+    """Ray starts workers at niceness 15; every pdserve replica (each thread) moves to the config's 0, so a load
+    client at 0 does not take the cores from the engines. Serve's own actors keep Ray's 15."""
+    replicas = [
+        p for p in psutil.process_iter(["cmdline"])
+        if any(f"ServeReplica:{app}:" in arg for arg in p.info["cmdline"] or [] for app in ("disagg", "colocated"))
+    ]  # fmt: skip
+    roles = {arg.rsplit(":", 1)[-1] for p in replicas for arg in p.info["cmdline"] if "ServeReplica:" in arg}
+    assert {"Ingress", "PrefillServer", "DecodeServer", "EngineServer"} <= roles
+    for p in replicas:
+        assert {t.id: os.getpriority(os.PRIO_PROCESS, t.id) for t in p.threads()} == {t.id: 0 for t in p.threads()}

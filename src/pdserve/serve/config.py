@@ -116,6 +116,11 @@ class ServeConfig(BaseModel):
     # One streamed message per engine step from each engine replica to each ingress replica, carrying every
     # request's new tokens (serve/channels.py), instead of one message per request per step.
     output_channels: bool = True
+    # The scheduling niceness of pdserve's replicas (engines and ingress). Ray starts its workers at 15, below every
+    # ordinary process on the host, so a load client, a benchmark tool or any busy program at 0 takes the cores from
+    # the engines (aiperf at 0 made streams ~4x slower). 0 puts them level with ordinary processes, as vLLM's are;
+    # lowering niceness needs root or CAP_SYS_NICE (without it a warning, and Ray's 15 stays); None keeps Ray's.
+    niceness: int | None = Field(0, ge=-20, le=19)
     # With keys, every route but /health and /ready needs `Authorization: Bearer <key>` (api/auth.py).
     api_keys: list[APIKeyConfig] = Field(default_factory=list)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)

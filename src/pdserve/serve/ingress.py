@@ -25,6 +25,7 @@ from pdserve.serve.handoff import colocated_generate, disaggregated_generate
 from pdserve.serve.ingress_router import IngressRouter, RouterCollector, broadcast
 from pdserve.serve.messages import ModelInfo, ReplicaStats
 from pdserve.serve.metrics import IngressMetrics
+from pdserve.serve.process import set_niceness
 from pdserve.serve.spans import route_attributes
 from pdserve.telemetry import configure_tracing, flush, names, span_in
 
@@ -47,6 +48,7 @@ class Ingress:
         engine: DeploymentHandle | None = None,
     ) -> None:
         self.config = config
+        set_niceness(config.niceness)
         configure_tracing("ingress", config.tracing_env)
         self.prefill, self.decode, self.engine = prefill, decode, engine
         self.mode = "colocated" if engine is not None else "disaggregated"

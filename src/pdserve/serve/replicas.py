@@ -31,6 +31,7 @@ from pdserve.router import ReplicaReport, SyncCursor
 from pdserve.serve.channels import Packed, ReplicaChannels, StreamEnd, StreamStart
 from pdserve.serve.config import ServeConfig
 from pdserve.serve.messages import ModelInfo, PrefillResult, ReplicaStats, ReplicaSync, Reservation
+from pdserve.serve.process import pin_process, set_niceness
 from pdserve.serve.spans import prompt_attributes, record_transfer, traced_outputs
 from pdserve.telemetry import child_span, configure_tracing, flush, names, record_error, span_in, start_span
 from pdserve.transfer import (
@@ -61,6 +62,7 @@ class _EngineReplica:
     def __init__(self, config: ServeConfig, model_path: str, shared_kv: bool = False) -> None:
         self.config = config
         pool = getattr(config, self.role)
+        set_niceness(config.niceness)
         if pool.cpus:
             pin_process(pool.cpus)
         # Ray starts workers with OMP_NUM_THREADS=num_cpus (1 for num_cpus=0): without this the engine would run on
@@ -418,15 +420,6 @@ def shared_kv_secret() -> bytes:
     secret = internal_kv._internal_kv_get(_KV_SECRET_KEY, namespace="pdserve")
     assert secret, "Ray's internal KV store lost the KV secret"
     return bytes(secret)
-
-
-def pin_process(cpus: list[int]) -> None:
-    """Run every thread of this process (and those it starts later) on `cpus` only."""
-    for task in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(task), cpus)
-        except OSError:  # a thread that just ended
-            continue
 
 
 def _shm_dir() -> str:
