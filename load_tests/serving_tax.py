@@ -14,7 +14,7 @@ what serving adds inside the replica.
     python load_tests/serving_tax.py --tiny --num-requests 4 --output-len 8   # a seconds-long smoke run
 (start the peer first: ../shared/peers/vllm-cpu.sh "$(python -m pdserve.hub --dtype bfloat16)" 8100)
 
-The client runs at the replicas' niceness (15, where Ray starts its workers), so it does not preempt them.
+The client runs at niceness 15, above the servers' 0 (pdserve's replicas, vLLM), so it does not preempt them.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ sys.path.insert(0, "tests")  # reuse the test harness's cluster helpers
 from pdserve.engine.weights import resolve_dtype
 from pdserve.hub import resolve_model
 from serving import free_port, ray_serve
+
+# Warm-ups use their own prompt: a measured prompt warmed up would be a prefix-cache hit in the run.
+WARMUP_PROMPT = list(range(100, 116))
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def engine_alone(path: str, dtype: str, prompts: list[list[int]], max_tokens: in
         return Sample(first - start, (last - first) / max(num_tokens - 1, 1), num_tokens)
 
     async def run() -> tuple[list[Sample], float]:
-        await one(-1, prompts[0][:16])  # warm-up
+        await one(-1, WARMUP_PROMPT)
         start = time.perf_counter()
         samples = await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts)])
         return list(samples), time.perf_counter() - start
@@ -150,7 +153,7 @@ def _cpu(process: psutil.Process) -> float:
 def measured(name: str, url: str, model: str, prompts: list[list[int]], max_tokens: int, app: str | None) -> Result:
     processes = serve_processes(app) if app is not None else {}
     processes["client"] = [psutil.Process()]
-    samples, wall = asyncio.run(http_load(url, model, prompts[:1], 4))  # warm-up before the CPU baseline
+    samples, wall = asyncio.run(http_load(url, model, [WARMUP_PROMPT], 4))  # warm-up before the CPU baseline
     before = {p: cpu for ps in processes.values() for p in ps if (cpu := _cpu_or_none(p)) is not None}
     samples, wall = asyncio.run(http_load(url, model, prompts, max_tokens))
     cpu: dict[str, float] = {}
@@ -279,7 +282,7 @@ def main() -> None:
         help="run every system this many times, interleaved; each row is the median run (by tok/s)",
     )  # fmt: skip
     args = parser.parse_args()
-    os.nice(15 - os.nice(0))  # the replicas' niceness
+    os.nice(15 - os.nice(0))  # below the servers (0), as Serve's proxy and HAProxy run (Ray's 15)
     fronts = args.front or ["proxy"]
 
     dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
@@ -292,17 +295,21 @@ def main() -> None:
         path = str(resolve_model(args.model, "bfloat16" if dtype == "bfloat16" else "float32"))
         vocab = 49000
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.num_requests)]
+
+    def fresh_prompts() -> list[list[int]]:  # new ones every round: a server's prefix cache outlives a round
+        return [torch.randint(200, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.num_requests)]
+
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
     model_line = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line), "?")
     flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in lscpu]
     print(
         f"# {model_line}; flags: {' '.join(flags)}; dtype {dtype}; {args.num_requests} x ({args.prompt_len} -> "
-        f"{args.output_len}) concurrent greedy streams; client at niceness {os.nice(0)} like the replicas; "
+        f"{args.output_len}) concurrent greedy streams; client at niceness {os.nice(0)}, servers at 0; "
         f"torch threads per engine: {args.threads or 'one per core it may use'}"
     )
     runs: dict[str, list[Result]] = {}  # system -> its result in each round, systems in the order they ran
     for _ in range(args.rounds):  # rounds interleave the systems, so a slow spell of a shared host hits them all
+        prompts = fresh_prompts()
         results = [engine_alone(path, dtype, prompts, args.output_len, args.threads)]
         for front in fronts:
             results += serve_systems(args, front, path, dtype, prompts)

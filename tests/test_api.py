@@ -81,8 +81,15 @@ class FakeBackend:
         if self.finish_override is not None and start > 0:
             finish = self.finish_override
         self.num_yielded += len(chunk)
-        logprobs = [logprob_of(t) for t in chunk] if request.logprobs else None
-        return GenerationDelta(chunk, logprobs, finish, len(request.prompt_token_ids), num_cached_tokens=1)
+        top = range(request.top_logprobs)  # alternatives: token ids 0..k-1, each less likely than the last
+        logprobs = [(logprob_of(t), tuple((j, -1.0 - j) for j in top)) for t in chunk] if request.logprobs else None
+        prompt_logprobs = None
+        if start == 0 and request.prompt_logprobs is not None:
+            top = range(request.prompt_logprobs)
+            prompt_logprobs = [(logprob_of(t), tuple((j, -1.0 - j) for j in top)) for t in request.prompt_token_ids[1:]]
+        return GenerationDelta(
+            chunk, logprobs, finish, len(request.prompt_token_ids), num_cached_tokens=1, prompt_logprobs=prompt_logprobs
+        )
 
     async def is_healthy(self) -> bool:
         return self.is_healthy_now
@@ -192,6 +199,39 @@ def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(
     counts = [c.usage.completion_tokens for c in chunks]
     assert counts == sorted(counts) and counts[-1] == len(backend.script)
     assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+
+
+# The bodies the load tools send, as recorded from guidellm 0.8.1 (request_handlers.py) and aiperf 0.13.0
+# (inputs.json of a run): docs/LOAD_TESTS.md runs both unchanged against pdserve.
+LOAD_TOOL_BODIES = {
+    "guidellm-chat": ("/v1/chat/completions", {
+        "model": "fake-model", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi there"}]}],
+        "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        "max_completion_tokens": 5, "stop": None, "ignore_eos": True,
+    }),
+    "guidellm-text": ("/v1/completions", {
+        "model": "fake-model", "prompt": "hi there", "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        "max_tokens": 5, "stop": None, "ignore_eos": True,
+    }),
+    "aiperf-chat": ("/v1/chat/completions", {
+        "model": "fake-model", "messages": [{"role": "user", "content": " On the green coverlet"}], "stream": True,
+        "max_completion_tokens": 5, "stream_options": {"include_usage": True},
+    }),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("tool", sorted(LOAD_TOOL_BODIES))
+def test_load_tools_bodies_are_served_as_asked(http: httpx.Client, backend: FakeBackend, tool: str) -> None:
+    path, body = LOAD_TOOL_BODIES[tool]
+    response = http.post(path, json=body)
+    assert response.status_code == 200, response.text
+    chunks = [json.loads(p) for p in sse_payloads(response) if p != "[DONE]"]
+    assert sse_payloads(response)[-1] == "[DONE]"
+    assert chunks[-1]["usage"]["completion_tokens"] == 5 and backend.requests[0].max_tokens == 5
+    assert backend.requests[0].ignore_eos == bool(body.get("ignore_eos"))
+    continuous = body["stream_options"].get("continuous_usage_stats", False)
+    assert all(c.get("usage") for c in chunks) == continuous
 
 
 def test_chat_stream_equals_whole(client: openai.OpenAI, backend: FakeBackend, tokenizer: Any) -> None:
@@ -371,10 +411,10 @@ def chat(**fields: Any) -> tuple[str, dict[str, Any]]:
         (completion(temperature=2.5), 400, "temperature", None),
         (completion(top_p=0), 400, "top_p", None),
         (completion(top_k=-2), 400, "top_k", None),
-        (completion(n=2), 400, "n", None),
+        (completion(n=17), 400, "n", None),
         (completion(stop=["a", "b", "c", "d", "e"]), 400, "stop", None),
-        (completion(logprobs=3), 400, "logprobs", None),
-        (completion(echo=True), 400, "echo", None),
+        (completion(logprobs=21), 400, "logprobs", None),
+        (completion(max_tokens=0), 400, "max_tokens", None),  # 0 only with echo
         (completion(presence_penalty=1), 400, "presence_penalty", None),
         (completion(stream_options={"include_usage": True}), 400, "stream_options", None),
         (completion(stream="yes"), 400, "stream", None),
@@ -389,7 +429,7 @@ def chat(**fields: Any) -> tuple[str, dict[str, Any]]:
             "messages[0].content[0].type",
             None,
         ),
-        (chat(logprobs=True, top_logprobs=2), 400, "top_logprobs", None),
+        (chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", None),
         (chat(max_completion_tokens=200), 400, "max_completion_tokens", CONTEXT),
         (chat(messages=[{"role": "user", "content": "x " * 200}]), 400, "messages", CONTEXT),
     ],

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ import torch
 from handoff import prefill_then_decode
 from oracle import greedy, load_reference_model, random_prompts, run_staggered
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from pdserve.engine import EngineRequest, FinishReason, KVReservation, LLMEngine, SamplingParams
+from pdserve.engine import EngineRequest, FinishReason, KVReservation, LLMEngine, RequestOutput, SamplingParams
+from pdserve.engine.request import TokenLogprob
 from pdserve.engine.weights import resolve_dtype
 from pdserve.kvcache import KVEventKind, hash_block_chain
 
@@ -229,20 +232,63 @@ def test_top_k_1_and_tiny_top_p_are_greedy(llama: Path) -> None:
     assert run_staggered(engine, [(0, req("k", prompt, k1)), (0, req("p", prompt, p0))]) == {"k": want, "p": want}
 
 
-def test_logprobs_match_transformers(llama: Path) -> None:
-    prompt = random_prompts([25], 500, seed=10)[0]
-    engine = make_engine(llama)
-    engine.add_request(req("l", prompt, greedy(6, logprobs=True)))
-    tokens, logprobs = [], []
+@pytest.mark.parametrize("seed", range(12))
+def test_logprobs_and_prompt_logprobs_match_transformers(llama: Path, seed: int) -> None:
+    """Sampled tokens' logprobs, their top-k alternatives and every prompt token's logprob (with its top-k) equal
+    transformers' log-softmax to 1e-4: requests of random lengths (2 tokens up) prefilled in 16-token chunks
+    beside each other, some repeating a cached prompt (prompt logprobs must not skip the cached part)."""
+    rng = random.Random(seed)
+    engine = make_engine(llama, budget=16)
+    prompts = random_prompts([rng.randint(2, 40) for _ in range(4)], 500, seed=seed)
+    prompts.append(prompts[0][:])  # the same prompt again: its blocks are cached by now
+    params = [
+        greedy(rng.randint(1, 6), logprobs=True, top_logprobs=rng.randint(0, 20),
+               prompt_logprobs=rng.choice([None, 0, 1, 5, 20]))
+        for _ in prompts
+    ]  # fmt: skip
+    results: dict[str, tuple[list[int], list[TokenLogprob], list[TokenLogprob] | None]] = {}
+    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        engine.add_request(req(f"r{i}", prompt, p))
+        if i == 3:  # the repeat arrives after the first finished: a prefix-cache hit for anyone who would use it
+            while engine.has_unfinished():
+                _collect(engine.step(), results)
     while engine.has_unfinished():
-        for out in engine.step():
-            tokens += out.new_token_ids
-            logprobs += out.new_logprobs or []
+        _collect(engine.step(), results)
     model = load_reference_model(llama)
-    with torch.inference_mode():
-        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]
-    want = logits.log_softmax(-1).gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1)
-    assert torch.allclose(torch.tensor(logprobs), want, atol=1e-4)
+    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        tokens, logprobs, prompt_logprobs = results[f"r{i}"]
+        with torch.inference_mode():
+            ref = model(torch.tensor([prompt + tokens])).logits[0].log_softmax(-1)
+        sequence = prompt + tokens
+        _check(ref, sequence, range(len(prompt) - 1, len(sequence) - 1), logprobs, p.top_logprobs)
+        if p.prompt_logprobs is None:
+            assert prompt_logprobs is None
+        else:
+            assert prompt_logprobs is not None and len(prompt_logprobs) == len(prompt) - 1
+            _check(ref, sequence, range(0, len(prompt) - 1), prompt_logprobs, p.prompt_logprobs)
+
+
+def _collect(outputs: list[RequestOutput], results: dict[str, Any]) -> None:
+    for out in outputs:
+        tokens, logprobs, prompt_logprobs = results.setdefault(out.request_id, ([], [], None))
+        tokens += out.new_token_ids
+        logprobs += out.new_logprobs or []
+        if out.prompt_logprobs is not None:
+            assert prompt_logprobs is None, "prompt logprobs come once"
+            results[out.request_id] = (tokens, logprobs, out.prompt_logprobs)
+
+
+def _check(ref: torch.Tensor, sequence: list[int], rows: range, got: list[TokenLogprob], k: int) -> None:
+    """Row r of `ref` (log-softmax) predicts sequence[r + 1]: its logprob, and the k most likely tokens (to 5e-4:
+    this random model's logits are large, and chunked prefill sums them in another order; SmolLM2: 1e-4)."""
+    assert len(got) == len(rows)
+    for row, (logprob, top) in zip(rows, got, strict=True):
+        assert logprob == pytest.approx(float(ref[row, sequence[row + 1]]), abs=5e-4, rel=5e-5)
+        assert len(top) == k
+        want = ref[row].topk(k).values.tolist() if k else []
+        assert [v for _, v in top] == pytest.approx(want, abs=5e-4, rel=5e-5)
+        named = [float(ref[row, t]) for t, _ in top]  # each named token has that logprob
+        assert [v for _, v in top] == pytest.approx(named, abs=5e-4, rel=5e-5)
 
 
 def test_kv_events_follow_the_prompt_hash_chain(llama: Path) -> None:

@@ -7,6 +7,8 @@ output is detokenized with stop strings (generation.py) and shaped as a whole bo
 from __future__ import annotations
 
 import asyncio
+import copy
+import hashlib
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -18,10 +20,12 @@ from opentelemetry import trace
 from opentelemetry.util.types import AttributeValue
 from pydantic import BaseModel
 
+import pdserve
 from pdserve.api.auth import APIKeyAuth, APIKeys, tenant_salt
 from pdserve.api.backend import Backend, GenerationRequest
+from pdserve.api.choices import ChoiceStreams, choice_requests, collect_choices, total_usage
 from pdserve.api.errors import SERVER_ERROR, APIError, error_response, install_error_handlers
-from pdserve.api.formats import ChatFormat, CompletionFormat, ResponseFormat, ResponseMeta
+from pdserve.api.formats import ChatFormat, CompletionFormat, Echo, ResponseFormat, ResponseMeta
 from pdserve.api.generation import Generation, collect, first_delta_within, usage_attributes
 from pdserve.api.intake import (
     RequestLimits,
@@ -30,11 +34,12 @@ from pdserve.api.intake import (
     check_model,
     context_max_tokens,
     generation_request,
+    with_defaults,
 )
 from pdserve.api.metrics import APIMetrics
 from pdserve.api.middleware import BodySizeLimit, HTTPMetrics, UnhandledErrors
 from pdserve.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields
-from pdserve.api.sse import EventStreamResponse, stream_events
+from pdserve.api.sse import EventStreamResponse, choice_events, stream_events
 from pdserve.telemetry import names, span_in, traceparent
 
 T = TypeVar("T")
@@ -51,6 +56,15 @@ class APIState:
     first_token_wait_s: float  # how long a stream holds its headers back for the first token (errors keep a status)
     sse_keepalive_s: float  # then, a keep-alive comment this often until the first token
     limits: RequestLimits
+    fingerprint: str  # system_fingerprint: pdserve's version, the model and the chat template that serve
+    sampling_defaults: dict[str, Any]  # the model's generation_config.json defaults
+
+
+def system_fingerprint(backend: Backend, chat_template: str | None) -> str:
+    """OpenAI's `system_fingerprint`: equal across responses exactly when the server's version, model and chat
+    template are (seeded outputs are comparable then)."""
+    parts = [pdserve.__version__, backend.model_name, str(backend.max_model_len), chat_template or ""]
+    return "fp_" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:10]
 
 
 def create_app(
@@ -61,11 +75,15 @@ def create_app(
     sse_keepalive_s: float = 5.0,
     api_keys: APIKeys | None = None,
     limits: RequestLimits | None = None,
+    chat_template: str | None = None,
+    sampling_defaults: dict[str, Any] | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app over `backend`: /v1/completions, /v1/chat/completions, /v1/models, /health,
     /ready, /metrics. Bodies over `max_body_bytes` are refused with 413. A stream whose first token takes longer
     than `first_token_wait_s` starts anyway and sends a keep-alive comment every `sse_keepalive_s`. With
-    `api_keys`, every route but /health and /ready needs a key (auth.py); `limits` bound what a request may ask."""
+    `api_keys`, every route but /health and /ready needs a key (auth.py); `limits` bound what a request may ask.
+    `chat_template` (Jinja) replaces the tokenizer's own; `sampling_defaults` (intake.sampling_defaults: the
+    model's generation_config.json) are the defaults of the fields a request leaves unset."""
     # Bodies without a Content-Type are read as JSON, as OpenAI does (FastAPI's strict default refuses them).
     # FastAPI's native OpenTelemetry makes the request's SERVER span (continuing a client `traceparent`) whenever
     # a tracer provider is configured (pdserve.telemetry); our spans hang under it, without FastAPI's per-operation
@@ -77,8 +95,9 @@ def create_app(
     metrics = APIMetrics()
     limits = limits or RequestLimits()
     app.state.pdserve = APIState(
-        backend, Tokenization(backend.tokenizer, backend.max_model_len), int(time.time()), metrics,
-        first_token_wait_s, sse_keepalive_s, limits,
+        backend, Tokenization(backend.tokenizer, backend.max_model_len, chat_template), int(time.time()), metrics,
+        first_token_wait_s, sse_keepalive_s, limits, system_fingerprint(backend, chat_template),
+        dict(sampling_defaults or {}),
     )  # fmt: skip
     app.state.api_keys = api_keys
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
@@ -141,16 +160,29 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
     """Completion of a text or token-id prompt; SSE when `stream` is set. 400 for invalid input, 404 for an
     unknown model, 429/503 when the backend has no room."""
     check_model(state.backend, body.model)
+    body = with_defaults(body, state.sampling_defaults)
     check_limits(body, state.limits, "max_tokens")
     with span_in(traceparent(), names.SPAN_TOKENIZE):
         prompt_ids = await state.tokenization.completion_prompt(body.prompt)
+    # max_tokens 0 with echo scores the prompt (evaluation harnesses' log-likelihood): one token is generated for
+    # the prompt's logprobs to come back with, and dropped.
+    score_only = body.max_tokens == 0
+    if score_only and not body.echo:
+        raise APIError(400, "max_tokens may be 0 only with echo (to score the prompt)", param="max_tokens")
     limit = state.backend.max_model_len
     max_tokens = context_max_tokens(
-        len(prompt_ids), limit, body.max_tokens, "prompt", "max_tokens", state.limits.max_tokens
+        len(prompt_ids), limit, 1 if score_only else body.max_tokens, "prompt", "max_tokens", state.limits.max_tokens
     )
-    meta = ResponseMeta.new("cmpl", body.model)
-    fmt = CompletionFormat(meta, state.backend.tokenizer, with_logprobs=body.logprobs is not None)
-    return await _serve(state, body, request, prompt_ids, max_tokens, fmt)
+    meta = ResponseMeta.new("cmpl", body.model, state.fingerprint)
+    echo = None
+    if body.echo:
+        text = body.prompt if isinstance(body.prompt, str) else state.backend.tokenizer.decode(prompt_ids)
+        echo = Echo(text, prompt_ids)
+    fmt = CompletionFormat(meta, state.backend.tokenizer, with_logprobs=body.logprobs is not None, echo=echo)
+    prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    return await _serve(
+        state, body, request, prompt_ids, max_tokens, fmt, body.logprobs or 0, prompt_logprobs, score_only
+    )
 
 
 @router.post("/v1/chat/completions")
@@ -158,18 +190,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     """Chat completion through the model's chat template; SSE when `stream` is set. Without a token limit the
     reply may fill the context. Errors as for /v1/completions."""
     check_model(state.backend, body.model)
+    body = with_defaults(body, state.sampling_defaults)
     asked, param = body.output_limit()
     check_limits(body, state.limits, param)
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     if len(body.messages) > state.limits.max_messages:
         raise APIError(400, f"at most {state.limits.max_messages} messages are allowed", param="messages")
     with span_in(traceparent(), names.SPAN_TOKENIZE):
-        prompt_ids = await state.tokenization.chat_prompt(body.messages)
+        prompt_ids = await state.tokenization.chat_prompt(
+            body.messages, body.chat_template_kwargs, body.add_generation_prompt, body.continue_final_message
+        )
     max_tokens = context_max_tokens(
         len(prompt_ids), state.backend.max_model_len, asked, "messages", param, state.limits.max_tokens
     )
-    meta = ResponseMeta.new("chatcmpl", body.model)
+    meta = ResponseMeta.new("chatcmpl", body.model, state.fingerprint)
     fmt = ChatFormat(meta, state.backend.tokenizer, with_logprobs=body.logprobs)
-    return await _serve(state, body, request, prompt_ids, max_tokens, fmt)
+    return await _serve(state, body, request, prompt_ids, max_tokens, fmt, body.top_logprobs)
 
 
 async def _serve(
@@ -179,6 +216,9 @@ async def _serve(
     prompt_ids: list[int],
     max_tokens: int,
     fmt: ResponseFormat,
+    top_logprobs: int = 0,
+    prompt_logprobs: int | None = None,
+    discard_output: bool = False,
 ) -> Response:
     """Hand the request to the backend and answer with the whole output, or stream it."""
     span = trace.get_current_span()  # the request's SERVER span (FastAPI's)
@@ -186,10 +226,13 @@ async def _serve(
     gen_request = generation_request(
         body, vocab_size, fmt.meta.id, prompt_ids, max_tokens, fmt.with_logprobs,
         traceparent(span) or request.headers.get("traceparent"),  # tracing off here: pass the client's on
-        cache_salt=tenant_salt(getattr(request.state, "tenant", None), body.cache_salt),
+        cache_salt=tenant_salt(getattr(request.state, "tenant", None), body.cache_salt), top_logprobs=top_logprobs,
+        prompt_logprobs=prompt_logprobs,
     )  # fmt: skip
     span.set_attributes(request_attributes(gen_request, fmt))
-    generation = Generation(gen_request, state.backend.tokenizer, body.stop_strings())
+    if body.n > 1:
+        return await _serve_choices(state, body, request, gen_request, fmt, discard_output)
+    generation = Generation(gen_request, state.backend.tokenizer, body.stop_strings(), discard_output)
     deltas = state.backend.generate(gen_request)
     if body.stream:
         # The first delta before the headers when it comes soon, so that "no room" is still a 429; past that
@@ -205,6 +248,38 @@ async def _serve(
         return Response(status_code=499)  # nginx's "client closed request"; nobody is left to read it
     span.set_attributes(usage_attributes(generation))
     return _json(fmt.whole(piece, generation.usage()))
+
+
+async def _serve_choices(
+    state: APIState,
+    body: SamplingFields,
+    request: Request,
+    gen_request: GenerationRequest,
+    fmt: ResponseFormat,
+    discard_output: bool,
+) -> Response:
+    """`n` choices of one prompt (choices.py): one backend request each, sharing the prompt's cached blocks."""
+    requests = choice_requests(gen_request, body.n)
+    generations = [Generation(r, state.backend.tokenizer, body.stop_strings(), discard_output) for r in requests]
+    fmts = [fmt] + [copy.copy(fmt) for _ in requests[1:]]  # a format keeps per-choice state (text offsets)
+    streams = ChoiceStreams(state.backend, requests)
+    if body.stream:
+        try:
+            if await streams.first() is None:
+                raise RuntimeError("the backend's stream ended without output")
+        except BaseException:
+            await streams.aclose()
+            raise
+        events = choice_events(streams, generations, fmts, body.include_usage(), body.continuous_usage())
+        return EventStreamResponse(events, streams)
+    pieces = await _unless_disconnected(request, collect_choices(streams, generations))
+    if pieces is None:
+        return Response(status_code=499)
+    whole = fmt.whole(pieces[0], total_usage(generations))
+    whole.choices = [f.whole(p, total_usage(generations)).choices[0] for f, p in zip(fmts, pieces, strict=True)]  # type: ignore[attr-defined]
+    for i, choice in enumerate(whole.choices):  # type: ignore[attr-defined]
+        choice.index = i
+    return _json(whole)
 
 
 async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T | None:

@@ -14,6 +14,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+# A token's log-probability and its top alternatives: (logprob, ((token_id, logprob), ...)), most likely first
+TokenLogprob = tuple[float, tuple[tuple[int, float], ...]]
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -28,6 +31,9 @@ class GenerationRequest:
     ignore_eos: bool
     min_tokens: int
     logprobs: bool
+    top_logprobs: int = 0  # with logprobs: the most likely alternatives of each token, this many
+    min_p: float = 0.0
+    prompt_logprobs: int | None = None  # each prompt token's logprob (all but the first), with this many top ones
     cache_salt: str | None = None  # tenants that must not share prefix-cache blocks
     traceparent: str | None = None  # W3C trace context of the HTTP request, carried across every hop
 
@@ -37,10 +43,11 @@ class GenerationDelta:
     """New tokens of one request since the previous delta."""
 
     token_ids: list[int]
-    logprobs: list[float] | None  # parallel to token_ids when asked for
+    logprobs: list[TokenLogprob] | None  # parallel to token_ids when asked for
     finish_reason: str | None  # "stop" | "length" | "abort"; None while running
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens the computing replica took from its prefix cache (read from the first)
+    prompt_logprobs: list[TokenLogprob] | None = None  # in the first delta, when asked for: prompt tokens 1..
 
 
 class CapacityError(Exception):

@@ -124,6 +124,16 @@ def describe_validation_errors(errors: Sequence[Any]) -> tuple[str, str | None]:
     error, kind = deepest[0], deepest[0].get("type")
     if kind == "json_invalid":
         return "the request body is not valid JSON", None
+    for e in errors:  # a field refused by name (protocol.py's UnknownFieldError, UnsupportedFieldError)
+        cause = e.get("ctx", {}).get("error")
+        if hasattr(cause, "param"):
+            return str(cause), cause.param
+    if kind == "extra_forbidden":  # a key no nested object defines (messages[0].tool_calls)
+        at, key = _param_path(error.get("loc", ())[:-1]), error.get("loc", ())[-1]
+        if isinstance(key, str) and len(key) <= 64 and _IDENTIFIER.fullmatch(key):
+            named = f"{at}.{key}" if at else key
+            return f"unrecognized request argument supplied: {named}", named
+        return "unrecognized request argument", at
     param = _param_path(error.get("loc", ()))
     if param is None:
         return ("the request body is missing", None) if kind == "missing" else (_NOT_AN_OBJECT, None)

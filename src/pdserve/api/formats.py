@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
+from pdserve.api.backend import TokenLogprob
 from pdserve.api.generation import Piece
 from pdserve.api.protocol import (
     AssistantMessage,
@@ -38,10 +39,11 @@ class ResponseMeta:
     id: str  # also the backend's request id
     model: str
     created: int  # unix seconds
+    fingerprint: str | None = None  # OpenAI's system_fingerprint: what served it (changes with the configuration)
 
     @classmethod
-    def new(cls, id_prefix: str, model: str) -> ResponseMeta:
-        return cls(f"{id_prefix}-{uuid.uuid4().hex}", model, int(time.time()))
+    def new(cls, id_prefix: str, model: str, fingerprint: str | None = None) -> ResponseMeta:
+        return cls(f"{id_prefix}-{uuid.uuid4().hex}", model, int(time.time()), fingerprint)
 
 
 class ResponseFormat(Protocol):
@@ -64,10 +66,26 @@ def token_texts(tokenizer: Any, token_ids: list[int]) -> list[str]:
     return [str(t) for t in tokenizer.batch_decode([[t] for t in token_ids])]
 
 
+def top_texts(tokenizer: Any, logprobs: list[TokenLogprob]) -> list[tuple[float, list[tuple[str, float]]]]:
+    """Each token's logprob with its alternatives named by their text (one batched decode for all of them)."""
+    ids = [token_id for _, alternatives in logprobs for token_id, _ in alternatives]
+    texts = iter(token_texts(tokenizer, ids))
+    return [(lp, [(next(texts), alp) for _, alp in alternatives]) for lp, alternatives in logprobs]
+
+
+@dataclass(frozen=True)
+class Echo:
+    """The prompt a completion repeats before its output (`echo`)."""
+
+    text: str
+    token_ids: list[int]
+
+
 class CompletionFormat:
-    def __init__(self, meta: ResponseMeta, tokenizer: Any, with_logprobs: bool) -> None:
+    def __init__(self, meta: ResponseMeta, tokenizer: Any, with_logprobs: bool, echo: Echo | None = None) -> None:
         self.meta, self.tokenizer, self.with_logprobs = meta, tokenizer, with_logprobs
         self._text_offset = 0  # where the next reported token starts, counted over token texts (as vLLM does)
+        self._echo = echo  # until the first choice goes out
 
     def whole(self, piece: Piece, usage: Usage) -> CompletionResponse:
         return self._body([self._choice(piece)], usage)
@@ -83,18 +101,38 @@ class CompletionFormat:
 
     def _body(self, choices: list[CompletionChoice], usage: Usage | None) -> CompletionResponse:
         m = self.meta
-        return CompletionResponse(id=m.id, created=m.created, model=m.model, choices=choices, usage=usage)
+        return CompletionResponse(
+            id=m.id, created=m.created, model=m.model, choices=choices, usage=usage, system_fingerprint=m.fingerprint
+        )
 
     def _choice(self, piece: Piece) -> CompletionChoice:
-        return CompletionChoice(text=piece.text, logprobs=self._logprobs(piece), finish_reason=piece.finish_reason)
+        text, token_ids, logprobs = piece.text, piece.token_ids, list[TokenLogprob | None](piece.logprobs)
+        if self._echo is not None:  # the first choice repeats the prompt: its first token has no logprob
+            echo, self._echo = self._echo, None
+            text, token_ids = echo.text + text, echo.token_ids + token_ids
+            logprobs = [None, *(piece.prompt_logprobs or []), *logprobs]
+        choice_logprobs = self._logprobs(token_ids, logprobs) if self.with_logprobs else None
+        return CompletionChoice(text=text, logprobs=choice_logprobs, finish_reason=piece.finish_reason)
 
-    def _logprobs(self, piece: Piece) -> CompletionLogprobs | None:
-        if not self.with_logprobs:
-            return None
-        tokens = token_texts(self.tokenizer, piece.token_ids)
+    def _logprobs(self, token_ids: list[int], logprobs: list[TokenLogprob | None]) -> CompletionLogprobs:
+        tokens = token_texts(self.tokenizer, token_ids)
         offsets = list(accumulate((len(t) for t in tokens), initial=self._text_offset))
         self._text_offset = offsets.pop()
-        return CompletionLogprobs(tokens=tokens, token_logprobs=piece.logprobs, text_offset=offsets)
+        known = [lp for lp in logprobs if lp is not None]
+        top = None
+        if any(alternatives for _, alternatives in known):  # as vLLM: the top ones, and the sampled one
+            named = iter(top_texts(self.tokenizer, known))
+            top = [
+                None if lp is None else {**dict(alternatives), token: value}
+                for token, lp in zip(tokens, logprobs, strict=True)
+                for value, alternatives in ([next(named)] if lp is not None else [(0.0, [])])
+            ]
+        return CompletionLogprobs(
+            tokens=tokens,
+            token_logprobs=[None if lp is None else lp[0] for lp in logprobs],
+            top_logprobs=top,
+            text_offset=offsets,
+        )
 
 
 class ChatFormat:
@@ -108,7 +146,9 @@ class ChatFormat:
             finish_reason=piece.finish_reason,
         )
         m = self.meta
-        return ChatCompletionResponse(id=m.id, created=m.created, model=m.model, choices=[choice], usage=usage)
+        return ChatCompletionResponse(
+            id=m.id, created=m.created, model=m.model, choices=[choice], usage=usage, system_fingerprint=m.fingerprint
+        )
 
     def opening(self) -> list[BaseModel]:
         return [self._chunk([ChunkChoice(delta=DeltaMessage(role="assistant", content=""))])]
@@ -124,7 +164,9 @@ class ChatFormat:
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         m = self.meta
-        return ChatCompletionChunk(id=m.id, created=m.created, model=m.model, choices=choices, usage=usage)
+        return ChatCompletionChunk(
+            id=m.id, created=m.created, model=m.model, choices=choices, usage=usage, system_fingerprint=m.fingerprint
+        )
 
     def _logprobs(self, piece: Piece) -> ChatLogprobs | None:
         if not self.with_logprobs:
@@ -132,7 +174,14 @@ class ChatFormat:
         tokens = token_texts(self.tokenizer, piece.token_ids)
         return ChatLogprobs(
             content=[
-                ChatTokenLogprob(token=t, logprob=lp, bytes=None if _REPLACEMENT in t else list(t.encode()))
-                for t, lp in zip(tokens, piece.logprobs, strict=True)
+                ChatTokenLogprob(
+                    token=t, logprob=lp, bytes=_bytes(t),
+                    top_logprobs=[{"token": a, "logprob": alp, "bytes": _bytes(a)} for a, alp in alternatives],
+                )
+                for t, (lp, alternatives) in zip(tokens, top_texts(self.tokenizer, piece.logprobs), strict=True)
             ]
-        )
+        )  # fmt: skip
+
+
+def _bytes(text: str) -> list[int] | None:
+    return None if _REPLACEMENT in text else list(text.encode())

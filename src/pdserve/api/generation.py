@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 from opentelemetry.util.types import AttributeValue
 
-from pdserve.api.backend import GenerationDelta, GenerationRequest
+from pdserve.api.backend import GenerationDelta, GenerationRequest, TokenLogprob
 from pdserve.api.detokenizer import IncrementalDetokenizer
 from pdserve.api.errors import SERVER_ERROR, APIError
 from pdserve.api.protocol import PromptTokensDetails, Usage
@@ -26,16 +26,24 @@ class Piece:
 
     text: str
     token_ids: list[int]
-    logprobs: list[float]
+    logprobs: list[TokenLogprob]
     finish_reason: str | None
+    prompt_logprobs: list[TokenLogprob] | None = None  # in the first piece, when asked for
 
 
 class Generation:
-    def __init__(self, request: GenerationRequest, tokenizer: Any, stop: list[str]) -> None:
+    def __init__(
+        self, request: GenerationRequest, tokenizer: Any, stop: list[str], discard_output: bool = False
+    ) -> None:
         self.request = request
+        self.discard_output = (
+            discard_output  # scoring a prompt (echo, max_tokens 0): the one token generated is dropped
+        )
+        self.prompt_logprobs: list[TokenLogprob] | None = None
+        self._sent_prompt_logprobs = False
         self.detokenizer = IncrementalDetokenizer(tokenizer, stop)
         self.token_ids: list[int] = []
-        self.logprobs: list[float] = []
+        self.logprobs: list[TokenLogprob] = []
         self.num_reported = 0  # tokens already handed out in a Piece
         self.num_cached_tokens = 0
         self.finish_reason: str | None = None
@@ -55,6 +63,10 @@ class Generation:
             )  # fmt: skip
         if not self.token_ids:  # the prompt's cache hit is fixed where it was computed: the first delta says it
             self.num_cached_tokens = delta.num_cached_tokens
+            self.prompt_logprobs = delta.prompt_logprobs
+        if self.discard_output:
+            self.finish_reason = "length"
+            return self._piece("")
         self.token_ids.extend(delta.token_ids)
         self.logprobs.extend(delta.logprobs or [])
         text = self.detokenizer.add(delta.token_ids)
@@ -68,7 +80,7 @@ class Generation:
     def whole(self) -> Piece:
         """All the output, for a non-streaming response."""
         assert self.is_finished
-        return Piece(self.detokenizer.text, self.token_ids, self.logprobs, self.finish_reason)
+        return Piece(self.detokenizer.text, self.token_ids, self.logprobs, self.finish_reason, self.prompt_logprobs)
 
     def usage(self) -> Usage:
         num_prompt_tokens = len(self.request.prompt_token_ids)
@@ -81,7 +93,10 @@ class Generation:
 
     def _piece(self, text: str) -> Piece:
         start, self.num_reported = self.num_reported, len(self.token_ids)
-        return Piece(text, self.token_ids[start:], self.logprobs[start:], self.finish_reason)
+        prompt_logprobs, self._sent_prompt_logprobs = (
+            None if self._sent_prompt_logprobs else self.prompt_logprobs
+        ), True  # fmt: skip
+        return Piece(text, self.token_ids[start:], self.logprobs[start:], self.finish_reason, prompt_logprobs)
 
 
 async def first_delta(deltas: AsyncIterator[GenerationDelta]) -> GenerationDelta | None:

@@ -4,9 +4,12 @@ checks. Everything here raises APIError (400/404) before the backend sees anythi
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 from jinja2 import TemplateError, TemplateSyntaxError
@@ -16,6 +19,13 @@ from pdserve.api.errors import APIError
 from pdserve.api.protocol import ChatMessage, SamplingFields
 
 T = TypeVar("T")
+B = TypeVar("B", bound=SamplingFields)
+# apply_chat_template's own arguments: chat_template_kwargs may not set them
+RENDER_ARGUMENTS = frozenset(
+    {"conversation", "chat_template", "add_generation_prompt", "continue_final_message", "tokenize", "return_dict",
+     "tools", "documents", "padding", "truncation", "max_length", "return_tensors", "return_assistant_tokens_mask",
+     "tokenizer_kwargs"}
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -52,8 +62,9 @@ class Tokenization:
     to exceed the context is refused before it is tokenized: no token covers more characters than the longest
     token of the vocabulary, so a text of C characters has at least C / that many tokens."""
 
-    def __init__(self, tokenizer: Any, max_model_len: int | None = None) -> None:
+    def __init__(self, tokenizer: Any, max_model_len: int | None = None, chat_template: str | None = None) -> None:
         self.tokenizer = tokenizer
+        self.chat_template: str | None = chat_template or getattr(tokenizer, "chat_template", None)
         self.vocab_size = len(tokenizer)
         self.max_model_len = max_model_len
         self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
@@ -81,28 +92,105 @@ class Tokenization:
         check_token_ids(prompt, self.vocab_size, "prompt")
         return list(prompt)
 
-    async def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
-        """Token ids of a conversation through the model's chat template, ready for the assistant's turn."""
+    async def chat_prompt(
+        self,
+        messages: list[ChatMessage],
+        template_kwargs: dict[str, Any] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[int]:
+        """Token ids of a conversation through the chat template: ready for the assistant's turn, or continuing the
+        last (assistant) message. `template_kwargs` are extra template variables (e.g. enable_thinking)."""
+        if self.chat_template is None:
+            message = "this model has no chat template: use /v1/completions, or serve it with --chat-template"
+            raise APIError(400, message, param="messages", code="chat_template_missing")
+        if continue_final_message and add_generation_prompt:
+            message = "continue_final_message needs add_generation_prompt: false"
+            raise APIError(400, message, param="continue_final_message")
+        if continue_final_message and messages[-1].role != "assistant":
+            message = "continue_final_message needs an assistant message last"
+            raise APIError(400, message, param="continue_final_message")
         conversation = [m.to_template() for m in messages]
         self.check_length(sum(len(m["content"]) for m in conversation), "messages")
+        kwargs = dict(template_kwargs or {})
+        reserved = sorted(RENDER_ARGUMENTS & kwargs.keys())
+        if reserved:  # would override what the server (or the request's own fields) set
+            message = f"chat_template_kwargs may not set {', '.join(reserved)}"
+            raise APIError(400, message, param="chat_template_kwargs")
+        render = partial(
+            self._apply_chat_template, conversation, kwargs, add_generation_prompt, continue_final_message
+        )  # fmt: skip
         try:
-            ids = await self._run(lambda: self._apply_chat_template(conversation))
+            ids = await self._run(render)
         except TemplateSyntaxError:
             raise  # the served model's template is broken: the server's fault, a generic 500
         except TemplateError as e:  # templates reject conversations they cannot render (roles out of order, ...)
             raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from e
+        except ValueError as e:  # transformers: continue_final_message on a message the template does not end
+            raise APIError(400, f"the chat template could not render the messages: {e}", param="messages") from e
         if not ids:
             raise APIError(400, "the messages render to an empty prompt", param="messages")
         return ids
 
-    def _apply_chat_template(self, conversation: list[dict[str, str]]) -> list[int]:
+    def _apply_chat_template(
+        self,
+        conversation: list[dict[str, str]],
+        kwargs: dict[str, Any],
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+    ) -> list[int]:
         ids = self.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=True, return_dict=False
+            conversation,
+            chat_template=self.chat_template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tokenize=True,
+            return_dict=False,
+            **kwargs,
         )
         return [int(t) for t in ids]
 
     async def _run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+
+# generation_config.json's fields that vLLM applies as the defaults of requests that leave them unset
+_GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                        "max_new_tokens": "max_tokens"}  # fmt: skip
+
+
+def sampling_defaults(model_dir: str | Path, source: str = "auto") -> dict[str, Any]:
+    """The request defaults a model's generation_config.json sets, as vLLM's `--generation-config`: "auto" reads the
+    model's, "vllm" none, anything else is a directory holding one. A repetition_penalty other than 1 cannot be
+    honoured (pdserve has no repetition penalty) and is refused at startup rather than ignored."""
+    if source == "vllm":
+        return {}
+    path = Path(model_dir if source == "auto" else source) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    config = json.loads(path.read_text())
+    if config.get("repetition_penalty", 1.0) != 1.0:
+        raise ValueError(
+            f"{path} sets repetition_penalty {config['repetition_penalty']}, which pdserve does not implement: serve "
+            "with --generation-config vllm to ignore the file"
+        )
+    return {ours: config[theirs] for theirs, ours in _GENERATION_DEFAULTS.items() if config.get(theirs) is not None}
+
+
+def read_chat_template(template: str | None) -> str | None:
+    """vLLM's --chat-template: a file holding the Jinja template, or the template itself."""
+    if template is None:
+        return None
+    path = Path(template).expanduser()
+    return path.read_text() if "{" not in template and path.is_file() else template
+
+
+def with_defaults(body: B, defaults: dict[str, Any]) -> B:
+    """`body` with the model's defaults for the fields the client did not set."""
+    unset = {k: v for k, v in defaults.items() if k in type(body).model_fields and k not in body.model_fields_set}
+    if "max_tokens" in unset and "max_completion_tokens" in body.model_fields_set:
+        del unset["max_tokens"]  # the client set the limit under its other name
+    return body.model_copy(update=unset) if unset else body
 
 
 def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
@@ -154,6 +242,8 @@ def generation_request(
     with_logprobs: bool,
     traceparent: str | None,
     cache_salt: str | None = None,
+    top_logprobs: int = 0,
+    prompt_logprobs: int | None = None,
 ) -> GenerationRequest:
     """The backend's request, after the checks that span several fields."""
     if body.stream_options is not None and not body.stream:
@@ -174,6 +264,9 @@ def generation_request(
         ignore_eos=body.ignore_eos,
         min_tokens=body.min_tokens,
         logprobs=with_logprobs,
+        top_logprobs=top_logprobs,
+        min_p=body.min_p,
+        prompt_logprobs=prompt_logprobs,
         cache_salt=cache_salt,
         traceparent=traceparent,
     )

@@ -1,18 +1,45 @@
 """OpenAI request and response bodies (the subset pdserve serves), with vLLM's common extensions.
 
-Requests are strict about types (a string where a number belongs is a 400, as with OpenAI) and ignore unknown
-fields (as vLLM does). An explicit `null` means the default, since many clients send one for every unset field.
-Parameters pdserve cannot honour are refused with a 400 naming them, never silently ignored.
+Requests are strict about types (a string where a number belongs is a 400, as with OpenAI). Every field either
+works or is a 400 naming it: vLLM's fields that pdserve does not implement are accepted only with a value that
+changes nothing (vllm_fields.py), and a field nobody defines is "unrecognized", as OpenAI answers. An explicit
+`null` means the default, since many clients send one for every unset field.
 Responses keep OpenAI's field names and nulls so that the official clients parse them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-_REQUEST_CONFIG = ConfigDict(extra="ignore", strict=True)
+from pdserve.api.vllm_fields import has_no_effect, no_effect_values
+
+
+class UnknownFieldError(ValueError):
+    """A request field that neither pdserve nor vLLM defines (OpenAI: "Unrecognized request argument")."""
+
+    def __init__(self, name: str) -> None:
+        shown = name if _IDENTIFIER.fullmatch(name) else None  # a plain name is echoed, anything else is not
+        super().__init__(
+            f"unrecognized request argument supplied: {shown}" if shown else "unrecognized request argument"
+        )
+        self.param = shown
+
+
+class UnsupportedFieldError(ValueError):
+    """A vLLM request field pdserve does not implement, sent with a value that would change the output."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"'{name}' is not supported by pdserve (only its default is accepted)")
+        self.param = name
+
+
+_REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True)
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+MAX_TOP_LOGPROBS = 20  # vLLM's default --max-logprobs
+MAX_CHOICES = 16  # choices per request (n): each is a sequence in the engine
 
 
 def _valid_text(value: Any) -> Any:
@@ -39,12 +66,16 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """Fields both generation endpoints share."""
 
-    model_config = _REQUEST_CONFIG
+    model_config = ConfigDict(extra="allow", strict=True)  # extras are checked by _known_fields_only
+    endpoint: ClassVar[str]
 
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1)  # vLLM extension; 0 or -1 disables
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # vLLM extension: drop tokens below min_p x the top probability
+    include_stop_str_in_output: bool = False  # vLLM extension: keep the stop string that ended the text
+    skip_special_tokens: bool = True  # vLLM extension
     seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)  # what a 64-bit generator seed can hold
     stop: str | list[str] | None = None
     n: int = 1
@@ -59,6 +90,21 @@ class SamplingFields(BaseModel):
     user: str | None = None
     cache_salt: str | None = None  # prefix-cache isolation between tenants
 
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields_only(cls, data: Any) -> Any:
+        """vLLM's unimplemented fields pass only with a value that changes nothing (then dropped); others are
+        400s naming them."""
+        if not isinstance(data, dict):
+            return data
+        harmless = no_effect_values(cls.endpoint)
+        for name in [k for k in data if k not in cls.model_fields]:
+            if not isinstance(name, str) or name not in harmless:
+                raise UnknownFieldError(str(name))
+            if not has_no_effect(data[name], harmless[name]):
+                raise UnsupportedFieldError(name)
+        return {k: v for k, v in data.items() if k in cls.model_fields}
+
     @field_validator("*", mode="before")
     @classmethod
     def _null_means_default(cls, value: Any, info: ValidationInfo) -> Any:
@@ -67,9 +113,9 @@ class SamplingFields(BaseModel):
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported; send one request per choice")
+    def _choices(cls, n: int) -> int:
+        if not 1 <= n <= MAX_CHOICES:
+            raise ValueError(f"n must be between 1 and {MAX_CHOICES}")
         return n
 
     @field_validator("model", "stop", "user", "cache_salt")
@@ -103,9 +149,11 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
+    endpoint = "completions"
+
     prompt: str | list[int]  # a batch holding one prompt is accepted too, and unwrapped
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default; null: up to the context length
-    logprobs: int | None = Field(None, ge=0, le=1)  # only the sampled token's logprob exists
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default; null: up to the context length; 0: only with echo
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # the sampled token's and this many top ones
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -124,7 +172,7 @@ class CompletionRequest(SamplingFields):
             return prompt[0]
         return prompt
 
-    @field_validator("echo", "suffix")
+    @field_validator("suffix")
     @classmethod
     def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
         if value:
@@ -156,6 +204,7 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
+    name: str | None = None  # passed to the chat template, which may show it
 
     @field_validator("content")
     @classmethod
@@ -172,28 +221,29 @@ class ChatMessage(BaseModel):
         """The message as chat templates expect it: one string of content."""
         content = self.content if not isinstance(self.content, list) else "\n".join(p.text for p in self.content)
         # OpenAI's newer name for the system role; Hugging Face chat templates only know "system".
-        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        return message if self.name is None else {**message, "name": self.name}
 
 
 class ChatCompletionRequest(SamplingFields):
+    endpoint = "chat"
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
+    # vLLM's chat-template controls: extra template variables (e.g. enable_thinking), whether to open the
+    # assistant's turn, or to continue the last (assistant) message instead
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
     def output_limit(self) -> tuple[int | None, str]:
         """The limit on generated tokens and the parameter that set it (max_completion_tokens wins)."""
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens, "max_completion_tokens"
         return self.max_tokens, "max_tokens"
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_alternatives(cls, top: int | None) -> int | None:
-        if top:
-            raise ValueError("only the sampled token's logprob is available: top_logprobs must be 0")
-        return top
 
 
 class PromptTokensDetails(BaseModel):
@@ -209,8 +259,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None = None
+    token_logprobs: list[float | None]  # null for an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int]
 
 
@@ -230,6 +280,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    system_fingerprint: str | None = None  # the serving configuration (api/app.py)
 
 
 class ChatTokenLogprob(BaseModel):
@@ -262,6 +313,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    system_fingerprint: str | None = None  # the serving configuration (api/app.py)
 
 
 def _is_none(value: Any) -> bool:
@@ -288,6 +340,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]  # empty in the final usage chunk
     usage: Usage | None = None
+    system_fingerprint: str | None = None  # the serving configuration (api/app.py)
 
 
 class ModelCard(BaseModel):

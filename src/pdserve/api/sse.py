@@ -13,6 +13,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from pdserve.api.backend import CapacityError, GenerationDelta, InvalidRequest, ServerError
+from pdserve.api.choices import ChoiceStreams, total_usage
 from pdserve.api.errors import APIError, backend_error
 from pdserve.api.formats import ResponseFormat
 from pdserve.api.generation import Generation, close_stream, usage_attributes
@@ -79,6 +80,47 @@ async def stream_events(
     yield DONE
 
 
+async def choice_events(
+    streams: ChoiceStreams,
+    generations: list[Generation],
+    fmts: list[ResponseFormat],
+    include_usage: bool,
+    continuous_usage: bool = False,
+) -> AsyncGenerator[str, None]:
+    """The events of a streamed response with several choices (n > 1), after `streams.first()` came: each chunk
+    carries one choice's piece under its index, as OpenAI interleaves them; then the usage of all of them."""
+
+    def event(chunk: BaseModel, index: int) -> str:
+        for choice in chunk.choices:  # type: ignore[attr-defined]  # every chunk model has choices
+            choice.index = index
+        if continuous_usage:
+            chunk.usage = total_usage(generations)  # type: ignore[attr-defined]
+        return sse_event(chunk)
+
+    try:
+        for i, fmt in enumerate(fmts):
+            for chunk in fmt.opening():
+                yield event(chunk, i)
+        running = set(range(len(generations)))
+        while running:
+            i, delta = await streams.next()
+            if delta is None:
+                raise RuntimeError("the backend's stream ended without a finish reason")
+            piece = generations[i].absorb(delta)
+            if piece is not None:
+                yield event(fmts[i].chunk(piece), i)
+            if generations[i].is_finished:
+                running.discard(i)
+                await streams.close(i)
+        if include_usage:
+            yield sse_event(fmts[0].usage_chunk(total_usage(generations)))
+    except Exception as e:
+        yield sse_event(_stream_error(e).body())
+    finally:
+        await streams.aclose()
+    yield DONE
+
+
 def _stream_error(e: Exception) -> APIError:
     """The error event for `e`, as errors.py answers it before the headers (generic for anything unexpected)."""
     trace.get_current_span().record_exception(e)
@@ -92,7 +134,9 @@ class EventStreamResponse(StreamingResponse):
     backend stream. Starlette only stops iterating on disconnect; and a generator cancelled before its first step
     never runs its `finally`, so the backend stream is closed here too."""
 
-    def __init__(self, events: AsyncGenerator[str, None], deltas: AsyncIterator[GenerationDelta]) -> None:
+    def __init__(
+        self, events: AsyncGenerator[str, None], deltas: AsyncIterator[GenerationDelta] | ChoiceStreams
+    ) -> None:
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         self._events, self._deltas = events, deltas
 
@@ -102,4 +146,7 @@ class EventStreamResponse(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self._events.aclose()
-            await close_stream(self._deltas)
+            if isinstance(self._deltas, ChoiceStreams):
+                await self._deltas.aclose()
+            else:
+                await close_stream(self._deltas)

@@ -27,6 +27,7 @@ from pdserve.engine.request import (
     KVReservation,
     LayerSink,
     RequestOutput,
+    TokenLogprob,
 )
 from pdserve.faults import fault_point
 
@@ -140,7 +141,7 @@ class AsyncEngine:
             yield out
 
     async def commit(
-        self, request_id: str, first_token_id: int, first_logprob: float | None
+        self, request_id: str, first_token_id: int, first_logprob: TokenLogprob | None
     ) -> AsyncGenerator[RequestOutput, None]:
         """Commit a reservation and stream the decoded tokens that follow `first_token_id`."""
         stream = self._open_stream(request_id)

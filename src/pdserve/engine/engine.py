@@ -28,6 +28,7 @@ from pdserve.engine.request import (
     KVReservation,
     LayerSink,
     RequestOutput,
+    TokenLogprob,
 )
 from pdserve.engine.reservations import OpenReservation, Reservations
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
@@ -107,7 +108,9 @@ class LLMEngine:
         """Extend an open reservation's lease to `lease_s` from now; False if it is not open (any more)."""
         return self.reservations.renew(request_id, lease_s, time.monotonic())
 
-    def commit(self, request_id: str, first_token_id: int, first_logprob: float | None = None) -> RequestOutput | None:
+    def commit(
+        self, request_id: str, first_token_id: int, first_logprob: TokenLogprob | None = None
+    ) -> RequestOutput | None:
         """Start decoding a reserved request whose prompt KV is now in its blocks, continuing after
         `first_token_id`. Returns a final output if that token already ends the request, else None.
         Raises ValueError if there is no such reservation, or if a block past the cached prefix does not carry
@@ -235,7 +238,7 @@ class LLMEngine:
             return self._hold(seq, 1)
         return self._output(seq, 1)
 
-    def _append_token(self, seq: Sequence, token_id: int, logprob: float | None) -> None:
+    def _append_token(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> None:
         seq.token_ids.append(token_id)
         if logprob is not None:
             seq.logprobs.append(logprob)
@@ -271,6 +274,8 @@ class LLMEngine:
     def _output(self, seq: Sequence, num_new: int, kv_block_ids: tuple[int, ...] | None = None) -> RequestOutput:
         new_ids = seq.token_ids[seq.num_tokens - num_new :]
         logprobs = seq.logprobs[len(seq.logprobs) - num_new :] if seq.sampling.logprobs else None
+        is_first = seq.num_output_tokens == num_new
+        prompt_logprobs = seq.prompt_logprobs if is_first and seq.sampling.prompt_logprobs is not None else None
         return RequestOutput(
             seq.request_id,
             new_ids,
@@ -280,6 +285,7 @@ class LLMEngine:
             max(seq.num_cached_tokens, 0),
             kv_block_ids,
             seq.queue_s,
+            prompt_logprobs,
         )
 
     def _free(self, seq: Sequence) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from pdserve.engine.attention import AttentionMetadata, PrefillSpan
 from pdserve.engine.model import CausalLM
+from pdserve.engine.request import TokenLogprob
 from pdserve.engine.sampler import SampleResult, SampleRow, sample
 from pdserve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from pdserve.kvcache import KVCache
@@ -19,7 +20,7 @@ class Sampled:
     """The token sampled for one request in one step."""
 
     token_id: int
-    logprob: float | None  # None unless the request asked for logprobs
+    logprob: TokenLogprob | None  # None unless the request asked for logprobs
 
 
 def keyed_samples(chunks: list[ScheduledChunk], result: SampleResult) -> dict[str, Sampled]:
@@ -40,6 +41,7 @@ class StepInputs:
     meta: AttentionMetadata
     sample_rows: torch.Tensor  # [S] long: rows whose logits are sampled
     sampled_chunks: list[ScheduledChunk]  # parallel to sample_rows
+    chunks: list[ScheduledChunk]  # in the order of the rows (decodes first)
 
 
 class ModelRunner:
@@ -57,7 +59,9 @@ class ModelRunner:
         inputs = self.prepare(batch)
         hidden = self.model.forward(inputs.input_ids, inputs.positions, self.kv, inputs.meta, on_layer)
         if not inputs.sampled_chunks:
+            self._prompt_logprobs(hidden, inputs.chunks)
             return {}
+        self._prompt_logprobs(hidden, inputs.chunks)
         logits = self.model.logits(hidden[inputs.sample_rows])
         result = sample(logits, [self._sample_row(c) for c in inputs.sampled_chunks])
         return keyed_samples(inputs.sampled_chunks, result)
@@ -98,6 +102,7 @@ class ModelRunner:
             meta=meta,
             sample_rows=ends[is_last].to(device),
             sampled_chunks=[c for c in chunks if c.is_last],
+            chunks=chunks,
         )
 
     def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -136,6 +141,33 @@ class ModelRunner:
             spans.append(PrefillSpan(start, c.num_new_tokens, context, block_ids, mask))
             start += c.num_new_tokens
         return spans
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, chunks: list[ScheduledChunk]) -> None:
+        """For sequences that asked for prompt logprobs: the logprob of each prompt token this step's rows predict
+        (the row at position p predicts token p + 1), appended to the sequence once (a chunk recomputed after a
+        preemption adds nothing twice)."""
+        offset = 0
+        for chunk in chunks:
+            seq, start, n = chunk.seq, chunk.seq.num_computed_tokens, chunk.num_new_tokens
+            k = seq.sampling.prompt_logprobs
+            # targets: prompt tokens start+1 .. start+n not reported yet (entry i is token i + 1)
+            first = max(start + 1, len(seq.prompt_logprobs) + 1)
+            last = min(start + n, seq.num_prompt_tokens - 1)  # the last row predicts an output token
+            if k is not None and first <= last:
+                rows = hidden[offset + first - 1 - start : offset + last - start]
+                targets = torch.tensor(seq.token_ids[first : last + 1], device=rows.device)
+                for part_rows, part_targets in zip(rows.split(128), targets.split(128), strict=True):
+                    logprobs = self.model.logits(part_rows).float().log_softmax(dim=-1)
+                    chosen = logprobs.gather(1, part_targets.unsqueeze(1)).squeeze(1).tolist()
+                    if k:
+                        values, ids = logprobs.topk(k, dim=-1)
+                        top = [
+                            tuple(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)
+                        ]
+                    else:
+                        top = [()] * len(chosen)
+                    seq.prompt_logprobs.extend(zip(chosen, top, strict=True))
+            offset += n
 
     def _sample_row(self, chunk: ScheduledChunk) -> SampleRow:
         seq = chunk.seq

@@ -7,6 +7,11 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
+MAX_TOP_LOGPROBS = 20
+# A sampled token's log-probability under the raw model distribution, and the top alternatives when asked for:
+# (logprob, ((token_id, logprob), ...) most likely first; empty when top_logprobs is 0)
+TokenLogprob = tuple[float, tuple[tuple[int, float], ...]]
+
 
 class InvalidRequestError(ValueError):
     """The request itself is invalid (the client's input): its message names the problem and is safe to show the
@@ -30,6 +35,11 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past EOS (benchmarks); stop_token_ids still stop
     min_tokens: int = 0  # stop tokens are masked until this many tokens were generated
     logprobs: bool = False  # return the log-probability of each chosen token (raw model distribution)
+    top_logprobs: int = 0  # with logprobs: also the this many most likely tokens and their log-probabilities
+    min_p: float = 0.0  # drop tokens whose probability is below min_p x the most likely one's (after temperature)
+    # Each prompt token's log-probability given the tokens before it (all but the first), with this many top
+    # alternatives; None: not asked. Such a prompt is computed whole: no prefix-cache hit skips a token.
+    prompt_logprobs: int | None = None
     # Output tokens generated before this request (a migrated stream's continuation): seeded draws continue from
     # output index seed_offset, so the continuation samples what the interrupted stream would have.
     seed_offset: int = 0
@@ -50,6 +60,12 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidRequestError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
+        if not 0 <= self.min_p <= 1:
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}")
         if any(t < 0 for t in self.stop_token_ids):
             raise InvalidRequestError("stop_token_ids must be non-negative token ids")
 
@@ -69,13 +85,15 @@ class RequestOutput:
 
     request_id: str
     new_token_ids: list[int]
-    new_logprobs: list[float] | None  # parallel to new_token_ids when logprobs were asked for
+    new_logprobs: list[TokenLogprob] | None  # parallel to new_token_ids when logprobs were asked for
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens served from the prefix cache at admission
     # Prefill-only requests: the blocks holding the prompt's KV, held until `release()`. None otherwise.
     kv_block_ids: tuple[int, ...] | None = None
     queue_s: float = 0.0  # seconds the request waited before its first step
+    # With the first token, when asked for (SamplingParams.prompt_logprobs): prompt tokens 1.. (token 0 has none)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def is_finished(self) -> bool:

@@ -1,4 +1,4 @@
-"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds, min_tokens, logprobs.
+"""Token sampling: greedy, temperature, top-k, min-p, top-p, per-request seeds, min_tokens, logprobs.
 
 Seeded sampling draws each token from a generator seeded by (seed, output index), so a request's tokens do not
 depend on what else shares its batch, on preemption, or on which replica samples which token.
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.engine.request import SamplingParams
+from pdserve.engine.request import SamplingParams, TokenLogprob
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) pairs over the seed space
 
@@ -28,7 +28,7 @@ class SampleRow:
 @dataclass(frozen=True)
 class SampleResult:
     token_ids: list[int]
-    logprobs: list[float] | None  # None when no row asked for logprobs
+    logprobs: list[TokenLogprob] | None  # None when no row asked for logprobs
 
 
 def sample(logits: torch.Tensor, rows: Seq[SampleRow]) -> SampleResult:
@@ -36,6 +36,8 @@ def sample(logits: torch.Tensor, rows: Seq[SampleRow]) -> SampleResult:
     masked = [i for i, row in enumerate(rows) if row.num_output_tokens < row.sampling.min_tokens and row.stop_token_ids]
     # The caller's logits stay untouched: `.float()` of float32 logits is the same tensor.
     logits = logits.to(torch.float32, copy=bool(masked))
+    # Logprobs describe the model's distribution, before min_tokens masks stop tokens (as vLLM's raw logprobs).
+    raw = logits.clone() if masked and any(row.sampling.logprobs for row in rows) else None
     for i in masked:
         logits[i, list(rows[i].stop_token_ids)] = float("-inf")
     token_ids = logits.argmax(dim=-1)
@@ -44,9 +46,24 @@ def sample(logits: torch.Tensor, rows: Seq[SampleRow]) -> SampleResult:
             token_ids[i] = _sample_row(logits[i], row)
     logprobs = None
     if any(row.sampling.logprobs for row in rows):
-        chosen = logits.gather(1, token_ids.unsqueeze(1))
-        logprobs = (chosen - logits.logsumexp(dim=-1, keepdim=True)).squeeze(1).tolist()
+        logprobs = _logprobs(raw if raw is not None else logits, token_ids, rows)
     return SampleResult(token_ids.tolist(), logprobs)
+
+
+def _logprobs(logits: torch.Tensor, token_ids: torch.Tensor, rows: Seq[SampleRow]) -> list[TokenLogprob]:
+    """Each row's sampled token's log-probability under the raw distribution, and its top alternatives."""
+    normalizer = logits.logsumexp(dim=-1, keepdim=True)
+    chosen = (logits.gather(1, token_ids.unsqueeze(1)) - normalizer).squeeze(1).tolist()
+    k = max(row.sampling.top_logprobs for row in rows)
+    top: list[tuple[tuple[int, float], ...]] = [()] * len(rows)
+    if k:
+        values, ids = logits.topk(k, dim=-1)
+        top_values, top_ids = (values - normalizer).tolist(), ids.tolist()
+        top = [
+            tuple(zip(top_ids[i][: row.sampling.top_logprobs], top_values[i][: row.sampling.top_logprobs], strict=True))
+            for i, row in enumerate(rows)
+        ]
+    return list(zip(chosen, top, strict=True))
 
 
 def _sample_row(logits: torch.Tensor, row: SampleRow) -> int:
@@ -56,6 +73,8 @@ def _sample_row(logits: torch.Tensor, row: SampleRow) -> int:
         kth = scaled.topk(params.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = scaled.softmax(dim=-1)
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     if params.top_p < 1.0:
         probs = _top_p(probs, params.top_p)
     generator = None

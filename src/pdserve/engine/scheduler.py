@@ -100,6 +100,8 @@ class Scheduler:
             seq = self.waiting[0]
             # At least one token must be computed to get logits, so a full hit leaves the last token out.
             cached = self.blocks.match_prefix(seq, max_tokens=seq.num_tokens - 1)
+            if seq.sampling.prompt_logprobs is not None:  # every prompt token's logits are needed: no cache hit
+                cached = []
             num_cached = len(cached) * self.blocks.block_size
             num_new = min(seq.num_tokens - num_cached, budget)
             if not self.blocks.admit(seq, cached, num_cached + num_new):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import time
 
-from pdserve.engine.request import EngineRequest, FinishReason, LayerSink
+from pdserve.engine.request import EngineRequest, FinishReason, LayerSink, TokenLogprob
 from pdserve.kvcache import BlockHash, hash_block_chain
 
 
@@ -32,7 +32,8 @@ class Sequence:
         self.block_ids: list[int] = []
         self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
         self._block_hashes: list[BlockHash] = []
-        self.logprobs: list[float] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob] = []  # of prompt tokens 1.. when asked for, filled as computed
         self.finish_reason: FinishReason | None = None
         self.layer_sink: LayerSink | None = None  # told when each layer of the prompt's KV is written
         self.held_at = 0.0  # time.monotonic() it became HELD (a prefill-only result): the reaper's clock

@@ -28,12 +28,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdserve.engine import FinishReason, RequestOutput
+from pdserve.engine.request import TokenLogprob
 
 logger = logging.getLogger(__name__)
 _MISSING_GRACE_S = 10.0  # a call ended: how long its last channeled outputs may still be on their way
 
-# (request_id, index of its first new token, token ids, logprobs, finish reason, prompt tokens, cached, queue_s)
-Packed = tuple[str, int, list[int], list[float] | None, str | None, int, int, float]
+# (request_id, index of its first new token, token ids, logprobs, finish reason, prompt tokens, cached, queue_s,
+#  prompt logprobs)
+Packed = tuple[str, int, list[int], list[TokenLogprob] | None, str | None, int, int, float, list[TokenLogprob] | None]
 
 
 @dataclass(frozen=True)
@@ -58,13 +60,16 @@ class ChannelLost(RuntimeError):
 def pack(out: RequestOutput, index: int) -> Packed:
     finish = out.finish_reason.value if out.finish_reason is not None else None
     return (out.request_id, index, out.new_token_ids, out.new_logprobs, finish, out.num_prompt_tokens,
-            out.num_cached_tokens, out.queue_s)  # fmt: skip
+            out.num_cached_tokens, out.queue_s, out.prompt_logprobs)  # fmt: skip
 
 
 def unpack(packed: Packed) -> tuple[int, RequestOutput]:
-    request_id, index, token_ids, logprobs, finish, num_prompt, num_cached, queue_s = packed
+    request_id, index, token_ids, logprobs, finish, num_prompt, num_cached, queue_s, prompt_logprobs = packed
     reason = FinishReason(finish) if finish is not None else None
-    return index, RequestOutput(request_id, token_ids, logprobs, reason, num_prompt, num_cached, queue_s=queue_s)
+    return index, RequestOutput(
+        request_id, token_ids, logprobs, reason, num_prompt, num_cached, queue_s=queue_s,
+        prompt_logprobs=prompt_logprobs,
+    )  # fmt: skip
 
 
 # ---- the engine replica's end ---------------------------------------------------------------------------------

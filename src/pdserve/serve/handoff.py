@@ -342,6 +342,7 @@ def _first_output(request: EngineRequest, result: PrefillResult) -> RequestOutpu
         result.num_prompt_tokens,
         result.num_cached_tokens,  # the prefill replica's hit: prompt tokens nobody recomputed
         queue_s=result.queue_s,
+        prompt_logprobs=result.prompt_logprobs,
     )
 
 

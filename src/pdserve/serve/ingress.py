@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from pdserve.api import create_app
 from pdserve.api.backend import CapacityError, GenerationDelta, GenerationRequest
+from pdserve.api.intake import read_chat_template, sampling_defaults
 from pdserve.engine import EngineRequest, RequestOutput, SamplingParams
 from pdserve.router import RouteDecision
 from pdserve.router.admission import Admission
@@ -53,6 +54,8 @@ class Ingress:
         self.prefill, self.decode, self.engine = prefill, decode, engine
         self.mode = "colocated" if engine is not None else "disaggregated"
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.chat_template = read_chat_template(getattr(config, "chat_template", None))
+        self.sampling_defaults = sampling_defaults(model_path, getattr(config, "generation_config", "auto"))
         info: ModelInfo = await self._any_engine().model_info.remote()
         self.model_name = config.served_model_name or Path(config.model or DEFAULT_MODEL_NAME).name
         self.max_model_len = info.max_model_len
@@ -75,7 +78,8 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(
             self, max_body_bytes=self.config.max_body_bytes, api_keys=api_keys_of(self.config),
-            limits=self.config.limits.request_limits(),
+            limits=self.config.limits.request_limits(), chat_template=self.chat_template,
+            sampling_defaults=self.sampling_defaults,
         )  # fmt: skip
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
@@ -202,6 +206,9 @@ def to_engine_request(request: GenerationRequest) -> EngineRequest:
         ignore_eos=request.ignore_eos,
         min_tokens=request.min_tokens,
         logprobs=request.logprobs,
+        top_logprobs=request.top_logprobs,
+        min_p=request.min_p,
+        prompt_logprobs=request.prompt_logprobs,
     )
     return EngineRequest(
         request.request_id, tuple(request.prompt_token_ids), sampling, request.cache_salt, request.traceparent
@@ -215,6 +222,7 @@ def to_delta(out: RequestOutput) -> GenerationDelta:
         finish_reason=out.finish_reason.value if out.finish_reason else None,
         num_prompt_tokens=out.num_prompt_tokens,
         num_cached_tokens=out.num_cached_tokens,
+        prompt_logprobs=out.prompt_logprobs,
     )
 
 

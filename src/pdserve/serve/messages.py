@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pdserve.engine.request import TokenLogprob
 from pdserve.kvcache import KVEventBatch
 from pdserve.router import ReplicaReport
 from pdserve.transfer import KVEndpoint
@@ -29,7 +30,7 @@ class PrefillResult:
     """Prefill replica -> ingress."""
 
     first_token_id: int
-    first_logprob: float | None
+    first_logprob: TokenLogprob | None
     finish_reason: str | None  # set when the first token already ends the request
     num_prompt_tokens: int
     num_cached_tokens: int  # prefill replica's own prefix-cache hit
@@ -39,6 +40,7 @@ class PrefillResult:
     transfer_wait_s: float  # from the prompt computed to the KV in place: what the transfer adds to TTFT
     prefill_s: float  # queue + compute on the prefill replica
     queue_s: float  # waiting in the prefill replica's engine
+    prompt_logprobs: list[TokenLogprob] | None = None  # when asked for (SamplingParams.prompt_logprobs)
 
 
 @dataclass(frozen=True)

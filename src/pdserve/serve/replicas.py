@@ -25,6 +25,7 @@ from ray import serve
 
 from pdserve.engine import EngineRequest, EngineStats, LLMEngine, RequestOutput
 from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.request import TokenLogprob
 from pdserve.faults import fault_point
 from pdserve.kvcache import KVEventBatch
 from pdserve.router import ReplicaReport, SyncCursor
@@ -276,6 +277,7 @@ class PrefillServer(_EngineReplica):
             transfer_wait_s=wait_s,
             prefill_s=prefill_s,
             queue_s=first.queue_s,
+            prompt_logprobs=first.prompt_logprobs,
         )
 
     def _num_fenced_writes(self) -> int:
@@ -364,7 +366,7 @@ class DecodeServer(_EngineReplica):
         self,
         request_id: str,
         first_token_id: int,
-        first_logprob: float | None,
+        first_logprob: TokenLogprob | None,
         traceparent: str | None = None,
         target_replica_id: str | None = None,
         channel_id: str | None = None,

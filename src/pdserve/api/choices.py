@@ -1,0 +1,125 @@
+"""Several choices of one request (OpenAI's `n`): one backend generation per choice, their deltas merged.
+
+Choice 0 runs first; the others start once its first delta has come, when the prompt's KV blocks are in the
+prefix cache, so they compute (and, disaggregated, move) only what the cache lacks: n choices share the prompt's
+blocks. With a seed, choice i samples with seed + i (as vLLM does), so the choices differ and each is reproducible.
+
+Every backend stream is closed on every path (a choice that finished early, an error, the client leaving): closing
+is what aborts a request in the backend and frees its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from pdserve.api.backend import Backend, GenerationDelta, GenerationRequest
+from pdserve.api.generation import Generation, Piece, close_stream, first_delta
+from pdserve.api.protocol import Usage
+
+
+def choice_requests(request: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """The backend requests of n choices: distinct ids, and seed + i when seeded."""
+    if n == 1:
+        return [request]
+    return [
+        replace(
+            request, request_id=f"{request.request_id}-{i}", seed=None if request.seed is None else request.seed + i
+        )
+        for i in range(n)
+    ]
+
+
+_END = object()
+
+
+class ChoiceStreams:
+    """The deltas of n backend streams, as (choice index, delta) in arrival order; a stream's end is (i, None)."""
+
+    def __init__(self, backend: Backend, requests: list[GenerationRequest]) -> None:
+        self._streams: list[AsyncIterator[GenerationDelta]] = [backend.generate(r) for r in requests]
+        self._queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
+        self._pumps: dict[int, asyncio.Task[None]] = {}
+        self._closed: set[int] = set()
+
+    async def first(self) -> GenerationDelta | None:
+        """Choice 0's first delta, pulled before any header goes out (its errors still get a status); then every
+        other choice starts. Closes every stream if it raises."""
+        try:
+            delta = await first_delta(self._streams[0])
+        except BaseException:
+            await self.aclose()
+            raise
+        self._queue.put_nowait((0, delta if delta is not None else _END))
+        if delta is not None:
+            self._pumps[0] = asyncio.ensure_future(self._pump(0))
+        for i in range(1, len(self._streams)):
+            self._pumps[i] = asyncio.ensure_future(self._pump(i))
+        return delta
+
+    async def next(self) -> tuple[int, GenerationDelta | None]:
+        """The next delta of any open choice, or (i, None) at choice i's end. Raises what a backend stream raised."""
+        while True:
+            i, item = await self._queue.get()
+            if i in self._closed:
+                continue  # left over from a choice closed meanwhile
+            if isinstance(item, BaseException):
+                raise item
+            return i, None if item is _END else item  # type: ignore[return-value]
+
+    async def close(self, i: int) -> None:
+        """Stop choice i (it finished, e.g. on a stop string): its backend request is aborted."""
+        if i in self._closed:
+            return
+        self._closed.add(i)
+        pump = self._pumps.pop(i, None)
+        if pump is not None and not pump.done():
+            pump.cancel()
+            await asyncio.wait({pump})  # a generator must not be closed while a pump is inside it
+        await close_stream(self._streams[i])
+
+    async def aclose(self) -> None:
+        # Cancelling a pump throws CancelledError into its generator, which aborts the request by itself: so every
+        # pump is cancelled before the first await here, which a cancellation of the caller could cut short.
+        for pump in self._pumps.values():
+            pump.cancel()
+        for i in range(len(self._streams)):
+            await self.close(i)
+
+    async def _pump(self, i: int) -> None:
+        stream = self._streams[i]
+        try:
+            async for delta in stream:
+                self._queue.put_nowait((i, delta))
+            self._queue.put_nowait((i, _END))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # handed to the reader, which answers it as the request's error
+            self._queue.put_nowait((i, e))
+
+
+async def collect_choices(streams: ChoiceStreams, generations: list[Generation]) -> list[Piece]:
+    """Run every choice to its end (or its stop string) and return each one's output. Closes every stream."""
+    try:
+        if await streams.first() is None:
+            raise RuntimeError("the backend's stream ended without output")
+        running = set(range(len(generations)))
+        while running:
+            i, delta = await streams.next()
+            if delta is None:
+                raise RuntimeError("the backend's stream ended without a finish reason")
+            generations[i].absorb(delta)
+            if generations[i].is_finished:
+                running.discard(i)
+                await streams.close(i)
+    finally:
+        await streams.aclose()
+    return [g.whole() for g in generations]
+
+
+def total_usage(generations: list[Generation]) -> Usage:
+    """The usage of n choices: the prompt once, every choice's completion tokens."""
+    first = generations[0].usage()
+    completion = sum(len(g.token_ids) for g in generations)
+    return first.model_copy(update={"completion_tokens": completion, "total_tokens": first.prompt_tokens + completion})

@@ -1,0 +1,258 @@
+"""The API's honesty: every request field vLLM accepts either works or is a 400 naming it (a test generated from
+vLLM 0.32's own request models, tests/data/vllm-0.32-request-fields.json); `n` choices; chat-template controls."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from pdserve.api import create_app
+from test_api import TEXT, FakeBackend, serve, sse_payloads
+from tiny_models import build_tokenizer
+
+VLLM_FIELDS = json.loads((Path(__file__).parent / "data" / "vllm-0.32-request-fields.json").read_text())
+BASE = {
+    "chat": ("/v1/chat/completions", {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}),
+    "completions": ("/v1/completions", {"model": "fake-model", "prompt": "hi"}),
+}
+# A value other than the default for the fields pdserve implements (and for those needing a partner field);
+# every other field gets SENTINEL, which no field accepts as harmless.
+PROBES: dict[str, Any] = {
+    "temperature": 0.5, "top_p": 0.9, "top_k": 5, "min_p": 0.1, "seed": 7, "stop": ["zz"], "n": 2, "stream": True,
+    "stream_options": {"include_usage": True}, "ignore_eos": True, "min_tokens": 1, "stop_token_ids": [5],
+    "user": "u1", "cache_salt": "s", "max_tokens": 8, "max_completion_tokens": 8, "logprobs": 3,
+    "top_logprobs": 3, "echo": True, "include_stop_str_in_output": True, "skip_special_tokens": False,
+    "chat_template_kwargs": {"enable_thinking": False}, "add_generation_prompt": False,
+    "continue_final_message": True, "presence_penalty": 0.5, "frequency_penalty": 0.5, "logit_bias": {"5": 1.0},
+}  # fmt: skip
+SENTINEL = {"probe": 1}
+PARTNERS: dict[str, dict[str, Any]] = {  # fields that are only valid beside another
+    "stream_options": {"stream": True},
+    "top_logprobs": {"logprobs": True},
+    "continue_final_message": {"add_generation_prompt": False,
+                               "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]},
+}  # fmt: skip
+REQUIRED = {"model", "messages", "prompt"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer: Any) -> Iterator[tuple[str, FakeBackend]]:
+    backend = FakeBackend(tokenizer)
+    with serve(create_app(backend)) as url:
+        yield url, backend
+
+
+@pytest.fixture
+def backend(server: tuple[str, FakeBackend]) -> FakeBackend:
+    server[1].reset()
+    return server[1]
+
+
+@pytest.fixture
+def http(server: tuple[str, FakeBackend], backend: FakeBackend) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server[0], timeout=10) as client:
+        yield client
+
+
+def vllm_fields(endpoint: str) -> list[str]:
+    return sorted(set(VLLM_FIELDS[endpoint]) - REQUIRED)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "field"), [(e, f) for e in ("chat", "completions") for f in vllm_fields(e)]
+)  # fmt: skip
+def test_every_vllm_field_works_or_is_a_400_naming_it(
+    http: httpx.Client, backend: FakeBackend, endpoint: str, field: str
+) -> None:
+    path, base = BASE[endpoint]
+    value = PROBES.get(field, SENTINEL)
+    if endpoint == "completions" and field == "logprobs":
+        value = 3
+    elif endpoint == "chat" and field == "logprobs":
+        value = True
+    body = {**base, **PARTNERS.get(field, {}), field: value}
+    response = http.post(path, json=body)
+    if response.status_code == 200:
+        assert field in PROBES, f"{field}={value!r} was answered 200: a field without an effect must be refused"
+        return
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and field in error["message"], error
+    assert backend.requests == []  # refused before anything reached the backend
+
+
+@pytest.mark.parametrize(("endpoint", "field"), [(e, f) for e in ("chat", "completions") for f in vllm_fields(e)])
+def test_every_vllm_field_at_its_default_is_accepted(http: httpx.Client, endpoint: str, field: str) -> None:
+    """Clients that send every field at vLLM's default (some do) are served."""
+    default = VLLM_FIELDS[endpoint][field]
+    if field == "request_id" or default == "PydanticUndefined":  # a random default: null is its harmless value
+        default = None
+    path, base = BASE[endpoint]
+    response = http.post(path, json={**base, field: default})
+    assert response.status_code == 200, (field, default, response.text)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"repetition_penalty": 1.2}, "repetition_penalty"),
+        ({"use_beam_search": 0}, "use_beam_search"),  # 0 is not False
+        ({"made_up_field": 1}, "made_up_field"),
+        ({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "messages[0].tool_calls"),
+        ({"stream": True, "stream_options": {"include_usage": True, "bogus": 1}}, "stream_options.bogus"),
+        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs
+        ({"n": 17}, "n"),
+        ({"chat_template_kwargs": {"tokenize": False}}, "chat_template_kwargs"),
+        ({"continue_final_message": True, "add_generation_prompt": False}, "continue_final_message"),  # user last
+        ({"continue_final_message": True}, "continue_final_message"),  # with add_generation_prompt
+    ],
+)
+def test_refusals_name_the_field(http: httpx.Client, backend: FakeBackend, body: dict[str, Any], param: str) -> None:
+    response = http.post("/v1/chat/completions", json={**BASE["chat"][1], **body})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    assert backend.requests == []
+
+
+def test_an_unrecognized_key_that_is_not_a_name_is_not_echoed(http: httpx.Client) -> None:
+    response = http.post("/v1/completions", json={**BASE["completions"][1], "<script>x</script>": 1})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] is None and "script" not in response.text
+
+
+def test_tool_choice_auto_without_tools_and_text_format_are_harmless(http: httpx.Client) -> None:
+    body = {"tools": [], "tool_choice": "auto", "parallel_tool_calls": False, "response_format": {"type": "text"}}
+    assert http.post("/v1/chat/completions", json={**BASE["chat"][1], **body}).status_code == 200
+
+
+# --- n choices ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_n_choices_whole(server: tuple[str, FakeBackend], backend: FakeBackend, endpoint: str) -> None:
+    client = openai.OpenAI(base_url=f"{server[0]}/v1", api_key="x", max_retries=0, timeout=10)
+    if endpoint == "chat":
+        chat = client.chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "hi"}], n=3, seed=11
+        )
+        texts = [c.message.content for c in chat.choices]
+        usage, indexes = chat.usage, [c.index for c in chat.choices]
+    else:
+        completion = client.completions.create(model="fake-model", prompt="hi", n=3, seed=11, max_tokens=100)
+        texts = [c.text for c in completion.choices]
+        usage, indexes = completion.usage, [c.index for c in completion.choices]
+    assert indexes == [0, 1, 2] and texts == [TEXT] * 3
+    assert usage is not None and usage.completion_tokens == 3 * len(backend.script)
+    assert usage.prompt_tokens == len(backend.requests[0].prompt_token_ids)
+    assert sorted(r.seed for r in backend.requests) == [11, 12, 13]  # choice i samples with seed + i
+    assert len({r.request_id for r in backend.requests}) == 3 and backend.num_closed == 3
+
+
+@pytest.mark.parametrize("tokens_per_delta", [1, 4])
+def test_n_choices_streamed(http: httpx.Client, backend: FakeBackend, tokens_per_delta: int) -> None:
+    backend.reset(tokens_per_delta=tokens_per_delta)
+    body = {**BASE["chat"][1], "n": 2, "stream": True, "stream_options": {"include_usage": True}}
+    response = http.post("/v1/chat/completions", json=body)
+    payloads = sse_payloads(response)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    texts = {0: "", 1: ""}
+    finishes = {}
+    for chunk in chunks[:-1]:
+        (choice,) = chunk["choices"]
+        texts[choice["index"]] += choice["delta"].get("content") or ""
+        if choice["finish_reason"]:
+            finishes[choice["index"]] = choice["finish_reason"]
+    assert texts == {0: TEXT, 1: TEXT} and finishes == {0: "stop", 1: "stop"}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2 * len(backend.script)
+    assert backend.num_closed == 2
+
+
+def test_n_choices_stop_string_ends_each_choice_and_closes_its_stream(http: httpx.Client, backend: FakeBackend) -> None:
+    body = {**BASE["completions"][1], "n": 3, "max_tokens": 60, "stop": ["brown"]}
+    response = http.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert [c["text"] for c in response.json()["choices"]] == [TEXT[: TEXT.index("brown")]] * 3
+    assert backend.num_closed == 3 and backend.num_yielded < 3 * len(backend.script)
+
+
+def test_n_choices_error_after_the_first_closes_every_stream(http: httpx.Client, backend: FakeBackend) -> None:
+    from pdserve.api.backend import ServerError
+
+    backend.error_after = ServerError("replica died", retry_after_s=1.0)
+    response = http.post("/v1/completions", json={**BASE["completions"][1], "n": 3, "max_tokens": 60})
+    assert response.status_code == 503
+    assert backend.num_closed == len(backend.requests)
+
+
+# --- chat template controls ---------------------------------------------------------------------------------------
+
+TEMPLATE = (
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    "{% if greeting %}[hello]{% endif %}{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def templated(tokenizer: Any) -> Iterator[tuple[str, FakeBackend]]:
+    backend = FakeBackend(tokenizer)
+    with serve(create_app(backend, chat_template=TEMPLATE)) as url:
+        yield url, backend
+
+
+@pytest.mark.parametrize(
+    ("extra", "rendered"),
+    [
+        ({}, "<user>hi<assistant>hello<assistant>"),
+        ({"chat_template_kwargs": {"greeting": True}}, "<user>hi<assistant>hello[hello]<assistant>"),
+        ({"add_generation_prompt": False}, "<user>hi<assistant>hello"),
+        ({"add_generation_prompt": False, "continue_final_message": True}, "<user>hi<assistant>hello"),
+    ],
+)
+def test_chat_template_controls(
+    templated: tuple[str, FakeBackend], tokenizer: Any, extra: dict[str, Any], rendered: str
+) -> None:
+    url, backend = templated
+    backend.reset()
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    response = httpx.post(f"{url}/v1/chat/completions", json={"model": "fake-model", "messages": messages, **extra})
+    assert response.status_code == 200, response.text
+    expected = TEMPLATE_RENDER(messages, extra)
+    assert expected == rendered
+    assert backend.requests[0].prompt_token_ids == tokenizer(expected, add_special_tokens=False)["input_ids"]
+
+
+def TEMPLATE_RENDER(messages: list[dict[str, str]], extra: dict[str, Any]) -> str:  # noqa: N802
+    """What TEMPLATE renders, written out by hand (the oracle)."""
+    text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+    if extra.get("chat_template_kwargs", {}).get("greeting"):
+        text += "[hello]"
+    if extra.get("add_generation_prompt", True):
+        text += "<assistant>"
+    return text
+
+
+def test_a_model_without_a_chat_template_answers_chat_with_a_400(tmp_path: Path) -> None:
+    tokenizer = build_tokenizer(tmp_path)
+    tokenizer.chat_template = None
+    backend = FakeBackend(tokenizer)
+    with serve(create_app(backend)) as url:
+        response = httpx.post(f"{url}/v1/chat/completions", json=BASE["chat"][1])
+        assert response.status_code == 400 and response.json()["error"]["code"] == "chat_template_missing"
+        assert httpx.post(f"{url}/v1/completions", json=BASE["completions"][1]).status_code == 200
+    assert len(backend.requests) == 1
