@@ -306,3 +306,40 @@ def test_replicas_run_level_with_ordinary_processes(apps) -> None:  # type: igno
     assert {"Ingress", "PrefillServer", "DecodeServer", "EngineServer"} <= roles
     for p in replicas:
         assert {t.id: os.getpriority(os.PRIO_PROCESS, t.id) for t in p.threads()} == {t.id: 0 for t in p.threads()}
+
+
+def test_n_choices_top_logprobs_and_echo_match_transformers(apps, reference, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Through the official client, in both modes: n=3 greedy choices are identical and exact; top_logprobs=5 and
+    an echoed prompt's logprobs (what evaluation harnesses score with) equal transformers' log-softmax to 1e-4."""
+    import torch
+
+    prompt = random_prompts([40], 49152, seed=35, low=100)[0]
+    with torch.inference_mode():
+        ref = reference(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    for served in apps:
+        c = client(served)
+        out = c.completions.create(model="smollm2", prompt=prompt, max_tokens=6, temperature=0, n=3, logprobs=5)
+        assert [ch.index for ch in out.choices] == [0, 1, 2]
+        assert len({ch.text for ch in out.choices}) == 1 and out.choices[0].text == ref_text(
+            reference, tokenizer, prompt, 6
+        )
+        assert out.usage is not None and out.usage.completion_tokens == 18
+        first = out.choices[0].logprobs
+        assert first is not None and first.top_logprobs is not None
+        want_top = ref[-1].topk(5)
+        got_top = first.top_logprobs[0]  # the first generated token's alternatives (and itself)
+        for token_id, value in zip(want_top.indices.tolist(), want_top.values.tolist(), strict=True):
+            assert abs(got_top[tokenizer.decode([token_id])] - value) < 1e-4
+        scored = c.completions.create(model="smollm2", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+        lp = scored.choices[0].logprobs
+        assert lp is not None and scored.choices[0].text == tokenizer.decode(prompt)
+        assert lp.token_logprobs is not None and lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(prompt)
+        want = ref[:-1].gather(1, torch.tensor(prompt[1:]).unsqueeze(1)).squeeze(1).tolist()
+        assert max(abs(g - w) for g, w in zip(lp.token_logprobs[1:], want, strict=True)) < 1e-4
+        assert scored.usage is not None and scored.usage.completion_tokens == 0
+        # the prompt is cached now: scoring it again must not skip the cached part
+        again = c.completions.create(model="smollm2", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+        assert again.choices[0].logprobs is not None and again.choices[0].logprobs.token_logprobs is not None
+        assert again.choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
+    for served in apps:
+        assert served.wait_blocks_used(0) == 0
