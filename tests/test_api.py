@@ -26,6 +26,7 @@ from pdserve.api import (
     ServerError,
     create_app,
 )
+from pdserve.api.metrics import ingress_id
 from tiny_models import EOS_ID, build_tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog. Héllo wörld 😀 ok."  # é, ö and 😀 span several tokens
@@ -415,7 +416,9 @@ def chat(**fields: Any) -> tuple[str, dict[str, Any]]:
         (completion(stop=["a", "b", "c", "d", "e"]), 400, "stop", None),
         (completion(logprobs=21), 400, "logprobs", None),
         (completion(max_tokens=0), 400, "max_tokens", None),  # 0 only with echo
-        (completion(presence_penalty=1), 400, "presence_penalty", None),
+        (completion(presence_penalty=2.5), 400, "presence_penalty", None),
+        (completion(logit_bias={"600": 1.0}), 400, "logit_bias", None),  # outside the vocabulary
+        (completion(logit_bias={"5": 101}), 400, "logit_bias", None),
         (completion(stream_options={"include_usage": True}), 400, "stream_options", None),
         (completion(stream="yes"), 400, "stream", None),
         (completion(min_tokens=20), 400, "min_tokens", None),
@@ -570,7 +573,8 @@ def test_models_health_metrics(client: openai.OpenAI, http: httpx.Client, backen
     metrics = http.get("/metrics")
     assert metrics.text.startswith("pdserve_up 1\n")  # the backend's exposition, then the HTTP layer's
     assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
-    assert 'pdserve_http_requests_total{method="GET",route="/v1/models",status="200"}' in metrics.text
+    series = f'ingress="{ingress_id()}",method="GET",route="/v1/models",status="200"'
+    assert f"pdserve_http_requests_total{{{series}}}" in metrics.text
 
 
 # --- a real chat template -------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ PROBES: dict[str, Any] = {
     "stream_options": {"include_usage": True}, "ignore_eos": True, "min_tokens": 1, "stop_token_ids": [5],
     "user": "u1", "cache_salt": "s", "max_tokens": 8, "max_completion_tokens": 8, "logprobs": 3,
     "top_logprobs": 3, "echo": True, "include_stop_str_in_output": True, "skip_special_tokens": False,
-    "chat_template_kwargs": {"enable_thinking": False}, "add_generation_prompt": False,
+    "chat_template_kwargs": {"enable_thinking": False}, "add_generation_prompt": False, "repetition_penalty": 1.2,
     "continue_final_message": True, "presence_penalty": 0.5, "frequency_penalty": 0.5, "logit_bias": {"5": 1.0},
 }  # fmt: skip
 SENTINEL = {"probe": 1}
@@ -109,7 +109,7 @@ def test_every_vllm_field_at_its_default_is_accepted(http: httpx.Client, endpoin
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"repetition_penalty": 1.2}, "repetition_penalty"),
+        ({"repetition_penalty": 2.5}, "repetition_penalty"),  # out of (0, 2]
         ({"use_beam_search": 0}, "use_beam_search"),  # 0 is not False
         ({"made_up_field": 1}, "made_up_field"),
         ({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "messages[0].tool_calls"),

@@ -89,3 +89,44 @@ def test_min_tokens_masks_stop_ids_until_reached() -> None:
     params = SamplingParams(temperature=1.0, min_tokens=2, seed=1)
     assert sample(logits, [_row(params, 0, stops=(3,))]).token_ids[0] != 3
     assert sample(logits, [_row(params, 2, stops=(3,))]).token_ids[0] == 3
+
+
+@pytest.mark.parametrize("case", range(200))
+def test_penalties_and_logit_bias_match_their_definitions(case: int) -> None:
+    """logit_bias, then HF's repetition penalty (transformers' own processor is the oracle), then OpenAI's
+    frequency and presence penalties on the output tokens only; greedy picks the argmax of that; logprobs stay the
+    model's. Random vocabularies, histories (prompts of 0+ tokens, outputs of 0+), and parameters."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    rng = random.Random(5000 + case)
+    vocab = rng.choice([4, 30, 500])
+    rows, want_rows, histories = [], [], []
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(case)) * rng.choice([0.5, 3.0])
+    for r in range(3):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 12))]
+        output = [rng.randrange(vocab) for _ in range(rng.randint(0, 12))]
+        params = SamplingParams(
+            temperature=0.0, logprobs=True,
+            logit_bias=tuple((t, rng.uniform(-100, 100)) for t in rng.sample(range(vocab), rng.randint(0, 3))),
+            presence_penalty=rng.choice([0.0, rng.uniform(-2, 2)]),
+            frequency_penalty=rng.choice([0.0, rng.uniform(-2, 2)]),
+            repetition_penalty=rng.choice([1.0, rng.uniform(0.1, 2.0)]),
+        )  # fmt: skip
+        want = logits[r].clone()
+        for token_id, bias in params.logit_bias:
+            want[token_id] += bias
+        if params.repetition_penalty != 1.0:
+            processor = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)
+            want = processor(torch.tensor([prompt + output]), want.unsqueeze(0)).squeeze(0)
+        for token_id in set(output):
+            want[token_id] -= params.frequency_penalty * output.count(token_id) + params.presence_penalty
+        rows.append(SampleRow(params, len(output), (), (prompt + output) if params.adjusts_logits else ()))
+        want_rows.append(want)
+        histories.append(prompt + output)
+    before = logits.clone()
+    result = sample(logits, rows)
+    assert torch.equal(logits, before)  # the caller's logits are untouched
+    assert result.token_ids == [int(w.argmax()) for w in want_rows]
+    assert result.logprobs is not None
+    for r, (logprob, _) in enumerate(result.logprobs):  # the raw distribution's, not the adjusted one's
+        assert logprob == pytest.approx(float(logits[r].log_softmax(-1)[result.token_ids[r]]), abs=1e-5)

@@ -34,6 +34,10 @@ class GenerationRequest:
     top_logprobs: int = 0  # with logprobs: the most likely alternatives of each token, this many
     min_p: float = 0.0
     prompt_logprobs: int | None = None  # each prompt token's logprob (all but the first), with this many top ones
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     cache_salt: str | None = None  # tenants that must not share prefix-cache blocks
     traceparent: str | None = None  # W3C trace context of the HTTP request, carried across every hop
 

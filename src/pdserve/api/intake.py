@@ -156,24 +156,18 @@ class Tokenization:
 
 # generation_config.json's fields that vLLM applies as the defaults of requests that leave them unset
 _GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                        "max_new_tokens": "max_tokens"}  # fmt: skip
+                        "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}  # fmt: skip
 
 
 def sampling_defaults(model_dir: str | Path, source: str = "auto") -> dict[str, Any]:
     """The request defaults a model's generation_config.json sets, as vLLM's `--generation-config`: "auto" reads the
-    model's, "vllm" none, anything else is a directory holding one. A repetition_penalty other than 1 cannot be
-    honoured (pdserve has no repetition penalty) and is refused at startup rather than ignored."""
+    model's, "vllm" none, anything else is a directory holding one."""
     if source == "vllm":
         return {}
     path = Path(model_dir if source == "auto" else source) / "generation_config.json"
     if not path.is_file():
         return {}
     config = json.loads(path.read_text())
-    if config.get("repetition_penalty", 1.0) != 1.0:
-        raise ValueError(
-            f"{path} sets repetition_penalty {config['repetition_penalty']}, which pdserve does not implement: serve "
-            "with --generation-config vllm to ignore the file"
-        )
     return {ours: config[theirs] for theirs, ours in _GENERATION_DEFAULTS.items() if config.get(theirs) is not None}
 
 
@@ -252,6 +246,8 @@ def generation_request(
         raise APIError(400, f"min_tokens must not exceed the {max_tokens} tokens to generate", param="min_tokens")
     stop_token_ids = list(body.stop_token_ids or [])
     check_token_ids(stop_token_ids, vocab_size, "stop_token_ids")
+    logit_bias = body.logit_biases()
+    check_token_ids([token_id for token_id, _ in logit_bias], vocab_size, "logit_bias")
     return GenerationRequest(
         request_id=request_id,
         prompt_token_ids=prompt_ids,
@@ -267,6 +263,10 @@ def generation_request(
         top_logprobs=top_logprobs,
         min_p=body.min_p,
         prompt_logprobs=prompt_logprobs,
+        logit_bias=logit_bias,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
         cache_salt=cache_salt,
         traceparent=traceparent,
     )

@@ -39,6 +39,7 @@ class UnsupportedFieldError(ValueError):
 _REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True)
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 MAX_TOP_LOGPROBS = 20  # vLLM's default --max-logprobs
+MAX_LOGIT_BIAS = 300  # OpenAI's limit
 MAX_CHOICES = 16  # choices per request (n): each is a sequence in the engine
 
 
@@ -81,8 +82,9 @@ class SamplingFields(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)  # vLLM extension (HF's): > 1 discourages repeats
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False  # vLLM extension
     min_tokens: int = Field(0, ge=0)  # vLLM extension
@@ -123,19 +125,17 @@ class SamplingFields(BaseModel):
     def _text(cls, value: Any) -> Any:
         return _valid_text(value)
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, penalty: float) -> float:
-        if penalty:
-            raise ValueError("penalties are not supported; send 0 or leave it out")
-        return penalty
-
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
-        if bias:
-            raise ValueError("logit_bias is not supported")
+    def _biases(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias and len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased")
+        if bias and not all(key.isdigit() and -100 <= value <= 100 for key, value in bias.items()):
+            raise ValueError("logit_bias maps token ids (as strings) to biases in [-100, 100]")
         return bias
+
+    def logit_biases(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(key), float(value)) for key, value in (self.logit_bias or {}).items())
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

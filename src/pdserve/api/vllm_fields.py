@@ -26,7 +26,6 @@ NO_EFFECT: dict[str, tuple[Any, ...]] = {
     "priority": (0,),
     "prompt_logprobs": (),
     "repetition_detection": (),
-    "repetition_penalty": (1.0, 1),
     "request_id": (),
     "response_format": ({"type": "text"},),
     "return_mm_kwargs": (),

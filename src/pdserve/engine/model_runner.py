@@ -172,4 +172,5 @@ class ModelRunner:
     def _sample_row(self, chunk: ScheduledChunk) -> SampleRow:
         seq = chunk.seq
         eos = () if seq.sampling.ignore_eos else self.eos_token_ids
-        return SampleRow(seq.sampling, seq.num_output_tokens, eos + seq.sampling.stop_token_ids)
+        history = seq.token_ids if seq.sampling.adjusts_logits else ()
+        return SampleRow(seq.sampling, seq.num_output_tokens, eos + seq.sampling.stop_token_ids, history)

@@ -40,6 +40,14 @@ class SamplingParams:
     # Each prompt token's log-probability given the tokens before it (all but the first), with this many top
     # alternatives; None: not asked. Such a prompt is computed whole: no prefix-cache hit skips a token.
     prompt_logprobs: int | None = None
+    # OpenAI's and vLLM's logit adjustments, applied before temperature (greedy too), as vLLM applies them:
+    # logit_bias adds to a token's logit; presence/frequency penalties subtract for each token already generated
+    # (once / per occurrence); repetition_penalty (HF's) divides a positive logit of any token in the prompt or the
+    # output by it and multiplies a negative one.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     # Output tokens generated before this request (a migrated stream's continuation): seeded draws continue from
     # output index seed_offset, so the continuation samples what the interrupted stream would have.
     seed_offset: int = 0
@@ -47,6 +55,16 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether logit_bias or a penalty changes this request's logits (it then needs its token history)."""
+        return (
+            bool(self.logit_bias)
+            or bool(self.presence_penalty)
+            or bool(self.frequency_penalty)
+            or (self.repetition_penalty != 1.0)
+        )
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the first invalid field."""
@@ -64,6 +82,12 @@ class SamplingParams:
             raise InvalidRequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequestError(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
+        if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
+            raise InvalidRequestError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if not 0 < self.repetition_penalty <= 2:
+            raise InvalidRequestError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        if any(t < 0 or not -100 <= b <= 100 for t, b in self.logit_bias):
+            raise InvalidRequestError("logit_bias maps token ids to biases in [-100, 100]")
         if not 0 <= self.min_p <= 1:
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}")
         if any(t < 0 for t in self.stop_token_ids):

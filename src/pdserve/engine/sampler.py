@@ -1,4 +1,5 @@
-"""Token sampling: greedy, temperature, top-k, min-p, top-p, per-request seeds, min_tokens, logprobs.
+"""Token sampling: logit bias and penalties, greedy, temperature, top-k, min-p, top-p, per-request seeds, min_tokens,
+logprobs.
 
 Seeded sampling draws each token from a generator seeded by (seed, output index), so a request's tokens do not
 depend on what else shares its batch, on preemption, or on which replica samples which token.
@@ -23,6 +24,7 @@ class SampleRow:
     sampling: SamplingParams
     num_output_tokens: int  # tokens generated so far (the index of the token being sampled)
     stop_token_ids: tuple[int, ...]  # ids that end the request (EOS unless ignore_eos, plus stop_token_ids)
+    token_ids: Seq[int] = ()  # prompt + output so far, when sampling.adjusts_logits (penalties need them)
 
 
 @dataclass(frozen=True)
@@ -34,10 +36,14 @@ class SampleResult:
 def sample(logits: torch.Tensor, rows: Seq[SampleRow]) -> SampleResult:
     """Pick one token per row of `logits` ([num_rows, vocab], any float dtype)."""
     masked = [i for i, row in enumerate(rows) if row.num_output_tokens < row.sampling.min_tokens and row.stop_token_ids]
+    adjusted = [i for i, row in enumerate(rows) if row.sampling.adjusts_logits]
+    changes = bool(masked or adjusted)
     # The caller's logits stay untouched: `.float()` of float32 logits is the same tensor.
-    logits = logits.to(torch.float32, copy=bool(masked))
-    # Logprobs describe the model's distribution, before min_tokens masks stop tokens (as vLLM's raw logprobs).
-    raw = logits.clone() if masked and any(row.sampling.logprobs for row in rows) else None
+    logits = logits.to(torch.float32, copy=changes)
+    # Logprobs describe the model's distribution, before any adjustment (as vLLM's raw logprobs).
+    raw = logits.clone() if changes and any(row.sampling.logprobs for row in rows) else None
+    for i in adjusted:
+        _adjust(logits[i], rows[i])
     for i in masked:
         logits[i, list(rows[i].stop_token_ids)] = float("-inf")
     token_ids = logits.argmax(dim=-1)
@@ -48,6 +54,23 @@ def sample(logits: torch.Tensor, rows: Seq[SampleRow]) -> SampleResult:
     if any(row.sampling.logprobs for row in rows):
         logprobs = _logprobs(raw if raw is not None else logits, token_ids, rows)
     return SampleResult(token_ids.tolist(), logprobs)
+
+
+def _adjust(logits: torch.Tensor, row: SampleRow) -> None:
+    """logit_bias, then the repetition, frequency and presence penalties, in place on one row (as vLLM orders them)."""
+    params = row.sampling
+    if params.logit_bias:
+        ids, biases = zip(*params.logit_bias, strict=True)
+        logits[list(ids)] += torch.tensor(biases, dtype=logits.dtype)
+    tokens = torch.tensor(list(row.token_ids), dtype=torch.long)
+    if params.repetition_penalty != 1.0 and tokens.numel():
+        seen = tokens.unique()
+        values = logits[seen]
+        logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if params.presence_penalty or params.frequency_penalty:
+        output = tokens[len(tokens) - row.num_output_tokens :] if row.num_output_tokens else tokens[:0]
+        counts = torch.bincount(output, minlength=logits.numel())[: logits.numel()].to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
 
 
 def _logprobs(logits: torch.Tensor, token_ids: torch.Tensor, rows: Seq[SampleRow]) -> list[TokenLogprob]:

@@ -209,6 +209,10 @@ def to_engine_request(request: GenerationRequest) -> EngineRequest:
         top_logprobs=request.top_logprobs,
         min_p=request.min_p,
         prompt_logprobs=request.prompt_logprobs,
+        logit_bias=request.logit_bias,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        repetition_penalty=request.repetition_penalty,
     )
     return EngineRequest(
         request.request_id, tuple(request.prompt_token_ids), sampling, request.cache_salt, request.traceparent
