@@ -256,3 +256,26 @@ def test_a_model_without_a_chat_template_answers_chat_with_a_400(tmp_path: Path)
         assert response.status_code == 400 and response.json()["error"]["code"] == "chat_template_missing"
         assert httpx.post(f"{url}/v1/completions", json=BASE["completions"][1]).status_code == 200
     assert len(backend.requests) == 1
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_n_choices_streams_are_all_closed_wherever_the_client_leaves(
+    server: tuple[str, FakeBackend], backend: FakeBackend, seed: int
+) -> None:
+    """A client leaving an n-choice stream at a random point (before the first chunk, mid-way, after the end):
+    every backend stream that started is closed (aborted), none is left running."""
+    import random
+    import time
+
+    rng = random.Random(seed)
+    backend.reset(tokens_per_delta=rng.choice([1, 3]), delay_s=rng.choice([0.0, 0.002]))
+    n, leave_after = rng.randint(2, 5), rng.randint(0, 40)
+    body = {**BASE["completions"][1], "n": n, "stream": True, "max_tokens": 60, "seed": seed}
+    with httpx.Client(base_url=server[0], timeout=10) as http, http.stream("POST", "/v1/completions", json=body) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= leave_after:
+                break
+    deadline = time.monotonic() + 5
+    while backend.num_closed < len(backend.requests) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(backend.requests) <= n and backend.num_closed == len(backend.requests)

@@ -341,5 +341,10 @@ def test_n_choices_top_logprobs_and_echo_match_transformers(apps, reference, tok
         again = c.completions.create(model="smollm2", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
         assert again.choices[0].logprobs is not None and again.choices[0].logprobs.token_logprobs is not None
         assert again.choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
+        body = {"model": "smollm2", "prompt": prompt, "max_tokens": 40, "n": 3, "stream": True, "temperature": 0.8}
+        with httpx.stream("POST", f"{served.base_url}/completions", json=body, timeout=60) as response:
+            for i, _ in enumerate(response.iter_lines()):  # leave mid-stream: all three requests are aborted
+                if i == 6:
+                    break
     for served in apps:
         assert served.wait_blocks_used(0) == 0
