@@ -442,7 +442,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="directory for results.json, summary.md and plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--nice", type=int, default=15, help="the client's niceness (pdserve's replicas and vLLM run at 0, Serve's proxy at Ray's 15)")
+    parser.add_argument(
+        "--nice", type=int, default=15,
+        help="the client's niceness (pdserve's replicas and vLLM run at 0, Serve's proxy at Ray's 15)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if not args.url and not args.serve:
         parser.error("give --url of a server, or --serve to start pdserve")

@@ -232,12 +232,12 @@ def test_chat_template_controls(
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     response = httpx.post(f"{url}/v1/chat/completions", json={"model": "fake-model", "messages": messages, **extra})
     assert response.status_code == 200, response.text
-    expected = TEMPLATE_RENDER(messages, extra)
+    expected = template_render(messages, extra)
     assert expected == rendered
     assert backend.requests[0].prompt_token_ids == tokenizer(expected, add_special_tokens=False)["input_ids"]
 
 
-def TEMPLATE_RENDER(messages: list[dict[str, str]], extra: dict[str, Any]) -> str:  # noqa: N802
+def template_render(messages: list[dict[str, str]], extra: dict[str, Any]) -> str:
     """What TEMPLATE renders, written out by hand (the oracle)."""
     text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
     if extra.get("chat_template_kwargs", {}).get("greeting"):

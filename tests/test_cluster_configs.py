@@ -44,8 +44,10 @@ def test_the_shipped_files() -> None:
     assert names(list(CLUSTER_CONFIGS.glob("*"))) == ["aws-gpu.yaml", "gcp-gpu.yaml", "local-cpu.yaml", "onprem.yaml"]
     assert names(list(DEPLOY.glob("*"))) == [
         "cpu-1p1d.yaml",
+        "docker",
         "gpu-colocated.yaml",
         "gpu-npmd.yaml",
+        "grafana",
         "kuberay-rayservice.yaml",
     ]
 

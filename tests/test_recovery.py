@@ -139,7 +139,7 @@ async def _streams_through_a_kill(served: Served, prompts: list[list[int]], app:
 
 def _busiest(served: Served, role: str) -> str | None:
     """The replica of `role` running the most requests (per the ingress's stats, refreshed every second)."""
-    samples = served.metrics().get("pdserve_requests_running", {})
+    samples = served.metrics().get("pdserve_num_requests_running", {})
     running = {dict(labels)["replica"]: value for labels, value in samples.items() if dict(labels)["role"] == role}
     return max(running, key=running.__getitem__) if running else None
 

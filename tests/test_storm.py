@@ -122,7 +122,8 @@ def _idle_state(served: Served) -> dict[str, float]:
     metrics = served.metrics()
     state = {}
     for name in ("pdserve_kv_blocks_used", "pdserve_kv_blocks_held", "pdserve_kv_blocks_reserved",
-                 "pdserve_kv_blocks_fenced", "pdserve_requests_running", "pdserve_requests_waiting"):  # fmt: skip
+                 "pdserve_kv_blocks_fenced", "pdserve_num_requests_running",
+                 "pdserve_num_requests_waiting"):  # fmt: skip
         state[name] = sum(metrics.get(name, {}).values())
     state["pdserve_router_in_flight"] = sum(metrics.get("pdserve_router_in_flight", {}).values())
     return state

@@ -171,7 +171,7 @@ def test_metrics_parse_and_count_the_traffic(traced) -> None:  # type: ignore[no
 
     ok_before = count("pdserve_http_requests_total", route="/v1/completions", status="200")
     bad_before = count("pdserve_errors_total", type="context_length_exceeded")
-    finished_before = count("pdserve_requests_total", finish_reason="length")
+    finished_before = count("pdserve_request_success_total", finished_reason="length")
     for _ in range(3):
         client(served).completions.create(model="tiny", prompt=PROMPT, max_tokens=3, extra_body={"ignore_eos": True})
     with pytest.raises(openai.BadRequestError):
@@ -179,11 +179,11 @@ def test_metrics_parse_and_count_the_traffic(traced) -> None:  # type: ignore[no
     assert count("pdserve_http_requests_total", route="/v1/completions", status="200") == ok_before + 3
     assert count("pdserve_http_requests_total", route="/v1/completions", status="400") >= 1
     assert count("pdserve_errors_total", type="context_length_exceeded") == bad_before + 1
-    assert count("pdserve_requests_total", finish_reason="length") == finished_before + 3
+    assert count("pdserve_request_success_total", finished_reason="length") == finished_before + 3
     assert count("pdserve_e2e_request_latency_seconds_count", route="/v1/completions") >= 4
     assert count("pdserve_time_to_first_token_seconds_count") >= 3
-    assert count("pdserve_queue_wait_seconds_count") >= 3
+    assert count("pdserve_request_queue_time_seconds_count") >= 3
     assert count("pdserve_router_decisions_total", mode="disaggregated") >= 3
-    ratio = count("pdserve_prompt_cached_tokens_total") / count("pdserve_prompt_tokens_total")
+    ratio = count("pdserve_prompt_tokens_cached_total") / count("pdserve_prompt_tokens_total")
     assert count("pdserve_prefix_cache_hit_ratio") == pytest.approx(ratio)
     assert count("pdserve_kv_transfer_seconds_total", role="prefill") > 0

@@ -1,11 +1,45 @@
-"""The HTTP layer's Prometheus metrics: requests by route and status, end-to-end latency, errors by type."""
+"""The HTTP layer's Prometheus metrics: requests by route and status, end-to-end latency, errors by type.
+
+Every series an ingress process renders carries `ingress="<host>:<pid>"` (`render_as_ingress`): a scrape through
+Serve's proxy reaches one of several ingress replicas each time, and without the label their counters would take
+turns in one series (each turn a fake counter reset)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import os
+import socket
+from collections.abc import Iterator
 
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+
+INGRESS_LABEL = "ingress"
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"})
+
+
+def ingress_id() -> str:
+    """This process's `ingress` label value: unique per live ingress replica, stable for its lifetime."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _Labelled:
+    """A collector's metrics with one more label on every sample."""
+
+    def __init__(self, collector: Collector, name: str, value: str) -> None:
+        self.collector, self.name, self.value = collector, name, value
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.collector.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [s._replace(labels={**s.labels, self.name: self.value}) for s in family.samples]
+            yield labelled
+
+
+def render_as_ingress(registry: Collector) -> bytes:
+    """`registry` in the Prometheus text format, every sample labelled with this process's `ingress`."""
+    return generate_latest(_Labelled(registry, INGRESS_LABEL, ingress_id()))
 
 
 class APIMetrics:
@@ -32,4 +66,4 @@ class APIMetrics:
             self.errors.labels(error_type).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return render_as_ingress(self.registry)

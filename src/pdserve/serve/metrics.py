@@ -1,18 +1,49 @@
-"""Prometheus metrics served at the ingress's /metrics: ingress-measured latencies, and each replica's KV state
-and counters labelled by replica and role (refreshed from the replicas' stats in the background)."""
+"""Prometheus metrics served at the ingress's /metrics: ingress-measured latencies and token counts, and each
+replica's KV state and counters labelled by replica and role (refreshed from the replicas' stats in the background).
+
+Names follow vLLM's after the `pdserve_` prefix where the meaning is the same (`time_to_first_token_seconds`,
+`num_requests_running`, `kv_cache_usage_perc`, `prefix_cache_hits`, ...). Every series also carries `ingress`
+(`pdserve.api.metrics.render_as_ingress`): replica series are copies, one per ingress replica, of the same value,
+so dashboards take `max by (replica, role)` of them; ingress-measured series are that ingress's share: `sum`."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from pdserve.api.metrics import render_as_ingress
 from pdserve.serve.messages import ReplicaStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+# name after `pdserve_` -> (family, help, the ReplicaStats field it renders)
+_REPLICA_FAMILIES: dict[str, tuple[type[GaugeMetricFamily] | type[CounterMetricFamily], str, str]] = {
+    "kv_blocks_total": (GaugeMetricFamily, "KV blocks in the replica's pool", "num_blocks"),
+    "kv_blocks_used": (GaugeMetricFamily, "KV blocks referenced by requests", "num_used_blocks"),
+    "kv_blocks_cached": (GaugeMetricFamily, "KV blocks in the prefix cache", "num_cached_blocks"),
+    "kv_blocks_held": (GaugeMetricFamily, "prefill results and reservations holding blocks", "num_held"),
+    "kv_blocks_reserved": (GaugeMetricFamily, "blocks of open reservations", "num_reserved_blocks"),
+    "kv_blocks_fenced": (GaugeMetricFamily, "blocks of revoked reservations kept unused", "num_fenced_blocks"),
+    "kv_reaped_leases": (CounterMetricFamily, "reservations revoked at lease end", "num_reaped_leases"),
+    "kv_reaped_held": (CounterMetricFamily, "prefill results released by the reaper", "num_reaped_held"),
+    "kv_fenced_aborts": (CounterMetricFamily, "reservations aborted with a writer maybe live", "num_fenced_aborts"),
+    "requests_aborted": (CounterMetricFamily, "requests aborted in the engine", "num_aborts"),
+    "kv_fenced_writes": (CounterMetricFamily, "KV writes refused by the fence", "num_fenced_writes"),
+    "num_requests_running": (GaugeMetricFamily, "requests being computed", "num_running"),
+    "num_requests_waiting": (GaugeMetricFamily, "requests queued in the engine", "num_waiting"),
+    "kv_transfer_bytes": (CounterMetricFamily, "KV bytes pushed to decode replicas", "kv_transfer_bytes"),
+    "kv_transfer_blocks": (CounterMetricFamily, "KV blocks pushed to decode replicas", "kv_transfer_blocks"),
+    "kv_transfer_seconds": (CounterMetricFamily, "time spent pushing KV blocks", "kv_transfer_s"),
+    "prefix_cache_hits": (
+        CounterMetricFamily,
+        "prompt tokens served from the prefix cache (prefill/engine: computed ones skipped; decode: not transferred)",
+        "prefix_cache_hit_tokens",
+    ),
+}
 
 
 class ReplicaStatsCollector(Collector):
@@ -23,38 +54,15 @@ class ReplicaStatsCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         labels = ["replica", "role"]
-        families = {
-            "kv_blocks_total": (GaugeMetricFamily, "KV blocks in the replica's pool", "num_blocks"),
-            "kv_blocks_used": (GaugeMetricFamily, "KV blocks referenced by requests", "num_used_blocks"),
-            "kv_blocks_cached": (GaugeMetricFamily, "KV blocks in the prefix cache", "num_cached_blocks"),
-            "kv_blocks_held": (GaugeMetricFamily, "prefill results and reservations holding blocks", "num_held"),
-            "kv_blocks_reserved": (GaugeMetricFamily, "blocks of open reservations", "num_reserved_blocks"),
-            "kv_blocks_fenced": (GaugeMetricFamily, "blocks of revoked reservations kept unused", "num_fenced_blocks"),
-            "kv_reaped_leases": (CounterMetricFamily, "reservations revoked at lease end", "num_reaped_leases"),
-            "kv_reaped_held": (CounterMetricFamily, "prefill results released by the reaper", "num_reaped_held"),
-            "kv_fenced_aborts": (
-                CounterMetricFamily,
-                "reservations aborted with a writer maybe live",
-                "num_fenced_aborts",
-            ),
-            "requests_aborted": (CounterMetricFamily, "requests aborted in the engine", "num_aborts"),
-            "kv_fenced_writes": (CounterMetricFamily, "KV writes refused by the fence", "num_fenced_writes"),
-            "requests_running": (GaugeMetricFamily, "requests being computed", "num_running"),
-            "requests_waiting": (GaugeMetricFamily, "requests queued in the engine", "num_waiting"),
-            "kv_transfer_bytes": (CounterMetricFamily, "KV bytes pushed to decode replicas", "kv_transfer_bytes"),
-            "kv_transfer_blocks": (CounterMetricFamily, "KV blocks pushed to decode replicas", "kv_transfer_blocks"),
-            "kv_transfer_seconds": (CounterMetricFamily, "time spent pushing KV blocks", "kv_transfer_s"),
-            "prefix_cache_hit_tokens": (
-                CounterMetricFamily,
-                "prompt tokens served from the prefix cache",
-                "prefix_cache_hit_tokens",
-            ),
-        }
-        for name, (family_cls, doc, field) in families.items():
+        for name, (family_cls, doc, field) in _REPLICA_FAMILIES.items():
             family = family_cls(f"pdserve_{name}", doc, labels=labels)
             for s in self.snapshot:
                 family.add_metric([s.replica_id, s.role], float(getattr(s, field)))
             yield family
+        usage = GaugeMetricFamily("pdserve_kv_cache_usage_perc", "fraction of KV blocks in use, 0 to 1", labels=labels)
+        for s in self.snapshot:
+            usage.add_metric([s.replica_id, s.role], s.num_used_blocks / max(s.num_blocks, 1))
+        yield usage
 
 
 class IngressMetrics:
@@ -64,7 +72,7 @@ class IngressMetrics:
         self.registry.register(self.replicas)
         self.registry.register(router)
         self.requests = Counter(
-            "pdserve_requests", "finished requests", ["mode", "finish_reason"], registry=self.registry
+            "pdserve_request_success", "finished requests", ["mode", "finished_reason"], registry=self.registry
         )
         self.ttft = Histogram(
             "pdserve_time_to_first_token_seconds",
@@ -74,15 +82,15 @@ class IngressMetrics:
             registry=self.registry,
         )
         self.tpot = Histogram(
-            "pdserve_time_per_output_token_seconds",
-            "decode time per output token after the first",
+            "pdserve_request_time_per_output_token_seconds",
+            "one request's decode time per output token after the first",
             ["mode"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
 
         self.queue = Histogram(
-            "pdserve_queue_wait_seconds",
+            "pdserve_request_queue_time_seconds",
             "time the prompt waited in the computing replica's engine before its first step",
             ["mode"],
             buckets=_LATENCY_BUCKETS,
@@ -92,7 +100,7 @@ class IngressMetrics:
             "pdserve_prompt_tokens", "prompt tokens of requests that started", ["mode"], registry=self.registry
         )
         self.cached_tokens = Counter(
-            "pdserve_prompt_cached_tokens",
+            "pdserve_prompt_tokens_cached",
             "prompt tokens the computing replica took from its prefix cache (hit ratio: this / prompt tokens)",
             ["mode"],
             registry=self.registry,
@@ -115,4 +123,4 @@ class IngressMetrics:
         self.hit_ratio.labels(mode).set(totals[1] / max(totals[0], 1))
 
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return render_as_ingress(self.registry), CONTENT_TYPE_LATEST
