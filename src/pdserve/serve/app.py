@@ -8,7 +8,6 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Application
 
-from pdserve.hub import resolve_model
 from pdserve.serve.config import PoolConfig, ServeConfig
 from pdserve.serve.ingress import Ingress
 from pdserve.serve.replicas import DecodeServer, EngineServer, PrefillServer
@@ -16,16 +15,22 @@ from pdserve.serve.replicas import DecodeServer, EngineServer, PrefillServer
 _PINNED_ROUTER = "pdserve.serve.routing.PinnedRequestRouter"  # an import path: `serve deploy` resolves it too
 
 
-def build_app(config: ServeConfig) -> Application:
-    """Prefill + decode pools behind an ingress, or one colocated engine pool when `config.colocated`."""
-    model_path = str(resolve_model(config.model, _checkpoint_dtype(config.dtype)))
+def build_app(config: ServeConfig, model_path: str | None = None) -> Application:
+    """Prefill + decode pools behind an ingress, or one colocated engine pool when `config.colocated`.
+    `device` "auto" is resolved here, once, from the GPUs of the Ray cluster (or of this machine without one), so
+    that every replica sees "cuda" or "cpu". `model_path`: the model's directory when the caller resolved it
+    already; replicas on a node without it resolve `config.model` again there (`ServeConfig.model_dir`)."""
+    config = config.with_device(cluster_gpus())
+    model_path = model_path or config.resolve_model_path()
     ingress = _deployment(Ingress, "Ingress", config.ingress, config)
     if config.colocated:
-        engine = _deployment(EngineServer, "EngineServer", config.engine, config).bind(config, model_path)
-        return ingress.bind(config, model_path, engine=engine)
-    prefill = _deployment(PrefillServer, "PrefillServer", config.prefill, config, pinned=True).bind(config, model_path)
-    decode = _deployment(DecodeServer, "DecodeServer", config.decode, config, pinned=True).bind(config, model_path)
-    return ingress.bind(config, model_path, prefill=prefill, decode=decode)
+        engine = _deployment(EngineServer, "EngineServer", config.engine, config, is_engine=True)
+        return ingress.bind(config, model_path, engine=engine.bind(config, model_path))
+    prefill = _deployment(PrefillServer, "PrefillServer", config.prefill, config, is_engine=True, pinned=True)
+    decode = _deployment(DecodeServer, "DecodeServer", config.decode, config, is_engine=True, pinned=True)
+    return ingress.bind(
+        config, model_path, prefill=prefill.bind(config, model_path), decode=decode.bind(config, model_path)
+    )
 
 
 def app_builder(args: dict[str, Any]) -> Application:
@@ -34,11 +39,32 @@ def app_builder(args: dict[str, Any]) -> Application:
     return build_app(ServeConfig.model_validate(args))
 
 
-def _deployment(cls: type, name: str, pool: PoolConfig, config: ServeConfig, pinned: bool = False) -> Any:
+def cluster_gpus() -> float:
+    """GPUs of the Ray cluster this process is connected to; without a connection, whether this machine has CUDA."""
+    import ray
+
+    if ray.is_initialized():
+        return float(ray.cluster_resources().get("GPU", 0))
+    import torch
+
+    return float(torch.cuda.device_count())
+
+
+def actor_options(pool: PoolConfig, device: str, is_engine: bool) -> dict[str, Any]:
+    """A replica's Ray actor options: the pool's, plus one GPU per engine replica on CUDA unless the pool says how
+    many (Ray then puts every engine replica, prefill and decode alike, on a GPU of its own)."""
+    if is_engine and device == "cuda" and "num_gpus" not in pool.ray_actor_options:
+        return {**pool.ray_actor_options, "num_gpus": 1}
+    return pool.ray_actor_options
+
+
+def _deployment(
+    cls: type, name: str, pool: PoolConfig, config: ServeConfig, is_engine: bool = False, pinned: bool = False
+) -> Any:
     options: dict[str, Any] = {
         "name": name,
         "num_replicas": pool.num_replicas,
-        "ray_actor_options": pool.ray_actor_options,
+        "ray_actor_options": actor_options(pool, config.device, is_engine),
         "max_ongoing_requests": pool.max_ongoing_requests,
         "health_check_period_s": config.health_check_period_s,
         "health_check_timeout_s": config.health_check_timeout_s,
@@ -48,8 +74,3 @@ def _deployment(cls: type, name: str, pool: PoolConfig, config: ServeConfig, pin
         options["request_router_config"] = RequestRouterConfig(request_router_class=_PINNED_ROUTER)  # type: ignore[arg-type]
     deployment: Any = serve.deployment(cls)
     return deployment.options(**options)
-
-
-def _checkpoint_dtype(dtype: str) -> str:
-    """Which SmolLM2 conversion to materialize: bf16 weights when serving bf16, else fp32."""
-    return "bfloat16" if dtype == "bfloat16" else "float32"

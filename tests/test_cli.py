@@ -1,0 +1,315 @@
+"""`pdserve serve`: flags generated from ServeConfig (every field once, with its description), the precedence of
+flags over the environment over a `--config` file, hub ids resolved from a Hugging Face cache offline, GPU
+placement and KV sizing by device, and (slow) the command serving a hub id end to end."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any, get_args
+
+import httpx
+import pytest
+from pydantic import BaseModel
+
+from pdserve.cli import build_parser, serve_config
+from pdserve.hub import resolve_model
+from pdserve.serve.config import PoolConfig, ServeConfig
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+NOT_FIELDS = {"help", "model_tag", "config", "api_keys_file", "address"}  # the command's own options
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+
+
+def hub_cache(root: Path, repo_id: str, model_dir: Path, commit: str = COMMIT, ref: str = "main") -> Path:
+    """A Hugging Face hub cache holding `model_dir` as `repo_id` at `commit`, laid out as huggingface_hub does:
+    models--org--name/snapshots/<commit>/ and refs/<ref> naming the commit. Returns the snapshot directory."""
+    storage = root / ("models--" + repo_id.replace("/", "--"))
+    snapshot = storage / "snapshots" / commit
+    shutil.copytree(model_dir, snapshot)
+    (storage / "refs").mkdir(exist_ok=True)
+    (storage / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """HF_HUB_CACHE holding `org/tiny`, HF_HUB_OFFLINE=1; returns the snapshot."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return hub_cache(tmp_path / "hub", "org/tiny", tiny_llama)
+
+
+def parse(argv: list[str], environ: dict[str, str] | None = None) -> ServeConfig:
+    parser, _ = build_parser()
+    return serve_config(parser.parse_args(["serve", *argv]), environ or {})
+
+
+def field_paths(model: type[BaseModel] = ServeConfig, prefix: str = "") -> dict[str, Any]:
+    """Every field of the config, nested models walked into: dotted path -> FieldInfo."""
+    paths: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, types.UnionType):  # X | None
+            annotation = next(t for t in get_args(annotation) if t is not type(None))
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            paths.update(field_paths(annotation, f"{prefix}{name}."))
+        else:
+            paths[prefix + name] = field
+    return paths
+
+
+# ---- flags from the config model ----
+
+
+def test_help_lists_every_config_field_exactly_once_with_its_description() -> None:
+    _, serve = build_parser()
+    help_text = serve.format_help().split("\noptions:\n", 1)[1]  # the options, after the command's description
+    flat = re.sub(r"\s+", "", help_text)
+    actions = {a.dest: a for a in serve._actions}
+    paths = field_paths()
+    assert set(actions) - NOT_FIELDS == set(paths)  # one flag per field, no flag without a field
+    assert {"prefill.num_replicas", "router.policy", "limits.max_tokens", "ingress.ray_actor_options"} <= set(paths)
+    for path, field in paths.items():
+        flag = actions[path].option_strings[0]
+        assert len(re.findall(rf"(?<![\w.-]){re.escape(flag)}(?![\w.-])", help_text)) == 1, flag
+        assert field.description, f"{path} has no description"
+        assert re.sub(r"\s+", "", field.description)[:50] in flat, path
+
+
+def test_vllm_names_and_the_older_spellings() -> None:
+    config = parse(
+        ["--max-model-len", "128", "--max-num-seqs", "4", "--max-num-batched-tokens", "64",
+         "--no-enable-prefix-caching", "--gpu-memory-utilization", "0.5", "--chat-template", "t.jinja",
+         "--generation-config", "vllm",
+         "--device", "cpu", "--served-model-name", "tiny", "alias", "--revision", "v1", "--kv-cache-memory-bytes",
+         "2097152", "--num-prefill", "2", "--num-decode", "3", "--num-engines", "4", "--routing-policy", "pow2",
+         "--local-prefill-max-tokens", "0", "--stream-interval", "4", "--colocated", "--api-key", "sk-0123456789",
+         "--kv-transport", "shm", "--dtype", "float32", "--host", "0.0.0.0", "--port", "9000", "--niceness", "none",
+         "--prefill.cpus", "0", "1", "--ingress.ray-actor-options", '{"num_cpus": 1}'],
+    )  # fmt: skip
+    assert (config.max_model_len, config.max_num_seqs, config.max_num_batched_tokens) == (128, 4, 64)
+    assert config.enable_prefix_caching is False and config.gpu_memory_utilization == 0.5
+    assert (config.chat_template, config.generation_config, config.device) == ("t.jinja", "vllm", "cpu")
+    assert config.served_model_names == ["tiny", "alias"] and config.served_model_name == "tiny"
+    assert config.revision == "v1" and config.kv_cache_memory_bytes == 2 << 20
+    assert (config.prefill.num_replicas, config.decode.num_replicas, config.engine.num_replicas) == (2, 3, 4)
+    assert config.router.policy == "pow2" and config.router.local_prefill_max_tokens == 0
+    assert config.stream_interval == 4 and config.colocated and len(config.api_keys) == 1
+    assert (config.kv_transport, config.dtype, config.host, config.port) == ("shm", "float32", "0.0.0.0", 9000)
+    assert config.niceness is None and config.prefill.cpus == [0, 1]
+    assert config.ingress.ray_actor_options == {"num_cpus": 1}
+    assert parse([]) == ServeConfig()  # nothing given: the defaults
+
+
+def test_flags_override_the_environment_which_overrides_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "serve.yaml"
+    path.write_text(
+        "model: from-file\nserved_model_name: file-name\nmax_num_seqs: 8\nblock_size: 32\nmax_num_batched_tokens: 128\n"
+        "prefill: {num_replicas: 3, ray_actor_options: {num_cpus: 2}}\n"
+        "api_keys: [{key: sk-from-file-1234}]\n"
+    )
+    environ = {"PDSERVE_MAX_NUM_SEQS": "16", "PDSERVE_BLOCK_SIZE": "64", "PDSERVE_PREFILL__CPUS": "0,1",
+               "PDSERVE_COLOCATED": "true", "PDSERVE_API_KEYS": "sk-from-env-1234", "PDSERVE_TRACING_ENV": '{"A": "b"}',
+               "PDSERVE_SERVED_MODEL_NAMES": "env-name,env-alias", "UNRELATED": "1"}  # fmt: skip
+    config = parse(["org/tiny", "--config", str(path), "--max-num-seqs", "32", "--prefill.num-replicas", "5",
+                    "--api-key", "sk-from-flag-1234", "--no-colocated"], environ)  # fmt: skip
+    assert config.model == "org/tiny"  # flag (the positional) > file
+    assert config.max_num_seqs == 32  # flag > env > file
+    assert config.block_size == 64  # env > file
+    assert config.max_num_batched_tokens == 128  # file > default
+    assert config.prefill == PoolConfig(num_replicas=5, ray_actor_options={"num_cpus": 2}, cpus=[0, 1])
+    assert config.colocated is False and config.tracing_env == {"A": "b"}
+    assert config.served_model_names == ["env-name", "env-alias"]  # env > file, whatever spelling the file used
+    assert len(config.api_keys) == 3  # keys add up from every source
+    assert parse(["--config", str(path)]).served_model_names == ["file-name"]
+
+
+def test_bad_values_are_named_by_their_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from pdserve.cli import main
+
+    for argv, said in ((["--max-num-seqs", "0"], "--max-num-seqs"), (["--prefill.num-replicas", "x"], "--prefill."),
+                       (["a", "--model", "b"], "two models"), (["--device", "tpu"], "invalid choice")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            main(["serve", *argv])
+        assert exit_info.value.code == 2 and said in capsys.readouterr().err
+
+
+# ---- models from the Hugging Face cache ----
+
+
+def test_a_hub_id_resolves_to_its_snapshot_in_the_offline_cache(offline_hub: Path, tmp_path: Path) -> None:
+    assert resolve_model("org/tiny") == offline_hub
+    assert resolve_model("org/tiny", revision=COMMIT) == offline_hub
+    assert ServeConfig(model="org/tiny").resolve_model_path() == str(offline_hub)
+    # a replica on a node without the driver's path resolves the id again there
+    assert ServeConfig(model="org/tiny").model_dir("/nonexistent/model") == str(offline_hub)
+    assert ServeConfig(model="org/tiny").model_dir(str(offline_hub)) == str(offline_hub)
+
+
+def test_hf_home_and_download_dir_are_honoured(
+    tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    in_home = hub_cache(tmp_path / "home" / "hub", "org/tiny", tiny_llama)
+    elsewhere = hub_cache(tmp_path / "elsewhere", "org/tiny", tiny_llama, commit="f" * 40)
+    assert resolve_model("org/tiny") == in_home
+    assert resolve_model("org/tiny", cache_dir=tmp_path / "elsewhere") == elsewhere
+    assert parse(["org/tiny", "--download-dir", str(tmp_path / "elsewhere")]).resolve_model_path() == str(elsewhere)
+
+
+def test_an_absent_hub_id_names_the_id_the_revision_and_the_cache(offline_hub: Path) -> None:
+    cache = str(offline_hub.parents[2])
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE") as error:
+        resolve_model("org/absent")
+    assert "'org/absent'" in str(error.value) and "revision main" in str(error.value) and cache in str(error.value)
+    with pytest.raises(ValueError, match="revision v2"):
+        resolve_model("org/tiny", revision="v2")
+    with pytest.raises(ValueError, match="not a local directory, nor a Hugging Face hub id"):
+        resolve_model("./no/such//dir")
+
+
+def test_the_command_reports_an_absent_model_before_starting_ray(
+    offline_hub: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pdserve.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "org/absent"])
+    assert "'org/absent'" in capsys.readouterr().err
+
+
+# ---- device: placement and KV sizing ----
+
+
+def test_auto_device_follows_the_cluster_gpus() -> None:
+    assert ServeConfig().device == "auto"
+    assert ServeConfig().with_device(num_gpus=2).device == "cuda"
+    assert ServeConfig().with_device(num_gpus=0).device == "cpu"
+    assert ServeConfig(kv_transport="gloo").with_device(num_gpus=2).device == "cpu"  # a host transport: host KV
+    assert ServeConfig(device="cpu").with_device(num_gpus=2).device == "cpu"  # explicit stays
+    with pytest.raises(ValueError, match="cannot move KV on cpu"):
+        ServeConfig(kv_transport="nccl").with_device(num_gpus=0)
+
+
+def _built(config: ServeConfig, model: Path) -> dict[str, Any]:
+    """The deployments build_app makes, by name, as Serve would deploy them (nothing runs)."""
+    from ray.serve._private.build_app import build_app as serve_build
+
+    from pdserve.serve.app import build_app
+
+    built = serve_build(build_app(config, str(model)), name="t", make_deployment_handle=lambda *_: None)
+    return {d.name: d for d in built.deployments}
+
+
+def test_on_cuda_every_engine_replica_takes_a_gpu_of_its_own(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pdserve.serve.app as app
+
+    monkeypatch.setattr(app, "cluster_gpus", lambda: 4.0)  # a cluster with GPUs: auto means cuda
+    disaggregated = _built(ServeConfig(model=str(tiny_llama), prefill=PoolConfig(num_replicas=2)), tiny_llama)
+    assert set(disaggregated) == {"PrefillServer", "DecodeServer", "Ingress"}  # prefill and decode: two pools
+    assert disaggregated["PrefillServer"].ray_actor_options == {"num_cpus": 0, "num_gpus": 1}
+    assert disaggregated["PrefillServer"].num_replicas == 2
+    assert disaggregated["DecodeServer"].ray_actor_options == {"num_cpus": 0, "num_gpus": 1}
+    assert disaggregated["Ingress"].ray_actor_options == {"num_cpus": 0}
+    assert disaggregated["DecodeServer"].init_args[0].device == "cuda"  # replicas get the resolved device
+    shared = PoolConfig(ray_actor_options={"num_gpus": 0.5})  # a pool that says how many GPUs keeps it
+    colocated = _built(ServeConfig(model=str(tiny_llama), device="cuda", colocated=True, engine=shared), tiny_llama)
+    assert set(colocated) == {"EngineServer", "Ingress"}
+    assert colocated["EngineServer"].ray_actor_options["num_gpus"] == 0.5
+    monkeypatch.setattr(app, "cluster_gpus", lambda: 0.0)
+    on_cpu = _built(ServeConfig(model=str(tiny_llama)), tiny_llama)
+    assert on_cpu["DecodeServer"].ray_actor_options == {"num_cpus": 0}
+    assert on_cpu["DecodeServer"].init_args[0].device == "cpu"
+
+
+def test_the_kv_cache_is_what_gpu_memory_utilization_leaves(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from pdserve.engine.memory import checkpoint_elements, plan_gpu_memory
+
+    elements = sum(t.numel() for f in tiny_llama.glob("*.safetensors") for t in load_file(f).values())
+    assert checkpoint_elements(str(tiny_llama)) == elements
+    gib = 1 << 30
+    plan = plan_gpu_memory(
+        str(tiny_llama), "bfloat16", 0.5, 64, 4, None, 1 << 20, free_and_total_bytes=(8 * gib, 8 * gib)
+    )
+    assert plan.budget_bytes == 4 * gib and plan.weight_bytes == 2 * elements
+    assert plan.kv_cache_bytes == 4 * gib - plan.weight_bytes - plan.activation_bytes - (1 << 20)
+    crowded = plan_gpu_memory(str(tiny_llama), "float32", 0.9, 64, 4, None, 0, free_and_total_bytes=(gib, 8 * gib))
+    assert crowded.budget_bytes == gib and crowded.weight_bytes == 4 * elements  # never more than is free
+    with pytest.raises(ValueError, match="no GPU memory left for the KV cache"):
+        plan_gpu_memory(str(tiny_llama), "float32", 0.9, 64, 4, None, 0, free_and_total_bytes=(1 << 20, 8 * gib))
+    # the replica's engine config: sized from the GPU on cuda, 1 GiB on cpu, as given when given
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *_: (8 * gib, 8 * gib))
+    on_gpu = ServeConfig(device="cuda", gpu_memory_utilization=0.5, max_num_batched_tokens=64, max_num_seqs=4)
+    expected = plan_gpu_memory(
+        str(tiny_llama),
+        "auto",
+        0.5,
+        64,
+        4,
+        None,
+        (512 << 20) + 8 * (100 << 20),
+        free_and_total_bytes=(8 * gib, 8 * gib),
+    )
+    assert on_gpu.engine_config(str(tiny_llama)).cache.memory_bytes == expected.kv_cache_bytes
+    assert ServeConfig(device="cpu").engine_config(str(tiny_llama)).cache.memory_bytes == gib
+    assert (
+        ServeConfig(device="cuda", kv_cache_memory_bytes=1 << 25).engine_config(str(tiny_llama)).cache.memory_bytes
+        == 1 << 25
+    )
+    with pytest.raises(ValueError, match="resolve device 'auto' first"):
+        ServeConfig().engine_config(str(tiny_llama))
+
+
+# ---- the command itself (slow: starts a Ray cluster) ----
+
+
+@pytest.mark.slow
+def test_pdserve_serve_a_hub_id_answers_completions(offline_hub: Path, tmp_path: Path) -> None:
+    from serving import free_port
+
+    port, log = free_port(), tmp_path / "serve.log"
+    command = [sys.executable, "-m", "pdserve.cli", "serve", "org/tiny", "--device", "cpu", "--port", str(port),
+               "--dtype", "float32", "--num-kv-blocks", "64", "--served-model-name", "tiny", "tiny-alias"]  # fmt: skip
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_line(log, "pdserve is serving on", server, deadline_s=300)
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 4, "temperature": 0}
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["model"] == "tiny" and answer["usage"]["completion_tokens"] >= 1
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _wait_for_line(log: Path, line: str, server: subprocess.Popen[bytes], deadline_s: float) -> None:
+    deadline = time.monotonic() + deadline_s
+    while line not in log.read_text(errors="replace"):
+        if server.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"pdserve serve did not start (exit {server.poll()}):\n{log.read_text()[-4000:]}")
+        time.sleep(1)
