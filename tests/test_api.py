@@ -43,6 +43,7 @@ class FakeBackend:
     """Streams TEXT's tokens then EOS, `tokens_per_delta` at a time; records requests, tokens yielded and closes."""
 
     model_name = "org/fake-model"
+    model_names: tuple[str, ...] = ("org/fake-model",)
     max_model_len = MAX_MODEL_LEN
     eos_token_ids: tuple[int, ...] = (EOS_ID,)
 

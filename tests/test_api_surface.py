@@ -279,3 +279,37 @@ def test_n_choices_streams_are_all_closed_wherever_the_client_leaves(
     while backend.num_closed < len(backend.requests) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(backend.requests) <= n and backend.num_closed == len(backend.requests)
+
+
+def test_several_served_names_are_each_accepted_and_listed(tokenizer: Any) -> None:
+    """vLLM's several --served-model-name: any of them (or its last path part) is accepted; responses carry the
+    first; /v1/models lists each."""
+    backend = FakeBackend(tokenizer)
+    backend.model_names = ("org/fake-model", "alias")
+    with serve(create_app(backend)) as url:
+        for name in ("org/fake-model", "fake-model", "alias"):
+            response = httpx.post(f"{url}/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 2})
+            assert response.status_code == 200 and response.json()["model"] == name
+        assert httpx.post(f"{url}/v1/completions", json={"model": "other", "prompt": "hi"}).status_code == 404
+        assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["org/fake-model", "alias"]
+        assert httpx.get(f"{url}/v1/models/alias").json()["id"] == "alias"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_include_stop_str_and_skip_special_tokens(
+    http: httpx.Client, backend: FakeBackend, tokenizer: Any, stream: bool
+) -> None:
+    def text_of(body: dict[str, Any]) -> str:
+        body = {**BASE["completions"][1], "max_tokens": 60, "stream": stream, **body}
+        response = http.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        if not stream:
+            return str(response.json()["choices"][0]["text"])
+        chunks = [json.loads(p) for p in sse_payloads(response)[:-1]]
+        return "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+
+    cut = TEXT.index("brown")
+    assert text_of({"stop": ["brown"]}) == TEXT[:cut]
+    assert text_of({"stop": ["brown"], "include_stop_str_in_output": True}) == TEXT[: cut + len("brown")]
+    eos = tokenizer.decode(backend.script[-1:])
+    assert text_of({}) == TEXT and eos and text_of({"skip_special_tokens": False}) == TEXT + eos

@@ -4,15 +4,17 @@ Every build writes the same bytes on every run: a byte-level BPE tokenizer train
 and a 2-layer model (hidden 128, 4 heads, 2 KV heads, head_dim 32) whose weights come from a seeded generator.
 Weights are drawn wider than transformers' default init (std 0.02) so that greedy decoding is decisive: the gap
 between the two largest logits stays well above float32 noise, so engines can be compared token for token.
+`build_sentencepiece_tokenizer` builds a Llama-2-style tokenizer (byte fallback) for the detokenization tests.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
     GenerationConfig,
@@ -113,6 +115,57 @@ def build_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK)
     wrapped.chat_template = CHAT_TEMPLATE
     assert (wrapped.pad_token_id, wrapped.bos_token_id, wrapped.eos_token_id) == (PAD_ID, BOS_ID, EOS_ID)
+    path.mkdir(parents=True, exist_ok=True)
+    wrapped.save_pretrained(path)
+    return wrapped
+
+
+# A Llama-2-style SentencePiece tokenizer (for detokenization tests; no model uses it): <unk>, <s>, </s>, then the
+# 256 byte-fallback tokens <0x00>..<0xFF>, then BPE pieces that start a word with "▁". Characters outside
+# SP_ALPHABET (newlines, ï, ü, 日本語, 🎉, ...) become byte tokens, as rare characters do in Llama-2.
+SP_UNK, SP_BOS, SP_EOS = "<unk>", "<s>", "</s>"
+SP_BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
+SP_CORPUS = (*CORPUS, "héllo wörld, café crème", "naïve 日本語 🎉", "Grüße aus Köln", "wörld héllo é ö")
+SP_ALPHABET = sorted((set("".join(CORPUS)) - set(" \n")) | set("▁éö"))
+SP_NUM_PIECES = 700  # trained pieces, special tokens and the alphabet included
+SP_CHAT_TEMPLATE = (  # Llama-2's shape: the prompt ends with "[/INST]", the answer follows after a space
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def build_sentencepiece_tokenizer(path: Path, metaspace_decoder: bool = False) -> PreTrainedTokenizerFast:
+    """Build the Llama-2-style tokenizer (Metaspace pre-tokenizer, BPE with byte fallback, BOS added), save it into
+    ``path``, return it. Its decoder is Llama-2's (Replace "▁" → " ", ByteFallback, Fuse, Strip one leading space),
+    or with ``metaspace_decoder`` the Metaspace decoder (the first token's "▁" dropped) after ByteFallback.
+    Deterministic, in-process, no download."""
+    tok = Tokenizer(models.BPE(unk_token=SP_UNK))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=SP_NUM_PIECES,
+        special_tokens=[SP_UNK, SP_BOS, SP_EOS],
+        initial_alphabet=SP_ALPHABET,
+        limit_alphabet=len(SP_ALPHABET),
+        show_progress=False,
+    )
+    tok.train_from_iterator(SP_CORPUS, trainer=trainer)
+    data = json.loads(tok.to_str())
+    pieces = sorted(data["model"]["vocab"].items(), key=lambda item: item[1])[3:]  # the specials keep ids 0, 1, 2
+    names = [SP_UNK, SP_BOS, SP_EOS, *SP_BYTE_TOKENS, *(piece for piece, _ in pieces)]
+    data["model"].update(vocab={name: i for i, name in enumerate(names)}, byte_fallback=True, fuse_unk=True)
+    tok = Tokenizer.from_str(json.dumps(data))
+    if metaspace_decoder:
+        tok.decoder = decoders.Sequence(
+            [decoders.ByteFallback(), decoders.Metaspace(replacement="▁", prepend_scheme="first")]
+        )
+    else:
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+    tok.post_processor = processors.TemplateProcessing(single=f"{SP_BOS} $A", special_tokens=[(SP_BOS, 1)])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SP_BOS, eos_token=SP_EOS, unk_token=SP_UNK)
+    wrapped.chat_template = SP_CHAT_TEMPLATE
     path.mkdir(parents=True, exist_ok=True)
     wrapped.save_pretrained(path)
     return wrapped

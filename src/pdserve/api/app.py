@@ -137,15 +137,16 @@ async def ready(state: State) -> Response:
 
 @router.get("/v1/models")
 async def list_models(state: State) -> Response:
-    """The one served model."""
-    return _json(ModelList(data=[_model_card(state)]))
+    """The served model, once under each of its names."""
+    names = getattr(state.backend, "model_names", (state.backend.model_name,))
+    return _json(ModelList(data=[_model_card(state, name) for name in names]))
 
 
 @router.get("/v1/models/{model:path}")
 async def get_model(model: str, state: State) -> Response:
     """The served model by name; 404 for any other."""
     check_model(state.backend, model)
-    return _json(_model_card(state))
+    return _json(_model_card(state, model if model in getattr(state.backend, "model_names", ()) else None))
 
 
 @router.get("/metrics")
@@ -232,7 +233,10 @@ async def _serve(
     span.set_attributes(request_attributes(gen_request, fmt))
     if body.n > 1:
         return await _serve_choices(state, body, request, gen_request, fmt, discard_output)
-    generation = Generation(gen_request, state.backend.tokenizer, body.stop_strings(), discard_output)
+    generation = Generation(
+        gen_request, state.backend.tokenizer, body.stop_strings(), discard_output, body.skip_special_tokens,
+        body.include_stop_str_in_output,
+    )  # fmt: skip
     deltas = state.backend.generate(gen_request)
     if body.stream:
         # The first delta before the headers when it comes soon, so that "no room" is still a 429; past that
@@ -260,7 +264,13 @@ async def _serve_choices(
 ) -> Response:
     """`n` choices of one prompt (choices.py): one backend request each, sharing the prompt's cached blocks."""
     requests = choice_requests(gen_request, body.n)
-    generations = [Generation(r, state.backend.tokenizer, body.stop_strings(), discard_output) for r in requests]
+    generations = [
+        Generation(
+            r, state.backend.tokenizer, body.stop_strings(), discard_output, body.skip_special_tokens,
+            body.include_stop_str_in_output,
+        )
+        for r in requests
+    ]  # fmt: skip
     fmts = [fmt] + [copy.copy(fmt) for _ in requests[1:]]  # a format keeps per-choice state (text offsets)
     streams = ChoiceStreams(state.backend, requests)
     if body.stream:
@@ -320,8 +330,9 @@ def request_attributes(request: GenerationRequest, fmt: ResponseFormat) -> dict[
     return {k: v for k, v in attributes.items() if v is not None}
 
 
-def _model_card(state: APIState) -> ModelCard:
-    return ModelCard(id=state.backend.model_name, created=state.created, max_model_len=state.backend.max_model_len)
+def _model_card(state: APIState, name: str | None = None) -> ModelCard:
+    model_id = name or state.backend.model_name
+    return ModelCard(id=model_id, created=state.created, max_model_len=state.backend.max_model_len)
 
 
 def _json(body: BaseModel) -> Response:

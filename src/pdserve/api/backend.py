@@ -79,7 +79,8 @@ class ServerError(RuntimeError):
 
 
 class Backend(Protocol):
-    model_name: str
+    model_name: str  # what responses name (the first of model_names)
+    model_names: tuple[str, ...]  # every name a request may use (vLLM's several --served-model-name)
     max_model_len: int
     tokenizer: Any  # a transformers PreTrainedTokenizerBase (chat template, decode)
     eos_token_ids: tuple[int, ...]

@@ -1,39 +1,101 @@
 """Incremental detokenization with stop strings.
 
-Text is emitted only once it is final: never half a UTF-8 character (a decode ending in U+FFFD means a multi-byte
-character is still split across tokens), and never a suffix that could still grow into a stop string (held back
-until it cannot). A stop string ends the text just before it and never appears in the output, even when its
-characters arrive in several tokens.
+The oracle: the output's text is what decoding the whole sequence adds to decoding the prompt alone,
+`decode(prompt + output)[len(common prefix of decode(prompt) and decode(prompt + output)):]`, with the request's
+`skip_special_tokens` (and no clean-up of tokenization spaces). That is what vLLM answers (it too primes its
+incremental detokenizer with the prompt's tail), and what a client continuing the prompt expects: a SentencePiece
+tokenizer (Llama-2, Mistral) strips the leading space of a decode's first token, so `decode(output)` alone would
+turn a completion of "Say" into "Hello" where the text reads "Say Hello"; here it is " Hello". When nothing visible
+precedes the output (an empty prompt, or only special tokens being skipped), the space is stripped, as the whole
+decode strips it. The common prefix (rather than `decode(prompt)`) matters only for a prompt of token ids that ends
+inside a character: the output that completes it carries that character. Streaming and one-shot decoding give this
+same text, whatever the deltas' sizes.
+
+How: tokens are decoded in a short window. Tokens [prefix_offset, read_offset) are decoded again as context for the
+new ones, and the text the new ones add is theirs. The window starts primed with the prompt's last few visible tokens
+(vLLM's idea), so the first output token is decoded in context and the prompt's own text is never emitted. The window
+moves only past tokens that added visible text (so its context, once it has one, is never empty again), never stops
+inside a character, and never inside a run of byte-fallback tokens (`<0xE2>`: the tokenizers decoder decodes a run
+as a whole, and a run that is not valid UTF-8 becomes one U+FFFD per byte, so a run's text is final only once the
+run ends). So text is emitted only once it is final: never half a character, never a U+FFFD that a later token
+would replace. At the end, an incomplete character decodes as the one-shot decode does (U+FFFD).
+
+Special tokens skipped with `skip_special_tokens` are dropped on arrival, exactly as the tokenizer drops them before
+its decoder runs. `spaces_between_special_tokens` (vLLM's; the API accepts only its default, true) is what a fast
+tokenizer's decode does already: it never adds spaces of its own around added tokens.
+
+Stop strings: the text ends just before the stop string that completes first (the one ending earliest; of those, the
+one starting earliest), which is where generation would stop if text arrived one character at a time, whatever the
+deltas' sizes. A stop string never appears in the output, even when its characters arrive in several tokens: a
+suffix that could still grow into one is held back until it cannot.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 _REPLACEMENT = "\ufffd"
+# Visible prompt tokens decoded as the first output tokens' context (vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET):
+# more than one, so that a prompt ending inside a character (token ids may) holds that character's first byte.
+PRIMING_TOKENS = 5
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # what the tokenizers ByteFallback decoder turns into a byte
+
+
+@dataclass(frozen=True)
+class _Vocab:
+    special_ids: frozenset[int]  # what decode(skip_special_tokens=True) drops
+    byte_ids: frozenset[int]  # byte-fallback tokens
+
+
+@lru_cache(maxsize=8)
+def _vocab(tokenizer: Any) -> _Vocab:
+    """Read once per tokenizer (a vocabulary scan: milliseconds)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # a fast tokenizer: its decode skips the added tokens marked special
+        special_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
+    else:
+        special_ids = frozenset(tokenizer.all_special_ids)
+    byte_ids = frozenset(i for token, i in tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(token))
+    return _Vocab(special_ids, byte_ids)
 
 
 class IncrementalDetokenizer:
     """Turns a growing token sequence into text deltas, cut before the first stop string."""
 
-    def __init__(self, tokenizer: Any, stop: list[str], skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        stop: list[str],
+        skip_special_tokens: bool = True,
+        prompt_token_ids: Sequence[int] = (),
+        include_stop_str: bool = False,
+    ) -> None:
         self.tokenizer = tokenizer
+        self.include_stop_str = include_stop_str  # vLLM's include_stop_str_in_output: keep the stop string
         self.stop = [s for s in stop if s]
         self.skip_special_tokens = skip_special_tokens
-        self.token_ids: list[int] = []
+        vocab = _vocab(tokenizer)
+        self._hidden_ids = vocab.special_ids if skip_special_tokens else frozenset()
+        self._byte_ids = vocab.byte_ids
         self.text = ""  # decoded so far, held-back text included; cut before the stop string once one matched
         self.num_emitted = 0  # characters of self.text already returned
         self.is_stopped = False
-        # Tokens [prefix_offset, read_offset) are decoded again as context for the new ones, so that tokenizers
-        # which drop a word's leading space at the start of a decode keep it; read_offset: tokens already in text.
+        # The tokens the decoder sees: the prompt's tail, then the output, skipped special tokens left out.
+        # Tokens [prefix_offset, read_offset) are decoded again as context for the new ones; read_offset: tokens
+        # whose text is in self.text (or, for the prompt's tail, is not output).
+        self._token_ids = self._prompt_tail(prompt_token_ids)
         self._prefix_offset = 0
-        self._read_offset = 0
+        self._read_offset = len(self._token_ids)
 
     def add(self, token_ids: list[int]) -> str:
         """Feed new tokens; return the text that became final (often empty). After a stop string, returns ""."""
         if self.is_stopped:
             return ""
-        self.token_ids.extend(token_ids)
+        self._token_ids.extend(t for t in token_ids if t not in self._hidden_ids)
         self.text += self._decode_new(is_last=False)
         return self._emit_final(is_last=False)
 
@@ -45,28 +107,64 @@ class IncrementalDetokenizer:
         self.text += self._decode_new(is_last=True)
         return self._emit_final(is_last=True)
 
+    def _prompt_tail(self, prompt_token_ids: Sequence[int]) -> list[int]:
+        """The last PRIMING_TOKENS visible prompt tokens, and further back to the start of a byte-fallback run the
+        first of them is in (a run decodes as a whole)."""
+        tail: list[int] = []
+        for token_id in reversed(prompt_token_ids):
+            if token_id in self._hidden_ids:
+                continue
+            if len(tail) >= PRIMING_TOKENS and not (token_id in self._byte_ids and tail[-1] in self._byte_ids):
+                break
+            tail.append(token_id)
+        return tail[::-1]
+
     def _decode_new(self, is_last: bool) -> str:
-        prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
-        full = self._decode(self.token_ids[self._prefix_offset :])
-        if not is_last and (full.endswith(_REPLACEMENT) or len(full) <= len(prefix)):
-            return ""  # an incomplete character (or nothing visible yet): wait for more tokens
-        self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
-        return full[len(prefix) :]
+        end = len(self._token_ids) if is_last else self._readable_end()
+        if end <= self._read_offset:
+            return ""
+        prefix = self._decode(self._token_ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._token_ids[self._prefix_offset : end])
+        if not is_last and full.endswith(_REPLACEMENT):
+            return ""  # an incomplete character: wait for more tokens
+        # The window's own text is final, so full extends prefix; only the prompt's tail may end in a character
+        # or a byte run that the output completes (or breaks): then the common part is the prompt's.
+        start = _common_prefix_len(prefix, full)
+        if len(full) <= start:
+            return ""  # nothing visible yet: wait, so that the window moves only past tokens that added text
+        self._prefix_offset, self._read_offset = self._read_offset, end
+        return full[start:]
+
+    def _readable_end(self) -> int:
+        """Where an open byte-fallback run at the end starts (its text may still change), else the end."""
+        end = len(self._token_ids)
+        while end > 0 and self._token_ids[end - 1] in self._byte_ids:
+            end -= 1
+        return end
 
     def _decode(self, token_ids: list[int]) -> str:
-        return str(self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens))
+        text = self.tokenizer.decode(
+            token_ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
+        )
+        return str(text)
 
     def _emit_final(self, is_last: bool) -> str:
-        stop_at = self._find_stop()
-        if stop_at is not None:
-            self.text, self.is_stopped = self.text[:stop_at], True
+        hit = self._find_stop()
+        if hit is not None:
+            end, start = hit
+            self.text, self.is_stopped = self.text[: end if self.include_stop_str else start], True
             return self._emit(len(self.text))
         return self._emit(len(self.text) if is_last else len(self.text) - self._holdback())
 
-    def _find_stop(self) -> int | None:
-        # Emitted text never holds the start of a stop string (it was held back), so search only the rest.
-        hits = [i for i in (self.text.find(s, self.num_emitted) for s in self.stop) if i >= 0]
-        return min(hits, default=None)
+    def _find_stop(self) -> tuple[int, int] | None:
+        """(end, start) of the stop string completed first. Emitted text never holds the start of a stop string (it
+        was held back), so only the rest is searched."""
+        hits: list[tuple[int, int]] = []  # (end, start)
+        for stop in self.stop:
+            start = self.text.find(stop, self.num_emitted)
+            if start >= 0:
+                hits.append((start + len(stop), start))
+        return min(hits) if hits else None
 
     def _holdback(self) -> int:
         """Length of the longest suffix of the text that is a proper prefix of some stop string."""
@@ -83,3 +181,9 @@ class IncrementalDetokenizer:
         delta = self.text[self.num_emitted : end]
         self.num_emitted = end
         return delta
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    if b.startswith(a):
+        return len(a)
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))

@@ -33,7 +33,13 @@ class Piece:
 
 class Generation:
     def __init__(
-        self, request: GenerationRequest, tokenizer: Any, stop: list[str], discard_output: bool = False
+        self,
+        request: GenerationRequest,
+        tokenizer: Any,
+        stop: list[str],
+        discard_output: bool = False,
+        skip_special_tokens: bool = True,
+        include_stop_str: bool = False,
     ) -> None:
         self.request = request
         self.discard_output = (
@@ -41,7 +47,9 @@ class Generation:
         )
         self.prompt_logprobs: list[TokenLogprob] | None = None
         self._sent_prompt_logprobs = False
-        self.detokenizer = IncrementalDetokenizer(tokenizer, stop)
+        self.detokenizer = IncrementalDetokenizer(
+            tokenizer, stop, skip_special_tokens, request.prompt_token_ids, include_stop_str
+        )
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
         self.num_reported = 0  # tokens already handed out in a Piece

@@ -194,7 +194,8 @@ def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
 
 def check_model(backend: Backend, model: str) -> None:
     """404 unless `model` names the served model (its full name or the last path part of it)."""
-    if model not in (backend.model_name, backend.model_name.rsplit("/", 1)[-1]):
+    names = getattr(backend, "model_names", (backend.model_name,))
+    if model not in {alias for name in names for alias in (name, name.rsplit("/", 1)[-1])}:
         shown = model if len(model) <= 64 else model[:61] + "..."  # named back as OpenAI does, never at length
         message = f"the model '{shown}' does not exist; this server serves '{backend.model_name}'"
         raise APIError(404, message, param="model", code="model_not_found")

@@ -53,11 +53,17 @@ class Ingress:
         configure_tracing("ingress", config.tracing_env)
         self.prefill, self.decode, self.engine = prefill, decode, engine
         self.mode = "colocated" if engine is not None else "disaggregated"
+        model_path = config.model_dir(model_path)  # this node's copy (a hub id resolves again on another node)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.chat_template = read_chat_template(getattr(config, "chat_template", None))
         self.sampling_defaults = sampling_defaults(model_path, getattr(config, "generation_config", "auto"))
         info: ModelInfo = await self._any_engine().model_info.remote()
-        self.model_name = config.served_model_name or Path(config.model or DEFAULT_MODEL_NAME).name
+        # The first served name is the one responses carry; any of them is accepted. Without one: a local
+        # directory's name, or the hub id / built-in name as given.
+        given = config.model or DEFAULT_MODEL_NAME
+        default_name = Path(given).name if Path(given).expanduser().is_dir() else given
+        self.model_names = tuple(config.served_model_names) or (default_name,)
+        self.model_name = self.model_names[0]
         self.max_model_len = info.max_model_len
         self.eos_token_ids = info.eos_token_ids
         self.channels = IngressChannels() if config.output_channels else None
@@ -170,6 +176,7 @@ class Ingress:
 
     def _observe_end(self, first_at: float | None, num_tokens: int, finish_reason: str) -> None:
         self.metrics.requests.labels(self.mode, finish_reason).inc()
+        self.metrics.generation_tokens.labels(self.mode).inc(num_tokens)
         if first_at is not None and num_tokens > 1:
             self.metrics.tpot.labels(self.mode).observe((time.perf_counter() - first_at) / (num_tokens - 1))
 

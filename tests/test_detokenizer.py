@@ -1,0 +1,293 @@
+"""Incremental detokenization against its oracle (api/detokenizer.py): the output's text is what decoding the prompt
+and the output together adds to decoding the prompt alone, cut before the stop string that completes first, the same
+whether the output arrives in one delta or in deltas of any size. Real tokenizers built in-process: the byte-level
+BPE of the tiny models (GPT-2/SmolLM2 style) and a Llama-2-style SentencePiece one (Metaspace, byte fallback, a
+decoder that strips a decode's leading space), with Llama-2's decoder and with the Metaspace decoder.
+
+The stop-string and U+FFFD tests over HTTP and on one tokenizer are in test_api.py."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from pdserve.api import IncrementalDetokenizer
+from tiny_models import build_sentencepiece_tokenizer, build_tokenizer
+
+KINDS = ("byte_level", "sentencepiece", "sentencepiece_metaspace")
+NUM_RANDOM_CASES = 4000  # per tokenizer
+WORDS = (
+    "the", "capital", "of", "France", "is", "Paris", "héllo", "wörld", "naïve", "日本語", "🎉", "Grüße",
+    "Köln", "café", "crème", "é", "ö", "😀", "€", ",", ".", "\n", "  ", "'s", "<s>", "[/INST]", "lazy", "dog",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def tokenizer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    path = tmp_path_factory.mktemp(request.param)
+    if request.param == "byte_level":
+        return build_tokenizer(path)
+    return build_sentencepiece_tokenizer(path, metaspace_decoder=request.param == "sentencepiece_metaspace")
+
+
+@pytest.fixture(scope="module")
+def sentencepiece(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return build_sentencepiece_tokenizer(tmp_path_factory.mktemp("sentencepiece"))
+
+
+def decode(tokenizer: Any, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    return str(tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
+
+
+def oracle(tokenizer: Any, prompt: list[int], output: list[int], skip_special_tokens: bool = True) -> str:
+    """What decoding prompt + output adds to decoding the prompt alone."""
+    head = decode(tokenizer, prompt, skip_special_tokens)
+    whole = decode(tokenizer, prompt + output, skip_special_tokens)
+    common = next((i for i, (a, b) in enumerate(zip(head, whole, strict=False)) if a != b), min(len(head), len(whole)))
+    return whole[common:]
+
+
+def cut_at_stop(text: str, stop: Sequence[str], include: bool = False) -> tuple[str, bool]:
+    """The text before the stop string that completes first (ties: the one starting first; `include`: with the stop
+    string, vLLM's include_stop_str_in_output), and whether one did."""
+    hits = [(text.find(s) + len(s), text.find(s)) for s in stop if s in text]
+    if not hits:
+        return text, False
+    end, start = min(hits)
+    return text[: end if include else start], True
+
+
+def detokenize(
+    tokenizer: Any,
+    prompt: list[int],
+    output: list[int],
+    sizes: Sequence[int] = (),
+    stop: Sequence[str] = (),
+    skip_special_tokens: bool = True,
+    include_stop: bool = False,
+) -> tuple[list[str], IncrementalDetokenizer]:
+    """Feed `output` in deltas of `sizes` tokens (1 each by default), then flush, as Generation does."""
+    d = IncrementalDetokenizer(tokenizer, list(stop), skip_special_tokens, prompt, include_stop)
+    sizes = list(sizes) or [1] * len(output)
+    starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    deltas = [d.add(output[a:b]) for a, b in itertools.pairwise(starts)]
+    return [*deltas, "" if d.is_stopped else d.flush()], d
+
+
+def ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def chat_prompt(tokenizer: Any, content: str) -> list[int]:
+    messages = [{"role": "user", "content": content}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def has_byte_fallback(tokenizer: Any) -> bool:
+    return bool(tokenizer.convert_tokens_to_ids("<0xF0>") != tokenizer.unk_token_id)
+
+
+def byte_ids(tokenizer: Any, data: bytes) -> list[int]:
+    """The byte-fallback tokens of `data` (SentencePiece tokenizers only)."""
+    return [tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in data]
+
+
+# --- the first token's leading space: the prompt primes the window -------------------------------------------------
+
+
+def test_sentencepiece_keeps_the_leading_space_of_the_first_token(sentencepiece: Any) -> None:
+    prompt, output = sentencepiece("Say")["input_ids"], ids(sentencepiece, "the capital")
+    assert sentencepiece.convert_ids_to_tokens(output)[0] == "▁the"
+    want = oracle(sentencepiece, prompt, output)
+    deltas, _ = detokenize(sentencepiece, prompt, output)
+    assert want == " the capital" and "".join(deltas) == want and deltas[0] == " the"
+    assert decode(sentencepiece, output) == "the capital"  # decoding the output alone would lose it
+
+
+@pytest.mark.parametrize("kind", ["bos_only", "empty", "specials_after_text"])
+def test_sentencepiece_prompt_without_visible_tail(sentencepiece: Any, kind: str) -> None:
+    """Only what the whole decode shows counts: no visible prompt text, no leading space; visible text before any
+    number of skipped special tokens, the space."""
+    bos, eos = sentencepiece.bos_token_id, sentencepiece.eos_token_id
+    prompt = {"bos_only": [bos], "empty": [], "specials_after_text": [bos, *ids(sentencepiece, "Say"), *[eos] * 8]}
+    output = ids(sentencepiece, "the capital")
+    want = oracle(sentencepiece, prompt[kind], output)
+    assert want == (" the capital" if kind == "specials_after_text" else "the capital")
+    assert "".join(detokenize(sentencepiece, prompt[kind], output)[0]) == want
+
+
+def test_chat_prompts_ending_in_template_tokens(tokenizer: Any) -> None:
+    """Llama-2's template ends with "[/INST]" and the answer's first token carries a space; the byte-level one ends
+    with "<s>assistant\\n" (a special token, then a newline)."""
+    prompt = chat_prompt(tokenizer, "hi")
+    output = ids(tokenizer, " Sure, Paris.")
+    want = oracle(tokenizer, prompt, output)
+    assert want == " Sure, Paris."
+    for sizes in ([], [len(output)], [2] * len(output)):
+        assert "".join(detokenize(tokenizer, prompt, output, sizes)[0]) == want
+
+
+# --- characters split across tokens ---------------------------------------------------------------------------------
+
+
+def test_split_characters_arrive_whole(tokenizer: Any) -> None:
+    prompt = tokenizer("Say")["input_ids"]
+    output = ids(tokenizer, " naïve 日本語 🎉 héllo wörld 😀!")
+    assert len(output) > 12  # 日本語, 🎉 and 😀 are several tokens each
+    deltas, _ = detokenize(tokenizer, prompt, output)
+    assert "".join(deltas) == oracle(tokenizer, prompt, output) == " naïve 日本語 🎉 héllo wörld 😀!"
+    assert not any("\ufffd" in delta for delta in deltas)
+    assert any("🎉" in delta for delta in deltas) and any("😀" in delta for delta in deltas)
+
+
+def test_sentencepiece_splits_characters_over_byte_tokens(sentencepiece: Any) -> None:
+    """🎉 is four byte tokens: nothing of it is emitted before the run of byte tokens ends."""
+    prompt = sentencepiece("Say")["input_ids"]
+    output = [*ids(sentencepiece, " "), *byte_ids(sentencepiece, "🎉".encode()), *ids(sentencepiece, " the")]
+    want = oracle(sentencepiece, prompt, output)
+    deltas, _ = detokenize(sentencepiece, prompt, output)
+    assert want == " 🎉 the" and "".join(deltas) == want and deltas[:6] == [" ", "", "", "", "", "🎉 the"]
+
+
+def test_an_incomplete_character_at_the_end_decodes_as_the_whole_decode_does(tokenizer: Any) -> None:
+    prompt = tokenizer("Say")["input_ids"]
+    if has_byte_fallback(tokenizer):
+        output = [*ids(tokenizer, " ok"), *byte_ids(tokenizer, "🎉".encode()[:2])]
+    else:
+        output = ids(tokenizer, " ok 🎉")[:-1]
+    deltas, _ = detokenize(tokenizer, prompt, output)
+    want = oracle(tokenizer, prompt, output)
+    assert want.endswith("\ufffd") and "".join(deltas) == want and "\ufffd" not in "".join(deltas[:-1])
+
+
+def test_sentencepiece_invalid_byte_run_decodes_as_the_whole_decode_does(sentencepiece: Any) -> None:
+    """A run of byte tokens that is not valid UTF-8 decodes to one U+FFFD per byte, even the bytes of a complete
+    character before the invalid one: so € is not final until the run ends."""
+    prompt = sentencepiece("Say")["input_ids"]
+    valid, invalid = byte_ids(sentencepiece, "€".encode()), byte_ids(sentencepiece, b"\xff")
+    output = [*valid, *invalid, *ids(sentencepiece, " x")]
+    deltas, _ = detokenize(sentencepiece, prompt, output)
+    assert "".join(deltas) == oracle(sentencepiece, prompt, output) == "\ufffd" * 4 + " x"
+    assert "€" not in "".join(deltas)
+
+
+def test_sentencepiece_prompt_ending_inside_a_character(sentencepiece: Any) -> None:
+    """A prompt of token ids may stop inside a character: the output that completes it carries it."""
+    emoji = byte_ids(sentencepiece, "🎉".encode())
+    prompt, output = [*sentencepiece("Say")["input_ids"], *emoji[:2]], [*emoji[2:], *ids(sentencepiece, " hi")]
+    assert "".join(detokenize(sentencepiece, prompt, output)[0]) == "🎉 hi" == oracle(sentencepiece, prompt, output)
+
+
+def test_special_tokens_kept_when_not_skipped(tokenizer: Any) -> None:
+    eos = tokenizer.eos_token_id
+    prompt = [*tokenizer("Say")["input_ids"], eos]
+    output = [*ids(tokenizer, " a"), eos, *ids(tokenizer, " b")]
+    deltas, _ = detokenize(tokenizer, prompt, output, skip_special_tokens=False)
+    want = oracle(tokenizer, prompt, output, skip_special_tokens=False)
+    assert "".join(deltas) == want and tokenizer.eos_token in want
+
+
+# --- stop strings ---------------------------------------------------------------------------------------------------
+
+
+def test_the_stop_string_completed_first_wins_whatever_the_deltas(tokenizer: Any) -> None:
+    """ "azy" completes before "lazy dog" although "lazy dog" starts earlier: the text ends before "azy", in one
+    delta or in many."""
+    prompt, output = tokenizer("Say")["input_ids"], ids(tokenizer, " the lazy dog sleeps")
+    for sizes in ([], [len(output)], [3] * len(output)):
+        deltas, d = detokenize(tokenizer, prompt, output, sizes, stop=["lazy dog", "azy"])
+        assert "".join(deltas) == d.text == " the l" and d.is_stopped
+
+
+# --- randomized differential test -----------------------------------------------------------------------------------
+
+
+def random_text(rng: random.Random) -> str:
+    return "".join(rng.choice(WORDS) + rng.choice(["", " ", " ", "\n"]) for _ in range(rng.randint(1, 6)))
+
+
+def random_prompt(rng: random.Random, tokenizer: Any, vocab_size: int) -> list[int]:
+    specials = [tokenizer.bos_token_id, tokenizer.eos_token_id]
+    kind = rng.randrange(6)
+    if kind == 0:
+        return []
+    if kind == 1:  # any tokens: byte runs cut anywhere, invalid UTF-8, special tokens
+        return [rng.randrange(vocab_size) for _ in range(rng.randint(1, 12))]
+    if kind == 2:  # a chat prompt: ends in the template's tokens
+        return chat_prompt(tokenizer, random_text(rng))
+    prompt = list(tokenizer(random_text(rng), add_special_tokens=rng.random() < 0.5)["input_ids"])
+    if kind == 3:  # cut anywhere, even inside a character
+        return prompt[: rng.randint(1, len(prompt))]
+    if kind == 4:  # more special tokens at the end than the priming window holds
+        return prompt + [rng.choice(specials) for _ in range(rng.randint(1, 8))]
+    return prompt
+
+
+def random_output(rng: random.Random, tokenizer: Any, vocab_size: int, byte_tokens: list[int]) -> list[int]:
+    output: list[int] = []
+    for _ in range(rng.randint(1, 5)):
+        kind = rng.randrange(5)
+        if kind <= 1:
+            output += ids(tokenizer, random_text(rng))
+        elif kind == 2:
+            output += [rng.randrange(vocab_size) for _ in range(rng.randint(1, 4))]
+        elif kind == 3 and byte_tokens:  # byte fallback: mostly valid characters, sometimes cut or invalid
+            data = rng.choice(["é", "日本", "🎉", "€", "\n"]).encode()
+            cut = rng.choice([len(data), len(data), rng.randint(0, len(data))])
+            output += [byte_tokens[b] for b in data[:cut]] + [rng.choice(byte_tokens)] * (rng.random() < 0.2)
+        else:
+            output.append(rng.choice([tokenizer.bos_token_id, tokenizer.eos_token_id]))
+    return output
+
+
+def random_sizes(rng: random.Random, num_tokens: int) -> list[int]:
+    """How a stream may group the tokens into deltas: one each, all at once, or 1..k at a time."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        return [1] * num_tokens
+    if kind == 1:
+        return [num_tokens]
+    k, sizes = rng.randint(2, 5), []
+    while sum(sizes) < num_tokens:
+        sizes.append(rng.randint(1, k))
+    return sizes
+
+
+def random_stop(rng: random.Random, text: str) -> list[str]:
+    """Often substrings of the text (nested and overlapping ones among them), sometimes strings that never occur."""
+    stop = []
+    for _ in range(rng.choice([0, 0, 0, 1, 2, 3])):
+        if text and rng.random() < 0.8:
+            start = rng.randrange(len(text))
+            stop.append(text[start : start + rng.randint(1, 4)])
+        else:
+            stop.append(rng.choice(["zzz", "🎉🎉", "\n\n", "é!"]))
+    return stop
+
+
+def test_random_streams_equal_the_oracle(tokenizer: Any) -> None:
+    started = time.monotonic()
+    rng = random.Random(1729)
+    vocab_size = len(tokenizer)
+    byte_tokens = byte_ids(tokenizer, bytes(range(256))) if has_byte_fallback(tokenizer) else []
+    for case in range(NUM_RANDOM_CASES):
+        prompt = random_prompt(rng, tokenizer, vocab_size)
+        output = random_output(rng, tokenizer, vocab_size, byte_tokens)
+        skip = rng.random() < 0.8
+        text = oracle(tokenizer, prompt, output, skip)
+        stop = random_stop(rng, text)
+        include = rng.random() < 0.3
+        want, is_stopped = cut_at_stop(text, stop, include)
+        streamed, d = detokenize(tokenizer, prompt, output, random_sizes(rng, len(output)), stop, skip, include)
+        whole, _ = detokenize(tokenizer, prompt, output, [len(output)], stop, skip, include)
+        context = f"case {case}: prompt={prompt} output={output} stop={stop} skip={skip} {include=} deltas={streamed}"
+        assert "".join(streamed) == "".join(whole) == d.text == want, context
+        assert d.is_stopped == is_stopped, context
+        if "\ufffd" not in want:
+            assert not any("\ufffd" in delta for delta in streamed), context
+    assert time.monotonic() - started < 20
