@@ -313,3 +313,28 @@ def test_include_stop_str_and_skip_special_tokens(
     assert text_of({"stop": ["brown"], "include_stop_str_in_output": True}) == TEXT[: cut + len("brown")]
     eos = tokenizer.decode(backend.script[-1:])
     assert text_of({}) == TEXT and eos and text_of({"skip_special_tokens": False}) == TEXT + eos
+
+
+def test_generation_config_sets_the_defaults_of_unset_fields(tmp_path: Path, tokenizer: Any) -> None:
+    """As vLLM's --generation-config auto: the model's generation_config.json sets temperature, top_p, top_k, min_p,
+    repetition_penalty and max_new_tokens for requests that leave them out; "vllm" ignores the file."""
+    from pdserve.api.intake import sampling_defaults
+
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"temperature": 0.3, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1, "max_new_tokens": 7,
+                    "do_sample": True, "bos_token_id": 1})
+    )  # fmt: skip
+    defaults = sampling_defaults(tmp_path)
+    assert defaults == {"temperature": 0.3, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1, "max_tokens": 7}
+    assert sampling_defaults(tmp_path, "vllm") == {} and sampling_defaults(tmp_path / "absent") == {}
+    backend = FakeBackend(tokenizer)
+    with serve(create_app(backend, sampling_defaults=defaults)) as url:
+        httpx.post(f"{url}/v1/chat/completions", json=BASE["chat"][1])
+        httpx.post(f"{url}/v1/completions", json={**BASE["completions"][1], "temperature": 0.9, "max_tokens": 3})
+        httpx.post(f"{url}/v1/chat/completions", json={**BASE["chat"][1], "max_completion_tokens": 4})
+    unset, explicit, other_name = backend.requests
+    assert (unset.temperature, unset.top_p, unset.top_k, unset.repetition_penalty, unset.max_tokens) == (
+        0.3, 0.8, 20, 1.1, 7
+    )  # fmt: skip
+    assert (explicit.temperature, explicit.max_tokens, explicit.top_p) == (0.9, 3, 0.8)
+    assert other_name.max_tokens == 4  # the client's limit under its other name wins over max_new_tokens
