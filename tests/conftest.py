@@ -32,13 +32,12 @@ def oracle(tiny_models: dict[str, Path]):  # type: ignore[no-untyped-def]
     """prompt ids -> the text of transformers' greedy continuation (HTTP_MAX_TOKENS tokens) on the tiny Llama."""
     from transformers import AutoTokenizer
 
-    from oracle import HTTP_MAX_TOKENS, load_reference_model, reference_greedy
+    from oracle import HTTP_MAX_TOKENS, continuation_text, load_reference_model, reference_greedy
 
     path = tiny_models["llama"]
     model, tokenizer = load_reference_model(path), AutoTokenizer.from_pretrained(path)
 
     def want(prompt: list[int]) -> str:
-        ids = reference_greedy(model, prompt, HTTP_MAX_TOKENS).token_ids
-        return str(tokenizer.decode(ids, skip_special_tokens=True))
+        return continuation_text(tokenizer, prompt, reference_greedy(model, prompt, HTTP_MAX_TOKENS).token_ids)
 
     return want

@@ -18,6 +18,17 @@ NEAR_TIE = 1e-3
 HTTP_MAX_TOKENS = 10  # greedy tokens per request in the HTTP tests that use conftest's `oracle` fixture
 
 
+def continuation_text(tokenizer: object, prompt: list[int], output: list[int]) -> str:
+    """The text the API returns for `output` after `prompt` (api/detokenizer.py): what decoding prompt + output adds
+    to decoding the prompt alone. It equals decode(output) except where the prompt's context changes it: a
+    SentencePiece token's leading space, or a prompt of token ids ending inside a character (the output that
+    completes the character carries it, where decode(output) alone would show U+FFFD)."""
+    head = str(tokenizer.decode(prompt, skip_special_tokens=True))  # type: ignore[attr-defined]
+    whole = str(tokenizer.decode(prompt + output, skip_special_tokens=True))  # type: ignore[attr-defined]
+    common = next((i for i, (a, b) in enumerate(zip(head, whole, strict=False)) if a != b), min(len(head), len(whole)))
+    return whole[common:]
+
+
 @dataclass(frozen=True)
 class Reference:
     token_ids: list[int]

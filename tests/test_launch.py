@@ -27,7 +27,7 @@ import openai
 import pytest
 import yaml
 
-from oracle import load_reference_model, reference_greedy
+from oracle import continuation_text, load_reference_model, reference_greedy
 from serving import free_port
 from sshd import (
     Login,
@@ -269,7 +269,7 @@ def assert_completions_match_transformers(base_url: str, smollm2_dir: Path) -> N
     chat = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=32, temperature=0)
     assert chat.choices[0].message.content == want and "Paris" in want
     prompt = tokenizer("The three primary colors are")["input_ids"]
-    want = tokenizer.decode(reference_greedy(reference, prompt, 16).token_ids, skip_special_tokens=True)
+    want = continuation_text(tokenizer, prompt, reference_greedy(reference, prompt, 16).token_ids)
     out = client.completions.create(
         model="smollm2", prompt=prompt, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
     )

@@ -318,7 +318,9 @@ def test_serve_config_refuses_a_transport_that_cannot_move_the_devices_kv() -> N
     with pytest.raises(ValidationError, match="kv_transport tcp cannot move KV on cuda: use auto, nccl, cuda_ipc"):
         ServeConfig(model="m", device="cuda", kv_transport="tcp")
     with pytest.raises(ValidationError, match="kv_transport nccl cannot move KV on cpu: use auto, shm, tcp, gloo"):
-        ServeConfig(model="m", kv_transport="nccl")
+        ServeConfig(model="m", device="cpu", kv_transport="nccl")
+    with pytest.raises(ValidationError, match="kv_transport nccl cannot move KV on cpu"):  # auto, on no GPU: cpu
+        ServeConfig(model="m", kv_transport="nccl").with_device(num_gpus=0)
     assert ServeConfig(model="m", device="cuda", kv_transport="nccl", kv_max_pairs=2).kv_max_pairs == 2
 
 

@@ -15,7 +15,7 @@ import psutil
 import pytest
 from transformers import AutoTokenizer
 
-from oracle import load_reference_model, random_prompts, reference_greedy
+from oracle import continuation_text, load_reference_model, random_prompts, reference_greedy
 from serving import Served, free_port, ray_serve
 
 pytestmark = pytest.mark.slow
@@ -68,8 +68,7 @@ def complete_ids(served: Served, prompt: list[int], max_tokens: int = MAX_TOKENS
 
 
 def ref_text(reference, tokenizer, prompt: list[int], max_tokens: int = MAX_TOKENS) -> str:  # type: ignore[no-untyped-def]
-    ids = reference_greedy(reference, prompt, max_tokens).token_ids
-    return str(tokenizer.decode(ids, skip_special_tokens=True))
+    return continuation_text(tokenizer, prompt, reference_greedy(reference, prompt, max_tokens).token_ids)
 
 
 def test_completions_match_transformers_in_both_modes(apps, reference, tokenizer) -> None:  # type: ignore[no-untyped-def]
