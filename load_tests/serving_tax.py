@@ -278,10 +278,15 @@ def main() -> None:
         "front of the ingress replicas); each front runs every pdserve system on a fresh Ray cluster",
     )  # fmt: skip
     parser.add_argument(
+        "--seed", type=int, default=None,
+        help="of the prompts (default: the time): a peer's prefix cache must never hold them from an earlier run",
+    )  # fmt: skip
+    parser.add_argument(
         "--rounds", type=int, default=1,
         help="run every system this many times, interleaved; each row is the median run (by tok/s)",
     )  # fmt: skip
     args = parser.parse_args()
+    args.seed = int(time.time()) if args.seed is None else args.seed
     os.nice(15 - os.nice(0))  # below the servers (0), as Serve's proxy and HAProxy run (Ray's 15)
     fronts = args.front or ["proxy"]
 
@@ -294,7 +299,7 @@ def main() -> None:
     else:
         path = str(resolve_model(args.model, "bfloat16" if dtype == "bfloat16" else "float32"))
         vocab = 49000
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(args.seed)
 
     def fresh_prompts() -> list[list[int]]:  # new ones every round: a server's prefix cache outlives a round
         return [torch.randint(200, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.num_requests)]
@@ -305,7 +310,7 @@ def main() -> None:
     print(
         f"# {model_line}; flags: {' '.join(flags)}; dtype {dtype}; {args.num_requests} x ({args.prompt_len} -> "
         f"{args.output_len}) concurrent greedy streams; client at niceness {os.nice(0)}, servers at 0; "
-        f"torch threads per engine: {args.threads or 'one per core it may use'}"
+        f"torch threads per engine: {args.threads or 'one per core it may use'}; prompt seed {args.seed}"
     )
     runs: dict[str, list[Result]] = {}  # system -> its result in each round, systems in the order they ran
     for _ in range(args.rounds):  # rounds interleave the systems, so a slow spell of a shared host hits them all
