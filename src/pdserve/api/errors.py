@@ -22,7 +22,7 @@ from opentelemetry import trace
 from starlette.exceptions import HTTPException
 
 from pdserve.api.backend import CapacityError, InvalidRequest, ServerError
-from pdserve.api.protocol import REQUEST_FIELD_NAMES, ErrorBody, ErrorResponse
+from pdserve.api.protocol import REQUEST_FIELD_NAMES, ErrorBody, ErrorResponse, is_plain_name
 
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
@@ -130,7 +130,7 @@ def describe_validation_errors(errors: Sequence[Any]) -> tuple[str, str | None]:
             return str(cause), cause.param
     if kind == "extra_forbidden":  # a key no nested object defines (messages[0].tool_calls)
         at, key = _param_path(error.get("loc", ())[:-1]), error.get("loc", ())[-1]
-        if isinstance(key, str) and len(key) <= 64 and _IDENTIFIER.fullmatch(key):
+        if isinstance(key, str) and is_plain_name(key):
             named = f"{at}.{key}" if at else key
             return f"unrecognized request argument supplied: {named}", named
         return "unrecognized request argument", at

@@ -46,7 +46,6 @@ class Generation:
             discard_output  # scoring a prompt (echo, max_tokens 0): the one token generated is dropped
         )
         self.prompt_logprobs: list[TokenLogprob] | None = None
-        self._sent_prompt_logprobs = False
         self.detokenizer = IncrementalDetokenizer(
             tokenizer, stop, skip_special_tokens, request.prompt_token_ids, include_stop_str
         )
@@ -101,9 +100,7 @@ class Generation:
 
     def _piece(self, text: str) -> Piece:
         start, self.num_reported = self.num_reported, len(self.token_ids)
-        prompt_logprobs, self._sent_prompt_logprobs = (
-            None if self._sent_prompt_logprobs else self.prompt_logprobs
-        ), True  # fmt: skip
+        prompt_logprobs = self.prompt_logprobs if start == 0 else None  # with the first piece that goes out
         return Piece(text, self.token_ids[start:], self.logprobs[start:], self.finish_reason, prompt_logprobs)
 
 

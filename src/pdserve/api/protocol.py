@@ -21,7 +21,7 @@ class UnknownFieldError(ValueError):
     """A request field that neither pdserve nor vLLM defines (OpenAI: "Unrecognized request argument")."""
 
     def __init__(self, name: str) -> None:
-        shown = name if _IDENTIFIER.fullmatch(name) else None  # a plain name is echoed, anything else is not
+        shown = name if is_plain_name(name) else None  # a plain name is echoed, anything else is not
         super().__init__(
             f"unrecognized request argument supplied: {shown}" if shown else "unrecognized request argument"
         )
@@ -37,7 +37,14 @@ class UnsupportedFieldError(ValueError):
 
 
 _REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True)
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+_PLAIN_NAME = re.compile(r"[A-Za-z_]\w{0,63}", re.ASCII)
+
+
+def is_plain_name(name: str) -> bool:
+    """A field name safe to echo in an error: an identifier of at most 64 characters."""
+    return _PLAIN_NAME.fullmatch(name) is not None
+
+
 MAX_TOP_LOGPROBS = 20  # vLLM's default --max-logprobs
 MAX_LOGIT_BIAS = 300  # OpenAI's limit
 MAX_CHOICES = 16  # choices per request (n): each is a sequence in the engine

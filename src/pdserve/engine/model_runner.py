@@ -150,10 +150,13 @@ class ModelRunner:
         for chunk in chunks:
             seq, start, n = chunk.seq, chunk.seq.num_computed_tokens, chunk.num_new_tokens
             k = seq.sampling.prompt_logprobs
+            if k is None:
+                offset += n
+                continue
             # targets: prompt tokens start+1 .. start+n not reported yet (entry i is token i + 1)
             first = max(start + 1, len(seq.prompt_logprobs) + 1)
             last = min(start + n, seq.num_prompt_tokens - 1)  # the last row predicts an output token
-            if k is not None and first <= last:
+            if first <= last:
                 rows = hidden[offset + first - 1 - start : offset + last - start]
                 targets = torch.tensor(seq.token_ids[first : last + 1], device=rows.device)
                 for part_rows, part_targets in zip(rows.split(128), targets.split(128), strict=True):
