@@ -176,11 +176,19 @@ def run_server(config: ServeConfig, address: str | None, model_path: str | None 
     import ray
     from ray import serve
 
-    from pdserve.serve.app import build_app
+    from pdserve.serve.app import build_app, deploy_application
 
     ray.init(address=address, include_dashboard=False)
     serve.start(http_options=config.http_options())
-    serve.run(build_app(config, model_path), name="pdserve", route_prefix="/")
+    if config.autoscaling.enabled:  # Serve takes an application's autoscaling policy only from a deploy config
+        from ray.serve.context import _get_global_client
+        from ray.serve.schema import ServeDeploySchema
+
+        client = _get_global_client()
+        assert client is not None  # serve.start made it
+        client.deploy_apps(ServeDeploySchema(applications=[deploy_application(config)]), _blocking=True)
+    else:
+        serve.run(build_app(config, model_path), name="pdserve", route_prefix="/")
     scheme = "https" if config.ssl_certfile else "http"
     print(f"pdserve is serving on {scheme}://{config.host}:{config.port}/v1 (Ctrl-C to stop)", flush=True)
     stop = threading.Event()

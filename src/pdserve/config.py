@@ -41,7 +41,23 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class EmulatedStep:
+    """Pads each engine step with a sleep up to a modeled accelerator's time for the step: base + per prompt token +
+    per sequence. For demonstrations and tests on CPU-only machines, where replicas otherwise share the same cores
+    and adding one adds no capacity; with padding, a replica's throughput is the modeled device's and the sleeping
+    replicas leave the cores free, as GPU-bound replicas would. Never for real serving."""
+
+    base_s: float = 0.0
+    per_prompt_token_s: float = 0.0
+    per_seq_s: float = 0.0
+
+    def seconds(self, num_prompt_tokens: int, num_seqs: int) -> float:
+        return self.base_s + self.per_prompt_token_s * num_prompt_tokens + self.per_seq_s * num_seqs
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    emulated_step: EmulatedStep | None = None  # CPU demonstrations only (see EmulatedStep)

@@ -27,6 +27,7 @@ from pdserve.engine.request import (
     FinishReason,
     KVReservation,
     LayerSink,
+    LoadCounters,
     RequestOutput,
     TokenLogprob,
 )
@@ -60,6 +61,7 @@ class LLMEngine:
         self.num_preemptions = 0  # total, for stats and tests
         self.reservations = Reservations(self.kv, self.layout.block_size, config.cache.fence_grace_s)
         self.num_reaped_leases = self.num_reaped_held = self.num_fenced_aborts = self.num_aborts = 0  # since start
+        self.load = LoadCounters()
         logger.info(
             "engine ready: %s %s, %d KV blocks of %d tokens",
             (hf_config.architectures or ["?"])[0],
@@ -85,6 +87,8 @@ class LLMEngine:
         seq.layer_sink = layer_sink
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)
+        self.load.requests += 1
+        self.load.prompt_tokens += seq.num_prompt_tokens
 
     def reserve(self, request: EngineRequest, lease_s: float = 30.0) -> KVReservation | None:
         """Hold blocks for `request`'s prompt, reusing cached prefix blocks; None when the pool lacks room.
@@ -102,6 +106,8 @@ class LLMEngine:
         seq.status = SequenceStatus.HELD
         self._seqs[request.request_id] = seq
         held = self.reservations.grant(seq, lease_s, time.monotonic())
+        self.load.requests += 1
+        self.load.prompt_tokens += num_prompt
         return KVReservation(request.request_id, tuple(seq.block_ids), seq.num_cached_tokens, held.epoch, lease_s)
 
     def renew(self, request_id: str, lease_s: float) -> bool:
@@ -147,6 +153,8 @@ class LLMEngine:
         if seq is None:
             return False
         self.num_aborts += 1
+        if seq.status in (SequenceStatus.RUNNING, SequenceStatus.WAITING) and not seq.is_prefill_only:
+            self.load.finished += 1
         self.scheduler.remove(seq)
         seq.finish_reason = FinishReason.ABORT
         reservation = self.reservations.revoke(request_id)
@@ -183,8 +191,28 @@ class LLMEngine:
         if not batch.chunks:
             return []
         sinks = [(c.seq.layer_sink, c.seq) for c in batch.chunks if c.seq.layer_sink is not None and c.is_last]
+        start = time.perf_counter()
         sampled = self.runner.run(batch, partial(_notify, sinks) if sinks else None)
+        prompt_tokens = sum(
+            min(c.num_new_tokens, c.seq.num_prompt_tokens - c.seq.num_computed_tokens)
+            for c in batch.chunks
+            if c.seq.num_computed_tokens < c.seq.num_prompt_tokens
+        )
+        if self.config.emulated_step is not None:  # CPU demonstrations: the step lasts as long as a modeled device's
+            modeled = self.config.emulated_step.seconds(prompt_tokens, len(batch.chunks))
+            time.sleep(max(0.0, start + modeled - time.perf_counter()))
+        self._count_step(batch, prompt_tokens, time.perf_counter() - start)
         return self._postprocess(batch, sampled)
+
+    def _count_step(self, batch: SchedulerOutput, prompt_tokens: int, seconds: float) -> None:
+        load = self.load
+        load.steps += 1
+        load.step_s += seconds
+        load.prefill_tokens += prompt_tokens
+        if prompt_tokens == 0:
+            load.decode_steps += 1
+            load.decode_step_s += seconds
+            load.decode_step_seqs += len(batch.chunks)
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.running or self.scheduler.waiting)
@@ -207,6 +235,16 @@ class LLMEngine:
             num_reaped_held=self.num_reaped_held,
             num_fenced_aborts=self.num_fenced_aborts,
             num_aborts=self.num_aborts,
+            queued_prefill_tokens=self._queued_prefill_tokens(),
+            load=self.load.copy(),
+        )
+
+    def _queued_prefill_tokens(self) -> int:
+        waiting = sum(s.num_tokens - s.num_computed_tokens for s in self.scheduler.waiting)
+        return waiting + sum(
+            s.num_tokens - s.num_computed_tokens
+            for s in self.scheduler.running
+            if s.num_tokens - s.num_computed_tokens > 1
         )
 
     def kv_events_since(self, seq: int, incarnation: str | None = None) -> KVEventBatch:
@@ -225,6 +263,7 @@ class LLMEngine:
             if not is_last:
                 continue
             num_sampling += 1
+            self.load.generated_tokens += 1
             token = sampled[seq.request_id]  # keyed: the runner's row order is not the scheduler's
             self._append_token(seq, token.token_id, token.logprob)
             outputs.append(self._output_after_token(seq))
@@ -253,6 +292,7 @@ class LLMEngine:
         """Final output of a request; a prefill-only one keeps its blocks for the caller to read and release."""
         if seq.is_prefill_only:
             return self._hold(seq, num_new)
+        self.load.finished += 1
         self.scheduler.remove(seq)
         self._free(seq)
         return self._output(seq, num_new)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from dataclasses import dataclass
@@ -152,6 +153,27 @@ class EngineStats:
     num_reaped_held: int = 0  # since start: prefill-only results nobody released within held_ttl_s
     num_fenced_aborts: int = 0  # since start: reservations aborted while a writer might still write
     num_aborts: int = 0  # since start: requests aborted at any stage (client gone, failure)
+    queued_prefill_tokens: int = 0  # prompt tokens accepted and not yet computed
+    load: LoadCounters | None = None  # what the autoscaling planner measures (pdserve.planner.ReplicaSignals)
+
+
+@dataclass
+class LoadCounters:
+    """Counters since the engine started, for the autoscaling planner: arrivals, computed tokens, busy time."""
+
+    requests: int = 0  # requests accepted (queued, or reserved: a decode replica's arrivals)
+    prompt_tokens: int = 0  # their prompt tokens, cached ones included
+    prefill_tokens: int = 0  # prompt tokens computed by steps (cache hits excluded)
+    generated_tokens: int = 0  # tokens sampled
+    finished: int = 0  # requests that left the running batch (finished or aborted), prefill-only ones excepted
+    steps: int = 0  # steps that ran the model
+    step_s: float = 0.0  # seconds those steps took
+    decode_steps: int = 0  # steps without a prompt chunk
+    decode_step_s: float = 0.0
+    decode_step_seqs: int = 0  # sum of those steps' batch sizes
+
+    def copy(self) -> LoadCounters:
+        return dataclasses.replace(self)
 
 
 class LayerSink(Protocol):

@@ -13,6 +13,7 @@ from pdserve.serve.ingress import Ingress
 from pdserve.serve.replicas import DecodeServer, EngineServer, PrefillServer
 
 _PINNED_ROUTER = "pdserve.serve.routing.PinnedRequestRouter"  # an import path: `serve deploy` resolves it too
+_PLANNER = "pdserve.serve.autoscaling:PoolPlanner"
 
 
 def build_app(config: ServeConfig, model_path: str | None = None) -> Application:
@@ -26,8 +27,13 @@ def build_app(config: ServeConfig, model_path: str | None = None) -> Application
     if config.colocated:
         engine = _deployment(EngineServer, "EngineServer", config.engine, config, is_engine=True)
         return ingress.bind(config, model_path, engine=engine.bind(config, model_path))
-    prefill = _deployment(PrefillServer, "PrefillServer", config.prefill, config, is_engine=True, pinned=True)
-    decode = _deployment(DecodeServer, "DecodeServer", config.decode, config, is_engine=True, pinned=True)
+    scaled = config.autoscaling.enabled
+    prefill = _deployment(
+        PrefillServer, "PrefillServer", config.prefill, config, is_engine=True, pinned=True, autoscaled=scaled
+    )
+    decode = _deployment(
+        DecodeServer, "DecodeServer", config.decode, config, is_engine=True, pinned=True, autoscaled=scaled
+    )
     return ingress.bind(
         config, model_path, prefill=prefill.bind(config, model_path), decode=decode.bind(config, model_path)
     )
@@ -37,6 +43,21 @@ def app_builder(args: dict[str, Any]) -> Application:
     """Entry for `serve run` / `serve deploy` configs: `import_path: pdserve.serve.app:app_builder`, args = a
     ServeConfig as a mapping."""
     return build_app(ServeConfig.model_validate(args))
+
+
+def deploy_application(config: ServeConfig, name: str = "pdserve", route_prefix: str = "/") -> dict[str, Any]:
+    """The application entry of a `serve deploy` config for `config` (what `pdserve serve` deploys): the builder
+    and its args, and with autoscaling the planner as the application's policy (`serve/autoscaling.py`), which
+    Serve only takes from a deploy config."""
+    app: dict[str, Any] = {
+        "name": name,
+        "route_prefix": route_prefix,
+        "import_path": "pdserve.serve.app:app_builder",
+        "args": config.model_dump(mode="json"),
+    }
+    if config.autoscaling.enabled:
+        app["autoscaling_policy"] = {"policy_function": _PLANNER, "policy_kwargs": config.planner_kwargs()}
+    return app
 
 
 def cluster_gpus() -> float:
@@ -58,18 +79,42 @@ def actor_options(pool: PoolConfig, device: str, is_engine: bool) -> dict[str, A
     return pool.ray_actor_options
 
 
+def autoscaling_options(pool: PoolConfig, config: ServeConfig) -> dict[str, Any]:
+    """Serve's `autoscaling_config` for a pool the planner sizes: its bounds, the report interval, and no delays or
+    smoothing of Serve's own (the planner has its cool-downs and hysteresis: Serve's would stack on them)."""
+    interval = config.autoscaling.interval_s
+    return {
+        "min_replicas": pool.min_replicas,
+        "max_replicas": pool.max_replicas,
+        "initial_replicas": pool.num_replicas,
+        "metrics_interval_s": interval,
+        "look_back_period_s": 5 * interval,  # replicas record a report every look_back * 0.2 = interval
+        "upscale_delay_s": 0.0,
+        "downscale_delay_s": 0.0,
+    }
+
+
 def _deployment(
-    cls: type, name: str, pool: PoolConfig, config: ServeConfig, is_engine: bool = False, pinned: bool = False
+    cls: type,
+    name: str,
+    pool: PoolConfig,
+    config: ServeConfig,
+    is_engine: bool = False,
+    pinned: bool = False,
+    autoscaled: bool = False,
 ) -> Any:
     options: dict[str, Any] = {
         "name": name,
-        "num_replicas": pool.num_replicas,
         "ray_actor_options": actor_options(pool, config.device, is_engine),
         "max_ongoing_requests": pool.max_ongoing_requests,
         "health_check_period_s": config.health_check_period_s,
         "health_check_timeout_s": config.health_check_timeout_s,
         "graceful_shutdown_timeout_s": config.drain_grace_s,
     }
+    if autoscaled:
+        options["autoscaling_config"] = autoscaling_options(pool, config)
+    else:
+        options["num_replicas"] = pool.num_replicas
     if pinned:
         options["request_router_config"] = RequestRouterConfig(request_router_class=_PINNED_ROUTER)  # type: ignore[arg-type]
     deployment: Any = serve.deployment(cls)

@@ -11,7 +11,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from pdserve.api.auth import APIKeys, Tenant, key_digest
 from pdserve.api.intake import RequestLimits
-from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pdserve.config import CacheConfig, EmulatedStep, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.hub import resolve_model
 from pdserve.router import CostConfig
 from pdserve.telemetry import tracing_env
@@ -41,11 +41,43 @@ class PoolConfig(BaseModel):
     num_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads per engine replica (default: one per core it may run on)"
     )
+    min_replicas: int = Field(
+        1, ge=0, description="autoscaling (autoscaling.enabled): the fewest replicas the planner may leave this pool"
+    )
+    max_replicas: int = Field(
+        4, ge=1, description="autoscaling (autoscaling.enabled): the most replicas the planner may give this pool"
+    )
     cpus: list[int] | None = Field(
         None,
         min_length=1,
         description="pin the pool's engine replicas to these CPU cores (Linux ids; every replica of the pool on a "
         "node shares them): keeps a prefill and a decode replica on one machine from competing for the same cores",
+    )
+
+
+class AutoscalingSettings(BaseModel):
+    """The planner that sizes the prefill and decode pools together from their replicas' signals and these SLOs
+    (docs/AUTOSCALING.md). Each pool's bounds are its `min_replicas` / `max_replicas`; `num_replicas` is where it
+    starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="size the prefill and decode pools with the planner (disaggregated)")
+    ttft_slo_s: float = Field(2.0, gt=0, description="time to first token the planner keeps at p90")
+    tpot_slo_s: float = Field(0.1, gt=0, description="time per output token the planner keeps (a stream's mean)")
+    interval_s: float = Field(2.0, gt=0, description="how often replicas report their signals and the planner decides")
+    max_utilization: float = Field(
+        0.8, gt=0, lt=1, description="prefill compute is planned busy at most this share of the time"
+    )
+    recovery_s: float = Field(30.0, gt=0, description="a queued prefill backlog is planned to drain within this")
+    kv_target_usage: float = Field(0.8, gt=0, le=1, description="decode KV caches are planned full at most to this")
+    upscale_cooldown_s: float = Field(10.0, ge=0, description="at most one scale-up of a pool per this")
+    downscale_cooldown_s: float = Field(60.0, ge=0, description="no scale-down of a pool sooner than this after any")
+    downscale_stable_s: float = Field(
+        60.0, ge=0, description="a pool shrinks only after needing fewer replicas continuously this long"
+    )
+    downscale_headroom: float = Field(
+        0.3, ge=0, description="a pool shrinks only if the smaller pool would meet the SLOs at (1 + this) x the load"
     )
 
 
@@ -226,6 +258,9 @@ class ServeConfig(BaseModel):
     engine: PoolConfig = Field(default_factory=PoolConfig, description="the engine pool (colocated mode)")
     ingress: PoolConfig = Field(default_factory=PoolConfig, description="the ingress pool (HTTP, tokenizer, router)")
     router: RouterSettings = Field(default_factory=RouterSettings, description="the cache-aware router")
+    autoscaling: AutoscalingSettings = Field(
+        default_factory=AutoscalingSettings, description="the planner that sizes the prefill and decode pools"
+    )
 
     kv_transport: Literal["auto", "shm", "tcp", "gloo", "nccl", "cuda_ipc"] = Field(
         "auto",
@@ -278,6 +313,12 @@ class ServeConfig(BaseModel):
     engine_step_timeout_s: float = Field(
         120.0, gt=0, description="an engine step or command running longer fails the health check: wedged"
     )
+    emulated_step: dict[str, float] | None = Field(
+        None,
+        description="CPU demonstrations only: pad each engine step with a sleep to a modeled accelerator's time, "
+        'e.g. {"base_s": 0.02, "per_prompt_token_s": 0.0002, "per_seq_s": 0.001}, so that on a CPU-only box '
+        "adding replicas adds capacity as GPUs would (docs/AUTOSCALING.md). Never for real serving",
+    )
     tracing_env: dict[str, str] = Field(
         default_factory=tracing_env,
         description="OTEL_* / PDSERVE_TRACES_* variables for every replica, as JSON (default: the building "
@@ -315,6 +356,47 @@ class ServeConfig(BaseModel):
         if self.queue_ttl_s >= self.reservation_lease_s:
             raise ValueError("queue_ttl_s must be below reservation_lease_s")
         return self
+
+    @field_validator("emulated_step")
+    @classmethod
+    def _emulated_step_fields(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None:
+            try:
+                EmulatedStep(**value)
+            except TypeError as e:
+                raise ValueError(f"emulated_step takes base_s, per_prompt_token_s, per_seq_s: {e}") from None
+            if any(v < 0 for v in value.values()):
+                raise ValueError("emulated_step times must be >= 0")
+        return value
+
+    @model_validator(mode="after")
+    def _autoscaling_bounds(self) -> ServeConfig:
+        if not self.autoscaling.enabled:
+            return self
+        if self.colocated:
+            raise ValueError("autoscaling.enabled sizes the prefill and decode pools: it needs colocated false")
+        for name in ("prefill", "decode"):
+            pool = getattr(self, name)
+            if not pool.min_replicas <= pool.num_replicas <= pool.max_replicas:
+                raise ValueError(
+                    f"{name}: autoscaling needs min_replicas <= num_replicas <= max_replicas, got "
+                    f"{pool.min_replicas} <= {pool.num_replicas} <= {pool.max_replicas}"
+                )
+        return self
+
+    def planner_kwargs(self) -> dict[str, Any]:
+        """The planner's settings as Serve's `policy_kwargs` (JSON): the SLOs and policy, each pool's bounds, and
+        priors from the router's cost model until the replicas' own measurements arrive."""
+        settings = self.autoscaling.model_dump(exclude={"enabled"})
+        return {
+            **settings,
+            "prefill": {"min_replicas": self.prefill.min_replicas, "max_replicas": self.prefill.max_replicas},
+            "decode": {"min_replicas": self.decode.min_replicas, "max_replicas": self.decode.max_replicas},
+            "max_seqs_per_replica": self.max_num_seqs,
+            "prior_prefill_tokens_per_s": self.router.prefill_tokens_per_s,
+            "prior_decode_step_per_seq_s": self.router.decode_step_per_seq_s,
+            "prior_output_tokens": float(self.router.expected_output_tokens),
+        }
 
     @model_validator(mode="after")
     def _transport_fits_the_device(self) -> ServeConfig:
@@ -355,6 +437,7 @@ class ServeConfig(BaseModel):
                 self.block_size, self.num_kv_blocks, self._kv_cache_memory_bytes(path), self.enable_prefix_caching
             ),
             scheduler=SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs),
+            emulated_step=EmulatedStep(**self.emulated_step) if self.emulated_step else None,
         )
 
     def _kv_cache_memory_bytes(self, model_path: str) -> int:

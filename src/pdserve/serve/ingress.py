@@ -20,6 +20,7 @@ from pdserve.api.intake import read_chat_template, sampling_defaults
 from pdserve.engine import EngineRequest, RequestOutput, SamplingParams
 from pdserve.router import RouteDecision
 from pdserve.router.admission import Admission
+from pdserve.serve.autoscaling import read_decision
 from pdserve.serve.channels import IngressChannels
 from pdserve.serve.config import ServeConfig, api_keys_of
 from pdserve.serve.handoff import colocated_generate, disaggregated_generate
@@ -197,6 +198,9 @@ class Ingress:
                 stats = await self.replica_stats()
                 self.metrics.replicas.snapshot = stats
                 self._resize_admission(stats)
+                if self.config.autoscaling.enabled:
+                    app_name = serve.get_replica_context().app_name
+                    self.metrics.planner.decision = await asyncio.to_thread(read_decision, app_name)
             except Exception:
                 logger.exception("refreshing replica stats failed")
             await asyncio.sleep(_STATS_REFRESH_S)

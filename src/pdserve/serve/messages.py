@@ -73,6 +73,12 @@ class ReplicaStats:
     num_fenced_aborts: int = 0
     num_aborts: int = 0
     num_fenced_writes: int = 0  # writes this replica refused (decode) or stopped (prefill) at the fence
+    # the planner's signals (planner/signals.py), rendered for dashboards
+    queued_prefill_tokens: int = 0
+    prefill_tokens: int = 0  # since start, computed
+    busy_s: float = 0.0  # since start, in model steps
+    decode_steps: int = 0  # since start, steps without a prompt chunk
+    decode_step_s: float = 0.0
 
 
 @dataclass(frozen=True)

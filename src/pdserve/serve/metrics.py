@@ -9,6 +9,7 @@ so dashboards take `max by (replica, role)` of them; ingress-measured series are
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -38,6 +39,11 @@ _REPLICA_FAMILIES: dict[str, tuple[type[GaugeMetricFamily] | type[CounterMetricF
     "kv_transfer_bytes": (CounterMetricFamily, "KV bytes pushed to decode replicas", "kv_transfer_bytes"),
     "kv_transfer_blocks": (CounterMetricFamily, "KV blocks pushed to decode replicas", "kv_transfer_blocks"),
     "kv_transfer_seconds": (CounterMetricFamily, "time spent pushing KV blocks", "kv_transfer_s"),
+    "prefill_queued_tokens": (GaugeMetricFamily, "prompt tokens accepted, not yet computed", "queued_prefill_tokens"),
+    "prefill_computed_tokens": (CounterMetricFamily, "prompt tokens computed (cache hits excluded)", "prefill_tokens"),
+    "engine_busy_seconds": (CounterMetricFamily, "time spent in model steps", "busy_s"),
+    "decode_steps": (CounterMetricFamily, "model steps without a prompt chunk", "decode_steps"),
+    "decode_step_seconds": (CounterMetricFamily, "time spent in those steps", "decode_step_s"),
     "prefix_cache_hits": (
         CounterMetricFamily,
         "prompt tokens served from the prefix cache (prefill/engine: computed ones skipped; decode: not transferred)",
@@ -65,11 +71,41 @@ class ReplicaStatsCollector(Collector):
         yield usage
 
 
+class PlannerCollector(Collector):
+    """Renders the autoscaling planner's last decision per pool (serve/autoscaling.py publishes it)."""
+
+    def __init__(self) -> None:
+        self.decision: dict[str, Any] | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        families = {
+            key: GaugeMetricFamily(f"pdserve_planner_{key}_replicas", doc, labels=["pool"])
+            for key, doc in (
+                ("target", "replicas the planner asks of the pool"),
+                ("current", "replicas the pool had at the planner's last decision"),
+                ("needed", "replicas the planner's model says the load needs (before bounds and hysteresis)"),
+            )
+        }
+        predicted = GaugeMetricFamily(
+            "pdserve_planner_predicted", "the planner's model at the current size", labels=["quantity"]
+        )
+        if self.decision is not None:
+            for pool, d in self.decision.get("pools", {}).items():
+                for key, family in families.items():
+                    family.add_metric([pool], float(d[key]))
+            for quantity, value in self.decision.get("prediction", {}).items():
+                predicted.add_metric([quantity], float(value))
+        yield from families.values()
+        yield predicted
+
+
 class IngressMetrics:
     def __init__(self, router: Collector) -> None:
         self.registry = CollectorRegistry()
         self.replicas = ReplicaStatsCollector()
         self.registry.register(self.replicas)
+        self.planner = PlannerCollector()
+        self.registry.register(self.planner)
         self.registry.register(router)
         self.requests = Counter(
             "pdserve_request_success", "finished requests", ["mode", "finished_reason"], registry=self.registry

@@ -25,9 +25,10 @@ from ray import serve
 
 from pdserve.engine import EngineRequest, EngineStats, LLMEngine, RequestOutput
 from pdserve.engine.async_engine import AsyncEngine
-from pdserve.engine.request import TokenLogprob
+from pdserve.engine.request import LoadCounters, TokenLogprob
 from pdserve.faults import fault_point
 from pdserve.kvcache import KVEventBatch
+from pdserve.planner import ReplicaSignals
 from pdserve.router import ReplicaReport, SyncCursor
 from pdserve.serve.channels import Packed, ReplicaChannels, StreamEnd, StreamStart
 from pdserve.serve.config import ServeConfig
@@ -96,6 +97,7 @@ class _EngineReplica:
 
     async def stats(self) -> ReplicaStats:
         s = await self.engine.stats()
+        load = s.load or LoadCounters()
         return ReplicaStats(
             self.replica_id,
             self.role,
@@ -116,7 +118,37 @@ class _EngineReplica:
             s.num_fenced_aborts,
             s.num_aborts,
             self._num_fenced_writes(),
+            s.queued_prefill_tokens,
+            load.prefill_tokens,
+            load.step_s,
+            load.decode_steps,
+            load.decode_step_s,
         )
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics: this replica's `ReplicaSignals` for the planner
+        (serve/autoscaling.py). Counters since start and gauges; the time is this process's monotonic clock."""
+        s = await self.engine.stats()
+        load = s.load or LoadCounters()
+        return ReplicaSignals(
+            time_s=time.monotonic(),
+            queued_prefill_tokens=s.queued_prefill_tokens,
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            kv_blocks_total=s.num_blocks,
+            kv_blocks_used=s.num_used_blocks,
+            kv_blocks_reserved=s.num_reserved_blocks,
+            prompt_tokens_total=load.prompt_tokens,
+            requests_total=load.requests,
+            prefill_tokens_total=load.prefill_tokens,
+            generated_tokens_total=load.generated_tokens,
+            finished_total=load.finished,
+            steps_total=load.steps,
+            step_s_total=load.step_s,
+            decode_steps_total=load.decode_steps,
+            decode_step_s_total=load.decode_step_s,
+            decode_step_seqs_total=load.decode_step_seqs,
+        ).as_metrics()
 
     async def router_sync(self, cursors: dict[str, SyncCursor]) -> ReplicaSync:
         """The ingress router's periodic pull: this replica's load and its KV events after its cursor."""

@@ -1,0 +1,153 @@
+"""Queueing models: how many replicas a pool needs for a demand and an SLO.
+
+Prefill pool: prompts arrive at `demand_tokens_per_s` (tokens to compute) in requests of `mean_prompt_tokens`; a
+replica computes `tokens_per_s` while busy. The pool is an M/M/n queue of prompts (Erlang C): a prompt waits for a
+free replica, then takes `mean_prompt_tokens / tokens_per_s`. Its p90 time to first token is the service time plus
+the p90 wait, P(W > t) = C(n, a) exp(-(n - a) t / S). A backlog already queued must also drain within
+`recovery_s`, which sets a floor on the pool's spare compute.
+
+Decode pool: a decode step over a batch of b sequences takes t(b) = t0 + t1 b (fitted from the replicas' own steps,
+`StepTimeFit`). Requests arrive at lam per second and each generates `mean_output_tokens`; by Little's law the
+pool holds N = lam * O * TPOT sequences, so with n replicas TPOT = t0 / (1 - t1 lam O / n), and it needs
+n >= t1 lam O / (1 - t0 / TPOT_slo). KV memory is the other bound: N sequences of `blocks_per_seq` blocks must fit
+in n replicas' caches at `kv_target_usage`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+
+def erlang_c(n: int, offered: float) -> float:
+    """Probability that an arrival waits in an M/M/n queue with `offered` = lam / mu erlangs (1.0 when n <= a)."""
+    if n <= offered:
+        return 1.0
+    # The Erlang B recursion is stable for any n; C follows from B.
+    b = 1.0
+    for k in range(1, n + 1):
+        b = offered * b / (k + offered * b)
+    rho = offered / n
+    return b / (1.0 - rho + rho * b)
+
+
+@dataclass(frozen=True)
+class PrefillDemand:
+    tokens_per_s: float  # prompt tokens to compute per second (cache hits excluded)
+    mean_prompt_tokens: float  # per request, computed part
+    queued_tokens: float  # backlog now, across the pool
+
+
+def prefill_ttft_p90(n: int, demand: PrefillDemand, tokens_per_s: float, overhead_s: float = 0.0) -> float:
+    """Predicted p90 time to first token on `n` prefill replicas (inf when they cannot keep up)."""
+    if demand.tokens_per_s <= 0:
+        return overhead_s + demand.mean_prompt_tokens / tokens_per_s
+    offered = demand.tokens_per_s / tokens_per_s
+    if n <= offered:
+        return math.inf
+    service_s = demand.mean_prompt_tokens / tokens_per_s
+    waits = erlang_c(n, offered)
+    wait_p90 = service_s / (n - offered) * math.log(waits / 0.1) if waits > 0.1 else 0.0
+    return overhead_s + service_s + wait_p90
+
+
+def prefill_replicas_needed(
+    demand: PrefillDemand,
+    tokens_per_s: float,
+    ttft_slo_s: float,
+    max_utilization: float,
+    recovery_s: float,
+    overhead_s: float = 0.0,
+    limit: int = 1024,
+) -> tuple[int, str]:
+    """The fewest replicas meeting the TTFT SLO at p90 with utilization <= `max_utilization` and the backlog drained
+    within `recovery_s`; with the bound that decided it."""
+    floor_util = math.ceil(demand.tokens_per_s / (tokens_per_s * max_utilization) - 1e-9)
+    floor_backlog = math.ceil((demand.tokens_per_s + demand.queued_tokens / recovery_s) / tokens_per_s - 1e-9)
+    n = max(1, floor_util, floor_backlog)
+    why = "backlog" if floor_backlog >= max(floor_util, 1) and demand.queued_tokens > 0 else "utilization"
+    start = n
+    while n < limit and prefill_ttft_p90(n, demand, tokens_per_s, overhead_s) > ttft_slo_s:
+        n += 1
+    if n > start:
+        why = "ttft"
+    return n, why
+
+
+@dataclass(frozen=True)
+class DecodeDemand:
+    requests_per_s: float  # sequences joining the decode pool per second
+    mean_output_tokens: float
+    blocks_per_seq: float  # mean KV blocks a running sequence holds
+    num_running: float  # now, across the pool
+    num_waiting: float  # now, across the pool (no room yet)
+
+
+class StepTimeFit:
+    """t(b) = t0 + t1 b by least squares over recent (batch, step time) samples, with a prior until the batch sizes
+    seen spread enough to fit both terms."""
+
+    def __init__(self, prior_base_s: float, prior_per_seq_s: float, window: int = 256) -> None:
+        self.prior = (prior_base_s, prior_per_seq_s)
+        self.samples: deque[tuple[float, float]] = deque(maxlen=window)
+
+    def add(self, batch: float, step_s: float) -> None:
+        if batch > 0 and step_s > 0:
+            self.samples.append((batch, step_s))
+
+    def coefficients(self) -> tuple[float, float]:
+        if not self.samples:
+            return self.prior
+        n = len(self.samples)
+        mean_b = sum(b for b, _ in self.samples) / n
+        mean_t = sum(t for _, t in self.samples) / n
+        var_b = sum((b - mean_b) ** 2 for b, _ in self.samples) / n
+        if var_b >= 1.0:
+            cov = sum((b - mean_b) * (t - mean_t) for b, t in self.samples) / n
+            t1 = max(cov / var_b, 0.0)
+            t0 = mean_t - t1 * mean_b
+            if t0 > 0:
+                return t0, t1
+        # One batch size seen (or a fit with no intercept): keep the prior's slope, fit the base to the data.
+        t1 = self.prior[1]
+        return max(mean_t - t1 * mean_b, 1e-4), t1
+
+
+def decode_tpot(n: int, demand: DecodeDemand, t0: float, t1: float) -> float:
+    """Predicted mean time per output token on `n` decode replicas (inf when they cannot keep up)."""
+    load = t1 * demand.requests_per_s * demand.mean_output_tokens / n
+    return t0 / (1.0 - load) if load < 1.0 else math.inf
+
+
+def decode_replicas_needed(
+    demand: DecodeDemand,
+    t0: float,
+    t1: float,
+    tpot_slo_s: float,
+    blocks_per_replica: float,
+    kv_target_usage: float,
+    max_seqs_per_replica: float,
+    limit: int = 1024,
+) -> tuple[int, str]:
+    """The fewest replicas meeting the TPOT SLO whose caches hold the sequences it implies; with the bound that
+    decided it ("tpot", "kv", "seqs", or "minimum")."""
+    best, why = 1, "minimum"
+    if t0 >= tpot_slo_s:  # a step with one sequence already misses the SLO: add replicas only for throughput
+        tpot_bound = t1 * demand.requests_per_s * demand.mean_output_tokens / 0.9
+    else:
+        tpot_bound = t1 * demand.requests_per_s * demand.mean_output_tokens / (1.0 - t0 / tpot_slo_s)
+    if math.ceil(tpot_bound - 1e-9) > best:
+        best, why = math.ceil(tpot_bound - 1e-9), "tpot"
+    # Sequences resident at the SLO's TPOT (Little's law), or now if more are resident or waiting.
+    resident = max(
+        demand.requests_per_s * demand.mean_output_tokens * min(tpot_slo_s, decode_tpot(best, demand, t0, t1)),
+        demand.num_running + demand.num_waiting,
+    )
+    kv_bound = math.ceil(resident * demand.blocks_per_seq / (blocks_per_replica * kv_target_usage) - 1e-9)
+    if kv_bound > best:
+        best, why = kv_bound, "kv"
+    seq_bound = math.ceil(resident / max_seqs_per_replica - 1e-9)
+    if seq_bound > best:
+        best, why = seq_bound, "seqs"
+    return min(best, limit), why

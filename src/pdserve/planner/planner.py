@@ -1,0 +1,307 @@
+"""The planner: from every replica's signals and the SLOs, a target size for the prefill and the decode pool.
+
+Each `plan` call (one autoscaling tick) turns the replicas' counters into rates since the previous tick, updates
+the pool estimates (per-replica prefill throughput, the decode step-time fit, mean output length and KV blocks per
+sequence: exponentially weighted, so one noisy interval cannot swing them), asks the queueing models how many
+replicas each pool needs (`model.py`), and applies the policy around them:
+
+- bounds: `[min_replicas, max_replicas]` per pool;
+- scale up at once when a pool needs more, at most every `upscale_cooldown_s`;
+- scale down only when the pool would still meet its SLOs with `downscale_headroom` more load, continuously for
+  `downscale_stable_s`, one replica at a time, at most every `downscale_cooldown_s` (a replica drains before it
+  leaves; removing several at once would also throw away their prefix caches at once);
+- no data yet (a first tick, or no traffic since the last): keep the current size.
+
+The planner is pure: no Ray, no clock of its own. Serve calls it through `serve/autoscaling.py`; the simulator calls
+it directly (`pdserve.sim`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from pdserve.planner.model import (
+    DecodeDemand,
+    PrefillDemand,
+    StepTimeFit,
+    decode_replicas_needed,
+    decode_tpot,
+    prefill_replicas_needed,
+    prefill_ttft_p90,
+)
+from pdserve.planner.signals import ReplicaRates, ReplicaSignals, rates_between
+
+logger = logging.getLogger(__name__)
+
+POOLS = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class PoolBounds:
+    min_replicas: int = 1
+    max_replicas: int = 8
+
+    def clamp(self, n: int) -> int:
+        return max(self.min_replicas, min(self.max_replicas, n))
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    ttft_slo_s: float = 2.0  # p90 time to first token
+    tpot_slo_s: float = 0.1  # mean time per output token of a stream
+    prefill: PoolBounds = field(default_factory=PoolBounds)
+    decode: PoolBounds = field(default_factory=PoolBounds)
+    max_utilization: float = 0.8  # prefill compute planned busy at most this share of the time
+    recovery_s: float = 30.0  # a queued prefill backlog must drain within this
+    kv_target_usage: float = 0.8  # decode KV planned full at most to this share
+    max_seqs_per_replica: int = 64  # the engine's max_num_seqs
+    ttft_overhead_s: float = 0.05  # routing, reservation, transfer and hops on top of the prompt's compute
+    upscale_cooldown_s: float = 10.0
+    downscale_cooldown_s: float = 60.0
+    downscale_stable_s: float = 60.0
+    downscale_headroom: float = 0.3  # scale down only if the smaller pool still meets the SLOs at 1.3x the load
+    smoothing: float = 0.3  # weight of the newest interval in the running estimates
+    # Priors until the replicas' own measurements arrive (SmolLM2-135M bf16 on a 2-core CPU).
+    prior_prefill_tokens_per_s: float = 2900.0
+    prior_decode_step_base_s: float = 0.021
+    prior_decode_step_per_seq_s: float = 0.001
+    prior_output_tokens: float = 128.0
+    prior_blocks_per_seq: float = 16.0
+
+    def bounds(self, pool: str) -> PoolBounds:
+        return self.prefill if pool == "prefill" else self.decode
+
+    def __post_init__(self) -> None:
+        for pool in POOLS:
+            b = self.bounds(pool)
+            if not 0 <= b.min_replicas <= b.max_replicas:
+                raise ValueError(f"{pool}: need 0 <= min_replicas <= max_replicas, got {b}")
+        if self.ttft_slo_s <= 0 or self.tpot_slo_s <= 0:
+            raise ValueError("SLOs must be positive")
+        if not 0 < self.max_utilization < 1 or not 0 < self.kv_target_usage <= 1:
+            raise ValueError("max_utilization must be in (0, 1) and kv_target_usage in (0, 1]")
+
+
+@dataclass(frozen=True)
+class PoolDecision:
+    pool: str
+    current: int  # replicas running now
+    target: int  # what the pool should have (what Serve is told)
+    needed: int  # what the model says the demand needs, before bounds, cooldowns and hysteresis
+    reason: str  # one line: the bound that decided `needed` and what the policy did with it
+
+    @property
+    def changed(self) -> bool:
+        return self.target != self.current
+
+
+@dataclass
+class _PoolState:
+    target: int | None = None
+    last_up_s: float = -math.inf
+    last_down_s: float = -math.inf
+    below_since_s: float | None = None
+
+
+@dataclass
+class _Estimates:
+    prefill_tokens_per_s: float
+    output_tokens: float
+    blocks_per_seq: float
+    step_fit: StepTimeFit
+
+    def blend(self, name: str, value: float | None, weight: float) -> None:
+        if value is not None and value > 0 and math.isfinite(value):
+            setattr(self, name, (1 - weight) * getattr(self, name) + weight * value)
+
+
+class Planner:
+    def __init__(self, config: PlannerConfig) -> None:
+        self.config = config
+        self.estimates = _Estimates(
+            config.prior_prefill_tokens_per_s,
+            config.prior_output_tokens,
+            config.prior_blocks_per_seq,
+            StepTimeFit(config.prior_decode_step_base_s, config.prior_decode_step_per_seq_s),
+        )
+        self._last: dict[str, ReplicaSignals] = {}  # each replica's previous report
+        self._pools = {pool: _PoolState() for pool in POOLS}
+        self.prediction: dict[str, float] = {}  # the models' view at the current size, for metrics and logs
+
+    def plan(
+        self,
+        now_s: float,
+        signals: Mapping[str, Mapping[str, ReplicaSignals]],
+        current: Mapping[str, int],
+    ) -> dict[str, PoolDecision]:
+        """`signals[pool][replica_id]`: the latest report of each running replica; `current[pool]`: replicas the
+        pool has now (some may not have reported yet). Returns a decision per pool."""
+        live = {rid for pool in signals.values() for rid in pool}
+        rates = {pool: self._rates(signals.get(pool, {})) for pool in POOLS}
+        self._update_estimates(rates, signals)
+        demands = {
+            "prefill": self._prefill_demand(rates["prefill"], signals.get("prefill", {})),
+            "decode": self._decode_demand(rates["decode"], signals.get("decode", {})),
+        }
+        for pool in POOLS:  # the previous reports are kept only after every rate of this tick used them
+            for rid, report in signals.get(pool, {}).items():
+                before = self._last.get(rid)
+                if before is None or report.time_s > before.time_s:
+                    self._last[rid] = report
+        for rid in set(self._last) - live:  # replicas that left; their ids never come back
+            del self._last[rid]
+        blocks = max((s.kv_blocks_total for s in signals.get("decode", {}).values()), default=0.0)
+        decisions = {}
+        for pool in POOLS:
+            demand = demands[pool]
+            need = None if demand is None else self._needed(pool, demand, 1.0, blocks)
+            if demand is not None:
+                self._predict(pool, demand, max(current.get(pool, 1), 1))
+            decisions[pool] = self._decide(pool, now_s, current.get(pool, 0), need, demand, blocks)
+        return decisions
+
+    # ---- measurements ------------------------------------------------------------------------------------
+
+    def _rates(self, replicas: Mapping[str, ReplicaSignals]) -> dict[str, ReplicaRates]:
+        out = {}
+        for rid, now in replicas.items():
+            before = self._last.get(rid)
+            rates = rates_between(before, now) if before is not None else None
+            if rates is not None:
+                out[rid] = rates
+        return out
+
+    def _update_estimates(
+        self, rates: dict[str, dict[str, ReplicaRates]], signals: Mapping[str, Mapping[str, ReplicaSignals]]
+    ) -> None:
+        w = self.config.smoothing
+        est = self.estimates
+        for r in rates["prefill"].values():
+            if r.busy_fraction >= 0.05:  # a replica idle nearly all the interval says little about its throughput
+                est.blend("prefill_tokens_per_s", r.prefill_tokens_per_busy_s, w)
+        finished = sum(r.finished_per_s for r in rates["decode"].values())
+        generated = sum(r.generated_tokens_per_s for r in rates["decode"].values())
+        if finished > 0:
+            est.blend("output_tokens", generated / finished, w)
+        for r in rates["decode"].values():
+            if r.decode_batch is not None and r.decode_step_s is not None:
+                est.step_fit.add(r.decode_batch, r.decode_step_s)
+        decodes = list(signals.get("decode", {}).values())
+        running = sum(s.num_running for s in decodes)
+        if running > 0:
+            used = sum(s.kv_blocks_used - s.kv_blocks_reserved for s in decodes)
+            est.blend("blocks_per_seq", used / running, w)
+
+    def _prefill_demand(
+        self, rates: dict[str, ReplicaRates], replicas: Mapping[str, ReplicaSignals]
+    ) -> PrefillDemand | None:
+        if not rates:
+            return None
+        computed = sum(r.prefill_tokens_per_s for r in rates.values())
+        requests = sum(r.requests_per_s for r in rates.values())
+        queued = sum(s.queued_prefill_tokens for s in replicas.values())
+        growth = 0.0  # demand = what was computed + what the backlog grew by
+        for rid, now in replicas.items():
+            before = self._last.get(rid)
+            if rid in rates and before is not None:
+                growth += (now.queued_prefill_tokens - before.queued_prefill_tokens) / rates[rid].seconds
+        tokens = max(computed + growth, 0.0)
+        mean_prompt = tokens / requests if requests > 0 else max(queued, 1.0)
+        return PrefillDemand(tokens, mean_prompt, queued)
+
+    def _decode_demand(
+        self, rates: dict[str, ReplicaRates], replicas: Mapping[str, ReplicaSignals]
+    ) -> DecodeDemand | None:
+        if not rates:
+            return None
+        requests = sum(r.requests_per_s for r in rates.values())
+        running = sum(s.num_running for s in replicas.values())
+        waiting = sum(s.num_waiting for s in replicas.values())
+        est = self.estimates
+        return DecodeDemand(requests, est.output_tokens, est.blocks_per_seq, running, waiting)
+
+    # ---- the models ----------------------------------------------------------------------------------------
+
+    def _needed(self, pool: str, demand: PrefillDemand | DecodeDemand, scale: float, blocks: float) -> tuple[int, str]:
+        """Replicas the pool needs for `scale` times the demand, and why (one line)."""
+        cfg = self.config
+        if isinstance(demand, PrefillDemand):
+            if demand.tokens_per_s <= 0 and demand.queued_tokens <= 0:
+                return 0, "idle"
+            scaled = PrefillDemand(demand.tokens_per_s * scale, demand.mean_prompt_tokens, demand.queued_tokens)
+            mu = self.estimates.prefill_tokens_per_s
+            n, bound = prefill_replicas_needed(
+                scaled, mu, cfg.ttft_slo_s, cfg.max_utilization, cfg.recovery_s, cfg.ttft_overhead_s
+            )
+            return n, (
+                f"{bound}: {demand.tokens_per_s:.0f} prompt tok/s, {demand.queued_tokens:.0f} queued, "
+                f"{mu:.0f} tok/s per replica"
+            )
+        if demand.requests_per_s <= 0 and demand.num_running <= 0 and demand.num_waiting <= 0:
+            return 0, "idle"
+        scaled_d = DecodeDemand(
+            demand.requests_per_s * scale, demand.mean_output_tokens, demand.blocks_per_seq,
+            demand.num_running * scale, demand.num_waiting,
+        )  # fmt: skip
+        t0, t1 = self.estimates.step_fit.coefficients()
+        n, bound = decode_replicas_needed(
+            scaled_d, t0, t1, cfg.tpot_slo_s, blocks or math.inf, cfg.kv_target_usage, cfg.max_seqs_per_replica
+        )
+        return n, (
+            f"{bound}: {demand.requests_per_s:.2f} req/s x {demand.mean_output_tokens:.0f} tokens, step "
+            f"{t0 * 1e3:.1f} + {t1 * 1e3:.2f}/seq ms, {demand.num_running:.0f} running, "
+            f"{demand.num_waiting:.0f} waiting"
+        )
+
+    def _predict(self, pool: str, demand: PrefillDemand | DecodeDemand, n: int) -> None:
+        if isinstance(demand, PrefillDemand):
+            self.prediction["prefill_demand_tokens_per_s"] = demand.tokens_per_s
+            self.prediction["prefill_ttft_p90_s"] = prefill_ttft_p90(
+                n, demand, self.estimates.prefill_tokens_per_s, self.config.ttft_overhead_s
+            )
+        else:
+            t0, t1 = self.estimates.step_fit.coefficients()
+            self.prediction["decode_requests_per_s"] = demand.requests_per_s
+            self.prediction["decode_tpot_s"] = decode_tpot(n, demand, t0, t1)
+
+    # ---- policy --------------------------------------------------------------------------------------------
+
+    def _decide(
+        self,
+        pool: str,
+        now_s: float,
+        current: int,
+        need: tuple[int, str] | None,
+        demand: PrefillDemand | DecodeDemand | None,
+        blocks: float,
+    ) -> PoolDecision:
+        cfg = self.config
+        bounds = cfg.bounds(pool)
+        state = self._pools[pool]
+        target = bounds.clamp(state.target if state.target is not None else current)
+        state.target = target
+        if need is None or demand is None:
+            return PoolDecision(pool, current, target, target, "no measurements yet: keep the size")
+        needed, why = need
+        wanted = bounds.clamp(needed)
+        since_change = now_s - max(state.last_up_s, state.last_down_s)
+        if wanted > target:
+            state.below_since_s = None
+            if since_change < cfg.upscale_cooldown_s:
+                return PoolDecision(pool, current, target, needed, f"{why}; {wanted} after the cool-down")
+            state.target, state.last_up_s = wanted, now_s
+            return PoolDecision(pool, current, wanted, needed, f"scale up {target} -> {wanted}: {why}")
+        smaller = target - 1
+        if wanted < target and self._needed(pool, demand, 1.0 + cfg.downscale_headroom, blocks)[0] <= smaller:
+            if state.below_since_s is None:
+                state.below_since_s = now_s
+            stable = now_s - state.below_since_s
+            if stable >= cfg.downscale_stable_s and since_change >= cfg.downscale_cooldown_s:
+                state.target, state.last_down_s, state.below_since_s = smaller, now_s, None
+                return PoolDecision(pool, current, smaller, needed, f"scale down {target} -> {smaller}: {why}")
+            return PoolDecision(pool, current, target, needed, f"{why}; {smaller} would do for {stable:.0f} s")
+        state.below_since_s = None
+        return PoolDecision(pool, current, target, needed, why)
