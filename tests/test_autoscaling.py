@@ -152,6 +152,8 @@ class _Context:  # the AutoscalingContext attributes the policy reads
     current_num_replicas: int
     target_num_replicas: int
     raw_metrics: dict[str, dict[ReplicaID, list[TimeStampedValue]]] = field(default_factory=dict)
+    capacity_adjusted_min_replicas: int = 1
+    capacity_adjusted_max_replicas: int = 4
 
 
 def _context(deployment: DeploymentID, reports: dict[str, list[ReplicaSignals]], stamps: list[float]) -> _Context:
@@ -177,7 +179,7 @@ def test_pool_planner_scales_the_prefill_pool_on_a_prompt_surge() -> None:
     """Two reports per replica a few seconds apart with a growing backlog: the policy returns targets for the two
     engine deployments only (the ingress is left to its config), prefill up, decode kept."""
     prefill, decode, ingress = (DeploymentID(n, "app") for n in ("PrefillServer", "DecodeServer", "Ingress"))
-    policy = PoolPlanner(interval_s=0.0, prefill={"min_replicas": 1, "max_replicas": 4}, upscale_cooldown_s=0)
+    policy = PoolPlanner(interval_s=0.0, upscale_cooldown_s=0)  # the bounds come from the contexts: 1-4
 
     def p(t: float, computed: float, queued: float, busy: float) -> ReplicaSignals:
         return ReplicaSignals(time_s=t, prefill_tokens_total=computed, requests_total=computed / 500,

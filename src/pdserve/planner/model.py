@@ -2,9 +2,9 @@
 
 Prefill pool: prompts arrive at `demand_tokens_per_s` (tokens to compute) in requests of `mean_prompt_tokens`; a
 replica computes `tokens_per_s` while busy. The pool is an M/M/n queue of prompts (Erlang C): a prompt waits for a
-free replica, then takes `mean_prompt_tokens / tokens_per_s`. Its p90 time to first token is the service time plus
-the p90 wait, P(W > t) = C(n, a) exp(-(n - a) t / S). A backlog already queued must also drain within
-`recovery_s`, which sets a floor on the pool's spare compute.
+free replica, then takes on average S = `mean_prompt_tokens / tokens_per_s`; its p90 time to first token is the p90
+of wait + service (`mmn_sojourn_quantile`). A backlog already queued must also drain within `recovery_s`, which
+sets a floor on the pool's spare compute.
 
 Decode pool: a decode step over a batch of b sequences takes t(b) = t0 + t1 b (fitted from the replicas' own steps,
 `StepTimeFit`). Requests arrive at lam per second and each generates `mean_output_tokens`; by Little's law the
@@ -39,17 +39,36 @@ class PrefillDemand:
     queued_tokens: float  # backlog now, across the pool
 
 
-def prefill_ttft_p90(n: int, demand: PrefillDemand, tokens_per_s: float, overhead_s: float = 0.0) -> float:
-    """Predicted p90 time to first token on `n` prefill replicas (inf when they cannot keep up)."""
-    if demand.tokens_per_s <= 0:
-        return overhead_s + demand.mean_prompt_tokens / tokens_per_s
-    offered = demand.tokens_per_s / tokens_per_s
+def mmn_sojourn_quantile(n: int, offered: float, service_s: float, q: float = 0.9) -> float:
+    """The q-quantile of wait + service in an M/M/n queue (inf when n <= offered). The wait is 0 with probability
+    1 - C and else exponential at rate g = (n - a) / S; the service is exponential at rate mu = 1 / S; the tail of
+    their sum, P(T > t) = (1 - C) e^(-mu t) + C (g e^(-mu t) - mu e^(-g t)) / (g - mu), is inverted by bisection.
+    Exponential service is the conservative choice for prompts of varying length (a fixed length waits less)."""
     if n <= offered:
         return math.inf
+    c, mu, g = erlang_c(n, offered), 1.0 / service_s, (n - offered) / service_s
+
+    def tail(t: float) -> float:
+        if abs(g - mu) < 1e-9 * mu:
+            both = (1 + mu * t) * math.exp(-mu * t)
+        else:
+            both = (g * math.exp(-mu * t) - mu * math.exp(-g * t)) / (g - mu)
+        return (1 - c) * math.exp(-mu * t) + c * both
+
+    lo, hi = 0.0, service_s
+    while tail(hi) > 1 - q:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if tail(mid) > 1 - q else (lo, mid)
+    return hi
+
+
+def prefill_ttft_p90(n: int, demand: PrefillDemand, tokens_per_s: float, overhead_s: float = 0.0) -> float:
+    """Predicted p90 time to first token on `n` prefill replicas (inf when they cannot keep up)."""
     service_s = demand.mean_prompt_tokens / tokens_per_s
-    waits = erlang_c(n, offered)
-    wait_p90 = service_s / (n - offered) * math.log(waits / 0.1) if waits > 0.1 else 0.0
-    return overhead_s + service_s + wait_p90
+    offered = max(demand.tokens_per_s, 0.0) / tokens_per_s
+    return overhead_s + mmn_sojourn_quantile(n, offered, service_s)
 
 
 def prefill_replicas_needed(
@@ -67,6 +86,8 @@ def prefill_replicas_needed(
     floor_backlog = math.ceil((demand.tokens_per_s + demand.queued_tokens / recovery_s) / tokens_per_s - 1e-9)
     n = max(1, floor_util, floor_backlog)
     why = "backlog" if floor_backlog >= max(floor_util, 1) and demand.queued_tokens > 0 else "utilization"
+    if prefill_ttft_p90(limit, demand, tokens_per_s, overhead_s) > ttft_slo_s:
+        return n, "prompt-bound"  # one prompt's own compute misses the SLO: more replicas cannot fix that
     start = n
     while n < limit and prefill_ttft_p90(n, demand, tokens_per_s, overhead_s) > ttft_slo_s:
         n += 1
@@ -107,7 +128,7 @@ class StepTimeFit:
             cov = sum((b - mean_b) * (t - mean_t) for b, t in self.samples) / n
             t1 = max(cov / var_b, 0.0)
             t0 = mean_t - t1 * mean_b
-            if t0 > 0:
+            if t0 >= 1e-4:  # a fit through the origin is round-off, not a base cost
                 return t0, t1
         # One batch size seen (or a fit with no intercept): keep the prior's slope, fit the base to the data.
         t1 = self.prior[1]

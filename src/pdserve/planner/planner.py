@@ -10,7 +10,8 @@ replicas each pool needs (`model.py`), and applies the policy around them:
 - scale down only when the pool would still meet its SLOs with `downscale_headroom` more load, continuously for
   `downscale_stable_s`, one replica at a time, at most every `downscale_cooldown_s` (a replica drains before it
   leaves; removing several at once would also throw away their prefix caches at once);
-- no data yet (a first tick, or no traffic since the last): keep the current size.
+- no measurements yet (a replica's first report gives no rate): keep the current size; a pool with no work at all
+  needs 0 and shrinks to `min_replicas` by the scale-down rule.
 
 The planner is pure: no Ray, no clock of its own. Serve calls it through `serve/autoscaling.py`; the simulator calls
 it directly (`pdserve.sim`).
@@ -70,6 +71,7 @@ class PlannerConfig:
     prior_decode_step_per_seq_s: float = 0.001
     prior_output_tokens: float = 128.0
     prior_blocks_per_seq: float = 16.0
+    prior_prompt_tokens: float = 512.0  # computed tokens per prompt
 
     def bounds(self, pool: str) -> PoolBounds:
         return self.prefill if pool == "prefill" else self.decode
@@ -109,6 +111,7 @@ class _PoolState:
 @dataclass
 class _Estimates:
     prefill_tokens_per_s: float
+    prompt_tokens: float
     output_tokens: float
     blocks_per_seq: float
     step_fit: StepTimeFit
@@ -123,6 +126,7 @@ class Planner:
         self.config = config
         self.estimates = _Estimates(
             config.prior_prefill_tokens_per_s,
+            config.prior_prompt_tokens,
             config.prior_output_tokens,
             config.prior_blocks_per_seq,
             StepTimeFit(config.prior_decode_step_base_s, config.prior_decode_step_per_seq_s),
@@ -209,8 +213,9 @@ class Planner:
             if rid in rates and before is not None:
                 growth += (now.queued_prefill_tokens - before.queued_prefill_tokens) / rates[rid].seconds
         tokens = max(computed + growth, 0.0)
-        mean_prompt = tokens / requests if requests > 0 else max(queued, 1.0)
-        return PrefillDemand(tokens, mean_prompt, queued)
+        if requests > 0 and tokens > 0:
+            self.estimates.blend("prompt_tokens", tokens / requests, self.config.smoothing)
+        return PrefillDemand(tokens, self.estimates.prompt_tokens, queued)
 
     def _decode_demand(
         self, rates: dict[str, ReplicaRates], replicas: Mapping[str, ReplicaSignals]

@@ -14,6 +14,7 @@ last decision of each pool in Ray's internal KV (`decision_key(app)`), which the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -55,6 +56,7 @@ class PoolPlanner:
         now = time.monotonic()
         if now - self._last_run >= self.interval_s:
             self._last_run = now
+            self._follow_bounds({pool: ctx for pool, (_, ctx) in pools.items()})
             signals = {pool: latest_signals(ctx) for pool, (_, ctx) in pools.items()}
             current = {pool: ctx.current_num_replicas for pool, (_, ctx) in pools.items()}
             decisions = self.planner.plan(now, signals, current)
@@ -62,6 +64,21 @@ class PoolPlanner:
             self._targets = {pool: d.target for pool, d in decisions.items()}
         out = {d: self._targets.get(pool, ctx.target_num_replicas) for pool, (d, ctx) in pools.items()}
         return out, {d: {} for d in contexts}
+
+    def _follow_bounds(self, contexts: dict[str, Any]) -> None:
+        """Each pool's bounds are its deployment's (`min_replicas`/`max_replicas`, which Serve also enforces, less
+        where the cluster's capacity lowers them): the policy's kwargs need not repeat them."""
+        config = self.planner.config
+        bounds = {
+            pool: PoolBounds(ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas)
+            for pool, ctx in contexts.items()
+            if hasattr(ctx, "capacity_adjusted_max_replicas")
+        }
+        updated = dataclasses.replace(
+            config, prefill=bounds.get("prefill", config.prefill), decode=bounds.get("decode", config.decode)
+        )
+        if updated != config:
+            self.planner.config = updated
 
     def _report(self, decisions: dict[str, PoolDecision], app_name: str | None) -> None:
         for pool, d in decisions.items():
