@@ -45,6 +45,7 @@ def test_the_shipped_files() -> None:
     assert names(list(DEPLOY.glob("*"))) == [
         "cpu-1p1d.yaml",
         "docker",
+        "gpu-autoscale.yaml",
         "gpu-colocated.yaml",
         "gpu-npmd.yaml",
         "grafana",
@@ -308,3 +309,54 @@ def test_deploy_file_builds_the_intended_deployments(name: str) -> None:
 
 def _no_handle(deployment: Any, app_name: str) -> None:
     return None
+
+
+# ---- deploy/gpu-autoscale.yaml: the planner's bounds, its policy, and room for them in the clusters ----
+
+
+def test_autoscale_file_names_the_planner_with_the_settings_of_its_args() -> None:
+    from ray._common.utils import import_attr
+
+    from pdserve.serve.autoscaling import PoolPlanner
+    from pdserve.serve.config import ServeConfig
+
+    (app,) = serve_config(DEPLOY / "gpu-autoscale.yaml")["applications"]
+    config = ServeConfig.model_validate(app["args"])
+    assert config.autoscaling.enabled and not config.colocated
+    policy = app["autoscaling_policy"]
+    assert import_attr(policy["policy_function"].replace(":", ".")) is PoolPlanner
+    # the policy's kwargs are the args' autoscaling settings: one cannot drift from the other
+    assert policy["policy_kwargs"] == {k: v for k, v in app["args"]["autoscaling"].items() if k != "enabled"}
+    planner = PoolPlanner(**policy["policy_kwargs"]).planner.config
+    assert (planner.ttft_slo_s, planner.tpot_slo_s) == (config.autoscaling.ttft_slo_s, config.autoscaling.tpot_slo_s)
+
+
+@pytest.mark.parametrize("cluster", ["aws-gpu.yaml", "gcp-gpu.yaml"])
+def test_each_pools_max_replicas_fit_its_node_types_max_workers(cluster: str) -> None:
+    """A pool's max_replicas (one GPU each) must fit the GPUs the Ray autoscaler may bring up for it, and its
+    min_replicas those of the pool's always-on nodes (min_workers): the planner never asks for what cannot come."""
+    args = gpu_args(DEPLOY / "gpu-autoscale.yaml")
+    types = load(CLUSTER_CONFIGS / cluster)["available_node_types"]
+    for pool in ("prefill", "decode"):
+        node_types = [t for t in types.values() if t.get("labels", {}).get(POOL_LABEL) == pool]
+        most = sum(t["max_workers"] * t["resources"]["GPU"] for t in node_types)
+        least = sum(t["min_workers"] * t["resources"]["GPU"] for t in node_types)
+        assert args[pool]["min_replicas"] <= least and args[pool]["max_replicas"] <= most, (pool, least, most)
+
+
+@pytest.mark.slow  # builds the app: materializes SmolLM2 once
+def test_autoscale_file_builds_autoscaled_pools() -> None:
+    from ray._common.utils import import_attr
+    from ray.serve._private.build_app import build_app
+
+    (app,) = serve_config(DEPLOY / "gpu-autoscale.yaml")["applications"]
+    built = build_app(import_attr(app["import_path"])(app["args"]), name=app["name"], make_deployment_handle=_no_handle)
+    got = {d.name: d for d in built.deployments}
+    for name, pool in (("PrefillServer", "prefill"), ("DecodeServer", "decode")):
+        scaling = got[name]._deployment_config.autoscaling_config
+        bounds = app["args"][pool]
+        assert (scaling.min_replicas, scaling.initial_replicas, scaling.max_replicas) == (
+            bounds["min_replicas"], bounds["num_replicas"], bounds["max_replicas"],
+        )  # fmt: skip
+        assert got[name].ray_actor_options == (GPU_PREFILL if pool == "prefill" else GPU_DECODE)
+    assert got["Ingress"]._deployment_config.autoscaling_config is None

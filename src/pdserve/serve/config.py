@@ -42,10 +42,16 @@ class PoolConfig(BaseModel):
         None, ge=1, description="torch intra-op threads per engine replica (default: one per core it may run on)"
     )
     min_replicas: int = Field(
-        1, ge=0, description="autoscaling (autoscaling.enabled): the fewest replicas the planner may leave this pool"
+        1,
+        ge=0,
+        description="the planner (autoscaling.enabled; prefill and decode pools): the fewest replicas it may leave "
+        "this pool",
     )
     max_replicas: int = Field(
-        4, ge=1, description="autoscaling (autoscaling.enabled): the most replicas the planner may give this pool"
+        4,
+        ge=1,
+        description="the planner (autoscaling.enabled; prefill and decode pools): the most replicas it may give "
+        "this pool",
     )
     cpus: list[int] | None = Field(
         None,

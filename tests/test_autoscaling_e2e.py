@@ -1,0 +1,119 @@
+"""The planner on a real local Ray cluster, through HTTP: a step to 4x the prompt load one P+D pair sustains grows
+the prefill pool (Serve applies the planner's target; new replicas start and take traffic), and the drop after it
+shrinks the pool again — with every answer token-exact and nothing failed or left held on any replica.
+
+Replicas run a tiny Llama with `emulated_step` (a modeled device's step time, mostly sleep): on a 2-core box that is
+what makes another replica add capacity (docs/AUTOSCALING.md). `load_tests/autoscale_step.py` is the longer run."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from oracle import HTTP_MAX_TOKENS
+from serving import Served, free_port, ray_serve
+from test_storm import _assert_idle
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "load_tests"))
+from autoscale_step import Phase, config_for, sample
+
+pytestmark = pytest.mark.slow
+
+PHASES = [Phase("base", 10, 1.5, 600, HTTP_MAX_TOKENS), Phase("4x", 40, 6.0, 600, HTTP_MAX_TOKENS),
+          Phase("low", 30, 0.3, 32, HTTP_MAX_TOKENS)]  # fmt: skip
+
+
+class _Args:
+    ttft_slo_s, tpot_slo_s, max_prefill, max_decode, downscale_s = 1.5, 0.1, 3, 2, 5.0
+
+
+def test_prefill_pool_grows_under_a_prompt_step_and_shrinks_after(tiny_models: dict[str, Path], oracle) -> None:  # type: ignore[no-untyped-def]
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from pdserve.serve.app import deploy_application
+
+    config = config_for(str(tiny_models["llama"]), _Args())
+    config = config.model_copy(update={"autoscaling": config.autoscaling.model_copy(update={"interval_s": 1.0})})
+    rng = random.Random(7)
+    arrivals: list[tuple[float, str, list[int]]] = []
+    start = 0.0
+    for phase in PHASES:
+        t = start + rng.expovariate(phase.rate)
+        while t < start + phase.duration_s:
+            arrivals.append((t, phase.name, [rng.randrange(3, 500) for _ in range(phase.prompt_tokens)]))
+            t += rng.expovariate(phase.rate)
+        start += phase.duration_s
+    port = free_port()
+    with ray_serve(port):
+        client = _get_global_client()
+        app = deploy_application(config, name="planned", route_prefix="/planned")
+        client.deploy_apps(ServeDeploySchema(applications=[app]), _blocking=True)
+        served = Served(f"http://127.0.0.1:{port}/planned/v1")
+        _wait_ready(served)
+        answers, samples = asyncio.run(_drive(served, arrivals))
+        _assert_idle(served, "after the load", timeout_s=10)
+        metrics = served.metrics()
+
+    failed = [(kind, a) for (_, kind, _), a in zip(arrivals, answers, strict=True) if isinstance(a, Exception)]
+    wrong = [kind for (_, kind, p), a in zip(arrivals, answers, strict=True) if isinstance(a, str) and a != oracle(p)]
+    live = [(row["t"], row.get("prefill_live", 0), row.get("prefill_target")) for row in samples]
+    print(f"{len(answers)} requests, {len(failed)} failed, {len(wrong)} wrong; prefill (t, live, target): {live}")
+    assert not failed and not wrong
+    peak = max(n for _, n, _ in live)
+    assert peak >= 2, "the 4x step grew the prefill pool"
+    grown_at = next(t for t, n, _ in live if n >= 2)
+    assert grown_at < PHASES[0].duration_s + PHASES[1].duration_s, "within the step"
+    end_live = live[-1][1]
+    assert end_live < peak, "the pool shrank after the load dropped"
+    targets = {dict(labels)["pool"] for labels in metrics.get("pdserve_planner_target_replicas", {})}
+    assert targets == {"prefill", "decode"}
+
+
+async def _drive(
+    served: Served, arrivals: list[tuple[float, str, list[int]]]
+) -> tuple[list[str | Exception], list[dict[str, Any]]]:
+    client = openai.AsyncOpenAI(base_url=served.base_url, api_key="unused", max_retries=0, timeout=120)
+    done = asyncio.Event()
+    start = time.perf_counter()
+    sampler = asyncio.create_task(sample(served.root, done, 1.0, start))
+
+    async def one(at: float, prompt: list[int]) -> str | Exception:
+        await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
+        try:
+            stream = await client.completions.create(
+                model="m", prompt=prompt, max_tokens=HTTP_MAX_TOKENS, temperature=0, stream=True,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            return "".join([c.choices[0].text async for c in stream if c.choices])
+        except openai.APIError as e:
+            return e
+
+    try:
+        answers = await asyncio.gather(*(one(at, prompt) for at, _, prompt in arrivals))
+        await asyncio.sleep(3.0)  # a few more samples after the last answer
+    finally:
+        done.set()
+        await client.close()
+    return list(answers), await sampler
+
+
+def _wait_ready(served: Served, timeout_s: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{served.root}/ready", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("not ready")
