@@ -1,7 +1,7 @@
 """Cache-aware routing vs Serve's power-of-two choices on a real local Ray cluster (2 prefill + 2 decode), same run,
 same trace — and the replay simulator on that trace next to it.
 
-The trace: multi-turn conversations that share system prompts and grow turn by turn (`router.trace.multiturn_trace`),
+The trace: multi-turn conversations that share system prompts and grow turn by turn (`sim.trace.multiturn_trace`),
 replayed open-loop at its arrival times as streaming completions over HTTP (official openai client). Per policy: a
 fresh app (cold caches), realized prefix-cache hit rate (the computing replica's cached tokens from each response's
 usage / prompt tokens), mean and p90 TTFT, KV blocks moved P -> D (from /metrics), decisions by mode.
@@ -28,9 +28,7 @@ sys.path.insert(0, "tests")  # reuse the test harness's cluster helpers
 from pdserve.engine.weights import resolve_dtype
 from pdserve.hub import resolve_model
 from pdserve.router import CostConfig
-from pdserve.router.sim import SimConfig, simulate
-from pdserve.router.sim_replicas import ReplicaModel
-from pdserve.router.trace import TraceRequest, ideal_hit_rate, multiturn_trace
+from pdserve.sim import ReplicaModel, SimConfig, TraceRequest, ideal_hit_rate, multiturn_trace, simulate
 from serving import Served, free_port, ray_serve
 
 POLICIES: dict[str, dict[str, object]] = {  # name -> router settings
@@ -140,7 +138,9 @@ def run_sim(args: argparse.Namespace, trace: list[TraceRequest]) -> list[Row]:
     rows = []
     """The same trace through the simulator: replicas modeled at this box's shared speed, the router with the
     weights the real run used; "oracle" is cache_aware with a perfect, instant index."""
-    model = ReplicaModel(args.sim_prefill_tokens_per_s, args.sim_decode_step_s, args.sim_decode_step_per_seq_s)
+    model = ReplicaModel(
+        args.sim_decode_step_s, 1 / args.sim_prefill_tokens_per_s, args.sim_decode_step_per_seq_s
+    )  # the old model's prefill had no step base: a 512-token prompt takes 30 ms more here
     for name in [*args.policies, "oracle"]:
         settings = POLICIES["cache_aware" if name == "oracle" else name]
         threshold = settings.get("local_prefill_max_tokens", CostConfig.local_prefill_max_tokens)

@@ -17,9 +17,19 @@ import dataclasses
 import time
 
 from pdserve.router import CostConfig, RouteMode
-from pdserve.router.sim import SIM_POLICIES, SimConfig, SimResult, calibrated_cost, simulate
-from pdserve.router.sim_replicas import ReplicaModel
-from pdserve.router.trace import TraceRequest, ideal_hit_rate, load_trace, multiturn_trace, save_trace
+from pdserve.sim import (
+    SIM_POLICIES,
+    ReplicaModel,
+    SimConfig,
+    SimResult,
+    TraceRequest,
+    calibrated_cost,
+    ideal_hit_rate,
+    load_trace,
+    multiturn_trace,
+    save_trace,
+    simulate,
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -40,11 +50,12 @@ def parse_args() -> argparse.Namespace:
     r = p.add_argument_group("modeled replicas")
     r.add_argument("--prefill", type=int, default=2)
     r.add_argument("--decode", type=int, default=2)
-    r.add_argument("--prefill-tokens-per-s", type=float, default=ReplicaModel.prefill_tokens_per_s)
-    r.add_argument("--decode-step-base-s", type=float, default=ReplicaModel.decode_step_base_s)
-    r.add_argument("--decode-step-per-seq-s", type=float, default=ReplicaModel.decode_step_per_seq_s)
+    r.add_argument("--step-base-s", type=float, default=ReplicaModel.step_base_s, help="any engine step")
+    r.add_argument("--per-prefill-token-s", type=float, default=ReplicaModel.per_prefill_token_s)
+    r.add_argument("--per-decode-seq-s", type=float, default=ReplicaModel.per_decode_seq_s)
     r.add_argument("--num-blocks", type=int, default=ReplicaModel.num_blocks, help="KV blocks per replica")
     r.add_argument("--block-size", type=int, default=ReplicaModel.block_size)
+    r.add_argument("--max-num-batched-tokens", type=int, default=ReplicaModel.max_num_batched_tokens)
     r.add_argument("--sync-period-s", type=float, default=SimConfig.sync_period_s)
     r.add_argument("--hop-overhead-s", type=float, default=SimConfig.hop_overhead_s)
     r.add_argument("--bytes-per-s", type=float, default=SimConfig.bytes_per_s)
@@ -68,8 +79,8 @@ def build_trace(args: argparse.Namespace) -> list[TraceRequest]:
 
 def build_config(args: argparse.Namespace) -> SimConfig:
     model = ReplicaModel(
-        args.prefill_tokens_per_s, args.decode_step_base_s, args.decode_step_per_seq_s, args.num_blocks,
-        args.block_size,
+        args.step_base_s, args.per_prefill_token_s, args.per_decode_seq_s, args.num_blocks, args.block_size,
+        args.max_num_batched_tokens,
     )  # fmt: skip
     knobs = CostConfig(
         expected_output_tokens=args.expected_output_tokens,

@@ -1,7 +1,7 @@
 """The global router: prefix index fed by KV events, load view, one cost for the (prefill, decode) pair.
 
 Pure Python, no Ray: `serve/` feeds it replica reports and asks it for a `RouteDecision` per request; the replay
-simulator (`router.sim`) drives the same `Router` against modeled replicas.
+simulator (`pdserve.sim`) drives the same `Router` against modeled replicas.
 """
 
 from pdserve.router.cost import CandidateCost, CostConfig, RouteDecision, RouteMode, choose

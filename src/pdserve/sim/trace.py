@@ -1,4 +1,4 @@
-"""Request traces for the replay simulator: what arrives when, with which prompt, decoding how many tokens.
+"""Request traces: what arrives when, with which prompt, decoding how many tokens.
 
 A trace is a list of `TraceRequest` sorted by arrival, stored as JSON lines. `multiturn_trace` makes a synthetic
 chat workload (shared system prompts, conversations that grow turn by turn); `ideal_hit_rate` bounds the prefix
