@@ -336,7 +336,19 @@ CAP = 2900.0  # prefill tok/s per busy replica = the config's prior, so the esti
 PROMPT = 500.0
 OUT = 128.0  # = the prior output length; the step time uses the priors' 0.021 + 0.001 b
 BLOCKS = 4096.0
-BOUND_NAMES = ("utilization", "backlog", "ttft", "tpot", "kv", "seqs", "minimum", "idle", "prompt-bound")
+BOUND_NAMES = (
+    "utilization",
+    "backlog",
+    "ttft",
+    "tpot",
+    "kv",
+    "seqs",
+    "minimum",
+    "idle",
+    "prompt-bound",
+    "resident",
+    "kv-refused",
+)
 
 
 def prefill_tick(r: ReplicaSignals, dt: float, tokens_per_s: float) -> ReplicaSignals:
@@ -415,7 +427,10 @@ class FakeCluster:
 
 
 def config(**changes: object) -> PlannerConfig:
-    return dataclasses.replace(PlannerConfig(), **changes)  # type: ignore[arg-type]
+    """The defaults, but demand unsmoothed and the backlog drained over 30 s: the policy tests below compute their
+    expectations from one interval's demand (test_demand_smoothing covers the smoothing)."""
+    base = dataclasses.replace(PlannerConfig(), demand_smoothing=1.0, recovery_s=30.0)
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
 def test_no_measurements_keeps_the_size_within_bounds() -> None:
@@ -598,3 +613,91 @@ def test_targets_stay_in_bounds_step_down_by_one_and_respect_cool_downs(monkeypa
                     assert now_s - last_change_s[pool] >= cool_down_s, (seed, now_s, d)
                     last_change_s[pool] = now_s
                 current[pool] = d.target
+
+
+# ---- what the simulator found: noise, refused reservations, local prefills, a shared cap --------------------------
+
+
+def _prefill_report(t: float, computed: float, requests: float, queued: float = 0.0) -> ReplicaSignals:
+    return ReplicaSignals(
+        t, queued_prefill_tokens=queued, prefill_tokens_total=computed, requests_total=requests,
+        steps_total=10 * t, step_s_total=0.5 * t,
+    )  # fmt: skip
+
+
+def test_demand_smoothing_halves_a_one_interval_spike() -> None:
+    """With `demand_smoothing` 0.5 a single 5 s interval at 4x the demand counts as 2.5x: the planner no longer
+    ratchets on one noisy interval (the simulator saw 1.9k-15.6k tok/s per interval for 7.5k offered)."""
+    cfg = dataclasses.replace(config(), demand_smoothing=0.5, upscale_cooldown_s=0.0)
+    planner, current = Planner(cfg), {"prefill": 1, "decode": 1}
+    reports = [_prefill_report(0, 0, 0), _prefill_report(5, 10_000, 20), _prefill_report(10, 20_000, 40)]
+    for i, r in enumerate(reports):
+        planner.plan(5.0 * i, {"prefill": {"p": r}}, current)
+    spike = planner.plan(15.0, {"prefill": {"p": _prefill_report(15, 60_000, 120)}}, current)["prefill"]
+    assert "5000 prompt tok/s" in spike.reason  # 0.5 * 2000 + 0.5 * 8000, not 8000
+    unsmoothed = Planner(dataclasses.replace(cfg, demand_smoothing=1.0))
+    for i, r in enumerate([*reports, _prefill_report(15, 60_000, 120)]):
+        last = unsmoothed.plan(5.0 * i, {"prefill": {"p": r}}, current)["prefill"]
+    assert "8000 prompt tok/s" in last.reason and last.needed > spike.needed
+
+
+def _decode_report(t: float, requests: float, running: float, used: float, refused: float = 0.0) -> ReplicaSignals:
+    return ReplicaSignals(
+        t, num_running=running, kv_blocks_total=1000, kv_blocks_used=used, requests_total=requests,
+        finished_total=requests, generated_tokens_total=128 * requests, steps_total=40 * t, step_s_total=1.0 * t,
+        decode_steps_total=40 * t, decode_step_s_total=1.0 * t, decode_step_seqs_total=40 * t * running,
+        reserves_refused_total=refused,
+    )  # fmt: skip
+
+
+def test_decode_counts_the_prefill_pools_arrivals_and_refused_reservations() -> None:
+    """While decode refuses reservations (its caches full) it counts only the requests it took: the prefill pool's
+    arrivals stand in for the demand, and a refusal alone asks for one more replica."""
+    planner, current = Planner(config()), {"prefill": 1, "decode": 2}
+    first = {"prefill": {"p": _prefill_report(0, 0, 0)}, "decode": {"d1": _decode_report(0, 0, 10, 900)}}
+    planner.plan(0.0, first, current)
+    later = {
+        "prefill": {"p": _prefill_report(10, 50_000, 100)},  # 10 req/s prefilled
+        "decode": {"d1": _decode_report(10, 20, 10, 950, refused=30)},  # 2 req/s got in
+    }
+    decision = planner.plan(10.0, later, current)["decode"]
+    assert "10.00 req/s" in decision.reason
+    assert decision.target >= 3 and decision.needed >= 3
+
+
+def test_decode_kv_refused_alone_asks_for_one_more_replica() -> None:
+    demand = DecodeDemand(0.1, 16.0, 4.0, 2.0, 0.0, kv_blocks_used=10.0, kv_refused=True)
+    assert decode_replicas_needed(demand, 0.02, 0.001, 0.1, 1000.0, 0.8, 64, current=3) == (4, "kv-refused")
+
+
+def test_decode_resident_sequences_bound_when_arrivals_undercount() -> None:
+    """600 sequences running and a measured arrival rate near zero (under overload only what got in is counted):
+    t1 R / (slo - t0) = 0.001 * 600 / 0.079 = 7.6 -> 8 replicas."""
+    demand = DecodeDemand(0.01, 100.0, 1.0, 600.0, 0.0)
+    assert decode_replicas_needed(demand, 0.021, 0.001, 0.1, 1e6, 0.8, 1024, current=2) == (8, "resident")
+
+
+def test_decode_observed_step_time_raises_the_base() -> None:
+    """Steps that carry local prefill chunks run longer than the fitted decode step: the observed excess counts
+    in the base (here 60 ms observed at 10 per replica vs 21 + 10 ms fitted: base 50 ms)."""
+    quiet = DecodeDemand(50.0, 100.0, 1.0, 20.0, 0.0)
+    busy = dataclasses.replace(quiet, observed_step_s=0.060)
+    args = (0.021, 0.001, 0.1, 1e6, 0.8, 1024)
+    assert decode_replicas_needed(quiet, *args, current=2) == (7, "tpot")  # 0.001 * 5000 / 0.79 = 6.3
+    assert decode_replicas_needed(busy, *args, current=2) == (10, "tpot")  # 0.001 * 5000 / 0.5
+
+
+def test_a_shared_cap_splits_replicas_by_need() -> None:
+    """Both pools on one set of devices (`max_total_replicas`): targets past the cap are split in proportion to
+    what each pool needs, so a replica moves to the pool short of it."""
+    cfg = dataclasses.replace(config(), max_total_replicas=10, upscale_cooldown_s=0.0,
+                              prefill=PoolBounds(1, 9), decode=PoolBounds(1, 9))  # fmt: skip
+    planner = Planner(cfg)
+    decisions = {
+        "prefill": PoolDecision("prefill", 6, 9, 12, "x"),
+        "decode": PoolDecision("decode", 4, 6, 6, "y"),
+    }
+    capped = planner._cap(decisions)
+    assert capped["prefill"].target + capped["decode"].target == 10
+    assert (capped["prefill"].target, capped["decode"].target) == (7, 3)  # 1 + 8 * 11/16, 1 + 8 * 5/16
+    assert "capped" in capped["prefill"].reason

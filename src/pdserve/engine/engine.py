@@ -101,6 +101,7 @@ class LLMEngine:
         num_prompt = seq.num_prompt_tokens
         cached = self.blocks.match_prefix(seq, max_tokens=num_prompt)
         if not self.blocks.admit(seq, cached, num_prompt):
+            self.load.reserves_refused += 1
             return None
         seq.num_cached_tokens = seq.num_computed_tokens = len(cached) * self.layout.block_size
         seq.status = SequenceStatus.HELD

@@ -171,6 +171,7 @@ class LoadCounters:
     decode_steps: int = 0  # steps without a prompt chunk
     decode_step_s: float = 0.0
     decode_step_seqs: int = 0  # sum of those steps' batch sizes
+    reserves_refused: int = 0  # KV reservations refused for lack of room
 
     def copy(self) -> LoadCounters:
         return dataclasses.replace(self)

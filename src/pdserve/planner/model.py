@@ -103,6 +103,9 @@ class DecodeDemand:
     blocks_per_seq: float  # mean KV blocks a running sequence holds
     num_running: float  # now, across the pool
     num_waiting: float  # now, across the pool (no room yet)
+    kv_blocks_used: float = 0.0  # now, across the pool, reservations included
+    kv_refused: bool = False  # reservations were refused for lack of room in the last interval
+    observed_step_s: float | None = None  # the pool's mean step time now (local prefill chunks included)
 
 
 class StepTimeFit:
@@ -149,25 +152,40 @@ def decode_replicas_needed(
     blocks_per_replica: float,
     kv_target_usage: float,
     max_seqs_per_replica: float,
+    current: int = 0,
     limit: int = 1024,
 ) -> tuple[int, str]:
     """The fewest replicas meeting the TPOT SLO whose caches hold the sequences it implies; with the bound that
-    decided it ("tpot", "kv", "seqs", or "minimum")."""
+    decided it ("tpot", "resident", "kv", "kv-refused", "seqs", or "minimum").
+
+    `t0` is the step's base; where the pool's observed steps run longer than the fit predicts for their batches
+    (prefill chunks of local requests ride in them), the observed excess is added to the base. Besides the
+    arrival-rate bound (Little's law), the sequences resident now (running and waiting) must fit the SLO too: under
+    overload the measured arrival rate is what got in, not what arrived."""
     best, why = 1, "minimum"
-    if t0 >= tpot_slo_s:  # a step with one sequence already misses the SLO: add replicas only for throughput
-        tpot_bound = t1 * demand.requests_per_s * demand.mean_output_tokens / 0.9
-    else:
-        tpot_bound = t1 * demand.requests_per_s * demand.mean_output_tokens / (1.0 - t0 / tpot_slo_s)
-    if math.ceil(tpot_bound - 1e-9) > best:
-        best, why = math.ceil(tpot_bound - 1e-9), "tpot"
+    base = t0
+    resident_now = demand.num_running + demand.num_waiting
+    if demand.observed_step_s is not None and current > 0 and demand.num_running > 0:
+        base = max(t0, demand.observed_step_s - t1 * demand.num_running / current)
+    # The share of a token's time the per-sequence work may take. A base step that alone misses the SLO cannot be
+    # fixed by replicas: size for throughput then (per-sequence work at most 90% of a step).
+    spare = 0.9 if base >= tpot_slo_s else max(1.0 - base / tpot_slo_s, 0.1)
+    tpot_bound = math.ceil(t1 * demand.requests_per_s * demand.mean_output_tokens / spare - 1e-9)
+    if tpot_bound > best:
+        best, why = tpot_bound, "tpot"
+    resident_bound = math.ceil(t1 * resident_now / (spare * tpot_slo_s) - 1e-9)
+    if resident_bound > best:
+        best, why = resident_bound, "resident"
     # Sequences resident at the SLO's TPOT (Little's law), or now if more are resident or waiting.
-    resident = max(
-        demand.requests_per_s * demand.mean_output_tokens * min(tpot_slo_s, decode_tpot(best, demand, t0, t1)),
-        demand.num_running + demand.num_waiting,
-    )
-    kv_bound = math.ceil(resident * demand.blocks_per_seq / (blocks_per_replica * kv_target_usage) - 1e-9)
+    load = t1 * demand.requests_per_s * demand.mean_output_tokens / best
+    tpot = base / (1.0 - load) if load < 1.0 else math.inf
+    resident = max(demand.requests_per_s * demand.mean_output_tokens * min(tpot_slo_s, tpot), resident_now)
+    blocks = max(resident * demand.blocks_per_seq, demand.kv_blocks_used)
+    kv_bound = math.ceil(blocks / (blocks_per_replica * kv_target_usage) - 1e-9)
     if kv_bound > best:
         best, why = kv_bound, "kv"
+    if demand.kv_refused and current + 1 > best:
+        best, why = current + 1, "kv-refused"
     seq_bound = math.ceil(resident / max_seqs_per_replica - 1e-9)
     if seq_bound > best:
         best, why = seq_bound, "seqs"

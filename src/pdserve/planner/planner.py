@@ -19,6 +19,7 @@ it directly (`pdserve.sim`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping
@@ -56,7 +57,7 @@ class PlannerConfig:
     prefill: PoolBounds = field(default_factory=PoolBounds)
     decode: PoolBounds = field(default_factory=PoolBounds)
     max_utilization: float = 0.8  # prefill compute planned busy at most this share of the time
-    recovery_s: float = 30.0  # a queued prefill backlog must drain within this
+    recovery_s: float = 10.0  # a queued prefill backlog must drain within this
     kv_target_usage: float = 0.8  # decode KV planned full at most to this share
     max_seqs_per_replica: int = 64  # the engine's max_num_seqs
     ttft_overhead_s: float = 0.05  # routing, reservation, transfer and hops on top of the prompt's compute
@@ -65,6 +66,8 @@ class PlannerConfig:
     downscale_stable_s: float = 60.0
     downscale_headroom: float = 0.3  # scale down only if the smaller pool still meets the SLOs at 1.3x the load
     smoothing: float = 0.3  # weight of the newest interval in the running estimates
+    demand_smoothing: float = 0.5  # weight of the newest interval in the demand (arrivals are noisy over seconds)
+    max_total_replicas: int | None = None  # prefill + decode, where both pools share one set of devices
     # Priors until the replicas' own measurements arrive (SmolLM2-135M bf16 on a 2-core CPU).
     prior_prefill_tokens_per_s: float = 2900.0
     prior_decode_step_base_s: float = 0.021
@@ -133,6 +136,8 @@ class Planner:
         )
         self._last: dict[str, ReplicaSignals] = {}  # each replica's previous report
         self._pools = {pool: _PoolState() for pool in POOLS}
+        self._demand: dict[str, float] = {}  # smoothed: prefill prompt tokens/s, decode requests/s
+        self._current: dict[str, int] = {}
         self.prediction: dict[str, float] = {}  # the models' view at the current size, for metrics and logs
 
     def plan(
@@ -144,11 +149,12 @@ class Planner:
         """`signals[pool][replica_id]`: the latest report of each running replica; `current[pool]`: replicas the
         pool has now (some may not have reported yet). Returns a decision per pool."""
         live = {rid for pool in signals.values() for rid in pool}
+        self._current = dict(current)
         rates = {pool: self._rates(signals.get(pool, {})) for pool in POOLS}
         self._update_estimates(rates, signals)
         demands = {
             "prefill": self._prefill_demand(rates["prefill"], signals.get("prefill", {})),
-            "decode": self._decode_demand(rates["decode"], signals.get("decode", {})),
+            "decode": self._decode_demand(rates["decode"], signals.get("decode", {}), rates["prefill"]),
         }
         for pool in POOLS:  # the previous reports are kept only after every rate of this tick used them
             for rid, report in signals.get(pool, {}).items():
@@ -165,7 +171,32 @@ class Planner:
             if demand is not None:
                 self._predict(pool, demand, max(current.get(pool, 1), 1))
             decisions[pool] = self._decide(pool, now_s, current.get(pool, 0), need, demand, blocks)
-        return decisions
+        return self._cap(decisions)
+
+    def _cap(self, decisions: dict[str, PoolDecision]) -> dict[str, PoolDecision]:
+        """With `max_total_replicas`, targets beyond it are split in proportion to what each pool needs (each at
+        least its minimum): a replica moves from the pool with room to spare to the one short of it at once."""
+        cap = self.config.max_total_replicas
+        if cap is None or sum(d.target for d in decisions.values()) <= cap:
+            return decisions
+        floors = {pool: self.config.bounds(pool).min_replicas for pool in POOLS}
+        wants = {pool: max(decisions[pool].needed, floors[pool], 1) for pool in POOLS}
+        room = max(cap - sum(floors.values()), 0)
+        extra = {pool: wants[pool] - floors[pool] for pool in POOLS}
+        total_extra = sum(extra.values()) or 1
+        shares = {pool: room * extra[pool] / total_extra for pool in POOLS}
+        given = {pool: floors[pool] + int(shares[pool]) for pool in POOLS}
+        for pool in sorted(POOLS, key=lambda p: shares[p] - int(shares[p]), reverse=True):
+            if sum(given.values()) < cap and given[pool] < wants[pool]:
+                given[pool] += 1
+        out = {}
+        for pool, d in decisions.items():
+            target = min(d.target, given[pool]) if d.target > given[pool] else d.target
+            if target != d.target:
+                self._pools[pool].target = target
+                d = PoolDecision(pool, d.current, target, d.needed, f"{d.reason}; capped at {target} of {cap} in all")
+            out[pool] = d
+        return out
 
     # ---- measurements ------------------------------------------------------------------------------------
 
@@ -215,18 +246,41 @@ class Planner:
         tokens = max(computed + growth, 0.0)
         if requests > 0 and tokens > 0:
             self.estimates.blend("prompt_tokens", tokens / requests, self.config.smoothing)
-        return PrefillDemand(tokens, self.estimates.prompt_tokens, queued)
+        return PrefillDemand(self._smoothed("prefill", tokens), self.estimates.prompt_tokens, queued)
+
+    def _smoothed(self, name: str, value: float) -> float:
+        w = self.config.demand_smoothing
+        before = self._demand.get(name)
+        self._demand[name] = value if before is None else (1 - w) * before + w * value
+        return self._demand[name]
 
     def _decode_demand(
-        self, rates: dict[str, ReplicaRates], replicas: Mapping[str, ReplicaSignals]
+        self,
+        rates: dict[str, ReplicaRates],
+        replicas: Mapping[str, ReplicaSignals],
+        prefill_rates: dict[str, ReplicaRates],
     ) -> DecodeDemand | None:
+        """Requests reach the decode pool at the larger of its own arrivals and the prefill pool's: every prompt
+        prefilled there streams from here, and while reservations are refused the decode pool counts only those it
+        took (the pools are sized together from one view)."""
         if not rates:
             return None
-        requests = sum(r.requests_per_s for r in rates.values())
+        own = sum(r.requests_per_s for r in rates.values())
+        prefilled = sum(r.requests_per_s for r in prefill_rates.values())
+        requests = self._smoothed("decode", max(own, prefilled))
         running = sum(s.num_running for s in replicas.values())
         waiting = sum(s.num_waiting for s in replicas.values())
+        steps = [(r.step_s, r.busy_fraction) for r in rates.values() if r.step_s is not None]
+        observed = (
+            sum(t * b for t, b in steps) / sum(b for _, b in steps) if steps and any(b for _, b in steps) else None
+        )
         est = self.estimates
-        return DecodeDemand(requests, est.output_tokens, est.blocks_per_seq, running, waiting)
+        return DecodeDemand(
+            requests, est.output_tokens, est.blocks_per_seq, running, waiting,
+            kv_blocks_used=sum(s.kv_blocks_used for s in replicas.values()),
+            kv_refused=any(r.reserves_refused_per_s > 0 for r in rates.values()),
+            observed_step_s=observed,
+        )  # fmt: skip
 
     # ---- the models ----------------------------------------------------------------------------------------
 
@@ -247,14 +301,17 @@ class Planner:
             )
         if demand.requests_per_s <= 0 and demand.num_running <= 0 and demand.num_waiting <= 0:
             return 0, "idle"
-        scaled_d = DecodeDemand(
-            demand.requests_per_s * scale, demand.mean_output_tokens, demand.blocks_per_seq,
-            demand.num_running * scale, demand.num_waiting,
-        )  # fmt: skip
+        scaled_d = dataclasses.replace(
+            demand,
+            requests_per_s=demand.requests_per_s * scale,
+            num_running=demand.num_running * scale,
+            kv_blocks_used=demand.kv_blocks_used * scale,
+        )
         t0, t1 = self.estimates.step_fit.coefficients()
         n, bound = decode_replicas_needed(
-            scaled_d, t0, t1, cfg.tpot_slo_s, blocks or math.inf, cfg.kv_target_usage, cfg.max_seqs_per_replica
-        )
+            scaled_d, t0, t1, cfg.tpot_slo_s, blocks or math.inf, cfg.kv_target_usage, cfg.max_seqs_per_replica,
+            current=self._current.get("decode", 0),
+        )  # fmt: skip
         return n, (
             f"{bound}: {demand.requests_per_s:.2f} req/s x {demand.mean_output_tokens:.0f} tokens, step "
             f"{t0 * 1e3:.1f} + {t1 * 1e3:.2f}/seq ms, {demand.num_running:.0f} running, "

@@ -39,6 +39,7 @@ class ReplicaSignals:
     decode_steps_total: float = 0.0  # steps without a prefill chunk (their time is the pure decode step time)
     decode_step_s_total: float = 0.0
     decode_step_seqs_total: float = 0.0  # sum over those steps of their batch sizes
+    reserves_refused_total: float = 0.0  # KV reservations refused for lack of room (each retry counts)
 
     def as_metrics(self) -> dict[str, float]:
         return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -63,6 +64,8 @@ class ReplicaRates:
     prefill_tokens_per_busy_s: float | None  # compute throughput while busy (None: no prefill work in the interval)
     decode_step_s: float | None  # mean pure-decode step time (None: no pure decode step)
     decode_batch: float | None  # mean batch size of those steps
+    step_s: float | None  # mean time of every step (local prefill chunks included): what a running stream waits
+    reserves_refused_per_s: float = 0.0
 
 
 def rates_between(before: ReplicaSignals, after: ReplicaSignals) -> ReplicaRates | None:
@@ -76,7 +79,7 @@ def rates_between(before: ReplicaSignals, after: ReplicaSignals) -> ReplicaRates
         for name in (
             "prompt_tokens_total", "requests_total", "prefill_tokens_total", "generated_tokens_total",
             "finished_total", "steps_total", "step_s_total", "decode_steps_total", "decode_step_s_total",
-            "decode_step_seqs_total",
+            "decode_step_seqs_total", "reserves_refused_total",
         )
     }  # fmt: skip
     if any(v < 0 for v in deltas.values()):
@@ -99,4 +102,6 @@ def rates_between(before: ReplicaSignals, after: ReplicaSignals) -> ReplicaRates
         ),
         decode_step_s=deltas["decode_step_s_total"] / decode_steps if decode_steps > 0 else None,
         decode_batch=deltas["decode_step_seqs_total"] / decode_steps if decode_steps > 0 else None,
+        step_s=busy / deltas["steps_total"] if deltas["steps_total"] > 0 else None,
+        reserves_refused_per_s=deltas["reserves_refused_total"] / dt,
     )

@@ -148,6 +148,7 @@ class _EngineReplica:
             decode_steps_total=load.decode_steps,
             decode_step_s_total=load.decode_step_s,
             decode_step_seqs_total=load.decode_step_seqs,
+            reserves_refused_total=load.reserves_refused,
         ).as_metrics()
 
     async def router_sync(self, cursors: dict[str, SyncCursor]) -> ReplicaSync:

@@ -112,6 +112,7 @@ class _Counters:
     decode_steps_total: int = 0
     decode_step_s_total: float = 0.0
     decode_step_seqs_total: int = 0
+    reserves_refused_total: int = 0  # failed tries of the first waiting reserve (the real ingress retries too)
 
 
 class _Replica:
@@ -290,6 +291,8 @@ class DecodeReplica(_Replica):
     def _admit_reserves(self) -> None:
         while self.waiting_reserves and self._try_reserve(self.waiting_reserves[0]):
             self.on_reserved(self.waiting_reserves.popleft())
+        if self.waiting_reserves:
+            self.counters.reserves_refused_total += 1
 
     def _try_reserve(self, req: SimRequest) -> bool:
         seq = self._sequence(req)
