@@ -430,7 +430,7 @@ def plot(size: Size, path: Path) -> None:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64], help="cluster sizes (max replicas)")
-    p.add_argument("--day-s", type=float, default=480.0, help="seconds a 24-hour day lasts (86400: real time)")
+    p.add_argument("--day-s", type=float, default=1920.0, help="seconds a 24-hour day lasts (86400: real time)")
     p.add_argument("--load", type=float, default=1.0, help="peak rate as a multiple of what the size sustains")
     p.add_argument("--preset", choices=sorted(PRESETS), default="emulated", help="replica model")
     p.add_argument("--ttft-slo-s", type=float, default=2.0)

@@ -130,28 +130,35 @@ def test_simulation_agrees_with_the_exact_mmn_p90(n: int, utilization: float) ->
     assert simulate_mmn_p90(n, utilization, 100_000, seed=n) == pytest.approx(exact_mmn_p90(n, utilization), rel=0.06)
 
 
-@pytest.mark.parametrize(("n", "utilization"), [(1, 0.7), (1, 0.8), (2, 0.8), (3, 0.85), (4, 0.9), (16, 0.8)])
-def test_prefill_p90_matches_simulation(n: int, utilization: float) -> None:
-    """The model is the exact M/M/n sojourn p90 (wait + exponential service): within 6% of a 200k-arrival simulation;
-    a wait p90 without its 1/(n - a) (0.28-0.53 of the simulation where waits dominate) fails the same check."""
+@pytest.mark.parametrize(("n", "utilization"), [(1, 0.7), (1, 0.8), (2, 0.8), (3, 0.85), (4, 0.9)])
+def test_prefill_p90_matches_simulation_where_waits_dominate(n: int, utilization: float) -> None:
+    """Where n - a <= 0.6 the model is 0.95-0.99 of the exact p90 and 0.91-1.03 of a 200k-arrival simulation over
+    seeds; the tolerance [0.88, 1.05] fails a wait p90 without its 1/(n - a) (0.28-0.53 of the simulation here)."""
     simulated = simulate_mmn_p90(n, utilization, 200_000, seed=10 * n + 1)
-    assert model_p90(n, utilization) == pytest.approx(simulated, rel=0.06)
-    if n <= 4:
-        a = utilization * n
-        no_n_minus_a = SERVICE_S * (1 + math.log(erlang_c(n, a) / 0.1))
-        assert no_n_minus_a / simulated < 0.94
+    assert 0.88 <= model_p90(n, utilization) / simulated <= 1.05
+    a = utilization * n
+    no_n_minus_a = SERVICE_S * (1 + math.log(erlang_c(n, a) / 0.1))
+    assert not 0.88 <= no_n_minus_a / simulated <= 1.05
 
 
-def test_prefill_p90_equals_the_closed_form_on_a_grid() -> None:
-    for n in (1, 2, 3, 4, 8, 16, 32, 64):
-        for u in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95):
-            assert model_p90(n, u) == pytest.approx(exact_mmn_p90(n, u), rel=1e-6), (n, u)
+def test_prefill_p90_never_over_predicts_and_under_predicts_by_about_ln10() -> None:
+    """Against the exact sojourn p90 on a grid: the model adds the mean service, not its spread, so it is low by about
+    a factor ln(10) = 2.30 when waits are rare (model -> S, truth -> ln(10) S); worst 0.424 (n=3, 30%: C = 0.07 < 0.1,
+    so the model's wait p90 is 0 while a few waits still lift the true p90). Deliberate: replicas change the wait,
+    not the spread of prompt lengths (docs/AUTOSCALING.md)."""
+    ratios = [
+        model_p90(n, u) / exact_mmn_p90(n, u)
+        for n in (1, 2, 3, 4, 8, 16, 32, 64)
+        for u in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
+    ]
+    assert max(ratios) <= 1 + 1e-9
+    assert min(ratios) >= 0.42
 
 
 def test_prefill_p90_is_infinite_at_or_past_capacity() -> None:
     assert model_p90(4, 1.0) == math.inf
-    demand = PrefillDemand(0.0, PROMPT_TOKENS, 0.0)  # no load: the p90 of one exponential service, ln(10) S
-    assert prefill_ttft_p90(1, demand, TOKENS_PER_S, overhead_s=0.05) == pytest.approx(0.05 + math.log(10) * 0.5)
+    demand = PrefillDemand(0.0, PROMPT_TOKENS, 0.0)
+    assert prefill_ttft_p90(1, demand, TOKENS_PER_S, overhead_s=0.05) == pytest.approx(0.55)
 
 
 def meets(n: int, d: PrefillDemand, slo_s: float, max_util: float, recovery_s: float, ttft: bool = True) -> bool:
@@ -170,7 +177,7 @@ def test_prefill_replicas_needed_is_the_fewest_meeting_every_bound() -> None:
     whys = set()
     for _ in range(300):
         slo_s = rng.uniform(0.3, 3.0)
-        prompt = rng.uniform(10, (slo_s - 0.06) * TOKENS_PER_S)
+        prompt = rng.uniform(10, 1.3 * slo_s * TOKENS_PER_S)  # sometimes one prompt's compute alone misses the SLO
         d = PrefillDemand(rng.uniform(0, 50_000), prompt, rng.choice([0.0, rng.uniform(0, 500_000)]))
         max_util, recovery_s = rng.uniform(0.5, 0.95), rng.uniform(5, 60)
         n, why = prefill_replicas_needed(d, TOKENS_PER_S, slo_s, max_util, recovery_s, 0.05)
@@ -670,11 +677,13 @@ def test_decode_kv_refused_alone_asks_for_one_more_replica() -> None:
     assert decode_replicas_needed(demand, 0.02, 0.001, 0.1, 1000.0, 0.8, 64, current=3) == (4, "kv-refused")
 
 
-def test_decode_resident_sequences_bound_when_arrivals_undercount() -> None:
-    """600 sequences running and a measured arrival rate near zero (under overload only what got in is counted):
-    t1 R / (slo - t0) = 0.001 * 600 / 0.079 = 7.6 -> 8 replicas."""
+def test_decode_resident_sequences_add_one_replica_at_a_time() -> None:
+    """600 sequences running and a measured arrival rate near zero: t1 R / (slo - t0) = 0.001 * 600 / 0.079 = 7.6
+    replicas would serve them in time, more than the 2 there: one more (under overload residents pile up because
+    TPOT is slow, and sizing for all of them over-asks: the simulator starved the prefill pool under a shared cap)."""
     demand = DecodeDemand(0.01, 100.0, 1.0, 600.0, 0.0)
-    assert decode_replicas_needed(demand, 0.021, 0.001, 0.1, 1e6, 0.8, 1024, current=2) == (8, "resident")
+    assert decode_replicas_needed(demand, 0.021, 0.001, 0.1, 1e6, 0.8, 1024, current=2) == (3, "resident")
+    assert decode_replicas_needed(demand, 0.021, 0.001, 0.1, 1e6, 0.8, 1024, current=8)[1] != "resident"
 
 
 def test_decode_observed_step_time_raises_the_base() -> None:

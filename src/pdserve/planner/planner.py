@@ -244,8 +244,9 @@ class Planner:
             if rid in rates and before is not None:
                 growth += (now.queued_prefill_tokens - before.queued_prefill_tokens) / rates[rid].seconds
         tokens = max(computed + growth, 0.0)
-        if requests > 0 and tokens > 0:
-            self.estimates.blend("prompt_tokens", tokens / requests, self.config.smoothing)
+        arrived = sum(r.prompt_tokens_per_s for r in rates.values())
+        if requests > 0 and arrived > 0:  # arrivals, cache hits included: a backlog's growth is not a longer prompt
+            self.estimates.blend("prompt_tokens", arrived / requests, self.config.smoothing)
         return PrefillDemand(self._smoothed("prefill", tokens), self.estimates.prompt_tokens, queued)
 
     def _smoothed(self, name: str, value: float) -> float:
