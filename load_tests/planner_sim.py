@@ -27,9 +27,9 @@ judged at the SLOs above), and the planner and the best fixed split on a day 4x 
 
 Compression: simulating 24 h at 64 replicas takes hours on 2 cores, so `--day-s` compresses the day (the load changes
 that much faster) while replica start-up (`--startup-s`), the planner's cool-downs and Serve's delays stay in real
-seconds. At the default --day-s 480 an "hour" lasts 20 s: a replica starts in 3 "hours", the planner scales a pool
-down at most once per 3 "hours", and Serve's downscale delay (600 s) is longer than the day. That makes every
-autoscaler's job much harder than on a real day, where load changes over hours (fixed pools are unaffected); the
+seconds. At the default --day-s 1920 an "hour" lasts 80 s: a replica starts in 3/4 of an "hour", the planner scales a
+pool down at most once per 3/4 "hour", and Serve's downscale delay (600 s) lasts 7.5 "hours". That makes every
+autoscaler's job harder than on a real day, where load changes over hours (fixed pools are unaffected); the
 4x-longer-day extra shows how much. --day-s 86400 is a real day.
 
 Writes to --out: summary.md (the tables), results.json (every run: totals and timeline) and one timeline PNG per size
