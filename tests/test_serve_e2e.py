@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -301,7 +302,11 @@ def test_replicas_run_level_with_ordinary_processes(apps) -> None:  # type: igno
         p for p in psutil.process_iter(["cmdline"])
         if any(f"ServeReplica:{app}:" in arg for arg in p.info["cmdline"] or [] for app in ("disagg", "colocated"))
     ]  # fmt: skip
-    roles = {arg.rsplit(":", 1)[-1] for p in replicas for arg in p.info["cmdline"] if "ServeReplica:" in arg}
+    # Ray retitles a worker while it runs a call ("ray::ServeReplica:disagg:DecodeServer.router_sync()"): the role is
+    # the word after the app's name.
+    roles = {
+        m.group(1) for p in replicas for arg in p.info["cmdline"] if (m := re.search(r"ServeReplica:\w+:(\w+)", arg))
+    }
     assert {"Ingress", "PrefillServer", "DecodeServer", "EngineServer"} <= roles
     for p in replicas:
         assert {t.id: os.getpriority(os.PRIO_PROCESS, t.id) for t in p.threads()} == {t.id: 0 for t in p.threads()}
