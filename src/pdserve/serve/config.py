@@ -75,7 +75,7 @@ class AutoscalingSettings(BaseModel):
     max_utilization: float = Field(
         0.8, gt=0, lt=1, description="prefill compute is planned busy at most this share of the time"
     )
-    recovery_s: float = Field(30.0, gt=0, description="a queued prefill backlog is planned to drain within this")
+    recovery_s: float = Field(10.0, gt=0, description="a queued prefill backlog is planned to drain within this")
     kv_target_usage: float = Field(0.8, gt=0, le=1, description="decode KV caches are planned full at most to this")
     upscale_cooldown_s: float = Field(10.0, ge=0, description="at most one scale-up of a pool per this")
     downscale_cooldown_s: float = Field(60.0, ge=0, description="no scale-down of a pool sooner than this after any")
