@@ -194,26 +194,12 @@ class LLMEngine:
         sinks = [(c.seq.layer_sink, c.seq) for c in batch.chunks if c.seq.layer_sink is not None and c.is_last]
         start = time.perf_counter()
         sampled = self.runner.run(batch, partial(_notify, sinks) if sinks else None)
-        prompt_tokens = sum(
-            min(c.num_new_tokens, c.seq.num_prompt_tokens - c.seq.num_computed_tokens)
-            for c in batch.chunks
-            if c.seq.num_computed_tokens < c.seq.num_prompt_tokens
-        )
+        prompt_tokens = batch.num_prompt_tokens
         if self.config.emulated_step is not None:  # CPU demonstrations: the step lasts as long as a modeled device's
             modeled = self.config.emulated_step.seconds(prompt_tokens, len(batch.chunks))
             time.sleep(max(0.0, start + modeled - time.perf_counter()))
-        self._count_step(batch, prompt_tokens, time.perf_counter() - start)
+        self.load.count_step(prompt_tokens, len(batch.chunks), time.perf_counter() - start)
         return self._postprocess(batch, sampled)
-
-    def _count_step(self, batch: SchedulerOutput, prompt_tokens: int, seconds: float) -> None:
-        load = self.load
-        load.steps += 1
-        load.step_s += seconds
-        load.prefill_tokens += prompt_tokens
-        if prompt_tokens == 0:
-            load.decode_steps += 1
-            load.decode_step_s += seconds
-            load.decode_step_seqs += len(batch.chunks)
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.running or self.scheduler.waiting)

@@ -173,6 +173,16 @@ class LoadCounters:
     decode_step_seqs: int = 0  # sum of those steps' batch sizes
     reserves_refused: int = 0  # KV reservations refused for lack of room
 
+    def count_step(self, prompt_tokens: int, batch_size: int, seconds: float) -> None:
+        """One model step of `batch_size` sequences that computed `prompt_tokens` prompt tokens in `seconds`."""
+        self.steps += 1
+        self.step_s += seconds
+        self.prefill_tokens += prompt_tokens
+        if prompt_tokens == 0:
+            self.decode_steps += 1
+            self.decode_step_s += seconds
+            self.decode_step_seqs += batch_size
+
     def copy(self) -> LoadCounters:
         return dataclasses.replace(self)
 

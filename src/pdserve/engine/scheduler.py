@@ -21,6 +21,11 @@ class ScheduledChunk:
         """The chunk reaches the end of the known tokens: its last row samples the next token."""
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Of its tokens, those of the prompt (a recomputed output token is not one)."""
+        return max(0, min(self.num_new_tokens, self.seq.num_prompt_tokens - self.seq.num_computed_tokens))
+
 
 @dataclass(frozen=True)
 class SchedulerOutput:
@@ -30,6 +35,10 @@ class SchedulerOutput:
     @property
     def num_tokens(self) -> int:
         return sum(c.num_new_tokens for c in self.chunks)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(c.num_prompt_tokens for c in self.chunks)
 
 
 class Scheduler:

@@ -14,6 +14,24 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
+
+
+class LoadCounters(Protocol):
+    """The engine's counters since start (`pdserve.engine.request.LoadCounters`, which the simulator's modeled
+    replicas count too); a protocol so that the planner imports no engine code."""
+
+    requests: int
+    prompt_tokens: int
+    prefill_tokens: int
+    generated_tokens: int
+    finished: int
+    steps: int
+    step_s: float
+    decode_steps: int
+    decode_step_s: float
+    decode_step_seqs: int
+    reserves_refused: int
 
 
 @dataclass(frozen=True)
@@ -40,6 +58,21 @@ class ReplicaSignals:
     decode_step_s_total: float = 0.0
     decode_step_seqs_total: float = 0.0  # sum over those steps of their batch sizes
     reserves_refused_total: float = 0.0  # KV reservations refused for lack of room (each retry counts)
+
+    @classmethod
+    def from_counters(
+        cls, time_s: float, load: LoadCounters, *, queued_prefill_tokens: float, num_running: float,
+        num_waiting: float, kv_blocks_total: float, kv_blocks_used: float, kv_blocks_reserved: float,
+    ) -> ReplicaSignals:  # fmt: skip
+        """A replica's report: its gauges now and its engine's counters."""
+        return cls(
+            time_s, queued_prefill_tokens, num_running, num_waiting, kv_blocks_total, kv_blocks_used,
+            kv_blocks_reserved, prompt_tokens_total=load.prompt_tokens, requests_total=load.requests,
+            prefill_tokens_total=load.prefill_tokens, generated_tokens_total=load.generated_tokens,
+            finished_total=load.finished, steps_total=load.steps, step_s_total=load.step_s,
+            decode_steps_total=load.decode_steps, decode_step_s_total=load.decode_step_s,
+            decode_step_seqs_total=load.decode_step_seqs, reserves_refused_total=load.reserves_refused,
+        )  # fmt: skip
 
     def as_metrics(self) -> dict[str, float]:
         return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -130,26 +130,11 @@ class _EngineReplica:
         (serve/autoscaling.py). Counters since start and gauges; the time is this process's monotonic clock."""
         s = await self.engine.stats()
         load = s.load or LoadCounters()
-        return ReplicaSignals(
-            time_s=time.monotonic(),
-            queued_prefill_tokens=s.queued_prefill_tokens,
-            num_running=s.num_running,
-            num_waiting=s.num_waiting,
-            kv_blocks_total=s.num_blocks,
-            kv_blocks_used=s.num_used_blocks,
+        return ReplicaSignals.from_counters(
+            time.monotonic(), load, queued_prefill_tokens=s.queued_prefill_tokens, num_running=s.num_running,
+            num_waiting=s.num_waiting, kv_blocks_total=s.num_blocks, kv_blocks_used=s.num_used_blocks,
             kv_blocks_reserved=s.num_reserved_blocks,
-            prompt_tokens_total=load.prompt_tokens,
-            requests_total=load.requests,
-            prefill_tokens_total=load.prefill_tokens,
-            generated_tokens_total=load.generated_tokens,
-            finished_total=load.finished,
-            steps_total=load.steps,
-            step_s_total=load.step_s,
-            decode_steps_total=load.decode_steps,
-            decode_step_s_total=load.decode_step_s,
-            decode_step_seqs_total=load.decode_step_seqs,
-            reserves_refused_total=load.reserves_refused,
-        ).as_metrics()
+        ).as_metrics()  # fmt: skip
 
     async def router_sync(self, cursors: dict[str, SyncCursor]) -> ReplicaSync:
         """The ingress router's periodic pull: this replica's load and its KV events after its cursor."""

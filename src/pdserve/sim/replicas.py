@@ -14,7 +14,6 @@ sequence joins the running batch: `Scheduler.add_running`), or prefills a local 
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import zlib
 from collections import deque
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 
 from pdserve.config import SchedulerConfig
 from pdserve.engine.block_manager import BlockManager
-from pdserve.engine.request import EngineRequest, SamplingParams
+from pdserve.engine.request import EngineRequest, LoadCounters, SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.sequence import Sequence, SequenceStatus
 from pdserve.kvcache import BlockHash, BlockPool
@@ -98,23 +97,6 @@ class SimRequest:
         return 100 + (self.token_seed + 7919 * index) % 49_000
 
 
-@dataclass
-class _Counters:
-    """ReplicaSignals' counters since the replica started."""
-
-    prompt_tokens_total: int = 0
-    requests_total: int = 0
-    prefill_tokens_total: int = 0
-    generated_tokens_total: int = 0
-    finished_total: int = 0
-    steps_total: int = 0
-    step_s_total: float = 0.0
-    decode_steps_total: int = 0
-    decode_step_s_total: float = 0.0
-    decode_step_seqs_total: int = 0
-    reserves_refused_total: int = 0  # failed tries of the first waiting reserve (the real ingress retries too)
-
-
 class _Replica:
     role = ""
 
@@ -127,7 +109,7 @@ class _Replica:
         self.scheduler = Scheduler(model.scheduler, self.blocks)
         self.requests: dict[str, SimRequest] = {}  # every request with a sequence here
         self.seqs: dict[str, Sequence] = {}
-        self.counters = _Counters()
+        self.counters = LoadCounters()  # as the engine counts them
         self.num_ongoing = 0  # routed here and not done here (the simulation counts): Serve's "ongoing requests"
         self.is_stepping = False
         self._arrivals = itertools.count()
@@ -145,10 +127,11 @@ class _Replica:
     def signals(self, now_s: float) -> ReplicaSignals:
         s = self.scheduler
         queued = sum(max(q.num_prompt_tokens - q.num_computed_tokens, 0) for q in (*s.waiting, *s.running))
-        return ReplicaSignals(
-            now_s, queued, len(s.running), len(s.waiting), self.model.num_blocks,
-            self.model.num_blocks - self.pool.num_free_blocks, self._num_reserved_blocks(),
-            **dataclasses.asdict(self.counters),
+        return ReplicaSignals.from_counters(
+            now_s, self.counters, queued_prefill_tokens=queued, num_running=len(s.running),
+            num_waiting=len(s.waiting), kv_blocks_total=self.model.num_blocks,
+            kv_blocks_used=self.model.num_blocks - self.pool.num_free_blocks,
+            kv_blocks_reserved=self._num_reserved_blocks(),
         )  # fmt: skip
 
     def _num_reserved_blocks(self) -> int:
@@ -161,8 +144,8 @@ class _Replica:
 
     def _accept(self, req: SimRequest, seq: Sequence) -> None:
         self.requests[seq.request_id], self.seqs[seq.request_id] = req, seq
-        self.counters.requests_total += 1
-        self.counters.prompt_tokens_total += seq.num_prompt_tokens
+        self.counters.requests += 1
+        self.counters.prompt_tokens += seq.num_prompt_tokens
 
     def _append_token(self, req: SimRequest, seq: Sequence) -> int:
         """Append the next output token; returns the number of output tokens now."""
@@ -195,10 +178,8 @@ class _Replica:
                 num_decode += 1  # the KV of the newest output token
             else:
                 num_compute += c.num_new_tokens  # a prompt's chunk, or a preempted sequence's recompute
-            if seq.num_computed_tokens < seq.num_prompt_tokens:  # counted as LLMEngine.step counts them
-                prompt = min(c.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens)
-                self.requests[seq.request_id].num_prefill_tokens += prompt
-                num_prompt += prompt
+            self.requests[seq.request_id].num_prefill_tokens += c.num_prompt_tokens
+            num_prompt += c.num_prompt_tokens
         step_s = self.model.step_s(num_compute, num_decode)
         self.is_stepping = True
         self.queue.after(step_s, lambda: self._end_step(batch, step_s, num_prompt))
@@ -206,21 +187,14 @@ class _Replica:
     def _end_step(self, batch: SchedulerOutput, step_s: float, num_prompt: int) -> None:
         """LLMEngine._postprocess, the model's samples replaced by `SimRequest.output_token_id`."""
         self.is_stepping = False
-        c = self.counters  # as LLMEngine._count_step
-        c.steps_total += 1
-        c.step_s_total += step_s
-        c.prefill_tokens_total += num_prompt
-        if num_prompt == 0:
-            c.decode_steps_total += 1
-            c.decode_step_s_total += step_s
-            c.decode_step_seqs_total += len(batch.chunks)
+        self.counters.count_step(num_prompt, len(batch.chunks), step_s)
         for chunk in batch.chunks:
             is_last = chunk.is_last  # read before num_computed_tokens moves
             seq = chunk.seq
             seq.num_computed_tokens += chunk.num_new_tokens
             self.blocks.register_computed(seq)
             if is_last:
-                c.generated_tokens_total += 1
+                self.counters.generated_tokens += 1
                 req = self.requests[seq.request_id]
                 self._sampled(req, seq, self._append_token(req, seq))
         self._kick()
@@ -292,7 +266,7 @@ class DecodeReplica(_Replica):
         while self.waiting_reserves and self._try_reserve(self.waiting_reserves[0]):
             self.on_reserved(self.waiting_reserves.popleft())
         if self.waiting_reserves:
-            self.counters.reserves_refused_total += 1
+            self.counters.reserves_refused += 1
 
     def _try_reserve(self, req: SimRequest) -> bool:
         seq = self._sequence(req)
@@ -342,5 +316,5 @@ class DecodeReplica(_Replica):
             self.on_first_token(req)
         if num_output_tokens >= req.trace.output_len:
             self._drop(seq)
-            self.counters.finished_total += 1
+            self.counters.finished += 1
             self.on_finish(req)
