@@ -471,8 +471,19 @@ def test_decode_scales_up_for_a_high_request_rate() -> None:
     cluster.run(10.0, 1000.0, 1.0)
     assert cluster.changes("decode") == []
     decision = cluster.step(1000.0, 20.0)["decode"]
-    assert decision.target == 4  # 0.001 * 20 * 128 / (1 - 0.21) = 3.24
+    assert decision.target == 4  # planned for 0.7 x the SLO: 0.001 * 20 * 128 / (1 - 0.021 / 0.07) = 3.66
     assert decision.reason.startswith("scale up 1 -> 4: tpot")
+
+
+@pytest.mark.parametrize(("tpot_target", "expected"), [(1.0, 5), (0.7, 6)])
+def test_decode_is_planned_for_a_share_of_the_tpot_slo(tpot_target: float, expected: int) -> None:
+    """Streams vary around the mean TPOT the formula gives: the pool is planned for tpot_target x the SLO."""
+    cluster = FakeCluster(config(tpot_target=tpot_target, max_seqs_per_replica=1000))
+    cluster.run(10.0, 1000.0, 1.0)
+    decision = cluster.step(1000.0, 30.0)["decode"]
+    assert decision.target == expected  # 0.001 * 30 * 128 = 3.84 / (1 - 0.21) = 4.86; / (1 - 0.3) = 5.49
+    tpot = decode_tpot(expected, decode_demand(30.0), 0.021, 0.001)
+    assert tpot <= tpot_target * 0.1 < decode_tpot(expected - 1, decode_demand(30.0), 0.021, 0.001)
 
 
 def test_scale_down_one_at_a_time_after_stable_lower_need_down_to_min() -> None:

@@ -59,6 +59,7 @@ class PlannerConfig:
     max_utilization: float = 0.8  # prefill compute planned busy at most this share of the time
     recovery_s: float = 10.0  # a queued prefill backlog must drain within this
     kv_target_usage: float = 0.8  # decode KV planned full at most to this share
+    tpot_target: float = 0.7  # decode planned for a mean TPOT of at most this share of the SLO (streams vary)
     max_seqs_per_replica: int = 64  # the engine's max_num_seqs
     ttft_overhead_s: float = 0.05  # routing, reservation, transfer and hops on top of the prompt's compute
     upscale_cooldown_s: float = 10.0
@@ -86,8 +87,8 @@ class PlannerConfig:
                 raise ValueError(f"{pool}: need 0 <= min_replicas <= max_replicas, got {b}")
         if self.ttft_slo_s <= 0 or self.tpot_slo_s <= 0:
             raise ValueError("SLOs must be positive")
-        if not 0 < self.max_utilization < 1 or not 0 < self.kv_target_usage <= 1:
-            raise ValueError("max_utilization must be in (0, 1) and kv_target_usage in (0, 1]")
+        if not 0 < self.max_utilization < 1 or not 0 < self.kv_target_usage <= 1 or not 0 < self.tpot_target <= 1:
+            raise ValueError("max_utilization must be in (0, 1), kv_target_usage and tpot_target in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -310,7 +311,7 @@ class Planner:
         )
         t0, t1 = self.estimates.step_fit.coefficients()
         n, bound = decode_replicas_needed(
-            scaled_d, t0, t1, cfg.tpot_slo_s, blocks or math.inf, cfg.kv_target_usage, cfg.max_seqs_per_replica,
+            scaled_d, t0, t1, cfg.tpot_slo_s * cfg.tpot_target, blocks or math.inf, cfg.kv_target_usage, cfg.max_seqs_per_replica,
             current=self._current.get("decode", 0),
         )  # fmt: skip
         return n, (

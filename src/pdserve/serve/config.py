@@ -77,6 +77,9 @@ class AutoscalingSettings(BaseModel):
     )
     recovery_s: float = Field(10.0, gt=0, description="a queued prefill backlog is planned to drain within this")
     kv_target_usage: float = Field(0.8, gt=0, le=1, description="decode KV caches are planned full at most to this")
+    tpot_target: float = Field(
+        0.7, gt=0, le=1, description="the decode pool is planned for a mean TPOT of at most this share of tpot_slo_s"
+    )
     upscale_cooldown_s: float = Field(10.0, ge=0, description="at most one scale-up of a pool per this")
     downscale_cooldown_s: float = Field(60.0, ge=0, description="no scale-down of a pool sooner than this after any")
     downscale_stable_s: float = Field(
