@@ -264,10 +264,11 @@ def best_fixed(
     def best_run() -> Run:
         return max(done.values(), key=lambda r: (r.goodput_per_replica_hour, -r.prefill - r.decode))
 
-    def evaluate(splits: Iterable[tuple[int, int]]) -> None:
+    def evaluate(splits: Iterable[tuple[int, int]], limit: int | None = None) -> None:
+        """Simulate the splits that are valid, new and could beat the best at all; at most `limit` of them."""
         bar = best_run().goodput_per_replica_hour if done else 0.0
         todo = [s for s in dict.fromkeys(splits) if s in valid and s not in done]
-        todo = [s for s in todo if len(_TRACE) / (sum(s) * hours_floor) > bar]  # could beat the best at all
+        todo = [s for s in todo if len(_TRACE) / (sum(s) * hours_floor) > bar][:limit]
         for run in runner.map([Task("fixed", p, d) for p, d in todo]):
             done[(run.prefill, run.decode)] = run
 
@@ -278,8 +279,10 @@ def best_fixed(
     current, step = start, max(1, size // 16)
     while step >= 1 and len(done) < max_runs:
         p, d = current
-        evaluate([(p + step, d), (p - step, d), (p, d + step), (p, d - step), (p + step, d - step),
-                  (p - step, d + step)][: max_runs - len(done)])  # fmt: skip
+        # Moving replicas between the pools first (at the cluster's size they are the only moves that keep it),
+        # then smaller pools, then larger ones; the budget counts only splits actually simulated.
+        moves = [(p + step, d - step), (p - step, d + step), (p - step, d), (p, d - step), (p + step, d), (p, d + step)]
+        evaluate(moves, max_runs - len(done))
         best = best_run()
         if (best.prefill, best.decode) != current:
             current = (best.prefill, best.decode)
