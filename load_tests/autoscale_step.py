@@ -2,6 +2,14 @@
 
     python load_tests/autoscale_step.py --out load_tests/results/DATE-autoscale        # the must-show, ~11 min
     python load_tests/autoscale_step.py --quick                                        # ~2 min, smaller steps
+    python load_tests/autoscale_step.py --quick --fake-nodes --out DIR                 # + the Ray autoscaler's nodes
+
+With `--fake-nodes` the cluster is Ray's local autoscaling cluster (`ray.cluster_utils.AutoscalingCluster`, the
+fake multi-node provider Ray tests its autoscaler with): a head for the ingress and two node types, one per pool,
+each node offering one `prefill_pool` or `decode_pool` unit, and every engine replica asking for one unit of its
+pool's (as deploy/gpu-autoscale.yaml does with GPU nodes). The planner's targets then go through Serve to pending
+replicas, and the Ray autoscaler starts a node of the right type for each and stops nodes left idle: the timeline
+adds the nodes of each type.
 
 pdserve starts disaggregated with one prefill and one decode replica and the planner on (`autoscaling.enabled`), and
 open-loop Poisson traffic runs through HTTP in phases:
@@ -88,7 +96,20 @@ def specs_for(plan: list[Phase], seed: int, vocab: int = 256) -> list[Spec]:
     return specs
 
 
-async def sample(root: str, until: asyncio.Event, every_s: float, start: float) -> list[dict[str, Any]]:
+def pool_nodes() -> dict[str, int]:
+    """Alive Ray nodes per pool (the autoscaler's fake nodes offer `prefill_pool` or `decode_pool`)."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return {f"{pool}_nodes": sum(f"{pool}_pool" in n.get("Resources", {}) for n in alive) for pool in POOLS}
+
+
+POOLS = ("prefill", "decode")
+
+
+async def sample(
+    root: str, until: asyncio.Event, every_s: float, start: float, nodes: Any = None
+) -> list[dict[str, Any]]:
     from prometheus_client.parser import text_string_to_metric_families
 
     out: list[dict[str, Any]] = []
@@ -106,6 +127,8 @@ async def sample(root: str, until: asyncio.Event, every_s: float, start: float) 
                         elif s.name == "pdserve_kv_blocks_total" and s.labels.get("role") in replicas:
                             replicas[s.labels["role"]].add(s.labels["replica"])
                 row.update({f"{role}_live": len(ids) for role, ids in replicas.items()})
+                if nodes is not None:
+                    row.update(nodes())
                 out.append(row)
             except httpx.HTTPError as e:
                 row["error"] = repr(e)
@@ -115,11 +138,14 @@ async def sample(root: str, until: asyncio.Event, every_s: float, start: float) 
     return out
 
 
-async def drive(url: str, specs: list[Spec], every_s: float) -> tuple[list[Record], list[dict[str, Any]]]:
+async def drive(
+    url: str, specs: list[Spec], every_s: float, nodes: Any = None, tail_s: float = 0.0
+) -> tuple[list[Record], list[dict[str, Any]]]:
     done = asyncio.Event()
     start = time.perf_counter()
-    sampler = asyncio.create_task(sample(url.removesuffix("/v1"), done, every_s, start))
+    sampler = asyncio.create_task(sample(url.removesuffix("/v1"), done, every_s, start, nodes))
     records, _ = await run(url, "m", specs)
+    await asyncio.sleep(tail_s)  # keep sampling: nodes leave after the autoscaler's idle timeout
     done.set()
     return records, await sampler
 
@@ -128,7 +154,7 @@ def scaling_events(samples: list[dict[str, Any]]) -> list[str]:
     events, last = [], {}
     for row in samples:
         for pool in ("prefill", "decode"):
-            for key in ("target", "live"):
+            for key in ("target", "live", "nodes"):
                 value = row.get(f"{pool}_{key}")
                 name = f"{pool}_{key}"
                 if value is not None and last.get(name) != value:
@@ -215,6 +241,9 @@ def plot(out: Path, plan: list[Phase], specs: list[Spec], records: list[Record],
         ax.plot(ts, [row.get(f"{pool}_live", 0) for row in samples], color=color, label=f"{pool} replicas")
         ax.plot(ts, [row.get(f"{pool}_target", float("nan")) for row in samples], color=color, ls="--",
                 label=f"{pool} target")  # fmt: skip
+        if any(f"{pool}_nodes" in row for row in samples):
+            ax.plot(ts, [row.get(f"{pool}_nodes", float("nan")) for row in samples], color=color, ls=":",
+                    label=f"{pool} nodes (Ray autoscaler)")  # fmt: skip
     ax.set_ylabel("replicas")
     ax.legend(loc="upper right", fontsize=8)
     ax = axes[2]
@@ -247,12 +276,15 @@ def plot(out: Path, plan: list[Phase], specs: list[Spec], records: list[Record],
 def config_for(model: str, args: Any) -> Any:
     from pdserve.serve.config import ServeConfig
 
-    engine_pool = {"num_threads": 1, "ray_actor_options": {"num_cpus": 0}}
+    def engine_pool(pool: str) -> dict[str, Any]:
+        resources = {"resources": {f"{pool}_pool": 1}} if args.fake_nodes else {}
+        return {"num_threads": 1, "ray_actor_options": {"num_cpus": 0, **resources}}
+
     return ServeConfig.model_validate({
         "model": model, "served_model_names": ["m"], "dtype": "float32", "tracing_env": {},
         "num_kv_blocks": 2048, "max_num_batched_tokens": 512, "emulated_step": EMULATED,
-        "prefill": {**engine_pool, "num_replicas": 1, "min_replicas": 1, "max_replicas": args.max_prefill},
-        "decode": {**engine_pool, "num_replicas": 1, "min_replicas": 1, "max_replicas": args.max_decode},
+        "prefill": {**engine_pool("prefill"), "num_replicas": 1, "min_replicas": 1, "max_replicas": args.max_prefill},
+        "decode": {**engine_pool("decode"), "num_replicas": 1, "min_replicas": 1, "max_replicas": args.max_decode},
         "router": {"prefill_tokens_per_s": 2000.0, "decode_step_per_seq_s": 0.003, "local_prefill_max_tokens": 0},
         "autoscaling": {
             "enabled": True, "ttft_slo_s": args.ttft_slo_s, "tpot_slo_s": args.tpot_slo_s, "interval_s": 2.0,
@@ -273,6 +305,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--downscale-s", type=float, default=30.0, help="downscale stable time and cool-down")
     p.add_argument("--sample-s", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fake-nodes", action="store_true", help="on Ray's local autoscaling cluster: a node per replica")
+    p.add_argument("--idle-timeout-s", type=float, default=20.0, help="--fake-nodes: the autoscaler's idle timeout")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from ray.serve.context import _get_global_client
@@ -288,13 +322,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     specs = specs_for(plan, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    with ray_serve(port):
+    with fake_cluster(port, args) if args.fake_nodes else ray_serve(port):
         client = _get_global_client()
         app = deploy_application(config, name="autoscale", route_prefix="/")
         client.deploy_apps(ServeDeploySchema(applications=[app]), _blocking=True)
         url = f"http://127.0.0.1:{port}/v1"
-        _wait_ready(url)
-        records, samples = asyncio.run(drive(url, specs, args.sample_s))
+        _wait_ready(url, 300.0 if args.fake_nodes else 120.0)
+        nodes, tail_s = (pool_nodes, args.downscale_s * 2 + args.idle_timeout_s + 30) if args.fake_nodes else (None, 0)
+        records, samples = asyncio.run(drive(url, specs, args.sample_s, nodes, tail_s))
     text = summarize(plan, specs, records, samples, args)
     (args.out / "summary.md").write_text(text)
     (args.out / "timeline.json").write_text(json.dumps({
@@ -307,6 +342,53 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"wrote {args.out / 'summary.md'}, {args.out / 'timeline.json'}" + (f", {path}" if path else ""))
     failed = sum(r.status != 200 or r.output_tokens != s.max_tokens for s, r in zip(specs, records, strict=True))
     return {"failed": failed, "samples": samples, "records": records, "specs": specs}
+
+
+@contextlib.contextmanager
+def fake_cluster(port: int, args: Any) -> Any:
+    """Ray's local autoscaling cluster (the `fake_multinode` provider Ray tests its autoscaler with; `ray start
+    --autoscaling-config` with RAY_FAKE_CLUSTER=1): a head (the ingress, Serve's controller) and a node type per
+    pool, each node one replica's worth (`{pool}_pool: 1`), started and stopped by the Ray autoscaler."""
+    import subprocess
+    import tempfile
+
+    import ray
+    import yaml
+    from ray import serve
+
+    node = {"node_config": {}, "min_workers": 0}
+    config = {
+        "cluster_name": "pdserve-fake", "max_workers": args.max_prefill + args.max_decode,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 2}, "node_config": {}, "max_workers": 0},
+            **{f"{pool}_node": {**node, "resources": {"CPU": 0, f"{pool}_pool": 1, "object_store_memory": 10**8},
+                                "max_workers": args.max_prefill if pool == "prefill" else args.max_decode}
+               for pool in POOLS},
+        },
+        "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": args.idle_timeout_s / 60, "docker": {}, "initialization_commands": [],
+        "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+    }  # fmt: skip
+    path = Path(tempfile.mkdtemp()) / "fake-cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    subprocess.run([ray_cli, "stop", "--force"], check=False, capture_output=True)
+    subprocess.run([ray_cli, "start", "--head", f"--autoscaling-config={path}", "--num-cpus=2",
+                    "--include-dashboard=false"], check=True, env=env, capture_output=True)  # fmt: skip
+    ray.init("auto", log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+        subprocess.run([ray_cli, "stop", "--force"], check=False, capture_output=True, env=env)
 
 
 def _wait_ready(url: str, timeout_s: float = 120.0) -> None:
