@@ -10,8 +10,9 @@ scaled so that the busiest hour needs about N replicas (a capacity estimate from
 from summarization in working hours to long answers in the evening, so the best P:D ratio moves too). On it:
 
   planner        pdserve.planner.Planner every tick, each pool bounded to [1, N - 1], at most N replicas in all
-                 (growth beyond that waits for room, as on a full cluster); its priors set to the replica model,
-                 everything else its defaults
+                 (growth beyond that waits for room, as on a full cluster); told the cluster's size
+                 (`max_total_replicas` = N: the pools share N devices, so a pool short of room takes it from the
+                 other at once); its priors set to the replica model, everything else its defaults
   best fixed     fixed pools (p, d), p + d <= N: the best goodput per replica-hour found in hindsight. A pattern search
                  on the (p, d) grid (moves of p, d, or one replica from one pool to the other; the step halves down
                  to 1) from the estimated peak need, or from the previous size's best split scaled; at most
@@ -178,6 +179,7 @@ def run_task(task: Task) -> Run:
                 prior_prefill_tokens_per_s=model.prefill_tokens_per_s,  # what an operator configures for the device
                 prior_decode_step_base_s=model.step_base_s,
                 prior_decode_step_per_seq_s=model.per_decode_seq_s,
+                max_total_replicas=size,  # the pools share the cluster's N devices, as the fixed splits do
             )
         )  # fmt: skip
     elif task.name == "serve_default":
