@@ -29,6 +29,7 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -134,31 +135,30 @@ def main() -> None:
 
         actor = EngineActor.remote()  # type: ignore[attr-defined]
 
-    def with_thread(seed: int) -> Round:
-        stop = threading.Event()
-        burner = threading.Thread(target=burn, args=(stop, work_s, period_s), daemon=True)
-        burner.start()
-        try:
-            return run_engine(*workload, seed)
-        finally:
-            stop.set()
-            burner.join()
+    def beside(kind: str) -> Callable[[int], Round]:
+        """The workload while a burner runs in a thread of this process or in another process."""
 
-    def with_process(seed: int) -> Round:
-        stop = multiprocessing.get_context("fork").Event()
-        burner = multiprocessing.get_context("fork").Process(target=burn, args=(stop, work_s, period_s))
-        burner.start()
-        try:
-            return run_engine(*workload, seed)
-        finally:
-            stop.set()
-            burner.join()
+        def run(seed: int) -> Round:
+            fork = multiprocessing.get_context("fork")
+            stop = threading.Event() if kind == "thread" else fork.Event()
+            args = (stop, work_s, period_s)
+            burner = (
+                threading.Thread(target=burn, args=args) if kind == "thread" else fork.Process(target=burn, args=args)
+            )
+            burner.start()
+            try:
+                return run_engine(*workload, seed)
+            finally:
+                stop.set()
+                burner.join()
+
+        return run
 
     conditions = {
         "alone": lambda seed: run_engine(*workload, seed),
         "ray actor": (lambda seed: ray.get(actor.run.remote(*workload, seed))) if actor is not None else None,
-        "python thread": with_thread,
-        "other process": with_process,
+        "python thread": beside("thread"),
+        "other process": beside("process"),
     }
     rounds: dict[str, list[Round]] = {name: [] for name, run in conditions.items() if run is not None}
     for i in range(args.rounds):
