@@ -311,8 +311,8 @@ class Planner:
         )
         t0, t1 = self.estimates.step_fit.coefficients()
         n, bound = decode_replicas_needed(
-            scaled_d, t0, t1, cfg.tpot_slo_s * cfg.tpot_target, blocks or math.inf, cfg.kv_target_usage, cfg.max_seqs_per_replica,
-            current=self._current.get("decode", 0),
+            scaled_d, t0, t1, cfg.tpot_slo_s * cfg.tpot_target, blocks or math.inf, cfg.kv_target_usage,
+            cfg.max_seqs_per_replica, current=self._current.get("decode", 0),
         )  # fmt: skip
         return n, (
             f"{bound}: {demand.requests_per_s:.2f} req/s x {demand.mean_output_tokens:.0f} tokens, step "
