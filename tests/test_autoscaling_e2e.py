@@ -32,6 +32,7 @@ PHASES = [Phase("base", 10, 1.5, 600, HTTP_MAX_TOKENS), Phase("4x", 40, 6.0, 600
 
 class _Args:
     ttft_slo_s, tpot_slo_s, max_prefill, max_decode, downscale_s = 1.5, 0.1, 3, 2, 5.0
+    fake_nodes = False  # one local Ray instance, no autoscaler (autoscale_step.py --fake-nodes adds one)
 
 
 def test_prefill_pool_grows_under_a_prompt_step_and_shrinks_after(tiny_models: dict[str, Path], oracle) -> None:  # type: ignore[no-untyped-def]
