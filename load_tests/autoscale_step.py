@@ -4,12 +4,13 @@
     python load_tests/autoscale_step.py --quick                                        # ~2 min, smaller steps
     python load_tests/autoscale_step.py --quick --fake-nodes --out DIR                 # + the Ray autoscaler's nodes
 
-With `--fake-nodes` the cluster is Ray's local autoscaling cluster (`ray.cluster_utils.AutoscalingCluster`, the
-fake multi-node provider Ray tests its autoscaler with): a head for the ingress and two node types, one per pool,
-each node offering one `prefill_pool` or `decode_pool` unit, and every engine replica asking for one unit of its
-pool's (as deploy/gpu-autoscale.yaml does with GPU nodes). The planner's targets then go through Serve to pending
-replicas, and the Ray autoscaler starts a node of the right type for each and stops nodes left idle: the timeline
-adds the nodes of each type.
+With `--fake-nodes` the cluster is Ray's local autoscaling cluster (`ray start --autoscaling-config` with
+RAY_FAKE_CLUSTER=1: the fake multi-node provider Ray tests its autoscaler with; `fake_cluster` writes the config, as
+Ray 2.60's wheel lacks the example `ray.cluster_utils.AutoscalingCluster` reads): a head for the ingress and two
+node types, one per pool, each node offering one `prefill_pool` or `decode_pool` unit, and every engine replica
+asking for one unit of its pool's (as deploy/gpu-autoscale.yaml does with GPU nodes). The planner's targets then go
+through Serve to pending replicas, and the Ray autoscaler starts a node of the right type for each and stops nodes
+left idle: the timeline adds the nodes of each type.
 
 pdserve starts disaggregated with one prefill and one decode replica and the planner on (`autoscaling.enabled`), and
 open-loop Poisson traffic runs through HTTP in phases:

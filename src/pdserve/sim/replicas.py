@@ -178,8 +178,9 @@ class _Replica:
                 num_decode += 1  # the KV of the newest output token
             else:
                 num_compute += c.num_new_tokens  # a prompt's chunk, or a preempted sequence's recompute
-            self.requests[seq.request_id].num_prefill_tokens += c.num_prompt_tokens
-            num_prompt += c.num_prompt_tokens
+            prompt = c.num_prompt_tokens
+            self.requests[seq.request_id].num_prefill_tokens += prompt
+            num_prompt += prompt
         step_s = self.model.step_s(num_compute, num_decode)
         self.is_stepping = True
         self.queue.after(step_s, lambda: self._end_step(batch, step_s, num_prompt))
