@@ -11,6 +11,7 @@ what serving adds inside the replica.
     python load_tests/serving_tax.py --peer vllm=http://127.0.0.1:8100/v1 --peer-model MODEL_DIR
     python load_tests/serving_tax.py --stream-interval 4              # also 4 tokens per streamed message
     python load_tests/serving_tax.py --rounds 3                       # each system 3 times, interleaved: medians
+    python load_tests/serving_tax.py --local-prefill-queue-s 0.5      # also 1P1D with queue-aware local prefill
     python load_tests/serving_tax.py --tiny --num-requests 4 --output-len 8   # a seconds-long smoke run
 (start the peer first: ../shared/peers/vllm-cpu.sh "$(python -m pdserve.hub --dtype bfloat16)" 8100)
 
@@ -235,6 +236,12 @@ def serve_systems(
             }  # fmt: skip
             where = f", P on {cores[:half]}, D on the rest" if args.pin else ""
             systems.append((f"pdserve 1P1D, HTTP{suffix}{where}", pinned if args.pin else {}))
+            if args.local_prefill_queue_s is not None:  # D also prefills when P's queue is long (docs/ROUTER.md)
+                router = {"local_prefill_max_tokens": 0, "local_prefill_queue_s": args.local_prefill_queue_s}
+                systems.append((
+                    f"pdserve 1P1D, HTTP{suffix}{where}, queue-aware local prefill ({args.local_prefill_queue_s} s)",
+                    {**(pinned if args.pin else {}), "router": router},
+                ))  # fmt: skip
         if args.without_channels:
             systems += [(f"{name}, a stream per request", {**options, "output_channels": False})
                         for name, options in list(systems)]  # fmt: skip
@@ -267,6 +274,10 @@ def main() -> None:
     parser.add_argument(
         "--pin", action="store_true",
         help="1P1D: prefill on the first half of the cores, decode on the second (colocated keeps them all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--local-prefill-queue-s", type=float, default=None,
+        help="also run 1P1D with router.local_prefill_queue_s at this value (queue-aware conditional disaggregation)",
     )  # fmt: skip
     parser.add_argument(
         "--without-channels", action="store_true",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -203,6 +204,55 @@ def test_conditional_disaggregation_triggers_at_the_threshold(cached_blocks: int
     assert decision.mode is mode
     assert decision.prefill_replica_id == ("p0" if mode is RouteMode.DISAGGREGATED else None)
     assert decision.expected_cached_tokens == (0 if mode is RouteMode.DISAGGREGATED else 288)
+
+
+def test_a_long_prefill_queue_disaggregates_by_default() -> None:
+    decision = decide({}, [load("d0", "decode")], [load("p0", "prefill", queued=5000)])
+    assert decision.mode is RouteMode.DISAGGREGATED and decision.prefill_replica_id == "p0"
+
+
+QUEUE_AWARE = dataclasses.replace(CONFIG, local_prefill_queue_s=0.5)
+
+
+@pytest.mark.parametrize(
+    ("p_queued", "d_queued", "mode"),
+    [
+        (1000, 0, RouteMode.LOCAL),  # P's queue 1 s >= 0.5 s; local 0.32 s < pair 1.32 + 0.032 + 0.01 s
+        (400, 0, RouteMode.DISAGGREGATED),  # P's queue 0.4 s: under the threshold
+        (1000, 1100, RouteMode.DISAGGREGATED),  # queue over it, but D's own queue makes local later (1.42 s)
+    ],
+)
+def test_a_long_prefill_queue_sends_the_prompt_to_a_decode_replica_that_is_sooner(
+    p_queued: int, d_queued: int, mode: RouteMode
+) -> None:
+    decodes, prefills = [load("d0", "decode", queued=d_queued)], [load("p0", "prefill", queued=p_queued)]
+    decision = choose(QUEUE_AWARE, "req", CHAIN, PROMPT, 100, {"d0": 4}, decodes, prefills, random.Random(0))
+    assert decision.mode is mode
+    (d0,) = decision.decode_candidates
+    if mode is RouteMode.LOCAL:
+        assert decision.prefill_replica_id is None and decision.expected_transfer_tokens == 0
+        assert decision.expected_cached_tokens == 64  # D's own hit
+        assert (d0.prefill_s, d0.transfer_s) == (pytest.approx((d_queued + 256) / 1000), 0.0)
+    else:
+        assert decision.prefill_replica_id == "p0" and decision.expected_transfer_tokens == 256
+        assert d0.transfer_s > 0
+
+
+def test_a_prefill_burst_is_shared_with_the_decode_replica_when_queue_aware() -> None:
+    """16 equal-length fresh prompts at once on 1 P + 1 D: by default all queue on P; queue-aware, D takes every
+    prompt it would finish sooner, half of them, so the last one waits half as long (in the model's seconds)."""
+    chains = [[1000 * i + j for j in range(20)] for i in range(16)]
+
+    def burst(config: CostConfig) -> dict[str, int]:
+        router = Router(config, "cache_aware", replica_timeout_s=5.0, rng=random.Random(0), clock=FakeClock())
+        for rid, role in [("p0", "prefill"), ("d0", "decode")]:
+            router.apply_report(report(rid, role), snapshot(f"inc-{rid}", 0, set()))
+        for i, chain in enumerate(chains):
+            router.route(f"r{i}", chain, PROMPT, 100)
+        return {rid: load.num_prefill_tokens for rid, load in router.loads.items()}
+
+    assert burst(dataclasses.replace(CONFIG, local_prefill_max_tokens=0)) == {"p0": 16 * PROMPT, "d0": 0}
+    assert burst(dataclasses.replace(QUEUE_AWARE, local_prefill_max_tokens=0)) == {"p0": 8 * PROMPT, "d0": 8 * PROMPT}
 
 
 def test_full_hit_still_recomputes_the_last_token() -> None:

@@ -176,6 +176,51 @@ def test_kv_over_gloo_pairs_layer_pipelined_is_exact(gloo_app, reference, tokeni
     assert gloo_app.wait_blocks_used(0) == 0
 
 
+@pytest.fixture(scope="module")
+def queue_aware_app(apps, smollm2_dir: Path) -> Iterator[Served]:  # type: ignore[no-untyped-def]
+    """1P1D whose decode replica also prefills whenever it would be sooner than the prefill replica (queue-aware
+    conditional disaggregation at a 0 s threshold; no prompt is short enough for the plain local rule)."""
+    from ray import serve
+
+    from pdserve.serve.app import build_app
+    from pdserve.serve.config import ServeConfig
+
+    config = ServeConfig(
+        model=str(smollm2_dir),
+        dtype="float32",
+        served_model_name="smollm2",
+        num_kv_blocks=512,
+        router={"local_prefill_max_tokens": 0, "local_prefill_queue_s": 0.0},
+    )
+    serve.run(build_app(config), name="queue-aware", route_prefix="/queue-aware")
+    yield Served(apps[0].base_url.removesuffix("/v1") + "/queue-aware/v1")
+    serve.delete("queue-aware")
+
+
+def test_queue_aware_local_prefill_shares_a_burst_and_stays_exact(queue_aware_app, reference, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    prompts = random_prompts([150 + 7 * i for i in range(8)], 49152, seed=37, low=100)
+    wants = [ref_text(reference, tokenizer, p, 12) for p in prompts]
+
+    async def run_all() -> list[str]:
+        aclient = openai.AsyncOpenAI(base_url=queue_aware_app.base_url, api_key="unused", max_retries=0, timeout=300)
+        outs = await asyncio.gather(
+            *[
+                aclient.completions.create(
+                    model="smollm2", prompt=p, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+                )
+                for p in prompts
+            ]
+        )
+        return [o.choices[0].text for o in outs]
+
+    assert asyncio.run(run_all()) == wants
+    # The first prompt finds both queues empty and goes local (no transfer); the next ones find D's queue longer.
+    decisions = queue_aware_app.metrics()["pdserve_router_decisions_total"]
+    modes = {dict(labels)["mode"]: n for labels, n in decisions.items()}
+    assert modes.get("local", 0) >= 1 and modes.get("disaggregated", 0) >= 1
+    assert queue_aware_app.wait_blocks_used(0) == 0
+
+
 def test_client_disconnect_and_aborted_burst_free_every_block(apps) -> None:  # type: ignore[no-untyped-def]
     disagg, colocated = apps
     prompt = random_prompts([200], 49152, seed=34, low=100)[0]

@@ -6,6 +6,9 @@ For a decode candidate D (which caches `hit_D` of the prompt's tokens):
   pair(P, D)   = (prefill tokens queued on P + prompt - hit_P) / prefill_tokens_per_s
                + (prompt - hit_D) x kv_bytes_per_token / bandwidth(P's node, D's node) + disaggregation_overhead_s
   cost(D)      = load(D) + (local(D) if prompt - hit_D <= local_prefill_max_tokens else min over P of pair(P, D))
+With `local_prefill_queue_s` (off by default) D also prefills a longer prompt itself when the best P's queue alone
+would hold it that long and local(D) beats pair(P, D): under a prefill burst the decode replicas take a share of the
+prompts, trading their streams' TPOT for TTFT and throughput (Dynamo's conditional disaggregation on queue depth).
 The pair with the least cost wins; ties are broken at random. Affinity and load meet in the same units per
 candidate, so a busy replica loses its cached prefix's advantage exactly when its queue costs more than the
 recompute — there is no fleet-wide switch. A decode replica without room for the prompt is ranked last, never
@@ -15,6 +18,7 @@ dropped: the ranking is also the fallback order.
 from __future__ import annotations
 
 import enum
+import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +46,7 @@ class CostConfig:
     cross_node_bytes_per_s: float = 1e9  # TCP transport
     disaggregation_overhead_s: float = 0.01  # two extra Ray hops (reserve, prefill) vs a local prefill
     local_prefill_max_tokens: int = 256  # D lacking at most this many tokens prefills locally (router_compare.py)
+    local_prefill_queue_s: float = math.inf  # P's queue wait beyond which D prefills itself when sooner (inf: never)
     block_size: int = 16
 
 
@@ -130,7 +135,7 @@ def choose(
     best = _pick_tie(rng, ranked)
     chosen = decodes[decode_costs.index(best)]
     missing = num_prompt_tokens - best[_CACHED]
-    is_local = missing <= config.local_prefill_max_tokens or not prefills
+    is_local = best[_TRANSFER] == 0.0
     prefill_costs = [
         _prefill_cost(config, p, hits.get(p.replica_id, 0), num_prompt_tokens, chosen, missing) for p in prefills
     ]
@@ -150,7 +155,8 @@ def choose(
     )
 
 
-_ID, _CACHED, _TOTAL, _HAS_ROOM = 0, 2, 9, 10  # positions in a candidate's terms (CandidateCost's field order)
+# positions in a candidate's terms (CandidateCost's field order)
+_ID, _CACHED, _TRANSFER, _TOTAL, _HAS_ROOM = 0, 2, 8, 9, 10
 
 
 def _rank_key(terms: Terms) -> tuple[bool, float]:
@@ -159,14 +165,16 @@ def _rank_key(terms: Terms) -> tuple[bool, float]:
 
 def _best_prefill_per_node(
     config: CostConfig, prefills: Sequence[ReplicaLoad], hits: Mapping[str, int], num_prompt_tokens: int
-) -> dict[str, float]:
-    """Least prefill compute (queue + uncached prompt) among the prefill replicas of each node."""
-    best: dict[str, float] = {}
+) -> dict[str, tuple[float, float]]:
+    """Least prefill compute (queue + uncached prompt) among the prefill replicas of each node, with its queue's
+    share."""
+    best: dict[str, tuple[float, float]] = {}
     rate = config.prefill_tokens_per_s
     for p in prefills:
-        compute_s = (p.num_prefill_tokens + num_prompt_tokens - hits.get(p.replica_id, 0)) / rate
-        if compute_s < best.get(p.node_id, float("inf")):
-            best[p.node_id] = compute_s
+        queue_s = p.num_prefill_tokens / rate
+        compute_s = queue_s + (num_prompt_tokens - hits.get(p.replica_id, 0)) / rate
+        if compute_s < best.get(p.node_id, (math.inf, 0.0))[0]:
+            best[p.node_id] = (compute_s, queue_s)
     return best
 
 
@@ -176,21 +184,25 @@ def _decode_cost(
     hit: int,
     num_prompt_tokens: int,
     load_per_decode_s: float,
-    best_prefill_per_node: Mapping[str, float],
+    best_prefill_per_node: Mapping[str, tuple[float, float]],
 ) -> Terms:
+    """A decode candidate's terms; its transfer term is 0 exactly when it would prefill the prompt itself."""
     missing = num_prompt_tokens - hit
     load_s = load_per_decode_s * d.num_decodes
     transfer_s = 0.0
+    local_s = (d.num_prefill_tokens + missing) / config.local_prefill_tokens_per_s
     if missing <= config.local_prefill_max_tokens or not best_prefill_per_node:
-        prefill_s = (d.num_prefill_tokens + missing) / config.local_prefill_tokens_per_s
+        prefill_s = local_s
     else:
         num_bytes = missing * config.kv_bytes_per_token
-        prefill_s = transfer_s = float("inf")
-        for node, compute_s in best_prefill_per_node.items():
+        prefill_s = transfer_s = queue_s = math.inf
+        for node, (compute_s, node_queue_s) in best_prefill_per_node.items():
             bandwidth = config.same_node_bytes_per_s if node == d.node_id else config.cross_node_bytes_per_s
             if compute_s + num_bytes / bandwidth < prefill_s + transfer_s:
-                prefill_s, transfer_s = compute_s, num_bytes / bandwidth
+                prefill_s, transfer_s, queue_s = compute_s, num_bytes / bandwidth, node_queue_s
         transfer_s += config.disaggregation_overhead_s
+        if queue_s >= config.local_prefill_queue_s and local_s < prefill_s + transfer_s:
+            prefill_s, transfer_s = local_s, 0.0  # P's queue is long: D computes it sooner itself
     num_needed = -(-(num_prompt_tokens + 1) // config.block_size) - hit // config.block_size
     return (
         d.replica_id, d.role, hit, d.num_prefill_tokens, d.num_decodes, d.num_free_blocks,

@@ -4,6 +4,7 @@ frozen dataclasses."""
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -174,8 +175,18 @@ class RouterSettings(BaseModel):
         description="a decode replica lacking at most this many prompt tokens prefills them itself (0: never)",
     )
 
+    local_prefill_queue_s: float | None = Field(
+        None,
+        ge=0,
+        description="a decode replica also prefills a longer prompt itself when the best prefill replica's queue "
+        "would hold it at least this many seconds and it finishes sooner locally (off by default: a burst's prompts "
+        "then wait for the prefill pool, and decode TPOT is left alone)",
+    )
+
     def cost_config(self, block_size: int, kv_bytes_per_token: int) -> CostConfig:
         weights = self.model_dump(exclude={"policy", "sync_period_s", "optimistic_ttl_s", "replica_timeout_s"})
+        if weights["local_prefill_queue_s"] is None:
+            weights["local_prefill_queue_s"] = math.inf
         return CostConfig(**weights, kv_bytes_per_token=kv_bytes_per_token, block_size=block_size)
 
 

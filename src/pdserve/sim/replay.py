@@ -74,7 +74,7 @@ class SimConfig:
 
 def calibrated_cost(config: SimConfig) -> CostConfig:
     """`config.cost` with its rate and size weights set to what the modeled replicas really cost; the policy knobs
-    (local_prefill_max_tokens, expected_output_tokens, disaggregation_overhead_s) are kept."""
+    (local_prefill_max_tokens, local_prefill_queue_s, expected_output_tokens, disaggregation_overhead_s) are kept."""
     model = config.replica
     return dataclasses.replace(
         config.cost,
