@@ -236,10 +236,10 @@ def serve_systems(
             }  # fmt: skip
             where = f", P on {cores[:half]}, D on the rest" if args.pin else ""
             systems.append((f"pdserve 1P1D, HTTP{suffix}{where}", pinned if args.pin else {}))
-            if args.local_prefill_queue_s is not None:  # D also prefills when P's queue is long (docs/ROUTER.md)
-                router = {"local_prefill_max_tokens": 0, "local_prefill_queue_s": args.local_prefill_queue_s}
+            for queue_s in args.local_prefill_queue_s:  # D also prefills when P's queue is long (docs/ROUTER.md)
+                router = {"local_prefill_max_tokens": 0, "local_prefill_queue_s": queue_s}
                 systems.append((
-                    f"pdserve 1P1D, HTTP{suffix}{where}, queue-aware local prefill ({args.local_prefill_queue_s} s)",
+                    f"pdserve 1P1D, HTTP{suffix}{where}, queue-aware local prefill ({queue_s} s)",
                     {**(pinned if args.pin else {}), "router": router},
                 ))  # fmt: skip
         if args.without_channels:
@@ -276,8 +276,9 @@ def main() -> None:
         help="1P1D: prefill on the first half of the cores, decode on the second (colocated keeps them all)",
     )  # fmt: skip
     parser.add_argument(
-        "--local-prefill-queue-s", type=float, default=None,
-        help="also run 1P1D with router.local_prefill_queue_s at this value (queue-aware conditional disaggregation)",
+        "--local-prefill-queue-s", type=float, action="append", default=[],
+        help="also run 1P1D with router.local_prefill_queue_s at this value (queue-aware conditional "
+        "disaggregation; repeatable)",
     )  # fmt: skip
     parser.add_argument(
         "--without-channels", action="store_true",
