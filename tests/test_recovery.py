@@ -127,10 +127,12 @@ async def _streams_through_a_kill(served: Served, prompts: list[list[int]], app:
                 started.release()
         return text
 
+    pids = _replica_pids(app, deployment)  # looked up before: under 64 streams a Ray call can outlast them all
     tasks = [asyncio.ensure_future(stream(p)) for p in prompts]
     for _ in range(len(prompts) // 2):  # half streaming (mid-stream), the rest not started yet or prefilling
         await asyncio.wait_for(started.acquire(), 60)
-    _sigkill_one_replica(app, deployment, _busiest(served, "decode"))
+    busiest = _busiest(served, "decode")
+    os.kill(pids.get(busiest or "", next(iter(pids.values()))), signal.SIGKILL)
     try:
         return list(await asyncio.wait_for(asyncio.gather(*tasks), 120))  # no stream may hang
     finally:
@@ -144,20 +146,18 @@ def _busiest(served: Served, role: str) -> str | None:
     return max(running, key=running.__getitem__) if running else None
 
 
-def _sigkill_one_replica(app: str, deployment: str, replica_id: str | None = None) -> None:
-    """SIGKILL the process of one live replica of `app`'s `deployment` (found among Serve's named actors): the one
-    named `replica_id` if it is live, else any."""
+def _replica_pids(app: str, deployment: str) -> dict[str, int]:
+    """Replica id -> process id of every live replica of `app`'s `deployment` (found among Serve's named actors)."""
     import ray
 
-    names = [
-        a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#")
-    ]  # fmt: skip
-    assert names, f"no live replica of {app}/{deployment}"
-    names.sort(key=lambda name: not (replica_id and name.endswith(f"#{replica_id}")))
-    actor = ray.get_actor(names[0], namespace="serve")
-    pid = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
-    os.kill(pid, signal.SIGKILL)
+    pids: dict[str, int] = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        name = actor["name"]
+        if actor["namespace"] == "serve" and name.startswith(f"SERVE_REPLICA::{app}#{deployment}#"):
+            handle = ray.get_actor(name, namespace="serve")
+            pids[name.rsplit("#", 1)[1]] = ray.get(handle.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
+    assert pids, f"no live replica of {app}/{deployment}"
+    return pids
 
 
 def test_a_prefill_replica_killed_mid_push_is_retried_elsewhere(apps: dict[str, Served], oracle) -> None:  # type: ignore[no-untyped-def]
