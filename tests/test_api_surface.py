@@ -272,6 +272,7 @@ def test_n_choices_streams_are_all_closed_wherever_the_client_leaves(
     n, leave_after = rng.randint(2, 5), rng.randint(0, 40)
     body = {**BASE["completions"][1], "n": n, "stream": True, "max_tokens": 60, "seed": seed}
     with httpx.Client(base_url=server[0], timeout=10) as http, http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200, r.read()
         for i, _ in enumerate(r.iter_lines()):
             if i >= leave_after:
                 break

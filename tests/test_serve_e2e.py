@@ -68,6 +68,25 @@ def complete_ids(served: Served, prompt: list[int], max_tokens: int = MAX_TOKENS
     return out.choices[0].text
 
 
+def complete_all(served: Served, prompts: list[list[int]], max_tokens: int) -> list[str]:
+    """Every prompt at once (greedy, `ignore_eos`) through the async client; the texts in prompt order."""
+
+    async def run_all() -> list[str]:
+        aclient = openai.AsyncOpenAI(base_url=served.base_url, api_key="unused", max_retries=0, timeout=300)
+        async with aclient:
+            outs = await asyncio.gather(
+                *[
+                    aclient.completions.create(
+                        model="smollm2", prompt=p, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True}
+                    )
+                    for p in prompts
+                ]
+            )
+        return [o.choices[0].text for o in outs]
+
+    return asyncio.run(run_all())
+
+
 def ref_text(reference, tokenizer, prompt: list[int], max_tokens: int = MAX_TOKENS) -> str:  # type: ignore[no-untyped-def]
     return continuation_text(tokenizer, prompt, reference_greedy(reference, prompt, max_tokens).token_ids)
 
@@ -106,19 +125,7 @@ def test_sixteen_concurrent_requests_are_all_exact(apps, reference, tokenizer) -
     prompts = random_prompts([20 + 13 * i for i in range(16)], 49152, seed=32, low=100)
     wants = [ref_text(reference, tokenizer, p, 16) for p in prompts]
 
-    async def run_all() -> list[str]:
-        aclient = openai.AsyncOpenAI(base_url=disagg.base_url, api_key="unused", max_retries=0, timeout=300)
-        outs = await asyncio.gather(
-            *[
-                aclient.completions.create(
-                    model="smollm2", prompt=p, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
-                )
-                for p in prompts
-            ]
-        )
-        return [o.choices[0].text for o in outs]
-
-    assert asyncio.run(run_all()) == wants
+    assert complete_all(disagg, prompts, 16) == wants
     assert disagg.wait_blocks_used(0) == 0
 
 
@@ -201,19 +208,7 @@ def test_queue_aware_local_prefill_shares_a_burst_and_stays_exact(queue_aware_ap
     prompts = random_prompts([150 + 7 * i for i in range(8)], 49152, seed=37, low=100)
     wants = [ref_text(reference, tokenizer, p, 12) for p in prompts]
 
-    async def run_all() -> list[str]:
-        aclient = openai.AsyncOpenAI(base_url=queue_aware_app.base_url, api_key="unused", max_retries=0, timeout=300)
-        outs = await asyncio.gather(
-            *[
-                aclient.completions.create(
-                    model="smollm2", prompt=p, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
-                )
-                for p in prompts
-            ]
-        )
-        return [o.choices[0].text for o in outs]
-
-    assert asyncio.run(run_all()) == wants
+    assert complete_all(queue_aware_app, prompts, 12) == wants
     # The first prompt finds both queues empty and goes local (no transfer); the next ones find D's queue longer.
     decisions = queue_aware_app.metrics()["pdserve_router_decisions_total"]
     modes = {dict(labels)["mode"]: n for labels, n in decisions.items()}
@@ -238,15 +233,19 @@ def test_client_disconnect_and_aborted_burst_free_every_block(apps) -> None:  # 
                 "ignore_eos": True,
             },
         ) as response:
+            assert response.status_code == 200, response.read()
             for i, _ in enumerate(response.iter_lines()):
                 if i > 5:
                     break  # hang up mid-stream
         assert served.wait_blocks_used(idle) == idle
 
+    statuses: list[int] = []
+
     def one(i: int) -> None:
         body = {"model": "smollm2", "prompt": prompt[: 50 + i], "max_tokens": 40, "stream": True, "ignore_eos": True}
         try:
             with httpx.stream("POST", f"{disagg.base_url}/completions", json=body, timeout=120) as response:
+                statuses.append(response.status_code)
                 for j, _ in enumerate(response.iter_lines()):
                     if i % 2 and j > i % 7:
                         break
@@ -258,6 +257,7 @@ def test_client_disconnect_and_aborted_burst_free_every_block(apps) -> None:  # 
         t.start()
     for t in threads:
         t.join()
+    assert statuses == [200] * 50  # every request was accepted: the aborts hit real work
     assert disagg.wait_blocks_used(0, timeout_s=20) == 0
 
 
@@ -392,6 +392,7 @@ def test_n_choices_top_logprobs_and_echo_match_transformers(apps, reference, tok
         assert again.choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
         body = {"model": "smollm2", "prompt": prompt, "max_tokens": 40, "n": 3, "stream": True, "temperature": 0.8}
         with httpx.stream("POST", f"{served.base_url}/completions", json=body, timeout=60) as response:
+            assert response.status_code == 200, response.read()
             for i, _ in enumerate(response.iter_lines()):  # leave mid-stream: all three requests are aborted
                 if i == 6:
                     break

@@ -1,5 +1,6 @@
 """Many requests at once through real HTTP on a local Ray cluster (tiny Llama): mixed-length greedy requests are
-token-exact in colocated, 1P1D and 2P2D modes, and a storm of clients hanging up at random phases (queued,
+token-exact in colocated, 1P1D, 1P1D with queue-aware local prefill (the decode replica prefills whatever it would
+finish sooner than the prefill replica) and 2P2D modes, and a storm of clients hanging up at random phases (queued,
 reserving, prefilling, pushing, decoding) leaves no block held or reserved on any replica and nothing in flight in
 the router; greedy requests afterwards are still exact."""
 
@@ -21,7 +22,7 @@ from serving import Served, free_port, ray_serve
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = HTTP_MAX_TOKENS  # what the `oracle` fixture (conftest.py) generates
-MODES = ("colocated", "1p1d", "2p2d")
+MODES = ("colocated", "1p1d", "1p1d-queue-aware", "2p2d")
 NUM_STORM = 1000
 
 
@@ -41,6 +42,9 @@ def apps(tiny_models: dict[str, Path]) -> Iterator[dict[str, Served]]:
     configs = {
         "colocated": ServeConfig(**common, colocated=True),
         "1p1d": ServeConfig(**common),
+        "1p1d-queue-aware": ServeConfig(
+            **{**common, "router": {"local_prefill_max_tokens": 0, "local_prefill_queue_s": 0.0}}
+        ),
         "2p2d": ServeConfig(**common, prefill=two, decode=two),
     }
     with ray_serve(port):
@@ -81,15 +85,28 @@ def test_concurrent_mixed_lengths_are_exact(apps: dict[str, Served], oracle, mod
     wrong = [i for i, (p, text) in enumerate(zip(prompts, got, strict=True)) if text != oracle(p)]
     assert not wrong, f"{mode}: {len(wrong)} of {len(prompts)} responses differ from transformers: {wrong}"
     _assert_idle(apps[mode], mode, timeout_s=5)
+    if mode == "1p1d-queue-aware":
+        assert set(_route_modes(apps[mode])) == {"local", "disaggregated"}, _route_modes(apps[mode])
+
+
+def _route_modes(served: Served) -> dict[str, float]:
+    """The router's decisions so far by mode (local: the decode replica prefilled; disaggregated: through P)."""
+    decisions = served.metrics().get("pdserve_router_decisions_total", {})
+    modes: dict[str, float] = {}
+    for labels, n in decisions.items():
+        mode = dict(labels)["mode"]
+        modes[mode] = modes.get(mode, 0) + n
+    return modes
 
 
 async def _hang_up(client: httpx.AsyncClient, url: str, prompt: list[int], after_s: float, stream: bool) -> str:
     """Send a request and drop the connection after `after_s` (or at its first streamed byte when 0)."""
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": 64, "temperature": 0, "stream": stream,
-            "extra_body": None, "ignore_eos": True}  # fmt: skip
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 64, "temperature": 0, "stream": stream, "ignore_eos": True}
 
     async def run() -> str:
         async with client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:  # a refused request exercises nothing: the storm counts it apart
+                return f"status {response.status_code}: {(await response.aread())[:200]!r}"
             async for _ in response.aiter_bytes():
                 if after_s == 0:
                     return "first-byte"
@@ -140,15 +157,20 @@ def _assert_idle(served: Served, label: str, timeout_s: float) -> float:
     return time.monotonic() - start
 
 
-@pytest.mark.parametrize("mode", ["1p1d", "2p2d"])
+@pytest.mark.parametrize("mode", ["1p1d", "1p1d-queue-aware", "2p2d"])
 def test_disconnect_storm_leaks_nothing(apps: dict[str, Served], oracle, mode: str) -> None:  # type: ignore[no-untyped-def]
     served = apps[mode]
+    routed = _route_modes(served)
     outcomes = asyncio.run(_storm(served, seed=99))
     storm_end = time.monotonic()
     # The ingress polls replica stats every second: idle must show within 2 s of the storm plus one refresh.
     settle_s = _assert_idle(served, f"{mode} after {NUM_STORM} hang-ups", timeout_s=3.5)
     print(f"{mode}: storm outcomes {outcomes}; idle {settle_s:.2f} s after the storm")
+    assert set(outcomes) <= {"hung-up", "first-byte", "finished"}, outcomes  # every request was accepted
     assert outcomes.get("hung-up", 0) + outcomes.get("first-byte", 0) > NUM_STORM // 2
+    if mode == "1p1d-queue-aware":  # hang-ups hit both paths: the decode replica's own prefill and the handoff
+        during = {m: n - routed.get(m, 0) for m, n in _route_modes(served).items()}
+        assert min(during.get("local", 0), during.get("disaggregated", 0)) > 50, during
     metrics = served.metrics()
     fenced = {
         (name, labels): value
