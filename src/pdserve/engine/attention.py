@@ -1,18 +1,23 @@
 """Attention over paged KV blocks, behind one function.
 
 Each step's tokens are flattened into one `[num_tokens, ...]` batch: single-token rows (decodes) first, then
-prefill chunks. Decodes are attended in one batched SDPA call over their blocks gathered (padded and masked) to
-`[B, H_kv, L_max, D]` (whole blocks via index_select: 4x faster than a per-slot gather), each KV head's query heads
-as its query rows; each prefill chunk is one SDPA call, causal over its cached context plus itself. Gather + SDPA is
-the simple, exact route of DESIGN.md §8; the matmuls dominate a step on CPU.
+prefill chunks. On CPU the decodes go to the native kernel (`native.py`, `csrc/paged_decode.cpp`), which reads each
+sequence's blocks where they lie. Elsewhere, or without a compiler, they are attended in one batched SDPA call over
+their blocks gathered (padded and masked) to `[B, H_kv, L_max, D]` (whole blocks via index_select: 4x faster than a
+per-slot gather), each KV head's query heads as its query rows. Each prefill chunk is one SDPA call, causal over its
+cached context plus itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+# (q [B, H, D], k_cache, v_cache, block_ids [B, max_blocks], seq_lens [B], scale) -> [B, H, D]
+DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ class AttentionMetadata:
     num_decodes: int  # leading single-token rows
     decode_block_ids: torch.Tensor | None  # [num_decodes, max_blocks] long: each decode's blocks, 0-padded
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] bool: True on real tokens
+    decode_seq_lens: torch.Tensor | None  # [num_decodes] long: context tokens, the one being decoded included
     prefills: list[PrefillSpan]
 
 
@@ -41,15 +47,16 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    decode_kernel: DecodeKernel | None = None,
 ) -> torch.Tensor:  # [T, H, D]
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
     if not meta.prefills:  # a pure decode step: no output buffer to assemble
-        return _decode_attention(q, k_cache, v_cache, meta, scale)
+        return _decode_attention(q, k_cache, v_cache, meta, scale, decode_kernel)
     out = torch.empty_like(q)
     if meta.num_decodes:
-        out[: meta.num_decodes] = _decode_attention(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
+        out[: meta.num_decodes] = _decode_attention(q[: meta.num_decodes], k_cache, v_cache, meta, scale, decode_kernel)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_tokens)
         qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
@@ -67,9 +74,17 @@ def paged_attention(
 
 
 def _decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    decode_kernel: DecodeKernel | None,
 ) -> torch.Tensor:  # [B, H, D]
     assert meta.decode_block_ids is not None
+    if decode_kernel is not None:
+        assert meta.decode_seq_lens is not None
+        return decode_kernel(q, k_cache, v_cache, meta.decode_block_ids, meta.decode_seq_lens, scale)
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     k = _gather(k_cache, meta.decode_block_ids)  # [B, H_kv, max_blocks * block_size, D]

@@ -85,13 +85,14 @@ class ModelRunner:
                 for table, pos_c in zip(block_tables, pos.split([c.num_new_tokens for c in chunks]), strict=True)
             ]
         )
-        decode_block_ids, decode_mask = self._decode_context(decodes, block_tables[: len(decodes)])
+        decode_block_ids, decode_mask, decode_lens = self._decode_context(decodes, block_tables[: len(decodes)])
         spans = self._prefill_spans(prefills, block_tables[len(decodes) :], len(decodes))
         meta = AttentionMetadata(
             slot_mapping=slot_mapping.to(device),
             num_decodes=len(decodes),
             decode_block_ids=None if decode_block_ids is None else decode_block_ids.to(device),
             decode_mask=None if decode_mask is None else decode_mask.to(device),
+            decode_seq_lens=None if decode_lens is None else decode_lens.to(device),
             prefills=spans,
         )
         ends = torch.tensor([c.num_new_tokens for c in chunks]).cumsum(0) - 1
@@ -110,11 +111,11 @@ class ModelRunner:
 
     def _decode_context(
         self, decodes: list[ScheduledChunk], tables: list[torch.Tensor]
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Block ids `[B, max_blocks]` (0-padded) of each decode's context, itself included, and the mask
-        `[B, 1, 1, max_blocks * block_size]` of its real tokens."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Block ids `[B, max_blocks]` (0-padded) of each decode's context, itself included, the mask
+        `[B, 1, 1, max_blocks * block_size]` of its real tokens, and their number `[B]`."""
         if not decodes:
-            return None, None
+            return None, None, None
         lengths = torch.tensor([c.seq.num_computed_tokens + 1 for c in decodes])
         num_blocks = -(-lengths // self.block_size)
         max_blocks = int(num_blocks.max())
@@ -122,7 +123,7 @@ class ModelRunner:
         for i, (table, n) in enumerate(zip(tables, num_blocks.tolist(), strict=True)):
             block_ids[i, :n] = table[:n]
         mask = torch.arange(max_blocks * self.block_size).unsqueeze(0) < lengths.unsqueeze(1)
-        return block_ids, mask[:, None, None, :]
+        return block_ids, mask[:, None, None, :], lengths
 
     def _prefill_spans(
         self, prefills: list[ScheduledChunk], tables: list[torch.Tensor], start: int
