@@ -36,13 +36,16 @@ def ray_serve(port: int) -> Iterator[None]:
 class Served:
     base_url: str  # ends in /v1
     api_key: str | None = None  # sent to /metrics when the app requires keys
+    # Engine replicas a fresh snapshot must show (None: at least one; set where the count is fixed, so a pool whose
+    # stats broadcast failed cannot pass for an idle one).
+    num_engine_replicas: int | None = None
 
     @property
     def root(self) -> str:
         return self.base_url.removesuffix("/v1")
 
     def metrics(self) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-        """Every sample of /metrics: name -> {sorted labels: value}."""
+        """Every sample of /metrics: name -> {sorted labels: value}. Replica series may be up to a refresh old."""
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
         text = httpx.get(f"{self.root}/metrics", timeout=10, headers=headers).text
         samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
@@ -51,19 +54,32 @@ class Served:
                 samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
         return samples
 
+    def fresh_metrics(self, timeout_s: float = 15.0) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+        """/metrics once its replica series were asked of the replicas after this call began (the ingress refreshes
+        them every second): they show the state after everything that happened before the call."""
+        since = time.time()
+        while True:
+            samples = self.metrics()
+            taken = max(samples.get("pdserve_replica_stats_timestamp_seconds", {}).values(), default=0.0)
+            if taken >= since:
+                replicas = {dict(labels)["replica"] for labels in samples.get("pdserve_kv_blocks_total", {})}
+                want = self.num_engine_replicas
+                assert len(replicas) == want if want is not None else replicas, f"replicas in the snapshot: {replicas}"
+                return samples
+            assert time.time() - since < timeout_s, f"replica stats not refreshed within {timeout_s} s"
+            time.sleep(0.1)
+
     def settled_total(self, name: str) -> float:
-        """The sum of metric `name` over its labels once replica stats have refreshed after the last request (the
-        ingress polls them every second)."""
-        time.sleep(1.3)
-        return sum(self.metrics().get(name, {}).values())
+        """The sum of metric `name` over its labels in a snapshot taken after the last request."""
+        return sum(self.fresh_metrics().get(name, {}).values())
 
     def blocks_used(self) -> float:
-        return sum(self.metrics().get("pdserve_kv_blocks_used", {}).values())
+        """KV blocks in use on every engine replica, from a snapshot taken after this call."""
+        return self.settled_total("pdserve_kv_blocks_used")
 
     def wait_blocks_used(self, want: float, timeout_s: float = 10.0) -> float:
         deadline = time.time() + timeout_s
         used = self.blocks_used()
         while used != want and time.time() < deadline:
-            time.sleep(0.25)
             used = self.blocks_used()
         return used

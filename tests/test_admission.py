@@ -48,7 +48,10 @@ def apps(tiny_models: dict[str, Path]) -> Iterator[dict[str, Served]]:
     with ray_serve(port):
         for name, config in configs.items():
             serve.run(build_app(config), name=name, route_prefix=f"/{name}")
-        yield {name: Served(f"http://127.0.0.1:{port}/{name}/v1") for name in configs}
+        engines = {"colocated": 1, "1p1d": 2}
+        yield {
+            name: Served(f"http://127.0.0.1:{port}/{name}/v1", num_engine_replicas=engines[name]) for name in configs
+        }
 
 
 async def _burst(served: Served, prompts: list[list[int]]) -> list[httpx.Response]:

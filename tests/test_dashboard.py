@@ -154,8 +154,11 @@ def test_replica_series_are_deduplicated_across_ingress_replicas(dashboard: dict
 
 def test_replica_gauges_follow_the_snapshot() -> None:
     collector = ReplicaStatsCollector()
-    collector.snapshot = replica_snapshot()
-    values = {(s.name, s.labels["role"]): s.value for family in collector.collect() for s in family.samples}
+    collector.update(replica_snapshot(), taken_at=1234.5)
+    samples = [s for family in collector.collect() for s in family.samples]
+    values = {(s.name, s.labels["role"]): s.value for s in samples if "role" in s.labels}
+    # the snapshot's own age: when its stats were asked for
+    assert [s.value for s in samples if s.name == "pdserve_replica_stats_timestamp_seconds"] == [1234.5]
     assert values[("pdserve_kv_cache_usage_perc", "decode")] == 16 / 64
     assert values[("pdserve_num_requests_running", "decode")] == 3
     assert values[("pdserve_num_requests_waiting", "prefill")] == 2

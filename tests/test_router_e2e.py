@@ -38,7 +38,10 @@ def apps(smollm2_dir: Path) -> Iterator[tuple[Served, Served]]:
         serve.run(build_app(aware), name="aware", route_prefix="/")
         pow2 = ServeConfig(**common, router={"policy": "pow2"})
         serve.run(build_app(pow2), name="pow2", route_prefix="/pow2")
-        yield Served(f"http://127.0.0.1:{port}/v1"), Served(f"http://127.0.0.1:{port}/pow2/v1")
+        yield (
+            Served(f"http://127.0.0.1:{port}/v1", num_engine_replicas=4),
+            Served(f"http://127.0.0.1:{port}/pow2/v1", num_engine_replicas=2),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +78,7 @@ def complete(served: Served, prompt: list[int]) -> str:
 
 
 def counter(served: Served, name: str, **labels: str) -> float:
-    samples = served.metrics().get(name, {})
+    samples = served.fresh_metrics().get(name, {})
     want = set(labels.items())
     return sum(v for k, v in samples.items() if want <= set(k))
 

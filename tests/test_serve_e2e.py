@@ -39,7 +39,10 @@ def apps(smollm2_dir: Path) -> Iterator[tuple[Served, Served]]:
         disagg = ServeConfig(**common, router={"local_prefill_max_tokens": 0})
         serve.run(build_app(disagg), name="disagg", route_prefix="/")
         serve.run(build_app(ServeConfig(**common, colocated=True)), name="colocated", route_prefix="/colocated")
-        yield Served(f"http://127.0.0.1:{port}/v1"), Served(f"http://127.0.0.1:{port}/colocated/v1")
+        yield (
+            Served(f"http://127.0.0.1:{port}/v1", num_engine_replicas=2),
+            Served(f"http://127.0.0.1:{port}/colocated/v1", num_engine_replicas=1),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +170,7 @@ def gloo_app(apps, smollm2_dir: Path) -> Iterator[Served]:  # type: ignore[no-un
         router={"local_prefill_max_tokens": 0},
     )
     serve.run(build_app(config), name="gloo", route_prefix="/gloo")
-    yield Served(apps[0].base_url.removesuffix("/v1") + "/gloo/v1")
+    yield Served(apps[0].base_url.removesuffix("/v1") + "/gloo/v1", num_engine_replicas=2)
     serve.delete("gloo")
 
 
@@ -200,7 +203,7 @@ def queue_aware_app(apps, smollm2_dir: Path) -> Iterator[Served]:  # type: ignor
         router={"local_prefill_max_tokens": 0, "local_prefill_queue_s": 0.0},
     )
     serve.run(build_app(config), name="queue-aware", route_prefix="/queue-aware")
-    yield Served(apps[0].base_url.removesuffix("/v1") + "/queue-aware/v1")
+    yield Served(apps[0].base_url.removesuffix("/v1") + "/queue-aware/v1", num_engine_replicas=2)
     serve.delete("queue-aware")
 
 
@@ -221,6 +224,7 @@ def test_client_disconnect_and_aborted_burst_free_every_block(apps) -> None:  # 
     prompt = random_prompts([200], 49152, seed=34, low=100)[0]
     for served in (disagg, colocated):
         idle = served.wait_blocks_used(0)
+        aborted = served.settled_total("pdserve_requests_aborted_total")
         with httpx.stream(
             "POST",
             f"{served.base_url}/completions",
@@ -238,11 +242,17 @@ def test_client_disconnect_and_aborted_burst_free_every_block(apps) -> None:  # 
                 if i > 5:
                     break  # hang up mid-stream
         assert served.wait_blocks_used(idle) == idle
+        # freed by the abort, not by finishing: 500 tokens outlast the wait
+        assert served.settled_total("pdserve_requests_aborted_total") >= aborted + 1
 
     statuses: list[int] = []
+    aborted = disagg.settled_total("pdserve_requests_aborted_total")
 
     def one(i: int) -> None:
-        body = {"model": "smollm2", "prompt": prompt[: 50 + i], "max_tokens": 40, "stream": True, "ignore_eos": True}
+        # odd i leave after a few lines of a stream too long to have ended by then; even i read 40 tokens to the end
+        max_tokens = 400 if i % 2 else 40
+        body = {"model": "smollm2", "prompt": prompt[: 50 + i], "max_tokens": max_tokens, "stream": True,
+                "ignore_eos": True}  # fmt: skip
         try:
             with httpx.stream("POST", f"{disagg.base_url}/completions", json=body, timeout=120) as response:
                 statuses.append(response.status_code)
@@ -259,6 +269,7 @@ def test_client_disconnect_and_aborted_burst_free_every_block(apps) -> None:  # 
         t.join()
     assert statuses == [200] * 50  # every request was accepted: the aborts hit real work
     assert disagg.wait_blocks_used(0, timeout_s=20) == 0
+    assert disagg.settled_total("pdserve_requests_aborted_total") >= aborted + 25  # each leaver was aborted
 
 
 @pytest.mark.parametrize(
@@ -304,7 +315,7 @@ def tenants_app(apps, smollm2_dir: Path) -> Iterator[Served]:  # type: ignore[no
         api_keys=[{"key": KEY_A, "tenant": "team-a"}, {"key": KEY_B, "tenant": "team-b"}],
     )  # fmt: skip
     serve.run(build_app(config), name="tenants", route_prefix="/tenants")
-    yield Served(apps[0].base_url.removesuffix("/v1") + "/tenants/v1", api_key=KEY_A)
+    yield Served(apps[0].base_url.removesuffix("/v1") + "/tenants/v1", api_key=KEY_A, num_engine_replicas=2)
     serve.delete("tenants")
 
 
@@ -390,11 +401,14 @@ def test_n_choices_top_logprobs_and_echo_match_transformers(apps, reference, tok
         again = c.completions.create(model="smollm2", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
         assert again.choices[0].logprobs is not None and again.choices[0].logprobs.token_logprobs is not None
         assert again.choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
-        body = {"model": "smollm2", "prompt": prompt, "max_tokens": 40, "n": 3, "stream": True, "temperature": 0.8}
+        body = {"model": "smollm2", "prompt": prompt, "max_tokens": 400, "n": 3, "stream": True, "temperature": 0.8}
+        aborted = served.settled_total("pdserve_requests_aborted_total")
         with httpx.stream("POST", f"{served.base_url}/completions", json=body, timeout=60) as response:
             assert response.status_code == 200, response.read()
             for i, _ in enumerate(response.iter_lines()):  # leave mid-stream: all three requests are aborted
                 if i == 6:
                     break
+        # choice 0 at least (the others start after its first token) ended by the abort: 400 tokens outlast this
+        assert served.settled_total("pdserve_requests_aborted_total") >= aborted + 1
     for served in apps:
         assert served.wait_blocks_used(0) == 0

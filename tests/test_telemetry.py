@@ -46,7 +46,11 @@ def traced(tiny_models: dict[str, Path]) -> Iterator[tuple[Served, Served, OTLPR
         serve.run(build_app(ServeConfig(**common)), name="traced", route_prefix="/")
         broken = ServeConfig(**common, kv_transfer_timeout_s=1e-9)
         serve.run(build_app(broken), name="broken", route_prefix="/broken")
-        yield Served(f"http://127.0.0.1:{port}/v1"), Served(f"http://127.0.0.1:{port}/broken/v1"), receiver
+        yield (
+            Served(f"http://127.0.0.1:{port}/v1", num_engine_replicas=2),
+            Served(f"http://127.0.0.1:{port}/broken/v1", num_engine_replicas=2),
+            receiver,
+        )
 
 
 def client(served: Served, **headers: str) -> openai.OpenAI:

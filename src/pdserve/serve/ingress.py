@@ -195,8 +195,9 @@ class Ingress:
     async def _refresh_stats(self) -> None:
         while True:
             try:
+                taken_at = time.time()
                 stats = await self.replica_stats()
-                self.metrics.replicas.snapshot = stats
+                self.metrics.replicas.update(stats, taken_at)
                 self._resize_admission(stats)
                 if self.config.autoscaling.enabled:
                     app_name = serve.get_replica_context().app_name

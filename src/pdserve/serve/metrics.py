@@ -57,6 +57,10 @@ class ReplicaStatsCollector(Collector):
 
     def __init__(self) -> None:
         self.snapshot: list[ReplicaStats] = []
+        self.taken_at = 0.0  # Unix time the snapshot's stats were asked for (0: none yet)
+
+    def update(self, snapshot: list[ReplicaStats], taken_at: float) -> None:
+        self.snapshot, self.taken_at = snapshot, taken_at
 
     def collect(self) -> Iterable[Metric]:
         labels = ["replica", "role"]
@@ -69,6 +73,13 @@ class ReplicaStatsCollector(Collector):
         for s in self.snapshot:
             usage.add_metric([s.replica_id, s.role], s.num_used_blocks / max(s.num_blocks, 1))
         yield usage
+        # How old the replica series are: a reader that needs state after some moment (an idle check after the
+        # last request) waits for a snapshot asked for later; a growing age also flags a stuck refresh.
+        yield GaugeMetricFamily(
+            "pdserve_replica_stats_timestamp_seconds",
+            "Unix time the replica series above were asked of the replicas",
+            value=self.taken_at,
+        )
 
 
 class PlannerCollector(Collector):
