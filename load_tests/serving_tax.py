@@ -13,6 +13,7 @@ what serving adds inside the replica.
     python load_tests/serving_tax.py --rounds 3                       # each system 3 times, interleaved: medians
     python load_tests/serving_tax.py --local-prefill-queue-s 0.5      # also 1P1D with queue-aware local prefill
     python load_tests/serving_tax.py --tiny --num-requests 4 --output-len 8   # a seconds-long smoke run
+    python load_tests/serving_tax.py --json tax.json                  # also each row as JSON (tokens, routing)
 (start the peer first: ../shared/peers/vllm-cpu.sh "$(python -m pdserve.hub --dtype bfloat16)" 8100)
 
 The client runs at niceness 15, above the servers' 0 (pdserve's replicas, vLLM), so it does not preempt them.
@@ -22,14 +23,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import openai
 import psutil
 import torch
@@ -56,6 +60,9 @@ class Result:
     samples: list[Sample]
     wall_s: float
     cpu_s: dict[str, float]  # process role -> CPU seconds during the run
+    # The measured requests' routing decisions by mode (the ingress router's pdserve_router_decisions_total at
+    # /metrics, after minus before the run); None for systems without a pdserve ingress.
+    router_decisions: dict[str, int] | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -79,9 +86,18 @@ async def one_http(client: openai.AsyncOpenAI, model: str, prompt: list[int], ma
     return Sample(first - start, (last - first) / max(num_tokens - 1, 1), num_tokens)
 
 
-async def http_load(base_url: str, model: str, prompts: list[list[int]], max_tokens: int) -> tuple[list[Sample], float]:
+async def http_load(
+    base_url: str,
+    model: str,
+    prompts: list[list[int]],
+    max_tokens: int,
+    after_warmup: Callable[[], object] | None = None,
+) -> tuple[list[Sample], float]:
+    """`after_warmup`: called between the warm-up request and the measured ones (not timed)."""
     async with openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600) as client:
         await one_http(client, model, prompts[0][:16], 4)  # warm-up
+        if after_warmup is not None:
+            after_warmup()
         start = time.perf_counter()
         samples = await asyncio.gather(*[one_http(client, model, p, max_tokens) for p in prompts])
         return list(samples), time.perf_counter() - start
@@ -151,17 +167,39 @@ def _cpu(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
+def router_decisions(url: str) -> dict[str, int]:
+    """The ingress router's routing decisions so far, by mode, from /metrics (`url` ends in /v1)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url.removesuffix('/v1')}/metrics", timeout=30).text
+    counts: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "pdserve_router_decisions_total":
+                mode = sample.labels["mode"]
+                counts[mode] = counts.get(mode, 0) + int(sample.value)
+    return counts
+
+
 def measured(name: str, url: str, model: str, prompts: list[list[int]], max_tokens: int, app: str | None) -> Result:
     processes = serve_processes(app) if app is not None else {}
     processes["client"] = [psutil.Process()]
     samples, wall = asyncio.run(http_load(url, model, [WARMUP_PROMPT], 4))  # warm-up before the CPU baseline
     before = {p: cpu for ps in processes.values() for p in ps if (cpu := _cpu_or_none(p)) is not None}
-    samples, wall = asyncio.run(http_load(url, model, prompts, max_tokens))
+    decisions_before: dict[str, int] = {}
+
+    def mark_decisions() -> None:  # after the run's own warm-up request: the delta counts the measured ones only
+        decisions_before.update(router_decisions(url))
+
+    samples, wall = asyncio.run(http_load(url, model, prompts, max_tokens, mark_decisions if app else None))
     cpu: dict[str, float] = {}
     for role, ps in processes.items():  # a process gone meanwhile (HAProxy reloads by replacing itself) counts 0
         deltas = [after - before[p] for p in ps if p in before and (after := _cpu_or_none(p)) is not None]
         cpu[role] = sum(deltas)
-    result = Result(name, samples, wall, cpu)
+    decisions = None
+    if app is not None:
+        decisions = {mode: n - decisions_before.get(mode, 0) for mode, n in router_decisions(url).items()}
+    result = Result(name, samples, wall, cpu, decisions)
     print(table([result]).splitlines()[-1], flush=True)  # as it goes: a later failure keeps this row
     return result
 
@@ -297,6 +335,11 @@ def main() -> None:
         "--rounds", type=int, default=1,
         help="run every system this many times, interleaved; each row is the median run (by tok/s)",
     )  # fmt: skip
+    parser.add_argument(
+        "--json", type=Path, default=None,
+        help="also write the table's rows here as JSON, with each system's output tokens per request and, for "
+        "pdserve, the measured requests' routing decisions by mode (local / disaggregated)",
+    )  # fmt: skip
     args = parser.parse_args()
     args.seed = int(time.time()) if args.seed is None else args.seed
     os.nice(15 - os.nice(0))  # below the servers (0), as Serve's proxy and HAProxy run (Ray's 15)
@@ -339,6 +382,32 @@ def main() -> None:
     print()
     per_round = {name: [r.tokens_per_s for r in rs] for name, rs in runs.items()}
     print(table(medians, per_round if args.rounds > 1 else None))
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows_json(args, medians, per_round), indent=2) + "\n")
+
+
+def rows_json(args: argparse.Namespace, results: list[Result], per_round: dict[str, list[float]]) -> dict[str, object]:
+    """The table's rows (each system's median run) with what a check needs: output tokens and routing decisions."""
+    return {
+        "num_requests": args.num_requests,
+        "prompt_len": args.prompt_len,
+        "output_len": args.output_len,
+        "seed": args.seed,
+        "systems": [
+            {
+                "system": r.name,
+                "num_requests": len(r.samples),
+                "output_tokens": sum(s.num_tokens for s in r.samples),
+                "output_tokens_per_request": [s.num_tokens for s in r.samples],
+                "tokens_per_s": r.tokens_per_s,
+                "tokens_per_s_per_round": per_round[r.name],
+                "wall_s": r.wall_s,
+                "cpu_s": r.cpu_s,
+                "router_decisions": r.router_decisions,
+            }
+            for r in results
+        ],
+    }
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from pdserve.config import CacheConfig, EngineConfig, ModelConfig
 from pdserve.engine import EngineRequest, LLMEngine, RequestOutput
 from pdserve.engine.async_engine import AsyncEngine, EngineDeadError
 
+ENDLESS = 100_000  # max_tokens past any tiny model's context: such a request ends only by an abort (or the context)
+
 
 def make(path: Path) -> AsyncEngine:
     return AsyncEngine(LLMEngine(EngineConfig(ModelConfig(str(path), dtype="float32"), CacheConfig(num_blocks=64))))
@@ -41,18 +43,25 @@ def test_concurrent_streams_match_the_sync_engine(tiny_models: dict[str, Path]) 
 
 
 def test_closing_a_stream_early_aborts_and_frees_blocks(tiny_models: dict[str, Path]) -> None:
+    """The request asks for more tokens than the context holds, so it could end by itself only at the context's end
+    (some 970 tokens of decoding away): that the engine counted one abort and generated far fewer tokens shows that
+    closing the stream ended it."""
+
     async def main() -> None:
         engine = make(tiny_models["llama"])
-        stream = engine.generate(EngineRequest("a", tuple(range(5, 60)), greedy(200)))
+        prompt = tuple(range(5, 60))
+        room = engine.engine.max_model_len - len(prompt)  # the most tokens the request could generate on its own
+        stream = engine.generate(EngineRequest("a", prompt, greedy(ENDLESS)))
         async for _ in stream:
             break
         await stream.aclose()
         for _ in range(50):
-            if (await engine.stats()).num_used_blocks == 0:
+            stats = await engine.stats()
+            if stats.num_aborts > 0 and stats.num_used_blocks == 0:
                 break
             await asyncio.sleep(0.02)
-        stats = await engine.stats()
-        assert (stats.num_used_blocks, stats.num_running) == (0, 0)
+        assert (stats.num_aborts, stats.num_used_blocks, stats.num_running) == (1, 0, 0)
+        assert stats.load.generated_tokens < room // 2, "the request ran on after its stream was closed"
         engine.shutdown()
 
     asyncio.run(main())
@@ -76,16 +85,43 @@ def test_errors_reach_the_caller_and_leave_nothing_allocated(tiny_models: dict[s
 def test_cancellation_at_any_await_leaks_nothing(tiny_models: dict[str, Path]) -> None:
     """Seeded random flows — colocated streams, prefill-only results, reservations committed and decoded — each
     cancelled with a plain `task.cancel()` at a random moment: before its command ran (queued behind a long step),
-    while it ran, mid-stream, or not at all. Afterwards no block is used, held or reserved."""
+    while it ran, mid-stream, or not at all. Afterwards no block is used, held or reserved. A stream due to be
+    cancelled asks for more tokens than the context holds, so it cannot finish by itself first (its blocks would
+    then come back without any abort): each one cut mid-stream must have been aborted by the engine."""
     rng = random.Random(7)
     engine = make(tiny_models["llama"])
     llm = engine.engine
+    aborted: set[str] = set()  # requests the engine aborted (it knew them, unfinished)
+    cut: dict[str, int] = {}  # streams cancelled after their first output -> the tokens they had received
+    engine_abort = llm.abort
 
-    async def colocated(i: int) -> None:
-        async for _ in engine.generate(EngineRequest(f"c{i}", tuple(range(3, 3 + rng.randint(1, 90))), greedy(30))):
-            await asyncio.sleep(0)
+    def recording_abort(request_id: str, *args: bool) -> bool:
+        found = engine_abort(request_id, *args)
+        if found:
+            aborted.add(request_id)
+        return found
 
-    async def prefill_only(i: int) -> None:
+    llm.abort = recording_abort  # type: ignore[method-assign]
+
+    async def consume(request_id: str, stream: AsyncIterator[RequestOutput]) -> None:
+        received = 0
+        try:
+            async with contextlib.aclosing(stream):  # as the serving layer does: not left to the garbage collector
+                async for out in stream:
+                    received += len(out.new_token_ids)
+                    await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            if received:
+                cut[request_id] = received
+            raise
+
+    async def colocated(i: int, is_cancelled: bool) -> None:
+        request = EngineRequest(
+            f"c{i}", tuple(range(3, 3 + rng.randint(1, 90))), greedy(ENDLESS if is_cancelled else 30)
+        )
+        await consume(request.request_id, engine.generate(request))
+
+    async def prefill_only(i: int, is_cancelled: bool) -> None:
         request = EngineRequest(f"p{i}", tuple(range(5, 5 + rng.randint(1, 90))), greedy(4))
         try:
             async for out in engine.generate(request, prefill_only=True):
@@ -94,28 +130,31 @@ def test_cancellation_at_any_await_leaks_nothing(tiny_models: dict[str, Path]) -
             with contextlib.suppress(ValueError):  # released by its own abort when cancelled mid-generation
                 await asyncio.shield(engine.release(request.request_id))
 
-    async def reserved(i: int) -> None:
-        request = EngineRequest(f"d{i}", tuple(range(7, 7 + rng.randint(1, 90))), greedy(20))
+    async def reserved(i: int, is_cancelled: bool) -> None:
+        request = EngineRequest(
+            f"d{i}", tuple(range(7, 7 + rng.randint(1, 90))), greedy(ENDLESS if is_cancelled else 20)
+        )
         held = await engine.reserve(request, lease_s=30)
         if held is None:
             return
         first = held.num_cached_tokens // llm.layout.block_size
         llm.kv.block_epochs[list(held.block_ids[first:])] = held.epoch  # as a transport would, after its writes
-        async for _ in engine.commit(request.request_id, 11, None):
-            await asyncio.sleep(0)
+        await consume(request.request_id, engine.commit(request.request_id, 11, None))
 
     async def main() -> None:
         flows = [colocated, prefill_only, reserved]
         tasks = []
         for i in range(300):
-            task = asyncio.ensure_future(rng.choice(flows)(i))
-            tasks.append(task)
+            flow = rng.choice(flows)
             delay = rng.choice([None, 0.0, rng.uniform(0, 0.01), rng.uniform(0.01, 0.5)])
+            task = asyncio.ensure_future(flow(i, delay is not None))
+            tasks.append(task)
             if delay is not None:
                 asyncio.get_running_loop().call_later(delay, task.cancel)
             if i % 30 == 0:
                 await asyncio.sleep(0.05)
-        results = await asyncio.gather(*tasks, return_exceptions=True)
+        # Streams that outlived their cancel would hold the pool until the context's end, and the rest wait behind.
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
         failures = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
         assert not failures, failures[:3]
         assert sum(isinstance(r, asyncio.CancelledError) for r in results) > 100
@@ -129,6 +168,11 @@ def test_cancellation_at_any_await_leaks_nothing(tiny_models: dict[str, Path]) -
         engine.shutdown()
 
     asyncio.run(main())
+    # A stream cut well before the context's end (the least room is 1024 - 97 tokens) was still running: only the
+    # abort that closing it sends can have ended it.
+    early = {request_id for request_id, received in cut.items() if received < 400}
+    assert len(early) >= 8, f"only {len(early)} streams were cut mid-stream"
+    assert early <= aborted, f"streams cut but never aborted: {sorted(early - aborted)[:5]}"
 
 
 def test_a_dead_engine_thread_fails_every_caller(tiny_models: dict[str, Path]) -> None:

@@ -1,8 +1,10 @@
-"""A seconds-long smoke run of load_tests/serving_tax.py with a tiny model: every system it compares answers and
-lands in the table, so the benchmark that reports the serving tax cannot rot unnoticed."""
+"""A seconds-long smoke run of load_tests/serving_tax.py with a tiny model: every system it compares answers in full
+and lands in the table, and the queue-aware local prefill it measures really prefills on D, so the benchmark that
+reports the serving tax cannot rot unnoticed."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_a_smoke_run_prints_a_row_per_system() -> None:
+def test_a_smoke_run_prints_a_row_per_system(tmp_path: Path) -> None:
+    num_requests, output_len = 3, 6
+    report = tmp_path / "tax.json"
     command = [
-        sys.executable, "load_tests/serving_tax.py", "--tiny", "--num-requests", "3", "--prompt-len", "24",
-        "--output-len", "6", "--pin", "--local-prefill-queue-s", "0", "--seed", "1",
+        sys.executable, "load_tests/serving_tax.py", "--tiny", "--num-requests", str(num_requests), "--prompt-len",
+        "24", "--output-len", str(output_len), "--pin", "--local-prefill-queue-s", "0", "--seed", "1",
+        "--json", str(report),
     ]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -27,3 +32,15 @@ def test_a_smoke_run_prints_a_row_per_system() -> None:
     assert names[2].startswith("pdserve 1P1D, HTTP, P on [")  # the cores depend on the machine
     assert names[3] == names[2] + ", queue-aware local prefill (0.0 s)"
     assert all(tokens_per_s > 0 for tokens_per_s in rows.values())
+
+    systems = {row["system"]: row for row in json.loads(report.read_text())["systems"]}
+    assert list(systems) == names, "the JSON holds other rows than the table"
+    for name, row in systems.items():  # a stream cut short, or one answering a single token, would still show tok/s
+        assert row["output_tokens_per_request"] == [output_len] * num_requests, (name, row)
+        assert row["output_tokens"] == num_requests * output_len, (name, row)
+    decisions = {name: row["router_decisions"] for name, row in systems.items()}
+    assert decisions[names[0]] is None  # no ingress, no router
+    for name in names[2:]:  # every measured request routed once (the warm-ups are not counted)
+        assert sum(decisions[name].values()) == num_requests, (name, decisions[name])
+    assert decisions[names[2]].get("local", 0) == 0, decisions[names[2]]  # local_prefill_max_tokens 0: all via P
+    assert decisions[names[3]].get("local", 0) >= 1, f"the queue-aware system never prefilled on D: {decisions}"
