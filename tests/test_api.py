@@ -181,6 +181,17 @@ def test_completion_stream_equals_whole(client: openai.OpenAI, backend: FakeBack
     assert backend.num_closed == 2
 
 
+def test_null_stream_options_mean_the_defaults(client: openai.OpenAI, backend: FakeBackend) -> None:
+    """`stream_options` fields sent as null are their defaults (as at the top level, and as vLLM takes them)."""
+    args: dict[str, Any] = {"model": "fake-model", "prompt": "hi", "max_tokens": 5, "stream": True}
+    plain = list(client.completions.create(**args, stream_options={"include_usage": None}))  # type: ignore[typeddict-item]
+    assert plain and all(c.usage is None for c in plain)
+    options: Any = {"include_usage": True, "continuous_usage_stats": None}
+    with_usage = list(client.completions.create(**args, stream_options=options))
+    assert with_usage[-1].usage is not None and with_usage[-1].choices == []
+    assert all(c.usage is None for c in with_usage[:-1])
+
+
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
 def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(
     client: openai.OpenAI, backend: FakeBackend, endpoint: str
@@ -408,7 +419,7 @@ def chat(**fields: Any) -> tuple[str, dict[str, Any]]:
         (completion(prompt=[-1]), 400, "prompt", None),
         (completion(prompt=[5] * MAX_MODEL_LEN), 400, "prompt", CONTEXT),
         (completion(prompt=[5] * 120, max_tokens=9), 400, "max_tokens", CONTEXT),
-        (completion(max_tokens=0), 400, "max_tokens", None),
+        (completion(max_tokens=-1), 400, "max_tokens", None),
         (completion(max_tokens="16"), 400, "max_tokens", None),
         (completion(temperature=2.5), 400, "temperature", None),
         (completion(top_p=0), 400, "top_p", None),
@@ -416,7 +427,7 @@ def chat(**fields: Any) -> tuple[str, dict[str, Any]]:
         (completion(n=17), 400, "n", None),
         (completion(stop=["a", "b", "c", "d", "e"]), 400, "stop", None),
         (completion(logprobs=21), 400, "logprobs", None),
-        (completion(max_tokens=0), 400, "max_tokens", None),  # 0 only with echo
+        (completion(max_tokens=0, echo=False), 400, "max_tokens", None),  # 0 only with echo (see below)
         (completion(presence_penalty=2.5), 400, "presence_penalty", None),
         (completion(logit_bias={"600": 1.0}), 400, "logit_bias", None),  # outside the vocabulary
         (completion(logit_bias={"5": 101}), 400, "logit_bias", None),
@@ -452,6 +463,28 @@ def test_invalid_requests_never_reach_the_backend(
     assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
     assert error["message"] and "Traceback" not in response.text and "pydantic" not in response.text
     assert backend.requests == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_0_with_echo_scores_the_prompt(http: httpx.Client, backend: FakeBackend, stream: bool) -> None:
+    """What evaluation harnesses send for a log-likelihood: the prompt back with its logprobs, no output. One token
+    is generated for the prompt's logprobs to come with, and dropped."""
+    response = http.post(COMPLETIONS, json=completion(prompt=[5, 6, 7], max_tokens=0, echo=True, logprobs=1,
+                                                      stream=stream)[1])  # fmt: skip
+    assert response.status_code == 200, response.text
+    if stream:
+        chunks = [json.loads(p) for p in sse_payloads(response)[:-1]]
+        text = "".join(c["choices"][0]["text"] for c in chunks)
+        logprobs = [
+            lp for c in chunks if c["choices"][0]["logprobs"] for lp in c["choices"][0]["logprobs"]["token_logprobs"]
+        ]
+    else:
+        choice = response.json()["choices"][0]
+        text, logprobs = choice["text"], choice["logprobs"]["token_logprobs"]
+    assert text == backend.tokenizer.decode([5, 6, 7])  # the prompt, nothing generated
+    assert logprobs == [None, logprob_of(6), logprob_of(7)]  # the first prompt token has none
+    request = backend.requests[0]
+    assert (request.max_tokens, request.prompt_logprobs) == (1, 1)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ vLLM 0.32's own request models, tests/data/vllm-0.32-request-fields.json); `n` c
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,9 @@ import httpx
 import openai
 import pytest
 
-from pdserve.api import create_app
+from pdserve.api import GenerationRequest, create_app
 from test_api import TEXT, FakeBackend, serve, sse_payloads
-from tiny_models import build_tokenizer
+from tiny_models import EOS_ID, build_tokenizer
 
 VLLM_FIELDS = json.loads((Path(__file__).parent / "data" / "vllm-0.32-request-fields.json").read_text())
 BASE = {
@@ -22,21 +23,27 @@ BASE = {
     "completions": ("/v1/completions", {"model": "fake-model", "prompt": "hi"}),
 }
 # A value other than the default for the fields pdserve implements (and for those needing a partner field);
-# every other field gets SENTINEL, which no field accepts as harmless.
+# every other field gets SENTINEL, which no field accepts as harmless. Each value is one whose effect shows in what
+# the backend was sent or in the answer (EFFECTS).
 PROBES: dict[str, Any] = {
-    "temperature": 0.5, "top_p": 0.9, "top_k": 5, "min_p": 0.1, "seed": 7, "stop": ["zz"], "n": 2, "stream": True,
+    "temperature": 0.5, "top_p": 0.9, "top_k": 5, "min_p": 0.1, "seed": 7, "stop": ["fox"], "n": 2, "stream": True,
     "stream_options": {"include_usage": True}, "ignore_eos": True, "min_tokens": 1, "stop_token_ids": [5],
     "user": "u1", "cache_salt": "s", "max_tokens": 8, "max_completion_tokens": 8, "logprobs": 3,
     "top_logprobs": 3, "echo": True, "include_stop_str_in_output": True, "skip_special_tokens": False,
-    "chat_template_kwargs": {"enable_thinking": False}, "add_generation_prompt": False, "repetition_penalty": 1.2,
+    "chat_template_kwargs": {"greeting": True}, "add_generation_prompt": False, "repetition_penalty": 1.2,
     "continue_final_message": True, "presence_penalty": 0.5, "frequency_penalty": 0.5, "logit_bias": {"5": 1.0},
 }  # fmt: skip
+# Fields of PROBES that one endpoint refuses even so: vLLM's chat `echo` (repeat the last message before the reply)
+# is not implemented, and vllm_fields.CHAT_ONLY accepts it only at its default, false.
+REFUSED_PROBES = {("chat", "echo")}
 SENTINEL = {"probe": 1}
-PARTNERS: dict[str, dict[str, Any]] = {  # fields that are only valid beside another
+PARTNERS: dict[str, dict[str, Any]] = {  # fields that are only valid, or only show their effect, beside another
     "stream_options": {"stream": True},
     "top_logprobs": {"logprobs": True},
     "continue_final_message": {"add_generation_prompt": False,
                                "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]},
+    "include_stop_str_in_output": {"stop": ["fox"]},
+    "skip_special_tokens": {"max_tokens": 60},  # up to the EOS at the end of the script
 }  # fmt: skip
 REQUIRED = {"model", "messages", "prompt"}
 
@@ -69,12 +76,115 @@ def vllm_fields(endpoint: str) -> list[str]:
     return sorted(set(VLLM_FIELDS[endpoint]) - REQUIRED)
 
 
+@dataclass
+class Served:
+    """A probe's 200 answer and what the backend was sent for it."""
+
+    endpoint: str
+    body: dict[str, Any]
+    response: httpx.Response
+    requests: list[GenerationRequest]
+    tokenizer: Any
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.requests[0]
+
+    @property
+    def chunks(self) -> list[dict[str, Any]]:
+        payloads = sse_payloads(self.response)
+        assert payloads[-1] == "[DONE]"
+        return [json.loads(p) for p in payloads[:-1]]
+
+    @property
+    def is_stream(self) -> bool:
+        return self.response.headers["content-type"].startswith("text/event-stream")
+
+    @property
+    def texts(self) -> list[str]:
+        """Each choice's text, whole or streamed."""
+        key = "message" if self.endpoint == "chat" else None
+        if not self.is_stream:
+            return [c[key]["content"] if key else c["text"] for c in self.response.json()["choices"]]
+        texts: dict[int, str] = {}
+        for chunk in self.chunks:
+            for c in chunk["choices"]:
+                piece = c["delta"].get("content") if self.endpoint == "chat" else c["text"]
+                texts[c["index"]] = texts.get(c["index"], "") + (piece or "")
+        return [texts[i] for i in sorted(texts)]
+
+    def chat_prompt(self, **kwargs: Any) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(self.body["messages"], tokenize=True, return_dict=False, **kwargs)
+        return list(ids)
+
+
+CUT = TEXT.index("fox")  # PROBES' stop string
+NO_VISIBLE_EFFECT = {"user"}  # OpenAI's end-user id (for abuse monitoring): accepted, nothing in the output changes
+EFFECTS: dict[str, Callable[[Served], bool]] = {  # how each probe shows that the value was honoured
+    "temperature": lambda s: s.request.temperature == 0.5,
+    "top_p": lambda s: s.request.top_p == 0.9,
+    "top_k": lambda s: s.request.top_k == 5,
+    "min_p": lambda s: s.request.min_p == 0.1,
+    "seed": lambda s: s.request.seed == 7,
+    "stop": lambda s: s.texts == [TEXT[:CUT]],
+    "n": lambda s: len(s.requests) == 2 and len(s.texts) == 2,
+    "stream": lambda s: s.is_stream and len(s.chunks) > 1,
+    "stream_options": lambda s: s.chunks[-1]["choices"] == [] and s.chunks[-1]["usage"]["completion_tokens"] > 0,
+    "ignore_eos": lambda s: s.request.ignore_eos is True,
+    "min_tokens": lambda s: s.request.min_tokens == 1,
+    "stop_token_ids": lambda s: s.request.stop_token_ids == [5],
+    "user": lambda s: True,  # NO_VISIBLE_EFFECT
+    "cache_salt": lambda s: s.request.cache_salt == "s",  # (no API keys here: the client's salt as it is)
+    "max_tokens": lambda s: s.request.max_tokens == 8,
+    "max_completion_tokens": lambda s: s.request.max_tokens == 8,
+    "logprobs": lambda s: (
+        s.request.logprobs
+        and s.request.top_logprobs == (3 if s.endpoint == "completions" else 0)
+        and s.response.json()["choices"][0]["logprobs"] is not None
+    ),
+    "top_logprobs": lambda s: s.request.logprobs and s.request.top_logprobs == 3,
+    "echo": lambda s: s.texts[0].startswith("hi" + TEXT[:3]),  # the prompt, then the output
+    "include_stop_str_in_output": lambda s: s.texts == [TEXT[: CUT + len("fox")]],
+    "skip_special_tokens": lambda s: (
+        s.tokenizer.decode([EOS_ID]) != "" and s.texts == [TEXT + s.tokenizer.decode([EOS_ID])]
+    ),
+    "chat_template_kwargs": lambda s: (
+        s.request.prompt_token_ids  # on the `templated` server
+        == s.tokenizer(template_render(s.body["messages"], s.body), add_special_tokens=False)["input_ids"]
+        and "[hello]" in template_render(s.body["messages"], s.body)
+    ),
+    "add_generation_prompt": lambda s: (
+        s.request.prompt_token_ids
+        == s.chat_prompt(add_generation_prompt=False)
+        != s.chat_prompt(add_generation_prompt=True)
+    ),
+    "continue_final_message": lambda s: (
+        s.request.prompt_token_ids
+        == s.chat_prompt(add_generation_prompt=False, continue_final_message=True)
+        != s.chat_prompt(add_generation_prompt=False)
+    ),
+    "repetition_penalty": lambda s: s.request.repetition_penalty == 1.2,
+    "presence_penalty": lambda s: s.request.presence_penalty == 0.5,
+    "frequency_penalty": lambda s: s.request.frequency_penalty == 0.5,
+    "logit_bias": lambda s: s.request.logit_bias == ((5, 1.0),),
+}
+
+
+def test_every_probe_has_its_effect_checked() -> None:
+    assert EFFECTS.keys() == PROBES.keys()
+    assert all(field in PROBES for _, field in REFUSED_PROBES)
+
+
 @pytest.mark.parametrize(
     ("endpoint", "field"), [(e, f) for e in ("chat", "completions") for f in vllm_fields(e)]
 )  # fmt: skip
 def test_every_vllm_field_works_or_is_a_400_naming_it(
-    http: httpx.Client, backend: FakeBackend, endpoint: str, field: str
+    server: tuple[str, FakeBackend], templated: tuple[str, FakeBackend], tokenizer: Any, endpoint: str, field: str
 ) -> None:
+    """A field pdserve implements is served (200) and its value has its effect; any other is a 400 naming it,
+    before anything reaches the backend."""
+    url, backend = templated if field == "chat_template_kwargs" else server  # a template that reads a kwarg
+    backend.reset()
     path, base = BASE[endpoint]
     value = PROBES.get(field, SENTINEL)
     if endpoint == "completions" and field == "logprobs":
@@ -82,9 +192,19 @@ def test_every_vllm_field_works_or_is_a_400_naming_it(
     elif endpoint == "chat" and field == "logprobs":
         value = True
     body = {**base, **PARTNERS.get(field, {}), field: value}
-    response = http.post(path, json=body)
-    if response.status_code == 200:
-        assert field in PROBES, f"{field}={value!r} was answered 200: a field without an effect must be refused"
+    response = httpx.post(url + path, json=body, timeout=10)
+    if field in PROBES and (endpoint, field) not in REFUSED_PROBES:
+        assert response.status_code == 200, response.text
+        assert backend.requests, "answered without reaching the backend"
+        served = Served(endpoint, body, response, backend.requests, tokenizer)
+        assert EFFECTS[field](served), f"{field}={value!r} had no effect: {backend.requests[0]}, {response.text[:300]}"
+        backend.reset()  # the same request without the field: the check must tell them apart
+        without = {k: v for k, v in body.items() if k != field}
+        response = httpx.post(url + path, json=without, timeout=10)
+        assert response.status_code == 200, response.text
+        assert field in NO_VISIBLE_EFFECT or not EFFECTS[field](
+            Served(endpoint, without, response, backend.requests, tokenizer)
+        ), f"the check of {field} passes without it"
         return
     assert response.status_code == 400, response.text
     error = response.json()["error"]
@@ -258,28 +378,42 @@ def test_a_model_without_a_chat_template_answers_chat_with_a_400(tmp_path: Path)
     assert len(backend.requests) == 1
 
 
+LEAVE_AT = ("the headers", "mid-way", "after the end")
+
+
 @pytest.mark.parametrize("seed", range(30))
 def test_n_choices_streams_are_all_closed_wherever_the_client_leaves(
     server: tuple[str, FakeBackend], backend: FakeBackend, seed: int
 ) -> None:
-    """A client leaving an n-choice stream at a random point (before the first chunk, mid-way, after the end):
-    every backend stream that started is closed (aborted), none is left running."""
+    """A client leaving an n-choice stream at a random point (right after the headers, mid-way, or after the end:
+    LEAVE_AT[seed % 3]): every backend stream that started is closed (aborted), none is left running. The backend
+    is slow enough (a delta every 10 ms) that a client leaving early does leave before the end: the choices had
+    not all been generated."""
     import random
     import time
 
     rng = random.Random(seed)
-    backend.reset(tokens_per_delta=rng.choice([1, 3]), delay_s=rng.choice([0.0, 0.002]))
-    n, leave_after = rng.randint(2, 5), rng.randint(0, 40)
+    tokens_per_delta, leave_at = rng.choice([1, 3]), LEAVE_AT[seed % 3]
+    backend.reset(tokens_per_delta=tokens_per_delta, delay_s=0.01)
+    n = rng.randint(2, 5)
+    data_lines = 2 * n * -(-len(backend.script) // tokens_per_delta)  # "data: ..." and a blank line a delta
+    leave_after = {"the headers": 0, "mid-way": rng.randint(1, data_lines // 4), "after the end": data_lines + 4}
     body = {**BASE["completions"][1], "n": n, "stream": True, "max_tokens": 60, "seed": seed}
     with httpx.Client(base_url=server[0], timeout=10) as http, http.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200, r.read()
-        for i, _ in enumerate(r.iter_lines()):
-            if i >= leave_after:
+        lines = 0
+        for lines, _ in enumerate(r.iter_lines() if leave_after[leave_at] else (), 1):
+            if lines >= leave_after[leave_at]:
                 break
+        assert leave_at != "after the end" or lines < leave_after[leave_at]  # the stream ended first
     deadline = time.monotonic() + 5
     while backend.num_closed < len(backend.requests) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(backend.requests) <= n and backend.num_closed == len(backend.requests)
+    if leave_at == "after the end":
+        assert backend.num_yielded == n * len(backend.script)
+    else:  # left before the end: some choice was cut short
+        assert backend.num_yielded < n * len(backend.script), (leave_at, lines, backend.num_yielded)
 
 
 def test_several_served_names_are_each_accepted_and_listed(tokenizer: Any) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,17 +62,27 @@ def _concrete(path: str) -> str:
     return re.sub(r"\{[^}]+\}", "x", path)
 
 
+# What each generation route would serve: a refused key must be what stops it, not the body.
+VALID_BODIES = {
+    "/v1/completions": {"model": "fake-model", "prompt": "hi", "max_tokens": 2},
+    "/v1/chat/completions": {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+}
+
+
 def test_every_route_but_the_probes_needs_a_key(secured: tuple[str, FakeBackend, Any]) -> None:
     url, backend, app = secured
+    backend.reset()
     routes = [(r.path, sorted(r.methods)) for r in api_routes(app.routes)]
-    assert len(routes) >= 7
+    assert len(routes) >= 7 and VALID_BODIES.keys() <= {path for path, _ in routes}
+    served = []
     with httpx.Client(base_url=url, timeout=5) as http:
         for path, methods in routes:
             for method in methods:
-                no_key = http.request(method, _concrete(path), json={})
-                wrong = http.request(method, _concrete(path), json={}, headers={"Authorization": "Bearer sk-wrong"})
-                basic = http.request(method, _concrete(path), json={}, headers={"Authorization": f"Basic {KEY_A}"})
-                good = http.request(method, _concrete(path), json={}, headers={"Authorization": f"Bearer {KEY_A}"})
+                body = VALID_BODIES.get(path, {}) if method == "POST" else {}
+                no_key = http.request(method, _concrete(path), json=body)
+                wrong = http.request(method, _concrete(path), json=body, headers={"Authorization": "Bearer sk-wrong"})
+                basic = http.request(method, _concrete(path), json=body, headers={"Authorization": f"Basic {KEY_A}"})
+                good = http.request(method, _concrete(path), json=body, headers={"Authorization": f"Bearer {KEY_A}"})
                 if path in OPEN_PATHS:
                     assert no_key.status_code == 200, path
                     continue
@@ -82,7 +91,12 @@ def test_every_route_but_the_probes_needs_a_key(secured: tuple[str, FakeBackend,
                     assert refused.json()["error"]["code"] == "invalid_api_key"
                     assert refused.headers["www-authenticate"] == "Bearer"
                 assert good.status_code != 401, (method, path)
-    assert not backend.requests  # nothing refused reached the backend
+                if method == "POST" and path in VALID_BODIES:
+                    assert good.status_code == 200, (path, good.text)
+                    served.append(good.json()["id"])
+    # Only the good key's requests reached the backend: the same bodies with no key, a wrong one or the wrong
+    # scheme did not.
+    assert len(served) == len(VALID_BODIES) and [r.request_id for r in backend.requests] == served
 
 
 def test_the_official_client_authenticates(secured: tuple[str, FakeBackend, Any]) -> None:
@@ -164,28 +178,30 @@ def test_without_keys_everything_is_open(tokenizer: Any) -> None:
 
 
 def test_limits_hold_under_concurrent_clients(tokenizer: Any) -> None:
-    """40 clients at once against max_concurrent=3: never more than 3 in the backend, all others 429, and the
-    count back at 0 after (some clients leave mid-stream)."""
+    """40 clients at once against max_concurrent=3: never more than 3 streams in the backend (counted there, not by
+    the limiter), the others 429, and the count back at 0 after (some clients leave mid-stream)."""
     backend = FakeBackend(tokenizer)
     backend.reset(delay_s=0.02)
     api_keys = APIKeys({key_digest(KEY_A): Tenant("team-a", max_concurrent=3)})
     app = create_app(backend, api_keys=api_keys)
-    peak = 0
-    lock = threading.Lock()
+    open_streams = peak = 0
     original = backend.generate
 
     async def counting(request: Any) -> Any:
-        nonlocal peak
-        with lock:
-            peak = max(peak, api_keys.in_flight("team-a"))
-        async for delta in original(request):
-            yield delta
+        nonlocal open_streams, peak
+        open_streams += 1  # (the server's one event loop runs every stream: no lock needed)
+        peak = max(peak, open_streams)
+        try:
+            async for delta in original(request):
+                yield delta
+        finally:
+            open_streams -= 1
 
     backend.generate = counting  # type: ignore[method-assign]
     with serve(app) as url:
 
         async def one(i: int) -> int:
-            body = {"model": "fake-model", "prompt": "hi", "max_tokens": 8, "stream": True}
+            body = {"model": "fake-model", "prompt": "hi", "max_tokens": 20, "stream": True}
             async with httpx.AsyncClient(base_url=url, timeout=10) as http:
                 headers = {"Authorization": f"Bearer {KEY_A}"}
                 async with http.stream("POST", "/v1/completions", json=body, headers=headers) as r:
@@ -198,9 +214,10 @@ def test_limits_hold_under_concurrent_clients(tokenizer: Any) -> None:
             return list(await asyncio.gather(*[one(i) for i in range(40)]))
 
         statuses = asyncio.run(run())
-        wait_until(lambda: api_keys.in_flight("team-a") == 0)
+        wait_until(lambda: api_keys.in_flight("team-a") == 0 and open_streams == 0)
     assert set(statuses) <= {200, 429} and statuses.count(200) >= 3
-    assert peak <= 3
+    assert statuses.count(429) >= 10, statuses  # 40 streams of 400 ms each, arriving together: most are refused
+    assert 1 <= peak <= 3 and len(backend.requests) == statuses.count(200)
 
 
 # --- request limits: a 4xx naming the parameter, nothing reaching the backend ------------------------------------

@@ -70,6 +70,12 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's: usage so far in every chunk (guidellm and aiperf ask for it)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _null_means_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """An explicit null is the default here too, as at the top level (vLLM accepts it)."""
+        return cls.model_fields[str(info.field_name)].default if value is None else value
+
 
 class SamplingFields(BaseModel):
     """Fields both generation endpoints share."""
