@@ -124,11 +124,11 @@ def main() -> None:
     kernels = {"SDPA": None, "native": engine.model.decode_kernel}
     steps: dict[str, list[float]] = {name: [] for name in kernels}
     tok_s: dict[str, list[float]] = {name: [] for name in kernels}
-    prompts = make_prompts(16, 256, vocab)
-    for _ in range(args.rounds):
-        for name, kernel in kernels.items():
+    for r in range(args.rounds):
+        for i, (name, kernel) in enumerate(kernels.items()):
             engine.model.decode_kernel = kernel
             steps[name].append(decode_step_ms(engine, vocab))
+            prompts = make_prompts(16, 256, vocab, seed=100 + 2 * r + i)  # fresh: no prefix-cache hit across runs
             tok_s[name].append(run_engine(engine, prompts, 64).tok_per_s)
     print(f"\n# engine: {path}, {args.rounds} interleaved rounds, medians")
     print("| decode attention | decode step ms (16 x ~300) | tok/s 16 x (256 -> 64) |")
