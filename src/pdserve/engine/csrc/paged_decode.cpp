@@ -75,26 +75,32 @@ void decode_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* b
         __builtin_prefetch(v + r * row_bytes + off);
       }
   };
-  prefetch_block(0);
-  for (int64_t j = 0; j < num_blocks; ++j) {
-    if (j + 1 < num_blocks) prefetch_block(j + 1);
-    const T* k_block = k_cache + blocks[j] * block_size * row;
-    const int64_t first = j * block_size, last = std::min(len, first + block_size);
-    for (int64_t t = first; t < last; ++t) {
-      for (int64_t h = h0; h < h1; ++h) {
-        const T* k = k_block + (t - first) * row + h * D;
-        float kf[D];
-        for (int d = 0; d < D; ++d) kf[d] = to_float(k[d]);
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t i = (h - h0) * group + g;
-          float s = 0.f;
-#pragma omp simd reduction(+ : s)
-          for (int d = 0; d < D; ++d) s += qf[i][d] * kf[d];
-          scores[i * len + t] = s;
+  // Visits every cached row's slice for heads [h0, h1) in address order, block by block, as floats:
+  // visit(t, h, row_f) with row_f[D] the head's K or V for token t.
+  auto for_each_row = [&](const T* cache, bool prefetch, auto&& visit) {
+    for (int64_t j = 0; j < num_blocks; ++j) {
+      if (prefetch && j + 1 < num_blocks) prefetch_block(j + 1);
+      const T* block = cache + blocks[j] * block_size * row;
+      const int64_t first = j * block_size, last = std::min(len, first + block_size);
+      for (int64_t t = first; t < last; ++t)
+        for (int64_t h = h0; h < h1; ++h) {
+          const T* x = block + (t - first) * row + h * D;
+          float xf[D];
+          for (int d = 0; d < D; ++d) xf[d] = to_float(x[d]);
+          visit(t, h, xf);
         }
-      }
     }
-  }
+  };
+  prefetch_block(0);
+  for_each_row(k_cache, true, [&](int64_t t, int64_t h, const float* kf) {
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t i = (h - h0) * group + g;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int d = 0; d < D; ++d) s += qf[i][d] * kf[d];
+      scores[i * len + t] = s;
+    }
+  });
   float acc[kMaxHeads][D];
   float inv[kMaxHeads];
   for (int64_t i = 0; i < heads; ++i) {
@@ -110,23 +116,14 @@ void decode_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* b
     inv[i] = 1.f / sum;
     for (int d = 0; d < D; ++d) acc[i][d] = 0.f;
   }
-  for (int64_t j = 0; j < num_blocks; ++j) {
-    const T* v_block = v_cache + blocks[j] * block_size * row;
-    const int64_t first = j * block_size, last = std::min(len, first + block_size);
-    for (int64_t t = first; t < last; ++t) {
-      for (int64_t h = h0; h < h1; ++h) {
-        const T* v = v_block + (t - first) * row + h * D;
-        float vf[D];
-        for (int d = 0; d < D; ++d) vf[d] = to_float(v[d]);
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t i = (h - h0) * group + g;
-          const float p = scores[i * len + t];
+  for_each_row(v_cache, false, [&](int64_t t, int64_t h, const float* vf) {
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t i = (h - h0) * group + g;
+      const float p = scores[i * len + t];
 #pragma omp simd
-          for (int d = 0; d < D; ++d) acc[i][d] += p * vf[d];
-        }
-      }
+      for (int d = 0; d < D; ++d) acc[i][d] += p * vf[d];
     }
-  }
+  });
   for (int64_t i = 0; i < heads; ++i)
     for (int d = 0; d < D; ++d) from_float(acc[i][d] * inv[i], out + i * D + d);
 }
