@@ -1,11 +1,11 @@
 """Attention over paged KV blocks, behind one function.
 
 Each step's tokens are flattened into one `[num_tokens, ...]` batch: single-token rows (decodes) first, then
-prefill chunks. On CPU the decodes go to the native kernel (`native.py`, `csrc/paged_decode.cpp`), which reads each
-sequence's blocks where they lie. Elsewhere, or without a compiler, they are attended in one batched SDPA call over
-their blocks gathered (padded and masked) to `[B, H_kv, L_max, D]` (whole blocks via index_select: 4x faster than a
-per-slot gather), each KV head's query heads as its query rows. Each prefill chunk is one SDPA call, causal over its
-cached context plus itself.
+prefill chunks. On CPU in bf16 the decodes go to the native kernel (`native.py`, `csrc/paged_decode.cpp`), which
+reads each sequence's blocks where they lie. Elsewhere, or without a compiler, they are attended in one batched
+SDPA call over their blocks gathered (padded and masked) to `[B, H_kv, L_max, D]` (whole blocks via index_select:
+4x faster than a per-slot gather), each KV head's query heads as its query rows. Each prefill chunk is one SDPA
+call, causal over its cached context plus itself.
 """
 
 from __future__ import annotations

@@ -42,8 +42,10 @@ def kernel_cache_dir() -> Path:
 
 def decode_supported(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
     """Whether the native decode kernel covers a model of this shape and dtype."""
+    # bf16 only by default: in float32 one answer in 271 of an e2e test (random tiny model, 600-token prompts)
+    # differed from transformers with it, unexplained yet; the kernel computes float32 too (tests call it directly).
     return (
-        dtype in (torch.float32, torch.bfloat16)
+        dtype == torch.bfloat16
         and head_dim in HEAD_DIMS
         and num_heads % num_kv_heads == 0
         and num_heads // num_kv_heads <= MAX_HEADS
