@@ -55,25 +55,33 @@ def check(engine: LLMEngine, refs: list, got: dict[str, list[int]], tag: str = "
     assert stats.num_used_blocks == 0 and stats.num_running == 0 and stats.num_waiting == 0 and stats.num_held == 0
 
 
-@pytest.mark.parametrize("decode", ["native", "sdpa"])
-def test_staggered_arrivals(family: tuple, decode: str) -> None:
+def use_kernels(engine: LLMEngine, kernels: str) -> None:
+    """ "sdpa": torch's attention only (what a machine without a compiler runs); "native": the paged decode and
+    prefill kernels, which are on for bf16 by default and asked for here in float32."""
+    if kernels == "sdpa":
+        engine.model.decode_kernel = engine.model.prefill_kernel = None
+        return
+    engine.model.decode_kernel, engine.model.prefill_kernel = native.paged_decode_op(), native.paged_prefill_op()
+    if engine.model.decode_kernel is None or engine.model.prefill_kernel is None:
+        if os.environ.get("CI"):
+            pytest.fail("the native attention kernels did not build on this CI machine")
+        pytest.skip("no native kernels here (no C++ compiler)")
+
+
+@pytest.mark.parametrize("kernels", ["native", "sdpa"])
+def test_staggered_arrivals(family: tuple, kernels: str) -> None:
     path, prompts, refs = family
     engine = make_engine(path)
-    if decode == "sdpa":
-        engine.model.decode_kernel = None  # what a machine without a compiler runs
-    else:  # the kernel is on for bf16 by default; float32 asks for it here
-        engine.model.decode_kernel = native.paged_decode_op()
-        if engine.model.decode_kernel is None:
-            if os.environ.get("CI"):
-                pytest.fail("the native decode kernel did not build on this CI machine")
-            pytest.skip("no native decode kernel here (no C++ compiler)")
+    use_kernels(engine, kernels)
     got = run_staggered(engine, [(2 * i, r) for i, r in enumerate(requests(prompts))])
     check(engine, refs, got)
 
 
-def test_chunked_prefill_smaller_than_prompts(family: tuple) -> None:
+@pytest.mark.parametrize("kernels", ["native", "sdpa"])
+def test_chunked_prefill_smaller_than_prompts(family: tuple, kernels: str) -> None:
     path, prompts, refs = family
     engine = make_engine(path, budget=24)
+    use_kernels(engine, kernels)
     got = run_staggered(engine, [(i, r) for i, r in enumerate(requests(prompts))])
     check(engine, refs, got)
 
@@ -86,7 +94,8 @@ def test_preemption_by_recompute(family: tuple) -> None:
     check(engine, refs, got)
 
 
-def test_prefix_cache_hits_with_shared_system_prompt(family: tuple) -> None:
+@pytest.mark.parametrize("kernels", ["native", "sdpa"])
+def test_prefix_cache_hits_with_shared_system_prompt(family: tuple, kernels: str) -> None:
     path, _, _ = family
     model = load_reference_model(path)
     system = random_prompts([40], model.config.vocab_size, seed=7)[0]
@@ -94,6 +103,7 @@ def test_prefix_cache_hits_with_shared_system_prompt(family: tuple) -> None:
     prompts = [system + s for s in suffixes]
     refs = [reference_greedy(model, p, MAX_TOKENS) for p in prompts]
     engine = make_engine(path)
+    use_kernels(engine, kernels)
     first = run_staggered(engine, [(0, requests(prompts[:1])[0])])
     rest = requests(prompts, tag="r")[1:]
     cached: dict[str, int] = {}

@@ -1,7 +1,8 @@
 """Randomized differential test of the engine against transformers: thousands of greedy requests over seeded random
 schedules — arrivals at random steps, prompt lengths from 1 token, shared prefixes and exact repeats, random chunk
 budgets and block sizes, pools small enough to preempt, aborts at random steps, and the disaggregated split (prefill
-on one engine, reserve/commit on another) mixed into both engines' batches. Every surviving request must be
+on one engine, reserve/commit on another) mixed into both engines' batches; half the schedules on the native
+attention kernels, half on SDPA. Every surviving request must be
 token-exact (oracle.py), and afterwards no engine holds a block.
 
 A failure prints its seed: `FUZZ_SEEDS=<seed> pytest tests/test_engine_fuzz.py` replays exactly that schedule.
@@ -19,7 +20,7 @@ import pytest
 from handoff import copy_missing_blocks
 from oracle import Reference, assert_matches, greedy, load_reference_model, random_prompts, reference_greedy
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from pdserve.engine import EngineRequest, LLMEngine, RequestOutput
+from pdserve.engine import EngineRequest, LLMEngine, RequestOutput, native
 
 MAX_TOKENS = 12
 NUM_SCHEDULES = int(os.environ.get("FUZZ_SCHEDULES", "48"))
@@ -69,6 +70,12 @@ class _Schedule:
         self.corpus = corpus
         block_size = self.rng.choice([4, 8, 16])  # the transfer contract: P and D agree on it
         self.p, self.d = self._engine(path, block_size), self._engine(path, block_size)
+        if seed % 2 == 0:  # even seeds on the native attention kernels (on for bf16 by default), odd ones on SDPA
+            for engine in (self.p, self.d):
+                engine.model.decode_kernel = native.paged_decode_op()
+                engine.model.prefill_kernel = native.paged_prefill_op()
+                if engine.model.prefill_kernel is None and os.environ.get("CI"):
+                    pytest.fail("the native attention kernels did not build on this CI machine")
         self.live: dict[str, _Live] = {}
         self.waiting_reservation: list[_Live] = []
 

@@ -1,7 +1,10 @@
-"""The native CPU decode-attention kernel against a float64 reference, over thousands of random paged layouts:
-lengths from 1 token, any block size, grouped-query heads from 1 to 8 per KV head, blocks anywhere in the cache,
-query rows strided as the model's fused QKV leaves them; bad tables are errors, never out-of-bounds reads; and the
-build falls back (SDPA) without a compiler."""
+"""The native CPU attention kernels against a float64 reference, over thousands of random paged layouts.
+
+Decode: lengths from 1 token, any block size, grouped-query heads from 1 to 8 per KV head, blocks anywhere in the
+cache, query rows strided as the model's fused QKV leaves them. Prefill: a step's chunks back to back, from 1 row,
+with and without cached context, causal; in bf16 both the float32 path and the AVX512-BF16 dot-product path. Bad
+tables and spans are errors, never out-of-bounds reads; and the build falls back (SDPA) without a compiler.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import pytest
 import torch
 
 from pdserve.engine import native
-from pdserve.engine.attention import AttentionMetadata, paged_attention
+from pdserve.engine.attention import AttentionMetadata, PrefillSpan, paged_attention
 
 NUM_CASES = 2000
 
@@ -128,15 +131,15 @@ def test_without_a_compiler_or_when_switched_off_attention_keeps_sdpa(
 ) -> None:
     monkeypatch.setenv(native.ENV_CACHE, str(tmp_path))
     monkeypatch.setenv("CXX", "/nonexistent/c++")
-    native.paged_decode_op.cache_clear()
+    native._library.cache_clear()
     try:
-        assert native.paged_decode_op() is None
+        assert native.paged_decode_op() is None and native.paged_prefill_op() is None
         monkeypatch.delenv("CXX")
         monkeypatch.setenv(native.ENV_SWITCH, "0")
-        native.paged_decode_op.cache_clear()
-        assert native.paged_decode_op() is None
+        native._library.cache_clear()
+        assert native.paged_decode_op() is None and native.paged_prefill_op() is None
     finally:
-        native.paged_decode_op.cache_clear()
+        native._library.cache_clear()
     assert not list(tmp_path.glob("*/*.so"))  # nothing was built
 
 
@@ -154,3 +157,142 @@ def test_replicas_starting_together_build_it_once(op, tmp_path: Path) -> None:  
     assert [p.returncode for p in procs] == [0, 0]
     assert outs[0] == outs[1] and len(list(tmp_path.glob("*/*.so"))) == 1
     assert not list(tmp_path.glob("*/tmp*"))  # no partial build left behind
+
+
+# ---- prefill ----
+
+
+@pytest.fixture(scope="module")
+def prefill_op(op):  # type: ignore[no-untyped-def]
+    kernel = native.paged_prefill_op()
+    assert kernel is not None  # built together with the decode kernel
+    return kernel
+
+
+def _prefill_reference(q, k_cache, v_cache, block_tables, spans, scale):  # type: ignore[no-untyped-def]
+    """float64 causal attention of each chunk's rows over its sequence's cached context and itself."""
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = q.shape[1] // num_kv_heads
+    out = []
+    for i, (start, n, context) in enumerate(spans.tolist()):
+        total = context + n
+        blocks = block_tables[i, : -(-total // block_size)]
+        k = k_cache[blocks].flatten(0, 1)[:total].double().transpose(0, 1)  # [H_kv, total, D]
+        v = v_cache[blocks].flatten(0, 1)[:total].double().transpose(0, 1)
+        qs = q[start : start + n].double().view(n, num_kv_heads, group, -1).permute(1, 2, 0, 3)  # [H_kv, G, n, D]
+        scores = qs @ k.transpose(1, 2).unsqueeze(1) * scale  # [H_kv, G, n, total]
+        visible = torch.arange(total).unsqueeze(0) <= (context + torch.arange(n)).unsqueeze(1)
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1)
+        out.append((probs @ v.unsqueeze(1)).permute(2, 0, 1, 3).flatten(1, 2))  # [n, H, D]
+    return torch.cat(out)
+
+
+def _prefill_case(rng: random.Random, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    head_dim = rng.choice(native.HEAD_DIMS)
+    num_kv_heads, group = rng.randint(1, 4), rng.choice([1, 1, 2, 3, 4, 8])
+    block_size = rng.choice([1, 2, 4, 16, 16, 32])
+    chunks = [
+        (rng.choice([1, 2, 15, 16, 17, 33, rng.randint(1, 80)]), rng.choice([0, 0, 1, block_size, rng.randint(0, 120)]))
+        for _ in range(rng.choice([1, 1, 2, rng.randint(1, 5)]))
+    ]  # (rows, cached tokens before)
+    max_blocks = max(-(-(n + c) // block_size) for n, c in chunks) + rng.randint(0, 2)
+    num_blocks = len(chunks) * max_blocks + rng.randint(0, 8)
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    block_tables = torch.randperm(num_blocks, generator=g)[: len(chunks) * max_blocks].view(len(chunks), max_blocks)
+    spans, row = [], 0
+    for n, context in chunks:
+        spans.append([row, n, context])
+        row += n
+    num_heads = num_kv_heads * group
+    fused = torch.randn(row, num_heads + 2 * num_kv_heads, head_dim, generator=g).to(dtype)
+    q = fused[:, :num_heads] if rng.random() < 0.5 else fused[:, :num_heads].contiguous()
+    return q, k_cache, v_cache, block_tables, torch.tensor(spans), head_dim**-0.5
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bf16_dot"), [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]
+)
+def test_random_prefill_layouts_match_a_float64_reference(prefill_op, dtype: torch.dtype, bf16_dot: bool) -> None:  # type: ignore[no-untyped-def]
+    """`bf16_dot` picks the AVX512-BF16 path where the CPU has it (elsewhere both runs take the float32 path)."""
+    rng = random.Random(99 + 2 * (dtype == torch.bfloat16) + bf16_dot)
+    atol, rtol = (2e-5, 1e-5) if dtype == torch.float32 else (2e-2, 1.6e-2)
+    for i in range(NUM_CASES):
+        q, k_cache, v_cache, block_tables, spans, scale = _prefill_case(rng, dtype)
+        got = prefill_op(q, k_cache, v_cache, block_tables, spans, scale, bf16_dot)
+        want = _prefill_reference(q, k_cache, v_cache, block_tables, spans, scale)
+        assert got.dtype == dtype and got.shape == q.shape
+        torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol, msg=lambda m, i=i: f"case {i}: {m}")
+
+
+def test_the_model_path_is_the_same_with_the_prefill_kernel_and_with_sdpa(op, prefill_op) -> None:  # type: ignore[no-untyped-def]
+    """`paged_attention` on a mixed step built by the engine's own ModelRunner — decodes, a chunk with cached
+    context and a fresh prompt — is the same (float32 rounding) with both kernels as with the SDPA route."""
+    rng = random.Random(11)
+    num_kv_heads, group, head_dim, block_size = 2, 3, 64, 16
+    num_heads = num_kv_heads * group
+    # two decodes (contexts 20 and 40), a chunk of 30 after 50 cached tokens, a fresh prompt of 17
+    rows = [(1, 19), (1, 39), (30, 50), (17, 0)]
+    tables = [torch.tensor(rng.sample(range(64), -(-(n + c) // block_size))) for n, c in rows]
+    positions = [torch.arange(c, c + n) for n, c in rows]
+    slots = torch.cat(
+        [t[p // block_size] * block_size + p % block_size for t, p in zip(tables, positions, strict=True)]
+    )
+    total = sum(n for n, _ in rows)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(total, h, head_dim, generator=g) for h in (num_heads, num_kv_heads, num_kv_heads))
+    k_cache = torch.randn(64, block_size, num_kv_heads, head_dim, generator=g)
+    v_cache = torch.randn(64, block_size, num_kv_heads, head_dim, generator=g)
+    lens = torch.tensor([20, 40])
+    max_blocks = max(len(t) for t in tables)
+    padded = torch.zeros(len(rows), max_blocks, dtype=torch.long)
+    for i, t in enumerate(tables):
+        padded[i, : len(t)] = t
+    decode_mask = (torch.arange(max_blocks * block_size) < lens.unsqueeze(1))[:, None, None, :]
+    ctx_blocks = padded[2, : -(-80 // block_size)]
+    ctx_mask = torch.arange(len(ctx_blocks) * block_size).unsqueeze(0) <= torch.arange(50, 80).unsqueeze(1)
+    spans = [PrefillSpan(2, 30, 50, ctx_blocks, ctx_mask), PrefillSpan(32, 17, 0, None, None)]
+    meta = AttentionMetadata(
+        slots, 2, padded[:2], decode_mask, lens, spans,
+        prefill_spans=torch.tensor([[0, 30, 50], [30, 17, 0]]), prefill_block_tables=padded[2:],
+    )  # fmt: skip
+    sdpa = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta, 0.125)
+    native_out = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta, 0.125, op, prefill_op)
+    torch.testing.assert_close(native_out, sdpa, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("gap", "spans must tile"),
+        ("short", "spans cover"),
+        ("zero_rows", "spans must tile"),
+        ("negative_context", "spans must tile"),
+        ("too_long", "longer than its block table"),
+        ("bad_block", "block id out of range"),
+        ("negative_block", "block id out of range"),
+    ],
+)
+def test_bad_prefill_spans_are_errors_not_stray_reads(prefill_op, change: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    k_cache = torch.randn(8, 4, 2, 32)
+    v_cache = torch.randn(8, 4, 2, 32)
+    q = torch.randn(7, 4, 32)
+    block_tables = torch.tensor([[0, 1], [2, 3]])
+    spans = torch.tensor([[0, 3, 2], [3, 4, 4]])  # 3 rows after 2 cached tokens, 4 rows after 4
+    if change == "gap":
+        spans[1, 0] = 4
+    elif change == "short":
+        q = torch.randn(8, 4, 32)
+    elif change == "zero_rows":
+        spans[0, 1] = 0
+    elif change == "negative_context":
+        spans[0, 2] = -1
+    elif change == "too_long":
+        spans[1, 2] = 5
+    elif change == "bad_block":
+        block_tables[1, 1] = 8
+    else:
+        block_tables[0, 0] = -1
+    with pytest.raises(RuntimeError, match=message):
+        prefill_op(q, k_cache, v_cache, block_tables, spans, 0.1)

@@ -1,11 +1,12 @@
 """Attention over paged KV blocks, behind one function.
 
 Each step's tokens are flattened into one `[num_tokens, ...]` batch: single-token rows (decodes) first, then
-prefill chunks. On CPU in bf16 the decodes go to the native kernel (`native.py`, `csrc/paged_decode.cpp`), which
-reads each sequence's blocks where they lie. Elsewhere, or without a compiler, they are attended in one batched
-SDPA call over their blocks gathered (padded and masked) to `[B, H_kv, L_max, D]` (whole blocks via index_select:
-4x faster than a per-slot gather), each KV head's query heads as its query rows. Each prefill chunk is one SDPA
-call, causal over its cached context plus itself.
+prefill chunks. On CPU in bf16 both go to native kernels (`native.py`, `csrc/paged_attention.cpp`) that read each
+sequence's blocks where they lie: one call for the decodes, one for every prefill chunk of the step (causal, only the
+lower triangle computed). Elsewhere, or without a compiler, the decodes are attended in one batched SDPA call over
+their blocks gathered (padded and masked) to `[B, H_kv, L_max, D]` (whole blocks via index_select: 4x faster than a
+per-slot gather), each KV head's query heads as its query rows, and each prefill chunk is one SDPA call, causal over
+its cached context plus itself.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch.nn.functional as F
 
 # (q [B, H, D], k_cache, v_cache, block_ids [B, max_blocks], seq_lens [B], scale) -> [B, H, D]
 DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+# (q [T, H, D], k_cache, v_cache, block_tables [S, max_blocks], spans [S, 3], scale) -> [T, H, D]
+PrefillKernel = DecodeKernel
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,7 @@ class PrefillSpan:
     num_tokens: int  # rows of the chunk (query length)
     num_context_tokens: int  # tokens already in the cache before this chunk
     block_ids: torch.Tensor | None  # [num_blocks] long: blocks of context + chunk; None when no context
-    mask: torch.Tensor | None  # [num_tokens, num_blocks * block_size] bool, causal; None when no context
+    mask: torch.Tensor | None  # [num_tokens, num_blocks * block_size] bool, causal; None when no context (or kernel)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,10 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] bool: True on real tokens
     decode_seq_lens: torch.Tensor | None  # [num_decodes] long: context tokens, the one being decoded included
     prefills: list[PrefillSpan]
+    # For the prefill kernel: per chunk (first row after the decodes, rows, tokens cached before it) [S, 3] long and
+    # its blocks, context and chunk [S, max_blocks] long (0-padded). None when there are no prefills.
+    prefill_spans: torch.Tensor | None = None
+    prefill_block_tables: torch.Tensor | None = None
 
 
 def paged_attention(
@@ -48,6 +55,7 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     decode_kernel: DecodeKernel | None = None,
+    prefill_kernel: PrefillKernel | None = None,
 ) -> torch.Tensor:  # [T, H, D]
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
@@ -57,6 +65,10 @@ def paged_attention(
     out = torch.empty_like(q)
     if meta.num_decodes:
         out[: meta.num_decodes] = _decode_attention(q[: meta.num_decodes], k_cache, v_cache, meta, scale, decode_kernel)
+    if prefill_kernel is not None and meta.prefill_spans is not None and meta.prefill_block_tables is not None:
+        tables, spans = meta.prefill_block_tables, meta.prefill_spans
+        out[meta.num_decodes :] = prefill_kernel(q[meta.num_decodes :], k_cache, v_cache, tables, spans, scale)
+        return out
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_tokens)
         qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]

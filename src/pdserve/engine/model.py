@@ -17,7 +17,7 @@ from transformers import PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from pdserve.engine import native
-from pdserve.engine.attention import AttentionMetadata, DecodeKernel, paged_attention
+from pdserve.engine.attention import AttentionMetadata, DecodeKernel, PrefillKernel, paged_attention
 from pdserve.engine.linear import Linear
 from pdserve.engine.weights import CheckpointReader, check_quantization
 from pdserve.kvcache import KVCache
@@ -122,9 +122,11 @@ class CausalLM:
         self.norm = torch.empty(0)
         self.layers: list[LayerWeights] = []
         self.decode_kernel: DecodeKernel | None = None
+        self.prefill_kernel: PrefillKernel | None = None
         s = self.shape
-        if device.type == "cpu" and native.decode_supported(dtype, s.head_dim, s.num_heads, s.num_kv_heads):
+        if device.type == "cpu" and native.kernels_supported(dtype, s.head_dim, s.num_heads, s.num_kv_heads):
             self.decode_kernel = native.paged_decode_op()  # built here, before any request waits on it
+            self.prefill_kernel = native.paged_prefill_op()
 
     def tensor_shapes(self, tie_word_embeddings: bool) -> dict[str, tuple[int, ...]]:
         """Every tensor the config declares, by checkpoint name, with its shape: exactly what `load` reads."""
@@ -240,7 +242,9 @@ class CausalLM:
             q, k = qk.split([s.num_heads, s.num_kv_heads], dim=1)
             qk = torch.cat([rms_norm(q, layer.q_norm, s.rms_norm_eps), rms_norm(k, layer.k_norm, s.rms_norm_eps)], 1)
         q, k = apply_rope(qk, cos, sin).split([s.num_heads, s.num_kv_heads], dim=1)  # one rope for Q and K
-        out = paged_attention(q, k, v, kv.k[layer_idx], kv.v[layer_idx], meta, self.scale, self.decode_kernel)
+        out = paged_attention(
+            q, k, v, kv.k[layer_idx], kv.v[layer_idx], meta, self.scale, self.decode_kernel, self.prefill_kernel
+        )
         return layer.o(out.reshape(num_tokens, s.num_heads * s.head_dim))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -86,7 +86,11 @@ class ModelRunner:
             ]
         )
         decode_block_ids, decode_mask, decode_lens = self._decode_context(decodes, block_tables[: len(decodes)])
-        spans = self._prefill_spans(prefills, block_tables[len(decodes) :], len(decodes))
+        prefill_tables = block_tables[len(decodes) :]
+        spans = self._prefill_spans(prefills, prefill_tables, len(decodes))
+        kernel_spans = kernel_tables = None
+        if prefills and self.model.prefill_kernel is not None:
+            kernel_spans, kernel_tables = self._prefill_kernel_inputs(prefills, prefill_tables)
         meta = AttentionMetadata(
             slot_mapping=slot_mapping.to(device),
             num_decodes=len(decodes),
@@ -94,6 +98,8 @@ class ModelRunner:
             decode_mask=None if decode_mask is None else decode_mask.to(device),
             decode_seq_lens=None if decode_lens is None else decode_lens.to(device),
             prefills=spans,
+            prefill_spans=None if kernel_spans is None else kernel_spans.to(device),
+            prefill_block_tables=None if kernel_tables is None else kernel_tables.to(device),
         )
         ends = torch.tensor([c.num_new_tokens for c in chunks]).cumsum(0) - 1
         is_last = torch.tensor([c.is_last for c in chunks], dtype=torch.bool)
@@ -122,6 +128,8 @@ class ModelRunner:
         block_ids = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
         for i, (table, n) in enumerate(zip(tables, num_blocks.tolist(), strict=True)):
             block_ids[i, :n] = table[:n]
+        if self.model.decode_kernel is not None:  # the kernel reads the lengths: no mask to build
+            return block_ids, None, lengths
         mask = torch.arange(max_blocks * self.block_size).unsqueeze(0) < lengths.unsqueeze(1)
         return block_ids, mask[:, None, None, :], lengths
 
@@ -133,7 +141,7 @@ class ModelRunner:
         for c, table in zip(prefills, tables, strict=True):
             context = c.seq.num_computed_tokens
             block_ids = mask = None
-            if context:
+            if context and self.model.prefill_kernel is None:  # the kernel takes its tables from elsewhere
                 total = context + c.num_new_tokens
                 num_blocks = -(-total // self.block_size)
                 block_ids = table[:num_blocks].to(device)
@@ -142,6 +150,22 @@ class ModelRunner:
             spans.append(PrefillSpan(start, c.num_new_tokens, context, block_ids, mask))
             start += c.num_new_tokens
         return spans
+
+    def _prefill_kernel_inputs(
+        self, prefills: list[ScheduledChunk], tables: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefill kernel's spans `[S, 3]` (first row counted from the first prefill row, rows, tokens cached
+        before) and block tables `[S, max_blocks]` (context and chunk, 0-padded)."""
+        spans = torch.empty(len(prefills), 3, dtype=torch.long)
+        row = 0
+        for i, c in enumerate(prefills):
+            spans[i, 0], spans[i, 1], spans[i, 2] = row, c.num_new_tokens, c.seq.num_computed_tokens
+            row += c.num_new_tokens
+        num_blocks = [-(-(c.seq.num_computed_tokens + c.num_new_tokens) // self.block_size) for c in prefills]
+        block_tables = torch.zeros(len(prefills), max(num_blocks), dtype=torch.long)
+        for i, (table, n) in enumerate(zip(tables, num_blocks, strict=True)):
+            block_tables[i, :n] = table[:n]
+        return spans, block_tables
 
     def _prompt_logprobs(self, hidden: torch.Tensor, chunks: list[ScheduledChunk]) -> None:
         """For sequences that asked for prompt logprobs: the logprob of each prompt token this step's rows predict

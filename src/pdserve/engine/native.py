@@ -1,13 +1,16 @@
 """Native CPU kernels, compiled on this machine on first use and cached.
 
-One kernel so far: decode attention straight over the paged KV cache (`csrc/paged_decode.cpp`). The SDPA route
-gathers every decode's blocks into a padded copy, then runs a kernel tiled for long queries over it; at SmolLM2's
-16 decodes x 300 tokens that is 425 us per layer in bf16, the native kernel 151 us (`benchmarks/decode_attention.py`).
+Attention straight over the paged KV cache (`csrc/paged_attention.cpp`), no gather:
+- decode: the SDPA route gathers every decode's blocks into a padded copy, then runs a kernel tiled for long queries
+  over it; at SmolLM2's 16 decodes x 300 tokens that is 425 us per layer in bf16, the native kernel 151 us
+  (`benchmarks/decode_attention.py`);
+- prefill: torch's CPU flash kernel computes the causal triangle's upper half whenever the keys fit one of its
+  512-key blocks, and a chunk with cached context goes through a gather and an explicit mask; the native kernel
+  tiles the lower triangle only, over the blocks where they lie (`benchmarks/prefill_attention.py`).
 
-The build needs a C++ compiler (`$CXX`, else g++) and torch's headers; it takes ~6 s once per machine, torch version
+The build needs a C++ compiler (`$CXX`, else g++) and torch's headers; it takes ~10 s once per machine, torch version
 and source, under a file lock (replicas starting together build it once). Without a compiler, or with
-`PDSERVE_NATIVE_KERNELS=0`, `paged_decode_op()` is None and attention keeps the SDPA route: same results up to float
-rounding.
+`PDSERVE_NATIVE_KERNELS=0`, the ops are None and attention keeps the SDPA route: same results up to float rounding.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_decode.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
 ENV_SWITCH = "PDSERVE_NATIVE_KERNELS"  # "0" keeps every op on torch's own kernels
 ENV_CACHE = "PDSERVE_KERNEL_CACHE_DIR"
 HEAD_DIMS = (32, 64, 96, 128)  # the kernel's compiled head sizes
@@ -40,10 +43,11 @@ def kernel_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "pdserve" / "kernels"
 
 
-def decode_supported(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
-    """Whether the native decode kernel covers a model of this shape and dtype."""
+def kernels_supported(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
+    """Whether the native attention kernels cover a model of this shape and dtype."""
     # bf16 only by default: in float32 one answer in 271 of an e2e test (random tiny model, 600-token prompts)
-    # differed from transformers with it, unexplained yet; the kernel computes float32 too (tests call it directly).
+    # differed from transformers with the decode kernel, unexplained yet; the kernels compute float32 too (tests
+    # call them directly).
     return (
         dtype == torch.bfloat16
         and head_dim in HEAD_DIMS
@@ -53,20 +57,36 @@ def decode_supported(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_h
 
 
 @functools.cache
-def paged_decode_op() -> Callable[..., torch.Tensor] | None:
-    """`torch.ops.pdserve.paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale)`, or None when native
-    kernels are off or cannot be built here (logged once)."""
+def _library() -> bool:
+    """Builds and loads the kernels once per process; False when they are off or cannot be built (logged once)."""
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "off", "false", "no"):
-        logger.info("native CPU kernels off (%s=0): decode attention uses SDPA", ENV_SWITCH)
-        return None
+        logger.info("native CPU kernels off (%s=0): attention uses SDPA", ENV_SWITCH)
+        return False
     try:
         library = build(SOURCE)
         torch.ops.load_library(str(library))
     except Exception as e:  # no compiler, no headers, a failed build: the SDPA route still works
-        logger.warning("native CPU kernels unavailable (%s): decode attention uses SDPA", e)
+        logger.warning("native CPU kernels unavailable (%s): attention uses SDPA", e)
+        return False
+    logger.info("native CPU attention kernels loaded from %s", library)
+    return True
+
+
+def paged_decode_op() -> Callable[..., torch.Tensor] | None:
+    """`torch.ops.pdserve.paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale)`, or None when native
+    kernels are off or cannot be built here."""
+    if not _library():
         return None
-    logger.info("native CPU decode attention loaded from %s", library)
     op: Callable[..., torch.Tensor] = torch.ops.pdserve.paged_decode
+    return op
+
+
+def paged_prefill_op() -> Callable[..., torch.Tensor] | None:
+    """`torch.ops.pdserve.paged_prefill(q, k_cache, v_cache, block_tables, spans, scale)`, or None when native
+    kernels are off or cannot be built here."""
+    if not _library():
+        return None
+    op: Callable[..., torch.Tensor] = torch.ops.pdserve.paged_prefill
     return op
 
 
