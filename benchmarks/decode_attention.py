@@ -1,4 +1,4 @@
-"""Decode attention on CPU: the native paged kernel (src/pdserve/engine/csrc/paged_decode.cpp) against the SDPA route
+"""Decode attention on CPU: the native paged kernel (src/pdserve/engine/csrc/paged_attention.cpp) against the SDPA route
 (blocks gathered into a padded copy, then SDPA), same run, same machine.
 
 Two tables:
