@@ -8,9 +8,9 @@
 //
 // Prefill: q `[T, H, D]` holds every chunk's rows back to back; spans `[S, 3]` int64 say, per chunk, its first row,
 // its number of rows and the tokens already cached before it; block tables `[S, max_blocks]`. The chunk's own K/V
-// are in the cache already. A flash-attention tiling (online softmax) over (16 query positions x one KV head) tiles
-// and 32-key tiles, keys only up to the tile's last position: the causal triangle's upper half is never computed
-// (torch's CPU flash kernel computes it whenever the keys fit one of its 512-key blocks).
+// are in the cache already. A flash-attention tiling (online softmax) over (16-64 query positions x one KV head)
+// tiles and 32-key tiles, keys only up to the tile's last position: the causal triangle's upper half is never
+// computed (torch's CPU flash kernel computes it whenever the keys fit one of its 512-key blocks).
 //
 // Built on first use by pdserve/engine/native.py with the machine's own -march; torch's OpenMP pool runs it.
 #include <ATen/Parallel.h>
