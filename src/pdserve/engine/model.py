@@ -123,10 +123,12 @@ class CausalLM:
         self.layers: list[LayerWeights] = []
         self.decode_kernel: DecodeKernel | None = None
         self.prefill_kernel: PrefillKernel | None = None
+        self.fused: native.FusedOps | None = None  # the layer's elementwise glue as one op each (bf16 on CPU)
         s = self.shape
         if device.type == "cpu" and native.kernels_supported(dtype, s.head_dim, s.num_heads, s.num_kv_heads):
             self.decode_kernel = native.paged_decode_op()  # built here, before any request waits on it
             self.prefill_kernel = native.paged_prefill_op()
+            self.fused = native.fused_ops()
 
     def tensor_shapes(self, tie_word_embeddings: bool) -> dict[str, tuple[int, ...]]:
         """Every tensor the config declares, by checkpoint name, with its shape: exactly what `load` reads."""
@@ -213,6 +215,8 @@ class CausalLM:
         """Hidden states `[T, hidden]` after the final norm; writes each row's K/V into `kv` at its slot and calls
         `on_layer(i)` once layer i's K/V are written (before its MLP: the MLP overlaps whatever the hook starts)."""
         x = self.embed[input_ids]  # [T, hidden]
+        if self.fused is not None:
+            return self._forward_fused(self.fused, x, self.cos[positions], self.sin[positions], kv, meta, on_layer)
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):
@@ -224,6 +228,28 @@ class CausalLM:
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x += layer.down(F.silu(gate, inplace=True).mul_(up))
         return rms_norm(x, self.norm, self.shape.rms_norm_eps)
+
+    def _forward_fused(
+        self,
+        ops: native.FusedOps,
+        x: torch.Tensor,
+        cos: torch.Tensor,  # [T, D]
+        sin: torch.Tensor,
+        kv: KVCache,
+        meta: AttentionMetadata,
+        on_layer: Callable[[int], object] | None,
+    ) -> torch.Tensor:
+        """`forward` with the fused glue ops: each residual add is fused with the norm after it (the next layer's
+        input norm, or the final norm), as vLLM's fused_add_rms_norm."""
+        eps = self.shape.rms_norm_eps
+        h = ops.rms_norm(x, self.layers[0].input_norm, eps)
+        for i, layer in enumerate(self.layers):
+            h = ops.add_rms_norm_(x, self._attention(layer, h, cos, sin, kv, i, meta), layer.post_norm, eps)
+            if on_layer is not None:
+                on_layer(i)
+            next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+            h = ops.add_rms_norm_(x, layer.down(ops.silu_and_mul(layer.gate_up(h))), next_norm, eps)
+        return h
 
     def _attention(
         self,
@@ -241,7 +267,8 @@ class CausalLM:
         if layer.q_norm is not None and layer.k_norm is not None:
             q, k = qk.split([s.num_heads, s.num_kv_heads], dim=1)
             qk = torch.cat([rms_norm(q, layer.q_norm, s.rms_norm_eps), rms_norm(k, layer.k_norm, s.rms_norm_eps)], 1)
-        q, k = apply_rope(qk, cos, sin).split([s.num_heads, s.num_kv_heads], dim=1)  # one rope for Q and K
+        rotated = apply_rope(qk, cos, sin) if self.fused is None else self.fused.rope(qk, cos, sin)
+        q, k = rotated.split([s.num_heads, s.num_kv_heads], dim=1)  # one rope for Q and K
         out = paged_attention(
             q, k, v, kv.k[layer_idx], kv.v[layer_idx], meta, self.scale, self.decode_kernel, self.prefill_kernel
         )

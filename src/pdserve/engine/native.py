@@ -8,6 +8,10 @@ Attention straight over the paged KV cache (`csrc/paged_attention.cpp`), no gath
   512-key blocks, and a chunk with cached context goes through a gather and an explicit mask; the native kernel
   tiles the lower triangle only, over the blocks where they lie (`benchmarks/prefill_attention.py`).
 
+And the elementwise glue of a Llama layer in bf16 (`csrc/fused_ops.cpp`): RMSNorm, the residual add fused with the
+next norm, rotary embedding, SiLU times up, one op each instead of ~26 small torch ops per layer, with torch's
+roundings (SmolLM2's decode step at 16 x ~300 tokens: 20.8 -> 17.6 ms).
+
 The build needs a C++ compiler (`$CXX`, else g++) and torch's headers; it takes ~10 s once per machine, torch version
 and source, under a file lock (replicas starting together build it once). Without a compiler, or with
 `PDSERVE_NATIVE_KERNELS=0`, the ops are None and attention keeps the SDPA route: same results up to float rounding.
@@ -24,13 +28,15 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "paged_attention.cpp", CSRC / "fused_ops.cpp")  # compiled into one library, with CSRC's headers
 ENV_SWITCH = "PDSERVE_NATIVE_KERNELS"  # "0" keeps every op on torch's own kernels
 ENV_CACHE = "PDSERVE_KERNEL_CACHE_DIR"
 HEAD_DIMS = (32, 64, 96, 128)  # the kernel's compiled head sizes
@@ -63,7 +69,7 @@ def _library() -> bool:
         logger.info("native CPU kernels off (%s=0): attention uses SDPA", ENV_SWITCH)
         return False
     try:
-        library = build(SOURCE)
+        library = build(SOURCES)
         torch.ops.load_library(str(library))
     except Exception as e:  # no compiler, no headers, a failed build: the SDPA route still works
         logger.warning("native CPU kernels unavailable (%s): attention uses SDPA", e)
@@ -81,6 +87,24 @@ def paged_decode_op() -> Callable[..., torch.Tensor] | None:
     return op
 
 
+@dataclass(frozen=True)
+class FusedOps:
+    """A Llama layer's elementwise glue, one op each (`csrc/fused_ops.cpp`, bf16 only)."""
+
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # (x, weight, eps)
+    add_rms_norm_: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]  # x += delta; norm(x)
+    rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x [T, heads, D], cos, sin [T, D])
+    silu_and_mul: Callable[[torch.Tensor], torch.Tensor]  # [T, 2I] -> [T, I]
+
+
+def fused_ops() -> FusedOps | None:
+    """The fused bf16 glue ops, or None when native kernels are off or cannot be built here."""
+    if not _library():
+        return None
+    ops = torch.ops.pdserve
+    return FusedOps(ops.rms_norm, ops.add_rms_norm_, ops.rope, ops.silu_and_mul)
+
+
 def paged_prefill_op() -> Callable[..., torch.Tensor] | None:
     """`torch.ops.pdserve.paged_prefill(q, k_cache, v_cache, block_tables, spans, scale)`, or None when native
     kernels are off or cannot be built here."""
@@ -90,8 +114,8 @@ def paged_prefill_op() -> Callable[..., torch.Tensor] | None:
     return op
 
 
-def build(source: Path, cache_dir: Path | None = None) -> Path:
-    """The shared library for `source`, compiled once per (source, torch, compiler, CPU) into the cache."""
+def build(sources: tuple[Path, ...], cache_dir: Path | None = None) -> Path:
+    """The shared library of `sources`, compiled once per (sources, torch, compiler, CPU) into the cache."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH")
@@ -105,12 +129,14 @@ def build(source: Path, cache_dir: Path | None = None) -> Path:
     libs = ["-lc10", "-ltorch_cpu", "-lgomp"]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256()
-    for part in (source.read_bytes(), torch.__version__.encode(), version.encode(), " ".join(flags).encode(),
-                 _cpu_flags().encode()):  # fmt: skip
+    headers = sorted({h for source in sources for h in source.parent.glob("*.h")})
+    parts = [path.read_bytes() for path in (*sources, *headers)]  # a header's edit rebuilds too
+    for part in (*parts, torch.__version__.encode(), version.encode(), " ".join(flags).encode(), _cpu_flags().encode()):
         key.update(part)
         key.update(b"\0")
-    out_dir = (cache_dir or kernel_cache_dir()) / f"{source.stem}-{key.hexdigest()[:16]}"
-    library = out_dir / f"{source.stem}.so"
+    name = "pdserve_kernels"
+    out_dir = (cache_dir or kernel_cache_dir()) / f"{name}-{key.hexdigest()[:16]}"
+    library = out_dir / f"{name}.so"
     if library.exists():
         return library
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,12 +144,12 @@ def build(source: Path, cache_dir: Path | None = None) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it: wait, then reuse its result
         if library.exists():
             return library
-        logger.info("building native kernel %s (once per machine and torch version)", source.name)
+        logger.info("building native kernels (once per machine and torch version): %s", [s.name for s in sources])
         with tempfile.NamedTemporaryFile(dir=out_dir, suffix=".so", delete=False) as tmp:
             partial = Path(tmp.name)
         try:
             result = subprocess.run(
-                [compiler, *flags, str(source), "-o", str(partial), *libs],
+                [compiler, *flags, *(str(source) for source in sources), "-o", str(partial), *libs],
                 capture_output=True,
                 text=True,
                 timeout=_BUILD_TIMEOUT_S,

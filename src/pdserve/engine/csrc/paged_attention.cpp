@@ -18,6 +18,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "vec_math.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -34,6 +36,8 @@
 
 namespace {
 
+using pdserve_native::exp_nonpos;
+
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) {
   uint32_t bits = static_cast<uint32_t>(x.x) << 16;
@@ -43,24 +47,6 @@ inline float to_float(c10::BFloat16 x) {
 }
 inline void from_float(float x, float* out) { *out = x; }
 inline void from_float(float x, c10::BFloat16* out) { *out = c10::BFloat16(x); }  // round to nearest even
-
-// exp(x) for x <= 0 (softmax after subtracting the max): Cephes' expf, branch-free so the loop vectorizes.
-inline float exp_nonpos(float x) {
-  x = std::max(x, -87.0f);
-  float n = std::nearbyint(x * 1.44269504088896341f);
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &e, sizeof scale);
-  return p * scale;
-}
 
 constexpr int64_t kMaxHeads = 64;  // query heads one task holds (H_kv heads' groups, or one group)
 

@@ -1,0 +1,65 @@
+// Small math shared by the native kernels, written so that loops over it vectorize.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace pdserve_native {
+
+// exp(x) for x <= 0 (softmax after subtracting the max; silu of either sign): Cephes' expf, branch-free so the
+// loop vectorizes.
+inline float exp_nonpos(float x) {
+  x = std::max(x, -87.0f);
+  float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e, sizeof scale);
+  return p * scale;
+}
+
+// exp(x) for x >= 0, overflowing to inf past log(FLT_MAX) as IEEE expf does: the same polynomial, 2^n applied as
+// 2^(n-1) * 2 so that n = 128 still has a normal scale.
+inline float exp_nonneg(float x) {
+  x = std::min(x, 89.0f);
+  float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t e = (static_cast<int32_t>(n) - 1 + 127) << 23;  // n = 129: the exponent field 255, i.e. inf
+  float scale;
+  std::memcpy(&scale, &e, sizeof scale);
+  return p * scale * 2.0f;
+}
+
+// bf16 <-> float as bits, branch-free (c10::BFloat16's rounding branches on NaN, which keeps loops scalar): round to
+// nearest even, NaN -> 0x7FC0, exactly as c10 rounds.
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+inline uint16_t float_to_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
+}
+inline float round_bf16(float x) { return bf16_to_float(float_to_bf16(x)); }
+
+}  // namespace pdserve_native
