@@ -1,7 +1,8 @@
 """The native CPU attention kernels against a float64 reference, over thousands of random paged layouts.
 
 Decode: lengths from 1 token, any block size, grouped-query heads from 1 to 8 per KV head, blocks anywhere in the
-cache, query rows strided as the model's fused QKV leaves them. Prefill: a step's chunks back to back, from 1 row,
+cache, query rows strided as the model's fused QKV leaves them; in bf16 both the float32 scores and the AVX512-BF16
+dot-product scores. Prefill: a step's chunks back to back, from 1 row,
 with and without cached context, causal; in bf16 both the float32 path and the AVX512-BF16 dot-product path. Bad
 tables and spans are errors, never out-of-bounds reads; and the build falls back (SDPA) without a compiler.
 """
@@ -66,14 +67,17 @@ def _case(rng: random.Random, dtype: torch.dtype):  # type: ignore[no-untyped-de
     return q, k_cache, v_cache, block_ids, torch.tensor(lens), head_dim**-0.5
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_random_paged_layouts_match_a_float64_reference(op, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
-    rng = random.Random(1234 + (dtype == torch.bfloat16))
+@pytest.mark.parametrize(
+    ("dtype", "bf16_dot"), [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]
+)
+def test_random_paged_layouts_match_a_float64_reference(op, dtype: torch.dtype, bf16_dot: bool) -> None:  # type: ignore[no-untyped-def]
+    """`bf16_dot` picks the AVX512-BF16 scores where the CPU has it (elsewhere both runs take the float32 path)."""
+    rng = random.Random(1234 + (dtype == torch.bfloat16) + 2 * bf16_dot)
     # Within float rounding: float32 is exact to ~1e-6; bf16 rounds its output (~4e-3 relative) as SDPA does.
     atol, rtol = (2e-5, 1e-5) if dtype == torch.float32 else (2e-2, 1.6e-2)
     for i in range(NUM_CASES):
         q, k_cache, v_cache, block_ids, lens, scale = _case(rng, dtype)
-        got = op(q, k_cache, v_cache, block_ids, lens, scale)
+        got = op(q, k_cache, v_cache, block_ids, lens, scale, bf16_dot)
         want = _reference(q, k_cache, v_cache, block_ids, lens, scale)
         assert got.dtype == dtype and got.shape == q.shape
         torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol, msg=lambda m, i=i: f"case {i}: {m}")
