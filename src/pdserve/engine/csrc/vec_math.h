@@ -8,42 +8,40 @@
 
 namespace pdserve_native {
 
-// exp(x) for x <= 0 (softmax after subtracting the max; silu of either sign): Cephes' expf, branch-free so the
-// loop vectorizes.
-inline float exp_nonpos(float x) {
-  x = std::max(x, -87.0f);
-  float n = std::nearbyint(x * 1.44269504088896341f);
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+// Cephes' expf, branch-free so that loops over it vectorize: x = n ln2 + r, exp(r) by its polynomial; the callers
+// apply 2^n for their range. Returns exp(r) and sets n.
+inline float exp_reduced(float x, float& n) {
+  n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &e, sizeof scale);
-  return p * scale;
+  return p * r * r + r + 1.0f;
 }
 
-// exp(x) for x >= 0, overflowing to inf past log(FLT_MAX) as IEEE expf does: the same polynomial, 2^n applied as
-// 2^(n-1) * 2 so that n = 128 still has a normal scale.
-inline float exp_nonneg(float x) {
-  x = std::min(x, 89.0f);
-  float n = std::nearbyint(x * 1.44269504088896341f);
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t e = (static_cast<int32_t>(n) - 1 + 127) << 23;  // n = 129: the exponent field 255, i.e. inf
+inline float pow2(int32_t n) {  // 2^n for n in [-126, 128] (128: the exponent field 255, i.e. inf)
+  const int32_t e = (n + 127) << 23;
   float scale;
   std::memcpy(&scale, &e, sizeof scale);
-  return p * scale * 2.0f;
+  return scale;
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the max; silu of either sign).
+inline float exp_nonpos(float x) {
+  float n;
+  const float p = exp_reduced(std::max(x, -87.0f), n);
+  return p * pow2(static_cast<int32_t>(n));
+}
+
+// exp(x) for x >= 0, overflowing to inf past log(FLT_MAX) as IEEE expf does: 2^n applied as 2^(n-1) * 2 so that
+// n = 128 still has a normal scale.
+inline float exp_nonneg(float x) {
+  float n;
+  const float p = exp_reduced(std::min(x, 89.0f), n);
+  return p * pow2(static_cast<int32_t>(n) - 1) * 2.0f;
 }
 
 // bf16 <-> float as bits, branch-free (c10::BFloat16's rounding branches on NaN, which keeps loops scalar): round to
