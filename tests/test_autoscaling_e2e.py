@@ -1,6 +1,7 @@
 """The planner on a real local Ray cluster, through HTTP: a step to 4x the prompt load one P+D pair sustains grows
 the prefill pool (Serve applies the planner's target; new replicas start and take traffic), and the drop after it
-shrinks the pool again — with every answer token-exact and nothing failed or left held on any replica.
+shrinks the pool again — with every answer token-exact and nothing failed or left held on any replica (a 429 while
+replicas start is retried after its Retry-After, as clients do).
 
 Replicas run a tiny Llama with `emulated_step` (a modeled device's step time, mostly sleep): on a 2-core box that is
 what makes another replica add capacity (docs/AUTOSCALING.md). `load_tests/autoscale_step.py` is the longer run."""
@@ -86,16 +87,26 @@ async def _drive(
     start = time.perf_counter()
     sampler = asyncio.create_task(sample(served.root, done, 1.0, start))
 
+    refused = 0
+
     async def one(at: float, prompt: list[int]) -> str | Exception:
+        nonlocal refused
         await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
-        try:
-            stream = await client.completions.create(
-                model="m", prompt=prompt, max_tokens=HTTP_MAX_TOKENS, temperature=0, stream=True,
-                extra_body={"ignore_eos": True},
-            )  # fmt: skip
-            return "".join([c.choices[0].text async for c in stream if c.choices])
-        except openai.APIError as e:
-            return e
+        for _ in range(30):
+            try:
+                stream = await client.completions.create(
+                    model="m", prompt=prompt, max_tokens=HTTP_MAX_TOKENS, temperature=0, stream=True,
+                    extra_body={"ignore_eos": True},
+                )  # fmt: skip
+                return "".join([c.choices[0].text async for c in stream if c.choices])
+            except openai.RateLimitError as e:
+                # Admission's 429 before any work while new replicas start (slow on a slower CPU): a client
+                # retries after Retry-After. Anything else is a failure.
+                refused += 1
+                await asyncio.sleep(float(e.response.headers.get("retry-after", 1.0)))
+            except openai.APIError as e:
+                return e
+        return TimeoutError("refused 30 times")
 
     try:
         answers = await asyncio.gather(*(one(at, prompt) for at, _, prompt in arrivals))
@@ -103,6 +114,7 @@ async def _drive(
     finally:
         done.set()
         await client.close()
+    print(f"{refused} answers of 429 (retried)")
     return list(answers), await sampler
 
 

@@ -64,6 +64,31 @@ print(len(tasks) >= 2 and set(tasks) == {0} and later == [0])
     assert out.stdout.strip() == "True"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="lowering a niceness needs root or CAP_SYS_NICE")
+def test_http_front_renice_reaches_the_process_and_its_children() -> None:
+    """What the ingress runs inside Serve's proxy actor: every thread of that process and of the processes under it
+    (HAProxy) moves."""
+    script = """
+import os, subprocess, sys, threading
+from pdserve.serve.process import _renice_process_tree
+child = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.run(['sleep', '30'])"])
+threading.Thread(target=threading.Event().wait, daemon=True).start()
+import time
+time.sleep(0.5)  # the grandchild exists
+error = _renice_process_tree()(None, 0)
+def levels(pid):
+    return {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+def parent(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+grandchildren = [int(p) for p in os.listdir("/proc") if p.isdigit() and parent(p) == child.pid]
+print(error, levels(os.getpid()), levels(child.pid), [levels(g) for g in grandchildren])
+child.kill()
+"""
+    out = subprocess.run(["nice", "-n", "15", sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None {0} {0} [{0}]"
+
+
 def test_niceness_without_privilege_warns_and_keeps_going() -> None:
     """An unprivileged process cannot go below its niceness: the replica warns and runs on (as Ray started it)."""
     script = """

@@ -216,7 +216,8 @@ def test_a_dead_engine_thread_fails_fast_and_the_replica_is_replaced(apps: dict[
     assert failed.value.status_code == 503
     assert fail_s < 10, f"the request on the dead engine took {fail_s:.1f} s to fail"
     not_ready_s = _wait_ready(served, want=False, timeout_s=10)
-    ready_again_s = _wait_ready(served, want=True, timeout_s=120)
+    # a liveness bound, not a speed target: 49 s alone on the AVX2 box, over 120 s late in the full suite there
+    ready_again_s = _wait_ready(served, want=True, timeout_s=300)
     prompts = _mixed_prompts(seed=81, n=8)
     assert asyncio.run(_exact_wave(served, prompts)) == [oracle(p) for p in prompts]
     print(

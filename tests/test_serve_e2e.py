@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -353,7 +354,8 @@ def test_a_tenant_never_hits_another_tenants_prefix_cache(tenants_app, reference
 @pytest.mark.skipif(os.geteuid() != 0, reason="lowering a niceness needs root or CAP_SYS_NICE")
 def test_replicas_run_level_with_ordinary_processes(apps) -> None:  # type: ignore[no-untyped-def]
     """Ray starts workers at niceness 15; every pdserve replica (each thread) moves to the config's 0, so a load
-    client at 0 does not take the cores from the engines. Serve's own actors keep Ray's 15."""
+    client at 0 does not take the cores from the engines; so does Serve's HTTP proxy, which the engines at 0 would
+    otherwise starve (streams leaving in clumps). Serve's controller keeps Ray's 15."""
     replicas = [
         p for p in psutil.process_iter(["cmdline"])
         if any(f"ServeReplica:{app}:" in arg for arg in p.info["cmdline"] or [] for app in ("disagg", "colocated"))
@@ -366,6 +368,17 @@ def test_replicas_run_level_with_ordinary_processes(apps) -> None:  # type: igno
     assert {"Ingress", "PrefillServer", "DecodeServer", "EngineServer"} <= roles
     for p in replicas:
         assert {t.id: os.getpriority(os.PRIO_PROCESS, t.id) for t in p.threads()} == {t.id: 0 for t in p.threads()}
+
+    def niceness(title: str) -> set[int]:
+        processes = [p for p in psutil.process_iter(["cmdline"]) if any(title in a for a in p.info["cmdline"] or [])]
+        assert processes, title
+        return {os.getpriority(os.PRIO_PROCESS, t.id) for p in processes for t in p.threads()}
+
+    deadline = time.monotonic() + 30  # the ingress levels the proxy once it starts, and every minute
+    while niceness("ProxyActor") != {0} and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert niceness("ProxyActor") == {0}
+    assert niceness("ServeController") == {15}
 
 
 def test_n_choices_top_logprobs_and_echo_match_transformers(apps, reference, tokenizer) -> None:  # type: ignore[no-untyped-def]

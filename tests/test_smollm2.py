@@ -20,6 +20,7 @@ from oracle import (
 )
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine import EngineRequest, LLMEngine, SamplingParams, native
+from pdserve.engine.weights import cpu_has_native_bf16
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 32
@@ -153,12 +154,15 @@ def _bf16_errors(path: Path, prompts: list[list[int]], native_ops: bool) -> tupl
 
 def test_bf16_native_kernels_are_as_close_to_float32_as_torchs_ops(smollm2_dir: Path, workload: tuple) -> None:
     """bf16 greedy text differs from float32's wherever two tokens are near a tie, whichever kernels run, so the
-    kernels (native attention, fused glue: on by default in bf16 on CPU) are held to their numerical error instead:
-    against float32 transformers, per prompt and output token, no larger than bf16 on torch's own ops (measured on
-    SmolLM2: 0.04 mean |logprob difference| both ways; a wrong mask or a bad tile would be far off)."""
+    kernels (native attention, fused glue: on by default in bf16 on CPUs with bf16 instructions) are held to their
+    numerical error instead: against float32 transformers, per prompt and output token, no larger than bf16 on
+    torch's own ops (measured on SmolLM2: 0.04 mean |logprob difference| both ways; a wrong mask or a bad tile would
+    be far off)."""
     prompts, _ = workload
     if native.fused_ops() is None:
         pytest.skip("no native kernels here (no C++ compiler)")
+    if not cpu_has_native_bf16():
+        pytest.skip("the kernels run in bf16 only on CPUs with bf16 instructions (avx512_bf16, AMX)")
     native_prefill, native_decode = _bf16_errors(smollm2_dir, prompts, native_ops=True)
     torch_prefill, torch_decode = _bf16_errors(smollm2_dir, prompts, native_ops=False)
     for name, ours, theirs in (("prefill", native_prefill, torch_prefill), ("decode", native_decode, torch_decode)):

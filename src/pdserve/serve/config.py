@@ -261,8 +261,9 @@ class ServeConfig(BaseModel):
         0,
         ge=-20,
         le=19,
-        description="scheduling niceness of pdserve's replicas. Ray starts its workers at 15, below every ordinary "
-        "process, so a busy program at 0 takes the cores from the engines; 0 puts them level (needs root or "
+        description="scheduling niceness of pdserve's replicas and of Serve's HTTP front (the proxy actor, HAProxy "
+        "with direct ingress). Ray starts its workers at 15, below every ordinary process, so a busy program at 0 "
+        "takes the cores from the engines, and engines at 0 starve a front at 15; 0 puts them level (needs root or "
         "CAP_SYS_NICE, else a warning and Ray's 15 stays); none keeps Ray's",
     )
     api_keys: list[APIKeyConfig] = Field(

@@ -27,7 +27,7 @@ from pdserve.serve.handoff import colocated_generate, disaggregated_generate
 from pdserve.serve.ingress_router import IngressRouter, RouterCollector, broadcast
 from pdserve.serve.messages import ModelInfo, ReplicaStats
 from pdserve.serve.metrics import IngressMetrics
-from pdserve.serve.process import set_niceness
+from pdserve.serve.process import level_http_front, set_niceness
 from pdserve.serve.spans import route_attributes
 from pdserve.telemetry import configure_tracing, flush, names, span_in
 
@@ -77,6 +77,7 @@ class Ingress:
         self.admission = Admission(config.max_queued_prefill_tokens * max(1, pool.num_replicas))
         self.metrics = IngressMetrics(RouterCollector(self.router, self.admission))
         self._stats_task = asyncio.get_running_loop().create_task(self._refresh_stats())
+        self._front_task = asyncio.get_running_loop().create_task(level_http_front(config.niceness))
 
     def __del__(self) -> None:
         """Serve calls this at replica shutdown: export the spans still buffered."""

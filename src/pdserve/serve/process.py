@@ -1,11 +1,16 @@
-"""Where a replica's threads run: niceness and CPU pinning, applied to every thread of the process."""
+"""Where a replica's threads run: niceness and CPU pinning, applied to every thread of the process; and the same
+niceness for Serve's HTTP front, which streams every token to the clients."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
+
+FRONT_LEVEL_EVERY_S = 60.0  # proxies start with new nodes and restart after failures
 
 
 def set_niceness(niceness: int | None) -> None:
@@ -34,3 +39,67 @@ def pin_process(cpus: list[int]) -> None:
             os.sched_setaffinity(int(task), cpus)
         except OSError:  # a thread that just ended
             continue
+
+
+def _renice_process_tree() -> Callable[[object, int], str | None]:
+    """A function for `__ray_call__` that moves every thread of the actor's process, and of the processes under it
+    (HAProxy under Serve's HAProxyManager with direct ingress), to a niceness. Defined inside a function so that Ray
+    ships it by value: the proxy's process need not import pdserve."""
+
+    def renice(_actor: object, niceness: int) -> str | None:
+        import os
+
+        parents: dict[int, int] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:  # "pid (comm) state ppid ...": comm may hold spaces
+                        parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+        tree, frontier = [os.getpid()], [os.getpid()]
+        while frontier:
+            frontier = [pid for pid, parent in parents.items() if parent in frontier]
+            tree += frontier
+        for pid in tree:
+            try:
+                tasks = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for task in tasks:
+                try:
+                    os.setpriority(os.PRIO_PROCESS, int(task), niceness)
+                except PermissionError as e:
+                    return str(e)
+                except ProcessLookupError:
+                    continue
+        return None
+
+    return renice
+
+
+async def level_http_front(niceness: int | None) -> None:
+    """Keep Serve's HTTP front at the replicas' `niceness`, every FRONT_LEVEL_EVERY_S, until cancelled: the proxy
+    actor on each node (and HAProxy under it with direct ingress). Ray starts the proxy at niceness 15 like every
+    worker; with engines at 0 on the same cores it then gets a few percent of a busy core, and streams leave in
+    clumps: on the 2-core box a third of 1P1D's chat tokens during long-prompt prefills arrived < 3 ms after the
+    previous one, so TPOT at the client measured the proxy's starvation, not the decode."""
+    if niceness is None:
+        return
+    import ray
+
+    renice = _renice_process_tree()
+    warned = False
+    while True:
+        try:
+            actors = await asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True)
+            for actor in actors:
+                if actor["name"].startswith("SERVE_PROXY_ACTOR"):
+                    handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+                    error = await handle.__ray_call__.remote(renice, niceness)
+                    if error is not None and not warned:
+                        warned = True
+                        logger.warning("cannot set the HTTP front's niceness to %d: %s", niceness, error)
+        except Exception:  # a proxy restarting, the GCS busy: try again next round
+            logger.debug("levelling the HTTP front's niceness failed", exc_info=True)
+        await asyncio.sleep(FRONT_LEVEL_EVERY_S)
