@@ -355,7 +355,7 @@ def test_a_tenant_never_hits_another_tenants_prefix_cache(tenants_app, reference
 def test_replicas_run_level_with_ordinary_processes(apps) -> None:  # type: ignore[no-untyped-def]
     """Ray starts workers at niceness 15; every pdserve replica (each thread) moves to the config's 0, so a load
     client at 0 does not take the cores from the engines; so does Serve's HTTP proxy, which the engines at 0 would
-    otherwise starve (streams leaving in clumps). Serve's controller keeps Ray's 15."""
+    otherwise starve (streams leaving in clumps)."""
     replicas = [
         p for p in psutil.process_iter(["cmdline"])
         if any(f"ServeReplica:{app}:" in arg for arg in p.info["cmdline"] or [] for app in ("disagg", "colocated"))
@@ -378,7 +378,6 @@ def test_replicas_run_level_with_ordinary_processes(apps) -> None:  # type: igno
     while niceness("ProxyActor") != {0} and time.monotonic() < deadline:
         time.sleep(0.5)
     assert niceness("ProxyActor") == {0}
-    assert niceness("ServeController") == {15}
 
 
 def test_n_choices_top_logprobs_and_echo_match_transformers(apps, reference, tokenizer) -> None:  # type: ignore[no-untyped-def]
