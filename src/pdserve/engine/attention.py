@@ -3,10 +3,11 @@
 Each step's tokens are flattened into one `[num_tokens, ...]` batch: single-token rows (decodes) first, then
 prefill chunks. On CPU in bf16 both go to native kernels (`native.py`, `csrc/paged_attention.cpp`) that read each
 sequence's blocks where they lie: one call for the decodes, one for every prefill chunk of the step (causal, only the
-lower triangle computed). Elsewhere, or without a compiler, the decodes are attended in one batched SDPA call over
+lower triangle computed). Elsewhere, or without a compiler, the decodes are attended in batched SDPA calls over
 their blocks gathered (padded and masked) to `[B, H_kv, L_max, D]` (whole blocks via index_select: 4x faster than a
-per-slot gather), each KV head's query heads as its query rows, and each prefill chunk is one SDPA call, causal over
-its cached context plus itself.
+per-slot gather), each KV head's query heads as its query rows, one call per group of similar context lengths
+(`decode_groups`: one 2k-token context among 300-token ones would otherwise pad every row to 2k), and each prefill
+chunk is one SDPA call, causal over its cached context plus itself.
 """
 
 from __future__ import annotations
@@ -33,6 +34,40 @@ class PrefillSpan:
 
 
 @dataclass(frozen=True)
+class DecodeGroup:
+    """Decode rows attended together, padded to the longest context among them (the torch route)."""
+
+    rows: torch.Tensor  # [n] long: rows of the decode batch
+    block_ids: torch.Tensor  # [n, max_blocks] long, 0-padded
+    mask: torch.Tensor  # [n, 1, 1, max_blocks * block_size] bool: True on real tokens
+
+
+def length_groups(num_blocks: list[int], overhead_blocks: int) -> list[list[int]]:
+    """Decode rows (by their number of context blocks) split into groups, each padded to its own longest: rows are
+    bucketed by the power of two of their block count, and adjacent buckets merged wherever another call would cost
+    more (`overhead_blocks`, a call's fixed cost in gathered blocks) than the padding it saves. Exact: a row attends
+    to the same real keys whatever it is padded to (masked keys add exact zeros)."""
+    buckets: dict[int, list[int]] = {}
+    for row, n in enumerate(num_blocks):
+        buckets.setdefault(n.bit_length(), []).append(row)
+    keys = sorted(buckets)
+    if len(keys) == 1:
+        return [list(range(len(num_blocks)))]
+    widest = [max(num_blocks[r] for r in buckets[k]) for k in keys]
+    sizes = [len(buckets[k]) for k in keys]
+    # best[i]: cheapest split of buckets[:i]; a group of buckets j..i-1 gathers rows(j..i-1) x widest[i-1] blocks
+    best, cut = [0] * (len(keys) + 1), [0] * (len(keys) + 1)
+    for i in range(1, len(keys) + 1):
+        best[i], cut[i] = min((best[j] + sum(sizes[j:i]) * widest[i - 1] + overhead_blocks, j) for j in range(i))
+    groups: list[list[int]] = []
+    i = len(keys)
+    while i:
+        groups.append(sorted(r for k in keys[cut[i] : i] for r in buckets[k]))
+        i = cut[i]
+    return groups[::-1]
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] long: where each row's new K/V is written
     num_decodes: int  # leading single-token rows
@@ -44,6 +79,8 @@ class AttentionMetadata:
     # its blocks, context and chunk [S, max_blocks] long (0-padded). None when there are no prefills.
     prefill_spans: torch.Tensor | None = None
     prefill_block_tables: torch.Tensor | None = None
+    # The torch route's decode rows by context length when more than one group pays (else the whole batch is one).
+    decode_groups: tuple[DecodeGroup, ...] = ()
 
 
 def paged_attention(
@@ -99,14 +136,30 @@ def _decode_attention(
         return decode_kernel(q, k_cache, v_cache, meta.decode_block_ids, meta.decode_seq_lens, scale)
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    k = _gather(k_cache, meta.decode_block_ids)  # [B, H_kv, max_blocks * block_size, D]
-    v = _gather(v_cache, meta.decode_block_ids)
     # A KV head's query heads as its query rows: [B, H_kv, H / H_kv, D], one mask row for all of them. Same math as
     # SDPA's enable_gqa (query head h reads KV head h // (H / H_kv)), but CPU SDPA runs a 1-row query in bf16
     # ~6x slower than a 3-row one (SmolLM2: 1.9 -> 0.3 ms per layer at 16 x 320 tokens).
     grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=meta.decode_mask, scale=scale)
+    if not meta.decode_groups:
+        out = _attend_gathered(grouped, k_cache, v_cache, meta.decode_block_ids, meta.decode_mask, scale)
+        return out.view(batch, num_heads, head_dim)
+    out = torch.empty_like(grouped)
+    for group in meta.decode_groups:
+        out[group.rows] = _attend_gathered(grouped[group.rows], k_cache, v_cache, group.block_ids, group.mask, scale)
     return out.view(batch, num_heads, head_dim)
+
+
+def _attend_gathered(
+    q: torch.Tensor,  # [B, H_kv, H / H_kv, D]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_ids: torch.Tensor,  # [B, max_blocks]
+    mask: torch.Tensor | None,  # [B, 1, 1, max_blocks * block_size]
+    scale: float,
+) -> torch.Tensor:
+    k = _gather(k_cache, block_ids)  # [B, H_kv, max_blocks * block_size, D]
+    v = _gather(v_cache, block_ids)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:

@@ -7,12 +7,16 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.engine.attention import AttentionMetadata, PrefillSpan
+from pdserve.engine.attention import AttentionMetadata, DecodeGroup, PrefillSpan, length_groups
 from pdserve.engine.model import CausalLM
 from pdserve.engine.request import TokenLogprob
 from pdserve.engine.sampler import SampleResult, SampleRow, sample
 from pdserve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from pdserve.kvcache import KVCache
+
+# A decode group's fixed cost (two gathers, one SDPA, one scatter per layer) in gathered context tokens: below it,
+# padding a short context to a longer one is cheaper than another call.
+DECODE_GROUP_OVERHEAD_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,9 @@ class ModelRunner:
             ]
         )
         decode_block_ids, decode_mask, decode_lens = self._decode_context(decodes, block_tables[: len(decodes)])
+        decode_groups: tuple[DecodeGroup, ...] = ()
+        if decode_block_ids is not None and decode_mask is not None and decode_lens is not None:
+            decode_groups = self._decode_groups(decode_block_ids, decode_mask, decode_lens)
         prefill_tables = block_tables[len(decodes) :]
         spans = self._prefill_spans(prefills, prefill_tables, len(decodes))
         kernel_spans = kernel_tables = None
@@ -100,6 +107,7 @@ class ModelRunner:
             prefills=spans,
             prefill_spans=None if kernel_spans is None else kernel_spans.to(device),
             prefill_block_tables=None if kernel_tables is None else kernel_tables.to(device),
+            decode_groups=decode_groups,
         )
         ends = torch.tensor([c.num_new_tokens for c in chunks]).cumsum(0) - 1
         is_last = torch.tensor([c.is_last for c in chunks], dtype=torch.bool)
@@ -132,6 +140,29 @@ class ModelRunner:
             return block_ids, None, lengths
         mask = torch.arange(max_blocks * self.block_size).unsqueeze(0) < lengths.unsqueeze(1)
         return block_ids, mask[:, None, None, :], lengths
+
+    def _decode_groups(
+        self, block_ids: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[DecodeGroup, ...]:
+        """The torch route's decode rows grouped by context length (`attention.length_groups`); () when one group,
+        the whole batch, is cheapest."""
+        num_blocks = (-(-lengths // self.block_size)).tolist()
+        groups = length_groups(num_blocks, max(1, DECODE_GROUP_OVERHEAD_TOKENS // self.block_size))
+        if len(groups) == 1:
+            return ()
+        device = self.model.device
+        out = []
+        for rows in groups:
+            width = max(num_blocks[r] for r in rows)
+            index = torch.tensor(rows, dtype=torch.long)
+            out.append(
+                DecodeGroup(
+                    rows=index.to(device),
+                    block_ids=block_ids[index, :width].to(device),
+                    mask=mask[index, :, :, : width * self.block_size].to(device),
+                )
+            )
+        return tuple(out)
 
     def _prefill_spans(
         self, prefills: list[ScheduledChunk], tables: list[torch.Tensor], start: int
