@@ -19,7 +19,7 @@ from oracle import (
     run_staggered,
 )
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from pdserve.engine import EngineRequest, LLMEngine, native
+from pdserve.engine import EngineRequest, LLMEngine, attention, model_runner, native
 
 LENGTHS = [1, 7, 16, 17, 45, 100, 160, 300]
 MAX_TOKENS = 24
@@ -84,6 +84,26 @@ def test_chunked_prefill_smaller_than_prompts(family: tuple, kernels: str) -> No
     use_kernels(engine, kernels)
     got = run_staggered(engine, [(i, r) for i, r in enumerate(requests(prompts))])
     check(engine, refs, got)
+
+
+def test_decodes_split_into_length_groups(family: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torch route with a decode group costing one block: nearly every step whose decodes differ in length
+    splits them into groups (by default only where it pays, rarely in these short tests), token-exact all the same."""
+    path, prompts, refs = family
+    splits: list[bool] = []
+
+    def counted(num_blocks: list[int], overhead_blocks: int) -> list[list[int]]:
+        groups = attention.length_groups(num_blocks, overhead_blocks)
+        splits.append(len(groups) > 1)
+        return groups
+
+    monkeypatch.setattr(model_runner, "DECODE_GROUP_OVERHEAD_TOKENS", 1)
+    monkeypatch.setattr(model_runner, "length_groups", counted)
+    engine = make_engine(path, budget=24)
+    use_kernels(engine, "sdpa")
+    got = run_staggered(engine, [(i, r) for i, r in enumerate(requests(prompts))])
+    check(engine, refs, got)
+    assert sum(splits) >= 10, f"{sum(splits)} of {len(splits)} decode steps split"
 
 
 def test_preemption_by_recompute(family: tuple) -> None:
