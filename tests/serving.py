@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -30,6 +31,18 @@ def ray_serve(port: int) -> Iterator[None]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def deploy(apps: dict[str, tuple[Any, str]]) -> None:
+    """Deploy pdserve apps (name -> (ServeConfig, route prefix)) in one call and wait until every one runs: their
+    replicas start side by side instead of one app after another (the module fixtures' setup time)."""
+    from ray import serve
+
+    from pdserve.serve.app import build_app
+
+    serve.run_many(
+        [serve.RunTarget(build_app(config), name=name, route_prefix=prefix) for name, (config, prefix) in apps.items()]
+    )
 
 
 @dataclass(frozen=True)

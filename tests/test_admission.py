@@ -14,7 +14,7 @@ import pytest
 
 from oracle import HTTP_MAX_TOKENS
 from pdserve.router.admission import Admission
-from serving import Served, free_port, ray_serve
+from serving import Served, deploy, free_port, ray_serve
 from test_storm import _assert_idle, _mixed_prompts
 
 
@@ -34,9 +34,7 @@ def test_the_budget_counts_prompts_until_their_first_token() -> None:
 
 @pytest.fixture(scope="module")
 def apps(tiny_models: dict[str, Path]) -> Iterator[dict[str, Served]]:
-    from ray import serve
 
-    from pdserve.serve.app import build_app
     from pdserve.serve.config import ServeConfig
 
     port = free_port()
@@ -46,8 +44,7 @@ def apps(tiny_models: dict[str, Path]) -> Iterator[dict[str, Served]]:
     }  # fmt: skip
     configs = {"colocated": ServeConfig(**common, colocated=True), "1p1d": ServeConfig(**common)}
     with ray_serve(port):
-        for name, config in configs.items():
-            serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+        deploy({name: (config, f"/{name}") for name, config in configs.items()})
         engines = {"colocated": 1, "1p1d": 2}
         yield {
             name: Served(f"http://127.0.0.1:{port}/{name}/v1", num_engine_replicas=engines[name]) for name in configs

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from oracle import continuation_text, load_reference_model, reference_greedy
 from pdserve.faults import Fault, fault_point, parse
-from serving import Served, free_port, ray_serve
+from serving import Served, deploy, free_port, ray_serve
 from test_storm import _assert_idle, _exact_wave, _mixed_prompts
 
 pytestmark = pytest.mark.slow
@@ -56,9 +56,7 @@ def _with_faults(spec: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def apps(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Served]]:
-    from ray import serve
 
-    from pdserve.serve.app import build_app
     from pdserve.serve.config import ServeConfig
 
     markers = tmp_path_factory.mktemp("markers")
@@ -82,8 +80,7 @@ def apps(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
         "decode_wedged": ServeConfig(**common, decode=wedged, engine_step_timeout_s=3.0, drain_grace_s=1.0),
     }
     with ray_serve(port):
-        for name, config in configs.items():
-            serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+        deploy({name: (config, f"/{name}") for name, config in configs.items()})
         yield {name: Served(f"http://127.0.0.1:{port}/{name}/v1") for name in configs}
 
 

@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from oracle import load_reference_model, random_prompts, reference_greedy
-from serving import Served, free_port, ray_serve
+from serving import Served, deploy, free_port, ray_serve
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 20
@@ -24,9 +24,7 @@ SYSTEM = "You are a helpful assistant who answers briefly and precisely. " * 12 
 @pytest.fixture(scope="module")
 def apps(smollm2_dir: Path) -> Iterator[tuple[Served, Served]]:
     """Cache-aware 2P+2D at /, Serve's pow2 (1P+1D) at /pow2, on one Ray cluster."""
-    from ray import serve
 
-    from pdserve.serve.app import build_app
     from pdserve.serve.config import ServeConfig
 
     port = free_port()
@@ -35,9 +33,8 @@ def apps(smollm2_dir: Path) -> Iterator[tuple[Served, Served]]:
     with ray_serve(port):
         # local prefill when D lacks <= 64 tokens: a new user turn after cached history, not a fresh conversation
         aware = ServeConfig(**common, prefill=two, decode=two, router={"local_prefill_max_tokens": 64})
-        serve.run(build_app(aware), name="aware", route_prefix="/")
         pow2 = ServeConfig(**common, router={"policy": "pow2"})
-        serve.run(build_app(pow2), name="pow2", route_prefix="/pow2")
+        deploy({"aware": (aware, "/"), "pow2": (pow2, "/pow2")})
         yield (
             Served(f"http://127.0.0.1:{port}/v1", num_engine_replicas=4),
             Served(f"http://127.0.0.1:{port}/pow2/v1", num_engine_replicas=2),

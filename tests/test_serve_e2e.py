@@ -18,7 +18,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from oracle import continuation_text, load_reference_model, random_prompts, reference_greedy
-from serving import Served, free_port, ray_serve
+from serving import Served, deploy, free_port, ray_serve
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 24
@@ -28,9 +28,7 @@ SYSTEM = "You are a helpful assistant who answers briefly and precisely. " * 12 
 @pytest.fixture(scope="module")
 def apps(smollm2_dir: Path) -> Iterator[tuple[Served, Served]]:
     """The disaggregated app at /, the colocated one at /colocated, both float32 on one Ray cluster."""
-    from ray import serve
 
-    from pdserve.serve.app import build_app
     from pdserve.serve.config import ServeConfig
 
     port = free_port()
@@ -38,8 +36,7 @@ def apps(smollm2_dir: Path) -> Iterator[tuple[Served, Served]]:
     with ray_serve(port):
         # local_prefill_max_tokens=0: always through the prefill replica (local mode has its own tests)
         disagg = ServeConfig(**common, router={"local_prefill_max_tokens": 0})
-        serve.run(build_app(disagg), name="disagg", route_prefix="/")
-        serve.run(build_app(ServeConfig(**common, colocated=True)), name="colocated", route_prefix="/colocated")
+        deploy({"disagg": (disagg, "/"), "colocated": (ServeConfig(**common, colocated=True), "/colocated")})
         yield (
             Served(f"http://127.0.0.1:{port}/v1", num_engine_replicas=2),
             Served(f"http://127.0.0.1:{port}/colocated/v1", num_engine_replicas=1),

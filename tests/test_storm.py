@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from oracle import HTTP_MAX_TOKENS, random_prompts
-from serving import Served, free_port, ray_serve
+from serving import Served, deploy, free_port, ray_serve
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = HTTP_MAX_TOKENS  # what the `oracle` fixture (conftest.py) generates
@@ -28,9 +28,7 @@ NUM_STORM = 1000
 
 @pytest.fixture(scope="module")
 def apps(tiny_models: dict[str, Path]) -> Iterator[dict[str, Served]]:
-    from ray import serve
 
-    from pdserve.serve.app import build_app
     from pdserve.serve.config import ServeConfig
 
     port = free_port()
@@ -48,8 +46,7 @@ def apps(tiny_models: dict[str, Path]) -> Iterator[dict[str, Served]]:
         "2p2d": ServeConfig(**common, prefill=two, decode=two),
     }
     with ray_serve(port):
-        for name, config in configs.items():
-            serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+        deploy({name: (config, f"/{name}") for name, config in configs.items()})
         engines = {"colocated": 1, "1p1d": 2, "1p1d-queue-aware": 2, "2p2d": 4}
         yield {
             name: Served(f"http://127.0.0.1:{port}/{name}/v1", num_engine_replicas=engines[name]) for name in configs

@@ -13,7 +13,7 @@ import pytest
 
 from otlp_receiver import OTLPReceiver, ReceivedSpan, otlp_receiver
 from pdserve.telemetry import names
-from serving import Served, free_port, ray_serve
+from serving import Served, deploy, free_port, ray_serve
 
 PROMPT = list(range(40, 40 + 37))  # 3 blocks of 16: 2 full + 1 partial
 MAX_TOKENS = 6
@@ -25,9 +25,7 @@ BLOCK_BYTES = 2 * 2 * 16 * 2 * 32 * 4  # K and V x 2 layers x 16 tokens x 2 KV h
 @pytest.fixture(scope="module")
 def traced(tiny_models: dict[str, Path]) -> Iterator[tuple[Served, Served, OTLPReceiver]]:
     """A traced 1P1D app at / and a broken one (KV transfers always time out) at /broken."""
-    from ray import serve
 
-    from pdserve.serve.app import build_app
     from pdserve.serve.config import ServeConfig
 
     port = free_port()
@@ -43,9 +41,8 @@ def traced(tiny_models: dict[str, Path]) -> Iterator[tuple[Served, Served, OTLPR
             "num_kv_blocks": 64, "tracing_env": env, "router": {"local_prefill_max_tokens": 0},
             "kv_pipelined_push": True,
         }  # fmt: skip
-        serve.run(build_app(ServeConfig(**common)), name="traced", route_prefix="/")
         broken = ServeConfig(**common, kv_transfer_timeout_s=1e-9)
-        serve.run(build_app(broken), name="broken", route_prefix="/broken")
+        deploy({"traced": (ServeConfig(**common), "/"), "broken": (broken, "/broken")})
         yield (
             Served(f"http://127.0.0.1:{port}/v1", num_engine_replicas=2),
             Served(f"http://127.0.0.1:{port}/broken/v1", num_engine_replicas=2),
