@@ -384,9 +384,12 @@ def goodput_search(url: str, model: str, args: argparse.Namespace, runs: list[An
 
 
 @contextmanager
-def served(kind: str, tiny: bool, threads: int | None, pin: bool = False) -> Iterator[tuple[str, str]]:
+def served(
+    kind: str, tiny: bool, threads: int | None, pin: bool = False, overrides: dict[str, Any] | None = None
+) -> Iterator[tuple[str, str]]:
     """pdserve on a local Ray cluster: `colocated` or `1p1d` (SmolLM2-135M, or a tiny Llama with `tiny`); with
-    `pin`, 1p1d's prefill runs on the first half of the cores and its decode on the rest (colocated: all)."""
+    `pin`, 1p1d's prefill runs on the first half of the cores and its decode on the rest (colocated: all);
+    `overrides`: more ServeConfig fields (e.g. {"router": {"local_prefill_max_tokens": 0}})."""
     from ray import serve
 
     from pdserve.hub import resolve_model
@@ -407,7 +410,7 @@ def served(kind: str, tiny: bool, threads: int | None, pin: bool = False) -> Ite
     decode = {**pool, "cpus": cores[half:] or cores} if pin else pool
     config = ServeConfig(
         model=path, served_model_name="m", colocated=kind == "colocated", prefill=prefill, decode=decode,
-        engine=pool, tracing_env={},
+        engine=pool, tracing_env={}, **(overrides or {}),
     )  # fmt: skip
     port = free_port()
     with ray_serve(port):
@@ -423,6 +426,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tiny", action="store_true", help="with --serve: a tiny random Llama (smoke runs)")
     parser.add_argument("--threads", type=int, default=None, help="with --serve: torch threads per engine")
     parser.add_argument("--pin", action="store_true", help="with --serve 1p1d: P and D on halves of the cores")
+    parser.add_argument(
+        "--config", type=json.loads, default=None, metavar="JSON",
+        help='with --serve: more ServeConfig fields, e.g. \'{"router": {"local_prefill_max_tokens": 0}}\'',
+    )  # fmt: skip
     parser.add_argument("--workload", default="chat", choices=["chat", "summarize", "multiturn", "mixed", "trace"])
     parser.add_argument("--trace", help="JSONL trace for --workload trace")
     parser.add_argument("--rate", type=float, default=1.0, help="requests per second (Poisson)")
@@ -457,7 +464,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(header, flush=True)
     runs: list[tuple[dict[str, Any], list[Record]]] = []
     goodput: float | None = None
-    server = served(args.serve, args.tiny, args.threads, args.pin) if args.serve else _nothing(args.url, args.model)
+    server = (
+        served(args.serve, args.tiny, args.threads, args.pin, args.config)
+        if args.serve
+        else _nothing(args.url, args.model)
+    )
     with server as (url, model):
         if args.goodput:
             goodput = goodput_search(url, model, args, runs)
