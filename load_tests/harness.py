@@ -17,6 +17,7 @@ and PNG plots when matplotlib is installed (latency CDFs, goodput vs rate, TPOT 
     python load_tests/harness.py --url ... --workload mixed --sweep 0.5,1,2,4 --out results/mixed
     python load_tests/harness.py --url ... --goodput 0.25,8 --ttft-slo-s 2 --tpot-slo-s 0.25
     python load_tests/harness.py --serve colocated --tiny --rate 4 --duration-s 3    # starts pdserve itself
+    python load_tests/harness.py --replot colocated=results/co 1p1d=results/pd --out results/compare  # plots only
 """
 
 from __future__ import annotations
@@ -353,6 +354,72 @@ def plots(out: Path, runs: list[tuple[dict[str, Any], list[Record]]], args: argp
     return paths
 
 
+def load(directory: Path) -> tuple[dict[str, Any], list[tuple[dict[str, Any], list[Record]]]]:
+    """A run's saved results (`results.json`, or the `.json.gz` committed under results/): the JSON and its runs."""
+    path = directory / "results.json"
+    if not path.exists():
+        import gzip
+
+        data = json.loads(gzip.decompress((directory / "results.json.gz").read_bytes()))
+    else:
+        data = json.loads(path.read_text())
+    runs = [(row, [Record(**r) for r in records]) for row, records in zip(data["runs"], data["requests"], strict=True)]
+    return data, runs
+
+
+def compare_plots(out: Path, modes: dict[str, list[tuple[dict[str, Any], list[Record]]]], args: argparse.Namespace
+                  ) -> list[Path]:  # fmt: skip
+    """Several saved runs side by side (e.g. colocated vs 1P1D): SLO attainment vs rate, latency CDFs at the lowest
+    rate every mode ran, and chat TPOT over time at that rate with the long-prompt prefills shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, runs in modes.items():
+        rows = sorted((row for row, _ in runs), key=lambda r: r["rate"])
+        ax.plot([r["rate"] for r in rows], [r["slo_attainment"] for r in rows], marker="o", label=name)
+    ax.axhline(ATTAINMENT, color="gray", linestyle="--")
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("share within both SLOs")
+    ax.legend()
+    paths.append(_save(fig, out / "goodput_vs_rate.png"))
+    common = set.intersection(*({row["rate"] for row, _ in runs} for runs in modes.values()))
+    if not common:
+        return paths
+    rate = min(common)
+    at_rate = {name: next(records for row, records in runs if row["rate"] == rate) for name, runs in modes.items()}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, records in at_rate.items():
+        for ax, values in zip(axes, ([r.ttft_s for r in records if r.ttft_s is not None],
+                                     [t for r in records if (t := r.tpot_s) is not None]), strict=True):  # fmt: skip
+            ordered = sorted(values)
+            ax.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=name)
+    for ax, label, slo in zip(axes, ("TTFT s", "TPOT s"), (args.ttft_slo_s, args.tpot_slo_s), strict=True):
+        ax.axvline(slo, color="gray", linestyle="--")
+        ax.set_xlabel(f"{label} at {rate:.2f} req/s")
+        ax.set_ylabel("share of requests")
+        ax.legend()
+    paths.append(_save(fig, out / "latency_cdf.png"))
+    fig, axes = plt.subplots(len(at_rate), 1, figsize=(10, 2.6 * len(at_rate)), sharex=True, sharey=True)
+    for ax, (name, records) in zip(list(axes) if len(at_rate) > 1 else [axes], at_rate.items(), strict=True):
+        for r in records:
+            if r.kind != "chat" and r.ttft_s is not None:
+                ax.axvspan(r.sent_at_s, r.sent_at_s + r.ttft_s, color="red", alpha=0.08)  # a long prompt's prefill
+            elif r.kind == "chat" and len(r.token_times_s) > 1:
+                times = r.token_times_s
+                ax.plot(times[1:], [b - a for a, b in itertools.pairwise(times)], lw=0.6)
+        ax.set_ylabel(f"{name}\nITL s")
+        ax.set_yscale("log")
+    (axes[-1] if len(at_rate) > 1 else axes).set_xlabel(
+        f"time s at {rate:.2f} req/s (red: long prompts from send to first token; one line per chat stream)"
+    )
+    paths.append(_save(fig, out / "itl_over_time.png"))
+    return paths
+
+
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -453,7 +520,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--nice", type=int, default=15,
         help="the client's niceness (pdserve's replicas and vLLM run at 0, Serve's proxy at Ray's 15)",
     )  # fmt: skip
+    parser.add_argument(
+        "--replot", nargs="+", metavar="NAME=DIR",
+        help="no run: plot saved results (--out of earlier runs) side by side into --out, e.g. colocated=DIR 1p1d=DIR",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.replot:
+        modes = {}
+        for item in args.replot:
+            name, _, directory = item.rpartition("=")
+            data, runs = load(Path(directory))
+            modes[name or directory] = runs
+        saved = argparse.Namespace(**{**data["args"], "out": args.out})
+        out = Path(args.out or ".")
+        out.mkdir(parents=True, exist_ok=True)
+        for path in compare_plots(out, modes, saved):
+            print(f"plot: {path}")
+        return {"modes": list(modes)}
     if not args.url and not args.serve:
         parser.error("give --url of a server, or --serve to start pdserve")
     os.nice(max(0, args.nice - os.nice(0)))

@@ -1,9 +1,9 @@
 """Randomized differential test of the engine against transformers: thousands of greedy requests over seeded random
 schedules — arrivals at random steps, prompt lengths from 1 token, shared prefixes and exact repeats, random chunk
-budgets and block sizes, pools small enough to preempt, aborts at random steps, and the disaggregated split (prefill
-on one engine, reserve/commit on another) mixed into both engines' batches; half the schedules on the native
-attention kernels, half on SDPA. Every surviving request must be
-token-exact (oracle.py), and afterwards no engine holds a block.
+budgets and block sizes, both prefill orders (fcfs, shortest_prefill_first), pools small enough to preempt, aborts
+at random steps, and the disaggregated split (prefill on one engine, reserve/commit on another) mixed into both
+engines' batches; half the schedules on the native attention kernels, half on SDPA. Every surviving request must
+be token-exact (oracle.py), and afterwards no engine holds a block.
 
 A failure prints its seed: `FUZZ_SEEDS=<seed> pytest tests/test_engine_fuzz.py` replays exactly that schedule.
 """
@@ -91,7 +91,10 @@ class _Schedule:
                     enable_prefix_caching=rng.random() < 0.85,
                 ),
                 SchedulerConfig(
-                    max_num_batched_tokens=rng.choice([1, 3, 8, 17, 64, 512]), max_num_seqs=rng.choice([2, 5, 16])
+                    max_num_batched_tokens=rng.choice([1, 3, 8, 17, 64, 512]),
+                    max_num_seqs=rng.choice([2, 5, 16]),
+                    policy=rng.choice(["fcfs", "shortest_prefill_first"]),
+                    prefill_aging_tokens_per_s=rng.choice([0.0, 256.0]),
                 ),
             )
         )

@@ -38,6 +38,12 @@ class SchedulerConfig:
     # efficiency and TTFT under load; smaller bounds the step time that running decodes wait for.
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64  # sequences running at once
+    # The order prompts are prefilled in once decodes have their tokens: "fcfs" (arrival order; a long prompt holds
+    # every prompt behind it for its whole prefill) or "shortest_prefill_first" (the fewest prompt tokens left first,
+    # so a chat prompt overtakes a long document's remaining chunks; each second a prompt waits counts as
+    # `prefill_aging_tokens_per_s` fewer tokens, so none starves).
+    policy: str = "fcfs"
+    prefill_aging_tokens_per_s: float = 256.0
 
 
 @dataclass(frozen=True)

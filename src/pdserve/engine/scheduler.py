@@ -68,18 +68,66 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
         # Decode first: a sequence with one token left to compute never waits behind a prefill chunk.
-        for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1):
+        running = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1)
+        if self.config.policy == "shortest_prefill_first":
+            # Running prefills then compete with the waiting prompts for what the decodes leave (_prefill_order).
+            running = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
+        for seq in running:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if self._make_room(seq, seq.num_computed_tokens + num_new, chunks, preempted):
-                chunks.append(ScheduledChunk(seq, num_new))
-                budget -= num_new
-        if not preempted:
+            budget -= self._continue(seq, budget, chunks, preempted)
+        if self.config.policy == "shortest_prefill_first":
+            chunks.extend(self._prefill_order(budget, chunks, preempted))
+        elif not preempted:
             chunks.extend(self._admit(budget))
         return SchedulerOutput(chunks, preempted)
+
+    def _continue(self, seq: Sequence, budget: int, chunks: list[ScheduledChunk], preempted: list[Sequence]) -> int:
+        """Schedule a running sequence's next chunk within `budget`; the tokens it takes (0: it was preempted)."""
+        num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        if not self._make_room(seq, seq.num_computed_tokens + num_new, chunks, preempted):
+            return 0
+        chunks.append(ScheduledChunk(seq, num_new))
+        return num_new
+
+    def _prefill_order(
+        self, budget: int, chunks: list[ScheduledChunk], preempted: list[Sequence]
+    ) -> list[ScheduledChunk]:
+        """shortest_prefill_first: running prefills and waiting prompts by prompt tokens left, less the aging credit
+        of the time since arrival; ties in arrival order. Admission stops at the first prompt the pool cannot take (or
+        after a preemption), as in arrival order."""
+        now = time.monotonic()
+        aging = self.config.prefill_aging_tokens_per_s
+        scheduled = {id(c.seq) for c in chunks}
+        candidates = [s for s in self.running if id(s) not in scheduled] + list(self.waiting)
+        candidates.sort(
+            key=lambda s: (s.num_tokens - s.num_computed_tokens - aging * (now - s.arrival_time), s.arrival)
+        )
+        new: list[ScheduledChunk] = []
+        admitting = True
+        for seq in candidates:
+            if budget == 0:
+                break
+            if seq.status is SequenceStatus.RUNNING and seq in self.running:
+                taken = self._continue(seq, budget, [*chunks, *new], preempted)
+                if taken:
+                    new.append(ScheduledChunk(seq, taken))
+                    budget -= taken
+            elif (
+                admitting
+                and not preempted  # a sequence preempted this step is not readmitted in it
+                and seq.status is SequenceStatus.WAITING
+                and len(self.running) < self.config.max_num_seqs
+            ):
+                chunk = self._admit_one(seq, budget)
+                if chunk is None:
+                    admitting = False
+                    continue
+                new.append(chunk)
+                budget -= chunk.num_new_tokens
+        return new
 
     def _make_room(
         self, seq: Sequence, num_tokens: int, chunks: list[ScheduledChunk], preempted: list[Sequence]
@@ -106,22 +154,29 @@ class Scheduler:
         """Admit waiting sequences in arrival order while the budget, seq limit and pool allow."""
         chunks = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            # At least one token must be computed to get logits, so a full hit leaves the last token out.
-            cached = self.blocks.match_prefix(seq, max_tokens=seq.num_tokens - 1)
-            if seq.sampling.prompt_logprobs is not None:  # every prompt token's logits are needed: no cache hit
-                cached = []
-            num_cached = len(cached) * self.blocks.block_size
-            num_new = min(seq.num_tokens - num_cached, budget)
-            if not self.blocks.admit(seq, cached, num_cached + num_new):
+            chunk = self._admit_one(self.waiting[0], budget)
+            if chunk is None:
                 break
-            self.waiting.popleft()
-            seq.num_computed_tokens = num_cached
-            if seq.num_cached_tokens < 0:  # first admission (not a re-admission after preemption)
-                seq.num_cached_tokens = num_cached
-                seq.queue_s = time.monotonic() - seq.arrival_time
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            chunks.append(ScheduledChunk(seq, num_new))
-            budget -= num_new
+            chunks.append(chunk)
+            budget -= chunk.num_new_tokens
         return chunks
+
+    def _admit_one(self, seq: Sequence, budget: int) -> ScheduledChunk | None:
+        """Move a waiting sequence to running with its first chunk, reusing cached prefix blocks; None when the pool
+        cannot hold the chunk."""
+        # At least one token must be computed to get logits, so a full hit leaves the last token out.
+        cached = self.blocks.match_prefix(seq, max_tokens=seq.num_tokens - 1)
+        if seq.sampling.prompt_logprobs is not None:  # every prompt token's logits are needed: no cache hit
+            cached = []
+        num_cached = len(cached) * self.blocks.block_size
+        num_new = min(seq.num_tokens - num_cached, budget)
+        if not self.blocks.admit(seq, cached, num_cached + num_new):
+            return None
+        self.waiting.remove(seq)
+        seq.num_computed_tokens = num_cached
+        if seq.num_cached_tokens < 0:  # first admission (not a re-admission after preemption)
+            seq.num_cached_tokens = num_cached
+            seq.queue_s = time.monotonic() - seq.arrival_time
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return ScheduledChunk(seq, num_new)

@@ -238,6 +238,17 @@ class ServeConfig(BaseModel):
     enable_prefix_caching: bool = Field(True, description="reuse cached KV blocks of shared prompt prefixes")
     max_num_batched_tokens: int = Field(512, ge=16, description="tokens computed per engine step, all sequences")
     max_num_seqs: int = Field(64, ge=1, description="sequences running at once per engine replica")
+    scheduling_policy: Literal["fcfs", "shortest_prefill_first"] = Field(
+        "fcfs",
+        description="the order an engine prefills prompts in: fcfs (arrival) or shortest_prefill_first (fewest "
+        "prompt tokens left first, so chat prompts overtake a long document's remaining chunks: lower TTFT under "
+        "long-prompt bursts; aged by prefill_aging_tokens_per_s so no prompt starves)",
+    )
+    prefill_aging_tokens_per_s: float = Field(
+        256.0,
+        ge=0,
+        description="shortest_prefill_first: each second a prompt has waited counts as this many fewer prompt tokens",
+    )
     chat_template: str | None = Field(
         None, description="chat template for chat requests: a Jinja file or an inline template (default: the model's)"
     )
@@ -457,7 +468,9 @@ class ServeConfig(BaseModel):
             cache=CacheConfig(
                 self.block_size, self.num_kv_blocks, self._kv_cache_memory_bytes(path), self.enable_prefix_caching
             ),
-            scheduler=SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs),
+            scheduler=SchedulerConfig(
+                self.max_num_batched_tokens, self.max_num_seqs, self.scheduling_policy, self.prefill_aging_tokens_per_s
+            ),
             emulated_step=EmulatedStep(**self.emulated_step) if self.emulated_step else None,
         )
 

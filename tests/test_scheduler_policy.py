@@ -1,0 +1,125 @@
+"""The scheduler's prefill order, without a model: fcfs keeps arrival order; shortest_prefill_first lets a short prompt
+overtake a long one's remaining chunks (decodes still first), ages waiting prompts so none starves, and never
+schedules a sequence in the step that preempted it. Token-exactness of either order against transformers is
+test_engine_fuzz.py's (its random schedules draw the policy)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pdserve.config import SchedulerConfig
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.request import EngineRequest, SamplingParams
+from pdserve.engine.scheduler import Scheduler, SchedulerOutput
+from pdserve.engine.sequence import Sequence, SequenceStatus
+from pdserve.kvcache.block_pool import BlockPool
+
+BLOCK = 4
+
+
+class Queue:
+    def __init__(self, policy: str, budget: int = 8, aging: float = 0.0, num_blocks: int = 1000) -> None:
+        pool = BlockPool(num_blocks, enable_prefix_caching=False)
+        self.scheduler = Scheduler(SchedulerConfig(budget, 16, policy, aging), BlockManager(pool, BLOCK))
+        self.arrivals = 0
+
+    def add(self, name: str, num_prompt_tokens: int, waited_s: float = 0.0) -> Sequence:
+        request = EngineRequest(name, tuple(range(1, num_prompt_tokens + 1)), SamplingParams(max_tokens=4))
+        seq = Sequence(request, self.arrivals)
+        seq.arrival_time -= waited_s
+        self.arrivals += 1
+        self.scheduler.add(seq)
+        return seq
+
+    def step(self) -> list[tuple[str, int]]:
+        """Schedule one step and pretend it ran: every chunk's tokens computed, a finished prefill samples one."""
+        out = self.scheduler.schedule()
+        for chunk in out.chunks:
+            chunk.seq.num_computed_tokens += chunk.num_new_tokens
+            if chunk.seq.num_computed_tokens == chunk.seq.num_tokens:
+                chunk.seq.token_ids.append(7)
+        return _layout(out)
+
+
+def _layout(out: SchedulerOutput) -> list[tuple[str, int]]:
+    return [(c.seq.request_id, c.num_new_tokens) for c in out.chunks]
+
+
+def test_fcfs_runs_a_long_prompt_to_its_end_before_a_later_short_one() -> None:
+    q = Queue("fcfs")
+    q.add("long", 20)
+    assert q.step() == [("long", 8)]
+    q.add("chat", 3)
+    assert q.step() == [("long", 8)]
+    assert q.step() == [("long", 4), ("chat", 3)]
+
+
+def test_shortest_first_lets_a_short_prompt_overtake_a_long_ones_remaining_chunks() -> None:
+    q = Queue("shortest_prefill_first")
+    q.add("long", 20)
+    assert q.step() == [("long", 8)]
+    q.add("chat", 3)
+    assert q.step() == [("chat", 3), ("long", 5)]  # chat first, the long prompt takes what is left
+    assert q.step() == [("chat", 1), ("long", 7)]  # chat decodes first; long prompt's last chunk
+
+
+def test_shortest_first_orders_waiting_prompts_by_tokens_left_and_ties_by_arrival() -> None:
+    q = Queue("shortest_prefill_first", budget=64)
+    for name, n in [("a", 30), ("b", 5), ("c", 12), ("d", 5)]:
+        q.add(name, n)
+    assert q.step() == [("b", 5), ("d", 5), ("c", 12), ("a", 30)]
+
+
+def test_aging_puts_a_long_waiting_prompt_ahead_of_a_fresh_short_one() -> None:
+    q = Queue("shortest_prefill_first", budget=8, aging=100.0)
+    q.add("old-long", 40, waited_s=1.0)  # 40 tokens - 100 tokens/s x 1 s: ranks as -60
+    q.add("new-chat", 3)
+    assert q.step() == [("old-long", 8)]
+
+
+def test_a_prompt_whose_admission_fails_blocks_the_prompts_behind_it() -> None:
+    """As in arrival order: a big prompt the pool cannot take yet is not starved by smaller ones passing it."""
+    q = Queue("shortest_prefill_first", budget=64, aging=1000.0, num_blocks=6)
+    q.add("running", 8)
+    assert q.step() == [("running", 8)]  # 3 blocks with the sampled token's room
+    q.add("big", 24, waited_s=1.0)  # needs 6 blocks: only 3 free
+    q.add("small", 4)
+    assert q.step() == [("running", 1)]
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "shortest_prefill_first"])
+def test_random_queues_respect_budget_and_seq_limit_and_finish_every_prompt(policy: str) -> None:
+    """Seeded random arrivals of prompts from 1 token: every step stays within the budget, schedules a sequence at most
+    once, never schedules a sequence in the step that preempted it, and every prompt is eventually prefilled (no
+    starvation with aging)."""
+    num_preempted = 0
+    for seed in range(200):
+        rng = random.Random(seed)
+        budget = rng.choice([1, 3, 8, 17, 64])
+        q = Queue(policy, budget=budget, aging=rng.choice([0.5, 50.0]), num_blocks=rng.choice([17, 24, 400]))
+        seqs: list[Sequence] = []
+        for step in range(2000):
+            if step < 40 and rng.random() < 0.5:
+                seqs.append(q.add(f"r{len(seqs)}", rng.choice([1, 2, 5, 16, 33, 60])))
+            out = q.scheduler.schedule()
+            layout = _layout(out)
+            assert sum(n for _, n in layout) <= budget, (seed, layout)
+            assert len({name for name, _ in layout}) == len(layout), (seed, layout)
+            preempted = {s.request_id for s in out.preempted}
+            assert not preempted & {name for name, _ in layout}, (seed, layout, preempted)
+            num_preempted += len(preempted)
+            for chunk in out.chunks:
+                chunk.seq.num_computed_tokens += chunk.num_new_tokens
+                if chunk.seq.num_computed_tokens == chunk.seq.num_tokens:
+                    chunk.seq.token_ids.append(7)
+                    if chunk.seq.num_output_tokens >= 2:  # done: leave the queues, free its blocks
+                        q.scheduler.remove(chunk.seq)
+                        q.scheduler.blocks.free(chunk.seq)
+                        chunk.seq.status = SequenceStatus.FINISHED
+            if step >= 40 and not q.scheduler.running and not q.scheduler.waiting:
+                break
+        unfinished = [s.request_id for s in seqs if s.status is not SequenceStatus.FINISHED]
+        assert not unfinished, (seed, policy, unfinished)
+    assert num_preempted > 0  # the small pools really preempt
