@@ -97,10 +97,8 @@ def workload(args: argparse.Namespace, rate: float, seed: int = 0) -> list[Spec]
     rng = random.Random(seed)
     if args.workload == "trace":
         return _trace(Path(args.trace), args.vocab, rng)
-    arrivals, t = [], rng.expovariate(rate)
-    while t < args.duration_s:
-        arrivals.append(t)
-        t += rng.expovariate(rate)
+    share = args.long_share if args.workload == "mixed" and args.long_share is not None else 0.0
+    arrivals = _poisson(rng, rate * (1 - share), args.duration_s)
     specs: list[Spec] = []
     system = _tokens(rng, args.system_prompt, args.vocab)
     histories: list[list[int]] = [list(system) for _ in range(args.conversations)]
@@ -119,11 +117,25 @@ def workload(args: argparse.Namespace, rate: float, seed: int = 0) -> list[Spec]
             specs.append(Spec(at, list(history), out, "multiturn"))
             history += _tokens(rng, out, args.vocab)  # the reply joins the history (as the model's would)
     if args.workload == "mixed":  # bursts of long prompts on top of the chat stream
-        burst_at = args.burst_every_s / 2
-        while burst_at < args.duration_s:
+        if share:  # a fixed share of the rate: bursts at Poisson times, so the mix is the same at every rate
+            bursts = _poisson(rng, rate * share / args.burst_size, args.duration_s)
+        else:  # every --burst-every-s, whatever the rate
+            bursts, at = [], args.burst_every_s / 2
+            while at < args.duration_s:
+                bursts.append(at)
+                at += args.burst_every_s
+        for burst_at in bursts:
             specs += [_summarize(rng, burst_at + 0.01 * i, args) for i in range(args.burst_size)]
-            burst_at += args.burst_every_s
     return sorted(specs, key=lambda s: s.at_s)
+
+
+def _poisson(rng: random.Random, rate: float, duration_s: float) -> list[float]:
+    arrivals: list[float] = []
+    t = rng.expovariate(rate) if rate > 0 else math.inf
+    while t < duration_s:
+        arrivals.append(t)
+        t += rng.expovariate(rate)
+    return arrivals
 
 
 def _chat(rng: random.Random, at: float, args: argparse.Namespace) -> Spec:
@@ -513,6 +525,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--conversations", type=int, default=8, help="multiturn: concurrent conversations")
     parser.add_argument("--burst-every-s", type=float, default=20.0, help="mixed: seconds between bursts")
     parser.add_argument("--burst-size", type=int, default=4, help="mixed: long prompts per burst")
+    parser.add_argument(
+        "--long-share", type=float, default=None, metavar="F",
+        help="mixed: long prompts are this share of --rate, in bursts of --burst-size at Poisson times (instead of "
+        "every --burst-every-s): the same mix at every rate, as a goodput search needs",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="directory for results.json, summary.md and plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -313,3 +313,12 @@ def _wait_for_line(log: Path, line: str, server: subprocess.Popen[bytes], deadli
         if server.poll() is not None or time.monotonic() > deadline:
             pytest.fail(f"pdserve serve did not start (exit {server.poll()}):\n{log.read_text()[-4000:]}")
         time.sleep(1)
+
+
+def test_scheduling_policy_reaches_the_engines_scheduler(tiny_llama: Path) -> None:
+    config = parse(["--scheduling-policy", "shortest_prefill_first", "--prefill-aging-tokens-per-s", "8"])
+    scheduler = config.model_copy(update={"device": "cpu"}).engine_config(str(tiny_llama)).scheduler
+    assert (scheduler.policy, scheduler.prefill_aging_tokens_per_s) == ("shortest_prefill_first", 8.0)
+    assert ServeConfig(device="cpu").engine_config(str(tiny_llama)).scheduler.policy == "fcfs"
+    with pytest.raises(SystemExit):
+        parse(["--scheduling-policy", "priority"])  # not a policy pdserve has: argparse's choices refuse it

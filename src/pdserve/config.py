@@ -43,7 +43,7 @@ class SchedulerConfig:
     # so a chat prompt overtakes a long document's remaining chunks; each second a prompt waits counts as
     # `prefill_aging_tokens_per_s` fewer tokens, so none starves).
     policy: str = "fcfs"
-    prefill_aging_tokens_per_s: float = 256.0
+    prefill_aging_tokens_per_s: float = 32.0
 
 
 @dataclass(frozen=True)

@@ -245,9 +245,11 @@ class ServeConfig(BaseModel):
         "long-prompt bursts; aged by prefill_aging_tokens_per_s so no prompt starves)",
     )
     prefill_aging_tokens_per_s: float = Field(
-        256.0,
+        32.0,
         ge=0,
-        description="shortest_prefill_first: each second a prompt has waited counts as this many fewer prompt tokens",
+        description="shortest_prefill_first: each second a prompt has waited counts as this many fewer prompt tokens "
+        "(a prompt of N tokens outranks any newcomer after N / this seconds; keep it well below the engine's prefill "
+        "tokens/s, or the order falls back to arrival)",
     )
     chat_template: str | None = Field(
         None, description="chat template for chat requests: a Jinja file or an inline template (default: the model's)"
