@@ -43,7 +43,7 @@ def test_goodput_is_the_highest_rate_meeting_the_slos(monkeypatch: pytest.Monkey
 def test_workloads_are_seeded_and_shaped() -> None:
     args = argparse.Namespace(
         workload="mixed", duration_s=60.0, vocab=500, system_prompt=32, conversations=2, max_prompt=4096,
-        max_output=256, burst_every_s=20.0, burst_size=3, trace=None,
+        max_output=256, burst_every_s=20.0, burst_size=3, trace=None, long_share=None,
     )  # fmt: skip
     specs = harness.workload(args, rate=2.0, seed=1)
     assert specs == harness.workload(args, rate=2.0, seed=1)
@@ -54,6 +54,40 @@ def test_workloads_are_seeded_and_shaped() -> None:
     args.workload = "multiturn"
     turns = harness.workload(args, rate=2.0, seed=1)
     assert all(s.prompt[:32] == turns[0].prompt[:32] for s in turns)  # one shared system prompt
+
+
+def test_long_share_keeps_the_mixed_workloads_mix_at_every_rate() -> None:
+    """With --long-share the bursts are a share of the rate (goodput needs one mix scaled), in whole bursts."""
+    args = argparse.Namespace(
+        workload="mixed", duration_s=4000.0, vocab=500, system_prompt=32, conversations=2, max_prompt=2048,
+        max_output=64, burst_every_s=20.0, burst_size=2, trace=None, long_share=0.2,
+    )  # fmt: skip
+    for rate in (0.5, 2.0):
+        specs = harness.workload(args, rate, seed=3)
+        long = [s for s in specs if s.kind == "summarize"]
+        assert len(specs) == pytest.approx(rate * args.duration_s, rel=0.1)
+        assert len(long) / len(specs) == pytest.approx(0.2, abs=0.04) and len(long) % 2 == 0
+        times = sorted(s.at_s for s in long)
+        partner = [any(abs(abs(t - u) - 0.01) < 1e-9 for u in times) for t in times]
+        assert all(partner)  # every long prompt arrives with its burst
+
+
+def test_replot_reads_saved_runs_and_draws_them_side_by_side(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    records = [
+        harness.Record("summarize", 1.0, 900, 200, 2.0, 3.0, 4, token_times_s=[3.0, 3.3, 3.6, 4.0]),
+        harness.Record("chat", 0.5, 20, 200, 0.2, 4.5, 5, token_times_s=[0.7, 1.7, 2.7, 3.7, 5.0]),
+    ]
+    for name in ("co", "pd"):
+        (tmp_path / name).mkdir()
+        row = harness.summary(0.5, records, 10.0, argparse.Namespace(ttft_slo_s=1.0, tpot_slo_s=0.5))
+        saved = {"args": {"ttft_slo_s": 1.0, "tpot_slo_s": 0.5}, "runs": [row],
+                 "requests": [[harness.asdict(r) for r in records]]}  # fmt: skip
+        (tmp_path / name / "results.json").write_text(json.dumps(saved))
+    harness.main(["--replot", f"co={tmp_path / 'co'}", f"pd={tmp_path / 'pd'}", "--out", str(tmp_path / "cmp")])
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == [
+        "goodput_vs_rate.png", "itl_over_time.png", "latency_cdf.png",
+    ]  # fmt: skip
 
 
 @pytest.mark.slow
