@@ -246,7 +246,7 @@ async def _serve(
             deltas, first, generation, fmt, body.include_usage(), pending, state.sse_keepalive_s,
             body.continuous_usage(),
         )  # fmt: skip
-        return EventStreamResponse(events, deltas)
+        return EventStreamResponse(events, deltas, pending)
     piece = await _unless_disconnected(request, collect(deltas, generation))
     if piece is None:
         return Response(status_code=499)  # nginx's "client closed request"; nobody is left to read it

@@ -14,8 +14,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+import anyio
+
 from pdserve.api.backend import Backend, GenerationDelta, GenerationRequest
-from pdserve.api.generation import Generation, Piece, close_stream, first_delta
+from pdserve.api.generation import Generation, Piece, close_stream, first_delta, release_stream
 from pdserve.api.protocol import Usage
 
 
@@ -70,22 +72,23 @@ class ChoiceStreams:
 
     async def close(self, i: int) -> None:
         """Stop choice i (it finished, e.g. on a stop string): its backend request is aborted."""
-        if i in self._closed:
-            return
-        self._closed.add(i)
-        pump = self._pumps.pop(i, None)
-        if pump is not None and not pump.done():
-            pump.cancel()
-            await asyncio.wait({pump})  # a generator must not be closed while a pump is inside it
-        await close_stream(self._streams[i])
+        if i not in self._closed:
+            self._closed.add(i)
+            await close_stream(self._streams[i], self._pumps.pop(i, None))  # a pump still inside it stops first
 
     async def aclose(self) -> None:
-        # Cancelling a pump throws CancelledError into its generator, which aborts the request by itself: so every
-        # pump is cancelled before the first await here, which a cancellation of the caller could cut short.
-        for pump in self._pumps.values():
-            pump.cancel()
-        for i in range(len(self._streams)):
-            await self.close(i)
+        """Close every choice's stream and wait for that (a cancel stops only the waiting: see `release`)."""
+        closings = self.release()
+        if closings:
+            with anyio.CancelScope(shield=True):
+                await asyncio.shield(asyncio.gather(*closings))
+
+    def release(self) -> list[asyncio.Task[None]]:
+        """Start closing every choice not closed yet, each in a task of its own (`release_stream`): synchronous, so
+        that no cancel of the caller's can land between two of them."""
+        open_ = [i for i in range(len(self._streams)) if i not in self._closed]
+        self._closed.update(open_)
+        return [release_stream(self._streams[i], self._pumps.pop(i, None)) for i in open_]
 
     async def _pump(self, i: int) -> None:
         stream = self._streams[i]

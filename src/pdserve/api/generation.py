@@ -6,8 +6,10 @@ The streaming and non-streaming paths share this state, so the same greedy reque
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import anyio
@@ -18,6 +20,8 @@ from pdserve.api.detokenizer import IncrementalDetokenizer
 from pdserve.api.errors import SERVER_ERROR, APIError
 from pdserve.api.protocol import PromptTokensDetails, Usage
 from pdserve.telemetry import names
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -107,11 +111,12 @@ class Generation:
 async def first_delta(deltas: AsyncIterator[GenerationDelta]) -> GenerationDelta | None:
     """The backend's first delta, pulled before any response header is sent so that its errors get a status: they
     propagate to the app's handlers (errors.py: CapacityError 429/503, InvalidRequest 400, ServerError 503/500,
-    anything else a generic 500). Closes the stream when it raises."""
+    anything else a generic 500). Closes the stream when it raises (without waiting: this may run as the `pending`
+    task that a closing waits for)."""
     try:
         return await anext(deltas, None)
     except BaseException:
-        await close_stream(deltas)
+        release_stream(deltas)
         raise
 
 
@@ -123,9 +128,8 @@ async def first_delta_within(
     pending = asyncio.ensure_future(first_delta(deltas))
     try:
         done, _ = await asyncio.wait({pending}, timeout=wait_s)
-    except asyncio.CancelledError:  # the client left: stop waiting, which closes the backend stream
-        pending.cancel()
-        await asyncio.wait({pending})
+    except asyncio.CancelledError:  # the client left — maybe just as the first delta came: close the stream
+        release_stream(deltas, pending)
         raise
     return (pending.result(), None) if done else (None, pending)
 
@@ -146,12 +150,45 @@ async def collect(deltas: AsyncIterator[GenerationDelta], generation: Generation
     return generation.whole()
 
 
-async def close_stream(deltas: AsyncIterator[GenerationDelta]) -> None:
-    """Close a backend stream, even from a task being cancelled: closing is what aborts the request in the
-    backend and frees its KV blocks, so it must not be skipped when the client is gone."""
+async def close_stream(deltas: AsyncIterator[GenerationDelta], pending: asyncio.Task[Any] | None = None) -> None:
+    """Close a backend stream (after stopping `pending`, a task inside it) and wait for that; the closing itself
+    survives the caller's cancellation (`release_stream`), which then only stops the waiting."""
+    closing = release_stream(deltas, pending)
+    with anyio.CancelScope(shield=True):  # anyio's scopes (Starlette's) re-cancel at every await; this holds them
+        await asyncio.shield(closing)  # a plain task.cancel() passes anyio's shield: this one holds the close
+
+
+def release_stream(
+    deltas: AsyncIterator[GenerationDelta], pending: asyncio.Task[Any] | None = None
+) -> asyncio.Task[None]:
+    """Start closing a backend stream in a task of its own: closing is what aborts the request in the backend,
+    frees its KV blocks and ends its count in the router, so no cancellation of the caller's may cut it short, and
+    a stream must never be left to the garbage collector (a reference cycle can keep it for minutes). Synchronous,
+    for `except CancelledError:` and `finally:` blocks, where an await is where a second cancel lands. `pending`, a
+    task pulling from the stream, is cancelled and waited for first (a running generator cannot be closed)."""
+    if pending is not None:
+        pending.cancel()
+    closing = _closing.get(deltas)  # one closing per stream: a second would find the generator running
+    if closing is None:
+        closing = _closing[deltas] = asyncio.ensure_future(_close(deltas, pending))
+        closing.add_done_callback(partial(_closed, deltas))
+    return closing
+
+
+_closing: dict[AsyncIterator[GenerationDelta], asyncio.Task[None]] = {}  # closings under way, by stream
+
+
+async def _close(deltas: AsyncIterator[GenerationDelta], pending: asyncio.Task[Any] | None) -> None:
+    if pending is not None:
+        await asyncio.wait({pending})
     if isinstance(deltas, AsyncGenerator):
-        with anyio.CancelScope(shield=True):
-            await deltas.aclose()
+        await deltas.aclose()
+
+
+def _closed(deltas: AsyncIterator[GenerationDelta], closing: asyncio.Task[None]) -> None:
+    del _closing[deltas]
+    if not closing.cancelled() and (error := closing.exception()) is not None:
+        logger.error("closing a backend stream failed", exc_info=error)
 
 
 def usage_attributes(generation: Generation) -> dict[str, AttributeValue]:

@@ -16,7 +16,7 @@ from pdserve.api.backend import CapacityError, GenerationDelta, InvalidRequest, 
 from pdserve.api.choices import ChoiceStreams, total_usage
 from pdserve.api.errors import APIError, backend_error
 from pdserve.api.formats import ResponseFormat
-from pdserve.api.generation import Generation, close_stream, usage_attributes
+from pdserve.api.generation import Generation, close_stream, release_stream, usage_attributes
 
 logger = logging.getLogger(__name__)
 DONE = "data: [DONE]\n\n"
@@ -73,10 +73,7 @@ async def stream_events(
     except Exception as e:
         yield sse_event(_stream_error(e).body())
     finally:
-        if pending is not None and not pending.done():  # the client left while we waited: stop waiting first
-            pending.cancel()
-            await asyncio.wait({pending})
-        await close_stream(deltas)
+        await close_stream(deltas, pending)  # a `pending` still waiting (the client left meanwhile) is stopped first
     yield DONE
 
 
@@ -135,18 +132,28 @@ class EventStreamResponse(StreamingResponse):
     never runs its `finally`, so the backend stream is closed here too."""
 
     def __init__(
-        self, events: AsyncGenerator[str, None], deltas: AsyncIterator[GenerationDelta] | ChoiceStreams
+        self,
+        events: AsyncGenerator[str, None],
+        deltas: AsyncIterator[GenerationDelta] | ChoiceStreams,
+        pending: asyncio.Task[GenerationDelta | None] | None = None,
     ) -> None:
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self._events, self._deltas = events, deltas
+        self._events, self._deltas, self._pending = events, deltas, pending
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._events.aclose()
-            if isinstance(self._deltas, ChoiceStreams):
-                await self._deltas.aclose()
-            else:
-                await close_stream(self._deltas)
+            try:  # the events' own `finally` closes the stream when they started; else (or cut short) this does
+                with anyio.CancelScope(shield=True):
+                    await self._events.aclose()
+            finally:
+                self.release()
+
+    def release(self) -> None:
+        """Close the backend stream(s) in the background, whatever the events generator did (it may never have
+        started: the headers could not go out). Synchronous, so a cancel cannot land before it."""
+        if isinstance(self._deltas, ChoiceStreams):
+            self._deltas.release()
+        else:
+            release_stream(self._deltas, self._pending)

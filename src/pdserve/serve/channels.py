@@ -199,7 +199,7 @@ class IngressChannels:
 
     async def stream(
         self, handle: Any, call: Any, request_id: str, yield_start: bool = False
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """The outputs of `call` (a streaming call made with `channel_id=self.channel_id`), wherever they travel.
         `yield_start`: an empty output first, when the call has reached its replica (the handoff's acknowledgement).
         Closing this before the last output cancels the call (the replica aborts the request)."""

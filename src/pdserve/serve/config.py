@@ -12,7 +12,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from pdserve.api.auth import APIKeys, Tenant, key_digest
 from pdserve.api.intake import RequestLimits
-from pdserve.config import CacheConfig, EmulatedStep, EngineConfig, ModelConfig, SchedulerConfig
+from pdserve.config import CacheConfig, EmulatedStep, EngineConfig, ModelConfig, SchedulerConfig, SchedulingPolicy
 from pdserve.hub import resolve_model
 from pdserve.router import CostConfig
 from pdserve.telemetry import tracing_env
@@ -238,11 +238,11 @@ class ServeConfig(BaseModel):
     enable_prefix_caching: bool = Field(True, description="reuse cached KV blocks of shared prompt prefixes")
     max_num_batched_tokens: int = Field(512, ge=16, description="tokens computed per engine step, all sequences")
     max_num_seqs: int = Field(64, ge=1, description="sequences running at once per engine replica")
-    scheduling_policy: Literal["fcfs", "shortest_prefill_first"] = Field(
+    scheduling_policy: SchedulingPolicy = Field(
         "fcfs",
         description="the order an engine prefills prompts in: fcfs (arrival) or shortest_prefill_first (fewest "
-        "prompt tokens left first, so chat prompts overtake a long document's remaining chunks: lower TTFT under "
-        "long-prompt bursts; aged by prefill_aging_tokens_per_s so no prompt starves)",
+        "prompt tokens left first, so chat prompts overtake a long document's remaining chunks; aged by "
+        "prefill_aging_tokens_per_s so no prompt starves)",
     )
     prefill_aging_tokens_per_s: float = Field(
         32.0,

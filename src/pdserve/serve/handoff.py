@@ -24,7 +24,8 @@ import contextvars
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -67,7 +68,7 @@ async def disaggregated_generate(
     max_migrations: int = 1,
     prefill_timeout_s: float = 60.0,
     channels: IngressChannels | None = None,
-) -> AsyncIterator[RequestOutput]:
+) -> AsyncGenerator[RequestOutput, None]:
     """Stream `request`'s outputs through the pair `route` chose (None: Serve picks the replicas). A handoff that
     fails before the first token is retried once elsewhere; a decode replica failing mid-stream moves a greedy or
     seeded stream to another one (up to `max_migrations` times) — see failover.py. `channels`: the decode
@@ -78,9 +79,10 @@ async def disaggregated_generate(
     for number in itertools.count(1):
         try:
             passes = _handoff(attempt, prefill, decode, route, where, queue_ttl_s, prefill_timeout_s, channels)
-            async for out in passes:
-                streamed.extend(out.new_token_ids)
-                yield out if attempt is request else as_original(out, request)
+            async with aclosing(passes):  # closed when this is: never left to the garbage collector
+                async for out in passes:
+                    streamed.extend(out.new_token_ids)
+                    yield out if attempt is request else as_original(out, request)
             return
         except Exception as e:
             if not streamed and num_retries < 1 and is_server_fault(e):
@@ -107,12 +109,13 @@ async def _handoff(
     queue_ttl_s: float,
     prefill_timeout_s: float,
     channels: IngressChannels | None,
-) -> AsyncIterator[RequestOutput]:
+) -> AsyncGenerator[RequestOutput, None]:
     """One reserve -> prefill -> decode (or local) pass; `where.decode` names the decode replica it streams from."""
     where.decode = route.decode_replica_id if route is not None else None
     if route is not None and route.mode is RouteMode.LOCAL:  # the decode replica lacks few tokens: it prefills
-        async for out in _local(request, decode, route.decode_replica_id, channels):
-            yield out
+        async with aclosing(_local(request, decode, route.decode_replica_id, channels)) as outputs:
+            async for out in outputs:
+                yield out
         return
     client_gone = asyncio.Event()  # the one signal a departing client sends: the handoff stops at its next step
     handoff = _detached(
@@ -131,8 +134,9 @@ async def _handoff(
         where.decode = e.decode_replica_id
         logger.warning("%r; prefilling %s on its decode replica %s", e, request.request_id, e.decode_replica_id)
         local = replace(request, request_id=f"{request.request_id}.local")  # not the id its reservation's abort ends
-        async for out in _local(local, decode, e.decode_replica_id, channels):
-            yield as_original(out, request)
+        async with aclosing(_local(local, decode, e.decode_replica_id, channels)) as outputs:
+            async for out in outputs:
+                yield as_original(out, request)
         return
     pinned = {"target_replica_id": reservation.replica_id}
     where.decode = reservation.replica_id
@@ -146,14 +150,14 @@ async def _handoff(
         call = decode.options(stream=True).decode.remote(
             request.request_id, result.first_token_id, result.first_logprob, request.traceparent, **pinned, **channel
         )
-        outputs = _outputs(call, decode, request.request_id, channels, yield_start=True)
         # The first token waits for the decode call's acknowledgement (one hop, not an engine step): a call that
         # cannot reach its replica — dead, or leaving the pool — then fails a request that has shown nothing, which
         # any request may retry elsewhere.
-        await anext(outputs)
-        yield first
-        async for out in outputs:
-            yield out
+        async with aclosing(_outputs(call, decode, request.request_id, channels, yield_start=True)) as outputs:
+            await anext(outputs)
+            yield first
+            async for out in outputs:
+                yield out
         is_done = True
     finally:
         if not is_done:  # client gone or stream failed; the prefill is over, so no writer is left: free at once
@@ -162,15 +166,16 @@ async def _handoff(
 
 async def _local(
     request: EngineRequest, decode: DeploymentHandle, replica_id: str, channels: IngressChannels | None
-) -> AsyncIterator[RequestOutput]:
+) -> AsyncGenerator[RequestOutput, None]:
     """Prefill and decode on one decode replica (its `generate`)."""
-    async for out in _generate(request, decode, channels, target_replica_id=replica_id):
-        yield out
+    async with aclosing(_generate(request, decode, channels, target_replica_id=replica_id)) as outputs:
+        async for out in outputs:
+            yield out
 
 
 def _generate(
     request: EngineRequest, handle: DeploymentHandle, channels: IngressChannels | None, **pinned: str
-) -> AsyncIterator[RequestOutput]:
+) -> AsyncGenerator[RequestOutput, None]:
     channel = {} if channels is None else {"channel_id": channels.channel_id}
     call = handle.options(stream=True).generate.remote(request, **pinned, **channel)
     return _outputs(call, handle, request.request_id, channels)
@@ -178,7 +183,7 @@ def _generate(
 
 def _outputs(
     call: Any, handle: DeploymentHandle, request_id: str, channels: IngressChannels | None, yield_start: bool = False
-) -> AsyncIterator[RequestOutput]:
+) -> AsyncGenerator[RequestOutput, None]:
     """A streaming call's outputs: relayed from the call itself, or gathered from the output channels."""
     if channels is None:
         return _stream(call)
@@ -387,12 +392,13 @@ def _detached(coro: Any) -> asyncio.Task[Any]:
 
 async def colocated_generate(
     request: EngineRequest, engine: DeploymentHandle, channels: IngressChannels | None = None
-) -> AsyncIterator[RequestOutput]:
-    async for out in _generate(request, engine, channels):
-        yield out
+) -> AsyncGenerator[RequestOutput, None]:
+    async with aclosing(_generate(request, engine, channels)) as outputs:
+        async for out in outputs:
+            yield out
 
 
-async def _stream(stream: DeploymentResponseGenerator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+async def _stream(stream: DeploymentResponseGenerator[RequestOutput]) -> AsyncGenerator[RequestOutput, None]:
     """Relay a replica's output stream; if we stop early, cancel it (the replica then aborts the request)."""
     is_done = False
     try:

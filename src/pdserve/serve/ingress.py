@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -109,15 +110,16 @@ class Ingress:
                     prefill_timeout_s=self.config.prefill_timeout_s, channels=self.channels,
                 )  # fmt: skip
             try:
-                async for out in outputs:
-                    if first_at is None:
-                        self.admission.started(engine_request.request_id)
-                        first_at = time.perf_counter()
-                        self._observe_first(engine_request, out, first_at - start)
-                    num_tokens += len(out.new_token_ids)
-                    if out.finish_reason is not None:
-                        self._observe_end(first_at, num_tokens, out.finish_reason.value)
-                    yield to_delta(out)
+                async with aclosing(outputs):  # closed with this stream: never left to the garbage collector
+                    async for out in outputs:
+                        if first_at is None:
+                            self.admission.started(engine_request.request_id)
+                            first_at = time.perf_counter()
+                            self._observe_first(engine_request, out, first_at - start)
+                        num_tokens += len(out.new_token_ids)
+                        if out.finish_reason is not None:
+                            self._observe_end(first_at, num_tokens, out.finish_reason.value)
+                        yield to_delta(out)
             finally:
                 self.admission.finish(engine_request.request_id)
                 if self.router is not None:
