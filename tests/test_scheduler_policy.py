@@ -123,3 +123,9 @@ def test_random_queues_respect_budget_and_seq_limit_and_finish_every_prompt(poli
         unfinished = [s.request_id for s in seqs if s.status is not SequenceStatus.FINISHED]
         assert not unfinished, (seed, policy, unfinished)
     assert num_preempted > 0  # the small pools really preempt
+
+
+@pytest.mark.parametrize("fields", [{"policy": "sjf"}, {"policy": "FCFS"}, {"prefill_aging_tokens_per_s": -1.0}])
+def test_an_unknown_policy_or_negative_aging_is_refused_not_run_as_fcfs(fields: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match=r"policy|aging"):
+        SchedulerConfig(**fields)  # type: ignore[arg-type]

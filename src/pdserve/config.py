@@ -6,6 +6,9 @@ Outside input (YAML, CLI, HTTP) is validated with pydantic at its boundary and t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+SchedulingPolicy = Literal["fcfs", "shortest_prefill_first"]
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,14 @@ class SchedulerConfig:
     # every prompt behind it for its whole prefill) or "shortest_prefill_first" (the fewest prompt tokens left first,
     # so a chat prompt overtakes a long document's remaining chunks; each second a prompt waits counts as
     # `prefill_aging_tokens_per_s` fewer tokens, so none starves).
-    policy: str = "fcfs"
+    policy: SchedulingPolicy = "fcfs"
     prefill_aging_tokens_per_s: float = 32.0
+
+    def __post_init__(self) -> None:  # an engine built directly must not run fcfs on a misspelt policy
+        if self.policy not in get_args(SchedulingPolicy):
+            raise ValueError(f"unknown scheduling policy {self.policy!r}: fcfs or shortest_prefill_first")
+        if self.prefill_aging_tokens_per_s < 0:
+            raise ValueError("prefill_aging_tokens_per_s must be >= 0")
 
 
 @dataclass(frozen=True)
