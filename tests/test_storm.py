@@ -1,6 +1,7 @@
 """Many requests at once through real HTTP on a local Ray cluster (tiny Llama): mixed-length greedy requests are
 token-exact in colocated, 1P1D, 1P1D with queue-aware local prefill (the decode replica prefills whatever it would
-finish sooner than the prefill replica) and 2P2D modes, and a storm of clients hanging up at random phases (queued,
+finish sooner than the prefill replica) and 2P2D modes (its engines prefill shortest-first, in 48-token steps), and a
+storm of clients hanging up at random phases (queued,
 reserving, prefilling, pushing, decoding) leaves no block held or reserved on any replica and nothing in flight in
 the router; greedy requests afterwards are still exact."""
 
@@ -43,7 +44,11 @@ def apps(tiny_models: dict[str, Path]) -> Iterator[dict[str, Served]]:
         "1p1d-queue-aware": ServeConfig(
             **{**common, "router": {"local_prefill_max_tokens": 0, "local_prefill_queue_s": 0.0}}
         ),
-        "2p2d": ServeConfig(**common, prefill=two, decode=two),
+        # shortest_prefill_first in small steps: short prompts overtake long ones' remaining chunks, under the same
+        # exactness and hang-up checks as arrival order elsewhere
+        "2p2d": ServeConfig(
+            **common, prefill=two, decode=two, scheduling_policy="shortest_prefill_first", max_num_batched_tokens=48
+        ),
     }
     with ray_serve(port):
         deploy({name: (config, f"/{name}") for name, config in configs.items()})

@@ -97,19 +97,19 @@ class Ingress:
         try:
             engine_request = to_engine_request(request)
             self._admit(engine_request)
-            start = time.perf_counter()
-            first_at: float | None = None
-            num_tokens = 0
-            if self.engine is not None:
-                outputs = colocated_generate(engine_request, self.engine, self.channels)
-            else:
-                assert self.prefill is not None and self.decode is not None
-                route = self._route(engine_request)
-                outputs = disaggregated_generate(
-                    engine_request, self.prefill, self.decode, route, self.config.queue_ttl_s,
-                    prefill_timeout_s=self.config.prefill_timeout_s, channels=self.channels,
-                )  # fmt: skip
-            try:
+            try:  # from admission on, whatever happens ends its count and the router's
+                start = time.perf_counter()
+                first_at: float | None = None
+                num_tokens = 0
+                if self.engine is not None:
+                    outputs = colocated_generate(engine_request, self.engine, self.channels)
+                else:
+                    assert self.prefill is not None and self.decode is not None
+                    route = self._route(engine_request)
+                    outputs = disaggregated_generate(
+                        engine_request, self.prefill, self.decode, route, self.config.queue_ttl_s,
+                        prefill_timeout_s=self.config.prefill_timeout_s, channels=self.channels,
+                    )  # fmt: skip
                 async with aclosing(outputs):  # closed with this stream: never left to the garbage collector
                     async for out in outputs:
                         if first_at is None:
