@@ -48,12 +48,11 @@ class StepBackend:
         self.num_deltas = 1
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationDelta, None]:
-        stream = self._generate(request)
+        stream = self._generate(len(self.streams))  # numbered when made: n choices are all made before any starts
         self.streams.append(stream)
         return stream
 
-    async def _generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationDelta, None]:
-        number = len(self.streams)
+    async def _generate(self, number: int) -> AsyncGenerator[GenerationDelta, None]:
         self.open.add(number)
         try:
             for i in range(self.num_deltas):

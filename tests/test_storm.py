@@ -1,9 +1,8 @@
 """Many requests at once through real HTTP on a local Ray cluster (tiny Llama): mixed-length greedy requests are
 token-exact in colocated, 1P1D, 1P1D with queue-aware local prefill (the decode replica prefills whatever it would
 finish sooner than the prefill replica) and 2P2D modes (its engines prefill shortest-first, in 48-token steps), and a
-storm of clients hanging up at random phases (queued,
-reserving, prefilling, pushing, decoding) leaves no block held or reserved on any replica and nothing in flight in
-the router; greedy requests afterwards are still exact."""
+storm of clients hanging up at random phases (queued, reserving, prefilling, pushing, decoding) leaves no block held
+or reserved on any replica and nothing in flight in the router; greedy requests afterwards are still exact."""
 
 from __future__ import annotations
 
