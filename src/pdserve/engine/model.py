@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pdserve.engine import native
 from pdserve.engine.attention import AttentionMetadata, DecodeKernel, PrefillKernel, paged_attention
@@ -283,9 +283,25 @@ class CausalLM:
 def _rope_tables(
     config: PretrainedConfig, max_positions: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for every position `[max_positions, D]`, computed by transformers' own rotary module so that every
-    rope_type it supports (default, linear, llama3, yarn) matches it bit for bit."""
-    rotary = LlamaRotaryEmbedding(config)  # type: ignore[arg-type]
-    positions = torch.arange(max_positions).unsqueeze(0)
-    cos, sin = rotary(torch.empty(0, dtype=dtype), positions)
-    return cos[0].to(device), sin[0].to(device)
+    """cos/sin for every position `[max_positions, D]`, computed as transformers' Llama rotary module computes them:
+    its inverse frequencies (`ROPE_INIT_FUNCTIONS`), then the same float32 ops, so that default, linear, llama3 and
+    yarn RoPE match it bit for bit (tests/test_rope.py) without importing its modeling code, which costs every
+    replica start ~3 s of CPU. The rope types whose module changes its frequencies with the positions it sees
+    (dynamic, longrope) go through that module itself."""
+    params = config.rope_parameters
+    rope_type = params["rope_type"]
+    if rope_type in ("dynamic", "longrope"):
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        rotary = LlamaRotaryEmbedding(config)  # type: ignore[arg-type]
+        cos, sin = rotary(torch.empty(0, dtype=dtype), torch.arange(max_positions)[None])
+        return cos[0].to(device), sin[0].to(device)
+    if rope_type == "default":
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        scaling = 1.0
+    else:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+    freqs = torch.arange(max_positions)[:, None].float() * inv_freq.to(dtype=torch.float)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return (angles.cos() * scaling).to(dtype).to(device), (angles.sin() * scaling).to(dtype).to(device)
