@@ -144,6 +144,12 @@ class RouterSettings(BaseModel):
         "power-of-two choices (docs/ROUTER.md)",
     )
     sync_period_s: float = Field(0.1, gt=0, description="how often the ingress pulls every replica's KV events")
+    idle_sync_period_s: float = Field(
+        1.0,
+        gt=0,
+        description="the pull's period while the last one found every replica idle, no new KV events and no "
+        "request of this ingress in flight; a request's arrival pulls at once",
+    )
     optimistic_ttl_s: float = Field(2.0, gt=0, description="how long routed-but-unconfirmed blocks count as cached")
     replica_timeout_s: float = Field(10.0, gt=0, description="a replica silent this long leaves the index")
     prefill_tokens_per_s: float = Field(
@@ -184,7 +190,9 @@ class RouterSettings(BaseModel):
     )
 
     def cost_config(self, block_size: int, kv_bytes_per_token: int) -> CostConfig:
-        weights = self.model_dump(exclude={"policy", "sync_period_s", "optimistic_ttl_s", "replica_timeout_s"})
+        weights = self.model_dump(
+            exclude={"policy", "sync_period_s", "idle_sync_period_s", "optimistic_ttl_s", "replica_timeout_s"}
+        )
         if weights["local_prefill_queue_s"] is None:
             weights["local_prefill_queue_s"] = math.inf
         return CostConfig(**weights, kv_bytes_per_token=kv_bytes_per_token, block_size=block_size)
