@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,20 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests on the shared Ray cluster run last and together, so the cluster starts once and never idles
+    between them (keeping the order of each group)."""
+    items.sort(key=lambda item: item.get_closest_marker("serve_cluster") is not None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_the_shared_cluster() -> Iterator[None]:
+    yield
+    from serving import stop_shared
+
+    stop_shared()
 
 
 @pytest.fixture(scope="session")

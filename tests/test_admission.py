@@ -14,8 +14,10 @@ import pytest
 
 from oracle import HTTP_MAX_TOKENS
 from pdserve.router.admission import Admission
-from serving import Served, deploy, free_port, ray_serve
+from serving import Served, deploy, ray_serve
 from test_storm import _assert_idle, _mixed_prompts
+
+pytestmark = pytest.mark.serve_cluster
 
 
 def test_the_budget_counts_prompts_until_their_first_token() -> None:
@@ -37,13 +39,12 @@ def apps(tiny_models: dict[str, Path]) -> Iterator[dict[str, Served]]:
 
     from pdserve.serve.config import ServeConfig
 
-    port = free_port()
     common: dict[str, Any] = {
         "model": str(tiny_models["llama"]), "dtype": "float32", "served_model_name": "tiny", "num_kv_blocks": 48,
         "max_queued_prefill_tokens": 400, "router": {"local_prefill_max_tokens": 0},
     }  # fmt: skip
     configs = {"colocated": ServeConfig(**common, colocated=True), "1p1d": ServeConfig(**common)}
-    with ray_serve(port):
+    with ray_serve() as port:
         deploy({name: (config, f"/{name}") for name, config in configs.items()})
         engines = {"colocated": 1, "1p1d": 2}
         yield {

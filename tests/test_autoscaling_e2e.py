@@ -19,13 +19,13 @@ import openai
 import pytest
 
 from oracle import HTTP_MAX_TOKENS
-from serving import Served, free_port, ray_serve
+from serving import Served, ray_serve
 from test_storm import _assert_idle
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "load_tests"))
 from autoscale_step import Phase, config_for, sample
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
 
 PHASES = [Phase("base", 10, 1.5, 600, HTTP_MAX_TOKENS), Phase("4x", 40, 6.0, 600, HTTP_MAX_TOKENS),
           Phase("low", 30, 0.3, 32, HTTP_MAX_TOKENS)]  # fmt: skip
@@ -53,8 +53,7 @@ def test_prefill_pool_grows_under_a_prompt_step_and_shrinks_after(tiny_models: d
             arrivals.append((t, phase.name, [rng.randrange(3, 500) for _ in range(phase.prompt_tokens)]))
             t += rng.expovariate(phase.rate)
         start += phase.duration_s
-    port = free_port()
-    with ray_serve(port):
+    with ray_serve() as port:
         client = _get_global_client()
         app = deploy_application(config, name="planned", route_prefix="/planned")
         client.deploy_apps(ServeDeploySchema(applications=[app]), _blocking=True)

@@ -148,19 +148,33 @@ def test_without_a_compiler_or_when_switched_off_attention_keeps_sdpa(
 
 
 def test_replicas_starting_together_build_it_once(op, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """Two processes with an empty cache: one builds under the lock, the other waits and loads the same library."""
+    """Two processes with an empty cache: one builds under the lock, the other waits and loads the same library.
+    (A small source through a compiler that takes 2 s to start, so the two always overlap; the kernels' own build
+    is the `op` fixture's.)"""
+    source = tmp_path / "k.cpp"
+    source.write_text('extern "C" int pdserve_answer() { return 42; }\n')
+    slow = tmp_path / "slow-cxx"
+    slow.write_text('#!/bin/sh\nsleep 2\nexec g++ "$@"\n')
+    slow.chmod(0o755)
+    cache = tmp_path / "cache"
     code = (
-        "from pdserve.engine import native; import torch; op = native.paged_decode_op(); assert op is not None; "
-        "print(next(native.kernel_cache_dir().glob('*/*.so')))"
+        "import ctypes, logging, sys; from pathlib import Path; from pdserve.engine import native; "
+        "logging.basicConfig(level=logging.INFO, stream=sys.stderr); "
+        f"lib = native.build((Path({str(source)!r}),), Path({str(cache)!r})); "
+        "assert ctypes.CDLL(str(lib)).pdserve_answer() == 42; print(lib)"
     )
-    env = {**os.environ, native.ENV_CACHE: str(tmp_path)}
+    env = {**os.environ, "CXX": str(slow)}
     procs = [
-        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
     ]
-    outs = [p.communicate(timeout=600)[0].strip() for p in procs]
-    assert [p.returncode for p in procs] == [0, 0]
-    assert outs[0] == outs[1] and len(list(tmp_path.glob("*/*.so"))) == 1
-    assert not list(tmp_path.glob("*/tmp*"))  # no partial build left behind
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert outs[0][0].strip() == outs[1][0].strip() and len(list(cache.glob("*/*.so"))) == 1
+    assert sum(err.count("building native kernels") for _, err in outs) == 1
+    assert not list(cache.glob("*/tmp*"))  # no partial build left behind
 
 
 # ---- prefill ----

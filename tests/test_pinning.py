@@ -55,6 +55,7 @@ class Sleeper:
 
 
 @pytest.mark.slow
+@pytest.mark.serve_cluster
 def test_a_pinned_call_waits_for_its_full_replica_instead_of_spilling() -> None:
     """Two replicas at max_ongoing_requests=1: replica A is busy; calls pinned to A wait for it and are served by
     A (before, Serve's fallback tier sent them to B)."""
@@ -63,10 +64,10 @@ def test_a_pinned_call_waits_for_its_full_replica_instead_of_spilling() -> None:
     from ray import cloudpickle, serve
     from ray.serve.config import RequestRouterConfig
 
-    from serving import free_port, ray_serve
+    from serving import ray_serve
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    with ray_serve(free_port()):
+    with ray_serve():
         deployment: Any = serve.deployment(Sleeper).options(
             num_replicas=2,
             max_ongoing_requests=1,

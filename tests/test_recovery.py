@@ -19,10 +19,10 @@ from transformers import AutoTokenizer
 
 from oracle import continuation_text, load_reference_model, reference_greedy
 from pdserve.faults import Fault, fault_point, parse
-from serving import Served, deploy, free_port, ray_serve
+from serving import Served, deploy, ray_serve
 from test_storm import _assert_idle, _exact_wave, _mixed_prompts
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
 
 
 def test_fault_specs_parse_and_fire_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,7 +60,6 @@ def apps(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     from pdserve.serve.config import ServeConfig
 
     markers = tmp_path_factory.mktemp("markers")
-    port = free_port()
     common: dict[str, Any] = {
         "model": str(tiny_models["llama"]), "dtype": "float32", "served_model_name": "tiny", "num_kv_blocks": 400,
         "router": {"local_prefill_max_tokens": 0}, "health_check_period_s": 1.0, "health_check_timeout_s": 5.0,
@@ -79,7 +78,7 @@ def apps(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
         "engine_dies": ServeConfig(**common, decode=engine_dies),
         "decode_wedged": ServeConfig(**common, decode=wedged, engine_step_timeout_s=3.0, drain_grace_s=1.0),
     }
-    with ray_serve(port):
+    with ray_serve() as port:
         deploy({name: (config, f"/{name}") for name, config in configs.items()})
         yield {name: Served(f"http://127.0.0.1:{port}/{name}/v1") for name in configs}
 

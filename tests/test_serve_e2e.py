@@ -18,9 +18,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from oracle import continuation_text, load_reference_model, random_prompts, reference_greedy
-from serving import Served, deploy, free_port, ray_serve
+from serving import Served, deploy, ray_serve
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
 MAX_TOKENS = 24
 SYSTEM = "You are a helpful assistant who answers briefly and precisely. " * 12  # long shared prefix: several KV blocks
 
@@ -31,9 +31,8 @@ def apps(smollm2_dir: Path) -> Iterator[tuple[Served, Served]]:
 
     from pdserve.serve.config import ServeConfig
 
-    port = free_port()
     common = {"model": str(smollm2_dir), "dtype": "float32", "served_model_name": "smollm2", "num_kv_blocks": 512}
-    with ray_serve(port):
+    with ray_serve() as port:
         # local_prefill_max_tokens=0: always through the prefill replica (local mode has its own tests)
         disagg = ServeConfig(**common, router={"local_prefill_max_tokens": 0})
         deploy({"disagg": (disagg, "/"), "colocated": (ServeConfig(**common, colocated=True), "/colocated")})
@@ -149,7 +148,7 @@ def test_delta_transfer_moves_fewer_blocks_and_stays_exact(apps, reference, toke
     assert sent_second == -(-len(second) // 16) - len(shared) // 16 < sent_first
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # one test each: the app is deleted right after it, not left idle to the end
 def gloo_app(apps, smollm2_dir: Path) -> Iterator[Served]:  # type: ignore[no-untyped-def]
     """A third app on the same cluster whose KV moves over the P2P transport's CPU backend (gloo: NCCL's protocol,
     communicator pairs and all), pushed layer by layer while the prompt computes."""
@@ -184,7 +183,7 @@ def test_kv_over_gloo_pairs_layer_pipelined_is_exact(gloo_app, reference, tokeni
     assert gloo_app.wait_blocks_used(0) == 0
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def queue_aware_app(apps, smollm2_dir: Path) -> Iterator[Served]:  # type: ignore[no-untyped-def]
     """1P1D whose decode replica also prefills whenever it would be sooner than the prefill replica (queue-aware
     conditional disaggregation at a 0 s threshold; no prompt is short enough for the plain local rule)."""
@@ -299,7 +298,7 @@ def test_bad_input_gets_openai_errors_and_changes_nothing(apps, body, status, pa
 KEY_A, KEY_B = "sk-e2e-tenant-a-1", "sk-e2e-tenant-b-2"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def tenants_app(apps, smollm2_dir: Path) -> Iterator[Served]:  # type: ignore[no-untyped-def]
     """The disaggregated app with API keys for two tenants."""
     from ray import serve

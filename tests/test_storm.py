@@ -18,9 +18,9 @@ import openai
 import pytest
 
 from oracle import HTTP_MAX_TOKENS, random_prompts
-from serving import Served, deploy, free_port, ray_serve
+from serving import Served, deploy, ray_serve
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
 MAX_TOKENS = HTTP_MAX_TOKENS  # what the `oracle` fixture (conftest.py) generates
 MODES = ("colocated", "1p1d", "1p1d-queue-aware", "2p2d")
 NUM_STORM = 1000
@@ -31,7 +31,6 @@ def apps(tiny_models: dict[str, Path]) -> Iterator[dict[str, Served]]:
 
     from pdserve.serve.config import ServeConfig
 
-    port = free_port()
     common: dict[str, Any] = {
         "model": str(tiny_models["llama"]), "dtype": "float32", "served_model_name": "tiny", "num_kv_blocks": 400,
         "router": {"local_prefill_max_tokens": 0},
@@ -49,7 +48,7 @@ def apps(tiny_models: dict[str, Path]) -> Iterator[dict[str, Served]]:
             **common, prefill=two, decode=two, scheduling_policy="shortest_prefill_first", max_num_batched_tokens=48
         ),
     }
-    with ray_serve(port):
+    with ray_serve() as port:
         deploy({name: (config, f"/{name}") for name, config in configs.items()})
         engines = {"colocated": 1, "1p1d": 2, "1p1d-queue-aware": 2, "2p2d": 4}
         yield {

@@ -13,7 +13,9 @@ import pytest
 
 from otlp_receiver import OTLPReceiver, ReceivedSpan, otlp_receiver
 from pdserve.telemetry import names
-from serving import Served, deploy, free_port, ray_serve
+from serving import Served, deploy, ray_serve
+
+pytestmark = pytest.mark.serve_cluster
 
 PROMPT = list(range(40, 40 + 37))  # 3 blocks of 16: 2 full + 1 partial
 MAX_TOKENS = 6
@@ -28,8 +30,7 @@ def traced(tiny_models: dict[str, Path]) -> Iterator[tuple[Served, Served, OTLPR
 
     from pdserve.serve.config import ServeConfig
 
-    port = free_port()
-    with otlp_receiver() as (receiver, endpoint), ray_serve(port):
+    with otlp_receiver() as (receiver, endpoint), ray_serve() as port:
         env = {
             "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
             "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from serving import free_port
+from serving import free_port, stop_shared
 from tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -39,6 +39,7 @@ def test_https_with_a_self_signed_certificate(tmp_path: Path) -> None:
     model = build_tiny_model(tmp_path / "model", "llama")
     config = ServeConfig(model=str(model), dtype="float32", colocated=True, served_model_name="tiny",
                          port=free_port(), ssl_keyfile=str(key), ssl_certfile=str(cert))  # fmt: skip
+    stop_shared()  # Serve's HTTP options are the cluster's: this one starts its own
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options=config.http_options())
