@@ -89,7 +89,9 @@ def test_a_quiet_cluster_is_pulled_at_the_idle_period_and_a_busy_one_at_the_sync
 
 def test_a_request_arriving_at_a_quiet_ingress_is_followed_at_once_and_keeps_it_busy() -> None:
     async def main() -> None:
-        router, _, decode = await _started(RouterSettings(sync_period_s=0.02, idle_sync_period_s=30.0))
+        router, _, decode = await _started(
+            RouterSettings(sync_period_s=0.02, idle_sync_period_s=30.0, replica_timeout_s=60.0)
+        )
         await asyncio.sleep(0.1)
         assert router.is_quiet
         before = len(decode.pulls)
@@ -109,3 +111,12 @@ def test_a_request_arriving_at_a_quiet_ingress_is_followed_at_once_and_keeps_it_
 def test_periods_must_be_positive(field: str) -> None:
     with pytest.raises(ValueError, match=field):
         RouterSettings(**{field: 0})
+
+
+@pytest.mark.parametrize(
+    "periods",
+    [{"sync_period_s": 2.0, "idle_sync_period_s": 1.0}, {"idle_sync_period_s": 10.0, "replica_timeout_s": 10.0}],
+)
+def test_a_quiet_replica_never_times_out_between_pulls(periods: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="idle_sync_period_s < replica_timeout_s"):
+        RouterSettings(**periods)

@@ -189,6 +189,15 @@ class RouterSettings(BaseModel):
         "then wait for the prefill pool, and decode TPOT is left alone)",
     )
 
+    @model_validator(mode="after")
+    def _periods_in_order(self) -> RouterSettings:
+        if not self.sync_period_s <= self.idle_sync_period_s < self.replica_timeout_s:
+            raise ValueError(
+                "router periods must be sync_period_s <= idle_sync_period_s < replica_timeout_s (a quiet replica "
+                f"must not time out); got {self.sync_period_s}, {self.idle_sync_period_s}, {self.replica_timeout_s}"
+            )
+        return self
+
     def cost_config(self, block_size: int, kv_bytes_per_token: int) -> CostConfig:
         weights = self.model_dump(
             exclude={"policy", "sync_period_s", "idle_sync_period_s", "optimistic_ttl_s", "replica_timeout_s"}
