@@ -27,6 +27,7 @@ class FakePool:
         self.running = 0
         self.events: list[KVEvent] = []
         self.pulls: list[float] = []
+        self.delay_s = 0.0  # how long an answer takes
 
     def broadcast(self, method: str, cursors: dict[str, SyncCursor]) -> FakePool:
         assert method == "router_sync"
@@ -36,6 +37,7 @@ class FakePool:
     async def results_async(self, timeout_s: float, return_exceptions: bool) -> list[Any]:
         self.pulls.append(time.monotonic())
         cursor = self._cursor
+        await asyncio.sleep(self.delay_s)
         if cursor.incarnation != "inc":
             batch = KVEventBatch("inc", len(self.events), (), frozenset())
         else:
@@ -103,6 +105,29 @@ def test_a_request_arriving_at_a_quiet_ingress_is_followed_at_once_and_keeps_it_
         router.router.finish("r1")
         await asyncio.sleep(0.1)
         assert router.is_quiet
+
+    asyncio.run(main())
+
+
+def test_a_request_that_comes_and_goes_during_a_pull_cuts_the_next_quiet_wait() -> None:
+    """Its KV events may postdate that pull: the next pull must not wait the idle period."""
+
+    async def main() -> None:
+        router, _, decode = await _started(
+            RouterSettings(sync_period_s=0.02, idle_sync_period_s=30.0, replica_timeout_s=60.0)
+        )
+        await asyncio.sleep(0.1)
+        assert router.is_quiet
+        decode.delay_s = 0.2
+        router.route(_request("r1"))  # wakes the loop: a pull starts
+        await asyncio.sleep(0.05)
+        before = len(decode.pulls)
+        assert router.route(_request("r2")) is not None  # during the pull, and gone before it ends
+        router.router.finish("r1")
+        router.router.finish("r2")
+        decode.delay_s = 0.0
+        await asyncio.sleep(0.4)
+        assert len(decode.pulls) >= before + 1, "r2's arrival was lost: the next pull waits 30 s"
 
     asyncio.run(main())
 

@@ -99,14 +99,15 @@ class IngressRouter:
     async def _sync_forever(self) -> None:
         while True:
             if self.is_quiet:
-                self._arrived.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._arrived.wait(), self.settings.idle_sync_period_s)
             else:
                 await asyncio.sleep(self.settings.sync_period_s)
+            self._arrived.clear()  # a request arriving from here on, during the pull too, cuts the next quiet wait
             try:
                 await self.sync()
             except Exception:
+                self.is_quiet = False
                 logger.exception("router sync failed; retrying next period")
 
 
