@@ -23,11 +23,28 @@ _shared_port: int | None = None  # Serve's HTTP port on the session's Ray cluste
 
 
 @contextmanager
-def ray_serve() -> Iterator[int]:
-    """A local Ray cluster with Serve over HTTP on 127.0.0.1, as Serve's port: the session's modules share one
-    (starting Ray and Serve takes ~8 s and ~11 s of CPU on a 2-core box, stopping them ~6 s). A module gets it with
-    no application deployed, and the applications it deployed are deleted when it leaves; `stop_shared` (at the
-    session's end, or before a test that starts Ray itself) shuts it down."""
+def ray_serve(port: int) -> Iterator[None]:
+    """A local Ray cluster of its own with Serve over HTTP on 127.0.0.1:`port`, stopped when the context ends (the
+    load tests: each system they compare starts on a fresh cluster). Stops the session's shared cluster first."""
+    import ray
+    from ray import serve
+
+    stop_shared()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@contextmanager
+def shared_serve() -> Iterator[int]:
+    """The session's local Ray cluster with Serve over HTTP on 127.0.0.1, as Serve's port: the test modules share
+    one (starting Ray and Serve takes ~8 s and ~11 s of CPU on a 2-core box, stopping them ~6 s). A module gets it
+    with no application deployed, and the applications it deployed are deleted when it leaves; `stop_shared` (at the
+    session's end, or before anything that starts Ray itself) shuts it down."""
     global _shared_port
     from ray import serve
 

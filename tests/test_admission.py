@@ -14,7 +14,7 @@ import pytest
 
 from oracle import HTTP_MAX_TOKENS
 from pdserve.router.admission import Admission
-from serving import Served, deploy, ray_serve
+from serving import Served, deploy, shared_serve
 from test_storm import _assert_idle, _mixed_prompts
 
 pytestmark = pytest.mark.serve_cluster
@@ -44,7 +44,7 @@ def apps(tiny_models: dict[str, Path]) -> Iterator[dict[str, Served]]:
         "max_queued_prefill_tokens": 400, "router": {"local_prefill_max_tokens": 0},
     }  # fmt: skip
     configs = {"colocated": ServeConfig(**common, colocated=True), "1p1d": ServeConfig(**common)}
-    with ray_serve() as port:
+    with shared_serve() as port:
         deploy({name: (config, f"/{name}") for name, config in configs.items()})
         engines = {"colocated": 1, "1p1d": 2}
         yield {

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from oracle import HTTP_MAX_TOKENS
-from serving import Served, ray_serve
+from serving import Served, shared_serve
 from test_storm import _assert_idle
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "load_tests"))
@@ -53,7 +53,7 @@ def test_prefill_pool_grows_under_a_prompt_step_and_shrinks_after(tiny_models: d
             arrivals.append((t, phase.name, [rng.randrange(3, 500) for _ in range(phase.prompt_tokens)]))
             t += rng.expovariate(phase.rate)
         start += phase.duration_s
-    with ray_serve() as port:
+    with shared_serve() as port:
         client = _get_global_client()
         app = deploy_application(config, name="planned", route_prefix="/planned")
         client.deploy_apps(ServeDeploySchema(applications=[app]), _blocking=True)

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from oracle import HTTP_MAX_TOKENS
-from serving import Served, ray_serve
+from serving import Served, shared_serve
 from test_storm import _assert_idle, _mixed_prompts
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
@@ -33,7 +33,7 @@ def test_scaling_decode_down_under_load_loses_no_stream(tiny_models: dict[str, P
         model=str(tiny_models["llama"]), dtype="float32", served_model_name="tiny", num_kv_blocks=400,
         router={"local_prefill_max_tokens": 0}, drain_grace_s=20.0, decode=slow_decode | {"num_replicas": 2},
     )  # fmt: skip
-    with ray_serve() as port:
+    with shared_serve() as port:
         client = _get_global_client()
         client.deploy_apps(_serve_deploy_config(config, num_decode=2), _blocking=True)
         served = Served(f"http://127.0.0.1:{port}/drain/v1")

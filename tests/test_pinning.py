@@ -64,10 +64,10 @@ def test_a_pinned_call_waits_for_its_full_replica_instead_of_spilling() -> None:
     from ray import cloudpickle, serve
     from ray.serve.config import RequestRouterConfig
 
-    from serving import ray_serve
+    from serving import shared_serve
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    with ray_serve():
+    with shared_serve():
         deployment: Any = serve.deployment(Sleeper).options(
             num_replicas=2,
             max_ongoing_requests=1,

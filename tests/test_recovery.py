@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from oracle import continuation_text, load_reference_model, reference_greedy
 from pdserve.faults import Fault, fault_point, parse
-from serving import Served, deploy, ray_serve
+from serving import Served, deploy, shared_serve
 from test_storm import _assert_idle, _exact_wave, _mixed_prompts
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
@@ -78,7 +78,7 @@ def apps(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
         "engine_dies": ServeConfig(**common, decode=engine_dies),
         "decode_wedged": ServeConfig(**common, decode=wedged, engine_step_timeout_s=3.0, drain_grace_s=1.0),
     }
-    with ray_serve() as port:
+    with shared_serve() as port:
         deploy({name: (config, f"/{name}") for name, config in configs.items()})
         yield {name: Served(f"http://127.0.0.1:{port}/{name}/v1") for name in configs}
 

@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from oracle import load_reference_model, random_prompts, reference_greedy
-from serving import Served, deploy, ray_serve
+from serving import Served, deploy, shared_serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
 MAX_TOKENS = 20
@@ -29,7 +29,7 @@ def apps(smollm2_dir: Path) -> Iterator[tuple[Served, Served]]:
 
     common = {"model": str(smollm2_dir), "dtype": "float32", "served_model_name": "smollm2", "num_kv_blocks": 256}
     two = {"num_replicas": 2}
-    with ray_serve() as port:
+    with shared_serve() as port:
         # local prefill when D lacks <= 64 tokens: a new user turn after cached history, not a fresh conversation
         aware = ServeConfig(**common, prefill=two, decode=two, router={"local_prefill_max_tokens": 64})
         pow2 = ServeConfig(**common, router={"policy": "pow2"})

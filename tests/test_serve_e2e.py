@@ -18,7 +18,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from oracle import continuation_text, load_reference_model, random_prompts, reference_greedy
-from serving import Served, deploy, ray_serve
+from serving import Served, deploy, shared_serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
 MAX_TOKENS = 24
@@ -32,7 +32,7 @@ def apps(smollm2_dir: Path) -> Iterator[tuple[Served, Served]]:
     from pdserve.serve.config import ServeConfig
 
     common = {"model": str(smollm2_dir), "dtype": "float32", "served_model_name": "smollm2", "num_kv_blocks": 512}
-    with ray_serve() as port:
+    with shared_serve() as port:
         # local_prefill_max_tokens=0: always through the prefill replica (local mode has its own tests)
         disagg = ServeConfig(**common, router={"local_prefill_max_tokens": 0})
         deploy({"disagg": (disagg, "/"), "colocated": (ServeConfig(**common, colocated=True), "/colocated")})

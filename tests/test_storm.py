@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from oracle import HTTP_MAX_TOKENS, random_prompts
-from serving import Served, deploy, ray_serve
+from serving import Served, deploy, shared_serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
 MAX_TOKENS = HTTP_MAX_TOKENS  # what the `oracle` fixture (conftest.py) generates
@@ -48,7 +48,7 @@ def apps(tiny_models: dict[str, Path]) -> Iterator[dict[str, Served]]:
             **common, prefill=two, decode=two, scheduling_policy="shortest_prefill_first", max_num_batched_tokens=48
         ),
     }
-    with ray_serve() as port:
+    with shared_serve() as port:
         deploy({name: (config, f"/{name}") for name, config in configs.items()})
         engines = {"colocated": 1, "1p1d": 2, "1p1d-queue-aware": 2, "2p2d": 4}
         yield {

@@ -13,7 +13,7 @@ import pytest
 
 from otlp_receiver import OTLPReceiver, ReceivedSpan, otlp_receiver
 from pdserve.telemetry import names
-from serving import Served, deploy, ray_serve
+from serving import Served, deploy, shared_serve
 
 pytestmark = pytest.mark.serve_cluster
 
@@ -30,7 +30,7 @@ def traced(tiny_models: dict[str, Path]) -> Iterator[tuple[Served, Served, OTLPR
 
     from pdserve.serve.config import ServeConfig
 
-    with otlp_receiver() as (receiver, endpoint), ray_serve() as port:
+    with otlp_receiver() as (receiver, endpoint), shared_serve() as port:
         env = {
             "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
             "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
