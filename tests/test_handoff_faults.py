@@ -1,0 +1,457 @@
+"""Replica deaths and client cancellations together, on the real serving layer: randomized rounds of disaggregated
+requests through `disaggregated_generate` (handoff, failover, output channels) and the ingress router, over real
+`PrefillServer`/`DecodeServer` replicas (their engines, shared-memory KV transport, fences and leases) in this
+process. Only Ray Serve is emulated (`Cluster`): calls run as tasks of their own, pinned calls reach their replica,
+a killed replica fails every call and stream open on it with `ActorDiedError`, and a cancelled client request
+cancels the calls it made in its context (Serve's child-call cancellation).
+
+Each round: 3-6 greedy requests with prompts from 1 token (shared prefixes, so prefix hits on both sides and local
+prefills on D), clients that leave at random moments, and in most rounds one replica killed at its k-th call —
+before it runs, or while it runs (a reserve, a prefill and its push, a decode stream, a channel). The oracle:
+- a request nobody cancelled ends normally with transformers' greedy tokens (one death never fails a request:
+  the handoff is retried, prefill moves to another replica, a stream migrates);
+- a cancelled one got a prefix of them;
+- afterwards every live replica holds nothing: no used, held, reserved or fenced block, no sequence, no open
+  stream, no lease or held result left to the reaper; no handoff task and no ingress inbox left.
+
+A failure names its round's seed: `HANDOFF_FAULT_SEEDS=<seed> pytest tests/test_handoff_faults.py` replays that
+schedule (the interleaving with the engine threads varies between runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+import random
+from collections.abc import AsyncGenerator, Iterator
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from ray.exceptions import ActorDiedError
+
+from oracle import Reference, assert_matches, greedy, load_reference_model, random_prompts, reference_greedy
+from pdserve.api.backend import CapacityError
+from pdserve.config import EngineConfig
+from pdserve.engine import EngineRequest
+from pdserve.serve import handoff, ingress_router, replicas
+from pdserve.serve.channels import IngressChannels
+from pdserve.serve.config import ServeConfig
+
+MAX_TOKENS = 8
+NUM_ROUNDS = int(os.environ.get("HANDOFF_FAULT_ROUNDS", "200"))
+SEEDS = [int(s) for s in os.environ.get("HANDOFF_FAULT_SEEDS", "").split(",") if s]
+ROUND_TIMEOUT_S = 20.0  # a round's requests take well under a second
+SETTLE_S = 6.0  # fence grace 0.2 s: a clean round settles in well under a second
+
+_REQUEST: contextvars.ContextVar[int | None] = contextvars.ContextVar("request", default=None)
+_UNCOUNTED = ("router_sync", "stats", "ready", "model_info")  # periodic calls: never a kill's trigger
+
+
+class _Config(ServeConfig):
+    def engine_config(self, model_path: str) -> EngineConfig:  # a short fence grace: rounds settle fast
+        config = super().engine_config(model_path)
+        return replace(config, cache=replace(config.cache, fence_grace_s=0.2))
+
+
+@dataclass(eq=False)
+class Replica:
+    server: Any  # PrefillServer | DecodeServer
+    role: str
+    death: asyncio.Future[None]
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @property
+    def id(self) -> str:
+        return str(self.server.replica_id)
+
+    @property
+    def is_dead(self) -> bool:
+        return self.death.done()
+
+
+class Call:
+    """A unary call: the method runs in a task of its own (the replica's process). Awaiting it gives its result or
+    its error — or ActorDiedError once the replica is dead. The caller's own cancellation does not cancel it."""
+
+    def __init__(self, cluster: Cluster, replica: Replica, method: str, coro: Any) -> None:
+        self.replica = replica
+        self.task = cluster.start(replica, method, coro)
+
+    def __await__(self) -> Any:
+        return self._result().__await__()
+
+    async def _result(self) -> Any:
+        if self.task is None:
+            raise ActorDiedError()
+        await asyncio.wait({self.task, self.replica.death}, return_when=asyncio.FIRST_COMPLETED)
+        if self.task.done() and not self.task.cancelled():
+            return self.task.result()
+        raise ActorDiedError()
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+
+class StreamCall:
+    """A streaming call: the replica's generator runs in its own task, its items cross a queue; the items sent
+    before a death still arrive, then ActorDiedError."""
+
+    def __init__(self, cluster: Cluster, replica: Replica, method: str, agen: AsyncGenerator[Any, None]) -> None:
+        self.replica = replica
+        self.items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.task = cluster.start(replica, method, self._pump(agen))
+
+    async def _pump(self, agen: AsyncGenerator[Any, None]) -> None:
+        try:
+            async for item in agen:
+                self.items.put_nowait(("item", item))
+            self.items.put_nowait(("end", None))
+        except asyncio.CancelledError:
+            await agen.aclose()
+            raise
+        except Exception as e:
+            self.items.put_nowait(("error", e))
+
+    def __aiter__(self) -> StreamCall:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self.task is None:
+            raise ActorDiedError()
+        if self.items.empty():
+            get = asyncio.ensure_future(self.items.get())
+            try:
+                await asyncio.wait({get, self.replica.death}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                get.cancel()
+            if not get.done() or get.cancelled():
+                raise ActorDiedError()
+            kind, value = get.result()
+        else:
+            kind, value = self.items.get_nowait()
+        if kind == "item":
+            return value
+        if kind == "end":
+            raise StopAsyncIteration
+        raise value
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+
+class Handle:
+    """The part of a Serve `DeploymentHandle` the ingress uses: `.options(stream=...)`, `.method.remote(...)` with
+    `target_replica_id` pinning, and `.broadcast(method, ...)`."""
+
+    def __init__(self, cluster: Cluster, role: str, stream: bool = False) -> None:
+        self.cluster, self.role, self.stream = cluster, role, stream
+
+    def options(self, stream: bool = False) -> Handle:
+        return Handle(self.cluster, self.role, stream)
+
+    def __getattr__(self, method: str) -> Any:
+        return SimpleNamespace(remote=lambda *args, **kwargs: self.cluster.call(self, method, args, kwargs))
+
+    def broadcast(self, method: str, *args: Any) -> Any:
+        async def results_async(timeout_s: float, return_exceptions: bool) -> list[Any]:
+            calls = [self.cluster.call_on(r, self, method, args, {}) for r in self.cluster.pools[self.role]]
+            return list(await asyncio.gather(*calls, return_exceptions=return_exceptions))
+
+        return SimpleNamespace(results_async=results_async)
+
+
+class Cluster:
+    """Two prefill and two decode replicas in this process, and what Serve does around them."""
+
+    def __init__(self, config: ServeConfig, model_path: str) -> None:
+        self.config, self.model_path = config, model_path
+        self.pools: dict[str, list[Replica]] = {"prefill": [], "decode": []}
+        self.all: list[Replica] = []
+        self.rng = random.Random(0)
+        self.triggers: dict[int, float | None] = {}  # k -> kill the replica of the round's k-th call: at once, or after
+        self.num_calls = 0  # counted calls this round
+        self.timers: list[asyncio.TimerHandle] = []
+        self.killed: list[Replica] = []
+        self._next_id = 0
+
+    def add(self, role: str) -> Replica:
+        self._next_id += 1
+        context = SimpleNamespace(replica_id=SimpleNamespace(unique_id=f"{role[0]}{self._next_id}"))
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(replicas.serve, "get_replica_context", lambda: context)
+            cls = replicas.PrefillServer if role == "prefill" else replicas.DecodeServer
+            server = cls(self.config, self.model_path)
+        replica = Replica(server, role, asyncio.get_running_loop().create_future())
+        self.pools[role].append(replica)
+        self.all.append(replica)
+        return replica
+
+    def replace_dead(self) -> None:
+        for role, pool in self.pools.items():
+            for replica in [r for r in pool if r.is_dead]:
+                pool.remove(replica)
+                self.add(role)
+
+    def start(self, replica: Replica, method: str, coro: Any) -> asyncio.Task[Any] | None:
+        if replica.is_dead:
+            coro.close()
+            return None
+        task = contextvars.Context().run(asyncio.ensure_future, coro)  # the replica's process: no caller context
+        task.owner, task.method = _REQUEST.get(), method  # type: ignore[attr-defined]
+        replica.tasks.add(task)
+        task.add_done_callback(replica.tasks.discard)
+        return task
+
+    def call(self, handle: Handle, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        target = kwargs.get("target_replica_id")
+        pool = self.pools[handle.role]
+        pinned = next((r for r in pool if r.id == target), None)
+        # A pinned call reaches its replica, a dead one too (Serve has not noticed yet); an unpinned one, or one whose
+        # target left the pool, reaches Serve's pick (which refuses a call pinned elsewhere).
+        replica = pinned if pinned is not None else self.rng.choice([r for r in pool if not r.is_dead])
+        return self.call_on(replica, handle, method, args, kwargs)
+
+    def call_on(
+        self, replica: Replica, handle: Handle, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Call | StreamCall:
+        kill_after_s: float | None = None
+        if method not in _UNCOUNTED:
+            self.num_calls += 1
+            if self.num_calls in self.triggers:
+                kill_after_s = self.triggers[self.num_calls]
+                if kill_after_s is None:
+                    self.kill(replica)  # before the call runs: it reaches a dead replica
+        bound = getattr(replica.server, method)
+        kind = StreamCall if handle.stream else Call
+        call = kind(self, replica, method, bound(*args, **kwargs))
+        if kill_after_s is not None:  # while the call runs (if it still runs by then: never after its round)
+            self.timers.append(asyncio.get_running_loop().call_later(kill_after_s, self.kill, replica))
+        return call
+
+    def kill(self, replica: Replica) -> None:
+        """SIGKILL, as far as the rest of the cluster can tell: every call on it fails, its engine stops."""
+        if replica.is_dead:
+            return
+        replica.death.set_result(None)
+        self.killed.append(replica)
+        for task in list(replica.tasks):
+            task.cancel()
+        replica.server.engine.shutdown()
+
+    def cancel_calls_of(self, request: int) -> None:
+        """Serve's child-call cancellation: the calls a cancelled request made in its own context."""
+        for replica in self.all:
+            for task in list(replica.tasks):
+                if getattr(task, "owner", None) == request:
+                    task.cancel()
+
+    def live(self) -> list[Replica]:
+        return [r for pool in self.pools.values() for r in pool if not r.is_dead]
+
+    def close(self) -> None:
+        for replica in self.all:
+            replica.server.engine.shutdown()
+            if replica.role == "decode":
+                replica.server.receiver.close()
+                replica.server.llm.kv.close()
+
+
+@dataclass(frozen=True)
+class Corpus:
+    prompts: list[list[int]]
+    references: list[Reference]
+
+
+@pytest.fixture(scope="module")
+def corpus(tiny_models: dict[str, Path]) -> Corpus:
+    """Prompts of 1..40 tokens; half extend one of three shared prefixes (block size 4: hits of any length)."""
+    model = load_reference_model(tiny_models["llama"])
+    vocab = model.config.vocab_size
+    rng = random.Random(77)
+    prompts = random_prompts([1, 2, 3, 4, 5, 7, 9, 13, 17, 24, 33, 40], vocab, seed=31)
+    prefixes = random_prompts([8, 13, 20], vocab, seed=32)
+    suffixes = random_prompts([rng.randint(1, 16) for _ in range(12)], vocab, seed=33)
+    prompts += [rng.choice(prefixes) + s for s in suffixes] + prefixes
+    return Corpus(prompts, [reference_greedy(model, p, MAX_TOKENS) for p in prompts])
+
+
+@pytest.fixture
+def serve_config(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[ServeConfig]:
+    monkeypatch.setenv("PDSERVE_KV_SECRET", "test-secret")
+    monkeypatch.setattr(replicas, "ray", SimpleNamespace(get_runtime_context=lambda: SimpleNamespace(
+        get_node_id=lambda: "node-0")))  # fmt: skip
+    threads = torch.get_num_threads()
+    pool = {"num_threads": 1}
+    yield _Config(
+        model=str(tiny_models["llama"]), dtype="float32", device="cpu", niceness=None, kv_transport="shm",
+        block_size=4, num_kv_blocks=160, tracing_env={}, prefill=pool, decode=pool,
+    )  # fmt: skip
+    torch.set_num_threads(threads)  # a replica sets the process's torch threads
+
+
+@dataclass
+class Outcome:
+    index: int  # into the corpus
+    max_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    finished: bool = False
+    cancelled: bool = False
+    error: BaseException | None = None
+
+
+@pytest.mark.parametrize("with_channels", [True, False], ids=["channels", "streams"])
+def test_deaths_and_cancels_keep_streams_exact_and_free_every_block(
+    serve_config: ServeConfig, tiny_models: dict[str, Path], corpus: Corpus, with_channels: bool
+) -> None:
+    with pytest.MonkeyPatch.context() as m:  # a dead replica fails the router's pulls until its round ends
+        m.setattr(ingress_router.logger, "level", logging.ERROR)
+        asyncio.run(_run(serve_config, str(tiny_models["llama"]), corpus, with_channels))
+
+
+async def _run(config: ServeConfig, model_path: str, corpus: Corpus, with_channels: bool) -> None:
+    cluster = Cluster(config, model_path)
+    for role in ("prefill", "prefill", "decode", "decode"):
+        cluster.add(role)
+    prefill, decode = Handle(cluster, "prefill"), Handle(cluster, "decode")
+    info = await decode.model_info.remote()
+    router = ingress_router.IngressRouter(
+        config.router, config.router.cost_config(info.block_size, info.kv_bytes_per_token), prefill, decode
+    )
+    await router.start()
+    seeds = SEEDS or [1000 * int(with_channels) + i for i in range(NUM_ROUNDS)]
+    tally: dict[str, int] = {}
+    try:
+        for seed in seeds:
+            channels = IngressChannels() if with_channels else None
+            for outcome in await _round(seed, cluster, router, prefill, decode, channels, corpus):
+                kind = "finished" if outcome.finished else "cancelled" if outcome.cancelled else "failed"
+                assert not isinstance(outcome.error, CapacityError), f"round {seed}: {outcome.error!r}"
+                tally[kind] = tally.get(kind, 0) + 1
+            tally["killed"] = len(cluster.killed)
+            cluster.replace_dead()
+    finally:
+        assert router._task is not None
+        router._task.cancel()
+        cluster.close()
+    print(f"{len(seeds)} rounds: {tally}")
+    if not SEEDS:  # the schedules reach every outcome
+        assert tally.get("finished", 0) > 0 and tally.get("cancelled", 0) > 0 and tally["killed"] > len(seeds) // 5
+
+
+async def _round(
+    seed: int,
+    cluster: Cluster,
+    router: ingress_router.IngressRouter,
+    prefill: Handle,
+    decode: Handle,
+    channels: IngressChannels | None,
+    corpus: Corpus,
+) -> list[Outcome]:
+    rng = random.Random(seed)
+    cluster.rng = random.Random(seed + 1)
+    num_killed = len(cluster.killed)
+    outcomes = [
+        Outcome(rng.randrange(len(corpus.prompts)), rng.randint(1, MAX_TOKENS)) for _ in range(rng.randint(3, 6))
+    ]
+    # Three counted calls per request (reserve, prefill, decode) and some aborts: the k-th call's replica dies. In
+    # some rounds a second one dies too (both prefill replicas: the decode replica prefills; both decode replicas:
+    # requests may fail, but never with a wrong token or a leak).
+    num_deaths = rng.choices([0, 1, 2], weights=[2, 6, 2])[0]
+    cluster.triggers = {rng.randint(1, 3 * len(outcomes)): rng.choice([None, rng.uniform(0.0, 0.03)])
+                        for _ in range(num_deaths)}  # fmt: skip
+    cluster.num_calls = 0
+    await router.sync()
+
+    async def client(number: int, outcome: Outcome) -> None:
+        _REQUEST.set(number)
+        await asyncio.sleep(rng.uniform(0.0, 0.03))
+        prompt = corpus.prompts[outcome.index]
+        request = EngineRequest(f"s{seed}-r{number}", tuple(prompt), greedy(outcome.max_tokens))
+        route = router.route(request) if rng.random() < 0.85 else None  # else Serve picks the replicas
+        outputs = handoff.disaggregated_generate(
+            request, prefill, decode, route, queue_ttl_s=3.0, prefill_timeout_s=10.0, channels=channels
+        )
+        try:
+            async with aclosing(outputs):
+                async for out in outputs:
+                    outcome.tokens.extend(out.new_token_ids)
+                    outcome.finished = out.finish_reason is not None
+        except Exception as e:
+            outcome.error = e
+        finally:
+            router.router.finish(request.request_id)
+
+    tasks = [asyncio.ensure_future(client(i, o)) for i, o in enumerate(outcomes)]
+    loop = asyncio.get_running_loop()
+    for number, task in enumerate(tasks):
+        if rng.random() < 0.4:  # the client leaves: Serve cancels its request and the calls made in it
+            loop.call_later(rng.uniform(0.0, rng.choice([0.02, 0.1])), _leave, cluster, number, task, outcomes[number])
+    _, stuck = await asyncio.wait(tasks, timeout=ROUND_TIMEOUT_S)
+    assert not stuck, (
+        f"round {seed}: requests still streaming {ROUND_TIMEOUT_S} s later: "
+        f"{[(outcomes[tasks.index(t)], t.get_stack()) for t in stuck]} (killed: {[r.id for r in cluster.killed]})"
+    )
+    cluster.triggers = {}
+    for timer in cluster.timers:
+        timer.cancel()
+    num_deaths = len(cluster.killed) - num_killed
+    for number, outcome in enumerate(outcomes):
+        reference = replace(
+            corpus.references[outcome.index],
+            token_ids=corpus.references[outcome.index].token_ids[: outcome.max_tokens],
+        )
+        label = f"round {seed}, request {number} (prompt {outcome.index}, {outcome.max_tokens} tokens)"
+        if outcome.finished:
+            assert_matches(reference, outcome.tokens, label)
+        else:
+            assert outcome.cancelled or num_deaths > 1, (
+                f"{label}: ended without being cancelled: {outcome.error!r} ({num_deaths} replicas killed)"
+            )
+            prefix = replace(reference, token_ids=reference.token_ids[: len(outcome.tokens)])
+            assert_matches(prefix, outcome.tokens, label)
+    await _settle(seed, cluster, channels)
+    return outcomes
+
+
+def _leave(cluster: Cluster, number: int, task: asyncio.Task[None], outcome: Outcome) -> None:
+    if not task.done():
+        outcome.cancelled = True
+        task.cancel()
+        cluster.cancel_calls_of(number)
+
+
+async def _settle(seed: int, cluster: Cluster, channels: IngressChannels | None) -> None:
+    """Every detached handoff task ends, and every live replica frees everything, within SETTLE_S."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETTLE_S
+    while handoff._background and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    assert not handoff._background, f"round {seed}: handoff tasks still running: {handoff._background}"
+    while True:
+        leftovers = {}
+        for replica in cluster.live():
+            s = await replica.server.engine.stats()
+            calls = [t for t in replica.tasks if getattr(t, "method", None) != "outputs"]  # channels stay open
+            state = {
+                "used": s.num_used_blocks, "held": s.num_held, "reserved": s.num_reserved_blocks,
+                "fenced": s.num_fenced_blocks, "running": s.num_running, "waiting": s.num_waiting,
+                "sequences": list(replica.server.llm._seqs), "engine streams": len(replica.server.engine._streams),
+                "calls": len(calls), "reaped leases": s.num_reaped_leases, "reaped held": s.num_reaped_held,
+            }  # fmt: skip
+            if any(state.values()):
+                leftovers[replica.id] = {k: v for k, v in state.items() if v}
+        if not leftovers or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert not leftovers, f"round {seed}: replicas still hold state {SETTLE_S} s later: {leftovers}"
+    if channels is not None:
+        assert not channels._inboxes, f"round {seed}: ingress inboxes left open: {list(channels._inboxes)}"
