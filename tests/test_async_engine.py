@@ -13,7 +13,7 @@ import pytest
 
 from oracle import greedy, random_prompts, run_staggered
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig
-from pdserve.engine import EngineRequest, LLMEngine, RequestOutput
+from pdserve.engine import EngineRequest, FinishReason, LLMEngine, RequestOutput
 from pdserve.engine.async_engine import AsyncEngine, EngineDeadError
 
 ENDLESS = 100_000  # max_tokens past any tiny model's context: such a request ends only by an abort (or the context)
@@ -253,3 +253,60 @@ def test_a_stream_interval_sends_the_tokens_in_larger_messages(tiny_models: dict
         assert [t for out in outputs for t in out.new_token_ids] == want[request.request_id]
         assert len(outputs[0].new_token_ids) == 1 and outputs[-1].finish_reason is not None
         assert all(len(out.new_token_ids) >= 4 and out.finish_reason is None for out in outputs[1:-1])
+
+
+@pytest.mark.parametrize("prefill_only", [False, True], ids=["generate", "prefill_only"])
+def test_an_id_reused_right_after_a_cancel_gets_only_its_own_outputs(
+    tiny_models: dict[str, Path], prefill_only: bool
+) -> None:
+    """A retry may reuse its request's id on the same replica the moment the first attempt was cancelled (a prefill
+    retried after a timeout, when Serve picks the same replica). The first attempt's last outputs — a step's tokens,
+    the ABORT its cancellation published — may still be on their way to the event loop then; none may reach the
+    retry's stream. 400 seeded cancels from before the request is queued to after its first output: each retry must
+    get the fresh engine's tokens (prefill-only: its first token, blocks of its own that hold the prompt), no ABORT,
+    and the engine must be empty afterwards."""
+    path = tiny_models["llama"]
+    prompts = random_prompts([1, 3, 8, 17, 30], 500, seed=43)
+    sync = LLMEngine(EngineConfig(ModelConfig(str(path), dtype="float32"), CacheConfig(num_blocks=64)))
+    want = run_staggered(sync, [(0, EngineRequest(f"w{i}", tuple(p), greedy(4))) for i, p in enumerate(prompts)])
+
+    async def attempt(engine: AsyncEngine, request: EngineRequest) -> list[RequestOutput]:
+        outs = []
+        async for out in engine.generate(request, prefill_only=prefill_only):
+            outs.append(out)
+        return outs
+
+    async def main() -> None:
+        engine = make(path)
+        rng = random.Random(44)
+        for case in range(400):
+            i = rng.randrange(len(prompts))
+            request = EngineRequest("same-id", tuple(prompts[i]), greedy(4))
+            first = asyncio.ensure_future(attempt(engine, request))
+            for _ in range(rng.randint(0, 12)):  # 0: before the request is queued; later: mid-prefill or after it
+                await asyncio.sleep(0)
+            if rng.random() < 0.5:
+                await asyncio.sleep(rng.uniform(0.0, 0.004))
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                held = await first  # it ended before the cancel: release its result, as its caller would
+                if prefill_only and held and held[-1].kv_block_ids is not None:
+                    await engine.release(request.request_id)
+            outs = await attempt(engine, request)  # at once: the first attempt's outputs may still be in flight
+            label = f"case {case}, prompt {i}"
+            assert all(out.finish_reason is not FinishReason.ABORT for out in outs), f"{label}: {outs}"
+            tokens = [t for out in outs for t in out.new_token_ids]
+            if prefill_only:
+                assert len(outs) == 1 and tokens == want[f"w{i}"][:1], f"{label}: {outs}"
+                blocks = outs[0].kv_block_ids
+                assert blocks is not None and len(blocks) == -(-len(prompts[i]) // engine.engine.layout.block_size)
+                seq = engine.engine._seqs[request.request_id]
+                assert tuple(seq.block_ids) == blocks, f"{label}: blocks {blocks} are not the retry's {seq.block_ids}"
+                await engine.release(request.request_id)
+            else:
+                assert tokens == want[f"w{i}"], f"{label}: {tokens} != {want[f'w{i}']}"
+        stats = await engine.stats()
+        assert (stats.num_used_blocks, stats.num_held, stats.num_running, stats.num_waiting) == (0, 0, 0, 0)
+        engine.shutdown()
+
+    asyncio.run(main())

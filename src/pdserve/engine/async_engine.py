@@ -62,7 +62,11 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._commands: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
-        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}  # open streams, by request id
+        # The stream each request the engine knows sends to — touched on the engine thread only. Outputs are routed
+        # by it, not by id: an id reused the moment its first attempt was cancelled (a prefill retried on the same
+        # replica) must never get that attempt's last outputs, which may still be on their way to the loop.
+        self._stream_of: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._stopped = False
         self._error: BaseException | None = None
         self._pending: set[asyncio.Future[Any]] = set()  # calls awaiting their command: failed if the thread dies
@@ -132,8 +136,8 @@ class AsyncEngine:
         `layer_sink`: see `LLMEngine.add_request` (it is called on the engine thread)."""
         stream = self._open_stream(request.request_id)
         try:
-            undo = partial(_abort_quietly, self.engine, request.request_id)
-            await self.call(self.engine.add_request, request, prefill_only, layer_sink, undo=undo)
+            undo = partial(self._abort_quietly, request.request_id)
+            await self.call(self._add, request, prefill_only, layer_sink, stream, undo=undo)
         except BaseException:
             self._streams.pop(request.request_id, None)
             raise
@@ -146,8 +150,8 @@ class AsyncEngine:
         """Commit a reservation and stream the decoded tokens that follow `first_token_id`."""
         stream = self._open_stream(request_id)
         try:
-            undo = partial(_abort_quietly, self.engine, request_id)
-            final = await self.call(self.engine.commit, request_id, first_token_id, first_logprob, undo=undo)
+            undo = partial(self._abort_quietly, request_id)
+            final = await self.call(self._commit, request_id, first_token_id, first_logprob, stream, undo=undo)
         except BaseException:
             self._streams.pop(request_id, None)
             raise
@@ -160,7 +164,7 @@ class AsyncEngine:
 
     async def reserve(self, request: EngineRequest, lease_s: float) -> KVReservation | None:
         """A reservation; if the caller is cancelled meanwhile, it is aborted (no writer ever learned of it)."""
-        undo = partial(_abort_quietly, self.engine, request.request_id)
+        undo = partial(self._abort_quietly, request.request_id)
         return await self.call(self.engine.reserve, request, lease_s, undo=undo)
 
     async def renew(self, request_id: str, lease_s: float) -> bool:
@@ -294,17 +298,49 @@ class AsyncEngine:
             finally:
                 self._busy_since = None
 
-    def _publish(self, outputs: list[RequestOutput]) -> None:
-        """Hand a step's outputs to the event loop: one wakeup per step, not one per request."""
-        assert self._loop is not None
-        if outputs:
-            self._loop.call_soon_threadsafe(self._deliver, outputs)
+    # ---- on the engine thread: a request's outputs go to the stream of the attempt that produced them ----------
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:  # on the event loop
+    def _add(
+        self,
+        request: EngineRequest,
+        prefill_only: bool,
+        layer_sink: LayerSink | None,
+        stream: asyncio.Queue[RequestOutput | BaseException],
+    ) -> None:
+        self.engine.add_request(request, prefill_only, layer_sink)
+        self._stream_of[request.request_id] = stream
+
+    def _commit(
+        self,
+        request_id: str,
+        first_token_id: int,
+        first_logprob: TokenLogprob | None,
+        stream: asyncio.Queue[RequestOutput | BaseException],
+    ) -> RequestOutput | None:
+        final = self.engine.commit(request_id, first_token_id, first_logprob)
+        if final is None:
+            self._stream_of[request_id] = stream
+        return final
+
+    def _abort_quietly(self, request_id: str, _result: object) -> None:
+        """The undo of a cancelled add, commit or reserve."""
+        self._stream_of.pop(request_id, None)
+        self.engine.abort(request_id)
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to the event loop, each with its attempt's stream: one wakeup per step, not one
+        per request. A request's last output unbinds its id."""
+        assert self._loop is not None
+        if not outputs:
+            return
+        routed = []
         for out in outputs:
-            stream = self._streams.get(out.request_id)
+            of = self._stream_of
+            stream = of.pop(out.request_id, None) if out.is_finished else of.get(out.request_id)
             if stream is not None:
-                stream.put_nowait(out)
+                routed.append((stream, out))
+        if routed:
+            self._loop.call_soon_threadsafe(_deliver, routed)
 
     def _fail_all(self, error: BaseException) -> None:
         assert self._loop is not None
@@ -326,8 +362,10 @@ def merged(first: RequestOutput, then: RequestOutput) -> RequestOutput:
     )
 
 
-def _abort_quietly(engine: LLMEngine, request_id: str, _result: object) -> None:
-    engine.abort(request_id)
+def _deliver(routed: list[tuple[asyncio.Queue[RequestOutput | BaseException], RequestOutput]]) -> None:
+    """On the event loop: a stream its consumer closed meanwhile gets it too, and nobody reads it."""
+    for stream, out in routed:
+        stream.put_nowait(out)
 
 
 def _set_result(future: asyncio.Future[T], result: T) -> None:
