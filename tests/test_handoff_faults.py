@@ -6,10 +6,11 @@ a killed replica fails every call and stream open on it with `ActorDiedError`, a
 cancels the calls it made in its context (Serve's child-call cancellation).
 
 Each round: 3-6 greedy requests with prompts from 1 token (shared prefixes, so prefix hits on both sides and local
-prefills on D), clients that leave at random moments, and in most rounds one replica killed at its k-th call —
-before it runs, or while it runs (a reserve, a prefill and its push, a decode stream, a channel). The oracle:
+prefills on D), clients that leave at random moments, in most rounds one replica killed at its k-th call — before
+it runs, or while it runs (a reserve, a prefill and its push, a decode stream, a channel) — in some two, and in some
+prefills that time out (cancelled, retried, then prefilled on the decode replica; the reservation fenced). The oracle:
 - a request nobody cancelled ends normally with transformers' greedy tokens (one death never fails a request:
-  the handoff is retried, prefill moves to another replica, a stream migrates);
+  the handoff is retried, prefill moves to another replica, a stream migrates; two may, both decode replicas);
 - a cancelled one got a prefix of them;
 - afterwards every live replica holds nothing: no used, held, reserved or fenced block, no sequence, no open
   stream, no lease or held result left to the reaper; no handoff task and no ingress inbox left.
@@ -293,7 +294,8 @@ def serve_config(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) 
     pool = {"num_threads": 1}
     yield _Config(
         model=str(tiny_models["llama"]), dtype="float32", device="cpu", niceness=None, kv_transport="shm",
-        block_size=4, num_kv_blocks=160, tracing_env={}, prefill=pool, decode=pool,
+        block_size=4, num_kv_blocks=160, tracing_env={}, prefill=pool, decode=pool, reservation_lease_s=1.5,
+        queue_ttl_s=1.0,
     )  # fmt: skip
     torch.set_num_threads(threads)  # a replica sets the process's torch threads
 
@@ -359,6 +361,9 @@ async def _round(
     rng = random.Random(seed)
     cluster.rng = random.Random(seed + 1)
     num_killed = len(cluster.killed)
+    # Some rounds time prefills out: the call is cancelled and retried (on the runner-up, or Serve's pick: maybe the
+    # same replica, under the same request id), then prefilled on the decode replica; the reservation is fenced.
+    prefill_timeout_s = rng.uniform(0.005, 0.05) if rng.random() < 0.25 else 10.0
     outcomes = [
         Outcome(rng.randrange(len(corpus.prompts)), rng.randint(1, MAX_TOKENS)) for _ in range(rng.randint(3, 6))
     ]
@@ -378,7 +383,7 @@ async def _round(
         request = EngineRequest(f"s{seed}-r{number}", tuple(prompt), greedy(outcome.max_tokens))
         route = router.route(request) if rng.random() < 0.85 else None  # else Serve picks the replicas
         outputs = handoff.disaggregated_generate(
-            request, prefill, decode, route, queue_ttl_s=3.0, prefill_timeout_s=10.0, channels=channels
+            request, prefill, decode, route, queue_ttl_s=1.0, prefill_timeout_s=prefill_timeout_s, channels=channels
         )
         try:
             async with aclosing(outputs):
