@@ -362,7 +362,8 @@ async def _round(
     cluster.rng = random.Random(seed + 1)
     num_killed = len(cluster.killed)
     # Some rounds time prefills out: the call is cancelled and retried (on the runner-up, or Serve's pick: maybe the
-    # same replica, under the same request id), then prefilled on the decode replica; the reservation is fenced.
+    # same replica, while the first attempt still ends there), then prefilled on the decode replica; the reservation
+    # is fenced.
     prefill_timeout_s = rng.uniform(0.005, 0.05) if rng.random() < 0.25 else 10.0
     outcomes = [
         Outcome(rng.randrange(len(corpus.prompts)), rng.randint(1, MAX_TOKENS)) for _ in range(rng.randint(3, 6))

@@ -235,7 +235,8 @@ async def _prefill_with_retry(
 ) -> PrefillResult:
     """Prefill on the chosen replica; if it fails for a reason of its own (died, wedged, a failed transfer, no
     answer within `timeout_s`), once more on the next-best prefill replica (prefill is idempotent: a retry writes
-    the same KV under the same epoch into the same reserved blocks). A client error is not retried."""
+    the same KV under the same epoch into the same reserved blocks; the transfer is named by the reservation, so the
+    retry's engine id may differ). A client error is not retried."""
     first = route.prefill_replica_id if route is not None else None
     try:
         call = prefill.prefill.remote(request, reservation, target_replica_id=first)
@@ -245,7 +246,10 @@ async def _prefill_with_retry(
             raise
         logger.warning("prefill of %s failed on %s (%r); retrying once elsewhere", request.request_id, first, e)
     counters.prefill_retries += 1
-    retry = prefill.prefill.remote(request, reservation, target_replica_id=_runner_up(route, first))
+    # Under an engine id of its own: the first attempt may still be ending on the same replica (Serve's pick, or the
+    # only one: a cancelled call whose push is finishing), where the same id would be refused as in use.
+    again = replace(request, request_id=f"{request.request_id}.p1")
+    retry = prefill.prefill.remote(again, reservation, target_replica_id=_runner_up(route, first))
     return await _renewing(retry, decode, reservation, timeout_s)
 
 
