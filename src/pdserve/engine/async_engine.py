@@ -334,8 +334,8 @@ class AsyncEngine:
         if not outputs:
             return
         routed = []
+        of = self._stream_of
         for out in outputs:
-            of = self._stream_of
             stream = of.pop(out.request_id, None) if out.is_finished else of.get(out.request_id)
             if stream is not None:
                 routed.append((stream, out))
