@@ -473,3 +473,42 @@ def test_generation_config_sets_the_defaults_of_unset_fields(tmp_path: Path, tok
     )  # fmt: skip
     assert (explicit.temperature, explicit.max_tokens, explicit.top_p) == (0.9, 3, 0.8)
     assert other_name.max_tokens == 4  # the client's limit under its other name wins over max_new_tokens
+
+
+def _choices_of(response: httpx.Response, stream: bool) -> dict[int, dict[str, Any]]:
+    """Each choice's text and logprobs (lists concatenated over a stream's chunks), by index."""
+    if not stream:
+        return {c["index"]: {"text": c["text"], "logprobs": c["logprobs"]} for c in response.json()["choices"]}
+    choices: dict[int, dict[str, Any]] = {}
+    for payload in sse_payloads(response)[:-1]:
+        for c in json.loads(payload)["choices"]:
+            got = choices.setdefault(c["index"], {"text": "", "logprobs": None})
+            got["text"] += c["text"]
+            if c["logprobs"] is not None:
+                merged = got["logprobs"] or {}
+                got["logprobs"] = {key: (merged.get(key) or []) + (value or []) for key, value in c["logprobs"].items()}
+    return choices
+
+
+def test_every_one_of_n_choices_reads_as_the_single_answer(http: httpx.Client, backend: FakeBackend) -> None:
+    """Random n, echo, logprobs, stop and delta sizes, whole and streamed: with a backend that answers every choice
+    alike, each of the n choices is exactly the n = 1 answer to the same body — its echo, text and logprobs (text
+    offsets from 0) — whichever index it has."""
+    import random
+
+    rng = random.Random(5)
+    for case in range(120):
+        backend.reset(tokens_per_delta=rng.choice([1, 2, 5]))
+        stream = rng.random() < 0.5
+        body: dict[str, Any] = {**BASE["completions"][1], "max_tokens": rng.choice([1, 3, 60]), "stream": stream}
+        if rng.random() < 0.5:
+            body["echo"] = True
+        if rng.random() < 0.7:
+            body["logprobs"] = rng.choice([0, 2])
+        if rng.random() < 0.3:
+            body["stop"] = [rng.choice(["brown", "quick", "o", "zzz"])]
+        single = _choices_of(http.post("/v1/completions", json=body), stream)
+        n = rng.randint(2, 4)
+        response = http.post("/v1/completions", json={**body, "n": n})
+        assert response.status_code == 200, (case, response.text)
+        assert _choices_of(response, stream) == {i: single[0] for i in range(n)}, (case, body, n)

@@ -285,8 +285,11 @@ async def _serve_choices(
     pieces = await _unless_disconnected(request, collect_choices(streams, generations))
     if pieces is None:
         return Response(status_code=499)
-    whole = fmt.whole(pieces[0], total_usage(generations))
-    whole.choices = [f.whole(p, total_usage(generations)).choices[0] for f, p in zip(fmts, pieces, strict=True)]  # type: ignore[attr-defined]
+    usage = total_usage(generations)
+    # Each format once: a format is spent by its choice (a completion's echo goes out once, its text offsets move on).
+    bodies = [f.whole(p, usage) for f, p in zip(fmts, pieces, strict=True)]
+    whole = bodies[0]
+    whole.choices = [body.choices[0] for body in bodies]  # type: ignore[attr-defined]
     for i, choice in enumerate(whole.choices):  # type: ignore[attr-defined]
         choice.index = i
     return _json(whole)
