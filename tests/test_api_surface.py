@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from pdserve.api import GenerationRequest, create_app
-from test_api import TEXT, FakeBackend, serve, sse_payloads
+from test_api import MAX_MODEL_LEN, TEXT, FakeBackend, serve, sse_payloads
 from tiny_models import EOS_ID, build_tokenizer
 
 VLLM_FIELDS = json.loads((Path(__file__).parent / "data" / "vllm-0.32-request-fields.json").read_text())
@@ -473,6 +473,60 @@ def test_generation_config_sets_the_defaults_of_unset_fields(tmp_path: Path, tok
     )  # fmt: skip
     assert (explicit.temperature, explicit.max_tokens, explicit.top_p) == (0.9, 3, 0.8)
     assert other_name.max_tokens == 4  # the client's limit under its other name wins over max_new_tokens
+
+
+# (server cap, generation_config's max_new_tokens, endpoint, the limit field as sent — absent, null or a value —,
+# prompt tokens) -> the backend's max_tokens ("room": what the context has left), or the 400's param.
+# MAX_MODEL_LEN is 128. As vLLM: the request's own limit (a completion's unset one is OpenAI's 16) must fit the
+# context; the result is the smallest of it, the room left, the server's cap and the model's default; the model's
+# default and OpenAI's 16 are capped, never refused.
+ABSENT, ROOM = object(), "room"
+OUTPUT_LIMITS = [
+    (None, None, "completions", ABSENT, 60, 16),
+    (None, None, "completions", None, 60, ROOM),  # null: the context's room, as the field's comment always said
+    (None, None, "completions", 9, 120, "max_tokens"),
+    (None, None, "completions", ABSENT, 120, "max_tokens"),  # 16 does not fit
+    (None, 100, "completions", ABSENT, 60, 16),  # the model's default only lowers the request's limit
+    (None, 7, "completions", ABSENT, 60, 7),
+    (None, 100, "completions", 30, 60, 30),
+    (None, 100, "completions", None, 60, ROOM),
+    (None, 100, "chat", ABSENT, 20, ROOM),  # was a 400: the default was checked as if the client had sent it
+    (None, 7, "chat", ABSENT, 20, 7),
+    (None, 100, "chat", 90, 20, "max_tokens"),
+    (50, 100, "completions", ABSENT, 2, 16),
+    (50, 100, "chat", ABSENT, 2, 50),
+    (8, None, "completions", ABSENT, 2, 8),  # OpenAI's default is capped...
+    (8, None, "completions", 16, 2, "max_tokens"),  # ...but 16 sent by the client is refused (it was capped)
+    (8, None, "chat", 9, 2, "max_tokens"),
+    (8, 100, "chat", None, 2, 8),
+]
+
+
+@pytest.mark.parametrize(("cap", "default", "endpoint", "sent", "prompt_len", "want"), OUTPUT_LIMITS)
+def test_the_output_limit_is_the_smallest_and_only_the_clients_own_is_refused(
+    tokenizer: Any, cap: int | None, default: int | None, endpoint: str, sent: Any, prompt_len: int, want: Any
+) -> None:
+    """(A chat's prompt is a message of `prompt_len` words, plus what the template adds.)"""
+    from pdserve.api.intake import RequestLimits
+
+    backend = FakeBackend(tokenizer)
+    path, body = BASE[endpoint]
+    if endpoint == "completions":
+        body = {**body, "prompt": [5] * prompt_len}
+    else:
+        body = {**body, "messages": [{"role": "user", "content": " ".join(["x"] * prompt_len)}]}
+    if sent is not ABSENT:
+        body["max_tokens"] = sent
+    defaults = {} if default is None else {"max_tokens": default}
+    with serve(create_app(backend, limits=RequestLimits(max_tokens=cap), sampling_defaults=defaults)) as url:
+        response = httpx.post(f"{url}{path}", json=body, timeout=10)
+    if isinstance(want, str) and want != ROOM:
+        assert response.status_code == 400 and response.json()["error"]["param"] == want, response.text
+        assert not backend.requests
+    else:
+        assert response.status_code == 200, response.text
+        (request,) = backend.requests
+        assert request.max_tokens == (MAX_MODEL_LEN - len(request.prompt_token_ids) if want == ROOM else want)
 
 
 def _choices_of(response: httpx.Response, stream: bool) -> dict[int, dict[str, Any]]:

@@ -161,7 +161,7 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
     """Completion of a text or token-id prompt; SSE when `stream` is set. 400 for invalid input, 404 for an
     unknown model, 429/503 when the backend has no room."""
     check_model(state.backend, body.model)
-    body = with_defaults(body, state.sampling_defaults)
+    body, default_max_tokens = with_defaults(body, state.sampling_defaults)
     check_limits(body, state.limits, "max_tokens")
     with span_in(traceparent(), names.SPAN_TOKENIZE):
         prompt_ids = await state.tokenization.completion_prompt(body.prompt)
@@ -172,8 +172,9 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
         raise APIError(400, "max_tokens may be 0 only with echo (to score the prompt)", param="max_tokens")
     limit = state.backend.max_model_len
     max_tokens = context_max_tokens(
-        len(prompt_ids), limit, 1 if score_only else body.max_tokens, "prompt", "max_tokens", state.limits.max_tokens
-    )
+        len(prompt_ids), limit, 1 if score_only else body.max_tokens, "prompt", "max_tokens", state.limits.max_tokens,
+        None if score_only else default_max_tokens,
+    )  # fmt: skip
     meta = ResponseMeta.new("cmpl", body.model, state.fingerprint)
     echo = None
     if body.echo:
@@ -191,7 +192,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     """Chat completion through the model's chat template; SSE when `stream` is set. Without a token limit the
     reply may fill the context. Errors as for /v1/completions."""
     check_model(state.backend, body.model)
-    body = with_defaults(body, state.sampling_defaults)
+    body, default_max_tokens = with_defaults(body, state.sampling_defaults)
     asked, param = body.output_limit()
     check_limits(body, state.limits, param)
     if body.top_logprobs and not body.logprobs:
@@ -203,8 +204,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
             body.messages, body.chat_template_kwargs, body.add_generation_prompt, body.continue_final_message
         )
     max_tokens = context_max_tokens(
-        len(prompt_ids), state.backend.max_model_len, asked, "messages", param, state.limits.max_tokens
-    )
+        len(prompt_ids), state.backend.max_model_len, asked, "messages", param, state.limits.max_tokens,
+        default_max_tokens,
+    )  # fmt: skip
     meta = ResponseMeta.new("chatcmpl", body.model, state.fingerprint)
     fmt = ChatFormat(meta, state.backend.tokenizer, with_logprobs=body.logprobs)
     return await _serve(state, body, request, prompt_ids, max_tokens, fmt, body.top_logprobs)

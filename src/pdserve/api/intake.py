@@ -49,9 +49,9 @@ def check_limits(body: SamplingFields, limits: RequestLimits, max_tokens_param: 
     if body.ignore_eos and not limits.allow_ignore_eos:
         raise APIError(400, "ignore_eos is not allowed on this server", param="ignore_eos")
     asked = getattr(body, max_tokens_param, None)
-    default = type(body).model_fields[max_tokens_param].default
-    # An explicit value over the cap is refused; the default (also what null means) is capped instead.
-    if limits.max_tokens is not None and asked is not None and asked != default and asked > limits.max_tokens:
+    # The client's own value over the cap is refused; a default (OpenAI's 16, the model's) is capped instead.
+    is_clients = max_tokens_param in body.model_fields_set
+    if limits.max_tokens is not None and is_clients and asked is not None and asked > limits.max_tokens:
         message = f"{max_tokens_param} may be at most {limits.max_tokens} on this server"
         raise APIError(400, message, param=max_tokens_param)
 
@@ -179,12 +179,14 @@ def read_chat_template(template: str | None) -> str | None:
     return path.read_text() if "{" not in template and path.is_file() else template
 
 
-def with_defaults(body: B, defaults: dict[str, Any]) -> B:
-    """`body` with the model's defaults for the fields the client did not set."""
-    unset = {k: v for k, v in defaults.items() if k in type(body).model_fields and k not in body.model_fields_set}
-    if "max_tokens" in unset and "max_completion_tokens" in body.model_fields_set:
-        del unset["max_tokens"]  # the client set the limit under its other name
-    return body.model_copy(update=unset) if unset else body
+def with_defaults(body: B, defaults: dict[str, Any]) -> tuple[B, int | None]:
+    """`body` with the model's defaults for the sampling fields the client did not set, and the model's limit on
+    generated tokens (generation_config's max_new_tokens), kept apart: as in vLLM it only lowers the limit that
+    the request ends up with (`context_max_tokens`), and is never refused as a value the client sent would be."""
+    fields = type(body).model_fields
+    unset = {k: v for k, v in defaults.items() if k in fields and k not in body.model_fields_set}
+    default_max_tokens = unset.pop("max_tokens", None)
+    return (body.model_copy(update=unset) if unset else body), default_max_tokens
 
 
 def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
@@ -208,24 +210,26 @@ def context_max_tokens(
     prompt_param: str,
     max_tokens_param: str,
     server_cap: int | None = None,
+    model_default: int | None = None,
 ) -> int:
-    """The number of tokens to generate: as asked, or what the context has left (at most `server_cap`). Prompt and
-    output must fit in the context together (as in vLLM, an oversized max_tokens is an error, not silently capped)."""
+    """The number of tokens to generate, as vLLM's: the smallest of the request's `max_tokens` (None: no limit),
+    what the context has left, `server_cap` and the model's default. Prompt and the request's own limit must fit in
+    the context together (as in vLLM, an oversized max_tokens is an error, not silently capped); the model's
+    default is only ever a cap."""
     if num_prompt_tokens >= max_model_len:
         message = f"this model's maximum context length is {max_model_len} tokens; the prompt has {num_prompt_tokens}"
         raise APIError(400, message, param=prompt_param, code="context_length_exceeded")
-    if max_tokens is None:
-        room = max_model_len - num_prompt_tokens
-        return room if server_cap is None else min(room, server_cap)
-    if server_cap is not None:  # (an explicit value over the cap was refused already: this caps defaults)
-        max_tokens = min(max_tokens, server_cap)
-    if num_prompt_tokens + max_tokens > max_model_len:
-        message = (
-            f"this model's maximum context length is {max_model_len} tokens; the prompt has {num_prompt_tokens} and "
-            f"{max_tokens_param} is {max_tokens}: lower it to at most {max_model_len - num_prompt_tokens}"
-        )
-        raise APIError(400, message, param=max_tokens_param, code="context_length_exceeded")
-    return max_tokens
+    room = max_model_len - num_prompt_tokens
+    if max_tokens is not None:
+        if server_cap is not None:  # (the client's own value over the cap was refused already: this caps 16)
+            max_tokens = min(max_tokens, server_cap)
+        if max_tokens > room:
+            message = (
+                f"this model's maximum context length is {max_model_len} tokens; the prompt has {num_prompt_tokens} "
+                f"and {max_tokens_param} is {max_tokens}: lower it to at most {room}"
+            )
+            raise APIError(400, message, param=max_tokens_param, code="context_length_exceeded")
+    return min(limit for limit in (room, max_tokens, server_cap, model_default) if limit is not None)
 
 
 def generation_request(

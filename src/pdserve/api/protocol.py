@@ -123,6 +123,8 @@ class SamplingFields(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _null_means_default(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name == "max_tokens":  # null: no limit but the context's (a completion's default is 16)
+            return value
         field = cls.model_fields[str(info.field_name)]
         return field.default if value is None and not field.is_required() else value
 
