@@ -431,6 +431,9 @@ def chat(**fields: Any) -> tuple[str, dict[str, Any]]:
         (completion(presence_penalty=2.5), 400, "presence_penalty", None),
         (completion(logit_bias={"600": 1.0}), 400, "logit_bias", None),  # outside the vocabulary
         (completion(logit_bias={"5": 101}), 400, "logit_bias", None),
+        (completion(logit_bias={"\u00b2": 1.0}), 400, "logit_bias", None),  # isdigit() but not int(): was a 500
+        (completion(logit_bias={"\u0663": 1.0}), 400, "logit_bias", None),  # Arabic-Indic 3: was read as token 3
+        (completion(logit_bias={"5": 1.0, "05": -1.0}), 400, "logit_bias", None),  # one token twice: one was dropped
         (completion(stream_options={"include_usage": True}), 400, "stream_options", None),
         (completion(stream="yes"), 400, "stream", None),
         (completion(min_tokens=20), 400, "min_tokens", None),

@@ -67,6 +67,8 @@ def assert_idle(engine: LLMEngine) -> None:
         (5, SamplingParams(top_k=-2), "top_k"),
         (5, SamplingParams(max_tokens=4, min_tokens=5), "min_tokens"),
         (5, SamplingParams(stop_token_ids=(10**9,)), "stop_token_ids"),
+        (5, SamplingParams(logit_bias=((10**6, 1.0),)), "logit_bias"),  # was accepted, then failed the step
+        (5, SamplingParams(logit_bias=((7, 1.0), (7, -1.0))), "logit_bias"),
     ],
 )
 def test_invalid_input_raises_before_allocating(

@@ -145,8 +145,11 @@ class SamplingFields(BaseModel):
     def _biases(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         if bias and len(bias) > MAX_LOGIT_BIAS:
             raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased")
-        if bias and not all(key.isdigit() and -100 <= value <= 100 for key, value in bias.items()):
+        # ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and "٣" (which it reads as 3)
+        if bias and not all(key.isascii() and key.isdigit() and -100 <= value <= 100 for key, value in bias.items()):
             raise ValueError("logit_bias maps token ids (as strings) to biases in [-100, 100]")
+        if bias and len({int(key) for key in bias}) < len(bias):
+            raise ValueError('logit_bias names a token id twice (as "5" and "05")')
         return bias
 
     def logit_biases(self) -> tuple[tuple[int, float], ...]:

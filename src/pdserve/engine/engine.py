@@ -340,6 +340,8 @@ class LLMEngine:
         request.sampling.validate()
         if any(t >= vocab for t in request.sampling.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})")
+        if any(t >= vocab for t, _ in request.sampling.logit_bias):  # else the sampler's index fails mid-step
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})")
 
     def _kv_layout(self, dtype: torch.dtype) -> KVLayout:
         cache, shape = self.config.cache, self.model.shape

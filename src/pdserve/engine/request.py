@@ -89,6 +89,8 @@ class SamplingParams:
             raise InvalidRequestError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
         if any(t < 0 or not -100 <= b <= 100 for t, b in self.logit_bias):
             raise InvalidRequestError("logit_bias maps token ids to biases in [-100, 100]")
+        if len({t for t, _ in self.logit_bias}) < len(self.logit_bias):  # the sampler would apply one of them
+            raise InvalidRequestError("logit_bias names a token id twice")
         if not 0 <= self.min_p <= 1:
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}")
         if any(t < 0 for t in self.stop_token_ids):
