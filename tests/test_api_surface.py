@@ -43,7 +43,8 @@ PARTNERS: dict[str, dict[str, Any]] = {  # fields that are only valid, or only s
     "continue_final_message": {"add_generation_prompt": False,
                                "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]},
     "include_stop_str_in_output": {"stop": ["fox"]},
-    "skip_special_tokens": {"max_tokens": 60},  # up to the EOS at the end of the script
+    # up to the EOS at the end of the script, whose text (as a stop token's) is output only with the stop strings
+    "skip_special_tokens": {"max_tokens": 60, "include_stop_str_in_output": True},
 }  # fmt: skip
 REQUIRED = {"model", "messages", "prompt"}
 
@@ -446,8 +447,12 @@ def test_include_stop_str_and_skip_special_tokens(
     cut = TEXT.index("brown")
     assert text_of({"stop": ["brown"]}) == TEXT[:cut]
     assert text_of({"stop": ["brown"], "include_stop_str_in_output": True}) == TEXT[: cut + len("brown")]
+    # EOS (a stop token, as stop_token_ids are) ends the output without its text, as in vLLM; its text shows only
+    # with include_stop_str_in_output, and then only unless it is skipped as a special token
     eos = tokenizer.decode(backend.script[-1:])
-    assert text_of({}) == TEXT and eos and text_of({"skip_special_tokens": False}) == TEXT + eos
+    assert eos and text_of({}) == text_of({"skip_special_tokens": False}) == TEXT
+    assert text_of({"include_stop_str_in_output": True}) == TEXT
+    assert text_of({"skip_special_tokens": False, "include_stop_str_in_output": True}) == TEXT + eos
 
 
 def test_generation_config_sets_the_defaults_of_unset_fields(tmp_path: Path, tokenizer: Any) -> None:
@@ -566,3 +571,57 @@ def test_every_one_of_n_choices_reads_as_the_single_answer(http: httpx.Client, b
         response = http.post("/v1/completions", json={**body, "n": n})
         assert response.status_code == 200, (case, response.text)
         assert _choices_of(response, stream) == {i: single[0] for i in range(n)}, (case, body, n)
+
+
+def test_stop_strings_min_tokens_and_stop_tokens_report_the_same_whatever_the_deltas(
+    http: httpx.Client, backend: FakeBackend, tokenizer: Any
+) -> None:
+    """Random stop strings, min_tokens, include_stop_str_in_output, skip_special_tokens and max_tokens (the output
+    ending at EOS or cut by the limit), whole and streamed, the backend's tokens in deltas of 1 to 8: text, finish
+    reason, usage and logprobs are those of checking one token at a time (test_detokenizer's oracle) — the output
+    ends with the token completing a stop string (later tokens of its delta are not reported), a stop string counts
+    only past min_tokens' text, and EOS ends the output without its text unless the stop strings are included."""
+    import random
+
+    from test_detokenizer import oracle, stop_with_min_tokens, texts_after_each_token
+
+    rng = random.Random(11)
+    words = TEXT.split(" ")
+    for case in range(150):
+        tokens_per_delta, stream = rng.choice([1, 2, 3, 8]), rng.random() < 0.5
+        backend.reset(tokens_per_delta=tokens_per_delta)
+        max_tokens = rng.choice([len(backend.script), len(backend.script), rng.randint(1, len(backend.script))])
+        stop = [rng.choice([w[: rng.randint(1, len(w))], w[-2:], "o", "zz"]) for w in rng.sample(words, 2)]
+        body: dict[str, Any] = {
+            **BASE["completions"][1], "max_tokens": max_tokens, "stream": stream, "logprobs": 0,
+            "stop": stop[: rng.randint(0, 2)], "min_tokens": rng.choice([0, 0, rng.randint(1, max_tokens)]),
+            "include_stop_str_in_output": rng.random() < 0.3, "skip_special_tokens": rng.random() < 0.5,
+        }  # fmt: skip
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        response = http.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        if stream:
+            chunks = [json.loads(p) for p in sse_payloads(response)[:-1]]
+            choices = [c["choices"][0] for c in chunks if c["choices"]]
+            text, finish = "".join(c["text"] for c in choices), choices[-1]["finish_reason"]
+            tokens = [t for c in choices if c["logprobs"] for t in c["logprobs"]["tokens"]]
+            usage = chunks[-1]["usage"]
+        else:
+            (choice,) = response.json()["choices"]
+            text, finish, tokens = choice["text"], choice["finish_reason"], choice["logprobs"]["tokens"]
+            usage = response.json()["usage"]
+
+        prompt, output = backend.requests[0].prompt_token_ids, backend.script[:max_tokens]
+        ends_at_eos = output[-1] == EOS_ID
+        visible = output[:-1] if ends_at_eos and not body["include_stop_str_in_output"] else output
+        skip = body["skip_special_tokens"]
+        want_text, is_stopped, num_tokens = stop_with_min_tokens(
+            texts_after_each_token(tokenizer, prompt, visible, skip), oracle(tokenizer, prompt, visible, skip),
+            body["stop"], body["min_tokens"], body["include_stop_str_in_output"],
+        )  # fmt: skip
+        want_tokens = num_tokens if is_stopped else len(output)
+        want_finish = "stop" if is_stopped or ends_at_eos else "length"
+        context = (case, body, tokens_per_delta)
+        assert (text, finish) == (want_text, want_finish), context
+        assert usage["completion_tokens"] == len(tokens) == want_tokens, context

@@ -62,6 +62,49 @@ def cut_at_stop(text: str, stop: Sequence[str], include: bool = False) -> tuple[
     return text[: end if include else start], True
 
 
+def stop_with_min_tokens(
+    texts: Sequence[str], whole: str, stop: Sequence[str], min_tokens: int, include: bool = False
+) -> tuple[str, bool, int]:
+    """The output's text, whether a stop string ended it, and the tokens it took, checking one token at a time as
+    vLLM does: `texts[k]` is the text final after k tokens (texts[0] == ""), `whole` the text at the end. A stop
+    string counts from the first token past `min_tokens` on, and only if it ends past the text of the first
+    `min_tokens` tokens; of those completed by one token, the one ending first (then starting first) wins."""
+    floor = len(texts[min(min_tokens, len(texts) - 1)])
+
+    def cut(text: str) -> str | None:
+        hits = []
+        for s in stop:
+            start = text.find(s)
+            while start >= 0 and start + len(s) <= floor:
+                start = text.find(s, start + 1)
+            if start >= 0:
+                hits.append((start + len(s), start))
+        if not hits:
+            return None
+        end, start = min(hits)
+        return text[: end if include else start]
+
+    num_tokens = len(texts) - 1
+    for k in range(min_tokens + 1, num_tokens + 1):
+        if (text := cut(texts[k])) is not None:
+            return text, True, k
+    text = cut(whole)  # the end: an incomplete character decodes at last (as U+FFFD)
+    return (whole, False, num_tokens) if text is None else (text, True, num_tokens)
+
+
+def texts_after_each_token(
+    tokenizer: Any, prompt: list[int], output: list[int], skip_special_tokens: bool = True
+) -> list[str]:
+    """The text final after each token (index k: after k tokens), by the detokenizer without stop strings — whose
+    text the oracle above is checked against, whatever the deltas."""
+    d = IncrementalDetokenizer(tokenizer, [], skip_special_tokens, prompt)
+    texts = [""]
+    for token_id in output:
+        d.add([token_id])
+        texts.append(d.text)
+    return texts
+
+
 def detokenize(
     tokenizer: Any,
     prompt: list[int],
@@ -70,9 +113,10 @@ def detokenize(
     stop: Sequence[str] = (),
     skip_special_tokens: bool = True,
     include_stop: bool = False,
+    min_tokens: int = 0,
 ) -> tuple[list[str], IncrementalDetokenizer]:
     """Feed `output` in deltas of `sizes` tokens (1 each by default), then flush, as Generation does."""
-    d = IncrementalDetokenizer(tokenizer, list(stop), skip_special_tokens, prompt, include_stop)
+    d = IncrementalDetokenizer(tokenizer, list(stop), skip_special_tokens, prompt, include_stop, min_tokens)
     sizes = list(sizes) or [1] * len(output)
     starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     deltas = [d.add(output[a:b]) for a, b in itertools.pairwise(starts)]
@@ -282,12 +326,21 @@ def test_random_streams_equal_the_oracle(tokenizer: Any) -> None:
         text = oracle(tokenizer, prompt, output, skip)
         stop = random_stop(rng, text)
         include = rng.random() < 0.3
-        want, is_stopped = cut_at_stop(text, stop, include)
-        streamed, d = detokenize(tokenizer, prompt, output, random_sizes(rng, len(output)), stop, skip, include)
-        whole, _ = detokenize(tokenizer, prompt, output, [len(output)], stop, skip, include)
-        context = f"case {case}: prompt={prompt} output={output} stop={stop} skip={skip} {include=} deltas={streamed}"
+        min_tokens = 0 if rng.random() < 0.6 else rng.randint(1, len(output) + 1)
+        texts = texts_after_each_token(tokenizer, prompt, output, skip)
+        want, is_stopped, num_tokens = stop_with_min_tokens(texts, text, stop, min_tokens, include)
+        if min_tokens == 0:  # then the first stop string to complete in the whole text, whatever the tokens
+            assert (want, is_stopped) == cut_at_stop(text, stop, include)
+        sizes = random_sizes(rng, len(output))
+        streamed, d = detokenize(tokenizer, prompt, output, sizes, stop, skip, include, min_tokens)
+        whole, one = detokenize(tokenizer, prompt, output, [len(output)], stop, skip, include, min_tokens)
+        context = (
+            f"case {case}: prompt={prompt} output={output} stop={stop} skip={skip} {include=} {min_tokens=} "
+            f"deltas={streamed}"
+        )
         assert "".join(streamed) == "".join(whole) == d.text == want, context
-        assert d.is_stopped == is_stopped, context
+        assert d.is_stopped == one.is_stopped == is_stopped, context
+        assert d.num_tokens == one.num_tokens == num_tokens, context  # none past the stop string's last token
         if "\ufffd" not in want:
             assert not any("\ufffd" in delta for delta in streamed), context
     assert time.monotonic() - started < 20

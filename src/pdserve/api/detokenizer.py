@@ -27,7 +27,9 @@ tokenizer's decode does already: it never adds spaces of its own around added to
 Stop strings: the text ends just before the stop string that completes first (the one ending earliest; of those, the
 one starting earliest), which is where generation would stop if text arrived one character at a time, whatever the
 deltas' sizes. A stop string never appears in the output, even when its characters arrive in several tokens: a
-suffix that could still grow into one is held back until it cannot.
+suffix that could still grow into one is held back until it cannot. As in vLLM, tokens are checked one at a time:
+the output ends with the token whose text completes the stop string (`num_tokens`; a delta's later tokens are not
+taken), and only a stop string ending in the text of a token past the first `min_tokens` counts.
 """
 
 from __future__ import annotations
@@ -73,8 +75,10 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         prompt_token_ids: Sequence[int] = (),
         include_stop_str: bool = False,
+        min_tokens: int = 0,
     ) -> None:
         self.tokenizer = tokenizer
+        self.min_tokens = min_tokens  # no stop string counts before this many output tokens
         self.include_stop_str = include_stop_str  # vLLM's include_stop_str_in_output: keep the stop string
         self.stop = [s for s in stop if s]
         self.skip_special_tokens = skip_special_tokens
@@ -83,6 +87,8 @@ class IncrementalDetokenizer:
         self._byte_ids = vocab.byte_ids
         self.text = ""  # decoded so far, held-back text included; cut before the stop string once one matched
         self.num_emitted = 0  # characters of self.text already returned
+        self.num_tokens = 0  # output tokens taken (skipped special ones too); none after a stop string's last one
+        self._stop_floor = 0  # a stop string counts only if it ends past this many characters (min_tokens' text)
         self.is_stopped = False
         # The tokens the decoder sees: the prompt's tail, then the output, skipped special tokens left out.
         # Tokens [prefix_offset, read_offset) are decoded again as context for the new ones; read_offset: tokens
@@ -92,12 +98,27 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._token_ids)
 
     def add(self, token_ids: list[int]) -> str:
-        """Feed new tokens; return the text that became final (often empty). After a stop string, returns ""."""
+        """Feed new tokens; return the text that became final (often empty). With stop strings the tokens go in one
+        at a time, and those after the one completing a stop string are not taken. After a stop string, returns ""."""
         if self.is_stopped:
             return ""
-        self._token_ids.extend(t for t in token_ids if t not in self._hidden_ids)
-        self.text += self._decode_new(is_last=False)
-        return self._emit_final(is_last=False)
+        if not self.stop:  # nothing to stop at: the delta at once
+            self.num_tokens += len(token_ids)
+            self._token_ids.extend(t for t in token_ids if t not in self._hidden_ids)
+            self.text += self._decode_new(is_last=False)
+            return self._emit_final(is_last=False)
+        emitted = []
+        for token_id in token_ids:
+            self.num_tokens += 1
+            if token_id not in self._hidden_ids:
+                self._token_ids.append(token_id)
+            self.text += self._decode_new(is_last=False)
+            if self.num_tokens <= self.min_tokens:
+                self._stop_floor = len(self.text)
+            emitted.append(self._emit_final(is_last=False))
+            if self.is_stopped:
+                break
+        return "".join(emitted)
 
     def flush(self) -> str:
         """At the end of generation: the rest of the text, held-back characters included. A trailing incomplete
@@ -157,11 +178,13 @@ class IncrementalDetokenizer:
         return self._emit(len(self.text) if is_last else len(self.text) - self._holdback())
 
     def _find_stop(self) -> tuple[int, int] | None:
-        """(end, start) of the stop string completed first. Emitted text never holds the start of a stop string (it
-        was held back), so only the rest is searched."""
+        """(end, start) of the stop string completed first, ending past `min_tokens`' text. Emitted text never holds
+        the start of one that counts (it was held back), so only the rest is searched."""
         hits: list[tuple[int, int]] = []  # (end, start)
         for stop in self.stop:
             start = self.text.find(stop, self.num_emitted)
+            while start >= 0 and start + len(stop) <= self._stop_floor:  # within min_tokens' text: does not count
+                start = self.text.find(stop, start + 1)
             if start >= 0:
                 hits.append((start + len(stop), start))
         return min(hits) if hits else None

@@ -51,7 +51,7 @@ class Generation:
         )
         self.prompt_logprobs: list[TokenLogprob] | None = None
         self.detokenizer = IncrementalDetokenizer(
-            tokenizer, stop, skip_special_tokens, request.prompt_token_ids, include_stop_str
+            tokenizer, stop, skip_special_tokens, request.prompt_token_ids, include_stop_str, request.min_tokens
         )
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
@@ -78,9 +78,16 @@ class Generation:
         if self.discard_output:
             self.finish_reason = "length"
             return self._piece("")
-        self.token_ids.extend(delta.token_ids)
-        self.logprobs.extend(delta.logprobs or [])
-        text = self.detokenizer.add(delta.token_ids)
+        # The token that ended the request as a stop token (EOS, stop_token_ids) is reported, but its text is not
+        # output unless asked (vLLM's include_stop_str_in_output).
+        is_stop_token = delta.finish_reason == "stop" and not self.detokenizer.include_stop_str
+        taken_before = self.detokenizer.num_tokens
+        text = self.detokenizer.add(delta.token_ids[:-1] if is_stop_token else delta.token_ids)
+        # A stop string's last token ends the output: the delta's tokens after it are not reported (nor counted in
+        # usage), so that what a request reports does not depend on how many tokens each delta carries.
+        kept = self.detokenizer.num_tokens - taken_before if self.detokenizer.is_stopped else len(delta.token_ids)
+        self.token_ids.extend(delta.token_ids[:kept])
+        self.logprobs.extend((delta.logprobs or [])[:kept])
         if not self.detokenizer.is_stopped and delta.finish_reason is not None:
             text += self.detokenizer.flush()
             self.finish_reason = delta.finish_reason
