@@ -212,6 +212,30 @@ def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(
     counts = [c.usage.completion_tokens for c in chunks]
     assert counts == sorted(counts) and counts[-1] == len(backend.script)
     assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+    # the prompt's cache hit (the backend's first delta says 1) from the first chunk on, the opening one included
+    assert [c.usage.prompt_tokens_details.cached_tokens for c in chunks] == [1] * len(chunks)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_continuous_usage_stats_alone_adds_no_usage(http: httpx.Client, backend: FakeBackend, n: int) -> None:
+    """As vLLM: continuous_usage_stats counts only beside include_usage; alone, no chunk carries usage."""
+    body = {"model": "fake-model", "prompt": "hi", "max_tokens": 5, "n": n, "stream": True,
+            "stream_options": {"continuous_usage_stats": True}}  # fmt: skip
+    payloads = sse_payloads(http.post(COMPLETIONS, json=body))
+    assert payloads[-1] == "[DONE]" and all(json.loads(p).get("usage") is None for p in payloads[:-1])
+
+
+def test_a_template_variable_the_template_cannot_use_is_a_400(tokenizer: Any) -> None:
+    """A chat_template_kwargs value of a type the template cannot use fails its rendering (a TypeError in Jinja):
+    the client's input, so a 400 naming the field, as vLLM answers — it was a 500."""
+    template = "{{ budget + 1 }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    backend = FakeBackend(tokenizer)
+    with serve(create_app(backend, chat_template=template)) as url:
+        ok = httpx.post(f"{url}{CHAT}", json=chat(chat_template_kwargs={"budget": 5}, max_tokens=2)[1], timeout=10)
+        bad = httpx.post(f"{url}{CHAT}", json=chat(chat_template_kwargs={"budget": "5"}, max_tokens=2)[1], timeout=10)
+    assert ok.status_code == 200, ok.text
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "chat_template_kwargs", bad.text
+    assert len(backend.requests) == 1
 
 
 # The bodies the load tools send, as recorded from guidellm 0.8.1 (request_handlers.py) and aiperf 0.13.0
@@ -450,6 +474,17 @@ def chat(**fields: Any) -> tuple[str, dict[str, Any]]:
         (chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", None),
         (chat(max_completion_tokens=200), 400, "max_completion_tokens", CONTEXT),
         (chat(messages=[{"role": "user", "content": "x " * 200}]), 400, "messages", CONTEXT),
+        # template variables that collide with the render call's own arguments (each was a 500) or change how the
+        # prompt is built
+        (chat(chat_template_kwargs={"messages": []}), 400, "chat_template_kwargs", None),
+        (chat(chat_template_kwargs={"conversations": []}), 400, "chat_template_kwargs", None),
+        (chat(chat_template_kwargs={"self": 1}), 400, "chat_template_kwargs", None),
+        (chat(chat_template_kwargs={"sanitize_control_tokens": True}), 400, "chat_template_kwargs", None),
+        # lone surrogates wherever the template may render text (were 500s from the tokenizer)
+        (chat(messages=[{"role": "user", "content": "hi", "name": "\ud800"}]), 400, "messages[0].name", None),
+        (chat(chat_template_kwargs={"extra": ["\udfff"]}), 400, "chat_template_kwargs", None),
+        (chat(chat_template_kwargs={"\ud800": 1}), 400, "chat_template_kwargs", None),
+        (completion(prompt=[5] * 120, max_tokens=10**2500), 400, "max_tokens", CONTEXT),  # not echoed at length
     ],
 )
 def test_invalid_requests_never_reach_the_backend(
@@ -460,11 +495,13 @@ def test_invalid_requests_never_reach_the_backend(
     param: str,
     code: str | None,
 ) -> None:
-    response = http.post(request_[0], json=request_[1])
+    body = json.dumps(request_[1])  # ASCII: a lone surrogate goes as its JSON escape, as a client may send it
+    response = http.post(request_[0], content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
     assert error["message"] and "Traceback" not in response.text and "pydantic" not in response.text
+    assert len(response.content) < 2048  # nothing of the request's echoed at length
     assert backend.requests == []
 
 
@@ -649,14 +686,15 @@ class SlowFirstToken(FakeBackend):
             yield delta
 
 
+@pytest.mark.parametrize("n", [1, 3])  # n choices: the same (the headers waited for choice 0's first token)
 @pytest.mark.parametrize("fail", [False, True])
-def test_a_slow_first_token_gets_keepalives_then_output_or_an_error_event(tokenizer: Any, fail: bool) -> None:
+def test_a_slow_first_token_gets_keepalives_then_output_or_an_error_event(tokenizer: Any, fail: bool, n: int) -> None:
     """Past `first_token_wait_s` the stream starts (200) and sends SSE keep-alive comments until the first token;
     an error after that arrives as an error event, then [DONE]."""
     backend = SlowFirstToken(tokenizer, first_after_s=0.5, fail=fail)
     app = create_app(backend, first_token_wait_s=0.05, sse_keepalive_s=0.1)
     with serve(app) as url:
-        body = {"model": "fake-model", "prompt": "hello", "max_tokens": 3, "stream": True}
+        body = {"model": "fake-model", "prompt": "hello", "max_tokens": 3, "stream": True, "n": n}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=10) as response:
             lines = [line for line in response.iter_lines() if line]
     assert response.status_code == 200
@@ -667,4 +705,50 @@ def test_a_slow_first_token_gets_keepalives_then_output_or_an_error_event(tokeni
     if fail:
         assert events == [{"error": events[0]["error"]}] and events[0]["error"]["type"] == "server_error"
     else:
-        assert "".join(e["choices"][0]["text"] for e in events if e.get("choices")) != ""
+        texts = ["".join(e["choices"][0]["text"] for e in events if e.get("choices") and e["choices"][0]["index"] == i)
+                 for i in range(n)]  # fmt: skip
+        assert texts == [TEXT[: len(texts[0])]] * n and texts[0]
+
+
+class CountedSlowFirstToken(SlowFirstToken):
+    """Counts the backend streams that started and those that ended (closed, or run to their end)."""
+
+    def __init__(self, tokenizer: Any, first_after_s: float) -> None:
+        super().__init__(tokenizer, first_after_s)
+        self.started = self.ended = 0
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        self.started += 1
+        try:
+            async for delta in super().generate(request):
+                yield delta
+        finally:
+            self.ended += 1
+
+
+def test_clients_leaving_slow_streams_anywhere_leave_no_backend_stream_open(tokenizer: Any) -> None:
+    """Streams of 1-4 choices whose first token comes now, soon or late, the client leaving before the headers,
+    during the keep-alives, mid-stream, or after the end: every backend stream that started ends."""
+    import random
+
+    backend = CountedSlowFirstToken(tokenizer, first_after_s=0.0)
+    app = create_app(backend, first_token_wait_s=0.1, sse_keepalive_s=0.03)
+    rng = random.Random(3)
+    with serve(app) as url:
+        for _ in range(40):
+            n, backend.first_after_s = rng.randint(1, 4), rng.choice([0.0, 0.05, 0.3])
+            backend.reset(delay_s=0.01)
+            leave = rng.choice(["before the headers", "in the keep-alives", "mid-stream", "after the end"])
+            body = {"model": "fake-model", "prompt": "hello", "max_tokens": 20, "stream": True, "n": n}
+            timeout = httpx.Timeout(10, read=0.05 if leave == "before the headers" else 10)
+            try:
+                with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout) as response:
+                    for line in response.iter_lines():
+                        if (leave == "in the keep-alives" and line.startswith(":")) or (
+                            leave == "mid-stream" and line.startswith("data: {")
+                        ):
+                            break
+            except httpx.ReadTimeout:
+                pass
+            wait_until(lambda: backend.ended == backend.started, timeout_s=5)
+        assert backend.started > 40

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 import pdserve
 from pdserve.api.auth import APIKeyAuth, APIKeys, tenant_salt
-from pdserve.api.backend import Backend, GenerationRequest
+from pdserve.api.backend import Backend, GenerationDelta, GenerationRequest
 from pdserve.api.choices import ChoiceStreams, choice_requests, collect_choices, total_usage
 from pdserve.api.errors import SERVER_ERROR, APIError, error_response, install_error_handlers
 from pdserve.api.formats import ChatFormat, CompletionFormat, Echo, ResponseFormat, ResponseMeta
@@ -276,13 +276,24 @@ async def _serve_choices(
     fmts = [fmt] + [copy.copy(fmt) for _ in requests[1:]]  # a format keeps per-choice state (text offsets)
     streams = ChoiceStreams(state.backend, requests)
     if body.stream:
+        # As one choice's stream: choice 0's first delta before the headers when it comes soon, else keep-alives.
+        pulling = streams.first_soon()
         try:
-            if await streams.first() is None:
-                raise RuntimeError("the backend's stream ended without output")
-        except BaseException:
-            await streams.aclose()
+            done, _ = await asyncio.wait({pulling}, timeout=state.first_token_wait_s)
+        except asyncio.CancelledError:  # the client left before the headers: stop the pull, close every choice
+            streams.release()
             raise
-        events = choice_events(streams, generations, fmts, body.include_usage(), body.continuous_usage())
+        first: GenerationDelta | None = None
+        pending: asyncio.Task[GenerationDelta | None] | None = pulling
+        if done:
+            pending, first = None, pulling.result()  # the backend's error, answered with its status
+            if first is None:
+                await streams.aclose()
+                raise RuntimeError("the backend's stream ended without output")
+        events = choice_events(
+            streams, generations, fmts, first, body.include_usage(), body.continuous_usage(), pending,
+            state.sse_keepalive_s,
+        )  # fmt: skip
         return EventStreamResponse(events, streams)
     pieces = await _unless_disconnected(request, collect_choices(streams, generations))
     if pieces is None:

@@ -44,6 +44,7 @@ class ChoiceStreams:
         self._queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
         self._pumps: dict[int, asyncio.Task[None]] = {}
         self._closed: set[int] = set()
+        self._first: asyncio.Task[GenerationDelta | None] | None = None  # `first()` running in a task of its own
 
     async def first(self) -> GenerationDelta | None:
         """Choice 0's first delta, pulled before any header goes out (its errors still get a status); then every
@@ -51,6 +52,7 @@ class ChoiceStreams:
         try:
             delta = await first_delta(self._streams[0])
         except BaseException:
+            self._first = None  # this task is ending: closing choice 0 must not wait for it
             await self.aclose()
             raise
         self._queue.put_nowait((0, delta if delta is not None else _END))
@@ -59,6 +61,12 @@ class ChoiceStreams:
         for i in range(1, len(self._streams)):
             self._pumps[i] = asyncio.ensure_future(self._pump(i))
         return delta
+
+    def first_soon(self) -> asyncio.Task[GenerationDelta | None]:
+        """`first()` in a task of its own (a response may start before it ends), which `release` stops before it
+        closes choice 0's stream."""
+        self._first = asyncio.ensure_future(self.first())
+        return self._first
 
     async def next(self) -> tuple[int, GenerationDelta | None]:
         """The next delta of any open choice, or (i, None) at choice i's end. Raises what a backend stream raised."""
@@ -88,7 +96,10 @@ class ChoiceStreams:
         that no cancel of the caller's can land between two of them."""
         open_ = [i for i in range(len(self._streams)) if i not in self._closed]
         self._closed.update(open_)
-        return [release_stream(self._streams[i], self._pumps.pop(i, None)) for i in open_]
+        first, self._first = self._first, None  # still pulling choice 0's first delta, maybe
+        return [
+            release_stream(self._streams[i], self._pumps.pop(i, None) or (first if i == 0 else None)) for i in open_
+        ]
 
     async def _pump(self, i: int) -> None:
         stream = self._streams[i]

@@ -63,6 +63,12 @@ class Generation:
     def is_finished(self) -> bool:
         return self.finish_reason is not None
 
+    def begin(self, first: GenerationDelta | None) -> None:
+        """What the first delta fixes before any output is reported (a stream's opening chunk shows it)."""
+        if first is not None and not self.token_ids:
+            self.num_cached_tokens = first.num_cached_tokens
+            self.prompt_logprobs = first.prompt_logprobs
+
     def absorb(self, delta: GenerationDelta) -> Piece | None:
         """Take one backend delta; return what it made final, or None when nothing did (text still held back).
         Raises APIError when the backend aborted the request on its own: a truncated answer is not a success."""
@@ -72,9 +78,7 @@ class Generation:
                 503, "the server aborted the request; retry it", SERVER_ERROR, code="service_unavailable",
                 retry_after_s=1.0,
             )  # fmt: skip
-        if not self.token_ids:  # the prompt's cache hit is fixed where it was computed: the first delta says it
-            self.num_cached_tokens = delta.num_cached_tokens
-            self.prompt_logprobs = delta.prompt_logprobs
+        self.begin(delta)  # the prompt's cache hit is fixed where it was computed: the first delta says it
         if self.discard_output:
             self.finish_reason = "length"
             return self._piece("")

@@ -4,6 +4,7 @@ checks. Everything here raises APIError (400/404) before the backend sees anythi
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,11 +21,13 @@ from pdserve.api.protocol import ChatMessage, SamplingFields
 
 T = TypeVar("T")
 B = TypeVar("B", bound=SamplingFields)
-# apply_chat_template's own arguments: chat_template_kwargs may not set them
+# apply_chat_template's own arguments, and those of the functions it passes its keyword arguments to (with the
+# tokenizer's own signature, read at start): chat_template_kwargs may not set them — they would change how the
+# prompt is built (sanitize_control_tokens, tokenize, ...) or collide with what the server passes (a 500)
 RENDER_ARGUMENTS = frozenset(
-    {"conversation", "chat_template", "add_generation_prompt", "continue_final_message", "tokenize", "return_dict",
-     "tools", "documents", "padding", "truncation", "max_length", "return_tensors", "return_assistant_tokens_mask",
-     "tokenizer_kwargs"}
+    {"self", "conversation", "conversations", "messages", "chat_template", "add_generation_prompt",
+     "continue_final_message", "tokenize", "return_dict", "tools", "documents", "padding", "truncation", "max_length",
+     "return_tensors", "return_assistant_tokens_mask", "tokenizer_kwargs", "sanitize_control_tokens", "kwargs"}
 )  # fmt: skip
 
 
@@ -68,6 +71,7 @@ class Tokenization:
         self.vocab_size = len(tokenizer)
         self.max_model_len = max_model_len
         self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
+        self.render_arguments = RENDER_ARGUMENTS | _parameters(getattr(tokenizer, "apply_chat_template", None))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-tokenize")
 
     def check_length(self, num_chars: int, param: str) -> None:
@@ -113,7 +117,7 @@ class Tokenization:
         conversation = [m.to_template() for m in messages]
         self.check_length(sum(len(m["content"]) for m in conversation), "messages")
         kwargs = dict(template_kwargs or {})
-        reserved = sorted(RENDER_ARGUMENTS & kwargs.keys())
+        reserved = sorted(self.render_arguments & kwargs.keys())
         if reserved:  # would override what the server (or the request's own fields) set
             message = f"chat_template_kwargs may not set {', '.join(reserved)}"
             raise APIError(400, message, param="chat_template_kwargs")
@@ -128,6 +132,9 @@ class Tokenization:
             raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from e
         except ValueError as e:  # transformers: continue_final_message on a message the template does not end
             raise APIError(400, f"the chat template could not render the messages: {e}", param="messages") from e
+        except TypeError as e:  # a template variable of the client's of a type the template cannot use (as vLLM)
+            param = "chat_template_kwargs" if kwargs else "messages"
+            raise APIError(400, f"the chat template could not render the request: {e}", param=param) from e
         if not ids:
             raise APIError(400, "the messages render to an empty prompt", param="messages")
         return ids
@@ -189,6 +196,15 @@ def with_defaults(body: B, defaults: dict[str, Any]) -> tuple[B, int | None]:
     return (body.model_copy(update=unset) if unset else body), default_max_tokens
 
 
+def _parameters(function: Callable[..., Any] | None) -> frozenset[str]:
+    if function is None:
+        return frozenset()
+    try:
+        return frozenset(inspect.signature(function).parameters)
+    except (TypeError, ValueError):  # no signature to read
+        return frozenset()
+
+
 def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
     if any(not 0 <= t < vocab_size for t in token_ids):
         raise APIError(400, f"token ids must be in [0, {vocab_size})", param=param)
@@ -224,9 +240,10 @@ def context_max_tokens(
         if server_cap is not None:  # (the client's own value over the cap was refused already: this caps 16)
             max_tokens = min(max_tokens, server_cap)
         if max_tokens > room:
+            shown = max_tokens if max_tokens < 10**12 else "over 10^12"  # never a client's number at length
             message = (
                 f"this model's maximum context length is {max_model_len} tokens; the prompt has {num_prompt_tokens} "
-                f"and {max_tokens_param} is {max_tokens}: lower it to at most {room}"
+                f"and {max_tokens_param} is {shown}: lower it to at most {room}"
             )
             raise APIError(400, message, param=max_tokens_param, code="context_length_exceeded")
     return min(limit for limit in (room, max_tokens, server_cap, model_default) if limit is not None)

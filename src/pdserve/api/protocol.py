@@ -51,8 +51,8 @@ MAX_CHOICES = 16  # choices per request (n): each is a sequence in the engine
 
 
 def _valid_text(value: Any) -> Any:
-    """A string (or strings, at any depth of lists) that is valid Unicode: JSON can carry a lone UTF-16 surrogate
-    ("\\ud800"), which no tokenizer can encode."""
+    """A string (or strings, at any depth of lists and objects, keys too) that is valid Unicode: JSON can carry a
+    lone UTF-16 surrogate ("\\ud800"), which no tokenizer can encode."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -60,6 +60,10 @@ def _valid_text(value: Any) -> Any:
             raise ValueError("the text holds a lone surrogate (invalid Unicode)") from None
     elif isinstance(value, list):
         for item in value:
+            _valid_text(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _valid_text(key)
             _valid_text(item)
     return value
 
@@ -163,7 +167,8 @@ class SamplingFields(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def continuous_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.continuous_usage_stats
+        # as vLLM: usage in every chunk only beside the usage chunk at the end (continuous_usage_stats alone: none)
+        return self.include_usage() and self.stream_options is not None and self.stream_options.continuous_usage_stats
 
 
 class CompletionRequest(SamplingFields):
@@ -224,7 +229,7 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
     name: str | None = None  # passed to the chat template, which may show it
 
-    @field_validator("content")
+    @field_validator("content", "name")
     @classmethod
     def _text(cls, content: Any) -> Any:
         return _valid_text(content) if isinstance(content, str) else content
@@ -256,6 +261,11 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_text(cls, kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _valid_text(kwargs)  # what the template renders is text too
 
     def output_limit(self) -> tuple[int | None, str]:
         """The limit on generated tokens and the parameter that set it (max_completion_tokens wins)."""

@@ -54,6 +54,7 @@ async def stream_events(
             while not (await asyncio.wait({pending}, timeout=keepalive_s))[0]:
                 yield KEEP_ALIVE
             first = pending.result()
+        generation.begin(first)  # the opening chunk's usage (continuous_usage) shows the prompt's cache hit
         for chunk in fmt.opening():
             yield event(chunk)
         delta = first
@@ -81,11 +82,15 @@ async def choice_events(
     streams: ChoiceStreams,
     generations: list[Generation],
     fmts: list[ResponseFormat],
+    first: GenerationDelta | None,
     include_usage: bool,
     continuous_usage: bool = False,
+    pending: asyncio.Task[GenerationDelta | None] | None = None,
+    keepalive_s: float = 5.0,
 ) -> AsyncGenerator[str, None]:
-    """The events of a streamed response with several choices (n > 1), after `streams.first()` came: each chunk
-    carries one choice's piece under its index, as OpenAI interleaves them; then the usage of all of them."""
+    """The events of a streamed response with several choices (n > 1), after choice 0's `first` delta came (or
+    `pending`, the task still waiting for it: keep-alive comments meanwhile, as `stream_events`): each chunk carries
+    one choice's piece under its index, as OpenAI interleaves them; then the usage of all of them."""
 
     def event(chunk: BaseModel, index: int) -> str:
         for choice in chunk.choices:  # type: ignore[attr-defined]  # every chunk model has choices
@@ -95,6 +100,13 @@ async def choice_events(
         return sse_event(chunk)
 
     try:
+        if pending is not None:
+            while not (await asyncio.wait({pending}, timeout=keepalive_s))[0]:
+                yield KEEP_ALIVE
+            if pending.result() is None:
+                raise RuntimeError("the backend's stream ended without output")
+            first = pending.result()
+        generations[0].begin(first)
         for i, fmt in enumerate(fmts):
             for chunk in fmt.opening():
                 yield event(chunk, i)
