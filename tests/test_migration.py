@@ -1,5 +1,6 @@
 """A migrated stream's continuation (serve/failover.py): prompt + the streamed tokens, limits shrunk, seeded draws
-continuing at the same output index — so greedy and seeded requests continue exactly where they stopped."""
+continuing at the same output index, penalties counting the streamed tokens as output — so greedy and seeded requests
+continue exactly where they stopped."""
 
 from __future__ import annotations
 
@@ -20,14 +21,26 @@ def engine(path: Path) -> LLMEngine:
 
 def test_a_continuation_samples_what_the_whole_request_would(tiny_models: dict[str, Path]) -> None:
     path = tiny_models["llama"]
-    prompt = random_prompts([23], 500, seed=3)[0]
+    prompt = random_prompts([37], 500, seed=5)[0]
     for sampling in (
         SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True),
         SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True, min_tokens=9),
+        # penalties count the streamed tokens as output, not as prompt (they did not: a greedy continuation differed)
+        SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, frequency_penalty=1.5, presence_penalty=1.0),
+        SamplingParams(
+            max_tokens=16,
+            temperature=0.8,
+            seed=99,
+            ignore_eos=True,
+            frequency_penalty=-0.5,
+            presence_penalty=0.7,
+            repetition_penalty=1.3,
+            logit_bias=((7, 2.0),),
+        ),
     ):
         request = EngineRequest("r", tuple(prompt), sampling)
         whole = run_staggered(engine(path), [(0, request)])["r"]
-        for cut in (1, 5, 15):
+        for cut in (1, 3, 8, 15):
             rest = continuation(request, whole[:cut], attempt=1)
             assert rest.request_id == "r.m1" and rest.prompt_token_ids == (*prompt, *whole[:cut])
             assert rest.sampling.max_tokens == 16 - cut and rest.sampling.min_tokens == max(
@@ -66,3 +79,37 @@ def test_continuation_outputs_read_as_the_original_request() -> None:
     original = EngineRequest("r", (1, 2, 3), SamplingParams())
     out = RequestOutput("r.m1", [9], None, None, 7, 5)
     assert as_original(out, original) == RequestOutput("r", [9], None, None, 3, 5)
+
+
+def test_random_continuations_sample_what_the_whole_request_would(tiny_models: dict[str, Path]) -> None:
+    """Seeded random requests (greedy or seeded sampling, penalties, logit_bias, top_k/top_p/min_p, min_tokens),
+    each cut after a random number of streamed tokens: the continuation completes exactly the whole request."""
+    import random
+
+    rng = random.Random(17)
+    path = tiny_models["llama"]
+    for case in range(150):
+        max_tokens = rng.randint(2, 32)
+        sampling = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=rng.choice([0.0, 0.0, 0.7, 1.5]),
+            seed=rng.randrange(1 << 30),
+            ignore_eos=rng.random() < 0.7,
+            min_tokens=rng.choice([0, 0, rng.randint(0, max_tokens)]),
+            top_k=rng.choice([0, 0, 5]),
+            top_p=rng.choice([1.0, 1.0, 0.9]),
+            min_p=rng.choice([0.0, 0.0, 0.1]),
+            frequency_penalty=rng.choice([0.0, 1.5, 2.0, -0.8]),
+            presence_penalty=rng.choice([0.0, 1.0, 2.0, -1.0]),
+            repetition_penalty=rng.choice([1.0, 1.0, 1.4]),
+            logit_bias=rng.choice([(), ((rng.randrange(100), 3.0),)]),
+        )
+        prompt = random_prompts([rng.randint(1, 60)], rng.choice([20, 500]), seed=case)[0]  # few ids: repeats
+        request = EngineRequest("r", tuple(prompt), sampling)
+        whole = run_staggered(engine(path), [(0, request)])["r"]
+        if len(whole) < 2:
+            continue
+        cut = rng.randint(1, len(whole) - 1)
+        rest = continuation(request, whole[:cut], attempt=1)
+        got = run_staggered(engine(path), [(0, rest)])["r.m1"]
+        assert whole[:cut] + got == whole, (case, sampling, cut)

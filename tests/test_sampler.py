@@ -59,6 +59,46 @@ def test_never_draws_outside_top_k_and_top_p(case: int) -> None:
         assert token in allowed
 
 
+def _kept_by_min_p_then_top_p(logits: torch.Tensor, params: SamplingParams) -> set[int]:
+    """vLLM's nucleus after min_p: top_k, then min_p on the tempered softmax, renormalized, then the smallest set of
+    most likely tokens whose mass reaches top_p — computed here one token at a time, in float64."""
+    scaled = (logits / params.temperature).double()
+    if 0 < params.top_k < scaled.numel():
+        scaled = scaled.masked_fill(scaled < scaled.topk(params.top_k).values[-1], float("-inf"))
+    probs = scaled.softmax(-1)
+    probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    probs = probs / probs.sum()
+    kept, mass = set(), 0.0
+    for token in probs.argsort(descending=True).tolist():
+        if probs[token] <= 0 or (kept and mass >= params.top_p):
+            break
+        kept.add(token)
+        mass += float(probs[token])
+    return kept
+
+
+@pytest.mark.parametrize("case", range(40))
+def test_top_p_after_min_p_is_a_share_of_what_min_p_kept(case: int) -> None:
+    """min_p then top_p, as vLLM: top_p's nucleus is measured on the distribution min_p left, renormalized (it
+    was measured against the whole mass, so tokens outside the nucleus were drawn). Case 0 is the plain one:
+    [.5, .3, .15, .05] with min_p .2 (.05 goes) and top_p .82 keeps the first two only (.5/.95 + .3/.95 = .84)."""
+    rng = random.Random(2000 + case)
+    if case == 0:
+        logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+        params = SamplingParams(temperature=1.0, min_p=0.2, top_p=0.82, seed=case)
+    else:
+        vocab = rng.choice([4, 10, 50])
+        logits = torch.randn(vocab, generator=torch.Generator().manual_seed(case)) * rng.choice([0.5, 1.0, 3.0])
+        params = SamplingParams(
+            temperature=rng.choice([0.5, 1.0, 2.0]), top_k=rng.choice([0, 0, 3]), min_p=rng.choice([0.05, 0.2, 0.5]),
+            top_p=rng.choice([0.5, 0.8, 0.95]), seed=case,
+        )  # fmt: skip
+    allowed = _kept_by_min_p_then_top_p(logits, params)
+    assert case != 0 or allowed == {0, 1}
+    drawn = {sample(logits.unsqueeze(0), [_row(params, index)]).token_ids[0] for index in range(200)}
+    assert drawn <= allowed, (drawn, allowed, params)
+
+
 def test_draw_never_picks_a_token_without_mass() -> None:
     gen = torch.Generator().manual_seed(0)
     for case in range(2000):

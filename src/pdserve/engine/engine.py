@@ -119,7 +119,9 @@ class LLMEngine:
         self, request_id: str, first_token_id: int, first_logprob: TokenLogprob | None = None
     ) -> RequestOutput | None:
         """Start decoding a reserved request whose prompt KV is now in its blocks, continuing after
-        `first_token_id`. Returns a final output if that token already ends the request, else None.
+        `first_token_id`. Returns a final output if that token already ends the request (here: this engine's
+        context may be shorter than the prefill side's), else None; outputs never repeat the first token, which the
+        caller has.
         Raises ValueError if there is no such reservation, or if a block past the cached prefix does not carry
         the reservation's epoch (its KV never fully arrived): the reservation stays, for the caller to abort."""
         reservation = self.reservations.open.get(request_id)
@@ -133,7 +135,7 @@ class LLMEngine:
         self.blocks.register_computed(seq)
         self._append_token(seq, first_token_id, first_logprob)
         if seq.finish_reason is not None:
-            return self._finish(seq)
+            return self._finish(seq, num_new=0)
         self.scheduler.add_running(seq)
         return None
 

@@ -49,9 +49,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    # Output tokens generated before this request (a migrated stream's continuation): seeded draws continue from
-    # output index seed_offset, so the continuation samples what the interrupted stream would have.
-    seed_offset: int = 0
+    # Output tokens generated before this request, now the last ones of its prompt (a migrated stream's
+    # continuation): seeded draws continue from this output index, and presence/frequency penalties count them as
+    # output, so the continuation samples what the interrupted stream would have.
+    num_prior_output_tokens: int = 0
 
     @property
     def is_greedy(self) -> bool:

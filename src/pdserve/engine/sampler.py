@@ -67,8 +67,9 @@ def _adjust(logits: torch.Tensor, row: SampleRow) -> None:
         seen = tokens.unique()
         values = logits[seen]
         logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
-    if params.presence_penalty or params.frequency_penalty:
-        output = tokens[len(tokens) - row.num_output_tokens :] if row.num_output_tokens else tokens[:0]
+    if params.presence_penalty or params.frequency_penalty:  # on the output, a migrated stream's earlier part too
+        num_output = row.num_output_tokens + params.num_prior_output_tokens
+        output = tokens[len(tokens) - num_output :] if num_output else tokens[:0]
         counts = torch.bincount(output, minlength=logits.numel())[: logits.numel()].to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
 
@@ -96,14 +97,15 @@ def _sample_row(logits: torch.Tensor, row: SampleRow) -> int:
         kth = scaled.topk(params.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = scaled.softmax(dim=-1)
-    if params.min_p > 0.0:
+    if params.min_p > 0.0:  # renormalized: top_p's nucleus is a share of what min_p kept (as vLLM's)
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+        probs /= probs.sum()
     if params.top_p < 1.0:
         probs = _top_p(probs, params.top_p)
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=probs.device)
-        index = row.num_output_tokens + params.seed_offset
+        index = row.num_output_tokens + params.num_prior_output_tokens
         generator.manual_seed((params.seed * _SEED_MIX + index) % (1 << 63))
     return _draw(probs, generator)
 

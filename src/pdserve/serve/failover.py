@@ -42,13 +42,13 @@ def can_migrate(request: EngineRequest, error: BaseException) -> bool:
 
 def continuation(request: EngineRequest, streamed: list[int], attempt: int) -> EngineRequest:
     """The rest of `request` after `streamed` tokens: they join the prompt, the limits shrink by their count, and
-    the sampler's seed offset advances by it (seeded sampling continues the same random sequence)."""
+    they stay output to the sampler (seeded draws continue the same random sequence, penalties count them)."""
     params = request.sampling
     sampling = replace(
         params,
         max_tokens=params.max_tokens - len(streamed),
         min_tokens=max(0, params.min_tokens - len(streamed)),
-        seed_offset=params.seed_offset + len(streamed),
+        num_prior_output_tokens=params.num_prior_output_tokens + len(streamed),
     )
     prompt = (*request.prompt_token_ids, *streamed)
     return replace(request, request_id=f"{request.request_id}.m{attempt}", prompt_token_ids=prompt, sampling=sampling)
