@@ -216,6 +216,21 @@ def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(
     assert [c.usage.prompt_tokens_details.cached_tokens for c in chunks] == [1] * len(chunks)
 
 
+def test_an_assistant_message_sent_back_whole_is_accepted(client: openai.OpenAI, backend: FakeBackend) -> None:
+    """A client continuing a conversation with the reply's `message.model_dump()`: its empty OpenAI fields
+    (tool_calls, refusal, function_call, audio, annotations) are harmless and accepted; tool calls in them are not."""
+    reply = client.chat.completions.create(model="fake-model", messages=USER_HI, max_tokens=3).choices[0].message
+    sent_back = reply.model_dump() | {"tool_calls": [], "refusal": None, "function_call": None, "audio": None}
+    messages: list[Any] = [*USER_HI, sent_back, {"role": "user", "content": "and?"}]
+    again = client.chat.completions.create(model="fake-model", messages=messages, max_tokens=3)
+    assert again.choices[0].message.content
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model="fake-model", messages=[*USER_HI, {**sent_back, "tool_calls": [call]}], max_tokens=3
+        )
+
+
 @pytest.mark.parametrize("n", [1, 2])
 def test_continuous_usage_stats_alone_adds_no_usage(http: httpx.Client, backend: FakeBackend, n: int) -> None:
     """As vLLM: continuous_usage_stats counts only beside include_usage; alone, no chunk carries usage."""

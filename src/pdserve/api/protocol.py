@@ -222,12 +222,25 @@ class TextPart(BaseModel):
         return _valid_text(text)  # type: ignore[no-any-return,unused-ignore]
 
 
+# What an assistant message of OpenAI's (a client's `message.model_dump()` sent back) carries beside role and
+# content: harmless when empty, so dropped then; anything else in them is a 400 (tools are not implemented).
+_EMPTY_MESSAGE_FIELDS = ("tool_calls", "refusal", "function_call", "audio", "annotations", "reasoning_content")
+
+
 class ChatMessage(BaseModel):
     model_config = _REQUEST_CONFIG
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None  # passed to the chat template, which may show it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _without_empty_fields(cls, data: Any) -> Any:
+        is_reply = isinstance(data, dict) and data.get("role") == "assistant"
+        if is_reply and any(data.get(k, 0) in (None, []) for k in _EMPTY_MESSAGE_FIELDS):
+            return {k: v for k, v in data.items() if not (k in _EMPTY_MESSAGE_FIELDS and v in (None, []))}
+        return data
 
     @field_validator("content", "name")
     @classmethod
