@@ -477,7 +477,7 @@ def test_generation_config_sets_the_defaults_of_unset_fields(tmp_path: Path, tok
         0.3, 0.8, 20, 1.1, 7
     )  # fmt: skip
     assert (explicit.temperature, explicit.max_tokens, explicit.top_p) == (0.9, 3, 0.8)
-    assert other_name.max_tokens == 4  # the client's limit under its other name wins over max_new_tokens
+    assert other_name.max_tokens == 4  # the client's limit under its other name, below max_new_tokens
 
 
 # (server cap, generation_config's max_new_tokens, endpoint, the limit field as sent — absent, null or a value —,
@@ -494,6 +494,8 @@ OUTPUT_LIMITS = [
     (None, 100, "completions", ABSENT, 60, 16),  # the model's default only lowers the request's limit
     (None, 7, "completions", ABSENT, 60, 7),
     (None, 100, "completions", 30, 60, 30),
+    (None, 40, "completions", 60, 10, 40),  # a cap whatever the client asked (vLLM's min), never a 400
+    (None, 40, "chat", 60, 2, 40),
     (None, 100, "completions", None, 60, ROOM),
     (None, 100, "chat", ABSENT, 20, ROOM),  # was a 400: the default was checked as if the client had sent it
     (None, 7, "chat", ABSENT, 20, 7),

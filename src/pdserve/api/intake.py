@@ -189,11 +189,12 @@ def read_chat_template(template: str | None) -> str | None:
 def with_defaults(body: B, defaults: dict[str, Any]) -> tuple[B, int | None]:
     """`body` with the model's defaults for the sampling fields the client did not set, and the model's limit on
     generated tokens (generation_config's max_new_tokens), kept apart: as in vLLM it only lowers the limit that
-    the request ends up with (`context_max_tokens`), and is never refused as a value the client sent would be."""
+    the request ends up with (`context_max_tokens`), whatever the client asked, and is never refused as a value the
+    client sent would be."""
     fields = type(body).model_fields
     unset = {k: v for k, v in defaults.items() if k in fields and k not in body.model_fields_set}
-    default_max_tokens = unset.pop("max_tokens", None)
-    return (body.model_copy(update=unset) if unset else body), default_max_tokens
+    unset.pop("max_tokens", None)
+    return (body.model_copy(update=unset) if unset else body), defaults.get("max_tokens")
 
 
 def _parameters(function: Callable[..., Any] | None) -> frozenset[str]:
