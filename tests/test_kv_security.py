@@ -37,9 +37,9 @@ def _address(rx: TcpReceiver) -> tuple[str, int]:
     return wire.split_address(str(rx.endpoint.tcp_address))
 
 
-def _hello_bytes(rx: TcpReceiver, nonce: bytes, secret: bytes, **override: object) -> bytes:
-    proof = hmac.new(secret, nonce + rx.cache_id.encode(), hashlib.sha256).hexdigest()
-    fields = {"cache_id": rx.cache_id, "spec": asdict(rx.spec), "proof": proof, **override}
+def _hello_bytes(rx: TcpReceiver, challenge: bytes, secret: bytes, **override: object) -> bytes:
+    proof = hmac.new(secret, challenge + rx.cache_id.encode(), hashlib.sha256).hexdigest()
+    fields = {"cache_id": rx.cache_id, "spec": asdict(rx.spec), "proof": proof, "nonce": "ab" * 32, **override}
     text = json.dumps(fields).encode()
     return wire.HELLO.pack(wire.MAGIC, wire.VERSION, len(text)) + text
 
@@ -87,6 +87,80 @@ def test_a_hello_without_the_secret_is_refused(rx: TcpReceiver) -> None:
     _honest_send_works(rx)
 
 
+def test_a_peer_without_the_secret_learns_nothing_and_a_bad_proof_is_refused_cleanly(rx: TcpReceiver) -> None:
+    """Only a peer that proved the secret hears why it was refused: a guess naming another cache hears nothing of
+    this one's id or layout. A proof that is not ASCII (hmac.compare_digest raised on it) is refused, not a crash."""
+    for override in ({"cache_id": "guess"}, {"proof": "\u00e9" * 64}, {"nonce": "zz"}):
+        with socket.create_connection(_address(rx), timeout=5) as conn:
+            _, nonce = wire.CHALLENGE.unpack(wire.recv_bytes(conn, wire.CHALLENGE.size))
+            secret = wire.cluster_secret() if "nonce" in override else b"a guess"
+            conn.sendall(_hello_bytes(rx, nonce, secret, **override))
+            reply = str(_reply(conn))
+        assert reply != "hung up" and rx.cache_id not in reply and "layout" not in reply, (override, reply)
+    assert _refused(rx, 3) == 3 and _untouched(rx)
+    _honest_send_works(rx)
+
+
+def test_a_listener_without_the_secret_is_sent_no_kv(rx: TcpReceiver) -> None:
+    """A listener at a decode replica's address that does not know the secret (a dead replica's port reused, a
+    spoofed endpoint) accepts every hello: the sender asks it to prove the secret first, and sends it no KV byte."""
+    import dataclasses
+    import threading
+
+    received_after_hello: list[int] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def rogue() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(wire.CHALLENGE.pack(wire.MAGIC, b"\x00" * 32))
+            _, _, size = wire.HELLO.unpack(wire.recv_bytes(conn, wire.HELLO.size))
+            wire.recv_bytes(conn, size)
+            conn.sendall(wire.REPLY.pack(0, 0))  # "ok", with nothing to show for it
+            received, chunk = 0, b"x"
+            while chunk:
+                chunk = conn.recv(1 << 16)
+                received += len(chunk)
+            received_after_hello.append(received)
+
+    thread = threading.Thread(target=rogue, daemon=True)
+    thread.start()
+    endpoint = dataclasses.replace(rx.endpoint, tcp_address=f"127.0.0.1:{listener.getsockname()[1]}")
+    src = KVCache(LAYOUT)
+    src.flat.normal_()
+    with pytest.raises(TransferError, match="could not prove the cluster secret"):
+        TcpSender("m").send(endpoint, TransferSpec(77, [1], [5], "r"), src, timeout_s=5)
+    thread.join(5)
+    listener.close()
+    assert received_after_hello == [0]
+
+
+def test_a_hello_trickled_byte_by_byte_loses_its_slot_at_the_handshake_timeout(
+    rx: TcpReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer sending its hello a byte at a time, each within the socket timeout, is cut off once the handshake's
+    whole time is up (it held a connection slot for days: 64 of them locked every sender out)."""
+    from pdserve.transfer import tcp
+
+    monkeypatch.setattr(tcp, "_HANDSHAKE_TIMEOUT_S", 1.0)
+    with socket.create_connection(_address(rx), timeout=5) as conn:
+        wire.recv_bytes(conn, wire.CHALLENGE.size)
+        hello = _hello_bytes(rx, b"\x00" * 32, b"a guess")
+        start = time.monotonic()
+        cut_after = None
+        for byte in hello:
+            try:
+                conn.sendall(bytes([byte]))
+            except OSError:
+                cut_after = time.monotonic() - start
+                break
+            time.sleep(0.2)  # each byte well within the socket timeout
+        if cut_after is None:  # the hello went out whole: the peer must have hung up long before
+            cut_after = time.monotonic() - start
+    assert cut_after < 3.0, cut_after
+    _honest_send_works(rx)
+
+
 def test_a_recorded_hello_cannot_be_replayed(rx: TcpReceiver) -> None:
     with socket.create_connection(_address(rx), timeout=5) as conn:
         _, nonce = wire.CHALLENGE.unpack(wire.recv_bytes(conn, wire.CHALLENGE.size))
@@ -117,8 +191,7 @@ def test_a_recorded_hello_cannot_be_replayed(rx: TcpReceiver) -> None:
 def test_bad_transfer_headers_write_nothing(rx: TcpReceiver, header: tuple[object, ...], why: str) -> None:
     grant(rx.kv, TransferSpec(3, [0], [2], "r"))  # block 2 open to epoch 3: only the header's flaw stops it
     with socket.create_connection(_address(rx), timeout=5) as conn:
-        wire.hello(conn, rx.cache_id, rx.spec, time.monotonic() + 5)
-        assert _reply(conn) is True
+        wire.handshake(conn, rx.cache_id, rx.spec, wire.Deadline(5))  # accepted (raises otherwise)
         payload = struct.pack("<q", 2) + b"\x01" * 2 * BLOCK_BYTES
         try:
             conn.sendall(wire.LAYER.pack(*header) + payload)

@@ -240,8 +240,7 @@ def test_the_receiver_drops_a_transfer_past_its_deadline(receiver: tuple[KVCache
     assert endpoint.tcp_address is not None
     host, port = endpoint.tcp_address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=5) as conn:
-        wire.hello(conn, endpoint.cache_id, endpoint.spec, time.monotonic() + 5)
-        assert wire.REPLY.unpack(conn.recv(wire.REPLY.size)) == (0, 0)
+        wire.handshake(conn, endpoint.cache_id, endpoint.spec, wire.Deadline(5))  # accepted (raises otherwise)
         block_bytes = 4 * 2 * 8 * 4
         grant(kv, TransferSpec(3, [0], [2], "late"))  # open to it: only the sender's deadline stops the write
         header = wire.LAYER.pack(3, 0.0, 0, 1, block_bytes)  # no time left

@@ -519,8 +519,7 @@ class P2PSender(KVSender):
         )
         try:
             wire.tune(conn)
-            wire.hello(conn, endpoint.cache_id, local, deadline.at, MAGIC, backend=self.backend.name)
-            wire.expect_ok(conn, deadline, "the handshake")
+            wire.handshake(conn, endpoint.cache_id, local, deadline, MAGIC, backend=self.backend.name)
             try:
                 reply = wire.recv_json(conn, deadline.at)
                 unique_id = reply["unique_id"] if reply is not None else None

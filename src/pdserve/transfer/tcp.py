@@ -268,8 +268,7 @@ def _connect(endpoint: KVEndpoint, local: KVLayoutSpec, deadline: Deadline) -> s
     )
     try:
         wire.tune(conn)
-        wire.hello(conn, endpoint.cache_id, local, deadline.at)
-        wire.expect_ok(conn, deadline, "the handshake")
+        wire.handshake(conn, endpoint.cache_id, local, deadline)
     except BaseException:
         conn.close()
         raise

@@ -45,7 +45,7 @@ CHALLENGE = struct.Struct("<4s32s")
 HELLO = struct.Struct("<4sHI")
 REPLY = struct.Struct("<BI")
 LAYER = struct.Struct("<qdiiq")
-MAGIC, VERSION = b"PDKV", 2
+MAGIC, VERSION = b"PDKV", 3  # 3: the receiver proves the secret too
 MAX_PEER_SECONDS = 600.0  # the longest deadline a peer may ask for (a transfer's time budget)
 MAX_CONNECTIONS = 64  # per listener: each connection has a thread and a scratch buffer
 MAX_MESSAGE_BYTES = 1 << 16  # hello and reply texts
@@ -87,6 +87,16 @@ def _proof(secret: bytes, nonce: bytes, cache_id: str) -> str:
     return hmac.new(secret, nonce + cache_id.encode(), hashlib.sha256).hexdigest()
 
 
+def _receiver_proof(secret: bytes, nonce: bytes, cache_id: str) -> str:
+    """What a receiver answers to the sender's nonce: its own proof (another message than a sender's, so that
+    neither side's proof can be played back as the other's)."""
+    return hmac.new(secret, b"pdserve-kv-receiver" + nonce + cache_id.encode(), hashlib.sha256).hexdigest()
+
+
+def _is_proof(value: object, expected: str) -> bool:
+    return isinstance(value, str) and value.isascii() and hmac.compare_digest(value, expected)
+
+
 def peer_seconds(value: object, what: str) -> float:
     """A duration a peer sent: a finite number of seconds in (0, MAX_PEER_SECONDS]; TransferError otherwise (a NaN
     deadline would never pass: no fence, no timeout)."""
@@ -97,15 +107,26 @@ def peer_seconds(value: object, what: str) -> float:
     return float(value)
 
 
-def hello(conn: socket.socket, cache_id: str, spec: KVLayoutSpec, deadline_at: float, magic: bytes = MAGIC,
-          **extra: str) -> None:  # fmt: skip
-    """The sender's side of the handshake up to its hello: read the receiver's nonce, send the proof."""
-    got_magic, nonce = CHALLENGE.unpack(recv_bytes(conn, CHALLENGE.size, deadline_at))
+def handshake(conn: socket.socket, cache_id: str, spec: KVLayoutSpec, deadline: Deadline, magic: bytes = MAGIC,
+              **extra: str) -> None:  # fmt: skip
+    """The sender's side of the handshake: read the receiver's nonce, send the proof and a nonce of its own, and
+    return once the receiver accepted — having proven the cluster secret too, so that no listener without it (at a
+    dead replica's reused port, say) is sent a byte of KV, which encodes prompts."""
+    got_magic, nonce = CHALLENGE.unpack(recv_bytes(conn, CHALLENGE.size, deadline.at))
     if got_magic != magic:
         raise TransferError("the peer is not a pdserve KV receiver of this transport")
-    proof = _proof(cluster_secret(), nonce, cache_id)
-    text = json.dumps({"cache_id": cache_id, "spec": asdict(spec), "proof": proof, **extra}).encode()
+    proof, own_nonce = _proof(cluster_secret(), nonce, cache_id), secrets.token_bytes(32)
+    fields = {"cache_id": cache_id, "spec": asdict(spec), "proof": proof, "nonce": own_nonce.hex(), **extra}
+    text = json.dumps(fields).encode()
     conn.sendall(HELLO.pack(magic, VERSION, len(text)) + text)
+    status, size = REPLY.unpack(recv_bytes(conn, REPLY.size, deadline.at))
+    if size > MAX_MESSAGE_BYTES:
+        raise TransferError("oversized reply during the handshake")
+    message = recv_bytes(conn, size, deadline.at).decode(errors="replace")
+    if status != 0:
+        raise TransferError(f"the decode replica refused it: {message}")
+    if not _is_proof(message, _receiver_proof(cluster_secret(), own_nonce, cache_id)):
+        raise TransferError("the receiver could not prove the cluster secret: not a replica of this cluster")
 
 
 def accept_hello(
@@ -113,26 +134,40 @@ def accept_hello(
 ) -> dict[str, Any]:
     """The receiver's side of the handshake: send a nonce, read the hello, reply, and return its fields;
     TransferError (after replying why) if the peer cannot prove the cluster secret, may not write into cache
-    `cache_id` of layout `local`, or any field named in `expect` differs."""
+    `cache_id` of layout `local`, or any field named in `expect` differs. The whole handshake has `timeout_s` (a
+    peer trickling its hello a byte at a time cannot hold a connection slot), only a peer that proved the secret
+    learns why it was refused, and an accepting reply proves the secret back to the sender (`handshake`)."""
+    deadline_at = time.monotonic() + timeout_s
     conn.settimeout(timeout_s)
     nonce = secrets.token_bytes(32)
     conn.sendall(CHALLENGE.pack(magic, nonce))
-    got_magic, version, size = HELLO.unpack(recv_bytes(conn, HELLO.size))
+    got_magic, version, size = HELLO.unpack(recv_bytes(conn, HELLO.size, deadline_at))
     if got_magic != magic or version != VERSION or size > MAX_MESSAGE_BYTES:
         raise TransferError("a peer that is not a pdserve KV sender of this transport and version connected")
-    fields, problem = _refusal(recv_bytes(conn, size), cache_id, local)
-    proof = fields.get("proof")
-    if not problem and not (
-        isinstance(proof, str) and hmac.compare_digest(proof, _proof(cluster_secret(), nonce, cache_id))
-    ):
-        problem = "the sender could not prove the cluster secret (PDSERVE_KV_SECRET differs?)"
+    fields, problem = _refusal(recv_bytes(conn, size, deadline_at), cache_id, local)
+    claimed = fields.get("cache_id")
+    if not (isinstance(claimed, str) and _is_proof(fields.get("proof"), _proof(cluster_secret(), nonce, claimed))):
+        problem = "the sender could not prove the cluster secret (PDSERVE_KV_SECRET differs?)"  # and nothing more
+    sender_nonce = _nonce(fields.get("nonce"))
+    if not problem and sender_nonce is None:
+        problem = "malformed hello (no nonce)"
     mismatched = [f"{k}: {fields.get(k)!r} != {v!r}" for k, v in expect.items() if fields.get(k) != v]
     if fields and not problem and mismatched:
         problem = "mismatched " + "; ".join(mismatched)
-    send_reply(conn, problem)
-    if problem:
+    if problem or sender_nonce is None:
+        send_reply(conn, problem)
         raise TransferError(f"refused a KV sender: {problem}")
+    conn.sendall(REPLY.pack(0, 64) + _receiver_proof(cluster_secret(), sender_nonce, cache_id).encode())
     return fields
+
+
+def _nonce(value: object) -> bytes | None:
+    if not (isinstance(value, str) and value.isascii() and len(value) == 64):
+        return None
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        return None
 
 
 def _refusal(hello: bytes, cache_id: str, local: KVLayoutSpec) -> tuple[dict[str, Any], str]:
