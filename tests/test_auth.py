@@ -90,6 +90,7 @@ def test_every_route_but_the_probes_needs_a_key(secured: tuple[str, FakeBackend,
                     assert refused.status_code == 401, (method, path)
                     assert refused.json()["error"]["code"] == "invalid_api_key"
                     assert refused.headers["www-authenticate"] == "Bearer"
+                    assert refused.headers["connection"] == "close"  # not left reading the body of a stranger
                 assert good.status_code != 401, (method, path)
                 if method == "POST" and path in VALID_BODIES:
                     assert good.status_code == 200, (path, good.text)
@@ -346,3 +347,5 @@ def test_keys_from_the_command_line_environment_and_file(tmp_path: Any) -> None:
     assert api_keys_of(ServeConfig()) is None
     with pytest.raises(ValueError, match="at least 8"):
         api_key_entries(["short"], None, "")
+    with pytest.raises(ValueError, match="printable ASCII"):  # a header never carries it: it could never log in
+        ServeConfig(api_keys=api_key_entries(["sk-clé-secrète"], None, ""))

@@ -146,7 +146,9 @@ class APIKeyAuth:
         tenant = self.keys.authenticate(authorization)
         if tenant is None:
             error = APIError(401, "a valid API key is required (Authorization: Bearer <key>)", code="invalid_api_key")
-            await error_response(error, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            # Connection: close — else the server would go on reading (and dropping) whatever body the client sends
+            headers = {"WWW-Authenticate": "Bearer", "Connection": "close"}
+            await error_response(error, headers=headers)(scope, receive, send)
             return
         scope.setdefault("state", {})["tenant"] = tenant.name
         if not (scope["method"] == "POST" and scope["path"].startswith("/v1/")):

@@ -111,6 +111,8 @@ class APIKeyConfig(BaseModel):
             key = data.pop("key")
             if not isinstance(key, str) or len(key) < 8:
                 raise ValueError("an API key needs at least 8 characters")
+            if not (key.isascii() and key.isprintable()):  # HTTP headers carry no other: it could never log in
+                raise ValueError("an API key must be printable ASCII")
             data["key_sha256"] = key_digest(key)
         return data
 
