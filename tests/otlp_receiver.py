@@ -52,6 +52,7 @@ class OTLPReceiver:
     def __init__(self) -> None:
         self.spans: list[ReceivedSpan] = []
         self.num_exports = 0
+        self.num_refused = 0  # exports without the required headers (401)
         self._lock = threading.Lock()
 
     def add(self, body: bytes) -> None:
@@ -92,8 +93,9 @@ class OTLPReceiver:
 
 
 @contextmanager
-def otlp_receiver() -> Iterator[tuple[OTLPReceiver, str]]:
-    """A receiver listening on a free loopback port; yields it and its base URL (for OTEL_EXPORTER_OTLP_ENDPOINT)."""
+def otlp_receiver(required_headers: dict[str, str] | None = None) -> Iterator[tuple[OTLPReceiver, str]]:
+    """A receiver listening on a free loopback port; yields it and its base URL (for OTEL_EXPORTER_OTLP_ENDPOINT).
+    With `required_headers`, an export without them is refused with a 401, as a collector behind auth does."""
     receiver = OTLPReceiver()
 
     class Handler(BaseHTTPRequestHandler):
@@ -103,6 +105,11 @@ def otlp_receiver() -> Iterator[tuple[OTLPReceiver, str]]:
                 body = gzip.decompress(body)
             if self.path != "/v1/traces":
                 self.send_response(404)
+                self.end_headers()
+                return
+            if any(self.headers.get(k) != v for k, v in (required_headers or {}).items()):
+                receiver.num_refused += 1
+                self.send_response(401)
                 self.end_headers()
                 return
             receiver.add(body)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 
@@ -22,8 +24,14 @@ def test_hash_is_chained_salted_and_stable() -> None:
     assert a != hash_block(ROOT_HASH, [1, 2, 3, 5])
     assert a != hash_block(ROOT_HASH, [1, 2, 3, 4], cache_salt="tenant-a")
     assert hash_block(a, [5, 6, 7, 8]) != hash_block(ROOT_HASH, [5, 6, 7, 8])
-    # A fixed value: the chain must be identical in every process, machine and version (never Python's hash()).
-    assert a == 0x1AD1861B86F9E8F91F1CCB3310EEFC55
+    # A fixed value: the chain must be identical in every process, machine and version (never Python's hash()),
+    # and a cryptographic hash (SHA-256) of 32-byte parent || 4-byte salt length || salt || int64 token ids, so a
+    # client cannot craft a prompt whose chain collides with another's and decode from its KV.
+    layout = bytes(32) + (0).to_bytes(4, "little") + b"".join(t.to_bytes(8, "little") for t in [1, 2, 3, 4])
+    assert a == int.from_bytes(hashlib.sha256(layout).digest(), "little")
+    assert a == 0xFB721C6021F62D2D3E2F89EBAEEE89D9B7B420E5268DA30AC951534CE8FCB328
+    salted = a.to_bytes(32, "little") + (3).to_bytes(4, "little") + b"abc" + (5).to_bytes(8, "little")
+    assert hash_block(a, [5], cache_salt="abc") == int.from_bytes(hashlib.sha256(salted).digest(), "little")
 
 
 def test_chain_covers_full_blocks_only_and_extends() -> None:

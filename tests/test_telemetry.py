@@ -26,11 +26,20 @@ BLOCK_BYTES = 2 * 2 * 16 * 2 * 32 * 4  # K and V x 2 layers x 16 tokens x 2 KV h
 
 @pytest.fixture(scope="module")
 def traced(tiny_models: dict[str, Path]) -> Iterator[tuple[Served, Served, OTLPReceiver]]:
-    """A traced 1P1D app at / and a broken one (KV transfers always time out) at /broken."""
+    """A traced 1P1D app at / and a broken one (KV transfers always time out) at /broken. The receiver wants a
+    token, as a collector behind auth does; it is set in this (the building) process's environment only after Ray
+    started, so the replicas inherit nothing and can only have it from Ray's internal KV store, never from their
+    config (which must not carry it)."""
 
+    from ray.experimental import internal_kv
+
+    from pdserve.serve import cluster_store
     from pdserve.serve.config import ServeConfig
 
-    with otlp_receiver() as (receiver, endpoint), shared_serve() as port:
+    token = "Bearer t0ken-for-the-collector"
+    auth = {"authorization": token}
+    with otlp_receiver(auth) as (receiver, endpoint), shared_serve() as port, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OTEL_EXPORTER_OTLP_HEADERS", f"authorization={token}")
         env = {
             "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
             "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
@@ -43,12 +52,17 @@ def traced(tiny_models: dict[str, Path]) -> Iterator[tuple[Served, Served, OTLPR
             "kv_pipelined_push": True,
         }  # fmt: skip
         broken = ServeConfig(**common, kv_transfer_timeout_s=1e-9)
+        assert token not in ServeConfig(**common).model_dump_json() + broken.model_dump_json()
         deploy({"traced": (ServeConfig(**common), "/"), "broken": (broken, "/broken")})
-        yield (
-            Served(f"http://127.0.0.1:{port}/v1", num_engine_replicas=2),
-            Served(f"http://127.0.0.1:{port}/broken/v1", num_engine_replicas=2),
-            receiver,
-        )
+        mp.delenv("OTEL_EXPORTER_OTLP_HEADERS")
+        try:
+            yield (
+                Served(f"http://127.0.0.1:{port}/v1", num_engine_replicas=2),
+                Served(f"http://127.0.0.1:{port}/broken/v1", num_engine_replicas=2),
+                receiver,
+            )
+        finally:  # the session's later modules share this cluster
+            internal_kv._internal_kv_del(cluster_store._TRACING_SECRETS_KEY, namespace="pdserve")
 
 
 def client(served: Served, **headers: str) -> openai.OpenAI:
@@ -88,6 +102,7 @@ def test_one_trace_per_request_across_processes(traced) -> None:  # type: ignore
     # One trace, rooted at the HTTP span, spanning the ingress, prefill and decode processes.
     assert http.parent_span_id == ""
     assert {s.resource[names.ROLE] for s in trace.values()} == {"ingress", "prefill", "decode"}
+    assert receiver.num_refused == 0  # every process sent the collector's token (from Ray's KV store)
     assert len({s.resource["process.pid"] for s in trace.values()}) == 3
     assert all(s.resource["service.name"] == "pdserve-test" for s in trace.values())
     for name in (names.SPAN_TOKENIZE, names.SPAN_ROUTE, names.SPAN_RESERVE, names.SPAN_PREFILL, names.SPAN_DECODE):

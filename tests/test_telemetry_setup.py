@@ -11,7 +11,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 
-from pdserve.telemetry import parent_context, tracing_env
+from pdserve.telemetry import parent_context, tracing_env, tracing_secrets
 from pdserve.telemetry.tracing import JsonLinesSpanExporter, _exporters, traceparent
 
 HEADER = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -47,9 +47,28 @@ def test_unsupported_protocol_is_a_config_error(monkeypatch: pytest.MonkeyPatch)
         _exporters()
 
 
-def test_tracing_env_keeps_only_tracing_variables() -> None:
-    env = {"OTEL_SERVICE_NAME": "x", "PDSERVE_TRACES_FILE": "f", "PATH": "/bin", "PDSERVE_CACHE_DIR": "c"}
+def test_tracing_env_keeps_only_tracing_variables_and_never_credentials() -> None:
+    env = {
+        "OTEL_SERVICE_NAME": "x", "PDSERVE_TRACES_FILE": "f", "PATH": "/bin", "PDSERVE_CACHE_DIR": "c",
+        "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer s3cret", "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "x-key=k",
+    }  # fmt: skip
     assert tracing_env(env) == {"OTEL_SERVICE_NAME": "x", "PDSERVE_TRACES_FILE": "f"}
+    assert tracing_secrets(env) == {
+        "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer s3cret", "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "x-key=k"
+    }  # fmt: skip
+
+
+def test_a_config_never_carries_exporter_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serve shows a deployment's config (and an app's args) in its dashboard and status."""
+    from pdserve.serve.config import ServeConfig
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer s3cret")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "svc")
+    config = ServeConfig()
+    assert config.tracing_env["OTEL_SERVICE_NAME"] == "svc"
+    assert "s3cret" not in config.model_dump_json()
+    with pytest.raises(ValueError, match="tracing_env must not carry OTEL_EXPORTER_OTLP_TRACES_HEADERS"):
+        ServeConfig(tracing_env={"OTEL_EXPORTER_OTLP_TRACES_HEADERS": "authorization=Bearer s3cret"})
 
 
 def test_traceparent_round_trip_and_json_lines(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Application
 
+from pdserve.serve.cluster_store import publish_tracing_secrets
 from pdserve.serve.config import PoolConfig, ServeConfig
 from pdserve.serve.ingress import Ingress
 from pdserve.serve.replicas import DecodeServer, EngineServer, PrefillServer
@@ -22,6 +23,7 @@ def build_app(config: ServeConfig, model_path: str | None = None) -> Application
     that every replica sees "cuda" or "cpu". `model_path`: the model's directory when the caller resolved it
     already; replicas on a node without it resolve `config.model` again there (`ServeConfig.model_dir`)."""
     config = config.with_device(cluster_gpus())
+    publish_tracing_secrets()  # exporter headers reach the replicas outside the config (serve/cluster_store.py)
     model_path = model_path or config.resolve_model_path()
     ingress = _deployment(Ingress, "Ingress", config.ingress, config)
     if config.colocated:

@@ -15,7 +15,7 @@ from pdserve.api.intake import RequestLimits
 from pdserve.config import CacheConfig, EmulatedStep, EngineConfig, ModelConfig, SchedulerConfig, SchedulingPolicy
 from pdserve.hub import resolve_model
 from pdserve.router import CostConfig
-from pdserve.telemetry import tracing_env
+from pdserve.telemetry import is_secret_variable, tracing_env
 
 logger = logging.getLogger(__name__)
 
@@ -375,7 +375,9 @@ class ServeConfig(BaseModel):
     tracing_env: dict[str, str] = Field(
         default_factory=tracing_env,
         description="OTEL_* / PDSERVE_TRACES_* variables for every replica, as JSON (default: the building "
-        "process's; docs/TELEMETRY.md)",
+        "process's). Not the exporters' *_HEADERS (credentials): those reach the replicas from the building "
+        "process's environment through Ray's internal KV store, never through a config Serve displays "
+        "(docs/TELEMETRY.md)",
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest HTTP request body (413 beyond)")
     host: str = Field("127.0.0.1", description="HTTP address to listen on")
@@ -409,6 +411,17 @@ class ServeConfig(BaseModel):
         if self.queue_ttl_s >= self.reservation_lease_s:
             raise ValueError("queue_ttl_s must be below reservation_lease_s")
         return self
+
+    @field_validator("tracing_env")
+    @classmethod
+    def _no_credentials_in_tracing_env(cls, value: dict[str, str]) -> dict[str, str]:
+        if secret := sorted(k for k in value if is_secret_variable(k)):
+            raise ValueError(
+                f"tracing_env must not carry {', '.join(secret)}: Serve shows a deployment's config in its dashboard "
+                "and status. Set it in the environment of the process that deploys (pdserve serve), which hands it "
+                "to every replica through Ray's internal KV store"
+            )
+        return value
 
     @field_validator("emulated_step")
     @classmethod

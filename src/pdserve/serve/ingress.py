@@ -23,6 +23,7 @@ from pdserve.router import RouteDecision
 from pdserve.router.admission import Admission
 from pdserve.serve.autoscaling import read_decision
 from pdserve.serve.channels import IngressChannels
+from pdserve.serve.cluster_store import replica_tracing_env
 from pdserve.serve.config import ServeConfig, api_keys_of
 from pdserve.serve.handoff import colocated_generate, disaggregated_generate
 from pdserve.serve.ingress_router import IngressRouter, RouterCollector, broadcast
@@ -52,7 +53,7 @@ class Ingress:
     ) -> None:
         self.config = config
         set_niceness(config.niceness)
-        configure_tracing("ingress", config.tracing_env)
+        configure_tracing("ingress", replica_tracing_env(config.tracing_env))
         self.prefill, self.decode, self.engine = prefill, decode, engine
         self.mode = "colocated" if engine is not None else "disaggregated"
         model_path = config.model_dir(model_path)  # this node's copy (a hub id resolves again on another node)

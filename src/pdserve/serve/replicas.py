@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import tempfile
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -31,6 +30,7 @@ from pdserve.kvcache import KVEventBatch
 from pdserve.planner import ReplicaSignals
 from pdserve.router import ReplicaReport, SyncCursor
 from pdserve.serve.channels import Packed, ReplicaChannels, StreamEnd, StreamStart
+from pdserve.serve.cluster_store import replica_tracing_env, shared_kv_secret
 from pdserve.serve.config import ServeConfig
 from pdserve.serve.messages import ModelInfo, PrefillResult, ReplicaStats, ReplicaSync, Reservation
 from pdserve.serve.process import pin_process, set_niceness
@@ -49,7 +49,6 @@ from pdserve.transfer import (
 )
 
 logger = logging.getLogger(__name__)
-_KV_SECRET_KEY = "kv-handshake-secret"
 
 
 class MisroutedCallError(RuntimeError):
@@ -73,7 +72,7 @@ class _EngineReplica:
         torch.set_num_threads(num_threads)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         wire.set_cluster_secret(shared_kv_secret())
-        configure_tracing(self.role, config.tracing_env)
+        configure_tracing(self.role, replica_tracing_env(config.tracing_env))
         self.node_id = ray.get_runtime_context().get_node_id()
         engine_config = config.engine_config(model_path)
         if shared_kv and config.device == "cpu":  # GPU caches move over CUDA IPC or NCCL, not host memory
@@ -426,20 +425,6 @@ async def _finish_uncancelled(future: asyncio.Future[TransferStats]) -> None:
             logger.debug("push ended with %r", e)
     if is_cancelled:
         raise asyncio.CancelledError
-
-
-def shared_kv_secret() -> bytes:
-    """The secret every replica of this Ray cluster proves in KV handshakes (transfer/wire.py): PDSERVE_KV_SECRET
-    if set, else one random secret the first replica stores in Ray's internal KV store (readable only by members of
-    the cluster: Ray's token authentication guards it) and every other replica reads."""
-    if env := os.environ.get("PDSERVE_KV_SECRET"):
-        return env.encode()
-    from ray.experimental import internal_kv
-
-    internal_kv._internal_kv_put(_KV_SECRET_KEY, secrets.token_hex(32), overwrite=False, namespace="pdserve")
-    secret = internal_kv._internal_kv_get(_KV_SECRET_KEY, namespace="pdserve")
-    assert secret, "Ray's internal KV store lost the KV secret"
-    return bytes(secret)
 
 
 def _shm_dir() -> str:

@@ -6,6 +6,7 @@ from pdserve.telemetry.tracing import (
     child_span,
     configure_tracing,
     flush,
+    is_secret_variable,
     parent_context,
     record_error,
     span_in,
@@ -13,12 +14,14 @@ from pdserve.telemetry.tracing import (
     traceparent,
     tracer,
     tracing_env,
+    tracing_secrets,
 )
 
 __all__ = [
     "child_span",
     "configure_tracing",
     "flush",
+    "is_secret_variable",
     "names",
     "parent_context",
     "record_error",
@@ -27,4 +30,5 @@ __all__ = [
     "traceparent",
     "tracer",
     "tracing_env",
+    "tracing_secrets",
 ]

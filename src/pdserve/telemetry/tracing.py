@@ -5,7 +5,10 @@ Exporters come from the environment: OTLP when `OTEL_EXPORTER_OTLP_[TRACES_]ENDP
 `PDSERVE_TRACES_FILE`, the console with `PDSERVE_TRACES_CONSOLE=1`. Sampling from `OTEL_TRACES_SAMPLER[_ARG]`,
 service name from `OTEL_SERVICE_NAME` (default "pdserve"). With no exporter, tracing stays off: the API's no-op
 tracer, no cost. Ray workers do not inherit the driver's environment, so `configure_tracing` takes the variables
-to apply (the serve config carries the driver's OTEL_*/PDSERVE_TRACES_* variables to every replica).
+to apply (the serve config carries the driver's OTEL_*/PDSERVE_TRACES_* variables to every replica), except the
+exporters' headers (`OTEL_EXPORTER_OTLP_[TRACES_]HEADERS`, which carry collectors' credentials): Serve shows a
+deployment's config in its dashboard and status, so those travel through Ray's internal KV store instead
+(`serve/cluster_store.py`).
 
 The trace context crosses every Ray call explicitly, as a W3C `traceparent` string inside the typed request.
 """
@@ -31,13 +34,24 @@ from pdserve.telemetry import names
 
 logger = logging.getLogger(__name__)
 ENV_PREFIXES = ("OTEL_", "PDSERVE_TRACES_")
+SECRET_SUFFIX = "_HEADERS"  # OTEL_EXPORTER_OTLP_HEADERS and the per-signal ones: API keys, bearer tokens
 _PROPAGATOR = TraceContextTextMapPropagator()
 _provider: TracerProvider | None = None
 
 
 def tracing_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """The variables that configure tracing, to carry from the driver to the replicas."""
-    return {k: v for k, v in environ.items() if k.startswith(ENV_PREFIXES)}
+    """The variables that configure tracing, to carry from the driver to the replicas in their config: all but the
+    secret ones (`tracing_secrets`)."""
+    return {k: v for k, v in environ.items() if k.startswith(ENV_PREFIXES) and not is_secret_variable(k)}
+
+
+def tracing_secrets(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The tracing variables that may carry credentials (exporter headers), never to be put in a config."""
+    return {k: v for k, v in environ.items() if k.startswith(ENV_PREFIXES) and is_secret_variable(k)}
+
+
+def is_secret_variable(name: str) -> bool:
+    return name.endswith(SECRET_SUFFIX)
 
 
 def configure_tracing(role: str, env: Mapping[str, str] | None = None) -> bool:

@@ -1,0 +1,51 @@
+"""Values every pdserve process of a Ray cluster reads from Ray's internal KV store, never from a deployment's
+config: Serve shows configs (and an application's args) in its dashboard and status, and these are secrets. The
+store is readable only by members of the cluster (Ray's token authentication guards it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Mapping
+
+from pdserve.telemetry import tracing_secrets
+
+_NAMESPACE = "pdserve"
+_KV_SECRET_KEY = "kv-handshake-secret"
+_TRACING_SECRETS_KEY = "tracing-secret-env"
+
+
+def shared_kv_secret() -> bytes:
+    """The secret every replica of this Ray cluster proves in KV handshakes (transfer/wire.py): PDSERVE_KV_SECRET
+    if set, else one random secret the first replica stores and every other replica reads."""
+    if env := os.environ.get("PDSERVE_KV_SECRET"):
+        return env.encode()
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(_KV_SECRET_KEY, secrets.token_hex(32), overwrite=False, namespace=_NAMESPACE)
+    secret = internal_kv._internal_kv_get(_KV_SECRET_KEY, namespace=_NAMESPACE)
+    assert secret, "Ray's internal KV store lost the KV secret"
+    return bytes(secret)
+
+
+def publish_tracing_secrets(environ: Mapping[str, str] = os.environ) -> None:
+    """Store the building process's exporter headers (`tracing_secrets`) for every replica, when it has any (a
+    builder running on the cluster without them keeps what a driver stored). Without a Ray connection yet, nothing:
+    the cluster `serve.run` then starts here inherits this process's environment."""
+    import ray
+    from ray.experimental import internal_kv
+
+    found = tracing_secrets(environ)
+    if not found or not ray.is_initialized():
+        return
+
+    internal_kv._internal_kv_put(_TRACING_SECRETS_KEY, json.dumps(found), overwrite=True, namespace=_NAMESPACE)
+
+
+def replica_tracing_env(carried: Mapping[str, str]) -> dict[str, str]:
+    """What a serving process applies before `configure_tracing`: the config's variables, then the stored headers."""
+    from ray.experimental import internal_kv
+
+    stored = internal_kv._internal_kv_get(_TRACING_SECRETS_KEY, namespace=_NAMESPACE)
+    return {**carried, **(json.loads(stored) if stored else {})}
