@@ -7,6 +7,7 @@ or reserved on any replica and nothing in flight in the router; greedy requests 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections.abc import Iterator
@@ -194,3 +195,109 @@ def test_disconnect_storm_leaks_nothing(apps: dict[str, Served], oracle, mode: s
     got = asyncio.run(_exact_wave(served, prompts))
     assert got == [oracle(p) for p in prompts]
     assert time.monotonic() - storm_end < 120
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(tiny_models: dict[str, Path]):  # type: ignore[no-untyped-def]
+    """(tokenizer, prompt ids -> transformers' greedy token ids, STOP_MAX_TOKENS of them, EOS not stopping)."""
+    from transformers import AutoTokenizer
+
+    from oracle import load_reference_model, reference_greedy
+
+    model = load_reference_model(tiny_models["llama"])
+    return AutoTokenizer.from_pretrained(tiny_models["llama"]), lambda p: reference_greedy(model, p, 12).token_ids
+
+
+def _stop_case(rng: random.Random, tokenizer: Any, prompt: list[int], reference: list[int]) -> tuple[dict, tuple]:  # type: ignore[type-arg]
+    """A random request with stop strings (mostly cut from its own expected text, so they hit), min_tokens,
+    include_stop_str_in_output, n, logprobs and max_tokens from 1; and what it must answer, by the per-token oracle
+    (test_detokenizer's): (text, finish reason, tokens taken)."""
+    from test_detokenizer import oracle, stop_with_min_tokens, texts_after_each_token
+
+    max_tokens = rng.choice([1, rng.randint(2, 12), 12])
+    output = reference[:max_tokens]
+    whole = oracle(tokenizer, prompt, output)
+    stop = []
+    for _ in range(rng.choice([0, 1, 1, 2])):
+        if whole and rng.random() < 0.8:
+            start = rng.randrange(len(whole))
+            stop.append(whole[start : start + rng.randint(1, 4)])
+        else:
+            stop.append(rng.choice(["e", "th", "zzq", "\n"]))
+    body = {
+        "model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stop": stop,
+        "min_tokens": rng.choice([0, 0, rng.randint(0, max_tokens)]), "include_stop_str_in_output": rng.random() < 0.3,
+        "n": rng.choice([1, 1, 2]), "stream": rng.random() < 0.6, "ignore_eos": True,
+    }  # fmt: skip
+    if rng.random() < 0.5:
+        body["logprobs"] = 0
+    if body["stream"]:
+        body["stream_options"] = {"include_usage": True}
+    texts = texts_after_each_token(tokenizer, prompt, output)
+    text, stopped, num_tokens = stop_with_min_tokens(
+        texts, whole, stop, body["min_tokens"], body["include_stop_str_in_output"]
+    )
+    return body, (text, "stop" if stopped else "length", num_tokens if stopped else max_tokens)
+
+
+async def _answer(client: httpx.AsyncClient, url: str, body: dict) -> tuple[list, int]:  # type: ignore[type-arg]
+    """Each choice's (text, finish reason, logprob tokens or None) by index, and usage's completion tokens."""
+    texts: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    tokens: dict[int, list[str] | None] = {}
+    if not body["stream"]:
+        response = await client.post(url, json=body)
+        assert response.status_code == 200, response.text
+        for c in response.json()["choices"]:
+            texts[c["index"]], finishes[c["index"]] = c["text"], c["finish_reason"]
+            tokens[c["index"]] = c["logprobs"]["tokens"] if c["logprobs"] else None
+        usage = response.json()["usage"]
+    else:
+        usage = None
+        async with client.stream("POST", url, json=body) as response:
+            assert response.status_code == 200, await response.aread()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[len("data: ") :])
+                usage = chunk.get("usage") or usage
+                for c in chunk["choices"]:
+                    i = c["index"]
+                    texts[i] = texts.get(i, "") + c["text"]
+                    finishes[i] = c["finish_reason"] or finishes.get(i)
+                    if c["logprobs"]:
+                        tokens[i] = (tokens.get(i) or []) + c["logprobs"]["tokens"]
+        assert usage is not None
+    choices = [(texts[i], finishes[i], tokens.get(i)) for i in sorted(texts)]
+    return choices, usage["completion_tokens"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_concurrent_stop_strings_min_tokens_and_n_are_exact(
+    apps: dict[str, Served], greedy_reference, mode: str
+) -> None:  # type: ignore[no-untyped-def]
+    """48 requests at once with random stop strings, min_tokens, include_stop_str_in_output, n (1 or 2), logprobs,
+    streamed or whole, max_tokens from 1: every choice's text, finish reason, logprob tokens and the usage are the
+    per-token oracle's over transformers' greedy tokens, in every mode (the engines batch them, prefix hits and
+    all; a lagging consumer gets multi-token deltas); then nothing is held on any replica."""
+    tokenizer, reference = greedy_reference
+    rng = random.Random(f"stop-{mode}")
+    prompts = _mixed_prompts(seed=81, n=48)
+    cases = [_stop_case(rng, tokenizer, p, reference(p)) for p in prompts]
+
+    async def wave() -> list[tuple[list, int]]:  # type: ignore[type-arg]
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+            url = f"{apps[mode].base_url}/completions"
+            return list(await asyncio.gather(*(_answer(client, url, body) for body, _ in cases)))
+
+    answers = asyncio.run(wave())
+    wrong = []
+    for i, ((body, want), (choices, completion_tokens)) in enumerate(zip(cases, answers, strict=True)):
+        text, finish, num_tokens = want
+        want_tokens = [num_tokens] * body["n"] if "logprobs" in body else [None] * body["n"]
+        got = ([(t, f) for t, f, _ in choices], [len(x) if x is not None else None for _, _, x in choices])
+        if got != ([(text, finish)] * body["n"], want_tokens) or completion_tokens != body["n"] * num_tokens:
+            wrong.append((i, body, want, choices, completion_tokens))
+    assert not wrong, f"{mode}: {len(wrong)} of {len(cases)} differ from the oracle, first: {wrong[0]}"
+    _assert_idle(apps[mode], mode, timeout_s=5)

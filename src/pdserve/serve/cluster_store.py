@@ -33,19 +33,21 @@ def publish_tracing_secrets(environ: Mapping[str, str] = os.environ) -> None:
     """Store the building process's exporter headers (`tracing_secrets`) for every replica, when it has any (a
     builder running on the cluster without them keeps what a driver stored). Without a Ray connection yet, nothing:
     the cluster `serve.run` then starts here inherits this process's environment."""
-    import ray
     from ray.experimental import internal_kv
 
     found = tracing_secrets(environ)
-    if not found or not ray.is_initialized():
+    if not found or not internal_kv._internal_kv_initialized():
         return
 
     internal_kv._internal_kv_put(_TRACING_SECRETS_KEY, json.dumps(found), overwrite=True, namespace=_NAMESPACE)
 
 
 def replica_tracing_env(carried: Mapping[str, str]) -> dict[str, str]:
-    """What a serving process applies before `configure_tracing`: the config's variables, then the stored headers."""
+    """What a serving process applies before `configure_tracing`: the config's variables, then the stored headers
+    (none outside a Ray cluster: a replica built in a plain process, as tests do, has its own environment)."""
     from ray.experimental import internal_kv
 
+    if not internal_kv._internal_kv_initialized():
+        return dict(carried)
     stored = internal_kv._internal_kv_get(_TRACING_SECRETS_KEY, namespace=_NAMESPACE)
     return {**carried, **(json.loads(stored) if stored else {})}
