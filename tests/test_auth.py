@@ -119,7 +119,8 @@ def test_rate_limit_answers_429_with_retry_after(secured: tuple[str, FakeBackend
     with httpx.Client(base_url=url, timeout=5, headers={"Authorization": f"Bearer {KEY_B}"}) as http:
         statuses = [http.post("/v1/completions", json=body) for _ in range(3)]
     assert [r.status_code for r in statuses] == [200, 200, 429]  # a burst of 2, then 0.5 per second
-    assert statuses[2].json()["error"]["code"] == "rate_limit_exceeded"
+    error = statuses[2].json()["error"]  # the same type and code as the backend's 429 (errors.py)
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
     assert int(statuses[2].headers["retry-after"]) >= 1
     assert len(backend.requests) == 2
 

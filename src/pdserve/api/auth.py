@@ -156,8 +156,8 @@ class APIKeyAuth:
             return
         if (wait_s := self.keys.admit(tenant)) > 0:
             error = APIError(
-                429, f"tenant {tenant.name} is over its request limit; retry later", code="rate_limit_exceeded",
-                retry_after_s=wait_s,
+                429, f"tenant {tenant.name} is over its request limit; retry later", "rate_limit_error",
+                code="rate_limit_exceeded", retry_after_s=wait_s,
             )  # fmt: skip
             await error_response(error)(scope, receive, send)
             return
