@@ -287,7 +287,7 @@ def corpus(tiny_models: dict[str, Path]) -> Corpus:
 
 @pytest.fixture
 def serve_config(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[ServeConfig]:
-    monkeypatch.setenv("PDSERVE_KV_SECRET", "test-secret")
+    monkeypatch.setenv("PDSERVE_KV_SECRET", "test-secret-of-the-rig")
     monkeypatch.setattr(replicas, "ray", SimpleNamespace(get_runtime_context=lambda: SimpleNamespace(
         get_node_id=lambda: "node-0")))  # fmt: skip
     threads = torch.get_num_threads()

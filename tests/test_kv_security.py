@@ -254,3 +254,16 @@ def test_peer_seconds() -> None:
     for bad in (float("nan"), float("inf"), 0, -3, 601, "5", None, True):
         with pytest.raises(TransferError):
             wire.peer_seconds(bad, "x")
+
+
+def test_a_short_configured_secret_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An HMAC key of a few characters falls to an offline search over one recorded handshake: refused where a
+    replica reads it, with what to do instead; one long enough is the secret as given."""
+    from pdserve.serve.cluster_store import shared_kv_secret
+
+    monkeypatch.setenv("PDSERVE_KV_SECRET", "s3cret")
+    for read in (wire.cluster_secret, shared_kv_secret):
+        with pytest.raises(ValueError, match="at least 16 characters"):
+            read()
+    monkeypatch.setenv("PDSERVE_KV_SECRET", "0123456789abcdef")
+    assert wire.cluster_secret() == shared_kv_secret() == b"0123456789abcdef"

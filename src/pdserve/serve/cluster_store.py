@@ -10,6 +10,7 @@ import secrets
 from collections.abc import Mapping
 
 from pdserve.telemetry import tracing_secrets
+from pdserve.transfer import wire
 
 _NAMESPACE = "pdserve"
 _KV_SECRET_KEY = "kv-handshake-secret"
@@ -19,8 +20,8 @@ _TRACING_SECRETS_KEY = "tracing-secret-env"
 def shared_kv_secret() -> bytes:
     """The secret every replica of this Ray cluster proves in KV handshakes (transfer/wire.py): PDSERVE_KV_SECRET
     if set, else one random secret the first replica stores and every other replica reads."""
-    if env := os.environ.get("PDSERVE_KV_SECRET"):
-        return env.encode()
+    if env := wire.configured_secret():
+        return env
     from ray.experimental import internal_kv
 
     internal_kv._internal_kv_put(_KV_SECRET_KEY, secrets.token_hex(32), overwrite=False, namespace=_NAMESPACE)

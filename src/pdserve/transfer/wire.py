@@ -72,12 +72,28 @@ def set_cluster_secret(secret: bytes) -> None:
     _process_secret = secret
 
 
+MIN_SECRET_CHARS = 16
+
+
+def configured_secret() -> bytes | None:
+    """PDSERVE_KV_SECRET, when set; a ValueError when it is too short to resist guessing (an HMAC key of a few
+    characters falls to an offline search over one recorded handshake)."""
+    env = os.environ.get("PDSERVE_KV_SECRET")
+    if not env:
+        return None
+    if len(env) < MIN_SECRET_CHARS:
+        raise ValueError(
+            f"PDSERVE_KV_SECRET must have at least {MIN_SECRET_CHARS} characters (e.g. `openssl rand -hex 32`)"
+        )
+    return env.encode()
+
+
 def cluster_secret() -> bytes:
     """PDSERVE_KV_SECRET if set, else what `set_cluster_secret` set, else a secret of this process alone (its
     transfers work within the process; another process must share one of the first two)."""
     global _process_secret
-    if env := os.environ.get("PDSERVE_KV_SECRET"):
-        return env.encode()
+    if env := configured_secret():
+        return env
     if _process_secret is None:
         _process_secret = secrets.token_bytes(32)
     return _process_secret
