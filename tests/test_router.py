@@ -75,6 +75,18 @@ def test_index_detects_gaps_and_restarts_and_resyncs(answer: KVEventBatch) -> No
     assert index.match([A, B]) == {"r0": 1}
 
 
+def test_index_refuses_an_older_snapshot_of_the_same_incarnation() -> None:
+    """A duplicated or reordered snapshot older than the cursor would bring back blocks evicted since."""
+    index = PrefixIndex()
+    old = snapshot("inc", 1, {A, B})
+    assert index.apply("r0", old)
+    assert index.apply("r0", batch("inc", 3, (2, REMOVED, (B,)), (3, REMOVED, (A,))))
+    assert not index.apply("r0", old)
+    assert index.match([A, B]) == {"r0": 0} and index.cursor("r0") == SyncCursor("inc", 3)
+    assert index.apply("r0", snapshot("inc", 3, {C}))  # the same seq again (a repeated answer) is current
+    assert index.match([C]) == {"r0": 1}
+
+
 def test_index_cleared_event_and_snapshot_replace_everything() -> None:
     index = PrefixIndex()
     index.apply("r0", snapshot("inc", 1, {A, B}))
@@ -336,6 +348,52 @@ def test_silent_replicas_are_dropped_and_never_chosen() -> None:
     decision = router.route("r", CHAIN, PROMPT, 100)
     assert (decision.prefill_replica_id, decision.decode_replica_id) == ("p1", "d1")
     assert sorted(router.index.replica_ids) == ["d1", "p1"]
+
+
+def test_in_flight_counts_stay_true_whatever_replicas_leave_and_rejoin() -> None:
+    """Random routes, first tokens, ends, replicas dropped as silent or retained away, and the same replicas
+    rejoining (a pool whose sync timed out answers again): every replica's counts always equal what the requests in
+    flight put there — never negative, all zero once every request ended."""
+    rng = random.Random(3)
+    for case in range(200):
+        clock = FakeClock()
+        router = make_router(clock)
+        in_flight: dict[str, tuple[str, str, int, bool]] = {}  # id -> (computing, decode, prefill tokens, prefilled)
+        for step in range(60):
+            action = rng.random()
+            if action < 0.35 and any(load.role == "decode" for load in router.loads.values()):
+                rid = f"c{case}-{step}"
+                prompt = rng.randint(1, 400)
+                chain = [rng.choice(CHAIN[:3]) for _ in range(prompt // 16)]
+                d = router.route(rid, chain, prompt, 50)
+                computing = d.prefill_replica_id or d.decode_replica_id
+                in_flight[rid] = (computing, d.decode_replica_id, prompt - d.expected_cached_tokens, False)
+            elif action < 0.5 and in_flight:
+                rid = rng.choice(sorted(in_flight))
+                router.prefill_done(rid, 0)
+                in_flight[rid] = (*in_flight[rid][:3], True)
+            elif action < 0.7 and in_flight:
+                rid = rng.choice(sorted(in_flight))
+                router.finish(rid)
+                del in_flight[rid]
+            elif action < 0.8:
+                clock.now += 6.0
+                for rid in rng.sample(sorted(router.loads), rng.randint(0, len(router.loads))):
+                    router.apply_report(report(rid, router.loads[rid].role), snapshot(f"inc-{rid}", 0, set()))
+                router.drop_silent_replicas()
+            elif action < 0.85:
+                router.retain("decode", {rng.choice(["d0", "d1"])})
+            else:
+                for rid, role in [("p0", "prefill"), ("p1", "prefill"), ("d0", "decode"), ("d1", "decode")]:
+                    if rng.random() < 0.5:
+                        router.apply_report(report(rid, role), snapshot(f"inc-{rid}", 0, set()))
+            for rid, load in router.loads.items():
+                want_tokens = sum(n for c, _, n, done in in_flight.values() if c == rid and not done)
+                want_decodes = sum(1 for _, d, _, _ in in_flight.values() if d == rid)
+                assert (load.num_prefill_tokens, load.num_decodes) == (want_tokens, want_decodes), (case, step, rid)
+        for rid in list(in_flight):
+            router.finish(rid)
+        assert all((load.num_prefill_tokens, load.num_decodes) == (0, 0) for load in router.loads.values()), case
 
 
 def test_pow2_policy_ignores_affinity() -> None:

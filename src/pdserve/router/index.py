@@ -64,6 +64,8 @@ class PrefixIndex:
         hold (a gap, a seq regression, another incarnation without a snapshot): the replica's entries are then
         dropped and its next cursor asks for a snapshot, so the index never keeps ghost blocks."""
         r = self._replicas.get(replica_id) or self._add(replica_id)
+        if batch.snapshot is not None and batch.incarnation == r.incarnation and batch.latest_seq < r.seq:
+            return False  # an older snapshot than what we hold (a duplicate, reordered): it would bring back ghosts
         if batch.snapshot is not None:
             self._reset(r, replica_id, batch.snapshot)
         elif not self._follows(r, batch):

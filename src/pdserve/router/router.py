@@ -74,6 +74,7 @@ class Router:
             load = self.loads[report.replica_id] = ReplicaLoad(
                 report.replica_id, report.role, report.node_id, report.num_blocks, report.num_free_blocks
             )
+            self._recount(load)
         load.num_blocks = report.num_blocks
         load.num_free_blocks = report.num_free_blocks
         load.num_reported_running, load.num_reported_waiting = report.num_running, report.num_waiting
@@ -89,6 +90,15 @@ class Router:
         """Forget the replicas of `role` not in `replica_ids`, the pool's whole live set (Serve stopped sending to
         the others: removed, draining); returns their ids. New work never goes to them from now on."""
         return self._remove([rid for rid, load in self.loads.items() if load.role == role and rid not in replica_ids])
+
+    def _recount(self, load: ReplicaLoad) -> None:
+        """A replica (re)joining: count the requests in flight there, as `finish` will take them off. One that was
+        dropped while silent (its pool's sync timed out) may still run requests routed to it before."""
+        for flight in self._in_flight.values():
+            if flight.computing_replica_id == load.replica_id and not flight.is_prefilled:
+                load.num_prefill_tokens += flight.num_prefill_tokens
+            if flight.decision.decode_replica_id == load.replica_id:
+                load.num_decodes += 1
 
     def _remove(self, replica_ids: list[str]) -> list[str]:
         for rid in replica_ids:
