@@ -350,3 +350,38 @@ def test_keys_from_the_command_line_environment_and_file(tmp_path: Any) -> None:
         api_key_entries(["short"], None, "")
     with pytest.raises(ValueError, match="printable ASCII"):  # a header never carries it: it could never log in
         ServeConfig(api_keys=api_key_entries(["sk-clé-secrète"], None, ""))
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ([{"key": "sk-shared-key", "tenant": "alice"}, {"key": "sk-shared-key", "tenant": "bob"}], "listed twice"),
+        ([{"key": "sk-shared-key"}, {"key": "sk-shared-key"}], "listed twice"),
+        ([{"key": "sk-only-burst", "burst": 10}], "burst needs requests_per_s"),
+        (
+            [{"key": "sk-dave-one1", "tenant": "dave", "max_concurrent": 1}, {"key": "sk-dave-two2", "tenant": "dave"}],
+            "different limits",
+        ),
+        ([{"key": "sk-infinite", "requests_per_s": float("inf")}], "finite number"),
+        ([{"key": "sk-glacial", "requests_per_s": 1e-320}], "greater than or equal to 0.000001"),
+        ([{"key": "sk-trailing-space "}], "begin or end with spaces"),
+        ([{"key": " sk-leading-space"}], "begin or end with spaces"),
+    ],
+)
+def test_contradictory_or_unusable_keys_are_refused_by_the_config(entries: list[dict[str, Any]], message: str) -> None:
+    """Refused when the config is read, not when the ingress starts (or never: the same key under two tenants logged
+    in as whichever came last, a burst without a rate limited nothing, an infinite rate stopped the ingress from
+    starting, a near-zero one made every 429 a 500, and a key with edge spaces could never log in)."""
+    from pdserve.serve.config import ServeConfig
+
+    with pytest.raises(ValueError, match=message):
+        ServeConfig(api_keys=entries)
+
+
+def test_router_and_pool_settings_refuse_infinity() -> None:
+    """An infinite optimistic TTL kept routed-but-never-stored blocks forever (and grew the expiry queue)."""
+    from pdserve.serve.config import ServeConfig
+
+    for router in ({"optimistic_ttl_s": float("inf")}, {"replica_timeout_s": float("nan")}):
+        with pytest.raises(ValueError, match="finite number"):
+            ServeConfig(router=router)

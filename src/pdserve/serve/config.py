@@ -29,7 +29,7 @@ NCCL_PAIR_BYTES = 100 << 20  # one NCCL communicator's buffers (~50-100 MB), up 
 class PoolConfig(BaseModel):
     """Where one role's replicas run: Ray actor options (resources, label selectors, num_gpus)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     num_replicas: int = Field(1, ge=0, description="replicas in this pool")
     ray_actor_options: dict[str, Any] = Field(
@@ -67,7 +67,7 @@ class AutoscalingSettings(BaseModel):
     (docs/AUTOSCALING.md). Each pool's bounds are its `min_replicas` / `max_replicas`; `num_replicas` is where it
     starts."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     enabled: bool = Field(False, description="size the prefill and decode pools with the planner (disaggregated)")
     ttft_slo_s: float = Field(2.0, gt=0, description="time to first token the planner keeps at p90")
@@ -95,11 +95,11 @@ class APIKeyConfig(BaseModel):
     """One API key and its tenant. Configs hold the key's SHA-256 (`key_sha256`); a plain `key` given here (a
     file, the CLI) is hashed at once and never kept."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     tenant: str = "default"
-    requests_per_s: float | None = Field(None, gt=0)
+    requests_per_s: float | None = Field(None, ge=1e-6)  # a slower rate's Retry-After would not fit an int
     burst: int | None = Field(None, ge=1)
     max_concurrent: int | None = Field(None, ge=1)
 
@@ -113,8 +113,16 @@ class APIKeyConfig(BaseModel):
                 raise ValueError("an API key needs at least 8 characters")
             if not (key.isascii() and key.isprintable()):  # HTTP headers carry no other: it could never log in
                 raise ValueError("an API key must be printable ASCII")
+            if key != key.strip():  # a header's value is read without them: it could never log in either
+                raise ValueError("an API key must not begin or end with spaces")
             data["key_sha256"] = key_digest(key)
         return data
+
+    @model_validator(mode="after")
+    def _burst_needs_a_rate(self) -> APIKeyConfig:
+        if self.burst is not None and self.requests_per_s is None:
+            raise ValueError(f"tenant {self.tenant!r}: burst needs requests_per_s (without a rate nothing is limited)")
+        return self
 
     def tenant_entry(self) -> Tenant:
         return Tenant(self.tenant, self.requests_per_s, self.burst, self.max_concurrent)
@@ -123,7 +131,7 @@ class APIKeyConfig(BaseModel):
 class LimitsConfig(BaseModel):
     """What one request may ask for (api/intake.py RequestLimits)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_stop_strings: int = Field(4, ge=0, description="stop strings per request")
     max_stop_string_chars: int = Field(256, ge=1, description="characters per stop string")
@@ -138,7 +146,7 @@ class LimitsConfig(BaseModel):
 class RouterSettings(BaseModel):
     """The ingress's global router (docs/ROUTER.md): policy, index sync, and the cost model's weights."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     policy: Literal["cache_aware", "pow2"] = Field(
         "cache_aware",
@@ -212,7 +220,7 @@ class RouterSettings(BaseModel):
 class ServeConfig(BaseModel):
     """Everything `pdserve serve` and `serve deploy` (the app's `args`) configure; each field is a CLI flag."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
     model: str | None = Field(
         None,
@@ -465,6 +473,11 @@ class ServeConfig(BaseModel):
         }
 
     @model_validator(mode="after")
+    def _keys_are_consistent(self) -> ServeConfig:
+        tenants_by_digest(self.api_keys)  # refused here, not when the ingress starts
+        return self
+
+    @model_validator(mode="after")
     def _transport_fits_the_device(self) -> ServeConfig:
         if self.device == "auto":  # checked again once build_app has resolved it
             return self
@@ -525,13 +538,22 @@ class ServeConfig(BaseModel):
 
 def api_keys_of(config: ServeConfig) -> APIKeys | None:
     """The ingress's key table; None (an open server) when no key is configured."""
-    if not config.api_keys:
-        return None
+    return APIKeys(tenants_by_digest(config.api_keys)) if config.api_keys else None
+
+
+def tenants_by_digest(entries: list[APIKeyConfig]) -> dict[str, Tenant]:
+    """Key digest -> tenant; a ValueError for a key listed twice (which tenant it logs in as would depend on the
+    order) or a tenant given different limits by two of its keys."""
     tenants: dict[str, Tenant] = {}
     by_digest: dict[str, Tenant] = {}
-    for entry in config.api_keys:
+    for entry in entries:
         tenant = tenants.setdefault(entry.tenant, entry.tenant_entry())
         if tenant != entry.tenant_entry():
             raise ValueError(f"tenant {entry.tenant!r} is given different limits by two of its keys")
+        if entry.key_sha256 in by_digest:
+            raise ValueError(
+                f"a key is listed twice (tenants {by_digest[entry.key_sha256].name!r} and {entry.tenant!r}; "
+                f"sha256 {entry.key_sha256[:12]}...)"
+            )
         by_digest[entry.key_sha256] = tenant
-    return APIKeys(by_digest)
+    return by_digest
