@@ -396,6 +396,42 @@ def test_abort_of_a_reservation_maybe_written_fences_its_blocks_until_lease_and_
     assert engine.reserve(request("again"), lease_s=30) is not None  # the blocks are usable again
 
 
+@pytest.mark.parametrize("is_writer_stopped", [False, True])
+def test_a_commit_with_an_abandoned_writer_keeps_its_blocks_from_others_until_no_write_can_land(
+    model_dir: Path, is_writer_stopped: bool
+) -> None:
+    """A prefill attempt abandoned for a retry writes the same KV under the same epoch and may still land a layer
+    after the retry's commit. The request runs and ends as usual, but its written blocks go to no other request
+    before the writer's permits could have run out — the lease at commit (or only the grace, when the writer is
+    known to have stopped) plus the grace — and are free right after: no block lost."""
+    engine = make_engine(model_dir)
+    lease_s = 0.3
+    reservation = engine.reserve(request("r", max_tokens=2), lease_s=lease_s)
+    assert reservation is not None
+    ids = written(reservation)
+    engine.kv.block_epochs[ids] = reservation.epoch  # the retry's KV arrived (its content is not the point here)
+    committed = time.monotonic()
+    assert engine.commit("r", 7, may_be_written=True, is_writer_stopped=is_writer_stopped) is None
+    while engine.has_unfinished():
+        engine.step()
+    stats = engine.stats()
+    assert stats.num_fenced_blocks == len(ids) > 0 and stats.num_used_blocks == len(ids)
+    taken: set[int] = set()
+    for i in range(30):  # other requests take every free block meanwhile: none of the pinned ones
+        other = engine.reserve(request(f"o{i}", n=8, seed=100 + i), lease_s=30)
+        if other is None:
+            break
+        taken.update(other.block_ids)
+    assert not taken & set(ids)
+    for i in range(30):
+        engine.abort(f"o{i}")
+    freed = reap_until(engine, lambda: engine.stats().num_fenced_blocks == 0)
+    # Not before the writer's deadline plus the grace (at the lease: the writer's state is unknown); soon after.
+    assert freed >= committed + (0.0 if is_writer_stopped else lease_s) + GRACE_S
+    assert freed < committed + lease_s + GRACE_S + 2.0
+    assert engine.stats().num_used_blocks == 0
+
+
 def test_the_reaper_revokes_an_uncommitted_reservation_then_frees_it_after_the_grace(model_dir: Path) -> None:
     engine = make_engine(model_dir)
     lease_s = 0.2

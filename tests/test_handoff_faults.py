@@ -29,6 +29,7 @@ import random
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -163,11 +164,15 @@ class Handle:
         return SimpleNamespace(remote=lambda *args, **kwargs: self.cluster.call(self, method, args, kwargs))
 
     def broadcast(self, method: str, *args: Any) -> Any:
-        async def results_async(timeout_s: float, return_exceptions: bool) -> list[Any]:
-            calls = [self.cluster.call_on(r, self, method, args, {}) for r in self.cluster.pools[self.role]]
-            return list(await asyncio.gather(*calls, return_exceptions=return_exceptions))
+        """Ray 2.60's broadcast response, as far as `ingress_router.broadcast` uses it: one result per replica."""
 
-        return SimpleNamespace(results_async=results_async)
+        async def replica_results() -> list[Any]:
+            return [
+                SimpleNamespace(get_async=partial(self.cluster.call_on, r, self, method, args, {}))
+                for r in self.cluster.pools[self.role]
+            ]
+
+        return SimpleNamespace(_fetch_replica_results_async=replica_results)
 
 
 class Cluster:
@@ -461,3 +466,107 @@ async def _settle(seed: int, cluster: Cluster, channels: IngressChannels | None)
     assert not leftovers, f"round {seed}: replicas still hold state {SETTLE_S} s later: {leftovers}"
     if channels is not None:
         assert not channels._inboxes, f"round {seed}: ingress inboxes left open: {list(channels._inboxes)}"
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2], ids=["ends-at-first-token", "committed"])
+def test_a_prefill_attempt_abandoned_mid_layer_never_writes_into_another_requests_blocks(
+    serve_config: ServeConfig, tiny_models: dict[str, Path], max_tokens: int
+) -> None:
+    """A's first prefill attempt passes its layer-1 permit check and stalls there (a descheduled thread, a slow
+    link); A times out, is retried under the same reservation and ends — freed by the handoff's abort (1 token) or
+    decoded after the commit (2). The stalled layer then lands, within the lease, as the fence allows. D's pool is
+    small, so B (run on D itself) needs A's blocks: they must not be B's before the stale layer can no longer land,
+    or it overwrites B's KV, which B then caches: C, B's prompt again, would decode from it (wrong tokens, 200)."""
+    from pdserve.transfer import shm
+
+    asyncio.run(_abandoned_writer(serve_config, str(tiny_models["llama"]), max_tokens, shm))
+
+
+async def _abandoned_writer(config: ServeConfig, model_path: str, max_tokens: int, shm: Any) -> None:
+    import threading
+
+    cluster = Cluster(config, model_path)
+    cluster.add("prefill")
+    cluster.config = config.model_copy(update={"num_kv_blocks": 6})  # D: 6 blocks of 4; A's 20-token prompt: 5
+    decode_replica = cluster.add("decode")
+    prefill, decode = Handle(cluster, "prefill"), Handle(cluster, "decode")
+    engine = decode_replica.server.engine
+
+    async def on_decode(request_id: str, prompt: list[int]) -> list[int]:
+        tokens: list[int] = []
+        async with aclosing(engine.generate(EngineRequest(request_id, tuple(prompt), greedy(3)))) as outputs:
+            async for out in outputs:
+                tokens += out.new_token_ids
+        return tokens
+
+    held, release = threading.Event(), threading.Event()
+    armed = [True]
+    check = shm.fence_deadline
+
+    def stalling_check(*args: Any) -> Any:
+        deadline = check(*args)  # the permit is open to this epoch: the write may go on
+        if armed[0] and args[-1] == "layer 1":
+            armed[0] = False
+            held.set()
+            release.wait(20)
+        return deadline
+
+    try:
+        a_prompt, b_prompt = list(range(100, 120)), list(range(300, 320))
+        want = await on_decode("oracle-b", b_prompt)
+        await asyncio.sleep(0.1)
+        decode_replica.server.llm.pool.clear_cache()  # nothing of B's prompt cached
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(shm, "fence_deadline", stalling_check)
+            request = EngineRequest("A", tuple(a_prompt), greedy(max_tokens))
+            outputs = handoff.disaggregated_generate(request, prefill, decode, None, 1.0, prefill_timeout_s=0.3)
+            async with aclosing(outputs) as stream:
+                tokens = [t async for out in stream for t in out.new_token_ids]
+            assert len(tokens) == max_tokens and held.is_set() and not release.is_set()
+            await asyncio.sleep(0.2)  # A's end reaches D
+            b = asyncio.ensure_future(on_decode("B", b_prompt))
+            await asyncio.sleep(0.1)
+            release.set()  # the stale layer lands now, well within A's lease
+            await asyncio.sleep(0.1)
+            assert await b == want
+        assert await on_decode("C", b_prompt) == want, "C decoded from KV a stale writer overwrote"
+        await _settle(0, cluster, None)
+    finally:
+        release.set()
+        cluster.close()
+
+
+def test_a_finished_stream_closed_by_its_consumer_sends_no_abort(
+    serve_config: ServeConfig, tiny_models: dict[str, Path]
+) -> None:
+    """The API stops at the finished output and closes the stream: the decode replica has freed the request, and
+    the handoff must not spend a call aborting it (it did, once per completed request)."""
+
+    async def main() -> list[str]:
+        cluster = Cluster(serve_config, str(tiny_models["llama"]))
+        cluster.add("prefill")
+        cluster.add("decode")
+        calls: list[str] = []
+        call_on = cluster.call_on
+
+        def counted(replica: Replica, handle: Handle, method: str, *rest: Any) -> Any:
+            calls.append(method)
+            return call_on(replica, handle, method, *rest)
+
+        cluster.call_on = counted  # type: ignore[method-assign]
+        try:
+            request = EngineRequest("r", tuple(range(5, 30)), greedy(6))
+            outputs = handoff.disaggregated_generate(
+                request, Handle(cluster, "prefill"), Handle(cluster, "decode"), None
+            )
+            async with aclosing(outputs):
+                async for out in outputs:
+                    if out.finish_reason is not None:
+                        break
+            await asyncio.sleep(0.3)
+            await _settle(0, cluster, None)
+            return calls
+        finally:
+            cluster.close()
+
+    assert asyncio.run(main()) == ["reserve", "prefill", "decode"]

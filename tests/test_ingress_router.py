@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,37 +16,49 @@ from pdserve.engine import EngineRequest, SamplingParams
 from pdserve.kvcache import KVEvent, KVEventBatch, KVEventKind
 from pdserve.router import CostConfig, ReplicaReport, SyncCursor
 from pdserve.serve.config import RouterSettings
-from pdserve.serve.ingress_router import IngressRouter
+from pdserve.serve.ingress_router import IngressRouter, broadcast
 from pdserve.serve.messages import ReplicaSync
 
 
-class FakePool:
-    """One replica of a pool, answering `router_sync` broadcasts as a replica does; the test sets its load and
-    appends KV events."""
+class FakeBroadcast:
+    """What Ray 2.60's `DeploymentHandle.broadcast` returns, as far as `broadcast()` uses it: the per-replica
+    results, each awaited on its own."""
 
-    def __init__(self, role: str) -> None:
-        self.replica_id = f"{role}-0"
+    def __init__(self, *answers: Callable[[], Awaitable[Any]]) -> None:
+        self.answers = answers
+
+    async def _fetch_replica_results_async(self) -> list[Any]:
+        return [SimpleNamespace(get_async=answer) for answer in self.answers]
+
+
+class FakePool:
+    """Replicas of a pool answering `router_sync` broadcasts as replicas do; the test sets their load and appends
+    KV events; a wedged one (`wedged`, by index) never answers."""
+
+    def __init__(self, role: str, num_replicas: int = 1) -> None:
+        self.replica_ids = [f"{role}-{i}" for i in range(num_replicas)]
+        self.replica_id = self.replica_ids[0]
         self.role = role
         self.running = 0
         self.events: list[KVEvent] = []
         self.pulls: list[float] = []
         self.delay_s = 0.0  # how long an answer takes
+        self.wedged: set[int] = set()
 
-    def broadcast(self, method: str, cursors: dict[str, SyncCursor]) -> FakePool:
+    def broadcast(self, method: str, cursors: dict[str, SyncCursor]) -> FakeBroadcast:
         assert method == "router_sync"
-        self._cursor = cursors.get(self.replica_id, SyncCursor(None, 0))
-        return self
-
-    async def results_async(self, timeout_s: float, return_exceptions: bool) -> list[Any]:
         self.pulls.append(time.monotonic())
-        cursor = self._cursor
-        await asyncio.sleep(self.delay_s)
+        return FakeBroadcast(*(partial(self._answer, i, cursors) for i in range(len(self.replica_ids))))
+
+    async def _answer(self, i: int, cursors: dict[str, SyncCursor]) -> ReplicaSync:
+        replica_id = self.replica_ids[i]
+        cursor = cursors.get(replica_id, SyncCursor(None, 0))
+        await asyncio.sleep(1e9 if i in self.wedged else self.delay_s)
         if cursor.incarnation != "inc":
             batch = KVEventBatch("inc", len(self.events), (), frozenset())
         else:
             batch = KVEventBatch("inc", len(self.events), tuple(self.events[cursor.seq :]), None)
-        report = ReplicaReport(self.replica_id, self.role, "node", 100, 100, self.running, 0)
-        return [ReplicaSync(report, batch)]
+        return ReplicaSync(ReplicaReport(replica_id, self.role, "node", 100, 100, self.running, 0), batch)
 
 
 async def _started(settings: RouterSettings) -> tuple[IngressRouter, FakePool, FakePool]:
@@ -145,3 +160,34 @@ def test_periods_must_be_positive(field: str) -> None:
 def test_a_quiet_replica_never_times_out_between_pulls(periods: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="idle_sync_period_s < replica_timeout_s"):
         RouterSettings(**periods)
+
+
+def test_a_wedged_replica_costs_only_its_own_answer() -> None:
+    """One replica of three never answers: the broadcast returns the others' answers and a TimeoutError for it, on
+    time, and the router keeps routing to the healthy ones — before, the whole pool looked silent, and the router
+    dropped every replica of it after replica_timeout_s."""
+
+    async def main() -> None:
+        pool = FakePool("decode", num_replicas=3)
+        pool.wedged = {1}
+        start = time.monotonic()
+        results = await broadcast(pool, "router_sync", {}, timeout_s=0.3)  # type: ignore[arg-type]
+        assert 0.3 <= time.monotonic() - start < 1.0
+        assert [type(r).__name__ for r in results] == ["ReplicaSync", "TimeoutError", "ReplicaSync"]
+        await asyncio.sleep(0)  # a cancelled task ends at its next turn
+        assert len(asyncio.all_tasks()) == 1  # the unanswered call was cancelled, not left behind
+
+        prefill, decode = FakePool("prefill"), FakePool("decode", num_replicas=2)
+        settings = RouterSettings(sync_period_s=0.02, idle_sync_period_s=0.05, replica_timeout_s=0.5)
+        router = IngressRouter(settings, CostConfig(block_size=4), prefill, decode)  # type: ignore[arg-type]
+        await router.start()
+        assert sorted(router.router.loads) == ["decode-0", "decode-1", "prefill-0"]
+        decode.wedged = {1}
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(broadcast, "__kwdefaults__", {"timeout_s": 0.1})  # Serve's 5 s, shortened
+            await asyncio.sleep(1.5)  # three times replica_timeout_s
+        assert sorted(router.router.loads) == ["decode-0", "prefill-0"]  # the wedged one left, the healthy stayed
+        decision = router.route(_request("r1"))
+        assert decision is not None and decision.decode_replica_id == "decode-0"
+
+    asyncio.run(main())

@@ -145,13 +145,24 @@ class AsyncEngine:
             yield out
 
     async def commit(
-        self, request_id: str, first_token_id: int, first_logprob: TokenLogprob | None
+        self,
+        request_id: str,
+        first_token_id: int,
+        first_logprob: TokenLogprob | None,
+        may_be_written: bool = False,
+        is_writer_stopped: bool = True,
     ) -> AsyncGenerator[RequestOutput, None]:
-        """Commit a reservation and stream the decoded tokens that follow `first_token_id`."""
+        """Commit a reservation and stream the decoded tokens that follow `first_token_id` (the writer flags: see
+        `LLMEngine.commit`; a cancelled commit's undo fences the same way)."""
         stream = self._open_stream(request_id)
         try:
-            undo = partial(self._abort_quietly, request_id)
-            final = await self.call(self._commit, request_id, first_token_id, first_logprob, stream, undo=undo)
+            undo = partial(
+                self._abort_quietly, request_id, may_be_written=may_be_written, is_writer_stopped=is_writer_stopped
+            )
+            final = await self.call(
+                self._commit, request_id, first_token_id, first_logprob, may_be_written, is_writer_stopped, stream,
+                undo=undo,
+            )  # fmt: skip
         except BaseException:
             self._streams.pop(request_id, None)
             raise
@@ -315,17 +326,21 @@ class AsyncEngine:
         request_id: str,
         first_token_id: int,
         first_logprob: TokenLogprob | None,
+        may_be_written: bool,
+        is_writer_stopped: bool,
         stream: asyncio.Queue[RequestOutput | BaseException],
     ) -> RequestOutput | None:
-        final = self.engine.commit(request_id, first_token_id, first_logprob)
+        final = self.engine.commit(request_id, first_token_id, first_logprob, may_be_written, is_writer_stopped)
         if final is None:
             self._stream_of[request_id] = stream
         return final
 
-    def _abort_quietly(self, request_id: str, _result: object) -> None:
-        """The undo of a cancelled add, commit or reserve."""
+    def _abort_quietly(
+        self, request_id: str, _result: object, may_be_written: bool = False, is_writer_stopped: bool = False
+    ) -> None:
+        """The undo of a cancelled add, commit or reserve (a commit's with its writer flags)."""
         self._stream_of.pop(request_id, None)
-        self.engine.abort(request_id)
+        self.engine.abort(request_id, may_be_written, is_writer_stopped)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         """Hand a step's outputs to the event loop, each with its attempt's stream: one wakeup per step, not one

@@ -116,12 +116,21 @@ class LLMEngine:
         return self.reservations.renew(request_id, lease_s, time.monotonic())
 
     def commit(
-        self, request_id: str, first_token_id: int, first_logprob: TokenLogprob | None = None
+        self,
+        request_id: str,
+        first_token_id: int,
+        first_logprob: TokenLogprob | None = None,
+        may_be_written: bool = False,
+        is_writer_stopped: bool = True,
     ) -> RequestOutput | None:
         """Start decoding a reserved request whose prompt KV is now in its blocks, continuing after
         `first_token_id`. Returns a final output if that token already ends the request (here: this engine's
         context may be shorter than the prefill side's), else None; outputs never repeat the first token, which the
         caller has.
+        `may_be_written`: a writer other than the one that completed the KV may still land a layer (a prefill
+        attempt abandoned for a retry: it writes the same KV, so this request is unharmed, but a block freed when
+        the request ends could already belong to another). The written blocks are then held past the request's
+        end as an abort's would be: until the grace period ends (`is_writer_stopped`), else the lease's end.
         Raises ValueError if there is no such reservation, or if a block past the cached prefix does not carry
         the reservation's epoch (its KV never fully arrived): the reservation stays, for the caller to abort."""
         reservation = self.reservations.open.get(request_id)
@@ -130,6 +139,10 @@ class LLMEngine:
         if not self.reservations.is_complete(reservation):
             raise ValueError(f"request {request_id!r}: KV transfer incomplete (its epoch is not on every block)")
         self.reservations.revoke(request_id)  # from here on no writer may touch its blocks
+        if may_be_written and reservation.written_block_ids:
+            pinned = list(reservation.written_block_ids)
+            self.blocks.pool.touch(pinned)
+            self.reservations.pin(pinned, time.monotonic() if is_writer_stopped else reservation.expires_at)
         seq = reservation.seq
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.blocks.register_computed(seq)
@@ -184,8 +197,8 @@ class LLMEngine:
                 logger.warning("prefill result %s held for %.0f s, never released; releasing", seq.request_id, ttl_s)
                 self.num_reaped_held += 1
                 self._free(seq)
-        for seq in self.reservations.release_due(now):
-            self.blocks.free(seq)
+        for block_ids in self.reservations.release_due(now):
+            self.blocks.pool.free(block_ids)
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and report every request that produced a token or finished."""

@@ -33,7 +33,7 @@ class OpenReservation:
 class _Quarantined:
     until: float
     order: int
-    seq: Sequence = field(compare=False)
+    block_ids: list[int] = field(compare=False)  # the references it holds, dropped at `until`
     num_fenced_blocks: int = field(compare=False)  # its blocks a writer may still hit (the rest are shared, cached)
 
 
@@ -80,16 +80,29 @@ class Reservations:
         return [r for r, reservation in self.open.items() if reservation.expires_at <= now]
 
     def quarantine(self, reservation: OpenReservation, until: float) -> None:
-        """Keep the reservation's blocks out of use until `until` (monotonic); `release_due` hands them back."""
+        """Keep the reservation's blocks (its sequence's references) out of use until `until` (monotonic) plus the
+        grace; `release_due` hands the references back."""
         entry = _Quarantined(
-            until + self.grace_s, next(self._order), reservation.seq, len(reservation.written_block_ids)
+            until + self.grace_s,
+            next(self._order),
+            list(reservation.seq.block_ids),
+            len(reservation.written_block_ids),
         )
         heapq.heappush(self._quarantine, entry)
 
-    def release_due(self, now: float) -> list[Sequence]:
+    def pin(self, block_ids: list[int], until: float) -> None:
+        """Hold references the caller took on `block_ids` until `until` plus the grace: blocks a committed request
+        uses, that an abandoned writer (a timed-out prefill attempt) may still hit, must not go to another request
+        before then — even if this one ends sooner."""
+        heapq.heappush(
+            self._quarantine, _Quarantined(until + self.grace_s, next(self._order), block_ids, len(block_ids))
+        )
+
+    def release_due(self, now: float) -> list[list[int]]:
+        """The references whose time is up, for the caller to drop."""
         due = []
         while self._quarantine and self._quarantine[0].until <= now:
-            due.append(heapq.heappop(self._quarantine).seq)
+            due.append(heapq.heappop(self._quarantine).block_ids)
         return due
 
     @property

@@ -118,8 +118,9 @@ async def _handoff(
                 yield out
         return
     client_gone = asyncio.Event()  # the one signal a departing client sends: the handoff stops at its next step
+    writer = _Writers()
     handoff = _detached(
-        _reserve_and_prefill(request, prefill, decode, route, queue_ttl_s, prefill_timeout_s, client_gone)
+        _reserve_and_prefill(request, prefill, decode, route, queue_ttl_s, prefill_timeout_s, client_gone, writer)
     )
     _background.add(handoff)  # referenced until done, whoever still awaits it
     handoff.add_done_callback(_background.discard)
@@ -127,7 +128,7 @@ async def _handoff(
         reservation, result = await asyncio.shield(handoff)
     except asyncio.CancelledError:  # the client left: the handoff goes on, and frees the reservation when done
         client_gone.set()
-        handoff.add_done_callback(partial(_abort_when_done, decode, request.request_id))
+        handoff.add_done_callback(partial(_abort_when_done, decode, request.request_id, writer))
         raise
     except PrefillFailed as e:  # no prefill replica works: the decode replica prefills the prompt itself
         counters.local_fallbacks += 1
@@ -148,8 +149,9 @@ async def _handoff(
             return  # never committed: the `finally` frees the reservation
         channel = {} if channels is None else {"channel_id": channels.channel_id}
         call = decode.options(stream=True).decode.remote(
-            request.request_id, result.first_token_id, result.first_logprob, request.traceparent, **pinned, **channel
-        )
+            request.request_id, result.first_token_id, result.first_logprob, request.traceparent, **pinned, **channel,
+            **writer.fence(),
+        )  # fmt: skip
         # The first token waits for the decode call's acknowledgement (one hop, not an engine step): a call that
         # cannot reach its replica — dead, or leaving the pool — then fails a request that has shown nothing, which
         # any request may retry elsewhere.
@@ -157,11 +159,12 @@ async def _handoff(
             await anext(outputs)
             yield first
             async for out in outputs:
+                is_done = out.finish_reason is not None  # the consumer closes us there: D has freed it already
                 yield out
         is_done = True
     finally:
-        if not is_done:  # client gone or stream failed; the prefill is over, so no writer is left: free at once
-            _spawn(_abort(decode, request.request_id, pinned, may_be_written=False))
+        if not is_done:  # client gone or stream failed: free at once unless an abandoned attempt may still write
+            _spawn(_abort(decode, request.request_id, pinned, **writer.fence()))
 
 
 async def _local(
@@ -203,6 +206,7 @@ async def _reserve_and_prefill(
     queue_ttl_s: float,
     prefill_timeout_s: float,
     client_gone: asyncio.Event,
+    writer: _Writers,
 ) -> tuple[Reservation, PrefillResult]:
     """Reserve on D, prefill on P into the reservation. On failure, D's reservation is freed (or fenced) here, and
     a server fault raises PrefillFailed (the caller falls back to D). A client gone before the prefill starts stops
@@ -213,12 +217,12 @@ async def _reserve_and_prefill(
         _spawn(_abort(decode, request.request_id, pinned, may_be_written=False))
         raise ClientGone(request.request_id)
     try:
-        result = await _prefill_with_retry(request, prefill, decode, route, reservation, prefill_timeout_s)
+        result = await _prefill_with_retry(request, prefill, decode, route, reservation, prefill_timeout_s, writer)
     except BaseException as e:
         # P stopped writing if its method raised or it died; a layer its push already sent may still land through
         # D's receiver, so the blocks wait a grace period. If the call was lost instead, they wait out the lease.
-        is_stopped = isinstance(e, RayTaskError | ActorDiedError)
-        _spawn(_abort(decode, request.request_id, pinned, may_be_written=True, is_writer_stopped=is_stopped))
+        writer.abandon(e)
+        _spawn(_abort(decode, request.request_id, pinned, **writer.fence()))
         if is_server_fault(e) and not client_gone.is_set():
             raise PrefillFailed(request.request_id, reservation.replica_id) from e
         raise
@@ -232,11 +236,13 @@ async def _prefill_with_retry(
     route: RouteDecision | None,
     reservation: Reservation,
     timeout_s: float,
+    writer: _Writers,
 ) -> PrefillResult:
     """Prefill on the chosen replica; if it fails for a reason of its own (died, wedged, a failed transfer, no
     answer within `timeout_s`), once more on the next-best prefill replica (prefill is idempotent: a retry writes
     the same KV under the same epoch into the same reserved blocks; the transfer is named by the reservation, so the
-    retry's engine id may differ). A client error is not retried."""
+    retry's engine id may differ). A client error is not retried. `writer` learns what the first attempt may still
+    write: it is not waited for, so whatever frees the reservation's blocks later must fence them."""
     first = route.prefill_replica_id if route is not None else None
     try:
         call = prefill.prefill.remote(request, reservation, target_replica_id=first)
@@ -244,6 +250,7 @@ async def _prefill_with_retry(
     except Exception as e:
         if not is_server_fault(e):
             raise
+        writer.abandon(e)
         logger.warning("prefill of %s failed on %s (%r); retrying once elsewhere", request.request_id, first, e)
     counters.prefill_retries += 1
     # Under an engine id of its own: the first attempt may still be ending on the same replica (Serve's pick, or the
@@ -251,6 +258,31 @@ async def _prefill_with_retry(
     again = replace(request, request_id=f"{request.request_id}.p1")
     retry = prefill.prefill.remote(again, reservation, target_replica_id=_runner_up(route, first))
     return await _renewing(retry, decode, reservation, timeout_s)
+
+
+@dataclass
+class _Writers:
+    """What the prefill attempts of one reservation may still write once the handoff moves on: nothing (the
+    attempt that succeeded has ended its push), or a layer from an attempt abandoned for a retry — one that raised
+    or died stopped writing, though a layer it sent may still land within the grace period (`is_stopped`); one
+    that timed out was cancelled without waiting, and may write until its permits' deadline."""
+
+    is_abandoned: bool = False
+    is_stopped: bool = True
+
+    def abandon(self, error: BaseException) -> None:
+        self.is_abandoned = True
+        self.is_stopped = self.is_stopped and _has_stopped(error)
+
+    def fence(self) -> dict[str, bool]:
+        """The flags of a commit or abort of the reservation (`LLMEngine.commit`, `LLMEngine.abort`)."""
+        return {"may_be_written": self.is_abandoned, "is_writer_stopped": self.is_stopped}
+
+
+def _has_stopped(error: BaseException) -> bool:
+    """Whether a prefill call's error says its push has ended: its method raised (the push ends before the method
+    returns or raises) or its replica died; a timeout or a lost call says nothing."""
+    return isinstance(error, RayTaskError | ActorDiedError)
 
 
 def _runner_up(route: RouteDecision | None, failed: str | None) -> str | None:
@@ -355,7 +387,7 @@ def _first_output(request: EngineRequest, result: PrefillResult) -> RequestOutpu
     )
 
 
-def _abort_when_done(decode: DeploymentHandle, request_id: str, handoff: asyncio.Future[Any]) -> None:
+def _abort_when_done(decode: DeploymentHandle, request_id: str, writer: _Writers, handoff: asyncio.Future[Any]) -> None:
     """The handoff ended after its client left: free the reservation it made (a failed one freed it already)."""
     if handoff.cancelled():
         return
@@ -363,7 +395,7 @@ def _abort_when_done(decode: DeploymentHandle, request_id: str, handoff: asyncio
         logger.info("handoff of %s failed after its client left: %r", request_id, error)
         return
     reservation: Reservation = handoff.result()[0]
-    _spawn(_abort(decode, request_id, {"target_replica_id": reservation.replica_id}, may_be_written=False))
+    _spawn(_abort(decode, request_id, {"target_replica_id": reservation.replica_id}, **writer.fence()))
 
 
 async def _abort(

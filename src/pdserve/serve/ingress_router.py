@@ -37,14 +37,38 @@ BROADCAST_TIMEOUT_S = 5.0
 async def broadcast(
     handle: DeploymentHandle, method: str, *args: Any, timeout_s: float = BROADCAST_TIMEOUT_S
 ) -> list[Any]:
-    """`method(*args)` on every replica of `handle`: results and exceptions, one per replica; none at all when some
-    replica does not answer within `timeout_s` (a wedged replica never stalls the caller; Serve's health check
-    replaces it)."""
+    """`method(*args)` on every replica of `handle`: results and exceptions, one per replica, within `timeout_s` —
+    a replica that has not answered by then (wedged) gets a TimeoutError in its place, and the others' answers
+    count (with Serve's all-or-nothing `results_async`, one wedged replica made its whole pool look silent, and the
+    router dropped the healthy ones until Serve's health check replaced it). Empty when Serve cannot even list the
+    replicas in time. Uses the per-replica results of Ray 2.60's broadcast response (pyproject pins Ray)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    response = handle.broadcast(method, *args)
     try:
-        return await handle.broadcast(method, *args).results_async(timeout_s=timeout_s, return_exceptions=True)
+        replica_results = await asyncio.wait_for(response._fetch_replica_results_async(), timeout_s)
     except TimeoutError:
-        logger.warning("broadcast of %s timed out after %.0f s; skipped this round", method, timeout_s)
+        logger.warning("broadcast of %s found no replicas within %.0f s; skipped this round", method, timeout_s)
         return []
+    calls = [asyncio.ensure_future(result.get_async()) for result in replica_results]
+    if not calls:
+        return []
+    try:
+        _, pending = await asyncio.wait(calls, timeout=max(0.0, deadline - loop.time()))
+    finally:  # and when the caller is cancelled: no call outlives the broadcast
+        for call in calls:
+            call.cancel()
+    if pending:
+        logger.warning("%d replica(s) did not answer %s within %.0f s", len(pending), method, timeout_s)
+    results: list[Any] = []
+    for call in calls:
+        if call in pending:
+            results.append(TimeoutError(f"{method} unanswered after {timeout_s:.0f} s"))
+        elif (error := call.exception()) is not None:
+            results.append(error)
+        else:
+            results.append(call.result())
+    return results
 
 
 class IngressRouter:

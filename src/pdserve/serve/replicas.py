@@ -387,22 +387,26 @@ class DecodeServer(_EngineReplica):
         traceparent: str | None = None,
         target_replica_id: str | None = None,
         channel_id: str | None = None,
+        may_be_written: bool = False,
+        is_writer_stopped: bool = True,
     ) -> AsyncIterator[RequestOutput | StreamStart | StreamEnd]:
         """Commit the reservation (ValueError if it expired or its KV is incomplete) and stream the tokens. The
         first message (an output without tokens, or with `channel_id` the StreamStart) says the call reached this
-        replica (the ingress shows the first token then)."""
+        replica (the ingress shows the first token then). `may_be_written`: a prefill attempt abandoned for a retry
+        may still land a layer (`LLMEngine.commit`)."""
         self._check_pinned(target_replica_id)
         fault_point("decode.commit")
         if channel_id is None:
             yield RequestOutput(request_id, [], None, None, 0, 0)
         attributes = {names.REQUEST_ID: request_id, names.REPLICA_ID: self.replica_id}
         span = start_span(names.SPAN_DECODE, traceparent, attributes)
-        outputs = traced_outputs(span, self.engine.commit(request_id, first_token_id, first_logprob))
+        committed = self.engine.commit(request_id, first_token_id, first_logprob, may_be_written, is_writer_stopped)
+        outputs = traced_outputs(span, committed)
         try:
             async for item in self.channels.relay(channel_id, outputs):
                 yield item
-        except ValueError:
-            self.engine.abort(request_id)
+        except ValueError:  # not committed (its KV incomplete: a writer may be mid-layer): fenced, then freed
+            self.engine.abort(request_id, may_be_written=True, is_writer_stopped=is_writer_stopped)
             raise
 
     def __del__(self) -> None:
