@@ -170,3 +170,14 @@ def test_penalties_and_logit_bias_match_their_definitions(case: int) -> None:
     assert result.logprobs is not None
     for r, (logprob, _) in enumerate(result.logprobs):  # the raw distribution's, not the adjusted one's
         assert logprob == pytest.approx(float(logits[r].log_softmax(-1)[result.token_ids[r]]), abs=1e-5)
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy() -> None:
+    """Logits divided by 1e-38 overflow to +-inf and the softmax to NaN: such a request drew the last token every
+    step. Below vLLM's epsilon (1e-5) a temperature means greedy, as in vLLM; above it, sampling as asked."""
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(8)) * 40
+    for temperature in (1e-38, 1e-30, 1e-6, 9.99e-6):
+        params = SamplingParams(temperature=temperature, seed=1, top_p=0.9)
+        assert params.is_greedy
+        assert sample(logits, [_row(params, i) for i in range(6)]).token_ids == logits.argmax(dim=-1).tolist()
+    assert not SamplingParams(temperature=1e-5).is_greedy

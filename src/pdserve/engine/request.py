@@ -25,6 +25,9 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"  # aborted by the caller
 
 
+GREEDY_BELOW_TEMPERATURE = 1e-5  # vLLM's _SAMPLING_EPS
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -56,7 +59,9 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or one so small that dividing logits by it overflows (1e-38 turned every logit into
+        +-inf and the draw into NaN): greedy below vLLM's epsilon, as vLLM treats it."""
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @property
     def adjusts_logits(self) -> bool:
