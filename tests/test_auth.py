@@ -385,3 +385,32 @@ def test_router_and_pool_settings_refuse_infinity() -> None:
     for router in ({"optimistic_ttl_s": float("inf")}, {"replica_timeout_s": float("nan")}):
         with pytest.raises(ValueError, match="finite number"):
             ServeConfig(router=router)
+
+
+def test_metrics_can_be_kept_to_named_tenants(tokenizer: Any) -> None:
+    """/metrics counts the whole cluster (every tenant's traffic and cache hits): `metrics_tenants` keeps it to the
+    named tenants' keys (403 for the others, 401 without a key); generation is unaffected. The config refuses a name
+    that is no tenant of its keys."""
+    from pdserve.serve.config import ServeConfig, api_keys_of
+
+    config = ServeConfig(
+        api_keys=[{"key": KEY_A, "tenant": "team-a"}, {"key": KEY_B, "tenant": "ops"}], metrics_tenants=["ops"]
+    )
+    api_keys = api_keys_of(config)
+    assert api_keys is not None and api_keys.metrics_tenants == {"ops"}
+    backend = FakeBackend(tokenizer)
+    with serve(create_app(backend, api_keys=api_keys)) as url:
+
+        def get(path: str, key: str | None) -> httpx.Response:
+            return httpx.get(f"{url}{path}", headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=5)
+
+        assert get("/metrics", KEY_B).status_code == 200
+        refused = get("/metrics", KEY_A)
+        assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"
+        assert get("/metrics", None).status_code == 401
+        assert get("/v1/models", KEY_A).status_code == 200
+        body = {"model": "fake-model", "prompt": "hi", "max_tokens": 2}
+        answer = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY_A}"})
+        assert answer.status_code == 200
+    with pytest.raises(ValueError, match="metrics_tenants names no tenant of api_keys: nobody"):
+        ServeConfig(api_keys=[{"key": KEY_A}], metrics_tenants=["nobody"])

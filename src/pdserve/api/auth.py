@@ -84,6 +84,8 @@ class APIKeys:
     """Key digests (hex SHA-256) -> tenants."""
 
     tenants_by_digest: dict[str, Tenant]
+    # Tenants whose keys may read /metrics (cluster-wide counters: other tenants' traffic, cache hits); None: all
+    metrics_tenants: frozenset[str] | None = None
     _states: dict[str, _TenantState] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -151,6 +153,11 @@ class APIKeyAuth:
             await error_response(error, headers=headers)(scope, receive, send)
             return
         scope.setdefault("state", {})["tenant"] = tenant.name
+        metrics_tenants = self.keys.metrics_tenants
+        if scope["path"] == "/metrics" and metrics_tenants is not None and tenant.name not in metrics_tenants:
+            error = APIError(403, f"tenant {tenant.name} may not read /metrics", "permission_error", code="forbidden")
+            await error_response(error, headers={"Connection": "close"})(scope, receive, send)
+            return
         if not (scope["method"] == "POST" and scope["path"].startswith("/v1/")):
             await self.app(scope, receive, send)
             return

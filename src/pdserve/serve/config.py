@@ -311,6 +311,11 @@ class ServeConfig(BaseModel):
         description="require one of these keys (Authorization: Bearer KEY) on every route but /health and /ready "
         "(docs/SECURITY.md)",
     )
+    metrics_tenants: list[str] | None = Field(
+        None,
+        description="with api_keys: the tenants whose keys may read /metrics (its counters are cluster-wide: other "
+        "tenants' traffic and cache hits); others get 403. Default: every tenant",
+    )
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="what one request may ask for")
 
     colocated: bool = Field(False, description="one engine pool doing prefill and decode (the baseline)")
@@ -475,6 +480,10 @@ class ServeConfig(BaseModel):
     @model_validator(mode="after")
     def _keys_are_consistent(self) -> ServeConfig:
         tenants_by_digest(self.api_keys)  # refused here, not when the ingress starts
+        if self.metrics_tenants is not None:
+            known = {entry.tenant for entry in self.api_keys}
+            if unknown := sorted(set(self.metrics_tenants) - known):
+                raise ValueError(f"metrics_tenants names no tenant of api_keys: {', '.join(unknown)}")
         return self
 
     @model_validator(mode="after")
@@ -538,7 +547,10 @@ class ServeConfig(BaseModel):
 
 def api_keys_of(config: ServeConfig) -> APIKeys | None:
     """The ingress's key table; None (an open server) when no key is configured."""
-    return APIKeys(tenants_by_digest(config.api_keys)) if config.api_keys else None
+    if not config.api_keys:
+        return None
+    metrics = None if config.metrics_tenants is None else frozenset(config.metrics_tenants)
+    return APIKeys(tenants_by_digest(config.api_keys), metrics)
 
 
 def tenants_by_digest(entries: list[APIKeyConfig]) -> dict[str, Tenant]:
