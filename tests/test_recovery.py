@@ -74,7 +74,11 @@ def apps(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
         "prefill_fails": ServeConfig(**common, prefill=prefill_fails),
         # Only the pool under test gets a second replica: each replica is a process of its own (~6 s of CPU to
         # start on this 2-core box, the bulk of this fixture's setup).
-        "prefill_stalls": ServeConfig(**common, prefill=push_stalls, prefill_timeout_s=2),
+        # A short lease: the timed-out attempt is abandoned, so its reservation's blocks stay fenced until the
+        # permits' deadline (the lease) after the retry's commit.
+        "prefill_stalls": ServeConfig(
+            **common, prefill=push_stalls, prefill_timeout_s=2, reservation_lease_s=6, queue_ttl_s=5
+        ),
         "decode_killed": ServeConfig(**common, decode=slow_decode),
         "prefill_killed": ServeConfig(**common, prefill=prefill_killed),
         "engine_dies": ServeConfig(**common, decode=engine_dies),
@@ -189,7 +193,9 @@ def test_with_no_working_prefill_replica_the_decode_replica_prefills(apps: dict[
 
 def test_a_prefill_that_stalls_past_its_timeout_is_retried_elsewhere(apps: dict[str, Served], oracle) -> None:  # type: ignore[no-untyped-def]
     """One prefill replica's KV push stalls 4 s, past prefill_timeout_s = 2 s: that call is cancelled and retried
-    on the other prefill replica; the stalled push, once it wakes, finds the reservation committed and is fenced."""
+    on the other prefill replica; the stalled push, once it wakes, finds the reservation committed and is fenced.
+    The abandoned attempt might still land a layer until its permits' deadline, so the request's written blocks
+    stay out of use that long (the 6 s lease) after it ends — then nothing is held."""
     served = apps["prefill_stalls"]
     prompts = _mixed_prompts(seed=84, n=8)
     start = time.monotonic()
@@ -197,8 +203,8 @@ def test_a_prefill_that_stalls_past_its_timeout_is_retried_elsewhere(apps: dict[
     elapsed = time.monotonic() - start
     retries = sum(served.metrics().get("pdserve_prefill_retries_total", {}).values())
     print(f"a stalled prefill: 8 requests exact in {elapsed:.1f} s, {retries:.0f} retried after the timeout")
-    assert retries >= 1 and elapsed < 10
-    _assert_idle(served, "after the stalled prefill", timeout_s=10)
+    assert retries >= 1 and elapsed < 15  # a liveness bound (10.3 s seen late in the module on this box)
+    _assert_idle(served, "after the stalled prefill", timeout_s=15)
 
 
 def test_a_dead_engine_thread_fails_fast_and_the_replica_is_replaced(apps: dict[str, Served], oracle) -> None:  # type: ignore[no-untyped-def]
