@@ -39,7 +39,6 @@ def publish_tracing_secrets(environ: Mapping[str, str] = os.environ) -> None:
     found = tracing_secrets(environ)
     if not found or not internal_kv._internal_kv_initialized():
         return
-
     internal_kv._internal_kv_put(_TRACING_SECRETS_KEY, json.dumps(found), overwrite=True, namespace=_NAMESPACE)
 
 
