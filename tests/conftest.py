@@ -44,15 +44,16 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def oracle(tiny_models: dict[str, Path]):  # type: ignore[no-untyped-def]
-    """prompt ids -> the text of transformers' greedy continuation (HTTP_MAX_TOKENS tokens) on the tiny Llama."""
+    """prompt ids -> the text of transformers' greedy continuation (HTTP_MAX_TOKENS tokens) on the tiny Llama, as an
+    `ExpectedText`: equal to a served text that matches it, or that matches it up to a near-tie (oracle.py)."""
     from transformers import AutoTokenizer
 
-    from oracle import HTTP_MAX_TOKENS, continuation_text, load_reference_model, reference_greedy
+    from oracle import HTTP_MAX_TOKENS, ExpectedText, load_reference_model, reference_greedy
 
     path = tiny_models["llama"]
     model, tokenizer = load_reference_model(path), AutoTokenizer.from_pretrained(path)
 
-    def want(prompt: list[int]) -> str:
-        return continuation_text(tokenizer, prompt, reference_greedy(model, prompt, HTTP_MAX_TOKENS).token_ids)
+    def want(prompt: list[int]) -> ExpectedText:
+        return ExpectedText(tokenizer, prompt, reference_greedy(model, prompt, HTTP_MAX_TOKENS))
 
     return want

@@ -2,7 +2,8 @@
 
 Batching changes matmul shapes and so the last bits of fp32 sums; on a near-tie a greedy token can then flip
 (DESIGN.md §6). Where our tokens first differ from the reference, the reference's top-2 logit gap there must be
-below NEAR_TIE and the comparison stops at that position. Anything else fails.
+below NEAR_TIE and the comparison stops at that position. Anything else fails. Tests that meet the output as text
+(through HTTP) apply the same rule with `ExpectedText`.
 """
 
 from __future__ import annotations
@@ -74,6 +75,42 @@ def assert_matches(reference: Reference, got: list[int], label: str = "") -> int
             print(f"{label}: near-tie at token {i} (gap {gap:.2e}); compared {i} tokens")
             return i
     return len(got)
+
+
+class ExpectedText(str):
+    """The text of the reference's greedy continuation, compared as `assert_matches` compares tokens: a text equals
+    it when equal, or when it starts with the text of the reference's tokens before a near-tie (the comparison stops
+    there; printed, as a near-tie must be shown). A str, so `got == want` and `got == [want, ...]` read as usual:
+    Python tries a subclass's reflected `__eq__` first."""
+
+    tie_prefixes: tuple[tuple[int, str], ...]
+
+    def __new__(cls, tokenizer: object, prompt: list[int], reference: Reference) -> ExpectedText:
+        text = super().__new__(cls, continuation_text(tokenizer, prompt, reference.token_ids))
+        # A prefix cut inside a character ends in U+FFFD where the whole text has the character: compare before it.
+        text.tie_prefixes = tuple(
+            (k, continuation_text(tokenizer, prompt, reference.token_ids[:k]).rstrip("\ufffd"))
+            for k, gap in enumerate(reference.top2_gaps)
+            if gap < NEAR_TIE
+        )
+        return text
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, str):
+            return NotImplemented
+        if str.__eq__(self, other):
+            return True
+        for k, prefix in self.tie_prefixes:
+            if other.startswith(prefix):
+                print(f"near-tie at token {k}: compared the text of the first {k} tokens ({prefix!r})")
+                return True
+        return False
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = str.__hash__
 
 
 def greedy(max_tokens: int, **kwargs: object) -> SamplingParams:

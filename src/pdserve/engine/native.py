@@ -51,11 +51,12 @@ def kernel_cache_dir() -> Path:
 
 def kernels_supported(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
     """Whether the native kernels (attention, fused glue) run by default for a model of this shape and dtype."""
-    # bf16 only by default: in float32 one answer in 271 of an e2e test (random tiny model, 600-token prompts)
-    # differed from transformers with the decode kernel, unexplained yet; the kernels compute float32 too (tests
-    # call them directly). And bf16 only where the CPU has bf16 instructions, the path they are tuned and held to
-    # torch's accuracy on: on an AVX2-only CPU (where `dtype: auto` picks float32) their float path was 1.23x
-    # further from float32 than torch's bf16 ops in decode (SmolLM2, tests/test_smollm2.py).
+    # bf16 only by default, and only where the CPU has bf16 instructions: the path they are tuned and held to
+    # torch's accuracy on. The kernels compute float32 too (tests call them directly), but on an AVX2-only CPU
+    # (where `dtype: auto` picks float32) their float path was 1.23x further from float32 than torch's bf16 ops in
+    # decode (SmolLM2, tests/test_smollm2.py). (The one answer in 271 of test_autoscaling_e2e once blamed on the
+    # float32 decode kernel is a near-tie of the reference, top-2 gap 2.7e-4, that flips on AVX-512 CPUs with
+    # torch's own kernels too: tests/oracle.py's ExpectedText.)
     from pdserve.engine.weights import cpu_has_native_bf16
 
     return (
