@@ -79,6 +79,17 @@ def apps(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
         "prefill_stalls": ServeConfig(
             **common, prefill=push_stalls, prefill_timeout_s=2, reservation_lease_s=6, queue_ttl_s=5
         ),
+        # Every KV push sleeps 0.65 s, against a 2 s prefill timeout: pushes queue for each prefill replica's worker
+        # threads, so in a storm some calls time out and some of their retries too (here: 48 requests, 23 retried,
+        # 15 of them then prefilled on D; 0.5 s gave no fallback, 0.8 s no retry that succeeded). Room for the
+        # blocks that stay fenced meanwhile.
+        "prefill_storm": ServeConfig(
+            **(common | {"num_kv_blocks": 1200}),
+            prefill=_with_faults("prefill.push=slow:0.65") | {"num_replicas": 2},
+            prefill_timeout_s=2,
+            reservation_lease_s=6,
+            queue_ttl_s=5,
+        ),
         "decode_killed": ServeConfig(**common, decode=slow_decode),
         "prefill_killed": ServeConfig(**common, prefill=prefill_killed),
         "engine_dies": ServeConfig(**common, decode=engine_dies),
@@ -205,6 +216,23 @@ def test_a_prefill_that_stalls_past_its_timeout_is_retried_elsewhere(apps: dict[
     print(f"a stalled prefill: 8 requests exact in {elapsed:.1f} s, {retries:.0f} retried after the timeout")
     assert retries >= 1 and elapsed < 15  # a liveness bound (10.3 s seen late in the module on this box)
     _assert_idle(served, "after the stalled prefill", timeout_s=15)
+
+
+def test_a_storm_of_timed_out_prefills_leaves_every_answer_exact(apps: dict[str, Served], oracle) -> None:  # type: ignore[no-untyped-def]
+    """48 concurrent requests on 2P+1D where every KV push sleeps 0.65 s, behind a 2 s prefill timeout. Pushes queue
+    on each prefill replica, so at random some calls finish in time, some time out and are retried on the other
+    replica while the first attempt's push still runs (its layers landing before, during or after the retry's, or
+    after the request has ended and freed its blocks), and some time out twice and are prefilled on the decode
+    replica. Every answer equals transformers'; once the abandoned attempts' leases run out, nothing is held."""
+    served = apps["prefill_storm"]
+    prompts = _mixed_prompts(seed=85, n=48)
+    assert asyncio.run(_exact_wave(served, prompts)) == [oracle(p) for p in prompts]
+    metrics = served.metrics()
+    retries = sum(metrics.get("pdserve_prefill_retries_total", {}).values())
+    fallbacks = sum(metrics.get("pdserve_local_prefill_fallbacks_total", {}).values())
+    print(f"a storm of timed-out prefills: 48 requests exact, {retries:.0f} retried, {fallbacks:.0f} prefilled on D")
+    assert retries >= 1, "the storm timed out no prefill: it tests nothing"
+    _assert_idle(served, "after the storm of timed-out prefills", timeout_s=20)
 
 
 def test_a_dead_engine_thread_fails_fast_and_the_replica_is_replaced(apps: dict[str, Served], oracle) -> None:  # type: ignore[no-untyped-def]
