@@ -536,6 +536,59 @@ async def _abandoned_writer(config: ServeConfig, model_path: str, max_tokens: in
         cluster.close()
 
 
+def test_a_push_still_queued_when_its_prefill_call_ends_never_starts(
+    serve_config: ServeConfig, tiny_models: dict[str, Path]
+) -> None:
+    """A prefill call cancelled (its caller timed out) while its push still waits for a worker thread — every thread
+    busy with other pushes, as in a storm of timeouts — ends without that push ever starting: it would hold a thread
+    the live calls need, to send KV nobody waits for. The decode replica's blocks are untouched and freed."""
+    asyncio.run(_queued_push(serve_config, str(tiny_models["llama"])))
+
+
+async def _queued_push(config: ServeConfig, model_path: str) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    cluster = Cluster(config, model_path)
+    prefill, decode = cluster.add("prefill").server, cluster.add("decode").server
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=1))  # the replica's push threads, all taken below
+    release = threading.Event()
+    busy = loop.run_in_executor(None, release.wait, 20)
+    sent: list[Any] = []
+    send = prefill.sender.send
+    prefill.sender.send = lambda *args: sent.append(args) or send(*args)
+    computed = asyncio.Event()
+    compute = prefill._compute
+
+    async def compute_and_tell(*args: Any) -> Any:
+        out = await compute(*args)
+        computed.set()  # the push is submitted right after: it queues behind `busy`
+        return out
+
+    prefill._compute = compute_and_tell
+    try:
+        request = EngineRequest("A", tuple(range(100, 120)), greedy(2))
+        reservation = await decode.reserve(request)
+        assert reservation is not None
+        call = asyncio.ensure_future(prefill.prefill(request, reservation))
+        await asyncio.wait_for(computed.wait(), 10)
+        await asyncio.sleep(0.05)
+        assert not call.done() and not sent
+        call.cancel()  # the caller's timeout
+        await asyncio.sleep(0.05)
+        release.set()  # a thread comes free: the cancelled call's push would take it now
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert not sent, "the push of a call that had ended started and sent KV"
+        await decode.abort("A", may_be_written=False)
+        await busy
+        await _settle(0, cluster, None)
+    finally:
+        release.set()
+        cluster.close()
+
+
 def test_a_finished_stream_closed_by_its_consumer_sends_no_abort(
     serve_config: ServeConfig, tiny_models: dict[str, Path]
 ) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
@@ -248,9 +249,11 @@ class PrefillServer(_EngineReplica):
             progress = LayerProgress(self.llm.kv.flat.device) if self.is_pipelined else None
             transfer_span: Span | None = None  # begins when the push does: with the prompt, or after it
             push: asyncio.Future[TransferStats] | None = None
+            # Set when this call ends unsuccessfully: a push still queued for a worker thread then never starts.
+            abandoned = threading.Event()
             if progress is not None:
                 transfer_span = child_span(span, names.SPAN_KV_TRANSFER, {names.PIPELINED: True})
-                push = asyncio.ensure_future(asyncio.to_thread(self._push, reservation, progress))
+                push = asyncio.ensure_future(asyncio.to_thread(self._push, reservation, progress, None, abandoned))
             start = time.perf_counter()
             first: RequestOutput | None = None
             try:
@@ -259,12 +262,15 @@ class PrefillServer(_EngineReplica):
                 span.set_attributes({**prompt_attributes(first), names.COMPUTE_S: prefill_s - first.queue_s})
                 if push is None:
                     transfer_span = child_span(span, names.SPAN_KV_TRANSFER, {names.PIPELINED: False})
-                    push = asyncio.ensure_future(asyncio.to_thread(self._push, reservation, None, first.kv_block_ids))
+                    push = asyncio.ensure_future(
+                        asyncio.to_thread(self._push, reservation, None, first.kv_block_ids, abandoned)
+                    )
                 stats = await asyncio.shield(push)  # a cancel must not orphan the push thread
                 wait_s = time.perf_counter() - start - prefill_s  # what the transfer adds to the prefill
                 assert transfer_span is not None
                 record_transfer(transfer_span, stats)
             except BaseException as e:
+                abandoned.set()
                 if progress is not None:
                     progress.fail(e)
                 if push is not None:  # its thread must stop writing theirs and reading our blocks
@@ -309,10 +315,18 @@ class PrefillServer(_EngineReplica):
         return first
 
     def _push(
-        self, reservation: Reservation, progress: LayerProgress | None, src_block_ids: tuple[int, ...] | None = None
+        self,
+        reservation: Reservation,
+        progress: LayerProgress | None,
+        src_block_ids: tuple[int, ...] | None = None,
+        abandoned: threading.Event | None = None,
     ) -> TransferStats:
         """Send the blocks past the decode replica's cached prefix (runs in a worker thread); with `progress`, each
-        layer as soon as it is computed (the block ids arrive with the first layer)."""
+        layer as soon as it is computed (the block ids arrive with the first layer). A push whose call has ended
+        (`abandoned`: timed out and cancelled, say) before a thread took it up sends nothing: under a storm of
+        timeouts, queued pushes of calls nobody waits for would hold the threads the live ones need."""
+        if abandoned is not None and abandoned.is_set():
+            raise PushAbandoned(reservation.request_id)
         fault_point("prefill.push")
         # The decode replica's fence is what keeps a late write out of its blocks; this only stops trying early.
         deadline = Deadline(min(self.config.kv_transfer_timeout_s, reservation.lease_s))
@@ -414,6 +428,10 @@ class DecodeServer(_EngineReplica):
         self.receiver.close()
         self.llm.kv.close()
         super().__del__()
+
+
+class PushAbandoned(RuntimeError):
+    """A prefill call ended before its push started: the push sends nothing."""
 
 
 async def _finish_uncancelled(future: asyncio.Future[TransferStats]) -> None:
