@@ -80,9 +80,8 @@ def apps(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
             **common, prefill=push_stalls, prefill_timeout_s=2, reservation_lease_s=6, queue_ttl_s=5
         ),
         # Every KV push sleeps 0.65 s, against a 2 s prefill timeout: pushes queue for each prefill replica's worker
-        # threads, so in a storm some calls time out and some of their retries too (here: 48 requests, 23 retried,
-        # 15 of them then prefilled on D; 0.5 s gave no fallback, 0.8 s no retry that succeeded). Room for the
-        # blocks that stay fenced meanwhile.
+        # threads, so in a storm some calls time out and some of their retries too (here: 48 requests, 26 retried,
+        # 9 of them then prefilled on D). Room for the blocks that stay fenced meanwhile.
         "prefill_storm": ServeConfig(
             **(common | {"num_kv_blocks": 1200}),
             prefill=_with_faults("prefill.push=slow:0.65") | {"num_replicas": 2},
