@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from handoff import prefill_then_decode
+from handoff import copy_missing_blocks, prefill_then_decode
 from oracle import greedy, load_reference_model, random_prompts, run_staggered
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine import EngineRequest, FinishReason, KVReservation, LLMEngine, RequestOutput, SamplingParams
@@ -332,3 +332,42 @@ def test_auto_dtype_follows_the_cpu() -> None:
     assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("fp8", torch.device("cpu"))
+
+
+def test_committed_reservations_past_max_num_seqs_wait_for_a_slot(llama: Path) -> None:
+    """A decode replica commits every reservation whose KV arrived, even with max_num_seqs sequences running: the
+    blocks are held already. A step must still run at most max_num_seqs of them (it sized its activations and the
+    GPU memory plan for that many); the rest wait for a slot, and every request ends with exactly its tokens."""
+    prefill = make_engine(llama)
+    decode = LLMEngine(
+        EngineConfig(
+            ModelConfig(str(llama), dtype="float32"),
+            CacheConfig(num_blocks=64),
+            SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=2),
+        )
+    )
+    prompts = random_prompts([9, 1, 23, 5, 17], 500, seed=4)
+    requests = [req(f"r{i}", p, greedy(6)) for i, p in enumerate(prompts)]
+    expected = {r.request_id: prefill_then_decode(prefill, make_engine(llama), r)[0] for r in requests}
+    tokens: dict[str, list[int]] = {}
+    for r in requests:  # all five committed before the decode engine steps once
+        reservation = decode.reserve(r)
+        assert reservation is not None
+        prefill.add_request(r, prefill_only=True)
+        while (first := next((o for o in prefill.step() if o.request_id == r.request_id), None)) is None:
+            pass
+        assert first.kv_block_ids is not None
+        copy_missing_blocks(prefill, first.kv_block_ids, decode, reservation)
+        prefill.release(r.request_id)
+        tokens[r.request_id] = list(first.new_token_ids)
+        assert decode.commit(r.request_id, first.new_token_ids[0]) is None
+    assert decode.stats().num_running == 5
+    batch_sizes = []
+    while decode.has_unfinished():
+        outputs = decode.step()
+        batch_sizes.append(len(outputs))
+        for out in outputs:
+            tokens[out.request_id].extend(out.new_token_ids)
+    assert max(batch_sizes) == 2
+    assert tokens == expected
+    assert_idle(decode)

@@ -21,6 +21,7 @@ from handoff import copy_missing_blocks
 from oracle import Reference, assert_matches, greedy, load_reference_model, random_prompts, reference_greedy
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine import EngineRequest, LLMEngine, RequestOutput, native
+from pdserve.engine.scheduler import SchedulerOutput
 
 MAX_TOKENS = 12
 NUM_SCHEDULES = int(os.environ.get("FUZZ_SCHEDULES", "48"))
@@ -61,6 +62,19 @@ class _Live:
     is_aborted: bool = False
 
 
+def _cap_checked(engine: LLMEngine) -> None:
+    """Fail the step that schedules more sequences than max_num_seqs (committed reservations join `running` past
+    it: a step must still run no more)."""
+    schedule, limit = engine.scheduler.schedule, engine.scheduler.config.max_num_seqs
+
+    def checked() -> SchedulerOutput:
+        out = schedule()
+        assert len(out.chunks) <= limit, f"{len(out.chunks)} sequences in one step, max_num_seqs {limit}"
+        return out
+
+    engine.scheduler.schedule = checked  # type: ignore[method-assign]
+
+
 class _Schedule:
     """Two engines driven step by step: P runs colocated and prefill-only requests, D runs colocated requests and
     the committed reservations of split ones, so both engines' batches mix every kind of chunk."""
@@ -76,6 +90,8 @@ class _Schedule:
                 engine.model.prefill_kernel = native.paged_prefill_op()
                 if engine.model.prefill_kernel is None and os.environ.get("CI"):
                     pytest.fail("the native attention kernels did not build on this CI machine")
+        for engine in (self.p, self.d):
+            _cap_checked(engine)
         self.live: dict[str, _Live] = {}
         self.waiting_reservation: list[_Live] = []
 

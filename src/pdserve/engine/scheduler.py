@@ -52,7 +52,8 @@ class Scheduler:
         self.waiting.append(seq)
 
     def add_running(self, seq: Sequence) -> None:
-        """Join a sequence that already holds its blocks (a committed KV reservation)."""
+        """Join a sequence that already holds its blocks (a committed KV reservation). It may take `running` past
+        max_num_seqs (its blocks are held already); `schedule` still runs at most max_num_seqs per step."""
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
 
@@ -73,7 +74,9 @@ class Scheduler:
             # Running prefills then compete with the waiting prompts for what the decodes leave (_prefill_order).
             running = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
         for seq in running:
-            if budget == 0:
+            # Committed reservations join `running` whatever its size (add_running): a step still schedules at
+            # most max_num_seqs sequences, and those past it wait for a slot (oldest first).
+            if budget == 0 or len(chunks) == self.config.max_num_seqs:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
@@ -108,7 +111,7 @@ class Scheduler:
         new: list[ScheduledChunk] = []
         admitting = True
         for seq in candidates:
-            if budget == 0:
+            if budget == 0 or len(chunks) + len(new) == self.config.max_num_seqs:
                 break
             if seq.status is SequenceStatus.RUNNING and seq in self.running:
                 taken = self._continue(seq, budget, [*chunks, *new], preempted)
