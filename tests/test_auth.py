@@ -16,6 +16,7 @@ from fastapi.routing import APIRoute
 
 from pdserve.api import create_app
 from pdserve.api.auth import OPEN_PATHS, APIKeys, Tenant, key_digest, tenant_salt
+from pdserve.api.backend import CapacityError, ServerError
 from pdserve.api.intake import RequestLimits, Tokenization
 from test_api import FakeBackend, serve, wait_until
 
@@ -123,6 +124,27 @@ def test_rate_limit_answers_429_with_retry_after(secured: tuple[str, FakeBackend
     assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
     assert int(statuses[2].headers["retry-after"]) >= 1
     assert len(backend.requests) == 2
+
+
+@pytest.mark.parametrize(
+    "error", [CapacityError("busy"), CapacityError("down", status_code=503), ServerError("replica died", 1.0)]
+)
+def test_a_request_the_server_refused_costs_the_tenant_nothing(tokenizer: Any, error: Exception) -> None:
+    """A tenant's rate counts the requests the server took, not those it was too busy for or failed before answering:
+    team-b (a burst of 2, 0.5 per second) is refused by the server 4 times, then still has its burst of 2."""
+    backend = FakeBackend(tokenizer)
+    backend.reset(error=error)
+    body = {"model": "fake-model", "prompt": "hi", "max_tokens": 2}
+    auth = {"Authorization": f"Bearer {KEY_B}"}
+    with (
+        serve(create_app(backend, api_keys=keys())) as url,
+        httpx.Client(base_url=url, timeout=5, headers=auth) as http,
+    ):
+        refused = [http.post("/v1/completions", json=body).status_code for _ in range(4)]
+        backend.reset()
+        statuses = [http.post("/v1/completions", json=body).status_code for _ in range(3)]
+    assert set(refused) == {error.status_code if isinstance(error, CapacityError) else 503}
+    assert statuses == [200, 200, 429]
 
 
 def test_concurrency_limit_counts_streams_until_they_end(secured: tuple[str, FakeBackend, Any]) -> None:

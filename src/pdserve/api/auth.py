@@ -20,7 +20,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pdserve.api.errors import APIError, error_response
 
@@ -70,6 +70,10 @@ class _Bucket:
             self.tokens -= 1
             return 0.0
         return (1 - self.tokens) / self.rate
+
+    def refund(self) -> None:
+        """Give back the token of a request the server refused or failed before answering it."""
+        self.tokens = min(self.burst, self.tokens + 1)
 
 
 @dataclass
@@ -122,8 +126,13 @@ class APIKeys:
         state.in_flight += 1
         return 0.0
 
-    def release(self, tenant: Tenant) -> None:
-        self._states[tenant.name].in_flight -= 1
+    def release(self, tenant: Tenant, refund: bool = False) -> None:
+        """The end of a request `admit` let in; `refund`: the server refused or failed it before it was answered
+        (busy: 429, 503; broken: 500), which must not cost the tenant its rate."""
+        state = self._states[tenant.name]
+        state.in_flight -= 1
+        if refund and state.bucket is not None:
+            state.bucket.refund()
 
     def in_flight(self, tenant_name: str) -> int:
         return self._states[tenant_name].in_flight
@@ -168,7 +177,15 @@ class APIKeyAuth:
             )  # fmt: skip
             await error_response(error)(scope, receive, send)
             return
+        status = 0
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
-        finally:
-            self.keys.release(tenant)
+            await self.app(scope, receive, observed_send)
+        finally:  # a request the server was too busy for (or failed) before answering costs the tenant nothing
+            self.keys.release(tenant, refund=status == 429 or status >= 500)
