@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pdserve.engine.request import SamplingParams
-from pdserve.engine.sampler import SampleRow, _draw, sample
+from pdserve.engine.sampler import SampleRow, _draw, sample, stream_seed
 
 
 def _row(params: SamplingParams, index: int = 0, stops: tuple[int, ...] = ()) -> SampleRow:
@@ -121,6 +121,20 @@ def test_seeded_draws_depend_on_seed_and_index_only() -> None:
     draws = [sample(logits[:1], [_row(p, i)]).token_ids[0] for p in (params, other) for i in range(50)]
     assert draws[:50] != draws[50:]  # the seed moves the draws
     assert len(set(draws[:50])) > 1  # and so does the index
+
+
+@pytest.mark.parametrize("apart", [1 << 32, 1 << 63, 1 << 40])
+def test_seeds_far_apart_draw_differently(apart: int) -> None:
+    """torch's CPU generator keeps a seed's low 32 bits: seeds 2^32 (or 2^40, 2^63) apart must still differ in
+    the bits the generator reads, and so in their tokens (they drew the same tokens before)."""
+    logits = torch.zeros(1, 1000)
+    for base in (0, 7, 12345):
+        draws = [
+            [sample(logits, [_row(SamplingParams(temperature=1.0, seed=seed), i)]).token_ids[0] for i in range(20)]
+            for seed in (base, base + apart)
+        ]
+        assert draws[0] != draws[1], (base, apart)
+        assert stream_seed(base, 0) & 0xFFFFFFFF != stream_seed(base + apart, 0) & 0xFFFFFFFF
 
 
 def test_min_tokens_masks_stop_ids_until_reached() -> None:

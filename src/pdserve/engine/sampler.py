@@ -15,6 +15,17 @@ import torch
 from pdserve.engine.request import SamplingParams, TokenLogprob
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) pairs over the seed space
+_MASK64 = (1 << 64) - 1
+
+
+def stream_seed(seed: int, index: int) -> int:
+    """The generator seed of output token `index` of a request seeded `seed`: SplitMix64's finalizer over
+    (seed, index), so that every bit of both reaches every bit of the result. torch's CPU generator (mt19937) keeps
+    only a seed's low 32 bits: a plain mix would give seeds 2^32 apart the same tokens."""
+    x = (seed * _SEED_MIX + index) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1  # 63 bits: manual_seed's range
 
 
 @dataclass(frozen=True)
@@ -106,7 +117,7 @@ def _sample_row(logits: torch.Tensor, row: SampleRow) -> int:
     if params.seed is not None:
         generator = torch.Generator(device=probs.device)
         index = row.num_output_tokens + params.num_prior_output_tokens
-        generator.manual_seed((params.seed * _SEED_MIX + index) % (1 << 63))
+        generator.manual_seed(stream_seed(params.seed, index))
     return _draw(probs, generator)
 
 
