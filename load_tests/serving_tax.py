@@ -3,7 +3,9 @@ optionally peers (vLLM-CPU) — N concurrent greedy streams of P prompt tokens -
 
 Per system: output tok/s, TTFT and TPOT medians and p90 (tokens counted from the response's usage, never from SSE
 chunks), the tax (1 - tok/s ÷ the engine alone's), and where the CPU went, per output token, by process: engine
-replicas (model + their event loop + Serve's streaming), the ingress, Serve's HTTP proxy, and the load client. The
+replicas (model + their event loop + Serve's streaming), the ingress, Serve's HTTP proxy, the load client, the rest
+of the machine (Ray's daemons, the Serve controller, anything else), and the cores' idle time (under this load, time
+the engine's threads waited: a core lent to another process holds the other thread at the next barrier). The
 engine alone runs the same requests on an `AsyncEngine` in this process, so "replica CPU - engine-alone CPU" is
 what serving adds inside the replica.
 
@@ -131,11 +133,12 @@ def engine_alone(path: str, dtype: str, prompts: list[list[int]], max_tokens: in
         return list(samples), time.perf_counter() - start
 
     me = psutil.Process()
-    before = _cpu(me)
+    before, machine_before = _cpu(me), machine_cpu()
     samples, wall = asyncio.run(run())
-    cpu = _cpu(me) - before
+    cpu = {"engine": _cpu(me) - before}
+    add_machine(cpu, machine_before, machine_cpu())
     engine.shutdown()
-    return Result("engine alone (AsyncEngine, in process)", samples, wall, {"engine": cpu})
+    return Result("engine alone (AsyncEngine, in process)", samples, wall, cpu)
 
 
 def serve_processes(app: str) -> dict[str, list[psutil.Process]]:
@@ -167,6 +170,23 @@ def _cpu(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, idle) CPU seconds of the whole machine so far, every core: what the tracked processes leave is the
+    rest (Ray's daemons, the Serve controller, anything else running), and idle cores under load are time the engine
+    waited (its threads meet at a barrier after every parallel op: a core lent to another process for a moment
+    holds the other thread up)."""
+    t = psutil.cpu_times()
+    idle = t.idle + getattr(t, "iowait", 0.0)
+    total = sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)  # guests are counted in user/nice
+    return total - idle, idle
+
+
+def add_machine(cpu: dict[str, float], before: tuple[float, float], after: tuple[float, float]) -> None:
+    """`cpu` (role -> seconds) gains "rest": the machine's busy time beyond the roles', and "idle"."""
+    cpu["rest"] = max(after[0] - before[0] - sum(cpu.values()), 0.0)
+    cpu["idle"] = after[1] - before[1]
+
+
 def router_decisions(url: str) -> dict[str, int]:
     """The ingress router's routing decisions so far, by mode, from /metrics (`url` ends in /v1)."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -186,6 +206,7 @@ def measured(name: str, url: str, model: str, prompts: list[list[int]], max_toke
     processes["client"] = [psutil.Process()]
     samples, wall = asyncio.run(http_load(url, model, [WARMUP_PROMPT], 4))  # warm-up before the CPU baseline
     before = {p: cpu for ps in processes.values() for p in ps if (cpu := _cpu_or_none(p)) is not None}
+    machine_before = machine_cpu()
     decisions_before: dict[str, int] = {}
 
     def mark_decisions() -> None:  # after the run's own warm-up request: the delta counts the measured ones only
@@ -196,6 +217,7 @@ def measured(name: str, url: str, model: str, prompts: list[list[int]], max_toke
     for role, ps in processes.items():  # a process gone meanwhile (HAProxy reloads by replacing itself) counts 0
         deltas = [after - before[p] for p in ps if p in before and (after := _cpu_or_none(p)) is not None]
         cpu[role] = sum(deltas)
+    add_machine(cpu, machine_before, machine_cpu())
     decisions = None
     if app is not None:
         decisions = {mode: n - decisions_before.get(mode, 0) for mode, n in router_decisions(url).items()}
@@ -222,8 +244,9 @@ def table(results: list[Result], rounds: dict[str, list[float]] | None = None) -
     base_cpu_per_token = base.cpu_s.get("engine", 0.0) / sum(s.num_tokens for s in base.samples)
     lines = [
         "| system | output tok/s | tax vs engine alone | TTFT p50 s | TTFT p90 s | TPOT p50 ms | TPOT p90 ms | "
-        "CPU ms/token: engine (+serving) | ingress | proxy | client |" + (" tok/s per round |" if rounds else ""),
-        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if rounds else ""),
+        "CPU ms/token: engine (+serving) | ingress | proxy | client | rest | cores idle |"
+        + (" tok/s per round |" if rounds else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if rounds else ""),
     ]
     for r in results:
         ttft = [s.ttft_s for s in r.samples]
@@ -233,7 +256,8 @@ def table(results: list[Result], rounds: dict[str, list[float]] | None = None) -
         engine = per_token.get("engine")
         overhead = "" if engine is None or r is base else f" (+{engine - 1000 * base_cpu_per_token:.2f})"
         cells = [f"{engine:.2f}{overhead}" if engine is not None else "—"]
-        cells += [f"{per_token[role]:.2f}" if role in per_token else "—" for role in ("ingress", "proxy", "client")]
+        roles = ("ingress", "proxy", "client", "rest", "idle")
+        cells += [f"{per_token[role]:.2f}" if role in per_token else "—" for role in roles]
         if rounds:
             cells.append(", ".join(f"{x:.1f}" for x in rounds.get(r.name, [])))
         tax = "—" if r is base else f"{100 * (1 - r.tokens_per_s / base.tokens_per_s):.0f}%"

@@ -38,6 +38,7 @@ def test_a_smoke_run_prints_a_row_per_system(tmp_path: Path) -> None:
     for name, row in systems.items():  # a stream cut short, or one answering a single token, would still show tok/s
         assert row["output_tokens_per_request"] == [output_len] * num_requests, (name, row)
         assert row["output_tokens"] == num_requests * output_len, (name, row)
+        assert {"rest", "idle"} <= row["cpu_s"].keys() and min(row["cpu_s"].values()) >= 0, (name, row["cpu_s"])
     decisions = {name: row["router_decisions"] for name, row in systems.items()}
     assert decisions[names[0]] is None  # no ingress, no router
     for name in names[2:]:  # every measured request routed once (the warm-ups are not counted)
