@@ -68,21 +68,22 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
-        # Decode first: a sequence with one token left to compute never waits behind a prefill chunk.
-        running = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1)
+        # Committed reservations join `running` whatever its size (add_running): a step runs only the first
+        # max_num_seqs of it, in the order they joined, and the rest wait for a slot. Within those, decode first: a
+        # sequence with one token left to compute never waits behind a prefill chunk.
+        eligible = self.running[: self.config.max_num_seqs]
+        running = sorted(eligible, key=lambda s: s.num_tokens - s.num_computed_tokens > 1)
         if self.config.policy == "shortest_prefill_first":
             # Running prefills then compete with the waiting prompts for what the decodes leave (_prefill_order).
             running = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
         for seq in running:
-            # Committed reservations join `running` whatever its size (add_running): a step still schedules at
-            # most max_num_seqs sequences, and those past it wait for a slot (oldest first).
-            if budget == 0 or len(chunks) == self.config.max_num_seqs:
+            if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
             budget -= self._continue(seq, budget, chunks, preempted)
         if self.config.policy == "shortest_prefill_first":
-            chunks.extend(self._prefill_order(budget, chunks, preempted))
+            chunks.extend(self._prefill_order(budget, chunks, preempted, eligible))
         elif not preempted:
             chunks.extend(self._admit(budget))
         return SchedulerOutput(chunks, preempted)
@@ -96,7 +97,7 @@ class Scheduler:
         return num_new
 
     def _prefill_order(
-        self, budget: int, chunks: list[ScheduledChunk], preempted: list[Sequence]
+        self, budget: int, chunks: list[ScheduledChunk], preempted: list[Sequence], eligible: list[Sequence]
     ) -> list[ScheduledChunk]:
         """shortest_prefill_first: running prefills and waiting prompts by prompt tokens left, less the aging credit
         of the time since arrival; ties in arrival order. Admission stops at the first prompt the pool cannot take (or
@@ -104,14 +105,14 @@ class Scheduler:
         now = time.monotonic()
         aging = self.config.prefill_aging_tokens_per_s
         scheduled = {id(c.seq) for c in chunks}
-        candidates = [s for s in self.running if id(s) not in scheduled] + list(self.waiting)
+        candidates = [s for s in eligible if id(s) not in scheduled] + list(self.waiting)
         candidates.sort(
             key=lambda s: (s.num_tokens - s.num_computed_tokens - aging * (now - s.arrival_time), s.arrival)
         )
         new: list[ScheduledChunk] = []
         admitting = True
         for seq in candidates:
-            if budget == 0 or len(chunks) + len(new) == self.config.max_num_seqs:
+            if budget == 0:
                 break
             if seq.status is SequenceStatus.RUNNING and seq in self.running:
                 taken = self._continue(seq, budget, [*chunks, *new], preempted)
