@@ -767,3 +767,32 @@ def test_clients_leaving_slow_streams_anywhere_leave_no_backend_stream_open(toke
                 pass
             wait_until(lambda: backend.ended == backend.started, timeout_s=5)
         assert backend.started > 40
+
+
+def test_explicit_null_takes_the_models_default_as_an_absent_field(tokenizer: Any) -> None:
+    """vLLM: `"temperature": null` is the model's generation_config default, as when the field is absent."""
+    backend = FakeBackend(tokenizer)
+    defaults = {"temperature": 0.3, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1}
+    with serve(create_app(backend, sampling_defaults=defaults)) as url:
+        body = {"model": "fake-model", "prompt": "hi", "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/completions", json=body).status_code == 200
+        nulls = {k: None for k in defaults}
+        assert httpx.post(f"{url}/v1/completions", json={**body, **nulls}).status_code == 200
+    absent, null = backend.requests
+
+    def got(r: Any) -> tuple[Any, ...]:
+        return r.temperature, r.top_p, r.top_k, r.repetition_penalty
+
+    assert got(absent) == (0.3, 0.8, 20, 1.1)
+    assert got(null) == got(absent), got(null)  # was OpenAI's (1.0, 1.0, 0, 1.0)
+
+
+def test_logprobs_0_still_reports_the_sampled_token_in_top_logprobs(tokenizer: Any) -> None:
+    """OpenAI/vLLM: up to logprobs+1 entries per token, the sampled one always; logprobs=0 -> one entry each."""
+    backend = FakeBackend(tokenizer)
+    with serve(create_app(backend)) as url:
+        body = {"model": "fake-model", "prompt": "hi", "max_tokens": 3, "logprobs": 0}
+        lp = httpx.post(f"{url}/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    assert lp["top_logprobs"] == [{t: v} for t, v in zip(lp["tokens"], lp["token_logprobs"], strict=True)], (
+        lp
+    )  # was null

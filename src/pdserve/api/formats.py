@@ -119,14 +119,13 @@ class CompletionFormat:
         offsets = list(accumulate((len(t) for t in tokens), initial=self._text_offset))
         self._text_offset = offsets.pop()
         known = [lp for lp in logprobs if lp is not None]
-        top = None
-        if any(alternatives for _, alternatives in known):  # as vLLM: the top ones, and the sampled one
-            named = iter(top_texts(self.tokenizer, known))
-            top = [
-                None if lp is None else {**dict(alternatives), token: value}
-                for token, lp in zip(tokens, logprobs, strict=True)
-                for value, alternatives in ([next(named)] if lp is not None else [(0.0, [])])
-            ]
+        # As vLLM and OpenAI: the top ones and the sampled one, which logprobs=0 still reports
+        named = iter(top_texts(self.tokenizer, known))
+        top = [
+            None if lp is None else {**dict(alternatives), token: value}
+            for token, lp in zip(tokens, logprobs, strict=True)
+            for value, alternatives in ([next(named)] if lp is not None else [(0.0, [])])
+        ]
         return CompletionLogprobs(
             tokens=tokens,
             token_logprobs=[None if lp is None else lp[0] for lp in logprobs],

@@ -122,7 +122,14 @@ class SamplingFields(BaseModel):
                 raise UnknownFieldError(str(name))
             if not has_no_effect(data[name], harmless[name]):
                 raise UnsupportedFieldError(name)
-        return {k: v for k, v in data.items() if k in cls.model_fields}
+        # An explicit null is the field left out (its default, or the model's generation_config default, which
+        # applies only to fields the client did not set), except max_tokens, whose null means the context's limit.
+        fields = cls.model_fields
+        return {
+            k: v
+            for k, v in data.items()
+            if k in fields and (v is not None or k == "max_tokens" or fields[k].is_required())
+        }
 
     @field_validator("*", mode="before")
     @classmethod
