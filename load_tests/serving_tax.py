@@ -304,6 +304,9 @@ def serve_systems(
                     f"pdserve 1P1D, HTTP{suffix}{where}, queue-aware local prefill ({queue_s} s)",
                     {**(pinned if args.pin else {}), "router": router},
                 ))  # fmt: skip
+        if args.lend_cores and args.pin:
+            systems += [(f"{name}, idle cores lent", {**options, "lend_idle_cores": True})
+                        for name, options in list(systems) if "prefill" in options]  # fmt: skip
         if args.without_channels:
             systems += [(f"{name}, a stream per request", {**options, "output_channels": False})
                         for name, options in list(systems)]  # fmt: skip
@@ -336,6 +339,10 @@ def main() -> None:
     parser.add_argument(
         "--pin", action="store_true",
         help="1P1D: prefill on the first half of the cores, decode on the second (colocated keeps them all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lend-cores", action="store_true",
+        help="with --pin: also run each 1P1D system with lend_idle_cores (an idle engine's cores stepped by the other)",
     )  # fmt: skip
     parser.add_argument(
         "--local-prefill-queue-s", type=float, action="append", default=[],

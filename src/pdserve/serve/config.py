@@ -306,6 +306,13 @@ class ServeConfig(BaseModel):
         "takes the cores from the engines, and engines at 0 starve a front at 15; 0 puts them level (needs root or "
         "CAP_SYS_NICE, else a warning and Ray's 15 stays); none keeps Ray's",
     )
+    lend_idle_cores: bool = Field(
+        False,
+        description="disaggregated, with prefill.cpus and decode.cpus set: an engine replica with nothing to compute "
+        "lends its cores to the other pool's replicas on the node, which step with one more thread per borrowed core "
+        "and hand them back before the owner's next step (engine/cores.py). On a CPU node it keeps both halves busy "
+        "when only one side has work (the end of a burst: D decoding, P idle)",
+    )
     api_keys: list[APIKeyConfig] = Field(
         default_factory=list,
         description="require one of these keys (Authorization: Bearer KEY) on every route but /health and /ready "
@@ -447,6 +454,21 @@ class ServeConfig(BaseModel):
             if any(v < 0 for v in value.values()):
                 raise ValueError("emulated_step times must be >= 0")
         return value
+
+    @model_validator(mode="after")
+    def _lending_needs_pinned_pools(self) -> ServeConfig:
+        if self.lend_idle_cores and (self.colocated or not self.prefill.cpus or not self.decode.cpus):
+            raise ValueError("lend_idle_cores needs colocated false and both prefill.cpus and decode.cpus set")
+        return self
+
+    def lendable_cores(self, role: str) -> list[int]:
+        """The cores a replica of `role` may borrow while their owners idle: the other engine pools' (none without
+        lend_idle_cores)."""
+        if not self.lend_idle_cores or role not in ("prefill", "decode"):
+            return []
+        other = self.decode if role == "prefill" else self.prefill
+        own = set(getattr(self, role).cpus or [])
+        return sorted(set(other.cpus or []) - own)
 
     @model_validator(mode="after")
     def _autoscaling_bounds(self) -> ServeConfig:

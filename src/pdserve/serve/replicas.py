@@ -25,6 +25,7 @@ from ray import serve
 
 from pdserve.engine import EngineRequest, EngineStats, LLMEngine, RequestOutput
 from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.cores import CoreShare
 from pdserve.engine.request import LoadCounters, TokenLogprob
 from pdserve.faults import fault_point
 from pdserve.kvcache import KVEventBatch
@@ -65,12 +66,14 @@ class _EngineReplica:
         self.config = config
         pool = getattr(config, self.role)
         set_niceness(config.niceness)
-        if pool.cpus:
-            pin_process(pool.cpus)
+        lendable = config.lendable_cores(self.role)
+        if pool.cpus:  # and the cores it may borrow: its threads go where the OS finds a free core among them
+            pin_process(sorted(set(pool.cpus) | set(lendable)))
         # Ray starts workers with OMP_NUM_THREADS=num_cpus (1 for num_cpus=0): without this the engine would run on
-        # one core whatever the machine has. Default: one thread per core this process may run on.
-        num_threads = pool.num_threads or len(os.sched_getaffinity(0))
+        # one core whatever the machine has. Default: one thread per core of its own (its pool's, else any).
+        num_threads = pool.num_threads or len(pool.cpus or os.sched_getaffinity(0))
         torch.set_num_threads(num_threads)
+        cores = CoreShare(pool.cpus or [], lendable, num_threads) if lendable else None
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         wire.set_cluster_secret(shared_kv_secret())
         configure_tracing(self.role, replica_tracing_env(config.tracing_env))
@@ -80,7 +83,7 @@ class _EngineReplica:
             path = os.path.join(_shm_dir(), f"pdserve-kv-{self.replica_id}-{os.getpid()}")
             engine_config = replace(engine_config, cache=replace(engine_config.cache, shared_path=path))
         # Built on the engine thread, which then steps it (faster than one built here: see AsyncEngine).
-        self.engine = AsyncEngine(partial(LLMEngine, engine_config), num_threads, config.stream_interval)
+        self.engine = AsyncEngine(partial(LLMEngine, engine_config), num_threads, config.stream_interval, cores)
         self.llm = self.engine.engine
         self.channels = ReplicaChannels(self.replica_id)
         self.model_path = model_path
