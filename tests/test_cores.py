@@ -214,3 +214,15 @@ def test_the_engine_steps_with_borrowed_threads_and_the_same_tokens(
 
     assert asyncio.run(main()) == want
     assert peer.begin_step() == 2, "the engine kept its core after it shut down"
+
+
+def test_lending_needs_both_pools_pinned_and_lends_the_other_pools_cores() -> None:
+    from pdserve.serve.config import ServeConfig
+
+    for bad in ({}, {"prefill": {"cpus": [0]}}, {"colocated": True, "engine": {"cpus": [0]}}):
+        with pytest.raises(ValueError, match="lend_idle_cores needs"):
+            ServeConfig(lend_idle_cores=True, **bad)
+    config = ServeConfig(lend_idle_cores=True, prefill={"cpus": [0, 1]}, decode={"cpus": [1, 2, 3]})
+    assert (config.lendable_cores("prefill"), config.lendable_cores("decode")) == ([2, 3], [0])
+    assert config.lendable_cores("ingress") == []
+    assert ServeConfig(prefill={"cpus": [0]}, decode={"cpus": [1]}).lendable_cores("decode") == []

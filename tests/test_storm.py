@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -23,7 +24,8 @@ from serving import Served, deploy, shared_serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
 MAX_TOKENS = HTTP_MAX_TOKENS  # what the `oracle` fixture (conftest.py) generates
-MODES = ("colocated", "1p1d", "1p1d-queue-aware", "2p2d")
+MODES = ("colocated", "1p1d", "1p1d-queue-aware", "1p1d-lent", "2p2d")
+CORES = sorted(os.sched_getaffinity(0))
 NUM_STORM = 1000
 
 
@@ -43,6 +45,14 @@ def apps(tiny_models: dict[str, Path]) -> Iterator[dict[str, Served]]:
         "1p1d-queue-aware": ServeConfig(
             **{**common, "router": {"local_prefill_max_tokens": 0, "local_prefill_queue_s": 0.0}}
         ),
+        # P and D pinned to a core each, lending it while idle (engine/cores.py): steps change thread counts as the
+        # other side comes and goes, under the same exactness and hang-up checks
+        "1p1d-lent": ServeConfig(
+            **{**common, "router": {"local_prefill_max_tokens": 0, "local_prefill_queue_s": 0.0}},
+            prefill={"cpus": CORES[:1]},
+            decode={"cpus": CORES[1:2] or CORES[:1]},
+            lend_idle_cores=len(CORES) > 1,
+        ),
         # shortest_prefill_first in small steps: short prompts overtake long ones' remaining chunks, under the same
         # exactness and hang-up checks as arrival order elsewhere
         "2p2d": ServeConfig(
@@ -51,7 +61,7 @@ def apps(tiny_models: dict[str, Path]) -> Iterator[dict[str, Served]]:
     }
     with shared_serve() as port:
         deploy({name: (config, f"/{name}") for name, config in configs.items()})
-        engines = {"colocated": 1, "1p1d": 2, "1p1d-queue-aware": 2, "2p2d": 4}
+        engines = {"colocated": 1, "1p1d": 2, "1p1d-queue-aware": 2, "1p1d-lent": 2, "2p2d": 4}
         yield {
             name: Served(f"http://127.0.0.1:{port}/{name}/v1", num_engine_replicas=engines[name]) for name in configs
         }
@@ -91,6 +101,9 @@ def test_concurrent_mixed_lengths_are_exact(apps: dict[str, Served], oracle, mod
     _assert_idle(apps[mode], mode, timeout_s=5)
     if mode == "1p1d-queue-aware":
         assert set(_route_modes(apps[mode])) == {"local", "disaggregated"}, _route_modes(apps[mode])
+    if mode == "1p1d-lent" and len(CORES) > 1:  # cores were lent and handed back
+        metrics = apps[mode].fresh_metrics()
+        assert sum(metrics["pdserve_borrowed_core_steps_total"].values()) > 0, metrics
 
 
 def _route_modes(served: Served) -> dict[str, float]:
@@ -161,7 +174,7 @@ def _assert_idle(served: Served, label: str, timeout_s: float) -> float:
     return time.monotonic() - start
 
 
-@pytest.mark.parametrize("mode", ["1p1d", "1p1d-queue-aware", "2p2d"])
+@pytest.mark.parametrize("mode", ["1p1d", "1p1d-queue-aware", "1p1d-lent", "2p2d"])
 def test_disconnect_storm_leaks_nothing(apps: dict[str, Served], oracle, mode: str) -> None:  # type: ignore[no-untyped-def]
     served = apps[mode]
     routed = _route_modes(served)
@@ -176,7 +189,7 @@ def test_disconnect_storm_leaks_nothing(apps: dict[str, Served], oracle, mode: s
     assert outcomes.get("hung-up", 0) + outcomes.get("first-byte", 0) > NUM_STORM // 2
     # Hang-ups reached the engines (20-33% did at this storm's timings; the rest leave while queued or routed).
     assert num_aborted >= NUM_STORM // 10
-    if mode == "1p1d-queue-aware":  # hang-ups hit both paths: the decode replica's own prefill and the handoff
+    if mode in ("1p1d-queue-aware", "1p1d-lent"):  # hang-ups hit both paths: D's own prefill and the handoff
         during = {m: n - routed.get(m, 0) for m, n in _route_modes(served).items()}
         assert min(during.get("local", 0), during.get("disaggregated", 0)) > 50, during
     metrics = served.metrics()

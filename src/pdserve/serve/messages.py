@@ -79,6 +79,8 @@ class ReplicaStats:
     busy_s: float = 0.0  # since start, in model steps
     decode_steps: int = 0  # since start, steps without a prompt chunk
     decode_step_s: float = 0.0
+    borrowed_core_steps: int = 0  # since start, steps x cores borrowed from idle peers (lend_idle_cores)
+    core_home_waits: int = 0  # since start, steps that waited for a borrower to hand this replica's cores back
 
 
 @dataclass(frozen=True)

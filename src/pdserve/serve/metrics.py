@@ -44,6 +44,16 @@ _REPLICA_FAMILIES: dict[str, tuple[type[GaugeMetricFamily] | type[CounterMetricF
     "engine_busy_seconds": (CounterMetricFamily, "time spent in model steps", "busy_s"),
     "decode_steps": (CounterMetricFamily, "model steps without a prompt chunk", "decode_steps"),
     "decode_step_seconds": (CounterMetricFamily, "time spent in those steps", "decode_step_s"),
+    "borrowed_core_steps": (
+        CounterMetricFamily,
+        "steps x cores borrowed from idle replicas on the node (lend_idle_cores)",
+        "borrowed_core_steps",
+    ),
+    "core_home_waits": (
+        CounterMetricFamily,
+        "steps that waited for a borrower to hand the replica's own cores back",
+        "core_home_waits",
+    ),
     "prefix_cache_hits": (
         CounterMetricFamily,
         "prompt tokens served from the prefix cache (prefill/engine: computed ones skipped; decode: not transferred)",

@@ -126,6 +126,8 @@ class _EngineReplica:
             load.step_s,
             load.decode_steps,
             load.decode_step_s,
+            cores.borrowed_core_steps if (cores := self.engine.cores) else 0,
+            cores.home_waits if cores else 0,
         )
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
