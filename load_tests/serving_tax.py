@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import statistics
+import re
 import subprocess
 import sys
 import time
@@ -314,6 +315,8 @@ def serve_systems(
             systems += [(f"{name}, stream_interval {interval}", {**options, "stream_interval": interval})
                         for name, options in list(systems) if "stream_interval" not in options]  # fmt: skip
         for name, options in systems:
+            if args.only is not None and not re.search(args.only, name):
+                continue
             serve.run(build_app(ServeConfig(**{**common, **options})), name="tax", route_prefix="/")
             results.append(measured(name, f"http://127.0.0.1:{port}/v1", "m", prompts, args.output_len, "tax"))
             serve.delete("tax")
@@ -339,6 +342,10 @@ def main() -> None:
     parser.add_argument(
         "--pin", action="store_true",
         help="1P1D: prefill on the first half of the cores, decode on the second (colocated keeps them all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--only", default=None, metavar="REGEX",
+        help="run only the pdserve systems whose name matches (the engine alone and --peer servers always run)",
     )  # fmt: skip
     parser.add_argument(
         "--lend-cores", action="store_true",

@@ -174,22 +174,23 @@ def test_a_dead_borrowers_core_comes_back(tmp_path: Path) -> None:
 def test_the_engine_steps_with_borrowed_threads_and_the_same_tokens(
     tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    """An AsyncEngine sharing cores runs each step with its own thread plus one per borrowed core (none while the
-    peer is busy), gives the same tokens as the engine alone, and frees its core when it shuts down."""
+    """An AsyncEngine sharing cores runs each decode step with its own thread plus one per borrowed core (none while
+    the peer is busy; none for a step with a prompt chunk, which an owner would wait long for), gives the same tokens
+    as the engine alone, and frees its core when it shuts down."""
     path = tiny_models["llama"]
     config = EngineConfig(ModelConfig(str(path), dtype="float32"), CacheConfig(num_blocks=64))
     prompts = random_prompts([1, 17, 40, 90], 500, seed=5)
     requests = [EngineRequest(f"r{i}", tuple(p), greedy(10)) for i, p in enumerate(prompts)]
     want = run_staggered(LLMEngine(config), [(0, r) for r in requests])
     peer = CoreShare([0], [1], directory=str(tmp_path))
-    threads_seen: list[int] = []
+    threads_seen: list[tuple[int, bool]] = []  # per step: torch threads, whether a prompt chunk may run
 
     async def main() -> dict[str, list[int]]:
         engine = AsyncEngine(LLMEngine(config), 1, cores=CoreShare([1], [0], threads=1, directory=str(tmp_path)))
         step = engine.engine.step
 
         def counted_step():  # type: ignore[no-untyped-def]
-            threads_seen.append(torch.get_num_threads())
+            threads_seen.append((torch.get_num_threads(), engine.engine.has_prompt_work()))
             return step()
 
         engine.engine.step = counted_step  # type: ignore[method-assign]
@@ -205,7 +206,8 @@ def test_the_engine_steps_with_borrowed_threads_and_the_same_tokens(
         await asyncio.to_thread(peer.begin_step)  # the peer has work: its core is no longer lent
         seen = len(threads_seen)
         got |= await run(requests[2:])
-        assert set(threads_seen[:seen]) == {2} and set(threads_seen[seen:]) == {1}
+        assert set(threads_seen[:seen]) == {(1, True), (2, False)}  # decodes borrowed, prompt chunks did not
+        assert {threads for threads, _ in threads_seen[seen:]} == {1}
         peer.end_step()
         peer.idle()
         engine.shutdown()

@@ -311,7 +311,8 @@ class AsyncEngine:
         if self.cores is None:
             fault_point("engine.step")
             return self.engine.step()
-        threads = self.cores.begin_step()
+        # A prompt chunk can take 10-100x a decode step: only decode steps borrow, so an owner waits little.
+        threads = self.cores.begin_step(borrow=not self.engine.has_prompt_work())
         try:
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)

@@ -75,12 +75,13 @@ class CoreShare:
         self.home_waits = 0  # times this engine waited for a borrower to hand its cores back
         self.home_timeouts = 0  # ... and gave up waiting (computed beside the borrower)
 
-    def begin_step(self) -> int:
-        """Before a step: hold the home cores (waiting for a borrower's step to end, at most HOME_WAIT_S), borrow every
-        idle peer core nobody wants; returns the torch threads this step runs with."""
+    def begin_step(self, borrow: bool = True) -> int:
+        """Before a step: hold the home cores (waiting for a borrower's step to end, at most HOME_WAIT_S), and with
+        `borrow` every idle peer core nobody wants; returns the torch threads this step runs with. Borrow only for
+        short steps (decodes): an owner wanting its core back waits for the step to end."""
         if not self._holds_home:
             self._take_home()
-        for core in self.lendable:
+        for core in self.lendable if borrow else ():
             if not _try_lock(self._fds[core, "want"], fcntl.LOCK_EX):
                 continue  # an owner wants it (or another borrower is checking it)
             fcntl.flock(self._fds[core, "want"], fcntl.LOCK_UN)

@@ -219,6 +219,11 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.running or self.scheduler.waiting)
 
+    def has_prompt_work(self) -> bool:
+        """Whether the next step may compute a prompt chunk (not only single-token decodes): it may take far longer."""
+        eligible = self.scheduler.running[: self.config.scheduler.max_num_seqs]
+        return bool(self.scheduler.waiting) or any(s.num_tokens - s.num_computed_tokens > 1 for s in eligible)
+
     def stats(self) -> EngineStats:
         pool = self.pool.stats()
         held = sum(s.status is SequenceStatus.HELD for s in self._seqs.values())
