@@ -46,9 +46,10 @@ def apps(tiny_models: dict[str, Path]) -> Iterator[dict[str, Served]]:
             **{**common, "router": {"local_prefill_max_tokens": 0, "local_prefill_queue_s": 0.0}}
         ),
         # P and D pinned to a core each, lending it while idle (engine/cores.py): steps change thread counts as the
-        # other side comes and goes, under the same exactness and hang-up checks
+        # other side comes and goes; and the push pipelined with the prompt's layers, which hang-ups cut short
         "1p1d-lent": ServeConfig(
             **{**common, "router": {"local_prefill_max_tokens": 0, "local_prefill_queue_s": 0.0}},
+            kv_pipelined_push=True,
             prefill={"cpus": CORES[:1]},
             decode={"cpus": CORES[1:2] or CORES[:1]},
             lend_idle_cores=len(CORES) > 1,

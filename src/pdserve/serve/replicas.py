@@ -261,8 +261,10 @@ class PrefillServer(_EngineReplica):
                 push = asyncio.ensure_future(asyncio.to_thread(self._push, reservation, progress, None, abandoned))
             start = time.perf_counter()
             first: RequestOutput | None = None
+            # A task of its own: a cancel must not abort the prompt (freeing its blocks) before the push has ended.
+            compute = asyncio.ensure_future(self._compute(request, progress))
             try:
-                first = await self._compute(request, progress)
+                first = await asyncio.shield(compute)
                 prefill_s = time.perf_counter() - start
                 span.set_attributes({**prompt_attributes(first), names.COMPUTE_S: prefill_s - first.queue_s})
                 if push is None:
@@ -278,8 +280,16 @@ class PrefillServer(_EngineReplica):
                 abandoned.set()
                 if progress is not None:
                     progress.fail(e)
-                if push is not None:  # its thread must stop writing theirs and reading our blocks
-                    await _finish_uncancelled(push)
+                try:
+                    if push is not None:  # its thread must stop writing theirs and reading our blocks
+                        await _finish_uncancelled(push)
+                finally:
+                    # Only now may the prompt's blocks go: freed while a pipelined push still read them, they would
+                    # be handed to the next request, and the push would send that request's KV as this one's.
+                    if not compute.done():
+                        compute.cancel()  # its stream's end aborts the prompt on the engine
+                    elif first is None and not compute.cancelled() and compute.exception() is None:
+                        first = compute.result()  # computed while we were cancelled: released below
                 if isinstance(e, FencedError):
                     self.num_fenced += 1
                 if transfer_span is not None:
