@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -307,6 +308,37 @@ def test_an_id_reused_right_after_a_cancel_gets_only_its_own_outputs(
                 assert tokens == want[f"w{i}"], f"{label}: {tokens} != {want[f'w{i}']}"
         stats = await engine.stats()
         assert (stats.num_used_blocks, stats.num_held, stats.num_running, stats.num_waiting) == (0, 0, 0, 0)
+        engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_reserve_that_got_no_room_aborts_nothing(tiny_models: dict[str, Path]) -> None:
+    """A reserve refused for room (None) whose caller was cancelled: its undo runs after a second reserve of the
+    same id, queued meanwhile, succeeded; it must not abort that reservation (it held nothing itself)."""
+
+    async def main() -> None:
+        engine = AsyncEngine(
+            LLMEngine(EngineConfig(ModelConfig(str(tiny_models["llama"]), dtype="float32"), CacheConfig(num_blocks=4)))
+        )
+        assert await engine.reserve(EngineRequest("x", tuple(range(5, 45)), greedy(1)), lease_s=30)  # 3 of 4 blocks
+        gate = threading.Event()
+        blocked = asyncio.ensure_future(engine.call(gate.wait, 10))  # the engine thread busy: commands queue up
+        too_long = EngineRequest("a", tuple(range(50, 80)), greedy(1))  # 2 blocks: more than the pool has left
+        first = asyncio.ensure_future(engine.reserve(too_long, lease_s=30))
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(engine.reserve(EngineRequest("a", (5, 6, 7), greedy(1)), lease_s=30))
+        await asyncio.sleep(0.01)
+        first.cancel()  # its undo queues behind the second reserve
+        await asyncio.sleep(0.01)
+        gate.set()
+        await blocked
+        assert await second is not None
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        await engine.call(lambda: None)  # the undo has run
+        assert (await engine.stats()).load.reserves_refused == 1  # the first reserve ran and found no room
+        assert await engine.renew("a", 30), "the refused reserve's undo aborted the second one"
         engine.shutdown()
 
     asyncio.run(main())

@@ -182,8 +182,13 @@ class AsyncEngine:
             yield out
 
     async def reserve(self, request: EngineRequest, lease_s: float) -> KVReservation | None:
-        """A reservation; if the caller is cancelled meanwhile, it is aborted (no writer ever learned of it)."""
-        undo = partial(self._abort_quietly, request.request_id)
+        """A reservation; if the caller is cancelled meanwhile, it is aborted (no writer ever learned of it). A reserve
+        refused for room holds nothing, and its undo aborts nothing: the id may be another's by then."""
+
+        def undo(reservation: KVReservation | None) -> None:
+            if reservation is not None:
+                self._abort_quietly(request.request_id, reservation)
+
         return await self.call(self.engine.reserve, request, lease_s, undo=undo)
 
     async def renew(self, request_id: str, lease_s: float) -> bool:
