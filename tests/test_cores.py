@@ -5,6 +5,7 @@ and a dead process's cores come back."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import torch
 
 from oracle import greedy, random_prompts, run_staggered
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig
-from pdserve.engine import EngineRequest, LLMEngine
+from pdserve.engine import EngineRequest, LLMEngine, native
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.cores import CoreShare
 
@@ -184,6 +185,7 @@ def test_the_engine_steps_with_borrowed_threads_and_the_same_tokens(
     want = run_staggered(LLMEngine(config), [(0, r) for r in requests])
     peer = CoreShare([0], [1], directory=str(tmp_path))
     threads_seen: list[tuple[int, bool]] = []  # per step: torch threads, whether a prompt chunk may run
+    affinity: set[frozenset[int]] = set()  # the engine thread's cores, every step
 
     async def main() -> dict[str, list[int]]:
         engine = AsyncEngine(LLMEngine(config), 1, cores=CoreShare([1], [0], threads=1, directory=str(tmp_path)))
@@ -191,6 +193,7 @@ def test_the_engine_steps_with_borrowed_threads_and_the_same_tokens(
 
         def counted_step():  # type: ignore[no-untyped-def]
             threads_seen.append((torch.get_num_threads(), engine.engine.has_prompt_work()))
+            affinity.add(frozenset(os.sched_getaffinity(0)))
             return step()
 
         engine.engine.step = counted_step  # type: ignore[method-assign]
@@ -216,6 +219,8 @@ def test_the_engine_steps_with_borrowed_threads_and_the_same_tokens(
 
     assert asyncio.run(main()) == want
     assert peer.begin_step() == 2, "the engine kept its core after it shut down"
+    if native.pin_threads_op() is not None and {0, 1} <= os.sched_getaffinity(0):
+        assert affinity == {frozenset({1})}, "the engine thread left its own core"
 
 
 def test_lending_needs_both_pools_pinned_and_lends_the_other_pools_cores() -> None:

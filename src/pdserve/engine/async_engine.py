@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from pdserve.engine import native
 from pdserve.engine.cores import CoreShare
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.request import (
@@ -66,6 +67,8 @@ class AsyncEngine:
         cores plus those it borrowed from idle peers), and an idle engine lends its own."""
         self.num_threads = num_threads
         self.cores = cores
+        self._team: list[int] = []  # the cores the engine thread's torch threads were last pinned to
+        self._pin_threads: Callable[[list[int]], int] | None = None
         self.stream_interval = stream_interval
         self._loop: asyncio.AbstractEventLoop | None = None
         self._commands: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
@@ -280,6 +283,8 @@ class AsyncEngine:
     def _main(self) -> None:
         if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
+        if self.cores is not None:
+            self._pin_threads = native.pin_threads_op()
         build: Callable[[], bool] | None = getattr(self, "_build", None)
         if build is not None and not build():
             return  # the constructor raises the build's error
@@ -317,10 +322,14 @@ class AsyncEngine:
             fault_point("engine.step")
             return self.engine.step()
         # A prompt chunk can take 10-100x a decode step: only decode steps borrow, so an owner waits little.
-        threads = self.cores.begin_step(borrow=not self.engine.has_prompt_work())
+        self.cores.begin_step(borrow=not self.engine.has_prompt_work())
         try:
-            if threads != torch.get_num_threads():
-                torch.set_num_threads(threads)
+            team = self.cores.team()
+            if team != self._team:  # each thread to its core: the OS would not keep two engines' threads apart
+                torch.set_num_threads(len(team))
+                if self._pin_threads is not None:
+                    self._pin_threads(team)
+                self._team = team
             fault_point("engine.step")
             return self.engine.step()
         finally:

@@ -90,6 +90,11 @@ class CoreShare:
         self.borrowed_core_steps += len(self._borrowed)
         return self.threads + len(self._borrowed)
 
+    def team(self) -> list[int]:
+        """The core of each torch thread this step (after `begin_step`): the engine's own threads on its own cores,
+        one more thread per borrowed core."""
+        return [self.home[i % len(self.home)] for i in range(self.threads)] + self._borrowed
+
     def end_step(self) -> None:
         """After a step: the borrowed cores go back (their owners may be waiting)."""
         for core in self._borrowed:

@@ -36,7 +36,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "paged_attention.cpp", CSRC / "fused_ops.cpp")  # compiled into one library, with CSRC's headers
+# compiled into one library, with CSRC's headers
+SOURCES = (CSRC / "paged_attention.cpp", CSRC / "fused_ops.cpp", CSRC / "threads.cpp")
 ENV_SWITCH = "PDSERVE_NATIVE_KERNELS"  # "0" keeps every op on torch's own kernels
 ENV_CACHE = "PDSERVE_KERNEL_CACHE_DIR"
 HEAD_DIMS = (32, 64, 96, 128)  # the kernel's compiled head sizes
@@ -109,6 +110,16 @@ def fused_ops() -> FusedOps | None:
         return None
     ops = torch.ops.pdserve
     return FusedOps(ops.rms_norm, ops.add_rms_norm_, ops.rope, ops.silu_and_mul)
+
+
+def pin_threads_op() -> Callable[[list[int]], int] | None:
+    """`torch.ops.pdserve.pin_threads(cpus)`: thread i of the caller's intra-op team to core cpus[i] (torch's
+    thread count set to len(cpus) first); the threads it pinned. None when native kernels are off or cannot be
+    built here."""
+    if not _library():
+        return None
+    op: Callable[[list[int]], int] = torch.ops.pdserve.pin_threads
+    return op
 
 
 def paged_prefill_op() -> Callable[..., torch.Tensor] | None:
