@@ -285,6 +285,10 @@ class AsyncEngine:
             torch.set_num_threads(self.num_threads)
         if self.cores is not None:
             self._pin_threads = native.pin_threads_op()
+            if self._pin_threads is None:  # a worker would inherit the engine thread's cores: no use borrowing
+                logger.warning("lending idle cores needs the native kernels (to pin threads to cores): off")
+                self.cores.close()
+                self.cores = None
         build: Callable[[], bool] | None = getattr(self, "_build", None)
         if build is not None and not build():
             return  # the constructor raises the build's error

@@ -66,9 +66,9 @@ class _EngineReplica:
         self.config = config
         pool = getattr(config, self.role)
         set_niceness(config.niceness)
+        if pool.cpus:  # only the engine's own torch threads ever run on a borrowed core (engine/cores.py)
+            pin_process(pool.cpus)
         lendable = config.lendable_cores(self.role)
-        if pool.cpus:  # and the cores it may borrow: its threads go where the OS finds a free core among them
-            pin_process(sorted(set(pool.cpus) | set(lendable)))
         # Ray starts workers with OMP_NUM_THREADS=num_cpus (1 for num_cpus=0): without this the engine would run on
         # one core whatever the machine has. Default: one thread per core of its own (its pool's, else any).
         num_threads = pool.num_threads or len(pool.cpus or os.sched_getaffinity(0))
