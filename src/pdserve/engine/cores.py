@@ -5,8 +5,9 @@ Disaggregation on a CPU node splits its cores between a prefill and a decode rep
 leaves its cores idle: at the end of a burst D decodes the last streams on its half while P's half waits. With
 `lend_idle_cores`, an engine about to step borrows the cores of peers that are idle, runs that step with one more
 torch thread per borrowed core, and hands them back after it. Each thread of the step is pinned to its core
-(`csrc/threads.cpp`); the rest of a replica's threads (its event loop, KV pushes) stay on its own cores. An owner with work takes its cores back before its
-next step, waiting at most one of the borrower's steps; while it holds them, nobody borrows them.
+(`csrc/threads.cpp`); the rest of a replica's threads (its event loop, KV pushes) stay on its own cores. An owner
+with work takes its cores back before its next step, waiting at most one of the borrower's decode steps (only decode
+steps borrow); while it holds them, nobody borrows them.
 
 Two advisory locks per core, in a per-user directory under /dev/shm (node-local; the kernel drops a dead process's
 locks, so a crashed replica never keeps a core):
