@@ -66,9 +66,13 @@ class _EngineReplica:
         self.config = config
         pool = getattr(config, self.role)
         set_niceness(config.niceness)
-        if pool.cpus:  # only the engine's own torch threads ever run on a borrowed core (engine/cores.py)
-            pin_process(pool.cpus)
         lendable = config.lendable_cores(self.role)
+        if pool.cpus:
+            # Lending, the engine's torch threads are pinned one per core each step (engine/cores.py). The rest of a
+            # decode replica's threads (its event loop, streaming every step) may run on any core it may borrow: on
+            # its own core they would preempt a thread of a two-core step, and both would wait. A prefill replica's
+            # (KV pushes, bulk copies) stay on its own cores, away from the decode replica's.
+            pin_process(sorted(set(pool.cpus) | set(lendable if self.role == "decode" else [])))
         # Ray starts workers with OMP_NUM_THREADS=num_cpus (1 for num_cpus=0): without this the engine would run on
         # one core whatever the machine has. Default: one thread per core of its own (its pool's, else any).
         num_threads = pool.num_threads or len(pool.cpus or os.sched_getaffinity(0))
