@@ -6,36 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
 from contextlib import aclosing
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import torch
 
 from oracle import greedy
 from pdserve.engine import EngineRequest
-from pdserve.serve import replicas
 from pdserve.serve.config import ServeConfig
 from pdserve.transfer import base, shm
-from test_handoff_faults import Cluster, _Config
+from test_handoff_faults import Cluster, serve_config  # noqa: F401  (the rig's fixture)
 
 
 @pytest.fixture
-def pipelined_config(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[ServeConfig]:
-    monkeypatch.setenv("PDSERVE_KV_SECRET", "test-secret-of-the-rig")
-    monkeypatch.setattr(replicas, "ray", SimpleNamespace(get_runtime_context=lambda: SimpleNamespace(
-        get_node_id=lambda: "node-0")))  # fmt: skip
-    threads = torch.get_num_threads()
-    pool = {"num_threads": 1}
-    yield _Config(
-        model=str(tiny_models["llama"]), dtype="float32", device="cpu", niceness=None, kv_transport="shm",
-        block_size=4, num_kv_blocks=160, tracing_env={}, prefill=pool, decode=pool, reservation_lease_s=30.0,
-        queue_ttl_s=1.0, kv_pipelined_push=True,
-    )  # fmt: skip
-    torch.set_num_threads(threads)
+def pipelined_config(serve_config: ServeConfig) -> ServeConfig:  # noqa: F811  (the imported fixture)
+    """test_handoff_faults' rig with pushes pipelined, and a lease the test's pauses never reach."""
+    return serve_config.model_copy(update={"reservation_lease_s": 30.0, "kv_pipelined_push": True})
 
 
 async def _tokens(outputs: Any) -> list[int]:
