@@ -230,7 +230,7 @@ def test_every_vllm_field_at_its_default_is_accepted(http: httpx.Client, endpoin
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"repetition_penalty": 2.5}, "repetition_penalty"),  # out of (0, 2]
+        ({"repetition_penalty": 0}, "repetition_penalty"),  # must be positive
         ({"use_beam_search": 0}, "use_beam_search"),  # 0 is not False
         ({"made_up_field": 1}, "made_up_field"),
         ({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "messages[0].tool_calls"),

@@ -156,7 +156,7 @@ _VALID_COMMON: dict[str, st.SearchStrategy[Any]] = {
     | st.just(["x" * 256]),
     "presence_penalty": st.none() | st.sampled_from([-2, 2.0]) | st.floats(-2, 2),
     "frequency_penalty": st.none() | st.sampled_from([-2.0, 2]) | st.floats(-2, 2),
-    "repetition_penalty": st.none() | st.sampled_from([1e-9, 2, 1.0]) | st.floats(0, 2, exclude_min=True),
+    "repetition_penalty": st.none() | st.sampled_from([1e-9, 2, 1.0]) | st.floats(0, 10, exclude_min=True),
     "logit_bias": st.none() | st.dictionaries(st.integers(0, 511).map(str), st.sampled_from([-100, 100, 0.5]),
                                               max_size=3),
     "ignore_eos": _BOOL_OR_NULL,

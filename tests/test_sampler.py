@@ -164,7 +164,7 @@ def test_penalties_and_logit_bias_match_their_definitions(case: int) -> None:
             logit_bias=tuple((t, rng.uniform(-100, 100)) for t in rng.sample(range(vocab), rng.randint(0, 3))),
             presence_penalty=rng.choice([0.0, rng.uniform(-2, 2)]),
             frequency_penalty=rng.choice([0.0, rng.uniform(-2, 2)]),
-            repetition_penalty=rng.choice([1.0, rng.uniform(0.1, 2.0)]),
+            repetition_penalty=rng.choice([1.0, rng.uniform(0.1, 2.0), rng.uniform(2.0, 20.0)]),
         )  # fmt: skip
         want = logits[r].clone()
         for token_id, bias in params.logit_bias:

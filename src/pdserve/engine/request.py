@@ -91,8 +91,8 @@ class SamplingParams:
             raise InvalidRequestError(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
         if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
             raise InvalidRequestError("presence_penalty and frequency_penalty must be in [-2, 2]")
-        if not 0 < self.repetition_penalty <= 2:
-            raise InvalidRequestError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):  # vLLM: any positive value
+            raise InvalidRequestError(f"repetition_penalty must be positive and finite, got {self.repetition_penalty}")
         if any(t < 0 or not -100 <= b <= 100 for t, b in self.logit_bias):
             raise InvalidRequestError("logit_bias maps token ids to biases in [-100, 100]")
         if len({t for t, _ in self.logit_bias}) < len(self.logit_bias):  # the sampler would apply one of them
