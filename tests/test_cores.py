@@ -223,6 +223,39 @@ def test_the_engine_steps_with_borrowed_threads_and_the_same_tokens(
         assert affinity == {frozenset({1})}, "the engine thread left its own core"
 
 
+def test_only_decode_batches_of_min_batch_or_more_borrow(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """With min_batch 3, a decode step borrows the idle peer's core exactly when it decodes 3 or more sequences
+    (batches shrink 4 -> 1 as requests of different lengths finish), and the tokens are the engine alone's."""
+    config = EngineConfig(ModelConfig(str(tiny_models["llama"]), dtype="float32"), CacheConfig(num_blocks=64))
+    prompts = random_prompts([1, 9, 20, 33], 500, seed=9)
+    requests = [EngineRequest(f"r{i}", tuple(p), greedy(4 + 5 * i)) for i, p in enumerate(prompts)]
+    want = run_staggered(LLMEngine(config), [(0, r) for r in requests])
+    seen: list[tuple[int, int]] = []  # per step: torch threads, the decode-only batch (0: a prompt chunk may run)
+
+    async def main() -> dict[str, list[int]]:
+        share = CoreShare([1], [0], threads=1, directory=str(tmp_path), min_batch=3)
+        engine = AsyncEngine(LLMEngine(config), 1, cores=share)
+        step = engine.engine.step
+
+        def counted_step():  # type: ignore[no-untyped-def]
+            seen.append((torch.get_num_threads(), engine.engine.decode_batch()))
+            return step()
+
+        engine.engine.step = counted_step  # type: ignore[method-assign]
+
+        async def collect(request: EngineRequest) -> list[int]:
+            return [t async for out in engine.generate(request) for t in out.new_token_ids]
+
+        outs = await asyncio.gather(*map(collect, requests))
+        engine.shutdown()
+        engine._thread.join(timeout=5)
+        return {r.request_id: out for r, out in zip(requests, outs, strict=True)}
+
+    assert asyncio.run(main()) == want
+    assert all(threads == (2 if batch >= 3 else 1) for threads, batch in seen), seen
+    assert {batch for _, batch in seen} >= {0, 1, 2, 3, 4}, seen  # every batch size was stepped
+
+
 def test_lending_needs_both_pools_pinned_and_lends_the_other_pools_cores() -> None:
     from pdserve.serve.config import ServeConfig
 

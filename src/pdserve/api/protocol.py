@@ -101,7 +101,7 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, allow_inf_nan=False)  # vLLM extension (HF's): > 1 discourages repeats
+    repetition_penalty: float = Field(1.0, gt=0.0, allow_inf_nan=False)  # vLLM's (HF's): > 1 discourages repeats
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False  # vLLM extension
     min_tokens: int = Field(0, ge=0)  # vLLM extension

@@ -325,8 +325,9 @@ class AsyncEngine:
         if self.cores is None:
             fault_point("engine.step")
             return self.engine.step()
-        # A prompt chunk can take 10-100x a decode step: only decode steps borrow, so an owner waits little.
-        self.cores.begin_step(borrow=not self.engine.has_prompt_work())
+        # A prompt chunk can take 10-100x a decode step: only decode steps borrow, so an owner waits little; and
+        # only batches large enough that another thread pays for its barrier waits (CoreShare.min_batch).
+        self.cores.begin_step(borrow=self.engine.decode_batch() >= self.cores.min_batch)
         try:
             team = self.cores.team()
             if team != self._team:  # each thread to its core: the OS would not keep two engines' threads apart

@@ -57,9 +57,15 @@ class CoreShare:
     own cores; each borrowed core adds one."""
 
     def __init__(
-        self, home: Iterable[int], lendable: Iterable[int], threads: int | None = None, directory: str | None = None
+        self,
+        home: Iterable[int],
+        lendable: Iterable[int],
+        threads: int | None = None,
+        directory: str | None = None,
+        min_batch: int = 1,
     ) -> None:
         self.home = sorted(set(home))
+        self.min_batch = min_batch  # the smallest decode batch whose step borrows (the engine's policy, kept here)
         self.lendable = sorted(set(lendable) - set(self.home))
         if not self.home:
             raise ValueError("an engine sharing cores needs cores of its own")

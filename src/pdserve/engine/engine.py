@@ -224,6 +224,12 @@ class LLMEngine:
         eligible = self.scheduler.running[: self.config.scheduler.max_num_seqs]
         return bool(self.scheduler.waiting) or any(s.num_tokens - s.num_computed_tokens > 1 for s in eligible)
 
+    def decode_batch(self) -> int:
+        """The sequences the next step decodes when it decodes only (0 when it may compute a prompt chunk)."""
+        if self.has_prompt_work():
+            return 0
+        return min(len(self.scheduler.running), self.config.scheduler.max_num_seqs)
+
     def stats(self) -> EngineStats:
         pool = self.pool.stats()
         held = sum(s.status is SequenceStatus.HELD for s in self._seqs.values())

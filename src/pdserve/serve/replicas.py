@@ -77,7 +77,7 @@ class _EngineReplica:
         # one core whatever the machine has. Default: one thread per core of its own (its pool's, else any).
         num_threads = pool.num_threads or len(pool.cpus or os.sched_getaffinity(0))
         torch.set_num_threads(num_threads)
-        cores = CoreShare(pool.cpus or [], lendable, num_threads) if lendable else None
+        cores = CoreShare(pool.cpus or [], lendable, num_threads, min_batch=config.lend_min_batch) if lendable else None
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         wire.set_cluster_secret(shared_kv_secret())
         configure_tracing(self.role, replica_tracing_env(config.tracing_env))
