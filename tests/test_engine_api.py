@@ -337,7 +337,7 @@ def test_auto_dtype_follows_the_cpu() -> None:
 def test_committed_reservations_past_max_num_seqs_wait_for_a_slot(llama: Path) -> None:
     """A decode replica commits every reservation whose KV arrived, even with max_num_seqs sequences running: the
     blocks are held already. A step must still run at most max_num_seqs of them (it sized its activations and the
-    GPU memory plan for that many); the rest wait for a slot, and every request ends with exactly its tokens."""
+    GPU memory plan for that many); the rest wait for a seat, and every request ends with exactly its tokens."""
     prefill = make_engine(llama)
     decode = LLMEngine(
         EngineConfig(
@@ -361,7 +361,8 @@ def test_committed_reservations_past_max_num_seqs_wait_for_a_slot(llama: Path) -
         prefill.release(r.request_id)
         tokens[r.request_id] = list(first.new_token_ids)
         assert decode.commit(r.request_id, first.new_token_ids[0]) is None
-    assert decode.stats().num_running == 5
+    stats = decode.stats()
+    assert (stats.num_running, stats.num_waiting) == (0, 5)  # waiting for a seat, holding their blocks
     batch_sizes = []
     while decode.has_unfinished():
         outputs = decode.step()

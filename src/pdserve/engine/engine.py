@@ -222,13 +222,14 @@ class LLMEngine:
     def has_prompt_work(self) -> bool:
         """Whether the next step may compute a prompt chunk (not only single-token decodes): it may take far longer."""
         eligible = self.scheduler.running[: self.config.scheduler.max_num_seqs]
-        return bool(self.scheduler.waiting) or any(s.num_tokens - s.num_computed_tokens > 1 for s in eligible)
+        prompts = any(not s.block_ids for s in self.scheduler.waiting)  # not a committed reservation's seat
+        return prompts or any(s.num_tokens - s.num_computed_tokens > 1 for s in eligible)
 
     def decode_batch(self) -> int:
         """The sequences the next step decodes when it decodes only (0 when it may compute a prompt chunk)."""
         if self.has_prompt_work():
             return 0
-        return min(len(self.scheduler.running), self.config.scheduler.max_num_seqs)
+        return min(len(self.scheduler.running) + len(self.scheduler.waiting), self.config.scheduler.max_num_seqs)
 
     def stats(self) -> EngineStats:
         pool = self.pool.stats()
@@ -253,7 +254,7 @@ class LLMEngine:
         )
 
     def _queued_prefill_tokens(self) -> int:
-        waiting = sum(s.num_tokens - s.num_computed_tokens for s in self.scheduler.waiting)
+        waiting = sum(s.num_tokens - s.num_computed_tokens for s in self.scheduler.waiting if not s.block_ids)
         return waiting + sum(
             s.num_tokens - s.num_computed_tokens
             for s in self.scheduler.running

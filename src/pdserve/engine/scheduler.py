@@ -52,10 +52,13 @@ class Scheduler:
         self.waiting.append(seq)
 
     def add_running(self, seq: Sequence) -> None:
-        """Join a sequence that already holds its blocks (a committed KV reservation). It may take `running` past
-        max_num_seqs (its blocks are held already); `schedule` still runs at most max_num_seqs per step."""
-        seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+        """Join a sequence that already holds its blocks, its prompt computed (a committed KV reservation). It waits
+        for a seat among the waiting prompts in arrival order (its reservation's), keeping its blocks; the next
+        `schedule` seats it at once if nobody waits ahead of it (`_seat_committed`): as in vLLM, where a request whose
+        KV arrived from a remote prefill rejoins the waiting queue, so commits never keep a prompt out of the batch."""
+        seq.status = SequenceStatus.WAITING
+        at = next((i for i, w in enumerate(self.waiting) if w.arrival > seq.arrival), len(self.waiting))
+        self.waiting.insert(at, seq)
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out of the queues; the caller frees its blocks."""
@@ -65,12 +68,21 @@ class Scheduler:
             self.waiting.remove(seq)
 
     def schedule(self) -> SchedulerOutput:
+        out = self._schedule(hold_seats_for_prompts=True)
+        if not out.chunks and any(w.block_ids for w in self.waiting):
+            # Nothing could run: the prompts ahead could not be admitted, their blocks held by the committed
+            # reservations behind them. Those take the seats instead (they need no allocation, and free blocks).
+            again = self._schedule(hold_seats_for_prompts=False)
+            return SchedulerOutput(again.chunks, out.preempted + again.preempted)
+        return out
+
+    def _schedule(self, hold_seats_for_prompts: bool) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
-        # Committed reservations join `running` whatever its size (add_running): a step runs only the first
-        # max_num_seqs of it, in the order they joined, and the rest wait for a slot. Within those, decode first: a
-        # sequence with one token left to compute never waits behind a prefill chunk.
+        self._seat_committed(hold_seats_for_prompts)
+        # At most max_num_seqs run. Decode first: a sequence with one token left to compute never waits behind a
+        # prefill chunk.
         eligible = self.running[: self.config.max_num_seqs]
         running = sorted(eligible, key=lambda s: s.num_tokens - s.num_computed_tokens > 1)
         if self.config.policy == "shortest_prefill_first":
@@ -87,6 +99,21 @@ class Scheduler:
         elif not preempted:
             chunks.extend(self._admit(budget))
         return SchedulerOutput(chunks, preempted)
+
+    def _seat_committed(self, hold_seats_for_prompts: bool) -> None:
+        """Give the free seats to the waiting queue in arrival order: a committed reservation (it holds its blocks)
+        joins `running` now; a prompt keeps its seat for admission later in this step (unless told not to)."""
+        seats = self.config.max_num_seqs - len(self.running)
+        for seq in list(self.waiting):
+            if seats <= 0:
+                break
+            if seq.block_ids:
+                self.waiting.remove(seq)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                seats -= 1
+            elif hold_seats_for_prompts:
+                seats -= 1
 
     def _continue(self, seq: Sequence, budget: int, chunks: list[ScheduledChunk], preempted: list[Sequence]) -> int:
         """Schedule a running sequence's next chunk within `budget`; the tokens it takes (0: it was preempted)."""
@@ -123,6 +150,7 @@ class Scheduler:
                 admitting
                 and not preempted  # a sequence preempted this step is not readmitted in it
                 and seq.status is SequenceStatus.WAITING
+                and not seq.block_ids  # a committed reservation is seated by _seat_committed, never admitted
                 and len(self.running) < self.config.max_num_seqs
             ):
                 chunk = self._admit_one(seq, budget)
@@ -136,10 +164,12 @@ class Scheduler:
     def _make_room(
         self, seq: Sequence, num_tokens: int, chunks: list[ScheduledChunk], preempted: list[Sequence]
     ) -> bool:
-        """Grow `seq` to `num_tokens`, preempting the latest-arrived unscheduled sequences as needed."""
+        """Grow `seq` to `num_tokens`, preempting the latest-arrived unscheduled sequences as needed (committed
+        reservations waiting for a seat too: they hold blocks)."""
         scheduled = {id(c.seq) for c in chunks}
         while not self.blocks.grow(seq, num_tokens):
-            victims = [s for s in self.running if id(s) not in scheduled and s is not seq]
+            holders = [*self.running, *(w for w in self.waiting if w.block_ids)]
+            victims = [s for s in holders if id(s) not in scheduled and s is not seq]
             victim = max(victims, key=lambda s: s.arrival) if victims else seq
             self._preempt(victim)
             preempted.append(victim)
@@ -148,17 +178,24 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        """Free the sequence's blocks; it recomputes when admitted again (a committed reservation keeps its place in
+        the waiting queue, a running sequence goes to its front)."""
         self.blocks.free(seq)
         seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            seq.status = SequenceStatus.WAITING
+            self.waiting.appendleft(seq)
 
     def _admit(self, budget: int) -> list[ScheduledChunk]:
         """Admit waiting sequences in arrival order while the budget, seq limit and pool allow."""
         chunks = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            chunk = self._admit_one(self.waiting[0], budget)
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if seq.block_ids:  # a committed reservation: seated at the next step's start, it needs no allocation
+                continue
+            chunk = self._admit_one(seq, budget)
             if chunk is None:
                 break
             chunks.append(chunk)

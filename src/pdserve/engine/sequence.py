@@ -10,7 +10,7 @@ from pdserve.kvcache import BlockHash, hash_block_chain
 
 
 class SequenceStatus(enum.Enum):
-    WAITING = enum.auto()  # queued, holds no blocks
+    WAITING = enum.auto()  # queued, holds no blocks (but a committed reservation waiting for a seat: its own)
     RUNNING = enum.auto()  # scheduled step by step, holds blocks
     HELD = enum.auto()  # prefill-only result or KV reservation: holds blocks, not scheduled
     FINISHED = enum.auto()  # holds nothing
