@@ -83,6 +83,8 @@ async def disaggregated_generate(
                 async for out in passes:
                     streamed.extend(out.new_token_ids)
                     yield out if attempt is request else as_original(out, request)
+                    if out.finish_reason is not None:  # done: a replica failing after this is no stream's concern
+                        return
             return
         except Exception as e:
             if not streamed and num_retries < 1 and is_server_fault(e):
@@ -441,6 +443,8 @@ async def _stream(stream: DeploymentResponseGenerator[RequestOutput]) -> AsyncGe
         async for out in stream:
             is_done = out.finish_reason is not None
             yield out
+            if is_done:  # not waiting for the stream's end: the replica may die meanwhile, after the request ended
+                return
     finally:
         if not is_done:
             stream.cancel()
