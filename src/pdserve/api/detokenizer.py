@@ -29,7 +29,11 @@ one starting earliest), which is where generation would stop if text arrived one
 deltas' sizes. A stop string never appears in the output, even when its characters arrive in several tokens: a
 suffix that could still grow into one is held back until it cannot. As in vLLM, tokens are checked one at a time:
 the output ends with the token whose text completes the stop string (`num_tokens`; a delta's later tokens are not
-taken), and only a stop string ending in the text of a token past the first `min_tokens` counts.
+taken), and only a stop string ending in the text of a token past the first `min_tokens` counts. A token's text, for
+this check, is what the output would read if it ended there: the held-back tokens' text decoded as the end would
+decode it, less a trailing incomplete character. So a character whose bytes one token completes counts at that
+token, even inside a byte-fallback run whose text is not final yet (vLLM's detokenizer emits it there too): ending
+the output there makes it final.
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ class IncrementalDetokenizer:
         self.num_emitted = 0  # characters of self.text already returned
         self.num_tokens = 0  # output tokens taken (skipped special ones too); none after a stop string's last one
         self._stop_floor = 0  # a stop string counts only if it ends past this many characters (min_tokens' text)
+        self._stop_text = ""  # the text if the output ended now, less a trailing incomplete character
         self.is_stopped = False
         # The tokens the decoder sees: the prompt's tail, then the output, skipped special tokens left out.
         # Tokens [prefix_offset, read_offset) are decoded again as context for the new ones; read_offset: tokens
@@ -113,8 +118,9 @@ class IncrementalDetokenizer:
             if token_id not in self._hidden_ids:
                 self._token_ids.append(token_id)
             self.text += self._decode_new(is_last=False)
+            self._stop_text = (self.text + self._decode_held()).rstrip(_REPLACEMENT)
             if self.num_tokens <= self.min_tokens:
-                self._stop_floor = len(self.text)
+                self._stop_floor = len(self._stop_text)
             emitted.append(self._emit_final(is_last=False))
             if self.is_stopped:
                 break
@@ -156,6 +162,15 @@ class IncrementalDetokenizer:
         self._prefix_offset, self._read_offset = self._read_offset, end
         return full[start:]
 
+    def _decode_held(self) -> str:
+        """The text the tokens not yet decoded into self.text would add if the output ended now (as `flush` would
+        decode them)."""
+        if self._read_offset >= len(self._token_ids):
+            return ""
+        prefix = self._decode(self._token_ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._token_ids[self._prefix_offset :])
+        return full[_common_prefix_len(prefix, full) :]
+
     def _readable_end(self) -> int:
         """Where an open byte-fallback run at the end starts (its text may still change), else the end."""
         end = len(self._token_ids)
@@ -170,21 +185,22 @@ class IncrementalDetokenizer:
         return str(text)
 
     def _emit_final(self, is_last: bool) -> str:
-        hit = self._find_stop()
-        if hit is not None:
+        text = self.text if is_last else self._stop_text
+        hit = self._find_stop(text)
+        if hit is not None:  # the output ends here: `text` is its final text
             end, start = hit
-            self.text, self.is_stopped = self.text[: end if self.include_stop_str else start], True
+            self.text, self.is_stopped = text[: end if self.include_stop_str else start], True
             return self._emit(len(self.text))
         return self._emit(len(self.text) if is_last else len(self.text) - self._holdback())
 
-    def _find_stop(self) -> tuple[int, int] | None:
-        """(end, start) of the stop string completed first, ending past `min_tokens`' text. Emitted text never holds
-        the start of one that counts (it was held back), so only the rest is searched."""
+    def _find_stop(self, text: str) -> tuple[int, int] | None:
+        """(end, start) of the stop string completed first in `text`, ending past `min_tokens`' text. Emitted text
+        never holds the start of one that counts (it was held back), so only the rest is searched."""
         hits: list[tuple[int, int]] = []  # (end, start)
         for stop in self.stop:
-            start = self.text.find(stop, self.num_emitted)
+            start = text.find(stop, self.num_emitted)
             while start >= 0 and start + len(stop) <= self._stop_floor:  # within min_tokens' text: does not count
-                start = self.text.find(stop, start + 1)
+                start = text.find(stop, start + 1)
             if start >= 0:
                 hits.append((start + len(stop), start))
         return min(hits) if hits else None
