@@ -95,8 +95,8 @@ async def choice_events(
     def event(chunk: BaseModel, index: int) -> str:
         for choice in chunk.choices:  # type: ignore[attr-defined]  # every chunk model has choices
             choice.index = index
-        if continuous_usage:
-            chunk.usage = total_usage(generations)  # type: ignore[attr-defined]
+        if continuous_usage:  # the chunk's own choice so far, as vLLM; the final usage chunk sums them all
+            chunk.usage = generations[index].usage()  # type: ignore[attr-defined]
         return sse_event(chunk)
 
     try:
