@@ -29,6 +29,7 @@ from typing import Any
 
 from pdserve.engine import FinishReason, RequestOutput
 from pdserve.engine.request import TokenLogprob
+from pdserve.serve.failover import foreign_cancel_as_fault
 
 logger = logging.getLogger(__name__)
 _MISSING_GRACE_S = 10.0  # a call ended: how long its last channeled outputs may still be on their way
@@ -229,18 +230,19 @@ class IngressChannels:
     async def _relay(self, handle: Any, call: Any, inbox: _Inbox) -> None:
         """The request's own call: its start, its outputs when they come this way, its end or error."""
         try:
-            async for item in call:
-                if isinstance(item, StreamStart):
-                    inbox.replica_id, inbox.is_channeled = item.replica_id, item.is_channeled
-                    if not item.is_channeled:
-                        self._open(handle, item.replica_id)  # for the requests after this one
-                    inbox.queue.put_nowait(item)
-                elif isinstance(item, StreamEnd):
-                    await self._await_delivery(inbox, item.num_tokens)
-                    return
-                else:
-                    inbox.put_output(item)
-        except asyncio.CancelledError:
+            with foreign_cancel_as_fault(f"the stream of {inbox.request_id}"):
+                async for item in call:
+                    if isinstance(item, StreamStart):
+                        inbox.replica_id, inbox.is_channeled = item.replica_id, item.is_channeled
+                        if not item.is_channeled:
+                            self._open(handle, item.replica_id)  # for the requests after this one
+                        inbox.queue.put_nowait(item)
+                    elif isinstance(item, StreamEnd):
+                        await self._await_delivery(inbox, item.num_tokens)
+                        return
+                    else:
+                        inbox.put_output(item)
+        except asyncio.CancelledError:  # stream() is done with it
             raise
         except BaseException as e:
             inbox.fail(e)

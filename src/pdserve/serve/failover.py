@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from pdserve.api.backend import CapacityError
@@ -27,6 +30,25 @@ class FailoverCounters:
 
 
 counters = FailoverCounters()  # per ingress process (each ingress replica counts its own)
+
+
+class ReplicaCancelled(RuntimeError):
+    """A call's task was cancelled on its replica, not by us: a server fault (retried, migrated or a 500)."""
+
+
+@contextmanager
+def foreign_cancel_as_fault(what: str) -> Iterator[None]:
+    """Around awaiting a replica's call: a CancelledError while this task is not being cancelled came from the
+    replica's side (Ray Serve raises a cancelled remote task as a plain CancelledError at the caller), and becomes
+    ReplicaCancelled; taken for the client leaving, it ended a 200 stream short without an error event, or hung a
+    stream waiting for outputs the relay would never pass on (found in review)."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or task.cancelling() > 0:
+            raise
+        raise ReplicaCancelled(f"{what} was cancelled on its replica") from None
 
 
 def is_server_fault(error: BaseException) -> bool:

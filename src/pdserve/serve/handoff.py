@@ -37,7 +37,15 @@ from pdserve.api.backend import CapacityError
 from pdserve.engine import EngineRequest, FinishReason, InvalidRequestError, RequestOutput
 from pdserve.router import RouteDecision, RouteMode
 from pdserve.serve.channels import IngressChannels
-from pdserve.serve.failover import as_original, can_migrate, continuation, counters, is_server_fault, without
+from pdserve.serve.failover import (
+    as_original,
+    can_migrate,
+    continuation,
+    counters,
+    foreign_cancel_as_fault,
+    is_server_fault,
+    without,
+)
 from pdserve.serve.messages import PrefillResult, Reservation
 
 logger = logging.getLogger(__name__)
@@ -248,7 +256,8 @@ async def _prefill_with_retry(
     first = route.prefill_replica_id if route is not None else None
     try:
         call = prefill.prefill.remote(request, reservation, target_replica_id=first)
-        return await _renewing(call, decode, reservation, timeout_s)
+        with foreign_cancel_as_fault(f"the prefill of {request.request_id}"):
+            return await _renewing(call, decode, reservation, timeout_s)
     except Exception as e:
         if not is_server_fault(e):
             raise
@@ -259,7 +268,8 @@ async def _prefill_with_retry(
     # only one: a cancelled call whose push is finishing), where the same id would be refused as in use.
     again = replace(request, request_id=f"{request.request_id}.p1")
     retry = prefill.prefill.remote(again, reservation, target_replica_id=_runner_up(route, first))
-    return await _renewing(retry, decode, reservation, timeout_s)
+    with foreign_cancel_as_fault(f"the prefill of {again.request_id}"):
+        return await _renewing(retry, decode, reservation, timeout_s)
 
 
 @dataclass
@@ -440,11 +450,12 @@ async def _stream(stream: DeploymentResponseGenerator[RequestOutput]) -> AsyncGe
     """Relay a replica's output stream; if we stop early, cancel it (the replica then aborts the request)."""
     is_done = False
     try:
-        async for out in stream:
-            is_done = out.finish_reason is not None
-            yield out
-            if is_done:  # not waiting for the stream's end: the replica may die meanwhile, after the request ended
-                return
+        with foreign_cancel_as_fault("a replica's output stream"):
+            async for out in stream:
+                is_done = out.finish_reason is not None
+                yield out
+                if is_done:  # not waiting for the stream's end: the replica may die meanwhile, after it ended
+                    return
     finally:
         if not is_done:
             stream.cancel()
