@@ -241,6 +241,7 @@ class LLMEngine:
             num_free_blocks=pool.num_free_blocks,
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
+            num_seated_waiting=sum(1 for s in self.scheduler.waiting if s.block_ids),
             num_held=held,
             num_preemptions=self.num_preemptions,
             num_reserved_blocks=self.reservations.num_reserved_blocks,

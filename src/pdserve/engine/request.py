@@ -162,6 +162,7 @@ class EngineStats:
     num_fenced_aborts: int = 0  # since start: reservations aborted while a writer might still write
     num_aborts: int = 0  # since start: requests aborted at any stage (client gone, failure)
     queued_prefill_tokens: int = 0  # prompt tokens accepted and not yet computed
+    num_seated_waiting: int = 0  # of num_waiting, committed reservations waiting for a seat: they hold their blocks
     load: LoadCounters | None = None  # what the autoscaling planner measures (pdserve.planner.ReplicaSignals)
 
 

@@ -226,10 +226,10 @@ class Planner:
             if r.decode_batch is not None and r.decode_step_s is not None:
                 est.step_fit.add(r.decode_batch, r.decode_step_s)
         decodes = list(signals.get("decode", {}).values())
-        running = sum(s.num_running for s in decodes)
-        if running > 0:
+        holding = sum(s.num_running + s.num_waiting_with_kv for s in decodes)  # commits waiting for a seat hold KV
+        if holding > 0:
             used = sum(s.kv_blocks_used - s.kv_blocks_reserved for s in decodes)
-            est.blend("blocks_per_seq", used / running, w)
+            est.blend("blocks_per_seq", used / holding, w)
 
     def _prefill_demand(
         self, rates: dict[str, ReplicaRates], replicas: Mapping[str, ReplicaSignals]

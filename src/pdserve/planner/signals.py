@@ -42,7 +42,7 @@ class ReplicaSignals:
     # gauges
     queued_prefill_tokens: float = 0.0  # prompt tokens accepted but not yet computed (waiting and partly computed)
     num_running: float = 0.0  # sequences in the running batch
-    num_waiting: float = 0.0  # sequences waiting for admission (no blocks yet)
+    num_waiting: float = 0.0  # sequences waiting for admission (committed reservations among them hold blocks)
     kv_blocks_total: float = 0.0
     kv_blocks_used: float = 0.0  # held by running sequences, prefill results and reservations
     kv_blocks_reserved: float = 0.0  # of those, held by open reservations (KV being written from outside)
@@ -58,11 +58,15 @@ class ReplicaSignals:
     decode_step_s_total: float = 0.0
     decode_step_seqs_total: float = 0.0  # sum over those steps of their batch sizes
     reserves_refused_total: float = 0.0  # KV reservations refused for lack of room (each retry counts)
+    # gauge, last so that positions above stay put: of num_waiting, the committed reservations waiting for a seat in
+    # the running batch; they hold their blocks like running sequences (the planner's blocks per sequence counts them)
+    num_waiting_with_kv: float = 0.0
 
     @classmethod
     def from_counters(
         cls, time_s: float, load: LoadCounters, *, queued_prefill_tokens: float, num_running: float,
         num_waiting: float, kv_blocks_total: float, kv_blocks_used: float, kv_blocks_reserved: float,
+        num_waiting_with_kv: float = 0.0,
     ) -> ReplicaSignals:  # fmt: skip
         """A replica's report: its gauges now and its engine's counters."""
         return cls(
@@ -72,6 +76,7 @@ class ReplicaSignals:
             finished_total=load.finished, steps_total=load.steps, step_s_total=load.step_s,
             decode_steps_total=load.decode_steps, decode_step_s_total=load.decode_step_s,
             decode_step_seqs_total=load.decode_step_seqs, reserves_refused_total=load.reserves_refused,
+            num_waiting_with_kv=num_waiting_with_kv,
         )  # fmt: skip
 
     def as_metrics(self) -> dict[str, float]:

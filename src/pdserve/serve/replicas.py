@@ -142,7 +142,7 @@ class _EngineReplica:
         return ReplicaSignals.from_counters(
             time.monotonic(), load, queued_prefill_tokens=s.queued_prefill_tokens, num_running=s.num_running,
             num_waiting=s.num_waiting, kv_blocks_total=s.num_blocks, kv_blocks_used=s.num_used_blocks,
-            kv_blocks_reserved=s.num_reserved_blocks,
+            kv_blocks_reserved=s.num_reserved_blocks, num_waiting_with_kv=s.num_seated_waiting,
         ).as_metrics()  # fmt: skip
 
     async def router_sync(self, cursors: dict[str, SyncCursor]) -> ReplicaSync:

@@ -132,6 +132,7 @@ class _Replica:
             num_waiting=len(s.waiting), kv_blocks_total=self.model.num_blocks,
             kv_blocks_used=self.model.num_blocks - self.pool.num_free_blocks,
             kv_blocks_reserved=self._num_reserved_blocks(),
+            num_waiting_with_kv=sum(1 for q in s.waiting if q.block_ids),
         )  # fmt: skip
 
     def _num_reserved_blocks(self) -> int:
