@@ -277,10 +277,12 @@ def serve_systems(
 
     from pdserve.serve.app import build_app
     from pdserve.serve.config import ServeConfig
+    from pdserve.serve.process import quiet_serve_env
 
     direct = front == "haproxy"
     for var in ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_ENABLE_HA_PROXY"):  # read by the Serve controller
         os.environ[var] = "1" if direct else "0"
+    quiet_serve_env()  # as `pdserve serve` starts its cluster
     suffix = ", HAProxy" if direct else ""
     results = []
     port = free_port()

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any, get_args
 
 import httpx
+import psutil
 import pytest
 from pydantic import BaseModel
 
 from pdserve.cli import build_parser, serve_config
 from pdserve.hub import resolve_model
 from pdserve.serve.config import PoolConfig, ServeConfig
+from pdserve.serve.process import QUIET_SERVE_ENV, quiet_serve_env
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 NOT_FIELDS = {"help", "model_tag", "config", "api_keys_file", "address"}  # the command's own options
@@ -289,8 +291,9 @@ def test_pdserve_serve_a_hub_id_answers_completions(offline_hub: Path, tmp_path:
     port, log = free_port(), tmp_path / "serve.log"
     command = [sys.executable, "-m", "pdserve.cli", "serve", "org/tiny", "--device", "cpu", "--port", str(port),
                "--dtype", "float32", "--num-kv-blocks", "64", "--served-model-name", "tiny", "tiny-alias"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_SERVE_ENV}
     with open(log, "w") as out:
-        server = subprocess.Popen(command, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_for_line(log, "pdserve is serving on", server, deadline_s=300)
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 4, "temperature": 0}
@@ -298,6 +301,16 @@ def test_pdserve_serve_a_hub_id_answers_completions(offline_hub: Path, tmp_path:
         assert response.status_code == 200, response.text
         answer = response.json()
         assert answer["model"] == "tiny" and answer["usage"]["completion_tokens"] >= 1
+        # the cluster it started runs Serve's controller and replicas with the quieter periodic work
+        serve_processes = [
+            p for p in psutil.process_iter(["cmdline"]) if "ray::Serve" in " ".join(p.info["cmdline"] or [])
+        ]
+        assert {" ".join(p.info["cmdline"]).split(".")[0].strip() for p in serve_processes} >= {
+            "ray::ServeController",
+            "ray::ServeReplica:pdserve:Ingress",
+        }
+        for process in serve_processes:
+            assert {k: process.environ().get(k) for k in QUIET_SERVE_ENV} == QUIET_SERVE_ENV, process.info["cmdline"]
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -305,6 +318,12 @@ def test_pdserve_serve_a_hub_id_answers_completions(offline_hub: Path, tmp_path:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def test_quiet_serve_env_leaves_a_value_already_set() -> None:
+    environ = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1"}
+    quiet_serve_env(environ)
+    assert environ == {**QUIET_SERVE_ENV, "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1"}
 
 
 def _wait_for_line(log: Path, line: str, server: subprocess.Popen[bytes], deadline_s: float) -> None:

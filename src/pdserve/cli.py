@@ -177,7 +177,10 @@ def run_server(config: ServeConfig, address: str | None, model_path: str | None 
     from ray import serve
 
     from pdserve.serve.app import build_app, deploy_application
+    from pdserve.serve.process import quiet_serve_env
 
+    if address is None:  # a cluster this call starts (one it joins took its environment when it started)
+        quiet_serve_env()
     ray.init(address=address, include_dashboard=False)
     serve.start(http_options=config.http_options())
     if config.autoscaling.enabled:  # Serve takes an application's autoscaling policy only from a deploy config
