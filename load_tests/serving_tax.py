@@ -12,7 +12,8 @@ what serving adds inside the replica.
     python load_tests/serving_tax.py                                  # SmolLM2, dtype auto
     python load_tests/serving_tax.py --peer vllm=http://127.0.0.1:8100/v1 --peer-model MODEL_DIR
     python load_tests/serving_tax.py --stream-interval 4              # also 4 tokens per streamed message
-    python load_tests/serving_tax.py --rounds 3                       # each system 3 times, interleaved: medians
+    python load_tests/serving_tax.py --rounds 5                       # each system 5 times, interleaved: medians,
+                                                                      # and each system's same-round ratios
     python load_tests/serving_tax.py --local-prefill-queue-s 0.5      # also 1P1D with queue-aware local prefill
     python load_tests/serving_tax.py --tiny --num-requests 4 --output-len 8   # a seconds-long smoke run
     python load_tests/serving_tax.py --json tax.json                  # also each row as JSON (tokens, routing)
@@ -269,6 +270,32 @@ def table(results: list[Result], rounds: dict[str, list[float]] | None = None) -
     return "\n".join(lines)
 
 
+def paired_ratios(per_round: dict[str, list[float]], reference: str) -> dict[str, list[float]]:
+    """Each other system's tok/s over the reference's in the same round. A slow spell of a shared host hits both
+    sides of a same-round ratio, so these spread less than the rounds themselves (the median-of-ratios is the
+    figure to quote; a ratio of two medians can pair a fast round with a slow one)."""
+    base = per_round[reference]
+    return {name: [x / b for x, b in zip(xs, base, strict=True)] for name, xs in per_round.items() if name != reference}
+
+
+def paired_table(per_round: dict[str, list[float]], references: list[str]) -> str:
+    """A column per reference: every system's same-round ratios to it, as median (min-max) over the rounds."""
+    columns = {ref: paired_ratios(per_round, ref) for ref in references}
+    lines = [
+        "| system | " + " | ".join(f"÷ {ref}, same round: median (min-max)" for ref in references) + " |",
+        "|---|" + "---|" * len(references),
+    ]
+    for name in per_round:
+        cells = []
+        for ref in references:
+            ratios = columns[ref].get(name)
+            cells.append(
+                "—" if ratios is None else f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def serve_systems(
     args: argparse.Namespace, front: str, path: str, dtype: str, prompts: list[list[int]]
 ) -> list[Result]:
@@ -422,8 +449,14 @@ def main() -> None:
     print()
     per_round = {name: [r.tokens_per_s for r in rs] for name, rs in runs.items()}
     print(table(medians, per_round if args.rounds > 1 else None))
+    references = [medians[0].name] + [f"{peer.split('=', 1)[0]}, HTTP" for peer in args.peer]
+    if args.rounds > 1:
+        print()
+        print(paired_table(per_round, references))
     if args.json is not None:
-        args.json.write_text(json.dumps(rows_json(args, medians, per_round), indent=2) + "\n")
+        report = rows_json(args, medians, per_round)
+        report["same_round_ratios"] = {ref: paired_ratios(per_round, ref) for ref in references}
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def rows_json(args: argparse.Namespace, results: list[Result], per_round: dict[str, list[float]]) -> dict[str, object]:

@@ -33,8 +33,10 @@ def test_a_smoke_run_prints_a_row_per_system(tmp_path: Path) -> None:
     assert names[3] == names[2] + ", queue-aware local prefill (0.0 s)"
     assert all(tokens_per_s > 0 for tokens_per_s in rows.values())
 
-    systems = {row["system"]: row for row in json.loads(report.read_text())["systems"]}
+    full = json.loads(report.read_text())
+    systems = {row["system"]: row for row in full["systems"]}
     assert list(systems) == names, "the JSON holds other rows than the table"
+    assert list(full["same_round_ratios"]) == [names[0]] and list(full["same_round_ratios"][names[0]]) == names[1:]
     for name, row in systems.items():  # a stream cut short, or one answering a single token, would still show tok/s
         assert row["output_tokens_per_request"] == [output_len] * num_requests, (name, row)
         assert row["output_tokens"] == num_requests * output_len, (name, row)
@@ -45,3 +47,18 @@ def test_a_smoke_run_prints_a_row_per_system(tmp_path: Path) -> None:
         assert sum(decisions[name].values()) == num_requests, (name, decisions[name])
     assert decisions[names[2]].get("local", 0) == 0, decisions[names[2]]  # local_prefill_max_tokens 0: all via P
     assert decisions[names[3]].get("local", 0) >= 1, f"the queue-aware system never prefilled on D: {decisions}"
+
+
+def test_same_round_ratios_pair_each_round_with_itself() -> None:
+    sys.path.insert(0, str(ROOT / "load_tests"))
+    from serving_tax import paired_ratios, paired_table
+
+    per_round = {"engine": [100.0, 200.0, 300.0], "colocated": [250.0, 120.0, 330.0], "vllm": [200.0, 100.0, 300.0]}
+    ratios = paired_ratios(per_round, "engine")
+    assert ratios.keys() == {"colocated", "vllm"}
+    assert ratios["colocated"] == pytest.approx([2.5, 0.6, 1.1]) and ratios["vllm"] == pytest.approx([2.0, 0.5, 1.0])
+    lines = paired_table(per_round, ["engine", "vllm"]).splitlines()
+    assert lines[0].count("same round") == 2 and len(lines) == 2 + 3
+    # Median of the same-round ratios (1.10), not the ratio of the medians (250 / 200 = 1.25).
+    assert lines[3] == "| colocated | 1.10 (0.60-2.50) | 1.20 (1.10-1.25) |"
+    assert lines[2] == "| engine | — | 1.00 (0.50-2.00) |" and lines[4] == "| vllm | 1.00 (0.50-2.00) | — |"
