@@ -4,8 +4,9 @@ optionally peers (vLLM-CPU) — N concurrent greedy streams of P prompt tokens -
 Per system: output tok/s, TTFT and TPOT medians and p90 (tokens counted from the response's usage, never from SSE
 chunks), the tax (1 - tok/s ÷ the engine alone's), and where the CPU went, per output token, by process: engine
 replicas (model + their event loop + Serve's streaming), the ingress, Serve's HTTP proxy, the load client, the rest
-of the machine (Ray's daemons, the Serve controller, anything else), and the cores' idle time (under this load, time
-the engine's threads waited: a core lent to another process holds the other thread at the next barrier). The
+of the machine (Ray's daemons, the Serve controller, anything else; a second table names its largest processes),
+the cores' idle time (under this load, time the engine's threads waited: a core lent to another process holds the
+other thread at the next barrier), and the hypervisor's steal (this VM's cores running someone else). The
 engine alone runs the same requests on an `AsyncEngine` in this process, so "replica CPU - engine-alone CPU" is
 what serving adds inside the replica.
 
@@ -34,7 +35,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -67,6 +68,8 @@ class Result:
     # The measured requests' routing decisions by mode (the ingress router's pdserve_router_decisions_total at
     # /metrics, after minus before the run); None for systems without a pdserve ingress.
     router_decisions: dict[str, int] | None = None
+    # "rest" (the machine's busy time beyond the tracked roles) by process, e.g. {"ray::ServeController": 0.4}
+    rest_by_process: dict[str, float] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -135,12 +138,13 @@ def engine_alone(path: str, dtype: str, prompts: list[list[int]], max_tokens: in
         return list(samples), time.perf_counter() - start
 
     me = psutil.Process()
-    before, machine_before = _cpu(me), machine_cpu()
+    before, machine_before, everyone_before = _cpu(me), machine_cpu(), every_process_cpu()
     samples, wall = asyncio.run(run())
     cpu = {"engine": _cpu(me) - before}
     add_machine(cpu, machine_before, machine_cpu())
+    rest = rest_by_process(everyone_before, every_process_cpu(), {me.pid})
     engine.shutdown()
-    return Result("engine alone (AsyncEngine, in process)", samples, wall, cpu)
+    return Result("engine alone (AsyncEngine, in process)", samples, wall, cpu, rest_by_process=rest)
 
 
 def serve_processes(app: str) -> dict[str, list[psutil.Process]]:
@@ -172,21 +176,63 @@ def _cpu(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-def machine_cpu() -> tuple[float, float]:
-    """(busy, idle) CPU seconds of the whole machine so far, every core: what the tracked processes leave is the
-    rest (Ray's daemons, the Serve controller, anything else running), and idle cores under load are time the engine
-    waited (its threads meet at a barrier after every parallel op: a core lent to another process for a moment
-    holds the other thread up)."""
+def machine_cpu() -> tuple[float, float, float]:
+    """(busy, idle, steal) CPU seconds of the whole machine so far, every core: what the tracked processes leave of
+    busy is the rest (Ray's daemons, the Serve controller, anything else running); idle cores under load are time
+    the engine waited (its threads meet at a barrier after every parallel op: a core lent to another process for a
+    moment holds the other thread up); steal is time the hypervisor ran someone else on this VM's cores."""
     t = psutil.cpu_times()
     idle = t.idle + getattr(t, "iowait", 0.0)
+    steal = getattr(t, "steal", 0.0)
     total = sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)  # guests are counted in user/nice
-    return total - idle, idle
+    return total - idle - steal, idle, steal
 
 
-def add_machine(cpu: dict[str, float], before: tuple[float, float], after: tuple[float, float]) -> None:
-    """`cpu` (role -> seconds) gains "rest": the machine's busy time beyond the roles', and "idle"."""
+def add_machine(cpu: dict[str, float], before: tuple[float, ...], after: tuple[float, ...]) -> None:
+    """`cpu` (role -> seconds) gains "rest": the machine's busy time beyond the roles', "idle" and "steal"."""
     cpu["rest"] = max(after[0] - before[0] - sum(cpu.values()), 0.0)
     cpu["idle"] = after[1] - before[1]
+    cpu["steal"] = after[2] - before[2]
+
+
+def process_label(process: psutil.Process) -> str:
+    """A short name for a process of the rest: Ray's process title (`ray::ServeController`), a Python script's
+    file name (`agent.py`: Ray's dashboard agent), or the executable (`raylet`, `gcs_server`)."""
+    cmd = process.cmdline()
+    if not cmd:
+        return process.name()
+    if cmd[0].startswith("ray::"):
+        return cmd[0].split()[0].split(".")[0]
+    exe = os.path.basename(cmd[0])
+    if exe.startswith("python"):
+        return next((os.path.basename(a) for a in cmd[1:] if a.endswith(".py")), exe)
+    return exe
+
+
+def every_process_cpu() -> dict[int, tuple[str, float]]:
+    """pid -> (label, CPU seconds so far) of every process this user can read."""
+    found = {}
+    for p in psutil.process_iter():
+        try:
+            found[p.pid] = (process_label(p), _cpu(p))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def rest_by_process(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], tracked: set[int]
+) -> dict[str, float]:
+    """CPU seconds of the untracked processes between two `every_process_cpu` snapshots, by label, largest first
+    under its label at the end (a Ray worker retitles itself when it becomes an actor); a process started meanwhile
+    counts all its CPU, one gone meanwhile none."""
+    by_label: dict[str, float] = {}
+    for pid, (label, cpu) in after.items():
+        if pid in tracked:
+            continue
+        start = before[pid][1] if pid in before else 0.0
+        by_label[label] = by_label.get(label, 0.0) + max(cpu - start, 0.0)
+    return dict(sorted(by_label.items(), key=lambda kv: -kv[1]))
 
 
 def router_decisions(url: str) -> dict[str, int]:
@@ -208,7 +254,7 @@ def measured(name: str, url: str, model: str, prompts: list[list[int]], max_toke
     processes["client"] = [psutil.Process()]
     samples, wall = asyncio.run(http_load(url, model, [WARMUP_PROMPT], 4))  # warm-up before the CPU baseline
     before = {p: cpu for ps in processes.values() for p in ps if (cpu := _cpu_or_none(p)) is not None}
-    machine_before = machine_cpu()
+    machine_before, everyone_before = machine_cpu(), every_process_cpu()
     decisions_before: dict[str, int] = {}
 
     def mark_decisions() -> None:  # after the run's own warm-up request: the delta counts the measured ones only
@@ -220,10 +266,11 @@ def measured(name: str, url: str, model: str, prompts: list[list[int]], max_toke
         deltas = [after - before[p] for p in ps if p in before and (after := _cpu_or_none(p)) is not None]
         cpu[role] = sum(deltas)
     add_machine(cpu, machine_before, machine_cpu())
+    rest = rest_by_process(everyone_before, every_process_cpu(), {p.pid for ps in processes.values() for p in ps})
     decisions = None
     if app is not None:
         decisions = {mode: n - decisions_before.get(mode, 0) for mode, n in router_decisions(url).items()}
-    result = Result(name, samples, wall, cpu, decisions)
+    result = Result(name, samples, wall, cpu, decisions, rest)
     print(table([result]).splitlines()[-1], flush=True)  # as it goes: a later failure keeps this row
     return result
 
@@ -246,9 +293,9 @@ def table(results: list[Result], rounds: dict[str, list[float]] | None = None) -
     base_cpu_per_token = base.cpu_s.get("engine", 0.0) / sum(s.num_tokens for s in base.samples)
     lines = [
         "| system | output tok/s | tax vs engine alone | TTFT p50 s | TTFT p90 s | TPOT p50 ms | TPOT p90 ms | "
-        "CPU ms/token: engine (+serving) | ingress | proxy | client | rest | cores idle |"
+        "CPU ms/token: engine (+serving) | ingress | proxy | client | rest | cores idle | steal |"
         + (" tok/s per round |" if rounds else ""),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if rounds else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if rounds else ""),
     ]
     for r in results:
         ttft = [s.ttft_s for s in r.samples]
@@ -258,7 +305,7 @@ def table(results: list[Result], rounds: dict[str, list[float]] | None = None) -
         engine = per_token.get("engine")
         overhead = "" if engine is None or r is base else f" (+{engine - 1000 * base_cpu_per_token:.2f})"
         cells = [f"{engine:.2f}{overhead}" if engine is not None else "—"]
-        roles = ("ingress", "proxy", "client", "rest", "idle")
+        roles = ("ingress", "proxy", "client", "rest", "idle", "steal")
         cells += [f"{per_token[role]:.2f}" if role in per_token else "—" for role in roles]
         if rounds:
             cells.append(", ".join(f"{x:.1f}" for x in rounds.get(r.name, [])))
@@ -267,6 +314,16 @@ def table(results: list[Result], rounds: dict[str, list[float]] | None = None) -
             f"| {r.name} | {r.tokens_per_s:.1f} | {tax} | {statistics.median(ttft):.2f} | {p90(ttft):.2f} | "
             f"{1000 * statistics.median(tpot):.1f} | {1000 * p90(tpot):.1f} | " + " | ".join(cells) + " |"
         )
+    return "\n".join(lines)
+
+
+def rest_table(results: list[Result], top: int = 6) -> str:
+    """Each system's "rest" by process, CPU ms per output token, its `top` largest."""
+    lines = ["| system | the rest by process, CPU ms/token (largest first) |", "|---|---|"]
+    for r in results:
+        tokens = sum(s.num_tokens for s in r.samples)
+        parts = [f"{label} {1000 * cpu / tokens:.2f}" for label, cpu in list(r.rest_by_process.items())[:top]]
+        lines.append(f"| {r.name} | {', '.join(parts) or '—'} |")
     return "\n".join(lines)
 
 
@@ -449,6 +506,8 @@ def main() -> None:
     print()
     per_round = {name: [r.tokens_per_s for r in rs] for name, rs in runs.items()}
     print(table(medians, per_round if args.rounds > 1 else None))
+    print()
+    print(rest_table(medians))
     references = [medians[0].name] + [f"{peer.split('=', 1)[0]}, HTTP" for peer in args.peer]
     if args.rounds > 1:
         print()
@@ -477,6 +536,7 @@ def rows_json(args: argparse.Namespace, results: list[Result], per_round: dict[s
                 "wall_s": r.wall_s,
                 "cpu_s": r.cpu_s,
                 "router_decisions": r.router_decisions,
+                "rest_by_process_cpu_s": r.rest_by_process,
             }
             for r in results
         ],

@@ -25,7 +25,8 @@ def test_a_smoke_run_prints_a_row_per_system(tmp_path: Path) -> None:
     ]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
-    table = done.stdout.split("| system |")[-1].splitlines()[2:]  # the final table, after its header and rule
+    table = done.stdout.split("| system | output tok/s |")[-1].splitlines()[2:]  # the final table, after the rule
+    table = table[: table.index("")]
     rows = {cells[1].strip(): float(cells[2]) for line in table if (cells := line.split("|"))[1:]}
     names = list(rows)
     assert len(names) == 4 and names[:2] == ["engine alone (AsyncEngine, in process)", "pdserve colocated, HTTP"]
@@ -40,7 +41,11 @@ def test_a_smoke_run_prints_a_row_per_system(tmp_path: Path) -> None:
     for name, row in systems.items():  # a stream cut short, or one answering a single token, would still show tok/s
         assert row["output_tokens_per_request"] == [output_len] * num_requests, (name, row)
         assert row["output_tokens"] == num_requests * output_len, (name, row)
-        assert {"rest", "idle"} <= row["cpu_s"].keys() and min(row["cpu_s"].values()) >= 0, (name, row["cpu_s"])
+        assert {"rest", "idle", "steal"} <= row["cpu_s"].keys() and min(row["cpu_s"].values()) >= 0, (name, row)
+        assert all(cpu >= 0 for cpu in row["rest_by_process_cpu_s"].values()), (name, row["rest_by_process_cpu_s"])
+    for name in names[1:]:  # Ray's daemons run beside every served system and are not a tracked role
+        assert {"raylet", "gcs_server"} & systems[name]["rest_by_process_cpu_s"].keys(), systems[name]
+    assert "| system | the rest by process" in done.stdout
     decisions = {name: row["router_decisions"] for name, row in systems.items()}
     assert decisions[names[0]] is None  # no ingress, no router
     for name in names[2:]:  # every measured request routed once (the warm-ups are not counted)
@@ -62,3 +67,32 @@ def test_same_round_ratios_pair_each_round_with_itself() -> None:
     # Median of the same-round ratios (1.10), not the ratio of the medians (250 / 200 = 1.25).
     assert lines[3] == "| colocated | 1.10 (0.60-2.50) | 1.20 (1.10-1.25) |"
     assert lines[2] == "| engine | — | 1.00 (0.50-2.00) |" and lines[4] == "| vllm | 1.00 (0.50-2.00) | — |"
+
+
+class FakeProcess:
+    def __init__(self, cmdline: list[str], name: str = "?") -> None:
+        self._cmdline, self._name = cmdline, name
+
+    def cmdline(self) -> list[str]:
+        return self._cmdline
+
+    def name(self) -> str:
+        return self._name
+
+
+def test_the_rest_is_named_by_process_and_excludes_the_tracked_ones() -> None:
+    sys.path.insert(0, str(ROOT / "load_tests"))
+    from serving_tax import process_label, rest_by_process
+
+    assert process_label(FakeProcess(["ray::ServeController.run_control_loop", "x"])) == "ray::ServeController"  # type: ignore[arg-type]
+    agent = ["/venv/bin/python3.11", "-u", "/venv/ray/dashboard/agent.py", "--node-ip-address=1"]
+    assert process_label(FakeProcess(agent)) == "agent.py"  # type: ignore[arg-type]
+    assert process_label(FakeProcess(["/venv/ray/core/src/ray/raylet/raylet", "--x"])) == "raylet"  # type: ignore[arg-type]
+    assert process_label(FakeProcess([], "kworker/0:1")) == "kworker/0:1"  # type: ignore[arg-type]
+
+    before = {1: ("raylet", 10.0), 2: ("ray::IDLE", 5.0), 3: ("engine", 100.0), 4: ("gone", 7.0)}
+    after = {1: ("raylet", 10.5), 2: ("ray::ServeReplica", 6.0), 3: ("engine", 130.0), 5: ("haproxy", 0.25)}
+    rest = rest_by_process(before, after, tracked={3})
+    # pid 2 became an actor (retitled): its delta under the new title; pid 4 ended: nothing; pid 3 is tracked.
+    assert rest == {"ray::ServeReplica": 1.0, "raylet": 0.5, "haproxy": 0.25}
+    assert list(rest) == ["ray::ServeReplica", "raylet", "haproxy"]
