@@ -223,9 +223,9 @@ def every_process_cpu() -> dict[int, tuple[str, float]]:
 def rest_by_process(
     before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], tracked: set[int]
 ) -> dict[str, float]:
-    """CPU seconds of the untracked processes between two `every_process_cpu` snapshots, by label, largest first
-    under its label at the end (a Ray worker retitles itself when it becomes an actor); a process started meanwhile
-    counts all its CPU, one gone meanwhile none."""
+    """CPU seconds of the untracked processes between two `every_process_cpu` snapshots, by label, largest first.
+    A process counts under its label in the later snapshot (a Ray worker retitles itself when it becomes an actor);
+    one started meanwhile counts all its CPU, one gone meanwhile none."""
     by_label: dict[str, float] = {}
     for pid, (label, cpu) in after.items():
         if pid in tracked:
