@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,9 @@ import openai
 import pytest
 
 from pdserve.api import GenerationRequest, create_app
+from pdserve.api.protocol import MAX_NESTING
 from test_api import MAX_MODEL_LEN, TEXT, FakeBackend, serve, sse_payloads
-from tiny_models import EOS_ID, build_tokenizer
+from tiny_models import BOS, BOS_ID, EOS_ID, build_tokenizer
 
 VLLM_FIELDS = json.loads((Path(__file__).parent / "data" / "vllm-0.32-request-fields.json").read_text())
 BASE = {
@@ -47,6 +48,14 @@ PARTNERS: dict[str, dict[str, Any]] = {  # fields that are only valid, or only s
     "skip_special_tokens": {"max_tokens": 60, "include_stop_str_in_output": True},
 }  # fmt: skip
 REQUIRED = {"model", "messages", "prompt"}
+
+
+def nested(depth: int) -> Any:
+    """A list holding a list ... `depth` lists deep in all."""
+    value: Any = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +250,12 @@ def test_every_vllm_field_at_its_default_is_accepted(http: httpx.Client, endpoin
         ({"chat_template_kwargs": {"tokenize": False}}, "chat_template_kwargs"),
         ({"continue_final_message": True, "add_generation_prompt": False}, "continue_final_message"),  # user last
         ({"continue_final_message": True}, "continue_final_message"),  # with add_generation_prompt
+        ({"store": "yes"}, "store"),  # OpenAI's bookkeeping fields pass with a value of their type only
+        ({"metadata": ["a"]}, "metadata"),
+        ({"service_tier": 1}, "service_tier"),
+        # nested past MAX_NESTING: rendering such data would overflow the stack (a 500) where it did not fail first
+        ({"chat_template_kwargs": {"x": nested(MAX_NESTING)}}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {"x": nested(600)}}, "chat_template_kwargs"),
     ],
 )
 def test_refusals_name_the_field(http: httpx.Client, backend: FakeBackend, body: dict[str, Any], param: str) -> None:
@@ -259,6 +274,48 @@ def test_an_unrecognized_key_that_is_not_a_name_is_not_echoed(http: httpx.Client
 def test_tool_choice_auto_without_tools_and_text_format_are_harmless(http: httpx.Client) -> None:
     body = {"tools": [], "tool_choice": "auto", "parallel_tool_calls": False, "response_format": {"type": "text"}}
     assert http.post("/v1/chat/completions", json={**BASE["chat"][1], **body}).status_code == 200
+
+
+# What OpenAI's clients and tools send beside the request proper (OpenAI documents every one): never the output's.
+OPENAI_BOOKKEEPING = {
+    "store": True, "metadata": {"team": "search"}, "service_tier": "auto", "prompt_cache_key": "session-7",
+    "safety_identifier": "user-7f3a",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_openai_bookkeeping_fields_are_accepted_and_change_nothing(
+    http: httpx.Client, backend: FakeBackend, endpoint: str
+) -> None:
+    path, base = BASE[endpoint]
+    plain = http.post(path, json=base)
+    marked = http.post(path, json={**base, **OPENAI_BOOKKEEPING})
+    assert plain.status_code == marked.status_code == 200, marked.text
+    first, second = (replace(r, request_id="", traceparent=None) for r in backend.requests)
+    assert first == second
+    key = "message" if endpoint == "chat" else None
+    texts = [r.json()["choices"][0][key]["content"] if key else r.json()["choices"][0]["text"] for r in (plain, marked)]
+    assert texts[0] == texts[1]
+
+
+def test_what_clients_send_back_in_messages_is_accepted(http: httpx.Client, backend: FakeBackend) -> None:
+    """A reply sent back with OpenAI's `reasoning: null`, a text part with a prompt-caching hint (LiteLLM's,
+    OpenRouter's), template variables nested a few levels: served, and the prompt is as without them."""
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]},
+        {"role": "assistant", "content": "a", "reasoning": None},
+        {"role": "user", "content": "more"},
+    ]
+    plain = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "more"},
+    ]
+    kwargs = {"x": nested(MAX_NESTING - 1)}
+    for body in ({"messages": messages, "chat_template_kwargs": kwargs}, {"messages": plain}):
+        response = http.post("/v1/chat/completions", json={**BASE["chat"][1], **body})
+        assert response.status_code == 200, response.text
+    assert backend.requests[0].prompt_token_ids == backend.requests[1].prompt_token_ids
 
 
 # --- n choices ----------------------------------------------------------------------------------------------------
@@ -627,3 +684,45 @@ def test_stop_strings_min_tokens_and_stop_tokens_report_the_same_whatever_the_de
         context = (case, body, tokens_per_delta)
         assert (text, finish) == (want_text, want_finish), context
         assert usage["completion_tokens"] == len(tokens) == want_tokens, context
+
+
+def test_an_empty_text_prompt_is_served_where_the_tokenizer_adds_a_bos(tokenizer: Any) -> None:
+    """As OpenAI and vLLM: "" is refused only when it tokenizes to nothing (vLLM's "the prompt cannot be empty")."""
+    import asyncio
+    import copy
+
+    from tokenizers import processors
+
+    from pdserve.api.errors import APIError
+    from pdserve.api.intake import Tokenization
+
+    with_bos = copy.deepcopy(tokenizer)
+    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, BOS_ID)]
+    )
+    assert asyncio.run(Tokenization(with_bos).completion_prompt("")) == [BOS_ID]
+    for prompt in ("", []):
+        with pytest.raises(APIError, match="the prompt is empty") as refused:
+            asyncio.run(Tokenization(tokenizer).completion_prompt(prompt))
+        assert (refused.value.status, refused.value.param) == (400, "prompt")
+
+
+def test_a_template_overflowing_the_stack_is_the_requests_400(tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The depth bound keeps client data from overflowing the renderer's stack; should anything else still do it,
+    the request gets a 400 naming what it sent, not a 500 and a thousand-frame traceback in the log."""
+    import asyncio
+
+    from pdserve.api.errors import APIError
+    from pdserve.api.intake import Tokenization
+    from pdserve.api.protocol import ChatMessage
+
+    def overflow(*_: Any) -> list[int]:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    tokenization = Tokenization(tokenizer)
+    monkeypatch.setattr(tokenization, "_apply_chat_template", overflow)
+    messages = [ChatMessage(role="user", content="hi")]
+    for kwargs, param in (({"x": [[1]]}, "chat_template_kwargs"), (None, "messages")):
+        with pytest.raises(APIError, match="nested too deeply") as refused:
+            asyncio.run(tokenization.chat_prompt(messages, kwargs))
+        assert (refused.value.status, refused.value.param) == (400, param)

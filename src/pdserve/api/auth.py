@@ -185,7 +185,11 @@ class APIKeyAuth:
                 status = message["status"]
             await send(message)
 
+        failed = False
         try:
             await self.app(scope, receive, observed_send)
+        except Exception:  # unhandled: UnhandledErrors, outside this middleware, answers it with a 500
+            failed = True
+            raise
         finally:  # a request the server was too busy for (or failed) before answering costs the tenant nothing
-            self.keys.release(tenant, refund=status == 429 or status >= 500)
+            self.keys.release(tenant, refund=failed or status == 429 or status >= 500)

@@ -88,13 +88,15 @@ class Tokenization:
 
     async def completion_prompt(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a completion prompt given as a string or as token ids."""
-        if not prompt:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        if isinstance(prompt, str):
+        if isinstance(prompt, str):  # "" is a prompt where the tokenizer adds a BOS (as OpenAI and vLLM serve it)
             self.check_length(len(prompt), "prompt")
-            return await self._run(lambda: list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"]))
-        check_token_ids(prompt, self.vocab_size, "prompt")
-        return list(prompt)
+            ids = await self._run(lambda: list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"]))
+        else:
+            check_token_ids(prompt, self.vocab_size, "prompt")
+            ids = list(prompt)
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        return ids
 
     async def chat_prompt(
         self,
@@ -135,6 +137,9 @@ class Tokenization:
         except TypeError as e:  # a template variable of the client's of a type the template cannot use (as vLLM)
             param = "chat_template_kwargs" if kwargs else "messages"
             raise APIError(400, f"the chat template could not render the request: {e}", param=param) from e
+        except RecursionError as e:  # data nested past what rendering can walk (protocol.py bounds the depth too)
+            param = "chat_template_kwargs" if kwargs else "messages"
+            raise APIError(400, "the chat template could not render the request: nested too deeply", param=param) from e
         if not ids:
             raise APIError(400, "the messages render to an empty prompt", param="messages")
         return ids

@@ -50,21 +50,25 @@ MAX_LOGIT_BIAS = 300  # OpenAI's limit
 MAX_CHOICES = 16  # choices per request (n): each is a sequence in the engine
 
 
-def _valid_text(value: Any) -> Any:
-    """A string (or strings, at any depth of lists and objects, keys too) that is valid Unicode: JSON can carry a
-    lone UTF-16 surrogate ("\\ud800"), which no tokenizer can encode."""
+MAX_NESTING = 32  # lists and objects inside one another in a free-form field (chat_template_kwargs)
+
+
+def _valid_text(value: Any, depth: int = 0) -> Any:
+    """A string (or strings, at any depth of lists and objects up to MAX_NESTING, keys too) that is valid Unicode:
+    JSON can carry a lone UTF-16 surrogate ("\\ud800"), which no tokenizer can encode. The depth is bounded because
+    what renders it (the chat template's data conversion) recurses: a few hundred levels overflow Python's stack."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
             raise ValueError("the text holds a lone surrogate (invalid Unicode)") from None
-    elif isinstance(value, list):
-        for item in value:
-            _valid_text(item)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _valid_text(key)
-            _valid_text(item)
+    elif isinstance(value, list | dict):
+        if depth >= MAX_NESTING:
+            raise ValueError(f"lists and objects are nested deeper than {MAX_NESTING} levels")
+        for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+            if isinstance(value, dict):
+                _valid_text(key)
+            _valid_text(item, depth + 1)
     return value
 
 
@@ -222,6 +226,9 @@ class TextPart(BaseModel):
 
     type: Literal["text"]
     text: str
+    # A prompt-caching hint some OpenAI-compatible clients put on parts (LiteLLM, OpenRouter: Anthropic's
+    # `{"type": "ephemeral"}`); ignored, as vLLM ignores it: pdserve's prefix cache needs no marking.
+    cache_control: dict[str, Any] | None = None
 
     @field_validator("text")
     @classmethod
@@ -231,7 +238,9 @@ class TextPart(BaseModel):
 
 # What an assistant message of OpenAI's (a client's `message.model_dump()` sent back) carries beside role and
 # content: harmless when empty, so dropped then; anything else in them is a 400 (tools are not implemented).
-_EMPTY_MESSAGE_FIELDS = ("tool_calls", "refusal", "function_call", "audio", "annotations", "reasoning_content")
+_EMPTY_MESSAGE_FIELDS = (
+    "tool_calls", "refusal", "function_call", "audio", "annotations", "reasoning_content", "reasoning",
+)  # fmt: skip
 
 
 class ChatMessage(BaseModel):

@@ -64,11 +64,25 @@ COMPLETIONS_ONLY: dict[str, tuple[Any, ...]] = {
 }
 
 
+# OpenAI's own request fields that never change the output: bookkeeping, billing and cache-routing hints, which
+# OpenAI's clients and tools send as a matter of course (Zed sends prompt_cache_key, many agents send store). Any
+# value of the listed type is accepted (a type in a tuple here stands for every value of it).
+OPENAI_NO_EFFECT: dict[str, tuple[Any, ...]] = {
+    "metadata": (dict,),  # OpenAI: tags for its dashboard
+    "prompt_cache_key": (str,),  # OpenAI: routes requests to its prompt cache; pdserve's router finds prefixes itself
+    "safety_identifier": (str,),  # OpenAI: user's id for abuse detection, as `user`
+    "service_tier": (str,),  # OpenAI: which capacity pool bills the request
+    "store": (bool,),  # OpenAI: keep the completion for its evals and distillation
+}
+
+
 def no_effect_values(endpoint: str) -> dict[str, tuple[Any, ...]]:
     """The unimplemented fields of `endpoint` ("chat" or "completions") and their harmless values."""
-    return {**NO_EFFECT, **(CHAT_ONLY if endpoint == "chat" else COMPLETIONS_ONLY)}
+    return {**OPENAI_NO_EFFECT, **NO_EFFECT, **(CHAT_ONLY if endpoint == "chat" else COMPLETIONS_ONLY)}
 
 
 def has_no_effect(value: Any, harmless: tuple[Any, ...]) -> bool:
     # `True == 1` in Python: compare types too, so `use_beam_search: 0` is not taken for False.
-    return value is None or any(type(value) is type(h) and value == h for h in harmless)
+    return value is None or any(
+        type(value) is h if isinstance(h, type) else (type(value) is type(h) and value == h) for h in harmless
+    )
