@@ -16,7 +16,7 @@ import pytest
 
 from pdserve.engine import FinishReason, RequestOutput
 from pdserve.serve import channels as channels_module
-from pdserve.serve.channels import ChannelLost, IngressChannels, ReplicaChannels
+from pdserve.serve.channels import ChannelLost, IngressChannels, ReplicaChannels, StreamEnd, StreamStart
 
 
 class FakeCall:
@@ -249,6 +249,120 @@ def test_missing_last_tokens_fail_after_the_grace(monkeypatch: pytest.MonkeyPatc
         call = FakeCall(replica.generate("g", [1, 2, 3], ingress.channel_id))
         with pytest.raises(ChannelLost, match="never arrived"):
             await asyncio.wait_for(_collect(ingress.stream(handle, call, "g")), 5)
+
+    asyncio.run(main())
+
+
+def test_an_output_put_as_the_idle_timeout_fires_is_sent_before_the_channel_closes() -> None:
+    """A request's last output put while `take`'s timeout was being handled (wait_for needs loop turns to cancel
+    its waiter), its user gone in the same turn: the channel closed with the output unsent, and the request failed
+    10 s later (found in review: lost at 34 of 400 offsets). Swept across the timeout in 10 µs steps."""
+
+    async def trial(offset_s: float) -> bool:
+        channels = ReplicaChannels("r0", idle_close_s=0.01)
+        stream = channels.serve("c")
+        assert await anext(stream) == []
+        outbox = channels._open["c"]
+        outbox.num_users = 1  # a request relayed on the channel, silent until its final output
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        got: list[Any] = []
+
+        async def read() -> None:
+            async for batch in stream:
+                got.extend(batch)
+
+        def final_output() -> None:  # what `relay` does in one turn: put the final output, then leave
+            outbox.put(("q", 0, [42], None, "length", 3, 0, 0.0, None))
+            outbox.num_users -= 1
+
+        loop.call_at(start + 0.01 + offset_s, final_output)
+        await asyncio.wait_for(read(), 5)
+        return bool(got)
+
+    async def main() -> None:
+        lost = [offset for i in range(200) if not await trial(offset := (i - 100) * 1e-5)]
+        assert not lost, f"lost at offsets {lost}"
+
+    asyncio.run(main())
+
+
+class _ScriptedCall:
+    """A call whose messages are `items`, then its end; the outputs it claims went to a channel never come."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = list(items)
+        self.cancelled = False
+
+    def __aiter__(self) -> _ScriptedCall:
+        return self
+
+    async def __anext__(self) -> Any:
+        await asyncio.sleep(0.001)
+        if not self.items:
+            raise StopAsyncIteration
+        return self.items.pop(0)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@pytest.mark.parametrize(
+    ("items", "error"),
+    [
+        # a final output without tokens (a commit's immediate finish, an abort) lost on the channel: counting tokens
+        # alone, the call's end matched what had arrived, and the request waited for ever
+        ([StreamStart("r0", True), StreamEnd(0, 1)], "never arrived"),
+        ([StreamStart("r0", True), StreamEnd(0, 0)], "without a finish reason"),  # nothing ever sent
+        ([StreamStart("r0", False), RequestOutput("q", [4], None, None, 3, 0)], "without a finish reason"),
+    ],
+)
+def test_a_stream_that_can_no_longer_finish_fails_instead_of_waiting_for_ever(
+    monkeypatch: pytest.MonkeyPatch, items: list[Any], error: str
+) -> None:
+    monkeypatch.setattr(channels_module, "_MISSING_GRACE_S", 0.1)
+
+    async def main() -> None:
+        ingress = IngressChannels()
+        ingress._readers["r0"] = asyncio.ensure_future(asyncio.sleep(100))  # open, and delivering nothing
+        ingress._open = lambda handle, replica_id: None  # type: ignore[method-assign]
+        seen: list[int] = []
+        with pytest.raises(ChannelLost, match=error):
+            async for out in ingress.stream(None, _ScriptedCall(items), "q"):
+                seen.extend(out.new_token_ids)
+        assert seen == ([4] if not items[0].is_channeled else [])
+        ingress._readers["r0"].cancel()
+
+    asyncio.run(asyncio.wait_for(main(), 5))
+
+
+@pytest.mark.parametrize("cancel_reaches_the_replica", [True, False])
+def test_a_channel_broken_on_the_ingress_side_is_replaced(cancel_reaches_the_replica: bool) -> None:
+    """The ingress's read of a channel fails while the replica lives on (a transient error in transit): the stream
+    must be cancelled there too, else the replica goes on taking this channel's outputs, unread, and tells every
+    later request it is channeled — each then failed after the grace, for as long as traffic kept it open (found
+    in review). If the cancel does not reach it, the next request fails at once (it has shown nothing: retried) and
+    the channel is reopened for those after it."""
+
+    async def main() -> None:
+        replica, handle, ingress = await _with_open_channel()
+        broken = replica.channel_calls[-1]
+        if not cancel_reaches_the_replica:
+            broken.cancel = lambda: None  # type: ignore[method-assign]
+        broken._items.put_nowait(("error", RuntimeError("lost in transit")))  # the replica's side runs on
+        await asyncio.sleep(0.01)
+        assert ingress.open_replicas == set()
+        if cancel_reaches_the_replica:
+            assert ingress.channel_id not in replica.channels._open, "the replica still holds the broken channel"
+        else:
+            call = FakeCall(replica.generate("a", [1, 2], ingress.channel_id))
+            with pytest.raises(ChannelLost, match="not read"):
+                await asyncio.wait_for(_collect(ingress.stream(handle, call, "a")), 1)  # not after the grace
+        for i in range(3):
+            tokens = [i, i + 1, i + 2]
+            call = FakeCall(replica.generate(f"b{i}", tokens, ingress.channel_id))
+            assert await asyncio.wait_for(_collect(ingress.stream(handle, call, f"b{i}")), 1) == (tokens, "length")
+        assert ingress.open_replicas == {"r0"}
 
     asyncio.run(main())
 

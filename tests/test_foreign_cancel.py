@@ -16,7 +16,8 @@ import pytest
 from pdserve.engine import EngineRequest, RequestOutput, SamplingParams
 from pdserve.serve.channels import IngressChannels
 from pdserve.serve.failover import ReplicaCancelled, is_server_fault
-from pdserve.serve.handoff import colocated_generate
+from pdserve.serve.handoff import _renew, colocated_generate, disaggregated_generate
+from pdserve.serve.messages import Reservation
 
 
 class _Call:
@@ -118,3 +119,44 @@ def test_our_own_cancel_stays_a_cancellation(channeled: bool) -> None:
     error, cancelled = asyncio.run(run())
     assert isinstance(error, asyncio.CancelledError)
     assert cancelled
+
+
+class _CancelledOnReplica:
+    """A decode pool whose every call (reserve, renew) is cancelled on the replica's side."""
+
+    def __init__(self) -> None:
+        self.num_calls = 0
+        self.reserve = self.renew = self
+
+    def remote(self, *_: Any, **__: Any) -> Any:
+        self.num_calls += 1
+
+        async def cancelled() -> None:
+            await asyncio.sleep(0)
+            raise asyncio.CancelledError()
+
+        return cancelled()
+
+
+def test_a_reservation_cancelled_on_its_replica_is_a_server_fault() -> None:
+    """The reserve call runs in the handoff's own task: a cancel from the replica's side ended that task cancelled,
+    which the ingress took for its client leaving — a 200 stream stopped with no error event (found in review).
+    Now it is a server fault: retried once (nothing was shown), then the error."""
+    decode = _CancelledOnReplica()
+
+    async def run() -> tuple[list[RequestOutput], BaseException | None]:
+        outputs = disaggregated_generate(_request(), None, decode, None)  # type: ignore[arg-type]
+        return await asyncio.wait_for(_collect(outputs), 5)
+
+    got, error = asyncio.run(run())
+    assert got == [] and isinstance(error, ReplicaCancelled) and is_server_fault(error), error
+    assert decode.num_calls == 2  # the first attempt and its one retry
+
+
+def test_a_renewal_cancelled_on_its_replica_is_not_the_prefills_failure() -> None:
+    """A renewal's failure is logged and never fatal; a replica-side cancel of it read as the prefill's own
+    cancellation, so a healthy prefill was cancelled and retried."""
+    decode = _CancelledOnReplica()
+    reservation = Reservation("r", "d0", 1, (0,), 0, None, 6.0)  # type: ignore[arg-type]  # no endpoint: never used
+    asyncio.run(_renew(decode, reservation))  # type: ignore[arg-type]
+    assert decode.num_calls == 1

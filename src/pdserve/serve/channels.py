@@ -23,7 +23,7 @@ import contextvars
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,9 +49,11 @@ class StreamStart:
 
 @dataclass(frozen=True)
 class StreamEnd:
-    """A channeled call's last message: how many tokens it handed to its channel."""
+    """A channeled call's last message: how many tokens, and outputs, it handed to its channel (a final output
+    may carry no token: counting tokens alone, its loss went unnoticed and the request waited forever)."""
 
     num_tokens: int
+    num_outputs: int
 
 
 class ChannelLost(RuntimeError):
@@ -88,13 +90,13 @@ class _Outbox:
         self._ready.set()
 
     async def take(self, timeout_s: float) -> list[Packed]:
-        """Everything queued (at least one item), or [] after `timeout_s` without any. Requests woken by one engine
-        step put their outputs in one event-loop turn, before this wakes: one step, one batch."""
+        """Everything queued, waiting up to `timeout_s` for the first item ([] if none came). Requests woken by one
+        engine step put their outputs in one event-loop turn, before this wakes: one step, one batch. What arrived
+        while the timeout was being handled (wait_for takes loop turns to cancel its waiter) is returned too: the
+        caller may close the channel on an empty batch, and an output left behind would be lost."""
         if not self.items:
-            try:
+            with suppress(TimeoutError):
                 await asyncio.wait_for(self._ready.wait(), timeout_s)
-            except TimeoutError:
-                return []
         self._ready.clear()
         items, self.items = self.items, []
         return items
@@ -108,9 +110,10 @@ class ReplicaChannels:
         self.idle_close_s = idle_close_s
         self._open: dict[str, _Outbox] = {}
 
-    async def serve(self, channel_id: str) -> AsyncIterator[list[Packed]]:
+    async def serve(self, channel_id: str) -> AsyncGenerator[list[Packed], None]:
         """The channel's stream: `[]` once (it is open), then a batch per engine step that produced outputs for it;
-        ends after `idle_close_s` without outputs or users. A second stream for the same id replaces the first."""
+        ends after `idle_close_s` without outputs or users (checked in the same loop turn as the batch was taken, so
+        no user can have put anything unsent). A second stream for the same id replaces the first."""
         if (old := self._open.pop(channel_id, None)) is not None:
             old.is_closed = True
         outbox = self._open[channel_id] = _Outbox()
@@ -129,7 +132,7 @@ class ReplicaChannels:
 
     async def relay(
         self, channel_id: str | None, outputs: AsyncGenerator[RequestOutput, None]
-    ) -> AsyncIterator[RequestOutput | StreamStart | StreamEnd]:
+    ) -> AsyncGenerator[RequestOutput | StreamStart | StreamEnd, None]:
         """A request call's stream: `outputs` as they are (no channel named), or StreamStart, then the outputs on
         the channel if it is open here (else on the call), then StreamEnd. However this ends, `outputs` is closed
         at once (the engine aborts an unfinished request then, not whenever the garbage collector gets to it)."""
@@ -151,7 +154,7 @@ class ReplicaChannels:
                 yield out
             return
         outbox.num_users += 1
-        num_tokens = 0
+        num_tokens = num_outputs = 0
         try:
             yield StreamStart(self.replica_id, is_channeled=True)
             async for out in outputs:
@@ -159,9 +162,10 @@ class ReplicaChannels:
                     raise ChannelLost(f"the channel carrying {out.request_id} closed")
                 outbox.put(pack(out, num_tokens))
                 num_tokens += len(out.new_token_ids)
+                num_outputs += 1
         finally:
             outbox.num_users -= 1
-        yield StreamEnd(num_tokens)
+        yield StreamEnd(num_tokens, num_outputs)
 
 
 # ---- the ingress's end ----------------------------------------------------------------------------------------
@@ -173,6 +177,7 @@ class _Inbox:
         self.replica_id: str | None = None
         self.is_channeled = False
         self.num_tokens = 0  # tokens received so far
+        self.num_outputs = 0  # outputs received so far
         self.queue: asyncio.Queue[RequestOutput | StreamStart | BaseException] = asyncio.Queue()
 
     def put_output(self, out: RequestOutput, index: int | None = None) -> None:
@@ -180,6 +185,7 @@ class _Inbox:
             self.fail(ChannelLost(f"{self.request_id}: tokens from {self.num_tokens} missing, got {index}"))
             return
         self.num_tokens += len(out.new_token_ids)
+        self.num_outputs += 1
         self.queue.put_nowait(out)
 
     def fail(self, error: BaseException) -> None:
@@ -234,25 +240,36 @@ class IngressChannels:
                 async for item in call:
                     if isinstance(item, StreamStart):
                         inbox.replica_id, inbox.is_channeled = item.replica_id, item.is_channeled
+                        if item.is_channeled and item.replica_id not in self._readers:
+                            # The replica still holds a channel of ours that nobody here reads (its reader broke
+                            # and the stream lives on there): a new one replaces it; this request, which has shown
+                            # nothing yet, fails as a server fault (retried elsewhere).
+                            self._open(handle, item.replica_id)
+                            raise ChannelLost(f"{inbox.request_id}: the channel from {item.replica_id} is not read")
                         if not item.is_channeled:
                             self._open(handle, item.replica_id)  # for the requests after this one
                         inbox.queue.put_nowait(item)
                     elif isinstance(item, StreamEnd):
-                        await self._await_delivery(inbox, item.num_tokens)
-                        return
+                        await self._await_delivery(inbox, item)
+                        break
                     else:
                         inbox.put_output(item)
         except asyncio.CancelledError:  # stream() is done with it
             raise
         except BaseException as e:
             inbox.fail(e)
+            return
+        # Every output the call sent has arrived (stream() stops at a final one, before this): a stream without one
+        # would otherwise wait for ever.
+        inbox.fail(ChannelLost(f"{inbox.request_id}: the stream ended without a finish reason"))
 
-    async def _await_delivery(self, inbox: _Inbox, num_tokens: int) -> None:
-        """The call ended after handing `num_tokens` to the channel: they should arrive soon; if not, fail."""
+    async def _await_delivery(self, inbox: _Inbox, end: StreamEnd) -> None:
+        """The call ended after handing `end`'s outputs to the channel: they should arrive soon; if not, fail."""
         deadline = asyncio.get_running_loop().time() + _MISSING_GRACE_S
-        while inbox.num_tokens < num_tokens:
+        while inbox.num_tokens < end.num_tokens or inbox.num_outputs < end.num_outputs:
             if asyncio.get_running_loop().time() > deadline:
-                inbox.fail(ChannelLost(f"{inbox.request_id}: {num_tokens - inbox.num_tokens} tokens never arrived"))
+                missing = f"{end.num_tokens - inbox.num_tokens} tokens ({end.num_outputs - inbox.num_outputs} outputs)"
+                inbox.fail(ChannelLost(f"{inbox.request_id}: {missing} never arrived"))
                 return
             await asyncio.sleep(0.05)
 
@@ -266,6 +283,7 @@ class IngressChannels:
 
     async def _read(self, handle: Any, replica_id: str) -> None:
         is_clean = False
+        batches = None
         try:
             batches = handle.options(stream=True).outputs.remote(self.channel_id, target_replica_id=replica_id)
             async for batch in batches:
@@ -277,6 +295,8 @@ class IngressChannels:
         except Exception as e:
             logger.warning("output channel from replica %s broke: %r", replica_id, e)
         finally:
+            if not is_clean and batches is not None:  # dropping the stream here does not end it on the replica,
+                batches.cancel()  # which would go on taking this channel's outputs, unread
             if self._readers.get(replica_id) is asyncio.current_task():
                 del self._readers[replica_id]
             if not is_clean:

@@ -38,6 +38,7 @@ from pdserve.engine import EngineRequest, FinishReason, InvalidRequestError, Req
 from pdserve.router import RouteDecision, RouteMode
 from pdserve.serve.channels import IngressChannels
 from pdserve.serve.failover import (
+    ReplicaCancelled,
     as_original,
     can_migrate,
     continuation,
@@ -139,6 +140,9 @@ async def _handoff(
     except asyncio.CancelledError:  # the client left: the handoff goes on, and frees the reservation when done
         client_gone.set()
         handoff.add_done_callback(partial(_abort_when_done, decode, request.request_id, writer))
+        task = asyncio.current_task()
+        if task is not None and task.cancelling() == 0:  # not us: the handoff's own task was cancelled
+            raise ReplicaCancelled(f"the handoff of {request.request_id} was cancelled") from None
         raise
     except PrefillFailed as e:  # no prefill replica works: the decode replica prefills the prompt itself
         counters.local_fallbacks += 1
@@ -328,7 +332,8 @@ async def _renew(decode: DeploymentHandle, reservation: Reservation) -> None:
     """Extend the lease; a failure is logged, never fatal: the prefill's own outcome decides the handoff."""
     pinned = {"target_replica_id": reservation.replica_id}
     try:
-        is_open = await asyncio.wait_for(decode.renew.remote(reservation.request_id, **pinned), _CALL_TIMEOUT_S)
+        with foreign_cancel_as_fault(f"renewing reservation {reservation.request_id}"):  # not the prefill's cancel
+            is_open = await asyncio.wait_for(decode.renew.remote(reservation.request_id, **pinned), _CALL_TIMEOUT_S)
     except Exception:
         logger.warning("renewing reservation %s failed", reservation.request_id, exc_info=True)
         return
@@ -368,7 +373,8 @@ async def _reserve(request: EngineRequest, decode: DeploymentHandle, route: Rout
 
     async def on(target: str | None) -> Reservation | None:
         call = decode.reserve.remote(request, target_replica_id=target)
-        return await asyncio.wait_for(call, _CALL_TIMEOUT_S)  # a late reservation: its lease ends it
+        with foreign_cancel_as_fault(f"reserving for {request.request_id}"):  # else taken for the client leaving
+            return await asyncio.wait_for(call, _CALL_TIMEOUT_S)  # a late reservation: its lease ends it
 
     targets = route.decode_ranking[:2] if route is not None else ()
     has_failed = False

@@ -158,8 +158,11 @@ class _EngineReplica:
     async def outputs(self, channel_id: str, target_replica_id: str | None = None) -> AsyncIterator[list[Packed]]:
         """An ingress replica's output channel (channels.py): one message per engine step for all its requests."""
         self._check_pinned(target_replica_id)
-        async for batch in self.channels.serve(channel_id):
-            yield batch
+        # Closed as soon as Serve closes this (its cancel lands at our `yield`): the channel must stop taking
+        # outputs then, not whenever the garbage collector finalizes the inner generator.
+        async with aclosing(self.channels.serve(channel_id)) as batches:
+            async for batch in batches:
+                yield batch
 
     async def generate(
         self, request: EngineRequest, target_replica_id: str | None = None, channel_id: str | None = None
@@ -168,8 +171,10 @@ class _EngineReplica:
         the outputs travel on that ingress's channel when it is open here (channels.py)."""
         self._check_pinned(target_replica_id)
         span = start_span(names.SPAN_GENERATE, request.traceparent, self._span_attributes(request))
-        async for item in self.channels.relay(channel_id, self._first_counted(span, self.engine.generate(request))):
-            yield item
+        relayed = self.channels.relay(channel_id, self._first_counted(span, self.engine.generate(request)))
+        async with aclosing(relayed) as items:  # closed at once when Serve closes this: the engine aborts then
+            async for item in items:
+                yield item
 
     async def _first_counted(
         self, span: Span, outputs: AsyncGenerator[RequestOutput, None]
@@ -436,8 +441,9 @@ class DecodeServer(_EngineReplica):
         committed = self.engine.commit(request_id, first_token_id, first_logprob, may_be_written, is_writer_stopped)
         outputs = traced_outputs(span, committed)
         try:
-            async for item in self.channels.relay(channel_id, outputs):
-                yield item
+            async with aclosing(self.channels.relay(channel_id, outputs)) as items:
+                async for item in items:
+                    yield item
         except ValueError:  # not committed (its KV incomplete: a writer may be mid-layer): fenced, then freed
             self.engine.abort(request_id, may_be_written=True, is_writer_stopped=is_writer_stopped)
             raise
