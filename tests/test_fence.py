@@ -531,3 +531,73 @@ def test_a_real_transfer_into_a_reservation_decodes_exactly_and_commit_closes_it
     finally:
         sender.close()
         rx.close()
+
+
+@pytest.mark.parametrize("num_prompt", [40, 48])  # a last block the prompt fills in part, and a full one
+def test_a_late_layer_of_an_abandoned_attempt_leaves_the_committed_decode_exact(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch, num_prompt: int
+) -> None:
+    """Attempt A of a prefill (abandoned for a retry under the same epoch) passes its fence check for a layer, then
+    stalls; the retry B completes, D commits and decodes; then A's layer lands. Writers copy whole blocks: in a last
+    block the prompt fills in part, A's copy of the rows past the prompt (whatever P held there: another request's
+    KV) overwrote the KV this request's decode had written there — wrong tokens with a 200 (found in review). The
+    commit now computes that block's prompt tokens again into a fresh block, left to A: the tokens stay exact."""
+    import pdserve.transfer.shm as shm_module
+
+    colocated = make_engine(model_dir)
+    colocated.add_request(request("c", n=num_prompt, max_tokens=12))
+    expected: list[int] = []
+    while colocated.has_unfinished():
+        for out in colocated.step():
+            expected.extend(out.new_token_ids)
+    prefill = make_engine(model_dir)
+    prefill.add_request(request("r", n=num_prompt, max_tokens=12), prefill_only=True)
+    first, _ = run_until_held(prefill, "r")
+    assert first.kv_block_ids is not None
+    last, used = first.kv_block_ids[-1], num_prompt % BLOCK
+    noise = torch.Generator().manual_seed(5)
+    for layer in range(prefill.layout.num_layers if used else 0):  # an earlier request's KV past the prompt
+        for cache in (prefill.kv.k[layer], prefill.kv.v[layer]):
+            cache[last, used:] = torch.randn(cache[last, used:].shape, generator=noise) * 3
+    decode = make_engine(model_dir, shared_path=shm_path())  # type: ignore[arg-type]
+    rx = SharedMemoryReceiver(decode.kv, "d", "m")
+    reservation = decode.reserve(request("r", n=num_prompt, max_tokens=12), lease_s=30)
+    assert reservation is not None
+    spec = TransferSpec(reservation.epoch, list(first.kv_block_ids), list(reservation.block_ids), "r")
+    check = shm_module.fence_deadline
+    passed, resume = threading.Event(), threading.Event()
+
+    def stalling(*args: object) -> object:  # A's check for layer 1 passes, then A is descheduled
+        deadline = check(*args)  # type: ignore[arg-type]
+        if threading.current_thread().name == "attempt-a" and args[-1] == "layer 1":
+            passed.set()
+            resume.wait(10)
+        return deadline
+
+    monkeypatch.setattr(shm_module, "fence_deadline", stalling)
+    late: list[BaseException] = []
+
+    def attempt_a() -> None:
+        try:
+            SharedMemorySender("m").send(rx.endpoint, spec, prefill.kv, 30)
+        except FencedError as e:  # its next layer's check: the permits closed at the commit
+            late.append(e)
+
+    a = threading.Thread(target=attempt_a, name="attempt-a")
+    a.start()
+    try:
+        assert passed.wait(10)
+        SharedMemorySender("m").send(rx.endpoint, spec, prefill.kv, 30)  # the retry B: complete, stamped
+        assert decode.commit("r", first.new_token_ids[0], may_be_written=True, is_writer_stopped=False) is None
+        tokens = list(first.new_token_ids)
+        for _ in range(3):
+            for out in decode.step():
+                tokens.extend(out.new_token_ids)
+    finally:
+        resume.set()
+        a.join(10)
+    assert late, "attempt A was never fenced after its late layer"
+    while decode.has_unfinished():
+        for out in decode.step():
+            tokens.extend(out.new_token_ids)
+    assert tokens == expected

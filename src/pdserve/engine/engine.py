@@ -128,9 +128,12 @@ class LLMEngine:
         context may be shorter than the prefill side's), else None; outputs never repeat the first token, which the
         caller has.
         `may_be_written`: a writer other than the one that completed the KV may still land a layer (a prefill
-        attempt abandoned for a retry: it writes the same KV, so this request is unharmed, but a block freed when
-        the request ends could already belong to another). The written blocks are then held past the request's
-        end as an abort's would be: until the grace period ends (`is_writer_stopped`), else the lease's end.
+        attempt abandoned for a retry: it writes the same prompt KV, but a block freed when the request ends could
+        already belong to another). The written blocks are then held past the request's end as an abort's would
+        be: until the grace period ends (`is_writer_stopped`), else the lease's end. Writers copy whole blocks, so
+        in a last block the prompt only partly fills, a late layer would overwrite the rows this request's own
+        decode writes next (with whatever the prefill side held there): that block is left to the pin alone and
+        its prompt tokens are computed again here, into a fresh block.
         Raises ValueError if there is no such reservation, or if a block past the cached prefix does not carry
         the reservation's epoch (its KV never fully arrived): the reservation stays, for the caller to abort."""
         reservation = self.reservations.open.get(request_id)
@@ -145,6 +148,9 @@ class LLMEngine:
             self.reservations.pin(pinned, time.monotonic() if is_writer_stopped else reservation.expires_at)
         seq = reservation.seq
         seq.num_computed_tokens = seq.num_prompt_tokens
+        if may_be_written and seq.num_prompt_tokens % self.layout.block_size and reservation.written_block_ids:
+            self.blocks.pool.free([seq.block_ids.pop()])  # the pin's reference keeps it from everyone else
+            seq.num_computed_tokens = len(seq.block_ids) * self.layout.block_size
         self.blocks.register_computed(seq)
         self._append_token(seq, first_token_id, first_logprob)
         if seq.finish_reason is not None:
