@@ -281,6 +281,18 @@ def test_the_kv_cache_is_what_gpu_memory_utilization_leaves(tiny_llama: Path, mo
         ServeConfig().engine_config(str(tiny_llama))
 
 
+@pytest.mark.parametrize(("prefill_timeout_s", "kv_transfer_timeout_s"), [(60.0, 30.0), (120.0, 90.0), (5.0, 5.0)])
+def test_a_prefill_result_outlives_any_push_that_may_still_read_it(
+    tiny_llama: Path, prefill_timeout_s: float, kv_transfer_timeout_s: float
+) -> None:
+    """The prefill replica's reaper frees a result nobody released after `held_ttl_s`: fixed at 60 s, a push
+    started late in its call (`prefill_timeout_s`) and running up to `kv_transfer_timeout_s` could still be reading
+    the blocks then — handed to the next prompt, whose KV it would send under the right epoch (found in review)."""
+    config = ServeConfig(device="cpu", prefill_timeout_s=prefill_timeout_s, kv_transfer_timeout_s=kv_transfer_timeout_s)
+    held_ttl_s = config.engine_config(str(tiny_llama)).cache.held_ttl_s
+    assert held_ttl_s >= 60.0 and held_ttl_s > prefill_timeout_s + kv_transfer_timeout_s
+
+
 # ---- the command itself (slow: starts a Ray cluster) ----
 
 

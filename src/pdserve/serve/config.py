@@ -538,6 +538,15 @@ class ServeConfig(BaseModel):
         dtype = "bfloat16" if self.dtype == "bfloat16" else "float32"  # which SmolLM2 conversion to materialize
         return str(resolve_model(self.model, dtype, self.revision, self.download_dir))
 
+    @property
+    def held_ttl_s(self) -> float:
+        """How long a prefill replica keeps a result nobody released before its reaper frees the blocks: past any
+        push that may still read them. A push starts before its call ends (a queued one never starts after:
+        replicas.py), the call within `prefill_timeout_s` of its start (the ingress cancels it then), and runs for at
+        most `kv_transfer_timeout_s` plus the layer in flight: a reaper any sooner could hand its blocks to the next
+        prompt mid-push, whose KV would then arrive under the right epoch (found in review)."""
+        return max(60.0, self.prefill_timeout_s + self.kv_transfer_timeout_s + 30.0)
+
     def model_dir(self, model_path: str) -> str:
         """`model_path` (resolved where the app was built) when this node has it, else the model resolved again here:
         a replica on another node reads its own HF cache (or downloads) instead of failing on a missing path."""
@@ -551,7 +560,11 @@ class ServeConfig(BaseModel):
         return EngineConfig(
             model=ModelConfig(path, self.dtype, self.device, self.max_model_len),
             cache=CacheConfig(
-                self.block_size, self.num_kv_blocks, self._kv_cache_memory_bytes(path), self.enable_prefix_caching
+                self.block_size,
+                self.num_kv_blocks,
+                self._kv_cache_memory_bytes(path),
+                self.enable_prefix_caching,
+                held_ttl_s=self.held_ttl_s,
             ),
             scheduler=SchedulerConfig(
                 self.max_num_batched_tokens, self.max_num_seqs, self.scheduling_policy, self.prefill_aging_tokens_per_s
