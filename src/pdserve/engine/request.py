@@ -34,7 +34,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: disabled
-    seed: int | None = None  # reproducible sampling: the same seed gives the same tokens in every mode
+    seed: int | None = None  # reproducible sampling: the same seed, the same tokens in every mode (float32; sampler.py)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # keep going past EOS (benchmarks); stop_token_ids still stop
     min_tokens: int = 0  # stop tokens are masked until this many tokens were generated

@@ -1,8 +1,10 @@
 """Token sampling: logit bias and penalties, greedy, temperature, top-k, min-p, top-p, per-request seeds, min_tokens,
 logprobs.
 
-Seeded sampling draws each token from a generator seeded by (seed, output index), so a request's tokens do not
-depend on what else shares its batch, on preemption, or on which replica samples which token.
+Seeded sampling draws each token from a generator seeded by (seed, output index), so from the same logits a
+request's tokens do not depend on what else shares its batch, on preemption, or on which replica samples which token.
+The logits themselves are batch-invariant in float32 on CPU (tests/test_sampling_fuzz.py); in bfloat16 a near-tie can
+resolve differently with the batch's shape (chunk sizes, a recompute after preemption), as in vLLM.
 """
 
 from __future__ import annotations
