@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from conftest import FAMILIES
 from handoff import prefill_then_decode
 from oracle import assert_matches, greedy, random_prompts, reference_greedy, run_staggered
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from pdserve.engine import EngineRequest, LLMEngine
+from pdserve.engine import EngineRequest, LLMEngine, SamplingParams
+from pdserve.engine.sampler import SampleRow, sample
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 LENGTHS = [1, 7, 16, 17, 45, 100, 160, 300]
@@ -54,3 +56,32 @@ def test_cuda_bfloat16_runs_and_frees_blocks(tiny_models: dict[str, Path]) -> No
     got = run_staggered(engine, [(0, EngineRequest(f"r{i}", tuple(p), greedy(16))) for i, p in enumerate(prompts)])
     assert all(len(t) == 16 for t in got.values())
     assert engine.stats().num_used_blocks == 0
+
+
+def test_cuda_sampler_adjusts_logits_as_on_cpu() -> None:
+    """logit_bias, the three penalties, min_tokens and logprobs on CUDA logits: the same tokens and logprobs as on
+    CPU from the same logits (greedy), and seeded draws repeat on CUDA."""
+    logits = torch.randn(2, 500, generator=torch.Generator().manual_seed(0))
+    history = tuple(torch.randint(0, 500, (40,), generator=torch.Generator().manual_seed(1)).tolist())
+    adjusted = dict(
+        logit_bias=((history[-1], 5.0), (7, -3.0)),
+        presence_penalty=0.5,
+        frequency_penalty=0.7,
+        repetition_penalty=1.3,
+        min_tokens=4,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    greedy_rows = [
+        SampleRow(SamplingParams(temperature=0.0, **adjusted), 2, (3,), history),  # type: ignore[arg-type]
+        SampleRow(SamplingParams(temperature=0.0), 0, (3,)),
+    ]
+    cpu, cuda = sample(logits, greedy_rows), sample(logits.cuda(), greedy_rows)
+    assert cuda.token_ids == cpu.token_ids
+    assert cuda.logprobs is not None and cpu.logprobs is not None
+    for (logprob, top), (cpu_logprob, cpu_top) in zip(cuda.logprobs, cpu.logprobs, strict=True):
+        assert abs(logprob - cpu_logprob) < 1e-4 and [i for i, _ in top] == [i for i, _ in cpu_top]
+    sampled = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=7, **adjusted)  # type: ignore[arg-type]
+    seeded = [SampleRow(sampled, 5, (3,), history), SampleRow(replace(sampled, seed=8), 5, (3,), history)]
+    first, again = sample(logits.cuda(), seeded), sample(logits.cuda(), seeded)
+    assert first.token_ids == again.token_ids

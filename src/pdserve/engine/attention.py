@@ -142,7 +142,7 @@ def _decode_attention(
     grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     if not meta.decode_groups:
         out = _attend_gathered(grouped, k_cache, v_cache, meta.decode_block_ids, meta.decode_mask, scale)
-        return out.view(batch, num_heads, head_dim)
+        return out.reshape(batch, num_heads, head_dim)  # CUDA's SDPA returns its heads strided: not a view
     out = torch.empty_like(grouped)
     for group in meta.decode_groups:
         out[group.rows] = _attend_gathered(grouped[group.rows], k_cache, v_cache, group.block_ids, group.mask, scale)

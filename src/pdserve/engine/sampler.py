@@ -74,8 +74,8 @@ def _adjust(logits: torch.Tensor, row: SampleRow) -> None:
     params = row.sampling
     if params.logit_bias:
         ids, biases = zip(*params.logit_bias, strict=True)
-        logits[list(ids)] += torch.tensor(biases, dtype=logits.dtype)
-    tokens = torch.tensor(list(row.token_ids), dtype=torch.long)
+        logits[list(ids)] += torch.tensor(biases, dtype=logits.dtype, device=logits.device)
+    tokens = torch.tensor(list(row.token_ids), dtype=torch.long, device=logits.device)
     if params.repetition_penalty != 1.0 and tokens.numel():
         seen = tokens.unique()
         values = logits[seen]
