@@ -268,6 +268,29 @@ def test_permits_granted_in_one_process_bind_writers_in_others(sender_cls: type[
         sender.close()
 
 
+def test_permits_moved_to_shared_host_memory_bind_a_writer_that_maps_them() -> None:
+    """A cache outside shared memory (a GPU's, served over CUDA IPC) moves its permits into a shared host file at
+    once, keeping those already granted; a writer's own mapping of that file (in the CUDA IPC sender's process) sees
+    every later grant and revocation of the owner."""
+    owner = KVCache(LAYOUT)
+    owner.open_writes([1, 2], 5, time.monotonic_ns() + int(FAR_S * 1e9))
+    address = owner.share_permits()
+    assert owner.share_permits() == address  # once
+    writer = KVCache.from_tensors(LAYOUT, owner.flat, owner.block_epochs, KVCache.open_permits(address, 16))
+    assert is_writable(writer, [1, 2], 5) and not is_writable(writer, [1, 2], 6)
+    owner.open_writes([3], 6, time.monotonic_ns() + int(FAR_S * 1e9))
+    assert is_writable(writer, [3], 6) and not is_writable(writer, [2, 3], 6)
+    owner.close_writes([1, 2])
+    assert not is_writable(writer, [1], 5) and is_writable(writer, [3], 6)
+    owner.open_writes([3], 6, time.monotonic_ns() - 1)  # expired
+    assert not is_writable(writer, [3], 6)
+    with pytest.raises(ValueError, match="another number of blocks"):
+        KVCache.open_permits(address, 17)
+    owner.close()
+    with pytest.raises(OSError):
+        KVCache.open_permits(address, 16)  # closed: no new writer maps it
+
+
 # ---- the decode engine ----------------------------------------------------------------------------------------
 
 BLOCK = 16

@@ -300,7 +300,7 @@ def test_choose_transport_on_gpus_follows_the_topology() -> None:
     """GPU KV: CUDA IPC to the same GPU, NCCL to any other (same node or not); host transports refuse it."""
     spec = layout_spec(layout(torch.float32), "m")
     gpu = KVEndpoint(
-        "node-a", spec, NUM_BLOCKS, "id", cuda_ipc=CudaIpcHandle("GPU-0", b"", b""),
+        "node-a", spec, NUM_BLOCKS, "id", cuda_ipc=CudaIpcHandle("GPU-0", b"", b"", "/proc/1/fd/3"),
         p2p_address="10.0.0.1:5001", p2p_backend="nccl",
     )  # fmt: skip
     assert gpu.transports == ("nccl", "cuda_ipc")

@@ -81,6 +81,7 @@ class CudaIpcHandle:
     device_uuid: str  # the GPU's UUID: the handles open only on that very device
     kv: bytes  # pickled torch CUDA IPC rebuild arguments of the flat KV tensor
     epochs: bytes  # ... and of the arrival stamps
+    permits: str  # where the cache's write permits live in host memory (`KVCache.share_permits`): the writer checks
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,7 @@ class LayerProgress:
     a prefill-only request), waited on by the sender thread, so that layer i moves while layer i+1 computes.
 
     On a GPU "computed" means queued: with `device` a CUDA device, each layer also records a CUDA event on the
-    engine's stream, which the sender's stream waits for before it reads that layer (`event`)."""
+    engine's stream, which the sender waits for before it reads that layer (`event`)."""
 
     def __init__(self, device: torch.device | None = None) -> None:
         self._changed = threading.Condition()

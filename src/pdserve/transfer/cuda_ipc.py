@@ -1,7 +1,12 @@
 """CUDA IPC: prefill and decode replicas on the same GPU. The decode replica exports IPC handles of its KV tensor
-and arrival stamps once; the prefill replica opens them once and copies the blocks GPU to GPU on its own stream
-(every layer in one gather and one scatter), then stamps the epoch on the same stream — the stamps can never land
-before the blocks.
+and arrival stamps once, and moves its write permits into shared host memory; the prefill replica opens them once
+and copies the blocks GPU to GPU on its own stream (every layer in one gather and one scatter), then stamps the
+epoch on the same stream — the stamps can never land before the blocks.
+
+The write fence (kvcache/layout.py) binds this writer as it binds a shm one: before each copy it checks that the
+reservation is still open to its epoch and has time left, and each copy is launched only once the prefill's KV it
+reads is computed (the host waits for it), then waited for, so no copy lands long after its check — well inside
+the grace the decode replica keeps a revoked reservation's blocks from reuse (`fence_grace_s`).
 
 Handles come from torch's own CUDA IPC (`torch.multiprocessing.reductions`); the exporting replica keeps the
 tensors alive for as long as it serves them.
@@ -30,6 +35,7 @@ from pdserve.transfer.base import (
     TransferSpec,
     TransferStats,
     check_compatible,
+    fence_deadline,
     layer_chunks,
     layout_spec,
     planes,
@@ -46,7 +52,8 @@ class CudaIpcReceiver(KVReceiver):
         if device.type != "cuda":
             raise ValueError(f"CUDA IPC serves a KV cache on a GPU, not on {device}")
         self.kv = kv  # kept alive: peers map its memory
-        handle = CudaIpcHandle(device_uuid(device), _export(kv.flat), _export(kv.block_epochs))
+        permits = kv.share_permits()
+        handle = CudaIpcHandle(device_uuid(device), _export(kv.flat), _export(kv.block_epochs), permits)
         self.endpoint = KVEndpoint(
             node_id, layout_spec(kv.layout, model_id), kv.layout.num_blocks, uuid.uuid4().hex, cuda_ipc=handle
         )
@@ -88,16 +95,19 @@ class CudaIpcSender(KVSender):
         for a, b in layer_chunks(src.layout.num_layers, per_copy):
             if progress is not None:
                 progress.wait_layer(b - 1, deadline)
-                event = progress.event(b - 1)
-                if event is not None:
-                    stream.wait_event(event)
+                computed = progress.event(b - 1)
             else:
-                stream.wait_stream(torch.cuda.current_stream(src.flat.device))  # the prefill's kernels first
+                computed = torch.cuda.current_stream(src.flat.device).record_event()  # the prefill's kernels
+            if computed is not None:
+                computed.synchronize()  # here, not on the copy stream: the fence is checked just before the copy
             ready = time.perf_counter()
             deadline.remaining_s(f"the copy of layers {a}-{b - 1} of {spec.transfer_id}")
+            fence_deadline(dst, spec.dst_block_ids, spec.epoch, f"layers {a}-{b - 1}")  # never into blocks maybe freed
             with torch.cuda.stream(stream):
                 dst_planes[a:b].index_copy_(2, dst_index, src_planes[a:b].index_select(2, src_index))
+            stream.synchronize()  # landed before the next check
             layer_s.append(time.perf_counter() - ready)
+        fence_deadline(dst, spec.dst_block_ids, spec.epoch, "the arrival stamps")
         with torch.cuda.stream(stream):
             dst.block_epochs.index_fill_(0, dst_index, spec.epoch)  # after the blocks, in stream order
         stream.synchronize()  # in place on return: the caller then tells the decode replica to commit
@@ -114,8 +124,12 @@ class CudaIpcSender(KVSender):
             raise TransferError(f"CUDA IPC needs the same GPU: the decode replica's KV is on {handle.device_uuid}")
         with self._lock:
             if endpoint.cache_id not in self._mapped:
-                flat, epochs = _open(handle.kv), _open(handle.epochs)
-                self._mapped[endpoint.cache_id] = KVCache.from_tensors(endpoint.layout(), flat, epochs)
+                flat, epochs = _open(handle.kv), _open(handle.epochs)  # first: a dead peer's handles fail to open
+                try:
+                    permits = KVCache.open_permits(handle.permits, endpoint.num_blocks)
+                except (OSError, ValueError) as e:
+                    raise TransferError(f"cannot map the decode replica's KV write permits: {e}") from e
+                self._mapped[endpoint.cache_id] = KVCache.from_tensors(endpoint.layout(), flat, epochs, permits)
             return self._mapped[endpoint.cache_id]
 
     def close(self) -> None:
