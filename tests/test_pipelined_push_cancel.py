@@ -1,11 +1,13 @@
 """A pipelined push (kv_pipelined_push) outlives a cancelled prefill call's compute: the prompt's blocks on P must
 stay its own until the push thread has ended (found in review: they were freed at the cancel, reused by the next
-request, and its KV sent as the first's: wrong tokens with a 200)."""
+request, and its KV sent as the first's: wrong tokens with a 200); and its deadline counts from the prompt's first
+layer, not from a queue before it."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -113,4 +115,41 @@ async def _stale_source(config: ServeConfig, model_path: str) -> None:
     finally:
         go.set()
         release.set()
+        cluster.close()
+
+
+def test_a_pipelined_push_waits_out_the_prompts_queue_time_beyond_the_transfer_timeout(
+    pipelined_config: ServeConfig, tiny_models: dict[str, Path]
+) -> None:
+    """kv_pipelined_push starts its push with the call; a prompt that waits in P's queue longer than
+    `kv_transfer_timeout_s` before its first layer must still be pushed (the queue is the prefill's time, bounded
+    by `prefill_timeout_s`): it failed with "deadline passed" and was retried, then prefilled locally."""
+    config = pipelined_config.model_copy(update={"kv_transfer_timeout_s": 0.3})
+    asyncio.run(_queued_first_layer(config, str(tiny_models["llama"])))
+
+
+async def _queued_first_layer(config: ServeConfig, model_path: str) -> None:
+    cluster = Cluster(config, model_path)
+    p, d = cluster.add("prefill").server, cluster.add("decode").server
+    prompt = tuple(range(100, 120))
+    layer_done, queued = base.LayerProgress.layer_done, [True]
+
+    def queued_layer_done(self: Any, layer: int, block_ids: Any) -> None:
+        if queued[0]:  # the prompt's first layer comes after a queue twice the transfer's timeout
+            queued[0] = False
+            time.sleep(0.6)
+        layer_done(self, layer, block_ids)
+
+    try:
+        want = await _tokens(p.engine.generate(EngineRequest("oracle", prompt, greedy(6))))
+        request = EngineRequest("A", prompt, greedy(6))
+        reservation = await d.reserve(request)
+        assert reservation is not None
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(base.LayerProgress, "layer_done", queued_layer_done)
+            result = await p.prefill(request, reservation)
+        assert not queued[0]
+        got = [result.first_token_id] + await _tokens(d.decode("A", result.first_token_id, result.first_logprob))
+        assert got == want
+    finally:
         cluster.close()

@@ -352,11 +352,13 @@ class PrefillServer(_EngineReplica):
         if abandoned is not None and abandoned.is_set():
             raise PushAbandoned(reservation.request_id)
         fault_point("prefill.push")
-        # The decode replica's fence is what keeps a late write out of its blocks; this only stops trying early.
-        deadline = Deadline(min(self.config.kv_transfer_timeout_s, reservation.lease_s))
         if src_block_ids is None:
             assert progress is not None
-            src_block_ids = progress.wait_blocks(deadline)
+            # Until the prompt's first layer it may queue behind others: that wait is the call's (the ingress ends
+            # it within `prefill_timeout_s`, and `progress.fail` then ends this one), not the transfer's.
+            src_block_ids = progress.wait_blocks(Deadline(self.config.prefill_timeout_s))
+        # The decode replica's fence is what keeps a late write out of its blocks; this only stops trying early.
+        deadline = Deadline(min(self.config.kv_transfer_timeout_s, reservation.lease_s))
         skip = reservation.num_cached_tokens // self.llm.layout.block_size
         spec = TransferSpec(
             epoch=reservation.epoch,
