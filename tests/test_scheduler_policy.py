@@ -20,9 +20,12 @@ BLOCK = 4
 
 
 class Queue:
-    def __init__(self, policy: str, budget: int = 8, aging: float = 0.0, num_blocks: int = 1000) -> None:
+    def __init__(
+        self, policy: str, budget: int = 8, aging: float = 0.0, num_blocks: int = 1000, max_num_seqs: int = 16
+    ) -> None:
         pool = BlockPool(num_blocks, enable_prefix_caching=False)
-        self.scheduler = Scheduler(SchedulerConfig(budget, 16, policy, aging), BlockManager(pool, BLOCK))
+        self.blocks = BlockManager(pool, BLOCK)
+        self.scheduler = Scheduler(SchedulerConfig(budget, max_num_seqs, policy, aging), self.blocks)
         self.arrivals = 0
 
     def add(self, name: str, num_prompt_tokens: int, waited_s: float = 0.0) -> Sequence:
@@ -45,6 +48,34 @@ class Queue:
 
 def _layout(out: SchedulerOutput) -> list[tuple[str, int]]:
     return [(c.seq.request_id, c.num_new_tokens) for c in out.chunks]
+
+
+def test_a_later_sequence_preempts_itself_not_an_earlier_committed_reservation() -> None:
+    """R reserved first; S arrived after it and runs; R's KV arrives while S holds the only seat, so R waits holding
+    its transferred blocks. When S, growing, finds the pool full, the latest arrival gives way — S itself, as vLLM
+    preempts — not R: its transfer would be lost and its prompt recomputed. (Before: the latest-arrived *other*
+    holder was taken, an earlier one too.)"""
+    q = Queue("fcfs", num_blocks=5, max_num_seqs=1)
+    reserved = Sequence(EngineRequest("R", tuple(range(1, 9)), SamplingParams(max_tokens=4)), arrival=0)
+    q.arrivals = 1
+    running = q.add("S", 7)
+    assert q.step() == [("S", 7)]
+    assert q.blocks.admit(reserved, [], 8)  # reserved at its arrival; its KV arrives now: committed
+    reserved.num_computed_tokens = 8
+    reserved.token_ids.append(7)
+    q.scheduler.add_running(reserved)
+    transferred = list(reserved.block_ids)
+    preempted: list[str] = []
+    while not preempted:
+        out = q.scheduler.schedule()
+        preempted = [seq.request_id for seq in out.preempted]
+        for chunk in out.chunks:
+            chunk.seq.num_computed_tokens += chunk.num_new_tokens
+            chunk.seq.token_ids.append(7)
+    assert preempted == ["S"] and running.status is SequenceStatus.WAITING and not running.block_ids
+    # R took the seat S gave up, its transferred KV intact (never recomputed)
+    assert reserved.status is SequenceStatus.RUNNING and reserved.block_ids[:2] == transferred
+    assert reserved.num_computed_tokens >= 8
 
 
 def test_fcfs_runs_a_long_prompt_to_its_end_before_a_later_short_one() -> None:

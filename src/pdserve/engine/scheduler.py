@@ -165,12 +165,13 @@ class Scheduler:
         self, seq: Sequence, num_tokens: int, chunks: list[ScheduledChunk], preempted: list[Sequence]
     ) -> bool:
         """Grow `seq` to `num_tokens`, preempting the latest-arrived unscheduled sequences as needed (committed
-        reservations waiting for a seat too: they hold blocks)."""
+        reservations waiting for a seat too: they hold blocks) — `seq` itself when it arrived last, as vLLM does:
+        a later request never evicts an earlier one's KV (a running prompt's, or a transfer's)."""
         scheduled = {id(c.seq) for c in chunks}
         while not self.blocks.grow(seq, num_tokens):
             holders = [*self.running, *(w for w in self.waiting if w.block_ids)]
             victims = [s for s in holders if id(s) not in scheduled and s is not seq]
-            victim = max(victims, key=lambda s: s.arrival) if victims else seq
+            victim = max([*victims, seq], key=lambda s: s.arrival)
             self._preempt(victim)
             preempted.append(victim)
             if victim is seq:
