@@ -134,12 +134,12 @@ class Tokenization:
             raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from e
         except ValueError as e:  # transformers: continue_final_message on a message the template does not end
             raise APIError(400, f"the chat template could not render the messages: {e}", param="messages") from e
-        except TypeError as e:  # a template variable of the client's of a type the template cannot use (as vLLM)
+        except (TypeError, RecursionError) as e:
+            # TypeError: a template variable of the client's of a type the template cannot use (as vLLM);
+            # RecursionError: data nested past what rendering can walk (protocol.py bounds the depth too)
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
             param = "chat_template_kwargs" if kwargs else "messages"
-            raise APIError(400, f"the chat template could not render the request: {e}", param=param) from e
-        except RecursionError as e:  # data nested past what rendering can walk (protocol.py bounds the depth too)
-            param = "chat_template_kwargs" if kwargs else "messages"
-            raise APIError(400, "the chat template could not render the request: nested too deeply", param=param) from e
+            raise APIError(400, f"the chat template could not render the request: {why}", param=param) from e
         if not ids:
             raise APIError(400, "the messages render to an empty prompt", param="messages")
         return ids

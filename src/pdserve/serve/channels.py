@@ -240,14 +240,13 @@ class IngressChannels:
                 async for item in call:
                     if isinstance(item, StreamStart):
                         inbox.replica_id, inbox.is_channeled = item.replica_id, item.is_channeled
-                        if item.is_channeled and item.replica_id not in self._readers:
-                            # The replica still holds a channel of ours that nobody here reads (its reader broke
-                            # and the stream lives on there): a new one replaces it; this request, which has shown
-                            # nothing yet, fails as a server fault (retried elsewhere).
-                            self._open(handle, item.replica_id)
-                            raise ChannelLost(f"{inbox.request_id}: the channel from {item.replica_id} is not read")
-                        if not item.is_channeled:
+                        if item.replica_id not in self._readers:
                             self._open(handle, item.replica_id)  # for the requests after this one
+                            if item.is_channeled:
+                                # The replica still holds a channel of ours that nobody here read (its reader
+                                # broke and the stream lives on there): the new one replaces it; this request,
+                                # which has shown nothing yet, fails as a server fault (retried elsewhere).
+                                raise ChannelLost(f"{inbox.request_id}: the channel from {item.replica_id} is not read")
                         inbox.queue.put_nowait(item)
                     elif isinstance(item, StreamEnd):
                         await self._await_delivery(inbox, item)
