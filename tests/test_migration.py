@@ -81,6 +81,12 @@ def test_continuation_outputs_read_as_the_original_request() -> None:
     assert as_original(out, original) == RequestOutput("r", [9], None, None, 3, 5)
 
 
+def test_a_continuation_asks_for_no_prompt_logprobs_once_tokens_were_streamed() -> None:
+    request = EngineRequest("r", (1, 2, 3), SamplingParams(prompt_logprobs=2, max_tokens=8))
+    assert continuation(request, [], attempt=1).sampling.prompt_logprobs == 2  # a retry: nothing shown yet
+    assert continuation(request, [5, 6], attempt=1).sampling.prompt_logprobs is None
+
+
 def test_random_continuations_sample_what_the_whole_request_would(tiny_models: dict[str, Path]) -> None:
     """Seeded random requests (greedy or seeded sampling, penalties, logit_bias, top_k/top_p/min_p, min_tokens),
     each cut after a random number of streamed tokens: the continuation completes exactly the whole request."""

@@ -64,13 +64,16 @@ def can_migrate(request: EngineRequest, error: BaseException) -> bool:
 
 def continuation(request: EngineRequest, streamed: list[int], attempt: int) -> EngineRequest:
     """The rest of `request` after `streamed` tokens: they join the prompt, the limits shrink by their count, and
-    they stay output to the sampler (seeded draws continue the same random sequence, penalties count them)."""
+    they stay output to the sampler (seeded draws continue the same random sequence, penalties count them). Prompt
+    logprobs came with the first token: a continuation asks for none (they would cost a logit per prompt position
+    and keep the prompt from the prefix cache)."""
     params = request.sampling
     sampling = replace(
         params,
         max_tokens=params.max_tokens - len(streamed),
         min_tokens=max(0, params.min_tokens - len(streamed)),
         num_prior_output_tokens=params.num_prior_output_tokens + len(streamed),
+        prompt_logprobs=params.prompt_logprobs if not streamed else None,
     )
     prompt = (*request.prompt_token_ids, *streamed)
     return replace(request, request_id=f"{request.request_id}.m{attempt}", prompt_token_ids=prompt, sampling=sampling)
