@@ -4,11 +4,13 @@ Ray Serve raises a remote task that was cancelled (a replica's request timeout, 
 `asyncio.CancelledError` at the caller. The ingress took every CancelledError for its client leaving: a 200 stream
 ended short with no error event, and on the output channels the relay re-raised it without failing the request's
 inbox, so the stream waited for outputs forever (found in review; both tests fail on the old code). Our own cancel
-(the client left) still propagates as a cancellation."""
+(the client left) still propagates as a cancellation. And a lease renewal, cancelled there or slow, never decides
+the prefill's outcome or timing."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -16,7 +18,7 @@ import pytest
 from pdserve.engine import EngineRequest, RequestOutput, SamplingParams
 from pdserve.serve.channels import IngressChannels
 from pdserve.serve.failover import ReplicaCancelled, is_server_fault
-from pdserve.serve.handoff import _renew, colocated_generate, disaggregated_generate
+from pdserve.serve.handoff import _renew, _renewing, colocated_generate, disaggregated_generate
 from pdserve.serve.messages import Reservation
 
 
@@ -160,3 +162,60 @@ def test_a_renewal_cancelled_on_its_replica_is_not_the_prefills_failure() -> Non
     reservation = Reservation("r", "d0", 1, (0,), 0, None, 6.0)  # type: ignore[arg-type]  # no endpoint: never used
     asyncio.run(_renew(decode, reservation))  # type: ignore[arg-type]
     assert decode.num_calls == 1
+
+
+class _SlowRenewals:
+    """A decode pool whose renewals take `renew_s` to answer."""
+
+    def __init__(self, renew_s: float) -> None:
+        self.renew_s, self.num_calls = renew_s, 0
+        self.renew = self
+
+    def remote(self, *_: Any, **__: Any) -> Any:
+        self.num_calls += 1
+
+        async def slow() -> bool:
+            await asyncio.sleep(self.renew_s)
+            return True
+
+        return slow()
+
+
+class _Prefill:
+    """A prefill call that answers after `seconds` (never, if None); `cancel()` as a Serve response's."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds, self.cancelled = seconds, False
+
+    def __await__(self) -> Any:
+        return self._answer().__await__()
+
+    async def _answer(self) -> str:
+        await asyncio.sleep(3600 if self.seconds is None else self.seconds)
+        return "result"
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@pytest.mark.parametrize("prefill_s", [0.3, None])
+def test_a_slow_renewal_neither_hides_the_prefills_end_nor_stretches_its_timeout(prefill_s: float | None) -> None:
+    """Renewals ran inline: one that took long (up to 30 s on an unresponsive decode replica) kept `_renewing` from
+    seeing a prefill that had ended, or its timeout pass (found in review)."""
+    decode = _SlowRenewals(renew_s=5.0)
+    reservation = Reservation("r", "d0", 1, (0,), 0, None, 0.3)  # type: ignore[arg-type]  # a renewal every 0.1 s
+
+    async def run() -> tuple[object, float]:
+        start = time.monotonic()
+        try:
+            result: object = await _renewing(_Prefill(prefill_s), decode, reservation, timeout_s=0.6)  # type: ignore[arg-type]
+        except TimeoutError as e:
+            result = e
+        return result, time.monotonic() - start
+
+    result, took_s = asyncio.run(run())
+    if prefill_s is not None:
+        assert result == "result" and took_s < 0.5, took_s
+    else:
+        assert isinstance(result, TimeoutError) and took_s < 0.8, took_s
+    assert decode.num_calls == 1  # one renewal in flight at a time

@@ -311,16 +311,20 @@ def _runner_up(route: RouteDecision | None, failed: str | None) -> str | None:
 
 async def _renewing(call: Any, decode: DeploymentHandle, reservation: Reservation, timeout_s: float) -> PrefillResult:
     """Await the prefill call, renewing the reservation's lease on D while it runs (a long queue on P); TimeoutError
-    (the call cancelled) after `timeout_s`."""
+    (the call cancelled) after `timeout_s`. A renewal runs beside the wait, never in its way: a slow one (up to
+    `_CALL_TIMEOUT_S`) neither hides the prefill's end nor stretches its timeout."""
     task: asyncio.Future[PrefillResult] = asyncio.ensure_future(_awaited(call))
     deadline = time.monotonic() + timeout_s
+    renewal: asyncio.Task[None] | None = None
     try:
         while (left_s := deadline - time.monotonic()) > 0:
             done, _ = await asyncio.wait({task}, timeout=min(left_s, reservation.lease_s / 3))
             if done:
                 return task.result()
-            if time.monotonic() < deadline:
-                await _renew(decode, reservation)
+            if time.monotonic() < deadline and (renewal is None or renewal.done()):
+                renewal = asyncio.ensure_future(_renew(decode, reservation))
+                _background.add(renewal)  # it may outlive this call: referenced until it ends (it logs its failure)
+                renewal.add_done_callback(_background.discard)
         raise TimeoutError(f"prefill of {reservation.request_id} took over {timeout_s:.0f} s")
     finally:
         if not task.done():
