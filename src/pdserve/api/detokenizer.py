@@ -85,6 +85,9 @@ class IncrementalDetokenizer:
         self.min_tokens = min_tokens  # no stop string counts before this many output tokens
         self.include_stop_str = include_stop_str  # vLLM's include_stop_str_in_output: keep the stop string
         self.stop = [s for s in stop if s]
+        # For the holdback: by a stop string's character, the lengths (longest first) of its proper prefixes ending
+        # in it — the only ones a text ending in that character can end with.
+        self._prefix_ends = [_prefix_lengths_by_last_char(s) for s in self.stop]
         self.skip_special_tokens = skip_special_tokens
         vocab = _vocab(tokenizer)
         self._hidden_ids = vocab.special_ids if skip_special_tokens else frozenset()
@@ -207,10 +210,14 @@ class IncrementalDetokenizer:
 
     def _holdback(self) -> int:
         """Length of the longest suffix of the text that is a proper prefix of some stop string."""
-        longest = 0
-        for stop in self.stop:
-            for n in range(min(len(stop) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(stop[:n]):
+        if not self.text:
+            return 0
+        longest, last = 0, self.text[-1]
+        for stop, prefix_ends in zip(self.stop, self._prefix_ends, strict=True):
+            for n in prefix_ends.get(last, ()):
+                if n <= longest:
+                    break
+                if n <= len(self.text) and self.text.endswith(stop[:n]):
                     longest = n
                     break
         return longest
@@ -220,6 +227,13 @@ class IncrementalDetokenizer:
         delta = self.text[self.num_emitted : end]
         self.num_emitted = end
         return delta
+
+
+def _prefix_lengths_by_last_char(stop: str) -> dict[str, list[int]]:
+    lengths: dict[str, list[int]] = {}
+    for n in range(len(stop) - 1, 0, -1):
+        lengths.setdefault(stop[n - 1], []).append(n)
+    return lengths
 
 
 def _common_prefix_len(a: str, b: str) -> int:
