@@ -85,3 +85,28 @@ def test_traceparent_round_trip_and_json_lines(tmp_path: Path) -> None:
     (line,) = path.read_text().splitlines()
     record = json.loads(line)
     assert record["name"] == "child" and record["parent_id"] == "0x00f067aa0ba902b7"
+
+
+@pytest.mark.parametrize("seed", [5, 2**63 - 1, 2**63, 2**64 - 1])
+def test_a_seed_past_int64_is_left_off_the_span_which_still_encodes(seed: int) -> None:
+    """The API takes seeds up to 2^64 - 1 (as vLLM), OTLP's integers are int64: the attribute failed to encode, with
+    a logged traceback per request (found in review)."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from pdserve.api.app import request_attributes
+    from pdserve.api.backend import GenerationRequest
+    from pdserve.api.formats import ResponseMeta
+
+    class Format:
+        meta = ResponseMeta.new("cmpl", "m")
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    request = GenerationRequest("r", [1], 4, 1.0, 1.0, 0, seed, [], False, 0, False)
+    with provider.get_tracer("t").start_as_current_span("POST /v1/completions") as span:
+        span.set_attributes(request_attributes(request, Format))  # type: ignore[arg-type]
+    [finished] = exporter.get_finished_spans()
+    assert (finished.attributes or {}).get("gen_ai.request.seed") == (seed if seed < 2**63 else None)
+    encode_spans([finished])  # raised for seeds past int64

@@ -339,7 +339,7 @@ def request_attributes(request: GenerationRequest, fmt: ResponseFormat) -> dict[
         names.GEN_AI_MAX_TOKENS: request.max_tokens,
         names.GEN_AI_TEMPERATURE: request.temperature,
         names.GEN_AI_TOP_P: request.top_p,
-        names.GEN_AI_SEED: request.seed,
+        names.GEN_AI_SEED: request.seed if request.seed is None or request.seed < 2**63 else None,  # OTLP: int64
         names.GEN_AI_INPUT_TOKENS: len(request.prompt_token_ids),
         names.REQUEST_ID: request.request_id,
     }
