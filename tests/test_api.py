@@ -473,6 +473,7 @@ def chat(**fields: Any) -> tuple[str, dict[str, Any]]:
         (completion(logit_bias={"\u00b2": 1.0}), 400, "logit_bias", None),  # isdigit() but not int(): was a 500
         (completion(logit_bias={"\u0663": 1.0}), 400, "logit_bias", None),  # Arabic-Indic 3: was read as token 3
         (completion(logit_bias={"5": 1.0, "05": -1.0}), 400, "logit_bias", None),  # one token twice: one was dropped
+        (completion(temperature=float("nan")), 400, "temperature", None),
         (completion(stream_options={"include_usage": True}), 400, "stream_options", None),
         (completion(stream="yes"), 400, "stream", None),
         (completion(min_tokens=20), 400, "min_tokens", None),
@@ -480,6 +481,7 @@ def chat(**fields: Any) -> tuple[str, dict[str, Any]]:
         (chat(messages=[]), 400, "messages", None),
         (chat(messages=[{"role": "robot", "content": "hi"}]), 400, "messages[0].role", None),
         (chat(messages=[{"role": "user"}]), 400, "messages[0]", None),
+        (chat(messages=[{"role": "user", "content": []}]), 400, "messages[0]", None),  # rendered as an empty turn
         (
             chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]),
             400,
@@ -796,3 +798,19 @@ def test_logprobs_0_still_reports_the_sampled_token_in_top_logprobs(tokenizer: A
     assert lp["top_logprobs"] == [{t: v} for t, v in zip(lp["tokens"], lp["token_logprobs"], strict=True)], (
         lp
     )  # was null
+
+
+@pytest.mark.parametrize(
+    ("fields", "said"),
+    [({"logit_bias": {"9" * 5000: 1.0}}, "token ids"), ({"temperature": float("nan")}, "finite number")],
+)
+def test_a_bad_value_is_named_in_the_clients_terms(fields: dict[str, Any], said: str) -> None:
+    """A 5,000-digit logit_bias key was refused with int()'s message about sys.set_int_max_str_digits, a NaN
+    temperature as "less than or equal to 2" (found in review)."""
+    from pydantic import ValidationError
+
+    from pdserve.api.protocol import CompletionRequest
+
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest.model_validate({"model": "m", "prompt": "hi", **fields})
+    assert said in str(info.value) and "set_int_max_str_digits" not in str(info.value)

@@ -92,10 +92,10 @@ class SamplingFields(BaseModel):
     endpoint: ClassVar[str]
 
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=-1)  # vLLM extension; 0 or -1 disables
-    min_p: float = Field(0.0, ge=0.0, le=1.0)  # vLLM extension: drop tokens below min_p x the top probability
+    min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)  # vLLM: drop tokens under min_p x the top one
     include_stop_str_in_output: bool = False  # vLLM extension: keep the stop string that ended the text
     skip_special_tokens: bool = True  # vLLM extension
     seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)  # what a 64-bit generator seed can hold
@@ -103,8 +103,8 @@ class SamplingFields(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     repetition_penalty: float = Field(1.0, gt=0.0, allow_inf_nan=False)  # vLLM's (HF's): > 1 discourages repeats
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False  # vLLM extension
@@ -160,8 +160,7 @@ class SamplingFields(BaseModel):
     def _biases(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         if bias and len(bias) > MAX_LOGIT_BIAS:
             raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased")
-        # ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and "٣" (which it reads as 3)
-        if bias and not all(key.isascii() and key.isdigit() and -100 <= value <= 100 for key, value in bias.items()):
+        if bias and not all(_is_token_id(key) and -100 <= value <= 100 for key, value in bias.items()):
             raise ValueError("logit_bias maps token ids (as strings) to biases in [-100, 100]")
         if bias and len({int(key) for key in bias}) < len(bias):
             raise ValueError('logit_bias names a token id twice (as "5" and "05")')
@@ -243,6 +242,12 @@ _EMPTY_MESSAGE_FIELDS = (
 )  # fmt: skip
 
 
+def _is_token_id(key: str) -> bool:
+    """A logit_bias key: ASCII digits only (str.isdigit() also takes "²", which int() refuses, and "٣", which it reads
+    as 3), and no longer than any vocabulary's ids (int() refuses over 4,300 digits with a message about Python)."""
+    return key.isascii() and key.isdigit() and len(key) <= 12
+
+
 class ChatMessage(BaseModel):
     model_config = _REQUEST_CONFIG
 
@@ -265,7 +270,7 @@ class ChatMessage(BaseModel):
 
     @model_validator(mode="after")
     def _has_content(self) -> ChatMessage:
-        if self.content is None and self.role != "assistant":
+        if self.content in (None, []) and self.role != "assistant":  # an empty array too (OpenAI: min length 1)
             raise ValueError(f"a {self.role} message needs content")
         return self
 
