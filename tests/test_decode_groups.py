@@ -79,3 +79,27 @@ def test_grouped_decode_attention_is_as_close_to_float64_as_one_batch(dtype: tor
         errors["grouped"].append((got.double() - exact).abs().max().item())
         assert errors["grouped"][-1] <= (2e-6 if dtype == torch.float32 else 2e-2), (case, lengths, groups)
     assert sum(errors["grouped"]) <= 1.1 * sum(errors["batched"])
+
+
+def test_the_torch_route_takes_sdpa_output_strided_as_cuda_returns_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA's SDPA kernels return `[B, H, q, D]` laid out as `[B, q, H, D]`: a `view` of it failed, and every decode
+    step on a GPU crashed (found on an H200; CI has no GPU). The same layout on CPU, same values."""
+    from pdserve.engine import attention
+
+    sdpa = attention.F.scaled_dot_product_attention
+
+    def strided(*args: object, **kwargs: object) -> torch.Tensor:
+        out = sdpa(*args, **kwargs)  # type: ignore[arg-type]
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+    torch.manual_seed(2)
+    batch, num_kv_heads, num_heads, head_dim, block_size = 3, 2, 6, 8, 4
+    k_cache, v_cache = torch.randn(2, 9, block_size, num_kv_heads, head_dim)
+    block_ids = torch.tensor([[1, 2], [3, 0], [4, 5]])
+    lens = torch.tensor([7, 3, 8])
+    mask = (torch.arange(2 * block_size).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
+    q = torch.randn(batch, num_heads, head_dim)
+    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), batch, block_ids, mask, lens, [])
+    want = _decode_attention(q, k_cache, v_cache, meta, head_dim**-0.5, None)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", strided)
+    assert torch.equal(_decode_attention(q, k_cache, v_cache, meta, head_dim**-0.5, None), want)
