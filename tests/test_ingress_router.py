@@ -191,3 +191,38 @@ def test_a_wedged_replica_costs_only_its_own_answer() -> None:
         assert decision is not None and decision.decode_replica_id == "decode-0"
 
     asyncio.run(main())
+
+
+def test_an_answer_cancelled_on_its_replica_fails_that_answer_and_the_sync_goes_on() -> None:
+    """Serve raises a call cancelled on the replica's side as a plain CancelledError: `broadcast` let it escape and
+    the background sync ended for good — no replica ever dropped or learned again (found in review). Now it is that
+    replica's failed answer, and the pulls go on; the router learns a replacement replica."""
+
+    class CancellingPool(FakePool):
+        num_to_cancel = 0
+
+        async def _answer(self, i: int, cursors: dict[str, SyncCursor]) -> ReplicaSync:
+            if self.num_to_cancel:
+                self.num_to_cancel -= 1
+                raise asyncio.CancelledError()  # what get_async() raises for a call cancelled on the replica
+            return await super()._answer(i, cursors)
+
+    async def main() -> None:
+        pool = CancellingPool("decode", num_replicas=2)
+        pool.num_to_cancel = 1
+        results = await broadcast(pool, "router_sync", {})  # type: ignore[arg-type]
+        assert [type(r).__name__ for r in results] == ["ReplicaCancelled", "ReplicaSync"]
+
+        prefill, decode = FakePool("prefill"), CancellingPool("decode")
+        router = IngressRouter(SETTINGS, CostConfig(block_size=4), prefill, decode)  # type: ignore[arg-type]
+        await router.start()
+        decode.num_to_cancel = 3
+        router.route(_request("wake"))  # busy: pulled every sync period
+        await asyncio.sleep(0.3)
+        assert router._task is not None and not router._task.done()
+        assert await _pulls_in(prefill, 0.3) > 3
+        decode.replica_ids = ["decode-new"]  # Serve replaced the decode replica
+        await asyncio.sleep(0.3)
+        assert "decode-new" in router.router.loads and "decode-0" not in router.router.loads
+
+    asyncio.run(main())

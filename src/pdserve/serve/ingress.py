@@ -25,6 +25,7 @@ from pdserve.serve.autoscaling import read_decision
 from pdserve.serve.channels import IngressChannels
 from pdserve.serve.cluster_store import replica_tracing_env
 from pdserve.serve.config import ServeConfig, api_keys_of
+from pdserve.serve.failover import foreign_cancel_as_fault
 from pdserve.serve.handoff import colocated_generate, disaggregated_generate
 from pdserve.serve.ingress_router import IngressRouter, RouterCollector, broadcast
 from pdserve.serve.messages import ModelInfo, ReplicaStats
@@ -200,7 +201,8 @@ class Ingress:
         while True:
             try:
                 taken_at = time.time()
-                stats = await self.replica_stats()
+                with foreign_cancel_as_fault("a replica stats refresh"):  # only this task's own cancel ends the loop
+                    stats = await self.replica_stats()
                 self.metrics.replicas.update(stats, taken_at)
                 self._resize_admission(stats)
                 if self.config.autoscaling.enabled:

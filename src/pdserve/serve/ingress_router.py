@@ -27,6 +27,7 @@ from pdserve.kvcache import hash_block_chain
 from pdserve.router import CostConfig, RouteDecision, Router
 from pdserve.router.admission import Admission
 from pdserve.serve.config import RouterSettings
+from pdserve.serve.failover import ReplicaCancelled, foreign_cancel_as_fault
 from pdserve.serve.failover import counters as failover
 from pdserve.serve.messages import ReplicaSync
 
@@ -64,6 +65,8 @@ async def broadcast(
     for call in calls:
         if call in pending:
             results.append(TimeoutError(f"{method} unanswered after {timeout_s:.0f} s"))
+        elif call.cancelled():  # on the replica's side (Serve raises that as a plain CancelledError): its answer
+            results.append(ReplicaCancelled(f"{method} was cancelled on its replica"))
         elif (error := call.exception()) is not None:
             results.append(error)
         else:
@@ -129,7 +132,8 @@ class IngressRouter:
                 await asyncio.sleep(self.settings.sync_period_s)
             self._arrived.clear()  # a request arriving from here on, during the pull too, cuts the next quiet wait
             try:
-                await self.sync()
+                with foreign_cancel_as_fault("a router sync"):  # only this task's own cancel may end the loop
+                    await self.sync()
             except Exception:
                 self.is_quiet = False
                 logger.exception("router sync failed; retrying next period")
