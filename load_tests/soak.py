@@ -44,7 +44,7 @@ async def request(client: httpx.AsyncClient, url: str, body: dict[str, object], 
         if abort_after_s is not None:
             return await asyncio.wait_for(run(), abort_after_s)
         return await run()
-    except (asyncio.TimeoutError, httpx.TimeoutException):
+    except (TimeoutError, httpx.TimeoutException):
         return "aborted" if abort_after_s is not None else "hung"
     except httpx.HTTPError:
         return "connection-error"

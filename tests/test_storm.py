@@ -132,7 +132,7 @@ async def _hang_up(client: httpx.AsyncClient, url: str, prompt: list[int], after
 
     try:
         return await asyncio.wait_for(run(), after_s if after_s > 0 else 60)
-    except (asyncio.TimeoutError, httpx.HTTPError):
+    except (TimeoutError, httpx.HTTPError):
         return "hung-up"
 
 
