@@ -623,3 +623,50 @@ def test_a_finished_stream_closed_by_its_consumer_sends_no_abort(
             cluster.close()
 
     assert asyncio.run(main()) == ["reserve", "prefill", "decode"]
+
+
+def test_a_handoff_its_client_left_is_handed_back_until_it_ends(
+    serve_config: ServeConfig, tiny_models: dict[str, Path]
+) -> None:
+    """A client leaving mid-prefill ends its stream, but the prefill runs on to its end on P: the ingress's router and
+    admission counted it as gone at once, so the busiest prefill replica looked idle (found in review). The running
+    handoff is handed back (`abandoned`) and ends after the prefill, its reservation freed."""
+
+    async def main() -> None:
+        cluster = Cluster(serve_config, str(tiny_models["llama"]))
+        p = cluster.add("prefill").server
+        cluster.add("decode")
+        prefill = p.prefill
+        started = asyncio.Event()
+
+        async def slow_prefill(*args: Any, **kwargs: Any) -> Any:
+            started.set()
+            await asyncio.sleep(0.5)  # a queue on P
+            return await prefill(*args, **kwargs)
+
+        p.prefill = slow_prefill  # type: ignore[method-assign]
+        try:
+            request = EngineRequest("r", tuple(range(5, 30)), greedy(6))
+            abandoned: list[asyncio.Task[Any]] = []
+            outputs = handoff.disaggregated_generate(
+                request, Handle(cluster, "prefill"), Handle(cluster, "decode"), None, abandoned=abandoned
+            )
+
+            async def consume() -> None:
+                async with aclosing(outputs):
+                    async for _ in outputs:
+                        pass
+
+            client = asyncio.ensure_future(consume())
+            await asyncio.wait_for(started.wait(), 5)
+            client.cancel()  # the client leaves before its first token
+            with pytest.raises(asyncio.CancelledError):
+                await client
+            [running] = abandoned
+            assert not running.done(), "the prefill is still under way on P"
+            await asyncio.wait_for(asyncio.shield(running), 10)
+            await _settle(0, cluster, None)  # its reservation freed on D, its blocks on P
+        finally:
+            cluster.close()
+
+    asyncio.run(main())

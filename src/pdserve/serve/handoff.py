@@ -77,13 +77,16 @@ async def disaggregated_generate(
     max_migrations: int = 1,
     prefill_timeout_s: float = 60.0,
     channels: IngressChannels | None = None,
+    abandoned: list[asyncio.Task[Any]] | None = None,
 ) -> AsyncGenerator[RequestOutput, None]:
     """Stream `request`'s outputs through the pair `route` chose (None: Serve picks the replicas). A handoff that
     fails before the first token is retried once elsewhere; a decode replica failing mid-stream moves a greedy or
     seeded stream to another one (up to `max_migrations` times) — see failover.py. `channels`: the decode
-    replicas' outputs travel on this ingress's output channels (channels.py); None: on each request's call."""
+    replicas' outputs travel on this ingress's output channels (channels.py); None: on each request's call.
+    `abandoned`: where a client leaving mid-handoff leaves the handoff's task, which runs on (a prefill under way
+    finishes on its replica) until it frees the reservation: the caller's load accounting follows it."""
     streamed: list[int] = []
-    attempt, where = request, _Where()
+    attempt, where = request, _Where(abandoned if abandoned is not None else [])
     num_retries = num_migrations = 0
     for number in itertools.count(1):
         try:
@@ -140,6 +143,7 @@ async def _handoff(
     except asyncio.CancelledError:  # the client left: the handoff goes on, and frees the reservation when done
         client_gone.set()
         handoff.add_done_callback(partial(_abort_when_done, decode, request.request_id, writer))
+        where.abandoned.append(handoff)
         task = asyncio.current_task()
         if task is not None and task.cancelling() == 0:  # not us: the handoff's own task was cancelled
             raise ReplicaCancelled(f"the handoff of {request.request_id} was cancelled") from None
@@ -209,6 +213,7 @@ def _outputs(
 
 @dataclass
 class _Where:
+    abandoned: list[asyncio.Task[Any]]  # handoffs left running by a client that left (`disaggregated_generate`)
     decode: str | None = None  # the decode replica of the current pass (None: Serve's pick, unknown)
 
 

@@ -99,6 +99,7 @@ class Ingress:
         try:
             engine_request = to_engine_request(request)
             self._admit(engine_request)
+            abandoned: list[asyncio.Task[Any]] = []  # a handoff its client left, still running on a prefill replica
             try:  # from admission on, whatever happens ends its count and the router's
                 start = time.perf_counter()
                 first_at: float | None = None
@@ -110,7 +111,7 @@ class Ingress:
                     route = self._route(engine_request)
                     outputs = disaggregated_generate(
                         engine_request, self.prefill, self.decode, route, self.config.queue_ttl_s,
-                        prefill_timeout_s=self.config.prefill_timeout_s, channels=self.channels,
+                        prefill_timeout_s=self.config.prefill_timeout_s, channels=self.channels, abandoned=abandoned,
                     )  # fmt: skip
                 async with aclosing(outputs):  # closed with this stream: never left to the garbage collector
                     async for out in outputs:
@@ -123,14 +124,24 @@ class Ingress:
                             self._observe_end(first_at, num_tokens, out.finish_reason.value)
                         yield to_delta(out)
             finally:
-                self.admission.finish(engine_request.request_id)
-                if self.router is not None:
-                    self.router.router.finish(engine_request.request_id)
+                # A prefill whose client left runs on to its end: until then it is still its replica's load, and
+                # still holds its share of the admission budget.
+                running = [task for task in abandoned if not task.done()]
+                if running:
+                    running[-1].add_done_callback(lambda _: self._finish(engine_request.request_id))
+                else:
+                    self._finish(engine_request.request_id)
         except Exception as e:  # not GeneratorExit or CancelledError: a closed or cancelled stream just ends
             error = classify_error(e, request.request_id)
             if error is e:
                 raise
             raise error from None  # the original (Ray's text: traceback, addresses) stays in the server's log
+
+    def _finish(self, request_id: str) -> None:
+        """The request no longer loads any replica: its admission count and the router's load of it end."""
+        self.admission.finish(request_id)
+        if self.router is not None:
+            self.router.router.finish(request_id)
 
     def _admit(self, request: EngineRequest) -> None:
         """CapacityError (429 + Retry-After) when the pool's prompt-token budget is spent; nothing is allocated."""
