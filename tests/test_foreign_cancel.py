@@ -219,3 +219,51 @@ def test_a_slow_renewal_neither_hides_the_prefills_end_nor_stretches_its_timeout
     else:
         assert isinstance(result, TimeoutError) and took_s < 0.8, took_s
     assert decode.num_calls == 1  # one renewal in flight at a time
+
+
+class _Reservations:
+    """A decode pool: `wedged` never answers a reserve, every other replica (and Serve's pick) has no room."""
+
+    def __init__(self, wedged: str | None = None, failing: str | None = None) -> None:
+        self.wedged, self.failing, self.calls = wedged, failing, []
+        self.reserve = self
+
+    def remote(self, request: Any, target_replica_id: str | None = None) -> Any:
+        self.calls.append(target_replica_id)
+
+        async def answer() -> None:
+            if target_replica_id is not None and target_replica_id == self.wedged:
+                await asyncio.sleep(3600)
+            if target_replica_id is not None and target_replica_id == self.failing:
+                raise RuntimeError("the replica is gone")
+
+        return answer()
+
+
+def test_a_wedged_top_ranked_decode_replica_costs_the_queue_ttl_once_not_30_s_a_round() -> None:
+    """Each round retried the router's top pick, waiting up to 30 s on it, past the request's queue_ttl_s (found in
+    review). A call now waits at most until the deadline (at least 1 s), and a target that failed is not tried again
+    for that request."""
+    from types import SimpleNamespace
+
+    from pdserve.api.backend import CapacityError
+    from pdserve.serve.handoff import _reserve_within
+
+    decode = _Reservations(wedged="d0")
+    route = SimpleNamespace(decode_ranking=["d0", "d1"])
+
+    async def run() -> tuple[BaseException | None, float]:
+        start = time.monotonic()
+        try:
+            await _reserve_within(_request(), decode, route, 1.5, asyncio.Event())  # type: ignore[arg-type]
+        except CapacityError as e:
+            return e, time.monotonic() - start
+        return None, time.monotonic() - start
+
+    error, took_s = asyncio.run(run())
+    assert isinstance(error, CapacityError) and took_s < 3.0, took_s
+    assert decode.calls == ["d0", "d1", None]  # the wedged pick once, then the runner-up and Serve's pick
+
+    decode = _Reservations(failing="d0")  # gone: every round asked it again
+    error, took_s = asyncio.run(run())
+    assert isinstance(error, CapacityError) and decode.calls.count("d0") == 1 and decode.calls.count("d1") > 2

@@ -365,7 +365,8 @@ async def _reserve_within(
     queue); CapacityError after that, ClientGone once nobody waits for it."""
     deadline = time.monotonic() + queue_ttl_s
     backoff_s = _FIRST_BACKOFF_S
-    while (reservation := await _reserve(request, decode, route)) is None:
+    failed: set[str] = set()  # targets that failed a call: not tried again for this request
+    while (reservation := await _reserve(request, decode, route, deadline, failed)) is None:
         if client_gone.is_set():
             raise ClientGone(request.request_id)
         if time.monotonic() + backoff_s > deadline:
@@ -375,18 +376,22 @@ async def _reserve_within(
     return reservation
 
 
-async def _reserve(request: EngineRequest, decode: DeploymentHandle, route: RouteDecision | None) -> Reservation | None:
+async def _reserve(
+    request: EngineRequest, decode: DeploymentHandle, route: RouteDecision | None, deadline: float, failed: set[str]
+) -> Reservation | None:
     """Reserve on the chosen decode replica, or on the runner-up when the chosen one has no room; None when neither
-    has. A target that fails (gone, draining, dead: the router's view lags Serve's) is skipped, and then — or
-    without a route — Serve picks among its live replicas; that last attempt's failure propagates."""
+    has. A target that fails (gone, draining, dead: the router's view lags Serve's) is skipped, now and in later
+    rounds (`failed`), and then — or without a route — Serve picks among its live replicas; that last attempt's
+    failure propagates. No call waits past `deadline` (the request's queue_ttl_s) by more than a second."""
 
     async def on(target: str | None) -> Reservation | None:
         call = decode.reserve.remote(request, target_replica_id=target)
+        timeout_s = min(_CALL_TIMEOUT_S, max(1.0, deadline - time.monotonic()))
         with foreign_cancel_as_fault(f"reserving for {request.request_id}"):  # else taken for the client leaving
-            return await asyncio.wait_for(call, _CALL_TIMEOUT_S)  # a late reservation: its lease ends it
+            return await asyncio.wait_for(call, timeout_s)  # a late reservation: its lease ends it
 
-    targets = route.decode_ranking[:2] if route is not None else ()
-    has_failed = False
+    targets = [t for t in route.decode_ranking[:2] if t not in failed] if route is not None else []
+    has_failed = bool(route is not None and set(route.decode_ranking[:2]) & failed)
     for target in targets:
         try:
             if (reservation := await on(target)) is not None:
@@ -395,6 +400,7 @@ async def _reserve(request: EngineRequest, decode: DeploymentHandle, route: Rout
             raise
         except Exception as e:
             logger.warning("reserving %s on decode replica %s failed: %r", request.request_id, target, e)
+            failed.add(target)
             has_failed = True
     if targets and not has_failed:
         return None  # no room on the targets: the caller waits rather than spill to a replica the router avoided
