@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,7 +11,7 @@ from dataclasses import replace
 from multiprocessing.connection import Connection
 
 from pdserve.kvcache import KVCache, KVLayout
-from pdserve.transfer import KVEndpoint, TransferSpec, make_receiver, wire
+from pdserve.transfer import KVEndpoint, KVSender, LayerProgress, TransferError, TransferSpec, make_receiver, wire
 
 
 def _serve(
@@ -55,3 +56,22 @@ def grant(kv: KVCache, spec: TransferSpec, seconds: float = 60.0) -> TransferSpe
     reserve (`KVCache.open_writes`): without it every transport refuses to write them. Returns `spec`."""
     kv.open_writes(list(spec.dst_block_ids), spec.epoch, time.monotonic_ns() + int(seconds * 1e9))
     return spec
+
+
+def push_in_thread(
+    sender: KVSender, endpoint: KVEndpoint, spec: TransferSpec, src: KVCache, progress: LayerProgress
+) -> tuple[list[TransferError], threading.Event]:
+    """A layer-pipelined send on a thread of its own, as a prefill replica's push: the TransferError it ended with
+    (if any), and an event set when it ended."""
+    errors: list[TransferError] = []
+    done = threading.Event()
+
+    def push() -> None:
+        try:
+            sender.send(endpoint, spec, src, 20, progress)
+        except TransferError as e:
+            errors.append(e)
+        done.set()
+
+    threading.Thread(target=push, daemon=True).start()
+    return errors, done

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kv_peer import grant, kv_peer, open_peer
+from kv_peer import grant, kv_peer, open_peer, push_in_thread
 from oracle import greedy
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine import EngineRequest, LLMEngine, RequestOutput
@@ -214,18 +214,9 @@ def test_a_permit_revoked_mid_transfer_stops_the_later_layers(rig: Rig, revocati
     src, sender = random_cache(6), rig.sender()
     spec = grant(rig.kv, TransferSpec(30, [3, 4], [13, 14], "revoked"))
     before = snapshot(rig.kv)
-    progress, errors, done = LayerProgress(), [], threading.Event()
+    progress = LayerProgress()
     fenced = rig.num_fenced()
-
-    def push() -> None:
-        try:
-            sender.send(rig.endpoint, spec, src, 20, progress)
-        except TransferError as e:
-            errors.append(e)
-        done.set()
-
-    thread = threading.Thread(target=push)
-    thread.start()
+    errors, done = push_in_thread(sender, rig.endpoint, spec, src, progress)
     progress.layer_done(0, [3, 4])
     d, s = [13, 14], [3, 4]
     wait_until(lambda: torch.equal(rig.kv.k[0][d], src.k[0][s]) and torch.equal(rig.kv.v[0][d], src.v[0][s]))

@@ -5,7 +5,6 @@ device-to-device copy measured in the same run. Skipped without CUDA."""
 from __future__ import annotations
 
 import multiprocessing as mp
-import threading
 import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
@@ -13,7 +12,7 @@ from multiprocessing.connection import Connection
 import pytest
 import torch
 
-from kv_peer import grant
+from kv_peer import grant, push_in_thread
 from pdserve.kvcache import KVCache, KVLayout
 from pdserve.transfer import (
     CudaIpcSender,
@@ -135,17 +134,8 @@ def test_a_writer_whose_reservation_is_not_open_to_it_writes_nothing(peer: Peer)
         assert torch.equal(epochs, epochs_before), when
 
     spec = grant(dst, TransferSpec(epoch=52, src_block_ids=[0, 1, 2], dst_block_ids=ids, transfer_id="revoked"))
-    progress, errors, done = LayerProgress(torch.device("cuda")), [], threading.Event()
-
-    def push() -> None:
-        try:
-            sender.send(peer.endpoint, spec, src, 20, progress)
-        except TransferError as e:
-            errors.append(e)
-        done.set()
-
-    thread = threading.Thread(target=push)
-    thread.start()
+    progress = LayerProgress(torch.device("cuda"))
+    errors, done = push_in_thread(sender, peer.endpoint, spec, src, progress)
     progress.layer_done(0, spec.src_block_ids)
     deadline = time.monotonic() + 10
     while not torch.equal(peer.read(ids)[0][0], src.k[0][[0, 1, 2]].cpu()):
@@ -155,7 +145,6 @@ def test_a_writer_whose_reservation_is_not_open_to_it_writes_nothing(peer: Peer)
     for layer in range(1, LAYOUT.num_layers):
         progress.layer_done(layer, spec.src_block_ids)
     assert done.wait(timeout=15) and len(errors) == 1 and isinstance(errors[0], FencedError)
-    thread.join()
     (k0, k29), epochs = peer.read(ids)
     assert torch.equal(k29, k29_before) and torch.equal(epochs, epochs_before)  # no later layer, no stamp
     # The same writer still serves a granted transfer.
