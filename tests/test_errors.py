@@ -278,6 +278,7 @@ class _ColocatedIngress:
     router = None
     channels = None  # outputs on the call itself (as with output_channels off)
     _admit = Ingress._admit
+    _finish = Ingress._finish
 
     def __init__(self, stream: _FailingStream) -> None:
         self.engine = _Handle(stream)

@@ -270,7 +270,7 @@ class ChatMessage(BaseModel):
 
     @model_validator(mode="after")
     def _has_content(self) -> ChatMessage:
-        if self.content in (None, []) and self.role != "assistant":  # an empty array too (OpenAI: min length 1)
+        if self.content is None and self.role != "assistant":  # an empty array renders an empty turn, as in vLLM
             raise ValueError(f"a {self.role} message needs content")
         return self
 
