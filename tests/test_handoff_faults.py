@@ -42,6 +42,7 @@ from oracle import Reference, assert_matches, greedy, load_reference_model, rand
 from pdserve.api.backend import CapacityError
 from pdserve.config import EngineConfig
 from pdserve.engine import EngineRequest
+from pdserve.router import RouteMode
 from pdserve.serve import handoff, ingress_router, replicas
 from pdserve.serve.channels import IngressChannels
 from pdserve.serve.config import ServeConfig
@@ -389,8 +390,9 @@ async def _round(
         request = EngineRequest(f"s{seed}-r{number}", tuple(prompt), greedy(outcome.max_tokens))
         route = router.route(request) if rng.random() < 0.85 else None  # else Serve picks the replicas
         outputs = handoff.disaggregated_generate(
-            request, prefill, decode, route, queue_ttl_s=1.0, prefill_timeout_s=prefill_timeout_s, channels=channels
-        )
+            request, prefill, decode, route, queue_ttl_s=1.0, prefill_timeout_s=prefill_timeout_s, channels=channels,
+            moved=partial(router.router.move, request.request_id),
+        )  # fmt: skip
         try:
             async with aclosing(outputs):
                 async for out in outputs:
@@ -414,6 +416,8 @@ async def _round(
     cluster.triggers = {}
     for timer in cluster.timers:
         timer.cancel()
+    counts = {rid: (load.num_prefill_tokens, load.num_decodes) for rid, load in router.router.loads.items()}
+    assert all(c == (0, 0) for c in counts.values()), f"round {seed}: the router still counts load: {counts}"
     num_deaths = len(cluster.killed) - num_killed
     for number, outcome in enumerate(outcomes):
         reference = replace(
@@ -668,5 +672,77 @@ def test_a_handoff_its_client_left_is_handed_back_until_it_ends(
             await _settle(0, cluster, None)  # its reservation freed on D, its blocks on P
         finally:
             cluster.close()
+
+    asyncio.run(main())
+
+
+def test_the_routers_counts_follow_a_request_to_where_its_work_went(
+    serve_config: ServeConfig, tiny_models: dict[str, Path]
+) -> None:
+    """A reservation landing on the runner-up (the chosen decode replica had no room), a prefill retried on the
+    runner-up (the chosen prefill replica died), a prompt prefilled on its decode replica (both prefill replicas
+    dead): the router counts the request's decode and prompt tokens where they went — they stayed on the first picks
+    (found in review), so a full or dead replica looked busy and the one doing the work idle."""
+
+    async def main() -> None:
+        cluster = Cluster(serve_config, str(tiny_models["llama"]))
+        for role in ("prefill", "prefill", "decode", "decode"):
+            cluster.add(role)
+        prefill, decode = Handle(cluster, "prefill"), Handle(cluster, "decode")
+        info = await decode.model_info.remote()
+        settings = serve_config.router.model_copy(update={"local_prefill_max_tokens": 0})  # every prompt to P
+        router = ingress_router.IngressRouter(
+            settings, settings.cost_config(info.block_size, info.kv_bytes_per_token), prefill, decode
+        )
+        await router.sync()
+        loads = router.router.loads
+        by_id = {r.id: r for r in cluster.all}
+
+        async def first_token_counts(number: int, before: Any) -> tuple[Any, dict[str, tuple[int, int]]]:
+            """Route request `number`, let `before(route)` break something, and read the counts at its first token
+            (its prefill not yet reported done: its prompt tokens still count)."""
+            request = EngineRequest(f"r{number}", tuple(range(5 + number, 40 + number)), greedy(4))
+            route = router.route(request)
+            assert route is not None and route.mode is RouteMode.DISAGGREGATED
+            before(route)
+            outputs = handoff.disaggregated_generate(
+                request, prefill, decode, route, moved=partial(router.router.move, request.request_id)
+            )
+            async with aclosing(outputs):
+                await anext(outputs)
+                counts = {rid: (load.num_prefill_tokens, load.num_decodes) for rid, load in loads.items()}
+                async for _ in outputs:
+                    pass
+            router.router.finish(request.request_id)
+            assert all((load.num_prefill_tokens, load.num_decodes) == (0, 0) for load in loads.values())
+            return route, counts
+
+        def other(pool: str, replica_id: str) -> str:
+            return next(r.id for r in cluster.pools[pool] if r.id != replica_id)
+
+        async def no_room(*args: Any, **kwargs: Any) -> None:
+            return None
+
+        def fill(route: Any) -> None:
+            by_id[route.decode_replica_id].server.reserve = no_room
+
+        route, counts = await first_token_counts(0, fill)
+        d, p, tokens = route.decode_replica_id, route.prefill_replica_id, route.num_prompt_tokens
+        assert counts[d] == (0, 0) and counts[other("decode", d)] == (0, 1) and counts[p] == (tokens, 0)
+        del by_id[d].server.reserve  # room again
+
+        route, counts = await first_token_counts(1, lambda route: cluster.kill(by_id[route.prefill_replica_id]))
+        d, p, tokens = route.decode_replica_id, route.prefill_replica_id, route.num_prompt_tokens
+        assert counts[p] == (0, 0) and counts[other("prefill", p)] == (tokens, 0) and counts[d] == (0, 1)
+
+        def kill_prefills(route: Any) -> None:
+            for replica in cluster.pools["prefill"]:
+                cluster.kill(replica)
+
+        route, counts = await first_token_counts(2, kill_prefills)
+        d, p, tokens = route.decode_replica_id, route.prefill_replica_id, route.num_prompt_tokens
+        assert counts[d] == (tokens, 1) and all(counts[r.id] == (0, 0) for r in cluster.pools["prefill"])
+        await _settle(0, cluster, None)
+        cluster.close()
 
     asyncio.run(main())

@@ -329,6 +329,23 @@ def test_router_accounts_in_flight_work_until_finish() -> None:
     assert router.counters.decisions == {"disaggregated": 1, "local": 1}
 
 
+def test_a_moved_request_is_counted_where_its_work_went() -> None:
+    router = make_router(FakeClock())
+    decision = router.route("r1", CHAIN, PROMPT, 100)
+    p, d = decision.prefill_replica_id, decision.decode_replica_id
+    other_p, other_d = ({"p0", "p1"} - {p}).pop(), ({"d0", "d1"} - {d}).pop()
+    router.move("r1", decode_replica_id=other_d)  # the reservation landed on the runner-up
+    router.move("r1", computing_replica_id=other_p)  # the prefill was retried there
+    loads = {rid: (load.num_prefill_tokens, load.num_decodes) for rid, load in router.loads.items()}
+    assert loads == {p: (0, 0), d: (0, 0), other_p: (320, 0), other_d: (0, 1)}
+    router.move("r1", computing_replica_id=other_d)  # every prefill failed: D prefills it
+    assert (router.loads[other_p].num_prefill_tokens, router.loads[other_d].num_prefill_tokens) == (0, 320)
+    router.move("nobody", decode_replica_id=d)  # an unknown request: nothing
+    router.finish("r1")
+    router.move("r1", decode_replica_id=d)  # an ended one: nothing
+    assert all((load.num_prefill_tokens, load.num_decodes) == (0, 0) for load in router.loads.values())
+
+
 def test_burst_of_equal_prompts_does_not_scatter_before_events() -> None:
     router = make_router(FakeClock())
     first = router.route("r0", CHAIN, PROMPT, 100)
@@ -351,9 +368,11 @@ def test_silent_replicas_are_dropped_and_never_chosen() -> None:
 
 
 def test_in_flight_counts_stay_true_whatever_replicas_leave_and_rejoin() -> None:
-    """Random routes, first tokens, ends, replicas dropped as silent or retained away, and the same replicas
-    rejoining (a pool whose sync timed out answers again): every replica's counts always equal what the requests in
-    flight put there — never negative, all zero once every request ended."""
+    """Random routes, first tokens, ends, requests moved to another replica (a reservation on the runner-up, a
+    prefill retried elsewhere or on D, a migrated stream — to replicas known or not), replicas dropped as silent or
+    retained away, and the same replicas rejoining (a pool whose sync timed out answers again): every replica's
+    counts always equal what the requests in flight put there — never negative, all zero once every request
+    ended."""
     rng = random.Random(3)
     for case in range(200):
         clock = FakeClock()
@@ -372,10 +391,20 @@ def test_in_flight_counts_stay_true_whatever_replicas_leave_and_rejoin() -> None
                 rid = rng.choice(sorted(in_flight))
                 router.prefill_done(rid, 0)
                 in_flight[rid] = (*in_flight[rid][:3], True)
-            elif action < 0.7 and in_flight:
+            elif action < 0.6 and in_flight:
                 rid = rng.choice(sorted(in_flight))
                 router.finish(rid)
                 del in_flight[rid]
+            elif action < 0.7 and in_flight:
+                rid = rng.choice(sorted(in_flight))
+                computing, decode, num_tokens, done = in_flight[rid]
+                if rng.random() < 0.5:
+                    decode = rng.choice(["d0", "d1", "d2"])  # d2: Serve's pick, never reported to the router
+                    router.move(rid, decode_replica_id=decode)
+                else:
+                    computing = rng.choice(["p0", "p1", "d0", "d1", "p2"])
+                    router.move(rid, computing_replica_id=computing)
+                in_flight[rid] = (computing, decode, num_tokens, done)
             elif action < 0.8:
                 clock.now += 6.0
                 for rid in rng.sample(sorted(router.loads), rng.randint(0, len(router.loads))):

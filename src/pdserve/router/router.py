@@ -35,6 +35,7 @@ class RouterCounters:
 class _InFlight:
     decision: RouteDecision
     computing_replica_id: str  # where the prompt's prefill tokens are counted
+    decode_replica_id: str  # where it is counted as a decode: the decision's, until `move` says otherwise
     num_prefill_tokens: int
     is_prefilled: bool = False
 
@@ -97,7 +98,7 @@ class Router:
         for flight in self._in_flight.values():
             if flight.computing_replica_id == load.replica_id and not flight.is_prefilled:
                 load.num_prefill_tokens += flight.num_prefill_tokens
-            if flight.decision.decode_replica_id == load.replica_id:
+            if flight.decode_replica_id == load.replica_id:
                 load.num_decodes += 1
 
     def _remove(self, replica_ids: list[str]) -> list[str]:
@@ -135,9 +136,7 @@ class Router:
             return
         flight.is_prefilled = True
         self.counters.realized_hit_tokens += num_cached_tokens
-        load = self.loads.get(flight.computing_replica_id)
-        if load is not None:
-            load.num_prefill_tokens -= flight.num_prefill_tokens
+        self._count_prefill(flight.computing_replica_id, -flight.num_prefill_tokens)
 
     def finish(self, request_id: str) -> None:
         """The request ended (any way); idempotent."""
@@ -145,12 +144,37 @@ class Router:
         if flight is None:
             return
         if not flight.is_prefilled:
-            load = self.loads.get(flight.computing_replica_id)
-            if load is not None:
-                load.num_prefill_tokens -= flight.num_prefill_tokens
-        decode = self.loads.get(flight.decision.decode_replica_id)
+            self._count_prefill(flight.computing_replica_id, -flight.num_prefill_tokens)
+        decode = self.loads.get(flight.decode_replica_id)
         if decode is not None:
             decode.num_decodes -= 1
+
+    def move(
+        self, request_id: str, *, decode_replica_id: str | None = None, computing_replica_id: str | None = None
+    ) -> None:
+        """The request's work went elsewhere than routed: its reservation landed on another decode replica (the
+        runner-up, Serve's pick, a migrated stream's), or another replica computes its prompt (a prefill retried on
+        the runner-up; the decode replica, once every prefill attempt failed). Its counts follow it, as `finish`
+        will take them off there; a replica the router does not know counts it when it joins (`_recount`). An
+        unknown or ended request: nothing."""
+        flight = self._in_flight.get(request_id)
+        if flight is None:
+            return
+        if computing_replica_id is not None and computing_replica_id != flight.computing_replica_id:
+            if not flight.is_prefilled:
+                self._count_prefill(flight.computing_replica_id, -flight.num_prefill_tokens)
+                self._count_prefill(computing_replica_id, flight.num_prefill_tokens)
+            flight.computing_replica_id = computing_replica_id
+        if decode_replica_id is not None and decode_replica_id != flight.decode_replica_id:
+            if (old := self.loads.get(flight.decode_replica_id)) is not None:
+                old.num_decodes -= 1
+            if (new := self.loads.get(decode_replica_id)) is not None:
+                new.num_decodes += 1
+            flight.decode_replica_id = decode_replica_id
+
+    def _count_prefill(self, replica_id: str, num_tokens: int) -> None:
+        if (load := self.loads.get(replica_id)) is not None:
+            load.num_prefill_tokens += num_tokens
 
     @property
     def num_in_flight(self) -> int:
@@ -159,9 +183,10 @@ class Router:
     def _start(self, decision: RouteDecision, matched: dict[str, int]) -> None:
         computing_id = decision.prefill_replica_id or decision.decode_replica_id
         num_compute = decision.num_prompt_tokens - decision.expected_cached_tokens
-        self._in_flight[decision.request_id] = _InFlight(decision, computing_id, num_compute)
+        decode_id = decision.decode_replica_id
+        self._in_flight[decision.request_id] = _InFlight(decision, computing_id, decode_id, num_compute)
         self.loads[computing_id].num_prefill_tokens += num_compute
-        decode = self.loads[decision.decode_replica_id]
+        decode = self.loads[decode_id]
         decode.num_decodes += 1
         num_new_blocks = -(-decision.num_prompt_tokens // self.config.block_size) - (
             (decision.num_prompt_tokens - decision.expected_transfer_tokens) // self.config.block_size

@@ -24,7 +24,7 @@ import contextvars
 import itertools
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 from functools import partial
@@ -78,15 +78,20 @@ async def disaggregated_generate(
     prefill_timeout_s: float = 60.0,
     channels: IngressChannels | None = None,
     abandoned: list[asyncio.Task[Any]] | None = None,
+    moved: Callable[..., None] | None = None,
 ) -> AsyncGenerator[RequestOutput, None]:
     """Stream `request`'s outputs through the pair `route` chose (None: Serve picks the replicas). A handoff that
     fails before the first token is retried once elsewhere; a decode replica failing mid-stream moves a greedy or
     seeded stream to another one (up to `max_migrations` times) — see failover.py. `channels`: the decode
     replicas' outputs travel on this ingress's output channels (channels.py); None: on each request's call.
     `abandoned`: where a client leaving mid-handoff leaves the handoff's task, which runs on (a prefill under way
-    finishes on its replica) until it frees the reservation: the caller's load accounting follows it."""
+    finishes on its replica) until it frees the reservation: the caller's load accounting follows it. `moved`: told
+    (`decode_replica_id=`, `computing_replica_id=`) when the work goes elsewhere than `route` said — a reservation
+    on the runner-up or a migrated stream's replica, a prefill retried on the runner-up or done on D — so the
+    router's load view follows it (`Router.move`)."""
     streamed: list[int] = []
-    attempt, where = request, _Where(abandoned if abandoned is not None else [])
+    where = _Where(abandoned if abandoned is not None else [], moved or _unheard)
+    attempt = request
     num_retries = num_migrations = 0
     for number in itertools.count(1):
         try:
@@ -134,7 +139,9 @@ async def _handoff(
     client_gone = asyncio.Event()  # the one signal a departing client sends: the handoff stops at its next step
     writer = _Writers()
     handoff = _detached(
-        _reserve_and_prefill(request, prefill, decode, route, queue_ttl_s, prefill_timeout_s, client_gone, writer)
+        _reserve_and_prefill(
+            request, prefill, decode, route, queue_ttl_s, prefill_timeout_s, client_gone, writer, where.moved
+        )
     )
     _background.add(handoff)  # referenced until done, whoever still awaits it
     handoff.add_done_callback(_background.discard)
@@ -151,6 +158,7 @@ async def _handoff(
     except PrefillFailed as e:  # no prefill replica works: the decode replica prefills the prompt itself
         counters.local_fallbacks += 1
         where.decode = e.decode_replica_id
+        where.moved(computing_replica_id=e.decode_replica_id)
         logger.warning("%r; prefilling %s on its decode replica %s", e, request.request_id, e.decode_replica_id)
         local = replace(request, request_id=f"{request.request_id}.local")  # not the id its reservation's abort ends
         async with aclosing(_local(local, decode, e.decode_replica_id, channels)) as outputs:
@@ -214,6 +222,7 @@ def _outputs(
 @dataclass
 class _Where:
     abandoned: list[asyncio.Task[Any]]  # handoffs left running by a client that left (`disaggregated_generate`)
+    moved: Callable[..., None]  # tells the router where the work went (`disaggregated_generate`)
     decode: str | None = None  # the decode replica of the current pass (None: Serve's pick, unknown)
 
 
@@ -226,17 +235,21 @@ async def _reserve_and_prefill(
     prefill_timeout_s: float,
     client_gone: asyncio.Event,
     writer: _Writers,
+    moved: Callable[..., None],
 ) -> tuple[Reservation, PrefillResult]:
     """Reserve on D, prefill on P into the reservation. On failure, D's reservation is freed (or fenced) here, and
     a server fault raises PrefillFailed (the caller falls back to D). A client gone before the prefill starts stops
     it there (its reservation freed: no writer ever saw it)."""
     reservation = await _reserve_within(request, decode, route, queue_ttl_s, client_gone)
+    moved(decode_replica_id=reservation.replica_id)
     pinned = {"target_replica_id": reservation.replica_id}
     if client_gone.is_set():
         _spawn(_abort(decode, request.request_id, pinned, may_be_written=False))
         raise ClientGone(request.request_id)
     try:
-        result = await _prefill_with_retry(request, prefill, decode, route, reservation, prefill_timeout_s, writer)
+        result = await _prefill_with_retry(
+            request, prefill, decode, route, reservation, prefill_timeout_s, writer, moved
+        )
     except BaseException as e:
         # P stopped writing if its method raised or it died; a layer its push already sent may still land through
         # D's receiver, so the blocks wait a grace period. If the call was lost instead, they wait out the lease.
@@ -256,6 +269,7 @@ async def _prefill_with_retry(
     reservation: Reservation,
     timeout_s: float,
     writer: _Writers,
+    moved: Callable[..., None],
 ) -> PrefillResult:
     """Prefill on the chosen replica; if it fails for a reason of its own (died, wedged, a failed transfer, no
     answer within `timeout_s`), once more on the next-best prefill replica (prefill is idempotent: a retry writes
@@ -276,7 +290,9 @@ async def _prefill_with_retry(
     # Under an engine id of its own: the first attempt may still be ending on the same replica (Serve's pick, or the
     # only one: a cancelled call whose push is finishing), where the same id would be refused as in use.
     again = replace(request, request_id=f"{request.request_id}.p1")
-    retry = prefill.prefill.remote(again, reservation, target_replica_id=_runner_up(route, first))
+    if (runner_up := _runner_up(route, first)) is not None:
+        moved(computing_replica_id=runner_up)
+    retry = prefill.prefill.remote(again, reservation, target_replica_id=runner_up)
     with foreign_cancel_as_fault(f"the prefill of {again.request_id}"):
         return await _renewing(retry, decode, reservation, timeout_s)
 
@@ -298,6 +314,10 @@ class _Writers:
     def fence(self) -> dict[str, bool]:
         """The flags of a commit or abort of the reservation (`LLMEngine.commit`, `LLMEngine.abort`)."""
         return {"may_be_written": self.is_abandoned, "is_writer_stopped": self.is_stopped}
+
+
+def _unheard(**_: str) -> None:
+    """Nobody follows where the work goes (no router)."""
 
 
 def _has_stopped(error: BaseException) -> bool:

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +110,11 @@ class Ingress:
                 else:
                     assert self.prefill is not None and self.decode is not None
                     route = self._route(engine_request)
+                    moved = None if self.router is None else partial(self.router.router.move, engine_request.request_id)
                     outputs = disaggregated_generate(
                         engine_request, self.prefill, self.decode, route, self.config.queue_ttl_s,
                         prefill_timeout_s=self.config.prefill_timeout_s, channels=self.channels, abandoned=abandoned,
+                        moved=moved,
                     )  # fmt: skip
                 async with aclosing(outputs):  # closed with this stream: never left to the garbage collector
                     async for out in outputs:
