@@ -346,6 +346,39 @@ def test_a_moved_request_is_counted_where_its_work_went() -> None:
     assert all((load.num_prefill_tokens, load.num_decodes) == (0, 0) for load in router.loads.values())
 
 
+def test_the_load_of_other_ingress_replicas_counts_from_the_replicas_reports() -> None:
+    """Each ingress replica has a router of its own, which counted only its own requests: a second ingress sent its
+    requests to the replicas the first had loaded. A report's counts beyond the router's own are the others' load;
+    the router's own requests are never counted twice."""
+    clock = FakeClock()
+    a, b = Router(CONFIG, rng=random.Random(0), clock=clock), make_router(clock)
+    for rid, role in [("p0", "prefill"), ("d0", "decode")]:  # a knows only these two yet: its load is all there
+        a.apply_report(report(rid, role), snapshot(f"inc-{rid}", 0, set()))
+    for i in range(3):
+        a.route(f"a{i}", [1000 * (i + 1) + k for k in range(20)], PROMPT, 100)
+
+    def reports(prefilled: bool) -> list[ReplicaReport]:
+        """The replicas report exactly a's requests (`prefilled`: their prompts are computed)."""
+        return [
+            ReplicaReport(rid, load.role, "n0", 1000, 1000, load.num_decodes, 0,
+                          0 if prefilled else load.num_prefill_tokens)
+            for rid, load in a.loads.items()
+        ]  # fmt: skip
+
+    for prefilled in (False, True):  # computed before a's router hears of it: still not negative
+        for r in reports(prefilled):
+            a.apply_report(r, batch(f"inc-{r.replica_id}", 0))
+        assert all((load.num_others_prefill_tokens, load.num_others_decodes) == (0, 0) for load in a.loads.values())
+    for r in reports(False):
+        b.apply_report(r, batch(f"inc-{r.replica_id}", 0))
+    assert (b.loads["p0"].queued_prefill_tokens, b.loads["d0"].decodes) == (3 * PROMPT, 3)
+    for i in range(3):
+        b.route(f"b{i}", [-1000 * (i + 1) - k for k in range(20)], PROMPT, 100)
+    assert {rid: (load.queued_prefill_tokens, load.decodes) for rid, load in b.loads.items()} == {
+        "p0": (3 * PROMPT, 0), "p1": (3 * PROMPT, 0), "d0": (0, 3), "d1": (0, 3),
+    }  # fmt: skip
+
+
 def test_burst_of_equal_prompts_does_not_scatter_before_events() -> None:
     router = make_router(FakeClock())
     first = router.route("r0", CHAIN, PROMPT, 100)

@@ -171,7 +171,7 @@ def _best_prefill_per_node(
     best: dict[str, tuple[float, float]] = {}
     rate = config.prefill_tokens_per_s
     for p in prefills:
-        queue_s = p.num_prefill_tokens / rate
+        queue_s = p.queued_prefill_tokens / rate
         compute_s = queue_s + (num_prompt_tokens - hits.get(p.replica_id, 0)) / rate
         if compute_s < best.get(p.node_id, (math.inf, 0.0))[0]:
             best[p.node_id] = (compute_s, queue_s)
@@ -188,9 +188,9 @@ def _decode_cost(
 ) -> Terms:
     """A decode candidate's terms; its transfer term is 0 exactly when it would prefill the prompt itself."""
     missing = num_prompt_tokens - hit
-    load_s = load_per_decode_s * d.num_decodes
+    load_s = load_per_decode_s * d.decodes
     transfer_s = 0.0
-    local_s = (d.num_prefill_tokens + missing) / config.local_prefill_tokens_per_s
+    local_s = (d.queued_prefill_tokens + missing) / config.local_prefill_tokens_per_s
     if missing <= config.local_prefill_max_tokens or not best_prefill_per_node:
         prefill_s = local_s
     else:
@@ -205,7 +205,7 @@ def _decode_cost(
             prefill_s, transfer_s = local_s, 0.0  # P's queue is long: D computes it sooner itself
     num_needed = -(-(num_prompt_tokens + 1) // config.block_size) - hit // config.block_size
     return (
-        d.replica_id, d.role, hit, d.num_prefill_tokens, d.num_decodes, d.num_free_blocks,
+        d.replica_id, d.role, hit, d.queued_prefill_tokens, d.decodes, d.num_free_blocks,
         load_s, prefill_s, transfer_s, load_s + prefill_s + transfer_s, d.num_free_blocks >= num_needed,
     )  # fmt: skip
 
@@ -213,11 +213,11 @@ def _decode_cost(
 def _prefill_cost(
     config: CostConfig, p: ReplicaLoad, hit: int, num_prompt_tokens: int, decode: ReplicaLoad, num_missing: int
 ) -> Terms:
-    compute_s = (p.num_prefill_tokens + num_prompt_tokens - hit) / config.prefill_tokens_per_s
+    compute_s = (p.queued_prefill_tokens + num_prompt_tokens - hit) / config.prefill_tokens_per_s
     bandwidth = config.same_node_bytes_per_s if p.node_id == decode.node_id else config.cross_node_bytes_per_s
     transfer_s = num_missing * config.kv_bytes_per_token / bandwidth
     return (
-        p.replica_id, p.role, hit, p.num_prefill_tokens, p.num_decodes, p.num_free_blocks,
+        p.replica_id, p.role, hit, p.queued_prefill_tokens, p.decodes, p.num_free_blocks,
         0.0, compute_s, transfer_s, compute_s + transfer_s, True,
     )  # fmt: skip
 

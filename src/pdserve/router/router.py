@@ -79,6 +79,12 @@ class Router:
         load.num_blocks = report.num_blocks
         load.num_free_blocks = report.num_free_blocks
         load.num_reported_running, load.num_reported_waiting = report.num_running, report.num_waiting
+        # Beyond this router's own counts: other ingress replicas' work. The report is a period old and this
+        # router's counts run ahead of it (a request counts from its routing, before it reaches the replica), so
+        # the difference errs low, never counting this router's own requests twice.
+        load.num_others_prefill_tokens = max(0, report.queued_prefill_tokens - load.num_prefill_tokens)
+        if load.role == "decode":
+            load.num_others_decodes = max(0, report.num_running + report.num_waiting - load.num_decodes)
         load.reported_at = self.clock()
         self.index.apply(report.replica_id, events)
 
@@ -215,8 +221,8 @@ class Router:
         """The baseline (Serve's default): two random candidates per pool, the less loaded one wins; no affinity."""
         if not decodes or not prefills:
             raise ValueError("pow2 routing needs a decode and a prefill replica")
-        decode = min(self.rng.sample(decodes, min(2, len(decodes))), key=lambda d: d.num_decodes)
-        prefill = min(self.rng.sample(prefills, min(2, len(prefills))), key=lambda p: p.num_prefill_tokens)
+        decode = min(self.rng.sample(decodes, min(2, len(decodes))), key=lambda d: d.decodes)
+        prefill = min(self.rng.sample(prefills, min(2, len(prefills))), key=lambda p: p.queued_prefill_tokens)
         bs = self.config.block_size
         max_hit = (num_prompt_tokens - 1) // bs * bs
         hit_p = min(matched.get(prefill.replica_id, 0) * bs, max_hit)

@@ -151,7 +151,7 @@ class _EngineReplica:
         stats, events = await self.engine.call(self._sync_state, cursor)
         report = ReplicaReport(
             self.replica_id, self.role, self.node_id, stats.num_blocks, stats.num_free_blocks,
-            stats.num_running, stats.num_waiting,
+            stats.num_running, stats.num_waiting, stats.queued_prefill_tokens,
         )  # fmt: skip
         return ReplicaSync(report, events)
 

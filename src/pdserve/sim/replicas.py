@@ -122,11 +122,15 @@ class _Replica:
         s = self.scheduler
         num_free = self.pool.num_free_blocks
         return ReplicaReport(self.replica_id, self.role, NODE_ID, self.model.num_blocks, num_free, len(s.running),
-                             len(s.waiting))  # fmt: skip
+                             len(s.waiting), self._queued_prefill_tokens())  # fmt: skip
+
+    def _queued_prefill_tokens(self) -> int:
+        s = self.scheduler
+        return sum(max(q.num_prompt_tokens - q.num_computed_tokens, 0) for q in (*s.waiting, *s.running))
 
     def signals(self, now_s: float) -> ReplicaSignals:
         s = self.scheduler
-        queued = sum(max(q.num_prompt_tokens - q.num_computed_tokens, 0) for q in (*s.waiting, *s.running))
+        queued = self._queued_prefill_tokens()
         return ReplicaSignals.from_counters(
             now_s, self.counters, queued_prefill_tokens=queued, num_running=len(s.running),
             num_waiting=len(s.waiting), kv_blocks_total=self.model.num_blocks,
