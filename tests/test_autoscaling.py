@@ -210,6 +210,15 @@ def test_pool_planner_scales_the_prefill_pool_on_a_prompt_surge() -> None:
     assert set(targets) == {prefill, decode}
 
 
+def test_pool_planner_starts_each_pool_at_serves_target_before_any_replica_runs() -> None:
+    """At the app's start Serve calls the policy with nothing running and each pool's target at its num_replicas:
+    the targets returned are those, not the 0 running clamped to min_replicas (found in review)."""
+    prefill, decode = DeploymentID("PrefillServer", "app"), DeploymentID("DecodeServer", "app")
+    policy = PoolPlanner(interval_s=0.0)
+    targets, _ = policy({prefill: _Context("app", 0, 3), decode: _Context("app", 0, 2)})
+    assert targets == {prefill: 3, decode: 2}
+
+
 def test_pool_planner_runs_once_per_interval() -> None:
     prefill = DeploymentID("PrefillServer", "app")
     policy = PoolPlanner(interval_s=3600.0)

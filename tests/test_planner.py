@@ -721,3 +721,69 @@ def test_a_shared_cap_splits_replicas_by_need() -> None:
     assert capped["prefill"].target + capped["decode"].target == 10
     assert (capped["prefill"].target, capped["decode"].target) == (7, 3)  # 1 + 8 * 11/16, 1 + 8 * 5/16
     assert "capped" in capped["prefill"].reason
+
+
+# ---- found in review: the start, reports the planner sees twice, cached prefixes, the scale-down check ------------
+
+
+def test_at_the_start_and_from_zero_a_pool_keeps_the_size_it_is_meant_to_have() -> None:
+    """At the app's start Serve asks before any replica runs (0 running, its target the pool's num_replicas): the
+    planner kept the 0 running, so every pool began at min_replicas. A pool at min_replicas 0 that Serve cold-starts
+    (target 1) lost its one replica at the next tick, before it had reported twice."""
+    planner = Planner(config(prefill=PoolBounds(0, 8), decode=PoolBounds(1, 8)))
+    start = planner.plan(0.0, {}, {"prefill": 0, "decode": 0}, {"prefill": 4, "decode": 3})
+    assert (start["prefill"].target, start["decode"].target) == (4, 3)
+    planner = Planner(config(prefill=PoolBounds(0, 8)))
+    assert planner.plan(0.0, {}, {"prefill": 0, "decode": 1}, {"prefill": 0, "decode": 1})["prefill"].target == 0
+    cold = planner.plan(2.0, {}, {"prefill": 0, "decode": 1}, {"prefill": 1, "decode": 1})  # Serve's cold start
+    first = {"prefill": {"p1": prefill_report(4.0, 500.0)}}  # one report: no rate yet
+    up = planner.plan(4.0, first, {"prefill": 1, "decode": 1}, {"prefill": 1, "decode": 1})
+    assert cold["prefill"].target == up["prefill"].target == 1
+
+
+def test_a_replica_whose_report_has_not_advanced_counts_with_its_last_rates() -> None:
+    """Reports and the planner's ticks drift against each other: a tick sees some replicas' previous report again.
+    Their demand dropped out of the pool's sums (8000 tok/s read as 6000 or less, and too few replicas needed)."""
+    planner = Planner(config(prefill=PoolBounds(1, 16)))
+    reports = {f"p{i}": ReplicaSignals(0.0) for i in range(4)}
+    planner.plan(0.0, {"prefill": dict(reports)}, {"prefill": 4, "decode": 1})
+    demands = []
+    for tick in range(1, 8):
+        for i, rid in enumerate(reports):
+            if not (tick >= 3 and i >= 2 and tick % 2):  # from tick 3, two replicas report every other tick only
+                reports[rid] = prefill_tick(reports[rid], 2.0 * tick - reports[rid].time_s, 2000.0)
+        decision = planner.plan(2.0 * tick, {"prefill": dict(reports)}, {"prefill": 4, "decode": 1})["prefill"]
+        demands.append(planner.prediction["prefill_demand_tokens_per_s"])
+        assert decision.needed == 4, (tick, decision.reason)
+    assert all(d == pytest.approx(8000.0) for d in demands), demands
+
+
+def test_the_prompt_length_the_ttft_model_uses_leaves_cache_hits_out() -> None:
+    """8000-token prompts whose first 7600 tokens are a cached prefix: each needs 400 computed. The mean prompt was
+    taken from arrivals (8000), inflating each prompt's service time: at a 0.3 s TTFT SLO the pool was sized by
+    utilization (4 replicas, TTFT p90 0.345 s) instead of by TTFT (5)."""
+    planner = Planner(config(prefill=PoolBounds(1, 32), ttft_slo_s=0.3, smoothing=1.0))
+    report = ReplicaSignals(0.0)
+    for tick in range(1, 4):
+        requests = 20.0 * 2.0 / 5  # 20 req/s over 5 replicas, 2 s ticks
+        report = dataclasses.replace(
+            report, time_s=2.0 * tick, requests_total=report.requests_total + requests,
+            prompt_tokens_total=report.prompt_tokens_total + requests * 8000,
+            prefill_tokens_total=report.prefill_tokens_total + requests * 400,
+            steps_total=report.steps_total + requests, step_s_total=report.step_s_total + requests * 400 / 2900,
+        )  # fmt: skip
+        reports = {f"p{i}": dataclasses.replace(report) for i in range(5)}
+        decision = planner.plan(2.0 * tick, {"prefill": reports}, {"prefill": 5, "decode": 1})["prefill"]
+    assert planner.estimates.prompt_tokens == pytest.approx(400.0)
+    assert decision.needed == 5 and decision.reason.startswith("ttft"), decision.reason
+
+
+def test_the_decode_scale_down_check_keeps_the_observed_base_step() -> None:
+    """The check at 1.3x the load scaled the running sequences but not the observed step time, so it inferred a
+    smaller base step and a looser TPOT bound than the sizing at 1x: 2 replicas, 16 running, steps of 42 ms, 400
+    output tok/s — the sizing's base is 34 ms and 1.3x the load needs 2 replicas; the check said 1."""
+    planner = Planner(config())
+    planner._current = {"decode": 2}
+    demand = DecodeDemand(400 / 128, 128.0, 16.0, 16.0, 0.0, observed_step_s=0.042)
+    assert planner._needed("decode", demand, 1.3, 1e9)[0] == 2
+    assert planner._needed("decode", demand, 1.0, 1e9)[0] == 1

@@ -128,6 +128,14 @@ def decode_tpot(n: int, demand: DecodeDemand, t0: float, t1: float) -> float:
     return t0 / (1.0 - load) if load < 1.0 else math.inf
 
 
+def decode_step_base(demand: DecodeDemand, t0: float, t1: float, current: int) -> float:
+    """The fit's base step, or more where the pool's observed steps run longer than the fit predicts for their
+    batches (prefill chunks of local requests ride in them)."""
+    if demand.observed_step_s is not None and current > 0 and demand.num_running > 0:
+        return max(t0, demand.observed_step_s - t1 * demand.num_running / current)
+    return t0
+
+
 def decode_replicas_needed(
     demand: DecodeDemand,
     t0: float,
@@ -138,6 +146,7 @@ def decode_replicas_needed(
     max_seqs_per_replica: float,
     current: int = 0,
     limit: int = 1024,
+    base_s: float | None = None,
 ) -> tuple[int, str]:
     """The fewest replicas meeting the TPOT SLO whose caches hold the sequences it implies; with the bound that
     decided it ("tpot", "resident", "kv", "kv-refused", "seqs", or "minimum").
@@ -145,12 +154,11 @@ def decode_replicas_needed(
     `t0` is the step's base; where the pool's observed steps run longer than the fit predicts for their batches
     (prefill chunks of local requests ride in them), the observed excess is added to the base. Besides the
     arrival-rate bound (Little's law), the sequences resident now (running and waiting) are checked against the SLO:
-    more than the pool serves in time adds one replica."""
+    more than the pool serves in time adds one replica. `base_s`: the base as `decode_step_base` found it for another
+    demand (a check at more load than observed keeps the observed base)."""
     best, why = 1, "minimum"
-    base = t0
+    base = decode_step_base(demand, t0, t1, current) if base_s is None else base_s
     resident_now = demand.num_running + demand.num_waiting
-    if demand.observed_step_s is not None and current > 0 and demand.num_running > 0:
-        base = max(t0, demand.observed_step_s - t1 * demand.num_running / current)
     # The share of a token's time the per-sequence work may take. A base step that alone misses the SLO cannot be
     # fixed by replicas: size for throughput then (per-sequence work at most 90% of a step).
     spare = 0.9 if base >= tpot_slo_s else max(1.0 - base / tpot_slo_s, 0.1)

@@ -10,8 +10,12 @@ replicas each pool needs (`model.py`), and applies the policy around them:
 - scale down only when the pool would still meet its SLOs with `downscale_headroom` more load, continuously for
   `downscale_stable_s`, one replica at a time, at most every `downscale_cooldown_s` (a replica drains before it
   leaves; removing several at once would also throw away their prefix caches at once);
-- no measurements yet (a replica's first report gives no rate): keep the current size; a pool with no work at all
-  needs 0 and shrinks to `min_replicas` by the scale-down rule.
+- no measurements yet (a replica's first report gives no rate): keep the size the pool is meant to have now —
+  Serve's target (its `num_replicas` at the app's start, one replica from Serve's cold start of a pool at zero), not
+  the replicas already running; a pool with no work at all needs 0 and shrinks to `min_replicas` by the scale-down
+  rule;
+- a replica whose newest report is the one seen last tick (report and planner periods drift against each other)
+  counts with its last rates: a pool's demand never drops for a report that has not arrived yet.
 
 The planner is pure: no Ray, no clock of its own. Serve calls it through `serve/autoscaling.py`; the simulator calls
 it directly (`pdserve.sim`).
@@ -30,6 +34,7 @@ from pdserve.planner.model import (
     PrefillDemand,
     StepTimeFit,
     decode_replicas_needed,
+    decode_step_base,
     decode_tpot,
     prefill_replicas_needed,
     prefill_ttft_p90,
@@ -136,6 +141,7 @@ class Planner:
             StepTimeFit(config.prior_decode_step_base_s, config.prior_decode_step_per_seq_s),
         )
         self._last: dict[str, ReplicaSignals] = {}  # each replica's previous report
+        self._last_rates: dict[str, ReplicaRates] = {}  # each replica's rates from its last two distinct reports
         self._pools = {pool: _PoolState() for pool in POOLS}
         self._demand: dict[str, float] = {}  # smoothed: prefill prompt tokens/s, decode requests/s
         self._current: dict[str, int] = {}
@@ -146,13 +152,19 @@ class Planner:
         now_s: float,
         signals: Mapping[str, Mapping[str, ReplicaSignals]],
         current: Mapping[str, int],
+        targets: Mapping[str, int] | None = None,
     ) -> dict[str, PoolDecision]:
         """`signals[pool][replica_id]`: the latest report of each running replica; `current[pool]`: replicas the
-        pool has now (some may not have reported yet). Returns a decision per pool."""
+        pool has now (some may not have reported yet); `targets[pool]`: what the pool is meant to have now (Serve's
+        target: its `num_replicas` at the start, a cold start's one; None: the planner's own last target, else
+        `current`). Returns a decision per pool."""
         live = {rid for pool in signals.values() for rid in pool}
         self._current = dict(current)
-        rates = {pool: self._rates(signals.get(pool, {})) for pool in POOLS}
-        self._update_estimates(rates, signals)
+        fresh: dict[str, dict[str, ReplicaRates]] = {}
+        rates: dict[str, dict[str, ReplicaRates]] = {}
+        for pool in POOLS:
+            fresh[pool], rates[pool] = self._rates(signals.get(pool, {}))
+        self._update_estimates(fresh, signals)
         demands = {
             "prefill": self._prefill_demand(rates["prefill"], signals.get("prefill", {})),
             "decode": self._decode_demand(rates["decode"], signals.get("decode", {}), rates["prefill"]),
@@ -164,6 +176,7 @@ class Planner:
                     self._last[rid] = report
         for rid in set(self._last) - live:  # replicas that left; their ids never come back
             del self._last[rid]
+            self._last_rates.pop(rid, None)
         blocks = max((s.kv_blocks_total for s in signals.get("decode", {}).values()), default=0.0)
         decisions = {}
         for pool in POOLS:
@@ -171,7 +184,8 @@ class Planner:
             need = None if demand is None else self._needed(pool, demand, 1.0, blocks)
             if demand is not None:
                 self._predict(pool, demand, max(current.get(pool, 1), 1))
-            decisions[pool] = self._decide(pool, now_s, current.get(pool, 0), need, demand, blocks)
+            meant = targets.get(pool) if targets is not None else None
+            decisions[pool] = self._decide(pool, now_s, current.get(pool, 0), meant, need, demand, blocks)
         return self._cap(decisions)
 
     def _cap(self, decisions: dict[str, PoolDecision]) -> dict[str, PoolDecision]:
@@ -201,14 +215,18 @@ class Planner:
 
     # ---- measurements ------------------------------------------------------------------------------------
 
-    def _rates(self, replicas: Mapping[str, ReplicaSignals]) -> dict[str, ReplicaRates]:
-        out = {}
+    def _rates(self, replicas: Mapping[str, ReplicaSignals]) -> tuple[dict[str, ReplicaRates], dict[str, ReplicaRates]]:
+        """The rates of the replicas that reported anew since the last tick (they update the estimates), and those
+        plus the last rates of replicas whose newest report is the one seen last tick (the pool's demand)."""
+        fresh, out = {}, {}
         for rid, now in replicas.items():
             before = self._last.get(rid)
             rates = rates_between(before, now) if before is not None else None
             if rates is not None:
-                out[rid] = rates
-        return out
+                fresh[rid] = out[rid] = self._last_rates[rid] = rates
+            elif before is not None and now.time_s == before.time_s and rid in self._last_rates:
+                out[rid] = self._last_rates[rid]  # not reported again yet: its last interval stands for it
+        return fresh, out
 
     def _update_estimates(
         self, rates: dict[str, dict[str, ReplicaRates]], signals: Mapping[str, Mapping[str, ReplicaSignals]]
@@ -245,9 +263,11 @@ class Planner:
             if rid in rates and before is not None:
                 growth += (now.queued_prefill_tokens - before.queued_prefill_tokens) / rates[rid].seconds
         tokens = max(computed + growth, 0.0)
-        arrived = sum(r.prompt_tokens_per_s for r in rates.values())
-        if requests > 0 and arrived > 0:  # arrivals, cache hits included: a backlog's growth is not a longer prompt
-            self.estimates.blend("prompt_tokens", arrived / requests, self.config.smoothing)
+        # What each prompt needs computed: what was computed plus what the backlog grew by is what arrived less its
+        # cache hits (a prompt queues whole and drops its hit when admitted), so a backlog's growth is not a longer
+        # prompt and a long cached prefix not a slower one.
+        if requests > 0 and tokens > 0:
+            self.estimates.blend("prompt_tokens", tokens / requests, self.config.smoothing)
         return PrefillDemand(self._smoothed("prefill", tokens), self.estimates.prompt_tokens, queued)
 
     def _smoothed(self, name: str, value: float) -> float:
@@ -310,9 +330,11 @@ class Planner:
             kv_blocks_used=demand.kv_blocks_used * scale,
         )
         t0, t1 = self.estimates.step_fit.coefficients()
+        current = self._current.get("decode", 0)
         n, bound = decode_replicas_needed(
             scaled_d, t0, t1, cfg.tpot_slo_s * cfg.tpot_target, blocks or math.inf, cfg.kv_target_usage,
-            cfg.max_seqs_per_replica, current=self._current.get("decode", 0),
+            cfg.max_seqs_per_replica, current=current,
+            base_s=decode_step_base(demand, t0, t1, current),  # the step's base as observed: load scales, it does not
         )  # fmt: skip
         return n, (
             f"{bound}: {demand.requests_per_s:.2f} req/s x {demand.mean_output_tokens:.0f} tokens, step "
@@ -338,6 +360,7 @@ class Planner:
         pool: str,
         now_s: float,
         current: int,
+        meant: int | None,
         need: tuple[int, str] | None,
         demand: PrefillDemand | DecodeDemand | None,
         blocks: float,
@@ -345,10 +368,12 @@ class Planner:
         cfg = self.config
         bounds = cfg.bounds(pool)
         state = self._pools[pool]
-        target = bounds.clamp(state.target if state.target is not None else current)
-        state.target = target
-        if need is None or demand is None:
+        if need is None or demand is None:  # the size the pool is meant to have: not the replicas up so far
+            kept = meant if meant is not None else state.target if state.target is not None else current
+            state.target = target = bounds.clamp(kept)
             return PoolDecision(pool, current, target, target, "no measurements yet: keep the size")
+        target = bounds.clamp(state.target if state.target is not None else meant if meant is not None else current)
+        state.target = target
         needed, why = need
         wanted = bounds.clamp(needed)
         since_change = now_s - max(state.last_up_s, state.last_down_s)

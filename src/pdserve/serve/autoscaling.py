@@ -59,7 +59,10 @@ class PoolPlanner:
             self._follow_bounds({pool: ctx for pool, (_, ctx) in pools.items()})
             signals = {pool: latest_signals(ctx) for pool, (_, ctx) in pools.items()}
             current = {pool: ctx.current_num_replicas for pool, (_, ctx) in pools.items()}
-            decisions = self.planner.plan(now, signals, current)
+            # What each pool is meant to have now: its num_replicas at the app's start (nothing runs yet), one from
+            # Serve's cold start of a pool at zero — kept until the planner has measurements of its own.
+            meant = {pool: ctx.target_num_replicas for pool, (_, ctx) in pools.items()}
+            decisions = self.planner.plan(now, signals, current, meant)
             self._report(decisions, next(iter(contexts.values())).app_name if contexts else None)
             self._targets = {pool: d.target for pool, d in decisions.items()}
         out = {d: self._targets.get(pool, ctx.target_num_replicas) for pool, (d, ctx) in pools.items()}
