@@ -219,6 +219,20 @@ def test_pool_planner_starts_each_pool_at_serves_target_before_any_replica_runs(
     assert targets == {prefill: 3, decode: 2}
 
 
+def test_a_planner_that_raises_leaves_the_last_targets_standing(caplog: pytest.LogCaptureFixture) -> None:
+    """Serve's controller loop stops at a policy's exception on every tick: the policy logs it and keeps the last
+    targets (Serve's, before its first decision)."""
+    prefill = DeploymentID("PrefillServer", "app")
+    policy = PoolPlanner(interval_s=0.0)
+
+    def fail(*args: Any) -> Any:
+        raise OverflowError("cannot convert float infinity to integer")
+
+    policy.planner.plan = fail  # type: ignore[method-assign]
+    targets, _ = policy({prefill: _Context("app", 2, 2)})
+    assert targets == {prefill: 2} and "planning failed" in caplog.text
+
+
 def test_pool_planner_runs_once_per_interval() -> None:
     prefill = DeploymentID("PrefillServer", "app")
     policy = PoolPlanner(interval_s=3600.0)

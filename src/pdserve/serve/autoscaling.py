@@ -56,17 +56,23 @@ class PoolPlanner:
         now = time.monotonic()
         if now - self._last_run >= self.interval_s:
             self._last_run = now
-            self._follow_bounds({pool: ctx for pool, (_, ctx) in pools.items()})
-            signals = {pool: latest_signals(ctx) for pool, (_, ctx) in pools.items()}
-            current = {pool: ctx.current_num_replicas for pool, (_, ctx) in pools.items()}
-            # What each pool is meant to have now: its num_replicas at the app's start (nothing runs yet), one from
-            # Serve's cold start of a pool at zero — kept until the planner has measurements of its own.
-            meant = {pool: ctx.target_num_replicas for pool, (_, ctx) in pools.items()}
-            decisions = self.planner.plan(now, signals, current, meant)
-            self._report(decisions, next(iter(contexts.values())).app_name if contexts else None)
-            self._targets = {pool: d.target for pool, d in decisions.items()}
+            try:
+                self._plan(now, pools, next(iter(contexts.values())).app_name if contexts else None)
+            except Exception:  # Serve's control loop would stop at it on every tick: the last targets stand
+                logger.exception("pdserve planner: planning failed; the pools keep their targets")
         out = {d: self._targets.get(pool, ctx.target_num_replicas) for pool, (d, ctx) in pools.items()}
         return out, {d: {} for d in contexts}
+
+    def _plan(self, now: float, pools: dict[str, tuple[Any, Any]], app_name: str | None) -> None:
+        self._follow_bounds({pool: ctx for pool, (_, ctx) in pools.items()})
+        signals = {pool: latest_signals(ctx) for pool, (_, ctx) in pools.items()}
+        current = {pool: ctx.current_num_replicas for pool, (_, ctx) in pools.items()}
+        # What each pool is meant to have now: its num_replicas at the app's start (nothing runs yet), one from
+        # Serve's cold start of a pool at zero — kept until the planner has measurements of its own.
+        meant = {pool: ctx.target_num_replicas for pool, (_, ctx) in pools.items()}
+        decisions = self.planner.plan(now, signals, current, meant)
+        self._report(decisions, app_name)
+        self._targets = {pool: d.target for pool, d in decisions.items()}
 
     def _follow_bounds(self, contexts: dict[str, Any]) -> None:
         """Each pool's bounds are its deployment's (`min_replicas`/`max_replicas`, which Serve also enforces, less
