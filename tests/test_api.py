@@ -104,9 +104,11 @@ class FakeBackend:
 
 
 @contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Run `app` with uvicorn on a free port in a thread; yield its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+def serve(app: FastAPI, root_path: str = "") -> Iterator[str]:
+    """Run `app` with uvicorn on a free port in a thread; yield its base URL. `root_path`: served under that prefix
+    (as Serve's `route_prefix` serves it: the scope's path keeps the prefix, `root_path` names it)."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", root_path=root_path)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -813,3 +815,16 @@ def test_a_bad_value_is_named_in_the_clients_terms(fields: dict[str, Any], said:
     with pytest.raises(ValidationError) as info:
         CompletionRequest.model_validate({"model": "m", "prompt": "hi", **fields})
     assert said in str(info.value) and "set_int_max_str_digits" not in str(info.value)
+
+
+def test_http_metrics_labels_stay_bounded_whatever_the_client_sends() -> None:
+    """A client picks the method (h11 takes any token) and the path: neither may mint a series of its own."""
+    from pdserve.api.metrics import APIMetrics
+
+    metrics = APIMetrics()
+    for i in range(50):
+        metrics.observe(f"X{i:05d}", f"/v1/x{i}", 404, 0.01, [])
+    metrics.observe("GET", "/ready", 200, 0.01, [])
+    text = metrics.render().decode()
+    assert 'method="_OTHER",route="other",status="404"} 50.0' in text and 'route="/ready"' in text
+    assert "X00001" not in text

@@ -443,3 +443,21 @@ def test_metrics_can_be_kept_to_named_tenants(tokenizer: Any) -> None:
         assert answer.status_code == 200
     with pytest.raises(ValueError, match="metrics_tenants names no tenant of api_keys: nobody"):
         ServeConfig(api_keys=[{"key": KEY_A}], metrics_tenants=["nobody"])
+
+
+@pytest.mark.parametrize("root_path", ["", "/tenants"])
+def test_limits_and_open_paths_hold_under_a_route_prefix(tokenizer: Any, root_path: str) -> None:
+    """Under a route prefix (Serve's `route_prefix`, uvicorn's --root-path) the scope's path keeps the prefix: the
+    checks read it raw, so a tenant's rate and concurrency limits and the /metrics tenant check were skipped, and the
+    probes wanted a key (found in review). They read the route's path now, as Starlette routes."""
+    api_keys = APIKeys({key_digest(KEY_A): Tenant("team-a", requests_per_s=0.001, burst=1)}, metrics_tenants={"ops"})
+    backend = FakeBackend(tokenizer)
+    app = create_app(backend, api_keys=api_keys)
+    with serve(app, root_path=root_path) as url:
+        with httpx.Client(base_url=url, timeout=5, headers={"Authorization": f"Bearer {KEY_A}"}) as http:
+            body = {"model": "fake-model", "prompt": "hi", "max_tokens": 2}
+            assert [http.post("/v1/completions", json=body).status_code for _ in range(3)] == [200, 429, 429]
+            assert http.get("/metrics").status_code == 403
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+    assert len(backend.requests) == 1
+    assert b'route="/v1/completions"' in app.state.pdserve.metrics.render()  # the route's label, not "other"

@@ -20,6 +20,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
+from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pdserve.api.errors import APIError, error_response
@@ -146,7 +147,9 @@ class APIKeyAuth:
         self.app, self.keys = app, keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        # The route's path: under a route prefix (Serve's `route_prefix`, uvicorn's --root-path) `path` keeps the
+        # prefix and `root_path` names it; Starlette routes on what follows, and so must every check here.
+        if scope["type"] != "http" or (path := get_route_path(scope)) in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         authorization = None
@@ -163,11 +166,11 @@ class APIKeyAuth:
             return
         scope.setdefault("state", {})["tenant"] = tenant.name
         metrics_tenants = self.keys.metrics_tenants
-        if scope["path"] == "/metrics" and metrics_tenants is not None and tenant.name not in metrics_tenants:
+        if path == "/metrics" and metrics_tenants is not None and tenant.name not in metrics_tenants:
             error = APIError(403, f"tenant {tenant.name} may not read /metrics", "permission_error", code="forbidden")
             await error_response(error, headers={"Connection": "close"})(scope, receive, send)
             return
-        if not (scope["method"] == "POST" and scope["path"].startswith("/v1/")):
+        if not (scope["method"] == "POST" and path.startswith("/v1/")):
             await self.app(scope, receive, send)
             return
         if (wait_s := self.keys.admit(tenant)) > 0:

@@ -16,7 +16,8 @@ from prometheus_client.registry import Collector
 
 INGRESS_LABEL = "ingress"
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"})
+_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics"})
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 
 
 def ingress_id() -> str:
@@ -58,6 +59,7 @@ class APIMetrics:
         )
 
     def observe(self, method: str, path: str, status: int, seconds: float, error_types: list[str]) -> None:
+        method = method if method in _METHODS else "_OTHER"  # bounded: a client picks the method
         route = path if path in _ROUTES or path.startswith("/v1/models/") else "other"  # bounded label values
         route = "/v1/models/{model}" if route.startswith("/v1/models/") else route
         self.requests.labels(method, route, str(status)).inc()

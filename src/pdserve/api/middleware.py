@@ -9,6 +9,7 @@ import time
 
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
+from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pdserve.api.errors import SERVER_ERROR, APIError, error_response
@@ -135,7 +136,7 @@ class HTTPMetrics:
                 if status < 400:
                     span.set_status(Status(StatusCode.ERROR, "error event in the stream"))
             seconds = time.perf_counter() - start
-            self.metrics.observe(scope.get("method", ""), scope.get("path", ""), status, seconds, error_types)
+            self.metrics.observe(scope.get("method", ""), get_route_path(scope), status, seconds, error_types)
 
 
 def _error_types(body: bytes, status: int) -> list[str]:
