@@ -144,7 +144,17 @@ def test_the_receiver_refuses_bad_transfers_and_keeps_the_pair(receivers) -> Non
             sender.send(rx.endpoint, grant(rx.kv, TransferSpec(4, [1], [5], "nan")), src, 10)
     finally:
         p2p_module.wire.send_json = original  # type: ignore[assignment]
-    assert rx.counters.refused == 1 and rx.kv.block_epochs[5] == 0 and rx.kv.k[0][5].abs().sum() == 0
+
+    def overflowing(conn: socket.socket, message: dict[str, object]) -> None:  # JSON 1e400 reads as inf: int() fails
+        original(conn, {**message, "epoch": float("inf")} if "remaining_s" in message else message)
+
+    p2p_module.wire.send_json = overflowing  # type: ignore[assignment]
+    try:  # refused, not the pair aborted (found in review)
+        with pytest.raises(TransferError, match=r"refused it: malformed transfer .*infinity"):
+            sender.send(rx.endpoint, grant(rx.kv, TransferSpec(5, [1], [5], "inf")), src, 10)
+    finally:
+        p2p_module.wire.send_json = original  # type: ignore[assignment]
+    assert rx.counters.refused == 2 and rx.kv.block_epochs[5] == 0 and rx.kv.k[0][5].abs().sum() == 0
     spec = grant(rx.kv, TransferSpec(3, [2], [3], "after"))
     sender.send(rx.endpoint, spec, src, 10)
     assert_moved(src, rx.kv, spec)

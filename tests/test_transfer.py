@@ -395,3 +395,90 @@ def test_layer_pipelined_send_fails_cleanly(peers: Peers) -> None:
         TcpSender("m").send(endpoint, grant(dst, TransferSpec(32, [0], [11], "p3")), src, 0.3, LayerProgress())
     assert time.monotonic() - start < 2
     assert dst.block_epochs[10] != 31 and dst.block_epochs[11] != 32
+
+
+def test_one_senders_burst_never_locks_other_senders_out_of_a_receiver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every pushed connection went back to its sender's pool and neither side ever closed an idle one: one prefill
+    replica's burst of concurrent pushes filled a decode replica's connection cap, and every other prefill replica
+    was refused from then on (found in review). A sender keeps a few idle connections per destination, for a while;
+    a receiver drops a connection left idle past that."""
+    from pdserve.transfer import tcp
+
+    kv = KVCache(layout(torch.float32, num_blocks=16))
+    rx = TcpReceiver(kv, node_id="n", model_id="m")
+    src = random_cache(torch.float32)
+    cap = 8
+    monkeypatch.setattr(rx._listener, "max_connections", cap)
+    a, b = TcpSender("m"), TcpSender("m")
+    try:
+        progress = [LayerProgress() for _ in range(cap)]
+        specs = [grant(kv, TransferSpec(100 + i, [i], [i], f"a{i}")) for i in range(cap)]
+        threads = [
+            threading.Thread(target=a.send, args=(rx.endpoint, specs[i], src, 30, progress[i])) for i in range(cap)
+        ]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10  # every push holds a connection of its own, up to the cap
+        while len(rx._listener._conns) < cap:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for p in progress:
+            for layer in range(kv.layout.num_layers):
+                p.layer_done(layer, [0])
+        for t in threads:
+            t.join()
+        assert sum(len(idle) for idle in a._idle.values()) == tcp._MAX_IDLE_PER_PEER  # the rest were closed
+        deadline = time.monotonic() + 5  # the receiver sees them go
+        while len(rx._listener._conns) > tcp._MAX_IDLE_PER_PEER:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        b.send(rx.endpoint, grant(kv, TransferSpec(200, [0], [12], "b")), src, timeout_s=5)  # another sender gets in
+        assert torch.equal(kv.k[0][12], src.k[0][0])
+        # Idle past the sender's TTL: closed at its next checkout; the receiver drops what its senders left behind.
+        monkeypatch.setattr(tcp, "_IDLE_TTL_S", 0.0)
+        b.send(rx.endpoint, grant(kv, TransferSpec(201, [1], [13], "b2")), src, timeout_s=5)
+        assert sum(len(idle) for idle in b._idle.values()) == 1
+    finally:
+        a.close()
+        b.close()
+        rx.close()
+
+
+def test_a_receiver_drops_a_connection_its_sender_left_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pdserve.transfer import tcp
+
+    monkeypatch.setattr(tcp, "_RECEIVER_IDLE_S", 0.3)
+    kv = KVCache(layout(torch.float32))
+    rx = TcpReceiver(kv, node_id="n", model_id="m")
+    sender = TcpSender("m")
+    try:
+        sender.send(rx.endpoint, grant(kv, TransferSpec(1, [0], [0], "r")), random_cache(torch.float32), timeout_s=5)
+        assert len(rx._listener._conns) == 1
+        deadline = time.monotonic() + 5
+        while rx._listener._conns:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert rx.num_refused == 0  # an idle connection ends quietly, not as a refusal
+    finally:
+        sender.close()
+        rx.close()
+
+
+def test_a_shared_memory_sender_unmaps_a_departed_cache_at_its_next_push() -> None:
+    """A decode replica that left stayed mapped in every prefill process that had pushed to it until some new cache
+    was mapped there — its whole KV cache held in the node's memory, where its replacement needs room (found in
+    review). Any later push now unmaps it."""
+    first, second = (KVCache(layout(torch.float32), shared_path=shm_path()) for _ in range(2))
+    receivers = [make_receiver("auto", kv, "m", "node-a") for kv in (first, second)]
+    sender = SharedMemorySender("m")
+    try:
+        for rx in receivers:
+            sender.map(rx.endpoint)
+        first.close()  # the replica is gone: its cache can no longer be opened
+        sender.map(receivers[1].endpoint)  # a push to the one still there
+        assert list(sender._mapped) == [receivers[1].endpoint.shm_path]
+    finally:
+        sender.close()
+        for rx in receivers:
+            rx.close()
+        second.close()

@@ -327,7 +327,7 @@ class P2PReceiver(KVReceiver):
             ids = [int(b) for b in message["dst_block_ids"]]
             epoch, per_message = int(message["epoch"]), int(message["layers_per_message"])
             deadline = Deadline(wire.peer_seconds(message["remaining_s"], "the transfer's deadline"))
-        except (KeyError, TypeError, ValueError, TransferError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError, TransferError) as e:  # OverflowError: int(1e400)
             self.counters.refused += 1
             raise _Refused(f"malformed transfer ({e})") from e
         num_blocks, num_layers = self.kv.layout.num_blocks, self.kv.layout.num_layers

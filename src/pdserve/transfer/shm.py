@@ -85,10 +85,12 @@ class SharedMemorySender(KVSender):
         if path is None:
             raise TransferError("the decode replica has no shared-memory KV cache")
         with self._lock:
-            mapping = self._mapped.get(path)
-            if mapping is not None and _inode(path) == mapping.inode:
-                return mapping.cache
+            # A decode replica that left (its file unlinked or replaced): unmapped here at the next push to anyone,
+            # so its memory goes back to the node (a stat per mapped cache).
             self._forget_dead()
+            mapping = self._mapped.get(path)
+            if mapping is not None:
+                return mapping.cache
             mapping = self._mapped[path] = _open(endpoint)
             return mapping.cache
 

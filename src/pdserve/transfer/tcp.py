@@ -35,6 +35,13 @@ from pdserve.transfer.base import (
 )
 
 _HANDSHAKE_TIMEOUT_S = 10.0
+# A sender keeps at most this many idle connections per destination cache, none idle longer than _IDLE_TTL_S: the
+# receiver's connection cap (`wire.Listener.max_connections`) is shared by every prefill replica, and a departed
+# decode replica's connections must not stay open for the sender's life. A receiver closes a connection idle for
+# _RECEIVER_IDLE_S, well after its sender stopped reusing it.
+_MAX_IDLE_PER_PEER = 4
+_IDLE_TTL_S = 30.0
+_RECEIVER_IDLE_S = 2 * _IDLE_TTL_S
 
 
 class TcpReceiver(KVReceiver):
@@ -78,9 +85,14 @@ class TcpReceiver(KVReceiver):
     def _receive_transfer(self, conn: socket.socket, scratch: torch.Tensor) -> torch.Tensor | None:
         """Receive one transfer, stamp it and ack it; returns the (maybe grown) scratch buffer, or None when the
         sender closed the connection between transfers."""
-        conn.settimeout(None)  # between transfers a pooled connection idles as long as its sender keeps it
+        # Between transfers a pooled connection idles while its sender keeps it (at most _IDLE_TTL_S): one idle
+        # much longer is left behind by its sender (gone, or its pool full), and holds one of the capped slots.
+        conn.settimeout(_RECEIVER_IDLE_S)
         raw = bytearray(wire.LAYER.size)
-        num_read = wire.recv_into(conn, memoryview(raw))
+        try:
+            num_read = wire.recv_into(conn, memoryview(raw))
+        except TimeoutError:
+            return None
         if num_read == 0:
             return None
         if num_read < wire.LAYER.size:
@@ -179,12 +191,14 @@ def _empty(num_bytes: int) -> torch.Tensor:
 
 
 class TcpSender(KVSender):
-    """Keeps idle connections per destination cache and reuses them; a connection that fails is closed, and a
-    reused one that fails is replaced once (rewriting the same blocks under the same epoch is harmless)."""
+    """Keeps idle connections per destination cache (at most _MAX_IDLE_PER_PEER, each for at most _IDLE_TTL_S) and
+    reuses them; a connection that fails is closed, and a reused one that fails is replaced once (rewriting the same
+    blocks under the same epoch is harmless)."""
 
     def __init__(self, model_id: str) -> None:
         self.model_id = model_id
-        self._idle: dict[tuple[str, str], list[socket.socket]] = {}  # (address, cache id) -> idle connections
+        # (address, cache id) -> idle connections, each with when it went idle (time.monotonic())
+        self._idle: dict[tuple[str, str], list[tuple[socket.socket, float]]] = {}
         self._lock = threading.Lock()  # guards _idle and _is_closed; each transfer holds its own connection
         self._is_closed = False
 
@@ -216,7 +230,7 @@ class TcpSender(KVSender):
         """Close the idle connections; those of transfers in flight close when they end."""
         with self._lock:
             self._is_closed = True
-            conns = [c for idle in self._idle.values() for c in idle]
+            conns = [c for idle in self._idle.values() for c, _ in idle]
             self._idle.clear()
         for conn in conns:
             conn.close()
@@ -243,8 +257,9 @@ class TcpSender(KVSender):
                     continue  # the pooled connection may have died while idle
                 raise
             with self._lock:
-                if not self._is_closed:
-                    self._idle.setdefault(key, []).append(conn)
+                idle = self._idle.setdefault(key, [])
+                if not self._is_closed and len(idle) < _MAX_IDLE_PER_PEER:
+                    idle.append((conn, time.monotonic()))
                     return layer_s
             conn.close()
             return layer_s
@@ -253,11 +268,26 @@ class TcpSender(KVSender):
     def _checkout(
         self, key: tuple[str, str], endpoint: KVEndpoint, local: KVLayoutSpec, deadline: Deadline
     ) -> tuple[socket.socket, bool]:
+        for conn in self._expire():
+            conn.close()
         with self._lock:
             idle = self._idle.get(key)
             if idle:
-                return idle.pop(), True
+                return idle.pop()[0], True
         return _connect(endpoint, local, deadline), False
+
+    def _expire(self) -> list[socket.socket]:
+        """Take out the connections idle past _IDLE_TTL_S (the newest are reused first: the oldest expire), and
+        the keys left empty (a decode replica that left is never asked for again)."""
+        oldest_kept = time.monotonic() - _IDLE_TTL_S
+        expired = []
+        with self._lock:
+            for key, idle in list(self._idle.items()):
+                expired += [conn for conn, since in idle if since < oldest_kept]
+                idle[:] = [(conn, since) for conn, since in idle if since >= oldest_kept]
+                if not idle:
+                    del self._idle[key]
+        return expired
 
 
 def _connect(endpoint: KVEndpoint, local: KVLayoutSpec, deadline: Deadline) -> socket.socket:
