@@ -413,3 +413,18 @@ def test_a_receiver_at_its_bound_with_every_pair_busy_keeps_the_new_one(receiver
         progress.layer_done(layer, [1])
     thread.join(timeout=10)
     assert_moved(src, rx.kv, busy)
+
+
+def test_the_gloo_rendezvous_listens_on_the_control_links_interface_only() -> None:
+    """The pair's TCPStore listened on every interface, whatever `kv_host` said: anyone reaching the node could
+    list and rewrite the pair's rendezvous keys (found in review). It listens where the control link does now."""
+    import json
+
+    rendezvous = GlooBackend().root("127.0.0.1", torch.device("cpu"))
+    port = f"{json.loads(rendezvous.unique_id)['port']:04X}"
+    listening = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            rows = [line.split() for line in f.read().splitlines()[1:]]
+        listening += [row[1] for row in rows if row[3] == "0A" and row[1].endswith(f":{port}")]
+    assert listening == [f"0100007F:{port}"], listening

@@ -6,7 +6,9 @@ address is the unique id."""
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import socket
 import threading
 from datetime import timedelta
 from typing import Any
@@ -36,8 +38,17 @@ class GlooBackend(Backend):
 class _GlooRendezvous(Rendezvous):
     def __init__(self, host: str) -> None:
         self._host = host
-        # Listens on every interface; the id names the address the peer already reached us by.
-        self._store = dist.TCPStore(host, 0, 2, is_master=True, wait_for_workers=False, timeout=_seconds(60))
+        # The store listens on the control link's interface only (`kv_host`): given its own port, TCPStore binds
+        # every interface, an open door to the pair's rendezvous keys. It takes over the socket (and closes it).
+        listener = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        port, fd = listener.getsockname()[1], listener.detach()
+        try:
+            self._store = dist.TCPStore(
+                host, port, 2, is_master=True, wait_for_workers=False, timeout=_seconds(60), master_listen_fd=fd
+            )
+        except BaseException:
+            os.close(fd)
+            raise
         self._prefix = secrets.token_hex(8)
         self.unique_id = json.dumps({"host": host, "port": self._store.port, "prefix": self._prefix})
 
