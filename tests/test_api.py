@@ -4,6 +4,7 @@ works, httpx for raw errors and disconnects. No Ray, no model; a real byte-level
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -828,3 +829,78 @@ def test_http_metrics_labels_stay_bounded_whatever_the_client_sends() -> None:
     text = metrics.render().decode()
     assert 'method="_OTHER",route="other",status="404"} 50.0' in text and 'route="/ready"' in text
     assert "X00001" not in text
+
+
+def test_a_client_gone_before_any_answer_is_counted_499_not_500(tokenizer: Any) -> None:
+    """Serve cancels the request's task when its HTTP client leaves: nothing was answered, and the request was
+    counted as a 500 (found in review), inflating the dashboard's 5xx ratio with clients' timeouts."""
+    backend = FakeBackend(tokenizer)
+    backend.reset(delay_s=0.5)
+    app = create_app(backend)
+    body = json.dumps({"model": "fake-model", "prompt": "hi", "max_tokens": 5}).encode()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+        "headers": [(b"host", b"x"), (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+        "client": ("127.0.0.1", 5), "server": ("x", 80),
+    }  # fmt: skip
+    sent: list[str] = []
+
+    async def main() -> None:
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(3600)
+            raise AssertionError
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message["type"])
+
+        task = asyncio.ensure_future(app(scope, receive, send))
+        await asyncio.sleep(0.2)
+        task.cancel()  # what Serve does when the client leaves
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    text = app.state.pdserve.metrics.render().decode()
+    assert not sent and 'status="499"} 1.0' in text and 'status="500"' not in text
+
+
+def test_an_error_reaches_the_request_span_before_the_response_ends_it() -> None:
+    """FastAPI ends the request's span as the response's last byte goes out: the error type and an error event's
+    status were set after that, and lost (found in review). They are set as the error goes out now."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    from pdserve.api.metrics import APIMetrics
+    from pdserve.api.middleware import HTTPMetrics
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    error_event = b'data: {"error": {"message": "down", "type": "server_error", "code": "service_unavailable"}}\n\n'
+
+    async def streaming_app(scope: Any, receive: Any, send: Any) -> None:  # a 200 stream that fails midway
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b'data: {"choices": []}\n\n', "more_body": True})
+        await send({"type": "http.response.body", "body": error_event, "more_body": False})
+
+    async def main() -> None:
+        with provider.get_tracer("t").start_as_current_span("POST /v1/completions", end_on_exit=False) as span:
+
+            async def send(message: dict[str, Any]) -> None:  # as FastAPI: the span ends with the last byte
+                if message["type"] == "http.response.body" and not message.get("more_body", False):
+                    span.end()
+
+            scope = {"type": "http", "method": "POST", "path": "/v1/completions", "root_path": ""}
+            await HTTPMetrics(streaming_app, APIMetrics())(scope, None, send)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    [span] = exporter.get_finished_spans()
+    assert (span.attributes or {}).get("error.type") == "service_unavailable"
+    assert span.status.status_code is StatusCode.ERROR

@@ -117,24 +117,25 @@ class HTTPMetrics:
             return
         start = time.perf_counter()
         span = trace.get_current_span()
-        status = 500
-        error_types: list[str] = []
+        status = 499  # nothing answered: the client left first (nginx's "client closed request"); UnhandledErrors,
+        error_types: list[str] = []  # inside this middleware, answers every failure (500)
 
         async def observing_send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
             elif message["type"] == "http.response.body":
-                error_types.extend(_error_types(message.get("body", b""), status))
+                found = _error_types(message.get("body", b""), status)
+                if found and not error_types:  # onto the span now: FastAPI ends it with the response's last byte
+                    span.set_attribute(names.ERROR_TYPE, found[0])
+                    if status < 400:
+                        span.set_status(Status(StatusCode.ERROR, "error event in the stream"))
+                error_types.extend(found)
             await send(message)
 
         try:
             await self.app(scope, receive, observing_send)
         finally:
-            if error_types:
-                span.set_attribute(names.ERROR_TYPE, error_types[0])
-                if status < 400:
-                    span.set_status(Status(StatusCode.ERROR, "error event in the stream"))
             seconds = time.perf_counter() - start
             self.metrics.observe(scope.get("method", ""), get_route_path(scope), status, seconds, error_types)
 
