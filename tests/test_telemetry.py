@@ -204,3 +204,15 @@ def test_metrics_parse_and_count_the_traffic(traced) -> None:  # type: ignore[no
     ratio = count("pdserve_prompt_tokens_cached_total") / count("pdserve_prompt_tokens_total")
     assert count("pdserve_prefix_cache_hit_ratio") == pytest.approx(ratio)
     assert count("pdserve_kv_transfer_seconds_total", role="prefill") > 0
+
+
+def test_a_request_with_several_choices_carries_their_usage_on_its_span(traced) -> None:  # type: ignore[no-untyped-def]
+    """With n > 1 the request's span had no output tokens nor finish reasons (found in review)."""
+    served, _, receiver = traced
+    out = client(served).completions.create(
+        model="tiny", prompt=PROMPT[1:], max_tokens=3, temperature=0, n=2, extra_body={"ignore_eos": True}
+    )
+    spans = receiver.wait_for(lambda got: any(s.kind == SERVER for s in trace_of(got, out.id)))
+    http = by_name(trace_of(spans, out.id))["http"]
+    assert out.usage is not None and http.attributes[names.GEN_AI_OUTPUT_TOKENS] == out.usage.completion_tokens == 6
+    assert http.attributes[names.GEN_AI_FINISH_REASONS] == ["length", "length"]

@@ -299,6 +299,7 @@ async def _serve_choices(
     if pieces is None:
         return Response(status_code=499)
     usage = total_usage(generations)
+    trace.get_current_span().set_attributes(usage_attributes(*generations))
     # Each format once: a format is spent by its choice (a completion's echo goes out once, its text offsets move on).
     bodies = [f.whole(p, usage) for f, p in zip(fmts, pieces, strict=True)]
     whole = bodies[0]

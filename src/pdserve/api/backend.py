@@ -11,7 +11,7 @@ traceback, no internal address. Anything else is a bug answered with a generic 5
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 # A token's log-probability and its top alternatives: (logprob, ((token_id, logprob), ...)), most likely first
@@ -40,6 +40,14 @@ class GenerationRequest:
     repetition_penalty: float = 1.0
     cache_salt: str | None = None  # tenants that must not share prefix-cache blocks
     traceparent: str | None = None  # W3C trace context of the HTTP request, carried across every hop
+    # How the API ended the request itself, closing the backend's stream (a stop string matched): the backend then
+    # counts it as finished, not as a client gone. Each request its own (never copied by `dataclasses.replace`).
+    ended_by_api: RequestEnd = field(default_factory=lambda: RequestEnd(), init=False, compare=False, repr=False)
+
+
+@dataclass
+class RequestEnd:
+    finish_reason: str | None = None  # set before the API closes the stream
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,8 @@ class Generation:
             self.finish_reason = delta.finish_reason
         if self.detokenizer.is_stopped:
             self.finish_reason = "stop"  # a stop string matched, whatever ended the backend's stream
+            if delta.finish_reason is None:  # the API ends it: the backend sees its stream closed, told why here
+                self.request.ended_by_api.finish_reason = "stop"
         return self._piece(text) if text or self.is_finished else None
 
     def whole(self) -> Piece:
@@ -202,10 +204,11 @@ def _closed(deltas: AsyncIterator[GenerationDelta], closing: asyncio.Task[None])
         logger.error("closing a backend stream failed", exc_info=error)
 
 
-def usage_attributes(generation: Generation) -> dict[str, AttributeValue]:
-    """What the response carried, once it is complete."""
+def usage_attributes(*generations: Generation) -> dict[str, AttributeValue]:
+    """What the response carried, once it is complete: every choice's tokens, each choice's finish reason, the
+    prompt's cache hit (the first choice's: the others reuse its blocks)."""
     return {
-        names.GEN_AI_OUTPUT_TOKENS: len(generation.token_ids),
-        names.GEN_AI_FINISH_REASONS: [generation.finish_reason or "unknown"],
-        names.CACHED_TOKENS: generation.num_cached_tokens,
+        names.GEN_AI_OUTPUT_TOKENS: sum(len(g.token_ids) for g in generations),
+        names.GEN_AI_FINISH_REASONS: [g.finish_reason or "unknown" for g in generations],
+        names.CACHED_TOKENS: generations[0].num_cached_tokens,
     }

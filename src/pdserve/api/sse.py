@@ -121,6 +121,7 @@ async def choice_events(
             if generations[i].is_finished:
                 running.discard(i)
                 await streams.close(i)
+        trace.get_current_span().set_attributes(usage_attributes(*generations))  # the request's span
         if include_usage:
             yield sse_event(fmts[0].usage_chunk(total_usage(generations)))
     except Exception as e:

@@ -104,6 +104,7 @@ class Ingress:
             try:  # from admission on, whatever happens ends its count and the router's
                 start = time.perf_counter()
                 first_at: float | None = None
+                is_observed = False  # the request's end is counted
                 num_tokens = 0
                 if self.engine is not None:
                     outputs = colocated_generate(engine_request, self.engine, self.channels)
@@ -125,8 +126,11 @@ class Ingress:
                         num_tokens += len(out.new_token_ids)
                         if out.finish_reason is not None:
                             self._observe_end(first_at, num_tokens, out.finish_reason.value)
+                            is_observed = True
                         yield to_delta(out)
             finally:
+                if not is_observed and (reason := request.ended_by_api.finish_reason) is not None:
+                    self._observe_end(first_at, num_tokens, reason)  # a stop string: the API closed the stream
                 # A prefill whose client left runs on to its end: until then it is still its replica's load, and
                 # still holds its share of the admission budget.
                 running = [task for task in abandoned if not task.done()]
@@ -197,7 +201,7 @@ class Ingress:
     def _observe_end(self, first_at: float | None, num_tokens: int, finish_reason: str) -> None:
         self.metrics.requests.labels(self.mode, finish_reason).inc()
         self.metrics.generation_tokens.labels(self.mode).inc(num_tokens)
-        if first_at is not None and num_tokens > 1:
+        if first_at is not None and num_tokens > 1 and finish_reason != "abort":  # an abort is no stream's pace
             self.metrics.tpot.labels(self.mode).observe((time.perf_counter() - first_at) / (num_tokens - 1))
 
     def _resize_admission(self, stats: list[ReplicaStats]) -> None:

@@ -1,0 +1,110 @@
+"""The ingress's request metrics (vLLM's names) through the real API and `Ingress.generate` over a scripted engine,
+without Ray: a request the API ends itself (a stop string) is a finished request like any other."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pdserve.api import create_app
+from pdserve.engine import RequestOutput
+from pdserve.engine.request import FinishReason
+from pdserve.router.admission import Admission
+from pdserve.serve.ingress import Ingress
+from pdserve.serve.ingress_router import RouterCollector
+from pdserve.serve.metrics import IngressMetrics
+from test_api import EOS_ID, TEXT, serve
+
+
+class _Engine:
+    """A colocated engine handle whose every request streams the same script, a token per output."""
+
+    def __init__(self, script: list[int]) -> None:
+        self.script = script
+        self.generate = self
+
+    def options(self, **_: Any) -> _Engine:
+        return self
+
+    def remote(self, request: Any, **_: Any) -> _Stream:
+        return _Stream(request, self.script[: request.sampling.max_tokens])
+
+
+class _Stream:
+    """A streaming call's response, as far as the ingress uses it: iterated, or cancelled."""
+
+    def __init__(self, request: Any, script: list[int]) -> None:
+        self.request, self.script = request, script
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._outputs()
+
+    async def _outputs(self) -> AsyncIterator[RequestOutput]:
+        for i, token in enumerate(self.script):
+            await asyncio.sleep(0.001)
+            reason = None if i + 1 < len(self.script) else FinishReason.STOP if token == EOS_ID else FinishReason.LENGTH
+            yield RequestOutput(self.request.request_id, [token], None, reason, len(self.request.prompt_token_ids), 0)
+
+    def cancel(self) -> None:
+        pass
+
+
+class _Ingress:
+    """What `Ingress.generate` and the API read of a colocated ingress replica, with its real metrics."""
+
+    generate = Ingress.generate
+    render_metrics = Ingress.render_metrics
+    _admit, _finish = Ingress._admit, Ingress._finish
+    _observe_first, _observe_end = Ingress._observe_first, Ingress._observe_end
+    router = channels = prefill = decode = None
+    model_name, model_names, max_model_len, eos_token_ids = "fake-model", ("fake-model",), 128, (EOS_ID,)
+    mode = "colocated"
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.engine = _Engine([*tokenizer(TEXT, add_special_tokens=False)["input_ids"], EOS_ID])
+        self.admission = Admission(1 << 30)
+        self.metrics = IngressMetrics(RouterCollector(None, self.admission))
+
+    async def is_healthy(self) -> bool:
+        return True
+
+    async def is_ready(self) -> bool:
+        return True
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tiny_models import build_tokenizer
+
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def _samples(ingress: _Ingress) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = ingress.render_metrics()[0].decode()
+    return {
+        (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k not in ("ingress", "mode")))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_ended_by_its_stop_string_counts_as_finished(tokenizer: Any, stream: bool) -> None:
+    """A stop string ends a request in the API, which closes the backend's stream: the ingress took that for a
+    client gone and counted no success, no TPOT and no generated tokens (found in review)."""
+    ingress = _Ingress(tokenizer)
+    with serve(create_app(ingress)) as url:  # type: ignore[arg-type]
+        body = {"model": "fake-model", "prompt": "hi", "max_tokens": 40, "stream": stream, "stop": ["fox"]}
+        answer = httpx.post(f"{url}/v1/completions", json=body, timeout=20)
+        assert answer.status_code == 200 and '"finish_reason":"stop"' in answer.text.replace(" ", "")
+    got = _samples(ingress)
+    assert got[("pdserve_request_success_total", (("finished_reason", "stop"),))] == 1
+    assert got[("pdserve_request_time_per_output_token_seconds_count", ())] == 1
+    assert got[("pdserve_time_to_first_token_seconds_count", ())] == 1
+    assert got[("pdserve_generation_tokens_total", ())] > 0
