@@ -27,26 +27,27 @@ class _Engine:
     def __init__(self, script: list[int]) -> None:
         self.script = script
         self.generate = self
+        self.delay_s = 0.001  # per output
 
     def options(self, **_: Any) -> _Engine:
         return self
 
     def remote(self, request: Any, **_: Any) -> _Stream:
-        return _Stream(request, self.script[: request.sampling.max_tokens])
+        return _Stream(request, self.script[: request.sampling.max_tokens], self.delay_s)
 
 
 class _Stream:
     """A streaming call's response, as far as the ingress uses it: iterated, or cancelled."""
 
-    def __init__(self, request: Any, script: list[int]) -> None:
-        self.request, self.script = request, script
+    def __init__(self, request: Any, script: list[int], delay_s: float) -> None:
+        self.request, self.script, self.delay_s = request, script, delay_s
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self._outputs()
 
     async def _outputs(self) -> AsyncIterator[RequestOutput]:
         for i, token in enumerate(self.script):
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(self.delay_s)
             reason = None if i + 1 < len(self.script) else FinishReason.STOP if token == EOS_ID else FinishReason.LENGTH
             yield RequestOutput(self.request.request_id, [token], None, reason, len(self.request.prompt_token_ids), 0)
 
@@ -108,3 +109,17 @@ def test_a_request_ended_by_its_stop_string_counts_as_finished(tokenizer: Any, s
     assert got[("pdserve_request_time_per_output_token_seconds_count", ())] == 1
     assert got[("pdserve_time_to_first_token_seconds_count", ())] == 1
     assert got[("pdserve_generation_tokens_total", ())] > 0
+
+
+def test_the_ttft_of_every_choice_counts_from_the_requests_arrival(tokenizer: Any) -> None:
+    """With n > 1 the other choices start after the first choice's first token, so their TTFT, measured from their
+    own start, left out the wait their client had (found in review: 0.3 s steps, first tokens seen at 0.37 and 0.67
+    s, TTFTs recorded 0.3 each)."""
+    ingress = _Ingress(tokenizer)
+    ingress.engine.delay_s = 0.2
+    with serve(create_app(ingress)) as url:  # type: ignore[arg-type]
+        body = {"model": "fake-model", "prompt": "hi", "max_tokens": 2, "n": 3}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=20).status_code == 200
+    got = _samples(ingress)
+    assert got[("pdserve_time_to_first_token_seconds_count", ())] == 3
+    assert got[("pdserve_time_to_first_token_seconds_sum", ())] >= 0.2 + 2 * 0.4 - 0.05  # 0.6 before

@@ -40,6 +40,9 @@ class GenerationRequest:
     repetition_penalty: float = 1.0
     cache_salt: str | None = None  # tenants that must not share prefix-cache blocks
     traceparent: str | None = None  # W3C trace context of the HTTP request, carried across every hop
+    # time.perf_counter() when the API took the request (TTFT counts from it: a choice of n > 1 starts after the
+    # first choice's first token, yet its client waited from the start); None: from the backend's call
+    arrived_at: float | None = field(default=None, compare=False)
     # How the API ended the request itself, closing the backend's stream (a stop string matched): the backend then
     # counts it as finished, not as a client gone. Each request its own (never copied by `dataclasses.replace`).
     ended_by_api: RequestEnd = field(default_factory=lambda: RequestEnd(), init=False, compare=False, repr=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -297,4 +298,5 @@ def generation_request(
         repetition_penalty=body.repetition_penalty,
         cache_salt=cache_salt,
         traceparent=traceparent,
+        arrived_at=time.perf_counter(),
     )

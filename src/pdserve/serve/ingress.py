@@ -102,7 +102,7 @@ class Ingress:
             self._admit(engine_request)
             abandoned: list[asyncio.Task[Any]] = []  # a handoff its client left, still running on a prefill replica
             try:  # from admission on, whatever happens ends its count and the router's
-                start = time.perf_counter()
+                start = request.arrived_at if request.arrived_at is not None else time.perf_counter()
                 first_at: float | None = None
                 is_observed = False  # the request's end is counted
                 num_tokens = 0
