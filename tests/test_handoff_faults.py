@@ -746,3 +746,40 @@ def test_the_routers_counts_follow_a_request_to_where_its_work_went(
         cluster.close()
 
     asyncio.run(main())
+
+
+def test_a_replica_span_ends_when_its_call_closes_right_after_the_channels_stream_start(
+    serve_config: ServeConfig, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an output channel a replica's call yields StreamStart before it starts the engine's stream: closed right
+    there, the generators that end its span never started, and the span was never ended nor exported (found in
+    review)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(replicas, "start_span", lambda name, *_: provider.get_tracer("t").start_span(name))
+
+    async def main() -> None:
+        cluster = Cluster(serve_config, str(tiny_models["llama"]))
+        server = cluster.add("decode").server
+        try:
+            channel = server.outputs("ingress-1")
+            opened = asyncio.ensure_future(anext(channel))  # the ingress's channel, open on this replica
+            await asyncio.sleep(0.05)
+            call = server.generate(EngineRequest("r", tuple(range(5, 20)), greedy(4)), channel_id="ingress-1")
+            first = await anext(call)
+            await call.aclose()  # the call closed right after its StreamStart
+            opened.cancel()
+            await channel.aclose()
+            assert type(first).__name__ == "StreamStart" and first.is_channeled
+            [span] = exporter.get_finished_spans()
+            assert (span.attributes or {}).get("error.type") == "cancelled"
+            await _settle(0, cluster, None)
+        finally:
+            cluster.close()
+
+    asyncio.run(main())

@@ -36,7 +36,7 @@ from pdserve.serve.cluster_store import replica_tracing_env, shared_kv_secret
 from pdserve.serve.config import ServeConfig
 from pdserve.serve.messages import ModelInfo, PrefillResult, ReplicaStats, ReplicaSync, Reservation
 from pdserve.serve.process import pin_process, set_niceness
-from pdserve.serve.spans import prompt_attributes, record_transfer, traced_outputs
+from pdserve.serve.spans import end_unended, prompt_attributes, record_transfer, traced_outputs
 from pdserve.telemetry import child_span, configure_tracing, flush, names, record_error, span_in, start_span
 from pdserve.transfer import (
     Deadline,
@@ -172,9 +172,12 @@ class _EngineReplica:
         self._check_pinned(target_replica_id)
         span = start_span(names.SPAN_GENERATE, request.traceparent, self._span_attributes(request))
         relayed = self.channels.relay(channel_id, self._first_counted(span, self.engine.generate(request)))
-        async with aclosing(relayed) as items:  # closed at once when Serve closes this: the engine aborts then
-            async for item in items:
-                yield item
+        try:
+            async with aclosing(relayed) as items:  # closed at once when Serve closes this: the engine aborts then
+                async for item in items:
+                    yield item
+        finally:
+            end_unended(span)
 
     async def _first_counted(
         self, span: Span, outputs: AsyncGenerator[RequestOutput, None]
@@ -449,6 +452,8 @@ class DecodeServer(_EngineReplica):
         except ValueError:  # not committed (its KV incomplete: a writer may be mid-layer): fenced, then freed
             self.engine.abort(request_id, may_be_written=True, is_writer_stopped=is_writer_stopped)
             raise
+        finally:
+            end_unended(span)
 
     def __del__(self) -> None:
         """Serve calls this at replica shutdown: stop receiving and remove the shared-memory KV files."""

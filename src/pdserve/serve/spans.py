@@ -69,6 +69,14 @@ def route_attributes(decision: RouteDecision | None, policy: str) -> dict[str, A
     }
 
 
+def end_unended(span: Span) -> None:
+    """End `span` if its `traced_outputs` never ran: a stream closed before its first item (a call cancelled just
+    after its channel's StreamStart) never starts the generators inside it, whose `finally` would have ended it."""
+    if span.is_recording():
+        span.set_attribute(names.ERROR_TYPE, "cancelled")
+        span.end()
+
+
 async def traced_outputs(
     span: Span, outputs: AsyncGenerator[RequestOutput, None]
 ) -> AsyncGenerator[RequestOutput, None]:
