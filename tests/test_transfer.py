@@ -29,6 +29,7 @@ from pdserve.transfer import (
     TcpSender,
     TransferError,
     TransferSpec,
+    TransferStats,
     choose_transport,
     layout_spec,
     make_receiver,
@@ -378,6 +379,10 @@ def test_layer_pipelined_send_waits_for_each_layer(peers: Peers, sender_cls: typ
         progress.layer_done(layer, [0, 1])
     thread.join(timeout=10)
     assert_moved(src, dst, spec, before)
+    # Its time counts the waits for each layer's compute; the transport's own time (metrics' GB/s) does not.
+    [stats] = result
+    assert isinstance(stats, TransferStats) and stats.seconds >= 0.05 * src.layout.num_layers
+    assert stats.sending_s < 0.05 and len(stats.layer_seconds) == src.layout.num_layers
 
 
 def test_layer_pipelined_send_fails_cleanly(peers: Peers) -> None:

@@ -314,7 +314,7 @@ class PrefillServer(_EngineReplica):
                     await self.engine.release(request.request_id)
         self.transfer_bytes += stats.num_bytes
         self.transfer_blocks += stats.num_blocks
-        self.transfer_s += stats.seconds
+        self.transfer_s += stats.sending_s  # the transport's time (a pipelined push also waits for the compute)
         return PrefillResult(
             first_token_id=first.new_token_ids[0],
             first_logprob=first.new_logprobs[0] if first.new_logprobs else None,

@@ -35,8 +35,8 @@ def record_transfer(span: Span, stats: TransferStats) -> None:
             names.TRANSPORT: stats.transport,
             names.TRANSFER_BLOCKS: stats.num_blocks,
             names.TRANSFER_BYTES: stats.num_bytes,
-            names.TRANSFER_S: stats.seconds,
-            names.TRANSFER_GBPS: stats.num_bytes / stats.seconds / 1e9 if stats.seconds > 0 else 0.0,
+            names.TRANSFER_S: stats.seconds,  # from the push's start: with a pipelined push, the prefill's waits too
+            names.TRANSFER_GBPS: stats.num_bytes / stats.sending_s / 1e9 if stats.sending_s > 0 else 0.0,
         }
     )
     for layer, seconds in enumerate(stats.layer_seconds):

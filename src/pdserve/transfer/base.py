@@ -147,6 +147,12 @@ class TransferStats:
     transport: str  # "shm" | "tcp" | "cuda_ipc"
     layer_seconds: tuple[float, ...] = ()  # time each layer took to go out, in order
 
+    @property
+    def sending_s(self) -> float:
+        """Time spent moving bytes: the layers' own times. `seconds` also counts, in a layer-pipelined push, the
+        waits for each layer's compute — the prefill's pace, not the transport's."""
+        return sum(self.layer_seconds) if self.layer_seconds else self.seconds
+
 
 class KVSender(ABC):
     """Prefill side: writes blocks into reserved blocks of a decode replica."""
