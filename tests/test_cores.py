@@ -266,3 +266,18 @@ def test_lending_needs_both_pools_pinned_and_lends_the_other_pools_cores() -> No
     assert (config.lendable_cores("prefill"), config.lendable_cores("decode")) == ([2, 3], [0])
     assert config.lendable_cores("ingress") == []
     assert ServeConfig(prefill={"cpus": [0]}, decode={"cpus": [1]}).lendable_cores("decode") == []
+
+
+def test_pin_threads_pins_nothing_unless_the_team_is_one_thread_per_core() -> None:
+    """A team smaller than the cores listed (the runtime granted fewer threads: OMP_THREAD_LIMIT, OMP_DYNAMIC) handed
+    a thread another's index, and it was pinned to that core (found in review): nothing is pinned now."""
+    pin = native.pin_threads_op()
+    if pin is None:
+        pytest.skip("no native kernels here")
+    cpu = min(os.sched_getaffinity(0))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert pin([cpu, cpu, cpu]) == 0
+    finally:
+        torch.set_num_threads(threads)

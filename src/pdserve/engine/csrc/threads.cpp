@@ -18,9 +18,12 @@ namespace {
 // Returns the threads pinned (fewer when the runtime ran fewer threads, or a core is not allowed).
 int64_t pin_threads(std::vector<int64_t> cpus) {
   const int64_t n = static_cast<int64_t>(cpus.size());
+  if (at::get_num_threads() != n) return 0;  // the team is not one thread per core: pin nothing
   std::atomic<int64_t> pinned{0};
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    if (end - begin != 1) return;  // not one index per thread: pin nothing rather than the wrong thread
+    // One index per thread, its own: a smaller team than asked (OMP_THREAD_LIMIT, OMP_DYNAMIC) would hand a
+    // thread another's index — pin nothing rather than the wrong thread.
+    if (end - begin != 1 || at::get_thread_num() != begin) return;
     cpu_set_t set;
     CPU_ZERO(&set);
     CPU_SET(static_cast<int>(cpus[begin]), &set);

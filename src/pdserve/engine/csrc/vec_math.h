@@ -33,7 +33,8 @@ inline float pow2(int32_t n) {  // 2^n for n in [-126, 128] (128: the exponent f
 inline float exp_nonpos(float x) {
   float n;
   const float p = exp_reduced(std::max(x, -87.0f), n);
-  return p * pow2(static_cast<int32_t>(n));
+  // n is NaN when x is (p is then NaN too): clamped before the cast, which is undefined for NaN
+  return p * pow2(static_cast<int32_t>(std::fmin(std::fmax(n, -126.0f), 128.0f)));
 }
 
 // exp(x) for x >= 0, overflowing to inf past log(FLT_MAX) as IEEE expf does: 2^n applied as 2^(n-1) * 2 so that
@@ -41,7 +42,7 @@ inline float exp_nonpos(float x) {
 inline float exp_nonneg(float x) {
   float n;
   const float p = exp_reduced(std::min(x, 89.0f), n);
-  return p * pow2(static_cast<int32_t>(n) - 1) * 2.0f;
+  return p * pow2(static_cast<int32_t>(std::fmin(std::fmax(n, 0.0f), 128.0f)) - 1) * 2.0f;  // NaN: as above
 }
 
 // bf16 <-> float as bits, branch-free (c10::BFloat16's rounding branches on NaN, which keeps loops scalar): round to
