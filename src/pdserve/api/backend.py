@@ -18,6 +18,11 @@ from typing import Any, Protocol
 TokenLogprob = tuple[float, tuple[tuple[int, float], ...]]
 
 
+@dataclass
+class RequestEnd:
+    finish_reason: str | None = None  # set before the API closes the stream
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
@@ -45,12 +50,7 @@ class GenerationRequest:
     arrived_at: float | None = field(default=None, compare=False)
     # How the API ended the request itself, closing the backend's stream (a stop string matched): the backend then
     # counts it as finished, not as a client gone. Each request its own (never copied by `dataclasses.replace`).
-    ended_by_api: RequestEnd = field(default_factory=lambda: RequestEnd(), init=False, compare=False, repr=False)
-
-
-@dataclass
-class RequestEnd:
-    finish_reason: str | None = None  # set before the API closes the stream
+    ended_by_api: RequestEnd = field(default_factory=RequestEnd, init=False, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
