@@ -376,6 +376,22 @@ def test_replicas_run_level_with_ordinary_processes(apps) -> None:  # type: igno
     assert niceness("ProxyActor") == {0}
 
 
+def test_ingress_replicas_never_load_torch(apps) -> None:  # type: ignore[no-untyped-def]
+    """The ingress tokenizes, routes and streams without torch (its tokenizer's class comes from an engine replica:
+    api/intake.py): no ingress replica maps libtorch, after serving every test above; the engine replicas do."""
+
+    def torch_mapped(role: str) -> dict[int, bool]:
+        processes = [
+            p for p in psutil.process_iter(["cmdline"])
+            if any(re.search(rf"ServeReplica:(disagg|colocated):{role}\b", arg) for arg in p.info["cmdline"] or [])
+        ]  # fmt: skip
+        assert processes, role
+        return {p.pid: any("libtorch" in m.path for m in p.memory_maps()) for p in processes}
+
+    assert not any(torch_mapped("Ingress").values())
+    assert all(torch_mapped("EngineServer").values()) and all(torch_mapped("DecodeServer").values())
+
+
 def test_n_choices_top_logprobs_and_echo_match_transformers(apps, reference, tokenizer) -> None:  # type: ignore[no-untyped-def]
     """Through the official client, in both modes: n=3 greedy choices are identical and exact; top_logprobs=5 and
     an echoed prompt's logprobs (what evaluation harnesses score with) equal transformers' log-softmax to 1e-4."""

@@ -184,6 +184,27 @@ def sampling_defaults(model_dir: str | Path, source: str = "auto") -> dict[str, 
     return {ours: config[theirs] for theirs, ours in _GENERATION_DEFAULTS.items() if config.get(theirs) is not None}
 
 
+def tokenizer_class(model_dir: str | Path) -> str:
+    """The name of the class `AutoTokenizer` loads the model's tokenizer with (an engine replica, which holds
+    transformers' Auto machinery and torch anyway, names it for the ingress: `load_tokenizer`)."""
+    from transformers import AutoTokenizer
+
+    return type(AutoTokenizer.from_pretrained(model_dir)).__name__
+
+
+def load_tokenizer(model_dir: str | Path, class_name: str | None) -> Any:
+    """The model's tokenizer, as `AutoTokenizer` loads it: through its class `class_name` (`tokenizer_class`), which
+    keeps transformers' Auto machinery, and torch under it, out of the ingress (~180 MB and ~3 s of CPU per
+    replica). Without a name, or with one transformers does not export (a tokenizer of the model's own code),
+    through `AutoTokenizer`."""
+    import transformers
+
+    cls = getattr(transformers, class_name, None) if class_name else None
+    if cls is None:
+        return transformers.AutoTokenizer.from_pretrained(model_dir)
+    return cls.from_pretrained(model_dir)
+
+
 def read_chat_template(template: str | None) -> str | None:
     """vLLM's --chat-template: a file holding the Jinja template, or the template itself."""
     if template is None:

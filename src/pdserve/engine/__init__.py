@@ -1,6 +1,8 @@
-"""One replica's inference engine. Knows nothing about Ray or HTTP."""
+"""One replica's inference engine. Knows nothing about Ray or HTTP. `LLMEngine` (torch) is imported on first use:
+the ingress and the router use the request types alone."""
 
-from pdserve.engine.engine import LLMEngine
+from typing import TYPE_CHECKING
+
 from pdserve.engine.request import (
     EngineRequest,
     EngineStats,
@@ -11,6 +13,12 @@ from pdserve.engine.request import (
     RequestOutput,
     SamplingParams,
 )
+from pdserve.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from pdserve.engine.engine import LLMEngine
+
+__getattr__ = lazy_exports(__name__, {"LLMEngine": "pdserve.engine.engine"})
 
 __all__ = [
     "EngineRequest",

@@ -14,11 +14,10 @@ from typing import Any
 from opentelemetry import trace
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from transformers import AutoTokenizer
 
 from pdserve.api import create_app
 from pdserve.api.backend import CapacityError, GenerationDelta, GenerationRequest
-from pdserve.api.intake import read_chat_template, sampling_defaults
+from pdserve.api.intake import load_tokenizer, read_chat_template, sampling_defaults
 from pdserve.engine import EngineRequest, RequestOutput, SamplingParams
 from pdserve.router import RouteDecision
 from pdserve.router.admission import Admission
@@ -59,10 +58,10 @@ class Ingress:
         self.prefill, self.decode, self.engine = prefill, decode, engine
         self.mode = "colocated" if engine is not None else "disaggregated"
         model_path = config.model_dir(model_path)  # this node's copy (a hub id resolves again on another node)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        info: ModelInfo = await self._any_engine().model_info.remote()
+        self.tokenizer = load_tokenizer(model_path, info.tokenizer_class)
         self.chat_template = read_chat_template(getattr(config, "chat_template", None))
         self.sampling_defaults = sampling_defaults(model_path, getattr(config, "generation_config", "auto"))
-        info: ModelInfo = await self._any_engine().model_info.remote()
         # The first served name is the one responses carry; any of them is accepted. Without one: a local
         # directory's name, or the hub id / built-in name as given.
         given = config.model or DEFAULT_MODEL_NAME

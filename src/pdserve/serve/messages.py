@@ -50,6 +50,7 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...]
     block_size: int
     kv_bytes_per_token: int
+    tokenizer_class: str | None = None  # the class AutoTokenizer loads the tokenizer with (api/intake.py)
 
 
 @dataclass(frozen=True)

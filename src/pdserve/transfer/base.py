@@ -17,10 +17,12 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch and the KV tensors are imported where used: the ingress imports this module, not them
+    import torch
 
-from pdserve.kvcache import KVCache, KVLayout
+    from pdserve.kvcache import KVCache, KVLayout
 
 TRANSPORTS = ("shm", "tcp", "gloo", "nccl", "cuda_ipc")
 GPU_TRANSPORTS = ("nccl", "cuda_ipc")  # the others move host memory
@@ -101,6 +103,10 @@ class KVEndpoint:
 
     def layout(self) -> KVLayout:
         """The destination cache's layout."""
+        import torch
+
+        from pdserve.kvcache import KVLayout
+
         s = self.spec
         return KVLayout(
             s.num_layers, self.num_blocks, s.block_size, s.num_kv_heads, s.head_dim, getattr(torch, s.dtype)
@@ -257,6 +263,8 @@ class LayerProgress:
 
     def layer_done(self, layer: int, block_ids: Sequence[int]) -> None:
         if self._device is not None:
+            import torch  # loaded: a CUDA device was given
+
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self._device))
             self._events.append(event)  # before the layer counts as done: a waiter finds it

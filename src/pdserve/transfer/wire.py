@@ -35,9 +35,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
+if TYPE_CHECKING:  # imported where used: the ingress imports this module (the cluster's secret), not torch
+    import torch
 
 from pdserve.transfer.base import Deadline, KVLayoutSpec, TransferError, check_compatible
 
@@ -245,6 +246,8 @@ def send_reply(conn: socket.socket, problem: str) -> None:
 
 def as_bytes(t: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous tensor, any dtype (bf16 included), without a copy."""
+    import torch
+
     assert t.is_contiguous()
     return t.reshape(-1).view(torch.uint8).numpy().data
 
