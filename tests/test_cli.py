@@ -150,6 +150,63 @@ def test_bad_values_are_named_by_their_flag(capsys: pytest.CaptureFixture[str]) 
         assert exit_info.value.code == 2 and said in capsys.readouterr().err
 
 
+def test_configs_that_serve_would_refuse_fail_at_validation() -> None:
+    """Refused when the config is read, before any model download or Ray start (each used to pass, then fail in
+    `build_app`, a replica's start or `run_server`): a pool of 0 replicas that no planner sizes, a negative core,
+    half a TLS pair."""
+    from pydantic import ValidationError
+
+    for fields, said in (
+        ({"prefill": {"num_replicas": 0}}, "prefill.num_replicas"),
+        ({"decode": {"num_replicas": 0}}, "decode.num_replicas"),
+        ({"colocated": True, "engine": {"num_replicas": 0}}, "engine.num_replicas"),
+        ({"ingress": {"num_replicas": 0}}, "ingress.num_replicas"),
+        ({"decode": {"cpus": [0, -1]}}, "greater than or equal to 0"),
+        ({"ssl_keyfile": "key.pem"}, "both ssl_keyfile and ssl_certfile"),
+    ):
+        with pytest.raises(ValidationError, match=re.escape(said)):
+            ServeConfig(**fields)
+    ServeConfig(colocated=True, prefill={"num_replicas": 0})  # a pool this mode does not use
+    ServeConfig(  # the planner sizes these pools: they may start at their minimum, 0
+        autoscaling={"enabled": True}, prefill={"num_replicas": 0, "min_replicas": 0}, decode={"num_replicas": 1}
+    )
+
+
+def test_pinning_to_cores_this_process_cannot_use_is_an_error() -> None:
+    """Cores this node lacks (or outside its cpuset): pinning failed silently, and the replica ran anywhere."""
+    from pdserve.serve.process import pin_process
+
+    before = os.sched_getaffinity(0)
+    with pytest.raises(ValueError, match="cannot pin to cores"):
+        pin_process([4096])
+    assert os.sched_getaffinity(0) == before
+
+
+def test_serve_waits_for_a_slow_deploy_and_reports_a_failed_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The autoscaled path polls the application's status with no deadline (Ray's blocking deploy gave up after
+    60 s, shorter than a large model's load), and a failed deploy is an error naming Serve's message."""
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    from pdserve import cli
+
+    answers = iter([None, ApplicationStatus.DEPLOYING, ApplicationStatus.DEPLOYING, ApplicationStatus.RUNNING])
+    polls: list[object] = []
+
+    def status() -> object:
+        polls.append(state := next(answers))
+        apps = {} if state is None else {"pdserve": types.SimpleNamespace(status=state, message="boom")}
+        return types.SimpleNamespace(applications=apps)
+
+    monkeypatch.setattr(serve, "status", status)
+    monkeypatch.setattr(cli.time, "sleep", lambda _s: None)
+    cli._wait_until_running("pdserve")
+    assert polls[-1] == ApplicationStatus.RUNNING and len(polls) == 4
+    answers = iter([ApplicationStatus.DEPLOYING, ApplicationStatus.DEPLOY_FAILED])
+    with pytest.raises(RuntimeError, match="failed to deploy: boom"):
+        cli._wait_until_running("pdserve")
+
+
 # ---- models from the Hugging Face cache ----
 
 

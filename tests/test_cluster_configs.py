@@ -325,8 +325,9 @@ def test_autoscale_file_names_the_planner_with_the_settings_of_its_args() -> Non
     assert config.autoscaling.enabled and not config.colocated
     policy = app["autoscaling_policy"]
     assert import_attr(policy["policy_function"].replace(":", ".")) is PoolPlanner
-    # the policy's kwargs are the args' autoscaling settings: one cannot drift from the other
-    assert policy["policy_kwargs"] == {k: v for k, v in app["args"]["autoscaling"].items() if k != "enabled"}
+    # the policy's kwargs are what `pdserve serve` passes for these args (it had only the SLO settings: the planner
+    # assumed 64 sequences per decode replica where the engines take 256): one cannot drift from the other
+    assert policy["policy_kwargs"] == config.planner_kwargs()
     planner = PoolPlanner(**policy["policy_kwargs"]).planner.config
     assert (planner.ttft_slo_s, planner.tpot_slo_s) == (config.autoscaling.ttft_slo_s, config.autoscaling.tpot_slo_s)
 

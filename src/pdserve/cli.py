@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -189,7 +190,12 @@ def run_server(config: ServeConfig, address: str | None, model_path: str | None 
 
         client = _get_global_client()
         assert client is not None  # serve.start made it
-        client.deploy_apps(ServeDeploySchema(applications=[deploy_application(config)]), _blocking=True)
+        others = sorted(set(serve.status().applications) - {"pdserve"})
+        if others:  # a deploy config is the cluster's whole list of applications
+            raise ValueError(f"autoscaling deploys a Serve config, which would delete this cluster's {others}")
+        # Not `_blocking`: it gives up after 60 s, and a model's load and first kernel build can take longer.
+        client.deploy_apps(ServeDeploySchema(applications=[deploy_application(config)]))
+        _wait_until_running("pdserve")
     else:
         serve.run(build_app(config, model_path), name="pdserve", route_prefix="/")
     scheme = "https" if config.ssl_certfile else "http"
@@ -201,8 +207,26 @@ def run_server(config: ServeConfig, address: str | None, model_path: str | None 
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        if address is None:
+            serve.shutdown()
+        else:  # a cluster this call joined: its other applications (and Serve) stay
+            serve.delete("pdserve")
         ray.shutdown()
+
+
+def _wait_until_running(name: str) -> None:
+    """Until Serve's application `name` runs (no deadline: a model loads as long as it takes); RuntimeError if its
+    deploy failed."""
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    while True:
+        app = serve.status().applications.get(name)
+        if app is not None and app.status == ApplicationStatus.RUNNING:
+            return
+        if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
+            raise RuntimeError(f"the application {name!r} failed to deploy: {app.message}")
+        time.sleep(1.0)
 
 
 def _flag_kind(option: Option) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -54,7 +54,7 @@ class PoolConfig(BaseModel):
         description="the planner (autoscaling.enabled; prefill and decode pools): the most replicas it may give "
         "this pool",
     )
-    cpus: list[int] | None = Field(
+    cpus: list[Annotated[int, Field(ge=0)]] | None = Field(
         None,
         min_length=1,
         description="pin the pool's engine replicas to these CPU cores (Linux ids; every replica of the pool on a "
@@ -427,8 +427,6 @@ class ServeConfig(BaseModel):
     def http_options(self) -> dict[str, Any]:
         """Serve's `http_options` for this config: where to listen, and TLS when both files are given."""
         options: dict[str, Any] = {"host": self.host, "port": self.port}
-        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
-            raise ValueError("TLS needs both ssl_keyfile and ssl_certfile")
         if self.ssl_keyfile is not None:
             options.update(ssl_keyfile=self.ssl_keyfile, ssl_certfile=self.ssl_certfile)
         return options
@@ -476,6 +474,22 @@ class ServeConfig(BaseModel):
         other = self.decode if role == "prefill" else self.prefill
         own = set(getattr(self, role).cpus or [])
         return sorted(set(other.cpus or []) - own)
+
+    @model_validator(mode="after")
+    def _pools_have_replicas(self) -> ServeConfig:
+        """Serve refuses 0 replicas; only a pool the planner sizes may start at 0 (its min_replicas)."""
+        used = ["ingress", "engine"] if self.colocated else ["ingress", "prefill", "decode"]
+        scaled = {"prefill", "decode"} if self.autoscaling.enabled and not self.colocated else set()
+        for name in used:
+            if getattr(self, name).num_replicas < 1 and name not in scaled:
+                raise ValueError(f"{name}.num_replicas must be at least 1 (0 only where autoscaling sizes the pool)")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_needs_both_files(self) -> ServeConfig:
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ValueError("TLS needs both ssl_keyfile and ssl_certfile")
+        return self
 
     @model_validator(mode="after")
     def _autoscaling_bounds(self) -> ServeConfig:

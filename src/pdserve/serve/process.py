@@ -46,12 +46,17 @@ def set_niceness(niceness: int | None) -> None:
 
 
 def pin_process(cpus: list[int]) -> None:
-    """Run every thread of this process (and those it starts later) on `cpus` only."""
+    """Run every thread of this process (and those it starts later) on `cpus` only. ValueError when none of them
+    is a core this process may use (the pool's `cpus` name cores this node lacks, or outside its cpuset)."""
     for task in os.listdir("/proc/self/task"):
         try:
             os.sched_setaffinity(int(task), cpus)
-        except OSError:  # a thread that just ended
+        except ProcessLookupError:  # a thread that just ended
             continue
+        except OSError as e:
+            raise ValueError(
+                f"cannot pin to cores {cpus} (this process may use {sorted(os.sched_getaffinity(0))}): {e}"
+            ) from e
 
 
 def _renice_process_tree() -> Callable[[object, int], str | None]:
