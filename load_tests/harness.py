@@ -64,6 +64,9 @@ class Record:
     output_tokens: int = 0
     itl_s: list[float] = field(default_factory=list)  # per token after the first
     token_times_s: list[float] = field(default_factory=list)  # when each chunk's tokens arrived (run clock)
+    # Why a request answered 200 did not complete: an error event or a cut stream, no [DONE], fewer tokens than
+    # asked for (every request sets ignore_eos), an unreadable chunk. Such a request misses the SLOs.
+    error: str | None = None
 
     @property
     def tpot_s(self) -> float | None:
@@ -75,6 +78,7 @@ class Record:
         tpot = self.tpot_s
         return (
             self.status == 200
+            and self.error is None
             and self.ttft_s is not None
             and self.ttft_s <= ttft_slo_s
             and (tpot is None or tpot <= tpot_slo_s)
@@ -126,6 +130,8 @@ def workload(args: argparse.Namespace, rate: float, seed: int = 0) -> list[Spec]
                 at += args.burst_every_s
         for burst_at in bursts:
             specs += [_summarize(rng, burst_at + 0.01 * i, args) for i in range(args.burst_size)]
+    if not specs:  # an empty run would read as 0% within the SLOs
+        raise SystemExit(f"no request arrives at {rate} req/s in {args.duration_s} s: raise --duration-s or the rate")
     return sorted(specs, key=lambda s: s.at_s)
 
 
@@ -168,7 +174,7 @@ async def send(client: httpx.AsyncClient, url: str, model: str, spec: Spec, star
         "ignore_eos": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True},
     }  # fmt: skip
     sent = time.perf_counter()
-    last_at, last_count = 0.0, 0
+    last_at, last_count, done = 0.0, 0, False
     try:
         async with client.stream("POST", f"{url}/completions", json=body) as response:
             record.status = response.status_code
@@ -176,9 +182,14 @@ async def send(client: httpx.AsyncClient, url: str, model: str, spec: Spec, star
                 await response.aread()
                 return
             async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+                if line == "data: [DONE]":
+                    done = True
+                if not line.startswith("data: ") or done:
                     continue
                 chunk = json.loads(line[6:])
+                if "error" in chunk:  # the server failed the request after its 200 (pdserve, vLLM: an error event)
+                    record.error = f"error event: {str(chunk['error'])[:200]}"
+                    break
                 usage = chunk.get("usage")
                 has_text = any(c.get("text") for c in chunk.get("choices") or [])
                 count = usage["completion_tokens"] if usage else last_count + int(has_text)
@@ -195,8 +206,14 @@ async def send(client: httpx.AsyncClient, url: str, model: str, spec: Spec, star
                     last_count = usage["completion_tokens"]
             record.output_tokens = last_count
             record.e2e_s = time.perf_counter() - sent
-    except httpx.HTTPError:
-        record.status = record.status or 0
+            if record.error is None and not done:
+                record.error = "the stream ended without [DONE]"
+            elif record.error is None and last_count != spec.max_tokens:
+                record.error = f"{last_count} of {spec.max_tokens} tokens (ignore_eos)"
+    except Exception as e:  # a cut or timed-out stream, an unreadable chunk: this request failed, the run goes on
+        record.output_tokens = last_count
+        if record.status == 200:
+            record.error = f"{type(e).__name__}: {str(e)[:200]}"
 
 
 async def run(url: str, model: str, specs: list[Spec], progress: bool = True) -> tuple[list[Record], float]:
@@ -236,6 +253,7 @@ def _progress(total: int, enabled: bool) -> Any:
 
 
 def pct(values: list[float], q: float) -> float | None:
+    """The q-th percentile by nearest rank (a value that occurred: p99 of fewer than 100 values is their maximum)."""
     if not values:
         return None
     ordered = sorted(values)
@@ -255,7 +273,7 @@ def burst_split(records: list[Record]) -> dict[str, float | None]:
 
     for r in records:
         times = r.token_times_s
-        if r.kind != "chat" or r.status != 200 or len(times) < 2:
+        if r.kind != "chat" or r.status != 200 or r.error is not None or len(times) < 2:
             continue
         tpot[overlaps(times[0], times[-1])].append((times[-1] - times[0]) / (len(times) - 1))
         for a, b in itertools.pairwise(times):
@@ -267,15 +285,16 @@ def burst_split(records: list[Record]) -> dict[str, float | None]:
 
 
 def summary(rate: float, records: list[Record], wall_s: float, args: argparse.Namespace) -> dict[str, Any]:
-    ok = [r for r in records if r.status == 200]
+    ok = [r for r in records if r.status == 200 and r.error is None]
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     tpot = [t for r in ok if (t := r.tpot_s) is not None]
     itl = [g for r in ok for g in r.itl_s]
     e2e = [r.e2e_s for r in ok if r.e2e_s is not None]
     met = sum(r.meets(args.ttft_slo_s, args.tpot_slo_s) for r in records)
     statuses: dict[str, int] = {}
-    for r in records:
-        statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
+    for r in records:  # "200 failed": answered 200, then failed (Record.error)
+        status = str(r.status) if r.error is None else f"{r.status} failed"
+        statuses[status] = statuses.get(status, 0) + 1
     return {
         "rate": rate, "requests": len(records), "statuses": statuses, "wall_s": wall_s,
         "output_tokens_per_s": sum(r.output_tokens for r in ok) / wall_s if wall_s else 0.0,
@@ -286,7 +305,9 @@ def summary(rate: float, records: list[Record], wall_s: float, args: argparse.Na
     }  # fmt: skip
 
 
-def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, goodput: float | None) -> str:
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, goodput: str | None) -> str:
+    """The runs' table (and `goodput`, the search's line, after it)."""
+
     def f(v: float | None, scale: float = 1.0) -> str:
         return "—" if v is None else f"{v * scale:.2f}"
 
@@ -318,7 +339,7 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, goodput: floa
                 f"{f(r.get('burst_itl_s_p99'), 1e3)} / {f(r.get('idle_itl_s_p99'), 1e3)} |"
             )
     if goodput is not None:
-        lines += ["", f"goodput (≥ {100 * ATTAINMENT:.0f}% of requests within both SLOs): {goodput:.2f} req/s"]
+        lines += ["", goodput]
     return "\n".join(lines)
 
 
@@ -441,13 +462,15 @@ def _save(fig: Any, path: Path) -> Path:
 # ---- the runs ---------------------------------------------------------------------------------------------------
 
 
-def goodput_search(url: str, model: str, args: argparse.Namespace, runs: list[Any]) -> float | None:
-    """Bisection on the rate between `lo` and `hi` (bounded: --goodput-steps runs): the highest rate found at which
-    ≥ 90% of requests met both SLOs, or None if even `lo` missed."""
+def goodput_search(url: str, model: str, args: argparse.Namespace, runs: list[Any]) -> tuple[float | None, bool]:
+    """Bisection on the rate between `lo` and `hi` (bounded: --goodput-steps runs; `lo` first, then `hi`): the
+    highest rate found at which ≥ 90% of requests met both SLOs (None if even `lo` missed), and whether that rate is
+    `hi` (the goodput is then at least `hi`: raise the bounds to find it)."""
     lo, hi = (float(x) for x in args.goodput.split(","))
+    ceiling = hi
     best: float | None = None
-    for _ in range(args.goodput_steps):
-        rate = (lo + hi) / 2 if best is not None else lo
+    for step in range(args.goodput_steps):
+        rate = lo if step == 0 else hi if step == 1 else (lo + hi) / 2
         records, wall = asyncio.run(run(url, model, workload(args, rate, args.seed), not args.quiet))
         row = summary(rate, records, wall, args)
         runs.append((row, records))
@@ -457,9 +480,18 @@ def goodput_search(url: str, model: str, args: argparse.Namespace, runs: list[An
             lo = rate
         else:
             hi = rate
-        if best is None:  # even the lowest rate misses: nothing to bisect
+        if best is None or best == ceiling:  # even the lowest rate misses, or the highest meets: nothing to bisect
             break
-    return best
+    return best, best == ceiling
+
+
+def goodput_line(goodput: float | None, at_least: bool, args: argparse.Namespace) -> str:
+    share = f"≥ {100 * ATTAINMENT:.0f}% of requests within both SLOs"
+    if goodput is None:
+        return f"goodput ({share}): none found — even {args.goodput.split(',')[0]} req/s missed; lower the bounds"
+    return f"goodput ({share}): {'≥ ' if at_least else ''}{goodput:.2f} req/s" + (
+        " (the search's highest rate met the SLOs: raise the bounds)" if at_least else ""
+    )
 
 
 @contextmanager
@@ -556,6 +588,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"modes": list(modes)}
     if not args.url and not args.serve:
         parser.error("give --url of a server, or --serve to start pdserve")
+    if args.workload == "trace" and (args.goodput or args.sweep):
+        parser.error("a trace replays its own arrival times: --goodput and --sweep vary a rate it does not have")
     os.nice(max(0, args.nice - os.nice(0)))
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
     cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line), "?")
@@ -564,6 +598,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(header, flush=True)
     runs: list[tuple[dict[str, Any], list[Record]]] = []
     goodput: float | None = None
+    at_least = False
     server = (
         served(args.serve, args.tiny, args.threads, args.pin, args.config)
         if args.serve
@@ -571,16 +606,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     with server as (url, model):
         if args.goodput:
-            goodput = goodput_search(url, model, args, runs)
+            goodput, at_least = goodput_search(url, model, args, runs)
         else:
             rates = [float(x) for x in args.sweep.split(",")] if args.sweep else [args.rate]
             for rate in rates:
                 records, wall = asyncio.run(run(url, model, workload(args, rate, args.seed), not args.quiet))
                 runs.append((summary(rate, records, wall, args), records))
     rows = [row for row, _ in runs]
-    text = markdown(rows, args, goodput)
+    text = markdown(rows, args, goodput_line(goodput, at_least, args) if args.goodput else None)
     print("\n" + text)
-    result = {"cpu": header, "args": vars(args), "goodput": goodput, "runs": rows,
+    result = {"cpu": header, "args": vars(args), "goodput": goodput, "goodput_at_least": at_least, "runs": rows,
               "requests": [[asdict(r) for r in records] for _, records in runs]}  # fmt: skip
     if args.out:
         out = Path(args.out)

@@ -34,9 +34,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -44,6 +44,8 @@ import psutil
 import torch
 
 sys.path.insert(0, "tests")  # reuse the test harness's cluster helpers
+from harness import pct
+
 from pdserve.engine.weights import resolve_dtype
 from pdserve.hub import resolve_model
 from serving import free_port, ray_serve
@@ -98,13 +100,12 @@ async def http_load(
     model: str,
     prompts: list[list[int]],
     max_tokens: int,
-    after_warmup: Callable[[], object] | None = None,
+    warm_up: bool = True,
 ) -> tuple[list[Sample], float]:
-    """`after_warmup`: called between the warm-up request and the measured ones (not timed)."""
+    """The prompts at once, after a warm-up request of WARMUP_PROMPT unless `warm_up` is False."""
     async with openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600) as client:
-        await one_http(client, model, prompts[0][:16], 4)  # warm-up
-        if after_warmup is not None:
-            after_warmup()
+        if warm_up:
+            await one_http(client, model, WARMUP_PROMPT, 4)
         start = time.perf_counter()
         samples = await asyncio.gather(*[one_http(client, model, p, max_tokens) for p in prompts])
         return list(samples), time.perf_counter() - start
@@ -120,7 +121,7 @@ def engine_alone(path: str, dtype: str, prompts: list[list[int]], max_tokens: in
         torch.set_num_threads(threads)
     engine = AsyncEngine(lambda: LLMEngine(EngineConfig(ModelConfig(path, dtype), CacheConfig())), threads)
 
-    async def one(i: int, prompt: list[int]) -> Sample:
+    async def one(i: int, prompt: list[int], max_tokens: int = max_tokens) -> Sample:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         start = time.perf_counter()
         first = last = 0.0
@@ -131,15 +132,20 @@ def engine_alone(path: str, dtype: str, prompts: list[list[int]], max_tokens: in
             num_tokens += len(out.new_token_ids)
         return Sample(first - start, (last - first) / max(num_tokens - 1, 1), num_tokens)
 
+    me = psutil.Process()
+    baseline: dict[str, Any] = {}
+
     async def run() -> tuple[list[Sample], float]:
-        await one(-1, WARMUP_PROMPT)
+        await one(-1, WARMUP_PROMPT, 4)
+        # The baseline after the warm-up, and this process's own CPU last (after the scan of every process).
+        baseline.update(everyone=every_process_cpu(), machine=machine_cpu())
+        baseline["me"] = _cpu(me)
         start = time.perf_counter()
         samples = await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts)])
         return list(samples), time.perf_counter() - start
 
-    me = psutil.Process()
-    before, machine_before, everyone_before = _cpu(me), machine_cpu(), every_process_cpu()
     samples, wall = asyncio.run(run())
+    before, machine_before, everyone_before = baseline["me"], baseline["machine"], baseline["everyone"]
     cpu = {"engine": _cpu(me) - before}
     add_machine(cpu, machine_before, machine_cpu())
     rest = rest_by_process(everyone_before, every_process_cpu(), {me.pid})
@@ -252,15 +258,12 @@ def router_decisions(url: str) -> dict[str, int]:
 def measured(name: str, url: str, model: str, prompts: list[list[int]], max_tokens: int, app: str | None) -> Result:
     processes = serve_processes(app) if app is not None else {}
     processes["client"] = [psutil.Process()]
-    samples, wall = asyncio.run(http_load(url, model, [WARMUP_PROMPT], 4))  # warm-up before the CPU baseline
+    asyncio.run(http_load(url, model, [WARMUP_PROMPT], 4, warm_up=False))  # the warm-up, before the baselines
+    decisions_before = router_decisions(url) if app is not None else {}  # the delta counts the measured ones only
+    # The processes' CPU last: the scan of every process (this one's CPU) falls before it.
+    everyone_before, machine_before = every_process_cpu(), machine_cpu()
     before = {p: cpu for ps in processes.values() for p in ps if (cpu := _cpu_or_none(p)) is not None}
-    machine_before, everyone_before = machine_cpu(), every_process_cpu()
-    decisions_before: dict[str, int] = {}
-
-    def mark_decisions() -> None:  # after the run's own warm-up request: the delta counts the measured ones only
-        decisions_before.update(router_decisions(url))
-
-    samples, wall = asyncio.run(http_load(url, model, prompts, max_tokens, mark_decisions if app else None))
+    samples, wall = asyncio.run(http_load(url, model, prompts, max_tokens, warm_up=False))
     cpu: dict[str, float] = {}
     for role, ps in processes.items():  # a process gone meanwhile (HAProxy reloads by replacing itself) counts 0
         deltas = [after - before[p] for p in ps if p in before and (after := _cpu_or_none(p)) is not None]
@@ -287,7 +290,9 @@ def table(results: list[Result], rounds: dict[str, list[float]] | None = None) -
     every run's tok/s."""
 
     def p90(xs: list[float]) -> float:
-        return sorted(xs)[int(0.9 * (len(xs) - 1))]
+        value = pct(xs, 90)  # nearest rank, as the harness's
+        assert value is not None
+        return value
 
     base = results[0]
     base_cpu_per_token = base.cpu_s.get("engine", 0.0) / sum(s.num_tokens for s in base.samples)

@@ -4,10 +4,12 @@ against a real pdserve (tiny model, local Ray cluster, real HTTP)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "load_tests"))
@@ -35,9 +37,115 @@ def test_goodput_is_the_highest_rate_meeting_the_slos(monkeypatch: pytest.Monkey
     monkeypatch.setattr(harness, "workload", fake_workload)
     args = argparse.Namespace(goodput="0.5,8", goodput_steps=8, seed=0, quiet=True, ttft_slo_s=2.0, tpot_slo_s=0.25)
     runs: list = []
-    goodput = harness.goodput_search("u", "m", args, runs)
-    assert goodput is not None and 2.5 < goodput <= 3.0
-    assert len(runs) == 8 and runs[0][0]["rate"] == 0.5
+    goodput, at_least = harness.goodput_search("u", "m", args, runs)
+    assert goodput is not None and 2.5 < goodput <= 3.0 and not at_least
+    assert len(runs) == 8 and [row["rate"] for row, _ in runs[:2]] == [0.5, 8.0]  # the bounds first
+
+
+@pytest.mark.parametrize("sustainable", [0.0, 100.0])
+def test_goodput_search_says_when_a_bound_decides_it(monkeypatch: pytest.MonkeyPatch, sustainable: float) -> None:
+    """A server within the SLOs at every rate: the search runs `lo`, then `hi`, and reports "at least hi" (it used
+    to bisect below `hi` and report the last midpoint); one that misses at `lo`: one run, no goodput, and a line
+    that says so."""
+
+    async def fake_run(url: str, model: str, specs: list[harness.Spec], progress: bool) -> tuple[list, float]:
+        good = len(specs) / 100 <= sustainable
+        return [harness.Record(s.kind, s.at_s, 1, 200, 0.1 if good else 9.0, 1.0, 10) for s in specs], 100.0
+
+    monkeypatch.setattr(harness, "run", fake_run)
+    monkeypatch.setattr(harness, "workload", lambda args, rate, seed=0: [harness.Spec(0.0, [1], 4)] * round(100 * rate))
+    args = argparse.Namespace(goodput="0.5,8", goodput_steps=6, seed=0, quiet=True, ttft_slo_s=2.0, tpot_slo_s=0.25)
+    runs: list = []
+    goodput, at_least = harness.goodput_search("u", "m", args, runs)
+    line = harness.goodput_line(goodput, at_least, args)
+    if sustainable:
+        assert (goodput, at_least) == (8.0, True) and [row["rate"] for row, _ in runs] == [0.5, 8.0]
+        assert "≥ 8.00 req/s" in line and "raise the bounds" in line
+    else:
+        assert (goodput, at_least) == (None, False) and len(runs) == 1 and "lower the bounds" in line
+
+
+def _sse(*events: object, done: bool = True) -> list[bytes]:
+    lines = [f"data: {json.dumps(e) if not isinstance(e, str) else e}\n\n".encode() for e in events]
+    return lines + ([b"data: [DONE]\n\n"] if done else [])
+
+
+def _chunk(text: str, tokens: int) -> dict:
+    return {"choices": [{"index": 0, "text": text}], "usage": {"completion_tokens": tokens}}
+
+
+class _Cut(httpx.AsyncByteStream):
+    """A stream that breaks after its lines, as a connection cut mid-answer."""
+
+    def __init__(self, lines: list[bytes]) -> None:
+        self.lines = lines
+
+    async def __aiter__(self):  # type: ignore[no-untyped-def]
+        for line in self.lines:
+            yield line
+        raise httpx.ReadError("connection reset by peer")
+
+
+STREAMS = {
+    "complete": (_sse(_chunk("a", 1), _chunk("b", 2), _chunk("c", 3)), None),
+    "error event": (_sse(_chunk("a", 1), {"error": {"message": "engine died", "code": 500}}), "error event"),
+    "no [DONE]": (_sse(_chunk("a", 1), _chunk("b", 2), _chunk("c", 3), done=False), "without [DONE]"),
+    "short": (_sse(_chunk("a", 1), _chunk("b", 2)), "2 of 3 tokens"),
+    "unreadable chunk": (_sse(_chunk("a", 1), "{not json"), "JSONDecodeError"),
+    "cut": (_Cut(_sse(_chunk("a", 1), done=False)), "ReadError"),
+}
+
+
+@pytest.mark.parametrize("name", list(STREAMS))
+def test_a_request_that_fails_after_its_200_misses_the_slos(name: str) -> None:
+    """An error event, a cut stream, no [DONE], fewer tokens than asked for (ignore_eos), an unreadable chunk: the
+    request answered 200 failed, and counts as missing both SLOs (it used to meet them: status 200 and no TPOT);
+    the run goes on (an exception used to abort every request of the rate)."""
+    lines, error = STREAMS[name]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if isinstance(lines, _Cut):
+            return httpx.Response(200, stream=lines)
+        return httpx.Response(200, content=b"".join(lines))
+
+    async def main() -> harness.Record:
+        record = harness.Record("chat", 0.0, 1)
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            await harness.send(client, "http://x/v1", "m", harness.Spec(0.0, [1, 2], 3), 0.0, record)
+        return record
+
+    record = asyncio.run(main())
+    args = argparse.Namespace(ttft_slo_s=10.0, tpot_slo_s=10.0)
+    assert record.status == 200
+    if error is None:
+        assert record.error is None and record.output_tokens == 3 and record.meets(10.0, 10.0)
+    else:
+        assert record.error is not None and error in record.error, record.error
+        assert not record.meets(10.0, 10.0)
+        row = harness.summary(1.0, [record], 1.0, args)
+        assert row["slo_attainment"] == 0.0 and row["statuses"] == {"200 failed": 1} and row["ttft_s_p50"] is None
+
+
+def test_an_empty_run_and_a_rated_trace_are_refused(tmp_path: Path) -> None:
+    """No arrival at a low rate: an error, not a run at 0% within the SLOs; a trace (its own arrival times) with
+    a rate search: refused."""
+    args = argparse.Namespace(
+        workload="chat", duration_s=1.0, vocab=500, system_prompt=32, conversations=2, max_prompt=4096,
+        max_output=256, burst_every_s=20.0, burst_size=3, trace=None, long_share=None,
+    )  # fmt: skip
+    with pytest.raises(SystemExit, match="no request arrives"):
+        harness.workload(args, rate=1e-6, seed=0)
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"t": 0.0, "prompt_len": 8, "output_len": 4}\n')
+    for search in (["--goodput", "0.5,4"], ["--sweep", "1,2"]):
+        with pytest.raises(SystemExit):
+            harness.main(["--url", "http://x/v1", "--workload", "trace", "--trace", str(trace), *search])
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    assert harness.pct([1.0, 10.0], 90) == 10.0 and harness.pct([1.0, 2.0, 3.0], 50) == 2.0
+    assert harness.pct(list(map(float, range(1, 17))), 90) == 15.0 and harness.pct([5.0], 99) == 5.0
+    assert harness.pct([], 50) is None
 
 
 def test_workloads_are_seeded_and_shaped() -> None:

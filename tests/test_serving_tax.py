@@ -96,3 +96,49 @@ def test_the_rest_is_named_by_process_and_excludes_the_tracked_ones() -> None:
     # pid 2 became an actor (retitled): its delta under the new title; pid 4 ended: nothing; pid 3 is tracked.
     assert rest == {"ray::ServeReplica": 1.0, "raylet": 0.5, "haproxy": 0.25}
     assert list(rest) == ["ray::ServeReplica", "raylet", "haproxy"]
+
+
+def test_warm_ups_stay_out_of_the_measured_prompts_and_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The HTTP warm-up sends its own prompt (it sent the first 16 tokens of a measured one: a prefix-cache hit the
+    engine alone never got), and the engine alone's CPU per token counts the measured requests only (its warm-up
+    of --output-len tokens ran inside the CPU window)."""
+    import asyncio
+    import time
+
+    import pdserve.engine.async_engine as async_engine
+
+    sys.path.insert(0, str(ROOT / "load_tests"))
+    import serving_tax
+
+    sent: list[list[int]] = []
+
+    async def one_http(client: object, model: str, prompt: list[int], max_tokens: int) -> object:
+        sent.append(list(prompt))
+        return serving_tax.Sample(0.0, 0.0, max_tokens)
+
+    monkeypatch.setattr(serving_tax, "one_http", one_http)
+    prompts = [list(range(1000 + 64 * i, 1064 + 64 * i)) for i in range(3)]
+    asyncio.run(serving_tax.http_load("http://127.0.0.1:9/v1", "m", prompts, 8))
+    assert sent[0] == serving_tax.WARMUP_PROMPT and sorted(sent[1:]) == prompts
+
+    class Out:
+        new_token_ids = (7,)
+
+    class BusyEngine:  # 5 ms of CPU per token, warm-up included
+        def __init__(self, factory: object, threads: object) -> None: ...
+
+        async def generate(self, request):  # type: ignore[no-untyped-def]
+            for _ in range(request.sampling.max_tokens):
+                start = time.process_time()
+                while time.process_time() - start < 0.005:
+                    pass
+                yield Out()
+                await asyncio.sleep(0)
+
+        def shutdown(self) -> None: ...
+
+    monkeypatch.setattr(async_engine, "AsyncEngine", BusyEngine)
+    result = serving_tax.engine_alone("unused", "float32", prompts, 32, None)
+    tokens = sum(s.num_tokens for s in result.samples)
+    assert tokens == 3 * 32
+    assert result.cpu_s["engine"] / tokens < 0.0056, result.cpu_s  # 5 ms + the loop's; a 32-token warm-up: 6.7 ms
