@@ -57,6 +57,7 @@ class FakeBackend:
         self.tokens_per_delta, self.delay_s, self.error = tokens_per_delta, delay_s, error
         self.error_after: Exception | None = None  # raised after the first delta
         self.finish_override: str | None = None  # replaces the finish reason of the second delta
+        self.abort_first = False  # the first delta is an abort with no token (AsyncEngine.abort's)
         self.is_healthy_now = True
         self.is_ready_now = True
         self.requests: list[GenerationRequest] = []
@@ -68,6 +69,9 @@ class FakeBackend:
         if self.error is not None:
             raise self.error
         try:
+            if self.abort_first:
+                yield GenerationDelta([], None, "abort", len(request.prompt_token_ids), 0)
+                return
             tokens = self.script[: request.max_tokens]
             for start in range(0, len(tokens), self.tokens_per_delta):
                 await asyncio.sleep(self.delay_s)
@@ -624,6 +628,22 @@ def test_abort_by_the_backend_is_not_a_success(http: httpx.Client, backend: Fake
     backend.finish_override = "abort"
     response = http.post(COMPLETIONS, json={"model": "fake-model", "prompt": "hi"})
     assert response.status_code == 503 and response.json()["error"]["type"] == "server_error"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("n", [1, 2])
+def test_an_abort_before_any_output_is_a_503_streamed_or_not(
+    http: httpx.Client, backend: FakeBackend, stream: bool, n: int
+) -> None:
+    """The backend aborts before the first token (a replica drained or failed): 503 with Retry-After whether the
+    client streams or not (streamed, it was a 200 carrying an error event, which SDKs do not retry), and every
+    choice's stream is closed."""
+    backend.abort_first = True
+    body = {"model": "fake-model", "prompt": "hi", "max_tokens": 5, "stream": stream, "n": n}
+    response = http.post(COMPLETIONS, json=body)
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "1" and response.json()["error"]["code"] == "service_unavailable"
+    wait_until(lambda: backend.num_closed == len(backend.requests))
 
 
 # --- disconnects free the backend's request -------------------------------------------------------------------------

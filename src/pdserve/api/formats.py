@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import accumulate
 from typing import Any, Protocol
 
@@ -62,8 +64,35 @@ class ResponseFormat(Protocol):
 
 
 def token_texts(tokenizer: Any, token_ids: list[int]) -> list[str]:
-    """Each token's own text, as logprobs report it (a token holding part of a character reads as U+FFFD)."""
-    return [str(t) for t in tokenizer.batch_decode([[t] for t in token_ids])]
+    """Each token's own text, as logprobs report it (a token holding part of a character reads as U+FFFD), so that
+    the tokens spell the text: a SentencePiece decoder drops a decode's leading space, which a word-initial token
+    ("▁wor") owns — it is put back from the token's piece, as vLLM does."""
+    texts = [str(t) for t in tokenizer.batch_decode([[t] for t in token_ids])]
+    mark = _space_mark(tokenizer)
+    if mark is None:
+        return texts
+    pieces = tokenizer.convert_ids_to_tokens(token_ids)
+    for i, (piece, text) in enumerate(zip(pieces, texts, strict=True)):
+        if isinstance(piece, str) and piece.startswith(mark):
+            missing = (len(piece) - len(piece.lstrip(mark))) - (len(text) - len(text.lstrip(" ")))
+            texts[i] = " " * max(0, missing) + text
+    return texts
+
+
+@lru_cache(maxsize=8)
+def _space_mark(tokenizer: Any) -> str | None:
+    """The word-boundary mark a SentencePiece-style decoder turns into a space ("▁": a Metaspace decoder, or
+    Llama's Replace ▁ → " "), else None (byte-level BPE spells its spaces itself)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    for step in decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]:
+        if step.get("type") == "Metaspace":
+            return str(step.get("replacement", "▁"))
+        if step.get("type") == "Replace" and step.get("content") == " " and step.get("pattern", {}).get("String"):
+            return str(step["pattern"]["String"])
+    return None
 
 
 def top_texts(tokenizer: Any, logprobs: list[TokenLogprob]) -> list[tuple[float, list[tuple[str, float]]]]:

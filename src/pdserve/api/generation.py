@@ -74,10 +74,7 @@ class Generation:
         Raises APIError when the backend aborted the request on its own: a truncated answer is not a success."""
         assert not self.is_finished, "delta after the finish"
         if delta.finish_reason == "abort":
-            raise APIError(
-                503, "the server aborted the request; retry it", SERVER_ERROR, code="service_unavailable",
-                retry_after_s=1.0,
-            )  # fmt: skip
+            raise aborted_error()
         self.begin(delta)  # the prompt's cache hit is fixed where it was computed: the first delta says it
         if self.discard_output:
             self.finish_reason = "length"
@@ -121,13 +118,25 @@ class Generation:
         return Piece(text, self.token_ids[start:], self.logprobs[start:], self.finish_reason, prompt_logprobs)
 
 
+def aborted_error() -> APIError:
+    """The backend aborted the request on its own (a replica drained or failed): 503, retry."""
+    return APIError(
+        503, "the server aborted the request; retry it", SERVER_ERROR, code="service_unavailable", retry_after_s=1.0
+    )
+
+
 async def first_delta(deltas: AsyncIterator[GenerationDelta]) -> GenerationDelta | None:
     """The backend's first delta, pulled before any response header is sent so that its errors get a status: they
     propagate to the app's handlers (errors.py: CapacityError 429/503, InvalidRequest 400, ServerError 503/500,
-    anything else a generic 500). Closes the stream when it raises (without waiting: this may run as the `pending`
-    task that a closing waits for)."""
+    anything else a generic 500), and so does an abort before any output (503, as `Generation.absorb` answers it
+    unstreamed; a stream's client would otherwise get it as an error event after a 200, which SDKs do not retry).
+    Closes the stream when it raises (without waiting: this may run as the `pending` task that a closing waits
+    for)."""
     try:
-        return await anext(deltas, None)
+        delta = await anext(deltas, None)
+        if delta is not None and delta.finish_reason == "abort":
+            raise aborted_error()
+        return delta
     except BaseException:
         release_stream(deltas)
         raise

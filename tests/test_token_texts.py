@@ -1,0 +1,42 @@
+"""Logprob token texts spell the text the API returns (api/formats.py: `token_texts`): with SentencePiece
+tokenizers (Llama-2's decoder, and the Metaspace decoder) a word-initial token keeps its leading space, which
+decoding it alone dropped (" wor" was "wor": the tokens' `bytes` did not spell the content and every
+`text_offset` after a space drifted by one); byte-level BPE is unchanged. Randomized: words, punctuation, runs of
+spaces, non-ASCII (byte-fallback tokens), over a prompt ending anywhere."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from oracle import continuation_text
+from pdserve.api.formats import token_texts
+from tiny_models import build_sentencepiece_tokenizer, build_tokenizer
+
+WORDS = ["hello", "world", "the", "quick", "brown", "fox", ",", ".", "  ", "ü", "日本", "½", "a", "I", "\n"]
+
+
+@pytest.mark.parametrize("kind", ["llama2", "metaspace", "byte-level"])
+def test_token_texts_spell_the_continuation(tmp_path: Path, kind: str) -> None:
+    if kind == "byte-level":
+        tokenizer = build_tokenizer(tmp_path)
+    else:
+        tokenizer = build_sentencepiece_tokenizer(tmp_path, metaspace_decoder=kind == "metaspace")
+    rng = random.Random(kind)
+    checked = 0
+    for _ in range(300):
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(1, 12)))
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        cut = rng.randrange(1, len(ids) + 1) if len(ids) > 1 else 1
+        prompt, output = ids[:cut], ids[cut:]
+        want = continuation_text(tokenizer, prompt, output)
+        if "\ufffd" in want or not output:
+            continue  # a character split across the cut: its tokens read as U+FFFD alone
+        texts = token_texts(tokenizer, output)
+        if any("\ufffd" in t for t in texts):
+            continue  # byte-fallback pieces of one character: only their bytes join
+        assert "".join(texts) == want, (kind, text, cut, texts, want)
+        checked += 1
+    assert checked > 100
