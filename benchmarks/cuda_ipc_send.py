@@ -19,14 +19,17 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from collections.abc import Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import torch
 
 from pdserve.kvcache import KVCache, KVLayout
 from pdserve.transfer import CudaIpcSender, KVEndpoint, TransferSpec, make_receiver
 from pdserve.transfer.base import fence_deadline, planes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from timing import best_of
 
 LAYOUT = KVLayout(num_layers=30, num_blocks=1024, block_size=16, num_kv_heads=3, head_dim=64, dtype=torch.bfloat16)
 
@@ -36,16 +39,6 @@ def _decode_replica(conn: Connection) -> None:
     receiver = make_receiver("cuda_ipc", kv, "m", "node-a")
     conn.send(receiver.endpoint)
     conn.recv()  # "stop"
-
-
-def best_of(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def row(

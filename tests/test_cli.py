@@ -163,6 +163,7 @@ def test_configs_that_serve_would_refuse_fail_at_validation() -> None:
         ({"ingress": {"num_replicas": 0}}, "ingress.num_replicas"),
         ({"decode": {"cpus": [0, -1]}}, "greater than or equal to 0"),
         ({"ssl_keyfile": "key.pem"}, "both ssl_keyfile and ssl_certfile"),
+        ({"ingress": {"num_threads": 4}}, "the ingress runs none"),
     ):
         with pytest.raises(ValidationError, match=re.escape(said)):
             ServeConfig(**fields)

@@ -52,6 +52,7 @@ def apps(tiny_models: dict[str, Path]) -> Iterator[dict[str, Served]]:
             kv_pipelined_push=True,
             prefill={"cpus": CORES[:1]},
             decode={"cpus": CORES[1:2] or CORES[:1]},
+            ingress={"cpus": CORES[:1]},  # beside P (what streams every token stays off D's core)
             lend_idle_cores=len(CORES) > 1,
         ),
         # shortest_prefill_first in small steps: short prompts overtake long ones' remaining chunks, under the same
@@ -315,3 +316,18 @@ def test_concurrent_stop_strings_min_tokens_and_n_are_exact(
             wrong.append((i, body, want, choices, completion_tokens))
     assert not wrong, f"{mode}: {len(wrong)} of {len(cases)} differ from the oracle, first: {wrong[0]}"
     _assert_idle(apps[mode], mode, timeout_s=5)
+
+
+def test_pinned_pools_run_on_their_cores(apps: dict[str, Served]) -> None:
+    """`cpus` pins every thread of a pool's replicas, the ingress's too (its `cpus` used to be ignored)."""
+    import psutil
+
+    want = {"Ingress": set(CORES[:1]), "PrefillServer": set(CORES[:1]), "DecodeServer": set(CORES[1:2] or CORES[:1])}
+    seen: dict[str, set[int]] = {}
+    for p in psutil.process_iter(["cmdline"]):
+        for role in want:
+            if any(f"ServeReplica:1p1d-lent:{role}" in arg for arg in p.info["cmdline"] or []):
+                lendable = set(CORES[:2]) if role == "DecodeServer" else set()  # D's threads may run where it borrows
+                assert set(p.cpu_affinity()) in (want[role], want[role] | lendable), (role, p.cpu_affinity())
+                seen[role] = set(p.cpu_affinity())
+    assert seen.keys() == want.keys(), seen

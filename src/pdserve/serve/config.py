@@ -57,8 +57,9 @@ class PoolConfig(BaseModel):
     cpus: list[Annotated[int, Field(ge=0)]] | None = Field(
         None,
         min_length=1,
-        description="pin the pool's engine replicas to these CPU cores (Linux ids; every replica of the pool on a "
-        "node shares them): keeps a prefill and a decode replica on one machine from competing for the same cores",
+        description="pin the pool's replicas to these CPU cores (Linux ids; every replica of the pool on a node "
+        "shares them): keeps a prefill and a decode replica (or the ingress and the engines) on one machine from "
+        "competing for the same cores",
     )
 
 
@@ -483,6 +484,12 @@ class ServeConfig(BaseModel):
         for name in used:
             if getattr(self, name).num_replicas < 1 and name not in scaled:
                 raise ValueError(f"{name}.num_replicas must be at least 1 (0 only where autoscaling sizes the pool)")
+        return self
+
+    @model_validator(mode="after")
+    def _ingress_runs_no_torch(self) -> ServeConfig:
+        if self.ingress.num_threads is not None:
+            raise ValueError("ingress.num_threads sets an engine's torch threads: the ingress runs none")
         return self
 
     @model_validator(mode="after")

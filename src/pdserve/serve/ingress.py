@@ -30,7 +30,7 @@ from pdserve.serve.handoff import colocated_generate, disaggregated_generate
 from pdserve.serve.ingress_router import IngressRouter, RouterCollector, broadcast
 from pdserve.serve.messages import ModelInfo, ReplicaStats
 from pdserve.serve.metrics import IngressMetrics
-from pdserve.serve.process import level_http_front, set_niceness
+from pdserve.serve.process import level_http_front, pin_process, set_niceness
 from pdserve.serve.spans import route_attributes
 from pdserve.telemetry import configure_tracing, flush, names, span_in
 
@@ -54,6 +54,8 @@ class Ingress:
     ) -> None:
         self.config = config
         set_niceness(config.niceness)
+        if config.ingress.cpus:  # e.g. off the engines' cores, on a node that hosts both
+            pin_process(config.ingress.cpus)
         configure_tracing("ingress", replica_tracing_env(config.tracing_env))
         self.prefill, self.decode, self.engine = prefill, decode, engine
         self.mode = "colocated" if engine is not None else "disaggregated"
