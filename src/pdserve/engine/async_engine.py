@@ -308,11 +308,14 @@ class AsyncEngine:
                     self._busy_since = time.monotonic()
                     self._publish(self._step())
                     self._busy_since = None
-                else:
-                    if self.cores is not None:
-                        self.cores.idle()
-                    self._wakeup.wait(_IDLE_WAIT_S)
-                    self._wakeup.clear()
+                    if self.engine.last_step_ran:
+                        continue
+                    # Nothing could run (prompts waiting for held blocks): wait for a command (they set the
+                    # wakeup) or the next reap, instead of a full schedule() per spin holding the GIL and a core.
+                elif self.cores is not None:
+                    self.cores.idle()
+                self._wakeup.wait(min(_IDLE_WAIT_S, max(0.0, next_reap - time.monotonic())))
+                self._wakeup.clear()
         except BaseException as e:
             logger.exception("engine thread failed")
             self._error = e

@@ -59,6 +59,7 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self.num_preemptions = 0  # total, for stats and tests
+        self.last_step_ran = True  # whether the last step scheduled anything (step)
         self.reservations = Reservations(self.kv, self.layout.block_size, config.cache.fence_grace_s)
         self.num_reaped_leases = self.num_reaped_held = self.num_fenced_aborts = self.num_aborts = 0  # since start
         self.load = LoadCounters()
@@ -210,6 +211,10 @@ class LLMEngine:
         """Schedule, run the model once, and report every request that produced a token or finished."""
         batch = self.scheduler.schedule()
         self.num_preemptions += len(batch.preempted)
+        # False when nothing could run: the waiting prompts need blocks that reservations (KV still arriving), held
+        # prefill results (a push still sending) or fenced blocks hold; another step changes nothing until a
+        # command or `reap` frees some (AsyncEngine then waits instead of spinning).
+        self.last_step_ran = bool(batch.chunks or batch.preempted)
         if not batch.chunks:
             return []
         sinks = [(c.seq.layer_sink, c.seq) for c in batch.chunks if c.seq.layer_sink is not None and c.is_last]
