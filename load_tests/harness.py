@@ -43,6 +43,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness's cluster helpers
 
 ATTAINMENT = 0.9  # DistServe's goodput: the share of requests that must meet both SLOs
+LAG_WARN_S = 0.1  # a p99 client lag past this is reported: the run's arrivals were not the ones scheduled
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Record:
     # Why a request answered 200 did not complete: an error event or a cut stream, no [DONE], fewer tokens than
     # asked for (every request sets ignore_eos), an unreadable chunk. Such a request misses the SLOs.
     error: str | None = None
+    lag_s: float = 0.0  # how late the client sent it against its scheduled arrival (`sent_at_s`): its own delay
 
     @property
     def tpot_s(self) -> float | None:
@@ -226,6 +228,7 @@ async def run(url: str, model: str, specs: list[Spec], progress: bool = True) ->
 
         async def one(spec: Spec, record: Record) -> None:
             await asyncio.sleep(max(0.0, spec.at_s - (time.perf_counter() - start)))
+            record.lag_s = max(0.0, time.perf_counter() - start - spec.at_s)
             await send(client, url, model, spec, start, record)
             bar.update(1)
 
@@ -233,6 +236,20 @@ async def run(url: str, model: str, specs: list[Spec], progress: bool = True) ->
         wall = time.perf_counter() - start
     bar.close()
     return records, wall
+
+
+async def warm_up(client: httpx.AsyncClient, url: str, model: str, n: int, vocab: int) -> None:
+    """`n` short requests at once, before anything is measured (a first request pays for lazy allocations and
+    compilations; a goodput search's first rate, or a sweep's, would carry them). Their prompts come from their own
+    seed: no measured prompt shares a prefix with them. SystemExit if one fails."""
+    rng = random.Random("warm-up")
+    specs = [Spec(0.0, _tokens(rng, 32, vocab), 8, "warm-up") for _ in range(n)]
+    records = [Record(s.kind, 0.0, len(s.prompt)) for s in specs]
+    start = time.perf_counter()
+    await asyncio.gather(*(send(client, url, model, s, start, r) for s, r in zip(specs, records, strict=True)))
+    for r in records:
+        if r.status != 200 or r.error is not None:
+            raise SystemExit(f"the warm-up request failed (HTTP {r.status}{': ' + r.error if r.error else ''})")
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -301,6 +318,7 @@ def summary(rate: float, records: list[Record], wall_s: float, args: argparse.Na
         "slo_attainment": met / len(records) if records else 0.0,
         **{f"{name}_p{q}": pct(values, q) for name, values in
            (("ttft_s", ttft), ("tpot_s", tpot), ("itl_s", itl), ("e2e_s", e2e)) for q in (50, 90, 99)},
+        "client_lag_s_p99": pct([r.lag_s for r in records], 99),
         **burst_split(records),
     }  # fmt: skip
 
@@ -338,6 +356,13 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, goodput: str 
                 f"| {r['rate']:.2f} | {f(burst, 1e3)} / {f(idle, 1e3)} | {ratio} | "
                 f"{f(r.get('burst_itl_s_p99'), 1e3)} / {f(r.get('idle_itl_s_p99'), 1e3)} |"
             )
+    for r in rows:  # .get: results saved before the lag was recorded have none
+        if (lag := r.get("client_lag_s_p99")) is not None and lag > LAG_WARN_S:
+            lines += [
+                "", f"At {r['rate']:.2f} req/s the client sent 1% of its requests {lag:.2f} s or more after their "
+                "scheduled arrival (p99 lag): the server saw fewer arrivals than scheduled. Give the client a core of "
+                "its own, or lower the rate."
+            ]  # fmt: skip
     if goodput is not None:
         lines += ["", goodput]
     return "\n".join(lines)
@@ -563,6 +588,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "every --burst-every-s): the same mix at every rate, as a goodput search needs",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--warmup", type=int, default=2, metavar="N",
+        help="short requests sent at once before the first measured run (0: none)",
+    )  # fmt: skip
     parser.add_argument("--out", default=None, help="directory for results.json, summary.md and plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument(
@@ -605,6 +634,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else _nothing(args.url, args.model)
     )
     with server as (url, model):
+        if args.warmup:
+            asyncio.run(_warm_up(url, model, args.warmup, args.vocab))
         if args.goodput:
             goodput, at_least = goodput_search(url, model, args, runs)
         else:
@@ -625,6 +656,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for path in plots(out, runs, args):
             print(f"plot: {path}")
     return result
+
+
+async def _warm_up(url: str, model: str, n: int, vocab: int) -> None:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=30.0)) as client:
+        await warm_up(client, url, model, n, vocab)
 
 
 @contextmanager

@@ -251,3 +251,73 @@ def test_sse_accounting_counts_tokens_from_usage_and_spreads_a_chunk_over_its_ga
     asyncio.run(go())
     assert record.status == 200 and record.output_tokens == 5 and record.ttft_s is not None
     assert len(record.itl_s) == 3 and len(record.token_times_s) == 3  # gaps for tokens 3, 4 (one chunk) and 5
+
+
+def test_the_warm_up_goes_first_shares_no_prefix_and_a_failure_stops_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the first measured run (a goodput search's first rate paid for the server's cold start), `--warmup`
+    short requests go at once; their prompts share no prefix with the measured ones (no cache hit is carried into
+    the measurement); a warm-up that fails ends the run with its status, before anything is measured."""
+    bodies: list[dict] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        if len(bodies) > 2:
+            return httpx.Response(503, json={"error": {"message": "overloaded"}})
+        return httpx.Response(200, content=b"".join(_sse(*(_chunk("a", i) for i in range(1, 9)))))
+
+    async def warm(n: int) -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            await harness.warm_up(client, "http://x/v1", "m", n, 500)
+
+    asyncio.run(warm(2))
+    assert len(bodies) == 2 and all(b["max_tokens"] == 8 and len(b["prompt"]) == 32 for b in bodies)
+    args = argparse.Namespace(
+        workload="multiturn", duration_s=20.0, max_prompt=4096, max_output=64, vocab=500, system_prompt=64,
+        conversations=4, long_share=None, burst_every_s=5.0, burst_size=2,
+    )  # fmt: skip
+    measured = [s.prompt for s in harness.workload(args, 2.0)]
+    assert not any(b["prompt"][:16] == p[:16] for b in bodies for p in measured)
+    with pytest.raises(SystemExit, match=r"warm-up request failed.*503"):
+        asyncio.run(warm(1))
+
+    order: list[str] = []
+
+    async def fake_warm_up(url: str, model: str, n: int, vocab: int) -> None:
+        order.append(f"warm-up x{n}")
+
+    async def fake_run(url: str, model: str, specs: list[harness.Spec], progress: bool) -> tuple[list, float]:
+        order.append("run")
+        return [harness.Record(s.kind, s.at_s, 1, 200, 0.1, 1.0, 4) for s in specs], 10.0
+
+    monkeypatch.setattr(harness, "_warm_up", fake_warm_up)
+    monkeypatch.setattr(harness, "run", fake_run)
+    harness.main(["--url", "http://x/v1", "--sweep", "1,2", "--duration-s", "5", "--quiet", "--nice", "0"])
+    assert order == ["warm-up x2", "run", "run"]
+    order.clear()
+    no_warm_up = ["--url", "http://x/v1", "--rate", "2", "--duration-s", "5", "--quiet", "--nice", "0", "--warmup", "0"]
+    harness.main(no_warm_up)
+    assert order == ["run"]
+
+
+def test_a_client_that_falls_behind_its_schedule_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Open loop: each request goes at its scheduled time, unless the client's own loop is late. A send that holds
+    the loop 0.4 s delays the ones due meanwhile: their lag is recorded and the summary says the server saw fewer
+    arrivals than scheduled (it used to measure such a run as if the rate had been met)."""
+
+    async def blocking_send(client, url, model, spec, start, record) -> None:  # type: ignore[no-untyped-def]
+        if spec.at_s == 0.0:
+            import time
+
+            time.sleep(0.4)  # the client's loop is busy: nothing else is sent meanwhile
+        record.status, record.ttft_s, record.e2e_s, record.output_tokens = 200, 0.01, 0.02, spec.max_tokens
+
+    monkeypatch.setattr(harness, "send", blocking_send)
+    specs = [harness.Spec(0.1 * i, [1], 2) for i in range(5)]
+    records, wall = asyncio.run(harness.run("http://x/v1", "m", specs, progress=False))
+    assert records[0].lag_s < 0.1 and records[1].lag_s > 0.2 and records[3].lag_s > 0.05
+    args = argparse.Namespace(workload="chat", ttft_slo_s=1.0, tpot_slo_s=1.0)
+    row = harness.summary(10.0, records, wall, args)
+    assert row["client_lag_s_p99"] > harness.LAG_WARN_S
+    assert "after their scheduled arrival" in harness.markdown([row], args, None)
+    on_time = harness.summary(10.0, [harness.Record("chat", 0.0, 1, 200, 0.01, 0.02, 2)], 1.0, args)
+    assert "scheduled arrival" not in harness.markdown([on_time], args, None)
