@@ -186,12 +186,17 @@ def machine_cpu() -> tuple[float, float, float]:
     """(busy, idle, steal) CPU seconds of the whole machine so far, every core: what the tracked processes leave of
     busy is the rest (Ray's daemons, the Serve controller, anything else running); idle cores under load are time
     the engine waited (its threads meet at a barrier after every parallel op: a core lent to another process for a
-    moment holds the other thread up); steal is time the hypervisor ran someone else on this VM's cores."""
-    t = psutil.cpu_times()
-    idle = t.idle + getattr(t, "iowait", 0.0)
-    steal = getattr(t, "steal", 0.0)
-    total = sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)  # guests are counted in user/nice
-    return total - idle - steal, idle, steal
+    moment holds the other thread up); steal is time the hypervisor ran someone else on this VM's cores. Only the
+    cores this process may run on (its cpuset or affinity): the host's others are not this benchmark's machine."""
+    per_core = psutil.cpu_times(percpu=True)
+    cores = [per_core[i] for i in sorted(os.sched_getaffinity(0)) if i < len(per_core)] or per_core
+    busy = idle = steal = 0.0
+    for t in cores:
+        core_idle = t.idle + getattr(t, "iowait", 0.0)
+        core_steal = getattr(t, "steal", 0.0)
+        total = sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)  # guests are counted in user/nice
+        busy, idle, steal = busy + total - core_idle - core_steal, idle + core_idle, steal + core_steal
+    return busy, idle, steal
 
 
 def add_machine(cpu: dict[str, float], before: tuple[float, ...], after: tuple[float, ...]) -> None:
@@ -462,7 +467,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--rounds", type=int, default=1,
-        help="run every system this many times, interleaved; each row is the median run (by tok/s)",
+        help="run every system this many times, interleaved; each row is the median run (by tok/s; of an even "
+        "number, the slower of the middle two)",
     )  # fmt: skip
     parser.add_argument(
         "--json", type=Path, default=None,

@@ -142,3 +142,23 @@ def test_warm_ups_stay_out_of_the_measured_prompts_and_cpu(monkeypatch: pytest.M
     tokens = sum(s.num_tokens for s in result.samples)
     assert tokens == 3 * 32
     assert result.cpu_s["engine"] / tokens < 0.0056, result.cpu_s  # 5 ms + the loop's; a 32-token warm-up: 6.7 ms
+
+
+def test_the_machines_cpu_is_the_cores_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a cpuset (a container given 2 of a host's 64 cores) the machine's busy, idle and steal are those of the
+    cores the benchmark's processes can run on: summing the host's every core counted 62 cores' idle time as the
+    engines' waiting, and other tenants' work as the rest."""
+    import collections
+    import os
+
+    import psutil
+
+    sys.path.insert(0, str(ROOT / "load_tests"))
+    import serving_tax
+
+    Times = collections.namedtuple("Times", "user nice system idle iowait steal guest guest_nice")
+    host = [Times(10.0 * (i + 1), 0.0, 1.0, 100.0, 2.0, 0.5, 0.0, 0.0) for i in range(4)]
+    monkeypatch.setattr(psutil, "cpu_times", lambda percpu=False: host if percpu else None)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1, 3})
+    busy, idle, steal = serving_tax.machine_cpu()
+    assert (busy, idle, steal) == pytest.approx((20.0 + 1 + 40.0 + 1, 2 * 102.0, 2 * 0.5))
