@@ -53,3 +53,44 @@ def test_the_ingress_imports_no_torch(tiny_models: dict[str, Path]) -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "[]", done.stdout[-2000:]
+
+
+def test_a_tokenizer_json_that_truncates_or_pads_is_neither_and_shared_across_threads(
+    smollm2_dir: Path, tmp_path: Path
+) -> None:
+    """tokenizer.json may enable truncation and padding: transformers turns them off on the first encode, writing
+    to the Rust tokenizer — "Already borrowed" if the event loop's detokenizer reads it at that moment. They are off
+    at load, before any thread shares it; a prompt past the old truncation length keeps every token."""
+    import json
+    import shutil
+    import threading
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json"):
+        if (smollm2_dir / name).exists():
+            shutil.copy(smollm2_dir / name, tmp_path / name)
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    spec["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+    spec["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                       "pad_type_id": 0, "pad_token": "<|endoftext|>"}  # fmt: skip
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    tokenizer = load_tokenizer(tmp_path, tokenizer_class(smollm2_dir))
+    backend = tokenizer.backend_tokenizer
+    assert backend.truncation is None and backend.padding is None
+    reference = AutoTokenizer.from_pretrained(smollm2_dir)
+    errors: list[BaseException] = []
+
+    def decode_meanwhile() -> None:
+        try:
+            for _ in range(2000):
+                tokenizer.decode(list(range(100, 140)))
+        except BaseException as e:
+            errors.append(e)
+
+    reader = threading.Thread(target=decode_meanwhile)
+    reader.start()
+    try:
+        for text in ["hello world " * 50, *TEXTS]:
+            assert tokenizer(text, add_special_tokens=True)["input_ids"] == reference(text)["input_ids"]
+    finally:
+        reader.join()
+    assert not errors

@@ -200,9 +200,15 @@ def load_tokenizer(model_dir: str | Path, class_name: str | None) -> Any:
     import transformers
 
     cls = getattr(transformers, class_name, None) if class_name else None
-    if cls is None:
-        return transformers.AutoTokenizer.from_pretrained(model_dir)
-    return cls.from_pretrained(model_dir)
+    tokenizer = (cls or transformers.AutoTokenizer).from_pretrained(model_dir)
+    # A tokenizer.json may enable truncation or padding: transformers turns them off on the first encode, a write
+    # to the Rust tokenizer that raises "Already borrowed" if the event loop's detokenizer reads it meanwhile.
+    # Off now, before any thread shares it (pdserve never truncates or pads a prompt: too long is a 400).
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and (backend.truncation is not None or backend.padding is not None):
+        backend.no_truncation()
+        backend.no_padding()
+    return tokenizer
 
 
 def read_chat_template(template: str | None) -> str | None:
