@@ -260,6 +260,31 @@ def test_a_template_variable_the_template_cannot_use_is_a_400(tokenizer: Any) ->
     assert len(backend.requests) == 1
 
 
+def test_a_chat_turn_the_template_drops_does_not_count_against_the_context(tokenizer: Any) -> None:
+    """Templates may drop content (Qwen3's drops earlier turns' reasoning; this one keeps only the newest turn): an
+    earlier message longer than any fitting prompt was refused by the pre-template length check, which summed every
+    message; only the newest user turn is surely rendered, so only it is checked before the template (a newest turn
+    too long for any tokenization is still refused untokenized), and the rendered ids after."""
+    from pdserve.api.intake import Tokenization
+
+    template = "{{ messages[-1].content }}"
+    backend = FakeBackend(tokenizer)
+    longest = Tokenization(tokenizer, MAX_MODEL_LEN).max_token_chars
+    huge = "ab " * (MAX_MODEL_LEN * longest)
+    dropped = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": huge}, USER_HI[0]]
+    with serve(create_app(backend, chat_template=template)) as url:
+        fits = httpx.post(
+            f"{url}{CHAT}", json={"model": "fake-model", "messages": dropped, "max_tokens": 2}, timeout=10
+        )
+        newest = [USER_HI[0], {"role": "user", "content": huge}]
+        refused = httpx.post(
+            f"{url}{CHAT}", json={"model": "fake-model", "messages": newest, "max_tokens": 2}, timeout=10
+        )
+    assert fits.status_code == 200, fits.text
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded", refused.text
+    assert len(backend.requests) == 1
+
+
 # The bodies the load tools send, as recorded from guidellm 0.8.1 (request_handlers.py) and aiperf 0.13.0
 # (inputs.json of a run): docs/LOAD_TESTS.md runs both unchanged against pdserve.
 LOAD_TOOL_BODIES = {

@@ -118,7 +118,10 @@ class Tokenization:
             message = "continue_final_message needs an assistant message last"
             raise APIError(400, message, param="continue_final_message")
         conversation = [m.to_template() for m in messages]
-        self.check_length(sum(len(m["content"]) for m in conversation), "messages")
+        # A template may drop content (earlier turns' reasoning, say): only the newest user turn is surely rendered,
+        # so only its length refuses the request before the template runs (the rendered ids are checked after).
+        newest = next((m["content"] for m in reversed(conversation) if m["role"] == "user"), "")
+        self.check_length(len(newest), "messages")
         kwargs = dict(template_kwargs or {})
         reserved = sorted(self.render_arguments & kwargs.keys())
         if reserved:  # would override what the server (or the request's own fields) set
