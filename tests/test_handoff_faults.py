@@ -22,6 +22,7 @@ schedule (the interleaving with the engine threads varies between runs).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
@@ -672,6 +673,60 @@ def test_a_handoff_its_client_left_is_handed_back_until_it_ends(
             await _settle(0, cluster, None)  # its reservation freed on D, its blocks on P
         finally:
             cluster.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("late", ["reserving", "answering"])
+def test_a_reserve_the_handoff_stopped_waiting_for_is_undone_on_its_replica(
+    serve_config: ServeConfig, tiny_models: dict[str, Path], late: str
+) -> None:
+    """The chosen decode replica answers its reserve after the call's timeout (its engine busy with a long step): the
+    handoff reserves on the runner-up and the request ends exact there — and the late reservation is freed at once.
+    Serve does not cancel a replica's call when its waiter stops waiting: it used to be granted anyway and hold its
+    blocks, unknown to anyone, for the lease (found in review). Late while reserving: the call is cancelled on the
+    replica (the reserve undoes itself); late with the answer (granted, the reply already on its way): freed when it
+    arrives."""
+    config = serve_config.model_copy(update={"reservation_lease_s": 60.0})  # only the fix frees it within _settle
+    model = load_reference_model(tiny_models["llama"])
+
+    async def main() -> None:
+        cluster = Cluster(config, str(tiny_models["llama"]))
+        for role in ("prefill", "decode", "decode"):
+            cluster.add(role)
+        prefill, decode = Handle(cluster, "prefill"), Handle(cluster, "decode")
+        info = await decode.model_info.remote()
+        settings = config.router.model_copy(update={"local_prefill_max_tokens": 0})  # every prompt to P
+        router = ingress_router.IngressRouter(
+            settings, settings.cost_config(info.block_size, info.kv_bytes_per_token), prefill, decode
+        )
+        await router.sync()
+        prompt = list(range(5, 40))
+        request = EngineRequest("r", tuple(prompt), greedy(4))
+        route = router.route(request)
+        assert route is not None and route.mode is RouteMode.DISAGGREGATED
+        slow = next(r for r in cluster.all if r.id == route.decode_replica_id).server
+        reserve = slow.reserve
+        granted: list[Any] = []
+
+        async def late_reserve(*args: Any, **kwargs: Any) -> Any:
+            if late == "reserving":
+                await asyncio.sleep(1.5)  # the engine thread is busy: the call waits past its timeout
+                return await reserve(*args, **kwargs)
+            held = await reserve(*args, **kwargs)
+            granted.append(held)
+            with contextlib.suppress(asyncio.CancelledError):  # granted: the reply is on its way whatever happens
+                await asyncio.sleep(1.5)  # the answer is slow to arrive
+            return held
+
+        slow.reserve = late_reserve
+        outputs = handoff.disaggregated_generate(request, prefill, decode, route, queue_ttl_s=1.0)
+        async with aclosing(outputs):
+            tokens = [t async for out in outputs for t in out.new_token_ids]
+        assert tokens == reference_greedy(model, prompt, 4).token_ids
+        assert bool(granted) == (late == "answering")
+        await _settle(0, cluster, None)  # within SETTLE_S, not the lease's 60 s; and no lease reaped
+        cluster.close()
 
     asyncio.run(main())
 

@@ -407,8 +407,17 @@ async def _reserve(
     async def on(target: str | None) -> Reservation | None:
         call = decode.reserve.remote(request, target_replica_id=target)
         timeout_s = min(_CALL_TIMEOUT_S, max(1.0, deadline - time.monotonic()))
-        with foreign_cancel_as_fault(f"reserving for {request.request_id}"):  # else taken for the client leaving
-            return await asyncio.wait_for(call, timeout_s)  # a late reservation: its lease ends it
+        reply: asyncio.Future[Reservation | None] = asyncio.ensure_future(_awaited(call))
+        try:
+            with foreign_cancel_as_fault(f"reserving for {request.request_id}"):  # else taken for the client leaving
+                return await asyncio.wait_for(asyncio.shield(reply), timeout_s)
+        except BaseException:
+            # Given up (timed out, say): Serve does not cancel a replica's call when its waiter stops waiting. Cancel
+            # it (a reserve cancelled there undoes itself), and free a reservation granted anyway once it arrives:
+            # nobody else knows of it, and its lease would hold the blocks for a minute.
+            call.cancel()
+            reply.add_done_callback(partial(_abort_unused, decode))
+            raise
 
     targets = [t for t in route.decode_ranking[:2] if t not in failed] if route is not None else []
     has_failed = bool(route is not None and set(route.decode_ranking[:2]) & failed)
@@ -449,6 +458,14 @@ def _abort_when_done(decode: DeploymentHandle, request_id: str, writer: _Writers
         return
     reservation: Reservation = handoff.result()[0]
     _spawn(_abort(decode, request_id, {"target_replica_id": reservation.replica_id}, **writer.fence()))
+
+
+def _abort_unused(decode: DeploymentHandle, reply: asyncio.Future[Reservation | None]) -> None:
+    """A reservation its handoff stopped waiting for: free it on its replica (no writer ever learned of it)."""
+    if reply.cancelled() or reply.exception() is not None or (reservation := reply.result()) is None:
+        return
+    pinned = {"target_replica_id": reservation.replica_id}
+    _spawn(_abort(decode, reservation.request_id, pinned, may_be_written=False))
 
 
 async def _abort(
