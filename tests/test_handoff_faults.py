@@ -182,7 +182,7 @@ class Cluster:
 
     def __init__(self, config: ServeConfig, model_path: str) -> None:
         self.config, self.model_path = config, model_path
-        self.pools: dict[str, list[Replica]] = {"prefill": [], "decode": []}
+        self.pools: dict[str, list[Replica]] = {"prefill": [], "decode": [], "engine": []}
         self.all: list[Replica] = []
         self.rng = random.Random(0)
         self.triggers: dict[int, float | None] = {}  # k -> kill the replica of the round's k-th call: at once, or after
@@ -196,7 +196,7 @@ class Cluster:
         context = SimpleNamespace(replica_id=SimpleNamespace(unique_id=f"{role[0]}{self._next_id}"))
         with pytest.MonkeyPatch.context() as m:
             m.setattr(replicas.serve, "get_replica_context", lambda: context)
-            cls = replicas.PrefillServer if role == "prefill" else replicas.DecodeServer
+            cls = {"prefill": replicas.PrefillServer, "engine": replicas.EngineServer}.get(role, replicas.DecodeServer)
             server = cls(self.config, self.model_path)
         replica = Replica(server, role, asyncio.get_running_loop().create_future())
         self.pools[role].append(replica)
@@ -726,6 +726,42 @@ def test_a_reserve_the_handoff_stopped_waiting_for_is_undone_on_its_replica(
         assert tokens == reference_greedy(model, prompt, 4).token_ids
         assert bool(granted) == (late == "answering")
         await _settle(0, cluster, None)  # within SETTLE_S, not the lease's 60 s; and no lease reaped
+        cluster.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("with_channels", [True, False], ids=["channels", "streams"])
+@pytest.mark.parametrize("when", ["before-its-first-token", "mid-stream"])
+def test_a_colocated_replica_that_dies_fails_its_streams_over_exactly(
+    serve_config: ServeConfig, tiny_models: dict[str, Path], when: str, with_channels: bool
+) -> None:
+    """Colocated mode fails over as disaggregated does: the engine replica dies before the first token (retried on
+    Serve's next pick) or mid-stream (the greedy stream continues there from its tokens so far); the client's
+    tokens are the reference's, once each, and the survivor frees everything. It was a 500, or an error event after
+    a 200."""
+    model = load_reference_model(tiny_models["llama"])
+    prompt = list(range(7, 30))
+    want = reference_greedy(model, prompt, 12).token_ids
+
+    async def main() -> None:
+        cluster = Cluster(serve_config, str(tiny_models["llama"]))
+        for _ in range(2):
+            cluster.add("engine")
+        engine = Handle(cluster, "engine")
+        channels = IngressChannels() if with_channels else None
+        if when == "before-its-first-token":
+            cluster.triggers = {1: None}  # the first call's replica dies before the call runs
+        got: list[int] = []
+        outputs = handoff.colocated_generate(EngineRequest("c", tuple(prompt), greedy(12)), engine, channels)
+        async with aclosing(outputs):
+            async for out in outputs:
+                assert out.request_id == "c" and out.num_prompt_tokens == len(prompt)
+                got += out.new_token_ids
+                if when == "mid-stream" and len(got) >= 3 and not cluster.killed:
+                    cluster.kill(next(r for r in cluster.all if any(t.method == "generate" for t in r.tasks)))
+        assert got == want and len(cluster.killed) == 1
+        await _settle(0, cluster, channels)
         cluster.close()
 
     asyncio.run(main())

@@ -25,8 +25,8 @@ from pdserve.router import RouteDecision, RouteMode
 class FailoverCounters:
     prefill_retries: int = 0  # prefills retried on another replica after the first one failed
     local_fallbacks: int = 0  # prompts prefilled on their decode replica after every prefill attempt failed
-    handoff_retries: int = 0  # requests handed off again, elsewhere, after failing before their first token
-    migrations: int = 0  # streams moved to another decode replica after theirs failed
+    handoff_retries: int = 0  # requests sent again, elsewhere, after failing before their first token
+    migrations: int = 0  # streams moved to another replica after theirs failed
 
 
 counters = FailoverCounters()  # per ingress process (each ingress replica counts its own)
@@ -60,6 +60,28 @@ def can_migrate(request: EngineRequest, error: BaseException) -> bool:
     """A server fault on a request whose continuation is reproducible (greedy, or seeded)."""
     is_reproducible = request.sampling.is_greedy or request.sampling.seed is not None
     return is_reproducible and is_server_fault(error)
+
+
+@dataclass
+class Failover:
+    """One request's failovers: a server fault before its first token is retried once elsewhere; after it, a
+    greedy or seeded stream continues elsewhere (`continuation`) up to `max_migrations` times."""
+
+    max_migrations: int = 1
+    num_retries: int = 0
+    num_migrations: int = 0
+
+    def action(self, request: EngineRequest, streamed: list[int], error: BaseException) -> str | None:
+        """What to do about `error` (counted), or None: it ends the request."""
+        if not streamed and self.num_retries < 1 and is_server_fault(error):
+            self.num_retries += 1
+            counters.handoff_retries += 1
+            return "retrying it elsewhere"
+        if streamed and self.num_migrations < self.max_migrations and can_migrate(request, error):
+            self.num_migrations += 1
+            counters.migrations += 1
+            return "migrating it"
+        return None
 
 
 def continuation(request: EngineRequest, streamed: list[int], attempt: int) -> EngineRequest:

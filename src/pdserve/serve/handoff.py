@@ -38,9 +38,9 @@ from pdserve.engine import EngineRequest, FinishReason, InvalidRequestError, Req
 from pdserve.router import RouteDecision, RouteMode
 from pdserve.serve.channels import IngressChannels
 from pdserve.serve.failover import (
+    Failover,
     ReplicaCancelled,
     as_original,
-    can_migrate,
     continuation,
     counters,
     foreign_cancel_as_fault,
@@ -92,7 +92,7 @@ async def disaggregated_generate(
     streamed: list[int] = []
     where = _Where(abandoned if abandoned is not None else [], moved or _unheard)
     attempt = request
-    num_retries = num_migrations = 0
+    failover = Failover(max_migrations)
     for number in itertools.count(1):
         try:
             passes = _handoff(attempt, prefill, decode, route, where, queue_ttl_s, prefill_timeout_s, channels)
@@ -104,15 +104,7 @@ async def disaggregated_generate(
                         return
             return
         except Exception as e:
-            if not streamed and num_retries < 1 and is_server_fault(e):
-                num_retries += 1
-                counters.handoff_retries += 1
-                action = "handing it off again elsewhere"
-            elif streamed and num_migrations < max_migrations and can_migrate(request, e):
-                num_migrations += 1
-                counters.migrations += 1
-                action = "migrating it"
-            else:
+            if (action := failover.action(request, streamed, e)) is None:
                 raise
             logger.warning("%s failed on decode replica %s (%r); %s", request.request_id, where.decode, e, action)
         attempt = continuation(request, streamed, number)
@@ -497,11 +489,28 @@ def _detached(coro: Any) -> asyncio.Task[Any]:
 
 
 async def colocated_generate(
-    request: EngineRequest, engine: DeploymentHandle, channels: IngressChannels | None = None
+    request: EngineRequest, engine: DeploymentHandle, channels: IngressChannels | None = None, max_migrations: int = 1
 ) -> AsyncGenerator[RequestOutput, None]:
-    async with aclosing(_generate(request, engine, channels)) as outputs:
-        async for out in outputs:
-            yield out
+    """Stream `request`'s outputs from an engine replica (Serve picks it), failing over as `disaggregated_generate`
+    does: a replica failing before the first token is retried once on Serve's next pick, a greedy or seeded stream
+    it fails mid-way continues there (failover.py)."""
+    streamed: list[int] = []
+    attempt = request
+    failover = Failover(max_migrations)
+    for number in itertools.count(1):
+        try:
+            async with aclosing(_generate(attempt, engine, channels)) as outputs:
+                async for out in outputs:
+                    streamed.extend(out.new_token_ids)
+                    yield out if attempt is request else as_original(out, request)
+                    if out.finish_reason is not None:
+                        return
+            return
+        except Exception as e:
+            if (action := failover.action(request, streamed, e)) is None:
+                raise
+            logger.warning("%s failed on its engine replica (%r); %s", request.request_id, e, action)
+        attempt = continuation(request, streamed, number)
 
 
 async def _stream(stream: DeploymentResponseGenerator[RequestOutput]) -> AsyncGenerator[RequestOutput, None]:
