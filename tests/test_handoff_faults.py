@@ -677,6 +677,23 @@ def test_a_handoff_its_client_left_is_handed_back_until_it_ends(
     asyncio.run(main())
 
 
+async def _routed(
+    config: ServeConfig, model: Path, roles: tuple[str, ...]
+) -> tuple[Cluster, Handle, Handle, ingress_router.IngressRouter]:
+    """A cluster of `roles` and a synced router that sends every prompt to a prefill replica."""
+    cluster = Cluster(config, str(model))
+    for role in roles:
+        cluster.add(role)
+    prefill, decode = Handle(cluster, "prefill"), Handle(cluster, "decode")
+    info = await decode.model_info.remote()
+    settings = config.router.model_copy(update={"local_prefill_max_tokens": 0})  # every prompt to P
+    router = ingress_router.IngressRouter(
+        settings, settings.cost_config(info.block_size, info.kv_bytes_per_token), prefill, decode
+    )
+    await router.sync()
+    return cluster, prefill, decode, router
+
+
 @pytest.mark.parametrize("late", ["reserving", "answering"])
 def test_a_reserve_the_handoff_stopped_waiting_for_is_undone_on_its_replica(
     serve_config: ServeConfig, tiny_models: dict[str, Path], late: str
@@ -691,16 +708,7 @@ def test_a_reserve_the_handoff_stopped_waiting_for_is_undone_on_its_replica(
     model = load_reference_model(tiny_models["llama"])
 
     async def main() -> None:
-        cluster = Cluster(config, str(tiny_models["llama"]))
-        for role in ("prefill", "decode", "decode"):
-            cluster.add(role)
-        prefill, decode = Handle(cluster, "prefill"), Handle(cluster, "decode")
-        info = await decode.model_info.remote()
-        settings = config.router.model_copy(update={"local_prefill_max_tokens": 0})  # every prompt to P
-        router = ingress_router.IngressRouter(
-            settings, settings.cost_config(info.block_size, info.kv_bytes_per_token), prefill, decode
-        )
-        await router.sync()
+        cluster, prefill, decode, router = await _routed(config, tiny_models["llama"], ("prefill", "decode", "decode"))
         prompt = list(range(5, 40))
         request = EngineRequest("r", tuple(prompt), greedy(4))
         route = router.route(request)
@@ -776,16 +784,8 @@ def test_the_routers_counts_follow_a_request_to_where_its_work_went(
     (found in review), so a full or dead replica looked busy and the one doing the work idle."""
 
     async def main() -> None:
-        cluster = Cluster(serve_config, str(tiny_models["llama"]))
-        for role in ("prefill", "prefill", "decode", "decode"):
-            cluster.add(role)
-        prefill, decode = Handle(cluster, "prefill"), Handle(cluster, "decode")
-        info = await decode.model_info.remote()
-        settings = serve_config.router.model_copy(update={"local_prefill_max_tokens": 0})  # every prompt to P
-        router = ingress_router.IngressRouter(
-            settings, settings.cost_config(info.block_size, info.kv_bytes_per_token), prefill, decode
-        )
-        await router.sync()
+        roles = ("prefill", "prefill", "decode", "decode")
+        cluster, prefill, decode, router = await _routed(serve_config, tiny_models["llama"], roles)
         loads = router.router.loads
         by_id = {r.id: r for r in cluster.all}
 
