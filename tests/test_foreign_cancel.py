@@ -137,7 +137,20 @@ class _CancelledOnReplica:
             await asyncio.sleep(0)
             raise asyncio.CancelledError()
 
-        return cancelled()
+        return _Response(cancelled())
+
+
+class _Response:
+    """A unary call's response, as Serve's DeploymentResponse: awaitable once, and `cancel()`able."""
+
+    def __init__(self, coro: Any) -> None:
+        self.coro, self.num_cancels = coro, 0
+
+    def __await__(self) -> Any:
+        return self.coro.__await__()
+
+    def cancel(self) -> None:
+        self.num_cancels += 1
 
 
 def test_a_reservation_cancelled_on_its_replica_is_a_server_fault() -> None:
