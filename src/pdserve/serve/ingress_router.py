@@ -158,6 +158,15 @@ class RouterCollector(Collector):
                                 value=a.num_queued_tokens)  # fmt: skip
         yield CounterMetricFamily("pdserve_admission_refused", "requests refused at admission (429)",
                                   value=a.counters.num_refused)  # fmt: skip
+        for name, doc, value in [
+            ("prefill_retries", "prefills retried on another replica", failover.prefill_retries),
+            ("local_prefill_fallbacks", "prompts prefilled on their decode replica: no prefill worked",
+             failover.local_fallbacks),
+            ("handoff_retries", "requests handed off again after failing before their first token",
+             failover.handoff_retries),
+            ("stream_migrations", "streams moved to another replica", failover.migrations),
+        ]:  # fmt: skip
+            yield CounterMetricFamily(f"pdserve_{name}", doc, value=value)
         if self.ingress_router is None:
             return
         router = self.ingress_router.router
@@ -175,15 +184,6 @@ class RouterCollector(Collector):
         ]:
             yield CounterMetricFamily(f"pdserve_router_{name}", doc, value=value)
         yield GaugeMetricFamily("pdserve_router_in_flight", "requests the router tracks", value=router.num_in_flight)
-        for name, doc, value in [
-            ("prefill_retries", "prefills retried on another replica", failover.prefill_retries),
-            ("local_prefill_fallbacks", "prompts prefilled on their decode replica: no prefill worked",
-             failover.local_fallbacks),
-            ("handoff_retries", "requests handed off again after failing before their first token",
-             failover.handoff_retries),
-            ("stream_migrations", "streams moved to another decode replica", failover.migrations),
-        ]:  # fmt: skip
-            yield CounterMetricFamily(f"pdserve_{name}", doc, value=value)
         staleness = GaugeMetricFamily(
             "pdserve_router_index_staleness_seconds", "age of the replica's last applied KV events", labels=["replica"]
         )
