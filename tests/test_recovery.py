@@ -90,6 +90,7 @@ def apps(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
             queue_ttl_s=5,
         ),
         "decode_killed": ServeConfig(**common, decode=slow_decode),
+        "engine_killed": ServeConfig(**common, colocated=True, engine=slow_decode),
         "prefill_killed": ServeConfig(**common, prefill=prefill_killed),
         "engine_dies": ServeConfig(**common, decode=engine_dies),
         "decode_wedged": ServeConfig(**common, decode=wedged, engine_step_timeout_s=3.0, drain_grace_s=1.0),
@@ -103,23 +104,31 @@ def apps(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
 KILL_STREAM_TOKENS = 40
 
 
-def test_a_decode_replica_killed_mid_stream_migrates_its_streams(apps: dict[str, Served], tiny_models) -> None:  # type: ignore[no-untyped-def]
-    """SIGKILL of a decode replica during 64 concurrent greedy streams on 1P+2D: no stream hangs, every stream that
-    completes is identical to transformers' (the dead replica's ones continue on the other decode replica), the
-    rest end with an error event; nothing is left held anywhere."""
-    served = apps["decode_killed"]
+@pytest.mark.parametrize(
+    ("app", "deployment"),
+    [("decode_killed", "DecodeServer"), ("engine_killed", "EngineServer")],
+    ids=["1p2d", "colocated"],
+)
+def test_a_replica_killed_mid_stream_migrates_its_streams(  # type: ignore[no-untyped-def]
+    apps: dict[str, Served], tiny_models, app: str, deployment: str
+) -> None:
+    """SIGKILL of a decode replica (1P+2D) or an engine replica (colocated, 2 replicas) during 64 concurrent greedy
+    streams: no stream hangs, every stream that completes is identical to transformers' (the dead replica's ones
+    continue on the other replica), the rest end with an error event; nothing is left held anywhere."""
+    served = apps[app]
     prompts = _mixed_prompts(seed=90, n=64)
-    outcomes = asyncio.run(_streams_through_a_kill(served, prompts, "decode_killed", "DecodeServer"))
+    migrations_before = sum(served.metrics().get("pdserve_stream_migrations_total", {}).values())
+    outcomes = asyncio.run(_streams_through_a_kill(served, prompts, app, deployment))
     model, tokenizer = load_reference_model(tiny_models["llama"]), AutoTokenizer.from_pretrained(tiny_models["llama"])
     wants = [continuation_text(tokenizer, p, reference_greedy(model, p, KILL_STREAM_TOKENS).token_ids) for p in prompts]
     exact = sum(text == want for want, text in zip(wants, outcomes, strict=True))
     errors = sum(text is None for text in outcomes)
     wrong = len(prompts) - exact - errors
-    migrations = sum(served.metrics().get("pdserve_stream_migrations_total", {}).values())
-    print(f"64 streams through a decode SIGKILL: {exact} exact, {errors} error events, {migrations:.0f} migrated")
+    migrations = sum(served.metrics().get("pdserve_stream_migrations_total", {}).values()) - migrations_before
+    print(f"64 streams through a {deployment} SIGKILL: {exact} exact, {errors} error events, {migrations:.0f} migrated")
     assert wrong == 0, f"{wrong} streams completed with wrong text"
     assert exact >= 0.99 * len(prompts) and migrations >= 1
-    _assert_idle(served, "after the decode kill", timeout_s=15)
+    _assert_idle(served, f"after the {deployment} kill", timeout_s=15)
 
 
 async def _streams_through_a_kill(served: Served, prompts: list[list[int]], app: str, deployment: str) -> list[Any]:
