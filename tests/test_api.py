@@ -510,6 +510,10 @@ def chat(**fields: Any) -> tuple[str, dict[str, Any]]:
         (completion(stream="yes"), 400, "stream", None),
         (completion(min_tokens=20), 400, "min_tokens", None),
         (completion(stop_token_ids=[999]), 400, "stop_token_ids", None),
+        # Unbounded, they slowed every stream on the replica: each step checks each stop id, each block hashes the salt.
+        (completion(stop_token_ids=[5] * 257), 400, "stop_token_ids", None),
+        (completion(cache_salt="s" * 257), 400, "cache_salt", None),
+        (chat(stop_token_ids=[5] * 257), 400, "stop_token_ids", None),
         (chat(messages=[]), 400, "messages", None),
         (chat(messages=[{"role": "robot", "content": "hi"}]), 400, "messages[0].role", None),
         (chat(messages=[{"role": "user"}]), 400, "messages[0]", None),

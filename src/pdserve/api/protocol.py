@@ -48,6 +48,10 @@ def is_plain_name(name: str) -> bool:
 MAX_TOP_LOGPROBS = 20  # vLLM's default --max-logprobs
 MAX_LOGIT_BIAS = 300  # OpenAI's limit
 MAX_CHOICES = 16  # choices per request (n): each is a sequence in the engine
+# Each stop token id is checked for every sequence at every engine step, and the cache salt is hashed into every
+# prompt block: unbounded, one request's fields slowed every stream on its replica (review: 520k ids, 8x).
+MAX_STOP_TOKEN_IDS = 256
+MAX_CACHE_SALT_CHARS = 256
 
 
 MAX_NESTING = 32  # lists and objects inside one another in a free-form field (chat_template_kwargs)
@@ -154,6 +158,20 @@ class SamplingFields(BaseModel):
     @classmethod
     def _text(cls, value: Any) -> Any:
         return _valid_text(value)
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_token_ids(cls, ids: list[int] | None) -> list[int] | None:
+        if ids and len(ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids")
+        return ids
+
+    @field_validator("cache_salt")
+    @classmethod
+    def _cache_salt(cls, salt: str | None) -> str | None:
+        if salt and len(salt) > MAX_CACHE_SALT_CHARS:
+            raise ValueError(f"cache_salt is at most {MAX_CACHE_SALT_CHARS} characters")
+        return salt
 
     @field_validator("logit_bias")
     @classmethod
