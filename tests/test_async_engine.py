@@ -68,6 +68,36 @@ def test_closing_a_stream_early_aborts_and_frees_blocks(tiny_models: dict[str, P
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("via", ["generate", "commit"])
+def test_a_closed_stream_gives_its_id_back_at_once(tiny_models: dict[str, Path], via: str) -> None:
+    """`aclose()` of a stream (what `aclosing` in the replicas does) ends its request before it returns: the id is
+    free for a retry on the spot and the abort is queued — not left to asyncio's finalizer of the inner generator,
+    a few loop iterations later (the same id was then still "in use")."""
+
+    async def main() -> None:
+        engine = make(tiny_models["llama"])
+        request = EngineRequest("x", tuple(range(5, 40)), greedy(ENDLESS))
+        if via == "generate":
+            stream = engine.generate(request)
+        else:
+            held = await engine.reserve(request, lease_s=30)
+            assert held is not None
+            engine.engine.kv.block_epochs[list(held.block_ids)] = held.epoch  # as a transport would
+            stream = engine.commit("x", 11, None)
+        async for _ in stream:
+            break
+        await stream.aclose()
+        retry = [
+            t async for out in engine.generate(EngineRequest("x", (5, 6, 7), greedy(3))) for t in out.new_token_ids
+        ]
+        assert len(retry) == 3
+        stats = await engine.stats()
+        assert (stats.num_aborts, stats.num_used_blocks, stats.num_running) == (1, 0, 0)
+        engine.shutdown()
+
+    asyncio.run(main())
+
+
 def test_errors_reach_the_caller_and_leave_nothing_allocated(tiny_models: dict[str, Path]) -> None:
     async def main() -> None:
         engine = make(tiny_models["llama"])

@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
@@ -152,8 +153,9 @@ class AsyncEngine:
         except BaseException:
             self._streams.pop(request.request_id, None)
             raise
-        async for out in self._drain(request.request_id, stream):
-            yield out
+        async with aclosing(self._drain(request.request_id, stream)) as outputs:  # closed with this one: abort now
+            async for out in outputs:
+                yield out
 
     async def commit(
         self,
@@ -181,8 +183,9 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             yield final
             return
-        async for out in self._drain(request_id, stream):
-            yield out
+        async with aclosing(self._drain(request_id, stream)) as outputs:
+            async for out in outputs:
+                yield out
 
     async def reserve(self, request: EngineRequest, lease_s: float) -> KVReservation | None:
         """A reservation; if the caller is cancelled meanwhile, it is aborted (no writer ever learned of it). A reserve
