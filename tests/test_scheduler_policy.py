@@ -160,3 +160,48 @@ def test_random_queues_respect_budget_and_seq_limit_and_finish_every_prompt(poli
 def test_an_unknown_policy_or_negative_aging_is_refused_not_run_as_fcfs(fields: dict[str, object]) -> None:
     with pytest.raises(ValueError, match=r"policy|aging"):
         SchedulerConfig(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "shortest_prefill_first"])
+def test_decodes_past_the_budget_take_turns(policy: str) -> None:
+    """A decode replica seats committed reservations in every free seat, whatever the token budget: with more
+    decodes seated than `max_num_batched_tokens`, each still gets a token at least every ceil(seated / budget)
+    steps (before: the first `budget` in running order decoded every step, the rest not at all until they ended),
+    beside prompts arriving too. Seeded random seats, budgets and lengths."""
+    for seed in range(40):
+        rng = random.Random(seed)
+        budget, max_num_seqs = rng.choice([1, 3, 8]), rng.choice([8, 24])
+        q = Queue(policy, budget=budget, max_num_seqs=max_num_seqs)
+        for i in range(rng.randint(budget + 1, 2 * max_num_seqs)):  # committed: prompt computed, first token in
+            seq = Sequence(EngineRequest(f"c{i}", tuple(range(1, rng.randint(2, 9))), SamplingParams()), q.arrivals)
+            q.arrivals += 1
+            assert q.blocks.admit(seq, [], seq.num_tokens)
+            seq.num_computed_tokens = seq.num_tokens
+            seq.token_ids.append(7)
+            q.scheduler.add_running(seq)
+        wants = {}  # request id -> output tokens it stops at
+        waited: dict[str, tuple[int, int]] = {}  # a seated decode's steps since its last token, and their bound
+        for step in range(3000):
+            if step < 30 and rng.random() < 0.3:
+                q.add(f"p{step}", rng.choice([1, 5, 20]))
+            out = q.scheduler.schedule()
+            scheduled = {c.seq.request_id for c in out.chunks}
+            for seq in q.scheduler.running:
+                if seq.num_tokens - seq.num_computed_tokens == 1 and seq.request_id not in scheduled:
+                    steps, bound = waited.get(seq.request_id, (0, 0))
+                    bound = max(bound, -(-len(q.scheduler.running) // budget))  # the most seated while it waits
+                    waited[seq.request_id] = (steps + 1, bound)
+                    assert steps + 1 <= bound, (seed, step, seq.request_id, steps + 1, bound)
+                else:
+                    waited.pop(seq.request_id, None)
+            for chunk in out.chunks:
+                seq = chunk.seq
+                seq.num_computed_tokens += chunk.num_new_tokens
+                if seq.num_computed_tokens == seq.num_tokens:
+                    seq.token_ids.append(7)
+                    if seq.num_output_tokens >= wants.setdefault(seq.request_id, rng.randint(20, 60)):
+                        q.scheduler.remove(seq)
+                        q.blocks.free(seq)
+            if not q.scheduler.running and not q.scheduler.waiting:
+                break
+        assert not q.scheduler.running and not q.scheduler.waiting, seed

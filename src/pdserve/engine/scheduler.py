@@ -47,6 +47,7 @@ class Scheduler:
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_steps = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -68,12 +69,15 @@ class Scheduler:
             self.waiting.remove(seq)
 
     def schedule(self) -> SchedulerOutput:
+        self.num_steps += 1
         out = self._schedule(hold_seats_for_prompts=True)
         if not out.chunks and any(w.block_ids for w in self.waiting):
             # Nothing could run: the prompts ahead could not be admitted, their blocks held by the committed
             # reservations behind them. Those take the seats instead (they need no allocation, and free blocks).
             again = self._schedule(hold_seats_for_prompts=False)
-            return SchedulerOutput(again.chunks, out.preempted + again.preempted)
+            out = SchedulerOutput(again.chunks, out.preempted + again.preempted)
+        for chunk in out.chunks:
+            chunk.seq.last_step = self.num_steps
         return out
 
     def _schedule(self, hold_seats_for_prompts: bool) -> SchedulerOutput:
@@ -82,9 +86,11 @@ class Scheduler:
         preempted: list[Sequence] = []
         self._seat_committed(hold_seats_for_prompts)
         # At most max_num_seqs run. Decode first: a sequence with one token left to compute never waits behind a
-        # prefill chunk.
+        # prefill chunk. Decodes the budget cannot all take (more seated than max_num_batched_tokens: committed
+        # reservations fill every seat) take turns, the longest unscheduled first: in a fixed order the first
+        # `budget` would decode every step and the rest not at all until those end.
         eligible = self.running[: self.config.max_num_seqs]
-        running = sorted(eligible, key=lambda s: s.num_tokens - s.num_computed_tokens > 1)
+        running = sorted(eligible, key=_decode_first)
         if self.config.policy == "shortest_prefill_first":
             # Running prefills then compete with the waiting prompts for what the decodes leave (_prefill_order).
             running = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
@@ -110,6 +116,7 @@ class Scheduler:
             if seq.block_ids:
                 self.waiting.remove(seq)
                 seq.status = SequenceStatus.RUNNING
+                seq.last_step = self.num_steps  # behind the decodes seated before it, when they take turns
                 self.running.append(seq)
                 seats -= 1
             elif hold_seats_for_prompts:
@@ -222,3 +229,9 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         return ScheduledChunk(seq, num_new)
+
+
+def _decode_first(seq: Sequence) -> tuple[bool, int]:
+    """Decodes first, the least recently scheduled first; prefills after them in running order (a stable sort)."""
+    is_prefill = seq.num_tokens - seq.num_computed_tokens > 1
+    return is_prefill, 0 if is_prefill else seq.last_step

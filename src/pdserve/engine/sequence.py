@@ -37,6 +37,7 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.layer_sink: LayerSink | None = None  # told when each layer of the prompt's KV is written
         self.held_at = 0.0  # time.monotonic() it became HELD (a prefill-only result): the reaper's clock
+        self.last_step = 0  # the scheduler's step that last gave it a chunk: decodes past the budget take turns
 
     @property
     def request_id(self) -> str:
