@@ -5,6 +5,7 @@ to another (the target vanished)."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -27,6 +28,46 @@ def test_a_vanished_target_lets_the_call_fail_elsewhere() -> None:
     a, b = replica("a"), replica("b")
     assert pin_tiers([a, b], "gone") == [[a, b]]
     assert pin_tiers([], "gone") == []
+
+
+@pytest.mark.parametrize("kwargs", [{"target_replica_id": "a"}, {}], ids=["pinned", "unpinned"])
+def test_a_call_waiting_for_a_full_replica_backs_off_between_attempts(kwargs: dict[str, str]) -> None:
+    """Serve's routing loop (Ray 2.60's `_choose_replicas_with_backoff`, real) over PinnedRequestRouter, its one
+    replica full at every attempt: a pinned call sleeps between attempts as an unpinned one does (it retried back
+    to back, probing the busy replica's queue length ~840 times a second)."""
+    from ray.serve._private.common import RequestMetadata
+    from ray.serve._private.request_router.common import PendingRequest
+
+    from pdserve.serve.routing import PinnedRequestRouter
+
+    router: Any = object.__new__(PinnedRequestRouter)  # only what the loop reads
+
+    @dataclass(frozen=True)
+    class ReplicaId:
+        unique_id: str
+
+    target = SimpleNamespace(replica_id=ReplicaId("a"), max_ongoing_requests=8)
+    router._replicas = {target.replica_id: target}
+    router._replicas_list, router._replica_id_set = [target], {target.replica_id}
+    router._prefer_local_node_routing = router._prefer_local_az_routing = False
+    router.num_routing_tasks_in_backoff = 0
+    router.num_routing_tasks_in_backoff_gauge = SimpleNamespace(set=lambda _: None)
+    sleeps: list[int] = []
+
+    async def backoff(attempt: int) -> None:
+        sleeps.append(attempt)
+
+    router._backoff = backoff
+
+    async def main() -> None:
+        pending = PendingRequest(args=[], kwargs=kwargs, metadata=RequestMetadata("r", "i"))
+        tiers = router._choose_replicas_with_backoff(pending)
+        for _ in range(50):  # each tier tried and found full
+            assert await anext(tiers) == [target]
+        await tiers.aclose()
+
+    asyncio.run(main())
+    assert len(sleeps) >= 45
 
 
 def test_a_replica_refuses_calls_pinned_to_another() -> None:
