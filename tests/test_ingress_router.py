@@ -11,10 +11,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from ray.serve._private.common import DeploymentID
+from ray.serve.exceptions import DeploymentUnavailableError
 
 from pdserve.engine import EngineRequest, SamplingParams
 from pdserve.kvcache import KVEvent, KVEventBatch, KVEventKind
-from pdserve.router import CostConfig, ReplicaReport, SyncCursor
+from pdserve.router import CostConfig, ReplicaReport, RouteMode, SyncCursor
 from pdserve.serve.config import RouterSettings
 from pdserve.serve.ingress_router import IngressRouter, broadcast
 from pdserve.serve.messages import ReplicaSync
@@ -28,6 +30,8 @@ class FakeBroadcast:
         self.answers = answers
 
     async def _fetch_replica_results_async(self) -> list[Any]:
+        if not self.answers:  # as Ray 2.60 does for a deployment with no running replica
+            raise DeploymentUnavailableError(DeploymentID(name="pool", app_name="app"))
         return [SimpleNamespace(get_async=answer) for answer in self.answers]
 
 
@@ -224,5 +228,30 @@ def test_an_answer_cancelled_on_its_replica_fails_that_answer_and_the_sync_goes_
         decode.replica_ids = ["decode-new"]  # Serve replaced the decode replica
         await asyncio.sleep(0.3)
         assert "decode-new" in router.router.loads and "decode-0" not in router.router.loads
+
+    asyncio.run(main())
+
+
+def test_a_pool_left_with_no_running_replica_is_routed_around_and_the_other_is_still_followed() -> None:
+    """Every prefill replica died (or the pool scaled to zero): Serve's broadcast raises DeploymentUnavailableError.
+    It escaped the sync before the decode pool was pulled, every round, so the router kept routing prompts to the
+    dead P (each waited out its prefill timeout) and froze D's load and cache view (found in review). Now the next
+    sync forgets the pool's replicas, prompts prefill on D, and D's reports keep arriving; a P that comes back is
+    learned again."""
+
+    async def main() -> None:
+        router, prefill, decode = await _started(SETTINGS)
+        assert sorted(router.router.loads) == ["decode-0", "prefill-0"]
+        prefill.replica_ids = []
+        decode.running = 7
+        router.route(_request("wake"))  # busy: pulled every sync period
+        await asyncio.sleep(0.2)
+        assert sorted(router.router.loads) == ["decode-0"]
+        assert router.router.loads["decode-0"].num_reported_running == 7
+        decision = router.route(_request("r1"))
+        assert decision is not None and decision.mode is RouteMode.LOCAL and decision.prefill_replica_id is None
+        prefill.replica_ids = ["prefill-new"]
+        await asyncio.sleep(0.2)
+        assert sorted(router.router.loads) == ["decode-0", "prefill-new"]
 
     asyncio.run(main())

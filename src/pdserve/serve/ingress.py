@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from typing import Any
 
 from opentelemetry import trace
 from ray import serve
+from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from pdserve.api import create_app
@@ -182,7 +184,10 @@ class Ingress:
         pools = [self.engine] if self.engine is not None else [self.prefill, self.decode]
         for pool in pools:
             assert pool is not None
-            results = await broadcast(pool, "ready", timeout_s=_READY_TIMEOUT_S)
+            try:
+                results = await broadcast(pool, "ready", timeout_s=_READY_TIMEOUT_S)
+            except DeploymentUnavailableError:  # no running replica
+                return False
             if not any(r is True for r in results):
                 return False
         return True
@@ -195,8 +200,9 @@ class Ingress:
         handles = [h for h in (self.prefill, self.decode, self.engine) if h is not None]
         stats: list[ReplicaStats] = []
         for handle in handles:
-            results = await broadcast(handle, "stats")
-            stats.extend(r for r in results if isinstance(r, ReplicaStats))
+            with contextlib.suppress(DeploymentUnavailableError):  # a pool with no running replica has no stats
+                results = await broadcast(handle, "stats")
+                stats.extend(r for r in results if isinstance(r, ReplicaStats))
         return stats
 
     def _observe_end(self, first_at: float | None, num_tokens: int, finish_reason: str) -> None:

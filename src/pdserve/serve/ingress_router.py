@@ -20,6 +20,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from pdserve.engine import EngineRequest
@@ -42,7 +43,9 @@ async def broadcast(
     a replica that has not answered by then (wedged) gets a TimeoutError in its place, and the others' answers
     count (with Serve's all-or-nothing `results_async`, one wedged replica made its whole pool look silent, and the
     router dropped the healthy ones until Serve's health check replaced it). Empty when Serve cannot even list the
-    replicas in time. Uses the per-replica results of Ray 2.60's broadcast response (pyproject pins Ray)."""
+    replicas in time. Raises DeploymentUnavailableError when the pool has no running replica (all died, or scaled
+    to zero): Serve knows it is empty, which is not the same as not knowing. Uses the per-replica results of Ray
+    2.60's broadcast response (pyproject pins Ray)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     response = handle.broadcast(method, *args)
@@ -107,7 +110,13 @@ class IngressRouter:
         cursors = self.router.cursors()
         is_quiet = True
         for role, pool in zip(("prefill", "decode"), self.pools, strict=True):
-            results = await broadcast(pool, "router_sync", cursors)
+            try:
+                results = await broadcast(pool, "router_sync", cursors)
+            except DeploymentUnavailableError:  # no running replica: route around the pool at once (local prefill)
+                for replica_id in self.router.retain(role, set()):
+                    logger.warning("%s replica %s left the pool, which has no running replica", role, replica_id)
+                is_quiet = False
+                continue
             is_quiet = is_quiet and bool(results)
             for result in results:
                 if isinstance(result, ReplicaSync):
