@@ -15,7 +15,7 @@ from ray.serve._private.common import DeploymentID
 from ray.serve.exceptions import DeploymentUnavailableError
 
 from pdserve.engine import EngineRequest, SamplingParams
-from pdserve.kvcache import KVEvent, KVEventBatch, KVEventKind
+from pdserve.kvcache import KVEvent, KVEventBatch, KVEventKind, hash_block_chain
 from pdserve.router import CostConfig, ReplicaReport, RouteMode, SyncCursor
 from pdserve.serve.config import RouterSettings
 from pdserve.serve.ingress_router import IngressRouter, broadcast
@@ -253,5 +253,25 @@ def test_a_pool_left_with_no_running_replica_is_routed_around_and_the_other_is_s
         prefill.replica_ids = ["prefill-new"]
         await asyncio.sleep(0.2)
         assert sorted(router.router.loads) == ["decode-0", "prefill-new"]
+
+    asyncio.run(main())
+
+
+def test_a_prompt_asking_for_prompt_logprobs_is_routed_as_a_cache_miss() -> None:
+    """The engine recomputes the whole prompt when prompt logprobs are asked for (every token's logits are needed):
+    routing it by its cached prefix counted almost no work for it, and "D lacks few tokens" sent a full prefill to
+    a decode replica past `local_prefill_max_tokens` (found in review)."""
+
+    async def main() -> None:
+        router, _, decode = await _started(SETTINGS)
+        prompt = tuple(range(1, 401))  # past the local prefill cap (256 tokens)
+        hashes = hash_block_chain(prompt, 4, None)
+        decode.events.append(KVEvent(1, KVEventKind.STORED, tuple(hashes)))
+        await router.sync()
+        for prompt_logprobs, mode, cached in [(None, RouteMode.LOCAL, 396), (0, RouteMode.DISAGGREGATED, 0)]:
+            request = EngineRequest("r", prompt, SamplingParams(max_tokens=4, prompt_logprobs=prompt_logprobs))
+            decision = router.route(request)
+            assert decision is not None and (decision.mode, decision.expected_cached_tokens) == (mode, cached)
+            router.router.finish("r")
 
     asyncio.run(main())

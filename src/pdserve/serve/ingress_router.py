@@ -98,7 +98,10 @@ class IngressRouter:
         if self.settings.policy == "pow2" or not self.router.loads:
             return None
         self._arrived.set()  # ends a quiet wait: pull now, while this request runs
-        chain = hash_block_chain(request.prompt_token_ids, self.router.config.block_size, request.cache_salt)
+        if request.sampling.prompt_logprobs is not None:  # the engine computes every prompt token: no cache hit
+            chain: list[int] = []
+        else:
+            chain = hash_block_chain(request.prompt_token_ids, self.router.config.block_size, request.cache_salt)
         max_new_tokens = request.sampling.max_tokens or self.router.config.expected_output_tokens
         try:
             return self.router.route(request.request_id, chain, len(request.prompt_token_ids), max_new_tokens)
