@@ -109,11 +109,18 @@ POOLS = ("prefill", "decode")
 
 
 async def sample(
-    root: str, until: asyncio.Event, every_s: float, start: float, nodes: Any = None
+    root: str,
+    until: asyncio.Event,
+    every_s: float,
+    start: float,
+    nodes: Any = None,
+    out: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
+    """Rows of the planner's metrics every `every_s` until `until` is set, appended to `out` (a caller's list, to
+    watch them as they come) and returned."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    out: list[dict[str, Any]] = []
+    out = [] if out is None else out
     async with httpx.AsyncClient(timeout=10) as client:
         while not until.is_set():
             row: dict[str, Any] = {"t": time.perf_counter() - start}
