@@ -14,8 +14,8 @@ import pytest
 
 from oracle import greedy, random_prompts, run_staggered
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig
-from pdserve.engine import EngineRequest, FinishReason, LLMEngine, RequestOutput
-from pdserve.engine.async_engine import AsyncEngine, EngineDeadError
+from pdserve.engine import EngineDeadError, EngineRequest, FinishReason, LLMEngine, RequestOutput
+from pdserve.engine.async_engine import AsyncEngine
 
 ENDLESS = 100_000  # max_tokens past any tiny model's context: such a request ends only by an abort (or the context)
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from pdserve.serve.replicas import MisroutedCallError, _EngineReplica
+from pdserve.serve.messages import MisroutedCallError
+from pdserve.serve.replicas import _EngineReplica
 from pdserve.serve.routing import pin_tiers
 
 

@@ -254,7 +254,8 @@ def test_a_dead_engine_thread_fails_fast_and_the_replica_is_replaced(apps: dict[
         client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=8, temperature=0)
     fail_s = time.monotonic() - start
     assert failed.value.status_code == 503
-    assert fail_s < 10, f"the request on the dead engine took {fail_s:.1f} s to fail"
+    # ~0.25 s alone; 7-10 s while the ingress imported torch to unpickle EngineDeadError (test_tokenizer_loading.py)
+    assert fail_s < 5, f"the request on the dead engine took {fail_s:.1f} s to fail"
     not_ready_s = _wait_ready(served, want=False, timeout_s=10)
     # a liveness bound, not a speed target: 49 s alone on the AVX2 box, over 120 s late in the full suite there
     ready_again_s = _wait_ready(served, want=True, timeout_s=300)

@@ -55,6 +55,44 @@ def test_the_ingress_imports_no_torch(tiny_models: dict[str, Path]) -> None:
     assert done.stdout.strip() == "[]", done.stdout[-2000:]
 
 
+def test_what_a_replica_sends_the_ingress_unpickles_there_without_torch() -> None:
+    """Ray unpickles a replica's reply or error in the ingress on its core-worker thread, holding the GIL, importing
+    the class's module: a class from a torch-importing module (EngineDeadError did) made the ingress import torch
+    there, stalling every call of that ingress for 3-8 s (a dead engine's request took 7-10 s to fail). Every public
+    exception pdserve defines, and the messages, unpickle in a fresh ingress with no torch imported."""
+    import pickle
+
+    # every module a replica or the ingress runs, so every class they define
+    import pdserve.serve.app
+    import pdserve.serve.replicas  # noqa: F401
+
+    def subclasses(cls: type) -> set[type]:
+        return {s for c in cls.__subclasses__() for s in (c, *subclasses(c))}
+
+    errors = {c for c in subclasses(BaseException) if c.__module__.startswith("pdserve.") and c.__name__[0] != "_"}
+    modules = sorted({c.__module__ for c in errors} | {"pdserve.serve.messages", "pdserve.serve.channels"})
+    samples: list[BaseException] = []
+    for error in sorted(errors, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
+        try:
+            samples.append(error("boom"))
+        except TypeError:  # another constructor: its module is checked below all the same
+            continue
+    assert {"EngineDeadError", "EngineWedgedError", "MisroutedCallError"} <= {type(e).__name__ for e in samples}
+    script = (
+        "import pickle, sys\n"
+        "import pdserve.serve.ingress\n"
+        "torch = lambda: sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))[:3]\n"
+        f"for name in {modules!r}:\n"
+        "    __import__(name)\n"
+        "    if torch(): sys.exit(f'importing {name} imported {torch()}')\n"
+        f"errors = pickle.loads({pickle.dumps(samples)!r})\n"
+        "print(len(errors), torch())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, (done.stderr or done.stdout)[-3000:]
+    assert done.stdout.split() == [str(len(samples)), "[]"], done.stdout[-2000:]
+
+
 def test_a_tokenizer_json_that_truncates_or_pads_is_neither_and_shared_across_threads(
     smollm2_dir: Path, tmp_path: Path
 ) -> None:

@@ -3,6 +3,7 @@ the ingress and the router use the request types alone."""
 
 from typing import TYPE_CHECKING
 
+from pdserve.engine.errors import EngineDeadError, EngineWedgedError
 from pdserve.engine.request import (
     EngineRequest,
     EngineStats,
@@ -21,8 +22,10 @@ if TYPE_CHECKING:
 __getattr__ = lazy_exports(__name__, {"LLMEngine": "pdserve.engine.engine"})
 
 __all__ = [
+    "EngineDeadError",
     "EngineRequest",
     "EngineStats",
+    "EngineWedgedError",
     "FinishReason",
     "InvalidRequestError",
     "KVReservation",

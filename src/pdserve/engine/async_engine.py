@@ -23,6 +23,7 @@ import torch
 from pdserve.engine import native
 from pdserve.engine.cores import CoreShare
 from pdserve.engine.engine import LLMEngine
+from pdserve.engine.errors import EngineDeadError, EngineWedgedError
 from pdserve.engine.request import (
     EngineRequest,
     EngineStats,
@@ -38,14 +39,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _IDLE_WAIT_S = 0.05
 _REAP_PERIOD_S = 0.25
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread failed; every open and future request errors out."""
-
-
-class EngineWedgedError(RuntimeError):
-    """The engine thread has been inside one step or command for too long (a watchdog's verdict)."""
 
 
 class AsyncEngine:

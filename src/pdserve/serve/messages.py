@@ -1,4 +1,7 @@
-"""Typed messages between the ingress and the prefill/decode replicas (small: ids and counts, never tensors)."""
+"""Typed messages between the ingress and the prefill/decode replicas (small: ids and counts, never tensors), and the
+errors a replica raises to the ingress. Ray unpickles a message or error by its class's module, on its core-worker
+thread holding the GIL: every class here (and each module it comes from) imports no torch, or the ingress's first
+such message would import it there, stalling all its calls for seconds (tests/test_tokenizer_loading.py)."""
 
 from __future__ import annotations
 
@@ -90,3 +93,11 @@ class ReplicaSync:
 
     report: ReplicaReport
     events: KVEventBatch
+
+
+class MisroutedCallError(RuntimeError):
+    """A call pinned to one replica reached another (the target is gone): a server fault, never served."""
+
+
+class PushAbandoned(RuntimeError):
+    """A prefill call ended before its push started: the push sends nothing."""

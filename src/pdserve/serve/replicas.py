@@ -35,7 +35,15 @@ from pdserve.router import ReplicaReport, SyncCursor
 from pdserve.serve.channels import Packed, ReplicaChannels, StreamEnd, StreamStart
 from pdserve.serve.cluster_store import replica_tracing_env, shared_kv_secret
 from pdserve.serve.config import ServeConfig
-from pdserve.serve.messages import ModelInfo, PrefillResult, ReplicaStats, ReplicaSync, Reservation
+from pdserve.serve.messages import (
+    MisroutedCallError,
+    ModelInfo,
+    PrefillResult,
+    PushAbandoned,
+    ReplicaStats,
+    ReplicaSync,
+    Reservation,
+)
 from pdserve.serve.process import pin_process, set_niceness
 from pdserve.serve.spans import end_unended, prompt_attributes, record_transfer, traced_outputs
 from pdserve.telemetry import child_span, configure_tracing, flush, names, record_error, span_in, start_span
@@ -52,10 +60,6 @@ from pdserve.transfer import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class MisroutedCallError(RuntimeError):
-    """A call pinned to one replica reached another (the target is gone): a server fault, never served."""
 
 
 class _EngineReplica:
@@ -469,10 +473,6 @@ class DecodeServer(_EngineReplica):
         self.receiver.close()
         self.llm.kv.close()
         super().__del__()
-
-
-class PushAbandoned(RuntimeError):
-    """A prefill call ended before its push started: the push sends nothing."""
 
 
 async def _finish_uncancelled(future: asyncio.Future[TransferStats]) -> None:
