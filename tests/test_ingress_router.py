@@ -4,6 +4,7 @@ quiet, and at once when a request arrives at a quiet ingress (fake pools in plac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -273,5 +274,32 @@ def test_a_prompt_asking_for_prompt_logprobs_is_routed_as_a_cache_miss() -> None
             decision = router.route(request)
             assert decision is not None and (decision.mode, decision.expected_cached_tokens) == (mode, cached)
             router.router.finish("r")
+
+    asyncio.run(main())
+
+
+def test_the_sync_loop_ends_on_a_cancel_that_a_call_swallowed() -> None:
+    """Python 3.11's wait_for returns a result when a cancel lands as its call completes (the cancel is swallowed,
+    but counted by `cancelling()`): the loop ran on, and asyncio.run's shutdown waited for it for ever (a CI run hung
+    600 s in the test above). The swallow is staged here: a sync that cancels its own task and swallows it."""
+
+    async def main() -> None:
+        router, _, _ = await _started(SETTINGS)
+        swallowed = asyncio.Event()
+
+        async def sync_swallowing_a_cancel() -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0)  # as wait_for does when its call is done as the cancel lands
+            swallowed.set()
+
+        router.sync = sync_swallowing_a_cancel  # type: ignore[method-assign]
+        await asyncio.wait_for(swallowed.wait(), 5)
+        assert router._task is not None
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(router._task, 5)
+        assert router._task.cancelled()
 
     asyncio.run(main())

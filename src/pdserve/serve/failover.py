@@ -51,6 +51,16 @@ def foreign_cancel_as_fault(what: str) -> Iterator[None]:
         raise ReplicaCancelled(f"{what} was cancelled on its replica") from None
 
 
+def raise_if_cancelling() -> None:
+    """Where a loop that only its task's cancel may end starts a round: Python 3.11's `asyncio.wait_for` returns the
+    result when a cancel lands as the awaited call completes, swallowing the cancel (CPython gh-86296, fixed in
+    3.12); the task's `cancelling()` still counts it. Without this check such a loop ran on, and `asyncio.run` (or a
+    replica's shutdown) waited for it for ever (a CI run's router test hung 600 s)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling() > 0:
+        raise asyncio.CancelledError
+
+
 def is_server_fault(error: BaseException) -> bool:
     """A replica's or the cluster's fault, worth another replica; not the client's input, not a capacity refusal."""
     return isinstance(error, Exception) and not isinstance(error, InvalidRequestError | CapacityError)

@@ -27,7 +27,7 @@ from pdserve.serve.autoscaling import read_decision
 from pdserve.serve.channels import IngressChannels
 from pdserve.serve.cluster_store import replica_tracing_env
 from pdserve.serve.config import ServeConfig, api_keys_of
-from pdserve.serve.failover import foreign_cancel_as_fault
+from pdserve.serve.failover import foreign_cancel_as_fault, raise_if_cancelling
 from pdserve.serve.handoff import colocated_generate, disaggregated_generate
 from pdserve.serve.ingress_router import IngressRouter, RouterCollector, broadcast
 from pdserve.serve.messages import ModelInfo, ReplicaStats
@@ -224,6 +224,7 @@ class Ingress:
 
     async def _refresh_stats(self) -> None:
         while True:
+            raise_if_cancelling()
             try:
                 taken_at = time.time()
                 with foreign_cancel_as_fault("a replica stats refresh"):  # only this task's own cancel ends the loop

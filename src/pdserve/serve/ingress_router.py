@@ -28,7 +28,7 @@ from pdserve.kvcache import hash_block_chain
 from pdserve.router import CostConfig, RouteDecision, Router
 from pdserve.router.admission import Admission
 from pdserve.serve.config import RouterSettings
-from pdserve.serve.failover import ReplicaCancelled, foreign_cancel_as_fault
+from pdserve.serve.failover import ReplicaCancelled, foreign_cancel_as_fault, raise_if_cancelling
 from pdserve.serve.failover import counters as failover
 from pdserve.serve.messages import ReplicaSync
 
@@ -137,6 +137,7 @@ class IngressRouter:
 
     async def _sync_forever(self) -> None:
         while True:
+            raise_if_cancelling()
             if self.is_quiet:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._arrived.wait(), self.settings.idle_sync_period_s)
