@@ -309,6 +309,21 @@ def test_step_time_fit_through_the_origin_falls_back_to_the_prior_slope() -> Non
     assert fit.coefficients() == pytest.approx((0.004 * 31 / 3, 0.001))
 
 
+@pytest.mark.parametrize("slope", [0.0, -0.0005])
+def test_step_time_fit_with_a_flat_or_falling_slope_falls_back_to_the_prior_slope(slope: float) -> None:
+    """Noisy steps that do not grow with the batch fitted t1 = 0: decode_replicas_needed's TPOT and resident bounds
+    vanish with it (1 replica, "minimum", where the prior slope asks for 6 by "tpot")."""
+    fit = StepTimeFit(0.02, 0.001)
+    for b in (1, 10, 20):
+        fit.add(b, 0.03 + slope * b)
+    mean_b = 31 / 3
+    t0, t1 = fit.coefficients()
+    assert (t0, t1) == pytest.approx((0.03 + slope * mean_b - 0.001 * mean_b, 0.001))
+    demand = DecodeDemand(requests_per_s=20.0, mean_output_tokens=128, num_running=0, num_waiting=0,
+                          blocks_per_seq=1.0, kv_blocks_used=0.0, observed_step_s=None, kv_refused=False)  # fmt: skip
+    assert decode_replicas_needed(demand, t0, t1, 0.1, 1e6, 0.9, 1e6)[1] == "tpot"
+
+
 # ---- rates ---------------------------------------------------------------------------------------------------------
 
 
@@ -719,8 +734,31 @@ def test_a_shared_cap_splits_replicas_by_need() -> None:
     }
     capped = planner._cap(decisions)
     assert capped["prefill"].target + capped["decode"].target == 10
-    assert (capped["prefill"].target, capped["decode"].target) == (7, 3)  # 1 + 8 * 11/16, 1 + 8 * 5/16
+    # prefill can use 9 of its 12: 1 + 8 * 8/13 = 5.9, 1 + 8 * 5/13 = 4.1
+    assert (capped["prefill"].target, capped["decode"].target) == (6, 4)
     assert "capped" in capped["prefill"].reason
+
+
+def test_a_shared_cap_shares_by_what_each_pool_can_use() -> None:
+    """Prefill needs 40 but may have 8, decode needs 8: the share went by raw need (prefill 9 of 12, cut to its max
+    8, decode 3), leaving a replica of the cap unused while decode was short."""
+    cfg = dataclasses.replace(config(), max_total_replicas=12, prefill=PoolBounds(1, 8), decode=PoolBounds(1, 8))
+    decisions = {"prefill": PoolDecision("prefill", 8, 8, 40, "x"), "decode": PoolDecision("decode", 3, 8, 8, "y")}
+    capped = Planner(cfg)._cap(decisions)
+    assert (capped["prefill"].target, capped["decode"].target) == (6, 6)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"recovery_s": 0.0}, {"max_seqs_per_replica": 0}, {"prior_prefill_tokens_per_s": 0.0},
+        {"prior_decode_step_per_seq_s": -1.0}, {"smoothing": 0.0}, {"demand_smoothing": 1.5},
+        {"max_total_replicas": 3, "prefill": PoolBounds(2, 8), "decode": PoolBounds(2, 8)},
+    ],
+)  # fmt: skip
+def test_settings_the_models_cannot_use_are_refused(change: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        config(**change)
 
 
 # ---- found in review: the start, reports the planner sees twice, cached prefixes, the scale-down check ------------
@@ -756,6 +794,25 @@ def test_a_replica_whose_report_has_not_advanced_counts_with_its_last_rates() ->
         demands.append(planner.prediction["prefill_demand_tokens_per_s"])
         assert decision.needed == 4, (tick, decision.reason)
     assert all(d == pytest.approx(8000.0) for d in demands), demands
+
+
+def test_a_late_report_keeps_its_replicas_backlog_growth_in_the_demand() -> None:
+    """Prompts arrive faster than the replicas compute (5000 tok/s each against 2900): demand is what was computed
+    plus what the backlog grew by. A replica seen with its previous report again kept its computed rate but its
+    backlog's growth counted 0 (10000 tok/s read as 7900), so the pool's need dipped for a report that was late."""
+    planner = Planner(config(prefill=PoolBounds(1, 16)))
+    reports = {rid: ReplicaSignals(0.0) for rid in ("p0", "p1")}
+    planner.plan(0.0, {"prefill": dict(reports)}, {"prefill": 2, "decode": 1})
+    demands, needs = [], []
+    for tick in range(1, 8):
+        for rid in reports:
+            if not (rid == "p1" and tick >= 3 and tick % 2):  # from tick 3, p1 reports every other tick only
+                reports[rid] = prefill_tick(reports[rid], 2.0 * tick - reports[rid].time_s, 5000.0)
+        decision = planner.plan(2.0 * tick, {"prefill": dict(reports)}, {"prefill": 2, "decode": 1})["prefill"]
+        demands.append(planner.prediction["prefill_demand_tokens_per_s"])
+        needs.append(decision.needed)
+    assert all(d == pytest.approx(10_000.0) for d in demands), demands
+    assert len(set(needs)) == 1, needs
 
 
 def test_the_prompt_length_the_ttft_model_uses_leaves_cache_hits_out() -> None:

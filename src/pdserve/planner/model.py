@@ -113,11 +113,14 @@ class StepTimeFit:
         var_b = sum((b - mean_b) ** 2 for b, _ in self.samples) / n
         if var_b >= 1.0:
             cov = sum((b - mean_b) * (t - mean_t) for b, t in self.samples) / n
-            t1 = max(cov / var_b, 0.0)
+            t1 = cov / var_b
             t0 = mean_t - t1 * mean_b
-            if t0 >= 1e-4:  # a fit through the origin is round-off, not a base cost
+            # A fit through the origin is round-off, not a base cost; a flat or falling one is noise (a step never
+            # gets cheaper per sequence), and a slope of 0 would turn the TPOT and resident bounds off.
+            if t0 >= 1e-4 and t1 > 0:
                 return t0, t1
-        # One batch size seen (or a fit with no intercept): keep the prior's slope, fit the base to the data.
+        # One batch size seen (or a fit with no intercept or no slope): keep the prior's slope, fit the base to the
+        # data.
         t1 = self.prior[1]
         return max(mean_t - t1 * mean_b, 1e-4), t1
 

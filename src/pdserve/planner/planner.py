@@ -94,6 +94,19 @@ class PlannerConfig:
             raise ValueError("SLOs must be positive")
         if not 0 < self.max_utilization < 1 or not 0 < self.kv_target_usage <= 1 or not 0 < self.tpot_target <= 1:
             raise ValueError("max_utilization must be in (0, 1), kv_target_usage and tpot_target in (0, 1]")
+        if not 0 < self.smoothing <= 1 or not 0 < self.demand_smoothing <= 1:
+            raise ValueError("smoothing and demand_smoothing must be in (0, 1]")
+        # each divides in the models: a 0 raised ZeroDivisionError at every tick and froze the targets
+        positive = (
+            "recovery_s", "max_seqs_per_replica", "prior_prefill_tokens_per_s", "prior_decode_step_base_s",
+            "prior_decode_step_per_seq_s", "prior_output_tokens", "prior_blocks_per_seq", "prior_prompt_tokens",
+        )  # fmt: skip
+        if bad := [name for name in positive if not getattr(self, name) > 0]:
+            raise ValueError(f"must be positive: {', '.join(bad)}")
+        floors = sum(self.bounds(pool).min_replicas for pool in POOLS)
+        cap = self.max_total_replicas
+        if cap is not None and cap < max(floors, 1):
+            raise ValueError(f"max_total_replicas {cap} is below the pools' min_replicas together ({floors})")
 
 
 @dataclass(frozen=True)
@@ -195,7 +208,8 @@ class Planner:
         if cap is None or sum(d.target for d in decisions.values()) <= cap:
             return decisions
         floors = {pool: self.config.bounds(pool).min_replicas for pool in POOLS}
-        wants = {pool: max(decisions[pool].needed, floors[pool], 1) for pool in POOLS}
+        # what each pool can use: a need past its max_replicas would take a share that pool never fills
+        wants = {pool: self.config.bounds(pool).clamp(max(decisions[pool].needed, 1)) for pool in POOLS}
         room = max(cap - sum(floors.values()), 0)
         extra = {pool: wants[pool] - floors[pool] for pool in POOLS}
         total_extra = sum(extra.values()) or 1
@@ -257,11 +271,9 @@ class Planner:
         computed = sum(r.prefill_tokens_per_s for r in rates.values())
         requests = sum(r.requests_per_s for r in rates.values())
         queued = sum(s.queued_prefill_tokens for s in replicas.values())
-        growth = 0.0  # demand = what was computed + what the backlog grew by
-        for rid, now in replicas.items():
-            before = self._last.get(rid)
-            if rid in rates and before is not None:
-                growth += (now.queued_prefill_tokens - before.queued_prefill_tokens) / rates[rid].seconds
+        # demand = what was computed + what the backlog grew by, both over each replica's last interval (a replica
+        # not reported again yet stands for both with its last one, so a late report does not drop the demand)
+        growth = sum(r.queued_prefill_growth_per_s for r in rates.values())
         tokens = max(computed + growth, 0.0)
         # What each prompt needs computed: what was computed plus what the backlog grew by is what arrived less its
         # cache hits (a prompt queues whole and drops its hit when admitted), so a backlog's growth is not a longer

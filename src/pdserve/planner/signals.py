@@ -104,6 +104,8 @@ class ReplicaRates:
     decode_batch: float | None  # mean batch size of those steps
     step_s: float | None  # mean time of every step (local prefill chunks included): what a running stream waits
     reserves_refused_per_s: float = 0.0
+    # how fast the prompt backlog (a gauge) grew over the interval: with the tokens computed, what arrived to compute
+    queued_prefill_growth_per_s: float = 0.0
 
 
 def rates_between(before: ReplicaSignals, after: ReplicaSignals) -> ReplicaRates | None:
@@ -142,4 +144,5 @@ def rates_between(before: ReplicaSignals, after: ReplicaSignals) -> ReplicaRates
         decode_batch=deltas["decode_step_seqs_total"] / decode_steps if decode_steps > 0 else None,
         step_s=busy / deltas["steps_total"] if deltas["steps_total"] > 0 else None,
         reserves_refused_per_s=deltas["reserves_refused_total"] / dt,
+        queued_prefill_growth_per_s=(after.queued_prefill_tokens - before.queued_prefill_tokens) / dt,
     )
