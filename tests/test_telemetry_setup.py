@@ -110,3 +110,27 @@ def test_a_seed_past_int64_is_left_off_the_span_which_still_encodes(seed: int) -
     [finished] = exporter.get_finished_spans()
     assert (finished.attributes or {}).get("gen_ai.request.seed") == (seed if seed < 2**63 else None)
     encode_spans([finished])  # raised for seeds past int64
+
+
+def test_a_cancelled_span_is_not_a_server_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client gone during a prefill or a reservation cancels its replica call: span_in marked that span an ERROR
+    (status and exception event), where the streams' spans (traced_outputs) call it error.type=cancelled only."""
+    import asyncio
+
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    from pdserve.telemetry import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(tracing, "tracer", lambda: provider.get_tracer("t"))
+    with pytest.raises(asyncio.CancelledError), tracing.span_in(None, "cancelled"):
+        raise asyncio.CancelledError
+    with pytest.raises(ValueError), tracing.span_in(None, "failed"):
+        raise ValueError("bad")
+    cancelled, failed = exporter.get_finished_spans()
+    assert cancelled.status.status_code is StatusCode.UNSET and not cancelled.events
+    assert (cancelled.attributes or {})["error.type"] == "cancelled"
+    assert failed.status.status_code is StatusCode.ERROR and (failed.attributes or {})["error.type"] == "ValueError"

@@ -15,6 +15,7 @@ The trace context crosses every Ray call explicitly, as a W3C `traceparent` stri
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import fcntl
 import logging
@@ -123,10 +124,14 @@ def child_span(parent: Span, name: str, attributes: Mapping[str, AttributeValue 
 def span_in(
     parent: str | None, name: str, attributes: Mapping[str, AttributeValue | None] | None = None
 ) -> Iterator[Span]:
-    """`with`: a span under `parent`, ended at exit; an exception is recorded and marks it as an error."""
+    """`with`: a span under `parent`, ended at exit; an exception is recorded and marks it as an error, a cancel (the
+    client left, or the caller gave up) only says error.type=cancelled, as `serve/spans.py: traced_outputs` does."""
     span = start_span(name, parent, attributes)
     try:
         yield span
+    except (asyncio.CancelledError, GeneratorExit):
+        span.set_attribute(names.ERROR_TYPE, "cancelled")
+        raise
     except BaseException as e:
         record_error(span, e)
         raise
