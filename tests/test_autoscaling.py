@@ -5,6 +5,7 @@ Serve's controller calls — against contexts shaped as Ray 2.60 builds them (re
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from ray.serve._private.common import DeploymentID, ReplicaID, TimeStampedValue
 from oracle import random_prompts
 from pdserve.config import CacheConfig, EmulatedStep, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine import EngineRequest, LLMEngine, SamplingParams
-from pdserve.planner import PlannerConfig, ReplicaSignals
+from pdserve.planner import PlannerConfig, PoolDecision, ReplicaSignals
 from pdserve.serve.autoscaling import PoolPlanner, latest_signals, planner_config
 from pdserve.serve.config import AutoscalingSettings, PoolConfig, ServeConfig
 
@@ -247,3 +248,21 @@ def test_pool_planner_runs_once_per_interval() -> None:
 def test_planner_config_from_kwargs_rejects_unknown_settings() -> None:
     with pytest.raises(TypeError):
         planner_config({"ttft_slo": 1.0})
+
+
+def test_the_planner_logs_a_pool_once_per_change_not_per_tick(caplog: pytest.LogCaptureFixture) -> None:
+    """A pool scaled up keeps current != target while its new replica starts (a minute on a loaded box): the policy
+    logged the same line at every tick meanwhile."""
+    prefill = DeploymentID("PrefillServer", "app")
+    policy = PoolPlanner(interval_s=0.0)
+    policy.planner.plan = lambda *a: {  # type: ignore[method-assign]
+        "prefill": PoolDecision("prefill", a[2]["prefill"], 2, 2, "x")
+    }
+    caplog.set_level(logging.INFO, logger="pdserve.serve.autoscaling")
+    for current in (1, 1, 1, 2, 2):
+        policy({prefill: _Context("app", current, 2)})
+    lines = [r.getMessage() for r in caplog.records if "pdserve planner:" in r.getMessage()]
+    assert lines == [
+        "pdserve planner: prefill pool 1 -> 2 (needs 2): x",
+        "pdserve planner: prefill pool 2 -> 2 (needs 2): x",
+    ]

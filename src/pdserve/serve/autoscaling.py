@@ -49,7 +49,7 @@ class PoolPlanner:
         self.interval_s = interval_s  # the planner runs this often; between runs the last targets stand
         self._last_run = -float("inf")
         self._targets: dict[str, int] = {}
-        self._logged: dict[str, int] = {}
+        self._logged: dict[str, tuple[int, int]] = {}  # per pool: (current, target) last logged
 
     def __call__(self, contexts: dict[Any, Any]) -> tuple[dict[Any, int], dict[Any, dict[str, Any]]]:
         pools = {POOL_OF_DEPLOYMENT[d.name]: (d, ctx) for d, ctx in contexts.items() if d.name in POOL_OF_DEPLOYMENT}
@@ -91,10 +91,11 @@ class PoolPlanner:
 
     def _report(self, decisions: dict[str, PoolDecision], app_name: str | None) -> None:
         for pool, d in decisions.items():
-            if self._logged.get(pool) != d.target or d.changed:
+            # once per change of size or target: a replica still starting kept current != target, a line per tick
+            if self._logged.get(pool) != (d.current, d.target):
                 logger.info("pdserve planner: %s pool %d -> %d (needs %d): %s", pool, d.current, d.target, d.needed,
                             d.reason)  # fmt: skip
-                self._logged[pool] = d.target
+                self._logged[pool] = (d.current, d.target)
         if app_name is None:
             return
         record = {
