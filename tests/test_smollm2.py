@@ -171,3 +171,30 @@ def test_bf16_native_kernels_are_as_close_to_float32_as_torchs_ops(smollm2_dir: 
         print(f"  per request: native {[round(x, 4) for x in ours]}, torch ops {[round(x, 4) for x in theirs]}")
         assert mean_ours <= 1.15 * mean_theirs + 1e-3, (name, ours, theirs)
         assert max(ours) <= 2 * max(theirs) + 1e-3, (name, ours, theirs)
+
+
+def test_bfloat16_is_cast_from_the_float32_conversion(
+    smollm2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the float32 conversion cached, bfloat16 is that checkpoint cast (~2 s) instead of the GGUF dequantized
+    again (~45 s): the same tensors `_convert` makes, as it casts the same float32 weights (checked by hand: the
+    two routes' model.safetensors are byte-identical)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from pdserve import hub
+
+    shutil.copytree(smollm2_dir, tmp_path / smollm2_dir.name)  # its marker names the same installed GGUF
+
+    def no_gguf(*args: object) -> None:
+        raise AssertionError("dequantized the GGUF again")
+
+    monkeypatch.setattr(hub, "_convert", no_gguf)
+    bf16 = hub.materialize_smollm2("bfloat16", cache_dir=tmp_path)
+    assert bf16 == tmp_path / "SmolLM2-135M-Instruct-bfloat16" and (bf16 / hub.MARKER).is_file()
+    want = load_file(smollm2_dir / "model.safetensors")
+    got = load_file(bf16 / "model.safetensors")
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == torch.bfloat16 and got[k].equal(want[k].to(torch.bfloat16)) for k in want)
+    assert AutoTokenizer.from_pretrained(bf16).chat_template == AutoTokenizer.from_pretrained(smollm2_dir).chat_template
