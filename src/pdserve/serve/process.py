@@ -16,7 +16,13 @@ FRONT_LEVEL_EVERY_S = 60.0  # proxies start with new nodes and restart after fai
 # replica and handle exports its cached metrics every 0.1 s. Idle on 2 cores that is ~15% of a core across the
 # controller, the GCS and the replicas; these values cut it to ~10% (docs/DEPLOY.md). They are defaults: a value
 # already in the environment wins. Read by the processes Ray starts, so they must be set before Ray starts.
-QUIET_SERVE_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
+# Also: Serve kills an HTTP proxy not ready within 5 s, and on a loaded small box (Ray's workers at niceness 15) the
+# first one can take longer: `serve.start` then failed with ActorDiedError (the tests have long set 30 s).
+QUIET_SERVE_ENV = {
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
+}
 
 
 def quiet_serve_env(environ: dict[str, str] | None = None) -> None:
