@@ -358,3 +358,17 @@ def test_the_holdback_is_the_longest_text_suffix_that_is_a_proper_stop_prefix(se
             (n for s in stop for n in range(1, min(len(s) - 1, len(d.text)) + 1) if d.text.endswith(s[:n])), default=0
         )
         assert d._holdback() == want, (case, stop, d.text)
+
+
+def test_a_delta_without_tokens_keeps_the_prompt_logprobs_of_the_first(sentencepiece: Any) -> None:
+    """Generation.begin ran again for each delta until a token came: an empty first delta (a commit's ack) followed
+    by the first token's delta erased the prompt logprobs, and echo + logprobs then failed (a 500; found in review)."""
+    from pdserve.api.backend import GenerationDelta, GenerationRequest
+    from pdserve.api.generation import Generation
+
+    request = GenerationRequest("r", [5, 6, 7], 4, 0.0, 1.0, 0, None, [], True, 0, True, prompt_logprobs=0)
+    generation = Generation(request, sentencepiece, [])
+    prompt = [(-1.0, ()), (-2.0, ())]
+    generation.absorb(GenerationDelta([], None, None, 3, 2, prompt))
+    generation.absorb(GenerationDelta([8], [(-0.5, ())], "length", 3, 2))
+    assert generation.whole().prompt_logprobs == prompt and generation.usage().prompt_tokens_details.cached_tokens == 2

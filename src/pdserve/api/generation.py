@@ -67,7 +67,8 @@ class Generation:
         """What the first delta fixes before any output is reported (a stream's opening chunk shows it)."""
         if first is not None and not self.token_ids:
             self.num_cached_tokens = first.num_cached_tokens
-            self.prompt_logprobs = first.prompt_logprobs
+            if first.prompt_logprobs is not None:  # only the first delta has them: an empty one before the first
+                self.prompt_logprobs = first.prompt_logprobs  # token (a commit's ack) must not erase them
 
     def absorb(self, delta: GenerationDelta) -> Piece | None:
         """Take one backend delta; return what it made final, or None when nothing did (text still held back).
