@@ -513,6 +513,7 @@ def chat(**fields: Any) -> tuple[str, dict[str, Any]]:
         # Unbounded, they slowed every stream on the replica: each step checks each stop id, each block hashes the salt.
         (completion(stop_token_ids=[5] * 257), 400, "stop_token_ids", None),
         (completion(cache_salt="s" * 257), 400, "cache_salt", None),
+        (completion(cache_salt=""), 400, "cache_salt", None),  # would salt nothing (found in review)
         (chat(stop_token_ids=[5] * 257), 400, "stop_token_ids", None),
         (chat(messages=[]), 400, "messages", None),
         (chat(messages=[{"role": "robot", "content": "hi"}]), 400, "messages[0].role", None),

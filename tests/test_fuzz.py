@@ -162,7 +162,7 @@ _VALID_COMMON: dict[str, st.SearchStrategy[Any]] = {
     "ignore_eos": _BOOL_OR_NULL,
     "stop_token_ids": st.none() | st.lists(st.integers(0, 511), max_size=5),
     "user": st.none() | st.just("") | _VALID_TEXT,
-    "cache_salt": st.none() | st.just("") | _VALID_TEXT,
+    "cache_salt": st.none() | _VALID_TEXT,  # "" is refused, as vLLM refuses it
     "include_stop_str_in_output": _BOOL_OR_NULL,
     "skip_special_tokens": _BOOL_OR_NULL,
     # vLLM's fields that pdserve does not implement, at a value that changes nothing

@@ -169,6 +169,8 @@ class SamplingFields(BaseModel):
     @field_validator("cache_salt")
     @classmethod
     def _cache_salt(cls, salt: str | None) -> str | None:
+        if salt == "":  # as vLLM: "" would salt nothing, sharing the cache it was sent to keep apart
+            raise ValueError("cache_salt must be a non-empty string if given")
         if salt and len(salt) > MAX_CACHE_SALT_CHARS:
             raise ValueError(f"cache_salt is at most {MAX_CACHE_SALT_CHARS} characters")
         return salt
