@@ -580,6 +580,29 @@ def test_max_tokens_0_with_echo_scores_the_prompt(http: httpx.Client, backend: F
     assert (request.max_tokens, request.prompt_logprobs) == (1, 1)
 
 
+@pytest.mark.parametrize(("stream", "n"), [(False, 1), (True, 1), (False, 2), (True, 2)])
+def test_echo_of_token_ids_ending_inside_a_character_shows_it_once(
+    client: openai.OpenAI, backend: FakeBackend, stream: bool, n: int
+) -> None:
+    """A prompt of token ids cut inside 😀, whose output completes it: the echo and the output read as the whole text
+    (found in review: the echo ended in U+FFFD and the output began with the character, 'Party \ufffd🎉 time')."""
+    tokens = backend.script[:-1]
+    cut = next(k for k in range(1, len(tokens)) if backend.tokenizer.decode(tokens[:k]).endswith("\ufffd"))
+    script = backend.script
+    backend.script = [*tokens[cut:], EOS_ID]
+    try:
+        response = client.completions.create(
+            model="fake-model", prompt=tokens[:cut], echo=True, max_tokens=64, n=n, stream=stream
+        )
+        texts = [""] * n
+        for chunk in response if stream else [response]:
+            for choice in chunk.choices:
+                texts[choice.index] += choice.text
+    finally:
+        backend.script = script
+    assert texts == [TEXT] * n
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from pdserve.api import IncrementalDetokenizer
+from pdserve.api.detokenizer import echo_overlap
 from tiny_models import build_sentencepiece_tokenizer, build_tokenizer
 
 KINDS = ("byte_level", "sentencepiece", "sentencepiece_metaspace")
@@ -44,9 +45,13 @@ def decode(tokenizer: Any, token_ids: Sequence[int], skip_special_tokens: bool =
     return str(tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
 
 
-def oracle(tokenizer: Any, prompt: list[int], output: list[int], skip_special_tokens: bool = True) -> str:
-    """What decoding prompt + output adds to decoding the prompt alone."""
+def oracle(
+    tokenizer: Any, prompt: list[int], output: list[int], skip_special_tokens: bool = True, echo_overlap: int = 0
+) -> str:
+    """What decoding prompt + output adds to decoding the prompt alone (less, after an echo, the `echo_overlap`
+    characters at its end that the output's text starts with)."""
     head = decode(tokenizer, prompt, skip_special_tokens)
+    head = head[: len(head) - echo_overlap]
     whole = decode(tokenizer, prompt + output, skip_special_tokens)
     common = next((i for i, (a, b) in enumerate(zip(head, whole, strict=False)) if a != b), min(len(head), len(whole)))
     return whole[common:]
@@ -93,13 +98,13 @@ def stop_with_min_tokens(
 
 
 def texts_after_each_token(
-    tokenizer: Any, prompt: list[int], output: list[int], skip_special_tokens: bool = True
+    tokenizer: Any, prompt: list[int], output: list[int], skip_special_tokens: bool = True, echo_overlap: int = 0
 ) -> list[str]:
     """The text a stop string is looked for in after each token (index k: after k tokens): the output's text if it
     ended there (the oracle above over the first k tokens), less a trailing incomplete character. As vLLM's
     detokenizer, a character counts at the token completing its bytes, even inside a byte-fallback run."""
-    return [""] + [oracle(tokenizer, prompt, output[:k], skip_special_tokens).rstrip("\ufffd") for k in
-                   range(1, len(output) + 1)]  # fmt: skip
+    return [""] + [oracle(tokenizer, prompt, output[:k], skip_special_tokens, echo_overlap).rstrip("\ufffd")
+                   for k in range(1, len(output) + 1)]  # fmt: skip
 
 
 def detokenize(
@@ -111,9 +116,12 @@ def detokenize(
     skip_special_tokens: bool = True,
     include_stop: bool = False,
     min_tokens: int = 0,
+    echo_overlap: int = 0,
 ) -> tuple[list[str], IncrementalDetokenizer]:
     """Feed `output` in deltas of `sizes` tokens (1 each by default), then flush, as Generation does."""
-    d = IncrementalDetokenizer(tokenizer, list(stop), skip_special_tokens, prompt, include_stop, min_tokens)
+    d = IncrementalDetokenizer(
+        tokenizer, list(stop), skip_special_tokens, prompt, include_stop, min_tokens, echo_overlap
+    )
     sizes = list(sizes) or [1] * len(output)
     starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     deltas = [d.add(output[a:b]) for a, b in itertools.pairwise(starts)]
@@ -343,6 +351,88 @@ def test_random_streams_equal_the_oracle(tokenizer: Any) -> None:
         if "\ufffd" not in want:
             assert not any("\ufffd" in delta for delta in streamed), context
     assert time.monotonic() - started < 20
+
+
+# --- echo: the prompt's text, then the output's ----------------------------------------------------------------------
+
+
+def prompt_cut_inside(tokenizer: Any, text: str, character: str) -> tuple[list[int], list[int]]:
+    """`text`'s tokens cut after the first token that ends inside `character` (a prompt of token ids may stop there),
+    and the rest."""
+    if has_byte_fallback(tokenizer):  # the character as byte tokens (SentencePiece has no token for it)
+        before, after = text.split(character)
+        tokens = [*ids(tokenizer, before), *byte_ids(tokenizer, character.encode()), *ids(tokenizer, after)]
+    else:
+        tokens = ids(tokenizer, text)
+    cut = next(k for k in range(1, len(tokens)) if decode(tokenizer, tokens[:k]).endswith("\ufffd"))
+    assert character in decode(tokenizer, tokens[: cut + 4]) and character not in decode(tokenizer, tokens[:cut])
+    return tokens[:cut], tokens[cut:]
+
+
+def echoed(
+    tokenizer: Any, prompt: list[int], output: list[int], sizes: Sequence[int] = (), skip: bool = True, **kwargs: Any
+) -> tuple[str, list[str], IncrementalDetokenizer]:
+    """An echoed completion as the app answers it: the echo (the prompt decoded whole, specials shown, less the
+    overlap) and the output's deltas."""
+    echo = decode(tokenizer, prompt, skip_special_tokens=False)
+    overlap = echo_overlap(tokenizer, prompt, echo, skip)
+    deltas, d = detokenize(tokenizer, prompt, output, sizes, skip_special_tokens=skip, echo_overlap=overlap, **kwargs)
+    return echo[: len(echo) - overlap], deltas, d
+
+
+def test_an_echoed_prompt_ending_inside_a_character_shows_it_once(tokenizer: Any) -> None:
+    """Found in review: echo of token ids ending inside 🎉 read 'Party \ufffd🎉 time' (the echo decoded the prompt
+    alone, the output carried the character it completed). Now the echo leaves the U+FFFD to the output; the output
+    alone still carries the character; an output that does not complete it starts with the U+FFFD."""
+    prompt, rest = prompt_cut_inside(tokenizer, "Party 🎉 time", "🎉")
+    echo, deltas, _ = echoed(tokenizer, prompt, rest)
+    assert (echo, "".join(deltas)) == ("Party ", "🎉 time")
+    assert "".join(detokenize(tokenizer, prompt, rest)[0]) == "🎉 time"  # no echo: as before
+    broken = ids(tokenizer, "x y")
+    echo, deltas, _ = echoed(tokenizer, prompt, broken)
+    assert echo + "".join(deltas) == decode(tokenizer, prompt + broken) and "".join(deltas).startswith("\ufffd")
+    whole = decode(tokenizer, prompt)  # no output (a scored prompt): the echo is the whole decode
+    assert whole.endswith("\ufffd") and echo_overlap(tokenizer, prompt, whole) > 0
+
+
+def test_random_echoes_read_as_the_whole_decode(tokenizer: Any) -> None:
+    """Differential, 1,500 random cases per tokenizer (prompts of token ids cut anywhere, byte runs, special tokens,
+    stop strings, min_tokens, delta sizes): the echoed output equals its oracle streamed or whole, and echo + output
+    is decode(prompt + output) whenever the echo shows what the output's decode does (no special tokens skipped in
+    the prompt), no stop string cut the output, and the output left the echo's text as it was (bytes continuing a
+    byte-fallback run that ended the prompt can make the whole decode show the run's characters as U+FFFD: no echo
+    can foresee that; the output's text then is the oracle's, as without echo)."""
+    rng = random.Random(4242)
+    vocab_size = len(tokenizer)
+    byte_tokens = byte_ids(tokenizer, bytes(range(256))) if has_byte_fallback(tokenizer) else []
+    specials = set(tokenizer.all_special_ids)
+    overlapping = checked = 0
+    for case in range(1500):
+        prompt = random_prompt(rng, tokenizer, vocab_size)
+        if prompt and rng.random() < 0.5:  # often inside a character: a byte run or a byte-level token cut short
+            data = rng.choice(["é", "日本", "🎉", "€"]).encode()
+            part = data[: rng.randint(1, len(data) - 1)]
+            prompt += [byte_tokens[b] for b in part] if byte_tokens else ids(tokenizer, data.decode())[:1]
+        output = random_output(rng, tokenizer, vocab_size, byte_tokens)
+        skip = rng.random() < 0.8
+        echo = decode(tokenizer, prompt, skip_special_tokens=False)
+        overlap = echo_overlap(tokenizer, prompt, echo, skip)
+        overlapping += overlap > 0
+        text = oracle(tokenizer, prompt, output, skip, overlap)
+        stop = random_stop(rng, text)
+        min_tokens = 0 if rng.random() < 0.6 else rng.randint(1, len(output) + 1)
+        texts = texts_after_each_token(tokenizer, prompt, output, skip, overlap)
+        want, is_stopped, _ = stop_with_min_tokens(texts, text, stop, min_tokens)
+        sizes = random_sizes(rng, len(output))
+        shown, streamed, d = echoed(tokenizer, prompt, output, sizes, skip, stop=stop, min_tokens=min_tokens)
+        _, whole, _ = echoed(tokenizer, prompt, output, [len(output)], skip, stop=stop, min_tokens=min_tokens)
+        context = f"case {case}: prompt={prompt} output={output} {stop=} {skip=} {min_tokens=} deltas={streamed}"
+        assert "".join(streamed) == "".join(whole) == want and d.is_stopped == is_stopped, context
+        whole_decode = decode(tokenizer, prompt + output, skip)
+        if not is_stopped and not (skip and specials & set(prompt)) and whole_decode.startswith(shown):
+            checked += 1
+            assert shown + want == whole_decode, context
+    assert overlapping > 300 and checked > 400  # the cases this is about came up often
 
 
 def test_the_holdback_is_the_longest_text_suffix_that_is_a_proper_stop_prefix(sentencepiece: Any) -> None:

@@ -24,6 +24,7 @@ import pdserve
 from pdserve.api.auth import APIKeyAuth, APIKeys, tenant_salt
 from pdserve.api.backend import Backend, GenerationDelta, GenerationRequest
 from pdserve.api.choices import ChoiceStreams, choice_requests, collect_choices, total_usage
+from pdserve.api.detokenizer import echo_overlap
 from pdserve.api.errors import SERVER_ERROR, APIError, error_response, install_error_handlers
 from pdserve.api.formats import ChatFormat, CompletionFormat, Echo, ResponseFormat, ResponseMeta
 from pdserve.api.generation import Generation, collect, first_delta_within, usage_attributes
@@ -176,14 +177,18 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
         None if score_only else default_max_tokens,
     )  # fmt: skip
     meta = ResponseMeta.new("cmpl", body.model, state.fingerprint)
-    echo = None
+    echo, overlap = None, 0
     if body.echo:
-        text = body.prompt if isinstance(body.prompt, str) else state.backend.tokenizer.decode(prompt_ids)
-        echo = Echo(text, prompt_ids)
+        tokenizer = state.backend.tokenizer
+        text = body.prompt if isinstance(body.prompt, str) else tokenizer.decode(prompt_ids)
+        # A prompt of token ids may end inside a character (U+FFFD) that the output completes: the output carries it
+        # (detokenizer.py), so the echo goes without it. A scored prompt has no output: its echo is whole.
+        overlap = 0 if score_only else echo_overlap(tokenizer, prompt_ids, text, body.skip_special_tokens)
+        echo = Echo(text[: len(text) - overlap], prompt_ids)
     fmt = CompletionFormat(meta, state.backend.tokenizer, with_logprobs=body.logprobs is not None, echo=echo)
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
     return await _serve(
-        state, body, request, prompt_ids, max_tokens, fmt, body.logprobs or 0, prompt_logprobs, score_only
+        state, body, request, prompt_ids, max_tokens, fmt, body.logprobs or 0, prompt_logprobs, score_only, overlap
     )
 
 
@@ -222,6 +227,7 @@ async def _serve(
     top_logprobs: int = 0,
     prompt_logprobs: int | None = None,
     discard_output: bool = False,
+    echo_overlap: int = 0,
 ) -> Response:
     """Hand the request to the backend and answer with the whole output, or stream it."""
     span = trace.get_current_span()  # the request's SERVER span (FastAPI's)
@@ -234,10 +240,10 @@ async def _serve(
     )  # fmt: skip
     span.set_attributes(request_attributes(gen_request, fmt))
     if body.n > 1:
-        return await _serve_choices(state, body, request, gen_request, fmt, discard_output)
+        return await _serve_choices(state, body, request, gen_request, fmt, discard_output, echo_overlap)
     generation = Generation(
         gen_request, state.backend.tokenizer, body.stop_strings(), discard_output, body.skip_special_tokens,
-        body.include_stop_str_in_output,
+        body.include_stop_str_in_output, echo_overlap,
     )  # fmt: skip
     deltas = state.backend.generate(gen_request)
     if body.stream:
@@ -263,13 +269,14 @@ async def _serve_choices(
     gen_request: GenerationRequest,
     fmt: ResponseFormat,
     discard_output: bool,
+    echo_overlap: int,
 ) -> Response:
     """`n` choices of one prompt (choices.py): one backend request each, sharing the prompt's cached blocks."""
     requests = choice_requests(gen_request, body.n)
     generations = [
         Generation(
             r, state.backend.tokenizer, body.stop_strings(), discard_output, body.skip_special_tokens,
-            body.include_stop_str_in_output,
+            body.include_stop_str_in_output, echo_overlap,
         )
         for r in requests
     ]  # fmt: skip

@@ -11,6 +11,12 @@ decode strips it. The common prefix (rather than `decode(prompt)`) matters only 
 inside a character: the output that completes it carries that character. Streaming and one-shot decoding give this
 same text, whatever the deltas' sizes.
 
+With `echo` (a completion repeating its prompt before the output) that rule would show such a character twice: the
+echo `decode(prompt)` ends in U+FFFD, and the output begins with the character it completes. So there the U+FFFD
+the prompt's text ends in (`echo_overlap`) are the output's: the echo goes out without them, the output's text starts
+before them, and echo + output read as `decode(prompt + output)`, whether the output completes the character (which
+it then carries) or not (it then starts with the U+FFFD).
+
 How: tokens are decoded in a short window. Tokens [prefix_offset, read_offset) are decoded again as context for the
 new ones, and the text the new ones add is theirs. The window starts primed with the prompt's last few visible tokens
 (vLLM's idea), so the first output token is decoded in context and the prompt's own text is never emitted. The window
@@ -80,6 +86,7 @@ class IncrementalDetokenizer:
         prompt_token_ids: Sequence[int] = (),
         include_stop_str: bool = False,
         min_tokens: int = 0,
+        echo_overlap: int = 0,
     ) -> None:
         self.tokenizer = tokenizer
         self.min_tokens = min_tokens  # no stop string counts before this many output tokens
@@ -104,6 +111,14 @@ class IncrementalDetokenizer:
         self._token_ids = self._prompt_tail(prompt_token_ids)
         self._prefix_offset = 0
         self._read_offset = len(self._token_ids)
+        # Characters at the end of the prompt's text that the output's text starts with (`echo_overlap`); until the
+        # window first moves past the prompt's tail (0 then).
+        self._prompt_overlap = echo_overlap
+
+    def trailing_replacements(self) -> int:
+        """How many U+FFFD the prompt's text (its tail, as this detokenizer decodes it) ends in."""
+        tail = self._decode(self._token_ids[: self._read_offset])
+        return len(tail) - len(tail.rstrip(_REPLACEMENT))
 
     def add(self, token_ids: list[int]) -> str:
         """Feed new tokens; return the text that became final (often empty). With stop strings the tokens go in one
@@ -151,18 +166,17 @@ class IncrementalDetokenizer:
 
     def _decode_new(self, is_last: bool) -> str:
         end = len(self._token_ids) if is_last else self._readable_end()
-        if end <= self._read_offset:
-            return ""
+        if end <= self._read_offset and not (is_last and self._prompt_overlap):  # (an output with no visible token
+            return ""  # still ends with the characters it took from the echo)
         prefix = self._decode(self._token_ids[self._prefix_offset : self._read_offset])
         full = self._decode(self._token_ids[self._prefix_offset : end])
         if not is_last and full.endswith(_REPLACEMENT):
             return ""  # an incomplete character: wait for more tokens
-        # The window's own text is final, so full extends prefix; only the prompt's tail may end in a character
-        # or a byte run that the output completes (or breaks): then the common part is the prompt's.
-        start = _common_prefix_len(prefix, full)
+        start = self._new_text_start(prefix, full)
         if len(full) <= start:
             return ""  # nothing visible yet: wait, so that the window moves only past tokens that added text
         self._prefix_offset, self._read_offset = self._read_offset, end
+        self._prompt_overlap = 0
         return full[start:]
 
     def _decode_held(self) -> str:
@@ -172,7 +186,14 @@ class IncrementalDetokenizer:
             return ""
         prefix = self._decode(self._token_ids[self._prefix_offset : self._read_offset])
         full = self._decode(self._token_ids[self._prefix_offset :])
-        return full[_common_prefix_len(prefix, full) :]
+        return full[self._new_text_start(prefix, full) :]
+
+    def _new_text_start(self, prefix: str, full: str) -> int:
+        """Where the new tokens' text starts in `full` (the window decoded), `prefix` being its context's text. The
+        window's own text is final, so full extends prefix; only the prompt's tail may end in a character or a byte
+        run that the output completes (or breaks): then the common part is the prompt's, less what an echo leaves
+        to the output."""
+        return _common_prefix_len(prefix[: len(prefix) - self._prompt_overlap], full)
 
     def _readable_end(self) -> int:
         """Where an open byte-fallback run at the end starts (its text may still change), else the end."""
@@ -240,3 +261,11 @@ def _common_prefix_len(a: str, b: str) -> int:
     if b.startswith(a):
         return len(a)
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def echo_overlap(tokenizer: Any, prompt_token_ids: Sequence[int], echo: str, skip_special_tokens: bool = True) -> int:
+    """How many characters at the end of `echo` (the prompt's text, repeated before the output) are the output's:
+    the U+FFFD that both the echo and the prompt's text as the output's detokenizer decodes it end in. The echo goes
+    out without them; pass the count to that detokenizer as `echo_overlap`."""
+    tail = IncrementalDetokenizer(tokenizer, [], skip_special_tokens, prompt_token_ids).trailing_replacements()
+    return min(tail, len(echo) - len(echo.rstrip(_REPLACEMENT)))

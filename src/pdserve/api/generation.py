@@ -44,6 +44,7 @@ class Generation:
         discard_output: bool = False,
         skip_special_tokens: bool = True,
         include_stop_str: bool = False,
+        echo_overlap: int = 0,
     ) -> None:
         self.request = request
         self.discard_output = (
@@ -51,7 +52,13 @@ class Generation:
         )
         self.prompt_logprobs: list[TokenLogprob] | None = None
         self.detokenizer = IncrementalDetokenizer(
-            tokenizer, stop, skip_special_tokens, request.prompt_token_ids, include_stop_str, request.min_tokens
+            tokenizer,
+            stop,
+            skip_special_tokens,
+            request.prompt_token_ids,
+            include_stop_str,
+            request.min_tokens,
+            echo_overlap,  # the echoed prompt's last characters that the output's text starts with (detokenizer.py)
         )
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
