@@ -124,3 +124,34 @@ def test_committed_reservations_holding_the_pool_run_though_a_prompt_waits_ahead
             break
         rig.step()
     assert sorted(rig.finished) == ["C0", "C1", "X"], (rig.finished, [s.request_id for s in rig.sched.waiting])
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "shortest_prefill_first"])
+def test_a_sequence_preempted_in_a_step_is_not_readmitted_by_its_retry_pass(policy: str) -> None:
+    """A running sequence that must grow preempts itself (it arrived last), so nothing runs, and the step's second
+    pass seats the committed reservation waiting behind a prompt. That pass admitted again the sequence it had just
+    preempted (its blocks freed, its work to redo, the pool as short as before: found in review); a sequence
+    preempted in a step is not readmitted in it, whichever pass."""
+    blocks = BlockManager(BlockPool(4, enable_prefix_caching=False), 4)
+    sched = Scheduler(SchedulerConfig(4, 2, policy, 32.0), blocks)
+    arrivals = iter(range(100))
+
+    def seq(name: str, n: int) -> Sequence:
+        return Sequence(EngineRequest(name, tuple(range(1, n + 1)), SamplingParams(max_tokens=4)), next(arrivals))
+
+    p, c, a = seq("P", 6), seq("C", 7), seq("A", 8)  # arrival order: P, C, A
+    sched.add(a)
+    for _ in range(2):  # A's prompt, 4 tokens a step; its first token sampled
+        for chunk in sched.schedule().chunks:
+            chunk.seq.num_computed_tokens += chunk.num_new_tokens
+    a.token_ids.append(7)
+    assert len(a.block_ids) == 2
+    sched.add(p)  # a prompt that waits (no room), holding the free seat
+    assert blocks.admit(c, [], 7)  # a reservation committed: 2 blocks, the last 2 of the pool
+    c.num_computed_tokens = 7
+    c.token_ids.append(9)
+    sched.add_running(c)
+    out = sched.schedule()  # A needs a 3rd block: it preempts itself; the retry seats C
+    assert [s.request_id for s in out.preempted] == ["A"]
+    assert [ch.seq.request_id for ch in out.chunks] == ["C"], out.chunks
+    assert a.status is SequenceStatus.WAITING and not a.block_ids

@@ -74,16 +74,16 @@ class Scheduler:
         if not out.chunks and any(w.block_ids for w in self.waiting):
             # Nothing could run: the prompts ahead could not be admitted, their blocks held by the committed
             # reservations behind them. Those take the seats instead (they need no allocation, and free blocks).
-            again = self._schedule(hold_seats_for_prompts=False)
-            out = SchedulerOutput(again.chunks, out.preempted + again.preempted)
+            # The first pass's preemptions count: a sequence preempted in this step is not readmitted in it.
+            out = self._schedule(hold_seats_for_prompts=False, preempted=out.preempted)
         for chunk in out.chunks:
             chunk.seq.last_step = self.num_steps
         return out
 
-    def _schedule(self, hold_seats_for_prompts: bool) -> SchedulerOutput:
+    def _schedule(self, hold_seats_for_prompts: bool, preempted: list[Sequence] | None = None) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
-        preempted: list[Sequence] = []
+        preempted = [] if preempted is None else list(preempted)  # this step's so far: no admission after one
         self._seat_committed(hold_seats_for_prompts)
         # At most max_num_seqs run. Decode first: a sequence with one token left to compute never waits behind a
         # prefill chunk. Decodes the budget cannot all take (more seated than max_num_batched_tokens: committed
