@@ -20,10 +20,12 @@ import psutil
 import pytest
 from pydantic import BaseModel
 
-from pdserve.cli import build_parser, serve_config
+from pdserve.cli import build_parser, main, serve_config
 from pdserve.hub import resolve_model
 from pdserve.serve.config import PoolConfig, ServeConfig
 from pdserve.serve.process import QUIET_SERVE_ENV, quiet_serve_env
+
+TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 NOT_FIELDS = {"help", "model_tag", "config", "api_keys_file", "address"}  # the command's own options
@@ -92,7 +94,9 @@ def test_help_lists_every_config_field_exactly_once_with_its_description() -> No
         assert re.sub(r"\s+", "", field.description)[:50] in flat, path
 
 
-def test_vllm_names_and_the_older_spellings() -> None:
+def test_vllm_names_and_the_older_spellings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("t.jinja").write_text(TEMPLATE)
     config = parse(
         ["--max-model-len", "128", "--max-num-seqs", "4", "--max-num-batched-tokens", "64",
          "--no-enable-prefix-caching", "--gpu-memory-utilization", "0.5", "--chat-template", "t.jinja",
@@ -105,7 +109,7 @@ def test_vllm_names_and_the_older_spellings() -> None:
     )  # fmt: skip
     assert (config.max_model_len, config.max_num_seqs, config.max_num_batched_tokens) == (128, 4, 64)
     assert config.enable_prefix_caching is False and config.gpu_memory_utilization == 0.5
-    assert (config.chat_template, config.generation_config, config.device) == ("t.jinja", "vllm", "cpu")
+    assert (config.chat_template, config.generation_config, config.device) == (TEMPLATE, "vllm", "cpu")
     assert config.served_model_names == ["tiny", "alias"] and config.served_model_name == "tiny"
     assert config.revision == "v1" and config.kv_cache_memory_bytes == 2 << 20
     assert (config.prefill.num_replicas, config.decode.num_replicas, config.engine.num_replicas) == (2, 3, 4)
@@ -115,6 +119,51 @@ def test_vllm_names_and_the_older_spellings() -> None:
     assert config.niceness is None and config.prefill.cpus == [0, 1]
     assert config.ingress.ray_actor_options == {"num_cpus": 1}
     assert parse([]) == ServeConfig()  # nothing given: the defaults
+
+
+def test_a_chat_template_path_that_cannot_be_read_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value with no template characters names a file (vLLM's rule): a mistyped path was taken as the template
+    itself, and every chat prompt became its text (found in review). Refused before anything starts; a file is read
+    into the config (the ingress may run on another node); an inline template stays as given."""
+    with pytest.raises(SystemExit):
+        main(["serve", "--chat-template", str(tmp_path / "templates/chatml.jinja")])
+    assert "looks like a file path, but it cannot be read" in capsys.readouterr().err
+    (tmp_path / "t.jinja").write_text(TEMPLATE)
+    assert parse(["--chat-template", str(tmp_path / "t.jinja")]).chat_template == TEMPLATE
+    assert ServeConfig(chat_template=TEMPLATE).chat_template == TEMPLATE
+    assert ServeConfig.model_validate(ServeConfig(chat_template=TEMPLATE).model_dump()).chat_template == TEMPLATE
+
+
+@pytest.mark.parametrize(
+    ("files", "environ", "argv", "said"),
+    [
+        ({}, {}, ["--config", "{d}/nope.yaml"], "--config {d}/nope.yaml: No such file or directory"),
+        ({"c.yaml": "prefill: [1"}, {}, ["--config", "{d}/c.yaml"], "--config {d}/c.yaml: not valid YAML"),
+        ({}, {}, ["--api-keys-file", "{d}/nope"], "--api-keys-file {d}/nope: No such file or directory"),
+        ({"k.yaml": "- {key: sk-012345678}\n- {key: short}"}, {}, ["--api-keys-file", "{d}/k.yaml"],
+         "{d}/k.yaml: entry 1: Value error, an API key needs at least 8 characters"),
+        ({"c.yaml": "prefill: 3"}, {"PDSERVE_PREFILL__NUM_REPLICAS": "2"}, ["--config", "{d}/c.yaml"],
+         "PDSERVE_PREFILL__NUM_REPLICAS: prefill is a section of settings, not 3"),
+        ({}, {"PDSERVE_PREFILL__RAY_ACTOR_OPTIONS": "{bad"}, [], "PDSERVE_PREFILL__RAY_ACTOR_OPTIONS: Expecting"),
+    ],
+)  # fmt: skip
+def test_a_file_or_variable_that_cannot_be_used_is_an_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    files: dict[str, str], environ: dict[str, str], argv: list[str], said: str,
+) -> None:  # fmt: skip
+    """Each was a Python traceback (found in review): a missing or malformed file, a value where a section goes, a
+    variable that is not JSON. Now one line naming the flag, file (and entry) or variable; nothing starts."""
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("pdserve.cli.run_server", lambda *a: pytest.fail("the server started"))
+    with pytest.raises(SystemExit):
+        main(["serve", *(a.format(d=tmp_path) for a in argv)])
+    err = capsys.readouterr().err
+    assert said.format(d=tmp_path) in err and "Traceback" not in err and "sk-012345678" not in err
 
 
 def test_flags_override_the_environment_which_overrides_the_file(tmp_path: Path) -> None:

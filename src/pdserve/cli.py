@@ -126,7 +126,7 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeC
     """The ServeConfig of a parsed command line: defaults < `--config` file < environment < flags."""
     data: dict[str, Any] = {}
     if args.config is not None:
-        loaded = yaml.safe_load(args.config.read_text()) or {}
+        loaded = _read_yaml(args.config, "--config")
         if not isinstance(loaded, dict):
             raise ValueError(f"{args.config}: expected a YAML mapping of ServeConfig fields")
         data = _by_field_name(loaded)
@@ -139,7 +139,10 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeC
         if option.kind == "keys":
             continue
         if environ.get(option.env):
-            _put(data, option.path, _from_env(option, environ[option.env]))
+            try:
+                _put(data, option.path, _from_env(option, environ[option.env]))
+            except ValueError as e:  # JSON's errors among them
+                raise ValueError(f"{option.env}: {e}") from None
         if option.dest in given:
             _put(data, option.path, _from_flag(option, given[option.dest]))
     keys = api_key_entries(given.get("api_keys", []), args.api_keys_file, environ.get(ENV_PREFIX + "API_KEYS", ""))
@@ -166,11 +169,26 @@ def api_key_entries(keys: list[str], keys_file: Path | None, env_keys: str) -> l
     plain = [*keys, *(k.strip() for k in env_keys.split(",") if k.strip())]
     entries = [APIKeyConfig.model_validate({"key": key}) for key in plain]
     if keys_file is not None:
-        listed = yaml.safe_load(keys_file.read_text()) or []
+        listed = _read_yaml(keys_file, "--api-keys-file") or []
         if not isinstance(listed, list):
             raise ValueError(f"{keys_file}: expected a YAML list of keys")
-        entries += [APIKeyConfig.model_validate(item) for item in listed]
+        for i, item in enumerate(listed):
+            try:
+                entries.append(APIKeyConfig.model_validate(item))
+            except ValidationError as e:  # said without the entry: it holds a key
+                problems = "; ".join(_describe(error) for error in e.errors())
+                raise ValueError(f"{keys_file}: entry {i}: {problems}") from None
     return entries
+
+
+def _read_yaml(path: Path, flag: str) -> Any:
+    """A YAML file named by `flag`; ValueError (said as the flag's) when it cannot be read or parsed."""
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{flag} {path}: not valid YAML: {e}") from None
 
 
 def run_server(config: ServeConfig, address: str | None, model_path: str | None = None) -> None:
@@ -272,8 +290,10 @@ def _by_field_name(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _put(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
+    for depth, key in enumerate(path[:-1], 1):
         data = data.setdefault(key, {})
+        if not isinstance(data, dict):  # the file gave a value where the section's settings go
+            raise ValueError(f"{'.'.join(path[:depth])} is a section of settings, not {data!r}")
     data[path[-1]] = value
 
 
@@ -281,7 +301,7 @@ def _describe(error: Any) -> str:
     """A validation error named by the flag that sets the field."""
     dest = ".".join(str(part) for part in error["loc"])
     flags = {option.dest: option.flags[0] for option in config_options()}
-    return f"{flags.get(dest, dest)}: {error['msg']}"
+    return f"{flags.get(dest, dest)}: {error['msg']}" if dest else str(error["msg"])  # a check across fields
 
 
 def _without_none(annotation: Any) -> Any:

@@ -215,11 +215,16 @@ def load_tokenizer(model_dir: str | Path, class_name: str | None) -> Any:
 
 
 def read_chat_template(template: str | None) -> str | None:
-    """vLLM's --chat-template: a file holding the Jinja template, or the template itself."""
-    if template is None:
-        return None
+    """vLLM's --chat-template: a file holding the Jinja template, or the template itself. As in vLLM, a value with
+    none of a template's characters (braces, a newline) names a file, which must be there: a path mistyped would
+    otherwise become the template, and every chat prompt its text. ValueError when it cannot be read."""
+    if template is None or any(c in template for c in "{}\n"):
+        return template
     path = Path(template).expanduser()
-    return path.read_text() if "{" not in template and path.is_file() else template
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"chat_template {template!r} looks like a file path, but it cannot be read: {e}") from None
 
 
 def with_defaults(body: B, defaults: dict[str, Any]) -> tuple[B, int | None]:

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pdserve.api.auth import APIKeys, Tenant, key_digest
-from pdserve.api.intake import RequestLimits
+from pdserve.api.intake import RequestLimits, read_chat_template
 from pdserve.config import CacheConfig, EmulatedStep, EngineConfig, ModelConfig, SchedulerConfig, SchedulingPolicy
 from pdserve.hub import resolve_model
 from pdserve.router import CostConfig
@@ -280,7 +280,9 @@ class ServeConfig(BaseModel):
         "tokens/s, or the order falls back to arrival)",
     )
     chat_template: str | None = Field(
-        None, description="chat template for chat requests: a Jinja file or an inline template (default: the model's)"
+        None,
+        description="chat template for chat requests: a Jinja file (read when the config is made, so every ingress "
+        "on any node gets its text) or an inline template (default: the model's)",
     )
     generation_config: str = Field(
         "auto",
@@ -437,6 +439,11 @@ class ServeConfig(BaseModel):
         if self.queue_ttl_s >= self.reservation_lease_s:
             raise ValueError("queue_ttl_s must be below reservation_lease_s")
         return self
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template_text(cls, value: str | None) -> str | None:
+        return read_chat_template(value)
 
     @field_validator("tracing_env")
     @classmethod
