@@ -89,6 +89,10 @@ def test_gpu_clusters_install_pdserve_from_a_wheel_on_every_node(name: str) -> N
     setup = "\n".join(config["setup_commands"])
     assert '~/pdserve-venv/bin/pip install -q "$(ls ~/pdserve-dist/pdserve-*.whl | tail -n 1)[gpu]"' in setup
     assert "echo 'export PATH=\"$HOME/pdserve-venv/bin:$PATH\"' >> ~/.bashrc" in setup  # `ray down` finds `ray`
+    # pdserve needs Python 3.11+: an Ubuntu 22.04 image's python3 is 3.10, so its venv's Python comes from uv
+    images = json.dumps(config["available_node_types"]) if "available_node_types" in config else ""
+    if "ubuntu-2204" in images:
+        assert "uv venv --python 3.11 --seed ~/pdserve-venv" in setup and "python3 -m venv" not in setup
 
 
 # ---- nodes and their pools, as Ray would see them ----
