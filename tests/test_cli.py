@@ -257,6 +257,32 @@ def test_serve_waits_for_a_slow_deploy_and_reports_a_failed_one(monkeypatch: pyt
         cli._wait_until_running("pdserve")
 
 
+@pytest.mark.parametrize("joined", [False, True])
+def test_settings_this_cluster_cannot_serve_are_an_error_and_what_was_set_up_goes(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], joined: bool
+) -> None:
+    """`--kv-transport nccl` on a cluster without GPUs validates alone and fails when the app is built, after Ray and
+    Serve started: that was a traceback, with Serve left up on a joined cluster (found in review). Now one error
+    line, Serve shut down (or, on a joined cluster, nothing of its deleted: pdserve was never deployed there)."""
+    import ray
+    from ray import serve
+
+    calls: list[str] = []
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append("ray.init"))
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("ray.shutdown"))
+    monkeypatch.setattr(serve, "start", lambda **kw: calls.append("serve.start"))
+    monkeypatch.setattr(serve, "shutdown", lambda: calls.append("serve.shutdown"))
+    monkeypatch.setattr(serve, "delete", lambda name: calls.append(f"serve.delete {name}"))
+    monkeypatch.setattr(serve, "run", lambda *a, **kw: pytest.fail("deployed"))
+    with pytest.raises(SystemExit):
+        main(["serve", str(tiny_llama), "--kv-transport", "nccl", *(["--address", "auto"] if joined else [])])
+    err = capsys.readouterr().err
+    assert "invalid settings for this cluster:" in err and "Traceback" not in err
+    assert calls == ["ray.init", "serve.start", *([] if joined else ["serve.shutdown"]), "ray.shutdown"]
+
+
 # ---- models from the Hugging Face cache ----
 
 

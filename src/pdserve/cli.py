@@ -161,7 +161,12 @@ def main(argv: list[str] | None = None) -> None:
         serve.error("\n  ".join(["invalid settings:", *map(_describe, exc.errors())]))
     except ValueError as exc:
         serve.error(str(exc))
-    run_server(config, args.address, model_path)
+    try:
+        run_server(config, args.address, model_path)
+    except ValidationError as exc:  # settings valid alone but not on this cluster (e.g. nccl with no GPU)
+        serve.error("\n  ".join(["invalid settings for this cluster:", *map(_describe, exc.errors())]))
+    except (ValueError, RuntimeError) as exc:  # refused to deploy, or the deploy failed (run_server cleaned up)
+        serve.error(str(exc))
 
 
 def api_key_entries(keys: list[str], keys_file: Path | None, env_keys: str) -> list[APIKeyConfig]:
@@ -201,33 +206,38 @@ def run_server(config: ServeConfig, address: str | None, model_path: str | None 
     if address is None:  # a cluster this call starts (one it joins took its environment when it started)
         quiet_serve_env()
     ray.init(address=address, include_dashboard=False)
-    serve.start(http_options=config.http_options())
-    if config.autoscaling.enabled:  # Serve takes an application's autoscaling policy only from a deploy config
-        from ray.serve.context import _get_global_client
-        from ray.serve.schema import ServeDeploySchema
+    deploying = False
+    try:  # however it ends (Ctrl-C or SIGTERM, a refusal, a failed deploy), what this call set up goes
+        serve.start(http_options=config.http_options())
+        if config.autoscaling.enabled:  # Serve takes an application's autoscaling policy only from a deploy config
+            from ray.serve.context import _get_global_client
+            from ray.serve.schema import ServeDeploySchema
 
-        client = _get_global_client()
-        assert client is not None  # serve.start made it
-        others = sorted(set(serve.status().applications) - {"pdserve"})
-        if others:  # a deploy config is the cluster's whole list of applications
-            raise ValueError(f"autoscaling deploys a Serve config, which would delete this cluster's {others}")
-        # Not `_blocking`: it gives up after 60 s, and a model's load and first kernel build can take longer.
-        client.deploy_apps(ServeDeploySchema(applications=[deploy_application(config)]))
-        _wait_until_running("pdserve")
-    else:
-        serve.run(build_app(config, model_path), name="pdserve", route_prefix="/")
-    scheme = "https" if config.ssl_certfile else "http"
-    print(f"pdserve is serving on {scheme}://{config.host}:{config.port}/v1 (Ctrl-C to stop)", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
+            client = _get_global_client()
+            assert client is not None  # serve.start made it
+            others = sorted(set(serve.status().applications) - {"pdserve"})
+            if others:  # a deploy config is the cluster's whole list of applications
+                raise ValueError(f"autoscaling deploys a Serve config, which would delete this cluster's {others}")
+            schema = ServeDeploySchema(applications=[deploy_application(config)])
+            deploying = True
+            # Not `_blocking`: it gives up after 60 s, and a model's load and first kernel build can take longer.
+            client.deploy_apps(schema)
+            _wait_until_running("pdserve")
+        else:
+            app = build_app(config, model_path)
+            deploying = True
+            serve.run(app, name="pdserve", route_prefix="/")
+        scheme = "https" if config.ssl_certfile else "http"
+        print(f"pdserve is serving on {scheme}://{config.host}:{config.port}/v1 (Ctrl-C to stop)", flush=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         stop.wait()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, serving or still deploying
         pass
     finally:
         if address is None:
             serve.shutdown()
-        else:  # a cluster this call joined: its other applications (and Serve) stay
+        elif deploying:  # a cluster this call joined: its other applications (and Serve) stay
             serve.delete("pdserve")
         ray.shutdown()
 
