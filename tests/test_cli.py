@@ -166,6 +166,16 @@ def test_a_file_or_variable_that_cannot_be_used_is_an_error_naming_it(
     assert said.format(d=tmp_path) in err and "Traceback" not in err and "sk-012345678" not in err
 
 
+def test_none_clears_a_list_that_the_file_set(tmp_path: Path) -> None:
+    """`--metrics-tenants none` was the tenant named "none" (found in review): a list could not be cleared."""
+    path = tmp_path / "serve.yaml"
+    path.write_text("api_keys: [{key: sk-0123456789, tenant: a}]\nmetrics_tenants: [a]\n")
+    assert parse(["--config", str(path)]).metrics_tenants == ["a"]
+    assert parse(["--config", str(path), "--metrics-tenants", "none"]).metrics_tenants is None
+    assert parse(["--config", str(path)], {"PDSERVE_METRICS_TENANTS": "none"}).metrics_tenants is None
+    assert parse(["--prefill.cpus", "0", "1"]).prefill.cpus == [0, 1]
+
+
 def test_flags_override_the_environment_which_overrides_the_file(tmp_path: Path) -> None:
     path = tmp_path / "serve.yaml"
     path.write_text(

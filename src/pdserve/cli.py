@@ -276,14 +276,17 @@ def _flag_kind(option: Option) -> dict[str, Any]:
 
 
 def _from_flag(option: Option, value: Any) -> Any:
-    return None if option.allows_none and isinstance(value, str) and value.lower() in ("none", "null") else value
+    """None for "none" (or "null") where the field takes None: a value, or a list given as that one word (so a flag
+    or variable can clear a list the file set)."""
+    word = value[0] if isinstance(value, list) and len(value) == 1 else value
+    return None if option.allows_none and isinstance(word, str) and word.lower() in ("none", "null") else value
 
 
 def _from_env(option: Option, value: str) -> Any:
     if option.kind == "json" or (option.kind == "list" and value.lstrip().startswith("[")):
         return json.loads(value)
     if option.kind == "list":
-        return [item.strip() for item in value.split(",") if item.strip()]
+        return _from_flag(option, [item.strip() for item in value.split(",") if item.strip()])
     return _from_flag(option, value)
 
 
