@@ -541,3 +541,15 @@ def test_the_hub_id_of_smollm2_is_the_hubs_checkpoint_and_the_packaged_one_has_n
         resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", revision="v2", cache_dir=tmp_path)
     with pytest.raises(ValueError, match="has no revisions"):
         resolve_model("SmolLM2-135M-Instruct", revision="v2")
+
+
+def test_a_transfer_deadline_receivers_refuse_is_refused_in_the_config() -> None:
+    """900 s validated, and then every TCP, gloo and NCCL transfer failed: receivers accept at most MAX_PEER_SECONDS
+    (found in review)."""
+    from pydantic import ValidationError
+
+    from pdserve.transfer.wire import MAX_PEER_SECONDS
+
+    assert ServeConfig(kv_transfer_timeout_s=MAX_PEER_SECONDS).kv_transfer_timeout_s == MAX_PEER_SECONDS
+    with pytest.raises(ValidationError, match="kv_transfer_timeout_s"):
+        ServeConfig(kv_transfer_timeout_s=MAX_PEER_SECONDS + 1)

@@ -236,6 +236,43 @@ def test_a_permit_revoked_mid_transfer_stops_the_later_layers(rig: Rig, revocati
     assert_still_serves(rig, sender, TransferSpec(31, [3, 4], [0, 1], "next"), src)
 
 
+@pytest.mark.parametrize("revoked", [False, True])
+def test_a_stream_ordered_receiver_writes_nothing_before_the_last_layer_landed(
+    monkeypatch: pytest.MonkeyPatch, revoked: bool
+) -> None:
+    """On a CUDA stream (NCCL) a scatter queued as its layer landed ran behind every receive posted after it, and,
+    were those cut by an abort, ran then, long after its fence check, into blocks maybe reused (found in review).
+    There nothing is written until every layer landed. Run here over gloo told it is stream-ordered (the branch NCCL
+    takes): layer 0 landed writes nothing; a revocation then leaves every layer untouched; else all arrive."""
+    from pdserve.transfer.gloo import _GlooCommunicator
+
+    monkeypatch.setattr(_GlooCommunicator, "is_stream_ordered", property(lambda self: True))
+    kv = KVCache(LAYOUT, shared_path=shm_path())
+    receiver = P2PReceiver(kv, GlooBackend(), node_id="node-a", model_id="m")
+    sender = P2PSender("m", GlooBackend())
+    try:
+        src = random_cache(8)
+        spec = grant(kv, TransferSpec(50, [3, 4], [13, 14], "ordered"))
+        before, progress = snapshot(kv), LayerProgress()
+        errors, done = push_in_thread(sender, receiver.endpoint, spec, src, progress)
+        progress.layer_done(0, [3, 4])
+        time.sleep(1.0)  # layer 0 has landed by now (the CPU path writes it at once: the test above)
+        assert not done.is_set()
+        assert_unchanged(kv, before)
+        if revoked:
+            _reuse(kv, [13, 14], spec.epoch)
+        for layer in range(1, LAYOUT.num_layers):
+            progress.layer_done(layer, [3, 4])
+        assert done.wait(timeout=15) and len(errors) == int(revoked)
+        if revoked:
+            assert_unchanged(kv, before)  # no layer written, nothing stamped
+        else:
+            assert_moved(src, kv, spec)
+    finally:
+        sender.close()
+        receiver.close()
+
+
 @pytest.mark.parametrize("sender_cls", [SharedMemorySender, TcpSender])
 def test_permits_granted_in_one_process_bind_writers_in_others(sender_cls: type[KVSender]) -> None:
     """The decode cache's owner and receiver live in another process; this process grants and revokes through its

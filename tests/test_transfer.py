@@ -487,3 +487,42 @@ def test_a_shared_memory_sender_unmaps_a_departed_cache_at_its_next_push() -> No
         for rx in receivers:
             rx.close()
         second.close()
+
+
+_ACCEPT_AFTER_EMFILE = """
+import os, resource, socket, sys, time
+import torch
+sys.path.insert(0, "tests")
+from kv_peer import grant
+from pdserve.kvcache import KVCache, KVLayout
+from pdserve.transfer import TcpReceiver, TcpSender, TransferSpec, wire
+
+layout = KVLayout(num_layers=2, num_blocks=8, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float32)
+kv, src = KVCache(layout), KVCache(layout)
+rx = TcpReceiver(kv, node_id="n", model_id="m")
+client = socket.socket()  # made before the descriptors run out
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+fillers = []
+try:
+    while True:
+        fillers.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+client.connect(wire.split_address(rx.endpoint.tcp_address))  # accept() now fails: EMFILE
+time.sleep(0.5)
+for fd in fillers:
+    os.close(fd)
+client.close()
+TcpSender("m").send(rx.endpoint, grant(kv, TransferSpec(5, [0], [0], "r")), src, timeout_s=5)
+print("sent", rx._listener._accepter.is_alive())
+"""
+
+
+def test_a_receiver_accepts_again_after_running_out_of_file_descriptors() -> None:
+    """One failed accept (EMFILE) ended the accept thread for good: the replica stayed advertised and every later
+    sender waited out its deadline (found in review). Run in a process of its own: it lowers its descriptor limit."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _ACCEPT_AFTER_EMFILE], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "sent True", done.stderr[-2000:]

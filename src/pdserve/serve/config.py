@@ -361,7 +361,12 @@ class ServeConfig(BaseModel):
         description="where decode replicas listen for TCP KV transfers: 127.0.0.1 keeps them on one node; 0.0.0.0 "
         "for prefill and decode on different nodes (keep it inside the cluster's network)",
     )
-    kv_transfer_timeout_s: float = Field(30.0, gt=0, description="one KV transfer's deadline")
+    kv_transfer_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=600,  # a receiver refuses a longer deadline (transfer/wire.py: MAX_PEER_SECONDS)
+        description="one KV transfer's deadline (at most 600 s)",
+    )
     kv_pipelined_push: bool = Field(
         False,
         description="send layer i while layer i+1 computes instead of after the prompt: pays where cores are spare "

@@ -135,6 +135,10 @@ class NcclCommunicator(Communicator):
     def stream(self) -> torch.cuda.StreamContext:
         return torch.cuda.stream(self._stream)
 
+    @property
+    def is_stream_ordered(self) -> bool:
+        return True
+
     def wait_for(self, event: torch.cuda.Event | None = None) -> None:
         if event is None:
             self._stream.wait_stream(torch.cuda.current_stream(self._device))

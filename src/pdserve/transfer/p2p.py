@@ -29,7 +29,9 @@ Deadlines: both sides bound every wait by the transfer's deadline (D counts from
 machines share no clock). On expiry, or on any error once data may be in flight, a side aborts its communicator and
 closes the control connection, so the other side's next wait fails at once; the pair is dropped on both sides and
 the next transfer builds a new one. D stamps the epoch only after every message arrived, so a transfer cut midway
-leaves its blocks unstamped: the request fails cleanly and never decodes from partial KV.
+leaves its blocks unstamped: the request fails cleanly and never decodes from partial KV. On a CUDA stream D queues
+no write before the last message landed, so none can land after a cut (a scatter runs behind every receive posted
+before it, and an abort would release them).
 
 Pooling: each communicator holds memory (NCCL: ~50-100 MB of GPU memory), so each side keeps at most `max_pairs`
 and closes its least recently used idle pair beyond that. When D closes a pair, P sees the control connection closed
@@ -104,6 +106,12 @@ class Communicator(ABC):
     def stream(self) -> contextlib.AbstractContextManager[object]:
         """Where this pair's gathers and scatters run (its CUDA stream; on CPU, right here)."""
         return contextlib.nullcontext()
+
+    @property
+    def is_stream_ordered(self) -> bool:
+        """Whether work queued in `stream()` runs after every operation posted before it (a CUDA stream: a scatter
+        waits behind receives posted earlier), rather than at once (CPU)."""
+        return False
 
     def wait_for(self, event: torch.cuda.Event | None = None) -> None:  # noqa: B027 (nothing to wait on CPU)
         """Make the pair's later work wait for `event` (a layer computed), or for all the work queued so far on
@@ -281,7 +289,8 @@ class P2PReceiver(KVReceiver):
             return True
 
     def _receive(self, peer: _Peer, message: dict[str, Any]) -> None:
-        """One transfer: post the receives, scatter each message into the reserved blocks as it lands, stamp."""
+        """One transfer: post the receives, scatter the messages into the reserved blocks as they land (on a CUDA
+        stream, once the last one landed), stamp."""
         try:
             ids, epoch, per_message, deadline = self._parse_transfer(message)
         except _Refused as e:
@@ -295,10 +304,19 @@ class P2PReceiver(KVReceiver):
             buffer = torch.empty(shape, dtype=layout.dtype, device=dst.device)
         posted = [comm.recv(buffer[a:b]) for a, b in chunks]
         wire.send_reply(peer.conn, "")
+        written = 0  # layers [0, written) are in the blocks
         for (a, b), pending in zip(chunks, posted, strict=True):
             pending.wait(deadline, f"layers {a}-{b - 1} of epoch {epoch} arrived")
-            with self._writable(deadline, ids, epoch, f"writing layers {a}-{b - 1}"), comm.stream():
-                dst[a:b].index_copy_(2, index, buffer[a:b])
+            # On a CUDA stream a scatter runs after every receive posted before it: one queued as its own message
+            # landed would wait behind the later ones and, were they cut by an abort (the sender failed, this
+            # receiver gave up at its deadline), run then, long after its fence check, into blocks freed and
+            # reused meanwhile. So there the layers are written once the last message landed (no later than they
+            # would have run anyway); on CPU each as it lands.
+            if comm.is_stream_ordered and b < layout.num_layers:
+                continue
+            with self._writable(deadline, ids, epoch, f"writing layers {written}-{b - 1}"), comm.stream():
+                dst[written:b].index_copy_(2, index, buffer[written:b])
+            written = b
         with self._writable(deadline, ids, epoch, f"stamping epoch {epoch}"), comm.stream():
             # In stream order after every scatter, and queued only once every message arrived.
             self.kv.block_epochs.index_fill_(0, index, epoch)

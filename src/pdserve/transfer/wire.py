@@ -49,6 +49,7 @@ LAYER = struct.Struct("<qdiiq")
 MAGIC, VERSION = b"PDKV", 3  # 3: the receiver proves the secret too
 MAX_PEER_SECONDS = 600.0  # the longest deadline a peer may ask for (a transfer's time budget)
 MAX_CONNECTIONS = 64  # per listener: each connection has a thread and a scratch buffer
+ACCEPT_RETRY_S = 0.1  # after a failed accept (out of file descriptors): the listener waits, then accepts again
 MAX_MESSAGE_BYTES = 1 << 16  # hello and reply texts
 LENGTH = struct.Struct("<I")
 MAX_JSON_BYTES = 1 << 24  # control messages (a transfer lists its block ids)
@@ -232,10 +233,10 @@ def expect_ok(conn: socket.socket, deadline: Deadline, what: str) -> None:
 def read_reply(conn: socket.socket, deadline: Deadline, what: str) -> str | bool:
     """True for an ok reply, else the peer's reason. TransferError if none came in time or it was malformed."""
     conn.settimeout(deadline.remaining_s(what))
-    status, size = REPLY.unpack(recv_bytes(conn, REPLY.size))
+    status, size = REPLY.unpack(recv_bytes(conn, REPLY.size, deadline.at))  # one deadline for the whole reply
     if size > MAX_MESSAGE_BYTES:
         raise TransferError(f"oversized reply during {what}")
-    message = recv_bytes(conn, size).decode(errors="replace")
+    message = recv_bytes(conn, size, deadline.at).decode(errors="replace")
     return True if status == 0 else message
 
 
@@ -334,9 +335,20 @@ class Listener:
         while True:
             try:
                 conn, _ = self._server.accept()
-            except OSError:
-                return  # closed
-            tune(conn)
+            except OSError as e:
+                if self.is_closed:
+                    return
+                # Out of file descriptors or buffers (EMFILE, ENFILE, ENOBUFS): this connection is lost, not the
+                # listener — its replica stays advertised, and senders would wait out their deadlines on a port
+                # nobody accepts on.
+                logger.warning("%s: accept failed, retrying: %s", self._name, e)
+                time.sleep(ACCEPT_RETRY_S)
+                continue
+            try:
+                tune(conn)
+            except OSError:  # reset before it was tuned
+                conn.close()
+                continue
             thread = threading.Thread(target=self._run, args=(conn,), name=self._name, daemon=True)
             with self._lock:
                 if self.is_closed:
@@ -346,8 +358,14 @@ class Listener:
                     self.num_refused += 1
                     conn.close()
                     continue
+                try:
+                    thread.start()  # under the lock: close() never joins a thread not yet started
+                except RuntimeError as e:  # "can't start new thread": refuse this one, keep accepting
+                    self.num_refused += 1
+                    conn.close()
+                    logger.warning("%s: no thread for a connection: %s", self._name, e)
+                    continue
                 self._conns[conn] = thread
-                thread.start()  # under the lock: close() never joins a thread not yet started
 
     def _run(self, conn: socket.socket) -> None:
         try:
