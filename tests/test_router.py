@@ -379,13 +379,19 @@ def test_the_load_of_other_ingress_replicas_counts_from_the_replicas_reports() -
     }  # fmt: skip
 
 
-def test_burst_of_equal_prompts_does_not_scatter_before_events() -> None:
+def test_burst_of_equal_prompts_prefills_on_prefill_replicas_until_the_first_is_done() -> None:
+    """The first one's blocks are recorded optimistically where its prompt is computed (its P). Its D holds them
+    only once its prefill is done (the KV on its way): from then on an equal prompt prefills on D, locally. (They
+    were recorded on D at once, and a burst of equal prompts went LOCAL there, each computing the whole prompt on
+    the decode replica, as blocks still being computed or transferred are not shared — found in review.)"""
     router = make_router(FakeClock())
     first = router.route("r0", CHAIN, PROMPT, 100)
+    assert first.mode is RouteMode.DISAGGREGATED
     later = [router.route(f"r{i}", CHAIN, PROMPT, 100) for i in range(1, 4)]
-    # The first one's blocks are recorded optimistically on its D: the rest prefill there locally.
-    assert {d.decode_replica_id for d in later} == {first.decode_replica_id}
-    assert [d.mode for d in later] == [RouteMode.LOCAL] * 3
+    assert [d.mode for d in later] == [RouteMode.DISAGGREGATED] * 3
+    router.prefill_done("r0", 0)
+    after = router.route("r9", CHAIN, PROMPT, 100)
+    assert (after.mode, after.decode_replica_id) == (RouteMode.LOCAL, first.decode_replica_id)
 
 
 def test_silent_replicas_are_dropped_and_never_chosen() -> None:

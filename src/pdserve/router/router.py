@@ -143,6 +143,12 @@ class Router:
         flight.is_prefilled = True
         self.counters.realized_hit_tokens += num_cached_tokens
         self._count_prefill(flight.computing_replica_id, -flight.num_prefill_tokens)
+        if flight.decode_replica_id != flight.computing_replica_id:  # its KV is on its way there, or arrived
+            hashes = flight.decision.prompt_block_hashes
+            self._record_optimistic(flight.decode_replica_id, hashes, self.index.match(hashes))
+
+    def _record_optimistic(self, replica_id: str, block_hashes: Sequence[int], matched: dict[str, int]) -> None:
+        self.index.record_optimistic(replica_id, block_hashes[matched.get(replica_id, 0) :])
 
     def finish(self, request_id: str) -> None:
         """The request ended (any way); idempotent."""
@@ -200,9 +206,11 @@ class Router:
             else decision.expected_cached_tokens // self.config.block_size
         )
         decode.num_free_blocks -= max(num_new_blocks, 0)
-        for rid in (decision.decode_replica_id, decision.prefill_replica_id):
-            if rid is not None:  # only the tail past what it holds: the rest is known already
-                self.index.record_optimistic(rid, decision.prompt_block_hashes[matched.get(rid, 0) :])
+        # The replica computing the prompt holds its blocks from now on, for the next equal prompts (the tail past
+        # what it holds: the rest is known already). A disaggregated route's decode replica holds them only once
+        # the transfer is committed there: recorded at `prefill_done` — recorded now, a burst of equal prompts went
+        # LOCAL on it and each computed the whole prompt there (blocks still in flight are not shared).
+        self._record_optimistic(computing_id, decision.prompt_block_hashes, matched)
         c = self.counters
         c.decisions[decision.mode.value] += 1
         c.num_prompt_tokens += decision.num_prompt_tokens
