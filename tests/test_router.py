@@ -475,3 +475,14 @@ def test_pow2_policy_ignores_affinity() -> None:
 def test_unknown_policy_is_a_config_error() -> None:
     with pytest.raises(ValueError, match="unknown routing policy"):
         Router(CONFIG, "round_robin")
+
+
+@pytest.mark.parametrize("policy", ["cache_aware", "pow2"])
+def test_an_empty_prompt_expects_no_negative_hit(policy: str) -> None:
+    """(num_prompt_tokens - 1) // block_size made -1 blocks of hit for an empty prompt: -16 tokens expected cached,
+    16 phantom tokens counted on the replica (found in review; the API refuses empty prompts, a direct caller or the
+    simulator did not)."""
+    router = make_router(FakeClock(), policy)
+    decision = router.route("r", [], 0, 10)
+    assert decision.expected_cached_tokens == 0 and decision.expected_transfer_tokens >= 0
+    assert all(load.num_prefill_tokens >= 0 for load in router.loads.values())

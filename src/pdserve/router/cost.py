@@ -123,7 +123,7 @@ def choose(
     if not decodes:
         raise ValueError("no decode replica to route to")
     bs = config.block_size
-    max_hit = (num_prompt_tokens - 1) // bs * bs  # the computing replica always recomputes the last token
+    max_hit = max(num_prompt_tokens - 1, 0) // bs * bs  # the computing replica always recomputes the last token
     hits = {rid: min(n * bs, max_hit) for rid, n in matched_blocks.items()}
     load_per_decode_s = min(max_new_tokens, config.expected_output_tokens) * config.decode_step_per_seq_s
     best_per_node = _best_prefill_per_node(config, prefills, hits, num_prompt_tokens)

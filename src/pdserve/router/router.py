@@ -232,7 +232,7 @@ class Router:
         decode = min(self.rng.sample(decodes, min(2, len(decodes))), key=lambda d: d.decodes)
         prefill = min(self.rng.sample(prefills, min(2, len(prefills))), key=lambda p: p.queued_prefill_tokens)
         bs = self.config.block_size
-        max_hit = (num_prompt_tokens - 1) // bs * bs
+        max_hit = max(num_prompt_tokens - 1, 0) // bs * bs
         hit_p = min(matched.get(prefill.replica_id, 0) * bs, max_hit)
         hit_d = min(matched.get(decode.replica_id, 0) * bs, max_hit)
         return RouteDecision(
