@@ -65,6 +65,8 @@ class Record:
     output_tokens: int = 0
     itl_s: list[float] = field(default_factory=list)  # per token after the first
     token_times_s: list[float] = field(default_factory=list)  # when each chunk's tokens arrived (run clock)
+    # How many output tokens had arrived by each of token_times_s (from usage: a chunk may carry several tokens)
+    token_counts: list[int] = field(default_factory=list)
     # Why a request answered 200 did not complete: an error event or a cut stream, no [DONE], fewer tokens than
     # asked for (every request sets ignore_eos), an unreadable chunk. Such a request misses the SLOs.
     error: str | None = None
@@ -99,8 +101,11 @@ def _lognormal(rng: random.Random, median: float, sigma: float, lo: int, hi: int
 
 
 def workload(args: argparse.Namespace, rate: float, seed: int = 0) -> list[Spec]:
-    """The requests of one run at `rate` requests/s: Poisson arrivals over `args.duration_s` (trace: its own)."""
-    rng = random.Random(seed)
+    """The requests of one run at `rate` requests/s: Poisson arrivals over `args.duration_s` (trace: its own).
+    Seeded by the seed and the rate: two rates drawing as many arrivals would otherwise send the same prompts (a
+    goodput search's neighbouring steps, on one server: a warm prefix cache), and every rate the same arrival draws
+    scaled, so one unlucky draw would bias the whole sweep."""
+    rng = random.Random(f"{seed}/{rate!r}")
     if args.workload == "trace":
         return _trace(Path(args.trace), args.vocab, rng)
     share = args.long_share if args.workload == "mixed" and args.long_share is not None else 0.0
@@ -203,6 +208,7 @@ async def send(client: httpx.AsyncClient, url: str, model: str, spec: Spec, star
                         k = count - last_count
                         record.itl_s += [(now - last_at) / k] * k
                     record.token_times_s.append(now - start)
+                    record.token_counts.append(count)
                     last_at, last_count = now, count
                 if usage and not chunk.get("choices"):
                     last_count = usage["completion_tokens"]
@@ -277,6 +283,12 @@ def pct(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
+def chunk_counts(r: Record) -> list[int]:
+    """Output tokens arrived by each of the record's chunk times (a run saved before the counts were kept: one per
+    chunk)."""
+    return r.token_counts if len(r.token_counts) == len(r.token_times_s) else list(range(1, len(r.token_times_s) + 1))
+
+
 def burst_split(records: list[Record]) -> dict[str, float | None]:
     """Chat streams during long-prompt prefills vs outside them (the mixed workload's question): TPOT p99 of chat
     requests whose decode overlaps a burst's prefill (from a summarize request's send to its first token) and of the
@@ -289,12 +301,14 @@ def burst_split(records: list[Record]) -> dict[str, float | None]:
         return any(start < b and a < end for start, end in windows)
 
     for r in records:
-        times = r.token_times_s
+        times, counts = r.token_times_s, chunk_counts(r)
         if r.kind != "chat" or r.status != 200 or r.error is not None or len(times) < 2:
             continue
-        tpot[overlaps(times[0], times[-1])].append((times[-1] - times[0]) / (len(times) - 1))
-        for a, b in itertools.pairwise(times):
-            itl[overlaps(a, b)].append(b - a)
+        # By tokens, not chunks: a chunk of k tokens (stream_interval, or a server merging steps under load) is
+        # k gaps of a k-th of its wait each, as `send` counts ITL
+        tpot[overlaps(times[0], times[-1])].append((times[-1] - times[0]) / (counts[-1] - counts[0]))
+        for (a, b), (m, n) in zip(itertools.pairwise(times), itertools.pairwise(counts), strict=True):
+            itl[overlaps(a, b)] += [(b - a) / (n - m)] * (n - m)
     return {
         "burst_tpot_s_p99": pct(tpot[True], 99), "idle_tpot_s_p99": pct(tpot[False], 99),
         "burst_itl_s_p99": pct(itl[True], 99), "idle_itl_s_p99": pct(itl[False], 99),
@@ -314,6 +328,9 @@ def summary(rate: float, records: list[Record], wall_s: float, args: argparse.Na
         statuses[status] = statuses.get(status, 0) + 1
     return {
         "rate": rate, "requests": len(records), "statuses": statuses, "wall_s": wall_s,
+        # the rate the run really offered (Poisson draws over a finite run stray from the nominal one)
+        "sent_rate": len(records) / duration if (duration := getattr(args, "duration_s", None)) and
+        getattr(args, "workload", None) != "trace" else None,
         "output_tokens_per_s": sum(r.output_tokens for r in ok) / wall_s if wall_s else 0.0,
         "slo_attainment": met / len(records) if records else 0.0,
         **{f"{name}_p{q}": pct(values, q) for name, values in
@@ -330,15 +347,17 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, goodput: str 
         return "—" if v is None else f"{v * scale:.2f}"
 
     lines = [
-        f"workload {args.workload}; SLOs: TTFT ≤ {args.ttft_slo_s} s, TPOT ≤ {1000 * args.tpot_slo_s:.0f} ms",
+        f"workload {args.workload} (seed {getattr(args, 'seed', None)}); SLOs: TTFT ≤ {args.ttft_slo_s} s, TPOT ≤ "
+        f"{1000 * args.tpot_slo_s:.0f} ms; latencies over the requests that completed (the others count as misses)",
         "",
-        "| rate req/s | requests | statuses | out tok/s | TTFT p50/p90/p99 s | TPOT p50/p90/p99 ms | ITL p99 ms | "
-        "e2e p90 s | within both SLOs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| rate req/s | sent req/s | requests | statuses | out tok/s | TTFT p50/p90/p99 s | TPOT p50/p90/p99 ms | "
+        "ITL p99 ms | e2e p90 s | within both SLOs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['rate']:.2f} | {r['requests']} | {r['statuses']} | {r['output_tokens_per_s']:.1f} | "
+            f"| {r['rate']:.2f} | {f(r.get('sent_rate'))} | {r['requests']} | {r['statuses']} | "
+            f"{r['output_tokens_per_s']:.1f} | "
             f"{f(r['ttft_s_p50'])} / {f(r['ttft_s_p90'])} / {f(r['ttft_s_p99'])} | "
             f"{f(r['tpot_s_p50'], 1e3)} / {f(r['tpot_s_p90'], 1e3)} / {f(r['tpot_s_p99'], 1e3)} | "
             f"{f(r['itl_s_p99'], 1e3)} | {f(r['e2e_s_p90'])} | {100 * r['slo_attainment']:.0f}% |"
@@ -467,8 +486,9 @@ def compare_plots(out: Path, modes: dict[str, list[tuple[dict[str, Any], list[Re
             if r.kind != "chat" and r.ttft_s is not None:
                 ax.axvspan(r.sent_at_s, r.sent_at_s + r.ttft_s, color="red", alpha=0.08)  # a long prompt's prefill
             elif r.kind == "chat" and len(r.token_times_s) > 1:
-                times = r.token_times_s
-                ax.plot(times[1:], [b - a for a, b in itertools.pairwise(times)], lw=0.6)
+                times, counts = r.token_times_s, chunk_counts(r)
+                pairs = zip(itertools.pairwise(times), itertools.pairwise(counts), strict=True)
+                ax.plot(times[1:], [(b - a) / (n - m) for (a, b), (m, n) in pairs], lw=0.6)  # per token
         ax.set_ylabel(f"{name}\nITL s")
         ax.set_yscale("log")
     (axes[-1] if len(at_rate) > 1 else axes).set_xlabel(
@@ -587,7 +607,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="mixed: long prompts are this share of --rate, in bursts of --burst-size at Poisson times (instead of "
         "every --burst-every-s): the same mix at every rate, as a goodput search needs",
     )  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=None,
+        help="the workload's seed (default: the time, printed in the summary): a long-running server's prefix "
+        "cache must not hold an earlier run's prompts",
+    )  # fmt: skip
     parser.add_argument(
         "--warmup", type=int, default=2, metavar="N",
         help="short requests sent at once before the first measured run (0: none)",
@@ -620,6 +644,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.workload == "trace" and (args.goodput or args.sweep):
         parser.error("a trace replays its own arrival times: --goodput and --sweep vary a rate it does not have")
     os.nice(max(0, args.nice - os.nice(0)))
+    args.seed = int(time.time()) if args.seed is None else args.seed
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
     cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line), "?")
     flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in lscpu]

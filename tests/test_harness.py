@@ -201,7 +201,7 @@ def test_replot_reads_saved_runs_and_draws_them_side_by_side(tmp_path: Path) -> 
 @pytest.mark.slow
 def test_a_smoke_run_against_pdserve(tmp_path: Path) -> None:
     result = harness.main([
-        "--serve", "colocated", "--tiny", "--rate", "4", "--duration-s", "2", "--quiet", "--nice", "0",
+        "--serve", "colocated", "--tiny", "--rate", "4", "--duration-s", "2", "--quiet", "--nice", "0", "--seed", "0",
         "--max-prompt", "64", "--max-output", "8", "--vocab", "500", "--out", str(tmp_path),
     ])  # fmt: skip
     (row,) = result["runs"]
@@ -225,6 +225,31 @@ def test_burst_split_separates_chat_during_long_prefills() -> None:
     assert split["burst_tpot_s_p99"] == pytest.approx(1.0) and split["idle_tpot_s_p99"] == pytest.approx(0.1)
     assert split["burst_itl_s_p99"] == pytest.approx(1.0) and split["idle_itl_s_p99"] == pytest.approx(0.1)
     assert burst_split([idle])["burst_tpot_s_p99"] is None
+
+
+def test_burst_split_counts_tokens_not_chunks() -> None:
+    """A 65-token stream at 20 ms a token, sent as its first token then 16 chunks of 4 (stream_interval 4, or a
+    server merging steps under load): TPOT 20 ms and every ITL 20 ms, not 80 (found in review: it divided by the
+    chunks). A record saved before the counts were kept reads as one token per chunk."""
+    times = [0.1 + 0.08 * i for i in range(17)]
+    r = harness.Record("chat", 0.0, 10, status=200, ttft_s=0.1, e2e_s=1.38, output_tokens=65,
+                       token_times_s=times, token_counts=[1 + 4 * i for i in range(17)])  # fmt: skip
+    split = harness.burst_split([r])
+    assert split["idle_tpot_s_p99"] == pytest.approx(0.02) and split["idle_itl_s_p99"] == pytest.approx(0.02)
+    old = harness.Record("chat", 0.0, 10, status=200, ttft_s=0.1, e2e_s=1.38, output_tokens=65, token_times_s=times)
+    assert harness.burst_split([old])["idle_tpot_s_p99"] == pytest.approx(0.08)
+
+
+def test_a_workload_is_seeded_by_seed_and_rate() -> None:
+    """Two rates drawing as many arrivals sent the same prompts (neighbouring goodput steps on one server: a warm
+    prefix cache), every rate the same draws scaled (found in review). The same seed and rate still repeat."""
+    args = argparse.Namespace(
+        workload="chat", duration_s=60.0, vocab=500, system_prompt=0, conversations=1, max_prompt=256,
+        max_output=16, trace=None, long_share=None,
+    )  # fmt: skip
+    a, b = harness.workload(args, 1.0625, seed=0), harness.workload(args, 1.078125, seed=0)
+    assert not {tuple(s.prompt) for s in a} & {tuple(s.prompt) for s in b}
+    assert harness.workload(args, 1.0625, seed=0) == a
 
 
 def test_sse_accounting_counts_tokens_from_usage_and_spreads_a_chunk_over_its_gaps() -> None:
