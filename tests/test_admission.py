@@ -34,6 +34,17 @@ def test_the_budget_counts_prompts_until_their_first_token() -> None:
     assert not admission.admit("next", 1)
 
 
+def test_the_ingress_replicas_split_the_pools_budget() -> None:
+    """Each ingress replica admits on its own: with the whole pool's budget each, 2 ingress replicas let twice the
+    configured prompt tokens queue (found in review). Each admits its share, rounded up."""
+    from pdserve.serve.config import ServeConfig
+
+    config = ServeConfig(max_queued_prefill_tokens=1000, ingress={"num_replicas": 3})
+    assert config.admission_budget(2) == 667  # 2 prefill replicas' 2000 tokens over 3 ingress replicas
+    assert config.admission_budget(0) == 334  # a pool scaled to 0 still admits (its requests prefill on decode)
+    assert ServeConfig(max_queued_prefill_tokens=1000).admission_budget(2) == 2000
+
+
 @pytest.fixture(scope="module")
 def apps(tiny_models: dict[str, Path]) -> Iterator[dict[str, Served]]:
 

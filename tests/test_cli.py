@@ -147,6 +147,13 @@ def test_a_chat_template_path_that_cannot_be_read_is_refused(
         ({"c.yaml": "prefill: 3"}, {"PDSERVE_PREFILL__NUM_REPLICAS": "2"}, ["--config", "{d}/c.yaml"],
          "PDSERVE_PREFILL__NUM_REPLICAS: prefill is a section of settings, not 3"),
         ({}, {"PDSERVE_PREFILL__RAY_ACTOR_OPTIONS": "{bad"}, [], "PDSERVE_PREFILL__RAY_ACTOR_OPTIONS: Expecting"),
+        ({"c.yaml": "api_keys: sk-012345678"}, {}, ["--config", "{d}/c.yaml"], "api_keys is a list of keys, not str"),
+        ({"k.pem": "k"}, {}, ["--ssl-certfile", "{d}/nope.pem", "--ssl-keyfile", "{d}/k.pem"],
+         "ssl_certfile {d}/nope.pem: No such file or directory"),
+        ({"c.pem": "c"}, {}, ["--ssl-certfile", "{d}/c.pem", "--ssl-keyfile", "{d}/nope.pem"],
+         "ssl_keyfile {d}/nope.pem: No such file or directory"),
+        ({"c.pem": "c", "k.pem": "k"}, {}, ["--ssl-certfile", "{d}/c.pem", "--ssl-keyfile", "{d}/k.pem"],
+         "do not load as a certificate chain and its private key"),
     ],
 )  # fmt: skip
 def test_a_file_or_variable_that_cannot_be_used_is_an_error_naming_it(
@@ -164,6 +171,30 @@ def test_a_file_or_variable_that_cannot_be_used_is_an_error_naming_it(
         main(["serve", *(a.format(d=tmp_path) for a in argv)])
     err = capsys.readouterr().err
     assert said.format(d=tmp_path) in err and "Traceback" not in err and "sk-012345678" not in err
+
+
+def test_tls_files_are_checked_before_anything_starts(tmp_path: Path) -> None:
+    """Serve's proxy reads them only as it starts: a missing or mismatched file left `pdserve serve` waiting for
+    ever for a proxy that kept failing (found in review). A key and its certificate pass; another's key does not."""
+    for name in ("a", "b"):
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / f"{name}.key"),
+             "-out", str(tmp_path / f"{name}.pem"), "-days", "1", "-subj", "/CN=localhost"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    ServeConfig(ssl_certfile=str(tmp_path / "a.pem"), ssl_keyfile=str(tmp_path / "a.key")).check_tls_files()
+    mismatched = ServeConfig(ssl_certfile=str(tmp_path / "a.pem"), ssl_keyfile=str(tmp_path / "b.key"))
+    with pytest.raises(ValueError, match="KEY_VALUES_MISMATCH"):
+        mismatched.check_tls_files()
+    ServeConfig().check_tls_files()  # no TLS: nothing to check
+
+
+def test_an_empty_api_keys_entry_in_the_file_is_no_keys(tmp_path: Path) -> None:
+    """`api_keys:` with nothing after it was a TypeError's traceback (found in review)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("api_keys:\nport: 9000\n")
+    config = parse(["--config", str(path), "--api-key", "sk-0123456789"])
+    assert config.port == 9000 and len(config.api_keys) == 1
 
 
 def test_none_clears_a_list_that_the_file_set(tmp_path: Path) -> None:
@@ -291,6 +322,40 @@ def test_settings_this_cluster_cannot_serve_are_an_error_and_what_was_set_up_goe
     err = capsys.readouterr().err
     assert "invalid settings for this cluster:" in err and "Traceback" not in err
     assert calls == ["ray.init", "serve.start", *([] if joined else ["serve.shutdown"]), "ray.shutdown"]
+
+
+def test_an_autoscaled_deploy_stores_the_exporters_headers_for_the_cluster(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With autoscaling the app is built on the cluster from a deploy config, in a process without the command's
+    environment: `pdserve serve --address ...` stored no OTLP headers, and a joined cluster's replicas exported
+    without the collector's credentials (found in review). They are stored before the deploy."""
+    import ray
+    from ray import serve
+    from ray.serve import context
+    from ray.serve.schema import ApplicationStatus
+
+    from pdserve.serve import cluster_store
+
+    calls: list[str] = []
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer abc")
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append("ray.init"))
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("ray.shutdown"))
+    monkeypatch.setattr(serve, "start", lambda **kw: calls.append("serve.start"))
+    monkeypatch.setattr(serve, "delete", lambda name: calls.append(f"serve.delete {name}"))
+    running = types.SimpleNamespace(status=ApplicationStatus.RUNNING, message="")
+    monkeypatch.setattr(serve, "status", lambda: types.SimpleNamespace(applications={"pdserve": running}))
+    client = types.SimpleNamespace(deploy_apps=lambda schema: calls.append("deploy_apps"))
+    monkeypatch.setattr(context, "_get_global_client", lambda: client)
+    stored: list[dict[str, str]] = []
+    monkeypatch.setattr(
+        cluster_store, "publish_tracing_secrets", lambda: stored.append(dict(os.environ)) or calls.append("publish")
+    )
+    monkeypatch.setattr("pdserve.cli.threading.Event.wait", lambda self: None)  # served: stop at once
+    main(["serve", str(tiny_llama), "--address", "auto", "--autoscaling.enabled", "--prefill.num-replicas", "1",
+          "--decode.num-replicas", "1"])  # fmt: skip
+    assert calls == ["ray.init", "serve.start", "publish", "deploy_apps", "serve.delete pdserve", "ray.shutdown"]
+    assert stored[0]["OTEL_EXPORTER_OTLP_HEADERS"] == "authorization=Bearer abc"
 
 
 # ---- models from the Hugging Face cache ----

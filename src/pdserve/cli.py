@@ -146,7 +146,10 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeC
         if option.dest in given:
             _put(data, option.path, _from_flag(option, given[option.dest]))
     keys = api_key_entries(given.get("api_keys", []), args.api_keys_file, environ.get(ENV_PREFIX + "API_KEYS", ""))
-    data["api_keys"] = [*data.get("api_keys", []), *(key.model_dump() for key in keys)]
+    listed = data.get("api_keys") or []  # `api_keys:` with nothing after it is none
+    if not isinstance(listed, list):
+        raise ValueError(f"api_keys is a list of keys, not {type(listed).__name__}")
+    data["api_keys"] = [*listed, *(key.model_dump() for key in keys)]
     return ServeConfig.model_validate(data)
 
 
@@ -157,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = serve_config(args, os.environ)
         model_path = config.resolve_model_path()  # before Ray starts: a download or conversion shows its progress
+        if args.address is None or not args.address.startswith("ray://"):  # this node runs a proxy: it reads them
+            config.check_tls_files()
     except ValidationError as exc:
         serve.error("\n  ".join(["invalid settings:", *map(_describe, exc.errors())]))
     except ValueError as exc:
@@ -200,6 +205,7 @@ def run_server(config: ServeConfig, address: str | None, model_path: str | None 
     import ray
     from ray import serve
 
+    from pdserve.serve import cluster_store
     from pdserve.serve.app import build_app, deploy_application
     from pdserve.serve.process import quiet_serve_env
 
@@ -219,6 +225,9 @@ def run_server(config: ServeConfig, address: str | None, model_path: str | None 
             if others:  # a deploy config is the cluster's whole list of applications
                 raise ValueError(f"autoscaling deploys a Serve config, which would delete this cluster's {others}")
             schema = ServeDeploySchema(applications=[deploy_application(config)])
+            # The app is built on the cluster, in a process without this one's environment: the exporters'
+            # headers are stored for it here (a joined cluster's replicas exported without them; found in review).
+            cluster_store.publish_tracing_secrets()
             deploying = True
             # Not `_blocking`: it gives up after 60 s, and a model's load and first kernel build can take longer.
             client.deploy_apps(schema)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -379,7 +380,8 @@ class ServeConfig(BaseModel):
         16384,
         ge=1,
         description="prompt tokens admitted and still waiting for their first token, per prefill (or colocated) "
-        "replica; beyond it requests get 429 + Retry-After before any work",
+        "replica, split evenly among the ingress replicas (each admits its share); beyond it requests get 429 + "
+        "Retry-After before any work",
     )
     queue_ttl_s: float = Field(
         20.0, gt=0, description="how long a disaggregated request waits for decode room (below the lease)"
@@ -438,6 +440,35 @@ class ServeConfig(BaseModel):
         if self.ssl_keyfile is not None:
             options.update(ssl_keyfile=self.ssl_keyfile, ssl_certfile=self.ssl_certfile)
         return options
+
+    def admission_budget(self, num_pool_replicas: int) -> int:
+        """One ingress replica's share of the prompt tokens that may wait for their first token: the prefill (or
+        colocated) pool's `max_queued_prefill_tokens` each, split among the ingress replicas, which admit on their
+        own. Without the split, N ingress replicas let N budgets queue (found in review)."""
+        pool_budget = self.max_queued_prefill_tokens * max(1, num_pool_replicas)
+        return math.ceil(pool_budget / max(1, self.ingress.num_replicas))
+
+    def check_tls_files(self) -> None:
+        """ValueError unless the TLS files load here as a certificate chain and its private key. Serve's proxy
+        reads them only as it starts: a missing or mismatched file left `pdserve serve` waiting for ever for a
+        proxy that kept failing (found in review)."""
+        if self.ssl_certfile is None or self.ssl_keyfile is None:
+            return
+        for flag, path in (("ssl_certfile", self.ssl_certfile), ("ssl_keyfile", self.ssl_keyfile)):
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                raise ValueError(f"{flag} {path}: {e.strerror or e}") from None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+        except (ssl.SSLError, OSError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise ValueError(
+                f"ssl_certfile {self.ssl_certfile} and ssl_keyfile {self.ssl_keyfile} do not load as a certificate "
+                f"chain and its private key (PEM): {reason}"
+            ) from None
 
     @model_validator(mode="after")
     def _queue_ttl_below_the_lease(self) -> ServeConfig:

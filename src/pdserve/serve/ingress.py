@@ -81,7 +81,7 @@ class Ingress:
             self.router = IngressRouter(config.router, cost, prefill, decode)
             await self.router.start()
         pool = config.engine if engine is not None else config.prefill
-        self.admission = Admission(config.max_queued_prefill_tokens * max(1, pool.num_replicas))
+        self.admission = Admission(config.admission_budget(pool.num_replicas))
         self.metrics = IngressMetrics(RouterCollector(self.router, self.admission))
         self._stats_task = asyncio.get_running_loop().create_task(self._refresh_stats())
         self._front_task = asyncio.get_running_loop().create_task(level_http_front(config.niceness))
@@ -215,7 +215,7 @@ class Ingress:
         """The admission budget follows the prefill (or colocated) pool's live size, which scaling changes."""
         role = "engine" if self.engine is not None else "prefill"
         if num_replicas := sum(s.role == role for s in stats):
-            self.admission.max_queued_tokens = self.config.max_queued_prefill_tokens * num_replicas
+            self.admission.max_queued_tokens = self.config.admission_budget(num_replicas)
 
     def _any_engine(self) -> DeploymentHandle:
         handle = self.engine or self.decode
