@@ -577,7 +577,7 @@ def served(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="the server's OpenAI base URL (ends in /v1)")
-    parser.add_argument("--model", default="m", help="the model name it serves")
+    parser.add_argument("--model", default=None, help="the model name it serves (default: the first it lists)")
     parser.add_argument("--serve", choices=["colocated", "1p1d"], help="start pdserve locally instead of --url")
     parser.add_argument("--tiny", action="store_true", help="with --serve: a tiny random Llama (smoke runs)")
     parser.add_argument("--threads", type=int, default=None, help="with --serve: torch threads per engine")
@@ -689,7 +689,11 @@ async def _warm_up(url: str, model: str, n: int, vocab: int) -> None:
 
 
 @contextmanager
-def _nothing(url: str, model: str) -> Iterator[tuple[str, str]]:
+def _nothing(url: str, model: str | None) -> Iterator[tuple[str, str]]:
+    """A running server: `model`, or the first model it lists (`GET /models`)."""
+    if model is None:
+        listed = httpx.get(f"{url.rstrip('/')}/models", timeout=30).raise_for_status().json()["data"]
+        model = str(listed[0]["id"])
     yield url, model
 
 

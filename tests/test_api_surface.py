@@ -541,7 +541,7 @@ def test_generation_config_sets_the_defaults_of_unset_fields(tmp_path: Path, tok
 # prompt tokens) -> the backend's max_tokens ("room": what the context has left), or the 400's param.
 # MAX_MODEL_LEN is 128. As vLLM: the request's own limit (a completion's unset one is OpenAI's 16) must fit the
 # context; the result is the smallest of it, the room left, the server's cap and the model's default; the model's
-# default and OpenAI's 16 are capped, never refused.
+# default and the server's cap lower it, never refuse it (a completion's 16 is its own limit: 400 when it does not fit).
 ABSENT, ROOM = object(), "room"
 OUTPUT_LIMITS = [
     (None, None, "completions", ABSENT, 60, 16),

@@ -316,12 +316,30 @@ def test_the_warm_up_goes_first_shares_no_prefix_and_a_failure_stops_the_run(mon
 
     monkeypatch.setattr(harness, "_warm_up", fake_warm_up)
     monkeypatch.setattr(harness, "run", fake_run)
-    harness.main(["--url", "http://x/v1", "--sweep", "1,2", "--duration-s", "5", "--quiet", "--nice", "0"])
+    sweep = ["--url", "http://x/v1", "--sweep", "1,2", "--duration-s", "5", "--quiet", "--nice", "0", "--model", "m"]
+    harness.main(sweep)
     assert order == ["warm-up x2", "run", "run"]
     order.clear()
     no_warm_up = ["--url", "http://x/v1", "--rate", "2", "--duration-s", "5", "--quiet", "--nice", "0", "--warmup", "0"]
-    harness.main(no_warm_up)
+    harness.main([*no_warm_up, "--model", "m"])
     assert order == ["run"]
+    order.clear()
+    asked: list[str] = []
+
+    def models(url: str, **kwargs: object) -> httpx.Response:  # no --model: the server's first listed model
+        asked.append(url)
+        listed = {"data": [{"id": "served"}, {"id": "other"}]}
+        return httpx.Response(200, json=listed, request=httpx.Request("GET", url))
+
+    monkeypatch.setattr(harness.httpx, "get", models)
+
+    async def named_run(url: str, model: str, specs: list[harness.Spec], progress: bool) -> tuple[list, float]:
+        order.append(model)
+        return await fake_run(url, model, specs, progress)
+
+    monkeypatch.setattr(harness, "run", named_run)
+    harness.main(no_warm_up)
+    assert order == ["served", "run"] and asked == ["http://x/v1/models"]
 
 
 def test_a_client_that_falls_behind_its_schedule_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
