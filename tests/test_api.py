@@ -63,6 +63,7 @@ class FakeBackend:
         self.requests: list[GenerationRequest] = []
         self.num_yielded = 0
         self.num_closed = 0
+        self.cached_tokens: Callable[[GenerationRequest], int] = lambda request: 1  # each delta's num_cached_tokens
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         self.requests.append(request)
@@ -90,13 +91,13 @@ class FakeBackend:
         self.num_yielded += len(chunk)
         top = range(request.top_logprobs)  # alternatives: token ids 0..k-1, each less likely than the last
         logprobs = [(logprob_of(t), tuple((j, -1.0 - j) for j in top)) for t in chunk] if request.logprobs else None
-        prompt_logprobs = None
+        prompt_lps = None
         if start == 0 and request.prompt_logprobs is not None:
             top = range(request.prompt_logprobs)
-            prompt_logprobs = [(logprob_of(t), tuple((j, -1.0 - j) for j in top)) for t in request.prompt_token_ids[1:]]
-        return GenerationDelta(
-            chunk, logprobs, finish, len(request.prompt_token_ids), num_cached_tokens=1, prompt_logprobs=prompt_logprobs
-        )
+            prompt_lps = [(logprob_of(t), tuple((j, -1.0 - j) for j in top)) for t in request.prompt_token_ids[1:]]
+        cached = self.cached_tokens(request)
+        prompt = len(request.prompt_token_ids)
+        return GenerationDelta(chunk, logprobs, finish, prompt, num_cached_tokens=cached, prompt_logprobs=prompt_lps)
 
     async def is_healthy(self) -> bool:
         return self.is_healthy_now

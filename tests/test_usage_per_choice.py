@@ -48,3 +48,27 @@ def test_continuous_usage_of_n_choices_counts_each_chunks_own_choice(
         want.append((i, seen[i]))
     assert got == want  # each chunk: its own choice's completion tokens so far, as vLLM reports
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 10  # the sum, at the end
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_every_chunk_reports_the_prompts_cache_hit_as_the_final_usage_does(
+    server: tuple[str, FakeBackend], endpoint: str
+) -> None:
+    """The prompt is one: its cache hit is choice 0's, which computed it (the final usage's). The other choices,
+    started after its first token, hit its blocks; their chunks reported their own hit, and their opening chunks
+    (sent before they started) 0 (found in review)."""
+    url, backend = server
+    backend.reset(tokens_per_delta=2)
+    backend.cached_tokens = lambda request: 3 if request.request_id.endswith("-0") else 7
+    body: dict[str, Any] = {"model": "fake-model", "max_tokens": 5, "n": 3, "stream": True,
+                            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}  # fmt: skip
+    if endpoint == "chat":
+        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": "hi"}]
+    else:
+        path, body["prompt"] = "/v1/completions", "hi"
+    with httpx.Client(base_url=url, timeout=10) as http:
+        chunks = [json.loads(p) for p in sse_payloads(http.post(path, json=body))[:-1]]
+    indexes = {chunk["choices"][0]["index"] for chunk in chunks[:-1]}
+    assert indexes == {0, 1, 2}
+    hits = [chunk["usage"]["prompt_tokens_details"]["cached_tokens"] for chunk in chunks]
+    assert hits == [3] * len(chunks), hits

@@ -132,6 +132,16 @@ async def collect_choices(streams: ChoiceStreams, generations: list[Generation])
     return [g.whole() for g in generations]
 
 
+def choice_usage(generations: list[Generation], index: int) -> Usage:
+    """Choice `index`'s usage so far (continuous usage stats), with the prompt's cache hit as the request reports it:
+    choice 0's. The other choices start after its first token and hit the blocks it computed; their own hit (or the
+    0 of one not started yet, in its opening chunk) contradicted the final usage (found in review)."""
+    usage = generations[index].usage()
+    if index == 0:
+        return usage
+    return usage.model_copy(update={"prompt_tokens_details": generations[0].usage().prompt_tokens_details})
+
+
 def total_usage(generations: list[Generation]) -> Usage:
     """The usage of n choices: the prompt once, every choice's completion tokens."""
     first = generations[0].usage()
