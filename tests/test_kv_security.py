@@ -224,29 +224,64 @@ def test_oversized_and_malformed_hellos(rx: TcpReceiver) -> None:
     _honest_send_works(rx)
 
 
-def test_connections_beyond_the_cap_are_closed() -> None:
-    kv = KVCache(LAYOUT)
-    receiver = TcpReceiver(kv, node_id="n", model_id="m")
-    receiver._listener.max_connections = 3
+def _proven(rx: TcpReceiver) -> socket.socket:
+    """A connection whose handshake proved the cluster secret, then idle (as a sender's pooled connection)."""
+    conn = socket.create_connection(_address(rx), timeout=5)
+    _, nonce = wire.CHALLENGE.unpack(wire.recv_bytes(conn, wire.CHALLENGE.size))
+    conn.sendall(_hello_bytes(rx, nonce, wire.cluster_secret()))
+    assert _reply(conn) is True
+    return conn
+
+
+def _unproven(rx: TcpReceiver) -> socket.socket:
+    """A connection that took its challenge and never answers it (anyone who can reach the port)."""
+    conn = socket.create_connection(_address(rx), timeout=5)
+    wire.recv_bytes(conn, wire.CHALLENGE.size)  # accepted: it got its challenge
+    return conn
+
+
+def _is_cut(conn: socket.socket) -> bool:
     try:
-        idle = [socket.create_connection(_address(receiver), timeout=5) for _ in range(3)]
-        for conn in idle:
-            wire.recv_bytes(conn, wire.CHALLENGE.size)  # accepted: each got its challenge
-        with socket.create_connection(_address(receiver), timeout=5) as extra:
-            assert extra.recv(64) == b""  # closed at once
-        assert _refused(receiver, 1) == 1
-        for conn in idle:
-            conn.close()
+        return conn.recv(64) == b""
+    except ConnectionError:
+        return True
+
+
+def test_peers_in_their_handshake_cannot_hold_every_slot() -> None:
+    """With every slot taken, a new connection takes the oldest unproven one's slot: connections that never finish
+    a handshake held all 64 slots (each for the handshake's timeout, again and again) and locked every sender out
+    (found in review). Only when every slot holds a proven peer is a new connection refused."""
+    receivers = [TcpReceiver(KVCache(LAYOUT), node_id="n", model_id="m") for _ in range(2)]
+    for receiver in receivers:
+        receiver._listener.max_connections = 3
+    first, second = receivers
+    try:
+        stalled = [_unproven(first) for _ in range(3)]  # every slot
+        _honest_send_works(first)  # at once, in the oldest one's slot
+        assert _is_cut(stalled[0]) and first._listener.num_evicted == 1
+
+        stalled = [_unproven(second) for _ in range(3)]
+        proven = []
+        for i in range(3):  # each proven peer takes the oldest stalled one's slot, in turn
+            proven.append(_proven(second))
+            assert _is_cut(stalled[i]) and second._listener.num_evicted == i + 1
+        with socket.create_connection(_address(second), timeout=5) as extra:  # every slot is a proven peer's
+            assert _is_cut(extra)
+        assert _refused(second, 1) == 1 and second._listener.num_evicted == 3
+        proven[0].close()
         deadline = time.monotonic() + 5
-        while True:  # their threads end (the handshake fails on the closed sockets); then honest senders fit
+        while True:  # its thread ends (the closed socket); then an honest sender fits
             try:
-                _honest_send_works(receiver)
+                _honest_send_works(second)
                 break
             except TransferError:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
+        for conn in [*stalled, *proven]:
+            conn.close()
     finally:
-        receiver.close()
+        for receiver in receivers:
+            receiver.close()
 
 
 def test_peer_seconds() -> None:

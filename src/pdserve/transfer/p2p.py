@@ -48,7 +48,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,7 +215,7 @@ class P2PReceiver(KVReceiver):
         self._lock = threading.Lock()  # guards _peers, the peers' flags, counters and _is_closed
         self._is_closed = False
         self._write_lock = threading.Lock()  # held while checking _is_closed and queueing writes into the cache
-        self._listener = wire.Listener(host, port, self._serve, f"pdserve-kv-{backend.name}")
+        self._listener = wire.Listener(host, port, self._hello, self._serve, f"pdserve-kv-{backend.name}")
         address = wire.join_address(reachable, self._listener.port)
         self.endpoint = KVEndpoint(
             node_id, self.spec, kv.layout.num_blocks, self.cache_id, p2p_address=address, p2p_backend=backend.name
@@ -245,8 +245,12 @@ class P2PReceiver(KVReceiver):
             torch.cuda.synchronize(self.kv.flat.device)  # writes already queued land now, not later
         self._listener.close(join_timeout_s=1.0)
 
+    def _hello(self, conn: socket.socket, proven: Callable[[], bool]) -> None:
+        wire.accept_hello(
+            conn, self.cache_id, self.spec, HANDSHAKE_TIMEOUT_S, MAGIC, proven=proven, backend=self.backend.name
+        )
+
     def _serve(self, conn: socket.socket) -> None:
-        wire.accept_hello(conn, self.cache_id, self.spec, HANDSHAKE_TIMEOUT_S, MAGIC, backend=self.backend.name)
         rendezvous = self.backend.root(conn.getsockname()[0], self.kv.flat.device)
         wire.send_json(conn, {"unique_id": rendezvous.unique_id})
         peer = _Peer(conn, rendezvous.connect(HANDSHAKE_TIMEOUT_S))

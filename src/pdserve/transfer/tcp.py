@@ -67,7 +67,7 @@ class TcpReceiver(KVReceiver):
         self.spec = layout_spec(kv.layout, model_id)
         self.cache_id = kv.shared_id or secrets.token_hex(8)
         self._num_fenced = 0
-        self._listener = wire.Listener(host, port, self._serve, "pdserve-kv-recv")
+        self._listener = wire.Listener(host, port, self._hello, self._serve, "pdserve-kv-recv")
         address = wire.join_address(reachable, self._listener.port)
         self.endpoint = KVEndpoint(node_id, self.spec, kv.layout.num_blocks, self.cache_id, tcp_address=address)
 
@@ -76,8 +76,10 @@ class TcpReceiver(KVReceiver):
         returns, no thread of the receiver writes into the cache."""
         self._listener.close()
 
+    def _hello(self, conn: socket.socket, proven: Callable[[], bool]) -> None:
+        wire.accept_hello(conn, self.cache_id, self.spec, _HANDSHAKE_TIMEOUT_S, proven=proven)
+
     def _serve(self, conn: socket.socket) -> None:
-        wire.accept_hello(conn, self.cache_id, self.spec, _HANDSHAKE_TIMEOUT_S)
         scratch: torch.Tensor | None = _empty(0)  # reused by every transfer on this connection
         while scratch is not None:
             scratch = self._receive_transfer(conn, scratch)

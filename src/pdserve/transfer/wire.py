@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:  # imported where used: the ingress imports this module (the cluster's secret), not torch
@@ -148,13 +149,16 @@ def handshake(conn: socket.socket, cache_id: str, spec: KVLayoutSpec, deadline: 
 
 
 def accept_hello(
-    conn: socket.socket, cache_id: str, local: KVLayoutSpec, timeout_s: float, magic: bytes = MAGIC, **expect: str
-) -> dict[str, Any]:
+    conn: socket.socket, cache_id: str, local: KVLayoutSpec, timeout_s: float, magic: bytes = MAGIC,
+    proven: Callable[[], bool] | None = None, **expect: str,
+) -> dict[str, Any]:  # fmt: skip
     """The receiver's side of the handshake: send a nonce, read the hello, reply, and return its fields;
     TransferError (after replying why) if the peer cannot prove the cluster secret, may not write into cache
     `cache_id` of layout `local`, or any field named in `expect` differs. The whole handshake has `timeout_s` (a
     peer trickling its hello a byte at a time cannot hold a connection slot), only a peer that proved the secret
-    learns why it was refused, and an accepting reply proves the secret back to the sender (`handshake`)."""
+    learns why it was refused, and an accepting reply proves the secret back to the sender (`handshake`).
+    `proven`: told before that reply (the listener's slot becomes a proven peer's); False: the slot was given to
+    another connection meanwhile, and this one ends (TransferError)."""
     deadline_at = time.monotonic() + timeout_s
     conn.settimeout(timeout_s)
     nonce = secrets.token_bytes(32)
@@ -175,6 +179,8 @@ def accept_hello(
     if problem or sender_nonce is None:
         send_reply(conn, problem)
         raise TransferError(f"refused a KV sender: {problem}")
+    if proven is not None and not proven():
+        raise TransferError("a connection in its handshake was cut to make room for a newer one")
     conn.sendall(REPLY.pack(0, 64) + _receiver_proof(cluster_secret(), sender_nonce, cache_id).encode())
     return fields
 
@@ -302,20 +308,29 @@ def join_address(host: str, port: int) -> str:
 
 
 class Listener:
-    """A TCP server: one thread accepts, one thread per connection runs `serve(conn)` (the connection is closed
-    when it returns). `close()` stops accepting and cuts every connection; once it returns no `serve` runs."""
+    """A TCP server: one thread accepts, one thread per connection runs `hello(conn, proven)` (the handshake: it
+    raises unless the peer proved the cluster secret, and calls `proven()` before it accepts the peer: False says
+    its slot was taken, see below), then `serve(conn)` (the connection is closed when it returns).
+    `close()` stops accepting and cuts every connection; once it returns no `serve` runs.
+
+    At most `max_connections` are open. When they are, a new connection takes the slot of the oldest one still in
+    its handshake, and is refused only when every slot holds a proven peer: anyone who can reach the port could
+    otherwise hold every slot with connections that never finish a handshake (each for its timeout, over and over)
+    and lock every sender out (found in review)."""
 
     def __init__(
-        self, host: str, port: int, serve: Callable[[socket.socket], None], name: str,
-        max_connections: int = MAX_CONNECTIONS,
+        self, host: str, port: int, hello: Callable[[socket.socket, Callable[[], bool]], object],
+        serve: Callable[[socket.socket], None], name: str, max_connections: int = MAX_CONNECTIONS,
     ) -> None:  # fmt: skip
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._server = socket.create_server((host, port), family=family, backlog=128)
         self.port: int = self._server.getsockname()[1]
-        self._serve, self._name, self.max_connections = serve, name, max_connections
+        self._hello, self._serve, self._name, self.max_connections = hello, serve, name, max_connections
         self.num_refused = 0  # connections that failed the handshake or broke the protocol, and those over the cap
+        self.num_evicted = 0  # connections cut in their handshake to make room for a newer one
         self._conns: dict[socket.socket, threading.Thread] = {}  # open connections and their threads
-        self._lock = threading.Lock()  # guards _conns and is_closed
+        self._unproven: dict[socket.socket, None] = {}  # of those, the ones in their handshake, oldest first
+        self._lock = threading.Lock()  # guards _conns, _unproven and is_closed
         self.is_closed = False
         self._accepter = threading.Thread(target=self._accept, name=f"{name}-accept", daemon=True)
         self._accepter.start()
@@ -354,7 +369,9 @@ class Listener:
                 if self.is_closed:
                     conn.close()
                     return
-                if len(self._conns) >= self.max_connections:
+                if len(self._conns) >= self.max_connections and self._unproven:
+                    self._evict_oldest_unproven()
+                if len(self._conns) >= self.max_connections:  # every slot holds a proven peer
                     self.num_refused += 1
                     conn.close()
                     continue
@@ -366,20 +383,41 @@ class Listener:
                     logger.warning("%s: no thread for a connection: %s", self._name, e)
                     continue
                 self._conns[conn] = thread
+                self._unproven[conn] = None
+
+    def _evict_oldest_unproven(self) -> None:
+        """Cut the oldest connection still in its handshake (its thread ends at once on the dead socket) and free
+        its slot now. Under the lock."""
+        oldest = next(iter(self._unproven))
+        del self._unproven[oldest]
+        del self._conns[oldest]
+        self.num_evicted += 1
+        shutdown(oldest)
+
+    def _prove(self, conn: socket.socket) -> bool:
+        """`conn`'s peer proved the secret: its slot is no longer anyone's to take (False: it was taken already)."""
+        with self._lock:
+            if conn not in self._unproven:
+                return False
+            del self._unproven[conn]
+            return True
 
     def _run(self, conn: socket.socket) -> None:
         try:
-            self._serve(conn)
+            self._hello(conn, partial(self._prove, conn))
+            if not self.is_closed:
+                self._serve(conn)
         except (OSError, TransferError) as e:
             if not self.is_closed:
-                with self._lock:
-                    self.num_refused += isinstance(e, TransferError)
+                with self._lock:  # (one evicted was counted as such)
+                    self.num_refused += isinstance(e, TransferError) and conn in self._conns
                 logger.warning("%s: connection closed: %s", self._name, e)
         except Exception:  # whatever a peer sent, the listener lives on
             with self._lock:
-                self.num_refused += 1
+                self.num_refused += conn in self._conns
             logger.exception("%s: connection failed", self._name)
         finally:
             with self._lock:
                 self._conns.pop(conn, None)
+                self._unproven.pop(conn, None)
             conn.close()
