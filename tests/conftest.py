@@ -47,8 +47,9 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def oracle(tiny_models: dict[str, Path]):  # type: ignore[no-untyped-def]
-    """prompt ids -> the text of transformers' greedy continuation (HTTP_MAX_TOKENS tokens) on the tiny Llama, as an
-    `ExpectedText`: equal to a served text that matches it, or that matches it up to a near-tie (oracle.py)."""
+    """prompt ids (and max_tokens, HTTP_MAX_TOKENS unless given) -> the text of transformers' greedy continuation on
+    the tiny Llama, as an `ExpectedText`: equal to a served text that matches it, or that matches it up to a
+    near-tie (oracle.py)."""
     from transformers import AutoTokenizer
 
     from oracle import HTTP_MAX_TOKENS, ExpectedText, load_reference_model, reference_greedy
@@ -56,7 +57,12 @@ def oracle(tiny_models: dict[str, Path]):  # type: ignore[no-untyped-def]
     path = tiny_models["llama"]
     model, tokenizer = load_reference_model(path), AutoTokenizer.from_pretrained(path)
 
-    def want(prompt: list[int]) -> ExpectedText:
-        return ExpectedText(tokenizer, prompt, reference_greedy(model, prompt, HTTP_MAX_TOKENS))
+    cache: dict[tuple[tuple[int, ...], int], ExpectedText] = {}
+
+    def want(prompt: list[int], max_tokens: int = HTTP_MAX_TOKENS) -> ExpectedText:
+        key = (tuple(prompt), max_tokens)
+        if key not in cache:
+            cache[key] = ExpectedText(tokenizer, prompt, reference_greedy(model, prompt, max_tokens))
+        return cache[key]
 
     return want

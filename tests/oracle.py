@@ -106,6 +106,10 @@ class ExpectedText(str):
                 return True
         return False
 
+    def admits_prefix(self, partial: str) -> bool:
+        """Whether `partial`, the text of a stream cut short, can begin a text equal to this one."""
+        return str.startswith(self, partial) or any(partial.startswith(prefix) for _, prefix in self.tie_prefixes)
+
     def __ne__(self, other: object) -> bool:
         equal = self.__eq__(other)
         return equal if equal is NotImplemented else not equal

@@ -149,3 +149,29 @@ class Served:
         while used != want and time.time() < deadline:
             used = self.blocks_used()
         return used
+
+
+async def greedy_text(client: Any, model: str, prompt: list[int], max_tokens: int, stream: bool = False) -> str:
+    """A greedy completion's text through the official client (`openai.AsyncOpenAI`), after checking it is whole:
+    `max_tokens` tokens (ignore_eos), finish reason "length". The oracle's text comparison alone passed a response
+    cut short at a near-tie, or any text at all with a near-tie at its first token (found in review)."""
+    extra = {"ignore_eos": True}
+    if not stream:
+        out = await client.completions.create(
+            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=extra
+        )
+        choice = out.choices[0]
+        assert (out.usage.completion_tokens, choice.finish_reason) == (max_tokens, "length"), (out.usage, choice)
+        return str(choice.text)
+    chunks = await client.completions.create(
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body=extra,
+    )  # fmt: skip
+    text, finish, usage = "", None, None
+    async for chunk in chunks:
+        if chunk.choices:
+            text += chunk.choices[0].text
+            finish = chunk.choices[0].finish_reason or finish
+        usage = chunk.usage or usage
+    assert usage is not None and (usage.completion_tokens, finish) == (max_tokens, "length"), (usage, finish)
+    return text

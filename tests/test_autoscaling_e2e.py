@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from oracle import HTTP_MAX_TOKENS
-from serving import Served, shared_serve
+from serving import Served, greedy_text, shared_serve
 from test_storm import _assert_idle
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "load_tests"))
@@ -101,11 +101,7 @@ async def _drive(
         await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
         for _ in range(30):
             try:
-                stream = await client.completions.create(
-                    model="m", prompt=prompt, max_tokens=HTTP_MAX_TOKENS, temperature=0, stream=True,
-                    extra_body={"ignore_eos": True},
-                )  # fmt: skip
-                return "".join([c.choices[0].text async for c in stream if c.choices])
+                return await greedy_text(client, "m", prompt, HTTP_MAX_TOKENS, stream=True)
             except openai.RateLimitError as e:
                 # Admission's 429 before any work while new replicas start (slow on a slower CPU): a client
                 # retries after Retry-After. Anything else is a failure.

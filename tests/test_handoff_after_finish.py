@@ -15,7 +15,7 @@ import pytest
 
 import test_handoff_faults as thf
 from oracle import greedy
-from pdserve.engine import EngineRequest
+from pdserve.engine import EngineRequest, FinishReason
 from pdserve.serve import handoff
 from pdserve.serve.config import ServeConfig
 from test_handoff_faults import Cluster, Handle, _settle, serve_config  # noqa: F401  (the rig's fixture)
@@ -47,7 +47,7 @@ class _DiesAfterItsLastOutput(thf.StreamCall):
             self.items.put_nowait(("error", e))
 
 
-async def _run(config: ServeConfig, model_path: str) -> tuple[list[int], list[tuple[list[int], Any]]]:
+async def _run(config: ServeConfig, model_path: str) -> tuple[list[int], list[tuple[list[int], Any]], int]:
     cluster = Cluster(config, model_path)
     cluster.add("prefill")
     cluster.add("decode")
@@ -75,7 +75,7 @@ async def _run(config: ServeConfig, model_path: str) -> tuple[list[int], list[tu
             got.append(([], e))
         await asyncio.sleep(0.3)
         await _settle(0, cluster, None)
-        return whole[:5], got
+        return whole[:5], got, len(cluster.killed)
     finally:
         cluster.close()
 
@@ -86,9 +86,11 @@ def test_no_output_follows_a_finished_one_when_the_replica_dies_at_the_end(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(thf, "StreamCall", _DiesAfterItsLastOutput)  # Cluster.call_on looks it up in its module
-    want, got = asyncio.run(_run(serve_config, str(tiny_models["llama"])))
+    want, got, num_killed = asyncio.run(_run(serve_config, str(tiny_models["llama"])))
+    assert num_killed == 1 and not _ARMED, "the replica died right after the finished output"
     tokens = [t for ids, _ in got for t in ids]
     finished_at = next(i for i, (_, reason) in enumerate(got) if reason is not None)
-    assert got[finished_at][1] is not None and tokens[: len(want)] == want
+    assert isinstance(got[finished_at][1], FinishReason), got  # a finish, not an error after the tokens
+    assert tokens[: len(want)] == want
     assert finished_at == len(got) - 1, f"outputs after the finished one: {got[finished_at + 1 :]}"
     assert tokens == want

@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from oracle import HTTP_MAX_TOKENS, random_prompts
-from serving import Served, deploy, shared_serve
+from serving import Served, deploy, greedy_text, shared_serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
 MAX_TOKENS = HTTP_MAX_TOKENS  # what the `oracle` fixture (conftest.py) generates
@@ -70,10 +70,7 @@ def apps(tiny_models: dict[str, Path]) -> Iterator[dict[str, Served]]:
 
 
 async def _complete(client: openai.AsyncOpenAI, prompt: list[int]) -> str:
-    out = await client.completions.create(
-        model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True}
-    )
-    return out.choices[0].text
+    return await greedy_text(client, "tiny", prompt, MAX_TOKENS)
 
 
 async def _exact_wave(served: Served, prompts: list[list[int]]) -> list[str]:
@@ -118,40 +115,97 @@ def _route_modes(served: Served) -> dict[str, float]:
     return modes
 
 
-async def _hang_up(client: httpx.AsyncClient, url: str, prompt: list[int], after_s: float, stream: bool) -> str:
-    """Send a request and drop the connection after `after_s` (or at its first streamed byte when 0)."""
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": 64, "temperature": 0, "stream": stream, "ignore_eos": True}
+STORM_TOKENS = 64
+
+
+async def _hang_up(
+    client: httpx.AsyncClient, url: str, prompt: list[int], after_s: float, stream: bool
+) -> tuple[str, bytes]:
+    """Send a request and drop the connection after `after_s` (or at its first streamed byte when 0). Returns the
+    outcome and the bytes received (a stream asks for its usage at the end)."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": STORM_TOKENS, "temperature": 0, "stream": stream,
+            "ignore_eos": True, **({"stream_options": {"include_usage": True}} if stream else {})}  # fmt: skip
+    received = bytearray()
 
     async def run() -> str:
         async with client.stream("POST", url, json=body) as response:
             if response.status_code != 200:  # a refused request exercises nothing: the storm counts it apart
                 return f"status {response.status_code}: {(await response.aread())[:200]!r}"
-            async for _ in response.aiter_bytes():
+            async for data in response.aiter_bytes():
+                received.extend(data)
                 if after_s == 0:
                     return "first-byte"
         return "finished"
 
     try:
-        return await asyncio.wait_for(run(), after_s if after_s > 0 else 60)
+        outcome = await asyncio.wait_for(run(), after_s if after_s > 0 else 60)
     except (TimeoutError, httpx.HTTPError):
-        return "hung-up"
+        outcome = "hung-up"
+    return outcome, bytes(received)
 
 
-async def _storm(served: Served, seed: int) -> dict[str, int]:
+def _received(data: bytes, stream: bool) -> tuple[str, int | None, list[str]]:
+    """What a storm request received: its text (a cut stream's whole events only), the usage's completion tokens
+    (None: not received) and any error messages."""
+    if not stream:
+        if not data:
+            return "", None, []
+        body = json.loads(data)  # only a finished request's bytes are read whole
+        if "error" in body:
+            return "", None, [str(body["error"])]
+        return body["choices"][0]["text"], body["usage"]["completion_tokens"], []
+    text, tokens, errors = "", None, []
+    *events, _partial = data.split(b"\n\n")  # the last piece: an event cut short, or empty
+    for event in events:
+        payload = event.removeprefix(b"data: ")
+        if payload == b"[DONE]" or not payload.strip():
+            continue
+        chunk = json.loads(payload)
+        if "error" in chunk:
+            errors.append(str(chunk["error"]))
+            continue
+        text += "".join(choice["text"] for choice in chunk["choices"])
+        tokens = chunk["usage"]["completion_tokens"] if chunk.get("usage") else tokens
+    return text, tokens, errors
+
+
+async def _storm(served: Served, seed: int) -> tuple[dict[str, int], list[tuple[list[int], bool, str, bytes]]]:
+    """NUM_STORM requests in waves of 100, each dropped at a random time; the outcomes counted, and every request's
+    (prompt, stream, outcome, bytes received)."""
     rng = random.Random(seed)
     prompts = _mixed_prompts(seed, 64)
     url = f"{served.base_url}/completions"
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
     outcomes: dict[str, int] = {}
+    sent: list[tuple[list[int], bool, str, bytes]] = []
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
         for _wave in range(NUM_STORM // 100):
             delays = [rng.choice([0.0, rng.uniform(0.001, 0.05), rng.uniform(0.05, 1.0)]) for _ in range(100)]
+            wave = [(rng.choice(prompts), rng.random() < 0.7) for _ in delays]
             results = await asyncio.gather(
-                *(_hang_up(client, url, rng.choice(prompts), d, rng.random() < 0.7) for d in delays)
+                *(_hang_up(client, url, p, d, s) for (p, s), d in zip(wave, delays, strict=True))
             )
-            for r in results:
-                outcomes[r] = outcomes.get(r, 0) + 1
-    return outcomes
+            for (prompt, stream), (outcome, data) in zip(wave, results, strict=True):
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                sent.append((prompt, stream, outcome, data))
+    return outcomes, sent
+
+
+def _wrong_in_storm(oracle, sent: list[tuple[list[int], bool, str, bytes]]) -> list[str]:  # type: ignore[no-untyped-def]
+    """The storm's responses that carried wrong tokens: a finished one must be the oracle's whole text with its
+    usage's token count and no error event; one cut short, a beginning of it (the storm's survivors were never
+    checked before: a late write could put wrong tokens into a 200 there; found in review)."""
+    wrong = []
+    for i, (prompt, stream, outcome, data) in enumerate(sent):
+        text, tokens, errors = _received(data, stream)
+        want = oracle(prompt, STORM_TOKENS)
+        if errors:
+            wrong.append(f"{i}: error {errors}")
+        elif outcome == "finished" and (text != want or tokens != STORM_TOKENS):
+            wrong.append(f"{i}: finished with {tokens} tokens {text!r}, expected {str(want)!r}")
+        elif outcome != "finished" and not want.admits_prefix(text):
+            wrong.append(f"{i}: cut short at {text!r}, which does not begin {str(want)!r}")
+    return wrong
 
 
 def _idle_state(served: Served) -> dict[str, float]:
@@ -176,12 +230,42 @@ def _assert_idle(served: Served, label: str, timeout_s: float) -> float:
     return time.monotonic() - start
 
 
+def test_the_storm_check_finds_wrong_cut_and_errored_responses() -> None:
+    """`_wrong_in_storm` itself: whole and cut responses that match pass; a wrong text, a short count, a cut stream
+    that does not begin the text, and an error event after a 200 do not."""
+
+    class Want(str):
+        def admits_prefix(self, partial: str) -> bool:
+            return self.startswith(partial)
+
+    def sse(*texts: str, tokens: int | None = None, error: bool = False, cut: bool = False) -> bytes:
+        events = [{"choices": [{"text": t}], "usage": None} for t in texts]
+        events += [{"choices": [], "usage": {"completion_tokens": tokens}}] if tokens is not None else []
+        events += [{"error": {"message": "boom"}}] if error else []
+        data = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+        return data + (b'data: {"choi' if cut else b"data: [DONE]\n\n")
+
+    def whole(text: str, tokens: int) -> bytes:
+        return json.dumps({"choices": [{"text": text}], "usage": {"completion_tokens": tokens}}).encode()
+
+    oracle = lambda prompt, max_tokens: Want("abcdef")  # noqa: E731
+    good = [([1], True, "finished", sse("ab", "cd", "ef", tokens=STORM_TOKENS)),
+            ([1], False, "finished", whole("abcdef", STORM_TOKENS)),
+            ([1], True, "hung-up", sse("ab", "c", cut=True)), ([1], False, "hung-up", b"")]  # fmt: skip
+    assert _wrong_in_storm(oracle, good) == []
+    bad = [([1], True, "finished", sse("ab", "cX", "ef", tokens=STORM_TOKENS)),
+           ([1], False, "finished", whole("abcdef", STORM_TOKENS - 1)),
+           ([1], True, "first-byte", sse("abd", cut=True)),
+           ([1], True, "finished", sse("ab", tokens=None, error=True))]  # fmt: skip
+    assert [line.split(":")[0] for line in _wrong_in_storm(oracle, bad)] == ["0", "1", "2", "3"]
+
+
 @pytest.mark.parametrize("mode", ["1p1d", "1p1d-queue-aware", "1p1d-lent", "2p2d"])
 def test_disconnect_storm_leaks_nothing(apps: dict[str, Served], oracle, mode: str) -> None:  # type: ignore[no-untyped-def]
     served = apps[mode]
     routed = _route_modes(served)
     aborted = served.settled_total("pdserve_requests_aborted_total")
-    outcomes = asyncio.run(_storm(served, seed=99))
+    outcomes, sent = asyncio.run(_storm(served, seed=99))
     storm_end = time.monotonic()
     # Idle must show within 2 s of the storm, plus the wait for a replica snapshot taken after it (a refresh, 1 s).
     settle_s = _assert_idle(served, f"{mode} after {NUM_STORM} hang-ups", timeout_s=4.0)
@@ -206,6 +290,8 @@ def test_disconnect_storm_leaks_nothing(apps: dict[str, Served], oracle, mode: s
         for labels, value in metrics.get(name, {}).items()
     }
     assert sum(metrics.get("pdserve_kv_fenced_writes_total", {}).values()) == 0, fenced  # nothing wrote late
+    wrong = _wrong_in_storm(oracle, sent)
+    assert not wrong, f"{mode}: {len(wrong)} of {len(sent)} storm responses carried wrong tokens: {wrong[:5]}"
     prompts = _mixed_prompts(seed=5, n=16)
     got = asyncio.run(_exact_wave(served, prompts))
     assert got == [oracle(p) for p in prompts]

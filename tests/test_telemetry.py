@@ -144,14 +144,15 @@ def test_client_traceparent_is_continued(traced) -> None:  # type: ignore[no-unt
     assert trace["http"].attributes[names.GEN_AI_OUTPUT_TOKENS] == MAX_TOKENS
 
 
-def test_failed_prefills_are_error_spans_and_the_decode_replica_takes_over(traced) -> None:  # type: ignore[no-untyped-def]
+def test_failed_prefills_are_error_spans_and_the_decode_replica_takes_over(traced, oracle) -> None:  # type: ignore[no-untyped-def]
     """Every KV transfer of the broken app times out: both prefill attempts fail (error spans, with the transfer's
-    exception), and the decode replica that reserved the blocks prefills the prompt itself — one trace, a 200."""
+    exception), and the decode replica that reserved the blocks prefills the prompt itself — one trace, a 200,
+    with the oracle's tokens (layers the cut pushes wrote must not reach it)."""
     _, broken, receiver = traced
-    response = httpx.post(
-        f"{broken.base_url}/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 4}, timeout=60
-    )
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    response = httpx.post(f"{broken.base_url}/completions", json=body, timeout=60)
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
+    assert response.json()["choices"][0]["text"] == oracle(list(PROMPT), 4)
 
     def failed_transfers(got: list[ReceivedSpan]) -> list[ReceivedSpan]:
         return [s for s in got if s.name == names.SPAN_KV_TRANSFER and s.is_error]
