@@ -195,3 +195,62 @@ def test_a_temperature_too_small_to_divide_by_is_greedy() -> None:
         assert params.is_greedy
         assert sample(logits, [_row(params, i) for i in range(6)]).token_ids == logits.argmax(dim=-1).tolist()
     assert not SamplingParams(temperature=1e-5).is_greedy
+
+
+def _expected_distribution(logits: torch.Tensor, params: SamplingParams, row: SampleRow) -> torch.Tensor:
+    """What the sampler should draw from, recomputed here in float64 one step at a time, in vLLM's order: logit bias,
+    repetition penalty (prompt and output), frequency and presence penalties (output), temperature, top-k, min-p,
+    top-p on what min-p left, renormalized."""
+    x = logits.double().clone()
+    for token, bias in params.logit_bias or ():
+        x[token] += bias
+    if params.repetition_penalty != 1.0:
+        for token in set(row.token_ids):
+            x[token] = x[token] / params.repetition_penalty if x[token] > 0 else x[token] * params.repetition_penalty
+    output = list(row.token_ids)[len(row.token_ids) - row.num_output_tokens :] if row.num_output_tokens else []
+    for token in set(output):
+        x[token] -= params.frequency_penalty * output.count(token) + params.presence_penalty
+    x = x / params.temperature
+    if 0 < params.top_k < x.numel():
+        x = x.masked_fill(x < x.topk(params.top_k).values[-1], float("-inf"))
+    probs = x.softmax(-1)
+    probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    probs = probs / probs.sum()
+    kept, mass = torch.zeros_like(probs, dtype=torch.bool), 0.0
+    for token in probs.argsort(descending=True).tolist():
+        if probs[token] <= 0 or (kept.any() and mass >= params.top_p):
+            break
+        kept[token] = True
+        mass += float(probs[token])
+    probs = probs.masked_fill(~kept, 0.0)
+    return probs / probs.sum()
+
+
+@pytest.mark.parametrize("case", range(16))
+def test_frequencies_match_the_adjusted_truncated_distribution(case: int) -> None:
+    """The frequencies, not only the support, under top-k/min-p/top-p truncation, logit bias and the three penalties
+    over a token history (a sampler that always drew the likeliest token of the nucleus, or applied a penalty to
+    the wrong tokens, passed the support checks; found in review)."""
+    rng = random.Random(3000 + case)
+    vocab = rng.choice([4, 8, 17, 30])
+    logits = torch.tensor([rng.gauss(0, 1.5) for _ in range(vocab)])
+    history = [rng.randrange(vocab) for _ in range(rng.randint(0, 12))]
+    params = SamplingParams(
+        temperature=rng.choice([0.5, 1.0, 1.7]),
+        top_k=rng.choice([0, 0, 3, 6]),
+        top_p=rng.choice([1.0, 0.95, 0.8, 0.6]),
+        min_p=rng.choice([0.0, 0.0, 0.05, 0.2]),
+        repetition_penalty=rng.choice([1.0, 0.8, 1.3]),
+        frequency_penalty=rng.choice([0.0, -0.5, 0.7]),
+        presence_penalty=rng.choice([0.0, -0.5, 0.7]),
+        logit_bias=((rng.randrange(vocab), rng.choice([-2.0, 1.5])),) if rng.random() < 0.5 else None,
+    )
+    row = SampleRow(params, rng.randint(0, len(history)), (), tuple(history))
+    want = _expected_distribution(logits, params, row).float()
+    draws = 4000
+    counts = torch.zeros(vocab)
+    for _ in range(draws):
+        counts[sample(logits.unsqueeze(0), [row]).token_ids[0]] += 1
+    assert counts[want == 0].sum() == 0, (counts, want, params)  # nothing outside what truncation kept
+    std = (draws * want * (1 - want)).sqrt()
+    assert ((counts - draws * want).abs() <= 5 * std + 1).all(), (counts / draws, want, params)
