@@ -398,8 +398,13 @@ def test_n_choices_top_logprobs_and_echo_match_transformers(apps, reference, tok
     import torch
 
     prompt = random_prompts([40], 49152, seed=35, low=100)[0]
+    generated = reference_greedy(reference, prompt, 6).token_ids
     with torch.inference_mode():
-        ref = reference(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+        whole = reference(torch.tensor([prompt + generated])).logits[0].float().log_softmax(-1)
+    ref = whole[: len(prompt)]
+    # Each generated token's logprob where it was sampled: the first on the prefill replica in the disaggregated
+    # mode, the rest on the decode replica, after the KV transfer (only the first was compared; found in review).
+    want_generated = whole[len(prompt) - 1 : -1].gather(1, torch.tensor(generated).unsqueeze(1)).squeeze(1).tolist()
     for served in apps:
         c = client(served)
         out = c.completions.create(model="smollm2", prompt=prompt, max_tokens=6, temperature=0, n=3, logprobs=5)
@@ -409,7 +414,8 @@ def test_n_choices_top_logprobs_and_echo_match_transformers(apps, reference, tok
         )
         assert out.usage is not None and out.usage.completion_tokens == 18
         first = out.choices[0].logprobs
-        assert first is not None and first.top_logprobs is not None
+        assert first is not None and first.top_logprobs is not None and first.token_logprobs is not None
+        assert max(abs(g - w) for g, w in zip(first.token_logprobs, want_generated, strict=True)) < 1e-4
         want_top = ref[-1].topk(5)
         got_top = first.top_logprobs[0]  # the first generated token's alternatives (and itself)
         for token_id, value in zip(want_top.indices.tolist(), want_top.values.tolist(), strict=True):
