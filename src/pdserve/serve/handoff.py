@@ -378,7 +378,9 @@ async def _reserve_within(
     deadline = time.monotonic() + queue_ttl_s
     backoff_s = _FIRST_BACKOFF_S
     failed: set[str] = set()  # targets that failed a call: not tried again for this request
-    while (reservation := await _reserve(request, decode, route, deadline, failed)) is None:
+    widen = False  # after a round without room: the whole ranking, not only its first two
+    while (reservation := await _reserve(request, decode, route, deadline, failed, widen)) is None:
+        widen = True
         if client_gone.is_set():
             raise ClientGone(request.request_id)
         if time.monotonic() + backoff_s > deadline:
@@ -389,12 +391,20 @@ async def _reserve_within(
 
 
 async def _reserve(
-    request: EngineRequest, decode: DeploymentHandle, route: RouteDecision | None, deadline: float, failed: set[str]
+    request: EngineRequest,
+    decode: DeploymentHandle,
+    route: RouteDecision | None,
+    deadline: float,
+    failed: set[str],
+    widen: bool = False,
 ) -> Reservation | None:
     """Reserve on the chosen decode replica, or on the runner-up when the chosen one has no room; None when neither
-    has. A target that fails (gone, draining, dead: the router's view lags Serve's) is skipped, now and in later
-    rounds (`failed`), and then — or without a route — Serve picks among its live replicas; that last attempt's
-    failure propagates. No call waits past `deadline` (the request's queue_ttl_s) by more than a second."""
+    has. `widen` (the rounds after one found no room): every replica of the route's ranking in its order — the
+    ranking is the router's view when the request arrived, and with 3+ decode replicas a request waited out its
+    queue_ttl_s for the first two while a third had room (found in review). A target that fails (gone, draining,
+    dead: the router's view lags Serve's) is skipped, now and in later rounds (`failed`), and then — or without a
+    route — Serve picks among its live replicas; that last attempt's failure propagates. No call waits past
+    `deadline` (the request's queue_ttl_s) by more than a second."""
 
     async def on(target: str | None) -> Reservation | None:
         call = decode.reserve.remote(request, target_replica_id=target)
@@ -411,8 +421,9 @@ async def _reserve(
             reply.add_done_callback(partial(_abort_unused, decode))
             raise
 
-    targets = [t for t in route.decode_ranking[:2] if t not in failed] if route is not None else []
-    has_failed = bool(route is not None and set(route.decode_ranking[:2]) & failed)
+    ranked = (route.decode_ranking if widen else route.decode_ranking[:2]) if route is not None else ()
+    targets = [t for t in ranked if t not in failed]
+    has_failed = bool(set(ranked) & failed)
     for target in targets:
         try:
             if (reservation := await on(target)) is not None:
@@ -424,7 +435,7 @@ async def _reserve(
             failed.add(target)
             has_failed = True
     if targets and not has_failed:
-        return None  # no room on the targets: the caller waits rather than spill to a replica the router avoided
+        return None  # no room on the targets: the caller waits, and then widens (never Serve's blind pick)
     return await on(None)
 
 
