@@ -486,3 +486,90 @@ def test_an_empty_prompt_expects_no_negative_hit(policy: str) -> None:
     decision = router.route("r", [], 0, 10)
     assert decision.expected_cached_tokens == 0 and decision.expected_transfer_tokens >= 0
     assert all(load.num_prefill_tokens >= 0 for load in router.loads.values())
+
+
+def _brute_force_costs(
+    config: CostConfig, prompt: int, max_new: int, matched: dict[str, int], decodes: list[ReplicaLoad],
+    prefills: list[ReplicaLoad],
+) -> dict[str, tuple[bool, float]]:  # fmt: skip
+    """Every decode replica's (has room, cost) from the cost model's definition (router/cost.py's docstring), one
+    pair at a time, written apart from `choose`."""
+    bs = config.block_size
+    max_hit = max(prompt - 1, 0) // bs * bs
+
+    def hit(replica: ReplicaLoad) -> int:
+        return min(matched.get(replica.replica_id, 0) * bs, max_hit)
+
+    costs = {}
+    for d in decodes:
+        missing = prompt - hit(d)
+        load_s = min(max_new, config.expected_output_tokens) * config.decode_step_per_seq_s * d.decodes
+        local_s = (d.queued_prefill_tokens + missing) / config.local_prefill_tokens_per_s
+        pairs = []  # (pair cost, that P's queue wait)
+        for p in prefills:
+            bandwidth = config.same_node_bytes_per_s if p.node_id == d.node_id else config.cross_node_bytes_per_s
+            compute_s = (p.queued_prefill_tokens + prompt - hit(p)) / config.prefill_tokens_per_s
+            transfer_s = missing * config.kv_bytes_per_token / bandwidth + config.disaggregation_overhead_s
+            pairs.append((compute_s + transfer_s, p.queued_prefill_tokens / config.prefill_tokens_per_s))
+        if missing <= config.local_prefill_max_tokens or not pairs:
+            prefill_s = local_s
+        else:
+            pair_s, queue_s = min(pairs)
+            prefill_s = local_s if queue_s >= config.local_prefill_queue_s and local_s < pair_s else pair_s
+        needed = -(-(prompt + 1) // bs) - hit(d) // bs
+        costs[d.replica_id] = (d.num_free_blocks >= needed, load_s + prefill_s)
+    return costs
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_choose_picks_the_cheapest_pair_by_the_cost_models_definition(seed: int) -> None:
+    """Random fleets (1-5 decode and 0-4 prefill replicas on 1-3 nodes, queues, batches, free blocks, cached
+    prefixes, prompts from 1 token, both local-prefill rules): the chosen decode replica is one of the cheapest with
+    room (or of all, when none has room), the ranking is ordered, and the prefill replica is the cheapest for it.
+    (The cost model had hand-picked cases only; found in review.)"""
+    rng = random.Random(seed)
+    config = dataclasses.replace(
+        CONFIG,
+        local_prefill_max_tokens=rng.choice([0, 32, 256]),
+        local_prefill_queue_s=rng.choice([float("inf"), 0.0, 0.05]),
+    )
+    prompt = rng.choice([1, 2, 15, 16, 17, 100, 320, 1000])
+    nodes = [f"n{i}" for i in range(rng.randint(1, 3))]
+
+    def replica(rid: str, role: str) -> ReplicaLoad:
+        return ReplicaLoad(
+            rid, role, rng.choice(nodes), 1000, rng.choice([0, 5, 30, 1000]),
+            num_prefill_tokens=rng.choice([0, 0, 100, 2000]), num_decodes=rng.choice([0, 3, 40]),
+            num_others_prefill_tokens=rng.choice([0, 0, 500]),
+        )  # fmt: skip
+
+    decodes = [replica(f"d{i}", "decode") for i in range(rng.randint(1, 5))]
+    prefills = [replica(f"p{i}", "prefill") for i in range(rng.randint(0, 4))]
+    matched = {r.replica_id: rng.randint(0, prompt // 16 + 1) for r in decodes + prefills if rng.random() < 0.6}
+    max_new = rng.choice([1, 16, 500])
+    decision = choose(config, "req", list(range(prompt // 16)), prompt, max_new, matched, decodes, prefills, rng)
+    costs = _brute_force_costs(config, prompt, max_new, matched, decodes, prefills)
+    any_room = any(room for room, _ in costs.values())
+    best = min(cost for room, cost in costs.values() if room or not any_room)
+    chosen_room, chosen_cost = costs[decision.decode_replica_id]
+    assert chosen_room == any_room and chosen_cost == pytest.approx(best, abs=1e-9), (decision.summary(), costs)
+    for c in decision.decode_candidates:  # every candidate's cost as the definition gives it, as spans show it
+        assert (c.has_room, c.total_s) == (costs[c.replica_id][0], pytest.approx(costs[c.replica_id][1], abs=1e-9))
+    assert set(decision.decode_ranking) == set(costs) and decision.decode_ranking[0] == decision.decode_replica_id
+    keys = [(not costs[r][0], costs[r][1]) for r in decision.decode_ranking[1:]]
+    assert keys == sorted(keys, key=lambda k: (k[0], round(k[1], 9))), decision.summary()
+    if decision.mode is RouteMode.LOCAL:
+        assert decision.prefill_replica_id is None and decision.expected_transfer_tokens == 0
+        return
+    d = next(r for r in decodes if r.replica_id == decision.decode_replica_id)
+    missing = decision.expected_transfer_tokens
+    bs = config.block_size
+    assert missing == prompt - min(matched.get(d.replica_id, 0) * bs, max(prompt - 1, 0) // bs * bs)
+
+    def pair_s(p: ReplicaLoad) -> float:
+        bandwidth = config.same_node_bytes_per_s if p.node_id == d.node_id else config.cross_node_bytes_per_s
+        hit = min(matched.get(p.replica_id, 0) * bs, max(prompt - 1, 0) // bs * bs)
+        return (p.queued_prefill_tokens + prompt - hit) / config.prefill_tokens_per_s + missing * 1000 / bandwidth
+
+    chosen_p = next(p for p in prefills if p.replica_id == decision.prefill_replica_id)
+    assert pair_s(chosen_p) == pytest.approx(min(pair_s(p) for p in prefills), abs=1e-9), decision.summary()
