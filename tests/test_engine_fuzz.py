@@ -1,5 +1,6 @@
 """Randomized differential test of the engine against transformers: thousands of greedy requests over seeded random
-schedules — arrivals at random steps, prompt lengths from 1 token, shared prefixes and exact repeats, random chunk
+schedules — arrivals at random steps, prompt lengths from 1 token, shared prefixes and exact repeats (across three
+tenants whose cache salts keep their prefix-cache blocks apart: no admission may hit another tenant's), random chunk
 budgets and block sizes, both prefill orders (fcfs, shortest_prefill_first), pools small enough to preempt, aborts
 at random steps, and the disaggregated split (prefill on one engine, reserve/commit on another) mixed into both
 engines' batches; half the schedules on the native attention kernels, half on SDPA. Every surviving request must
@@ -58,6 +59,7 @@ class _Live:
     prompt_index: int
     mode: str  # "p" (colocated on P), "d" (colocated on D) or "split" (prefill on P, decode on D)
     tokens: list[int] = field(default_factory=list)
+    hits: list[int] = field(default_factory=list)  # prefix-cache hits reported at admission (P's, D's)
     is_done: bool = False
     is_aborted: bool = False
 
@@ -142,12 +144,32 @@ class _Schedule:
             label = f"seed {seed} {live.request.request_id} ({live.mode}, {len(live.request.prompt_token_ids)} tokens)"
             assert_matches(Reference(ref.token_ids[:n], ref.top2_gaps[:n]), live.tokens, label)
             num_checked += 1
+        self._check_tenants_apart(seed)
         for name, engine in (("P", self.p), ("D", self.d)):
             stats = engine.stats()
             assert (stats.num_used_blocks, stats.num_held, stats.num_running, stats.num_waiting) == (0, 0, 0, 0), (
                 f"seed {seed}: engine {name} still holds something: {stats}"
             )
         return num_checked
+
+    def _check_tenants_apart(self, seed: int) -> None:
+        """No admission hit more of the prompt than another request of the same tenant (salt) could have cached:
+        the longest prefix shared with its prompt and reference output. A hit on another tenant's blocks (an
+        identical prompt, say) would exceed it."""
+        lives = list(self.live.values())
+        for live in lives:
+            prompt = self.corpus.prompts[live.prompt_index]
+            allowed = 0
+            for other in lives:
+                if other is live or other.request.cache_salt != live.request.cache_salt:
+                    continue
+                cached = self.corpus.prompts[other.prompt_index] + self.corpus.references[other.prompt_index].token_ids
+                shared = next((i for i, (a, b) in enumerate(zip(prompt, cached, strict=False)) if a != b), None)
+                allowed = max(allowed, min(len(prompt), len(cached)) if shared is None else shared)
+            assert all(hit <= allowed for hit in live.hits), (
+                f"seed {seed}: {live.request.request_id} (salt {live.request.cache_salt}) hit {live.hits} tokens; "
+                f"its tenant's other requests share at most {allowed}"
+            )
 
     def _busy(self) -> bool:
         return bool(self.waiting_reservation) or self.p.has_unfinished() or self.d.has_unfinished()
@@ -156,7 +178,8 @@ class _Schedule:
         rng = self.rng
         index = rng.randrange(len(self.corpus.prompts))
         params = greedy(rng.randint(1, MAX_TOKENS))
-        request = EngineRequest(request_id, tuple(self.corpus.prompts[index]), params)
+        salt = rng.choice([None, None, "tenant-a", "tenant-b"])  # tenants must never share prefix-cache blocks
+        request = EngineRequest(request_id, tuple(self.corpus.prompts[index]), params, cache_salt=salt)
         live = self.live[request_id] = _Live(request, index, rng.choice(["p", "d", "split", "split"]))
         if live.mode == "p":
             self.p.add_request(request)
@@ -171,6 +194,7 @@ class _Schedule:
             if reservation is None:
                 return  # D is full: keep arrival order, try again next step
             self.waiting_reservation.remove(live)
+            live.hits.append(reservation.num_cached_tokens)
             live.reservation = reservation  # type: ignore[attr-defined]
             self.p.add_request(live.request, prefill_only=True)
 
@@ -190,6 +214,7 @@ class _Schedule:
                 self._collect([out])
                 continue
             assert out.kv_block_ids is not None  # a prefill-only request reports once, with its blocks
+            live.hits.append(out.num_cached_tokens)
             copy_missing_blocks(self.p, out.kv_block_ids, self.d, live.reservation)  # type: ignore[attr-defined]
             self.p.release(out.request_id)
             live.tokens.extend(out.new_token_ids)
@@ -205,6 +230,8 @@ class _Schedule:
         for out in outputs:
             live = self.live[out.request_id]
             assert not live.is_aborted, f"{out.request_id} produced a token after its abort"
+            if live.mode != "split" and not live.hits:
+                live.hits.append(out.num_cached_tokens)
             live.tokens.extend(out.new_token_ids)
             live.is_done = out.finish_reason is not None
 
