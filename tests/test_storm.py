@@ -428,3 +428,72 @@ def test_pinned_pools_run_on_their_cores(apps: dict[str, Served]) -> None:
                 assert set(p.cpu_affinity()) in (want[role], want[role] | lendable), (role, p.cpu_affinity())
                 seen[role] = set(p.cpu_affinity())
     assert seen.keys() == want.keys(), seen
+
+
+@pytest.fixture(scope="module")
+def sampled_alone(tiny_models: dict[str, Path]):  # type: ignore[no-untyped-def]
+    """(tokenizer, request -> the tokens it samples alone on one engine: a large pool, no prefix cache)."""
+    from transformers import AutoTokenizer
+
+    from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from pdserve.engine import LLMEngine
+
+    engine = LLMEngine(
+        EngineConfig(
+            ModelConfig(str(tiny_models["llama"]), dtype="float32"),
+            CacheConfig(block_size=16, num_blocks=64, enable_prefix_caching=False),
+            SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=4),
+        )
+    )
+
+    def alone(request: Any) -> list[int]:
+        engine.add_request(request)
+        tokens: list[int] = []
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens += out.new_token_ids
+        return tokens
+
+    return AutoTokenizer.from_pretrained(tiny_models["llama"]), alone
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_concurrent_seeded_sampling_is_what_each_request_samples_alone(
+    apps: dict[str, Served], sampled_alone, mode: str
+) -> None:  # type: ignore[no-untyped-def]
+    """40 seeded sampled requests at once through HTTP (temperature, top-k/top-p/min-p, the three penalties): each
+    text is what its request samples alone on one engine — the seed fixes every draw whatever the batch, the
+    replica or the split (the first token sampled on P, the rest on D). Every cluster test ran greedy (found in
+    review)."""
+    from oracle import continuation_text
+    from pdserve.engine import EngineRequest, SamplingParams
+
+    tokenizer, alone = sampled_alone
+    rng = random.Random(f"sampled-{mode}")
+    cases = []
+    for i, prompt in enumerate(_mixed_prompts(seed=83, n=40)):
+        fields = {
+            "temperature": rng.choice([0.6, 1.0, 1.5]), "top_p": rng.choice([1.0, 0.9]), "top_k": rng.choice([-1, 20]),
+            "min_p": rng.choice([0.0, 0.05]), "presence_penalty": rng.choice([0.0, 0.5]),
+            "frequency_penalty": rng.choice([0.0, -0.3]), "repetition_penalty": rng.choice([1.0, 1.2]),
+            "seed": rng.randrange(2**31), "max_tokens": rng.choice([1, 5, 16]),
+        }  # fmt: skip
+        params = SamplingParams(**{**fields, "top_k": max(fields["top_k"], 0)}, ignore_eos=True)
+        tokens = alone(EngineRequest(f"alone-{mode}-{i}", tuple(prompt), params))
+        body = {"model": "tiny", "prompt": prompt, "ignore_eos": True, **fields}
+        cases.append((body, continuation_text(tokenizer, prompt, tokens), len(tokens)))
+
+    async def wave() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as client:
+            url = f"{apps[mode].base_url}/completions"
+            replies = await asyncio.gather(*(client.post(url, json=body) for body, _, _ in cases))
+            return [r.raise_for_status().json() for r in replies]
+
+    got = asyncio.run(wave())
+    wrong = [
+        (i, body, want, reply["choices"][0]["text"])
+        for i, ((body, want, n), reply) in enumerate(zip(cases, got, strict=True))
+        if (reply["choices"][0]["text"], reply["usage"]["completion_tokens"]) != (want, n)
+    ]
+    assert not wrong, f"{mode}: {len(wrong)} of {len(cases)} differ from sampling alone, first: {wrong[0]}"
+    _assert_idle(apps[mode], mode, timeout_s=5)
