@@ -839,6 +839,62 @@ def test_the_routers_counts_follow_a_request_to_where_its_work_went(
     asyncio.run(main())
 
 
+def test_a_handoff_sent_again_avoids_the_prefill_replica_that_died(
+    serve_config: ServeConfig, tiny_models: dict[str, Path]
+) -> None:
+    """The routed prefill replica died (its prefill retried on the other one), then the decode replica failed
+    before the first token: the request is sent again elsewhere, and that pass prefills on the surviving prefill
+    replica at once. It went back to the dead one first (one more failed call each pass; for a wedged one, the
+    whole prefill timeout again; found in review)."""
+    from pdserve.serve.failover import counters
+
+    async def main() -> None:
+        roles = ("prefill", "prefill", "decode", "decode")
+        cluster, prefill, decode, router = await _routed(serve_config, tiny_models["llama"], roles)
+        by_id = {r.id: r for r in cluster.all}
+        model = load_reference_model(tiny_models["llama"])
+
+        async def refuse(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
+            raise RuntimeError("the decode replica failed")
+            yield  # an async generator, as a streaming call's method is
+
+        async def run(number: int) -> tuple[list[str], list[str]]:
+            request = EngineRequest(f"r{number}", tuple(range(5 + number, 40 + number)), greedy(4))
+            route = router.route(request)
+            assert route is not None and route.mode is RouteMode.DISAGGREGATED
+            cluster.kill(by_id[route.prefill_replica_id])
+            by_id[route.decode_replica_id].server.decode = refuse  # fails before the first token
+            asked: list[str] = []  # the targets of the prefill calls
+            call = cluster.call
+
+            def recorded(handle: Handle, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                if method == "prefill":
+                    asked.append(str(kwargs.get("target_replica_id")))
+                return call(handle, method, args, kwargs)
+
+            cluster.call = recorded  # type: ignore[method-assign]
+            tokens: list[int] = []
+            async with aclosing(handoff.disaggregated_generate(request, prefill, decode, route)) as outputs:
+                async for out in outputs:
+                    tokens += out.new_token_ids
+            del cluster.call
+            del by_id[route.decode_replica_id].server.decode
+            assert_matches(reference_greedy(model, list(request.prompt_token_ids), 4), tokens, request.request_id)
+            router.router.finish(request.request_id)
+            return asked, [route.prefill_replica_id, route.decode_replica_id]
+
+        handoff_retries = counters.handoff_retries
+        asked, (dead, _) = await run(0)
+        survivor = next(r.id for r in cluster.pools["prefill"] if r.id != dead)
+        # pass 1: the dead one, then the survivor (whose decode replica then fails); pass 2: the survivor alone
+        assert asked == [dead, survivor, survivor], asked
+        assert counters.handoff_retries == handoff_retries + 1
+        await _settle(0, cluster, None)
+        cluster.close()
+
+    asyncio.run(main())
+
+
 def test_a_replica_span_ends_when_its_call_closes_right_after_the_channels_stream_start(
     serve_config: ServeConfig, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

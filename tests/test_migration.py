@@ -73,6 +73,20 @@ def test_the_continuation_avoids_the_failed_decode_replica() -> None:
     assert without(None, "d1", "x") is None
 
 
+def test_the_continuation_avoids_a_prefill_replica_that_failed_on_its_own() -> None:
+    """The cheapest other prefill replica the router knew of; none left: the decode replica prefills (local)."""
+    terms = [(rid, "prefill", 0, 0, 0, 100, 0.0, cost, 0.0, cost, True) for rid, cost in (("p0", 1.0), ("p1", 3.0),
+                                                                                         ("p2", 2.0))]  # fmt: skip
+    route = RouteDecision("r", RouteMode.DISAGGREGATED, "d1", "p0", 10, 0, 10, (), ("d1", "d2"), (), tuple(terms))
+    assert without(route, "d1", "r.m1").prefill_replica_id == "p0"  # type: ignore[union-attr]  # P did not fail
+    moved = without(route, "d1", "r.m1", frozenset({"p0"}))
+    assert moved is not None and (moved.mode, moved.prefill_replica_id, moved.decode_replica_id) == (
+        RouteMode.DISAGGREGATED, "p2", "d2",
+    )  # fmt: skip
+    local = without(route, "d1", "r.m1", frozenset({"p0", "p1", "p2"}))
+    assert local is not None and (local.mode, local.prefill_replica_id) == (RouteMode.LOCAL, None)
+
+
 def test_continuation_outputs_read_as_the_original_request() -> None:
     from pdserve.engine import RequestOutput
 

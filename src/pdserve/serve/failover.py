@@ -16,9 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
+from ray.exceptions import ActorDiedError
+
 from pdserve.api.backend import CapacityError
 from pdserve.engine import EngineRequest, InvalidRequestError, RequestOutput
 from pdserve.router import RouteDecision, RouteMode
+from pdserve.router.cost import CandidateCost
 
 
 @dataclass
@@ -116,13 +119,35 @@ def as_original(out: RequestOutput, request: EngineRequest) -> RequestOutput:
     return replace(out, request_id=request.request_id, num_prompt_tokens=len(request.prompt_token_ids))
 
 
-def without(route: RouteDecision | None, failed: str | None, request_id: str) -> RouteDecision | None:
-    """The route for a retry or continuation: the same prefill replica, the next decode replica that did not fail
-    (None — Serve picks — when no other is known)."""
+def without(
+    route: RouteDecision | None, failed: str | None, request_id: str, failed_prefills: frozenset[str] = frozenset()
+) -> RouteDecision | None:
+    """The route for a retry or continuation: the next decode replica that did not fail (None — Serve picks — when
+    no other is known), and the same prefill replica unless it failed on its own (`failed_prefills`: died, or gave
+    no answer in time): then the cheapest other one the router knew of, or, with none left, the decode replica
+    prefills the prompt itself. (A retry went back to the prefill replica that had just failed: a wedged one cost
+    the prefill timeout twice; found in review.)"""
     if route is None:
         return None
     ranking = tuple(r for r in route.decode_ranking if r != failed)
     if not ranking:
         return None
-    mode = RouteMode.DISAGGREGATED
-    return replace(route, request_id=request_id, mode=mode, decode_replica_id=ranking[0], decode_ranking=ranking)
+    mode, prefill = RouteMode.DISAGGREGATED, route.prefill_replica_id
+    if prefill is not None and prefill in failed_prefills:
+        others = sorted((c for c in route.prefill_candidates if c.replica_id not in failed_prefills), key=_total_s)
+        prefill = others[0].replica_id if others else None
+        mode = RouteMode.DISAGGREGATED if others else RouteMode.LOCAL
+    return replace(
+        route, request_id=request_id, mode=mode, decode_replica_id=ranking[0], decode_ranking=ranking,
+        prefill_replica_id=prefill,
+    )  # fmt: skip
+
+
+def is_own_fault(error: BaseException) -> bool:
+    """Whether a replica's call failed for a reason of that replica's own: it died, or gave no answer in time. (A
+    failed KV transfer is not: the other side may have died.)"""
+    return isinstance(error, ActorDiedError | TimeoutError)
+
+
+def _total_s(candidate: CandidateCost) -> float:
+    return candidate.total_s

@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -44,6 +44,7 @@ from pdserve.serve.failover import (
     continuation,
     counters,
     foreign_cancel_as_fault,
+    is_own_fault,
     is_server_fault,
     without,
 )
@@ -108,7 +109,7 @@ async def disaggregated_generate(
                 raise
             logger.warning("%s failed on decode replica %s (%r); %s", request.request_id, where.decode, e, action)
         attempt = continuation(request, streamed, number)
-        route = without(route, where.decode, attempt.request_id)
+        route = without(route, where.decode, attempt.request_id, frozenset(where.failed_prefills))
 
 
 async def _handoff(
@@ -124,17 +125,18 @@ async def _handoff(
     """One reserve -> prefill -> decode (or local) pass; `where.decode` names the decode replica it streams from."""
     where.decode = route.decode_replica_id if route is not None else None
     if route is not None and route.mode is RouteMode.LOCAL:  # the decode replica lacks few tokens: it prefills
+        where.moved(decode_replica_id=route.decode_replica_id, computing_replica_id=route.decode_replica_id)
         async with aclosing(_local(request, decode, route.decode_replica_id, channels)) as outputs:
             async for out in outputs:
                 yield out
         return
     client_gone = asyncio.Event()  # the one signal a departing client sends: the handoff stops at its next step
     writer = _Writers()
-    handoff = _detached(
-        _reserve_and_prefill(
-            request, prefill, decode, route, queue_ttl_s, prefill_timeout_s, client_gone, writer, where.moved
-        )
-    )
+    prefilled = _reserve_and_prefill(
+        request, prefill, decode, route, queue_ttl_s, prefill_timeout_s, client_gone, writer, where.moved,
+        where.failed_prefills,
+    )  # fmt: skip
+    handoff = _detached(prefilled)
     _background.add(handoff)  # referenced until done, whoever still awaits it
     handoff.add_done_callback(_background.discard)
     try:
@@ -216,6 +218,7 @@ class _Where:
     abandoned: list[asyncio.Task[Any]]  # handoffs left running by a client that left (`disaggregated_generate`)
     moved: Callable[..., None]  # tells the router where the work went (`disaggregated_generate`)
     decode: str | None = None  # the decode replica of the current pass (None: Serve's pick, unknown)
+    failed_prefills: set[str] = field(default_factory=set)  # prefill replicas that failed on their own
 
 
 async def _reserve_and_prefill(
@@ -228,6 +231,7 @@ async def _reserve_and_prefill(
     client_gone: asyncio.Event,
     writer: _Writers,
     moved: Callable[..., None],
+    failed_prefills: set[str],
 ) -> tuple[Reservation, PrefillResult]:
     """Reserve on D, prefill on P into the reservation. On failure, D's reservation is freed (or fenced) here, and
     a server fault raises PrefillFailed (the caller falls back to D). A client gone before the prefill starts stops
@@ -240,7 +244,7 @@ async def _reserve_and_prefill(
         raise ClientGone(request.request_id)
     try:
         result = await _prefill_with_retry(
-            request, prefill, decode, route, reservation, prefill_timeout_s, writer, moved
+            request, prefill, decode, route, reservation, prefill_timeout_s, writer, moved, failed_prefills
         )
     except BaseException as e:
         # P stopped writing if its method raised or it died; a layer its push already sent may still land through
@@ -262,13 +266,17 @@ async def _prefill_with_retry(
     timeout_s: float,
     writer: _Writers,
     moved: Callable[..., None],
+    failed_prefills: set[str],
 ) -> PrefillResult:
     """Prefill on the chosen replica; if it fails for a reason of its own (died, wedged, a failed transfer, no
     answer within `timeout_s`), once more on the next-best prefill replica (prefill is idempotent: a retry writes
     the same KV under the same epoch into the same reserved blocks; the transfer is named by the reservation, so the
     retry's engine id may differ). A client error is not retried. `writer` learns what the first attempt may still
-    write: it is not waited for, so whatever frees the reservation's blocks later must fence them."""
+    write: it is not waited for, so whatever frees the reservation's blocks later must fence them.
+    `failed_prefills` learns the targets that failed on their own (`is_own_fault`), for a later pass to avoid."""
     first = route.prefill_replica_id if route is not None else None
+    if first is not None:  # (a retry's pass may prefill elsewhere than the request was routed: `without`)
+        moved(computing_replica_id=first)
     try:
         call = prefill.prefill.remote(request, reservation, target_replica_id=first)
         with foreign_cancel_as_fault(f"the prefill of {request.request_id}"):
@@ -276,17 +284,24 @@ async def _prefill_with_retry(
     except Exception as e:
         if not is_server_fault(e):
             raise
+        if first is not None and is_own_fault(e):
+            failed_prefills.add(first)
         writer.abandon(e)
         logger.warning("prefill of %s failed on %s (%r); retrying once elsewhere", request.request_id, first, e)
     counters.prefill_retries += 1
     # Under an engine id of its own: the first attempt may still be ending on the same replica (Serve's pick, or the
     # only one: a cancelled call whose push is finishing), where the same id would be refused as in use.
     again = replace(request, request_id=f"{request.request_id}.p1")
-    if (runner_up := _runner_up(route, first)) is not None:
+    if (runner_up := _runner_up(route, {first} | failed_prefills)) is not None:
         moved(computing_replica_id=runner_up)
     retry = prefill.prefill.remote(again, reservation, target_replica_id=runner_up)
-    with foreign_cancel_as_fault(f"the prefill of {again.request_id}"):
-        return await _renewing(retry, decode, reservation, timeout_s)
+    try:
+        with foreign_cancel_as_fault(f"the prefill of {again.request_id}"):
+            return await _renewing(retry, decode, reservation, timeout_s)
+    except Exception as e:
+        if runner_up is not None and is_own_fault(e):
+            failed_prefills.add(runner_up)
+        raise
 
 
 @dataclass
@@ -318,11 +333,11 @@ def _has_stopped(error: BaseException) -> bool:
     return isinstance(error, RayTaskError | ActorDiedError)
 
 
-def _runner_up(route: RouteDecision | None, failed: str | None) -> str | None:
-    """The best other prefill replica the router knew of; None lets Serve pick."""
+def _runner_up(route: RouteDecision | None, failed: set[str | None]) -> str | None:
+    """The best prefill replica the router knew of that is not in `failed`; None lets Serve pick."""
     if route is None:
         return None
-    others = sorted((c for c in route.prefill_candidates if c.replica_id != failed), key=lambda c: c.total_s)
+    others = sorted((c for c in route.prefill_candidates if c.replica_id not in failed), key=lambda c: c.total_s)
     return others[0].replica_id if others else None
 
 
