@@ -23,20 +23,25 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Fake
         yield url, backend
 
 
-@pytest.mark.parametrize("endpoint", ["completions", "chat"])
-def test_continuous_usage_of_n_choices_counts_each_chunks_own_choice(
-    server: tuple[str, FakeBackend], endpoint: str
-) -> None:
-    url, backend = server
-    backend.reset(tokens_per_delta=1)
-    body: dict[str, Any] = {"model": "fake-model", "max_tokens": 5, "n": 2, "stream": True,
+def _continuous_usage_chunks(url: str, endpoint: str, n: int) -> list[dict[str, Any]]:
+    """The chunks of a streamed request for `n` choices of 5 tokens with continuous usage stats ([DONE] left out)."""
+    body: dict[str, Any] = {"model": "fake-model", "max_tokens": 5, "n": n, "stream": True,
                             "stream_options": {"include_usage": True, "continuous_usage_stats": True}}  # fmt: skip
     if endpoint == "chat":
         path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": "hi"}]
     else:
         path, body["prompt"] = "/v1/completions", "hi"
     with httpx.Client(base_url=url, timeout=10) as http:
-        chunks = [json.loads(p) for p in sse_payloads(http.post(path, json=body))[:-1]]
+        return [json.loads(p) for p in sse_payloads(http.post(path, json=body))[:-1]]
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_continuous_usage_of_n_choices_counts_each_chunks_own_choice(
+    server: tuple[str, FakeBackend], endpoint: str
+) -> None:
+    url, backend = server
+    backend.reset(tokens_per_delta=1)
+    chunks = _continuous_usage_chunks(url, endpoint, n=2)
     seen: dict[int, int] = {}  # tokens of each choice so far (one token per delta, each with visible text)
     got, want = [], []
     for chunk in chunks[:-1]:
@@ -60,14 +65,7 @@ def test_every_chunk_reports_the_prompts_cache_hit_as_the_final_usage_does(
     url, backend = server
     backend.reset(tokens_per_delta=2)
     backend.cached_tokens = lambda request: 3 if request.request_id.endswith("-0") else 7
-    body: dict[str, Any] = {"model": "fake-model", "max_tokens": 5, "n": 3, "stream": True,
-                            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}  # fmt: skip
-    if endpoint == "chat":
-        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": "hi"}]
-    else:
-        path, body["prompt"] = "/v1/completions", "hi"
-    with httpx.Client(base_url=url, timeout=10) as http:
-        chunks = [json.loads(p) for p in sse_payloads(http.post(path, json=body))[:-1]]
+    chunks = _continuous_usage_chunks(url, endpoint, n=3)
     indexes = {chunk["choices"][0]["index"] for chunk in chunks[:-1]}
     assert indexes == {0, 1, 2}
     hits = [chunk["usage"]["prompt_tokens_details"]["cached_tokens"] for chunk in chunks]
