@@ -237,8 +237,12 @@ def test_a_slow_renewal_neither_hides_the_prefills_end_nor_stretches_its_timeout
 class _Reservations:
     """A decode pool: `wedged` never answers a reserve, every other replica (and Serve's pick) has no room."""
 
-    def __init__(self, wedged: str | None = None, failing: str | None = None, room: str | None = None) -> None:
-        self.wedged, self.failing, self.room, self.calls = wedged, failing, room, []
+    def __init__(
+        self, wedged: str | None = None, failing: str | tuple[str | None, ...] = (), room: str | None = None
+    ) -> None:
+        """`failing`: targets whose call fails (None: Serve's pick)."""
+        self.wedged, self.room, self.calls = wedged, room, []
+        self.failing = (failing,) if isinstance(failing, str) else failing
         self.reserve = self
 
     def remote(self, request: Any, target_replica_id: str | None = None) -> Any:
@@ -247,7 +251,7 @@ class _Reservations:
         async def answer() -> str | None:
             if target_replica_id is not None and target_replica_id == self.wedged:
                 await asyncio.sleep(3600)
-            if target_replica_id is not None and target_replica_id == self.failing:
+            if target_replica_id in self.failing:
                 raise RuntimeError("the replica is gone")
             has_room = target_replica_id is not None and target_replica_id == self.room
             return f"reserved on {target_replica_id}" if has_room else None  # else no room
@@ -287,17 +291,26 @@ def test_a_wedged_top_ranked_decode_replica_costs_the_queue_ttl_once_not_30_s_a_
 def test_after_a_round_without_room_every_ranked_decode_replica_is_asked() -> None:
     """The ranking is the router's view when the request arrived: with 3 decode replicas, a request waited out its
     queue_ttl_s on the first two (full) while the third had room (found in review). The first round asks the top
-    two; the next ones the whole ranking, in its order — never Serve's blind pick while every known one is merely
-    full."""
+    two; each later one also one more of the ranking, in turn (a bounded number of calls per round) — never Serve's
+    blind pick while every known one is merely full. Serve's pick after a ranked one failed: its failure waits for
+    the ranked ones that live (it failed the request)."""
     from types import SimpleNamespace
 
     from pdserve.serve.handoff import _reserve_within
 
+    def reserve(decode: _Reservations, ranking: list[str]) -> object:
+        route = SimpleNamespace(decode_ranking=ranking)
+        return asyncio.run(_reserve_within(_request(), decode, route, 5.0, asyncio.Event()))  # type: ignore[arg-type]
+
     decode = _Reservations(room="d2")
-    route = SimpleNamespace(decode_ranking=["d0", "d1", "d2"])
-    reservation = asyncio.run(_reserve_within(_request(), decode, route, 5.0, asyncio.Event()))  # type: ignore[arg-type]
-    assert reservation == "reserved on d2"
+    assert reserve(decode, ["d0", "d1", "d2"]) == "reserved on d2"
     assert decode.calls == ["d0", "d1", "d0", "d1", "d2"]
+    decode = _Reservations(room="d3")
+    assert reserve(decode, ["d0", "d1", "d2", "d3"]) == "reserved on d3"
+    assert decode.calls == ["d0", "d1", "d0", "d1", "d2", "d0", "d1", "d3"]
+    decode = _Reservations(room="d3", failing=("d2", None))  # d2 draining, Serve's pick failing
+    assert reserve(decode, ["d0", "d1", "d2", "d3"]) == "reserved on d3"
+    assert decode.calls == ["d0", "d1", "d0", "d1", "d2", None, "d0", "d1", "d3"]
     decode = _Reservations(room="d0")  # the top pick has room: one call
-    assert asyncio.run(_reserve_within(_request(), decode, route, 5.0, asyncio.Event())) == "reserved on d0"  # type: ignore[arg-type]
+    assert reserve(decode, ["d0", "d1", "d2"]) == "reserved on d0"
     assert decode.calls == ["d0"]

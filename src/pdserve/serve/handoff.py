@@ -393,15 +393,15 @@ async def _reserve_within(
     deadline = time.monotonic() + queue_ttl_s
     backoff_s = _FIRST_BACKOFF_S
     failed: set[str] = set()  # targets that failed a call: not tried again for this request
-    widen = False  # after a round without room: the whole ranking, not only its first two
-    while (reservation := await _reserve(request, decode, route, deadline, failed, widen)) is None:
-        widen = True
+    number = 0  # rounds so far
+    while (reservation := await _reserve(request, decode, route, deadline, failed, number)) is None:
         if client_gone.is_set():
             raise ClientGone(request.request_id)
         if time.monotonic() + backoff_s > deadline:
             raise CapacityError("no decode replica has had room for this request; retry later", retry_after_s=1.0)
         await asyncio.sleep(backoff_s)
         backoff_s = min(2 * backoff_s, _MAX_BACKOFF_S)
+        number += 1
     return reservation
 
 
@@ -411,14 +411,15 @@ async def _reserve(
     route: RouteDecision | None,
     deadline: float,
     failed: set[str],
-    widen: bool = False,
+    number: int = 0,
 ) -> Reservation | None:
     """Reserve on the chosen decode replica, or on the runner-up when the chosen one has no room; None when neither
-    has. `widen` (the rounds after one found no room): every replica of the route's ranking in its order — the
-    ranking is the router's view when the request arrived, and with 3+ decode replicas a request waited out its
-    queue_ttl_s for the first two while a third had room (found in review). A target that fails (gone, draining,
-    dead: the router's view lags Serve's) is skipped, now and in later rounds (`failed`), and then — or without a
-    route — Serve picks among its live replicas; that last attempt's failure propagates. No call waits past
+    has. Round `number` > 0 (after rounds without room) also asks one more replica of the route's ranking, in turn:
+    the ranking is the router's view when the request arrived, and with 3+ decode replicas a request waited out its
+    queue_ttl_s for the first two while a third had room (found in review); one more per round keeps the calls of
+    many waiting requests bounded. A target that fails (gone, draining, dead: the router's view lags Serve's) is
+    skipped, now and in later rounds (`failed`), and then — or without a route — Serve picks among its live
+    replicas; that pick's failure propagates only when no ranked replica is left to wait for. No call waits past
     `deadline` (the request's queue_ttl_s) by more than a second."""
 
     async def on(target: str | None) -> Reservation | None:
@@ -436,7 +437,10 @@ async def _reserve(
             reply.add_done_callback(partial(_abort_unused, decode))
             raise
 
-    ranked = (route.decode_ranking if widen else route.decode_ranking[:2]) if route is not None else ()
+    ranking = route.decode_ranking if route is not None else ()
+    ranked = list(ranking[:2])
+    if number > 0 and len(ranking) > 2:
+        ranked.append(ranking[2 + (number - 1) % (len(ranking) - 2)])
     targets = [t for t in ranked if t not in failed]
     has_failed = bool(set(ranked) & failed)
     for target in targets:
@@ -450,8 +454,16 @@ async def _reserve(
             failed.add(target)
             has_failed = True
     if targets and not has_failed:
-        return None  # no room on the targets: the caller waits, and then widens (never Serve's blind pick)
-    return await on(None)
+        return None  # no room on the targets: the caller waits (and asks one more next round), never a blind pick
+    try:
+        return await on(None)
+    except InvalidRequestError:
+        raise
+    except Exception as e:
+        if not set(ranking) - failed:  # no ranked replica left to wait for: the request fails (or is retried)
+            raise
+        logger.warning("reserving %s on Serve's pick failed: %r; waiting for the ranked ones", request.request_id, e)
+        return None
 
 
 def _first_output(request: EngineRequest, result: PrefillResult) -> RequestOutput:
