@@ -85,6 +85,15 @@ def test_the_continuation_avoids_a_prefill_replica_that_failed_on_its_own() -> N
     )  # fmt: skip
     local = without(route, "d1", "r.m1", frozenset({"p0", "p1", "p2"}))
     assert local is not None and (local.mode, local.prefill_replica_id) == (RouteMode.LOCAL, None)
+    # A local route (no prefill replica) continued: the cheapest that did not fail, not Serve's blind pick (which
+    # could be the failed one again); after every one failed, local again.
+    was_local = replace(route, mode=RouteMode.LOCAL, prefill_replica_id=None)
+    assert without(was_local, "d1", "r.m2").prefill_replica_id == "p0"  # type: ignore[union-attr]
+    assert without(was_local, "d1", "r.m2", frozenset({"p0"})).prefill_replica_id == "p2"  # type: ignore[union-attr]
+    again = without(replace(local, decode_ranking=("d2", "d1")), "d2", "r.m2", frozenset({"p0", "p1", "p2"}))
+    assert again is not None and (again.mode, again.prefill_replica_id, again.decode_replica_id) == (
+        RouteMode.LOCAL, None, "d1",
+    )  # fmt: skip
 
 
 def test_continuation_outputs_read_as_the_original_request() -> None:

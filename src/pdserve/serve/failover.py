@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
-from ray.exceptions import ActorDiedError
+from ray.exceptions import RayActorError, RayTaskError
 
 from pdserve.api.backend import CapacityError
 from pdserve.engine import EngineRequest, InvalidRequestError, RequestOutput
@@ -124,19 +124,21 @@ def without(
 ) -> RouteDecision | None:
     """The route for a retry or continuation: the next decode replica that did not fail (None — Serve picks — when
     no other is known), and the same prefill replica unless it failed on its own (`failed_prefills`: died, or gave
-    no answer in time): then the cheapest other one the router knew of, or, with none left, the decode replica
-    prefills the prompt itself. (A retry went back to the prefill replica that had just failed: a wedged one cost
-    the prefill timeout twice; found in review.)"""
+    no answer in time) or there was none (a local route): then the cheapest one the router knew of that did not
+    fail; with none left after failures the decode replica prefills the prompt itself, with none known Serve
+    picks. (A retry went back to the prefill replica that had just failed: a wedged one cost the prefill timeout
+    twice; found in review.)"""
     if route is None:
         return None
     ranking = tuple(r for r in route.decode_ranking if r != failed)
     if not ranking:
         return None
     mode, prefill = RouteMode.DISAGGREGATED, route.prefill_replica_id
-    if prefill is not None and prefill in failed_prefills:
+    if prefill is None or prefill in failed_prefills:
         others = sorted((c for c in route.prefill_candidates if c.replica_id not in failed_prefills), key=_total_s)
         prefill = others[0].replica_id if others else None
-        mode = RouteMode.DISAGGREGATED if others else RouteMode.LOCAL
+        if not others and failed_prefills:  # every prefill replica it knew of failed
+            mode = RouteMode.LOCAL
     return replace(
         route, request_id=request_id, mode=mode, decode_replica_id=ranking[0], decode_ranking=ranking,
         prefill_replica_id=prefill,
@@ -144,9 +146,10 @@ def without(
 
 
 def is_own_fault(error: BaseException) -> bool:
-    """Whether a replica's call failed for a reason of that replica's own: it died, or gave no answer in time. (A
-    failed KV transfer is not: the other side may have died.)"""
-    return isinstance(error, ActorDiedError | TimeoutError)
+    """Whether a replica's call failed for a reason of that replica's own: its actor died or is unreachable, or the
+    call gave no answer in time. Not an error its method raised (a failed KV transfer: the other side may have
+    died), which Ray raises as an instance of its cause's class too."""
+    return isinstance(error, RayActorError | TimeoutError) and not isinstance(error, RayTaskError)
 
 
 def _total_s(candidate: CandidateCost) -> float:
