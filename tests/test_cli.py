@@ -153,7 +153,7 @@ def test_a_chat_template_path_that_cannot_be_read_is_refused(
         ({"c.pem": "c"}, {}, ["--ssl-certfile", "{d}/c.pem", "--ssl-keyfile", "{d}/nope.pem"],
          "ssl_keyfile {d}/nope.pem: No such file or directory"),
         ({"c.pem": "c", "k.pem": "k"}, {}, ["--ssl-certfile", "{d}/c.pem", "--ssl-keyfile", "{d}/k.pem"],
-         "do not load as a certificate chain and its private key"),
+         "do not load as a certificate chain and its unencrypted private key"),
     ],
 )  # fmt: skip
 def test_a_file_or_variable_that_cannot_be_used_is_an_error_naming_it(
@@ -173,9 +173,11 @@ def test_a_file_or_variable_that_cannot_be_used_is_an_error_naming_it(
     assert said.format(d=tmp_path) in err and "Traceback" not in err and "sk-012345678" not in err
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_tls_files_are_checked_before_anything_starts(tmp_path: Path) -> None:
     """Serve's proxy reads them only as it starts: a missing or mismatched file left `pdserve serve` waiting for
-    ever for a proxy that kept failing (found in review). A key and its certificate pass; another's key does not."""
+    ever for a proxy that kept failing (found in review). A key and its certificate pass; another's key does not,
+    nor an encrypted key (OpenSSL would prompt for its password on the terminal)."""
     for name in ("a", "b"):
         subprocess.run(
             ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / f"{name}.key"),
@@ -184,8 +186,16 @@ def test_tls_files_are_checked_before_anything_starts(tmp_path: Path) -> None:
         )  # fmt: skip
     ServeConfig(ssl_certfile=str(tmp_path / "a.pem"), ssl_keyfile=str(tmp_path / "a.key")).check_tls_files()
     mismatched = ServeConfig(ssl_certfile=str(tmp_path / "a.pem"), ssl_keyfile=str(tmp_path / "b.key"))
-    with pytest.raises(ValueError, match="KEY_VALUES_MISMATCH"):
+    with pytest.raises(ValueError, match="do not load as a certificate chain"):
         mismatched.check_tls_files()
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(tmp_path / "a.key"), "-out", str(tmp_path / "locked.key"), "-aes256",
+         "-passout", "pass:secret"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    locked = ServeConfig(ssl_certfile=str(tmp_path / "a.pem"), ssl_keyfile=str(tmp_path / "locked.key"))
+    with pytest.raises(ValueError, match="unencrypted private key"):
+        locked.check_tls_files()
     ServeConfig().check_tls_files()  # no TLS: nothing to check
 
 

@@ -159,9 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = serve_config(args, os.environ)
-        model_path = config.resolve_model_path()  # before Ray starts: a download or conversion shows its progress
         if args.address is None or not args.address.startswith("ray://"):  # this node runs a proxy: it reads them
-            config.check_tls_files()
+            config.check_tls_files()  # before a model's download: a mistyped path is said at once
+        model_path = config.resolve_model_path()  # before Ray starts: a download or conversion shows its progress
     except ValidationError as exc:
         serve.error("\n  ".join(["invalid settings:", *map(_describe, exc.errors())]))
     except ValueError as exc:

@@ -462,12 +462,13 @@ class ServeConfig(BaseModel):
                 raise ValueError(f"{flag} {path}: {e.strerror or e}") from None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:
-            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+            # No password: OpenSSL would prompt on the terminal for an encrypted key, which Serve's proxy cannot read
+            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile, password=lambda: b"")
         except (ssl.SSLError, OSError) as e:
             reason = getattr(e, "reason", None) or e
             raise ValueError(
                 f"ssl_certfile {self.ssl_certfile} and ssl_keyfile {self.ssl_keyfile} do not load as a certificate "
-                f"chain and its private key (PEM): {reason}"
+                f"chain and its unencrypted private key (PEM): {reason}"
             ) from None
 
     @model_validator(mode="after")

@@ -369,9 +369,8 @@ class Listener:
                 if self.is_closed:
                     conn.close()
                     return
-                if len(self._conns) >= self.max_connections and self._unproven:
-                    self._evict_oldest_unproven()
-                if len(self._conns) >= self.max_connections:  # every slot holds a proven peer
+                is_full = len(self._conns) >= self.max_connections
+                if is_full and not self._unproven:  # every slot holds a proven peer
                     self.num_refused += 1
                     conn.close()
                     continue
@@ -382,6 +381,8 @@ class Listener:
                     conn.close()
                     logger.warning("%s: no thread for a connection: %s", self._name, e)
                     continue
+                if is_full:  # its slot: the oldest one still in its handshake (only now that it surely runs)
+                    self._evict_oldest_unproven()
                 self._conns[conn] = thread
                 self._unproven[conn] = None
 
