@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -21,7 +21,6 @@ from ray.exceptions import RayActorError, RayTaskError
 from pdserve.api.backend import CapacityError
 from pdserve.engine import EngineRequest, InvalidRequestError, RequestOutput
 from pdserve.router import RouteDecision, RouteMode
-from pdserve.router.cost import CandidateCost
 
 
 @dataclass
@@ -135,9 +134,8 @@ def without(
         return None
     mode, prefill = RouteMode.DISAGGREGATED, route.prefill_replica_id
     if prefill is None or prefill in failed_prefills:
-        others = sorted((c for c in route.prefill_candidates if c.replica_id not in failed_prefills), key=_total_s)
-        prefill = others[0].replica_id if others else None
-        if not others and failed_prefills:  # every prefill replica it knew of failed
+        prefill = cheapest_prefill(route, failed_prefills)
+        if prefill is None and failed_prefills:  # every prefill replica it knew of failed
             mode = RouteMode.LOCAL
     return replace(
         route, request_id=request_id, mode=mode, decode_replica_id=ranking[0], decode_ranking=ranking,
@@ -152,5 +150,10 @@ def is_own_fault(error: BaseException) -> bool:
     return isinstance(error, RayActorError | TimeoutError) and not isinstance(error, RayTaskError)
 
 
-def _total_s(candidate: CandidateCost) -> float:
-    return candidate.total_s
+def cheapest_prefill(route: RouteDecision | None, excluded: Set[str | None]) -> str | None:
+    """The cheapest prefill replica the router knew of for `route`, other than `excluded`; None when there is none
+    (Serve picks, or the decode replica prefills)."""
+    if route is None:
+        return None
+    others = [c for c in route.prefill_candidates if c.replica_id not in excluded]
+    return min(others, key=lambda c: c.total_s).replica_id if others else None

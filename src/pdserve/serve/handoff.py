@@ -41,6 +41,7 @@ from pdserve.serve.failover import (
     Failover,
     ReplicaCancelled,
     as_original,
+    cheapest_prefill,
     continuation,
     counters,
     foreign_cancel_as_fault,
@@ -292,7 +293,7 @@ async def _prefill_with_retry(
     # Under an engine id of its own: the first attempt may still be ending on the same replica (Serve's pick, or the
     # only one: a cancelled call whose push is finishing), where the same id would be refused as in use.
     again = replace(request, request_id=f"{request.request_id}.p1")
-    if (runner_up := _runner_up(route, {first} | failed_prefills)) is not None:
+    if (runner_up := cheapest_prefill(route, {first} | failed_prefills)) is not None:
         moved(computing_replica_id=runner_up)
     retry = prefill.prefill.remote(again, reservation, target_replica_id=runner_up)
     try:
@@ -331,14 +332,6 @@ def _has_stopped(error: BaseException) -> bool:
     """Whether a prefill call's error says its push has ended: its method raised (the push ends before the method
     returns or raises) or its replica died; a timeout or a lost call says nothing."""
     return isinstance(error, RayTaskError | ActorDiedError)
-
-
-def _runner_up(route: RouteDecision | None, failed: set[str | None]) -> str | None:
-    """The best prefill replica the router knew of that is not in `failed`; None lets Serve pick."""
-    if route is None:
-        return None
-    others = sorted((c for c in route.prefill_candidates if c.replica_id not in failed), key=lambda c: c.total_s)
-    return others[0].replica_id if others else None
 
 
 async def _renewing(call: Any, decode: DeploymentHandle, reservation: Reservation, timeout_s: float) -> PrefillResult:
