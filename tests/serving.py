@@ -98,6 +98,11 @@ def deploy(apps: dict[str, tuple[Any, str]]) -> None:
     )
 
 
+def reporting_replicas(samples: dict[str, dict[tuple[tuple[str, str], ...], float]]) -> set[str]:
+    """The engine replicas whose stats a /metrics snapshot holds."""
+    return {dict(labels)["replica"] for labels in samples.get("pdserve_kv_blocks_total", {})}
+
+
 @dataclass(frozen=True)
 class Served:
     base_url: str  # ends in /v1
@@ -120,17 +125,20 @@ class Served:
                 samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
         return samples
 
-    def fresh_metrics(self, timeout_s: float = 15.0) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    def fresh_metrics(
+        self, timeout_s: float = 15.0, check_count: bool = True
+    ) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
         """/metrics once its replica series were asked of the replicas after this call began (the ingress refreshes
-        them every second): they show the state after everything that happened before the call."""
+        them every second): they show the state after everything that happened before the call. With
+        `check_count`, the snapshot must hold `num_engine_replicas` engine replicas (at least one when unset)."""
         since = time.time()
         while True:
             samples = self.metrics()
             taken = max(samples.get("pdserve_replica_stats_timestamp_seconds", {}).values(), default=0.0)
             if taken >= since:
-                replicas = {dict(labels)["replica"] for labels in samples.get("pdserve_kv_blocks_total", {})}
-                want = self.num_engine_replicas
-                assert len(replicas) == want if want is not None else replicas, f"replicas in the snapshot: {replicas}"
+                if check_count:
+                    replicas, want = reporting_replicas(samples), self.num_engine_replicas
+                    assert len(replicas) == want if want is not None else replicas, f"replicas in snapshot: {replicas}"
                 return samples
             assert time.time() - since < timeout_s, f"replica stats not refreshed within {timeout_s} s"
             time.sleep(0.1)

@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from oracle import HTTP_MAX_TOKENS, random_prompts
-from serving import Served, deploy, greedy_text, shared_serve
+from serving import Served, deploy, greedy_text, reporting_replicas, shared_serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
 MAX_TOKENS = HTTP_MAX_TOKENS  # what the `oracle` fixture (conftest.py) generates
@@ -218,9 +218,16 @@ def _wrong_in_storm(oracle, sent: list[tuple[list[int], bool, str, bytes]]) -> l
     return wrong
 
 
-def _idle_state(served: Served) -> dict[str, float]:
-    metrics = served.fresh_metrics()  # replica series asked for after this call: no snapshot from before it
+def _idle_state(served: Served, replaced: int = 0) -> dict[str, float]:
+    """What is still held or running, summed over the replicas, from a snapshot asked for after this call; and, when
+    `served.num_engine_replicas` is set, how far the snapshot's count of engine replicas is from it: a replica that
+    is not reporting cannot pass for an idle one. Up to `replaced` killed replicas may be missing (their
+    replacements start in their own time, up to minutes on a loaded 2-core box)."""
+    metrics = served.fresh_metrics(check_count=False)
     state = {}
+    if served.num_engine_replicas is not None:
+        missing = served.num_engine_replicas - len(reporting_replicas(metrics))
+        state["engine replicas not reporting"] = 0 if 0 <= missing <= replaced else abs(missing)
     for name in ("pdserve_kv_blocks_used", "pdserve_kv_blocks_held", "pdserve_kv_blocks_reserved",
                  "pdserve_kv_blocks_fenced", "pdserve_num_requests_running",
                  "pdserve_num_requests_waiting"):  # fmt: skip
@@ -229,15 +236,33 @@ def _idle_state(served: Served) -> dict[str, float]:
     return state
 
 
-def _assert_idle(served: Served, label: str, timeout_s: float) -> float:
-    """Wait until every replica is idle (the ingress refreshes replica stats every second); seconds it took."""
+def _assert_idle(served: Served, label: str, timeout_s: float, replaced: int = 0) -> float:
+    """Wait until every replica is idle (the ingress refreshes replica stats every second); seconds it took.
+    `replaced`: replicas the test killed, which may be missing from the snapshot (`_idle_state`)."""
     start = time.monotonic()
-    state = _idle_state(served)
+    state = _idle_state(served, replaced)
     while any(state.values()) and time.monotonic() - start < timeout_s:
         time.sleep(0.2)
-        state = _idle_state(served)
+        state = _idle_state(served, replaced)
     assert not any(state.values()), f"{label}: not idle {timeout_s} s after the last request: {state}"
     return time.monotonic() - start
+
+
+def test_the_idle_check_needs_every_replica_reporting() -> None:
+    """`_idle_state` on crafted snapshots: a replica missing from the stats (its call failed) is not idle, nor is an
+    extra one (a dead replica's stats kept); a killed replica may be missing where the test says so."""
+
+    class Snapshot(Served):
+        def fresh_metrics(self, timeout_s: float = 15.0, check_count: bool = True):  # type: ignore[no-untyped-def]
+            return {"pdserve_kv_blocks_total": {(("replica", r),): 100.0 for r in self.api_key.split(",")},
+                    "pdserve_kv_blocks_used": {(("replica", "a"),): 0.0}}  # fmt: skip
+
+    def busy(reporting: str, want: int | None, replaced: int = 0) -> bool:
+        return any(_idle_state(Snapshot("http://x/v1", api_key=reporting, num_engine_replicas=want), replaced).values())
+
+    assert not busy("a,b", 2) and not busy("a,b", None) and not busy("a", None)
+    assert busy("a", 2) and busy("a,b,c", 2)  # one not reporting; one too many
+    assert not busy("a", 2, replaced=1) and busy("a", 3, replaced=1) and busy("a,b,c", 2, replaced=1)
 
 
 def test_the_storm_check_finds_wrong_cut_and_errored_responses() -> None:
