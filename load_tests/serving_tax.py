@@ -73,6 +73,9 @@ class Result:
     router_decisions: dict[str, int] | None = None
     # "rest" (the machine's busy time beyond the tracked roles) by process, e.g. {"ray::ServeController": 0.4}
     rest_by_process: dict[str, float] = field(default_factory=dict)
+    # The engines' model steps during the run, summed over engine replicas (STEP_COUNTERS; None: no pdserve engine):
+    # the serving tax inside the replica, split into more steps and slower ones.
+    steps: dict[str, float] | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -148,15 +151,21 @@ def engine_alone(path: str, dtype: str, prompts: list[list[int]], max_tokens: in
 
     me = psutil.Process()
     baseline: dict[str, Any] = {}
+    steps: dict[str, float] = {}
 
     async def run() -> tuple[list[Sample], float]:
         await one(-1, WARMUP_PROMPT, 4)
+        loaded = (await engine.stats()).load
         # The baseline after the warm-up, and this process's own CPU last (after the scan of every process).
         baseline.update(everyone=every_process_cpu(), machine=machine_cpu())
         baseline["me"] = _cpu(me)
         start = time.perf_counter()
         samples = await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts)])
-        return list(samples), time.perf_counter() - start
+        wall = time.perf_counter() - start
+        done = (await engine.stats()).load
+        if loaded is not None and done is not None:
+            steps.update({name: getattr(done, field) - getattr(loaded, field) for name, field in STEP_FIELDS.items()})
+        return list(samples), wall
 
     samples, wall = asyncio.run(run())
     before, machine_before, everyone_before = baseline["me"], baseline["machine"], baseline["everyone"]
@@ -164,7 +173,8 @@ def engine_alone(path: str, dtype: str, prompts: list[list[int]], max_tokens: in
     add_machine(cpu, machine_before, machine_cpu())
     rest = rest_by_process(everyone_before, every_process_cpu(), {me.pid})
     engine.shutdown()
-    return Result("engine alone (AsyncEngine, in process)", samples, wall, cpu, rest_by_process=rest)
+    name = "engine alone (AsyncEngine, in process)"
+    return Result(name, samples, wall, cpu, rest_by_process=rest, steps=steps or None)
 
 
 def serve_processes(app: str) -> dict[str, list[psutil.Process]]:
@@ -260,6 +270,33 @@ def rest_by_process(
     return dict(sorted(by_label.items(), key=lambda kv: -kv[1]))
 
 
+# The engine's LoadCounters fields (the engine alone) and the /metrics counters that render them (a replica).
+STEP_FIELDS = {"busy_s": "step_s", "decode_steps": "decode_steps", "decode_step_s": "decode_step_s"}
+STEP_COUNTERS = {
+    "busy_s": "pdserve_engine_busy_seconds_total",
+    "decode_steps": "pdserve_decode_steps_total",
+    "decode_step_s": "pdserve_decode_step_seconds_total",
+}
+
+
+def engine_steps(url: str, since: float, timeout_s: float = 15.0) -> dict[str, float]:
+    """STEP_COUNTERS summed over the engine replicas, from /metrics once the ingress's snapshot of the replicas'
+    stats was asked for after `since` (Unix time; it refreshes every second), so it holds every step before then."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples: dict[str, list[float]] = {}
+        for family in text_string_to_metric_families(httpx.get(f"{url.removesuffix('/v1')}/metrics", timeout=30).text):
+            for sample in family.samples:
+                samples.setdefault(sample.name, []).append(sample.value)
+        if max(samples.get("pdserve_replica_stats_timestamp_seconds", [0.0])) >= since:
+            return {name: sum(samples.get(counter, [])) for name, counter in STEP_COUNTERS.items()}
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the replicas' stats at {url} were not refreshed within {timeout_s} s")
+        time.sleep(0.2)
+
+
 def router_decisions(url: str) -> dict[str, int]:
     """The ingress router's routing decisions so far, by mode, from /metrics (`url` ends in /v1)."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -279,6 +316,7 @@ def measured(name: str, url: str, model: str, prompts: list[list[int]], max_toke
     processes["client"] = [psutil.Process()]
     asyncio.run(http_load(url, model, [WARMUP_PROMPT], 4, warm_up=False))  # the warm-up, before the baselines
     decisions_before = router_decisions(url) if app is not None else {}  # the delta counts the measured ones only
+    steps_before = engine_steps(url, time.time()) if app is not None else {}
     # The processes' CPU last: the scan of every process (this one's CPU) falls before it.
     everyone_before, machine_before = every_process_cpu(), machine_cpu()
     before = {p: cpu for ps in processes.values() for p in ps if (cpu := _cpu_or_none(p)) is not None}
@@ -289,10 +327,11 @@ def measured(name: str, url: str, model: str, prompts: list[list[int]], max_toke
         cpu[role] = sum(deltas)
     add_machine(cpu, machine_before, machine_cpu())
     rest = rest_by_process(everyone_before, every_process_cpu(), {p.pid for ps in processes.values() for p in ps})
-    decisions = None
+    decisions = steps = None
     if app is not None:
         decisions = {mode: n - decisions_before.get(mode, 0) for mode, n in router_decisions(url).items()}
-    result = Result(name, samples, wall, cpu, decisions, rest)
+        steps = {name: n - steps_before[name] for name, n in engine_steps(url, time.time()).items()}
+    result = Result(name, samples, wall, cpu, decisions, rest, steps)
     print(table([result]).splitlines()[-1], flush=True)  # as it goes: a later failure keeps this row
     return result
 
@@ -337,6 +376,29 @@ def table(results: list[Result], rounds: dict[str, list[float]] | None = None) -
         lines.append(
             f"| {r.name} | {r.tokens_per_s:.1f} | {tax} | {statistics.median(ttft):.2f} | {p90(ttft):.2f} | "
             f"{1000 * statistics.median(tpot):.1f} | {1000 * p90(tpot):.1f} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+def steps_table(results: list[Result]) -> str:
+    """The engines' model steps during each run (every engine replica's summed): busy time per output token, split
+    into steps with a prompt chunk and decode-only steps, and the decode-only steps' count and mean time. Served
+    beside the engine alone, the same load takes the same steps; slower ones are the other processes' CPU landing
+    inside a step (a step waits for its slowest thread)."""
+    lines = [
+        "| system | engine busy ms/token | in steps with a prompt chunk | in decode-only steps | decode-only steps "
+        "| ms per decode-only step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r.steps is None:
+            continue
+        tokens = sum(s.num_tokens for s in r.samples)
+        busy, decode_s, decode_steps = r.steps["busy_s"], r.steps["decode_step_s"], r.steps["decode_steps"]
+        per_step = f"{1000 * decode_s / decode_steps:.1f}" if decode_steps else "—"
+        lines.append(
+            f"| {r.name} | {1000 * busy / tokens:.2f} | {1000 * (busy - decode_s) / tokens:.2f} | "
+            f"{1000 * decode_s / tokens:.2f} | {decode_steps:.0f} | {per_step} |"
         )
     return "\n".join(lines)
 
@@ -533,6 +595,8 @@ def main() -> None:
     print(table(medians, per_round if args.rounds > 1 else None))
     print()
     print(rest_table(medians))
+    print()
+    print(steps_table(medians))
     references = [medians[0].name] + [f"{peer.split('=', 1)[0]}, HTTP" for peer in args.peer]
     if args.rounds > 1:
         print()
@@ -562,6 +626,7 @@ def rows_json(args: argparse.Namespace, results: list[Result], per_round: dict[s
                 "cpu_s": r.cpu_s,
                 "router_decisions": r.router_decisions,
                 "rest_by_process_cpu_s": r.rest_by_process,
+                "engine_steps": r.steps,
             }
             for r in results
         ],

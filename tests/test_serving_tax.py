@@ -46,6 +46,12 @@ def test_a_smoke_run_prints_a_row_per_system(tmp_path: Path) -> None:
     for name in names[1:]:  # Ray's daemons run beside every served system and are not a tracked role
         assert {"raylet", "gcs_server"} & systems[name]["rest_by_process_cpu_s"].keys(), systems[name]
     assert "| system | the rest by process" in done.stdout
+    # The engines' steps, every system's (none is a peer): the measured run's only, the warm-up's left out.
+    assert "| system | engine busy ms/token |" in done.stdout
+    for name, row in systems.items():
+        steps = row["engine_steps"]
+        assert steps["busy_s"] > steps["decode_step_s"] > 0, (name, steps)
+        assert output_len - 1 <= steps["decode_steps"] <= num_requests * output_len, (name, steps)
     decisions = {name: row["router_decisions"] for name, row in systems.items()}
     assert decisions[names[0]] is None  # no ingress, no router
     for name in names[2:]:  # every measured request routed once (the warm-ups are not counted)
@@ -104,8 +110,10 @@ def test_warm_ups_stay_out_of_the_measured_prompts_and_cpu(monkeypatch: pytest.M
     of --output-len tokens ran inside the CPU window)."""
     import asyncio
     import time
+    import types
 
     import pdserve.engine.async_engine as async_engine
+    from pdserve.engine.request import LoadCounters
 
     sys.path.insert(0, str(ROOT / "load_tests"))
     import serving_tax
@@ -124,16 +132,21 @@ def test_warm_ups_stay_out_of_the_measured_prompts_and_cpu(monkeypatch: pytest.M
     class Out:
         new_token_ids = (7,)
 
-    class BusyEngine:  # 5 ms of CPU per token, warm-up included
-        def __init__(self, factory: object, threads: object) -> None: ...
+    class BusyEngine:  # 5 ms of CPU per token, warm-up included; a decode step per token
+        def __init__(self, factory: object, threads: object) -> None:
+            self.load = LoadCounters()
 
         async def generate(self, request):  # type: ignore[no-untyped-def]
             for _ in range(request.sampling.max_tokens):
                 start = time.process_time()
                 while time.process_time() - start < 0.005:
                     pass
+                self.load.count_step(0, 1, 0.005)
                 yield Out()
                 await asyncio.sleep(0)
+
+        async def stats(self) -> object:
+            return types.SimpleNamespace(load=self.load.copy())
 
         def shutdown(self) -> None: ...
 
@@ -142,6 +155,8 @@ def test_warm_ups_stay_out_of_the_measured_prompts_and_cpu(monkeypatch: pytest.M
     tokens = sum(s.num_tokens for s in result.samples)
     assert tokens == 3 * 32
     assert result.cpu_s["engine"] / tokens < 0.0056, result.cpu_s  # 5 ms + the loop's; a 32-token warm-up: 6.7 ms
+    assert result.steps == {"busy_s": pytest.approx(0.005 * tokens), "decode_steps": tokens,
+                            "decode_step_s": pytest.approx(0.005 * tokens)}  # fmt: skip
 
 
 def test_the_machines_cpu_is_the_cores_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
