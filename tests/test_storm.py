@@ -220,13 +220,16 @@ def _wrong_in_storm(oracle, sent: list[tuple[list[int], bool, str, bytes]]) -> l
 
 def _idle_state(served: Served, replaced: int = 0) -> dict[str, float]:
     """What is still held or running, summed over the replicas, from a snapshot asked for after this call; and, when
-    `served.num_engine_replicas` is set, how far the snapshot's count of engine replicas is from it: a replica that
-    is not reporting cannot pass for an idle one. Up to `replaced` killed replicas may be missing (their
-    replacements start in their own time, up to minutes on a loaded 2-core box)."""
+    `served.num_engine_replicas` is set, how far the snapshot's count of engine replicas is from it (unset: at least
+    one must report): a replica that is not reporting cannot pass for an idle one. Up to `replaced` killed replicas
+    may be missing (their replacements start in their own time, up to minutes on a loaded 2-core box)."""
     metrics = served.fresh_metrics(check_count=False)
     state = {}
-    if served.num_engine_replicas is not None:
-        missing = served.num_engine_replicas - len(reporting_replicas(metrics))
+    want = served.num_engine_replicas
+    missing = (want if want is not None else 1) - len(reporting_replicas(metrics))
+    if want is None:  # at least one
+        state["engine replicas not reporting"] = max(missing, 0)
+    else:
         state["engine replicas not reporting"] = 0 if 0 <= missing <= replaced else abs(missing)
     for name in ("pdserve_kv_blocks_used", "pdserve_kv_blocks_held", "pdserve_kv_blocks_reserved",
                  "pdserve_kv_blocks_fenced", "pdserve_num_requests_running",
@@ -254,13 +257,14 @@ def test_the_idle_check_needs_every_replica_reporting() -> None:
 
     class Snapshot(Served):
         def fresh_metrics(self, timeout_s: float = 15.0, check_count: bool = True):  # type: ignore[no-untyped-def]
-            return {"pdserve_kv_blocks_total": {(("replica", r),): 100.0 for r in self.api_key.split(",")},
+            reporting = [r for r in (self.api_key or "").split(",") if r]
+            return {"pdserve_kv_blocks_total": {(("replica", r),): 100.0 for r in reporting},
                     "pdserve_kv_blocks_used": {(("replica", "a"),): 0.0}}  # fmt: skip
 
     def busy(reporting: str, want: int | None, replaced: int = 0) -> bool:
         return any(_idle_state(Snapshot("http://x/v1", api_key=reporting, num_engine_replicas=want), replaced).values())
 
-    assert not busy("a,b", 2) and not busy("a,b", None) and not busy("a", None)
+    assert not busy("a,b", 2) and not busy("a,b", None) and not busy("a", None) and busy("", None)
     assert busy("a", 2) and busy("a,b,c", 2)  # one not reporting; one too many
     assert not busy("a", 2, replaced=1) and busy("a", 3, replaced=1) and busy("a,b,c", 2, replaced=1)
 
