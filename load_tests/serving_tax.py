@@ -271,29 +271,44 @@ def rest_by_process(
 
 
 # The engine's LoadCounters fields (the engine alone) and the /metrics counters that render them (a replica).
-STEP_FIELDS = {"busy_s": "step_s", "decode_steps": "decode_steps", "decode_step_s": "decode_step_s"}
+STEP_FIELDS = {"busy_s": "step_s", "steps": "steps", "decode_steps": "decode_steps", "decode_step_s": "decode_step_s"}
 STEP_COUNTERS = {
     "busy_s": "pdserve_engine_busy_seconds_total",
+    "steps": "pdserve_engine_steps_total",
     "decode_steps": "pdserve_decode_steps_total",
     "decode_step_s": "pdserve_decode_step_seconds_total",
 }
 
 
-def engine_steps(url: str, since: float, timeout_s: float = 15.0) -> dict[str, float]:
-    """STEP_COUNTERS summed over the engine replicas, from /metrics once the ingress's snapshot of the replicas'
-    stats was asked for after `since` (Unix time; it refreshes every second), so it holds every step before then."""
+def engine_steps(
+    url: str, since: float, replicas: set[str] | None = None, timeout_s: float = 15.0
+) -> dict[str, dict[str, float]]:
+    """Replica id -> its STEP_COUNTERS, from /metrics once the ingress's snapshot of the replicas' stats was asked for
+    after `since` (Unix time; it refreshes every second), so it holds every step before then, and holds every engine
+    replica: `replicas` when given (the ones a first reading found), else at least one. A snapshot without one of
+    them (its stats call failed or timed out) is read again: a replica left out of one side of a difference would
+    count its whole life, or nothing."""
     from prometheus_client.parser import text_string_to_metric_families
 
     deadline = time.monotonic() + timeout_s
     while True:
-        samples: dict[str, list[float]] = {}
+        found: dict[str, dict[str, float]] = {}
+        taken = 0.0
         for family in text_string_to_metric_families(httpx.get(f"{url.removesuffix('/v1')}/metrics", timeout=30).text):
             for sample in family.samples:
-                samples.setdefault(sample.name, []).append(sample.value)
-        if max(samples.get("pdserve_replica_stats_timestamp_seconds", [0.0])) >= since:
-            return {name: sum(samples.get(counter, [])) for name, counter in STEP_COUNTERS.items()}
+                if sample.name == "pdserve_replica_stats_timestamp_seconds":
+                    taken = max(taken, sample.value)
+                for name, counter in STEP_COUNTERS.items():
+                    if sample.name == counter:  # one series per ingress replica, each a copy: any one will do
+                        found.setdefault(sample.labels["replica"], {})[name] = sample.value
+        complete = {r: c for r, c in found.items() if c.keys() == STEP_COUNTERS.keys()}
+        if taken >= since and complete and (replicas is None or replicas <= complete.keys()):
+            return complete if replicas is None else {r: complete[r] for r in replicas}
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the replicas' stats at {url} were not refreshed within {timeout_s} s")
+            raise RuntimeError(
+                f"{url}: no fresh snapshot of every engine replica's step counters within {timeout_s} s "
+                f"(found {sorted(found)}, want {sorted(replicas) if replicas else 'any'})"
+            )
         time.sleep(0.2)
 
 
@@ -316,7 +331,7 @@ def measured(name: str, url: str, model: str, prompts: list[list[int]], max_toke
     processes["client"] = [psutil.Process()]
     asyncio.run(http_load(url, model, [WARMUP_PROMPT], 4, warm_up=False))  # the warm-up, before the baselines
     decisions_before = router_decisions(url) if app is not None else {}  # the delta counts the measured ones only
-    steps_before = engine_steps(url, time.time()) if app is not None else {}
+    steps_before = engine_steps(url, time.time()) if app is not None else {}  # replica -> counters
     # The processes' CPU last: the scan of every process (this one's CPU) falls before it.
     everyone_before, machine_before = every_process_cpu(), machine_cpu()
     before = {p: cpu for ps in processes.values() for p in ps if (cpu := _cpu_or_none(p)) is not None}
@@ -330,7 +345,8 @@ def measured(name: str, url: str, model: str, prompts: list[list[int]], max_toke
     decisions = steps = None
     if app is not None:
         decisions = {mode: n - decisions_before.get(mode, 0) for mode, n in router_decisions(url).items()}
-        steps = {name: n - steps_before[name] for name, n in engine_steps(url, time.time()).items()}
+        after = engine_steps(url, time.time(), set(steps_before))
+        steps = {name: sum(after[r][name] - steps_before[r][name] for r in steps_before) for name in STEP_COUNTERS}
     result = Result(name, samples, wall, cpu, decisions, rest, steps)
     print(table([result]).splitlines()[-1], flush=True)  # as it goes: a later failure keeps this row
     return result
@@ -381,24 +397,28 @@ def table(results: list[Result], rounds: dict[str, list[float]] | None = None) -
 
 
 def steps_table(results: list[Result]) -> str:
-    """The engines' model steps during each run (every engine replica's summed): busy time per output token, split
-    into steps with a prompt chunk and decode-only steps, and the decode-only steps' count and mean time. Served
-    beside the engine alone, the same load takes the same steps; slower ones are the other processes' CPU landing
-    inside a step (a step waits for its slowest thread)."""
+    """The engines' model steps during each run (every engine replica's summed): busy time per output token, and the
+    steps with a prompt chunk and the decode-only ones, each their count and mean time. Beside the engine alone: did
+    serving add steps (another batching: an HTTP arrival spread, 1P1D's two engines) or slow them (the other
+    processes' CPU landing inside a step, which waits for its slowest thread)?"""
     lines = [
-        "| system | engine busy ms/token | in steps with a prompt chunk | in decode-only steps | decode-only steps "
+        "| system | engine busy ms/token | steps with a prompt chunk | ms per such step | decode-only steps "
         "| ms per decode-only step |",
         "|---|---|---|---|---|---|",
     ]
+
+    def per_step(seconds: float, count: float) -> str:
+        return f"{1000 * seconds / count:.1f}" if count else "—"
+
     for r in results:
         if r.steps is None:
             continue
         tokens = sum(s.num_tokens for s in r.samples)
         busy, decode_s, decode_steps = r.steps["busy_s"], r.steps["decode_step_s"], r.steps["decode_steps"]
-        per_step = f"{1000 * decode_s / decode_steps:.1f}" if decode_steps else "—"
+        prompt_steps = r.steps["steps"] - decode_steps
         lines.append(
-            f"| {r.name} | {1000 * busy / tokens:.2f} | {1000 * (busy - decode_s) / tokens:.2f} | "
-            f"{1000 * decode_s / tokens:.2f} | {decode_steps:.0f} | {per_step} |"
+            f"| {r.name} | {1000 * busy / tokens:.2f} | {prompt_steps:.0f} | {per_step(busy - decode_s, prompt_steps)} "
+            f"| {decode_steps:.0f} | {per_step(decode_s, decode_steps)} |"
         )
     return "\n".join(lines)
 

@@ -46,12 +46,14 @@ def test_a_smoke_run_prints_a_row_per_system(tmp_path: Path) -> None:
     for name in names[1:]:  # Ray's daemons run beside every served system and are not a tracked role
         assert {"raylet", "gcs_server"} & systems[name]["rest_by_process_cpu_s"].keys(), systems[name]
     assert "| system | the rest by process" in done.stdout
-    # The engines' steps, every system's (none is a peer): the measured run's only, the warm-up's left out.
+    # The engines' steps, every system's (none is a peer). After each stream's first token (a prompt step's, on P
+    # for 1P1D) come output_len - 1 decode-only steps at most per request, and at least output_len - 1 in all.
     assert "| system | engine busy ms/token |" in done.stdout
     for name, row in systems.items():
         steps = row["engine_steps"]
         assert steps["busy_s"] > steps["decode_step_s"] > 0, (name, steps)
-        assert output_len - 1 <= steps["decode_steps"] <= num_requests * output_len, (name, steps)
+        assert output_len - 1 <= steps["decode_steps"] <= num_requests * (output_len - 1), (name, steps)
+        assert 1 <= steps["steps"] - steps["decode_steps"] <= num_requests * 24, (name, steps)  # 24-token prompts
     decisions = {name: row["router_decisions"] for name, row in systems.items()}
     assert decisions[names[0]] is None  # no ingress, no router
     for name in names[2:]:  # every measured request routed once (the warm-ups are not counted)
@@ -155,7 +157,7 @@ def test_warm_ups_stay_out_of_the_measured_prompts_and_cpu(monkeypatch: pytest.M
     tokens = sum(s.num_tokens for s in result.samples)
     assert tokens == 3 * 32
     assert result.cpu_s["engine"] / tokens < 0.0056, result.cpu_s  # 5 ms + the loop's; a 32-token warm-up: 6.7 ms
-    assert result.steps == {"busy_s": pytest.approx(0.005 * tokens), "decode_steps": tokens,
+    assert result.steps == {"busy_s": pytest.approx(0.005 * tokens), "steps": tokens, "decode_steps": tokens,
                             "decode_step_s": pytest.approx(0.005 * tokens)}  # fmt: skip
 
 

@@ -85,6 +85,7 @@ class ReplicaStats:
     decode_step_s: float = 0.0
     borrowed_core_steps: int = 0  # since start, steps x cores borrowed from idle peers (lend_idle_cores)
     core_home_waits: int = 0  # since start, steps that waited for a borrower to hand this replica's cores back
+    steps: int = 0  # since start, model steps (decode-only ones included)
 
 
 @dataclass(frozen=True)

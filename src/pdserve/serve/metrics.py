@@ -42,6 +42,7 @@ _REPLICA_FAMILIES: dict[str, tuple[type[GaugeMetricFamily] | type[CounterMetricF
     "prefill_queued_tokens": (GaugeMetricFamily, "prompt tokens accepted, not yet computed", "queued_prefill_tokens"),
     "prefill_computed_tokens": (CounterMetricFamily, "prompt tokens computed (cache hits excluded)", "prefill_tokens"),
     "engine_busy_seconds": (CounterMetricFamily, "time spent in model steps", "busy_s"),
+    "engine_steps": (CounterMetricFamily, "model steps", "steps"),
     "decode_steps": (CounterMetricFamily, "model steps without a prompt chunk", "decode_steps"),
     "decode_step_seconds": (CounterMetricFamily, "time spent in those steps", "decode_step_s"),
     "borrowed_core_steps": (

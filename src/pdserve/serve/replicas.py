@@ -145,6 +145,7 @@ class _EngineReplica:
             load.decode_step_s,
             cores.borrowed_core_steps if (cores := self.engine.cores) else 0,
             cores.home_waits if cores else 0,
+            load.steps,
         )
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
