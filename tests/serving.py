@@ -103,6 +103,15 @@ def reporting_replicas(samples: dict[str, dict[tuple[tuple[str, str], ...], floa
     return {dict(labels)["replica"] for labels in samples.get("pdserve_kv_blocks_total", {})}
 
 
+def live_engine_replicas(app: str) -> set[str]:
+    """The replica ids of `app`'s live engine replicas (Serve's named actors), as the replicas' stats label them."""
+    import ray
+
+    roles = ("EngineServer", "PrefillServer", "DecodeServer")
+    names = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)]
+    return {n.rsplit("#", 1)[1] for n in names if n.startswith(f"SERVE_REPLICA::{app}#") and n.split("#")[1] in roles}
+
+
 @dataclass(frozen=True)
 class Served:
     base_url: str  # ends in /v1

@@ -97,7 +97,7 @@ def apps(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     }
     with shared_serve() as port:
         deploy({name: (config, f"/{name}") for name, config in configs.items()})
-        # Every replica must report before an app counts as idle: a replaced one too, once it is up.
+        # Every replica must report before an app counts as idle (after a kill: every live one, `_assert_idle`).
         engines = {name: c.engine.num_replicas if c.colocated else c.prefill.num_replicas + c.decode.num_replicas
                    for name, c in configs.items()}  # fmt: skip
         yield {name: Served(f"http://127.0.0.1:{port}/{name}/v1", num_engine_replicas=n) for name, n in engines.items()}
@@ -131,7 +131,7 @@ def test_a_replica_killed_mid_stream_migrates_its_streams(  # type: ignore[no-un
     print(f"64 streams through a {deployment} SIGKILL: {exact} exact, {errors} error events, {migrations:.0f} migrated")
     assert wrong == 0, f"{wrong} streams completed with wrong text"
     assert exact >= 0.99 * len(prompts) and migrations >= 1
-    _assert_idle(served, f"after the {deployment} kill", timeout_s=15, replaced=1)
+    _assert_idle(served, f"after the {deployment} kill", timeout_s=15, app=app)
 
 
 async def _streams_through_a_kill(served: Served, prompts: list[list[int]], app: str, deployment: str) -> list[Any]:
@@ -196,7 +196,7 @@ def test_a_prefill_replica_killed_mid_push_is_retried_elsewhere(apps: dict[str, 
     retries = sum(served.metrics().get("pdserve_prefill_retries_total", {}).values())
     print(f"32 requests through a prefill SIGKILL: all exact in {elapsed:.1f} s, {retries:.0f} retried")
     assert retries >= 1  # the kill really happened under these requests
-    _assert_idle(served, "after the prefill kill", timeout_s=10, replaced=1)
+    _assert_idle(served, "after the prefill kill", timeout_s=10, app="prefill_killed")
 
 
 def test_with_no_working_prefill_replica_the_decode_replica_prefills(apps: dict[str, Served], oracle) -> None:  # type: ignore[no-untyped-def]
@@ -282,7 +282,7 @@ def test_a_wedged_decode_engine_is_replaced_and_its_streams_migrate(apps: dict[s
     migrations = sum(served.metrics().get("pdserve_stream_migrations_total", {}).values())
     print(f"wedged decode engine: 16 requests exact in {elapsed:.1f} s, {migrations:.0f} migrated")
     assert migrations >= 1
-    _assert_idle(served, "after the wedged engine", timeout_s=30, replaced=1)
+    _assert_idle(served, "after the wedged engine", timeout_s=30, app="decode_wedged")
 
 
 def _wait_ready(served: Served, want: bool, timeout_s: float) -> float:

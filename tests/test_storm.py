@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from oracle import HTTP_MAX_TOKENS, random_prompts
-from serving import Served, deploy, greedy_text, reporting_replicas, shared_serve
+from serving import Served, deploy, greedy_text, live_engine_replicas, reporting_replicas, shared_serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
 MAX_TOKENS = HTTP_MAX_TOKENS  # what the `oracle` fixture (conftest.py) generates
@@ -218,19 +218,21 @@ def _wrong_in_storm(oracle, sent: list[tuple[list[int], bool, str, bytes]]) -> l
     return wrong
 
 
-def _idle_state(served: Served, replaced: int = 0) -> dict[str, float]:
-    """What is still held or running, summed over the replicas, from a snapshot asked for after this call; and, when
-    `served.num_engine_replicas` is set, how far the snapshot's count of engine replicas is from it (unset: at least
-    one must report): a replica that is not reporting cannot pass for an idle one. Up to `replaced` killed replicas
-    may be missing (their replacements start in their own time, up to minutes on a loaded 2-core box)."""
+def _idle_state(served: Served, live: set[str] | None = None) -> dict[str, float]:
+    """What is still held or running, summed over the replicas, from a snapshot asked for after this call; and which
+    engine replicas it lacks: with `live` (the ids of the app's live engine replicas, after a test killed one), each
+    of them and no other; else `served.num_engine_replicas` of them when set, at least one when not. A replica that
+    is not reporting (its stats call failed or timed out) cannot pass for an idle one."""
     metrics = served.fresh_metrics(check_count=False)
-    state = {}
+    reporting = reporting_replicas(metrics)
     want = served.num_engine_replicas
-    missing = (want if want is not None else 1) - len(reporting_replicas(metrics))
-    if want is None:  # at least one
-        state["engine replicas not reporting"] = max(missing, 0)
+    if live is not None:
+        missing = len(live ^ reporting)
+    elif want is not None:
+        missing = abs(want - len(reporting))
     else:
-        state["engine replicas not reporting"] = 0 if 0 <= missing <= replaced else abs(missing)
+        missing = 0 if reporting else 1
+    state: dict[str, float] = {"engine replicas not reporting": missing}
     for name in ("pdserve_kv_blocks_used", "pdserve_kv_blocks_held", "pdserve_kv_blocks_reserved",
                  "pdserve_kv_blocks_fenced", "pdserve_num_requests_running",
                  "pdserve_num_requests_waiting"):  # fmt: skip
@@ -239,21 +241,26 @@ def _idle_state(served: Served, replaced: int = 0) -> dict[str, float]:
     return state
 
 
-def _assert_idle(served: Served, label: str, timeout_s: float, replaced: int = 0) -> float:
-    """Wait until every replica is idle (the ingress refreshes replica stats every second); seconds it took.
-    `replaced`: replicas the test killed, which may be missing from the snapshot (`_idle_state`)."""
+def _assert_idle(served: Served, label: str, timeout_s: float, app: str | None = None) -> float:
+    """Wait until every replica is idle (the ingress refreshes replica stats every second); seconds it took. `app`
+    (the Serve app's name), where a test killed a replica: every live engine replica of it must report, whatever
+    their number while the killed one's replacement starts (`_idle_state`)."""
+
+    def state() -> dict[str, float]:
+        return _idle_state(served, live_engine_replicas(app) if app is not None else None)
+
     start = time.monotonic()
-    state = _idle_state(served, replaced)
-    while any(state.values()) and time.monotonic() - start < timeout_s:
+    now = state()
+    while any(now.values()) and time.monotonic() - start < timeout_s:
         time.sleep(0.2)
-        state = _idle_state(served, replaced)
-    assert not any(state.values()), f"{label}: not idle {timeout_s} s after the last request: {state}"
+        now = state()
+    assert not any(now.values()), f"{label}: not idle {timeout_s} s after the last request: {now}"
     return time.monotonic() - start
 
 
 def test_the_idle_check_needs_every_replica_reporting() -> None:
     """`_idle_state` on crafted snapshots: a replica missing from the stats (its call failed) is not idle, nor is an
-    extra one (a dead replica's stats kept); a killed replica may be missing where the test says so."""
+    extra one (a dead replica's stats kept), nor none at all; after a kill, exactly the live replicas must report."""
 
     class Snapshot(Served):
         def fresh_metrics(self, timeout_s: float = 15.0, check_count: bool = True):  # type: ignore[no-untyped-def]
@@ -261,12 +268,14 @@ def test_the_idle_check_needs_every_replica_reporting() -> None:
             return {"pdserve_kv_blocks_total": {(("replica", r),): 100.0 for r in reporting},
                     "pdserve_kv_blocks_used": {(("replica", "a"),): 0.0}}  # fmt: skip
 
-    def busy(reporting: str, want: int | None, replaced: int = 0) -> bool:
-        return any(_idle_state(Snapshot("http://x/v1", api_key=reporting, num_engine_replicas=want), replaced).values())
+    def busy(reporting: str, want: int | None, live: set[str] | None = None) -> bool:
+        return any(_idle_state(Snapshot("http://x/v1", api_key=reporting, num_engine_replicas=want), live).values())
 
     assert not busy("a,b", 2) and not busy("a,b", None) and not busy("a", None) and busy("", None)
     assert busy("a", 2) and busy("a,b,c", 2)  # one not reporting; one too many
-    assert not busy("a", 2, replaced=1) and busy("a", 3, replaced=1) and busy("a,b,c", 2, replaced=1)
+    # b was killed: the survivors a and c, and b's replacement d once it is up, must all report
+    assert not busy("a,c", 3, live={"a", "c"}) and not busy("a,c,d", 3, live={"a", "c", "d"})
+    assert busy("a", 3, live={"a", "c"}) and busy("a,c", 3, live={"a", "c", "d"}) and busy("a,b,c", 3, live={"a", "c"})
 
 
 def test_the_storm_check_finds_wrong_cut_and_errored_responses() -> None:
