@@ -35,7 +35,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,8 @@ from pdserve.engine.weights import resolve_dtype
 from pdserve.hub import resolve_model
 from serving import free_port, ray_serve
 
+# The load client's kinds (--client) -> the suffix of the systems' names it measured.
+CLIENTS = {"raw": "", "openai": ", openai client"}
 # Warm-ups use their own prompt: a measured prompt warmed up would be a prefix-cache hit in the run.
 WARMUP_PROMPT = list(range(100, 116))
 
@@ -82,7 +86,37 @@ class Result:
         return sum(s.num_tokens for s in self.samples) / self.wall_s
 
 
-async def one_http(client: openai.AsyncOpenAI, model: str, prompt: list[int], max_tokens: int) -> Sample:
+async def one_http(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int) -> Sample:
+    """One greedy stream, read as `vllm bench serve` reads it: SSE lines parsed with `json` (the `openai` client's
+    typed chunks cost ~50 us of CPU each on this 2-core box, next to the servers: `--client openai` measures it)."""
+    body = {
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True}, "ignore_eos": True,
+    }  # fmt: skip
+    start = time.perf_counter()
+    first = last = 0.0
+    num_tokens, done = 0, False
+    async with client.stream("POST", f"{url}/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{model} answered HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"{model} sent an error event: {str(chunk['error'])[:200]}")
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                last = time.perf_counter()
+                first = first or last
+            if chunk.get("usage"):
+                num_tokens = chunk["usage"]["completion_tokens"]
+    return _sample(model, start, first, last, num_tokens, max_tokens, done)
+
+
+async def one_openai(client: openai.AsyncOpenAI, model: str, prompt: list[int], max_tokens: int) -> Sample:
     start = time.perf_counter()
     first = last = 0.0
     num_tokens = 0
@@ -96,9 +130,15 @@ async def one_http(client: openai.AsyncOpenAI, model: str, prompt: list[int], ma
             first = first or last
         if chunk.usage is not None:
             num_tokens = chunk.usage.completion_tokens
-    if num_tokens != max_tokens or not first:  # a stream cut short would count as a fast one (ignore_eos is set)
-        raise RuntimeError(f"{model} answered {num_tokens} of {max_tokens} tokens{'' if first else ', no text'}")
-    return Sample(first - start, (last - first) / max(num_tokens - 1, 1), num_tokens)
+    return _sample(model, start, first, last, num_tokens, max_tokens, True)
+
+
+def _sample(model: str, start: float, first: float, last: float, tokens: int, max_tokens: int, done: bool) -> Sample:
+    """A stream's sample; an error if it was cut short (it would count as a fast one: ignore_eos is set)."""
+    if tokens != max_tokens or not first or not done:
+        missing = ("" if first else ", no text") + ("" if done else ", no [DONE]")
+        raise RuntimeError(f"{model} answered {tokens} of {max_tokens} tokens{missing}")
+    return Sample(first - start, (last - first) / max(tokens - 1, 1), tokens)
 
 
 async def http_load(
@@ -107,14 +147,26 @@ async def http_load(
     prompts: list[list[int]],
     max_tokens: int,
     warm_up: bool = True,
+    client: str = "raw",
 ) -> tuple[list[Sample], float]:
-    """The prompts at once, after a warm-up request of WARMUP_PROMPT unless `warm_up` is False."""
-    async with openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600) as client:
-        if warm_up:
-            await one_http(client, model, WARMUP_PROMPT, 4)
-        start = time.perf_counter()
-        samples = await asyncio.gather(*[one_http(client, model, p, max_tokens) for p in prompts])
-        return list(samples), time.perf_counter() - start
+    """The prompts at once, after a warm-up request of WARMUP_PROMPT unless `warm_up` is False; read by `client`:
+    "raw" (httpx, SSE lines through `json`) or "openai" (the official client's typed chunks)."""
+    if client == "openai":
+        async with openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600) as sdk:
+            return await _load(partial(one_openai, sdk, model), prompts, max_tokens, warm_up)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=30.0), limits=limits) as raw:
+        return await _load(partial(one_http, raw, base_url, model), prompts, max_tokens, warm_up)
+
+
+async def _load(
+    one: Callable[[list[int], int], Awaitable[Sample]], prompts: list[list[int]], max_tokens: int, warm_up: bool
+) -> tuple[list[Sample], float]:
+    if warm_up:
+        await one(WARMUP_PROMPT, 4)
+    start = time.perf_counter()
+    samples = await asyncio.gather(*[one(p, max_tokens) for p in prompts])
+    return list(samples), time.perf_counter() - start
 
 
 def engine_alone(path: str, dtype: str, prompts: list[list[int]], max_tokens: int, threads: int | None) -> Result:
@@ -326,16 +378,18 @@ def router_decisions(url: str) -> dict[str, int]:
     return counts
 
 
-def measured(name: str, url: str, model: str, prompts: list[list[int]], max_tokens: int, app: str | None) -> Result:
+def measured(
+    name: str, url: str, model: str, prompts: list[list[int]], max_tokens: int, app: str | None, client: str = "raw"
+) -> Result:
     processes = serve_processes(app) if app is not None else {}
     processes["client"] = [psutil.Process()]
-    asyncio.run(http_load(url, model, [WARMUP_PROMPT], 4, warm_up=False))  # the warm-up, before the baselines
+    asyncio.run(http_load(url, model, [WARMUP_PROMPT], 4, False, client))  # the warm-up, before the baselines
     decisions_before = router_decisions(url) if app is not None else {}  # the delta counts the measured ones only
     steps_before = engine_steps(url, time.time()) if app is not None else {}  # replica -> counters
     # The processes' CPU last: the scan of every process (this one's CPU) falls before it.
     everyone_before, machine_before = every_process_cpu(), machine_cpu()
     before = {p: cpu for ps in processes.values() for p in ps if (cpu := _cpu_or_none(p)) is not None}
-    samples, wall = asyncio.run(http_load(url, model, prompts, max_tokens, warm_up=False))
+    samples, wall = asyncio.run(http_load(url, model, prompts, max_tokens, False, client))
     cpu: dict[str, float] = {}
     for role, ps in processes.items():  # a process gone meanwhile (HAProxy reloads by replacing itself) counts 0
         deltas = [after - before[p] for p in ps if p in before and (after := _cpu_or_none(p)) is not None]
@@ -510,7 +564,9 @@ def serve_systems(
             if args.only is not None and not re.search(args.only, name):
                 continue
             serve.run(build_app(ServeConfig(**{**common, **options})), name="tax", route_prefix="/")
-            results.append(measured(name, f"http://127.0.0.1:{port}/v1", "m", prompts, args.output_len, "tax"))
+            for client in args.client:
+                url = f"http://127.0.0.1:{port}/v1"
+                results.append(measured(name + CLIENTS[client], url, "m", prompts, args.output_len, "tax", client))
             serve.delete("tax")
     return results
 
@@ -558,6 +614,12 @@ def main() -> None:
         "front of the ingress replicas); each front runs every pdserve system on a fresh Ray cluster",
     )  # fmt: skip
     parser.add_argument(
+        "--client", action="append", choices=list(CLIENTS), default=[],
+        help="how the load client reads the streams, repeatable (each HTTP system runs once per client): raw "
+        "(default; httpx, SSE lines through json, as `vllm bench serve`) or openai (the official client's typed "
+        "chunks: ~50 us more CPU per chunk, on the servers' cores)",
+    )  # fmt: skip
+    parser.add_argument(
         "--seed", type=int, default=None,
         help="of the prompts (default: the time): a peer's prefix cache must never hold them from an earlier run",
     )  # fmt: skip
@@ -575,6 +637,7 @@ def main() -> None:
     args.seed = int(time.time()) if args.seed is None else args.seed
     os.nice(15 - os.nice(0))  # below the servers (0), as Serve's proxy and HAProxy run (Ray's 15)
     fronts = args.front or ["proxy"]
+    args.client = args.client or ["raw"]
 
     dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
     if args.tiny:
@@ -606,7 +669,9 @@ def main() -> None:
             results += serve_systems(args, front, path, dtype, prompts)
         for peer in args.peer:
             name, url = peer.split("=", 1)
-            results.append(measured(f"{name}, HTTP", url, args.peer_model or path, prompts, args.output_len, None))
+            for client in args.client:
+                system = f"{name}, HTTP{CLIENTS[client]}"
+                results.append(measured(system, url, args.peer_model or path, prompts, args.output_len, None, client))
         for r in results:
             runs.setdefault(r.name, []).append(r)
     medians = [sorted(rs, key=lambda r: r.tokens_per_s)[(len(rs) - 1) // 2] for rs in runs.values()]
@@ -617,7 +682,7 @@ def main() -> None:
     print(rest_table(medians))
     print()
     print(steps_table(medians))
-    references = [medians[0].name] + [f"{peer.split('=', 1)[0]}, HTTP" for peer in args.peer]
+    references = [medians[0].name] + [f"{peer.split('=', 1)[0]}, HTTP{CLIENTS[args.client[0]]}" for peer in args.peer]
     if args.rounds > 1:
         print()
         print(paired_table(per_round, references))

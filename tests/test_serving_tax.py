@@ -5,6 +5,7 @@ reports the serving tax cannot rot unnoticed."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,7 +123,7 @@ def test_warm_ups_stay_out_of_the_measured_prompts_and_cpu(monkeypatch: pytest.M
 
     sent: list[list[int]] = []
 
-    async def one_http(client: object, model: str, prompt: list[int], max_tokens: int) -> object:
+    async def one_http(client: object, url: str, model: str, prompt: list[int], max_tokens: int) -> object:
         sent.append(list(prompt))
         return serving_tax.Sample(0.0, 0.0, max_tokens)
 
@@ -179,3 +180,69 @@ def test_the_machines_cpu_is_the_cores_this_process_may_use(monkeypatch: pytest.
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1, 3})
     busy, idle, steal = serving_tax.machine_cpu()
     assert (busy, idle, steal) == pytest.approx((20.0 + 1 + 40.0 + 1, 2 * 102.0, 2 * 0.5))
+
+
+def _stream(*events: object, done: bool = True) -> bytes:
+    lines = [f"data: {json.dumps(e)}\n\n" for e in events] + (["data: [DONE]\n\n"] if done else [])
+    return "".join(lines).encode()
+
+
+def _text(text: str) -> dict[str, object]:
+    return {"id": "c", "object": "text_completion", "created": 0, "model": "m", "usage": None,
+            "choices": [{"index": 0, "text": text, "finish_reason": None, "logprobs": None}]}  # fmt: skip
+
+
+def _usage(tokens: int) -> dict[str, object]:
+    usage = {"prompt_tokens": 2, "completion_tokens": tokens, "total_tokens": 2 + tokens}
+    return {"id": "c", "object": "text_completion", "created": 0, "model": "m", "choices": [], "usage": usage}
+
+
+FULL = _stream(_text("a"), _text(""), _text("bc"), _usage(3))  # a held-back token (no text), then two in one chunk
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (FULL, None),
+        (_stream(_text("a"), _text("bc"), _usage(3), done=False), "no [DONE]"),  # the raw client's check
+        (_stream(_text("a"), _usage(2)), "2 of 3 tokens"),
+        (_stream(_usage(3)), "no text"),
+    ],
+)
+def test_both_load_clients_read_a_stream_alike_and_refuse_a_short_one(body: bytes, error: str | None) -> None:
+    """The raw client (the default) and the openai client count tokens from the usage, time the first and last
+    chunks with text, and fail a stream cut short (it would count as a fast one)."""
+    import asyncio
+
+    import httpx
+    import openai
+
+    sys.path.insert(0, str(ROOT / "load_tests"))
+    import serving_tax
+
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+
+    async def read(kind: str) -> object:
+        async with httpx.AsyncClient(transport=transport) as http:
+            if kind == "raw":
+                return await serving_tax.one_http(http, "http://x/v1", "m", [1, 2], 3)
+            sdk = openai.AsyncOpenAI(base_url="http://x/v1", api_key="k", http_client=http, max_retries=0)
+            return await serving_tax.one_openai(sdk, "m", [1, 2], 3)
+
+    for kind in ("raw", "openai"):
+        if error is None:
+            sample = asyncio.run(read(kind))
+            assert sample.num_tokens == 3 and sample.ttft_s >= 0 and sample.tpot_s >= 0, kind
+        elif kind == "raw" or error != "no [DONE]":  # the openai client stops at its own end of stream
+            with pytest.raises(RuntimeError, match=re.escape(error)):
+                asyncio.run(read(kind))
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(429, json={"error": {"message": "busy"}})
+
+    async def refused() -> object:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as http:
+            return await serving_tax.one_http(http, "http://x/v1", "m", [1, 2], 3)
+
+    with pytest.raises(RuntimeError, match="HTTP 429"):
+        asyncio.run(refused())
