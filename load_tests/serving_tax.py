@@ -514,9 +514,10 @@ def paired_table(per_round: dict[str, list[float]], references: list[str]) -> st
 
 
 def serve_systems(
-    args: argparse.Namespace, front: str, path: str, dtype: str, prompts: list[list[int]]
+    args: argparse.Namespace, front: str, path: str, dtype: str, prompts: dict[str, list[list[int]]]
 ) -> list[Result]:
-    """Every pdserve system of the run behind one HTTP front, on a fresh local Ray cluster."""
+    """Every pdserve system of the run behind one HTTP front, on a fresh local Ray cluster; each client reads
+    its own `prompts` (a system serves them all: another client's would be prefix-cache hits)."""
     from ray import serve
 
     from pdserve.serve.app import build_app
@@ -564,9 +565,11 @@ def serve_systems(
             if args.only is not None and not re.search(args.only, name):
                 continue
             serve.run(build_app(ServeConfig(**{**common, **options})), name="tax", route_prefix="/")
-            for client in args.client:
+            for client in prompts:  # in the round's order
                 url = f"http://127.0.0.1:{port}/v1"
-                results.append(measured(name + CLIENTS[client], url, "m", prompts, args.output_len, "tax", client))
+                results.append(
+                    measured(name + CLIENTS[client], url, "m", prompts[client], args.output_len, "tax", client)
+                )
             serve.delete("tax")
     return results
 
@@ -662,16 +665,20 @@ def main() -> None:
         f"torch threads per engine: {args.threads or 'one per core it may use'}; prompt seed {args.seed}"
     )
     runs: dict[str, list[Result]] = {}  # system -> its result in each round, systems in the order they ran
-    for _ in range(args.rounds):  # rounds interleave the systems, so a slow spell of a shared host hits them all
-        prompts = fresh_prompts()
-        results = [engine_alone(path, dtype, prompts, args.output_len, args.threads)]
+    for i in range(args.rounds):  # rounds interleave the systems, so a slow spell of a shared host hits them all
+        # A server's prefix cache outlives a measurement: each client its own prompts. Each round reverses the
+        # clients' order (the first measurement after a deploy may pay for it).
+        clients = args.client if i % 2 == 0 else args.client[::-1]
+        prompts = {client: fresh_prompts() for client in clients}
+        results = [engine_alone(path, dtype, prompts[args.client[0]], args.output_len, args.threads)]
         for front in fronts:
             results += serve_systems(args, front, path, dtype, prompts)
         for peer in args.peer:
             name, url = peer.split("=", 1)
-            for client in args.client:
+            for client in clients:
                 system = f"{name}, HTTP{CLIENTS[client]}"
-                results.append(measured(system, url, args.peer_model or path, prompts, args.output_len, None, client))
+                model = args.peer_model or path
+                results.append(measured(system, url, model, prompts[client], args.output_len, None, client))
         for r in results:
             runs.setdefault(r.name, []).append(r)
     medians = [sorted(rs, key=lambda r: r.tokens_per_s)[(len(rs) - 1) // 2] for rs in runs.values()]
