@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,7 +16,23 @@ from prometheus_client.parser import text_string_to_metric_families
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free TCP port on 127.0.0.1 between Ray's worker ports (10002-19999) and the kernel's ephemeral range. A port
+    bound to 0 and released comes from the ephemeral range, where every process binding port 0 meanwhile may take
+    it (a benchmark's HAProxy once failed to bind one: a Ray process started since had it)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    rng = random.SystemRandom()
+    for _ in range(200 if low > 20000 else 0):
+        port = rng.randrange(20000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room outside the ephemeral range
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
