@@ -35,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -45,6 +45,7 @@ import httpx
 import openai
 import psutil
 import torch
+from prometheus_client.samples import Sample as MetricSample
 
 sys.path.insert(0, "tests")  # reuse the test harness's cluster helpers
 from harness import pct
@@ -340,19 +341,16 @@ def engine_steps(
     replica: `replicas` when given (the ones a first reading found), else at least one. A snapshot without one of
     them (its stats call failed or timed out) is read again: a replica left out of one side of a difference would
     count its whole life, or nothing."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     deadline = time.monotonic() + timeout_s
     while True:
         found: dict[str, dict[str, float]] = {}
         taken = 0.0
-        for family in text_string_to_metric_families(httpx.get(f"{url.removesuffix('/v1')}/metrics", timeout=30).text):
-            for sample in family.samples:
-                if sample.name == "pdserve_replica_stats_timestamp_seconds":
-                    taken = max(taken, sample.value)
-                for name, counter in STEP_COUNTERS.items():
-                    if sample.name == counter:  # one series per ingress replica, each a copy: any one will do
-                        found.setdefault(sample.labels["replica"], {})[name] = sample.value
+        for sample in metric_samples(url):
+            if sample.name == "pdserve_replica_stats_timestamp_seconds":
+                taken = max(taken, sample.value)
+            for name, counter in STEP_COUNTERS.items():
+                if sample.name == counter:  # one series per ingress replica, each a copy: any one will do
+                    found.setdefault(sample.labels["replica"], {})[name] = sample.value
         complete = {r: c for r, c in found.items() if c.keys() == STEP_COUNTERS.keys()}
         if taken >= since and complete and (replicas is None or replicas <= complete.keys()):
             return complete if replicas is None else {r: complete[r] for r in replicas}
@@ -366,16 +364,20 @@ def engine_steps(
 
 def router_decisions(url: str) -> dict[str, int]:
     """The ingress router's routing decisions so far, by mode, from /metrics (`url` ends in /v1)."""
+    counts: dict[str, int] = {}
+    for sample in metric_samples(url):
+        if sample.name == "pdserve_router_decisions_total":
+            mode = sample.labels["mode"]
+            counts[mode] = counts.get(mode, 0) + int(sample.value)
+    return counts
+
+
+def metric_samples(url: str) -> Iterator[MetricSample]:
+    """Every sample the server's /metrics shows now (`url` ends in /v1)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(f"{url.removesuffix('/v1')}/metrics", timeout=30).text
-    counts: dict[str, int] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "pdserve_router_decisions_total":
-                mode = sample.labels["mode"]
-                counts[mode] = counts.get(mode, 0) + int(sample.value)
-    return counts
+    for family in text_string_to_metric_families(httpx.get(f"{url.removesuffix('/v1')}/metrics", timeout=30).text):
+        yield from family.samples
 
 
 def measured(
