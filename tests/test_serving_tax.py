@@ -246,3 +246,43 @@ def test_both_load_clients_read_a_stream_alike_and_refuse_a_short_one(body: byte
 
     with pytest.raises(RuntimeError, match="HTTP 429"):
         asyncio.run(refused())
+
+
+def test_each_load_client_sends_its_own_prompts_in_an_order_alternating_by_round(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With two clients, the second measurement of a server would hit the prefix cache the first filled if they
+    sent the same prompts (it read 245 tok/s against 137); so each client gets its own, pdserve's and the peers'
+    alike, and the clients swap places every round (the first measurement after a deploy may pay for it)."""
+    sys.path.insert(0, str(ROOT / "load_tests"))
+    import serving_tax
+
+    sent: list[tuple[str, str, list[list[int]]]] = []  # (system, client, prompts)
+
+    def result(name: str, prompts: list[list[int]]) -> object:
+        samples = [serving_tax.Sample(0.1, 0.01, 4) for _ in prompts]
+        return serving_tax.Result(name, samples, 1.0, {"engine": 0.1, "client": 0.1, "rest": 0.0})
+
+    def measured(name, url, model, prompts, max_tokens, app, client="raw"):  # type: ignore[no-untyped-def]
+        sent.append((name, client, prompts))
+        return result(name, prompts)
+
+    def serve_systems(args, front, path, dtype, prompts):  # type: ignore[no-untyped-def]
+        return [measured(f"pdserve{serving_tax.CLIENTS[c]}", "u", "m", p, 4, None, c) for c, p in prompts.items()]
+
+    monkeypatch.setattr(serving_tax, "measured", measured)
+    monkeypatch.setattr(serving_tax, "serve_systems", serve_systems)
+    monkeypatch.setattr(serving_tax, "engine_alone", lambda path, dtype, prompts, n, t: result("engine", prompts))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    argv = ["serving_tax.py", "--tiny", "--num-requests", "2", "--prompt-len", "8", "--output-len", "4",
+            "--rounds", "2", "--client", "raw", "--client", "openai", "--peer", "v=http://h:9/v1"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    serving_tax.main()
+
+    assert [client for _, client, _ in sent] == ["raw", "openai"] * 2 + ["openai", "raw"] * 2
+    for round_ in (sent[:4], sent[4:]):
+        by_client = {client: prompts for _, client, prompts in round_}
+        assert by_client["raw"] != by_client["openai"]
+        for name, client, prompts in round_:  # pdserve and the peer: the same prompts for the same client
+            assert prompts == by_client[client], name
+    assert not {tuple(p) for _, _, ps in sent[:4] for p in ps} & {tuple(p) for _, _, ps in sent[4:] for p in ps}
