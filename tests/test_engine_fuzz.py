@@ -2,9 +2,10 @@
 schedules — arrivals at random steps, prompt lengths from 1 token, shared prefixes and exact repeats (across three
 tenants whose cache salts keep their prefix-cache blocks apart: no admission may hit another tenant's), random chunk
 budgets and block sizes, both prefill orders (fcfs, shortest_prefill_first), pools small enough to preempt, aborts
-at random steps, and the disaggregated split (prefill on one engine, reserve/commit on another) mixed into both
-engines' batches; half the schedules on the native attention kernels, half on SDPA. Every surviving request must
-be token-exact (oracle.py), and afterwards no engine holds a block.
+at random steps, stop tokens with `min_tokens` (chosen where the greedy output stays the reference's), and the
+disaggregated split (prefill on one engine, reserve/commit on another) mixed into both engines' batches; half the
+schedules on the native attention kernels, half on SDPA. Every surviving request must be token-exact (oracle.py),
+and afterwards no engine holds a block.
 
 A failure prints its seed: `FUZZ_SEEDS=<seed> pytest tests/test_engine_fuzz.py` replays exactly that schedule.
 """
@@ -19,7 +20,15 @@ from pathlib import Path
 import pytest
 
 from handoff import copy_missing_blocks
-from oracle import Reference, assert_matches, greedy, load_reference_model, random_prompts, reference_greedy
+from oracle import (
+    NEAR_TIE,
+    Reference,
+    assert_matches,
+    greedy,
+    load_reference_model,
+    random_prompts,
+    reference_greedy,
+)
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine import EngineRequest, LLMEngine, RequestOutput, native
 from pdserve.engine.scheduler import SchedulerOutput
@@ -58,6 +67,7 @@ class _Live:
     request: EngineRequest
     prompt_index: int
     mode: str  # "p" (colocated on P), "d" (colocated on D) or "split" (prefill on P, decode on D)
+    expect: int  # output tokens: max_tokens, or up to a stop token the reference reaches
     tokens: list[int] = field(default_factory=list)
     hits: list[int] = field(default_factory=list)  # prefix-cache hits reported at admission (P's, D's)
     is_done: bool = False
@@ -140,7 +150,7 @@ class _Schedule:
                 continue
             assert live.is_done, f"seed {seed}: {live.request.request_id} never finished"
             ref = self.corpus.references[live.prompt_index]
-            n = live.request.sampling.max_tokens
+            n = live.expect
             label = f"seed {seed} {live.request.request_id} ({live.mode}, {len(live.request.prompt_token_ids)} tokens)"
             assert_matches(Reference(ref.token_ids[:n], ref.top2_gaps[:n]), live.tokens, label)
             num_checked += 1
@@ -177,16 +187,37 @@ class _Schedule:
     def _arrive(self, request_id: str) -> None:
         rng = self.rng
         index = rng.randrange(len(self.corpus.prompts))
-        params = greedy(rng.randint(1, MAX_TOKENS))
+        max_tokens = rng.randint(1, MAX_TOKENS)
+        stopping, expect = self._stopping(self.corpus.references[index], max_tokens)
+        params = greedy(max_tokens, **stopping)
         salt = rng.choice([None, None, "tenant-a", "tenant-b"])  # tenants must never share prefix-cache blocks
         request = EngineRequest(request_id, tuple(self.corpus.prompts[index]), params, cache_salt=salt)
-        live = self.live[request_id] = _Live(request, index, rng.choice(["p", "d", "split", "split"]))
+        live = self.live[request_id] = _Live(request, index, rng.choice(["p", "d", "split", "split"]), expect)
         if live.mode == "p":
             self.p.add_request(request)
         elif live.mode == "d":
             self.d.add_request(request)
         else:
             self.waiting_reservation.append(live)
+
+    def _stopping(self, reference: Reference, max_tokens: int) -> tuple[dict[str, object], int]:
+        """Sometimes stop tokens with a `min_tokens`, chosen so the greedy output stays the reference's: a token of
+        the reference's output (it ends at its first occurrence, the last token; `min_tokens` up to that position,
+        where masking it never hid the argmax), or one it never reaches (it runs to `max_tokens`) — both only before
+        any near-tie, where the engine may take the other branch. Returns the sampling fields and the output's
+        length."""
+        rng = self.rng
+        tokens = reference.token_ids[:max_tokens]
+        clean = next((i for i, gap in enumerate(reference.top2_gaps[:max_tokens]) if gap < NEAR_TIE), max_tokens)
+        draw = rng.random()
+        if draw < 0.2 and clean > 0:
+            stop = tokens.index(tokens[rng.randrange(clean)])
+            return {"stop_token_ids": (tokens[stop],), "min_tokens": rng.randint(0, stop)}, stop + 1
+        if draw < 0.3 and clean == max_tokens:
+            never = [t for ref in self.corpus.references for t in ref.token_ids if t not in tokens]
+            if never:
+                return {"stop_token_ids": (rng.choice(never),), "min_tokens": rng.randint(0, max_tokens)}, max_tokens
+        return {}, max_tokens
 
     def _retry_reservations(self) -> None:
         for live in list(self.waiting_reservation):
@@ -243,20 +274,23 @@ def _seeds() -> list[int]:
 
 def test_random_schedules_are_token_exact_and_leak_nothing(corpus: tuple[Path, Corpus]) -> None:
     path, prompts = corpus
-    num_checked = num_preemptions = num_aborted = 0
+    num_checked = num_preemptions = num_aborted = num_stopped = 0
     for seed in _seeds():
         schedule = _Schedule(path, prompts, seed)
         schedule.run()
         num_checked += schedule.check(seed)
         num_preemptions += schedule.p.num_preemptions + schedule.d.num_preemptions
         num_aborted += sum(live.is_aborted for live in schedule.live.values())
+        num_stopped += sum(
+            live.expect < live.request.sampling.max_tokens and not live.is_aborted for live in schedule.live.values()
+        )
     print(
         f"{num_checked} requests token-exact over {len(_seeds())} schedules; "
-        f"{num_preemptions} preemptions, {num_aborted} aborts"
+        f"{num_preemptions} preemptions, {num_aborted} aborts, {num_stopped} ended by a stop token"
     )
     assert num_checked >= 0.7 * len(_seeds()) * REQUESTS_PER_SCHEDULE
     if len(_seeds()) >= 16:  # the schedules really exercise preemption and aborts
-        assert num_preemptions > 0 and num_aborted > 0
+        assert num_preemptions > 0 and num_aborted > 0 and num_stopped > 0
 
 
 def test_one_token_chunk_beside_a_longer_one(tiny_models: dict[str, Path]) -> None:
