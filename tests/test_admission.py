@@ -5,6 +5,7 @@ Retry-After, never a 500 or a hang, both modes alike, and nothing left held afte
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from oracle import HTTP_MAX_TOKENS
+from oracle import HTTP_MAX_TOKENS, random_prompts
 from pdserve.router.admission import Admission
 from serving import Served, deploy, shared_serve
 from test_storm import _assert_idle, _mixed_prompts
@@ -32,6 +33,21 @@ def test_the_budget_counts_prompts_until_their_first_token() -> None:
     assert (admission.num_queued_tokens, admission.num_queued) == (0, 0)
     assert admission.admit("huge", 10_000)  # alone, a prompt over the whole budget still gets in (never starves)
     assert not admission.admit("next", 1)
+    # A further choice of an admitted request (n > 1) is counted, never refused; refused ones changed nothing.
+    assert admission.admit("huge-1", 5, is_part_of_admitted=True) and admission.num_queued_tokens == 10_005
+    assert admission.counters.num_refused == 2
+
+
+def test_further_choices_share_the_first_ones_prompt() -> None:
+    from pdserve.api.backend import GenerationRequest
+    from pdserve.api.choices import choice_requests
+
+    request = GenerationRequest("cmpl-1", [5, 6], 4, 0.0, 1.0, 0, 7, [], False, 0, False)
+    requests = choice_requests(request, 3)
+    assert [r.shares_prompt_of for r in requests] == [None, "cmpl-1-0", "cmpl-1-0"]
+    assert [r.request_id for r in requests] == ["cmpl-1-0", "cmpl-1-1", "cmpl-1-2"]
+    assert [r.seed for r in requests] == [7, 8, 9]
+    assert choice_requests(request, 1)[0].shares_prompt_of is None
 
 
 def test_the_ingress_replicas_split_the_pools_budget() -> None:
@@ -89,3 +105,34 @@ def test_a_burst_far_above_capacity_gets_200_or_429(apps: dict[str, Served], ora
     assert all(body["usage"]["completion_tokens"] == HTTP_MAX_TOKENS for _, body in served_ok)
     print(f"{mode}: {len(served_ok)} served exactly, {len(refused)} refused with 429 out of {len(prompts)}")
     _assert_idle(served, f"{mode} after the burst", timeout_s=10)
+
+
+@pytest.mark.parametrize("mode", ["colocated", "1p1d"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_choices_of_a_prompt_the_budget_holds_once_are_served(
+    apps: dict[str, Served],
+    oracle,
+    mode: str,
+    stream: bool,  # type: ignore[no-untyped-def]
+) -> None:
+    """n = 4 on a 150-token prompt against a 400-token budget on an idle server: the further 3 choices start at
+    choice 0's first token, and were each charged the whole prompt (450 > 400): the third refused, a 429 (or, streamed,
+    an error event after choice 0's tokens) for a request the server had taken. They share choice 0's cached
+    prompt: part of the admitted request, never refused."""
+    served = apps[mode]
+    prompt = random_prompts([150], 512, seed=61)[0]
+    body = {"model": "tiny", "prompt": prompt, "n": 4, "max_tokens": HTTP_MAX_TOKENS, "temperature": 0,
+            "ignore_eos": True, "stream": stream}  # fmt: skip
+    response = httpx.post(f"{served.base_url}/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    if stream:
+        events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events[-3:]
+        texts = [""] * 4
+        for event in events[:-1]:
+            for choice in json.loads(event)["choices"]:
+                texts[choice["index"]] += choice["text"]
+    else:
+        texts = [choice["text"] for choice in sorted(response.json()["choices"], key=lambda c: c["index"])]
+    assert texts == [oracle(prompt)] * 4  # greedy: every choice the same exact text
+    _assert_idle(served, f"{mode} after n = 4", timeout_s=10)

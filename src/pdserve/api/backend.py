@@ -45,6 +45,10 @@ class GenerationRequest:
     repetition_penalty: float = 1.0
     cache_salt: str | None = None  # tenants that must not share prefix-cache blocks
     traceparent: str | None = None  # W3C trace context of the HTTP request, carried across every hop
+    # A further choice of an n > 1 request: choice 0's request id. It starts after choice 0's first token, when its
+    # prompt's blocks are cached, and belongs to a request already admitted: the backend must not refuse it for
+    # capacity (charged n times the prompt, a request the server took would fail on its own choices).
+    shares_prompt_of: str | None = None
     # time.perf_counter() when the API took the request (TTFT counts from it: a choice of n > 1 starts after the
     # first choice's first token, yet its client waited from the start); None: from the backend's call
     arrived_at: float | None = field(default=None, compare=False)

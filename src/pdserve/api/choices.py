@@ -25,9 +25,13 @@ def choice_requests(request: GenerationRequest, n: int) -> list[GenerationReques
     """The backend requests of n choices: distinct ids, and seed + i when seeded."""
     if n == 1:
         return [request]
+    first = f"{request.request_id}-0"
     return [
         replace(
-            request, request_id=f"{request.request_id}-{i}", seed=None if request.seed is None else request.seed + i
+            request,
+            request_id=f"{request.request_id}-{i}",
+            seed=None if request.seed is None else request.seed + i,
+            shares_prompt_of=first if i > 0 else None,
         )
         for i in range(n)
     ]

@@ -25,9 +25,15 @@ class Admission:
         self._queued: dict[str, int] = {}  # request id -> its prompt tokens, until its first token
         self.counters = AdmissionCounters()
 
-    def admit(self, request_id: str, num_prompt_tokens: int) -> bool:
-        """Admit the request (its tokens count against the budget) or refuse it; refusing changes nothing."""
-        is_room = self.num_queued_tokens + num_prompt_tokens <= self.max_queued_tokens or not self._queued
+    def admit(self, request_id: str, num_prompt_tokens: int, is_part_of_admitted: bool = False) -> bool:
+        """Admit the request (its tokens count against the budget) or refuse it; refusing changes nothing.
+        `is_part_of_admitted`: it belongs to a request admitted earlier (a further choice of n > 1): counted, never
+        refused."""
+        is_room = (
+            is_part_of_admitted
+            or self.num_queued_tokens + num_prompt_tokens <= self.max_queued_tokens
+            or not self._queued
+        )
         if not is_room:
             self.counters.num_refused += 1
             return False

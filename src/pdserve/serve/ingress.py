@@ -102,7 +102,7 @@ class Ingress:
         replica or Ray raised reaches the API as InvalidRequest, CapacityError or a generic ServerError."""
         try:
             engine_request = to_engine_request(request)
-            self._admit(engine_request)
+            self._admit(engine_request, is_further_choice=request.shares_prompt_of is not None)
             abandoned: list[asyncio.Task[Any]] = []  # a handoff its client left, still running on a prefill replica
             try:  # from admission on, whatever happens ends its count and the router's
                 start = request.arrived_at if request.arrived_at is not None else time.perf_counter()
@@ -153,9 +153,15 @@ class Ingress:
         if self.router is not None:
             self.router.router.finish(request_id)
 
-    def _admit(self, request: EngineRequest) -> None:
-        """CapacityError (429 + Retry-After) when the pool's prompt-token budget is spent; nothing is allocated."""
-        if not self.admission.admit(request.request_id, len(request.prompt_token_ids)):
+    def _admit(self, request: EngineRequest, is_further_choice: bool = False) -> None:
+        """CapacityError (429 + Retry-After) when the pool's prompt-token budget is spent; nothing is allocated.
+        A further choice of an n > 1 request is part of one admitted already, and computes only its prompt's last
+        block (the rest is choice 0's, in the prefix cache): it counts that much, and is never refused."""
+        num_tokens = len(request.prompt_token_ids)
+        if is_further_choice:
+            block = self.config.block_size
+            num_tokens -= block * ((num_tokens - 1) // block)
+        if not self.admission.admit(request.request_id, num_tokens, is_part_of_admitted=is_further_choice):
             raise CapacityError("the server is at capacity; retry shortly", retry_after_s=1.0)
 
     def _route(self, request: EngineRequest) -> RouteDecision | None:
