@@ -677,6 +677,60 @@ def test_a_handoff_its_client_left_is_handed_back_until_it_ends(
     asyncio.run(main())
 
 
+def test_a_prefill_that_fails_after_its_client_left_is_not_retried(
+    serve_config: ServeConfig, tiny_models: dict[str, Path]
+) -> None:
+    """The client leaves while the prefill runs, then the prefill fails on its own: nobody waits for a retry's
+    tokens, so none is sent (it was: a second prefill computed on another replica for nobody, holding D's
+    reservation and the request's admission share meanwhile; found in review). The reservation is freed."""
+    from pdserve.serve.failover import counters
+
+    async def main() -> None:
+        cluster = Cluster(serve_config, str(tiny_models["llama"]))
+        for role in ("prefill", "prefill", "decode"):
+            cluster.add(role)
+        started = asyncio.Event()
+        asked: list[str] = []
+
+        async def failing_prefill(request: EngineRequest, *args: Any, **kwargs: Any) -> Any:
+            asked.append(request.request_id)
+            started.set()
+            await asyncio.sleep(0.3)
+            raise RuntimeError("the prefill replica failed")
+
+        for replica in cluster.pools["prefill"]:
+            replica.server.prefill = failing_prefill
+        retries = counters.prefill_retries
+        try:
+            abandoned: list[asyncio.Task[Any]] = []
+            outputs = handoff.disaggregated_generate(
+                EngineRequest("r", tuple(range(5, 30)), greedy(6)), Handle(cluster, "prefill"),
+                Handle(cluster, "decode"), None, abandoned=abandoned,
+            )  # fmt: skip
+
+            async def consume() -> None:
+                async with aclosing(outputs):
+                    async for _ in outputs:
+                        pass
+
+            client = asyncio.ensure_future(consume())
+            await asyncio.wait_for(started.wait(), 5)
+            client.cancel()  # the client leaves before its first token, while the prefill runs
+            with pytest.raises(asyncio.CancelledError):
+                await client
+            [running] = abandoned
+            with pytest.raises(handoff.ClientGone):
+                await asyncio.wait_for(asyncio.shield(running), 10)
+            assert asked == ["r"] and counters.prefill_retries == retries, asked
+            await _settle(0, cluster, None)  # the reservation freed on D
+        finally:
+            for replica in cluster.pools["prefill"]:
+                del replica.server.prefill
+            cluster.close()
+
+    asyncio.run(main())
+
+
 async def _routed(
     config: ServeConfig, model: Path, roles: tuple[str, ...]
 ) -> tuple[Cluster, Handle, Handle, ingress_router.IngressRouter]:
@@ -930,3 +984,25 @@ def test_a_replica_span_ends_when_its_call_closes_right_after_the_channels_strea
             cluster.close()
 
     asyncio.run(main())
+
+
+def test_a_client_gone_during_a_reserve_backoff_stops_the_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No decode replica had room; the client leaves while the handoff backs off: no further round of reserve calls
+    goes out (one did, up to three pinned calls of up to 30 s each; found in review)."""
+    rounds: list[int] = []
+
+    async def no_room(*args: Any, **kwargs: Any) -> None:
+        rounds.append(len(rounds))
+
+    monkeypatch.setattr(handoff, "_reserve", no_room)
+    monkeypatch.setattr(handoff, "_FIRST_BACKOFF_S", 0.3)
+
+    async def main() -> None:
+        gone = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.1, gone.set)  # during the first backoff
+        request = EngineRequest("r", (5, 6, 7), greedy(2))
+        with pytest.raises(handoff.ClientGone):
+            await handoff._reserve_within(request, None, None, 10.0, gone)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    assert rounds == [0]

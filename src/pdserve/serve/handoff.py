@@ -236,7 +236,7 @@ async def _reserve_and_prefill(
 ) -> tuple[Reservation, PrefillResult]:
     """Reserve on D, prefill on P into the reservation. On failure, D's reservation is freed (or fenced) here, and
     a server fault raises PrefillFailed (the caller falls back to D). A client gone before the prefill starts stops
-    it there (its reservation freed: no writer ever saw it)."""
+    it there (its reservation freed: no writer ever saw it), and one gone before a retry stops it there."""
     reservation = await _reserve_within(request, decode, route, queue_ttl_s, client_gone)
     moved(decode_replica_id=reservation.replica_id)
     pinned = {"target_replica_id": reservation.replica_id}
@@ -245,12 +245,13 @@ async def _reserve_and_prefill(
         raise ClientGone(request.request_id)
     try:
         result = await _prefill_with_retry(
-            request, prefill, decode, route, reservation, prefill_timeout_s, writer, moved, failed_prefills
+            request, prefill, decode, route, reservation, prefill_timeout_s, writer, moved, failed_prefills, client_gone
         )
     except BaseException as e:
         # P stopped writing if its method raised or it died; a layer its push already sent may still land through
         # D's receiver, so the blocks wait a grace period. If the call was lost instead, they wait out the lease.
-        writer.abandon(e)
+        if not isinstance(e, ClientGone):  # (raised before a retry: the failed attempt is the writer's already)
+            writer.abandon(e)
         _spawn(_abort(decode, request.request_id, pinned, **writer.fence()))
         if is_server_fault(e) and not client_gone.is_set():
             raise PrefillFailed(request.request_id, reservation.replica_id) from e
@@ -268,9 +269,11 @@ async def _prefill_with_retry(
     writer: _Writers,
     moved: Callable[..., None],
     failed_prefills: set[str],
+    client_gone: asyncio.Event,
 ) -> PrefillResult:
     """Prefill on the chosen replica; if it fails for a reason of its own (died, wedged, a failed transfer, no
-    answer within `timeout_s`), once more on the next-best prefill replica (prefill is idempotent: a retry writes
+    answer within `timeout_s`) and the client still waits (else ClientGone), once more on the next-best prefill
+    replica (prefill is idempotent: a retry writes
     the same KV under the same epoch into the same reserved blocks; the transfer is named by the reservation, so the
     retry's engine id may differ). A client error is not retried. `writer` learns what the first attempt may still
     write: it is not waited for, so whatever frees the reservation's blocks later must fence them.
@@ -288,6 +291,8 @@ async def _prefill_with_retry(
         if first is not None and is_own_fault(e):
             failed_prefills.add(first)
         writer.abandon(e)
+        if client_gone.is_set():  # nobody waits for the retry's tokens
+            raise ClientGone(request.request_id) from e
         logger.warning("prefill of %s failed on %s (%r); retrying once elsewhere", request.request_id, first, e)
     counters.prefill_retries += 1
     # Under an engine id of its own: the first attempt may still be ending on the same replica (Serve's pick, or the
@@ -393,6 +398,8 @@ async def _reserve_within(
         if time.monotonic() + backoff_s > deadline:
             raise CapacityError("no decode replica has had room for this request; retry later", retry_after_s=1.0)
         await asyncio.sleep(backoff_s)
+        if client_gone.is_set():  # gone during the backoff: no more rounds of reserve calls
+            raise ClientGone(request.request_id)
         backoff_s = min(2 * backoff_s, _MAX_BACKOFF_S)
         number += 1
     return reservation
