@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
 import math
 import random
 from collections import deque
@@ -732,7 +733,7 @@ def test_a_shared_cap_splits_replicas_by_need() -> None:
         "prefill": PoolDecision("prefill", 6, 9, 12, "x"),
         "decode": PoolDecision("decode", 4, 6, 6, "y"),
     }
-    capped = planner._cap(decisions)
+    capped = planner._cap(decisions, 0.0)
     assert capped["prefill"].target + capped["decode"].target == 10
     # prefill can use 9 of its 12: 1 + 8 * 8/13 = 5.9, 1 + 8 * 5/13 = 4.1
     assert (capped["prefill"].target, capped["decode"].target) == (6, 4)
@@ -744,7 +745,7 @@ def test_a_shared_cap_shares_by_what_each_pool_can_use() -> None:
     8, decode 3), leaving a replica of the cap unused while decode was short."""
     cfg = dataclasses.replace(config(), max_total_replicas=12, prefill=PoolBounds(1, 8), decode=PoolBounds(1, 8))
     decisions = {"prefill": PoolDecision("prefill", 8, 8, 40, "x"), "decode": PoolDecision("decode", 3, 8, 8, "y")}
-    capped = Planner(cfg)._cap(decisions)
+    capped = Planner(cfg)._cap(decisions, 0.0)
     assert (capped["prefill"].target, capped["decode"].target) == (6, 6)
 
 
@@ -844,3 +845,35 @@ def test_the_decode_scale_down_check_keeps_the_observed_base_step() -> None:
     demand = DecodeDemand(400 / 128, 128.0, 16.0, 16.0, 0.0, observed_step_s=0.042)
     assert planner._needed("decode", demand, 1.3, 1e9)[0] == 2
     assert planner._needed("decode", demand, 1.0, 1e9)[0] == 1
+
+
+def test_a_pool_at_min_zero_reaches_zero_with_smoothed_demand() -> None:
+    """The smoothed demand only decays toward 0 once the load stops (0.5 per tick reaches 0.0 after ~1075 ticks):
+    a pool with min_replicas 0 kept one replica for ~36 minutes. Idle (nothing arrived, nothing queued) is read
+    from the newest interval, so the pool reaches 0 after the usual stability window and cool-down."""
+    cfg = dataclasses.replace(PlannerConfig(), prefill=PoolBounds(0, 8), decode=PoolBounds(1, 8))
+    assert cfg.demand_smoothing < 1
+    cluster = FakeCluster(cfg, num_prefill=2)
+    cluster.run(60.0, 3000.0)
+    idle_from = cluster.now_s
+    cluster.run(300.0, 0.0)
+    after = [(t, n) for t, n in cluster.changes("prefill") if t >= idle_from]
+    assert after and after[-1][1] == 0, after
+    assert after[-1][0] - idle_from <= cfg.downscale_stable_s + 2 * cfg.downscale_cooldown_s + 10, after
+    assert len(cluster.replicas["prefill"]) == 0
+
+
+def test_a_shared_cap_does_not_move_a_replica_back_and_forth() -> None:
+    """Both pools under one cap (5), their needs alternating every 12 s between 3 + 2 and 2 + 3: a replica moved
+    from one pool to the other at every change of need (59 moves each way in 12 minutes; each a drain and a cold
+    start). A pool that just grew keeps its replica for downscale_cooldown_s, as from its own scale-down."""
+    cfg = config(max_total_replicas=5)
+    cluster = FakeCluster(cfg, num_prefill=3, num_decode=2)
+    for _ in range(30):  # 2900 x 0.8 tok/s per prefill replica: 5000 -> 3, 3000 -> 2; decode 8 req/s -> 2, 12 -> 3
+        cluster.run(12.0, 5000.0, 8.0)
+        cluster.run(12.0, 3000.0, 12.0)
+    for pool in ("prefill", "decode"):
+        times = [t for t, _ in cluster.changes(pool)]
+        assert all(b - a >= cfg.downscale_cooldown_s for a, b in itertools.pairwise(times)), (pool, times)
+        assert len(times) <= 12 * 60 / cfg.downscale_cooldown_s + 1, (pool, times)
+    assert all(sum(d.target for d in decisions.values()) <= 5 for _, decisions in cluster.history)

@@ -37,6 +37,9 @@ class PrefillDemand:
     tokens_per_s: float  # prompt tokens to compute per second (cache hits excluded)
     mean_prompt_tokens: float  # per request, computed part
     queued_tokens: float  # backlog now, across the pool
+    # Nothing arrived in the newest interval and nothing waits: `tokens_per_s`, smoothed, only decays toward 0 and
+    # would keep a pool with min_replicas 0 at one replica for over half an hour (found in review).
+    is_idle: bool = False
 
 
 def prefill_ttft_p90(n: int, demand: PrefillDemand, tokens_per_s: float, overhead_s: float = 0.0) -> float:
@@ -90,6 +93,7 @@ class DecodeDemand:
     kv_blocks_used: float = 0.0  # now, across the pool, reservations included
     kv_refused: bool = False  # reservations were refused for lack of room in the last interval
     observed_step_s: float | None = None  # the pool's mean step time now (local prefill chunks included)
+    is_idle: bool = False  # nothing joined in the newest interval, nothing runs or waits (as PrefillDemand's)
 
 
 class StepTimeFit:

@@ -199,12 +199,15 @@ class Planner:
                 self._predict(pool, demand, max(current.get(pool, 1), 1))
             meant = targets.get(pool) if targets is not None else None
             decisions[pool] = self._decide(pool, now_s, current.get(pool, 0), meant, need, demand, blocks)
-        return self._cap(decisions)
+        return self._cap(decisions, now_s)
 
-    def _cap(self, decisions: dict[str, PoolDecision]) -> dict[str, PoolDecision]:
+    def _cap(self, decisions: dict[str, PoolDecision], now_s: float) -> dict[str, PoolDecision]:
         """With `max_total_replicas`, targets beyond it are split in proportion to what each pool needs (each at
-        least its minimum): a replica moves from the pool with room to spare to the one short of it at once."""
-        cap = self.config.max_total_replicas
+        least its minimum): a replica moves from the pool with room to spare to the one short of it at once — unless
+        that pool itself grew within `downscale_cooldown_s`, which keeps it as it would from its own scale-down. A
+        cut counts as a scale-down (cool-downs start). Without both, pools whose needs alternated moved a replica
+        back and forth every tick or two (each move a drain and a cold start; found in review)."""
+        cap, cool_s = self.config.max_total_replicas, self.config.downscale_cooldown_s
         if cap is None or sum(d.target for d in decisions.values()) <= cap:
             return decisions
         floors = {pool: self.config.bounds(pool).min_replicas for pool in POOLS}
@@ -218,11 +221,25 @@ class Planner:
         for pool in sorted(POOLS, key=lambda p: shares[p] - int(shares[p]), reverse=True):
             if sum(given.values()) < cap and given[pool] < wants[pool]:
                 given[pool] += 1
+        # A pool that grew within downscale_cooldown_s keeps what it got (as it would keep it from its own
+        # scale-down): the other pool waits for room instead of taking it back at once.
+        kept = [
+            pool for pool in POOLS
+            if decisions[pool].target > given[pool] and 0 < now_s - self._pools[pool].last_up_s < cool_s
+        ]  # fmt: skip
+        for pool in kept:
+            others = [p for p in POOLS if p != pool]
+            room_left = cap - decisions[pool].target - sum(given[p] for p in others)
+            if room_left >= 0 or all(given[p] + room_left >= floors[p] for p in others):  # two pools: one other
+                given[pool] = decisions[pool].target
+                for other in others:
+                    given[other] = min(given[other], max(floors[other], cap - decisions[pool].target))
         out = {}
         for pool, d in decisions.items():
             target = min(d.target, given[pool]) if d.target > given[pool] else d.target
             if target != d.target:
-                self._pools[pool].target = target
+                state = self._pools[pool]
+                state.target, state.last_down_s, state.below_since_s = target, now_s, None
                 d = PoolDecision(pool, d.current, target, d.needed, f"{d.reason}; capped at {target} of {cap} in all")
             out[pool] = d
         return out
@@ -280,7 +297,8 @@ class Planner:
         # prompt and a long cached prefix not a slower one.
         if requests > 0 and tokens > 0:
             self.estimates.blend("prompt_tokens", tokens / requests, self.config.smoothing)
-        return PrefillDemand(self._smoothed("prefill", tokens), self.estimates.prompt_tokens, queued)
+        is_idle = tokens <= 0 and queued <= 0
+        return PrefillDemand(self._smoothed("prefill", tokens), self.estimates.prompt_tokens, queued, is_idle)
 
     def _smoothed(self, name: str, value: float) -> float:
         w = self.config.demand_smoothing
@@ -304,6 +322,7 @@ class Planner:
         requests = self._smoothed("decode", max(own, prefilled))
         running = sum(s.num_running for s in replicas.values())
         waiting = sum(s.num_waiting for s in replicas.values())
+        is_idle = max(own, prefilled) <= 0 and running <= 0 and waiting <= 0
         steps = [(r.step_s, r.busy_fraction) for r in rates.values() if r.step_s is not None]
         observed = (
             sum(t * b for t, b in steps) / sum(b for _, b in steps) if steps and any(b for _, b in steps) else None
@@ -313,7 +332,7 @@ class Planner:
             requests, est.output_tokens, est.blocks_per_seq, running, waiting,
             kv_blocks_used=sum(s.kv_blocks_used for s in replicas.values()),
             kv_refused=any(r.reserves_refused_per_s > 0 for r in rates.values()),
-            observed_step_s=observed,
+            observed_step_s=observed, is_idle=is_idle,
         )  # fmt: skip
 
     # ---- the models ----------------------------------------------------------------------------------------
@@ -322,7 +341,7 @@ class Planner:
         """Replicas the pool needs for `scale` times the demand, and why (one line)."""
         cfg = self.config
         if isinstance(demand, PrefillDemand):
-            if demand.tokens_per_s <= 0 and demand.queued_tokens <= 0:
+            if demand.is_idle or (demand.tokens_per_s <= 0 and demand.queued_tokens <= 0):
                 return 0, "idle"
             scaled = PrefillDemand(demand.tokens_per_s * scale, demand.mean_prompt_tokens, demand.queued_tokens)
             mu = self.estimates.prefill_tokens_per_s
@@ -333,7 +352,7 @@ class Planner:
                 f"{bound}: {demand.tokens_per_s:.0f} prompt tok/s, {demand.queued_tokens:.0f} queued, "
                 f"{mu:.0f} tok/s per replica"
             )
-        if demand.requests_per_s <= 0 and demand.num_running <= 0 and demand.num_waiting <= 0:
+        if demand.is_idle or (demand.requests_per_s <= 0 and demand.num_running <= 0 and demand.num_waiting <= 0):
             return 0, "idle"
         scaled_d = dataclasses.replace(
             demand,
