@@ -231,6 +231,46 @@ def test_a_dead_engine_thread_fails_every_caller(tiny_models: dict[str, Path]) -
     asyncio.run(main())
 
 
+def test_a_shut_down_engine_fails_its_streams_and_every_later_call(tiny_models: dict[str, Path]) -> None:
+    """After shutdown() an open stream and later calls got nothing, ever (the thread just ended), and the health
+    check said healthy (found in review): they fail with EngineDeadError, and so does the check."""
+
+    async def main() -> None:
+        engine = make(tiny_models["llama"])
+        stream = engine.generate(EngineRequest("x", (5, 6, 7), greedy(ENDLESS)))
+        await anext(stream)
+        engine.shutdown()
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(_drain_all(stream), 5)
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(engine.stats(), 5)
+        with pytest.raises(EngineDeadError):
+            engine.check_health(60.0)
+
+    asyncio.run(main())
+
+
+def test_an_engine_thread_failing_before_its_build_fails_the_constructor(tiny_models: dict[str, Path]) -> None:
+    """The constructor waits for the engine thread to build the engine: a failure before the build (here torch
+    refusing the thread count) left it waiting forever (found in review)."""
+    from functools import partial
+
+    config = EngineConfig(ModelConfig(str(tiny_models["llama"]), dtype="float32"), CacheConfig(num_blocks=64))
+    outcome: list[BaseException | None] = []
+
+    def construct() -> None:
+        try:
+            AsyncEngine(partial(LLMEngine, config), num_threads=0).shutdown()
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=construct, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert outcome and isinstance(outcome[0], RuntimeError), outcome or "the constructor hangs"
+
+
 async def _drain_all(stream: AsyncIterator[RequestOutput]) -> None:
     async for _ in stream:
         pass

@@ -84,8 +84,10 @@ class AsyncEngine:
         built: list[LLMEngine | BaseException] = []
         is_built = threading.Event()
 
-        def build() -> bool:
+        def build(error: BaseException | None = None) -> bool:
             try:
+                if error is not None:  # the engine thread failed before it could build
+                    raise error
                 built.append(engine())
                 return True
             except BaseException as e:  # raised to the constructor's caller below
@@ -228,6 +230,8 @@ class AsyncEngine:
     def _ensure_started(self) -> asyncio.AbstractEventLoop:
         if self._error is not None:
             raise EngineDeadError("the engine thread has failed") from self._error
+        if self._stopped:
+            raise EngineDeadError("the engine was shut down")
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             if not self._thread.is_alive() and self._thread.ident is None:
@@ -277,15 +281,21 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def _main(self) -> None:
-        if self.num_threads is not None:
-            torch.set_num_threads(self.num_threads)
+        build: Callable[..., bool] | None = getattr(self, "_build", None)
+        try:
+            if self.num_threads is not None:
+                torch.set_num_threads(self.num_threads)
+        except BaseException as e:
+            if build is None:
+                raise
+            build(e)  # the constructor waits for the build: it raises this instead of waiting forever
+            return
         if self.cores is not None:
             self._pin_threads = native.pin_threads_op()
             if self._pin_threads is None:  # a worker would inherit the engine thread's cores: no use borrowing
                 logger.warning("lending idle cores needs the native kernels (to pin threads to cores): off")
                 self.cores.close()
                 self.cores = None
-        build: Callable[[], bool] | None = getattr(self, "_build", None)
         if build is not None and not build():
             return  # the constructor raises the build's error
         self._loop_set.wait()
@@ -312,6 +322,9 @@ class AsyncEngine:
                     self.cores.idle()
                 self._wakeup.wait(min(_IDLE_WAIT_S, max(0.0, next_reap - time.monotonic())))
                 self._wakeup.clear()
+            # Shut down: whoever still waits (a stream, a queued call) hears it, and later calls fail at once.
+            self._error = EngineDeadError("the engine was shut down")
+            self._fail_all(self._error)
         except BaseException as e:
             logger.exception("engine thread failed")
             self._error = e
@@ -403,6 +416,8 @@ class AsyncEngine:
 
     def _fail_all(self, error: BaseException) -> None:
         assert self._loop is not None
+        if self._loop.is_closed():  # nobody is left to hear it
+            return
         for stream in list(self._streams.values()):
             self._loop.call_soon_threadsafe(stream.put_nowait, EngineDeadError(str(error)))
         for future in list(self._pending):
