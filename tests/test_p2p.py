@@ -161,6 +161,31 @@ def test_the_receiver_refuses_bad_transfers_and_keeps_the_pair(receivers) -> Non
     assert sender.counters.built == 1 and rx.counters.built == 1 and rx.kv.block_epochs[40 % 16] == 0
 
 
+def test_a_deadline_spent_waiting_for_the_pair_keeps_the_pair(receivers, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A transfer whose deadline ran out while it waited for its pair (another transfer held it) fails before
+    sending anything: the pair was aborted and rebuilt on both sides (for NCCL 50-100 MB; found in review)."""
+    rx = receivers()
+    src = random_cache()
+    sender = P2PSender("m", GlooBackend())
+    sender.send(rx.endpoint, grant(rx.kv, TransferSpec(1, [0], [0], "warm")), src, 10)
+    hold = P2PSender._hold
+
+    def slow_hold(self: P2PSender, endpoint: object, deadline: object) -> object:
+        pair = hold(self, endpoint, deadline)  # type: ignore[arg-type]
+        time.sleep(max(0.0, deadline.at - time.monotonic()) + 0.01)  # type: ignore[attr-defined]
+        return pair
+
+    monkeypatch.setattr(P2PSender, "_hold", slow_hold)
+    with pytest.raises(TransferError, match="deadline passed before the request"):
+        sender.send(rx.endpoint, grant(rx.kv, TransferSpec(2, [1], [1], "late")), src, 0.2)
+    monkeypatch.setattr(P2PSender, "_hold", hold)
+    spec = grant(rx.kv, TransferSpec(3, [2], [3], "after"))
+    sender.send(rx.endpoint, spec, src, 10)
+    assert_moved(src, rx.kv, spec)
+    assert (sender.counters.built, sender.counters.aborted, rx.counters.built) == (1, 0, 1)
+    assert rx.kv.block_epochs[1] == 0
+
+
 def test_pairs_are_bounded_and_evicted_lru_on_the_sending_side(receivers) -> None:  # type: ignore[no-untyped-def]
     rxs = [receivers() for _ in range(3)]
     src = random_cache()

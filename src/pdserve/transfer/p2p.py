@@ -596,15 +596,19 @@ def _push(
     assert pair.conn is not None and pair.comm is not None
     conn, comm, layout = pair.conn, pair.comm, src.layout
     per_message = 1 if progress is not None else layout.num_layers
+    try:
+        remaining_s = deadline.remaining_s("the request")
+    except TransferError as e:  # out of time before anything was sent: the pair stays as it is (it was aborted)
+        raise _Refused(str(e)) from e
     request = {
         "epoch": spec.epoch,
         "transfer_id": spec.transfer_id,
-        "remaining_s": deadline.remaining_s("the request"),
+        "remaining_s": remaining_s,
         "dst_block_ids": list(spec.dst_block_ids),
         "layers_per_message": per_message,
     }
     try:
-        conn.settimeout(deadline.remaining_s("the request"))
+        conn.settimeout(remaining_s)
         wire.send_json(conn, request)
         is_ok = wire.read_reply(conn, deadline, "the decode replica posted its receives")
     except (OSError, TransferError) as e:
