@@ -489,6 +489,28 @@ def test_a_shared_memory_sender_unmaps_a_departed_cache_at_its_next_push() -> No
         second.close()
 
 
+def test_a_shared_memory_path_recycled_for_another_cache_is_refused_for_the_old_endpoint() -> None:
+    """A receiver's /proc/<pid>/fd path names another cache once its owner left and the descriptor number is reused
+    (here, the same process): a sender holding that cache's mapping took it for the old endpoint too, and the old
+    endpoint's block ids past the new cache's size raised IndexError, not TransferError (found in review)."""
+    big = KVCache(layout(torch.float32), shared_path=shm_path())
+    old = make_receiver("auto", big, "m", "node-a").endpoint
+    big.close()
+    small = KVCache(replace(layout(torch.float32), num_blocks=4), shared_path=shm_path())
+    rx = make_receiver("auto", small, "m", "node-a")
+    sender = SharedMemorySender("m")
+    try:
+        if rx.endpoint.shm_path != old.shm_path:
+            pytest.skip("the descriptor number was not reused")
+        sender.map(rx.endpoint)
+        with pytest.raises(TransferError, match="no longer the KV cache of that endpoint"):
+            sender.map(old)
+    finally:
+        sender.close()
+        rx.close()
+        small.close()
+
+
 _ACCEPT_AFTER_EMFILE = """
 import os, resource, socket, sys, time
 import torch

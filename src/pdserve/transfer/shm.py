@@ -89,6 +89,10 @@ class SharedMemorySender(KVSender):
             # so its memory goes back to the node (a stat per mapped cache).
             self._forget_dead()
             mapping = self._mapped.get(path)
+            if mapping is not None and mapping.cache.shared_id != endpoint.cache_id:
+                # the path was recycled for another cache (mapped for its own endpoint): the stale endpoint's ids
+                # would index a cache of another size (an IndexError, not a TransferError; found in review)
+                raise TransferError(f"{path} is no longer the KV cache of that endpoint (its owner restarted?)")
             if mapping is not None:
                 return mapping.cache
             mapping = self._mapped[path] = _open(endpoint)
