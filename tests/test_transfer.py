@@ -21,6 +21,7 @@ from pdserve.kvcache import KVCache, KVLayout
 from pdserve.transfer import (
     AutoSender,
     CudaIpcHandle,
+    FencedError,
     KVEndpoint,
     KVSender,
     LayerProgress,
@@ -548,3 +549,39 @@ def test_a_receiver_accepts_again_after_running_out_of_file_descriptors() -> Non
 
     done = subprocess.run([sys.executable, "-c", _ACCEPT_AFTER_EMFILE], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "sent True", done.stderr[-2000:]
+
+
+def test_a_tcp_transfer_its_reservation_refuses_is_refused_in_step_on_a_pooled_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The receiver refused a fenced transfer by closing the connection with its payload unread: the sender saw a
+    reset, sent the whole transfer again on a new connection, and was refused again — two fenced writes and two
+    "refused" connections counted for one, and the sender never learned why (found in review). The transfer is now
+    read to its end and refused in the reply: FencedError on the sender, one count, and the connection reused."""
+    from pdserve.transfer import tcp
+
+    kv, src = KVCache(layout(torch.float32)), KVCache(layout(torch.float32))
+    src.flat.normal_()
+    rx = TcpReceiver(kv, node_id="n", model_id="m")
+    sender = TcpSender("m")
+    connects: list[int] = []
+    connect = tcp._connect
+
+    def counted(*args: object, **kwargs: object) -> socket.socket:
+        connects.append(1)
+        return connect(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tcp, "_connect", counted)
+    try:
+        ids = list(range(4))
+        sender.send(rx.endpoint, grant(kv, TransferSpec(7, ids, ids, "ok")), src, 10)
+        with pytest.raises(FencedError, match="refused it: fenced"):
+            sender.send(rx.endpoint, TransferSpec(99, ids, [i + 4 for i in ids], "stale"), src, 10)
+        assert kv.block_epochs[4:8].tolist() == [0] * 4 and kv.k[0][4:8].abs().sum() == 0  # nothing written
+        spec = grant(kv, TransferSpec(8, ids, [i + 8 for i in ids], "after"))
+        sender.send(rx.endpoint, spec, src, 10)
+        assert kv.block_epochs[8:12].tolist() == [8] * 4
+        assert (len(connects), rx.num_fenced, rx.num_refused) == (1, 1, 0)
+    finally:
+        sender.close()
+        rx.close()

@@ -35,6 +35,7 @@ from pdserve.transfer.base import (
 )
 
 _HANDSHAKE_TIMEOUT_S = 10.0
+FENCED_REPLY = "fenced: "  # a refusal's reply starts so when the transfer's reservation no longer admitted it
 # A sender keeps at most this many idle connections per destination cache, none idle longer than _IDLE_TTL_S: the
 # receiver's connection cap (`wire.Listener.max_connections`) is shared by every prefill replica, and a departed
 # decode replica's connections must not stay open for the sender's life. A receiver closes a connection idle for
@@ -104,26 +105,49 @@ class TcpReceiver(KVReceiver):
             raise TransferError(f"a transfer must start at layer 0, not {first.layer}")
         self._check_header(first)
         # the sender's deadline, on this machine's clock
-        deadline_at = time.monotonic() + wire.peer_seconds(first.remaining_s, "the transfer's deadline")
-        raw_ids = wire.recv_bytes(conn, 8 * first.num_blocks, deadline_at)
+        sender_deadline_at = time.monotonic() + wire.peer_seconds(first.remaining_s, "the transfer's deadline")
+        raw_ids = wire.recv_bytes(conn, 8 * first.num_blocks, sender_deadline_at)
         ids = self._check_ids(raw_ids)
-        deadline_at = min(deadline_at, self._fence(ids, first.epoch, "the transfer"))
+        # A transfer its reservation no longer admits (`fenced`) is read to its end and thrown away, then refused
+        # in the reply: the connection stays in step for the next transfer, and the sender learns why (it saw a
+        # reset connection, retried the whole transfer on a new one, and was refused again; found in review).
+        fenced: FencedError | None = None
+        deadline_at = sender_deadline_at
+        try:
+            deadline_at = min(deadline_at, self._fence(ids, first.epoch, "the transfer"))
+        except FencedError as e:
+            fenced = e
         write = _block_writer(conn, ids, deadline_at)
         if write is None:  # short runs: receive each payload whole, then scatter it in one indexed copy
             scratch = scratch if scratch.numel() >= first.num_payload_bytes else _empty(first.num_payload_bytes)
             write = _scattering_writer(conn, ids, scratch[: first.num_payload_bytes], deadline_at)
         for layer in range(self.kv.layout.num_layers):
             if layer > 0:
-                header = wire.LayerHeader._make(wire.LAYER.unpack(wire.recv_bytes(conn, wire.LAYER.size, deadline_at)))
+                at = deadline_at if fenced is None else sender_deadline_at
+                header = wire.LayerHeader._make(wire.LAYER.unpack(wire.recv_bytes(conn, wire.LAYER.size, at)))
                 is_same = header._replace(remaining_s=0) == first._replace(remaining_s=0, layer=layer)
-                if not is_same or wire.recv_bytes(conn, len(raw_ids), deadline_at) != raw_ids:
+                if not is_same or wire.recv_bytes(conn, len(raw_ids), at) != raw_ids:
                     raise TransferError(f"layer {layer} of epoch {first.epoch} does not continue its transfer")
-            if time.monotonic() > deadline_at:
+            if fenced is None and time.monotonic() > deadline_at:
                 raise TransferError(f"epoch {first.epoch}: the deadline passed before layer {layer}; dropped")
-            self._fence(ids, first.epoch, f"layer {layer}")
-            write(self.kv.k[layer])
-            write(self.kv.v[layer])
-        self._fence(ids, first.epoch, "the arrival stamps")
+            if fenced is None:
+                try:
+                    self._fence(ids, first.epoch, f"layer {layer}")
+                except FencedError as e:
+                    fenced = e
+            if fenced is None:
+                write(self.kv.k[layer])
+                write(self.kv.v[layer])
+            else:  # K and V of the layer, read and dropped: never into the cache
+                _discard(conn, 2 * first.num_payload_bytes, sender_deadline_at)
+        if fenced is None:
+            try:
+                self._fence(ids, first.epoch, "the arrival stamps")
+            except FencedError as e:
+                fenced = e
+        if fenced is not None:
+            wire.send_reply(conn, f"{FENCED_REPLY}{fenced}")
+            return scratch
         self.kv.block_epochs[ids] = first.epoch  # after every layer of every block
         wire.send_reply(conn, "")
         return scratch
@@ -188,6 +212,14 @@ def _scattering_writer(
     return write
 
 
+def _discard(conn: socket.socket, num_bytes: int, deadline_at: float) -> None:
+    buffer = memoryview(bytearray(min(num_bytes, 1 << 20)))
+    while num_bytes > 0:
+        n = min(num_bytes, len(buffer))
+        wire.recv_exact(conn, buffer[:n], deadline_at)
+        num_bytes -= n
+
+
 def _empty(num_bytes: int) -> torch.Tensor:
     return torch.empty(num_bytes, dtype=torch.uint8)
 
@@ -224,7 +256,8 @@ class TcpSender(KVSender):
             try:
                 layer_s = self._transfer(endpoint, local, spec, src, deadline, progress)
             except (OSError, TransferError) as e:
-                raise TransferError(f"KV transfer {spec.transfer_id} to {endpoint.tcp_address} failed: {e}") from e
+                error = FencedError if isinstance(e, FencedError) else TransferError
+                raise error(f"KV transfer {spec.transfer_id} to {endpoint.tcp_address} failed: {e}") from e
         num = len(spec.dst_block_ids)
         return TransferStats(num, num * src.layout.bytes_per_block, time.perf_counter() - start, "tcp", layer_s)
 
@@ -253,19 +286,26 @@ class TcpSender(KVSender):
             conn, is_reused = self._checkout(key, endpoint, local, deadline)
             try:
                 layer_s = _send_transfer(conn, spec, src, deadline, progress)
+            except FencedError:  # refused in its reply, the transfer read to its end: the connection is in step
+                self._keep(key, conn)
+                raise
             except BaseException as e:
                 conn.close()
                 if isinstance(e, OSError) and is_reused and attempt == 0:
                     continue  # the pooled connection may have died while idle
                 raise
-            with self._lock:
-                idle = self._idle.setdefault(key, [])
-                if not self._is_closed and len(idle) < _MAX_IDLE_PER_PEER:
-                    idle.append((conn, time.monotonic()))
-                    return layer_s
-            conn.close()
+            self._keep(key, conn)
             return layer_s
         return layer_s
+
+    def _keep(self, key: tuple[str, str], conn: socket.socket) -> None:
+        """Back to the pool (closed if the pool is full or the sender closed)."""
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if not self._is_closed and len(idle) < _MAX_IDLE_PER_PEER:
+                idle.append((conn, time.monotonic()))
+                return
+        conn.close()
 
     def _checkout(
         self, key: tuple[str, str], endpoint: KVEndpoint, local: KVLayoutSpec, deadline: Deadline
@@ -334,7 +374,10 @@ def _send_transfer(
             conn.settimeout(deadline.remaining_s(f"layer {layer}"))
             conn.sendall(wire.as_bytes(payload))
         layer_s.append(time.perf_counter() - layer_start)
-    wire.expect_ok(conn, deadline, "the acknowledgement")
+    problem = wire.read_reply(conn, deadline, "the acknowledgement")
+    if problem is not True:
+        refused = FencedError if str(problem).startswith(FENCED_REPLY) else TransferError
+        raise refused(f"the decode replica refused it: {problem}")
     return tuple(layer_s)
 
 
