@@ -15,6 +15,7 @@ from pdserve.api import create_app
 from pdserve.engine import RequestOutput
 from pdserve.engine.request import FinishReason
 from pdserve.router.admission import Admission
+from pdserve.serve.config import ServeConfig
 from pdserve.serve.ingress import Ingress
 from pdserve.serve.ingress_router import RouterCollector
 from pdserve.serve.metrics import IngressMetrics
@@ -65,6 +66,7 @@ class _Ingress:
     router = channels = prefill = decode = None
     model_name, model_names, max_model_len, eos_token_ids = "fake-model", ("fake-model",), 128, (EOS_ID,)
     mode = "colocated"
+    config = ServeConfig()  # what `_admit` reads: the block size
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
