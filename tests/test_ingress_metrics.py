@@ -4,6 +4,7 @@ without Ray: a request the API ends itself (a stop string) is a finished request
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -125,3 +126,45 @@ def test_the_ttft_of_every_choice_counts_from_the_requests_arrival(tokenizer: An
     got = _samples(ingress)
     assert got[("pdserve_time_to_first_token_seconds_count", ())] == 3
     assert got[("pdserve_time_to_first_token_seconds_sum", ())] >= 0.2 + 2 * 0.4 - 0.05  # 0.6 before
+
+
+def test_ttft_counts_the_wait_for_the_tokenizer(tokenizer: Any) -> None:
+    """TTFT counts from the request's arrival at the API: it was stamped after tokenization, so a request queued
+    behind another's long prompt on the one tokenizer thread recorded 0.002 s for a 0.5 s wait (found in review)."""
+    ingress = _Ingress(tokenizer)
+    app = create_app(ingress)  # type: ignore[arg-type]
+    with serve(app) as url:
+        app.state.pdserve.tokenization._executor.submit(time.sleep, 0.5)  # another request's prompt
+        body = {"model": "fake-model", "prompt": "hi", "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=20).status_code == 200
+    assert _samples(ingress)[("pdserve_time_to_first_token_seconds_sum", ())] >= 0.45
+
+
+def test_the_request_span_and_prompt_counters_are_the_first_choices(tokenizer: Any) -> None:
+    """With n > 1 every choice set the request span's TTFT, so it read the last choice's (0.4 s for a first token
+    at 0.2 s), and the prompt counted n times where `usage.prompt_tokens` counts it once (found in review)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter, provider = InMemorySpanExporter(), TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    ingress = _Ingress(tokenizer)
+    ingress.engine.delay_s = 0.2
+    tracer = provider.get_tracer("test")
+
+    async def generate(request: Any) -> Any:  # the request's span current, as FastAPI's is in the handler
+        with tracer.start_as_current_span("request"):
+            async for delta in Ingress.generate(ingress, request):  # type: ignore[arg-type]
+                yield delta
+
+    ingress.generate = generate  # type: ignore[method-assign]
+    with serve(create_app(ingress)) as url:  # type: ignore[arg-type]
+        body = {"model": "fake-model", "prompt": "hi", "max_tokens": 2, "n": 3}
+        answer = httpx.post(f"{url}/v1/completions", json=body, timeout=20)
+        assert answer.status_code == 200
+    spans = [s for s in exporter.get_finished_spans() if s.attributes and "pdserve.ttft_s" in s.attributes]
+    first = min(s.attributes["pdserve.ttft_s"] for s in spans)  # type: ignore[index, type-var]
+    assert len(spans) == 1 and first < 0.35, [s.attributes for s in spans]  # choice 0's span only
+    got = _samples(ingress)
+    assert got[("pdserve_prompt_tokens_total", ())] == answer.json()["usage"]["prompt_tokens"]

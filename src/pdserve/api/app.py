@@ -236,7 +236,7 @@ async def _serve(
         body, vocab_size, fmt.meta.id, prompt_ids, max_tokens, fmt.with_logprobs,
         traceparent(span) or request.headers.get("traceparent"),  # tracing off here: pass the client's on
         cache_salt=tenant_salt(getattr(request.state, "tenant", None), body.cache_salt), top_logprobs=top_logprobs,
-        prompt_logprobs=prompt_logprobs,
+        prompt_logprobs=prompt_logprobs, arrived_at=getattr(request.state, "arrived_at", None),
     )  # fmt: skip
     span.set_attributes(request_attributes(gen_request, fmt))
     if body.n > 1:

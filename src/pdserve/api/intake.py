@@ -302,8 +302,10 @@ def generation_request(
     cache_salt: str | None = None,
     top_logprobs: int = 0,
     prompt_logprobs: int | None = None,
+    arrived_at: float | None = None,
 ) -> GenerationRequest:
-    """The backend's request, after the checks that span several fields."""
+    """The backend's request, after the checks that span several fields. `arrived_at`: time.perf_counter() when
+    the request reached the API (TTFT counts from it: the wait for the tokenizer too), else now."""
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     if body.min_tokens > max_tokens:
@@ -333,5 +335,5 @@ def generation_request(
         repetition_penalty=body.repetition_penalty,
         cache_salt=cache_salt,
         traceparent=traceparent,
-        arrived_at=time.perf_counter(),
+        arrived_at=time.perf_counter() if arrived_at is None else arrived_at,
     )

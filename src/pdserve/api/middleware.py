@@ -116,6 +116,7 @@ class HTTPMetrics:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
+        scope.setdefault("state", {})["arrived_at"] = start  # `request.state.arrived_at`: TTFT counts from it
         span = trace.get_current_span()
         status = 499  # nothing answered: the client left first (nginx's "client closed request"); UnhandledErrors,
         error_types: list[str] = []  # inside this middleware, answers every failure (500)

@@ -125,7 +125,7 @@ class Ingress:
                         if first_at is None:
                             self.admission.started(engine_request.request_id)
                             first_at = time.perf_counter()
-                            self._observe_first(engine_request, out, first_at - start)
+                            self._observe_first(engine_request, out, first_at - start, request.shares_prompt_of)
                         num_tokens += len(out.new_token_ids)
                         if out.finish_reason is not None:
                             self._observe_end(first_at, num_tokens, out.finish_reason.value)
@@ -173,11 +173,17 @@ class Ingress:
                 span.set_attributes(route_attributes(decision, self.config.router.policy))
         return decision
 
-    def _observe_first(self, request: EngineRequest, first: RequestOutput, ttft_s: float) -> None:
-        trace.get_current_span().set_attributes({names.TTFT_S: ttft_s, names.QUEUE_S: first.queue_s})  # request's
+    def _observe_first(
+        self, request: EngineRequest, first: RequestOutput, ttft_s: float, shares_prompt_of: str | None = None
+    ) -> None:
+        """`shares_prompt_of`: a further choice of an n > 1 request. Its first token counts in the TTFT histogram
+        (each choice's stream), but the request's span and prompt counters are choice 0's: its first token is the
+        request's (the others start after it), and the prompt is the request's once (as `usage.prompt_tokens`)."""
+        if shares_prompt_of is None:
+            trace.get_current_span().set_attributes({names.TTFT_S: ttft_s, names.QUEUE_S: first.queue_s})  # request's
+            self.metrics.observe_prompt(self.mode, first.num_prompt_tokens, first.num_cached_tokens)
         self.metrics.ttft.labels(self.mode).observe(ttft_s)
         self.metrics.queue.labels(self.mode).observe(first.queue_s)
-        self.metrics.observe_prompt(self.mode, first.num_prompt_tokens, first.num_cached_tokens)
         if self.router is not None:
             self.router.router.prefill_done(request.request_id, first.num_cached_tokens)
 
