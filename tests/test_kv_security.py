@@ -185,7 +185,6 @@ def test_a_recorded_hello_cannot_be_replayed(rx: TcpReceiver) -> None:
         ((3, 5.0, 0, -1, -BLOCK_BYTES), "a negative block count"),
         ((3, 5.0, 0, 1, BLOCK_BYTES + 1), "a payload size that is not the blocks'"),
         ((3, 5.0, 1, 1, BLOCK_BYTES), "starting past layer 0"),
-        ((999, 5.0, 0, 1, BLOCK_BYTES), "an epoch no reservation holds"),
     ],
 )
 def test_bad_transfer_headers_write_nothing(rx: TcpReceiver, header: tuple[object, ...], why: str) -> None:
@@ -204,6 +203,21 @@ def test_bad_transfer_headers_write_nothing(rx: TcpReceiver, header: tuple[objec
         time.sleep(0.01)
     assert rx.num_refused >= 1, why  # (a fenced write is refused too)
     assert _untouched(rx), why
+    _honest_send_works(rx)
+
+
+def test_a_transfer_for_an_epoch_no_reservation_holds_is_read_and_refused(rx: TcpReceiver) -> None:
+    """Well-formed, but its epoch holds no reservation: read to its end into nothing and refused in the reply (the
+    connection stays in step), counted as fenced, never as a refused peer; nothing is written."""
+    grant(rx.kv, TransferSpec(3, [0], [2], "r"))  # block 2 open to epoch 3, not 999
+    with socket.create_connection(_address(rx), timeout=5) as conn:
+        wire.handshake(conn, rx.cache_id, rx.spec, wire.Deadline(5))
+        ids = struct.pack("<q", 2)
+        for layer in range(LAYOUT.num_layers):
+            conn.sendall(wire.LAYER.pack(999, 5.0, layer, 1, BLOCK_BYTES) + ids + b"\x01" * 2 * BLOCK_BYTES)
+        assert str(_reply(conn)).startswith("fenced: ")
+    assert (rx.num_fenced, rx.num_refused) == (1, 0)
+    assert _untouched(rx)
     _honest_send_works(rx)
 
 
@@ -302,3 +316,25 @@ def test_a_short_configured_secret_is_refused(monkeypatch: pytest.MonkeyPatch) -
             read()
     monkeypatch.setenv("PDSERVE_KV_SECRET", "0123456789abcdef")
     assert wire.cluster_secret() == shared_kv_secret() == b"0123456789abcdef"
+
+
+def test_stored_exporter_headers_reach_only_replicas_exporting_where_they_were_given_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A deploy stored its exporter headers for the whole cluster, and a later deploy to another collector (or
+    without headers) sent the first collector's credentials to its own endpoint (found in review): the headers are
+    stored with the endpoints they came with, and applied only to replicas exporting there."""
+    from ray.experimental import internal_kv
+
+    from pdserve.serve import cluster_store
+
+    kv: dict[object, object] = {}
+    monkeypatch.setattr(internal_kv, "_internal_kv_initialized", lambda: True)
+    monkeypatch.setattr(internal_kv, "_internal_kv_put", lambda k, v, overwrite, namespace: kv.__setitem__(k, v))
+    monkeypatch.setattr(internal_kv, "_internal_kv_get", lambda k, namespace: kv.get(k))
+    first = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector-a:4318"}
+    cluster_store.publish_tracing_secrets(first, {"OTEL_EXPORTER_OTLP_HEADERS": "x-team=SECRET"})
+    assert cluster_store.replica_tracing_env(first)["OTEL_EXPORTER_OTLP_HEADERS"] == "x-team=SECRET"
+    other = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector-b:4318"}
+    cluster_store.publish_tracing_secrets(other, {})  # a later deploy without headers: nothing stored
+    assert cluster_store.replica_tracing_env(other) == other
