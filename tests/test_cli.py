@@ -359,7 +359,9 @@ def test_an_autoscaled_deploy_stores_the_exporters_headers_for_the_cluster(
     monkeypatch.setattr(context, "_get_global_client", lambda: client)
     stored: list[dict[str, str]] = []
     monkeypatch.setattr(
-        cluster_store, "publish_tracing_secrets", lambda: stored.append(dict(os.environ)) or calls.append("publish")
+        cluster_store,
+        "publish_tracing_secrets",
+        lambda carried: stored.append(dict(os.environ)) or calls.append("publish"),
     )
     monkeypatch.setattr("pdserve.cli.threading.Event.wait", lambda self: None)  # served: stop at once
     main(["serve", str(tiny_llama), "--address", "auto", "--autoscaling.enabled", "--prefill.num-replicas", "1",

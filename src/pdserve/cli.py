@@ -227,7 +227,7 @@ def run_server(config: ServeConfig, address: str | None, model_path: str | None 
             schema = ServeDeploySchema(applications=[deploy_application(config)])
             # The app is built on the cluster, in a process without this one's environment: the exporters'
             # headers are stored for it here (a joined cluster's replicas exported without them; found in review).
-            cluster_store.publish_tracing_secrets()
+            cluster_store.publish_tracing_secrets(config.tracing_env)
             deploying = True
             # Not `_blocking`: it gives up after 60 s, and a model's load and first kernel build can take longer.
             client.deploy_apps(schema)

@@ -23,7 +23,8 @@ def build_app(config: ServeConfig, model_path: str | None = None) -> Application
     that every replica sees "cuda" or "cpu". `model_path`: the model's directory when the caller resolved it
     already; replicas on a node without it resolve `config.model` again there (`ServeConfig.model_dir`)."""
     config = config.with_device(cluster_gpus())
-    publish_tracing_secrets()  # exporter headers reach the replicas outside the config (serve/cluster_store.py)
+    # the exporters' headers reach the replicas outside the config (serve/cluster_store.py)
+    publish_tracing_secrets(config.tracing_env)
     model_path = model_path or config.resolve_model_path()
     ingress = _deployment(Ingress, "Ingress", config.ingress, config)
     if config.colocated:

@@ -30,24 +30,35 @@ def shared_kv_secret() -> bytes:
     return bytes(secret)
 
 
-def publish_tracing_secrets(environ: Mapping[str, str] = os.environ) -> None:
+def publish_tracing_secrets(carried: Mapping[str, str], environ: Mapping[str, str] = os.environ) -> None:
     """Store the building process's exporter headers (`tracing_secrets`) for every replica, when it has any (a
-    builder running on the cluster without them keeps what a driver stored). Without a Ray connection yet, nothing:
-    the cluster `serve.run` then starts here inherits this process's environment."""
+    builder running on the cluster without them keeps what a driver stored), with the endpoints of the tracing
+    variables the replicas carry (`carried`: the config's `tracing_env`) they are for. Without a Ray connection
+    yet, nothing: the cluster `serve.run` then starts here inherits this process's environment."""
     from ray.experimental import internal_kv
 
     found = tracing_secrets(environ)
     if not found or not internal_kv._internal_kv_initialized():
         return
-    internal_kv._internal_kv_put(_TRACING_SECRETS_KEY, json.dumps(found), overwrite=True, namespace=_NAMESPACE)
+    stored = {"endpoints": _endpoints(carried), "headers": found}
+    internal_kv._internal_kv_put(_TRACING_SECRETS_KEY, json.dumps(stored), overwrite=True, namespace=_NAMESPACE)
 
 
 def replica_tracing_env(carried: Mapping[str, str]) -> dict[str, str]:
     """What a serving process applies before `configure_tracing`: the config's variables, then the stored headers
-    (none outside a Ray cluster: a replica built in a plain process, as tests do, has its own environment)."""
+    if they were stored for the endpoints it exports to (a later deploy to another collector must not send it the
+    first one's credentials; found in review). None outside a Ray cluster: a replica built in a plain process, as
+    tests do, has its own environment."""
     from ray.experimental import internal_kv
 
     if not internal_kv._internal_kv_initialized():
         return dict(carried)
-    stored = internal_kv._internal_kv_get(_TRACING_SECRETS_KEY, namespace=_NAMESPACE)
-    return {**carried, **(json.loads(stored) if stored else {})}
+    raw = internal_kv._internal_kv_get(_TRACING_SECRETS_KEY, namespace=_NAMESPACE)
+    stored = json.loads(raw) if raw else {}
+    if stored.get("endpoints") != _endpoints(carried):
+        return dict(carried)
+    return {**carried, **stored.get("headers", {})}
+
+
+def _endpoints(environ: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if k.startswith("OTEL_EXPORTER_OTLP_") and k.endswith("ENDPOINT")}
