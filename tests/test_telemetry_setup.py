@@ -24,6 +24,7 @@ HEADER = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, [HttpExporter]),
         ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"}, [HttpExporter]),
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, [GrpcExporter]),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "none"}, []),  # found in review
         (
             {"PDSERVE_TRACES_FILE": "/tmp/t.jsonl", "PDSERVE_TRACES_CONSOLE": "1"},
             [JsonLinesSpanExporter, ConsoleSpanExporter],
@@ -134,3 +135,23 @@ def test_a_cancelled_span_is_not_a_server_error(monkeypatch: pytest.MonkeyPatch)
     assert cancelled.status.status_code is StatusCode.UNSET and not cancelled.events
     assert (cancelled.attributes or {})["error.type"] == "cancelled"
     assert failed.status.status_code is StatusCode.ERROR and (failed.attributes or {})["error.type"] == "ValueError"
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({}, "pdserve"),
+        ({"OTEL_SERVICE_NAME": "mine"}, "mine"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,service.name=myapp"}, "myapp"),  # found in review
+    ],
+)
+def test_the_service_name_given_either_standard_way_is_kept(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], name: str
+) -> None:
+    from pdserve.telemetry.tracing import resource
+
+    for key in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert resource("ingress").attributes["service.name"] == name

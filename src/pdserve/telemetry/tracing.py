@@ -3,7 +3,8 @@
 Exporters come from the environment: OTLP when `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` is set (protocol from
 `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`: `http/protobuf` (default) or `grpc`), JSON lines appended to
 `PDSERVE_TRACES_FILE`, the console with `PDSERVE_TRACES_CONSOLE=1`. Sampling from `OTEL_TRACES_SAMPLER[_ARG]`,
-service name from `OTEL_SERVICE_NAME` (default "pdserve"). With no exporter, tracing stays off: the API's no-op
+service name from `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES` (default "pdserve"), `OTEL_TRACES_EXPORTER=none`
+turns traces off. With no exporter, tracing stays off: the API's no-op
 tracer, no cost. Ray workers do not inherit the driver's environment, so `configure_tracing` takes the variables
 to apply (the serve config carries the driver's OTEL_*/PDSERVE_TRACES_* variables to every replica), except the
 exporters' headers (`OTEL_EXPORTER_OTLP_[TRACES_]HEADERS`, which carry collectors' credentials): Serve shows a
@@ -66,16 +67,24 @@ def configure_tracing(role: str, env: Mapping[str, str] | None = None) -> bool:
     exporters = _exporters()
     if not exporters:
         return False
-    attributes: dict[str, AttributeValue] = {names.ROLE: role, "process.pid": os.getpid()}
-    if "OTEL_SERVICE_NAME" not in os.environ:
-        attributes["service.name"] = "pdserve"
-    provider = TracerProvider(resource=Resource.create(attributes))  # the sampler comes from OTEL_TRACES_SAMPLER
+    provider = TracerProvider(resource=resource(role))  # the sampler comes from OTEL_TRACES_SAMPLER
     for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     atexit.register(provider.shutdown)
     _provider = provider
     return True
+
+
+def resource(role: str) -> Resource:
+    """This process's resource: its role and pid, OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME (the SDK's), and
+    service.name "pdserve" unless either names the service."""
+    attributes: dict[str, AttributeValue] = {names.ROLE: role, "process.pid": os.getpid()}
+    given = os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
+    named = any(pair.split("=", 1)[0].strip() == "service.name" for pair in given.split(","))
+    if "OTEL_SERVICE_NAME" not in os.environ and not named:  # (our default overrode a name given there)
+        attributes["service.name"] = "pdserve"
+    return Resource.create(attributes)
 
 
 def flush(timeout_s: float = 5.0) -> None:
@@ -153,6 +162,8 @@ def _clean(attributes: Mapping[str, AttributeValue | None] | None) -> dict[str, 
 def _exporters() -> list[SpanExporter]:
     exporters: list[SpanExporter] = []
     env = os.environ
+    if env.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":  # the standard way to turn traces off
+        return exporters
     if env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
         exporters.append(_otlp_exporter(protocol or "http/protobuf"))
