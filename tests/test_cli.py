@@ -630,3 +630,34 @@ def test_a_transfer_deadline_receivers_refuse_is_refused_in_the_config() -> None
     assert ServeConfig(kv_transfer_timeout_s=MAX_PEER_SECONDS).kv_transfer_timeout_s == MAX_PEER_SECONDS
     with pytest.raises(ValidationError, match="kv_transfer_timeout_s"):
         ServeConfig(kv_transfer_timeout_s=MAX_PEER_SECONDS + 1)
+
+
+def test_a_sigterm_while_deploying_takes_the_app_down_on_a_joined_cluster(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SIGTERM handler was set only once serving: a SIGTERM during a deploy (minutes while a model loads)
+    killed the process without its cleanup, leaving the app and its devices on a joined cluster (found in review).
+    It now ends the command as Ctrl-C does, and the handler before it is back afterwards."""
+    import ray
+    from ray import serve
+
+    from pdserve.serve import app as serve_app
+
+    calls: list[str] = []
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append("ray.init"))
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("ray.shutdown"))
+    monkeypatch.setattr(serve, "start", lambda **kw: calls.append("serve.start"))
+    monkeypatch.setattr(serve, "delete", lambda name: calls.append(f"serve.delete {name}"))
+    monkeypatch.setattr(serve_app, "build_app", lambda config, model_path=None: "app")
+
+    def deploying(app: object, **kwargs: object) -> None:
+        calls.append("serve.run")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the model loads: the signal interrupts it
+        calls.append("deployed")
+
+    monkeypatch.setattr(serve, "run", deploying)
+    before = signal.getsignal(signal.SIGTERM)
+    main(["serve", str(tiny_llama), "--address", "auto"])
+    assert calls == ["ray.init", "serve.start", "serve.run", "serve.delete pdserve", "ray.shutdown"]
+    assert signal.getsignal(signal.SIGTERM) is before

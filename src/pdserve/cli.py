@@ -213,7 +213,11 @@ def run_server(config: ServeConfig, address: str | None, model_path: str | None 
         quiet_serve_env()
     ray.init(address=address, include_dashboard=False)
     deploying = False
+    previous = signal.getsignal(signal.SIGTERM)
     try:  # however it ends (Ctrl-C or SIGTERM, a refusal, a failed deploy), what this call set up goes
+        # SIGTERM ends it as Ctrl-C does, deploying or serving (a handler set once serving let a SIGTERM during a
+        # minutes-long deploy kill the process and leave the app on a joined cluster; found in review)
+        signal.signal(signal.SIGTERM, _interrupt)
         serve.start(http_options=config.http_options())
         if config.autoscaling.enabled:  # Serve takes an application's autoscaling policy only from a deploy config
             from ray.serve.context import _get_global_client
@@ -238,10 +242,8 @@ def run_server(config: ServeConfig, address: str | None, model_path: str | None 
             serve.run(app, name="pdserve", route_prefix="/")
         scheme = "https" if config.ssl_certfile else "http"
         print(f"pdserve is serving on {scheme}://{config.host}:{config.port}/v1 (Ctrl-C to stop)", flush=True)
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        stop.wait()
-    except KeyboardInterrupt:  # Ctrl-C, serving or still deploying
+        threading.Event().wait()  # until Ctrl-C or SIGTERM
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, serving or still deploying
         pass
     finally:
         if address is None:
@@ -249,6 +251,11 @@ def run_server(config: ServeConfig, address: str | None, model_path: str | None 
         elif deploying:  # a cluster this call joined: its other applications (and Serve) stay
             serve.delete("pdserve")
         ray.shutdown()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _wait_until_running(name: str) -> None:
