@@ -115,11 +115,13 @@ def test_autoscaling_config_checks_and_planner_kwargs() -> None:
     assert settings <= set(PlannerConfig.__dataclass_fields__)
 
 
-def test_build_app_hands_serve_the_bounds_and_deploy_config_the_policy(llama: Path) -> None:
+def test_build_app_hands_serve_the_bounds_and_deploy_config_the_policy(
+    llama: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from ray.serve._private.build_app import build_app as serve_build
     from ray.serve.schema import ServeDeploySchema
 
-    from pdserve.serve.app import build_app, deploy_application
+    from pdserve.serve.app import app_builder, build_app, deploy_application
 
     config = ServeConfig(
         model=str(llama), device="cpu", autoscaling={"enabled": True, "interval_s": 1.5},
@@ -142,6 +144,12 @@ def test_build_app_hands_serve_the_bounds_and_deploy_config_the_policy(llama: Pa
     assert policy is not None and policy["policy_function"] == "pdserve.serve.autoscaling:PoolPlanner"
     assert ServeConfig.model_validate(app["args"]) == config
     assert "autoscaling_policy" not in deploy_application(ServeConfig(model=str(llama)))
+    # Built for serve.run, the planner cannot be the policy: said, not silently ignored (found in review); built
+    # from the deploy config's entry, it is.
+    assert "Serve's default policy" in caplog.text
+    caplog.clear()
+    app_builder(config.model_dump(mode="json"))
+    assert "Serve's default policy" not in caplog.text
 
 
 # ---- PoolPlanner as Serve calls it -----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ray import serve
@@ -15,14 +16,22 @@ from pdserve.serve.replicas import DecodeServer, EngineServer, PrefillServer
 
 _PINNED_ROUTER = "pdserve.serve.routing.PinnedRequestRouter"  # an import path: `serve deploy` resolves it too
 _PLANNER = "pdserve.serve.autoscaling:PoolPlanner"
+logger = logging.getLogger(__name__)
 
 
-def build_app(config: ServeConfig, model_path: str | None = None) -> Application:
+def build_app(config: ServeConfig, model_path: str | None = None, deploy_config: bool = False) -> Application:
     """Prefill + decode pools behind an ingress, or one colocated engine pool when `config.colocated`.
     `device` "auto" is resolved here, once, from the GPUs of the Ray cluster (or of this machine without one), so
     that every replica sees "cuda" or "cpu". `model_path`: the model's directory when the caller resolved it
-    already; replicas on a node without it resolve `config.model` again there (`ServeConfig.model_dir`)."""
+    already; replicas on a node without it resolve `config.model` again there (`ServeConfig.model_dir`).
+    `deploy_config`: built from a deploy config's entry (`app_builder`), where the planner can be the policy."""
     config = config.with_device(cluster_gpus())
+    if config.autoscaling.enabled and not config.colocated and not deploy_config:
+        logger.warning(
+            "autoscaling.enabled: Serve takes the planner as an application's policy only from a deploy config "
+            "(`pdserve serve`, or `deploy_application` in a `serve deploy` file); an application built here and "
+            "run with serve.run is sized by Serve's default policy instead (docs/AUTOSCALING.md)"
+        )
     # the exporters' headers reach the replicas outside the config (serve/cluster_store.py)
     publish_tracing_secrets(config.tracing_env)
     model_path = model_path or config.resolve_model_path()
@@ -45,7 +54,7 @@ def build_app(config: ServeConfig, model_path: str | None = None) -> Application
 def app_builder(args: dict[str, Any]) -> Application:
     """Entry for `serve run` / `serve deploy` configs: `import_path: pdserve.serve.app:app_builder`, args = a
     ServeConfig as a mapping."""
-    return build_app(ServeConfig.model_validate(args))
+    return build_app(ServeConfig.model_validate(args), deploy_config=True)
 
 
 def deploy_application(config: ServeConfig, name: str = "pdserve", route_prefix: str = "/") -> dict[str, Any]:
