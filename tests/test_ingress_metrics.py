@@ -168,3 +168,19 @@ def test_the_request_span_and_prompt_counters_are_the_first_choices(tokenizer: A
     assert len(spans) == 1 and first < 0.35, [s.attributes for s in spans]  # choice 0's span only
     got = _samples(ingress)
     assert got[("pdserve_prompt_tokens_total", ())] == answer.json()["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_completed_by_the_last_token_counts_as_stop(tokenizer: Any, stream: bool) -> None:
+    """The stop string completes on the output that also ends the request for length: the response says "stop",
+    and the metric said "length" (the ingress counted the end before the API read it; found in review)."""
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    last = next(i for i in range(1, len(ids) + 1) if "fox" in tokenizer.decode(ids[:i]))
+    ingress = _Ingress(tokenizer)
+    with serve(create_app(ingress)) as url:  # type: ignore[arg-type]
+        body = {"model": "fake-model", "prompt": "hi", "max_tokens": last, "stop": ["fox"], "stream": stream}
+        answer = httpx.post(f"{url}/v1/completions", json=body, timeout=20)
+        assert answer.status_code == 200 and '"finish_reason":"stop"' in answer.text.replace(" ", "")
+    got = _samples(ingress)
+    assert got.get(("pdserve_request_success_total", (("finished_reason", "stop"),))) == 1, got
+    assert ("pdserve_request_success_total", (("finished_reason", "length"),)) not in got

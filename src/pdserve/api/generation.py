@@ -102,8 +102,9 @@ class Generation:
             self.finish_reason = delta.finish_reason
         if self.detokenizer.is_stopped:
             self.finish_reason = "stop"  # a stop string matched, whatever ended the backend's stream
-            if delta.finish_reason is None:  # the API ends it: the backend sees its stream closed, told why here
-                self.request.ended_by_api.finish_reason = "stop"
+            # The backend is told why: it sees its stream closed (or, on the stream's last output, ended for
+            # another reason — a stop string completing on the last token counted as "length"; found in review).
+            self.request.ended_by_api.finish_reason = "stop"
         return self._piece(text) if text or self.is_finished else None
 
     def whole(self) -> Piece:

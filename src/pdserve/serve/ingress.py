@@ -107,7 +107,7 @@ class Ingress:
             try:  # from admission on, whatever happens ends its count and the router's
                 start = request.arrived_at if request.arrived_at is not None else time.perf_counter()
                 first_at: float | None = None
-                is_observed = False  # the request's end is counted
+                final_reason: str | None = None  # the backend's
                 num_tokens = 0
                 if self.engine is not None:
                     outputs = colocated_generate(engine_request, self.engine, self.channels)
@@ -128,12 +128,13 @@ class Ingress:
                             self._observe_first(engine_request, out, first_at - start, request.shares_prompt_of)
                         num_tokens += len(out.new_token_ids)
                         if out.finish_reason is not None:
-                            self._observe_end(first_at, num_tokens, out.finish_reason.value)
-                            is_observed = True
+                            final_reason = out.finish_reason.value
                         yield to_delta(out)
             finally:
-                if not is_observed and (reason := request.ended_by_api.finish_reason) is not None:
-                    self._observe_end(first_at, num_tokens, reason)  # a stop string: the API closed the stream
+                # Counted once the API has read the output: a stop string (the API closed the stream, or matched on
+                # the last output) is the API's reason; no reason at all is a client gone.
+                if (reason := request.ended_by_api.finish_reason or final_reason) is not None:
+                    self._observe_end(first_at, num_tokens, reason)
                 # A prefill whose client left runs on to its end: until then it is still its replica's load, and
                 # still holds its share of the admission budget.
                 running = [task for task in abandoned if not task.done()]
