@@ -652,22 +652,7 @@ def test_a_handoff_its_client_left_is_handed_back_until_it_ends(
         p.prefill = slow_prefill  # type: ignore[method-assign]
         try:
             request = EngineRequest("r", tuple(range(5, 30)), greedy(6))
-            abandoned: list[asyncio.Task[Any]] = []
-            outputs = handoff.disaggregated_generate(
-                request, Handle(cluster, "prefill"), Handle(cluster, "decode"), None, abandoned=abandoned
-            )
-
-            async def consume() -> None:
-                async with aclosing(outputs):
-                    async for _ in outputs:
-                        pass
-
-            client = asyncio.ensure_future(consume())
-            await asyncio.wait_for(started.wait(), 5)
-            client.cancel()  # the client leaves before its first token
-            with pytest.raises(asyncio.CancelledError):
-                await client
-            [running] = abandoned
+            running = await _left_while_prefilling(cluster, request, started)
             assert not running.done(), "the prefill is still under way on P"
             await asyncio.wait_for(asyncio.shield(running), 10)
             await _settle(0, cluster, None)  # its reservation freed on D, its blocks on P
@@ -702,23 +687,7 @@ def test_a_prefill_that_fails_after_its_client_left_is_not_retried(
             replica.server.prefill = failing_prefill
         retries = counters.prefill_retries
         try:
-            abandoned: list[asyncio.Task[Any]] = []
-            outputs = handoff.disaggregated_generate(
-                EngineRequest("r", tuple(range(5, 30)), greedy(6)), Handle(cluster, "prefill"),
-                Handle(cluster, "decode"), None, abandoned=abandoned,
-            )  # fmt: skip
-
-            async def consume() -> None:
-                async with aclosing(outputs):
-                    async for _ in outputs:
-                        pass
-
-            client = asyncio.ensure_future(consume())
-            await asyncio.wait_for(started.wait(), 5)
-            client.cancel()  # the client leaves before its first token, while the prefill runs
-            with pytest.raises(asyncio.CancelledError):
-                await client
-            [running] = abandoned
+            running = await _left_while_prefilling(cluster, EngineRequest("r", tuple(range(5, 30)), greedy(6)), started)
             with pytest.raises(handoff.ClientGone):
                 await asyncio.wait_for(asyncio.shield(running), 10)
             assert asked == ["r"] and counters.prefill_retries == retries, asked
@@ -729,6 +698,28 @@ def test_a_prefill_that_fails_after_its_client_left_is_not_retried(
             cluster.close()
 
     asyncio.run(main())
+
+
+async def _left_while_prefilling(cluster: Cluster, request: EngineRequest, started: asyncio.Event) -> asyncio.Task[Any]:
+    """Stream `request` disaggregated; its client leaves once `started` (the prefill runs) and before its first
+    token. Returns the handoff left running (`abandoned`)."""
+    abandoned: list[asyncio.Task[Any]] = []
+    outputs = handoff.disaggregated_generate(
+        request, Handle(cluster, "prefill"), Handle(cluster, "decode"), None, abandoned=abandoned
+    )
+
+    async def consume() -> None:
+        async with aclosing(outputs):
+            async for _ in outputs:
+                pass
+
+    client = asyncio.ensure_future(consume())
+    await asyncio.wait_for(started.wait(), 5)
+    client.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await client
+    [running] = abandoned
+    return running
 
 
 async def _routed(
