@@ -129,3 +129,46 @@ def test_a_pinned_call_waits_for_its_full_replica_instead_of_spilling() -> None:
 
         served_by = asyncio.run(main())
         assert served_by == [a] * 5, served_by
+
+
+@pytest.mark.parametrize("second_target", ["Y", None], ids=["pinned-elsewhere", "unpinned"])
+def test_a_replica_chosen_for_one_call_never_goes_to_a_call_pinned_elsewhere(second_target: str | None) -> None:
+    """Serve's routing loop (real) over PinnedRequestRouter: call A pinned to X waits for a slot there; call B then
+    finds room on Y. Serve's FIFO rule handed Y to A, the oldest pending call, which Y then refused as misrouted
+    (a commit retried from scratch; found in review). Y goes to B; A keeps waiting for X, and gets it once free."""
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+    from ray.serve._private.request_router.common import PendingRequest
+
+    from pdserve.serve.routing import PinnedRequestRouter
+
+    @dataclass(frozen=True)
+    class ReplicaId:
+        unique_id: str
+
+    async def main() -> None:
+        router: Any = PinnedRequestRouter(
+            deployment_id=DeploymentID("DecodeServer", "app"), handle_source=DeploymentHandleSource.UNKNOWN
+        )
+        x, y = (SimpleNamespace(replica_id=ReplicaId(n), max_ongoing_requests=1) for n in ("X", "Y"))
+        router._replicas = {x.replica_id: x, y.replica_id: y}
+        router._replicas_list, router._replica_id_set = [x, y], {x.replica_id, y.replica_id}
+        x_is_full = True
+
+        async def select(candidates: list[Any], backoff_index: int) -> Any:
+            await asyncio.sleep(0)
+            return None if candidates[0] is x and x_is_full else candidates[0]
+
+        router._select_from_candidate_replicas = select
+        a = PendingRequest(args=[], kwargs={"target_replica_id": "X"}, metadata=RequestMetadata("a", "ia"))
+        b_kwargs = {} if second_target is None else {"target_replica_id": second_target}
+        b = PendingRequest(args=[], kwargs=b_kwargs, metadata=RequestMetadata("b", "ib"))
+        a_routed = asyncio.ensure_future(router._choose_replica_for_request(a))
+        await asyncio.sleep(0.05)  # A waits for a slot on X
+        b_routed = asyncio.ensure_future(router._choose_replica_for_request(b))
+        assert (await asyncio.wait_for(b_routed, 5)).replica_id.unique_id == "Y"
+        await asyncio.sleep(0.05)
+        assert not a_routed.done(), f"A was routed to {a_routed.result().replica_id.unique_id}"
+        x_is_full = False
+        assert (await asyncio.wait_for(a_routed, 5)).replica_id.unique_id == "X"
+
+    asyncio.run(main())

@@ -11,6 +11,7 @@ must reach the replica holding the reservation, so those calls are always pinned
 
 from __future__ import annotations
 
+from ray.serve._private.common import RequestMetadata
 from ray.serve._private.request_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import PendingRequest, RunningReplica
 
@@ -30,6 +31,31 @@ class PinnedRequestRouter(PowerOfTwoChoicesRequestRouter):
         assert pending_request is not None
         pending_request.routing_context.should_backoff = True
         return pin_tiers(candidate_replicas, target)
+
+    def _fulfill_next_pending_request(
+        self, replica: RunningReplica, request_metadata: RequestMetadata | None = None
+    ) -> None:
+        """Hand the replica a routing task chose to the request it was chosen for, else to the oldest pending
+        request that may take it (unpinned, or pinned to it). Serve's FIFO rule hands it to the oldest request,
+        whatever it was chosen for: a call pinned to X waiting for a slot took the replica a concurrent call had
+        chosen, and was refused there as misrouted (a commit retried from scratch; found in review)."""
+        chosen_for = self._get_pending_request_matching_internal_request_id(request_metadata)
+        if chosen_for is None:
+            queue = self._pending_requests_to_fulfill
+            while queue and queue[0].future.done():  # the lazily cleaned queue (Serve's FIFO rule popped these)
+                queue.popleft()
+            chosen_for = next((r for r in queue if not r.future.done() and _may_take(r, replica)), None)
+        if chosen_for is None:
+            return
+        self._cancel_routing_task_for_pending_request(chosen_for)
+        self._record_queue_wait_time(chosen_for)
+        chosen_for.future.set_result(replica)
+        self._remove_pending_request_from_indices(chosen_for)
+
+
+def _may_take(request: PendingRequest, replica: RunningReplica) -> bool:
+    target = request.kwargs.get(TARGET_REPLICA_KWARG)
+    return target is None or target == replica.replica_id.unique_id
 
 
 def pin_tiers(candidates: list[RunningReplica], target: str) -> list[list[RunningReplica]]:
