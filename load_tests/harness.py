@@ -157,8 +157,12 @@ def _chat(rng: random.Random, at: float, args: argparse.Namespace) -> Spec:
 
 
 def _summarize(rng: random.Random, at: float, args: argparse.Namespace) -> Spec:
-    n = rng.randint(min(2048, args.max_prompt), min(8192, args.max_prompt))
-    return Spec(at, _tokens(rng, n, args.vocab), rng.randint(16, min(128, args.max_output)), "summarize")
+    output = rng.randint(16, min(128, args.max_output))
+    # prompt + output within --max-prompt, the context: past it the server must refuse (1.5% of them were, a 400
+    # counted as an SLO miss at any rate; found in review)
+    top = max(1, min(8192, args.max_prompt) - output)
+    n = rng.randint(min(2048, top), top)
+    return Spec(at, _tokens(rng, n, args.vocab), output, "summarize")
 
 
 def _trace(path: Path, vocab: int, rng: random.Random) -> list[Spec]:
@@ -293,7 +297,12 @@ def burst_split(records: list[Record]) -> dict[str, float | None]:
     """Chat streams during long-prompt prefills vs outside them (the mixed workload's question): TPOT p99 of chat
     requests whose decode overlaps a burst's prefill (from a summarize request's send to its first token) and of the
     others, and ITL p99 of token gaps inside and outside those windows."""
-    windows = [(r.sent_at_s, r.sent_at_s + r.ttft_s) for r in records if r.kind != "chat" and r.ttft_s is not None]
+    # (a request's TTFT counts from its send: its scheduled arrival plus the client's lag)
+    windows = [
+        (r.sent_at_s + r.lag_s, r.sent_at_s + r.lag_s + r.ttft_s)
+        for r in records
+        if r.kind != "chat" and r.ttft_s is not None
+    ]
     tpot: dict[bool, list[float]] = {True: [], False: []}
     itl: dict[bool, list[float]] = {True: [], False: []}
 
@@ -302,11 +311,12 @@ def burst_split(records: list[Record]) -> dict[str, float | None]:
 
     for r in records:
         times, counts = r.token_times_s, chunk_counts(r)
-        if r.kind != "chat" or r.status != 200 or r.error is not None or len(times) < 2:
+        if r.kind != "chat" or r.status != 200 or r.error is not None or len(times) < 2 or r.tpot_s is None:
             continue
-        # By tokens, not chunks: a chunk of k tokens (stream_interval, or a server merging steps under load) is
-        # k gaps of a k-th of its wait each, as `send` counts ITL
-        tpot[overlaps(times[0], times[-1])].append((times[-1] - times[0]) / (counts[-1] - counts[0]))
+        # The table's TPOT (`Record.tpot_s`, vLLM's: after the first token, over output tokens - 1), grouped by
+        # whether the stream's decode overlapped a prefill burst; ITL by tokens, not chunks: a chunk of k tokens
+        # (stream_interval, or a server merging steps under load) is k gaps of a k-th of its wait each
+        tpot[overlaps(times[0], times[-1])].append(r.tpot_s)
         for (a, b), (m, n) in zip(itertools.pairwise(times), itertools.pairwise(counts), strict=True):
             itl[overlaps(a, b)] += [(b - a) / (n - m)] * (n - m)
     return {
@@ -402,8 +412,8 @@ def plots(out: Path, runs: list[tuple[dict[str, Any], list[Record]]], args: argp
     for row, records in runs:
         for ax, values in zip(axes, ([r.ttft_s for r in records if r.ttft_s is not None],
                                      [t for r in records if (t := r.tpot_s) is not None]), strict=True):  # fmt: skip
-            ordered = sorted(values)
-            ax.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=f"{row['rate']:.2f} req/s")
+            ordered = sorted(values)  # of all requests sent: the refused and failed ones never reach the top
+            ax.plot(ordered, [(i + 1) / len(records) for i in range(len(ordered))], label=f"{row['rate']:.2f} req/s")
     for ax, name, slo in zip(axes, ("TTFT s", "TPOT s"), (args.ttft_slo_s, args.tpot_slo_s), strict=True):
         ax.axvline(slo, color="gray", linestyle="--")
         ax.set_xlabel(name)
@@ -472,8 +482,8 @@ def compare_plots(out: Path, modes: dict[str, list[tuple[dict[str, Any], list[Re
     for name, records in at_rate.items():
         for ax, values in zip(axes, ([r.ttft_s for r in records if r.ttft_s is not None],
                                      [t for r in records if (t := r.tpot_s) is not None]), strict=True):  # fmt: skip
-            ordered = sorted(values)
-            ax.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=name)
+            ordered = sorted(values)  # of all requests sent, as above: a mode refusing more does not look better
+            ax.plot(ordered, [(i + 1) / len(records) for i in range(len(ordered))], label=name)
     for ax, label, slo in zip(axes, ("TTFT s", "TPOT s"), (args.ttft_slo_s, args.tpot_slo_s), strict=True):
         ax.axvline(slo, color="gray", linestyle="--")
         ax.set_xlabel(f"{label} at {rate:.2f} req/s")
@@ -643,6 +653,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("give --url of a server, or --serve to start pdserve")
     if args.workload == "trace" and (args.goodput or args.sweep):
         parser.error("a trace replays its own arrival times: --goodput and --sweep vary a rate it does not have")
+    if args.goodput is not None and args.goodput_steps < 2:  # `lo` then `hi` at least: one run bounds nothing above
+        parser.error("--goodput-steps must be at least 2 (the lower bound, then the upper)")
     os.nice(max(0, args.nice - os.nice(0)))
     args.seed = int(time.time()) if args.seed is None else args.seed
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
