@@ -101,13 +101,16 @@ async def _stale_source(config: ServeConfig, model_path: str) -> None:
             go.set()  # the step ends; the abort frees A's blocks on P1
             await asyncio.sleep(0.1)
             assert not first_call.done(), "the cancelled call waits for its push"
-            # Another request on P1 takes the freed blocks and writes its KV there.
-            await _tokens(p1.engine.generate(EngineRequest("B", tuple(b_prompt), greedy(1))))
+            # Another request on P1 takes the freed blocks and writes its KV there (the defect: at once); kept until the
+            # push ends (the fix), B waits for them, so it runs beside the rest (awaited, it waited out `release`).
+            b_call = asyncio.ensure_future(_tokens(p1.engine.generate(EngineRequest("B", tuple(b_prompt), greedy(1)))))
+            await asyncio.wait({b_call}, timeout=1.0)
             # The handoff's retry, on the other prefill replica, into the same reservation.
             result = await p2.prefill(EngineRequest("A.p1", tuple(a_prompt), greedy(6)), reservation)
             release.set()  # the first attempt's push goes on: layer 1, read from P1's blocks now
             with pytest.raises(asyncio.CancelledError):
                 await first_call
+            await b_call
         got = [result.first_token_id]
         got += await _tokens(d.decode("A", result.first_token_id, result.first_logprob, may_be_written=True,
                                       is_writer_stopped=True))  # fmt: skip
