@@ -43,6 +43,11 @@ def load_reference_model(path: object) -> PreTrainedModel:
 @torch.inference_mode()
 def reference_greedy(model: PreTrainedModel, prompt: list[int], max_tokens: int) -> Reference:
     ids = torch.tensor([prompt], device=model.device)
+    # One thread: beside a live Ray cluster (replicas, daemons, other load) two OpenMP threads spin at each barrier for
+    # a preempted peer, 20-50x slower on the tiny test models (0.2-1.1 s a 600-token prompt against 0.02 s; the
+    # autoscaling test's 265 answers took a minute to check). The references are float32 either way.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     # Like ignore_eos: run to max_tokens with EOS unmasked (min_new_tokens would mask it and change the argmax).
     eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None
     try:
@@ -57,6 +62,7 @@ def reference_greedy(model: PreTrainedModel, prompt: list[int], max_tokens: int)
         )
     finally:
         model.generation_config.eos_token_id = eos
+        torch.set_num_threads(threads)
     gaps = []
     for step_logits in out.logits:
         top2 = step_logits[0].float().topk(2).values

@@ -28,7 +28,7 @@ from autoscale_step import Phase, config_for, sample
 pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
 
 PHASES = [Phase("base", 10, 1.5, 600, HTTP_MAX_TOKENS), Phase("4x", 40, 6.0, 600, HTTP_MAX_TOKENS),
-          Phase("low", 30, 0.3, 32, HTTP_MAX_TOKENS)]  # fmt: skip
+          Phase("low", 15, 0.3, 32, HTTP_MAX_TOKENS)]  # fmt: skip
 
 
 # After the last answer: the planner's downscale delay (5 s) and a replica's drain, with room for a backlog left on a
