@@ -209,6 +209,26 @@ def test_eos_stops_unless_ignored(llama: Path) -> None:
     assert_idle(engine)
 
 
+def test_the_tokenizers_eos_stops_too(llama: Path, tmp_path: Path) -> None:
+    """As vLLM: a checkpoint whose tokenizer ends turns with an EOS its configs lack (a chat fine-tune of a base
+    model) stops there too; it ran to max_tokens."""
+    model = tmp_path / "model"
+    shutil.copytree(llama, model)
+    settings = json.loads((model / "tokenizer_config.json").read_text())
+    configs_eos = json.loads((model / "config.json").read_text())["eos_token_id"]
+    settings["eos_token"] = "<|endoftext|>"  # another special token (tiny_models.UNK)
+    (model / "tokenizer_config.json").write_text(json.dumps(settings))
+    engine = make_engine(model)
+    turn_end = engine.eos_token_ids[-1]
+    assert engine.eos_token_ids == (configs_eos, turn_end) and turn_end != configs_eos
+    for eos in engine.eos_token_ids:
+        stamp(engine, engine.reserve(req(f"x{eos}", [5, 6, 7], greedy(5, ignore_eos=False))))
+        out = engine.commit(f"x{eos}", first_token_id=eos)
+        assert out is not None and out.finish_reason is FinishReason.STOP
+    assert make_engine(llama).eos_token_ids == (configs_eos,)  # the tokenizer's is the configs' own
+    assert_idle(engine)
+
+
 def test_seeded_sampling_is_reproducible_across_batches_and_split(llama: Path) -> None:
     prompt = random_prompts([30], 500, seed=5)[0]
     others = random_prompts([10, 50, 3], 500, seed=6)

@@ -40,15 +40,37 @@ def load_hf_config(path: str | Path) -> PretrainedConfig:
 
 
 def eos_token_ids(path: str | Path, config: PretrainedConfig) -> tuple[int, ...]:
-    """EOS ids from generation_config.json (which may list several), else from config.json."""
+    """EOS ids from generation_config.json (which may list several), else from config.json, and the tokenizer's EOS,
+    as vLLM stops on: a chat fine-tune may end its turns with a tokenizer EOS its base model's configs lack (it ran
+    to max_tokens, the next turn's text in its output)."""
     eos = None
     if (Path(path) / "generation_config.json").is_file():
         eos = GenerationConfig.from_pretrained(path, local_files_only=True).eos_token_id
     if eos is None:
         eos = getattr(config, "eos_token_id", None)
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
+    ids = () if eos is None else tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
+    tokenizers = tokenizer_eos_id(path)
+    return ids if tokenizers is None or tokenizers in ids else (*ids, tokenizers)
+
+
+def tokenizer_eos_id(path: str | Path) -> int | None:
+    """The id of tokenizer_config.json's `eos_token`, found among the tokenizer's added tokens (or its vocabulary),
+    read from the files: the engine loads no tokenizer. None where a file or the token is missing."""
+    try:
+        eos = json.loads((Path(path) / "tokenizer_config.json").read_text()).get("eos_token")
+        if isinstance(eos, dict):  # an AddedToken's fields
+            eos = eos.get("content")
+        if not isinstance(eos, str):
+            return None
+        tokenizer = json.loads((Path(path) / "tokenizer.json").read_text())
+    except (OSError, ValueError, AttributeError):
+        return None
+    for token in tokenizer.get("added_tokens") or []:
+        if isinstance(token, dict) and token.get("content") == eos and isinstance(token.get("id"), int):
+            return int(token["id"])
+    vocab = (tokenizer.get("model") or {}).get("vocab")
+    found = vocab.get(eos) if isinstance(vocab, dict) else None
+    return found if isinstance(found, int) else None
 
 
 # Storage dtypes a weight may have on disk: anything else (int8, uint8, float8, ...) is quantized or packed data
