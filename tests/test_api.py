@@ -190,14 +190,15 @@ def test_completion_stream_equals_whole(client: openai.OpenAI, backend: FakeBack
 
 
 def test_null_stream_options_mean_the_defaults(client: openai.OpenAI, backend: FakeBackend) -> None:
-    """`stream_options` fields sent as null are their defaults (as at the top level, and as vLLM takes them)."""
+    """`stream_options` fields sent as null are their defaults (as at the top level, and as vLLM takes them): as in
+    vLLM, a stream_options object asks for the usage chunk unless include_usage is false."""
     args: dict[str, Any] = {"model": "fake-model", "prompt": "hi", "max_tokens": 5, "stream": True}
-    plain = list(client.completions.create(**args, stream_options={"include_usage": None}))  # type: ignore[typeddict-item]
+    plain = list(client.completions.create(**args, stream_options={"include_usage": False}))
     assert plain and all(c.usage is None for c in plain)
-    options: Any = {"include_usage": True, "continuous_usage_stats": None}
-    with_usage = list(client.completions.create(**args, stream_options=options))
-    assert with_usage[-1].usage is not None and with_usage[-1].choices == []
-    assert all(c.usage is None for c in with_usage[:-1])
+    for options in ({"include_usage": None}, {"include_usage": True, "continuous_usage_stats": None}, {}):
+        with_usage = list(client.completions.create(**args, stream_options=options))  # type: ignore[arg-type]
+        assert with_usage[-1].usage is not None and with_usage[-1].choices == [], options
+        assert all(c.usage is None for c in with_usage[:-1]), options
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
@@ -224,6 +225,18 @@ def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(
     assert [c.usage.prompt_tokens_details.cached_tokens for c in chunks] == [1] * len(chunks)
 
 
+def test_vllms_bounds_are_accepted(client: openai.OpenAI, backend: FakeBackend) -> None:
+    """What vLLM serves and OpenAI's bounds refuse: a temperature above 2 (min_p's use), more than 4 stop strings
+    (HumanEval's 5), n above 16 (pass@k); `seed: -1` is an unseeded draw (vLLM's, llama.cpp's "random")."""
+    stops = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+    out = client.completions.create(model="fake-model", prompt="hi", max_tokens=3, temperature=2.5, stop=stops,
+                                    n=20, seed=-1, extra_body={"min_p": 0.1})  # fmt: skip
+    assert len(out.choices) == 20
+    assert {(r.temperature, r.seed) for r in backend.requests} == {(2.5, None)}
+    client.completions.create(model="fake-model", prompt="hi", max_tokens=3, seed=-2)
+    assert backend.requests[-1].seed == -2
+
+
 def test_an_assistant_message_sent_back_whole_is_accepted(client: openai.OpenAI, backend: FakeBackend) -> None:
     """A client continuing a conversation with the reply's `message.model_dump()`: its empty OpenAI fields
     (tool_calls, refusal, function_call, audio, annotations) are harmless and accepted; tool calls in them are not."""
@@ -240,10 +253,16 @@ def test_an_assistant_message_sent_back_whole_is_accepted(client: openai.OpenAI,
 
 
 @pytest.mark.parametrize("n", [1, 2])
-def test_continuous_usage_stats_alone_adds_no_usage(http: httpx.Client, backend: FakeBackend, n: int) -> None:
-    """As vLLM: continuous_usage_stats counts only beside include_usage; alone, no chunk carries usage."""
+def test_continuous_usage_stats_count_beside_include_usage_only(
+    http: httpx.Client, backend: FakeBackend, n: int
+) -> None:
+    """As vLLM: continuous_usage_stats counts only beside include_usage, which a stream_options object asks for
+    unless it says false; then no chunk carries usage."""
     body = {"model": "fake-model", "prompt": "hi", "max_tokens": 5, "n": n, "stream": True,
             "stream_options": {"continuous_usage_stats": True}}  # fmt: skip
+    payloads = sse_payloads(http.post(COMPLETIONS, json=body))
+    assert payloads[-1] == "[DONE]" and all(json.loads(p).get("usage") is not None for p in payloads[:-1])
+    body["stream_options"] = {"continuous_usage_stats": True, "include_usage": False}
     payloads = sse_payloads(http.post(COMPLETIONS, json=body))
     assert payloads[-1] == "[DONE]" and all(json.loads(p).get("usage") is None for p in payloads[:-1])
 
@@ -493,11 +512,12 @@ def chat(**fields: Any) -> tuple[str, dict[str, Any]]:
         (completion(prompt=[5] * 120, max_tokens=9), 400, "max_tokens", CONTEXT),
         (completion(max_tokens=-1), 400, "max_tokens", None),
         (completion(max_tokens="16"), 400, "max_tokens", None),
-        (completion(temperature=2.5), 400, "temperature", None),
+        (completion(temperature=-0.5), 400, "temperature", None),
         (completion(top_p=0), 400, "top_p", None),
         (completion(top_k=-2), 400, "top_k", None),
-        (completion(n=17), 400, "n", None),
-        (completion(stop=["a", "b", "c", "d", "e"]), 400, "stop", None),
+        (completion(n=129), 400, "n", None),
+        (completion(n=0), 400, "n", None),
+        (completion(stop=[chr(97 + i) for i in range(17)]), 400, "stop", None),
         (completion(logprobs=21), 400, "logprobs", None),
         (completion(max_tokens=0, echo=False), 400, "max_tokens", None),  # 0 only with echo (see below)
         (completion(presence_penalty=2.5), 400, "presence_penalty", None),

@@ -246,7 +246,7 @@ def test_every_vllm_field_at_its_default_is_accepted(http: httpx.Client, endpoin
         ({"stream": True, "stream_options": {"include_usage": True, "bogus": 1}}, "stream_options.bogus"),
         ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs
-        ({"n": 17}, "n"),
+        ({"n": 129}, "n"),
         ({"chat_template_kwargs": {"tokenize": False}}, "chat_template_kwargs"),
         ({"continue_final_message": True, "add_generation_prompt": False}, "continue_final_message"),  # user last
         ({"continue_final_message": True}, "continue_final_message"),  # with add_generation_prompt

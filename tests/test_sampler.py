@@ -186,15 +186,16 @@ def test_penalties_and_logit_bias_match_their_definitions(case: int) -> None:
         assert logprob == pytest.approx(float(logits[r].log_softmax(-1)[result.token_ids[r]]), abs=1e-5)
 
 
-def test_a_temperature_too_small_to_divide_by_is_greedy() -> None:
+def test_a_temperature_below_a_hundredth_samples_at_a_hundredth() -> None:
     """Logits divided by 1e-38 overflow to +-inf and the softmax to NaN: such a request drew the last token every
-    step. Below vLLM's epsilon (1e-5) a temperature means greedy, as in vLLM; above it, sampling as asked."""
+    step. As vLLM, a positive temperature below 0.01 samples at 0.01 (on these logits, 40 apart, the argmax), and
+    only 0 is greedy."""
     logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(8)) * 40
-    for temperature in (1e-38, 1e-30, 1e-6, 9.99e-6):
+    for temperature in (1e-38, 1e-30, 1e-6, 9.99e-6, 0.005):
         params = SamplingParams(temperature=temperature, seed=1, top_p=0.9)
-        assert params.is_greedy
+        assert params.temperature == 0.01 and not params.is_greedy
         assert sample(logits, [_row(params, i) for i in range(6)]).token_ids == logits.argmax(dim=-1).tolist()
-    assert not SamplingParams(temperature=1e-5).is_greedy
+    assert SamplingParams(temperature=0.0).is_greedy and SamplingParams(temperature=0.02).temperature == 0.02
 
 
 def _expected_distribution(logits: torch.Tensor, params: SamplingParams, row: SampleRow) -> torch.Tensor:

@@ -18,7 +18,7 @@ from jinja2 import TemplateError, TemplateSyntaxError
 
 from pdserve.api.backend import Backend, GenerationRequest
 from pdserve.api.errors import APIError
-from pdserve.api.protocol import ChatMessage, SamplingFields
+from pdserve.api.protocol import MAX_CHOICES, ChatMessage, SamplingFields
 
 T = TypeVar("T")
 B = TypeVar("B", bound=SamplingFields)
@@ -36,7 +36,8 @@ RENDER_ARGUMENTS = frozenset(
 class RequestLimits:
     """What one request may ask for; over a limit is a 400 naming the parameter, before anything is allocated."""
 
-    max_stop_strings: int = 4
+    max_stop_strings: int = 16  # OpenAI takes 4, vLLM any number: eval harnesses send 5 or more
+    max_choices: int = MAX_CHOICES  # n
     max_stop_string_chars: int = 256  # every output token is checked against every stop string
     max_messages: int = 1024
     max_tokens: int | None = None  # the server's cap on tokens generated per request (None: the context's room)
@@ -44,6 +45,8 @@ class RequestLimits:
 
 
 def check_limits(body: SamplingFields, limits: RequestLimits, max_tokens_param: str) -> None:
+    if body.n > limits.max_choices:
+        raise APIError(400, f"n must be between 1 and {limits.max_choices}", param="n")
     stops = body.stop_strings()
     if len(stops) > limits.max_stop_strings:
         raise APIError(400, f"at most {limits.max_stop_strings} stop sequences are allowed", param="stop")

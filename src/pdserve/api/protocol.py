@@ -47,7 +47,7 @@ def is_plain_name(name: str) -> bool:
 
 MAX_TOP_LOGPROBS = 20  # vLLM's default --max-logprobs
 MAX_LOGIT_BIAS = 300  # OpenAI's limit
-MAX_CHOICES = 16  # choices per request (n): each is a sequence in the engine
+MAX_CHOICES = 128  # choices per request (n) by default, OpenAI's bound: each is a sequence in the engine
 # Each stop token id is checked for every sequence at every engine step, and the cache salt is hashed into every
 # prompt block: unbounded, one request's fields slowed every stream on its replica (review: 520k ids, 8x).
 MAX_STOP_TOKEN_IDS = 256
@@ -79,7 +79,7 @@ def _valid_text(value: Any, depth: int = 0) -> Any:
 class StreamOptions(BaseModel):
     model_config = _REQUEST_CONFIG
 
-    include_usage: bool = False
+    include_usage: bool = True  # as vLLM: a stream_options object asks for usage unless it says otherwise
     continuous_usage_stats: bool = False  # vLLM's: usage so far in every chunk (guidellm and aiperf ask for it)
 
     @field_validator("*", mode="before")
@@ -96,7 +96,7 @@ class SamplingFields(BaseModel):
     endpoint: ClassVar[str]
 
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    temperature: float = Field(1.0, ge=0.0, allow_inf_nan=False)  # as vLLM, above OpenAI's 2 too (min_p's use)
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=-1)  # vLLM extension; 0 or -1 disables
     min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)  # vLLM: drop tokens under min_p x the top one
@@ -150,9 +150,14 @@ class SamplingFields(BaseModel):
     @field_validator("n")
     @classmethod
     def _choices(cls, n: int) -> int:
-        if not 1 <= n <= MAX_CHOICES:
-            raise ValueError(f"n must be between 1 and {MAX_CHOICES}")
+        if n < 1:  # the upper bound is the server's (RequestLimits.max_choices)
+            raise ValueError("n must be at least 1")
         return n
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, seed: int | None) -> int | None:
+        return None if seed == -1 else seed  # as vLLM: -1 asks for an unseeded draw (llama.cpp's "random")
 
     @field_validator("model", "stop", "user", "cache_salt")
     @classmethod
@@ -197,7 +202,7 @@ class SamplingFields(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def continuous_usage(self) -> bool:
-        # as vLLM: usage in every chunk only beside the usage chunk at the end (continuous_usage_stats alone: none)
+        # as vLLM: usage in every chunk only beside the usage chunk at the end (include_usage false: neither)
         return self.include_usage() and self.stream_options is not None and self.stream_options.continuous_usage_stats
 
 

@@ -26,6 +26,7 @@ class FinishReason(str, enum.Enum):
 
 
 GREEDY_BELOW_TEMPERATURE = 1e-5  # vLLM's _SAMPLING_EPS
+MIN_TEMPERATURE = 1e-2  # vLLM's _MAX_TEMP: a smaller positive temperature samples at this one
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,14 @@ class SamplingParams:
     # output, so the continuation samples what the interrupted stream would have.
     num_prior_output_tokens: int = 0
 
+    def __post_init__(self) -> None:
+        # As vLLM: a positive temperature below 0.01 samples at 0.01 (dividing logits by 1e-38 overflowed every logit
+        # to +-inf and the draw to NaN); only 0 is greedy.
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", MIN_TEMPERATURE)
+
     @property
     def is_greedy(self) -> bool:
-        """Temperature 0, or one so small that dividing logits by it overflows (1e-38 turned every logit into
-        +-inf and the draw into NaN): greedy below vLLM's epsilon, as vLLM treats it."""
         return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @property

@@ -13,6 +13,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from pdserve.api.auth import APIKeys, Tenant, key_digest
 from pdserve.api.intake import RequestLimits, read_chat_template
+from pdserve.api.protocol import MAX_CHOICES
 from pdserve.config import CacheConfig, EmulatedStep, EngineConfig, ModelConfig, SchedulerConfig, SchedulingPolicy
 from pdserve.hub import resolve_model
 from pdserve.router import CostConfig
@@ -135,7 +136,8 @@ class LimitsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    max_stop_strings: int = Field(4, ge=0, description="stop strings per request")
+    max_stop_strings: int = Field(16, ge=0, description="stop strings per request")
+    max_choices: int = Field(MAX_CHOICES, ge=1, description="choices per request (n)")
     max_stop_string_chars: int = Field(256, ge=1, description="characters per stop string")
     max_messages: int = Field(1024, ge=1, description="messages per chat request")
     max_tokens: int | None = Field(None, ge=1, description="cap on a request's max_tokens (default: the context)")
