@@ -4,6 +4,7 @@ placement and KV sizing by device, and (slow) the command serving a hub id end t
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -215,6 +216,19 @@ def test_none_clears_a_list_that_the_file_set(tmp_path: Path) -> None:
     assert parse(["--config", str(path), "--metrics-tenants", "none"]).metrics_tenants is None
     assert parse(["--config", str(path)], {"PDSERVE_METRICS_TENANTS": "none"}).metrics_tenants is None
     assert parse(["--prefill.cpus", "0", "1"]).prefill.cpus == [0, 1]
+
+
+def test_a_misspelled_variable_is_named_with_the_closest_setting(caplog: pytest.LogCaptureFixture) -> None:
+    """PDSERVE_SERVED_MODEL_NAME (the flag's spelling; the field is served_model_names) changed nothing silently."""
+    environ = {"PDSERVE_SERVED_MODEL_NAME": "mine", "PDSERVE_MAX_NUM_SEQS": "8", "PDSERVE_FAULTS": "",
+               "PDSERVE_TRACES_FILE": "s.jsonl", "PDSERVE_API_KEYS": "", "UNRELATED": "1"}  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="pdserve.cli"):
+        config = parse([], environ)
+    assert config.max_num_seqs == 8 and config.served_model_names != ["mine"]
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == [
+        "PDSERVE_SERVED_MODEL_NAME is not a pdserve setting and is ignored (did you mean PDSERVE_SERVED_MODEL_NAMES?)"
+    ]
 
 
 def test_flags_override_the_environment_which_overrides_the_file(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ mappings as JSON). Precedence: flags > environment > file > defaults; API keys a
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
@@ -41,7 +42,16 @@ FLAG_NAMES = {
     "router.local_prefill_max_tokens": ["--router.local-prefill-max-tokens", "--local-prefill-max-tokens"],
 }
 
+# PDSERVE_ variables that are not ServeConfig fields (read where they act: faults.py, tracing.py, the KV secret, the
+# native kernels' and models' caches).
+OTHER_VARIABLES = frozenset({
+    "API_KEYS", "FAULTS", "KV_SECRET", "CACHE_DIR", "KERNEL_CACHE_DIR", "NATIVE_KERNELS",
+    "TRACES_FILE", "TRACES_CONSOLE",
+})  # fmt: skip
+
 Kind = Literal["switch", "list", "json", "keys", "value"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -145,12 +155,24 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeC
                 raise ValueError(f"{option.env}: {e}") from None
         if option.dest in given:
             _put(data, option.path, _from_flag(option, given[option.dest]))
+    _warn_unknown_variables(environ)
     keys = api_key_entries(given.get("api_keys", []), args.api_keys_file, environ.get(ENV_PREFIX + "API_KEYS", ""))
     listed = data.get("api_keys") or []  # `api_keys:` with nothing after it is none
     if not isinstance(listed, list):
         raise ValueError(f"api_keys is a list of keys, not {type(listed).__name__}")
     data["api_keys"] = [*listed, *(key.model_dump() for key in keys)]
     return ServeConfig.model_validate(data)
+
+
+def _warn_unknown_variables(environ: Mapping[str, str]) -> None:
+    """A misspelled PDSERVE_ variable changed nothing without a word (PDSERVE_SERVED_MODEL_NAME for the field
+    served_model_names): name it, with the closest known one, as vLLM warns of unknown VLLM_ variables."""
+    known = {option.env for option in config_options()} | {ENV_PREFIX + name for name in OTHER_VARIABLES}
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            logger.warning("%s is not a pdserve setting and is ignored%s", name, hint)
 
 
 def main(argv: list[str] | None = None) -> None:
