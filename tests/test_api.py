@@ -74,6 +74,9 @@ class FakeBackend:
                 yield GenerationDelta([], None, "abort", len(request.prompt_token_ids), 0)
                 return
             tokens = self.script[: request.max_tokens]
+            # A stop token ends the script there, as an engine ends the request
+            ends = [i for i, t in enumerate(tokens) if t in request.stop_token_ids and i >= request.min_tokens - 1]
+            tokens = tokens[: ends[0] + 1] if ends else tokens
             for start in range(0, len(tokens), self.tokens_per_delta):
                 await asyncio.sleep(self.delay_s)
                 yield self._delta(request, tokens, start)
@@ -85,7 +88,8 @@ class FakeBackend:
     def _delta(self, request: GenerationRequest, tokens: list[int], start: int) -> GenerationDelta:
         chunk = tokens[start : start + self.tokens_per_delta]
         is_last = start + len(chunk) == len(tokens)
-        finish = ("stop" if chunk[-1] == EOS_ID else "length") if is_last else None
+        is_stop = chunk[-1] == EOS_ID or chunk[-1] in request.stop_token_ids
+        finish = ("stop" if is_stop else "length") if is_last else None
         if self.finish_override is not None and start > 0:
             finish = self.finish_override
         self.num_yielded += len(chunk)
@@ -415,6 +419,37 @@ def test_stop_string_split_across_tokens_never_leaks(client: openai.OpenAI, back
     # The stream was closed as soon as the stop string matched: the backend aborts and frees the request's blocks.
     wait_until(lambda: backend.num_closed == 1)
     assert backend.num_yielded < len(backend.script)
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_reason_names_the_stop_string_or_token(http: httpx.Client, backend: FakeBackend, endpoint: str,
+                                                    stream: bool) -> None:  # fmt: skip
+    """vLLM's `stop_reason`: the stop string that ended the output, the stop_token_ids id, or null (EOS, a length),
+    in a whole response and in a stream's last choice chunk, for each of n choices."""
+    stop_token = backend.script[4]
+    cases = [({"stop": ["zzz", "lazy dog"]}, "lazy dog"), ({"stop_token_ids": [stop_token]}, stop_token),
+             ({"stop": ["zzz"]}, None), ({"max_tokens": 3}, None)]  # fmt: skip
+    for fields, want in cases:
+        body: dict[str, Any] = {"model": "fake-model", "max_tokens": 60, "n": 2, "stream": stream, **fields}
+        if endpoint == "chat":
+            body["messages"] = [{"role": "user", "content": "hi"}]
+            if "max_tokens" in fields:  # the same limit under chat's name
+                body["max_completion_tokens"] = body.pop("max_tokens")
+        else:
+            body["prompt"] = "hi"
+        url = COMPLETIONS if endpoint == "completions" else CHAT
+        if stream:
+            chunks = [json.loads(p) for p in sse_payloads(http.post(url, json=body)) if p != "[DONE]"]
+            last = {c["choices"][0]["index"]: c["choices"][0] for c in chunks if c["choices"]}
+            choices = [last[0], last[1]]
+            assert all(c["choices"][0]["stop_reason"] is None for c in chunks if not c["choices"][0]["finish_reason"])
+        else:
+            response = http.post(url, json=body)
+            assert response.status_code == 200, response.text
+            choices = response.json()["choices"]
+        assert [c["stop_reason"] for c in choices] == [want, want], (fields, choices)
+        assert {c["finish_reason"] for c in choices} == {"length" if "max_tokens" in fields else "stop"}
 
 
 def detokenize(tokenizer: Any, text: str, stop: list[str]) -> tuple[list[str], IncrementalDetokenizer]:

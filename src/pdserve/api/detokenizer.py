@@ -105,6 +105,7 @@ class IncrementalDetokenizer:
         self._stop_floor = 0  # a stop string counts only if it ends past this many characters (min_tokens' text)
         self._stop_text = ""  # the text if the output ended now, less a trailing incomplete character
         self.is_stopped = False
+        self.stop_string: str | None = None  # the stop string that ended the output (vLLM's stop_reason)
         # The tokens the decoder sees: the prompt's tail, then the output, skipped special tokens left out.
         # Tokens [prefix_offset, read_offset) are decoded again as context for the new ones; read_offset: tokens
         # whose text is in self.text (or, for the prompt's tail, is not output).
@@ -212,21 +213,21 @@ class IncrementalDetokenizer:
         text = self.text if is_last else self._stop_text
         hit = self._find_stop(text)
         if hit is not None:  # the output ends here: `text` is its final text
-            end, start = hit
+            end, start, self.stop_string = hit
             self.text, self.is_stopped = text[: end if self.include_stop_str else start], True
             return self._emit(len(self.text))
         return self._emit(len(self.text) if is_last else len(self.text) - self._holdback())
 
-    def _find_stop(self, text: str) -> tuple[int, int] | None:
-        """(end, start) of the stop string completed first in `text`, ending past `min_tokens`' text. Emitted text
-        never holds the start of one that counts (it was held back), so only the rest is searched."""
-        hits: list[tuple[int, int]] = []  # (end, start)
+    def _find_stop(self, text: str) -> tuple[int, int, str] | None:
+        """(end, start, the string) of the stop string completed first in `text`, ending past `min_tokens`' text.
+        Emitted text never holds the start of one that counts (it was held back), so only the rest is searched."""
+        hits: list[tuple[int, int, str]] = []  # (end, start, stop)
         for stop in self.stop:
             start = text.find(stop, self.num_emitted)
             while start >= 0 and start + len(stop) <= self._stop_floor:  # within min_tokens' text: does not count
                 start = text.find(stop, start + 1)
             if start >= 0:
-                hits.append((start + len(stop), start))
+                hits.append((start + len(stop), start, stop))
         return min(hits) if hits else None
 
     def _holdback(self) -> int:

@@ -141,7 +141,9 @@ class CompletionFormat:
             text, token_ids = echo.text + text, echo.token_ids + token_ids
             logprobs = [None, *(piece.prompt_logprobs or []), *logprobs]
         choice_logprobs = self._logprobs(token_ids, logprobs) if self.with_logprobs else None
-        return CompletionChoice(text=text, logprobs=choice_logprobs, finish_reason=piece.finish_reason)
+        return CompletionChoice(
+            text=text, logprobs=choice_logprobs, finish_reason=piece.finish_reason, stop_reason=piece.stop_reason
+        )
 
     def _logprobs(self, token_ids: list[int], logprobs: list[TokenLogprob | None]) -> CompletionLogprobs:
         tokens = token_texts(self.tokenizer, token_ids)
@@ -172,6 +174,7 @@ class ChatFormat:
             message=AssistantMessage(content=piece.text),
             logprobs=self._logprobs(piece),
             finish_reason=piece.finish_reason,
+            stop_reason=piece.stop_reason,
         )
         m = self.meta
         return ChatCompletionResponse(
@@ -184,7 +187,14 @@ class ChatFormat:
     def chunk(self, piece: Piece) -> ChatCompletionChunk:
         delta = DeltaMessage(content=piece.text or None)
         return self._chunk(
-            [ChunkChoice(delta=delta, logprobs=self._logprobs(piece), finish_reason=piece.finish_reason)]
+            [
+                ChunkChoice(
+                    delta=delta,
+                    logprobs=self._logprobs(piece),
+                    finish_reason=piece.finish_reason,
+                    stop_reason=piece.stop_reason,
+                )
+            ]
         )
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:

@@ -33,6 +33,7 @@ class Piece:
     logprobs: list[TokenLogprob]
     finish_reason: str | None
     prompt_logprobs: list[TokenLogprob] | None = None  # in the first piece, when asked for
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop_token_ids id that ended it (EOS: None)
 
 
 class Generation:
@@ -110,7 +111,18 @@ class Generation:
     def whole(self) -> Piece:
         """All the output, for a non-streaming response."""
         assert self.is_finished
-        return Piece(self.detokenizer.text, self.token_ids, self.logprobs, self.finish_reason, self.prompt_logprobs)
+        return Piece(
+            self.detokenizer.text, self.token_ids, self.logprobs, self.finish_reason, self.prompt_logprobs,
+            self.stop_reason(),
+        )  # fmt: skip
+
+    def stop_reason(self) -> str | int | None:
+        """As vLLM: the stop string that ended the output, or the token of the request's stop_token_ids; None for
+        EOS, a length or a running request."""
+        if self.detokenizer.is_stopped:
+            return self.detokenizer.stop_string
+        is_stop_token = self.finish_reason == "stop" and self.token_ids
+        return self.token_ids[-1] if is_stop_token and self.token_ids[-1] in self.request.stop_token_ids else None
 
     def usage(self) -> Usage:
         num_prompt_tokens = len(self.request.prompt_token_ids)
@@ -124,7 +136,9 @@ class Generation:
     def _piece(self, text: str) -> Piece:
         start, self.num_reported = self.num_reported, len(self.token_ids)
         prompt_logprobs = self.prompt_logprobs if start == 0 else None  # with the first piece that goes out
-        return Piece(text, self.token_ids[start:], self.logprobs[start:], self.finish_reason, prompt_logprobs)
+        return Piece(
+            text, self.token_ids[start:], self.logprobs[start:], self.finish_reason, prompt_logprobs, self.stop_reason()
+        )
 
 
 def aborted_error() -> APIError:

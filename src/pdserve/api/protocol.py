@@ -356,6 +356,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it (EOS: null)
 
 
 class CompletionResponse(BaseModel):
@@ -391,6 +392,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it (EOS: null)
 
 
 class ChatCompletionResponse(BaseModel):
@@ -418,6 +420,7 @@ class ChunkChoice(BaseModel):
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it (EOS: null)
 
 
 class ChatCompletionChunk(BaseModel):
