@@ -287,6 +287,60 @@ def test_an_output_put_as_the_idle_timeout_fires_is_sent_before_the_channel_clos
     asyncio.run(main())
 
 
+def test_a_channel_cancelled_as_an_output_arrives_ends() -> None:
+    """The channel's stream cancelled (the ingress dropped it) 0-3 loop turns after an output was put: on Python 3.11
+    `wait_for` swallowed a cancel landing as its waiter completed (gh-86296), so the stream went on, registered,
+    taking the ingress's next outputs unread (found in review)."""
+
+    async def trial(turns: int) -> None:
+        channels = ReplicaChannels("r0", idle_close_s=5.0)
+        got: list[Any] = []
+
+        async def read() -> None:
+            async for batch in channels.serve("c"):
+                got.append(batch)
+
+        task = asyncio.ensure_future(read())
+        while not got:
+            await asyncio.sleep(0)
+        outbox = channels._open["c"]
+        outbox.num_users = 1
+        outbox.put(("q", 0, [42], None, None, 3, 0, 0.0, None))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+        assert task.cancelled(), f"{turns} turns after the output: the stream outlived its cancel"
+        assert "c" not in channels._open
+
+    async def main() -> None:
+        for turns in range(4):
+            await trial(turns)
+
+    asyncio.run(main())
+
+
+def test_a_relay_closed_after_its_start_leaves_the_channel_at_once() -> None:
+    """A request call closed right after its StreamStart: its inner generator was left to the garbage collector,
+    the channel counting the request as a user until then (for ever while anything held it)."""
+
+    async def outputs() -> AsyncGenerator[RequestOutput, None]:
+        await asyncio.sleep(0)
+        yield RequestOutput("a", [1], None, None, 1, 0)
+
+    async def main() -> None:
+        channels = ReplicaChannels("r0", idle_close_s=5.0)
+        stream = channels.serve("c")
+        assert await anext(stream) == []
+        relay = channels.relay("c", outputs())
+        assert isinstance(await anext(relay), StreamStart) and channels._open["c"].num_users == 1
+        await relay.aclose()
+        assert channels._open["c"].num_users == 0
+        await stream.aclose()
+
+    asyncio.run(main())
+
+
 class _ScriptedCall:
     """A call whose messages are `items`, then its end; the outputs it claims went to a channel never come."""
 

@@ -23,7 +23,7 @@ import contextvars
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing, suppress
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,8 +95,13 @@ class _Outbox:
         while the timeout was being handled (wait_for takes loop turns to cancel its waiter) is returned too: the
         caller may close the channel on an empty batch, and an output left behind would be lost."""
         if not self.items:
-            with suppress(TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), timeout_s)
+            # Not wait_for: on Python 3.11 a cancel landing as an item arrives is swallowed there (gh-86296), and
+            # the channel's stream outlived its own cancel, taking the ingress's next outputs unread.
+            waiter = asyncio.ensure_future(self._ready.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=timeout_s)
+            finally:
+                waiter.cancel()
         self._ready.clear()
         items, self.items = self.items, []
         return items
@@ -136,13 +141,14 @@ class ReplicaChannels:
         """A request call's stream: `outputs` as they are (no channel named), or StreamStart, then the outputs on
         the channel if it is open here (else on the call), then StreamEnd. However this ends, `outputs` is closed
         at once (the engine aborts an unfinished request then, not whenever the garbage collector gets to it)."""
-        async with aclosing(outputs):
-            async for item in self._relay(channel_id, outputs):
+        # The inner generator closed at once too: left to the garbage collector, its channel kept a user.
+        async with aclosing(outputs), aclosing(self._relay(channel_id, outputs)) as items:
+            async for item in items:
                 yield item
 
     async def _relay(
         self, channel_id: str | None, outputs: AsyncIterator[RequestOutput]
-    ) -> AsyncIterator[RequestOutput | StreamStart | StreamEnd]:
+    ) -> AsyncGenerator[RequestOutput | StreamStart | StreamEnd, None]:
         if channel_id is None:
             async for out in outputs:
                 yield out
@@ -285,11 +291,12 @@ class IngressChannels:
         batches = None
         try:
             batches = handle.options(stream=True).outputs.remote(self.channel_id, target_replica_id=replica_id)
-            async for batch in batches:
-                for packed in batch:
-                    if (inbox := self._inboxes.get(packed[0])) is not None:
-                        index, out = unpack(packed)
-                        inbox.put_output(out, index)
+            with foreign_cancel_as_fault(f"the output channel from {replica_id}"):  # a replica's cancel: a break
+                async for batch in batches:
+                    for packed in batch:
+                        if (inbox := self._inboxes.get(packed[0])) is not None:
+                            index, out = unpack(packed)
+                            inbox.put_output(out, index)
             is_clean = True
         except Exception as e:
             logger.warning("output channel from replica %s broke: %r", replica_id, e)
