@@ -217,3 +217,45 @@ def whole_response_problem(case: Case, sent: list[dict[str, Any]]) -> str | None
     else:
         finishes = [c["finish_reason"] for c in json.loads(body)["choices"]]
     return None if finishes == ["stop"] * case.n else f"finish reasons {finishes}"
+
+
+def test_a_failure_as_the_client_leaves_is_not_logged_as_never_retrieved() -> None:
+    """The backend fails in the loop turn the client leaves (a non-streamed request's collect, a stream's wait for its
+    first delta): the failed task's exception was never read, and asyncio logged "Task exception was never
+    retrieved" with its traceback beside the error already handled (found in review)."""
+    from pdserve.api.app import _unless_disconnected
+    from pdserve.api.generation import first_delta_within
+
+    class Connected:
+        async def receive(self) -> None:
+            await asyncio.Event().wait()
+
+    async def main() -> list[str]:
+        unretrieved: list[str] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: unretrieved.append(context["message"]))
+        caller: asyncio.Future[Any] | None = None
+
+        async def work() -> None:
+            await asyncio.sleep(0)
+            assert caller is not None
+            caller.cancel()  # the client leaves in the turn the backend fails
+            raise RuntimeError("backend failed")
+
+        async def deltas() -> AsyncGenerator[GenerationDelta, None]:
+            await asyncio.sleep(0)
+            assert caller is not None
+            caller.cancel()
+            raise RuntimeError("backend failed")
+            yield  # an async generator
+
+        for call in (lambda: _unless_disconnected(Connected(), work()), lambda: first_delta_within(deltas(), 5.0)):
+            caller = asyncio.ensure_future(call())  # type: ignore[no-untyped-call]
+            with contextlib.suppress(asyncio.CancelledError):
+                await caller
+            for _ in range(5):
+                await asyncio.sleep(0)
+            gc.collect()
+            await asyncio.sleep(0)
+        return unretrieved
+
+    assert asyncio.run(main()) == []

@@ -7,6 +7,7 @@ finish (ChoiceStreams' pumps for n > 1) met it. Found in review."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -94,3 +95,25 @@ def test_no_output_follows_a_finished_one_when_the_replica_dies_at_the_end(
     assert tokens[: len(want)] == want
     assert finished_at == len(got) - 1, f"outputs after the finished one: {got[finished_at + 1 :]}"
     assert tokens == want
+
+
+def test_an_abort_cancelled_on_the_replica_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """`_abort` runs detached and never raises: a call cancelled on the replica's side (Serve raises a plain
+    CancelledError at the caller) escaped its `except Exception`, unlogged, the task ending cancelled."""
+
+    async def cancelled_on_the_replica() -> None:
+        await asyncio.sleep(0)
+        raise asyncio.CancelledError
+
+    decode: Any = type("Decode", (), {})()
+    decode.abort = type("Method", (), {"remote": staticmethod(lambda *a, **k: cancelled_on_the_replica())})()
+
+    async def main() -> asyncio.Task[None]:
+        task = asyncio.ensure_future(handoff._abort(decode, "r", {"target_replica_id": "d1"}, may_be_written=False))
+        await asyncio.wait({task})
+        return task
+
+    with caplog.at_level(logging.WARNING, logger=handoff.logger.name):
+        task = asyncio.run(main())
+    assert not task.cancelled() and task.exception() is None
+    assert any("abort of r on decode replica" in r.getMessage() for r in caplog.records)

@@ -328,6 +328,8 @@ async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -
         if not task.done():
             task.cancel()
             await asyncio.wait((task,))
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure as the client left is not logged again as "never retrieved"
     return None if task.cancelled() else task.result()
 
 

@@ -226,6 +226,8 @@ _closing: dict[AsyncIterator[GenerationDelta], asyncio.Task[None]] = {}  # closi
 async def _close(deltas: AsyncIterator[GenerationDelta], pending: asyncio.Task[Any] | None) -> None:
     if pending is not None:
         await asyncio.wait({pending})
+        if not pending.cancelled():
+            pending.exception()  # retrieved: its failure as the caller left is not logged as "never retrieved"
     if isinstance(deltas, AsyncGenerator):
         await deltas.aclose()
 

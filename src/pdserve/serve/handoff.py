@@ -508,7 +508,8 @@ async def _abort(
     """Free the reservation now rather than at lease expiry; never raises (it runs detached)."""
     try:
         call = decode.abort.remote(request_id, may_be_written, is_writer_stopped, **pinned)
-        await asyncio.wait_for(call, _ABORT_TIMEOUT_S)
+        with foreign_cancel_as_fault("the abort"):  # cancelled on the replica's side: a failure to log too
+            await asyncio.wait_for(call, _ABORT_TIMEOUT_S)
     except Exception:
         logger.warning("abort of %s on decode replica %s failed; its lease frees it", request_id, pinned, exc_info=True)
 
