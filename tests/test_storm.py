@@ -238,6 +238,8 @@ def _idle_state(served: Served, live: set[str] | None = None) -> dict[str, float
                  "pdserve_num_requests_waiting"):  # fmt: skip
         state[name] = sum(metrics.get(name, {}).values())
     state["pdserve_router_in_flight"] = sum(metrics.get("pdserve_router_in_flight", {}).values())
+    # Admission's share: prompt tokens admitted and not yet started (a request left held one, 429s for ever after).
+    state["pdserve_admission_queued_tokens"] = sum(metrics.get("pdserve_admission_queued_tokens", {}).values())
     return state
 
 
@@ -308,7 +310,7 @@ def test_the_storm_check_finds_wrong_cut_and_errored_responses() -> None:
     assert [line.split(":")[0] for line in _wrong_in_storm(oracle, bad)] == ["0", "1", "2", "3"]
 
 
-@pytest.mark.parametrize("mode", ["1p1d", "1p1d-queue-aware", "1p1d-lent", "2p2d"])
+@pytest.mark.parametrize("mode", ["colocated", "1p1d", "1p1d-queue-aware", "1p1d-lent", "2p2d"])
 def test_disconnect_storm_leaks_nothing(apps: dict[str, Served], oracle, mode: str) -> None:  # type: ignore[no-untyped-def]
     served = apps[mode]
     routed = _route_modes(served)
