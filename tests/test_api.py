@@ -513,6 +513,12 @@ def test_chat_logprobs_streamed_equal_whole(client: openai.OpenAI, backend: Fake
     chunks = list(client.chat.completions.create(**args, max_completion_tokens=5, stream=True))
     streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content or []]
     assert streamed == whole.content
+    # é, ö and 😀 span several tokens, each U+FFFD alone: their bytes join into the characters (they were null)
+    args["top_logprobs"] = 2
+    spelled = client.chat.completions.create(**args, max_completion_tokens=len(backend.script) - 1).choices[0].logprobs
+    assert spelled is not None and spelled.content is not None
+    assert b"".join(bytes(t.bytes or b"?") for t in spelled.content) == TEXT.encode()
+    assert any(t.token == "\ufffd" for t in spelled.content) and all(len(t.top_logprobs) == 2 for t in spelled.content)
 
 
 # --- errors ---------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from oracle import continuation_text
-from pdserve.api.formats import token_texts
+from pdserve.api.formats import token_bytes, token_texts
 from tiny_models import build_sentencepiece_tokenizer, build_tokenizer
 
 WORDS = ["hello", "world", "the", "quick", "brown", "fox", ",", ".", "  ", "ü", "日本", "½", "a", "I", "\n"]
@@ -40,3 +40,30 @@ def test_token_texts_spell_the_continuation(tmp_path: Path, kind: str) -> None:
         assert "".join(texts) == want, (kind, text, cut, texts, want)
         checked += 1
     assert checked > 100
+
+
+@pytest.mark.parametrize("kind", ["llama2", "metaspace", "byte-level"])
+def test_token_bytes_join_into_the_continuation(tmp_path: Path, kind: str) -> None:
+    """OpenAI's `bytes`: a token holding part of a character (its text alone is U+FFFD) reports its vocabulary
+    piece's raw bytes (byte-level BPE's alphabet, byte fallback's <0xNN>), so the tokens' bytes join into the text —
+    they were null for exactly the tokens the field is for."""
+    if kind == "byte-level":
+        tokenizer = build_tokenizer(tmp_path)
+    else:
+        tokenizer = build_sentencepiece_tokenizer(tmp_path, metaspace_decoder=kind == "metaspace")
+    rng = random.Random(kind)
+    checked = split = 0
+    for _ in range(300):
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(1, 12)))
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        cut = rng.randrange(1, len(ids) + 1) if len(ids) > 1 else 1
+        prompt, output = ids[:cut], ids[cut:]
+        want = continuation_text(tokenizer, prompt, output)
+        if "\ufffd" in want or not output or tokenizer.decode(prompt).endswith("\ufffd"):
+            continue  # a character split across the cut: the output's text shows it whole, its bytes hold the tail
+        texts = token_texts(tokenizer, output)
+        found = token_bytes(tokenizer, output, texts)
+        assert b"".join(bytes(b or b"?") for b in found) == want.encode(), (kind, text, cut, texts, found)
+        checked += 1
+        split += any("\ufffd" in t for t in texts)
+    assert checked > 100 and split > 20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,9 +30,11 @@ from pdserve.api.protocol import (
     Usage,
 )
 
-# A token holding part of a character decodes to U+FFFD on its own; its true bytes are unknown here, so they are
-# reported as null (which OpenAI's schema allows) rather than as the bytes of U+FFFD.
+# A token holding part of a character decodes to U+FFFD on its own: its `bytes` are its vocabulary piece's raw
+# bytes (byte-level BPE, byte fallback), which join with its neighbours' into the character, as OpenAI's field is
+# for; null where the vocabulary does not say (OpenAI's schema allows it), never the bytes of U+FFFD.
 _REPLACEMENT = "\ufffd"
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,43 @@ def top_texts(tokenizer: Any, logprobs: list[TokenLogprob]) -> list[tuple[float,
     ids = [token_id for _, alternatives in logprobs for token_id, _ in alternatives]
     texts = iter(token_texts(tokenizer, ids))
     return [(lp, [(next(texts), alp) for _, alp in alternatives]) for lp, alternatives in logprobs]
+
+
+def token_bytes(tokenizer: Any, token_ids: list[int], texts: list[str]) -> list[list[int] | None]:
+    """Each token's UTF-8 bytes (OpenAI's `bytes`): its text's, or for a token holding part of a character (its text
+    U+FFFD) its vocabulary piece's raw bytes, null where the vocabulary does not give them."""
+    split = [i for i, text in enumerate(texts) if _REPLACEMENT in text]
+    found: list[list[int] | None] = [list(text.encode()) for text in texts]
+    if split:
+        pieces = tokenizer.convert_ids_to_tokens([token_ids[i] for i in split])
+        byte_of = _byte_level_alphabet(tokenizer)
+        for i, piece in zip(split, pieces, strict=True):
+            found[i] = _piece_bytes(piece, byte_of)
+    return found
+
+
+def _piece_bytes(piece: Any, byte_of: dict[str, int] | None) -> list[int] | None:
+    if not isinstance(piece, str):
+        return None
+    if match := _BYTE_PIECE.fullmatch(piece):
+        return [int(match[1], 16)]
+    if byte_of is not None and piece and all(c in byte_of for c in piece):
+        return [byte_of[c] for c in piece]
+    return None
+
+
+@lru_cache(maxsize=8)
+def _byte_level_alphabet(tokenizer: Any) -> dict[str, int] | None:
+    """A byte-level BPE vocabulary's character for each byte, inverted (GPT-2's map: printable Latin-1 bytes stand
+    for themselves, the others for 256, 257, ... in order); None for a tokenizer without a ByteLevel decoder."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = json.loads(backend.to_str()).get("decoder") or {} if backend is not None else {}
+    steps = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]
+    if not any(step.get("type") == "ByteLevel" for step in steps):
+        return None
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
 
 
 @dataclass(frozen=True)
@@ -210,16 +250,21 @@ class ChatFormat:
         if not self.with_logprobs:
             return None
         tokens = token_texts(self.tokenizer, piece.token_ids)
+        alternative_ids = [token_id for _, alternatives in piece.logprobs for token_id, _ in alternatives]
+        alternative_texts = token_texts(self.tokenizer, alternative_ids)
+        # One lookup for the tokens and their alternatives, in that order
+        found = token_bytes(self.tokenizer, piece.token_ids + alternative_ids, tokens + alternative_texts)
+        named = list(zip(alternative_texts, found[len(tokens) :], strict=True))
+        starts = list(accumulate((len(alternatives) for _, alternatives in piece.logprobs), initial=0))
         return ChatLogprobs(
             content=[
                 ChatTokenLogprob(
-                    token=t, logprob=lp, bytes=_bytes(t),
-                    top_logprobs=[{"token": a, "logprob": alp, "bytes": _bytes(a)} for a, alp in alternatives],
+                    token=t, logprob=lp, bytes=found[i],
+                    top_logprobs=[
+                        {"token": text, "logprob": alp, "bytes": bytes_}
+                        for (text, bytes_), (_, alp) in zip(named[starts[i] : starts[i + 1]], alternatives, strict=True)
+                    ],
                 )
-                for t, (lp, alternatives) in zip(tokens, top_texts(self.tokenizer, piece.logprobs), strict=True)
+                for i, (t, (lp, alternatives)) in enumerate(zip(tokens, piece.logprobs, strict=True))
             ]
         )  # fmt: skip
-
-
-def _bytes(text: str) -> list[int] | None:
-    return None if _REPLACEMENT in text else list(text.encode())
