@@ -241,6 +241,15 @@ def test_vllms_bounds_are_accepted(client: openai.OpenAI, backend: FakeBackend) 
     assert backend.requests[-1].seed == -2
 
 
+def test_a_request_naming_no_model_asks_for_the_served_one(http: httpx.Client, backend: FakeBackend) -> None:
+    """As vLLM: `model` left out (or null) is the served model, named in the response; OpenAI requires it."""
+    for body in ({"prompt": "hi", "max_tokens": 2}, {"prompt": "hi", "max_tokens": 2, "model": None}):
+        response = http.post(COMPLETIONS, json=body)
+        assert response.status_code == 200 and response.json()["model"] == "org/fake-model", response.text
+    chat = http.post(CHAT, json={"messages": USER_HI, "max_tokens": 2, "stream": True})
+    assert json.loads(sse_payloads(chat)[0])["model"] == "org/fake-model"
+
+
 def test_an_assistant_message_sent_back_whole_is_accepted(client: openai.OpenAI, backend: FakeBackend) -> None:
     """A client continuing a conversation with the reply's `message.model_dump()`: its empty OpenAI fields
     (tool_calls, refusal, function_call, audio, annotations) are harmless and accepted; tool calls in them are not."""
@@ -539,7 +548,7 @@ def chat(**fields: Any) -> tuple[str, dict[str, Any]]:
 @pytest.mark.parametrize(
     ("request_", "status", "param", "code"),
     [
-        ((COMPLETIONS, {"prompt": "hi"}), 400, "model", None),
+        (completion(model=5), 400, "model", None),
         (completion(model="other"), 404, "model", "model_not_found"),
         ((COMPLETIONS, {"model": "fake-model"}), 400, "prompt", None),
         (completion(prompt=""), 400, "prompt", None),

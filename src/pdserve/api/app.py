@@ -161,7 +161,7 @@ async def metrics(state: State) -> Response:
 async def completions(body: CompletionRequest, request: Request, state: State) -> Response:
     """Completion of a text or token-id prompt; SSE when `stream` is set. 400 for invalid input, 404 for an
     unknown model, 429/503 when the backend has no room."""
-    check_model(state.backend, body.model)
+    model = _model(body, state)
     body, default_max_tokens = with_defaults(body, state.sampling_defaults)
     check_limits(body, state.limits, "max_tokens")
     with span_in(traceparent(), names.SPAN_TOKENIZE):
@@ -176,7 +176,7 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
         len(prompt_ids), limit, 1 if score_only else body.max_tokens, "prompt", "max_tokens", state.limits.max_tokens,
         None if score_only else default_max_tokens,
     )  # fmt: skip
-    meta = ResponseMeta.new("cmpl", body.model, state.fingerprint)
+    meta = ResponseMeta.new("cmpl", model, state.fingerprint)
     echo, overlap = None, 0
     if body.echo:
         tokenizer = state.backend.tokenizer
@@ -196,7 +196,7 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State) -> Response:
     """Chat completion through the model's chat template; SSE when `stream` is set. Without a token limit the
     reply may fill the context. Errors as for /v1/completions."""
-    check_model(state.backend, body.model)
+    model = _model(body, state)
     body, default_max_tokens = with_defaults(body, state.sampling_defaults)
     asked, param = body.output_limit()
     check_limits(body, state.limits, param)
@@ -212,7 +212,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         len(prompt_ids), state.backend.max_model_len, asked, "messages", param, state.limits.max_tokens,
         default_max_tokens,
     )  # fmt: skip
-    meta = ResponseMeta.new("chatcmpl", body.model, state.fingerprint)
+    meta = ResponseMeta.new("chatcmpl", model, state.fingerprint)
     fmt = ChatFormat(meta, state.backend.tokenizer, with_logprobs=body.logprobs)
     return await _serve(state, body, request, prompt_ids, max_tokens, fmt, body.top_logprobs)
 
@@ -314,6 +314,15 @@ async def _serve_choices(
     for i, choice in enumerate(whole.choices):  # type: ignore[attr-defined]
         choice.index = i
     return _json(whole)
+
+
+def _model(body: SamplingFields, state: APIState) -> str:
+    """The served model a request names: as vLLM, one that names none asks for the served model (its first name);
+    an unknown one is a 404."""
+    if body.model is None:
+        return state.backend.model_names[0]
+    check_model(state.backend, body.model)
+    return body.model
 
 
 async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T | None:

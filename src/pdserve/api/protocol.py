@@ -95,7 +95,7 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)  # extras are checked by _known_fields_only
     endpoint: ClassVar[str]
 
-    model: str
+    model: str | None = None  # as vLLM: left out, the served model (its first name)
     temperature: float = Field(1.0, ge=0.0, allow_inf_nan=False)  # as vLLM, above OpenAI's 2 too (min_p's use)
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=-1)  # vLLM extension; 0 or -1 disables
