@@ -110,9 +110,18 @@ def test_autoscaling_config_checks_and_planner_kwargs() -> None:
     assert planned.ttft_slo_s == 0.7 and planned.decode.max_replicas == 9 and planned.decode.min_replicas == 2
     assert planned.prior_prefill_tokens_per_s == config.router.prefill_tokens_per_s
     assert built.interval_s == config.autoscaling.interval_s
-    # every setting reaches the planner (a field added to one and not the other fails here)
+    # every setting reaches the planner (a field added to one and not the other fails here), with its value
     settings = set(AutoscalingSettings.model_fields) - {"enabled", "interval_s"}
     assert settings <= set(PlannerConfig.__dataclass_fields__)
+    defaults = AutoscalingSettings()
+    custom = {name: getattr(defaults, name) * 0.5 + 0.01 for name in settings}  # each off its default, in range
+    assert all(value != getattr(defaults, name) for name, value in custom.items())
+    config = ServeConfig(autoscaling={"enabled": True, **custom}, max_num_seqs=7,
+                         router={"decode_step_per_seq_s": 0.003, "expected_output_tokens": 77})  # fmt: skip
+    planned = PoolPlanner(**config.planner_kwargs()).planner.config
+    assert {name: getattr(planned, name) for name in settings} == custom
+    assert planned.max_seqs_per_replica == 7
+    assert (planned.prior_decode_step_per_seq_s, planned.prior_output_tokens) == (0.003, 77.0)
 
 
 def test_build_app_hands_serve_the_bounds_and_deploy_config_the_policy(

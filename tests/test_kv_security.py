@@ -101,10 +101,15 @@ def test_a_peer_without_the_secret_learns_nothing_and_a_bad_proof_is_refused_cle
     _honest_send_works(rx)
 
 
-def test_a_listener_without_the_secret_is_sent_no_kv(rx: TcpReceiver) -> None:
+@pytest.mark.parametrize("answer", ["nothing", "a sender's proof"])
+def test_a_listener_without_the_secret_is_sent_no_kv(rx: TcpReceiver, answer: str) -> None:
     """A listener at a decode replica's address that does not know the secret (a dead replica's port reused, a
-    spoofed endpoint) accepts every hello: the sender asks it to prove the secret first, and sends it no KV byte."""
+    spoofed endpoint) accepts every hello: the sender asks it to prove the secret first, and sends it no KV byte.
+    "a sender's proof": what a reflection yields (the sender's own nonce sent as the challenge of a second connection
+    of the same sender, whose answer is played back here); a receiver's proof is another message than a sender's, so
+    it proves nothing (equal, the sender sent its KV: 1104 bytes)."""
     import dataclasses
+    import json
     import threading
 
     received_after_hello: list[int] = []
@@ -115,8 +120,12 @@ def test_a_listener_without_the_secret_is_sent_no_kv(rx: TcpReceiver) -> None:
         with conn:
             conn.sendall(wire.CHALLENGE.pack(wire.MAGIC, b"\x00" * 32))
             _, _, size = wire.HELLO.unpack(wire.recv_bytes(conn, wire.HELLO.size))
-            wire.recv_bytes(conn, size)
-            conn.sendall(wire.REPLY.pack(0, 0))  # "ok", with nothing to show for it
+            hello = json.loads(wire.recv_bytes(conn, size))
+            if answer == "nothing":
+                conn.sendall(wire.REPLY.pack(0, 0))  # "ok", with nothing to show for it
+            else:
+                reflected = wire._proof(wire.cluster_secret(), bytes.fromhex(hello["nonce"]), hello["cache_id"])
+                conn.sendall(wire.REPLY.pack(0, 64) + reflected.encode())
             received, chunk = 0, b"x"
             while chunk:
                 chunk = conn.recv(1 << 16)

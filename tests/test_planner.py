@@ -697,6 +697,15 @@ def test_decode_counts_the_prefill_pools_arrivals_and_refused_reservations() -> 
     decision = planner.plan(10.0, later, current)["decode"]
     assert "10.00 req/s" in decision.reason
     assert decision.target >= 3 and decision.needed >= 3
+    # At a demand one replica serves, only the refusals ask for another (the case above grows on demand alone).
+    for refused, needed in ((30, 3), (0, 1)):
+        planner = Planner(config())
+        planner.plan(0.0, {"prefill": {"p": _prefill_report(0, 0, 0)}, "decode": {"d1": _decode_report(0, 0, 2, 100)}},
+                     current)  # fmt: skip
+        later = {"prefill": {"p": _prefill_report(10, 500, 1)},
+                 "decode": {"d1": _decode_report(10, 1, 2, 110, refused=refused)}}  # fmt: skip
+        decision = planner.plan(10.0, later, current)["decode"]
+        assert decision.needed == needed and ("kv-refused" in decision.reason) == bool(refused), decision
 
 
 def test_decode_kv_refused_alone_asks_for_one_more_replica() -> None:

@@ -67,8 +67,9 @@ def test_index_matches_every_replica_at_once() -> None:
 def test_index_detects_gaps_and_restarts_and_resyncs(answer: KVEventBatch) -> None:
     index = PrefixIndex()
     index.apply("r0", snapshot("inc", 2, {A, B}))
+    index.record_optimistic("r0", [C])  # expected blocks go with the rest
     assert not index.apply("r0", answer)
-    assert index.match([A, B]) == {"r0": 0}  # no ghost blocks kept
+    assert index.match([A, B]) == {"r0": 0} and index.match([C]) == {"r0": 0}  # no ghost blocks kept
     assert index.cursor("r0") == SyncCursor(None, 0)  # next pull gets a snapshot
     assert index.num_resyncs == 1
     assert index.apply("r0", snapshot("new", 7, {A}))
@@ -92,8 +93,9 @@ def test_index_cleared_event_and_snapshot_replace_everything() -> None:
     index.apply("r0", snapshot("inc", 1, {A, B}))
     index.apply("r0", batch("inc", 3, (2, CLEARED, ()), (3, STORED, (A,))))
     assert index.match([A, B]) == {"r0": 1}
+    index.record_optimistic("r0", [A, B])
     index.apply("r0", snapshot("inc2", 9, {C}))
-    assert index.match([A]) == {"r0": 0}
+    assert index.match([A]) == {"r0": 0} and index.match([B]) == {"r0": 0}
     assert index.match([C]) == {"r0": 1}
 
 
@@ -112,13 +114,19 @@ def test_index_optimistic_entries_expire_unless_confirmed() -> None:
 
 
 def test_index_removed_replica_leaves_no_bits_and_its_slot_is_reused() -> None:
-    index = PrefixIndex()
+    """Its expected (optimistic) blocks too: left in the slot, the replica taking it inherited them for good (their
+    expiry looks the old replica up and skips it)."""
+    clock = FakeClock()
+    index = PrefixIndex(optimistic_ttl_s=2.0, clock=clock)
     index.apply("r0", snapshot("i0", 1, {A, B}))
     index.apply("r1", snapshot("i1", 1, {A}))
+    index.record_optimistic("r0", [C])
     index.remove_replica("r0")
     assert index.replica_ids == ["r1"]
-    index.apply("r2", snapshot("i2", 1, set()))  # takes r0's slot: must not inherit A, B
-    assert index.match([A, B]) == {"r1": 1, "r2": 0}
+    index.apply("r2", snapshot("i2", 1, set()))  # takes r0's slot: must not inherit A, B or C
+    assert index.match([A, B]) == {"r1": 1, "r2": 0} and index.match([C]) == {"r1": 0, "r2": 0}
+    clock.now += 10.0
+    assert index.match([C]) == {"r1": 0, "r2": 0}
 
 
 def test_index_follows_a_real_block_pool() -> None:
@@ -358,9 +366,10 @@ def test_the_load_of_other_ingress_replicas_counts_from_the_replicas_reports() -
         a.route(f"a{i}", [1000 * (i + 1) + k for k in range(20)], PROMPT, 100)
 
     def reports(prefilled: bool) -> list[ReplicaReport]:
-        """The replicas report exactly a's requests (`prefilled`: their prompts are computed)."""
+        """The replicas report exactly a's requests (`prefilled`: their prompts are computed); one of each decode
+        replica's decodes waits for a seat (committed, reported as waiting: it holds a decode all the same)."""
         return [
-            ReplicaReport(rid, load.role, "n0", 1000, 1000, load.num_decodes, 0,
+            ReplicaReport(rid, load.role, "n0", 1000, 1000, max(0, load.num_decodes - 1), min(1, load.num_decodes),
                           0 if prefilled else load.num_prefill_tokens)
             for rid, load in a.loads.items()
         ]  # fmt: skip
