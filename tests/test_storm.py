@@ -233,13 +233,16 @@ def _idle_state(served: Served, live: set[str] | None = None) -> dict[str, float
     else:
         missing = 0 if reporting else 1
     state: dict[str, float] = {"engine replicas not reporting": missing}
-    for name in ("pdserve_kv_blocks_used", "pdserve_kv_blocks_held", "pdserve_kv_blocks_reserved",
-                 "pdserve_kv_blocks_fenced", "pdserve_num_requests_running",
-                 "pdserve_num_requests_waiting"):  # fmt: skip
-        state[name] = sum(metrics.get(name, {}).values())
-    state["pdserve_router_in_flight"] = sum(metrics.get("pdserve_router_in_flight", {}).values())
-    # Admission's share: prompt tokens admitted and not yet started (a request left held one, 429s for ever after).
-    state["pdserve_admission_queued_tokens"] = sum(metrics.get("pdserve_admission_queued_tokens", {}).values())
+    # Admission's share: prompt tokens admitted and not yet started (a request left holding one: 429s for ever after).
+    names = ["pdserve_kv_blocks_used", "pdserve_kv_blocks_held", "pdserve_kv_blocks_reserved",
+             "pdserve_kv_blocks_fenced", "pdserve_num_requests_running", "pdserve_num_requests_waiting",
+             "pdserve_admission_queued_tokens"]  # fmt: skip
+    roles = {dict(labels).get("role") for labels in metrics.get("pdserve_kv_blocks_total", {})}
+    if roles & {"prefill", "decode"}:  # a disaggregated app's ingress routes (a colocated one has no router)
+        names.append("pdserve_router_in_flight")
+    for name in names:
+        # A family no longer rendered (renamed, its collector gone) must not read as idle
+        state[name] = sum(metrics[name].values()) if name in metrics else float("nan")
     return state
 
 
@@ -264,14 +267,25 @@ def test_the_idle_check_needs_every_replica_reporting() -> None:
     """`_idle_state` on crafted snapshots: a replica missing from the stats (its call failed) is not idle, nor is an
     extra one (a dead replica's stats kept), nor none at all; after a kill, exactly the live replicas must report."""
 
+    families = ["pdserve_kv_blocks_used", "pdserve_kv_blocks_held", "pdserve_kv_blocks_reserved",
+                "pdserve_kv_blocks_fenced", "pdserve_num_requests_running", "pdserve_num_requests_waiting",
+                "pdserve_admission_queued_tokens", "pdserve_router_in_flight"]  # fmt: skip
+    left_out: set[str] = set()
+
     class Snapshot(Served):
         def fresh_metrics(self, timeout_s: float = 15.0, check_count: bool = True):  # type: ignore[no-untyped-def]
             reporting = [r for r in (self.api_key or "").split(",") if r]
-            return {"pdserve_kv_blocks_total": {(("replica", r),): 100.0 for r in reporting},
-                    "pdserve_kv_blocks_used": {(("replica", "a"),): 0.0}}  # fmt: skip
+            idle = {name: {(("replica", "a"),): 0.0} for name in families if name not in left_out}
+            return {"pdserve_kv_blocks_total": {(("replica", r), ("role", "decode")): 100.0 for r in reporting},
+                    **idle}  # fmt: skip
 
     def busy(reporting: str, want: int | None, live: set[str] | None = None) -> bool:
         return any(_idle_state(Snapshot("http://x/v1", api_key=reporting, num_engine_replicas=want), live).values())
+
+    for name in families:  # a family no longer rendered is not an idle one
+        left_out.add(name)
+        assert busy("a,b", 2), name
+        left_out.clear()
 
     assert not busy("a,b", 2) and not busy("a,b", None) and not busy("a", None) and busy("", None)
     assert busy("a", 2) and busy("a,b,c", 2)  # one not reporting; one too many
