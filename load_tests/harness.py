@@ -397,6 +397,13 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, goodput: str 
     return "\n".join(lines)
 
 
+def cdf_points(values: list[float], num_sent: int) -> tuple[list[float], list[float]]:
+    """A latency CDF over all requests sent: the refused and failed ones (no value) never reach the top, so a mode
+    refusing more does not look better."""
+    ordered = sorted(values)
+    return ordered, [(i + 1) / num_sent for i in range(len(ordered))]
+
+
 def plots(out: Path, runs: list[tuple[dict[str, Any], list[Record]]], args: argparse.Namespace) -> list[Path]:
     """Latency CDFs per rate, SLO attainment vs rate, and TPOT over time (the last run). Needs matplotlib."""
     try:
@@ -412,8 +419,7 @@ def plots(out: Path, runs: list[tuple[dict[str, Any], list[Record]]], args: argp
     for row, records in runs:
         for ax, values in zip(axes, ([r.ttft_s for r in records if r.ttft_s is not None],
                                      [t for r in records if (t := r.tpot_s) is not None]), strict=True):  # fmt: skip
-            ordered = sorted(values)  # of all requests sent: the refused and failed ones never reach the top
-            ax.plot(ordered, [(i + 1) / len(records) for i in range(len(ordered))], label=f"{row['rate']:.2f} req/s")
+            ax.plot(*cdf_points(values, len(records)), label=f"{row['rate']:.2f} req/s")
     for ax, name, slo in zip(axes, ("TTFT s", "TPOT s"), (args.ttft_slo_s, args.tpot_slo_s), strict=True):
         ax.axvline(slo, color="gray", linestyle="--")
         ax.set_xlabel(name)
@@ -482,8 +488,7 @@ def compare_plots(out: Path, modes: dict[str, list[tuple[dict[str, Any], list[Re
     for name, records in at_rate.items():
         for ax, values in zip(axes, ([r.ttft_s for r in records if r.ttft_s is not None],
                                      [t for r in records if (t := r.tpot_s) is not None]), strict=True):  # fmt: skip
-            ordered = sorted(values)  # of all requests sent, as above: a mode refusing more does not look better
-            ax.plot(ordered, [(i + 1) / len(records) for i in range(len(ordered))], label=name)
+            ax.plot(*cdf_points(values, len(records)), label=name)
     for ax, label, slo in zip(axes, ("TTFT s", "TPOT s"), (args.ttft_slo_s, args.tpot_slo_s), strict=True):
         ax.axvline(slo, color="gray", linestyle="--")
         ax.set_xlabel(f"{label} at {rate:.2f} req/s")

@@ -393,3 +393,10 @@ def test_a_client_that_falls_behind_its_schedule_is_reported(monkeypatch: pytest
     assert "after their scheduled arrival" in harness.markdown([row], args, None)
     on_time = harness.summary(10.0, [harness.Record("chat", 0.0, 1, 200, 0.01, 0.02, 2)], 1.0, args)
     assert "scheduled arrival" not in harness.markdown([on_time], args, None)
+
+
+def test_latency_cdfs_count_every_request_sent() -> None:
+    """Over all requests sent: of 4 sent, 2 refused (no latency), the curve tops out at 0.5 — over the completed
+    ones only it reached 1.0, and a mode refusing more looked better."""
+    assert harness.cdf_points([0.2, 0.1], 4) == ([0.1, 0.2], [0.25, 0.5])
+    assert harness.cdf_points([], 3) == ([], [])
