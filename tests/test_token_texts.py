@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,12 +19,15 @@ from tiny_models import build_sentencepiece_tokenizer, build_tokenizer
 WORDS = ["hello", "world", "the", "quick", "brown", "fox", ",", ".", "  ", "ü", "日本", "½", "a", "I", "\n"]
 
 
+def _tokenizer(kind: str, path: Path) -> Any:
+    if kind == "byte-level":
+        return build_tokenizer(path)
+    return build_sentencepiece_tokenizer(path, metaspace_decoder=kind == "metaspace")
+
+
 @pytest.mark.parametrize("kind", ["llama2", "metaspace", "byte-level"])
 def test_token_texts_spell_the_continuation(tmp_path: Path, kind: str) -> None:
-    if kind == "byte-level":
-        tokenizer = build_tokenizer(tmp_path)
-    else:
-        tokenizer = build_sentencepiece_tokenizer(tmp_path, metaspace_decoder=kind == "metaspace")
+    tokenizer = _tokenizer(kind, tmp_path)
     rng = random.Random(kind)
     checked = 0
     for _ in range(300):
@@ -47,10 +51,7 @@ def test_token_bytes_join_into_the_continuation(tmp_path: Path, kind: str) -> No
     """OpenAI's `bytes`: a token holding part of a character (its text alone is U+FFFD) reports its vocabulary
     piece's raw bytes (byte-level BPE's alphabet, byte fallback's <0xNN>), so the tokens' bytes join into the text —
     they were null for exactly the tokens the field is for."""
-    if kind == "byte-level":
-        tokenizer = build_tokenizer(tmp_path)
-    else:
-        tokenizer = build_sentencepiece_tokenizer(tmp_path, metaspace_decoder=kind == "metaspace")
+    tokenizer = _tokenizer(kind, tmp_path)
     rng = random.Random(kind)
     checked = split = 0
     for _ in range(300):
