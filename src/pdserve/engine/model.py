@@ -25,7 +25,7 @@ from pdserve.kvcache import KVCache
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-_UNSUPPORTED_ROPE_TYPES = ("dynamic", "longrope")  # scale with the sequence length; not implemented
+_UNSUPPORTED_ROPE_TYPES = ("longrope",)  # switches frequencies with the sequence length; not implemented
 
 
 @dataclass(frozen=True)
@@ -286,17 +286,13 @@ def _rope_tables(
     """cos/sin for every position `[max_positions, D]`, computed as transformers' Llama rotary module computes them:
     its inverse frequencies (`ROPE_INIT_FUNCTIONS`), then the same float32 ops, so that default, linear, llama3 and
     yarn RoPE match it bit for bit (tests/test_rope.py) without importing its modeling code, which costs every
-    replica start ~3 s of CPU. The rope types whose module changes its frequencies with the positions it sees
-    (dynamic, longrope) go through that module itself."""
+    replica start ~3 s of CPU. Dynamic NTK changes its frequencies only past max_position_embeddings, which bounds
+    max_model_len: below it its table is the default one (bit for bit). longrope is refused (check_supported)."""
     params = config.rope_parameters
     rope_type = params["rope_type"]
-    if rope_type in ("dynamic", "longrope"):
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-        rotary = LlamaRotaryEmbedding(config)  # type: ignore[arg-type]
-        cos, sin = rotary(torch.empty(0, dtype=dtype), torch.arange(max_positions)[None])
-        return cos[0].to(device), sin[0].to(device)
-    if rope_type == "default":
+    if rope_type == "dynamic" and max_positions > config.max_position_embeddings:
+        raise ValueError("dynamic rope scales past max_position_embeddings; pdserve serves positions below it only")
+    if rope_type in ("default", "dynamic"):  # dynamic NTK equals the default below max_position_embeddings
         dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         scaling = 1.0

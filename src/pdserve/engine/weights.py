@@ -22,9 +22,21 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Turn a config dtype name into a torch dtype; "auto" picks bfloat16 where it is native, else float32."""
+def checkpoint_dtype(config: PretrainedConfig) -> torch.dtype | None:
+    """The dtype config.json says the weights are stored in (`dtype`, formerly `torch_dtype`), if it says one."""
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, torch.dtype):
+        return stored
+    return _DTYPES.get(str(stored).removeprefix("torch.")) if stored else None
+
+
+def resolve_dtype(name: str, device: torch.device, stored: torch.dtype | None = None) -> torch.dtype:
+    """Turn a config dtype name into a torch dtype. "auto" never rounds a float16 checkpoint to bfloat16 (3 fewer
+    mantissa bits: its greedy tokens would differ from transformers' and vLLM's, which both run it in float16):
+    float16 on CUDA, float32 (exact) on CPU; otherwise bfloat16 where it is native, else float32."""
     if name == "auto":
+        if stored == torch.float16:
+            return torch.float16 if device.type == "cuda" else torch.float32
         native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
         return torch.bfloat16 if native else torch.float32
     if name not in _DTYPES:
@@ -116,6 +128,18 @@ class CheckpointReader:
         if index.is_file():
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
             self._file_of = {name: root / file for name, file in weight_map.items()}
+            # Every shard the index names is there and holds what it maps to it: checked on the headers, before any
+            # tensor is read (else a missing shard surfaces half-way through loading as a FileNotFoundError).
+            absent = sorted({file for file in weight_map.values() if not (root / file).is_file()})
+            if absent:
+                raise ValueError(f"checkpoint {root}: its index names shard(s) the directory lacks: {_listing(absent)}")
+            for file in set(weight_map.values()):
+                with safe_open(root / file, framework="pt") as f:
+                    lacking = {n for n, shard in weight_map.items() if shard == file} - set(f.keys())
+                if lacking:
+                    raise ValueError(
+                        f"checkpoint {root}: shard {file} lacks tensor(s) its index maps to it: {_listing(lacking)}"
+                    )
         elif (root / "model.safetensors").is_file():
             with safe_open(root / "model.safetensors", framework="pt") as f:
                 self._file_of = {name: root / "model.safetensors" for name in f.keys()}  # noqa: SIM118

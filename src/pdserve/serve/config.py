@@ -243,7 +243,9 @@ class ServeConfig(BaseModel):
         "or list); the first is the one responses carry (default: the model's name)",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="weights and KV dtype; auto: bfloat16 on CUDA and on CPUs with native bf16, else float32"
+        "auto",
+        description="weights and KV dtype; auto: bfloat16 on CUDA and on CPUs with native bf16, else float32 "
+        "(a float16 checkpoint: float16 on CUDA, float32 on CPU)",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
