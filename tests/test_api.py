@@ -194,12 +194,13 @@ def test_completion_stream_equals_whole(client: openai.OpenAI, backend: FakeBack
 
 
 def test_null_stream_options_mean_the_defaults(client: openai.OpenAI, backend: FakeBackend) -> None:
-    """`stream_options` fields sent as null are their defaults (as at the top level, and as vLLM takes them): as in
-    vLLM, a stream_options object asks for the usage chunk unless include_usage is false."""
+    """`stream_options` fields sent as null are their defaults (as at the top level, and as vLLM takes them), but a
+    null include_usage is false; as in vLLM, a stream_options object asks for the usage chunk unless it says so."""
     args: dict[str, Any] = {"model": "fake-model", "prompt": "hi", "max_tokens": 5, "stream": True}
-    plain = list(client.completions.create(**args, stream_options={"include_usage": False}))
-    assert plain and all(c.usage is None for c in plain)
-    for options in ({"include_usage": None}, {"include_usage": True, "continuous_usage_stats": None}, {}):
+    for options in ({"include_usage": False}, {"include_usage": None}):  # null: no usage, as vLLM and OpenAI read it
+        plain = list(client.completions.create(**args, stream_options=options))  # type: ignore[arg-type]
+        assert plain and all(c.usage is None for c in plain), options
+    for options in ({"include_usage": True, "continuous_usage_stats": None}, {}):
         with_usage = list(client.completions.create(**args, stream_options=options))  # type: ignore[arg-type]
         assert with_usage[-1].usage is not None and with_usage[-1].choices == [], options
         assert all(c.usage is None for c in with_usage[:-1]), options

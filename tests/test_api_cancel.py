@@ -219,6 +219,11 @@ def whole_response_problem(case: Case, sent: list[dict[str, Any]]) -> str | None
     return None if finishes == ["stop"] * case.n else f"finish reasons {finishes}"
 
 
+async def _turns(n: int) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
 def test_a_failure_as_the_client_leaves_is_not_logged_as_never_retrieved() -> None:
     """The backend fails in the loop turn the client leaves (a non-streamed request's collect, a stream's wait for its
     first delta): the failed task's exception was never read, and asyncio logged "Task exception was never
@@ -248,6 +253,21 @@ def test_a_failure_as_the_client_leaves_is_not_logged_as_never_retrieved() -> No
             raise RuntimeError("backend failed")
             yield  # an async generator
 
+        async def failing_when_cancelled() -> AsyncGenerator[GenerationDelta, None]:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:  # the stream's own cleanup fails as the caller leaves
+                raise RuntimeError("backend failed while closing") from None
+            yield  # an async generator
+
+        async def left_while_waiting() -> None:
+            nonlocal caller
+            caller = asyncio.ensure_future(first_delta_within(failing_when_cancelled(), 5.0))
+            await _turns(3)
+            caller.cancel()
+            await asyncio.wait({caller})
+
+        await left_while_waiting()  # its pending first-delta task ends failed: read by the stream's closing
         for call in (lambda: _unless_disconnected(Connected(), work()), lambda: first_delta_within(deltas(), 5.0)):
             caller = asyncio.ensure_future(call())  # type: ignore[no-untyped-call]
             with contextlib.suppress(asyncio.CancelledError):

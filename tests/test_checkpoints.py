@@ -43,7 +43,11 @@ def _matches_transformers(path: Path, lengths: list[int], max_tokens: int = 16, 
         assert_matches(reference_greedy(model, p, max_tokens), got[f"r{i}"], f"{len(p)} prompt tokens")
 
 
-def test_auto_dtype_keeps_a_float16_checkpoint_out_of_bfloat16(tmp_path: Path) -> None:
+def test_auto_dtype_runs_a_float16_checkpoint_in_float16_on_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                  ) -> None:  # fmt: skip
+    """On CUDA, as transformers and vLLM; on CPU the speed rule holds for every checkpoint (bfloat16 where native,
+    else float32), as vLLM-CPU's."""
+    from pdserve.engine import engine as engine_module
     from pdserve.engine.weights import checkpoint_dtype, load_hf_config, resolve_dtype
 
     path = build_tiny_variant(tmp_path / "fp16", "llama", 4242)
@@ -52,9 +56,19 @@ def test_auto_dtype_keeps_a_float16_checkpoint_out_of_bfloat16(tmp_path: Path) -
     _edit_config(path, dtype="float16", torch_dtype=None)
     stored = checkpoint_dtype(load_hf_config(path))
     assert stored == torch.float16
-    assert resolve_dtype("auto", torch.device("cpu"), stored) == torch.float32
+    assert resolve_dtype("auto", torch.device("cpu"), stored) == resolve_dtype("auto", torch.device("cpu"))
     assert resolve_dtype("auto", torch.device("cuda"), stored) == torch.float16
     assert resolve_dtype("auto", torch.device("cuda"), torch.float32) == torch.bfloat16
+    # The engine hands the checkpoint's dtype over
+    seen: list[tuple[str, torch.dtype | None]] = []
+
+    def resolving(name: str, device: torch.device, stored: torch.dtype | None = None) -> torch.dtype:
+        seen.append((name, stored))
+        return resolve_dtype(name, device, stored)
+
+    monkeypatch.setattr(engine_module, "resolve_dtype", resolving)
+    make_engine(path)
+    assert seen == [("float32", torch.float16)]
 
 
 def test_memory_counts_only_the_shards_the_engine_loads(tmp_path: Path) -> None:

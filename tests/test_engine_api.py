@@ -229,6 +229,14 @@ def test_the_tokenizers_eos_stops_too(llama: Path, tmp_path: Path) -> None:
         assert out is not None and out.finish_reason is FinishReason.STOP
     assert make_engine(llama).eos_token_ids == (configs_eos,)  # the tokenizer's is the configs' own
     assert_idle(engine)
+    # An EOS added to the tokenizer without resizing the embeddings is no id the model has: not used (its mask raised
+    # IndexError for the whole batch)
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    vocab_size = json.loads((model / "config.json").read_text())["vocab_size"]
+    tokenizer["added_tokens"].append({**tokenizer["added_tokens"][0], "id": vocab_size, "content": "<|end|>"})
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (model / "tokenizer_config.json").write_text(json.dumps(settings | {"eos_token": "<|end|>"}))
+    assert make_engine(model).eos_token_ids == (configs_eos,)
 
 
 def test_seeded_sampling_is_reproducible_across_batches_and_split(llama: Path) -> None:

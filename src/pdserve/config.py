@@ -15,7 +15,7 @@ SchedulingPolicy = Literal["fcfs", "shortest_prefill_first"]
 class ModelConfig:
     path: str  # local HF directory: config.json + *.safetensors (+ tokenizer files)
     # "auto": bfloat16 on CUDA and on CPUs with native bf16 (avx512_bf16 / amx_bf16), float32 elsewhere; a float16
-    # checkpoint is never rounded to bfloat16 (float16 on CUDA, float32 on CPU).
+    # checkpoint runs in float16 on CUDA.
     dtype: str = "auto"
     device: str = "cpu"
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings (capped by the KV pool)

@@ -85,7 +85,10 @@ class StreamOptions(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _null_means_default(cls, value: Any, info: ValidationInfo) -> Any:
-        """An explicit null is the default here too, as at the top level (vLLM accepts it)."""
+        """An explicit null is the default here too, as at the top level (vLLM accepts it), except include_usage's:
+        null is no usage, as in vLLM and OpenAI (an SDK sending unset fields as null got a chunk without choices)."""
+        if value is None and info.field_name == "include_usage":
+            return False
         return cls.model_fields[str(info.field_name)].default if value is None else value
 
 
@@ -96,7 +99,9 @@ class SamplingFields(BaseModel):
     endpoint: ClassVar[str]
 
     model: str | None = None  # as vLLM: left out, the served model (its first name)
-    temperature: float = Field(1.0, ge=0.0, allow_inf_nan=False)  # as vLLM, above OpenAI's 2 too (min_p's use)
+    # As vLLM, above OpenAI's 2 too (min_p's use); bounded far above any use (past float32's range the logits divided
+    # by it read NaN)
+    temperature: float = Field(1.0, ge=0.0, le=1e4, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=-1)  # vLLM extension; 0 or -1 disables
     min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)  # vLLM: drop tokens under min_p x the top one

@@ -245,7 +245,7 @@ class ServeConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="weights and KV dtype; auto: bfloat16 on CUDA and on CPUs with native bf16, else float32 "
-        "(a float16 checkpoint: float16 on CUDA, float32 on CPU)",
+        "(a float16 checkpoint: float16 on CUDA)",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
