@@ -7,6 +7,7 @@ spaces, non-ASCII (byte-fallback tokens), over a prompt ending anywhere."""
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +26,25 @@ def _tokenizer(kind: str, path: Path) -> Any:
     return build_sentencepiece_tokenizer(path, metaspace_decoder=kind == "metaspace")
 
 
-@pytest.mark.parametrize("kind", ["llama2", "metaspace", "byte-level"])
-def test_token_texts_spell_the_continuation(tmp_path: Path, kind: str) -> None:
-    tokenizer = _tokenizer(kind, tmp_path)
+def _continuations(tokenizer: Any, kind: str) -> Iterator[tuple[str, int, list[int], list[int], str]]:
+    """300 seeded texts cut at a random token: (text, cut, prompt ids, output ids, the output's text), except the
+    cuts that split a character (its tokens read as U+FFFD alone) or leave no output."""
     rng = random.Random(kind)
-    checked = 0
     for _ in range(300):
         text = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(1, 12)))
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         cut = rng.randrange(1, len(ids) + 1) if len(ids) > 1 else 1
         prompt, output = ids[:cut], ids[cut:]
         want = continuation_text(tokenizer, prompt, output)
-        if "\ufffd" in want or not output:
-            continue  # a character split across the cut: its tokens read as U+FFFD alone
+        if "\ufffd" not in want and output:
+            yield text, cut, prompt, output, want
+
+
+@pytest.mark.parametrize("kind", ["llama2", "metaspace", "byte-level"])
+def test_token_texts_spell_the_continuation(tmp_path: Path, kind: str) -> None:
+    tokenizer = _tokenizer(kind, tmp_path)
+    checked = 0
+    for text, cut, _, output, want in _continuations(tokenizer, kind):
         texts = token_texts(tokenizer, output)
         if any("\ufffd" in t for t in texts):
             continue  # byte-fallback pieces of one character: only their bytes join
@@ -52,15 +59,9 @@ def test_token_bytes_join_into_the_continuation(tmp_path: Path, kind: str) -> No
     piece's raw bytes (byte-level BPE's alphabet, byte fallback's <0xNN>), so the tokens' bytes join into the text —
     they were null for exactly the tokens the field is for."""
     tokenizer = _tokenizer(kind, tmp_path)
-    rng = random.Random(kind)
     checked = split = 0
-    for _ in range(300):
-        text = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(1, 12)))
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        cut = rng.randrange(1, len(ids) + 1) if len(ids) > 1 else 1
-        prompt, output = ids[:cut], ids[cut:]
-        want = continuation_text(tokenizer, prompt, output)
-        if "\ufffd" in want or not output or tokenizer.decode(prompt).endswith("\ufffd"):
+    for text, cut, prompt, output, want in _continuations(tokenizer, kind):
+        if tokenizer.decode(prompt).endswith("\ufffd"):
             continue  # a character split across the cut: the output's text shows it whole, its bytes hold the tail
         texts = token_texts(tokenizer, output)
         found = token_bytes(tokenizer, output, texts)
