@@ -83,14 +83,21 @@ def token_texts(tokenizer: Any, token_ids: list[int]) -> list[str]:
 
 
 @lru_cache(maxsize=8)
+def _decoder_steps(tokenizer: Any) -> tuple[dict[str, Any], ...]:
+    """The steps of a fast tokenizer's decoder (a Sequence's, or the one), read once per tokenizer: its JSON holds the
+    whole vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return ()
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    return tuple(decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder])
+
+
+@lru_cache(maxsize=8)
 def _space_mark(tokenizer: Any) -> str | None:
     """The word-boundary mark a SentencePiece-style decoder turns into a space ("▁": a Metaspace decoder, or
     Llama's Replace ▁ → " "), else None (byte-level BPE spells its spaces itself)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    decoder = json.loads(backend.to_str()).get("decoder") or {}
-    for step in decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]:
+    for step in _decoder_steps(tokenizer):
         if step.get("type") == "Metaspace":
             return str(step.get("replacement", "▁"))
         if step.get("type") == "Replace" and step.get("content") == " " and step.get("pattern", {}).get("String"):
@@ -132,10 +139,7 @@ def _piece_bytes(piece: Any, byte_of: dict[str, int] | None) -> list[int] | None
 def _byte_level_alphabet(tokenizer: Any) -> dict[str, int] | None:
     """A byte-level BPE vocabulary's character for each byte, inverted (GPT-2's map: printable Latin-1 bytes stand
     for themselves, the others for 256, 257, ... in order); None for a tokenizer without a ByteLevel decoder."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    decoder = json.loads(backend.to_str()).get("decoder") or {} if backend is not None else {}
-    steps = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]
-    if not any(step.get("type") == "ByteLevel" for step in steps):
+    if not any(step.get("type") == "ByteLevel" for step in _decoder_steps(tokenizer)):
         return None
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
