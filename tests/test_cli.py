@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ import psutil
 import pytest
 from pydantic import BaseModel
 
-from pdserve.cli import build_parser, main, serve_config
+from pdserve.cli import build_parser, check_port_free, cluster_to_join, main, serve_config
 from pdserve.hub import resolve_model
 from pdserve.serve.config import PoolConfig, ServeConfig
 from pdserve.serve.process import QUIET_SERVE_ENV, quiet_serve_env
@@ -322,16 +323,26 @@ def test_serve_waits_for_a_slow_deploy_and_reports_a_failed_one(monkeypatch: pyt
         cli._wait_until_running("pdserve")
 
 
-@pytest.mark.parametrize("joined", [False, True])
+@pytest.mark.parametrize("cluster", ["started", "--address", "ray start"])
 def test_settings_this_cluster_cannot_serve_are_an_error_and_what_was_set_up_goes(
-    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], joined: bool
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], cluster: str
 ) -> None:
     """`--kv-transport nccl` on a cluster without GPUs validates alone and fails when the app is built, after Ray and
     Serve started: that was a traceback, with Serve left up on a joined cluster (found in review). Now one error
-    line, Serve shut down (or, on a joined cluster, nothing of its deleted: pdserve was never deployed there)."""
+    line, Serve shut down (or, on a joined cluster, nothing of its deleted: pdserve was never deployed there). A
+    cluster joined without --address (`ray start` on this node, as on a `ray up` head) is joined too: Serve, with
+    every other application on it, was shut down."""
     import ray
     from ray import serve
 
+    from serving import free_port
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # where `ray start` records this node's cluster
+    if cluster == "ray start":
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text("10.0.0.1:6379")
+    joined = cluster != "started"
     calls: list[str] = []
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append("ray.init"))
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
@@ -342,7 +353,8 @@ def test_settings_this_cluster_cannot_serve_are_an_error_and_what_was_set_up_goe
     monkeypatch.setattr(serve, "delete", lambda name: calls.append(f"serve.delete {name}"))
     monkeypatch.setattr(serve, "run", lambda *a, **kw: pytest.fail("deployed"))
     with pytest.raises(SystemExit):
-        main(["serve", str(tiny_llama), "--kv-transport", "nccl", *(["--address", "auto"] if joined else [])])
+        address = ["--address", "10.0.0.1:6379"] if cluster == "--address" else []
+        main(["serve", str(tiny_llama), "--kv-transport", "nccl", "--port", str(free_port()), *address])
     err = capsys.readouterr().err
     assert "invalid settings for this cluster:" in err and "Traceback" not in err
     assert calls == ["ray.init", "serve.start", *([] if joined else ["serve.shutdown"]), "ray.shutdown"]
@@ -378,8 +390,8 @@ def test_an_autoscaled_deploy_stores_the_exporters_headers_for_the_cluster(
         lambda carried: stored.append(dict(os.environ)) or calls.append("publish"),
     )
     monkeypatch.setattr("pdserve.cli.threading.Event.wait", lambda self: None)  # served: stop at once
-    main(["serve", str(tiny_llama), "--address", "auto", "--autoscaling.enabled", "--prefill.num-replicas", "1",
-          "--decode.num-replicas", "1"])  # fmt: skip
+    main(["serve", str(tiny_llama), "--address", "10.0.0.1:6379", "--autoscaling.enabled",
+          "--prefill.num-replicas", "1", "--decode.num-replicas", "1"])  # fmt: skip
     assert calls == ["ray.init", "serve.start", "publish", "deploy_apps", "serve.delete pdserve", "ray.shutdown"]
     assert stored[0]["OTEL_EXPORTER_OTLP_HEADERS"] == "authorization=Bearer abc"
 
@@ -538,8 +550,11 @@ def test_pdserve_serve_a_hub_id_answers_completions(offline_hub: Path, tmp_path:
     command = [sys.executable, "-m", "pdserve.cli", "serve", "org/tiny", "--device", "cpu", "--port", str(port),
                "--dtype", "float32", "--num-kv-blocks", "64", "--served-model-name", "tiny", "tiny-alias"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in QUIET_SERVE_ENV}
+    # Ray 2.60's direct ingress, as docs/DEPLOY.md advises for speed: HAProxy forwards to the ingress replicas
+    env |= {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
     with open(log, "w") as out:
         server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    stopped = False
     try:
         _wait_for_line(log, "pdserve is serving on", server, deadline_s=300)
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 4, "temperature": 0}
@@ -557,13 +572,55 @@ def test_pdserve_serve_a_hub_id_answers_completions(offline_hub: Path, tmp_path:
         }
         for process in serve_processes:
             assert {k: process.environ().get(k) for k in QUIET_SERVE_ENV} == QUIET_SERVE_ENV, process.info["cmdline"]
-    finally:
+        # SIGTERM (as Ctrl-C) ends it in seconds, HAProxy included: the ingress's drain for external load balancers
+        # (Serve's 30 s) made the controller's shutdown give up after 30 s
+        started = time.monotonic()
         server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        assert server.wait(timeout=60) == 0, log.read_text()[-4000:]
+        stopped = True
+        assert time.monotonic() - started < 25.0
+        check_port_free("127.0.0.1", port)  # nothing of the cluster still listens there
+    finally:
+        if not stopped:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+def test_pdserve_serve_refuses_a_port_another_process_listens_on(tiny_llama: Path) -> None:
+    """Before any Ray work, one line naming the holder: Serve's proxy failed later with a traceback, and with direct
+    ingress the command said it was serving while an HAProxy left by a killed cluster answered 500 on the port."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"cannot listen on 127.0.0.1:{port} .*held by pid {os.getpid()} "):
+            check_port_free("127.0.0.1", port)
+        command = [sys.executable, "-m", "pdserve.cli", "serve", str(tiny_llama), "--port", str(port)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr, result.stderr
+    assert "Ray" not in result.stderr  # refused before a cluster started
+    check_port_free("127.0.0.1", port)  # closed: free again
+
+
+def test_pdserve_serve_joins_the_cluster_ray_init_would(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --address, `ray.init` joins the cluster `ray start` runs on this node (a `ray up` head node's) or
+    RAY_ADDRESS: pdserve treated it as a cluster of its own and its exit shut Serve down there, every other
+    application with it. Which one it joins decides what its exit may remove."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # where `ray start` records the node's cluster
+    assert cluster_to_join(None) is None  # none here: it starts one (and shuts it down at exit)
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("10.1.2.3:6379")
+    assert cluster_to_join(None) == "10.1.2.3:6379"
+    assert cluster_to_join("local") is None  # Ray's word for a new local cluster
+    monkeypatch.setenv("RAY_ADDRESS", "10.9.9.9:6379")
+    assert cluster_to_join(None) == "10.9.9.9:6379"
+    assert cluster_to_join("10.4.4.4:6379") == "10.4.4.4:6379"
+    assert cluster_to_join("ray://head:10001") == "ray://head:10001"
 
 
 def test_quiet_serve_env_leaves_a_value_already_set() -> None:
@@ -672,6 +729,6 @@ def test_a_sigterm_while_deploying_takes_the_app_down_on_a_joined_cluster(
 
     monkeypatch.setattr(serve, "run", deploying)
     before = signal.getsignal(signal.SIGTERM)
-    main(["serve", str(tiny_llama), "--address", "auto"])
+    main(["serve", str(tiny_llama), "--address", "10.0.0.1:6379"])
     assert calls == ["ray.init", "serve.start", "serve.run", "serve.delete pdserve", "ray.shutdown"]
     assert signal.getsignal(signal.SIGTERM) is before

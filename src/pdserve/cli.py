@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 import types
@@ -231,8 +232,12 @@ def run_server(config: ServeConfig, address: str | None, model_path: str | None 
     from pdserve.serve.app import build_app, deploy_application
     from pdserve.serve.process import quiet_serve_env
 
-    if address is None:  # a cluster this call starts (one it joins took its environment when it started)
+    joining = cluster_to_join(address)
+    if joining is None:  # a cluster this call starts (one it joins took its environment when it started)
+        check_port_free(config.host, config.port)
         quiet_serve_env()
+    else:
+        logger.info("joining the Ray cluster at %s (--address local starts a new one)", joining)
     ray.init(address=address, include_dashboard=False)
     deploying = False
     previous = signal.getsignal(signal.SIGTERM)
@@ -268,12 +273,57 @@ def run_server(config: ServeConfig, address: str | None, model_path: str | None 
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM, serving or still deploying
         pass
     finally:
-        if address is None:
+        if joining is None:
             serve.shutdown()
         elif deploying:  # a cluster this call joined: its other applications (and Serve) stay
             serve.delete("pdserve")
         ray.shutdown()
         signal.signal(signal.SIGTERM, previous)
+
+
+def cluster_to_join(address: str | None) -> str | None:
+    """The Ray cluster `ray.init(address)` joins, or None where it starts a local one. As `ray.init`: `address`, else
+    RAY_ADDRESS, else the cluster `ray start` last started on this node (a `ray up` head node's): without
+    `--address` there, pdserve joined that cluster while treating it as its own, and its exit shut down Serve with
+    every other application on it (found in review). ValueError for "auto" with no cluster to find."""
+    if address is not None and address.startswith("ray://"):  # Ray Client: a remote cluster
+        return address
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        return canonicalize_bootstrap_address(address)  # type: ignore[arg-type]  # it takes None (its annotation not)
+    except ConnectionError as e:
+        raise ValueError(f"--address {address}: {e}") from None
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ValueError naming the holder when this host cannot listen on `port`. A cluster pdserve starts would fail
+    later with a traceback (Serve's proxy), or with direct ingress report serving while the port answered for
+    another process: an HAProxy a killed cluster left behind (`ray stop --force` leaves it running) returned 500
+    to every request."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn and HAProxy bind: TIME_WAIT is no holder
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            holder = _port_holder(port)
+            raise ValueError(
+                f"cannot listen on {host}:{port} ({e.strerror or e}){holder}: stop it or choose another --port"
+            ) from None
+
+
+def _port_holder(port: int) -> str:
+    """The text ", held by pid N (name)" for a listener on `port` this user may see, else empty."""
+    try:
+        import psutil
+
+        for conn in psutil.net_connections("tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                return f", held by pid {conn.pid} ({psutil.Process(conn.pid).name()})"
+    except Exception:  # no psutil, no permission, a process gone meanwhile: the error stands without a name
+        pass
+    return ""
 
 
 def _interrupt(*_: object) -> None:

@@ -18,10 +18,14 @@ FRONT_LEVEL_EVERY_S = 60.0  # proxies start with new nodes and restart after fai
 # already in the environment wins. Read by the processes Ray starts, so they must be set before Ray starts.
 # Also: Serve kills an HTTP proxy not ready within 5 s, and on a loaded small box (Ray's workers at niceness 15) the
 # first one can take longer: `serve.start` then failed with ActorDiedError (the tests have long set 30 s).
+# And with direct ingress an ingress replica that stops stays reachable 30 s so that external load balancers can
+# deregister it: the cluster `pdserve serve` starts is one node, whose HAProxy Serve reloads within a second, and
+# those 30 s made every Ctrl-C take 31 s (the controller's shutdown gave up waiting).
 QUIET_SERVE_ENV = {
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
 }
 
 
