@@ -4,6 +4,7 @@ colocated baseline, against transformers' generate() on SmolLM2-135M-Instruct (f
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import threading
@@ -18,6 +19,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from oracle import continuation_text, load_reference_model, random_prompts, reference_greedy
+from pdserve.serve.replicas import PERIODIC_CALLS, QuietPeriodicCalls, quiet_periodic_calls
 from serving import Served, deploy, shared_serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
@@ -390,6 +392,52 @@ def test_ingress_replicas_never_load_torch(apps) -> None:  # type: ignore[no-unt
 
     assert not any(torch_mapped("Ingress").values())
     assert all(torch_mapped("EngineServer").values()) and all(torch_mapped("DecodeServer").values())
+
+
+def test_engine_replicas_log_no_line_per_periodic_call(apps) -> None:  # type: ignore[no-untyped-def]
+    """Serve's access log printed a line for every call, the ingress's timed ones included (`stats` each second,
+    `router_sync`, lease renewals): 4 lines a second on an idle 1P1D console. After every test above, each engine
+    replica's log holds its per-request calls and none of those."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    for role, request_call in (("DecodeServer", "decode"), ("PrefillServer", "prefill"), ("EngineServer", "generate")):
+        files = list(logs.glob(f"replica_*_{role}_*.log"))
+        assert files, role
+        text = "\n".join(f.read_text(errors="replace") for f in files)
+        assert f"CALL {request_call} OK" in text, role
+        for call in PERIODIC_CALLS:
+            assert f"CALL {call} OK" not in text, (role, call)
+
+
+@pytest.mark.parametrize(
+    ("method", "route", "status", "kept"),
+    [("CALL", "stats", "OK", False), ("CALL", "router_sync", "OK", False), ("CALL", "renew", "OK", False),
+     ("CALL", "stats", "ERROR", True), ("CALL", "router_sync", "CANCELLED", True), ("CALL", "decode", "OK", True),
+     ("GET", "stats", "200", True)],
+)  # fmt: skip
+def test_quiet_periodic_calls_keeps_failures_and_other_calls(method: str, route: str, status: str, kept: bool) -> None:
+    from ray.serve._private.logging_utils import access_log_msg
+
+    serve_logger = logging.getLogger("ray.serve")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    before, level = list(serve_logger.filters), serve_logger.level
+    serve_logger.addHandler(handler)
+    serve_logger.setLevel(logging.INFO)
+    try:
+        quiet_periodic_calls()
+        quiet_periodic_calls()  # once per process
+        assert sum(isinstance(f, QuietPeriodicCalls) for f in serve_logger.filters) == 1
+        line = access_log_msg(method=method, route=route, status=status, latency_ms=0.4)
+        serve_logger.info(line, extra={"serve_access_log": True})
+        serve_logger.info(f"{route} is not an access-log line")  # any other record passes
+        assert seen == ([line] if kept else []) + [f"{route} is not an access-log line"]
+    finally:
+        serve_logger.removeHandler(handler)
+        serve_logger.filters[:] = before
+        serve_logger.setLevel(level)
 
 
 def test_n_choices_top_logprobs_and_echo_match_transformers(apps, reference, tokenizer) -> None:  # type: ignore[no-untyped-def]
