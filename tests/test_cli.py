@@ -22,7 +22,15 @@ import psutil
 import pytest
 from pydantic import BaseModel
 
-from pdserve.cli import build_parser, check_port_free, cluster_to_join, main, serve_config
+from pdserve.cli import (
+    build_parser,
+    check_joined_serve,
+    check_port_free,
+    cluster_to_join,
+    is_ray_client,
+    main,
+    serve_config,
+)
 from pdserve.hub import resolve_model
 from pdserve.serve.config import PoolConfig, ServeConfig
 from pdserve.serve.process import QUIET_SERVE_ENV, quiet_serve_env
@@ -323,7 +331,7 @@ def test_serve_waits_for_a_slow_deploy_and_reports_a_failed_one(monkeypatch: pyt
         cli._wait_until_running("pdserve")
 
 
-@pytest.mark.parametrize("cluster", ["started", "--address", "ray start"])
+@pytest.mark.parametrize("cluster", ["started", "--address", "ray start", "--address, Serve not running"])
 def test_settings_this_cluster_cannot_serve_are_an_error_and_what_was_set_up_goes(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], cluster: str
 ) -> None:
@@ -334,6 +342,7 @@ def test_settings_this_cluster_cannot_serve_are_an_error_and_what_was_set_up_goe
     every other application on it, was shut down."""
     import ray
     from ray import serve
+    from ray.serve import context
 
     from serving import free_port
 
@@ -343,6 +352,11 @@ def test_settings_this_cluster_cannot_serve_are_an_error_and_what_was_set_up_goe
         (tmp_path / "ray").mkdir()
         (tmp_path / "ray" / "ray_current_cluster").write_text("10.0.0.1:6379")
     joined = cluster != "started"
+    port = free_port()
+    http = types.SimpleNamespace(host="127.0.0.1", port=port, ssl_keyfile=None, ssl_certfile=None)
+    client = None if cluster.endswith("not running") else types.SimpleNamespace(http_config=http)
+    monkeypatch.setattr(context, "_get_global_client", lambda **kw: client)
+    monkeypatch.setattr(serve, "status", lambda: types.SimpleNamespace(applications={}))
     calls: list[str] = []
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append("ray.init"))
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
@@ -353,11 +367,13 @@ def test_settings_this_cluster_cannot_serve_are_an_error_and_what_was_set_up_goe
     monkeypatch.setattr(serve, "delete", lambda name: calls.append(f"serve.delete {name}"))
     monkeypatch.setattr(serve, "run", lambda *a, **kw: pytest.fail("deployed"))
     with pytest.raises(SystemExit):
-        address = ["--address", "10.0.0.1:6379"] if cluster == "--address" else []
-        main(["serve", str(tiny_llama), "--kv-transport", "nccl", "--port", str(free_port()), *address])
+        address = ["--address", "10.0.0.1:6379"] if cluster.startswith("--address") else []
+        main(["serve", str(tiny_llama), "--kv-transport", "nccl", "--port", str(port), *address])
     err = capsys.readouterr().err
     assert "invalid settings for this cluster:" in err and "Traceback" not in err
-    assert calls == ["ray.init", "serve.start", *([] if joined else ["serve.shutdown"]), "ray.shutdown"]
+    # Serve goes where this call started it: with the cluster it started, or on a joined one with no app left
+    shut_down = not joined or client is None
+    assert calls == ["ray.init", "serve.start", *(["serve.shutdown"] if shut_down else []), "ray.shutdown"]
 
 
 def test_an_autoscaled_deploy_stores_the_exporters_headers_for_the_cluster(
@@ -390,6 +406,7 @@ def test_an_autoscaled_deploy_stores_the_exporters_headers_for_the_cluster(
         lambda carried: stored.append(dict(os.environ)) or calls.append("publish"),
     )
     monkeypatch.setattr("pdserve.cli.threading.Event.wait", lambda self: None)  # served: stop at once
+    monkeypatch.setattr("pdserve.cli.check_joined_serve", lambda config: False)  # Serve runs there, as asked
     main(["serve", str(tiny_llama), "--address", "10.0.0.1:6379", "--autoscaling.enabled",
           "--prefill.num-replicas", "1", "--decode.num-replicas", "1"])  # fmt: skip
     assert calls == ["ray.init", "serve.start", "publish", "deploy_apps", "serve.delete pdserve", "ray.shutdown"]
@@ -621,6 +638,37 @@ def test_pdserve_serve_joins_the_cluster_ray_init_would(tmp_path: Path, monkeypa
     assert cluster_to_join(None) == "10.9.9.9:6379"
     assert cluster_to_join("10.4.4.4:6379") == "10.4.4.4:6379"
     assert cluster_to_join("ray://head:10001") == "ray://head:10001"
+    assert not is_ray_client(None) and not is_ray_client("10.4.4.4:6379")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # Ray Client from the environment, as ray.init reads it
+    assert cluster_to_join(None) == "ray://head:10001" and is_ray_client(None) and is_ray_client("auto")
+
+
+@pytest.mark.slow
+@pytest.mark.serve_cluster
+def test_a_joined_clusters_serve_is_checked_before_anything_is_deployed() -> None:
+    """On a joined cluster whose Serve already runs: its HTTP options are the ones it started with (a new --port or
+    TLS was ignored while the command printed the URL it asked for), and an application named pdserve there is
+    someone's (`serve deploy deploy/cpu-1p1d.yaml`): deploying replaced it and the exit deleted it (found in
+    review). Both are refused before any deploy."""
+    from ray import serve
+
+    from serving import shared_serve
+
+    with shared_serve() as port:
+        assert check_joined_serve(ServeConfig(port=port)) is False  # Serve runs there, listening where asked
+        with pytest.raises(ValueError, match=rf"already listens on http://127.0.0.1:{port} .*port={port + 1}\)"):
+            check_joined_serve(ServeConfig(port=port + 1))
+        with pytest.raises(ValueError, match=r"--host 127.0.0.1 .*host=0.0.0.0\)"):
+            check_joined_serve(ServeConfig(host="0.0.0.0", port=port))
+
+        @serve.deployment(ray_actor_options={"num_cpus": 0})
+        def theirs(request: object) -> str:
+            return "theirs"
+
+        serve.run(theirs.bind(), name="pdserve", route_prefix="/theirs")
+        with pytest.raises(ValueError, match="already runs an application named pdserve"):
+            check_joined_serve(ServeConfig(port=port))
+        assert "pdserve" in serve.status().applications  # nothing of it touched
 
 
 def test_quiet_serve_env_leaves_a_value_already_set() -> None:
@@ -703,12 +751,14 @@ def test_a_transfer_deadline_receivers_refuse_is_refused_in_the_config() -> None
         ServeConfig(kv_transfer_timeout_s=MAX_PEER_SECONDS + 1)
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_sigterm_while_deploying_takes_the_app_down_on_a_joined_cluster(
-    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, stop: signal.Signals
 ) -> None:
     """The SIGTERM handler was set only once serving: a SIGTERM during a deploy (minutes while a model loads)
     killed the process without its cleanup, leaving the app and its devices on a joined cluster (found in review).
-    It now ends the command as Ctrl-C does, and the handler before it is back afterwards."""
+    It now ends the command as Ctrl-C does, and the handler before it is back afterwards. So does SIGHUP: an SSH
+    session to a `ray up` head closing killed it without cleanup, the app keeping its replicas (found in review)."""
     import ray
     from ray import serve
 
@@ -720,15 +770,16 @@ def test_a_sigterm_while_deploying_takes_the_app_down_on_a_joined_cluster(
     monkeypatch.setattr(serve, "start", lambda **kw: calls.append("serve.start"))
     monkeypatch.setattr(serve, "delete", lambda name: calls.append(f"serve.delete {name}"))
     monkeypatch.setattr(serve_app, "build_app", lambda config, model_path=None: "app")
+    monkeypatch.setattr("pdserve.cli.check_joined_serve", lambda config: False)  # Serve runs there, as asked
 
     def deploying(app: object, **kwargs: object) -> None:
         calls.append("serve.run")
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), stop)
         time.sleep(10)  # the model loads: the signal interrupts it
         calls.append("deployed")
 
     monkeypatch.setattr(serve, "run", deploying)
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(stop)
     main(["serve", str(tiny_llama), "--address", "10.0.0.1:6379"])
     assert calls == ["ray.init", "serve.start", "serve.run", "serve.delete pdserve", "ray.shutdown"]
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert signal.getsignal(stop) is before

@@ -32,6 +32,7 @@ from pydantic.fields import FieldInfo
 from pdserve.serve.config import APIKeyConfig, ServeConfig
 
 ENV_PREFIX = "PDSERVE_"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # end the command as Ctrl-C does
 # Flags that are not the field's name: vLLM's spelling first, then the older spellings scripts and docs use.
 FLAG_NAMES = {
     "served_model_names": ["--served-model-name"],
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = serve_config(args, os.environ)
-        if args.address is None or not args.address.startswith("ray://"):  # this node runs a proxy: it reads them
+        if not is_ray_client(args.address):  # this node runs a proxy: it reads them
             config.check_tls_files()  # before a model's download: a mistyped path is said at once
         model_path = config.resolve_model_path()  # before Ray starts: a download or conversion shows its progress
     except ValidationError as exc:
@@ -239,12 +240,16 @@ def run_server(config: ServeConfig, address: str | None, model_path: str | None 
     else:
         logger.info("joining the Ray cluster at %s (--address local starts a new one)", joining)
     ray.init(address=address, include_dashboard=False)
-    deploying = False
-    previous = signal.getsignal(signal.SIGTERM)
-    try:  # however it ends (Ctrl-C or SIGTERM, a refusal, a failed deploy), what this call set up goes
+    deploying = started_serve = False
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:  # however it ends (Ctrl-C, SIGTERM or SIGHUP, a refusal, a failed deploy), what this call set up goes
         # SIGTERM ends it as Ctrl-C does, deploying or serving (a handler set once serving let a SIGTERM during a
-        # minutes-long deploy kill the process and leave the app on a joined cluster; found in review)
-        signal.signal(signal.SIGTERM, _interrupt)
+        # minutes-long deploy kill the process and leave the app on a joined cluster; found in review); so does
+        # SIGHUP (an SSH session to a `ray up` head closing: the app kept its replicas and GPUs)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _interrupt)
+        if joining is not None:
+            started_serve = check_joined_serve(config)
         serve.start(http_options=config.http_options())
         if config.autoscaling.enabled:  # Serve takes an application's autoscaling policy only from a deploy config
             from ray.serve.context import _get_global_client
@@ -269,16 +274,63 @@ def run_server(config: ServeConfig, address: str | None, model_path: str | None 
             serve.run(app, name="pdserve", route_prefix="/")
         scheme = "https" if config.ssl_certfile else "http"
         print(f"pdserve is serving on {scheme}://{config.host}:{config.port}/v1 (Ctrl-C to stop)", flush=True)
-        threading.Event().wait()  # until Ctrl-C or SIGTERM
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, serving or still deploying
+        threading.Event().wait()  # until Ctrl-C, SIGTERM or SIGHUP
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP, serving or still deploying
         pass
     finally:
         if joining is None:
             serve.shutdown()
-        elif deploying:  # a cluster this call joined: its other applications (and Serve) stay
-            serve.delete("pdserve")
+        else:  # a cluster this call joined: its other applications stay, and Serve unless this call started it
+            if deploying:
+                serve.delete("pdserve")
+            if started_serve and not serve.status().applications:
+                serve.shutdown()
         ray.shutdown()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def check_joined_serve(config: ServeConfig) -> bool:
+    """On a joined cluster, before anything is deployed: True when Serve is not running there yet (this call starts
+    it). ValueError when the cluster runs an application named pdserve (deploying would replace it, someone's
+    `serve deploy`, and the exit delete it), or when its running Serve listens elsewhere than this config asks:
+    Serve keeps the HTTP options it started with (a new `--port` or TLS was ignored with a log line, while the
+    command printed the URL it asked for)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return True
+    if "pdserve" in serve.status().applications:
+        raise ValueError(
+            "this Ray cluster already runs an application named pdserve (`serve status`): delete it first "
+            "(`serve shutdown` or `serve delete pdserve`), or start a cluster of its own with --address local"
+        )
+    running = client.http_config
+    wanted = config.http_options()
+    have = {"host": running.host, "port": running.port, "ssl_keyfile": running.ssl_keyfile,
+            "ssl_certfile": running.ssl_certfile}  # fmt: skip
+    differ = {k: v for k, v in have.items() if wanted.get(k) != v}
+    if differ:
+        scheme = "https" if running.ssl_certfile else "http"
+        raise ValueError(
+            f"Serve on this Ray cluster already listens on {scheme}://{running.host}:{running.port} and keeps the "
+            f"HTTP options it started with: pass --host {running.host} --port {running.port}"
+            + (" and its TLS files" if running.ssl_certfile else "")
+            + f" (this call asked for {', '.join(f'{k}={wanted.get(k)}' for k in differ)})"
+        )
+    return False
+
+
+def _ray_address(address: str | None) -> str | None:
+    """The address `ray.init(address)` goes by: RAY_ADDRESS stands for one left out or "auto"."""
+    return os.environ.get("RAY_ADDRESS") or address if address in (None, "auto") else address
+
+
+def is_ray_client(address: str | None) -> bool:
+    """Whether `ray.init(address)` connects through Ray Client (ray://...): a remote cluster."""
+    return "://" in (_ray_address(address) or "")
 
 
 def cluster_to_join(address: str | None) -> str | None:
@@ -286,7 +338,8 @@ def cluster_to_join(address: str | None) -> str | None:
     RAY_ADDRESS, else the cluster `ray start` last started on this node (a `ray up` head node's): without
     `--address` there, pdserve joined that cluster while treating it as its own, and its exit shut down Serve with
     every other application on it (found in review). ValueError for "auto" with no cluster to find."""
-    if address is not None and address.startswith("ray://"):  # Ray Client: a remote cluster
+    address = _ray_address(address)
+    if is_ray_client(address):
         return address
     from ray._private.services import canonicalize_bootstrap_address
 
