@@ -783,3 +783,27 @@ def test_a_sigterm_while_deploying_takes_the_app_down_on_a_joined_cluster(
     main(["serve", str(tiny_llama), "--address", "10.0.0.1:6379"])
     assert calls == ["ray.init", "serve.start", "serve.run", "serve.delete pdserve", "ray.shutdown"]
     assert signal.getsignal(stop) is before
+
+
+def test_local_paths_reach_the_replicas_absolute(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray starts replicas in the raylet's working directory: on a cluster `ray start` began (a `ray up` head's,
+    which `pdserve serve` now joins) that is not the command's, and a relative model directory was taken there for a
+    hub id (found in review). The command hands the replicas absolute paths."""
+    from pdserve import cli
+
+    shutil.copytree(tiny_llama, tmp_path / "models" / "tiny")
+    (tmp_path / "defaults").mkdir()
+    monkeypatch.chdir(tmp_path)
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(cli, "run_server", lambda config, _, model_path: seen.update(config=config, path=model_path))
+    main(["serve", "models/tiny", "--download-dir", "~/hf", "--generation-config", "defaults"])
+    config = seen["config"]
+    assert seen["path"] == config.model == str(tmp_path / "models" / "tiny")
+    assert config.download_dir == str(Path.home() / "hf")
+    assert config.generation_config == str(tmp_path / "defaults")
+    tls = ServeConfig(ssl_keyfile="key.pem", ssl_certfile="cert.pem", generation_config="vllm").with_absolute_paths()
+    assert (tls.ssl_keyfile, tls.ssl_certfile) == (str(tmp_path / "key.pem"), str(tmp_path / "cert.pem"))
+    assert tls.generation_config == "vllm" and tls.model is None  # words, and the packaged default, stay as they are
+    assert parse(["org/not-here"]).with_absolute_paths().model == "org/not-here"  # a hub id is no path

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = serve_config(args, os.environ)
+        config = serve_config(args, os.environ).with_absolute_paths()
         if not is_ray_client(args.address):  # this node runs a proxy: it reads them
             config.check_tls_files()  # before a model's download: a mistyped path is said at once
         model_path = config.resolve_model_path()  # before Ray starts: a download or conversion shows its progress

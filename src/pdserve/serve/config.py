@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -602,6 +603,21 @@ class ServeConfig(BaseModel):
         device = "cuda" if num_gpus > 0 and self.kv_transport not in HOST_TRANSPORTS else "cpu"
         return ServeConfig.model_validate({**self.model_dump(), "device": device})
 
+    def with_absolute_paths(self) -> ServeConfig:
+        """This config with its local paths absolute (the model's directory, the download directory, the TLS files, a
+        generation_config directory): Ray starts replicas in the raylet's working directory, which on a cluster
+        `ray start` began (a `ray up` head's: the home directory) is not the command's, and a relative path there named
+        nothing (a model directory was then taken for a hub id; found in review)."""
+        update: dict[str, str] = {}
+        if self.model is not None and Path(self.model).expanduser().is_dir():
+            update["model"] = _absolute(self.model)
+        for name in ("download_dir", "ssl_keyfile", "ssl_certfile"):
+            if (value := getattr(self, name)) is not None:
+                update[name] = _absolute(value)
+        if self.generation_config not in ("auto", "vllm"):
+            update["generation_config"] = _absolute(self.generation_config)
+        return self.model_copy(update=update)
+
     def resolve_model_path(self) -> str:
         """The model's local directory on this node (downloads a hub model when missing; see pdserve.hub)."""
         dtype = "bfloat16" if self.dtype == "bfloat16" else "float32"  # which SmolLM2 conversion to materialize
@@ -680,3 +696,7 @@ def tenants_by_digest(entries: list[APIKeyConfig]) -> dict[str, Tenant]:
             )
         by_digest[entry.key_sha256] = tenant
     return by_digest
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
