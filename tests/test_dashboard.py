@@ -5,8 +5,12 @@ every panel queries the provisioned datasource, and the compose stack builds fro
 
 from __future__ import annotations
 
+import http.server
 import json
 import re
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +20,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.api.metrics import INGRESS_LABEL, APIMetrics, ingress_id
+from pdserve.cli import build_parser, serve_config
 from pdserve.router import CostConfig, Router
 from pdserve.router.admission import Admission
 from pdserve.serve.ingress_router import RouterCollector
@@ -233,7 +238,29 @@ def test_dockerfiles(name: str) -> None:
     text = (DOCKER / name).read_text()
     assert 'ENTRYPOINT ["pdserve", "serve"]' in text and "EXPOSE 8000" in text
     assert re.search(r"^USER pdserve$", text, re.M) and "useradd" in text
-    assert re.search(r"^HEALTHCHECK .*\n.*127\.0\.0\.1:8000/health", text, re.M)
+    # Listening on every interface is a variable the image sets, not a CMD that arguments after the image replace
+    # (`docker run pdserve:cpu --colocated` served on the container's loopback, the published port dead)
+    assert re.search(r"^ENV PDSERVE_HOST=0\.0\.0\.0$", text, re.M) and not re.search(r"^CMD ", text, re.M)
+    assert serve_config(build_parser()[0].parse_args(["serve"]), {"PDSERVE_HOST": "0.0.0.0"}).host == "0.0.0.0"
+    # The health check's command, run here: it reaches /health on PDSERVE_PORT (default 8000), and fails without it.
+    health = json.loads(re.search(r"^HEALTHCHECK .*\n\s+CMD (\[.*\])$", text, re.M).group(1))  # type: ignore[union-attr]
+    assert health[:2] == ["python", "-c"]
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = str(server.server_address[1])
+        check = [sys.executable, "-c", health[2]]
+        assert subprocess.run(check, env={"PDSERVE_PORT": port}, capture_output=True, timeout=30).returncode == 0
+        server.shutdown()
+    assert subprocess.run(check, env={"PDSERVE_PORT": port}, capture_output=True, timeout=30).returncode != 0
     assert "pip install torch==2.13.0 --index-url" in text
     installed = re.findall(r'pip install "?\.\[(\w+)\]', text)
     assert installed == (["gpu"] if name.endswith("cuda") else [])
