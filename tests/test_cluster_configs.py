@@ -87,7 +87,10 @@ def test_gpu_clusters_install_pdserve_from_a_wheel_on_every_node(name: str) -> N
     config = load(CLUSTER_CONFIGS / name)
     assert config["file_mounts"]["~/pdserve-dist"] == "./dist"
     setup = "\n".join(config["setup_commands"])
-    assert '~/pdserve-venv/bin/pip install -q "$(ls ~/pdserve-dist/pdserve-*.whl | tail -n 1)[gpu]"' in setup
+    newest = '"$(ls -t ~/pdserve-dist/pdserve-*.whl | head -n 1)'
+    assert f'~/pdserve-venv/bin/pip install -q {newest}[gpu]"' in setup
+    # a wheel rebuilt at the same version replaces the installed one (pip keeps it otherwise: a rerun ran old code)
+    assert f'~/pdserve-venv/bin/pip install -q --force-reinstall --no-deps {newest}"' in setup
     assert "echo 'export PATH=\"$HOME/pdserve-venv/bin:$PATH\"' >> ~/.bashrc" in setup  # `ray down` finds `ray`
     # pdserve needs Python 3.11+: an Ubuntu 22.04 image's python3 is 3.10, so its venv's Python comes from uv
     images = json.dumps(config["available_node_types"]) if "available_node_types" in config else ""
