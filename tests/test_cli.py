@@ -561,7 +561,7 @@ def test_a_prefill_result_outlives_any_push_that_may_still_read_it(
 
 @pytest.mark.slow
 def test_pdserve_serve_a_hub_id_answers_completions(offline_hub: Path, tmp_path: Path) -> None:
-    from serving import free_port
+    from serving import Served, free_port
 
     port, log = free_port(), tmp_path / "serve.log"
     command = [sys.executable, "-m", "pdserve.cli", "serve", "org/tiny", "--device", "cpu", "--port", str(port),
@@ -569,6 +569,7 @@ def test_pdserve_serve_a_hub_id_answers_completions(offline_hub: Path, tmp_path:
     env = {k: v for k, v in os.environ.items() if k not in QUIET_SERVE_ENV}
     # Ray 2.60's direct ingress, as docs/DEPLOY.md advises for speed: HAProxy forwards to the ingress replicas
     env |= {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    env["PDSERVE_FAULTS"] = "engine.step=slow:0.03"  # a long stream lasts long enough to be left mid-way
     with open(log, "w") as out:
         server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     stopped = False
@@ -579,6 +580,14 @@ def test_pdserve_serve_a_hub_id_answers_completions(offline_hub: Path, tmp_path:
         assert response.status_code == 200, response.text
         answer = response.json()
         assert answer["model"] == "tiny" and answer["usage"]["completion_tokens"] >= 1
+        # A client leaving mid-stream, through HAProxy: its request ends on every replica and frees its blocks
+        served = Served(f"http://127.0.0.1:{port}/v1", num_engine_replicas=2)
+        long = {"model": "tiny", "prompt": "hello", "max_tokens": 900, "ignore_eos": True, "stream": True}  # 27 s
+        with httpx.stream("POST", f"{served.base_url}/completions", json=long, timeout=60) as stream:
+            assert stream.status_code == 200
+            assert next(line for line in stream.iter_lines() if line.startswith("data: {"))
+        assert served.wait_blocks_used(0.0) == 0.0
+        assert served.settled_total("pdserve_num_requests_running") == 0.0
         # the cluster it started runs Serve's controller and replicas with the quieter periodic work
         serve_processes = [
             p for p in psutil.process_iter(["cmdline"]) if "ray::Serve" in " ".join(p.info["cmdline"] or [])
