@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = serve_config(args, os.environ).with_absolute_paths()
+        config = serve_config(args, os.environ)
+        if not is_ray_client(args.address):  # over Ray Client the paths are the cluster's, not this machine's
+            config = config.with_absolute_paths()
         if not is_ray_client(args.address):  # this node runs a proxy: it reads them
             config.check_tls_files()  # before a model's download: a mistyped path is said at once
         model_path = config.resolve_model_path()  # before Ray starts: a download or conversion shows its progress
@@ -247,7 +249,8 @@ def run_server(config: ServeConfig, address: str | None, model_path: str | None 
         # minutes-long deploy kill the process and leave the app on a joined cluster; found in review); so does
         # SIGHUP (an SSH session to a `ray up` head closing: the app kept its replicas and GPUs)
         for sig in STOP_SIGNALS:
-            signal.signal(sig, _interrupt)
+            if previous[sig] is not signal.SIG_IGN:  # `nohup pdserve serve` keeps serving after its terminal closes
+                signal.signal(sig, _interrupt)
         if joining is not None:
             started_serve = check_joined_serve(config)
         serve.start(http_options=config.http_options())
@@ -311,7 +314,13 @@ def check_joined_serve(config: ServeConfig) -> bool:
     wanted = config.http_options()
     have = {"host": running.host, "port": running.port, "ssl_keyfile": running.ssl_keyfile,
             "ssl_certfile": running.ssl_certfile}  # fmt: skip
-    differ = {k: v for k, v in have.items() if wanted.get(k) != v}
+
+    def same(name: str) -> bool:
+        if name.startswith("ssl_") and have[name] and wanted.get(name):  # one file, however each spelled it
+            return os.path.realpath(os.path.expanduser(have[name])) == os.path.realpath(wanted[name])
+        return bool(wanted.get(name) == have[name])
+
+    differ = [name for name in have if not same(name)]
     if differ:
         scheme = "https" if running.ssl_certfile else "http"
         raise ValueError(
@@ -354,25 +363,31 @@ def check_port_free(host: str, port: int) -> None:
     later with a traceback (Serve's proxy), or with direct ingress report serving while the port answered for
     another process: an HAProxy a killed cluster left behind (`ray stop --force` leaves it running) returned 500
     to every request."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:  # the address a server binds for `host` (a name may resolve to IPv6 only)
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: {e.strerror or e}") from None
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn and HAProxy bind: TIME_WAIT is no holder
         try:
-            s.bind((host, port))
+            s.bind(address)
         except OSError as e:
-            holder = _port_holder(port)
+            holder = _port_holder(str(address[0]), port)
             raise ValueError(
                 f"cannot listen on {host}:{port} ({e.strerror or e}){holder}: stop it or choose another --port"
             ) from None
 
 
-def _port_holder(port: int) -> str:
-    """The text ", held by pid N (name)" for a listener on `port` this user may see, else empty."""
+def _port_holder(ip: str, port: int) -> str:
+    """The text ", held by pid N (name)" for a listener on `port` that takes `ip` (that address, or every
+    address) this user may see, else empty."""
     try:
         import psutil
 
         for conn in psutil.net_connections("tcp"):
-            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+            if conn.status != psutil.CONN_LISTEN or not conn.laddr or conn.laddr.port != port or not conn.pid:
+                continue
+            if conn.laddr.ip in (ip, "0.0.0.0", "::") or ip in ("0.0.0.0", "::"):
                 return f", held by pid {conn.pid} ({psutil.Process(conn.pid).name()})"
     except Exception:  # no psutil, no permission, a process gone meanwhile: the error stands without a name
         pass

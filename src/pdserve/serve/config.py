@@ -16,7 +16,7 @@ from pdserve.api.auth import APIKeys, Tenant, key_digest
 from pdserve.api.intake import RequestLimits, read_chat_template
 from pdserve.api.protocol import MAX_CHOICES
 from pdserve.config import CacheConfig, EmulatedStep, EngineConfig, ModelConfig, SchedulerConfig, SchedulingPolicy
-from pdserve.hub import resolve_model
+from pdserve.hub import SMOLLM2_NAMES, resolve_model
 from pdserve.router import CostConfig
 from pdserve.telemetry import is_secret_variable, tracing_env
 
@@ -609,8 +609,9 @@ class ServeConfig(BaseModel):
         `ray start` began (a `ray up` head's: the home directory) is not the command's, and a relative path there named
         nothing (a model directory was then taken for a hub id; found in review)."""
         update: dict[str, str] = {}
-        if self.model is not None and Path(self.model).expanduser().is_dir():
-            update["model"] = _absolute(self.model)
+        model = self.model
+        if model is not None and model not in SMOLLM2_NAMES and Path(model).expanduser().is_dir():  # as resolve_model
+            update["model"] = _absolute(model)
         for name in ("download_dir", "ssl_keyfile", "ssl_certfile"):
             if (value := getattr(self, name)) is not None:
                 update[name] = _absolute(value)
