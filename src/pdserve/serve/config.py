@@ -605,9 +605,9 @@ class ServeConfig(BaseModel):
 
     def with_absolute_paths(self) -> ServeConfig:
         """This config with its local paths absolute (the model's directory, the download directory, the TLS files, a
-        generation_config directory): Ray starts replicas in the raylet's working directory, which on a cluster
-        `ray start` began (a `ray up` head's: the home directory) is not the command's, and a relative path there named
-        nothing (a model directory was then taken for a hub id; found in review)."""
+        generation_config directory, the spans file): Ray starts replicas in the raylet's working directory, which on
+        a cluster `ray start` began (a `ray up` head's: the home directory) is not the command's, and a relative path
+        there named nothing (a model directory was then taken for a hub id; found in review)."""
         update: dict[str, str] = {}
         model = self.model
         if model is not None and model not in SMOLLM2_NAMES and Path(model).expanduser().is_dir():  # as resolve_model
@@ -617,7 +617,9 @@ class ServeConfig(BaseModel):
                 update[name] = _absolute(value)
         if self.generation_config not in ("auto", "vllm"):
             update["generation_config"] = _absolute(self.generation_config)
-        return self.model_copy(update=update)
+        traces = self.tracing_env.get("PDSERVE_TRACES_FILE")  # each replica writes its spans there
+        tracing = {**self.tracing_env, "PDSERVE_TRACES_FILE": _absolute(traces)} if traces else self.tracing_env
+        return self.model_copy(update={**update, "tracing_env": tracing})
 
     def resolve_model_path(self) -> str:
         """The model's local directory on this node (downloads a hub model when missing; see pdserve.hub)."""
