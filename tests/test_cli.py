@@ -826,7 +826,8 @@ def test_local_paths_reach_the_replicas_absolute(
     assert config.generation_config == str(tmp_path / "defaults")
     traced = ServeConfig(tracing_env={"PDSERVE_TRACES_FILE": "spans.jsonl", "OTEL_SERVICE_NAME": "x"})
     assert traced.with_absolute_paths().tracing_env == {
-        "PDSERVE_TRACES_FILE": str(tmp_path / "spans.jsonl"), "OTEL_SERVICE_NAME": "x"
+        "PDSERVE_TRACES_FILE": str(tmp_path / "spans.jsonl"),
+        "OTEL_SERVICE_NAME": "x",
     }
     tls = ServeConfig(ssl_keyfile="key.pem", ssl_certfile="cert.pem", generation_config="vllm").with_absolute_paths()
     assert (tls.ssl_keyfile, tls.ssl_certfile) == (str(tmp_path / "key.pem"), str(tmp_path / "cert.pem"))
