@@ -210,8 +210,9 @@ def test_null_stream_options_mean_the_defaults(client: openai.OpenAI, backend: F
 def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(
     client: openai.OpenAI, backend: FakeBackend, endpoint: str
 ) -> None:
-    """vLLM's `stream_options.continuous_usage_stats`, which guidellm and aiperf send: every chunk carries the usage
-    so far, the completion tokens never decrease, and the last chunk's usage is the whole response's."""
+    """vLLM's `stream_options.continuous_usage_stats`, which guidellm sends (aiperf with `--per-chunk-usage`): every
+    chunk carries the usage so far, the completion tokens never decrease, and the last chunk's usage is the whole
+    response's."""
     backend.reset(tokens_per_delta=2)
     options: Any = {"include_usage": True, "continuous_usage_stats": True}
     if endpoint == "completions":
@@ -319,8 +320,9 @@ def test_a_chat_turn_the_template_drops_does_not_count_against_the_context(token
     assert len(backend.requests) == 1
 
 
-# The bodies the load tools send, as recorded from guidellm 0.8.1 (request_handlers.py) and aiperf 0.13.0
-# (inputs.json of a run): docs/LOAD_TESTS.md runs both unchanged against pdserve.
+# The bodies the load tools send, as recorded from guidellm 0.8.1 (request_handlers.py; its client drops the None
+# fields, `stop` among them, before sending: kept here as a robustness case) and aiperf 0.13.0 (its endpoints'
+# payload builders): docs/LOAD_TESTS.md runs both unchanged against pdserve.
 LOAD_TOOL_BODIES = {
     "guidellm-chat": ("/v1/chat/completions", {
         "model": "fake-model", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi there"}]}],
@@ -332,9 +334,19 @@ LOAD_TOOL_BODIES = {
         "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         "max_tokens": 5, "stop": None, "ignore_eos": True,
     }),
+    # aiperf with the documented `--extra-inputs ignore_eos:true`; `--per-chunk-usage` adds continuous_usage_stats
     "aiperf-chat": ("/v1/chat/completions", {
         "model": "fake-model", "messages": [{"role": "user", "content": " On the green coverlet"}], "stream": True,
-        "max_completion_tokens": 5, "stream_options": {"include_usage": True},
+        "max_completion_tokens": 5, "ignore_eos": True, "stream_options": {"include_usage": True},
+    }),
+    "aiperf-chat-per-chunk-usage": ("/v1/chat/completions", {
+        "model": "fake-model", "messages": [{"role": "user", "content": " On the green coverlet"}], "stream": True,
+        "max_completion_tokens": 5, "ignore_eos": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }),
+    "aiperf-text": ("/v1/completions", {
+        "prompt": " On the green coverlet", "model": "fake-model", "stream": True, "max_tokens": 5, "ignore_eos": True,
+        "stream_options": {"include_usage": True},
     }),
 }  # fmt: skip
 

@@ -80,7 +80,7 @@ class StreamOptions(BaseModel):
     model_config = _REQUEST_CONFIG
 
     include_usage: bool = True  # as vLLM: a stream_options object asks for usage unless it says otherwise
-    continuous_usage_stats: bool = False  # vLLM's: usage so far in every chunk (guidellm and aiperf ask for it)
+    continuous_usage_stats: bool = False  # vLLM's: usage so far in every chunk (guidellm; aiperf --per-chunk-usage)
 
     @field_validator("*", mode="before")
     @classmethod
