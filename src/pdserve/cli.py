@@ -185,8 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         config = serve_config(args, os.environ)
         if not is_ray_client(args.address):  # over Ray Client the paths are the cluster's, not this machine's
             config = config.with_absolute_paths()
-        if not is_ray_client(args.address):  # this node runs a proxy: it reads them
-            config.check_tls_files()  # before a model's download: a mistyped path is said at once
+            config.check_tls_files()  # this node runs a proxy, which reads them: said before a model's download
         model_path = config.resolve_model_path()  # before Ray starts: a download or conversion shows its progress
     except ValidationError as exc:
         serve.error("\n  ".join(["invalid settings:", *map(_describe, exc.errors())]))
@@ -334,7 +333,7 @@ def check_joined_serve(config: ServeConfig) -> bool:
 
 def _ray_address(address: str | None) -> str | None:
     """The address `ray.init(address)` goes by: RAY_ADDRESS stands for one left out or "auto"."""
-    return os.environ.get("RAY_ADDRESS") or address if address in (None, "auto") else address
+    return (os.environ.get("RAY_ADDRESS") or address) if address in (None, "auto") else address
 
 
 def is_ray_client(address: str | None) -> bool:
