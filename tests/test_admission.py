@@ -50,6 +50,34 @@ def test_further_choices_share_the_first_ones_prompt() -> None:
     assert choice_requests(request, 1)[0].shares_prompt_of is None
 
 
+def test_a_batch_of_prompts_is_admitted_whole_with_its_first() -> None:
+    """A batch's first prompt is admitted with room for every prompt (or refused, changing nothing); the further
+    prompts join as parts of it, counted and never refused: a batch is never cut in two by the budget."""
+    from pdserve.api.backend import GenerationRequest
+    from pdserve.api.choices import batch_requests
+
+    prompts = [
+        GenerationRequest(f"cmpl-1-{p}", [5] * (p + 1), 4, 0.0, 1.0, 0, 7, [], False, 0, False) for p in range(3)
+    ]
+    requests = batch_requests(prompts, 2)
+    assert [r.request_id for r in requests] == [f"cmpl-1-{p}-{j}" for p in range(3) for j in range(2)]
+    assert [r.shares_prompt_of for r in requests] == [None, "cmpl-1-0-0", None, "cmpl-1-1-0", None, "cmpl-1-2-0"]
+    assert [r.batched_with for r in requests] == [None, None, "cmpl-1-0-0", None, "cmpl-1-0-0", None]
+    assert [r.batch_prompt_tokens for r in requests] == [6, None, None, None, None, None]
+    assert [r.seed for r in requests] == [7, 8] * 3  # each prompt's choices seeded as the prompt alone
+    assert batch_requests(prompts[:1], 1) == prompts[:1]
+
+    admission = Admission(max_queued_tokens=100)
+    assert admission.admit("other", 30)
+    assert not admission.admit("b-0", 40, room_for=80)  # the batch's 80 tokens do not fit beside 30
+    assert (admission.num_queued_tokens, admission.num_queued) == (30, 1)
+    assert admission.admit("b-0", 40, room_for=70)  # they fit: counted as they come
+    assert admission.admit("b-1", 30, is_part_of_admitted=True) and admission.num_queued_tokens == 100
+    for request_id in ("other", "b-0", "b-1"):
+        admission.finish(request_id)
+    assert admission.admit("c-0", 10, room_for=500)  # alone, a batch over the whole budget still gets in
+
+
 def test_the_ingress_replicas_split_the_pools_budget() -> None:
     """Each ingress replica admits on its own: with the whole pool's budget each, 2 ingress replicas let twice the
     configured prompt tokens queue (found in review). Each admits its share, rounded up."""

@@ -566,8 +566,15 @@ def chat(**fields: Any) -> tuple[str, dict[str, Any]]:
         ((COMPLETIONS, {"model": "fake-model"}), 400, "prompt", None),
         (completion(prompt=""), 400, "prompt", None),
         (completion(prompt=[]), 400, "prompt", None),
-        (completion(prompt=["a", "b"]), 400, "prompt", None),
-        (completion(prompt=[[1], [2]]), 400, "prompt", None),
+        # A batch is refused whole for any prompt's fault, before any prompt reaches the backend
+        (completion(prompt=["a", [1]]), 400, "prompt", None),
+        (completion(prompt=["a", ""]), 400, "prompt", None),
+        (completion(prompt=[[1], []]), 400, "prompt", None),
+        (completion(prompt=[[1], [512]]), 400, "prompt", None),
+        (completion(prompt=[[1], [5] * MAX_MODEL_LEN]), 400, "prompt", CONTEXT),
+        (completion(prompt=[[1], [5] * 120], max_tokens=9), 400, "max_tokens", CONTEXT),
+        (completion(prompt=["a"] * 129), 400, "prompt", None),  # 129 sequences, as n = 129 would be
+        (completion(prompt=["a"] * 65, n=2), 400, "n", None),
         (completion(prompt={"text": "hi"}), 400, "prompt", None),
         (completion(prompt=[1, 512]), 400, "prompt", None),  # the vocabulary has 512 tokens
         (completion(prompt=[-1]), 400, "prompt", None),

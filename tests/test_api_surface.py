@@ -369,11 +369,14 @@ def test_n_choices_stop_string_ends_each_choice_and_closes_its_stream(http: http
     assert backend.num_closed == 3 and backend.num_yielded < 3 * len(backend.script)
 
 
-def test_n_choices_error_after_the_first_closes_every_stream(http: httpx.Client, backend: FakeBackend) -> None:
+@pytest.mark.parametrize("prompt", ["hi", ["hi", "ho"]])
+def test_n_choices_error_after_the_first_closes_every_stream(
+    http: httpx.Client, backend: FakeBackend, prompt: Any
+) -> None:
     from pdserve.api.backend import ServerError
 
     backend.error_after = ServerError("replica died", retry_after_s=1.0)
-    response = http.post("/v1/completions", json={**BASE["completions"][1], "n": 3, "max_tokens": 60})
+    response = http.post("/v1/completions", json={**BASE["completions"][1], "prompt": prompt, "n": 3, "max_tokens": 60})
     assert response.status_code == 503
     assert backend.num_closed == len(backend.requests)
 
@@ -453,10 +456,13 @@ def test_n_choices_streams_are_all_closed_wherever_the_client_leaves(
     rng = random.Random(seed)
     tokens_per_delta, leave_at = rng.choice([1, 3]), LEAVE_AT[seed % 3]
     backend.reset(tokens_per_delta=tokens_per_delta, delay_s=0.01)
-    n = rng.randint(2, 5)
-    data_lines = 2 * n * -(-len(backend.script) // tokens_per_delta)  # "data: ..." and a blank line a delta
+    num_prompts = rng.choice([1, 1, 2, 3])  # a batch of prompts: n choices each
+    n = rng.randint(2 if num_prompts == 1 else 1, 5)
+    data_lines = 2 * n * num_prompts * -(-len(backend.script) // tokens_per_delta)  # "data: ..." and a blank line
     leave_after = {"the headers": 0, "mid-way": rng.randint(1, data_lines // 4), "after the end": data_lines + 4}
-    body = {**BASE["completions"][1], "n": n, "stream": True, "max_tokens": 60, "seed": seed}
+    prompt = "hi" if num_prompts == 1 else ["hi", "ho", "a b"][:num_prompts]
+    body = {**BASE["completions"][1], "prompt": prompt, "n": n, "stream": True, "max_tokens": 60, "seed": seed}
+    n *= num_prompts  # the choices in all
     with httpx.Client(base_url=server[0], timeout=10) as http, http.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200, r.read()
         lines = 0
@@ -630,6 +636,94 @@ def test_every_one_of_n_choices_reads_as_the_single_answer(http: httpx.Client, b
         response = http.post("/v1/completions", json={**body, "n": n})
         assert response.status_code == 200, (case, response.text)
         assert _choices_of(response, stream) == {i: single[0] for i in range(n)}, (case, body, n)
+
+
+def test_a_batch_of_prompts_reads_as_each_prompt_alone(http: httpx.Client, backend: FakeBackend) -> None:
+    """Random batches of 2 to 4 prompts (texts or token ids, from 1 token, repeats), n, echo, logprobs, stop and
+    delta sizes, whole and streamed: choice j of prompt p, at index p * n + j, is exactly choice j of the same body
+    sent with prompt p alone — echo, text, logprobs; the usage is the prompts' and the choices' sums; each prompt's
+    choices are seeded as alone; every backend stream is closed."""
+    import random
+
+    rng = random.Random(9)
+    words = ["hi", "the quick", "a", "brown fox jumps", "hi there", "é"]
+    for case in range(100):
+        backend.reset(tokens_per_delta=rng.choice([1, 2, 5]))
+        stream = rng.random() < 0.5
+        if rng.random() < 0.5:
+            prompts: list[Any] = [rng.choice(words) for _ in range(rng.randint(2, 4))]
+        else:
+            prompts = [
+                [rng.randrange(5, 200) for _ in range(rng.choice([1, 1, 3, 9]))] for _ in range(rng.randint(2, 4))
+            ]
+        body: dict[str, Any] = {**BASE["completions"][1], "max_tokens": rng.choice([1, 3, 60]), "stream": stream,
+                                "n": rng.choice([1, 1, 2, 3]), "seed": case}  # fmt: skip
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        if rng.random() < 0.5:
+            body["echo"] = True
+        if rng.random() < 0.6:
+            body["logprobs"] = rng.choice([0, 2])
+        if rng.random() < 0.3:
+            body["stop"] = [rng.choice(["brown", "quick", "o", "zzz"])]
+        alone = []
+        for prompt in prompts:
+            backend.requests = []
+            response = http.post("/v1/completions", json={**body, "prompt": prompt})
+            alone.append((_choices_of(response, stream), _usage_of(response, stream), backend.requests))
+        backend.reset(tokens_per_delta=backend.tokens_per_delta)
+        response = http.post("/v1/completions", json={**body, "prompt": prompts})
+        assert response.status_code == 200, (case, response.text)
+        n = body["n"]
+        want = {p * n + j: choices[j] for p, (choices, _, _) in enumerate(alone) for j in range(n)}
+        assert _choices_of(response, stream) == want, (case, body, prompts)
+        usages = [usage for _, usage, _ in alone]
+        got_usage = _usage_of(response, stream)
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            assert got_usage[key] == sum(u[key] for u in usages), (case, key, got_usage, usages)
+        assert [r.seed for r in backend.requests if r.shares_prompt_of is None] == [case] * len(prompts)
+        assert sorted(r.seed for r in backend.requests) == sorted(r.seed for _, _, rs in alone for r in rs)
+        assert len({r.request_id for r in backend.requests}) == n * len(prompts) == backend.num_closed
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_batchs_prompts_start_at_the_first_ones_first_token_their_choices_at_their_own(
+    tokenizer: Any, stream: bool
+) -> None:
+    """The first prompt's first choice starts alone (its errors, a 429, still get a status); at its first delta the
+    other prompts start together (they may hit what they share with it), and each prompt's further choices start
+    at that prompt's own first delta, when its blocks are cached."""
+    backend = FakeBackend(tokenizer)
+    backend.reset(delay_s=0.02)
+    events: list[tuple[str, str]] = []
+    inner = backend.generate
+
+    async def generate(request: GenerationRequest) -> Any:
+        events.append(("start", request.request_id))
+        async for delta in inner(request):
+            events.append(("delta", request.request_id))
+            yield delta
+
+    backend.generate = generate  # type: ignore[method-assign]
+    with serve(create_app(backend)) as url:
+        body = {"model": "fake-model", "prompt": ["hi", "ho", "a b"], "n": 2, "max_tokens": 3, "stream": stream}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=20).status_code == 200
+    start = {rid: events.index(("start", rid)) for kind, rid in events if kind == "start"}
+    first = {rid: events.index(("delta", rid)) for kind, rid in events if kind == "delta"}
+    requests = {r.request_id: r for r in backend.requests}
+    assert len(requests) == 6 and events[0] == ("start", backend.requests[0].request_id)
+    heads = [r for r in backend.requests[1:] if r.shares_prompt_of is None]
+    assert len(heads) == 2 and all(r.batched_with == backend.requests[0].request_id for r in heads)
+    for r in backend.requests[1:]:
+        after = r.shares_prompt_of or r.batched_with
+        assert after is not None and start[r.request_id] > first[after], (r.request_id, events)
+    assert max(start[r.request_id] for r in heads) < min(first[r.request_id] for r in heads)  # not one by one
+
+
+def _usage_of(response: httpx.Response, stream: bool) -> dict[str, Any]:
+    if not stream:
+        return dict(response.json()["usage"])
+    return dict(json.loads(sse_payloads(response)[-2])["usage"])
 
 
 def test_stop_strings_min_tokens_and_stop_tokens_report_the_same_whatever_the_deltas(

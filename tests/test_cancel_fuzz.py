@@ -341,7 +341,8 @@ def _held(ingress: _Ingress, cluster: _Cluster) -> dict[str, Any]:
 async def _fuzz(seed: int, colocated: bool, channels: bool, tmp: Path) -> list[str]:
     rng = random.Random(seed)
     unretrieved: list[str] = []
-    asyncio.get_running_loop().set_exception_handler(lambda _, context: unretrieved.append(str(context["message"])))
+    loop = asyncio.get_running_loop()  # what was lost, named: the task (its coroutine and its exception)
+    loop.set_exception_handler(lambda _, context: unretrieved.append(f"{context['message']}: {context.get('future')}"))
     cluster = _Cluster(rng)
     ingress = _Ingress(build_tokenizer(tmp), cluster, colocated, channels, rng)
     app = create_app(ingress, first_token_wait_s=rng.choice([0.0, 5.0]), sse_keepalive_s=0.001)  # type: ignore[arg-type]
@@ -351,7 +352,8 @@ async def _fuzz(seed: int, colocated: bool, channels: bool, tmp: Path) -> list[s
         cluster.delay = rng.choice([0, 1, 2, 5])
         cluster.num_tokens = rng.randint(1, 4)
         cluster.faults = {fault for fault in FAULTS if rng.random() < 0.25}
-        body = {"model": "fake-model", "prompt": [5, 6, 7], "max_tokens": 8, "stream": rng.random() < 0.6,
+        prompt = [5, 6, 7] if rng.random() < 0.8 else [[5, 6, 7], [5, 6, 8, 9]]  # a batch of prompts too
+        body = {"model": "fake-model", "prompt": prompt, "max_tokens": 8, "stream": rng.random() < 0.6,
                 "n": rng.choice([1, 1, 2])}  # fmt: skip
         cancel_at = None if rng.random() < 0.1 else rng.randint(0, 80)
         second_cancel = rng.randint(0, 8) if rng.random() < 0.3 else None

@@ -199,19 +199,27 @@ def _limit_fields(draw: st.DrawFn, name: str, allow_zero: bool = False) -> dict[
 @st.composite
 def valid_completions(draw: st.DrawFn) -> dict[str, Any]:
     prompt = draw(_VALID_TEXT | st.lists(st.integers(0, 511), min_size=1, max_size=20) | _VALID_TEXT.map(lambda t: [t])
-                  | st.lists(st.integers(0, 511), min_size=1, max_size=5).map(lambda ids: [ids]))  # fmt: skip
+                  | st.lists(st.integers(0, 511), min_size=1, max_size=5).map(lambda ids: [ids])
+                  | st.lists(_VALID_TEXT, min_size=2, max_size=3)  # batches
+                  | st.lists(st.lists(st.integers(0, 511), min_size=1, max_size=5), min_size=2, max_size=3)
+                  )  # fmt: skip
     body = {"model": draw(_MODEL), "prompt": prompt} | draw(st.fixed_dictionaries({}, optional=_VALID_COMMON))
     body |= draw(st.fixed_dictionaries({}, optional={
         "suffix": st.none() | st.just(""), "best_of": st.none() | st.just(1), "add_special_tokens": st.just(True),
     }))  # fmt: skip
     logprobs = draw(st.none() | st.sampled_from([0, MAX_TOP_LOGPROBS]) | st.integers(0, MAX_TOP_LOGPROBS))
     echo = draw(_BOOL_OR_NULL)  # with echo, max_tokens 0 scores the prompt
+    choices = draw(_choices_and_stream())
+    if _num_prompts(body) > 1 and choices.get("n") == MAX_CHOICES:  # a batch's choices in all are capped alike
+        choices["n"] = MAX_CHOICES // _num_prompts(body)
     return (
-        body
-        | {"logprobs": logprobs, "echo": echo}
-        | draw(_choices_and_stream())
-        | draw(_limit_fields("max_tokens", allow_zero=bool(echo)))
+        body | {"logprobs": logprobs, "echo": echo} | choices | draw(_limit_fields("max_tokens", allow_zero=bool(echo)))
     )
+
+
+def _num_prompts(body: dict[str, Any]) -> int:
+    prompt = body.get("prompt")
+    return len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list) else 1
 
 
 _VALID_PART = st.fixed_dictionaries({"type": st.just("text"), "text": _VALID_TEXT | st.just("")})
@@ -251,7 +259,7 @@ def _check_served(response: httpx.Response, body: dict[str, Any]) -> None:
         indexes = {choice["index"] for c in chunks for choice in c["choices"]}
     else:
         indexes = {choice["index"] for choice in response.json()["choices"]}
-    assert indexes == set(range(body.get("n") or 1))
+    assert indexes == set(range((body.get("n") or 1) * _num_prompts(body)))
 
 
 VALID_EXAMPLES = EXAMPLES

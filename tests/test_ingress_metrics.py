@@ -140,9 +140,11 @@ def test_ttft_counts_the_wait_for_the_tokenizer(tokenizer: Any) -> None:
     assert _samples(ingress)[("pdserve_time_to_first_token_seconds_sum", ())] >= 0.45
 
 
-def test_the_request_span_and_prompt_counters_are_the_first_choices(tokenizer: Any) -> None:
+@pytest.mark.parametrize("prompt", ["hi", ["hi", "the quick brown", "a"]])
+def test_the_request_span_and_prompt_counters_are_the_first_choices(tokenizer: Any, prompt: Any) -> None:
     """With n > 1 every choice set the request span's TTFT, so it read the last choice's (0.4 s for a first token
-    at 0.2 s), and the prompt counted n times where `usage.prompt_tokens` counts it once (found in review)."""
+    at 0.2 s), and the prompt counted n times where `usage.prompt_tokens` counts it once (found in review). A batch
+    of prompts: each prompt counts once, the span is the first prompt's first choice's."""
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -160,9 +162,10 @@ def test_the_request_span_and_prompt_counters_are_the_first_choices(tokenizer: A
 
     ingress.generate = generate  # type: ignore[method-assign]
     with serve(create_app(ingress)) as url:  # type: ignore[arg-type]
-        body = {"model": "fake-model", "prompt": "hi", "max_tokens": 2, "n": 3}
+        body = {"model": "fake-model", "prompt": prompt, "max_tokens": 2, "n": 3}
         answer = httpx.post(f"{url}/v1/completions", json=body, timeout=20)
         assert answer.status_code == 200
+        assert len(answer.json()["choices"]) == 3 * (len(prompt) if isinstance(prompt, list) else 1)
     spans = [s for s in exporter.get_finished_spans() if s.attributes and "pdserve.ttft_s" in s.attributes]
     first = min(s.attributes["pdserve.ttft_s"] for s in spans)  # type: ignore[index, type-var]
     assert len(spans) == 1 and first < 0.35, [s.attributes for s in spans]  # choice 0's span only
@@ -184,3 +187,37 @@ def test_a_stop_string_completed_by_the_last_token_counts_as_stop(tokenizer: Any
     got = _samples(ingress)
     assert got.get(("pdserve_request_success_total", (("finished_reason", "stop"),))) == 1, got
     assert ("pdserve_request_success_total", (("finished_reason", "length"),)) not in got
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_batch_of_prompts_is_admitted_or_refused_whole(tokenizer: Any, stream: bool) -> None:
+    """A batch whose prompts together do not fit the admission budget beside a waiting request is a 429 before any
+    of its prompts reaches the engine (not a 200 cut short by the budget at its third prompt); once alone, the same
+    batch is served whole though it holds more than the budget."""
+    ingress = _Ingress(tokenizer)
+    ingress.engine.delay_s = 0.3
+    ingress.admission = Admission(40)
+    prompts = [[5] * 15, [6] * 15, [7] * 15]  # 45 tokens in all
+    seen: list[Any] = []
+    remote = ingress.engine.remote
+    ingress.engine.remote = lambda request, **kw: seen.append(request.request_id) or remote(request, **kw)  # type: ignore[method-assign]
+    app = create_app(ingress)  # type: ignore[arg-type]
+    with serve(app) as url:
+
+        async def both() -> tuple[httpx.Response, httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=20) as client:
+                body = {"model": "fake-model", "max_tokens": 1, "stream": stream}
+                waiting = asyncio.ensure_future(client.post("/v1/completions", json={**body, "prompt": [5] * 10}))
+                while ingress.admission.num_queued == 0:
+                    await asyncio.sleep(0.01)
+                batch = await client.post("/v1/completions", json={**body, "prompt": prompts})
+                return await waiting, batch
+
+        waiting, batch = asyncio.run(both())
+        assert waiting.status_code == 200
+        assert batch.status_code == 429 and batch.json()["error"]["type"] == "rate_limit_error", batch.text
+        assert len(seen) == 1  # only the waiting request's
+        body = {"model": "fake-model", "max_tokens": 1, "prompt": prompts, "stream": stream}
+        alone = httpx.post(f"{url}/v1/completions", json=body, timeout=20)
+        assert alone.status_code == 200 and alone.text.count('"index":2') == 1, alone.text
+    assert ingress.admission.num_queued_tokens == 0 and ingress.admission.num_queued == 0

@@ -374,15 +374,17 @@ def greedy_reference(tiny_models: dict[str, Path]):  # type: ignore[no-untyped-d
     return AutoTokenizer.from_pretrained(tiny_models["llama"]), lambda p: reference_greedy(model, p, 12).token_ids
 
 
-def _stop_case(rng: random.Random, tokenizer: Any, prompt: list[int], reference: list[int]) -> tuple[dict, tuple]:  # type: ignore[type-arg]
-    """A random request with stop strings (mostly cut from its own expected text, so they hit), min_tokens,
-    include_stop_str_in_output, n, logprobs and max_tokens from 1; and what it must answer, by the per-token oracle
-    (test_detokenizer's): (text, finish reason, tokens taken)."""
+def _stop_case(
+    rng: random.Random, tokenizer: Any, prompts: list[list[int]], references: list[list[int]]
+) -> tuple[dict, list[tuple]]:  # type: ignore[type-arg]
+    """A random request with stop strings (mostly cut from its first prompt's expected text, so they hit),
+    min_tokens, include_stop_str_in_output, n, logprobs and max_tokens from 1, over one prompt or a batch of them;
+    and what each prompt's choices must answer, by the per-token oracle (test_detokenizer's): (text, finish reason,
+    tokens taken)."""
     from test_detokenizer import oracle, stop_with_min_tokens, texts_after_each_token
 
     max_tokens = rng.choice([1, rng.randint(2, 12), 12])
-    output = reference[:max_tokens]
-    whole = oracle(tokenizer, prompt, output)
+    whole = oracle(tokenizer, prompts[0], references[0][:max_tokens])
     stop = []
     for _ in range(rng.choice([0, 1, 1, 2])):
         if whole and rng.random() < 0.8:
@@ -391,23 +393,29 @@ def _stop_case(rng: random.Random, tokenizer: Any, prompt: list[int], reference:
         else:
             stop.append(rng.choice(["e", "th", "zzq", "\n"]))
     body = {
-        "model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stop": stop,
-        "min_tokens": rng.choice([0, 0, rng.randint(0, max_tokens)]), "include_stop_str_in_output": rng.random() < 0.3,
-        "n": rng.choice([1, 1, 2]), "stream": rng.random() < 0.6, "ignore_eos": True,
+        "model": "tiny", "prompt": prompts if len(prompts) > 1 else prompts[0], "max_tokens": max_tokens,
+        "temperature": 0, "stop": stop, "min_tokens": rng.choice([0, 0, rng.randint(0, max_tokens)]),
+        "include_stop_str_in_output": rng.random() < 0.3, "n": rng.choice([1, 1, 2]), "stream": rng.random() < 0.6,
+        "ignore_eos": True,
     }  # fmt: skip
     if rng.random() < 0.5:
         body["logprobs"] = 0
     if body["stream"]:
         body["stream_options"] = {"include_usage": True}
-    texts = texts_after_each_token(tokenizer, prompt, output)
-    text, stopped, num_tokens = stop_with_min_tokens(
-        texts, whole, stop, body["min_tokens"], body["include_stop_str_in_output"]
-    )
-    return body, (text, "stop" if stopped else "length", num_tokens if stopped else max_tokens)
+    wants = []
+    for prompt, reference in zip(prompts, references, strict=True):
+        output = reference[:max_tokens]
+        texts = texts_after_each_token(tokenizer, prompt, output)
+        text, stopped, num_tokens = stop_with_min_tokens(
+            texts, oracle(tokenizer, prompt, output), stop, body["min_tokens"], body["include_stop_str_in_output"]
+        )
+        wants.append((text, "stop" if stopped else "length", num_tokens if stopped else max_tokens))
+    return body, wants
 
 
-async def _answer(client: httpx.AsyncClient, url: str, body: dict) -> tuple[list, int]:  # type: ignore[type-arg]
-    """Each choice's (text, finish reason, logprob tokens or None) by index, and usage's completion tokens."""
+async def _answer(client: httpx.AsyncClient, url: str, body: dict) -> tuple[list, int, int]:  # type: ignore[type-arg]
+    """Each choice's (text, finish reason, logprob tokens or None) by index, and usage's completion and prompt
+    tokens."""
     texts: dict[int, str] = {}
     finishes: dict[int, str] = {}
     tokens: dict[int, list[str] | None] = {}
@@ -435,7 +443,7 @@ async def _answer(client: httpx.AsyncClient, url: str, body: dict) -> tuple[list
                         tokens[i] = (tokens.get(i) or []) + c["logprobs"]["tokens"]
         assert usage is not None
     choices = [(texts[i], finishes[i], tokens.get(i)) for i in sorted(texts)]
-    return choices, usage["completion_tokens"]
+    return choices, usage["completion_tokens"], usage["prompt_tokens"]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -443,15 +451,17 @@ def test_concurrent_stop_strings_min_tokens_and_n_are_exact(
     apps: dict[str, Served], greedy_reference, mode: str
 ) -> None:  # type: ignore[no-untyped-def]
     """48 requests at once with random stop strings, min_tokens, include_stop_str_in_output, n (1 or 2), logprobs,
-    streamed or whole, max_tokens from 1: every choice's text, finish reason, logprob tokens and the usage are the
-    per-token oracle's over transformers' greedy tokens, in every mode (the engines batch them, prefix hits and
-    all; a lagging consumer gets multi-token deltas); then nothing is held on any replica."""
+    streamed or whole, max_tokens from 1, a third of them batches of 2 to 4 prompts (repeats and shared prefixes
+    among them): every choice's text, finish reason, logprob tokens and the usage are the per-token oracle's over
+    transformers' greedy tokens, at index prompt * n + choice, in every mode (the engines batch them, prefix hits
+    and all; a lagging consumer gets multi-token deltas); then nothing is held on any replica."""
     tokenizer, reference = greedy_reference
     rng = random.Random(f"stop-{mode}")
     prompts = _mixed_prompts(seed=81, n=48)
-    cases = [_stop_case(rng, tokenizer, p, reference(p)) for p in prompts]
+    batches = [[p] if rng.random() < 0.67 else [p, *rng.choices(prompts, k=rng.randint(1, 3))] for p in prompts]
+    cases = [_stop_case(rng, tokenizer, batch, [reference(p) for p in batch]) for batch in batches]
 
-    async def wave() -> list[tuple[list, int]]:  # type: ignore[type-arg]
+    async def wave() -> list[tuple[list, int, int]]:  # type: ignore[type-arg]
         limits = httpx.Limits(max_connections=100)
         async with httpx.AsyncClient(timeout=120, limits=limits) as client:
             url = f"{apps[mode].base_url}/completions"
@@ -459,12 +469,15 @@ def test_concurrent_stop_strings_min_tokens_and_n_are_exact(
 
     answers = asyncio.run(wave())
     wrong = []
-    for i, ((body, want), (choices, completion_tokens)) in enumerate(zip(cases, answers, strict=True)):
-        text, finish, num_tokens = want
-        want_tokens = [num_tokens] * body["n"] if "logprobs" in body else [None] * body["n"]
+    for i, ((body, wants), (choices, completion_tokens, prompt_tokens)) in enumerate(zip(cases, answers, strict=True)):
+        n = body["n"]
+        want_texts = [(text, finish) for text, finish, _ in wants for _ in range(n)]  # index prompt * n + choice
+        want_tokens = [num if "logprobs" in body else None for _, _, num in wants for _ in range(n)]
         got = ([(t, f) for t, f, _ in choices], [len(x) if x is not None else None for _, _, x in choices])
-        if got != ([(text, finish)] * body["n"], want_tokens) or completion_tokens != body["n"] * num_tokens:
-            wrong.append((i, body, want, choices, completion_tokens))
+        usage = (completion_tokens, prompt_tokens)
+        batch = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
+        if got != (want_texts, want_tokens) or usage != (n * sum(num for _, _, num in wants), sum(map(len, batch))):
+            wrong.append((i, body, wants, choices, usage))
     assert not wrong, f"{mode}: {len(wrong)} of {len(cases)} differ from the oracle, first: {wrong[0]}"
     _assert_idle(apps[mode], mode, timeout_s=5)
 

@@ -99,15 +99,12 @@ def test_a_seed_past_int64_is_left_off_the_span_which_still_encodes(seed: int) -
     from pdserve.api.backend import GenerationRequest
     from pdserve.api.formats import ResponseMeta
 
-    class Format:
-        meta = ResponseMeta.new("cmpl", "m")
-
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     request = GenerationRequest("r", [1], 4, 1.0, 1.0, 0, seed, [], False, 0, False)
     with provider.get_tracer("t").start_as_current_span("POST /v1/completions") as span:
-        span.set_attributes(request_attributes(request, Format))  # type: ignore[arg-type]
+        span.set_attributes(request_attributes([request], ResponseMeta.new("cmpl", "m")))
     [finished] = exporter.get_finished_spans()
     assert (finished.attributes or {}).get("gen_ai.request.seed") == (seed if seed < 2**63 else None)
     encode_spans([finished])  # raised for seeds past int64

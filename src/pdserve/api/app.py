@@ -23,7 +23,7 @@ from pydantic import BaseModel
 import pdserve
 from pdserve.api.auth import APIKeyAuth, APIKeys, tenant_salt
 from pdserve.api.backend import Backend, GenerationDelta, GenerationRequest
-from pdserve.api.choices import ChoiceStreams, choice_requests, collect_choices, total_usage
+from pdserve.api.choices import ChoiceStreams, batch_requests, collect_choices, total_usage
 from pdserve.api.detokenizer import echo_overlap
 from pdserve.api.errors import SERVER_ERROR, APIError, error_response, install_error_handlers
 from pdserve.api.formats import ChatFormat, CompletionFormat, Echo, ResponseFormat, ResponseMeta
@@ -157,39 +157,69 @@ async def metrics(state: State) -> Response:
     return Response(body + state.metrics.render(), media_type=content_type)
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a request, checked and tokenized: the tokens to generate for it, the format of its choices (a
+    completion's echo is its prompt's), and the echoed text's last characters that the output's text starts with."""
+
+    token_ids: list[int]
+    max_tokens: int
+    fmt: ResponseFormat
+    echo_overlap: int = 0
+
+
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, state: State) -> Response:
-    """Completion of a text or token-id prompt; SSE when `stream` is set. 400 for invalid input, 404 for an
-    unknown model, 429/503 when the backend has no room."""
+    """Completion of a text or token-id prompt, or of a batch of them (each prompt's n choices at indexes
+    prompt * n + choice, as vLLM); SSE when `stream` is set. 400 for invalid input, 404 for an unknown model,
+    429/503 when the backend has no room."""
     model = _model(body, state)
     body, default_max_tokens = with_defaults(body, state.sampling_defaults)
     check_limits(body, state.limits, "max_tokens")
-    with span_in(traceparent(), names.SPAN_TOKENIZE):
-        prompt_ids = await state.tokenization.completion_prompt(body.prompt)
+    texts = body.prompts()
+    if len(texts) * body.n > state.limits.max_choices:  # each is a sequence in the engine, as a choice is
+        message = f"a request may ask for at most {state.limits.max_choices} choices in all (prompts times n)"
+        raise APIError(400, message, param="prompt" if len(texts) > state.limits.max_choices else "n")
     # max_tokens 0 with echo scores the prompt (evaluation harnesses' log-likelihood): one token is generated for
     # the prompt's logprobs to come back with, and dropped.
     score_only = body.max_tokens == 0
     if score_only and not body.echo:
         raise APIError(400, "max_tokens may be 0 only with echo (to score the prompt)", param="max_tokens")
-    limit = state.backend.max_model_len
-    max_tokens = context_max_tokens(
-        len(prompt_ids), limit, 1 if score_only else body.max_tokens, "prompt", "max_tokens", state.limits.max_tokens,
-        None if score_only else default_max_tokens,
-    )  # fmt: skip
+    with span_in(traceparent(), names.SPAN_TOKENIZE):
+        token_ids = [await state.tokenization.completion_prompt(text) for text in texts]
     meta = ResponseMeta.new("cmpl", model, state.fingerprint)
+    prompts = [
+        _completion_prompt(state, body, meta, text, ids, score_only, default_max_tokens)
+        for text, ids in zip(texts, token_ids, strict=True)
+    ]
+    prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    return await _serve(state, body, request, prompts, body.logprobs or 0, prompt_logprobs, score_only)
+
+
+def _completion_prompt(
+    state: APIState,
+    body: CompletionRequest,
+    meta: ResponseMeta,
+    text: str | list[int],
+    token_ids: list[int],
+    score_only: bool,
+    default_max_tokens: int | None,
+) -> Prompt:
+    """One completion prompt: its context checked, its echo."""
+    max_tokens = context_max_tokens(
+        len(token_ids), state.backend.max_model_len, 1 if score_only else body.max_tokens, "prompt", "max_tokens",
+        state.limits.max_tokens, None if score_only else default_max_tokens,
+    )  # fmt: skip
     echo, overlap = None, 0
     if body.echo:
         tokenizer = state.backend.tokenizer
-        text = body.prompt if isinstance(body.prompt, str) else tokenizer.decode(prompt_ids)
+        shown = text if isinstance(text, str) else tokenizer.decode(token_ids)
         # A prompt of token ids may end inside a character (U+FFFD) that the output completes: the output carries it
         # (detokenizer.py), so the echo goes without it. A scored prompt has no output: its echo is whole.
-        overlap = 0 if score_only else echo_overlap(tokenizer, prompt_ids, text, body.skip_special_tokens)
-        echo = Echo(text[: len(text) - overlap], prompt_ids)
+        overlap = 0 if score_only else echo_overlap(tokenizer, token_ids, shown, body.skip_special_tokens)
+        echo = Echo(shown[: len(shown) - overlap], token_ids)
     fmt = CompletionFormat(meta, state.backend.tokenizer, with_logprobs=body.logprobs is not None, echo=echo)
-    prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
-    return await _serve(
-        state, body, request, prompt_ids, max_tokens, fmt, body.logprobs or 0, prompt_logprobs, score_only, overlap
-    )
+    return Prompt(token_ids, max_tokens, fmt, overlap)
 
 
 @router.post("/v1/chat/completions")
@@ -214,36 +244,39 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     )  # fmt: skip
     meta = ResponseMeta.new("chatcmpl", model, state.fingerprint)
     fmt = ChatFormat(meta, state.backend.tokenizer, with_logprobs=body.logprobs)
-    return await _serve(state, body, request, prompt_ids, max_tokens, fmt, body.top_logprobs)
+    return await _serve(state, body, request, [Prompt(prompt_ids, max_tokens, fmt)], body.top_logprobs)
 
 
 async def _serve(
     state: APIState,
     body: SamplingFields,
     request: Request,
-    prompt_ids: list[int],
-    max_tokens: int,
-    fmt: ResponseFormat,
+    prompts: list[Prompt],
     top_logprobs: int = 0,
     prompt_logprobs: int | None = None,
     discard_output: bool = False,
-    echo_overlap: int = 0,
 ) -> Response:
     """Hand the request to the backend and answer with the whole output, or stream it."""
     span = trace.get_current_span()  # the request's SERVER span (FastAPI's)
-    vocab_size = state.tokenization.vocab_size
-    gen_request = generation_request(
-        body, vocab_size, fmt.meta.id, prompt_ids, max_tokens, fmt.with_logprobs,
-        traceparent(span) or request.headers.get("traceparent"),  # tracing off here: pass the client's on
-        cache_salt=tenant_salt(getattr(request.state, "tenant", None), body.cache_salt), top_logprobs=top_logprobs,
-        prompt_logprobs=prompt_logprobs, arrived_at=getattr(request.state, "arrived_at", None),
-    )  # fmt: skip
-    span.set_attributes(request_attributes(gen_request, fmt))
-    if body.n > 1:
-        return await _serve_choices(state, body, request, gen_request, fmt, discard_output, echo_overlap)
+    meta = prompts[0].fmt.meta
+    gen_requests = [
+        generation_request(
+            body, state.tokenization.vocab_size, meta.id if len(prompts) == 1 else f"{meta.id}-{p}", prompt.token_ids,
+            prompt.max_tokens, prompt.fmt.with_logprobs,
+            traceparent(span) or request.headers.get("traceparent"),  # tracing off here: pass the client's on
+            cache_salt=tenant_salt(getattr(request.state, "tenant", None), body.cache_salt),
+            top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
+            arrived_at=getattr(request.state, "arrived_at", None),
+        )
+        for p, prompt in enumerate(prompts)
+    ]  # fmt: skip
+    span.set_attributes(request_attributes(gen_requests, meta))
+    if body.n > 1 or len(prompts) > 1:
+        return await _serve_choices(state, body, request, gen_requests, prompts, discard_output)
+    (gen_request,), (prompt,) = gen_requests, prompts
     generation = Generation(
         gen_request, state.backend.tokenizer, body.stop_strings(), discard_output, body.skip_special_tokens,
-        body.include_stop_str_in_output, echo_overlap,
+        body.include_stop_str_in_output, prompt.echo_overlap,
     )  # fmt: skip
     deltas = state.backend.generate(gen_request)
     if body.stream:
@@ -251,7 +284,7 @@ async def _serve(
         # wait, the stream starts and keep-alive comments hold the connection open until it comes.
         first, pending = await first_delta_within(deltas, state.first_token_wait_s)
         events = stream_events(
-            deltas, first, generation, fmt, body.include_usage(), pending, state.sse_keepalive_s,
+            deltas, first, generation, prompt.fmt, body.include_usage(), pending, state.sse_keepalive_s,
             body.continuous_usage(),
         )  # fmt: skip
         return EventStreamResponse(events, deltas, pending)
@@ -259,28 +292,29 @@ async def _serve(
     if piece is None:
         return Response(status_code=499)  # nginx's "client closed request"; nobody is left to read it
     span.set_attributes(usage_attributes(generation))
-    return _json(fmt.whole(piece, generation.usage()))
+    return _json(prompt.fmt.whole(piece, generation.usage()))
 
 
 async def _serve_choices(
     state: APIState,
     body: SamplingFields,
     request: Request,
-    gen_request: GenerationRequest,
-    fmt: ResponseFormat,
+    gen_requests: list[GenerationRequest],
+    prompts: list[Prompt],
     discard_output: bool,
-    echo_overlap: int,
 ) -> Response:
-    """`n` choices of one prompt (choices.py): one backend request each, sharing the prompt's cached blocks."""
-    requests = choice_requests(gen_request, body.n)
+    """`n` choices of each prompt (choices.py): one backend request each, a prompt's choices sharing its cached
+    blocks."""
+    requests = batch_requests(gen_requests, body.n)
+    of_choice = [prompt for prompt in prompts for _ in range(body.n)]  # each choice's prompt, in index order
     generations = [
         Generation(
             r, state.backend.tokenizer, body.stop_strings(), discard_output, body.skip_special_tokens,
-            body.include_stop_str_in_output, echo_overlap,
+            body.include_stop_str_in_output, prompt.echo_overlap,
         )
-        for r in requests
+        for r, prompt in zip(requests, of_choice, strict=True)
     ]  # fmt: skip
-    fmts = [fmt] + [copy.copy(fmt) for _ in requests[1:]]  # a format keeps per-choice state (text offsets)
+    fmts = [copy.copy(prompt.fmt) for prompt in of_choice]  # a format keeps per-choice state (echo, text offsets)
     streams = ChoiceStreams(state.backend, requests)
     if body.stream:
         # As one choice's stream: choice 0's first delta before the headers when it comes soon, else keep-alives.
@@ -348,19 +382,21 @@ async def _hangup(request: Request) -> None:
         pass
 
 
-def request_attributes(request: GenerationRequest, fmt: ResponseFormat) -> dict[str, AttributeValue]:
-    """The request as OpenTelemetry GenAI attributes."""
+def request_attributes(requests: list[GenerationRequest], meta: ResponseMeta) -> dict[str, AttributeValue]:
+    """The request (the backend's request of each prompt: their sampling fields are the same) as OpenTelemetry
+    GenAI attributes."""
+    request = requests[0]
     attributes: dict[str, AttributeValue | None] = {
-        names.GEN_AI_OPERATION: "chat" if fmt.meta.id.startswith("chatcmpl") else "text_completion",
+        names.GEN_AI_OPERATION: "chat" if meta.id.startswith("chatcmpl") else "text_completion",
         names.GEN_AI_PROVIDER: "pdserve",
-        names.GEN_AI_REQUEST_MODEL: fmt.meta.model,
-        names.GEN_AI_RESPONSE_ID: fmt.meta.id,
+        names.GEN_AI_REQUEST_MODEL: meta.model,
+        names.GEN_AI_RESPONSE_ID: meta.id,
         names.GEN_AI_MAX_TOKENS: request.max_tokens,
         names.GEN_AI_TEMPERATURE: request.temperature,
         names.GEN_AI_TOP_P: request.top_p,
         names.GEN_AI_SEED: request.seed if request.seed is None or request.seed < 2**63 else None,  # OTLP: int64
-        names.GEN_AI_INPUT_TOKENS: len(request.prompt_token_ids),
-        names.REQUEST_ID: request.request_id,
+        names.GEN_AI_INPUT_TOKENS: sum(len(r.prompt_token_ids) for r in requests),
+        names.REQUEST_ID: meta.id,
     }
     return {k: v for k, v in attributes.items() if v is not None}
 

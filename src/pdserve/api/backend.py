@@ -49,6 +49,12 @@ class GenerationRequest:
     # prompt's blocks are cached, and belongs to a request already admitted: the backend must not refuse it for
     # capacity (charged n times the prompt, a request the server took would fail on its own choices).
     shares_prompt_of: str | None = None
+    # A further prompt of a batched completion (a list of prompts): the first prompt's request id. It starts after
+    # that prompt's first token and belongs to the request admitted with it: counted in full, never refused.
+    batched_with: str | None = None
+    # The first prompt of a batched completion: the prompt tokens of the whole batch, the room admission checks for
+    # (the further prompts join as parts of it: a batch is taken or refused whole).
+    batch_prompt_tokens: int | None = None
     # time.perf_counter() when the API took the request (TTFT counts from it: a choice of n > 1 starts after the
     # first choice's first token, yet its client waited from the start); None: from the backend's call
     arrived_at: float | None = field(default=None, compare=False)

@@ -240,9 +240,9 @@ def _closed(deltas: AsyncIterator[GenerationDelta], closing: asyncio.Task[None])
 
 def usage_attributes(*generations: Generation) -> dict[str, AttributeValue]:
     """What the response carried, once it is complete: every choice's tokens, each choice's finish reason, the
-    prompt's cache hit (the first choice's: the others reuse its blocks)."""
+    prompts' cache hits (each prompt's first choice's: the others reuse its blocks)."""
     return {
         names.GEN_AI_OUTPUT_TOKENS: sum(len(g.token_ids) for g in generations),
         names.GEN_AI_FINISH_REASONS: [g.finish_reason or "unknown" for g in generations],
-        names.CACHED_TOKENS: generations[0].num_cached_tokens,
+        names.CACHED_TOKENS: sum(g.num_cached_tokens for g in generations if g.request.shares_prompt_of is None),
     }

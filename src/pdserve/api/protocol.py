@@ -214,7 +214,9 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     endpoint = "completions"
 
-    prompt: str | list[int]  # a batch holding one prompt is accepted too, and unwrapped
+    # One prompt (a text, token ids) or a batch of them (texts, lists of token ids): each prompt's n choices, at
+    # indexes prompt * n + choice, as vLLM. A batch holding one prompt is unwrapped.
+    prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)  # OpenAI's default; null: up to the context length; 0: only with echo
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # the sampled token's and this many top ones
     echo: bool = False
@@ -229,11 +231,18 @@ class CompletionRequest(SamplingFields):
     @field_validator("prompt", mode="before")
     @classmethod
     def _unbatch(cls, prompt: Any) -> Any:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-            if len(prompt) != 1:
-                raise ValueError("batched prompts are not supported; send one prompt per request")
+        if isinstance(prompt, list) and len({type(p) for p in prompt} & {str, list}) > 1:
+            raise ValueError("a batch of prompts must be all texts or all lists of token ids")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
             return prompt[0]
-        return prompt
+        return prompt  # [] is an empty prompt (a 400 later), not an empty batch
+
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: one, or a batch's in order."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+            return [prompt]  # type: ignore[list-item]
+        return list(prompt)
 
     @field_validator("suffix")
     @classmethod

@@ -25,15 +25,15 @@ class Admission:
         self._queued: dict[str, int] = {}  # request id -> its prompt tokens, until its first token
         self.counters = AdmissionCounters()
 
-    def admit(self, request_id: str, num_prompt_tokens: int, is_part_of_admitted: bool = False) -> bool:
+    def admit(
+        self, request_id: str, num_prompt_tokens: int, is_part_of_admitted: bool = False, room_for: int | None = None
+    ) -> bool:
         """Admit the request (its tokens count against the budget) or refuse it; refusing changes nothing.
-        `is_part_of_admitted`: it belongs to a request admitted earlier (a further choice of n > 1): counted, never
-        refused."""
-        is_room = (
-            is_part_of_admitted
-            or self.num_queued_tokens + num_prompt_tokens <= self.max_queued_tokens
-            or not self._queued
-        )
+        `is_part_of_admitted`: it belongs to a request admitted earlier (a further choice of n > 1, a further prompt
+        of a batch): counted, never refused. `room_for`: the tokens the budget must have room for (a batch's, whose
+        further prompts join later as parts), instead of this request's own."""
+        needed = num_prompt_tokens if room_for is None else room_for
+        is_room = is_part_of_admitted or self.num_queued_tokens + needed <= self.max_queued_tokens or not self._queued
         if not is_room:
             self.counters.num_refused += 1
             return False

@@ -102,7 +102,7 @@ class Ingress:
         replica or Ray raised reaches the API as InvalidRequest, CapacityError or a generic ServerError."""
         try:
             engine_request = to_engine_request(request)
-            self._admit(engine_request, is_further_choice=request.shares_prompt_of is not None)
+            self._admit(engine_request, request)
             abandoned: list[asyncio.Task[Any]] = []  # a handoff its client left, still running on a prefill replica
             try:  # from admission on, whatever happens ends its count and the router's
                 start = request.arrived_at if request.arrived_at is not None else time.perf_counter()
@@ -125,7 +125,7 @@ class Ingress:
                         if first_at is None:
                             self.admission.started(engine_request.request_id)
                             first_at = time.perf_counter()
-                            self._observe_first(engine_request, out, first_at - start, request.shares_prompt_of)
+                            self._observe_first(engine_request, out, first_at - start, request)
                         num_tokens += len(out.new_token_ids)
                         if out.finish_reason is not None:
                             final_reason = out.finish_reason.value
@@ -154,15 +154,20 @@ class Ingress:
         if self.router is not None:
             self.router.router.finish(request_id)
 
-    def _admit(self, request: EngineRequest, is_further_choice: bool = False) -> None:
+    def _admit(self, request: EngineRequest, asked: GenerationRequest) -> None:
         """CapacityError (429 + Retry-After) when the pool's prompt-token budget is spent; nothing is allocated.
         A further choice of an n > 1 request is part of one admitted already, and computes only its prompt's last
-        block (the rest is choice 0's, in the prefix cache): it counts that much, and is never refused."""
+        block (the rest is choice 0's, in the prefix cache): it counts that much, and is never refused. A batch of
+        prompts is admitted whole, with its first prompt (room for all of them): the further prompts are parts."""
         num_tokens = len(request.prompt_token_ids)
+        is_further_choice = asked.shares_prompt_of is not None
         if is_further_choice:
             block = self.config.block_size
             num_tokens -= block * ((num_tokens - 1) // block)
-        if not self.admission.admit(request.request_id, num_tokens, is_part_of_admitted=is_further_choice):
+        is_part = is_further_choice or asked.batched_with is not None
+        if not self.admission.admit(
+            request.request_id, num_tokens, is_part_of_admitted=is_part, room_for=asked.batch_prompt_tokens
+        ):
             raise CapacityError("the server is at capacity; retry shortly", retry_after_s=1.0)
 
     def _route(self, request: EngineRequest) -> RouteDecision | None:
@@ -175,13 +180,16 @@ class Ingress:
         return decision
 
     def _observe_first(
-        self, request: EngineRequest, first: RequestOutput, ttft_s: float, shares_prompt_of: str | None = None
+        self, request: EngineRequest, first: RequestOutput, ttft_s: float, asked: GenerationRequest
     ) -> None:
-        """`shares_prompt_of`: a further choice of an n > 1 request. Its first token counts in the TTFT histogram
-        (each choice's stream), but the request's span and prompt counters are choice 0's: its first token is the
-        request's (the others start after it), and the prompt is the request's once (as `usage.prompt_tokens`)."""
-        if shares_prompt_of is None:
+        """Every choice's first token counts in the TTFT histogram (each is a stream), but the request's span is its
+        first choice's: that first token is the request's (the others start after it). A further choice of an
+        n > 1 request shares its prompt, counted once (as `usage.prompt_tokens`); a batch's further prompt is a
+        prompt of its own."""
+        shares_prompt = asked.shares_prompt_of is not None
+        if not shares_prompt and asked.batched_with is None:
             trace.get_current_span().set_attributes({names.TTFT_S: ttft_s, names.QUEUE_S: first.queue_s})  # request's
+        if not shares_prompt:
             self.metrics.observe_prompt(self.mode, first.num_prompt_tokens, first.num_cached_tokens)
         self.metrics.ttft.labels(self.mode).observe(ttft_s)
         self.metrics.queue.labels(self.mode).observe(first.queue_s)
