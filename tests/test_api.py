@@ -348,6 +348,11 @@ LOAD_TOOL_BODIES = {
         "prompt": " On the green coverlet", "model": "fake-model", "stream": True, "max_tokens": 5, "ignore_eos": True,
         "stream_options": {"include_usage": True},
     }),
+    # `--batch-size-text 2`: a list of prompts
+    "aiperf-text-batch": ("/v1/completions", {
+        "prompt": [" On the green coverlet", " a lamp"], "model": "fake-model", "stream": True, "max_tokens": 5,
+        "ignore_eos": True, "stream_options": {"include_usage": True},
+    }),
 }  # fmt: skip
 
 
@@ -358,7 +363,9 @@ def test_load_tools_bodies_are_served_as_asked(http: httpx.Client, backend: Fake
     assert response.status_code == 200, response.text
     chunks = [json.loads(p) for p in sse_payloads(response) if p != "[DONE]"]
     assert sse_payloads(response)[-1] == "[DONE]"
-    assert chunks[-1]["usage"]["completion_tokens"] == 5 and backend.requests[0].max_tokens == 5
+    num_prompts = len(body["prompt"]) if isinstance(body.get("prompt"), list) else 1
+    assert chunks[-1]["usage"]["completion_tokens"] == 5 * num_prompts and backend.requests[0].max_tokens == 5
+    assert {c["index"] for chunk in chunks for c in chunk["choices"]} == set(range(num_prompts))
     assert backend.requests[0].ignore_eos == bool(body.get("ignore_eos"))
     continuous = body["stream_options"].get("continuous_usage_stats", False)
     assert all(c.get("usage") for c in chunks) == continuous
@@ -423,6 +430,19 @@ def test_defaults_and_length_finish(client: openai.OpenAI, backend: FakeBackend)
     assert completion.usage.completion_tokens == 16  # OpenAI's default max_tokens
     request = backend.requests[0]
     assert (request.temperature, request.top_p, request.top_k, request.stop_token_ids) == (1.0, 1.0, 0, [])
+
+
+@pytest.mark.parametrize("prompt", [["hi", "the quick"], [[5, 6], [7]]])
+def test_a_batch_of_prompts_through_the_openai_client(client: openai.OpenAI, backend: FakeBackend, prompt: Any) -> None:
+    completion = client.completions.create(model="fake-model", prompt=prompt, n=2, max_tokens=3, echo=True)
+    echoes = [p if isinstance(p, str) else backend.tokenizer.decode(p) for p in prompt]
+    assert [c.index for c in completion.choices] == [0, 1, 2, 3]
+    assert [c.text for c in completion.choices] == [e + backend.tokenizer.decode(backend.script[:3]) for e in echoes
+                                                    for _ in range(2)]  # fmt: skip
+    assert completion.usage is not None and completion.usage.completion_tokens == 4 * 3
+    assert completion.usage.prompt_tokens == sum(len(r.prompt_token_ids) for r in backend.requests[::2])
+    chunks = list(client.completions.create(model="fake-model", prompt=prompt, max_tokens=3, stream=True))
+    assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
 
 
 # --- stop strings and the detokenizer -------------------------------------------------------------------------------
