@@ -381,6 +381,102 @@ def test_n_choices_error_after_the_first_closes_every_stream(
     assert backend.num_closed == len(backend.requests)
 
 
+# --- /tokenize, /detokenize, /version (vLLM's) -----------------------------------------------------------------------
+
+
+def test_tokenize_gives_the_ids_a_completion_is_served_with(http: httpx.Client, backend: FakeBackend) -> None:
+    """Random texts (multi-byte, special-token text): /tokenize's ids are those a completion of the same
+    prompt reaches the backend with (with `add_special_tokens: false`, the tokenizer's without them);
+    /detokenize gives back the text."""
+    import random
+
+    rng = random.Random(3)
+    alphabet = ["hi", " ", "the", "quick", "é", "日本", "\n", "<s>", "fox", "!", "ab"]
+    for case in range(60):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
+        backend.reset()
+        assert http.post("/v1/completions", json={**BASE["completions"][1], "prompt": text}).status_code == 200
+        sent = backend.requests[0].prompt_token_ids
+        got = http.post("/tokenize", json={"model": "fake-model", "prompt": text, "return_token_strs": True})
+        assert got.status_code == 200, got.text
+        body = got.json()
+        assert (body["tokens"], body["count"], body["max_model_len"]) == (sent, len(sent), MAX_MODEL_LEN), case
+        assert body["token_strs"] == backend.tokenizer.convert_ids_to_tokens(sent)
+        bare = http.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+        assert bare["tokens"] == backend.tokenizer(text, add_special_tokens=False)["input_ids"], (case, text)
+        assert bare["token_strs"] is None
+        back = http.post("/detokenize", json={"model": "fake-model", "tokens": bare["tokens"]})
+        assert back.status_code == 200 and back.json() == {"prompt": backend.tokenizer.decode(bare["tokens"])}
+        assert back.json()["prompt"] == text or "<s>" in text, (case, text)  # the tiny vocabulary spells any text
+    assert http.post("/tokenize", json={"prompt": ""}).json()["count"] == 0  # counted, not refused (no BOS here)
+
+
+def test_tokenize_without_special_tokens_leaves_out_the_bos(tmp_path: Path) -> None:
+    from tiny_models import build_sentencepiece_tokenizer
+
+    tokenizer = build_sentencepiece_tokenizer(tmp_path)
+    with serve(create_app(FakeBackend(tokenizer))) as url:
+        default = httpx.post(f"{url}/tokenize", json={"prompt": "hi there"}).json()["tokens"]
+        bare = httpx.post(f"{url}/tokenize", json={"prompt": "hi there", "add_special_tokens": False}).json()["tokens"]
+    assert default[0] == tokenizer.bos_token_id and default[1:] == bare and bare
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"add_generation_prompt": False}, {"chat_template_kwargs": {"enable_thinking": False}},
+     {"add_generation_prompt": False, "continue_final_message": True}],
+)  # fmt: skip
+def test_tokenize_gives_the_ids_a_chat_is_served_with(
+    http: httpx.Client, backend: FakeBackend, extra: dict[str, Any]
+) -> None:
+    messages = [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": "hel"},
+    ]  # fmt: skip
+    chat = http.post("/v1/chat/completions", json={**BASE["chat"][1], "messages": messages, **extra})
+    assert chat.status_code == 200, chat.text
+    got = http.post("/tokenize", json={"model": "fake-model", "messages": messages, **extra})
+    assert got.status_code == 200, got.text
+    assert got.json()["tokens"] == backend.requests[0].prompt_token_ids and got.json()["token_strs"] is None
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/tokenize", {}, 400, "prompt"),
+        ("/tokenize", {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, 400, "prompt"),
+        ("/tokenize", {"prompt": "hi", "add_generation_prompt": False}, 400, "add_generation_prompt"),
+        ("/tokenize", {"prompt": "hi", "tools": []}, 400, "tools"),
+        ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "add_special_tokens": True}, 400,
+         "add_special_tokens"),
+        ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tools"),
+        ("/tokenize", {"messages": []}, 400, "messages"),
+        ("/tokenize", {"prompt": 5}, 400, "prompt"),
+        ("/tokenize", {"prompt": "\ud800"}, 400, "prompt"),
+        ("/tokenize", {"prompt": "hi", "model": "other"}, 404, "model"),
+        ("/tokenize", {"prompt": "hi", "temperature": 0}, 400, "temperature"),
+        ("/detokenize", {"tokens": [1, 512]}, 400, "tokens"),  # the vocabulary has 512 tokens
+        ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+        ("/detokenize", {"tokens": "hi"}, 400, "tokens"),
+        ("/detokenize", {}, 400, "tokens"),
+        ("/detokenize", {"tokens": [1], "model": "other"}, 404, "model"),
+    ],
+)  # fmt: skip
+def test_tokenize_and_detokenize_refuse_what_they_cannot_serve(
+    http: httpx.Client, backend: FakeBackend, path: str, body: dict[str, Any], status: int, param: str
+) -> None:
+    response = http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})  # "\ud800" too
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == param, response.text
+    assert backend.requests == []
+
+
+def test_version_names_pdserves(http: httpx.Client) -> None:
+    import pdserve
+
+    assert http.get("/version").json() == {"version": pdserve.__version__}
+
+
 # --- chat template controls ---------------------------------------------------------------------------------------
 
 TEMPLATE = (

@@ -64,7 +64,7 @@ def _concrete(path: str) -> str:
 
 
 # What each generation route would serve: a refused key must be what stops it, not the body.
-VALID_BODIES = {
+VALID_BODIES = {  # the routes that reach the backend
     "/v1/completions": {"model": "fake-model", "prompt": "hi", "max_tokens": 2},
     "/v1/chat/completions": {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
 }

@@ -120,6 +120,12 @@ def test_chat_matches_transformers_and_streams_the_same_text(apps, reference, to
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    # vLLM's /tokenize and /detokenize through Serve: the ids the chat was served with, the text back
+    tokenized = httpx.post(f"{disagg.root}/tokenize", json={"model": "smollm2", "messages": messages}, timeout=30)
+    assert tokenized.status_code == 200 and tokenized.json()["tokens"] == list(ids)
+    assert chat.usage.prompt_tokens == tokenized.json()["count"]
+    back = httpx.post(f"{disagg.root}/detokenize", json={"tokens": list(ids)}, timeout=30).json()["prompt"]
+    assert back == tokenizer.decode(ids) and "What is the capital of France?" in back
 
 
 def test_sixteen_concurrent_requests_are_all_exact(apps, reference, tokenizer) -> None:  # type: ignore[no-untyped-def]

@@ -39,7 +39,17 @@ from pdserve.api.intake import (
 )
 from pdserve.api.metrics import APIMetrics
 from pdserve.api.middleware import BodySizeLimit, HTTPMetrics, UnhandledErrors
-from pdserve.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields
+from pdserve.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from pdserve.api.sse import EventStreamResponse, choice_events, stream_events
 from pdserve.telemetry import names, span_in, traceparent
 
@@ -148,6 +158,37 @@ async def get_model(model: str, state: State) -> Response:
     """The served model by name; 404 for any other."""
     check_model(state.backend, model)
     return _json(_model_card(state, model if model in getattr(state.backend, "model_names", ()) else None))
+
+
+@router.get("/version")
+async def version() -> Response:
+    """pdserve's version (vLLM's /version)."""
+    return JSONResponse({"version": pdserve.__version__})
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, state: State) -> Response:
+    """vLLM's /tokenize: a text prompt's token ids, or a chat's through the chat template, as the generation
+    endpoints compute them (with `return_token_strs`, each token's vocabulary piece too); the context length beside
+    them, for the client to compare."""
+    _model(body, state)
+    if body.messages is not None:
+        ids = await state.tokenization.chat_prompt(
+            body.messages, body.chat_template_kwargs, body.add_generation_prompt, body.continue_final_message
+        )
+    else:
+        assert body.prompt is not None
+        ids = await state.tokenization.tokenize(body.prompt, body.add_special_tokens is not False)
+    pieces = [str(p) for p in state.backend.tokenizer.convert_ids_to_tokens(ids)] if body.return_token_strs else None
+    return _json(TokenizeResponse(count=len(ids), max_model_len=state.backend.max_model_len, tokens=ids,
+                                  token_strs=pieces))  # fmt: skip
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, state: State) -> Response:
+    """vLLM's /detokenize: token ids' text (400 for an id outside the vocabulary)."""
+    _model(body, state)
+    return _json(DetokenizeResponse(prompt=await state.tokenization.detokenize(body.tokens)))
 
 
 @router.get("/metrics")
@@ -350,7 +391,7 @@ async def _serve_choices(
     return _json(whole)
 
 
-def _model(body: SamplingFields, state: APIState) -> str:
+def _model(body: SamplingFields | TokenizeRequest | DetokenizeRequest, state: APIState) -> str:
     """The served model a request names: as vLLM, one that names none asks for the served model (its first name);
     an unknown one is a 404."""
     if body.model is None:

@@ -90,11 +90,20 @@ class Tokenization:
             )
             raise APIError(400, message, param=param, code="context_length_exceeded")
 
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """A text's token ids, unchecked (/tokenize reports a count whatever it is)."""
+        return await self._run(lambda: list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]))
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """Token ids' text, special tokens included (/detokenize, as vLLM's)."""
+        check_token_ids(token_ids, self.vocab_size, "tokens")
+        return str(await self._run(lambda: self.tokenizer.decode(token_ids)))
+
     async def completion_prompt(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a completion prompt given as a string or as token ids."""
         if isinstance(prompt, str):  # "" is a prompt where the tokenizer adds a BOS (as OpenAI and vLLM serve it)
             self.check_length(len(prompt), "prompt")
-            ids = await self._run(lambda: list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"]))
+            ids = await self.tokenize(prompt)
         else:
             check_token_ids(prompt, self.vocab_size, "prompt")
             ids = list(prompt)

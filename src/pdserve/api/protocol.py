@@ -347,6 +347,75 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_tokens, "max_tokens"
 
 
+class InvalidFieldError(ValueError):
+    """A field whose value the request's other fields rule out; the error names it."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.param = name
+
+
+_CHAT_ONLY = ("add_generation_prompt", "continue_final_message", "chat_template_kwargs", "tools")
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a completion's text prompt, or a chat's messages through the chat template, tokenized as the
+    generation endpoints tokenize them."""
+
+    model_config = _REQUEST_CONFIG
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    # A prompt: the tokenizer's special tokens (BOS) unless false, as vLLM. Messages: only false, the template places
+    # them (as chat completions)
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Any] | None = None  # none are ever offered: only empty
+    return_token_strs: bool | None = False  # also each token's vocabulary piece
+
+    @field_validator("prompt", "chat_template_kwargs")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        return _valid_text(value)
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidFieldError("prompt", "send either a prompt or messages")
+        if self.prompt is not None:
+            for name in _CHAT_ONLY:
+                if name in self.model_fields_set:
+                    raise InvalidFieldError(name, f"'{name}' applies to messages, not to a prompt")
+        elif self.add_special_tokens:
+            raise UnsupportedFieldError("add_special_tokens")
+        if self.tools:
+            raise UnsupportedFieldError("tools")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's /detokenize: token ids back to text."""
+
+    model_config = _REQUEST_CONFIG
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0  # prompt tokens whose KV came from a prefix cache
 
@@ -472,8 +541,7 @@ class ErrorResponse(BaseModel):
 
 
 # Every field name a request body can have: error messages name these, never a key the client made up.
-REQUEST_FIELD_NAMES = frozenset(
-    name
-    for model in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions)
-    for name in model.model_fields
-)
+_REQUEST_MODELS = (
+    CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions, TokenizeRequest, DetokenizeRequest,
+)  # fmt: skip
+REQUEST_FIELD_NAMES = frozenset(name for model in _REQUEST_MODELS for name in model.model_fields)
