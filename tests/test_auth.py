@@ -126,6 +126,24 @@ def test_rate_limit_answers_429_with_retry_after(secured: tuple[str, FakeBackend
     assert len(backend.requests) == 2
 
 
+def test_tokenizing_counts_against_the_tenants_rate(tokenizer: Any) -> None:
+    """/tokenize and /detokenize run on the tokenizer thread that generation requests wait for: a tenant's limits
+    hold them too (a burst of 2: the third request of any of them is a 429)."""
+    backend = FakeBackend(tokenizer)
+    auth = {"Authorization": f"Bearer {KEY_B}"}
+    with (
+        serve(create_app(backend, api_keys=keys())) as url,
+        httpx.Client(base_url=url, timeout=5, headers=auth) as http,
+    ):
+        statuses = [
+            http.post("/tokenize", json={"prompt": "hi"}).status_code,
+            http.post("/detokenize", json={"tokens": [5]}).status_code,
+            http.post("/tokenize", json={"prompt": "hi"}).status_code,
+            http.get("/version").status_code,  # not a POST: never limited
+        ]
+    assert statuses == [200, 200, 429, 200]
+
+
 @pytest.mark.parametrize(
     "error",
     [

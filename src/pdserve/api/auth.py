@@ -141,7 +141,8 @@ class APIKeys:
 
 class APIKeyAuth:
     """401 without a valid key on every route but OPEN_PATHS; the tenant goes into the request's state
-    (`request.state.tenant`); generation requests (POST under /v1/) are held to the tenant's limits (429)."""
+    (`request.state.tenant`); every POST (generation, and /tokenize and /detokenize, which share the generation
+    requests' tokenizer thread) is held to the tenant's limits (429)."""
 
     def __init__(self, app: ASGIApp, keys: APIKeys) -> None:
         self.app, self.keys = app, keys
@@ -170,7 +171,7 @@ class APIKeyAuth:
             error = APIError(403, f"tenant {tenant.name} may not read /metrics", "permission_error", code="forbidden")
             await error_response(error, headers={"Connection": "close"})(scope, receive, send)
             return
-        if not (scope["method"] == "POST" and path.startswith("/v1/")):
+        if scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         if (wait_s := self.keys.admit(tenant)) > 0:
