@@ -71,11 +71,16 @@ def test_a_batch_of_prompts_is_admitted_whole_with_its_first() -> None:
     assert admission.admit("other", 30)
     assert not admission.admit("b-0", 40, room_for=80)  # the batch's 80 tokens do not fit beside 30
     assert (admission.num_queued_tokens, admission.num_queued) == (30, 1)
-    assert admission.admit("b-0", 40, room_for=70)  # they fit: counted as they come
-    assert admission.admit("b-1", 30, is_part_of_admitted=True) and admission.num_queued_tokens == 100
+    assert admission.admit("b-0", 40, room_for=70)  # they fit, and the room is held until its first token
+    assert admission.num_queued_tokens == 100 and not admission.admit("late", 1)  # (found in review: it was not)
+    admission.started("b-0")  # its first token: the further prompts join as parts
+    assert admission.admit("b-1", 30, is_part_of_admitted=True) and admission.num_queued_tokens == 60
     for request_id in ("other", "b-0", "b-1"):
         admission.finish(request_id)
-    assert admission.admit("c-0", 10, room_for=500)  # alone, a batch over the whole budget still gets in
+    # Alone, a batch over the whole budget still gets in, holding the whole budget: as a prompt over it would
+    assert admission.admit("c-0", 10, room_for=500) and admission.num_queued_tokens == 100
+    admission.finish("c-0")
+    assert admission.admit("d-0", 150, room_for=160) and admission.num_queued_tokens == 150  # its own count at least
 
 
 def test_the_ingress_replicas_split_the_pools_budget() -> None:

@@ -64,6 +64,7 @@ class FakeBackend:
         self.num_yielded = 0
         self.num_closed = 0
         self.cached_tokens: Callable[[GenerationRequest], int] = lambda request: 1  # each delta's num_cached_tokens
+        self.script_of: Callable[[GenerationRequest], list[int]] | None = None  # a request's own tokens, else script
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         self.requests.append(request)
@@ -73,7 +74,7 @@ class FakeBackend:
             if self.abort_first:
                 yield GenerationDelta([], None, "abort", len(request.prompt_token_ids), 0)
                 return
-            tokens = self.script[: request.max_tokens]
+            tokens = (self.script if self.script_of is None else self.script_of(request))[: request.max_tokens]
             # A stop token ends the script there, as an engine ends the request
             ends = [i for i, t in enumerate(tokens) if t in request.stop_token_ids and i >= request.min_tokens - 1]
             tokens = tokens[: ends[0] + 1] if ends else tokens
@@ -594,6 +595,9 @@ def chat(**fields: Any) -> tuple[str, dict[str, Any]]:
         (completion(prompt=[[1], [5] * MAX_MODEL_LEN]), 400, "prompt", CONTEXT),
         (completion(prompt=[[1], [5] * 120], max_tokens=9), 400, "max_tokens", CONTEXT),
         (completion(prompt=["a"] * 129), 400, "prompt", None),  # 129 sequences, as n = 129 would be
+        (completion(prompt=[["a", "b"]]), 400, "prompt[0][0]", None),  # nested a level too deep: a 200 before review
+        (completion(prompt=[[[1, 2]]]), 400, "prompt[0][0]", None),
+        (completion(prompt=[[[1], [2]]]), 400, "prompt[0][0]", None),
         (completion(prompt=["a"] * 65, n=2), 400, "n", None),
         (completion(prompt={"text": "hi"}), 400, "prompt", None),
         (completion(prompt=[1, 512]), 400, "prompt", None),  # the vocabulary has 512 tokens

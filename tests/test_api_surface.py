@@ -743,8 +743,14 @@ def test_a_batch_of_prompts_reads_as_each_prompt_alone(http: httpx.Client, backe
 
     rng = random.Random(9)
     words = ["hi", "the quick", "a", "brown fox jumps", "hi there", "é"]
+
+    def reset(tokens_per_delta: int) -> None:  # an output, and a cache hit, of each prompt and seed's own
+        backend.reset(tokens_per_delta=tokens_per_delta)
+        backend.script_of = lambda r: backend.script[(sum(r.prompt_token_ids) + (r.seed or 0)) % 9 :]
+        backend.cached_tokens = lambda r: len(r.prompt_token_ids) % 3
+
     for case in range(100):
-        backend.reset(tokens_per_delta=rng.choice([1, 2, 5]))
+        reset(rng.choice([1, 2, 5]))
         stream = rng.random() < 0.5
         if rng.random() < 0.5:
             prompts: list[Any] = [rng.choice(words) for _ in range(rng.randint(2, 4))]
@@ -768,17 +774,19 @@ def test_a_batch_of_prompts_reads_as_each_prompt_alone(http: httpx.Client, backe
         for prompt in prompts:
             backend.requests = []
             response = http.post("/v1/completions", json={**body, "prompt": prompt})
-            alone.append((_choices_of(response, stream), _usage_of(response, stream), backend.requests))
-        backend.reset(tokens_per_delta=backend.tokens_per_delta)
+            alone.append((_answers_of(response, stream), _usage_of(response, stream), backend.requests))
+        reset(backend.tokens_per_delta)
         response = http.post("/v1/completions", json={**body, "prompt": prompts})
         assert response.status_code == 200, (case, response.text)
         n = body["n"]
         want = {p * n + j: choices[j] for p, (choices, _, _) in enumerate(alone) for j in range(n)}
-        assert _choices_of(response, stream) == want, (case, body, prompts)
+        assert _answers_of(response, stream) == want, (case, body, prompts)
         usages = [usage for _, usage, _ in alone]
         got_usage = _usage_of(response, stream)
         for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
             assert got_usage[key] == sum(u[key] for u in usages), (case, key, got_usage, usages)
+        cached = [u["prompt_tokens_details"]["cached_tokens"] for u in usages]
+        assert got_usage["prompt_tokens_details"]["cached_tokens"] == sum(cached), (case, got_usage, usages)
         assert [r.seed for r in backend.requests if r.shares_prompt_of is None] == [case] * len(prompts)
         assert sorted(r.seed for r in backend.requests) == sorted(r.seed for _, _, rs in alone for r in rs)
         assert len({r.request_id for r in backend.requests}) == n * len(prompts) == backend.num_closed
@@ -816,6 +824,16 @@ def test_a_batchs_prompts_start_at_the_first_ones_first_token_their_choices_at_t
         after = r.shares_prompt_of or r.batched_with
         assert after is not None and start[r.request_id] > first[after], (r.request_id, events)
     assert max(start[r.request_id] for r in heads) < min(first[r.request_id] for r in heads)  # not one by one
+
+
+def _answers_of(response: httpx.Response, stream: bool) -> dict[int, dict[str, Any]]:
+    """Each choice's text, logprobs, finish and stop reasons, by index."""
+    choices = _choices_of(response, stream)
+    chunks = [json.loads(p) for p in sse_payloads(response)[:-1]] if stream else [response.json()]
+    for c in (c for chunk in chunks for c in chunk["choices"]):
+        if c["finish_reason"] is not None:
+            choices[c["index"]] |= {"finish_reason": c["finish_reason"], "stop_reason": c.get("stop_reason")}
+    return choices
 
 
 def _usage_of(response: httpx.Response, stream: bool) -> dict[str, Any]:

@@ -4,6 +4,7 @@ without Ray: a request the API ends itself (a stop string) is a finished request
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -221,3 +222,38 @@ def test_a_batch_of_prompts_is_admitted_or_refused_whole(tokenizer: Any, stream:
         alone = httpx.post(f"{url}/v1/completions", json=body, timeout=20)
         assert alone.status_code == 200 and alone.text.count('"index":2') == 1, alone.text
     assert ingress.admission.num_queued_tokens == 0 and ingress.admission.num_queued == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_batch_holds_its_room_and_its_further_prompts_are_never_refused(tokenizer: Any, stream: bool) -> None:
+    """Admitted alone, a batch over the budget (3 x 30 tokens against 40) holds the whole budget until its first
+    prompt's first token: a request arriving meanwhile is a 429 (the room was checked, not held: found in review).
+    Its further prompts then join a queue they overflow (30 + 30 > 40), never refused: the answer is whole, no error
+    event inside."""
+    ingress = _Ingress(tokenizer)
+    ingress.engine.delay_s = 0.3
+    ingress.admission = Admission(40)
+    prompts = [[5] * 30, [6] * 30, [7] * 30]
+    with serve(create_app(ingress)) as url:  # type: ignore[arg-type]
+
+        async def both() -> tuple[httpx.Response, httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=20) as client:
+                body = {"model": "fake-model", "max_tokens": 2, "stream": stream}
+                batch = asyncio.ensure_future(client.post("/v1/completions", json={**body, "prompt": prompts}))
+                while ingress.admission.num_queued == 0:
+                    await asyncio.sleep(0.01)
+                late = await client.post("/v1/completions", json={**body, "prompt": [8] * 5})
+                return await batch, late
+
+        batch, late = asyncio.run(both())
+    assert late.status_code == 429, late.text
+    assert batch.status_code == 200 and '"error"' not in batch.text, batch.text
+    assert {c["index"] for c in _choices(batch, stream)} == {0, 1, 2}
+    assert ingress.admission.num_queued_tokens == 0 and ingress.admission.num_queued == 0
+
+
+def _choices(response: httpx.Response, stream: bool) -> list[dict[str, Any]]:
+    if not stream:
+        return list(response.json()["choices"])
+    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ") and line != "data: [DONE]"]
+    return [c for e in events for c in json.loads(e)["choices"]]

@@ -173,27 +173,28 @@ async def collect_choices(streams: ChoiceStreams, generations: list[Generation])
     return [g.whole() for g in generations]
 
 
-def _prompt_heads(generations: list[Generation]) -> dict[str, Generation]:
+def prompt_heads(generations: list[Generation]) -> dict[str, Generation]:
     """Each prompt's first choice, by request id: the one that computed the prompt."""
     return {g.request.request_id: g for g in generations if g.request.shares_prompt_of is None}
 
 
-def choice_usage(generations: list[Generation], index: int) -> Usage:
+def choice_usage(generations: list[Generation], index: int, heads: dict[str, Generation] | None = None) -> Usage:
     """Choice `index`'s usage so far (continuous usage stats), with its prompt's cache hit as the request reports it:
     the prompt's first choice's. The other choices start after its first token and hit the blocks it computed; their
-    own hit (or the 0 of one not started yet, in its opening chunk) contradicted the final usage (found in review)."""
+    own hit (or the 0 of one not started yet, in its opening chunk) contradicted the final usage (found in review).
+    `heads`: `prompt_heads(generations)`, computed once for a stream's chunks."""
     usage = generations[index].usage()
     head = generations[index].request.shares_prompt_of
     if head is None:
         return usage
-    details = _prompt_heads(generations)[head].usage().prompt_tokens_details
+    details = (heads or prompt_heads(generations))[head].usage().prompt_tokens_details
     return usage.model_copy(update={"prompt_tokens_details": details})
 
 
 def total_usage(generations: list[Generation]) -> Usage:
     """The usage of n choices of each prompt: every prompt once (with its cache hit), every choice's completion
     tokens."""
-    heads = [g.usage() for g in _prompt_heads(generations).values()]
+    heads = [g.usage() for g in prompt_heads(generations).values()]
     prompt = sum(u.prompt_tokens for u in heads)
     cached = sum(u.prompt_tokens_details.cached_tokens for u in heads if u.prompt_tokens_details is not None)
     completion = sum(len(g.token_ids) for g in generations)

@@ -230,15 +230,14 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _unbatch(cls, prompt: Any) -> Any:
+    def _one_kind(cls, prompt: Any) -> Any:
         if isinstance(prompt, list) and len({type(p) for p in prompt} & {str, list}) > 1:
             raise ValueError("a batch of prompts must be all texts or all lists of token ids")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-            return prompt[0]
-        return prompt  # [] is an empty prompt (a 400 later), not an empty batch
+        return prompt
 
     def prompts(self) -> list[str | list[int]]:
-        """The request's prompts: one, or a batch's in order."""
+        """The request's prompts: one, or a batch's in order (a batch of one is that prompt; [] is an empty prompt,
+        a 400 later, not an empty batch)."""
         prompt = self.prompt
         if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
             return [prompt]  # type: ignore[list-item]

@@ -13,7 +13,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from pdserve.api.backend import CapacityError, GenerationDelta, InvalidRequest, ServerError
-from pdserve.api.choices import ChoiceStreams, choice_usage, total_usage
+from pdserve.api.choices import ChoiceStreams, choice_usage, prompt_heads, total_usage
 from pdserve.api.errors import APIError, backend_error
 from pdserve.api.formats import ResponseFormat
 from pdserve.api.generation import Generation, close_stream, release_stream, usage_attributes
@@ -92,11 +92,13 @@ async def choice_events(
     `pending`, the task still waiting for it: keep-alive comments meanwhile, as `stream_events`): each chunk carries
     one choice's piece under its index, as OpenAI interleaves them; then the usage of all of them."""
 
+    heads = prompt_heads(generations)
+
     def event(chunk: BaseModel, index: int) -> str:
         for choice in chunk.choices:  # type: ignore[attr-defined]  # every chunk model has choices
             choice.index = index
         if continuous_usage:  # the chunk's own choice so far, as vLLM; the final usage chunk sums them all
-            chunk.usage = choice_usage(generations, index)  # type: ignore[attr-defined]
+            chunk.usage = choice_usage(generations, index, heads)  # type: ignore[attr-defined]
         return sse_event(chunk)
 
     try:

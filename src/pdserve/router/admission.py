@@ -30,15 +30,18 @@ class Admission:
     ) -> bool:
         """Admit the request (its tokens count against the budget) or refuse it; refusing changes nothing.
         `is_part_of_admitted`: it belongs to a request admitted earlier (a further choice of n > 1, a further prompt
-        of a batch): counted, never refused. `room_for`: the tokens the budget must have room for (a batch's, whose
-        further prompts join later as parts), instead of this request's own."""
-        needed = num_prompt_tokens if room_for is None else room_for
+        of a batch): counted, never refused. `room_for`: the tokens to hold room for until this request's first token,
+        instead of its own (a batch's, whose further prompts join as parts then), capped at the whole budget: a batch
+        larger than the budget is admitted as a prompt larger than it is, when nothing else waits."""
+        needed = num_prompt_tokens
+        if room_for is not None:
+            needed = max(num_prompt_tokens, min(room_for, self.max_queued_tokens))
         is_room = is_part_of_admitted or self.num_queued_tokens + needed <= self.max_queued_tokens or not self._queued
         if not is_room:
             self.counters.num_refused += 1
             return False
-        self._queued[request_id] = num_prompt_tokens
-        self.num_queued_tokens += num_prompt_tokens
+        self._queued[request_id] = needed
+        self.num_queued_tokens += needed
         self.counters.num_admitted += 1
         return True
 
