@@ -440,6 +440,20 @@ def test_tokenize_gives_the_ids_a_chat_is_served_with(
     assert got.json()["tokens"] == backend.requests[0].prompt_token_ids and got.json()["token_strs"] is None
 
 
+def test_tokenize_counts_what_the_context_cannot_hold(http: httpx.Client, backend: FakeBackend) -> None:
+    """As vLLM's: a prompt or conversation longer than the context is counted (the client compares max_model_len),
+    where a completion or chat of it is a 400."""
+    long = "the " * (2 * MAX_MODEL_LEN)
+    for body in ({"prompt": long}, {"messages": [{"role": "user", "content": long}]}):
+        counted = http.post("/tokenize", json=body)
+        assert counted.status_code == 200 and counted.json()["count"] > MAX_MODEL_LEN, counted.text
+    assert http.post("/v1/completions", json={**BASE["completions"][1], "prompt": long}).status_code == 400
+    chat = {**BASE["chat"][1], "messages": [{"role": "user", "content": long}]}
+    assert http.post("/v1/chat/completions", json=chat).status_code == 400
+    too_many = [{"role": "user", "content": "hi"}] * 1025  # RequestLimits.max_messages, as chat completions
+    assert http.post("/tokenize", json={"messages": too_many}).json()["error"]["param"] == "messages"
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status", "param"),
     [

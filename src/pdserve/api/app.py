@@ -170,12 +170,15 @@ async def version() -> Response:
 async def tokenize(body: TokenizeRequest, state: State) -> Response:
     """vLLM's /tokenize: a text prompt's token ids, or a chat's through the chat template, as the generation
     endpoints compute them (with `return_token_strs`, each token's vocabulary piece too); the context length beside
-    them, for the client to compare."""
+    them, for the client to compare: a prompt longer than the context is counted, not refused (as vLLM's)."""
     _model(body, state)
     if body.messages is not None:
+        if len(body.messages) > state.limits.max_messages:
+            raise APIError(400, f"at most {state.limits.max_messages} messages are allowed", param="messages")
         ids = await state.tokenization.chat_prompt(
-            body.messages, body.chat_template_kwargs, body.add_generation_prompt, body.continue_final_message
-        )
+            body.messages, body.chat_template_kwargs, body.add_generation_prompt, body.continue_final_message,
+            check_context=False,  # as vLLM's: a count whatever the context (the client compares max_model_len)
+        )  # fmt: skip
     else:
         assert body.prompt is not None
         ids = await state.tokenization.tokenize(body.prompt, body.add_special_tokens is not False)

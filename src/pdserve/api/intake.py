@@ -117,9 +117,11 @@ class Tokenization:
         template_kwargs: dict[str, Any] | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        check_context: bool = True,
     ) -> list[int]:
         """Token ids of a conversation through the chat template: ready for the assistant's turn, or continuing the
-        last (assistant) message. `template_kwargs` are extra template variables (e.g. enable_thinking)."""
+        last (assistant) message. `template_kwargs` are extra template variables (e.g. enable_thinking). Without
+        `check_context`, a conversation longer than the context is tokenized all the same (/tokenize counts it)."""
         if self.chat_template is None:
             message = "this model has no chat template: use /v1/completions, or serve it with --chat-template"
             raise APIError(400, message, param="messages", code="chat_template_missing")
@@ -133,7 +135,8 @@ class Tokenization:
         # A template may drop content (earlier turns' reasoning, say): only the newest user turn is surely rendered,
         # so only its length refuses the request before the template runs (the rendered ids are checked after).
         newest = next((m["content"] for m in reversed(conversation) if m["role"] == "user"), "")
-        self.check_length(len(newest), "messages")
+        if check_context:
+            self.check_length(len(newest), "messages")
         kwargs = dict(template_kwargs or {})
         reserved = sorted(self.render_arguments & kwargs.keys())
         if reserved:  # would override what the server (or the request's own fields) set
