@@ -474,6 +474,13 @@ def test_tokenize_counts_what_the_context_cannot_hold(http: httpx.Client, backen
         ("/detokenize", {"tokens": "hi"}, 400, "tokens"),
         ("/detokenize", {}, 400, "tokens"),
         ("/detokenize", {"tokens": [1], "model": "other"}, 404, "model"),
+        # found in review: the name came back in the 404's message, which could not encode (a 500)
+        ("/tokenize", {"prompt": "hi", "model": "\ud800"}, 400, "model"),
+        ("/detokenize", {"tokens": [1], "model": "\ud800"}, 400, "model"),
+        ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "chat_template": "{{ 1 }}"}, 400,
+         "chat_template"),
+        ("/tokenize", {"prompt": "hi", "mm_processor_kwargs": {"a": 1}}, 400, "mm_processor_kwargs"),
+        ("/detokenize", {"tokens": None}, 400, "tokens"),
     ],
 )  # fmt: skip
 def test_tokenize_and_detokenize_refuse_what_they_cannot_serve(
@@ -483,6 +490,25 @@ def test_tokenize_and_detokenize_refuse_what_they_cannot_serve(
     assert response.status_code == status, response.text
     assert response.json()["error"]["param"] == param, response.text
     assert backend.requests == []
+
+
+def test_tokenize_takes_vllms_whole_request_models(http: httpx.Client, backend: FakeBackend) -> None:
+    """vLLM's clients send every field of its request models, nulls included: a null is the field's default, and
+    vLLM's fields pdserve does not implement pass at null (found in review: each was a 400)."""
+    messages = [{"role": "user", "content": "hi"}]
+    want = http.post("/tokenize", json={"messages": messages}).json()
+    chat = {
+        "model": None, "messages": messages, "add_generation_prompt": None, "continue_final_message": None,
+        "add_special_tokens": False, "chat_template": None, "chat_template_kwargs": None,
+        "mm_processor_kwargs": None, "tools": None, "return_token_strs": None, "prompt": None, "media_io_kwargs": None,
+    }  # fmt: skip
+    got = http.post("/tokenize", json=chat)
+    assert got.status_code == 200 and got.json() == want, got.text
+    completion = {"model": None, "prompt": "hi", "add_special_tokens": True, "return_token_strs": None,
+                  "messages": None, "tools": None, "add_generation_prompt": None}  # fmt: skip
+    got = http.post("/tokenize", json=completion)
+    assert got.status_code == 200 and got.json() == http.post("/tokenize", json={"prompt": "hi"}).json(), got.text
+    assert http.post("/detokenize", json={"model": None, "tokens": [5]}).status_code == 200
 
 
 def test_version_names_pdserves(http: httpx.Client) -> None:

@@ -182,7 +182,7 @@ async def tokenize(body: TokenizeRequest, state: State) -> Response:
     else:
         assert body.prompt is not None
         ids = await state.tokenization.tokenize(body.prompt, body.add_special_tokens is not False)
-    pieces = [str(p) for p in state.backend.tokenizer.convert_ids_to_tokens(ids)] if body.return_token_strs else None
+    pieces = await state.tokenization.token_strs(ids) if body.return_token_strs else None
     return _json(TokenizeResponse(count=len(ids), max_model_len=state.backend.max_model_len, tokens=ids,
                                   token_strs=pieces))  # fmt: skip
 

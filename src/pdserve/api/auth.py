@@ -4,7 +4,8 @@ Clients send `Authorization: Bearer <key>` (as with OpenAI and vLLM's `--api-key
 key's SHA-256: a presented key is hashed, looked up, and compared with `hmac.compare_digest`, so neither a timing
 difference nor a leaked config reveals a key. Each key belongs to a tenant; a tenant's requests share a private
 prefix cache (the tenant goes into every block hash's salt, see `tenant_salt`) and its limits: a request rate
-(token bucket) and a number of generation requests in flight, beyond which requests get 429 with Retry-After.
+(token bucket) and a number of requests in flight, over every POST (generation, /tokenize, /detokenize), beyond
+which requests get 429 with Retry-After.
 Limits are per ingress replica (N replicas admit up to N times as much).
 
 With keys configured every route but `/health` and `/ready` (liveness and readiness probes) needs one; without
@@ -39,7 +40,7 @@ class Tenant:
     name: str
     requests_per_s: float | None = None  # sustained request rate; None: unlimited
     burst: int | None = None  # requests allowed at once above the rate (default: max(1, rate))
-    max_concurrent: int | None = None  # generation requests in flight; None: unlimited
+    max_concurrent: int | None = None  # POSTs in flight (generation, tokenization); None: unlimited
 
     def __post_init__(self) -> None:
         if not _TENANT_NAME.fullmatch(self.name):
@@ -117,7 +118,7 @@ class APIKeys:
         return found
 
     def admit(self, tenant: Tenant) -> float:
-        """0 and one more in flight when `tenant` may start a generation request now; else the seconds to wait."""
+        """0 and one more in flight when `tenant` may start a request (a POST) now; else the seconds to wait."""
         state = self._states[tenant.name]
         limit = tenant.max_concurrent
         if limit is not None and state.in_flight >= limit:

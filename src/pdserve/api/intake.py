@@ -94,6 +94,10 @@ class Tokenization:
         """A text's token ids, unchecked (/tokenize reports a count whatever it is)."""
         return await self._run(lambda: list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]))
 
+    async def token_strs(self, token_ids: list[int]) -> list[str]:
+        """Each token's vocabulary piece (/tokenize's `return_token_strs`, as vLLM's)."""
+        return [str(p) for p in await self._run(lambda: self.tokenizer.convert_ids_to_tokens(token_ids))]
+
     async def detokenize(self, token_ids: list[int]) -> str:
         """Token ids' text, special tokens included (/detokenize, as vLLM's)."""
         check_token_ids(token_ids, self.vocab_size, "tokens")

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from pdserve.api.vllm_fields import has_no_effect, no_effect_values
+from pdserve.api.vllm_fields import CHAT_ONLY, NO_EFFECT, has_no_effect, no_effect_values
 
 
 class UnknownFieldError(ValueError):
@@ -355,6 +355,22 @@ class InvalidFieldError(ValueError):
 
 
 _CHAT_ONLY = ("add_generation_prompt", "continue_final_message", "chat_template_kwargs", "tools")
+# vLLM's tokenize fields that pdserve does not implement, accepted where they change nothing (as in chat completions)
+_TOKENIZE_NO_EFFECT = {
+    "chat_template": CHAT_ONLY["chat_template"], "media_io_kwargs": CHAT_ONLY["media_io_kwargs"],
+    "mm_processor_kwargs": NO_EFFECT["mm_processor_kwargs"],
+}  # fmt: skip
+
+
+def _without_nulls(data: Any, no_effect: dict[str, tuple[Any, ...]]) -> Any:
+    """A body with its explicit nulls left out (a null is the field's default: vLLM's clients send every field of
+    its models) and the unimplemented fields that change nothing dropped (any other value of them is a 400)."""
+    if not isinstance(data, dict):
+        return data
+    for name, value in data.items():
+        if name in no_effect and not has_no_effect(value, no_effect[name]):
+            raise UnsupportedFieldError(name)
+    return {k: v for k, v in data.items() if v is not None and k not in no_effect}
 
 
 class TokenizeRequest(BaseModel):
@@ -375,10 +391,15 @@ class TokenizeRequest(BaseModel):
     tools: list[Any] | None = None  # none are ever offered: only empty
     return_token_strs: bool | None = False  # also each token's vocabulary piece
 
-    @field_validator("prompt", "chat_template_kwargs")
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        return _without_nulls(data, _TOKENIZE_NO_EFFECT)
+
+    @field_validator("model", "prompt", "chat_template_kwargs")
     @classmethod
     def _text(cls, value: Any) -> Any:
-        return _valid_text(value)
+        return _valid_text(value)  # the model's name comes back in a 404's message: it must encode
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> TokenizeRequest:
@@ -409,6 +430,16 @@ class DetokenizeRequest(BaseModel):
 
     model: str | None = None
     tokens: list[int]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        return _without_nulls(data, {})
+
+    @field_validator("model")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        return _valid_text(value)
 
 
 class DetokenizeResponse(BaseModel):
