@@ -93,6 +93,17 @@ CHAT = st.fixed_dictionaries(
     optional={k: v for k, v in _COMMON.items() if k != "model"} | {"max_completion_tokens": st.integers(-1, 1 << 40)},
 )
 
+TOKENIZE = st.fixed_dictionaries({}, optional={
+    "model": _COMMON["model"], "prompt": _texts() | _ANY, "messages": st.lists(_MESSAGE, max_size=4) | _ANY,
+    "add_special_tokens": st.booleans() | _ANY, "add_generation_prompt": st.booleans() | _ANY,
+    "continue_final_message": st.booleans() | _ANY, "chat_template_kwargs": _ANY, "tools": _ANY,
+    "return_token_strs": st.booleans() | _ANY, "chat_template": _ANY, "unknown_field": _ANY,
+})  # fmt: skip
+DETOKENIZE = st.fixed_dictionaries(
+    {"tokens": st.lists(st.integers(-5, 1 << 40), max_size=20) | st.lists(st.integers(0, 511), max_size=20) | _ANY},
+    optional={"model": _COMMON["model"], "unknown_field": _ANY},
+)
+
 
 def _check(response: httpx.Response) -> None:
     assert response.status_code < 500, response.text[:500]
@@ -131,8 +142,17 @@ def test_chat_never_5xx(http: httpx.Client, body: dict[str, Any]) -> None:
 
 
 @FUZZ
+@given(body=TOKENIZE | DETOKENIZE.map(lambda body: {**body, "/detokenize": True}))
+@example(body={"model": "\ud800", "prompt": "hi"})  # a 500 before review: the name came back in the 404
+@example(body={"model": "\ud800", "tokens": [1], "/detokenize": True})
+def test_tokenize_and_detokenize_never_5xx(http: httpx.Client, body: dict[str, Any]) -> None:
+    route = "/detokenize" if body.pop("/detokenize", False) else "/tokenize"
+    _check(_post(http, route, _encoded(body)))
+
+
+@FUZZ
 @given(raw=st.binary(max_size=300) | _texts().map(lambda s: s.encode("utf-8", "surrogatepass")),
-       route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))  # fmt: skip
+       route=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]))  # fmt: skip
 def test_bytes_that_are_not_a_request_never_5xx(http: httpx.Client, raw: bytes, route: str) -> None:
     _check(_post(http, route, raw))
 
