@@ -1019,6 +1019,16 @@ def test_http_metrics_labels_stay_bounded_whatever_the_client_sends() -> None:
     assert "X00001" not in text
 
 
+def test_every_route_of_the_app_has_its_own_metrics_label(tokenizer: Any) -> None:
+    """A route the app serves is counted under its path, never lumped into `other` with 404s (the vLLM routes were,
+    found in review)."""
+    from pdserve.api.metrics import _ROUTES
+    from test_auth import api_routes
+
+    paths = {r.path for r in api_routes(create_app(FakeBackend(tokenizer)).routes)} - {"/v1/models/{model:path}"}
+    assert len(paths) >= 9 and paths <= _ROUTES, paths - _ROUTES
+
+
 def test_a_client_gone_before_any_answer_is_counted_499_not_500(tokenizer: Any) -> None:
     """Serve cancels the request's task when its HTTP client leaves: nothing was answered, and the request was
     counted as a 500 (found in review), inflating the dashboard's 5xx ratio with clients' timeouts."""

@@ -89,9 +89,10 @@ def create_app(
     chat_template: str | None = None,
     sampling_defaults: dict[str, Any] | None = None,
 ) -> FastAPI:
-    """The OpenAI-compatible app over `backend`: /v1/completions, /v1/chat/completions, /v1/models, /health,
-    /ready, /metrics. Bodies over `max_body_bytes` are refused with 413. A stream whose first token takes longer
-    than `first_token_wait_s` starts anyway and sends a keep-alive comment every `sse_keepalive_s`. With
+    """The OpenAI-compatible app over `backend`: /v1/completions, /v1/chat/completions, /v1/models, vLLM's
+    /tokenize, /detokenize and /version, /health, /ready, /metrics. Bodies over `max_body_bytes` are refused with
+    413. A stream whose first token takes longer than `first_token_wait_s` starts anyway and sends a keep-alive
+    comment every `sse_keepalive_s`. With
     `api_keys`, every route but /health and /ready needs a key (auth.py); `limits` bound what a request may ask.
     `chat_template` (Jinja) replaces the tokenizer's own; `sampling_defaults` (intake.sampling_defaults: the
     model's generation_config.json) are the defaults of the fields a request leaves unset."""

@@ -37,7 +37,7 @@ class RequestLimits:
     """What one request may ask for; over a limit is a 400 naming the parameter, before anything is allocated."""
 
     max_stop_strings: int = 16  # OpenAI takes 4, vLLM any number: eval harnesses send 5 or more
-    max_choices: int = MAX_CHOICES  # n
+    max_choices: int = MAX_CHOICES  # n, times the prompts of a completion's batch
     max_stop_string_chars: int = 256  # every output token is checked against every stop string
     max_messages: int = 1024
     max_tokens: int | None = None  # the server's cap on tokens generated per request (None: the context's room)

@@ -215,7 +215,7 @@ class CompletionRequest(SamplingFields):
     endpoint = "completions"
 
     # One prompt (a text, token ids) or a batch of them (texts, lists of token ids): each prompt's n choices, at
-    # indexes prompt * n + choice, as vLLM. A batch holding one prompt is unwrapped.
+    # indexes prompt * n + choice, as vLLM. A batch holding one prompt is served as that prompt.
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)  # OpenAI's default; null: up to the context length; 0: only with echo
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # the sampled token's and this many top ones

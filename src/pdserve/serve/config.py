@@ -138,7 +138,7 @@ class LimitsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_stop_strings: int = Field(16, ge=0, description="stop strings per request")
-    max_choices: int = Field(MAX_CHOICES, ge=1, description="choices per request (n)")
+    max_choices: int = Field(MAX_CHOICES, ge=1, description="choices per request (n, times the prompts of a batch)")
     max_stop_string_chars: int = Field(256, ge=1, description="characters per stop string")
     max_messages: int = Field(1024, ge=1, description="messages per chat request")
     max_tokens: int | None = Field(None, ge=1, description="cap on a request's max_tokens (default: the context)")
