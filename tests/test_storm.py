@@ -125,13 +125,18 @@ def _route_modes(served: Served) -> dict[str, float]:
 STORM_TOKENS = 64
 
 
+Sent = tuple[list[list[int]], int, bool, str, bytes]  # a storm request: prompts, n, stream, outcome, bytes received
+
+
 async def _hang_up(
-    client: httpx.AsyncClient, url: str, prompt: list[int], after_s: float, stream: bool
+    client: httpx.AsyncClient, url: str, prompts: list[list[int]], n: int, after_s: float, stream: bool
 ) -> tuple[str, bytes]:
-    """Send a request and drop the connection after `after_s` (or at its first streamed byte when 0). Returns the
-    outcome and the bytes received (a stream asks for its usage at the end)."""
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": STORM_TOKENS, "temperature": 0, "stream": stream,
-            "ignore_eos": True, **({"stream_options": {"include_usage": True}} if stream else {})}  # fmt: skip
+    """Send a request (one prompt, or a batch of them; `n` choices each) and drop the connection after `after_s` (or
+    at its first streamed byte when 0). Returns the outcome and the bytes received (a stream asks for its usage at the
+    end)."""
+    body = {"model": "tiny", "prompt": prompts[0] if len(prompts) == 1 else prompts, "n": n,
+            "max_tokens": STORM_TOKENS, "temperature": 0, "stream": stream, "ignore_eos": True,
+            **({"stream_options": {"include_usage": True}} if stream else {})}  # fmt: skip
     received = bytearray()
 
     async def run() -> str:
@@ -151,17 +156,20 @@ async def _hang_up(
     return outcome, bytes(received)
 
 
-def _received(data: bytes, stream: bool) -> tuple[str, int | None, list[str]]:
-    """What a storm request received: its text (a cut stream's whole events only), the usage's completion tokens
-    (None: not received) and any error messages."""
+def _received(data: bytes, stream: bool) -> tuple[dict[int, str], int | None, list[str]]:
+    """What a storm request received: each choice's text by index (a cut stream's whole events only), the usage's
+    completion tokens (None: not received) and any error messages."""
+    texts: dict[int, str] = {}
     if not stream:
         if not data:
-            return "", None, []
+            return texts, None, []
         body = json.loads(data)  # only a finished request's bytes are read whole
         if "error" in body:
-            return "", None, [str(body["error"])]
-        return body["choices"][0]["text"], body["usage"]["completion_tokens"], []
-    text, tokens, errors = "", None, []
+            return texts, None, [str(body["error"])]
+        for choice in body["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+        return texts, body["usage"]["completion_tokens"], []
+    tokens, errors = None, []
     *events, _partial = data.split(b"\n\n")  # the last piece: an event cut short, or empty
     for event in events:
         payload = event.removeprefix(b"data: ")
@@ -171,50 +179,62 @@ def _received(data: bytes, stream: bool) -> tuple[str, int | None, list[str]]:
         if "error" in chunk:
             errors.append(str(chunk["error"]))
             continue
-        text += "".join(choice["text"] for choice in chunk["choices"])
+        for choice in chunk["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
         tokens = chunk["usage"]["completion_tokens"] if chunk.get("usage") else tokens
-    return text, tokens, errors
+    return texts, tokens, errors
 
 
-async def _storm(served: Served, seed: int) -> tuple[dict[str, int], list[tuple[list[int], bool, str, bytes]]]:
-    """NUM_STORM requests in waves of 100, each dropped at a random time; the outcomes counted, and every request's
-    (prompt, stream, outcome, bytes received)."""
+async def _storm(served: Served, seed: int) -> tuple[dict[str, int], list[Sent]]:
+    """NUM_STORM requests in waves of 100, each dropped at a random time; a fifth of them batches of 2 or 3 prompts
+    (repeats and shared prefixes among them) and some with 2 choices each, so hang-ups also cut a batch between its
+    first prompt's first token and the others' start, and a prompt's followers. The outcomes counted, and every
+    request's (prompts, n, stream, outcome, bytes received)."""
     rng = random.Random(seed)
     prompts = _mixed_prompts(seed, 64)
     url = f"{served.base_url}/completions"
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
     outcomes: dict[str, int] = {}
-    sent: list[tuple[list[int], bool, str, bytes]] = []
+    sent: list[Sent] = []
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
         for _wave in range(NUM_STORM // 100):
             delays = [rng.choice([0.0, rng.uniform(0.001, 0.05), rng.uniform(0.05, 1.0)]) for _ in range(100)]
             # One in twenty stays to the end, beside the hang-ups: its whole response is checked (none finished
             # within the hang-up times, so the storm's survivors were never compared with the oracle)
             delays = [60.0 if rng.random() < 0.05 else d for d in delays]
-            wave = [(rng.choice(prompts), rng.random() < 0.7) for _ in delays]
+            wave = [
+                (rng.choices(prompts, k=1 if rng.random() < 0.8 else rng.randint(2, 3)),
+                 2 if rng.random() < 0.15 else 1, rng.random() < 0.7)
+                for _ in delays
+            ]  # fmt: skip
             results = await asyncio.gather(
-                *(_hang_up(client, url, p, d, s) for (p, s), d in zip(wave, delays, strict=True))
+                *(_hang_up(client, url, p, n, d, s) for (p, n, s), d in zip(wave, delays, strict=True))
             )
-            for (prompt, stream), (outcome, data) in zip(wave, results, strict=True):
+            for (batch, n, stream), (outcome, data) in zip(wave, results, strict=True):
                 outcomes[outcome] = outcomes.get(outcome, 0) + 1
-                sent.append((prompt, stream, outcome, data))
+                sent.append((batch, n, stream, outcome, data))
     return outcomes, sent
 
 
-def _wrong_in_storm(oracle, sent: list[tuple[list[int], bool, str, bytes]]) -> list[str]:  # type: ignore[no-untyped-def]
-    """The storm's responses that carried wrong tokens: a finished one must be the oracle's whole text with its
-    usage's token count and no error event; one cut short, a beginning of it (the storm's survivors were never
-    checked before: a late write could put wrong tokens into a 200 there; found in review)."""
+def _wrong_in_storm(oracle, sent: list[Sent]) -> list[str]:  # type: ignore[no-untyped-def]
+    """The storm's responses that carried wrong tokens: a finished one must carry every choice (index prompt * n +
+    choice), each the oracle's whole text for its prompt, with its usage's token count and no error event; one cut
+    short, a beginning of each (the storm's survivors were never checked before: a late write could put wrong tokens
+    into a 200 there; found in review)."""
     wrong = []
-    for i, (prompt, stream, outcome, data) in enumerate(sent):
-        text, tokens, errors = _received(data, stream)
-        want = oracle(prompt, STORM_TOKENS)
+    for i, (prompts, n, stream, outcome, data) in enumerate(sent):
+        texts, tokens, errors = _received(data, stream)
+        wants = [oracle(prompt, STORM_TOKENS) for prompt in prompts for _ in range(n)]
         if errors:
             wrong.append(f"{i}: error {errors}")
-        elif outcome == "finished" and (text != want or tokens != STORM_TOKENS):
-            wrong.append(f"{i}: finished with {tokens} tokens {text!r}, expected {str(want)!r}")
-        elif outcome != "finished" and not want.admits_prefix(text):
-            wrong.append(f"{i}: cut short at {text!r}, which does not begin {str(want)!r}")
+        elif set(texts) - set(range(len(wants))):
+            wrong.append(f"{i}: choices {sorted(texts)} for {len(prompts)} prompts x {n}")
+        elif outcome == "finished" and (
+            [texts.get(j) for j in range(len(wants))] != wants or tokens != STORM_TOKENS * len(wants)
+        ):
+            wrong.append(f"{i}: finished with {tokens} tokens {texts!r}, expected {[str(w) for w in wants]!r}")
+        elif outcome != "finished" and not all(w.admits_prefix(texts.get(j, "")) for j, w in enumerate(wants)):
+            wrong.append(f"{i}: cut short at {texts!r}, which does not begin {[str(w) for w in wants]!r}")
     return wrong
 
 
@@ -295,33 +315,43 @@ def test_the_idle_check_needs_every_replica_reporting() -> None:
 
 
 def test_the_storm_check_finds_wrong_cut_and_errored_responses() -> None:
-    """`_wrong_in_storm` itself: whole and cut responses that match pass; a wrong text, a short count, a cut stream
-    that does not begin the text, and an error event after a 200 do not."""
+    """`_wrong_in_storm` itself: whole and cut responses that match pass, batches and n included; a wrong text, a
+    short count, a cut stream that does not begin the text, an error event after a 200, a missing or extra choice and
+    a batch's choices in the wrong places do not."""
 
     class Want(str):
         def admits_prefix(self, partial: str) -> bool:
             return self.startswith(partial)
 
-    def sse(*texts: str, tokens: int | None = None, error: bool = False, cut: bool = False) -> bytes:
-        events = [{"choices": [{"text": t}], "usage": None} for t in texts]
+    def sse(*texts: str | tuple[int, str], tokens: int | None = None, error: bool = False, cut: bool = False) -> bytes:
+        pieces = [t if isinstance(t, tuple) else (0, t) for t in texts]
+        events: list[dict[str, Any]] = [{"choices": [{"index": j, "text": t}], "usage": None} for j, t in pieces]
         events += [{"choices": [], "usage": {"completion_tokens": tokens}}] if tokens is not None else []
         events += [{"error": {"message": "boom"}}] if error else []
         data = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
         return data + (b'data: {"choi' if cut else b"data: [DONE]\n\n")
 
-    def whole(text: str, tokens: int) -> bytes:
-        return json.dumps({"choices": [{"text": text}], "usage": {"completion_tokens": tokens}}).encode()
+    def whole(*texts: str, tokens: int) -> bytes:
+        choices = [{"index": j, "text": t} for j, t in enumerate(texts)]
+        return json.dumps({"choices": choices, "usage": {"completion_tokens": tokens}}).encode()
 
-    oracle = lambda prompt, max_tokens: Want("abcdef")  # noqa: E731
-    good = [([1], True, "finished", sse("ab", "cd", "ef", tokens=STORM_TOKENS)),
-            ([1], False, "finished", whole("abcdef", STORM_TOKENS)),
-            ([1], True, "hung-up", sse("ab", "c", cut=True)), ([1], False, "hung-up", b"")]  # fmt: skip
+    oracle = lambda prompt, max_tokens: Want({1: "abcdef", 2: "uvwxyz"}[prompt[0]])  # noqa: E731
+    good = [([[1]], 1, True, "finished", sse("ab", "cd", "ef", tokens=STORM_TOKENS)),
+            ([[1]], 1, False, "finished", whole("abcdef", tokens=STORM_TOKENS)),
+            ([[1]], 1, True, "hung-up", sse("ab", "c", cut=True)), ([[1]], 1, False, "hung-up", b""),
+            ([[1], [2]], 2, False, "finished", whole("abcdef", "abcdef", "uvwxyz", "uvwxyz", tokens=4 * STORM_TOKENS)),
+            ([[2], [1]], 1, True, "finished", sse((1, "abc"), (0, "uvwxyz"), (1, "def"), tokens=2 * STORM_TOKENS)),
+            ([[2], [1]], 1, True, "hung-up", sse((1, "ab"), cut=True))]  # fmt: skip
     assert _wrong_in_storm(oracle, good) == []
-    bad = [([1], True, "finished", sse("ab", "cX", "ef", tokens=STORM_TOKENS)),
-           ([1], False, "finished", whole("abcdef", STORM_TOKENS - 1)),
-           ([1], True, "first-byte", sse("abd", cut=True)),
-           ([1], True, "finished", sse("ab", tokens=None, error=True))]  # fmt: skip
-    assert [line.split(":")[0] for line in _wrong_in_storm(oracle, bad)] == ["0", "1", "2", "3"]
+    bad = [([[1]], 1, True, "finished", sse("ab", "cX", "ef", tokens=STORM_TOKENS)),
+           ([[1]], 1, False, "finished", whole("abcdef", tokens=STORM_TOKENS - 1)),
+           ([[1]], 1, True, "first-byte", sse("abd", cut=True)),
+           ([[1]], 1, True, "finished", sse("ab", tokens=None, error=True)),
+           ([[1], [2]], 1, False, "finished", whole("abcdef", tokens=2 * STORM_TOKENS)),  # a prompt's choice missing
+           ([[1], [2]], 1, False, "finished", whole("uvwxyz", "abcdef", tokens=2 * STORM_TOKENS)),  # swapped
+           ([[1]], 2, True, "hung-up", sse((2, "ab"), cut=True)),  # an index past the batch
+           ([[1], [2]], 2, True, "hung-up", sse((1, "ab"), (2, "uvw"), (3, "ab"), cut=True))]  # fmt: skip
+    assert [line.split(":")[0] for line in _wrong_in_storm(oracle, bad)] == [str(i) for i in range(len(bad))]
 
 
 @pytest.mark.parametrize("mode", ["colocated", "1p1d", "1p1d-queue-aware", "1p1d-lent", "2p2d"])
