@@ -311,7 +311,8 @@ def test_deploy_file_builds_the_intended_deployments(name: str) -> None:
     for d in built.deployments:
         router = d._deployment_config.request_router_config.request_router_class
         assert import_attr(router) is not None  # `serve deploy` and every ingress replica import it
-        assert (router == PINNED_ROUTER) == (d.name in ("PrefillServer", "DecodeServer"))
+        # engine calls are pinned (disaggregated) or route around failed replicas (every pool)
+        assert (router == PINNED_ROUTER) == (d.name in ("PrefillServer", "DecodeServer", "EngineServer"))
 
 
 def _no_handle(deployment: Any, app_name: str) -> None:

@@ -172,3 +172,69 @@ def test_a_replica_chosen_for_one_call_never_goes_to_a_call_pinned_elsewhere(sec
         assert (await asyncio.wait_for(a_routed, 5)).replica_id.unique_id == "X"
 
     asyncio.run(main())
+
+
+def test_a_failed_engine_names_its_replica_through_ray_and_is_avoided_until_its_ttl() -> None:
+    """The replica tags EngineUnavailableError with its id; it reaches the ingress pickled, inside Ray's dual
+    RayTaskError (an instance of both classes, where the cause class's `replica_id = None` hid the cause's own: the
+    first version of this marked nothing), and `BrokenReplicas` remembers it; other errors mark nothing."""
+    import pickle
+
+    from ray.exceptions import RayTaskError
+
+    from pdserve.engine import EngineDeadError, EngineWedgedError
+    from pdserve.serve.failover import BrokenReplicas
+
+    dead = EngineDeadError("the engine thread has failed")
+    dead.replica_id = "x"
+    arrived = pickle.loads(pickle.dumps(RayTaskError("generate", "traceback", dead))).as_instanceof_cause()
+    assert isinstance(arrived, EngineDeadError) and isinstance(arrived, RayTaskError)
+    broken = BrokenReplicas()
+    for other in (EngineWedgedError("untagged"), RuntimeError("x"), RayTaskError("f", "tb", ValueError("x"))):
+        broken.mark(other)
+    assert broken.current() == ()
+    broken.mark(arrived)
+    wedged = EngineWedgedError("busy")
+    wedged.replica_id = "y"
+    broken.mark(wedged)
+    assert broken.current() == ("x", "y")
+    expired = BrokenReplicas(ttl_s=0.0)
+    expired.mark(arrived)
+    assert expired.current() == ()
+
+
+@pytest.mark.parametrize("avoid", [("X",), (), ("X", "Y")], ids=["avoids-x", "none", "avoids-all"])
+def test_an_unpinned_call_goes_around_the_replicas_it_avoids(avoid: tuple[str, ...]) -> None:
+    """Serve's routing loop (real) over PinnedRequestRouter, X always the first choice (as a failed replica, which
+    answers at once, is the least loaded): a call avoiding X gets Y, a call avoiding none gets X, and a call
+    avoiding every replica still gets one (it must go somewhere). A replica freed for the oldest pending call is
+    not handed to one that avoids it."""
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+    from ray.serve._private.request_router.common import PendingRequest
+
+    from pdserve.serve.routing import AVOID_REPLICAS_KWARG, PinnedRequestRouter, _may_take
+
+    @dataclass(frozen=True)
+    class ReplicaId:
+        unique_id: str
+
+    async def main() -> str:
+        router: Any = PinnedRequestRouter(
+            deployment_id=DeploymentID("EngineServer", "app"), handle_source=DeploymentHandleSource.UNKNOWN
+        )
+        x, y = (SimpleNamespace(replica_id=ReplicaId(n), max_ongoing_requests=1) for n in ("X", "Y"))
+        router._replicas = {x.replica_id: x, y.replica_id: y}
+        router._replicas_list, router._replica_id_set = [x, y], {x.replica_id, y.replica_id}
+
+        async def select(candidates: list[Any], backoff_index: int) -> Any:
+            await asyncio.sleep(0)
+            return x if x in candidates else candidates[0]
+
+        router._select_from_candidate_replicas = select
+        kwargs = {AVOID_REPLICAS_KWARG: avoid} if avoid else {}
+        call = PendingRequest(args=[], kwargs=kwargs, metadata=RequestMetadata("a", "ia"))
+        assert _may_take(call, x) == ("X" not in avoid) and _may_take(call, y) == ("Y" not in avoid)
+        chosen = await asyncio.wait_for(router._choose_replica_for_request(call), 5)
+        return str(chosen.replica_id.unique_id)
+
+    assert asyncio.run(main()) == ("Y" if avoid == ("X",) else "X")

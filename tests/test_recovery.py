@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from oracle import continuation_text, load_reference_model, reference_greedy
 from pdserve.faults import Fault, fault_point, parse
-from serving import Served, deploy, shared_serve
+from serving import Served, deploy, reporting_replicas, shared_serve
 from test_storm import _assert_idle, _exact_wave, _mixed_prompts
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve_cluster]
@@ -94,6 +94,12 @@ def apps(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
         "prefill_killed": ServeConfig(**common, prefill=prefill_killed),
         "engine_dies": ServeConfig(**common, decode=engine_dies),
         "decode_wedged": ServeConfig(**common, decode=wedged, engine_step_timeout_s=3.0, drain_grace_s=1.0),
+        # Serve's health check every 30 s: the replica whose engine died stays in the pool through the test
+        "colocated_dies": ServeConfig(
+            **(common | {"health_check_period_s": 30.0}),
+            colocated=True,
+            engine=_with_faults(f"engine.step=raise@{markers / 'colocated'}") | {"num_replicas": 2},
+        ),
     }
     with shared_serve() as port:
         deploy({name: (config, f"/{name}") for name, config in configs.items()})
@@ -268,6 +274,31 @@ def test_a_dead_engine_thread_fails_fast_and_the_replica_is_replaced(apps: dict[
         f"dead engine thread: request failed in {fail_s:.2f} s, /ready false after {not_ready_s:.1f} s, "
         f"replaced and ready again {ready_again_s:.1f} s later"
     )
+
+
+def test_a_colocated_replica_whose_engine_died_is_routed_around(apps: dict[str, Served], oracle) -> None:  # type: ignore[no-untyped-def]
+    """Two engine replicas; the first engine step on either raises, and that engine thread dies, while Serve's health
+    check (every 30 s here) has not yet replaced the replica. The request that met it is retried on the other
+    replica, and no request after it goes to the dead one: every response is exact, one retry in all. (Before, the
+    dead replica, answering at once, looked the least loaded to power-of-two choices: new requests and their
+    retries went back to it, and a request whose retry did too got a 503.)"""
+    served = apps["colocated_dies"]
+    prompts = _mixed_prompts(seed=84, n=24)
+
+    async def one_at_a_time() -> list[str]:  # each a fresh routing choice between an idle and a dead replica
+        return [(await _exact_wave(served, [prompt]))[0] for prompt in prompts[:12]]
+
+    assert asyncio.run(one_at_a_time()) == [oracle(p) for p in prompts[:12]]
+    assert asyncio.run(_exact_wave(served, prompts[12:])) == [oracle(p) for p in prompts[12:]]
+    metrics = served.fresh_metrics(check_count=False)
+    retries = sum(metrics["pdserve_handoff_retries_total"].values())
+    routed_around = sum(metrics["pdserve_replicas_routed_around"].values())
+    assert (retries, routed_around) == (1, 1), (retries, routed_around)
+    # The live replica holds nothing; the dead one's engine no longer reports (it cannot answer a stats call)
+    reporting = reporting_replicas(metrics)
+    assert len(reporting) == 1, reporting
+    assert sum(metrics["pdserve_kv_blocks_used"].values()) == 0
+    assert sum(metrics["pdserve_num_requests_running"].values()) == 0
 
 
 def test_a_wedged_decode_engine_is_replaced_and_its_streams_migrate(apps: dict[str, Served], oracle) -> None:  # type: ignore[no-untyped-def]

@@ -3,7 +3,7 @@ the ingress and the router use the request types alone."""
 
 from typing import TYPE_CHECKING
 
-from pdserve.engine.errors import EngineDeadError, EngineWedgedError
+from pdserve.engine.errors import EngineDeadError, EngineUnavailableError, EngineWedgedError
 from pdserve.engine.request import (
     EngineRequest,
     EngineStats,
@@ -25,6 +25,7 @@ __all__ = [
     "EngineDeadError",
     "EngineRequest",
     "EngineStats",
+    "EngineUnavailableError",
     "EngineWedgedError",
     "FinishReason",
     "InvalidRequestError",

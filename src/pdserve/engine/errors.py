@@ -4,9 +4,18 @@ imports no torch: it runs on Ray's core-worker thread holding the GIL, and the i
 (3-8 s on a loaded 2-core box) stalled every call of that ingress (a dead engine's request took 7-10 s to fail)."""
 
 
-class EngineDeadError(RuntimeError):
+class EngineUnavailableError(RuntimeError):
+    """A replica's engine cannot serve: every call to that replica fails until Serve replaces it (its health check
+    fails too). `replica_id` names the replica, set where a replica raises it: the ingress then routes around that
+    replica meanwhile (a failed replica answers at once, so it looks the least loaded: power-of-two choices sent
+    it most requests, and their retries too)."""
+
+    replica_id: str | None = None
+
+
+class EngineDeadError(EngineUnavailableError):
     """The engine thread failed; every open and future request errors out."""
 
 
-class EngineWedgedError(RuntimeError):
+class EngineWedgedError(EngineUnavailableError):
     """The engine thread has been inside one step or command for too long (a watchdog's verdict)."""

@@ -37,7 +37,7 @@ def build_app(config: ServeConfig, model_path: str | None = None, deploy_config:
     model_path = model_path or config.resolve_model_path()
     ingress = _deployment(Ingress, "Ingress", config.ingress, config)
     if config.colocated:
-        engine = _deployment(EngineServer, "EngineServer", config.engine, config, is_engine=True)
+        engine = _deployment(EngineServer, "EngineServer", config.engine, config, is_engine=True, pinned=True)
         return ingress.bind(config, model_path, engine=engine.bind(config, model_path))
     scaled = config.autoscaling.enabled
     prefill = _deployment(

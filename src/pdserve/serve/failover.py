@@ -7,19 +7,22 @@
   another decode replica, which continues exactly where the stream stopped (`continuation`). Other requests end with
   the error: a fresh sample would not continue theirs.
 - The client's own errors (invalid input) and capacity refusals are never retried.
+- A replica whose engine cannot serve (EngineUnavailableError names it) is avoided by every call Serve routes from
+  this ingress — the retry, the migration and new requests — until Serve replaces it (`BrokenReplicas`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator, Set
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from ray.exceptions import RayActorError, RayTaskError
 
 from pdserve.api.backend import CapacityError
-from pdserve.engine import EngineRequest, InvalidRequestError, RequestOutput
+from pdserve.engine import EngineRequest, EngineUnavailableError, InvalidRequestError, RequestOutput
 from pdserve.router import RouteDecision, RouteMode
 
 
@@ -94,6 +97,31 @@ class Failover:
             counters.migrations += 1
             return "migrating it"
         return None
+
+
+@dataclass
+class BrokenReplicas:
+    """Replicas whose engine failed a call (EngineUnavailableError, raised by a replica that names itself), for
+    `ttl_s`: the calls Serve routes avoid them meanwhile (routing.py). A failed replica answers every call at once,
+    so it looks the least loaded: power-of-two choices sent it most new requests and their retries too, each one a
+    503 until Serve's health check replaced it. Serve's replacement has a new id, so the TTL only bounds the set."""
+
+    ttl_s: float = 60.0
+    _until: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, error: BaseException) -> None:
+        """Remember the replica `error` names, if it is an engine's failure naming one. (Ray raises it as an instance
+        of both RayTaskError and its cause's class, whose class attribute `replica_id`, None, hides the cause's.)"""
+        cause = error.cause if isinstance(error, RayTaskError) else error
+        replica_id = cause.replica_id if isinstance(cause, EngineUnavailableError) else None
+        if replica_id is not None:
+            self._until[replica_id] = time.monotonic() + self.ttl_s
+
+    def current(self) -> tuple[str, ...]:
+        now = time.monotonic()
+        for replica_id in [r for r, until in self._until.items() if until <= now]:
+            del self._until[replica_id]
+        return tuple(self._until)
 
 
 def continuation(request: EngineRequest, streamed: list[int], attempt: int) -> EngineRequest:

@@ -38,6 +38,7 @@ from pdserve.engine import EngineRequest, FinishReason, InvalidRequestError, Req
 from pdserve.router import RouteDecision, RouteMode
 from pdserve.serve.channels import IngressChannels
 from pdserve.serve.failover import (
+    BrokenReplicas,
     Failover,
     ReplicaCancelled,
     as_original,
@@ -50,6 +51,7 @@ from pdserve.serve.failover import (
     without,
 )
 from pdserve.serve.messages import PrefillResult, Reservation
+from pdserve.serve.routing import AVOID_REPLICAS_KWARG
 
 logger = logging.getLogger(__name__)
 _ABORT_TIMEOUT_S = 10.0
@@ -198,10 +200,10 @@ async def _local(
 
 
 def _generate(
-    request: EngineRequest, handle: DeploymentHandle, channels: IngressChannels | None, **pinned: str
+    request: EngineRequest, handle: DeploymentHandle, channels: IngressChannels | None, **routing: Any
 ) -> AsyncGenerator[RequestOutput, None]:
     channel = {} if channels is None else {"channel_id": channels.channel_id}
-    call = handle.options(stream=True).generate.remote(request, **pinned, **channel)
+    call = handle.options(stream=True).generate.remote(request, **routing, **channel)
     return _outputs(call, handle, request.request_id, channels)
 
 
@@ -528,17 +530,24 @@ def _detached(coro: Any) -> asyncio.Task[Any]:
 
 
 async def colocated_generate(
-    request: EngineRequest, engine: DeploymentHandle, channels: IngressChannels | None = None, max_migrations: int = 1
+    request: EngineRequest,
+    engine: DeploymentHandle,
+    channels: IngressChannels | None = None,
+    max_migrations: int = 1,
+    broken: BrokenReplicas | None = None,
 ) -> AsyncGenerator[RequestOutput, None]:
-    """Stream `request`'s outputs from an engine replica (Serve picks it), failing over as `disaggregated_generate`
-    does: a replica failing before the first token is retried once on Serve's next pick, a greedy or seeded stream
-    it fails mid-way continues there (failover.py)."""
+    """Stream `request`'s outputs from an engine replica (Serve picks it, around the `broken` ones), failing over
+    as `disaggregated_generate` does: a replica failing before the first token is retried once on Serve's next
+    pick, a greedy or seeded stream it fails mid-way continues there (failover.py); a replica whose engine failed
+    joins `broken`, so neither of those goes back to it."""
     streamed: list[int] = []
     attempt = request
     failover = Failover(max_migrations)
     for number in itertools.count(1):
+        avoid = broken.current() if broken is not None else ()
+        routing = {AVOID_REPLICAS_KWARG: avoid} if avoid else {}
         try:
-            async with aclosing(_generate(attempt, engine, channels)) as outputs:
+            async with aclosing(_generate(attempt, engine, channels, **routing)) as outputs:
                 async for out in outputs:
                     streamed.extend(out.new_token_ids)
                     yield out if attempt is request else as_original(out, request)
@@ -546,6 +555,8 @@ async def colocated_generate(
                         return
             return
         except Exception as e:
+            if broken is not None:
+                broken.mark(e)
             if (action := failover.action(request, streamed, e)) is None:
                 raise
             logger.warning("%s failed on its engine replica (%r); %s", request.request_id, e, action)

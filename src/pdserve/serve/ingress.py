@@ -27,7 +27,7 @@ from pdserve.serve.autoscaling import read_decision
 from pdserve.serve.channels import IngressChannels
 from pdserve.serve.cluster_store import replica_tracing_env
 from pdserve.serve.config import ServeConfig, api_keys_of
-from pdserve.serve.failover import foreign_cancel_as_fault, raise_if_cancelling
+from pdserve.serve.failover import BrokenReplicas, foreign_cancel_as_fault, raise_if_cancelling
 from pdserve.serve.handoff import colocated_generate, disaggregated_generate
 from pdserve.serve.ingress_router import IngressRouter, RouterCollector, broadcast
 from pdserve.serve.messages import ModelInfo, ReplicaStats
@@ -75,6 +75,7 @@ class Ingress:
         self.max_model_len = info.max_model_len
         self.eos_token_ids = info.eos_token_ids
         self.channels = IngressChannels() if config.output_channels else None
+        self.broken = BrokenReplicas()  # engine replicas whose engine failed, routed around (colocated)
         self.router: IngressRouter | None = None
         if prefill is not None and decode is not None:
             cost = config.router.cost_config(info.block_size, info.kv_bytes_per_token)
@@ -82,7 +83,7 @@ class Ingress:
             await self.router.start()
         pool = config.engine if engine is not None else config.prefill
         self.admission = Admission(config.admission_budget(pool.num_replicas))
-        self.metrics = IngressMetrics(RouterCollector(self.router, self.admission))
+        self.metrics = IngressMetrics(RouterCollector(self.router, self.admission, self.broken))
         self._stats_task = asyncio.get_running_loop().create_task(self._refresh_stats())
         self._front_task = asyncio.get_running_loop().create_task(level_http_front(config.niceness))
 
@@ -110,7 +111,7 @@ class Ingress:
                 final_reason: str | None = None  # the backend's
                 num_tokens = 0
                 if self.engine is not None:
-                    outputs = colocated_generate(engine_request, self.engine, self.channels)
+                    outputs = colocated_generate(engine_request, self.engine, self.channels, broken=self.broken)
                 else:
                     assert self.prefill is not None and self.decode is not None
                     route = self._route(engine_request)

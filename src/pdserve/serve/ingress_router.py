@@ -28,7 +28,7 @@ from pdserve.kvcache import hash_block_chain
 from pdserve.router import CostConfig, RouteDecision, Router
 from pdserve.router.admission import Admission
 from pdserve.serve.config import RouterSettings
-from pdserve.serve.failover import ReplicaCancelled, foreign_cancel_as_fault, raise_if_cancelling
+from pdserve.serve.failover import BrokenReplicas, ReplicaCancelled, foreign_cancel_as_fault, raise_if_cancelling
 from pdserve.serve.failover import counters as failover
 from pdserve.serve.messages import ReplicaSync
 
@@ -161,9 +161,12 @@ def _is_quiet(sync: ReplicaSync) -> bool:
 class RouterCollector(Collector):
     """The router's counters and index staleness, rendered at /metrics."""
 
-    def __init__(self, router: IngressRouter | None, admission: Admission) -> None:
+    def __init__(
+        self, router: IngressRouter | None, admission: Admission, broken: BrokenReplicas | None = None
+    ) -> None:
         self.ingress_router = router
         self.admission = admission
+        self.broken = broken
 
     def collect(self) -> Iterable[Metric]:
         a = self.admission
@@ -180,6 +183,9 @@ class RouterCollector(Collector):
             ("stream_migrations", "streams moved to another replica", failover.migrations),
         ]:  # fmt: skip
             yield CounterMetricFamily(f"pdserve_{name}", doc, value=value)
+        if self.broken is not None:
+            yield GaugeMetricFamily("pdserve_replicas_routed_around", "engine replicas whose engine failed a call, "
+                                    "avoided until Serve replaces them", value=len(self.broken.current()))  # fmt: skip
         if self.ingress_router is None:
             return
         router = self.ingress_router.router

@@ -1,7 +1,8 @@
 """The engine-holding deployments: PrefillServer, DecodeServer, and EngineServer (colocated baseline).
 
 Each replica runs one `LLMEngine` on its own thread (`AsyncEngine`); blocking KV transfers run in worker threads.
-Methods accept `target_replica_id` so the ingress can pin a call to a replica (see routing.py); it is unused here.
+Methods accept `target_replica_id` so the ingress can pin a call to a replica, and `generate` accepts
+`avoid_replica_ids` so it can route around failed ones (see routing.py); they are unused here.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from opentelemetry.util.types import AttributeValue
 from ray import serve
 
 from pdserve.api.intake import tokenizer_class
-from pdserve.engine import EngineRequest, EngineStats, LLMEngine, RequestOutput
+from pdserve.engine import EngineRequest, EngineStats, EngineUnavailableError, LLMEngine, RequestOutput
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.cores import CoreShare
 from pdserve.engine.request import LoadCounters, TokenLogprob
@@ -201,10 +202,15 @@ class _EngineReplica:
                 yield batch
 
     async def generate(
-        self, request: EngineRequest, target_replica_id: str | None = None, channel_id: str | None = None
+        self,
+        request: EngineRequest,
+        target_replica_id: str | None = None,
+        channel_id: str | None = None,
+        avoid_replica_ids: tuple[str, ...] | None = None,
     ) -> AsyncIterator[RequestOutput | StreamStart | StreamEnd]:
         """Prefill and decode here: the colocated path, and a decode replica's local prefill. With `channel_id`,
-        the outputs travel on that ingress's channel when it is open here (channels.py)."""
+        the outputs travel on that ingress's channel when it is open here (channels.py). An engine that cannot
+        serve raises EngineUnavailableError naming this replica, which the ingress then routes around."""
         self._check_pinned(target_replica_id)
         span = start_span(names.SPAN_GENERATE, request.traceparent, self._span_attributes(request))
         relayed = self.channels.relay(channel_id, self._first_counted(span, self.engine.generate(request)))
@@ -212,6 +218,9 @@ class _EngineReplica:
             async with aclosing(relayed) as items:  # closed at once when Serve closes this: the engine aborts then
                 async for item in items:
                     yield item
+        except EngineUnavailableError as e:
+            e.replica_id = self.replica_id
+            raise
         finally:
             end_unended(span)
 

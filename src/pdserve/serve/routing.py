@@ -6,7 +6,8 @@ While the target is among the candidates it is the only choice: Serve waits for 
 others as candidates — a call must never wait forever — and every replica refuses a call pinned to another
 (`MisroutedCallError`), so a pinned call reaches its replica or fails clearly. A decode stream, renewals and aborts
 must reach the replica holding the reservation, so those calls are always pinned. Unpinned calls (the
-`pow2` policy, or before the router has heard from any replica) get Serve's default routing unchanged.
+`pow2` policy, or before the router has heard from any replica) get Serve's default routing, among the candidates
+not named in `avoid_replica_ids=` (replicas whose engine failed, until Serve replaces them) while any other is left.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ray.serve._private.request_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import PendingRequest, RunningReplica
 
 TARGET_REPLICA_KWARG = "target_replica_id"
+AVOID_REPLICAS_KWARG = "avoid_replica_ids"
 
 
 class PinnedRequestRouter(PowerOfTwoChoicesRequestRouter):
@@ -24,7 +26,8 @@ class PinnedRequestRouter(PowerOfTwoChoicesRequestRouter):
     ) -> list[list[RunningReplica]]:
         target = pending_request.kwargs.get(TARGET_REPLICA_KWARG) if pending_request is not None else None
         if target is None:
-            return await super().choose_replicas(candidate_replicas, pending_request)
+            tiers = await super().choose_replicas(candidate_replicas, pending_request)
+            return tiers if pending_request is None else not_avoided(tiers, candidate_replicas, pending_request)
         # Back off between attempts while the target is full, as Serve's own choice does (it sets the flag in its
         # locality step): without it a pinned call waiting for a slot re-probed the busy replica's queue length
         # back to back (~840 probes a second per waiting call, against ~7).
@@ -55,7 +58,25 @@ class PinnedRequestRouter(PowerOfTwoChoicesRequestRouter):
 
 def _may_take(request: PendingRequest, replica: RunningReplica) -> bool:
     target = request.kwargs.get(TARGET_REPLICA_KWARG)
-    return target is None or target == replica.replica_id.unique_id
+    if target is None:
+        return replica.replica_id.unique_id not in (request.kwargs.get(AVOID_REPLICAS_KWARG) or ())
+    return target == replica.replica_id.unique_id
+
+
+def not_avoided(
+    tiers: list[list[RunningReplica]], candidates: list[RunningReplica], request: PendingRequest
+) -> list[list[RunningReplica]]:
+    """Serve's choice `tiers` without the replicas `request` avoids (Serve's power-of-two choices draws from every
+    replica, whatever the candidates it is given); any other candidate when it drew only avoided ones; the tiers as
+    they are when the request avoids every candidate (a call must go somewhere)."""
+    avoid = request.kwargs.get(AVOID_REPLICAS_KWARG) or ()
+    if not avoid:
+        return tiers
+    kept = [tier for tier in ([r for r in t if r.replica_id.unique_id not in avoid] for t in tiers) if tier]
+    if kept:
+        return kept
+    others = [r for r in candidates if r.replica_id.unique_id not in avoid]
+    return [others] if others else tiers
 
 
 def pin_tiers(candidates: list[RunningReplica], target: str) -> list[list[RunningReplica]]:
