@@ -42,7 +42,7 @@ from ray.exceptions import ActorDiedError
 from oracle import Reference, assert_matches, greedy, load_reference_model, random_prompts, reference_greedy
 from pdserve.api.backend import CapacityError
 from pdserve.config import EngineConfig
-from pdserve.engine import EngineRequest
+from pdserve.engine import EngineDeadError, EngineRequest, RequestOutput
 from pdserve.router import RouteMode
 from pdserve.serve import handoff, ingress_router, replicas
 from pdserve.serve.channels import IngressChannels
@@ -224,8 +224,11 @@ class Cluster:
         pool = self.pools[handle.role]
         pinned = next((r for r in pool if r.id == target), None)
         # A pinned call reaches its replica, a dead one too (Serve has not noticed yet); an unpinned one, or one whose
-        # target left the pool, reaches Serve's pick (which refuses a call pinned elsewhere).
-        replica = pinned if pinned is not None else self.rng.choice([r for r in pool if not r.is_dead])
+        # target left the pool, reaches Serve's pick (which refuses a call pinned elsewhere), around the replicas it
+        # avoids while another is left (routing.py).
+        live = [r for r in pool if not r.is_dead]
+        avoided = kwargs.get("avoid_replica_ids") or ()
+        replica = pinned if pinned is not None else self.rng.choice([r for r in live if r.id not in avoided] or live)
         return self.call_on(replica, handle, method, args, kwargs)
 
     def call_on(
@@ -818,6 +821,58 @@ def test_a_colocated_replica_that_dies_fails_its_streams_over_exactly(
         cluster.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("avoids", [True, False], ids=["avoids", "without-avoidance"])
+def test_a_colocated_replica_whose_engine_died_gets_no_request_after_its_first_failure(
+    serve_config: ServeConfig, tiny_models: dict[str, Path], avoids: bool
+) -> None:
+    """Two engine replicas, one whose engine thread died (its actor lives on until Serve's health check replaces
+    it): its `generate` raises EngineDeadError naming it, the ingress's BrokenReplicas remembers it, and no request
+    after the first that met it is sent there — every request exact. Without the avoidance (control), requests keep
+    reaching it (each then retried once: a second pick of the dead one was a 503)."""
+    from pdserve.serve.failover import BrokenReplicas
+
+    model = load_reference_model(tiny_models["llama"])
+    prompt = list(range(7, 20))
+    want = reference_greedy(model, prompt, 4).token_ids
+
+    async def main() -> tuple[int, int]:
+        cluster = Cluster(serve_config, str(tiny_models["llama"]))
+        dead, _alive = cluster.add("engine"), cluster.add("engine")
+        dead.server.engine.shutdown()  # the engine thread is gone; the replica answers every call at once
+        engine, broken = Handle(cluster, "engine"), BrokenReplicas() if avoids else None
+        calls: list[str] = []
+        call_on = cluster.call_on
+
+        def counted(replica: Replica, *args: Any, **kwargs: Any) -> Any:
+            calls.append(replica.id)
+            return call_on(replica, *args, **kwargs)
+
+        cluster.call_on = counted  # type: ignore[method-assign]
+        failures = 0
+        for i in range(16):
+            assert not any(t.method == "generate" for t in dead.tasks)  # its calls failed at once
+            request = EngineRequest(f"c{i}", tuple(prompt), greedy(4))
+            try:
+                got = [t for out in await _outputs(handoff.colocated_generate(request, engine, broken=broken))
+                       for t in out.new_token_ids]  # fmt: skip
+                assert got == want
+            except EngineDeadError:
+                failures += 1  # its retry went to the dead replica too
+        cluster.close()
+        return calls.count(dead.id), failures
+
+    reached, failures = asyncio.run(main())
+    if avoids:
+        assert (reached, failures) <= (1, 0), (reached, failures)
+    else:
+        assert reached >= 3, reached  # 16 requests at random between the two: the control sees the dead one
+
+
+async def _outputs(outputs: AsyncGenerator[RequestOutput, None]) -> list[RequestOutput]:
+    async with aclosing(outputs):
+        return [out async for out in outputs]
 
 
 def test_the_routers_counts_follow_a_request_to_where_its_work_went(

@@ -175,19 +175,18 @@ def test_a_replica_chosen_for_one_call_never_goes_to_a_call_pinned_elsewhere(sec
 
 
 def test_a_failed_engine_names_its_replica_through_ray_and_is_avoided_until_its_ttl() -> None:
-    """The replica tags EngineUnavailableError with its id; it reaches the ingress pickled, inside Ray's dual
-    RayTaskError (an instance of both classes, where the cause class's `replica_id = None` hid the cause's own: the
-    first version of this marked nothing), and `BrokenReplicas` remembers it; other errors mark nothing."""
-    import pickle
-
-    from ray.exceptions import RayTaskError
+    """The replica tags EngineUnavailableError with its id; it reaches the ingress through Ray's serialization of a
+    task's error, as Ray's dual RayTaskError (an instance of both classes, where the cause class's `replica_id = None`
+    hid the cause's own: the first version of this marked nothing), and `BrokenReplicas` remembers it; other errors
+    mark nothing."""
+    from ray.exceptions import RayError, RayTaskError
 
     from pdserve.engine import EngineDeadError, EngineWedgedError
     from pdserve.serve.failover import BrokenReplicas
 
     dead = EngineDeadError("the engine thread has failed")
     dead.replica_id = "x"
-    arrived = pickle.loads(pickle.dumps(RayTaskError("generate", "traceback", dead))).as_instanceof_cause()
+    arrived = RayError.from_bytes(RayTaskError("generate", "traceback", dead).to_bytes()).as_instanceof_cause()
     assert isinstance(arrived, EngineDeadError) and isinstance(arrived, RayTaskError)
     broken = BrokenReplicas()
     for other in (EngineWedgedError("untagged"), RuntimeError("x"), RayTaskError("f", "tb", ValueError("x"))):
@@ -207,8 +206,8 @@ def test_a_failed_engine_names_its_replica_through_ray_and_is_avoided_until_its_
 def test_an_unpinned_call_goes_around_the_replicas_it_avoids(avoid: tuple[str, ...]) -> None:
     """Serve's routing loop (real) over PinnedRequestRouter, X always the first choice (as a failed replica, which
     answers at once, is the least loaded): a call avoiding X gets Y, a call avoiding none gets X, and a call
-    avoiding every replica still gets one (it must go somewhere). A replica freed for the oldest pending call is
-    not handed to one that avoids it."""
+    avoiding every replica still gets one (it must go somewhere); `_may_take` (the hand-off of a replica freed for
+    the oldest pending call) refuses a call a replica it avoids."""
     from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
     from ray.serve._private.request_router.common import PendingRequest
 

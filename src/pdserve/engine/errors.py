@@ -5,10 +5,11 @@ imports no torch: it runs on Ray's core-worker thread holding the GIL, and the i
 
 
 class EngineUnavailableError(RuntimeError):
-    """A replica's engine cannot serve: every call to that replica fails until Serve replaces it (its health check
-    fails too). `replica_id` names the replica, set where a replica raises it: the ingress then routes around that
-    replica meanwhile (a failed replica answers at once, so it looks the least loaded: power-of-two choices sent
-    it most requests, and their retries too)."""
+    """A replica's engine cannot serve until Serve replaces the replica (its health check fails too). `replica_id`
+    names the replica where a replica's `generate` raised it (a dead engine fails every call at once): the ingress
+    then routes around that replica meanwhile — answering at once, it looked the least loaded, and power-of-two
+    choices sent it most requests and their retries too. (A wedged engine's calls wait instead: its health check
+    raises EngineWedgedError, and Serve's queue-length probes already steer around its growing queue.)"""
 
     replica_id: str | None = None
 

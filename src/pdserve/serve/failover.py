@@ -7,8 +7,8 @@
   another decode replica, which continues exactly where the stream stopped (`continuation`). Other requests end with
   the error: a fresh sample would not continue theirs.
 - The client's own errors (invalid input) and capacity refusals are never retried.
-- A replica whose engine cannot serve (EngineUnavailableError names it) is avoided by every call Serve routes from
-  this ingress — the retry, the migration and new requests — until Serve replaces it (`BrokenReplicas`).
+- A colocated replica whose engine died (EngineUnavailableError names it) is avoided by this ingress's `generate`
+  calls — the retry, the migration and new requests — until Serve replaces it (`BrokenReplicas`).
 """
 
 from __future__ import annotations
@@ -104,10 +104,18 @@ class BrokenReplicas:
     """Replicas whose engine failed a call (EngineUnavailableError, raised by a replica that names itself), for
     `ttl_s`: the calls Serve routes avoid them meanwhile (routing.py). A failed replica answers every call at once,
     so it looks the least loaded: power-of-two choices sent it most new requests and their retries too, each one a
-    503 until Serve's health check replaced it. Serve's replacement has a new id, so the TTL only bounds the set."""
+    503 until Serve's health check replaced it. Serve's replacement has a new id; the TTL must outlast Serve's
+    verdict (`for_health_checks`), else the dead replica took requests again before it was replaced."""
 
     ttl_s: float = 60.0
     _until: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def for_health_checks(cls, period_s: float, timeout_s: float) -> BrokenReplicas:
+        """Remembered as long as Serve may take to replace a replica that fails its health checks: it does after
+        3 failures in a row (Ray's REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD), each up to a period and a timeout
+        apart, then starts the replacement — a margin for that."""
+        return cls(ttl_s=3 * (period_s + timeout_s) + 30.0)
 
     def mark(self, error: BaseException) -> None:
         """Remember the replica `error` names, if it is an engine's failure naming one. (Ray raises it as an instance

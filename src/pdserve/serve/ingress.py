@@ -75,7 +75,8 @@ class Ingress:
         self.max_model_len = info.max_model_len
         self.eos_token_ids = info.eos_token_ids
         self.channels = IngressChannels() if config.output_channels else None
-        self.broken = BrokenReplicas()  # engine replicas whose engine failed, routed around (colocated)
+        # colocated engine replicas whose engine died, routed around until Serve replaces them
+        self.broken = BrokenReplicas.for_health_checks(config.health_check_period_s, config.health_check_timeout_s)
         self.router: IngressRouter | None = None
         if prefill is not None and decode is not None:
             cost = config.router.cost_config(info.block_size, info.kv_bytes_per_token)
@@ -83,7 +84,7 @@ class Ingress:
             await self.router.start()
         pool = config.engine if engine is not None else config.prefill
         self.admission = Admission(config.admission_budget(pool.num_replicas))
-        self.metrics = IngressMetrics(RouterCollector(self.router, self.admission, self.broken))
+        self.metrics = IngressMetrics(RouterCollector(self.router, self.admission, self.broken if engine else None))
         self._stats_task = asyncio.get_running_loop().create_task(self._refresh_stats())
         self._front_task = asyncio.get_running_loop().create_task(level_http_front(config.niceness))
 
