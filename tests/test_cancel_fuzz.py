@@ -35,6 +35,7 @@ from pdserve.router.admission import Admission
 from pdserve.serve import handoff
 from pdserve.serve.channels import IngressChannels, ReplicaChannels
 from pdserve.serve.config import ServeConfig
+from pdserve.serve.failover import BrokenReplicas
 from pdserve.serve.ingress import Ingress
 from pdserve.serve.ingress_router import RouterCollector
 from pdserve.serve.messages import PrefillResult, Reservation
@@ -261,6 +262,7 @@ class _Ingress:
         self.router: _Router | None = None if colocated else _Router(rng)
         self.mode = "colocated" if colocated else "disaggregated"
         self.channels = IngressChannels() if channels else None
+        self.broken = BrokenReplicas()  # the colocated path's, real (no stand-in replica names itself)
         self.admission = Admission(1 << 30)
         self.metrics = IngressMetrics(RouterCollector(None, self.admission))
         self.config = ServeConfig(queue_ttl_s=1.0, prefill_timeout_s=0.05)

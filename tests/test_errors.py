@@ -277,6 +277,7 @@ class _ColocatedIngress:
 
     router = None
     channels = None  # outputs on the call itself (as with output_channels off)
+    broken = None  # no replica to route around
     _admit = Ingress._admit
     _finish = Ingress._finish
 

@@ -18,6 +18,7 @@ from pdserve.engine import RequestOutput
 from pdserve.engine.request import FinishReason
 from pdserve.router.admission import Admission
 from pdserve.serve.config import ServeConfig
+from pdserve.serve.failover import BrokenReplicas
 from pdserve.serve.ingress import Ingress
 from pdserve.serve.ingress_router import RouterCollector
 from pdserve.serve.metrics import IngressMetrics
@@ -73,6 +74,7 @@ class _Ingress:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.engine = _Engine([*tokenizer(TEXT, add_special_tokens=False)["input_ids"], EOS_ID])
+        self.broken = BrokenReplicas()
         self.admission = Admission(1 << 30)
         self.metrics = IngressMetrics(RouterCollector(None, self.admission))
 
