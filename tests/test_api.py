@@ -1102,3 +1102,50 @@ def test_an_error_reaches_the_request_span_before_the_response_ends_it() -> None
     [span] = exporter.get_finished_spans()
     assert (span.attributes or {}).get("error.type") == "service_unavailable"
     assert span.status.status_code is StatusCode.ERROR
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_return_token_ids_gives_each_choices_output_and_its_prompts_ids(
+    http: httpx.Client, backend: FakeBackend, endpoint: str, stream: bool
+) -> None:
+    """vLLM's `return_token_ids`, over n = 2 choices (and, for completions, a batch of a text and an id prompt):
+    each choice's output ids, whole or streamed in pieces, are what the backend generated for it (they spell its
+    text); the prompt's ids are the ones the backend was sent for that choice — per choice in a completion (a
+    stream's first chunk of the choice only), at the top of a chat body (a stream's opening chunks). Unasked, no
+    body carries either field."""
+    backend.reset(tokens_per_delta=2)
+    batch = [[9, 10], [5, 6, 7]]
+    base: dict[str, Any] = {"model": "fake-model", "max_tokens": 5, "n": 2, "stream": stream}
+    if endpoint == "chat":
+        url, base = CHAT, {**base, "messages": [{"role": "user", "content": "hi"}]}
+    else:
+        url, base = COMPLETIONS, {**base, "prompt": batch}
+    for asked in (True, False):
+        backend.reset(tokens_per_delta=2)
+        response = http.post(url, json={**base, "return_token_ids": asked})
+        assert response.status_code == 200, response.text
+        bodies = [json.loads(p) for p in sse_payloads(response) if p != "[DONE]"] if stream else [response.json()]
+        if not asked:
+            assert not any("token_ids" in json.dumps(b) for b in bodies)
+            continue
+        outputs: dict[int, list[int]] = {}
+        texts: dict[int, str] = {}
+        prompts: dict[int, list[list[int]]] = {}
+        for body in bodies:
+            for c in body["choices"]:
+                outputs.setdefault(c["index"], []).extend(c.get("token_ids") or [])  # not in a chat opening
+                texts[c["index"]] = texts.get(c["index"], "") + (c["message"]["content"] if "message" in c else
+                                                                 (c["delta"].get("content") or "") if "delta" in c
+                                                                 else c["text"])  # fmt: skip
+                prompt = body.get("prompt_token_ids") if endpoint == "chat" else c.get("prompt_token_ids")
+                if prompt is not None:
+                    prompts.setdefault(c["index"], []).append(prompt)
+        sent = [list(r.prompt_token_ids) for r in backend.requests]
+        by_prompt = {tuple(p) for p in sent}
+        assert len(outputs) == (4 if endpoint == "completions" else 2)
+        for index, ids in outputs.items():
+            assert ids == backend.script[:5] and backend.tokenizer.decode(ids) == texts[index], (index, ids)
+            assert len(prompts[index]) == 1 and tuple(prompts[index][0]) in by_prompt, (index, prompts)
+        if endpoint == "completions":  # choice j of prompt p at p * n + j
+            assert [prompts[i][0] for i in range(4)] == [[9, 10], [9, 10], [5, 6, 7], [5, 6, 7]]

@@ -33,6 +33,7 @@ PROBES: dict[str, Any] = {
     "top_logprobs": 3, "echo": True, "include_stop_str_in_output": True, "skip_special_tokens": False,
     "chat_template_kwargs": {"greeting": True}, "add_generation_prompt": False, "repetition_penalty": 1.2,
     "continue_final_message": True, "presence_penalty": 0.5, "frequency_penalty": 0.5, "logit_bias": {"5": 1.0},
+    "return_token_ids": True, "return_tokens_as_token_ids": True,
 }  # fmt: skip
 # Fields of PROBES that one endpoint refuses even so: vLLM's chat `echo` (repeat the last message before the reply)
 # is not implemented, and vllm_fields.CHAT_ONLY accepts it only at its default, false.
@@ -46,6 +47,7 @@ PARTNERS: dict[str, dict[str, Any]] = {  # fields that are only valid, or only s
     "include_stop_str_in_output": {"stop": ["fox"]},
     # up to the EOS at the end of the script, whose text (as a stop token's) is output only with the stop strings
     "skip_special_tokens": {"max_tokens": 60, "include_stop_str_in_output": True},
+    "return_tokens_as_token_ids": {"logprobs": "per endpoint"},  # 3 (completions) or true (chat), as the probe's
 }  # fmt: skip
 REQUIRED = {"model", "messages", "prompt"}
 
@@ -177,7 +179,29 @@ EFFECTS: dict[str, Callable[[Served], bool]] = {  # how each probe shows that th
     "presence_penalty": lambda s: s.request.presence_penalty == 0.5,
     "frequency_penalty": lambda s: s.request.frequency_penalty == 0.5,
     "logit_bias": lambda s: s.request.logit_bias == ((5, 1.0),),
+    "return_token_ids": lambda s: _returns_token_ids(s),
+    "return_tokens_as_token_ids": lambda s: all(
+        t.startswith("token_id:")
+        for c in s.response.json()["choices"]
+        for t in (
+            c["logprobs"]["tokens"] if s.endpoint == "completions" else [x["token"] for x in c["logprobs"]["content"]]
+        )
+    ),
 }
+
+
+def _returns_token_ids(s: Served) -> bool:
+    """The prompt's ids as the backend got them (a chat's at the top, as vLLM's), the output's spelling the text."""
+    body = s.response.json()
+    choice = body["choices"][0]
+    prompt = body.get("prompt_token_ids") if s.endpoint == "chat" else choice.get("prompt_token_ids")
+    output = choice.get("token_ids")
+    return (
+        prompt == list(s.request.prompt_token_ids)
+        and output is not None
+        and len(output) == body["usage"]["completion_tokens"] > 0
+        and s.tokenizer.decode(output, skip_special_tokens=True) == s.texts[0]
+    )
 
 
 def test_every_probe_has_its_effect_checked() -> None:
@@ -202,6 +226,8 @@ def test_every_vllm_field_works_or_is_a_400_naming_it(
     elif endpoint == "chat" and field == "logprobs":
         value = True
     body = {**base, **PARTNERS.get(field, {}), field: value}
+    if body.get("logprobs") == "per endpoint":
+        body["logprobs"] = 3 if endpoint == "completions" else True
     response = httpx.post(url + path, json=body, timeout=10)
     if field in PROBES and (endpoint, field) not in REFUSED_PROBES:
         assert response.status_code == 200, response.text
@@ -409,6 +435,26 @@ def test_tokenize_gives_the_ids_a_completion_is_served_with(http: httpx.Client, 
         assert back.status_code == 200 and back.json() == {"prompt": backend.tokenizer.decode(bare["tokens"])}
         assert back.json()["prompt"] == text or "<s>" in text, (case, text)  # the tiny vocabulary spells any text
     assert http.post("/tokenize", json={"prompt": ""}).json()["count"] == 0  # counted, not refused (no BOS here)
+
+
+def test_a_completion_without_special_tokens_leaves_out_the_bos(tmp_path: Path) -> None:
+    """vLLM's `add_special_tokens` on /v1/completions: a text prompt without the tokenizer's BOS when false (as
+    /tokenize's), with it by default; token-id prompts are as sent either way."""
+    from tiny_models import build_sentencepiece_tokenizer
+
+    tokenizer = build_sentencepiece_tokenizer(tmp_path)
+    backend = FakeBackend(tokenizer)
+    with serve(create_app(backend)) as url:
+        for add, prompt in [(None, "hi there"), (True, "hi there"), (False, "hi there"), (False, [5, 6])]:
+            backend.reset()
+            body = {"prompt": prompt, "max_tokens": 2, **({} if add is None else {"add_special_tokens": add})}
+            assert httpx.post(f"{url}/v1/completions", json=body).status_code == 200
+            got = list(backend.requests[0].prompt_token_ids)
+            if isinstance(prompt, list):
+                assert got == prompt
+            else:
+                assert got == tokenizer(prompt, add_special_tokens=add is not False)["input_ids"]
+                assert (got[0] == tokenizer.bos_token_id) == (add is not False), (add, got)
 
 
 def test_tokenize_without_special_tokens_leaves_out_the_bos(tmp_path: Path) -> None:

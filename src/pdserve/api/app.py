@@ -231,7 +231,7 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
     if score_only and not body.echo:
         raise APIError(400, "max_tokens may be 0 only with echo (to score the prompt)", param="max_tokens")
     with span_in(traceparent(), names.SPAN_TOKENIZE):
-        token_ids = [await state.tokenization.completion_prompt(text) for text in texts]
+        token_ids = [await state.tokenization.completion_prompt(text, body.add_special_tokens) for text in texts]
     meta = ResponseMeta.new("cmpl", model, state.fingerprint)
     prompts = [
         _completion_prompt(state, body, meta, text, ids, score_only, default_max_tokens)
@@ -263,7 +263,10 @@ def _completion_prompt(
         # (detokenizer.py), so the echo goes without it. A scored prompt has no output: its echo is whole.
         overlap = 0 if score_only else echo_overlap(tokenizer, token_ids, shown, body.skip_special_tokens)
         echo = Echo(shown[: len(shown) - overlap], token_ids)
-    fmt = CompletionFormat(meta, state.backend.tokenizer, with_logprobs=body.logprobs is not None, echo=echo)
+    fmt = CompletionFormat(
+        meta, state.backend.tokenizer, with_logprobs=body.logprobs is not None, echo=echo,
+        prompt_token_ids=token_ids if body.return_token_ids else None, tokens_as_ids=body.return_tokens_as_token_ids,
+    )  # fmt: skip
     return Prompt(token_ids, max_tokens, fmt, overlap)
 
 
@@ -288,7 +291,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         default_max_tokens,
     )  # fmt: skip
     meta = ResponseMeta.new("chatcmpl", model, state.fingerprint)
-    fmt = ChatFormat(meta, state.backend.tokenizer, with_logprobs=body.logprobs)
+    fmt = ChatFormat(
+        meta, state.backend.tokenizer, with_logprobs=body.logprobs,
+        prompt_token_ids=prompt_ids if body.return_token_ids else None, tokens_as_ids=body.return_tokens_as_token_ids,
+    )  # fmt: skip
     return await _serve(state, body, request, [Prompt(prompt_ids, max_tokens, fmt)], body.top_logprobs)
 
 

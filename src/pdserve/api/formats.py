@@ -105,10 +105,19 @@ def _space_mark(tokenizer: Any) -> str | None:
     return None
 
 
-def top_texts(tokenizer: Any, logprobs: list[TokenLogprob]) -> list[tuple[float, list[tuple[str, float]]]]:
-    """Each token's logprob with its alternatives named by their text (one batched decode for all of them)."""
+def token_names(tokenizer: Any, token_ids: list[int], as_ids: bool) -> list[str]:
+    """How logprobs name tokens: by their text (`token_texts`), or as "token_id:<id>" (vLLM's
+    `return_tokens_as_token_ids`, for clients that must tell apart tokens with the same text)."""
+    return [f"token_id:{t}" for t in token_ids] if as_ids else token_texts(tokenizer, token_ids)
+
+
+def top_texts(
+    tokenizer: Any, logprobs: list[TokenLogprob], as_ids: bool = False
+) -> list[tuple[float, list[tuple[str, float]]]]:
+    """Each token's logprob with its alternatives named by their text (one batched decode for all of them), or by
+    their ids (`token_names`)."""
     ids = [token_id for _, alternatives in logprobs for token_id, _ in alternatives]
-    texts = iter(token_texts(tokenizer, ids))
+    texts = iter(token_names(tokenizer, ids, as_ids))
     return [(lp, [(next(texts), alp) for _, alp in alternatives]) for lp, alternatives in logprobs]
 
 
@@ -155,10 +164,23 @@ class Echo:
 
 
 class CompletionFormat:
-    def __init__(self, meta: ResponseMeta, tokenizer: Any, with_logprobs: bool, echo: Echo | None = None) -> None:
+    def __init__(
+        self,
+        meta: ResponseMeta,
+        tokenizer: Any,
+        with_logprobs: bool,
+        echo: Echo | None = None,
+        prompt_token_ids: list[int] | None = None,
+        tokens_as_ids: bool = False,
+    ) -> None:
+        """`prompt_token_ids`: return token ids (vLLM's `return_token_ids`): the prompt's with the choice's first
+        body, each body's output ids. `tokens_as_ids`: logprobs name tokens by id (`token_names`)."""
         self.meta, self.tokenizer, self.with_logprobs = meta, tokenizer, with_logprobs
         self._text_offset = 0  # where the next reported token starts, counted over token texts (as vLLM does)
         self._echo = echo  # until the first choice goes out
+        self._returns_ids = prompt_token_ids is not None
+        self._prompt_token_ids = prompt_token_ids  # until the first choice goes out
+        self._tokens_as_ids = tokens_as_ids
 
     def whole(self, piece: Piece, usage: Usage) -> CompletionResponse:
         return self._body([self._choice(piece)], usage)
@@ -185,17 +207,24 @@ class CompletionFormat:
             text, token_ids = echo.text + text, echo.token_ids + token_ids
             logprobs = [None, *(piece.prompt_logprobs or []), *logprobs]
         choice_logprobs = self._logprobs(token_ids, logprobs) if self.with_logprobs else None
-        return CompletionChoice(
+        choice = CompletionChoice(
             text=text, logprobs=choice_logprobs, finish_reason=piece.finish_reason, stop_reason=piece.stop_reason
         )
+        if self._returns_ids:  # the output's own ids (an echo's are the prompt's)
+            choice.token_ids, choice.prompt_token_ids, self._prompt_token_ids = (
+                piece.token_ids,
+                self._prompt_token_ids,
+                None,
+            )
+        return choice
 
     def _logprobs(self, token_ids: list[int], logprobs: list[TokenLogprob | None]) -> CompletionLogprobs:
-        tokens = token_texts(self.tokenizer, token_ids)
+        tokens = token_names(self.tokenizer, token_ids, self._tokens_as_ids)
         offsets = list(accumulate((len(t) for t in tokens), initial=self._text_offset))
         self._text_offset = offsets.pop()
         known = [lp for lp in logprobs if lp is not None]
         # As vLLM and OpenAI: the top ones and the sampled one, which logprobs=0 still reports
-        named = iter(top_texts(self.tokenizer, known))
+        named = iter(top_texts(self.tokenizer, known, self._tokens_as_ids))
         top = [
             None if lp is None else {**dict(alternatives), token: value}
             for token, lp in zip(tokens, logprobs, strict=True)
@@ -210,8 +239,18 @@ class CompletionFormat:
 
 
 class ChatFormat:
-    def __init__(self, meta: ResponseMeta, tokenizer: Any, with_logprobs: bool) -> None:
+    def __init__(
+        self,
+        meta: ResponseMeta,
+        tokenizer: Any,
+        with_logprobs: bool,
+        prompt_token_ids: list[int] | None = None,
+        tokens_as_ids: bool = False,
+    ) -> None:
+        """`prompt_token_ids`, `tokens_as_ids`: as CompletionFormat's (the prompt's ids go in the whole body, or in
+        a stream's opening chunk)."""
         self.meta, self.tokenizer, self.with_logprobs = meta, tokenizer, with_logprobs
+        self._prompt_token_ids, self._tokens_as_ids = prompt_token_ids, tokens_as_ids
 
     def whole(self, piece: Piece, usage: Usage) -> ChatCompletionResponse:
         choice = ChatChoice(
@@ -219,14 +258,18 @@ class ChatFormat:
             logprobs=self._logprobs(piece),
             finish_reason=piece.finish_reason,
             stop_reason=piece.stop_reason,
+            token_ids=self._output_ids(piece),
         )
         m = self.meta
         return ChatCompletionResponse(
-            id=m.id, created=m.created, model=m.model, choices=[choice], usage=usage, system_fingerprint=m.fingerprint
-        )
+            id=m.id, created=m.created, model=m.model, choices=[choice], usage=usage, system_fingerprint=m.fingerprint,
+            prompt_token_ids=self._prompt_token_ids,
+        )  # fmt: skip
 
     def opening(self) -> list[BaseModel]:
-        return [self._chunk([ChunkChoice(delta=DeltaMessage(role="assistant", content=""))])]
+        opening = self._chunk([ChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
+        opening.prompt_token_ids = self._prompt_token_ids
+        return [opening]
 
     def chunk(self, piece: Piece) -> ChatCompletionChunk:
         delta = DeltaMessage(content=piece.text or None)
@@ -237,9 +280,13 @@ class ChatFormat:
                     logprobs=self._logprobs(piece),
                     finish_reason=piece.finish_reason,
                     stop_reason=piece.stop_reason,
+                    token_ids=self._output_ids(piece),
                 )
             ]
         )
+
+    def _output_ids(self, piece: Piece) -> list[int] | None:
+        return piece.token_ids if self._prompt_token_ids is not None else None
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
         return self._chunk([], usage)
@@ -253,11 +300,14 @@ class ChatFormat:
     def _logprobs(self, piece: Piece) -> ChatLogprobs | None:
         if not self.with_logprobs:
             return None
-        tokens = token_texts(self.tokenizer, piece.token_ids)
         alternative_ids = [token_id for _, alternatives in piece.logprobs for token_id, _ in alternatives]
-        alternative_texts = token_texts(self.tokenizer, alternative_ids)
-        # One lookup for the tokens and their alternatives, in that order
-        found = token_bytes(self.tokenizer, piece.token_ids + alternative_ids, tokens + alternative_texts)
+        # One decode and one bytes lookup for the tokens and their alternatives, in that order; `bytes` are always
+        # the token's own, whatever names it
+        ids = piece.token_ids + alternative_ids
+        texts = token_texts(self.tokenizer, ids)
+        found = token_bytes(self.tokenizer, ids, texts)
+        names = token_names(self.tokenizer, ids, as_ids=True) if self._tokens_as_ids else texts
+        tokens, alternative_texts = names[: len(piece.token_ids)], names[len(piece.token_ids) :]
         named = list(zip(alternative_texts, found[len(tokens) :], strict=True))
         starts = list(accumulate((len(alternatives) for _, alternatives in piece.logprobs), initial=0))
         return ChatLogprobs(

@@ -103,11 +103,12 @@ class Tokenization:
         check_token_ids(token_ids, self.vocab_size, "tokens")
         return str(await self._run(lambda: self.tokenizer.decode(token_ids)))
 
-    async def completion_prompt(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a completion prompt given as a string or as token ids."""
+    async def completion_prompt(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a completion prompt given as a string (tokenized with the tokenizer's special tokens, such as
+        a BOS, unless `add_special_tokens` is false) or as token ids (as they are)."""
         if isinstance(prompt, str):  # "" is a prompt where the tokenizer adds a BOS (as OpenAI and vLLM serve it)
             self.check_length(len(prompt), "prompt")
-            ids = await self.tokenize(prompt)
+            ids = await self.tokenize(prompt, add_special_tokens)
         else:
             check_token_ids(prompt, self.vocab_size, "prompt")
             ids = list(prompt)

@@ -121,6 +121,8 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None  # vLLM extension
     user: str | None = None
     cache_salt: str | None = None  # prefix-cache isolation between tenants
+    return_token_ids: bool = False  # vLLM extension: each choice's output token ids, and the prompt's
+    return_tokens_as_token_ids: bool = False  # vLLM extension: logprobs name each token "token_id:<id>"
 
     @model_validator(mode="before")
     @classmethod
@@ -222,6 +224,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    add_special_tokens: bool = True  # vLLM extension: false tokenizes a text prompt without the BOS and such
 
     @field_validator("prompt")
     @classmethod
@@ -464,12 +467,20 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it (EOS: null)
+    # vLLM's, with return_token_ids (absent otherwise): the output's token ids (a chunk's: its own), and the prompt's
+    # (a stream's: in each choice's first chunk)
+    token_ids: list[int] | None = Field(None, exclude_if=_is_none)
+    prompt_token_ids: list[int] | None = Field(None, exclude_if=_is_none)
 
 
 class CompletionResponse(BaseModel):
@@ -506,6 +517,7 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it (EOS: null)
+    token_ids: list[int] | None = Field(None, exclude_if=_is_none)  # vLLM's, with return_token_ids
 
 
 class ChatCompletionResponse(BaseModel):
@@ -516,10 +528,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None  # the serving configuration (api/app.py)
-
-
-def _is_none(value: Any) -> bool:
-    return value is None
+    prompt_token_ids: list[int] | None = Field(None, exclude_if=_is_none)  # vLLM's, with return_token_ids
 
 
 class DeltaMessage(BaseModel):
@@ -534,6 +543,7 @@ class ChunkChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it (EOS: null)
+    token_ids: list[int] | None = Field(None, exclude_if=_is_none)  # vLLM's, with return_token_ids: this chunk's
 
 
 class ChatCompletionChunk(BaseModel):
@@ -544,6 +554,8 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]  # empty in the final usage chunk
     usage: Usage | None = None
     system_fingerprint: str | None = None  # the serving configuration (api/app.py)
+    # vLLM's, with return_token_ids: in the first chunk (the role's)
+    prompt_token_ids: list[int] | None = Field(None, exclude_if=_is_none)
 
 
 class ModelCard(BaseModel):

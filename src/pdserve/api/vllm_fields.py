@@ -29,9 +29,7 @@ NO_EFFECT: dict[str, tuple[Any, ...]] = {
     "request_id": (),
     "response_format": ({"type": "text"},),
     "return_mm_kwargs": (),
-    "return_token_ids": (False,),
     "return_token_offsets": (False,),
-    "return_tokens_as_token_ids": (False,),
     "routed_experts_prompt_start": (0,),
     "session_id": (),
     "spaces_between_special_tokens": (True,),
@@ -58,7 +56,6 @@ CHAT_ONLY: dict[str, tuple[Any, ...]] = {
     "tools": ([],),
 }
 COMPLETIONS_ONLY: dict[str, tuple[Any, ...]] = {
-    "add_special_tokens": (True,),  # a text prompt is tokenized with the tokenizer's special tokens
     "prompt_embeds": (),
     "response_format": ({"type": "text"},),
 }
