@@ -109,6 +109,11 @@ def cases(model: str) -> list[Case]:
     chat_case("chat, return_tokens_as_token_ids", logprobs=True, top_logprobs=1, return_tokens_as_token_ids=True,
               max_tokens=3)  # fmt: skip
     completion("completion, add_special_tokens false", add_special_tokens=False, max_tokens=4, echo=True)
+    completion("completion, echo + return_token_ids", echo=True, return_token_ids=True, max_tokens=4)
+    completion("completion, scoring (max_tokens 0, echo)", echo=True, logprobs=1, max_tokens=0)
+    completion("completion, scoring + return_token_ids", echo=True, logprobs=1, max_tokens=0, return_token_ids=True)
+    completion("completion, stream + return_tokens_as_token_ids", stream=True, logprobs=1, max_tokens=3,
+               return_tokens_as_token_ids=True)  # fmt: skip
     completion("completion, top_k + min_p", temperature=0.0, top_k=5, min_p=0.1)
     completion("completion, repetition_penalty", repetition_penalty=1.3, max_tokens=12)
     completion("completion, logit_bias", logit_bias={"7042": -100}, max_tokens=6)
@@ -176,7 +181,7 @@ def _stream_summary(text: str) -> dict[str, Any]:
     """A stream as a whole: per choice index its text (or content) and finish reason, the last usage, the logprobs
     tokens in order, and the number of events carrying usage."""
     choices: dict[int, dict[str, Any]] = {}
-    usage, num_usage, done, prompt_ids = None, 0, False, None
+    usage, num_usage, done, prompt_ids, num_prompt_ids = None, 0, False, None, 0
     for event in text.split("\n\n"):
         payload = event.removeprefix("data: ").strip()
         if not payload:
@@ -189,20 +194,24 @@ def _stream_summary(text: str) -> dict[str, Any]:
             usage, num_usage = chunk["usage"], num_usage + 1
         if chunk.get("prompt_token_ids"):  # a chat stream's, in its opening chunks
             prompt_ids = chunk["prompt_token_ids"]
+            num_prompt_ids += 1
         for choice in chunk.get("choices", []):
             seen = choices.setdefault(
-                choice["index"], {"text": "", "finish_reason": None, "logprob_tokens": [], "token_ids": []}
+                choice["index"],
+                {"text": "", "finish_reason": None, "logprob_tokens": [], "text_offset": [], "token_ids": []},
             )
             seen["token_ids"] += choice.get("token_ids") or []
-            if choice.get("prompt_token_ids"):
+            if choice.get("prompt_token_ids"):  # where it goes counts: once, in the choice's first chunk
                 seen["prompt_token_ids"] = choice["prompt_token_ids"]
+                seen["chunks with prompt_token_ids"] = seen.get("chunks with prompt_token_ids", 0) + 1
             delta = choice.get("delta") or {}
             seen["text"] += choice.get("text") or delta.get("content") or ""
             seen["finish_reason"] = choice.get("finish_reason") or seen["finish_reason"]
             logprobs = choice.get("logprobs") or {}
             seen["logprob_tokens"] += logprobs.get("tokens") or [t["token"] for t in logprobs.get("content") or []]
+            seen["text_offset"] += logprobs.get("text_offset") or []
     return {"choices": dict(sorted(choices.items())), "usage": usage, "events with usage": num_usage, "done": done,
-            "prompt_token_ids": prompt_ids}  # fmt: skip
+            "prompt_token_ids": prompt_ids, "chunks with prompt_token_ids": num_prompt_ids}  # fmt: skip
 
 
 def _differences(a: Any, b: Any, path: str = "") -> list[str]:

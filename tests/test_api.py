@@ -1104,28 +1104,40 @@ def test_an_error_reaches_the_request_span_before_the_response_ends_it() -> None
     assert span.status.status_code is StatusCode.ERROR
 
 
+def _bodies(response: httpx.Response, stream: bool) -> list[dict[str, Any]]:
+    assert response.status_code == 200, response.text
+    return [json.loads(p) for p in sse_payloads(response) if p != "[DONE]"] if stream else [response.json()]
+
+
+def _choice_text(choice: dict[str, Any]) -> str:
+    if "message" in choice:
+        return str(choice["message"]["content"])
+    return str(choice["delta"].get("content") or "") if "delta" in choice else str(choice["text"])
+
+
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_return_token_ids_gives_each_choices_output_and_its_prompts_ids(
     http: httpx.Client, backend: FakeBackend, endpoint: str, stream: bool
 ) -> None:
-    """vLLM's `return_token_ids`, over n = 2 choices (and, for completions, a batch of a text and an id prompt):
-    each choice's output ids, whole or streamed in pieces, are what the backend generated for it (they spell its
-    text); the prompt's ids are the ones the backend was sent for that choice — per choice in a completion (a
-    stream's first chunk of the choice only), at the top of a chat body (a stream's opening chunks). Unasked, no
-    body carries either field."""
-    backend.reset(tokens_per_delta=2)
-    batch = [[9, 10], [5, 6, 7]]
-    base: dict[str, Any] = {"model": "fake-model", "max_tokens": 5, "n": 2, "stream": stream}
+    """vLLM's `return_token_ids`, over n = 2 choices (and, for completions, a batch of two prompts), each backend
+    request answering tokens of its own: each choice's output ids, whole or streamed in pieces, spell that choice's
+    text; the prompt's ids are the ones the backend was sent for that choice — per choice in a completion (a
+    stream's first chunk of the choice only), at the top of a chat body (a stream's opening chunks, never the usage
+    chunk). With a stop string and up to EOS, the ids are the ones usage counts (the stop string's tokens and the
+    EOS included, as vLLM's). Unasked, no body carries either field."""
+    base: dict[str, Any] = {"model": "fake-model", "max_tokens": 5, "n": 2, "stream": stream,
+                            "stream_options": {"include_usage": True} if stream else None}  # fmt: skip
     if endpoint == "chat":
         url, base = CHAT, {**base, "messages": [{"role": "user", "content": "hi"}]}
     else:
-        url, base = COMPLETIONS, {**base, "prompt": batch}
+        url, base = COMPLETIONS, {**base, "prompt": [[9, 10], [5, 6, 7]]}
+    script = backend.script
     for asked in (True, False):
         backend.reset(tokens_per_delta=2)
-        response = http.post(url, json={**base, "return_token_ids": asked})
-        assert response.status_code == 200, response.text
-        bodies = [json.loads(p) for p in sse_payloads(response) if p != "[DONE]"] if stream else [response.json()]
+        offsets: dict[str, int] = {}  # each request its own tokens: the script from its own offset
+        backend.script_of = lambda r, offsets=offsets: script[offsets.setdefault(r.request_id, len(offsets)) :]
+        bodies = _bodies(http.post(url, json={**base, "return_token_ids": asked}), stream)
         if not asked:
             assert not any("token_ids" in json.dumps(b) for b in bodies)
             continue
@@ -1133,19 +1145,32 @@ def test_return_token_ids_gives_each_choices_output_and_its_prompts_ids(
         texts: dict[int, str] = {}
         prompts: dict[int, list[list[int]]] = {}
         for body in bodies:
+            if not body["choices"]:  # the usage chunk
+                assert "prompt_token_ids" not in body
             for c in body["choices"]:
                 outputs.setdefault(c["index"], []).extend(c.get("token_ids") or [])  # not in a chat opening
-                texts[c["index"]] = texts.get(c["index"], "") + (c["message"]["content"] if "message" in c else
-                                                                 (c["delta"].get("content") or "") if "delta" in c
-                                                                 else c["text"])  # fmt: skip
+                texts[c["index"]] = texts.get(c["index"], "") + _choice_text(c)
                 prompt = body.get("prompt_token_ids") if endpoint == "chat" else c.get("prompt_token_ids")
                 if prompt is not None:
                     prompts.setdefault(c["index"], []).append(prompt)
-        sent = [list(r.prompt_token_ids) for r in backend.requests]
-        by_prompt = {tuple(p) for p in sent}
-        assert len(outputs) == (4 if endpoint == "completions" else 2)
+        sent = {tuple(r.prompt_token_ids) for r in backend.requests}
+        made = {tuple(backend.script_of(r)[:5]) for r in backend.requests}
+        assert len(outputs) == (4 if endpoint == "completions" else 2) and len(made) == len(outputs)
         for index, ids in outputs.items():
-            assert ids == backend.script[:5] and backend.tokenizer.decode(ids) == texts[index], (index, ids)
-            assert len(prompts[index]) == 1 and tuple(prompts[index][0]) in by_prompt, (index, prompts)
+            assert tuple(ids) in made and backend.tokenizer.decode(ids) == texts[index], (index, ids, texts)
+            assert len(prompts[index]) == 1 and tuple(prompts[index][0]) in sent, (index, prompts)
+        assert len({tuple(ids) for ids in outputs.values()}) == len(outputs)  # each choice its own
         if endpoint == "completions":  # choice j of prompt p at p * n + j
             assert [prompts[i][0] for i in range(4)] == [[9, 10], [9, 10], [5, 6, 7], [5, 6, 7]]
+    for ending in ({"stop": ["fox"]}, {}):  # a stop string cuts the output; without one it runs to the EOS
+        backend.reset(tokens_per_delta=3)
+        one = {"n": 1, "max_tokens": 60, "return_token_ids": True} | ({"prompt": [9, 10]} if "prompt" in base else {})
+        bodies = _bodies(http.post(url, json={**base, **ending, **one}), stream)
+        ids = [t for b in bodies for c in b["choices"] for t in c.get("token_ids") or []]
+        text = "".join(_choice_text(c) for b in bodies for c in b["choices"])
+        usage = bodies[-1]["usage"]
+        assert len(ids) == usage["completion_tokens"] and ids == script[: len(ids)], (ending, ids, usage)
+        if ending:
+            assert "fox" in backend.tokenizer.decode(ids) and not text.endswith("fox") and text, (ids, text)
+        else:
+            assert ids[-1] == EOS_ID and backend.tokenizer.decode(ids, skip_special_tokens=True) == text

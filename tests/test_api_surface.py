@@ -47,7 +47,7 @@ PARTNERS: dict[str, dict[str, Any]] = {  # fields that are only valid, or only s
     "include_stop_str_in_output": {"stop": ["fox"]},
     # up to the EOS at the end of the script, whose text (as a stop token's) is output only with the stop strings
     "skip_special_tokens": {"max_tokens": 60, "include_stop_str_in_output": True},
-    "return_tokens_as_token_ids": {"logprobs": "per endpoint"},  # 3 (completions) or true (chat), as the probe's
+    "return_tokens_as_token_ids": {"logprobs": "per endpoint"},  # 3 (completions) or true with top_logprobs 3
 }  # fmt: skip
 REQUIRED = {"model", "messages", "prompt"}
 
@@ -180,14 +180,20 @@ EFFECTS: dict[str, Callable[[Served], bool]] = {  # how each probe shows that th
     "frequency_penalty": lambda s: s.request.frequency_penalty == 0.5,
     "logit_bias": lambda s: s.request.logit_bias == ((5, 1.0),),
     "return_token_ids": lambda s: _returns_token_ids(s),
-    "return_tokens_as_token_ids": lambda s: all(
-        t.startswith("token_id:")
-        for c in s.response.json()["choices"]
-        for t in (
-            c["logprobs"]["tokens"] if s.endpoint == "completions" else [x["token"] for x in c["logprobs"]["content"]]
-        )
-    ),
+    "return_tokens_as_token_ids": lambda s: _named_by_id(s),
 }
+
+
+def _named_by_id(s: Served) -> bool:
+    """Every logprobs token, sampled and alternative, named "token_id:<id>"."""
+    names = []
+    for c in s.response.json()["choices"]:
+        if s.endpoint == "completions":
+            names += c["logprobs"]["tokens"] + [k for top in c["logprobs"]["top_logprobs"] if top for k in top]
+        else:
+            names += [x["token"] for x in c["logprobs"]["content"]]
+            names += [a["token"] for x in c["logprobs"]["content"] for a in x["top_logprobs"]]
+    return bool(names) and all(t.startswith("token_id:") and t[len("token_id:") :].isdigit() for t in names)
 
 
 def _returns_token_ids(s: Served) -> bool:
@@ -226,8 +232,8 @@ def test_every_vllm_field_works_or_is_a_400_naming_it(
     elif endpoint == "chat" and field == "logprobs":
         value = True
     body = {**base, **PARTNERS.get(field, {}), field: value}
-    if body.get("logprobs") == "per endpoint":
-        body["logprobs"] = 3 if endpoint == "completions" else True
+    if body.get("logprobs") == "per endpoint":  # the top 3 and the sampled token's
+        body |= {"logprobs": 3} if endpoint == "completions" else {"logprobs": True, "top_logprobs": 3}
     response = httpx.post(url + path, json=body, timeout=10)
     if field in PROBES and (endpoint, field) not in REFUSED_PROBES:
         assert response.status_code == 200, response.text
