@@ -1028,3 +1028,43 @@ def test_a_template_overflowing_the_stack_is_the_requests_400(tokenizer: Any, mo
         with pytest.raises(APIError, match="nested too deeply") as refused:
             asyncio.run(tokenization.chat_prompt(messages, kwargs))
         assert (refused.value.status, refused.value.param) == (400, param)
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_or_first_tokens(
+    http: httpx.Client, backend: FakeBackend
+) -> None:
+    """vLLM's `truncate_prompt_tokens`: the backend gets the prompt's last N tokens (its first N with
+    `truncation_side: "right"`), counted and echoed as what is left; -1 keeps up to the context less one token; N
+    past the context and 0 are 400s naming the field, before anything reaches the backend. A chat's templated
+    prompt is truncated the same way."""
+    ids = list(range(5, 25))
+    cases = [({"truncate_prompt_tokens": 4}, ids[-4:]),
+             ({"truncate_prompt_tokens": 4, "truncation_side": "left"}, ids[-4:]),
+             ({"truncate_prompt_tokens": 4, "truncation_side": "right"}, ids[:4]),
+             ({"truncate_prompt_tokens": 50}, ids), ({"truncate_prompt_tokens": -1}, ids), ({}, ids)]  # fmt: skip
+    for fields, kept in cases:
+        backend.reset()
+        body = {"model": "fake-model", "prompt": ids, "max_tokens": 2, "echo": True, **fields}
+        response = http.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        assert list(backend.requests[0].prompt_token_ids) == kept, fields
+        out = response.json()
+        assert out["usage"]["prompt_tokens"] == len(kept)
+        assert out["choices"][0]["text"].startswith(backend.tokenizer.decode(kept)), (fields, out["choices"][0]["text"])
+    backend.reset()
+    long = list(range(5, 5 + MAX_MODEL_LEN))  # the whole context: -1 leaves a token of room for the output
+    response = http.post("/v1/completions", json={"prompt": long, "max_tokens": 1, "truncate_prompt_tokens": -1})
+    assert response.status_code == 200 and list(backend.requests[0].prompt_token_ids) == long[1:], response.text
+    for bad in ({"truncate_prompt_tokens": MAX_MODEL_LEN + 1}, {"truncate_prompt_tokens": 0},
+                {"truncate_prompt_tokens": -2}, {"truncation_side": "middle"}):  # fmt: skip
+        backend.reset()
+        response = http.post("/v1/completions", json={"prompt": ids, **bad})
+        assert response.status_code == 400 and response.json()["error"]["param"] in bad, (bad, response.text)
+        assert backend.requests == []
+    backend.reset()
+    chat = {"model": "fake-model", "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 2}
+    assert http.post("/v1/chat/completions", json=chat).status_code == 200
+    whole = list(backend.requests[0].prompt_token_ids)
+    backend.reset()
+    assert http.post("/v1/chat/completions", json={**chat, "truncate_prompt_tokens": 3}).status_code == 200
+    assert list(backend.requests[0].prompt_token_ids) == whole[-3:] and len(whole) > 3

@@ -35,6 +35,7 @@ from pdserve.api.intake import (
     check_model,
     context_max_tokens,
     generation_request,
+    truncate_prompt,
     with_defaults,
 )
 from pdserve.api.metrics import APIMetrics
@@ -232,6 +233,12 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
         raise APIError(400, "max_tokens may be 0 only with echo (to score the prompt)", param="max_tokens")
     with span_in(traceparent(), names.SPAN_TOKENIZE):
         token_ids = [await state.tokenization.completion_prompt(text, body.add_special_tokens) for text in texts]
+    kept = [truncate_prompt(ids, body, state.backend.max_model_len) for ids in token_ids]
+    # A truncated prompt is echoed as what is left of it
+    texts = [
+        text if len(ids) == len(all_ids) else ids for text, ids, all_ids in zip(texts, kept, token_ids, strict=True)
+    ]
+    token_ids = kept
     meta = ResponseMeta.new("cmpl", model, state.fingerprint)
     prompts = [
         _completion_prompt(state, body, meta, text, ids, score_only, default_max_tokens)
@@ -286,6 +293,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         prompt_ids = await state.tokenization.chat_prompt(
             body.messages, body.chat_template_kwargs, body.add_generation_prompt, body.continue_final_message
         )
+    prompt_ids = truncate_prompt(prompt_ids, body, state.backend.max_model_len)
     max_tokens = context_max_tokens(
         len(prompt_ids), state.backend.max_model_len, asked, "messages", param, state.limits.max_tokens,
         default_max_tokens,

@@ -267,6 +267,23 @@ def _parameters(function: Callable[..., Any] | None) -> frozenset[str]:
         return frozenset()
 
 
+def truncate_prompt(token_ids: list[int], body: SamplingFields, max_model_len: int) -> list[int]:
+    """vLLM's `truncate_prompt_tokens`: the prompt's last N tokens (its first N with `truncation_side: "right"`);
+    -1 is the context less one token for the output. N past the context, or a prompt truncated to nothing, is a
+    400 naming the field."""
+    keep, param = body.truncate_prompt_tokens, "truncate_prompt_tokens"
+    if keep is None:
+        return token_ids
+    if keep > max_model_len:
+        raise APIError(400, f"truncate_prompt_tokens={keep} is more than the context ({max_model_len})", param=param)
+    keep = max_model_len - 1 if keep == -1 else keep
+    if keep == 0:
+        raise APIError(400, "truncate_prompt_tokens=0 leaves no prompt", param=param)
+    if len(token_ids) <= keep:
+        return token_ids
+    return token_ids[:keep] if body.truncation_side == "right" else token_ids[len(token_ids) - keep :]
+
+
 def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
     if any(not 0 <= t < vocab_size for t in token_ids):
         raise APIError(400, f"token ids must be in [0, {vocab_size})", param=param)

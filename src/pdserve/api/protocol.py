@@ -123,6 +123,9 @@ class SamplingFields(BaseModel):
     cache_salt: str | None = None  # prefix-cache isolation between tenants
     return_token_ids: bool = False  # vLLM extension: each choice's output token ids, and the prompt's
     return_tokens_as_token_ids: bool = False  # vLLM extension: logprobs name each token "token_id:<id>"
+    # vLLM extension: keep this many prompt tokens (-1: the context less one), the last ones unless "right"
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, lt=1 << 63)
+    truncation_side: Literal["left", "right"] | None = None
 
     @model_validator(mode="before")
     @classmethod

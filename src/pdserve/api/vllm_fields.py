@@ -36,8 +36,6 @@ NO_EFFECT: dict[str, tuple[Any, ...]] = {
     "stream_interval": (),
     "structured_outputs": (),
     "thinking_token_budget": (),
-    "truncate_prompt_tokens": (),
-    "truncation_side": (),
     "use_beam_search": (False,),
     "vllm_xargs": (),
     "watermarking": (),
