@@ -1061,6 +1061,16 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_or_first_tokens(
         response = http.post("/v1/completions", json={"prompt": ids, **bad})
         assert response.status_code == 400 and response.json()["error"]["param"] in bad, (bad, response.text)
         assert backend.requests == []
+    # A text longer than the context, which the character guard refuses unasked, is tokenized and cut (a document
+    # sent with -1 is what the field is for)
+    document = "the quick brown fox " * (MAX_MODEL_LEN * 4)
+    for route, body in [("/v1/completions", {"prompt": document}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": document}]})]:  # fmt: skip
+        backend.reset()
+        assert http.post(route, json={**body, "max_tokens": 1}).status_code == 400  # unasked: too long
+        response = http.post(route, json={**body, "max_tokens": 1, "truncate_prompt_tokens": -1})
+        assert response.status_code == 200, (route, response.text)
+        assert len(backend.requests[0].prompt_token_ids) == MAX_MODEL_LEN - 1
     backend.reset()
     chat = {"model": "fake-model", "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 2}
     assert http.post("/v1/chat/completions", json=chat).status_code == 200

@@ -232,7 +232,11 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
     if score_only and not body.echo:
         raise APIError(400, "max_tokens may be 0 only with echo (to score the prompt)", param="max_tokens")
     with span_in(traceparent(), names.SPAN_TOKENIZE):
-        token_ids = [await state.tokenization.completion_prompt(text, body.add_special_tokens) for text in texts]
+        truncates = body.truncate_prompt_tokens is not None  # a text too long for the context is cut, not refused
+        token_ids = [
+            await state.tokenization.completion_prompt(text, body.add_special_tokens, check_context=not truncates)
+            for text in texts
+        ]
     kept = [truncate_prompt(ids, body, state.backend.max_model_len) for ids in token_ids]
     # A truncated prompt is echoed as what is left of it
     texts = [
@@ -291,8 +295,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         raise APIError(400, f"at most {state.limits.max_messages} messages are allowed", param="messages")
     with span_in(traceparent(), names.SPAN_TOKENIZE):
         prompt_ids = await state.tokenization.chat_prompt(
-            body.messages, body.chat_template_kwargs, body.add_generation_prompt, body.continue_final_message
-        )
+            body.messages, body.chat_template_kwargs, body.add_generation_prompt, body.continue_final_message,
+            check_context=body.truncate_prompt_tokens is None,  # a conversation too long for the context is cut
+        )  # fmt: skip
     prompt_ids = truncate_prompt(prompt_ids, body, state.backend.max_model_len)
     max_tokens = context_max_tokens(
         len(prompt_ids), state.backend.max_model_len, asked, "messages", param, state.limits.max_tokens,

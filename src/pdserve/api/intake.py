@@ -103,11 +103,16 @@ class Tokenization:
         check_token_ids(token_ids, self.vocab_size, "tokens")
         return str(await self._run(lambda: self.tokenizer.decode(token_ids)))
 
-    async def completion_prompt(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+    async def completion_prompt(
+        self, prompt: str | list[int], add_special_tokens: bool = True, check_context: bool = True
+    ) -> list[int]:
         """Token ids of a completion prompt given as a string (tokenized with the tokenizer's special tokens, such as
-        a BOS, unless `add_special_tokens` is false) or as token ids (as they are)."""
+        a BOS, unless `add_special_tokens` is false) or as token ids (as they are). Without `check_context` (a
+        prompt the request truncates), a text too long for the context is tokenized all the same (the body's size
+        limit bounds it)."""
         if isinstance(prompt, str):  # "" is a prompt where the tokenizer adds a BOS (as OpenAI and vLLM serve it)
-            self.check_length(len(prompt), "prompt")
+            if check_context:
+                self.check_length(len(prompt), "prompt")
             ids = await self.tokenize(prompt, add_special_tokens)
         else:
             check_token_ids(prompt, self.vocab_size, "prompt")
@@ -226,7 +231,8 @@ def load_tokenizer(model_dir: str | Path, class_name: str | None) -> Any:
     tokenizer = (cls or transformers.AutoTokenizer).from_pretrained(model_dir)
     # A tokenizer.json may enable truncation or padding: transformers turns them off on the first encode, a write
     # to the Rust tokenizer that raises "Already borrowed" if the event loop's detokenizer reads it meanwhile.
-    # Off now, before any thread shares it (pdserve never truncates or pads a prompt: too long is a 400).
+    # Off now, before any thread shares it (pdserve never pads a prompt, and truncates one only where a request asks,
+    # after tokenizing it: `truncate_prompt`; too long otherwise is a 400).
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and (backend.truncation is not None or backend.padding is not None):
         backend.no_truncation()
