@@ -136,22 +136,11 @@ def test_a_replica_chosen_for_one_call_never_goes_to_a_call_pinned_elsewhere(sec
     """Serve's routing loop (real) over PinnedRequestRouter: call A pinned to X waits for a slot there; call B then
     finds room on Y. Serve's FIFO rule handed Y to A, the oldest pending call, which Y then refused as misrouted
     (a commit retried from scratch; found in review). Y goes to B; A keeps waiting for X, and gets it once free."""
-    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+    from ray.serve._private.common import RequestMetadata
     from ray.serve._private.request_router.common import PendingRequest
 
-    from pdserve.serve.routing import PinnedRequestRouter
-
-    @dataclass(frozen=True)
-    class ReplicaId:
-        unique_id: str
-
     async def main() -> None:
-        router: Any = PinnedRequestRouter(
-            deployment_id=DeploymentID("DecodeServer", "app"), handle_source=DeploymentHandleSource.UNKNOWN
-        )
-        x, y = (SimpleNamespace(replica_id=ReplicaId(n), max_ongoing_requests=1) for n in ("X", "Y"))
-        router._replicas = {x.replica_id: x, y.replica_id: y}
-        router._replicas_list, router._replica_id_set = [x, y], {x.replica_id, y.replica_id}
+        router, x, _ = _router_of_x_and_y("DecodeServer")
         x_is_full = True
 
         async def select(candidates: list[Any], backoff_index: int) -> Any:
@@ -208,22 +197,13 @@ def test_an_unpinned_call_goes_around_the_replicas_it_avoids(avoid: tuple[str, .
     answers at once, is the least loaded): a call avoiding X gets Y, a call avoiding none gets X, and a call
     avoiding every replica still gets one (it must go somewhere); `_may_take` (the hand-off of a replica freed for
     the oldest pending call) refuses a call a replica it avoids."""
-    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+    from ray.serve._private.common import RequestMetadata
     from ray.serve._private.request_router.common import PendingRequest
 
-    from pdserve.serve.routing import AVOID_REPLICAS_KWARG, PinnedRequestRouter, _may_take
-
-    @dataclass(frozen=True)
-    class ReplicaId:
-        unique_id: str
+    from pdserve.serve.routing import AVOID_REPLICAS_KWARG, _may_take
 
     async def main() -> str:
-        router: Any = PinnedRequestRouter(
-            deployment_id=DeploymentID("EngineServer", "app"), handle_source=DeploymentHandleSource.UNKNOWN
-        )
-        x, y = (SimpleNamespace(replica_id=ReplicaId(n), max_ongoing_requests=1) for n in ("X", "Y"))
-        router._replicas = {x.replica_id: x, y.replica_id: y}
-        router._replicas_list, router._replica_id_set = [x, y], {x.replica_id, y.replica_id}
+        router, x, y = _router_of_x_and_y("EngineServer")
 
         async def select(candidates: list[Any], backoff_index: int) -> Any:
             await asyncio.sleep(0)
@@ -237,3 +217,23 @@ def test_an_unpinned_call_goes_around_the_replicas_it_avoids(avoid: tuple[str, .
         return str(chosen.replica_id.unique_id)
 
     assert asyncio.run(main()) == ("Y" if avoid == ("X",) else "X")
+
+
+@dataclass(frozen=True)
+class _ReplicaId:
+    unique_id: str
+
+
+def _router_of_x_and_y(deployment: str) -> tuple[Any, Any, Any]:
+    """A real PinnedRequestRouter (made on a running loop) over two stand-in replicas X and Y, one slot each."""
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+
+    from pdserve.serve.routing import PinnedRequestRouter
+
+    router: Any = PinnedRequestRouter(
+        deployment_id=DeploymentID(deployment, "app"), handle_source=DeploymentHandleSource.UNKNOWN
+    )
+    x, y = (SimpleNamespace(replica_id=_ReplicaId(n), max_ongoing_requests=1) for n in ("X", "Y"))
+    router._replicas = {x.replica_id: x, y.replica_id: y}
+    router._replicas_list, router._replica_id_set = [x, y], {x.replica_id, y.replica_id}
+    return router, x, y
