@@ -210,12 +210,9 @@ class CompletionFormat:
         choice = CompletionChoice(
             text=text, logprobs=choice_logprobs, finish_reason=piece.finish_reason, stop_reason=piece.stop_reason
         )
-        if self._returns_ids:  # the output's own ids (an echo's are the prompt's)
-            choice.token_ids, choice.prompt_token_ids, self._prompt_token_ids = (
-                piece.token_ids,
-                self._prompt_token_ids,
-                None,
-            )
+        if self._returns_ids:  # the output's own ids (an echo's are the prompt's); the prompt's with the first body
+            choice.token_ids, choice.prompt_token_ids = piece.token_ids, self._prompt_token_ids
+            self._prompt_token_ids = None
         return choice
 
     def _logprobs(self, token_ids: list[int], logprobs: list[TokenLogprob | None]) -> CompletionLogprobs:

@@ -126,6 +126,8 @@ class BrokenReplicas:
             self._until[replica_id] = time.monotonic() + self.ttl_s
 
     def current(self) -> tuple[str, ...]:
+        if not self._until:  # every request asks: nothing to do while no replica failed
+            return ()
         now = time.monotonic()
         for replica_id in [r for r, until in self._until.items() if until <= now]:
             del self._until[replica_id]
